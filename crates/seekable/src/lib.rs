@@ -1,0 +1,1 @@
+//! Random-access decompression (work in progress on its own branch).
