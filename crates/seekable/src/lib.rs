@@ -42,7 +42,7 @@ impl Source for Vec<u8> {
         Ok(self.len() as u64)
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.as_slice().read_exact_at(buf, offset)
+        read_slice(self, buf, offset)
     }
 }
 
@@ -51,12 +51,16 @@ impl Source for &'static [u8] {
         Ok(self.len() as u64)
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let start = usize::try_from(offset).map_err(|_| eof())?;
-        let end = start.checked_add(buf.len()).ok_or_else(eof)?;
-        let src = self.get(start..end).ok_or_else(eof)?;
-        buf.copy_from_slice(src);
-        Ok(())
+        read_slice(self, buf, offset)
     }
+}
+
+fn read_slice(data: &[u8], buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let start = usize::try_from(offset).map_err(|_| eof())?;
+    let end = start.checked_add(buf.len()).ok_or_else(eof)?;
+    let src = data.get(start..end).ok_or_else(eof)?;
+    buf.copy_from_slice(src);
+    Ok(())
 }
 
 impl<T: Source + ?Sized> Source for Arc<T> {
