@@ -137,7 +137,10 @@ pub trait RandomAccess: Send + Sync {
     /// The lengths add up to `len` (clipped to the size).
     fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
         let len = len.min(self.size().saturating_sub(offset));
-        vec![Extent { length: len, zero: false }]
+        vec![Extent {
+            length: len,
+            zero: false,
+        }]
     }
     /// Hint that `[offset, offset+len)` will be read soon.
     fn prefetch(&self, _offset: u64, _len: u64) {}

@@ -1,0 +1,162 @@
+//! `key=value` parameters from the command line, consumed by the filters
+//! and the plugin that know them.
+
+use crate::ConfigError;
+
+/// The parameters given after the plugin name, in order.  Each filter takes
+/// its own keys, then the plugin takes the rest; the server rejects any key
+/// that nobody took, so typos do not pass silently.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    params: Vec<(String, String)>,
+    taken: Vec<bool>,
+}
+
+impl Config {
+    pub fn new(params: Vec<(String, String)>) -> Self {
+        let taken = vec![false; params.len()];
+        Config { params, taken }
+    }
+
+    /// Take the last value given for `key`, if any (a later value overrides
+    /// an earlier one, as on nbdkit's command line).
+    pub fn take(&mut self, key: &str) -> Option<String> {
+        let mut found = None;
+        for (i, (k, v)) in self.params.iter().enumerate() {
+            if k == key {
+                self.taken[i] = true;
+                found = Some(v.clone());
+            }
+        }
+        found
+    }
+
+    /// Take every value given for a repeatable key, in order.
+    pub fn take_all(&mut self, key: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, (k, v)) in self.params.iter().enumerate() {
+            if k == key {
+                self.taken[i] = true;
+                out.push(v.clone());
+            }
+        }
+        out
+    }
+
+    /// Take a required key.
+    pub fn require(&mut self, key: &str, who: &str) -> Result<String, ConfigError> {
+        self.take(key)
+            .ok_or_else(|| ConfigError::new(format!("{who}: the '{key}' parameter is required")))
+    }
+
+    /// Take a size like `1G`, `512M`, `4096`.
+    pub fn take_size(&mut self, key: &str) -> Result<Option<u64>, ConfigError> {
+        self.take(key)
+            .map(|v| parse_size(&v).map_err(|e| ConfigError::new(format!("{key}={v}: {e}"))))
+            .transpose()
+    }
+
+    /// Take a boolean like `true`, `off`, `1`.
+    pub fn take_bool(&mut self, key: &str) -> Result<Option<bool>, ConfigError> {
+        self.take(key)
+            .map(|v| parse_bool(&v).map_err(|e| ConfigError::new(format!("{key}={v}: {e}"))))
+            .transpose()
+    }
+
+    /// Take a value parsed with `FromStr`.
+    pub fn take_parse<T: std::str::FromStr>(&mut self, key: &str) -> Result<Option<T>, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.take(key)
+            .map(|v| {
+                v.parse::<T>()
+                    .map_err(|e| ConfigError::new(format!("{key}={v}: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Keys nobody has taken, in order of first appearance.
+    pub fn untaken(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for (i, (k, _)) in self.params.iter().enumerate() {
+            if !self.taken[i] && !out.contains(&k.as_str()) {
+                out.push(k);
+            }
+        }
+        out
+    }
+}
+
+/// Parse a size with an optional binary suffix: `512`, `4k`, `1M`, `2G`,
+/// `1T`, `1P`, `1E` (also `1GiB`, `1GB`: all powers of 1024, as nbdkit).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if digits_end == 0 {
+        return Err("expected a size such as 512, 64K, 1G".into());
+    }
+    let n: u64 = t[..digits_end].parse().map_err(|e| format!("{e}"))?;
+    let suffix = &t[digits_end..];
+    let unit = suffix
+        .trim_end_matches("iB")
+        .trim_end_matches(['B', 'b'])
+        .to_ascii_lowercase();
+    let shift = match unit.as_str() {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        "p" => 50,
+        "e" => 60,
+        _ => {
+            return Err(format!(
+                "unknown size suffix '{suffix}' (use K, M, G, T, P or E)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v <= i64::MAX as u64)
+        .ok_or_else(|| "size is too large".to_string())
+}
+
+/// Parse a boolean the way nbdkit does.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "t" | "yes" | "y" | "on" => Ok(true),
+        "0" | "false" | "f" | "no" | "n" | "off" => Ok(false),
+        _ => Err("expected a boolean (true/false, yes/no, on/off, 1/0)".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("4k").unwrap(), 4096);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2MB").unwrap(), 2 << 20);
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("16E").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn take_marks_and_last_wins() {
+        let mut c = Config::new(vec![
+            ("a".into(), "1".into()),
+            ("b".into(), "2".into()),
+            ("a".into(), "3".into()),
+        ]);
+        assert_eq!(c.take("a").as_deref(), Some("3"));
+        assert_eq!(c.untaken(), vec!["b"]);
+        assert_eq!(c.take_all("b"), vec!["2"]);
+        assert!(c.untaken().is_empty());
+    }
+}

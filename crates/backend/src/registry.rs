@@ -1,0 +1,81 @@
+//! How plugins and filters describe themselves to the command line: name,
+//! help text, parameters, and a constructor.
+
+use std::sync::Arc;
+
+use crate::{Backend, Config, ConfigError};
+
+/// One `key=value` parameter, for `--help` and for rejecting unknown keys.
+#[derive(Debug, Clone, Copy)]
+pub struct Param {
+    pub name: &'static str,
+    pub help: &'static str,
+}
+
+/// A plugin the command line can name.
+pub struct PluginSpec {
+    pub name: &'static str,
+    /// One line for listings.
+    pub summary: &'static str,
+    /// Longer help: what it serves, and an example command.
+    pub description: &'static str,
+    /// The key a bare value means (`file disk.img` = `file file=disk.img`).
+    pub magic_config_key: Option<&'static str>,
+    pub params: &'static [Param],
+    /// Build the plugin from its parameters (taking them from `config`).
+    /// No threads may be started here (the server may fork afterwards).
+    pub create: fn(&mut Config) -> Result<Arc<dyn Backend>, ConfigError>,
+}
+
+/// A filter the command line can name with `--filter=NAME`.
+pub struct FilterSpec {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub description: &'static str,
+    pub params: &'static [Param],
+    /// Read the filter's parameters; the returned layer wraps the next
+    /// backend once that exists.
+    pub configure: fn(&mut Config) -> Result<Box<dyn Layer>, ConfigError>,
+}
+
+/// A configured filter waiting for the backend it will wrap (as tower's
+/// `Layer` wraps a `Service`).
+pub trait Layer: Send {
+    fn layer(self: Box<Self>, next: Arc<dyn Backend>) -> Result<Arc<dyn Backend>, ConfigError>;
+}
+
+impl PluginSpec {
+    /// `--help` text for this plugin.
+    pub fn help_text(&self) -> String {
+        help_text(
+            self.name,
+            "plugin",
+            self.summary,
+            self.description,
+            self.params,
+        )
+    }
+}
+
+impl FilterSpec {
+    pub fn help_text(&self) -> String {
+        help_text(
+            self.name,
+            "filter",
+            self.summary,
+            self.description,
+            self.params,
+        )
+    }
+}
+
+fn help_text(name: &str, what: &str, summary: &str, description: &str, params: &[Param]) -> String {
+    let mut s = format!("{name} {what}: {summary}\n\n{}\n", description.trim_end());
+    if !params.is_empty() {
+        s.push_str("\nParameters:\n");
+        for p in params {
+            s.push_str(&format!("  {:<18} {}\n", format!("{}=", p.name), p.help));
+        }
+    }
+    s
+}
