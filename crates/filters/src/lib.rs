@@ -1,1 +1,11 @@
-//! placeholder
+//! Built-in filters.  One file per filter, each exporting a `SPEC`; a
+//! filter holds its `next` backend and overrides only what it changes.
+
+use nbdkit_backend::FilterSpec;
+
+pub mod log;
+
+/// Every built-in filter, in the order `--help` lists them.
+pub fn all() -> Vec<&'static FilterSpec> {
+    vec![&log::SPEC]
+}

@@ -1,1 +1,21 @@
-//! placeholder
+//! The built-in data sources.  One file per plugin, each exporting a
+//! `SPEC` that the command line lists.
+
+use nbdkit_backend::PluginSpec;
+
+pub mod file;
+pub mod memory;
+pub mod simple;
+
+/// Every built-in plugin, in the order `--help` lists them.
+pub fn all() -> Vec<&'static PluginSpec> {
+    vec![
+        &file::SPEC,
+        &memory::SPEC,
+        &simple::NULL,
+        &simple::ZERO,
+        &simple::FULL,
+        &simple::PATTERN,
+        &simple::ONES,
+    ]
+}

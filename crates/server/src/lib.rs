@@ -1,1 +1,243 @@
-//! placeholder
+//! The NBD server: listeners, the handshake, and request dispatch over any
+//! [`nbdkit_backend::Backend`].
+//!
+//! Network I/O is asynchronous (tokio); backend calls are synchronous and
+//! run on tokio's blocking thread pool, so plugins are plain code with
+//! plain `pread`/`pwrite`.  The backend's thread model is enforced here with
+//! locks, never by the backend itself.
+
+pub mod export;
+pub mod handshake;
+pub mod listen;
+pub mod transmission;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use nbdkit_backend::{Backend, Error, ThreadModel};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+pub use listen::{Listener, ListenerSet};
+
+/// A bidirectional byte stream (TCP, Unix socket, stdin/stdout, TLS).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Why a connection ended abnormally.  Never fatal to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Server-wide settings from the command line.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// `-r`: refuse every write whatever the backend says.
+    pub readonly: bool,
+    /// `-t`: requests run at once per connection.
+    pub threads: usize,
+    /// `-e`: the name the default export is listed under.
+    pub export_name: Option<String>,
+    /// `--no-sr`: refuse structured replies (and extended headers).
+    pub no_structured_replies: bool,
+    /// `--no-mc`: refuse metadata contexts.
+    pub no_meta_contexts: bool,
+    /// `--mask-handshake`: handshake flags offered (FIXED_NEWSTYLE=1, NO_ZEROES=2).
+    pub handshake_mask: u16,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            readonly: false,
+            threads: 16,
+            export_name: None,
+            no_structured_replies: false,
+            no_meta_contexts: false,
+            handshake_mask: 0xffff,
+        }
+    }
+}
+
+/// One server: a backend chain plus the policy for serving it.
+pub struct Server {
+    backend: Arc<dyn Backend>,
+    opts: ServerOptions,
+    model: ThreadModel,
+    /// Held around every backend call under `serialize_all_requests`.
+    all_requests: Arc<std::sync::Mutex<()>>,
+    /// One permit: held for a whole connection under
+    /// `serialize_connections`.
+    connections: Arc<Semaphore>,
+    next_conn: AtomicU64,
+    tracker: TaskTracker,
+}
+
+impl Server {
+    pub fn new(backend: Arc<dyn Backend>, opts: ServerOptions) -> Arc<Self> {
+        let model = backend.thread_model();
+        debug!("thread model: {}", model.as_str());
+        Arc::new(Server {
+            backend,
+            opts,
+            model,
+            all_requests: Arc::new(std::sync::Mutex::new(())),
+            connections: Arc::new(Semaphore::new(1)),
+            next_conn: AtomicU64::new(1),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    pub fn thread_model(&self) -> ThreadModel {
+        self.model
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Requests one connection may run at once.
+    fn request_slots(&self) -> usize {
+        if self.model <= ThreadModel::SerializeRequests {
+            1
+        } else {
+            self.opts.threads.max(1)
+        }
+    }
+
+    /// Run a backend call on a blocking thread, under the thread model's
+    /// global lock if it has one.  A panicking backend becomes EIO for that
+    /// request only.
+    pub(crate) async fn blocking<T, F>(&self, f: F) -> nbdkit_backend::Result<T>
+    where
+        F: FnOnce() -> nbdkit_backend::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let lock =
+            (self.model == ThreadModel::SerializeAllRequests).then(|| self.all_requests.clone());
+        tokio::task::spawn_blocking(move || {
+            let _g = lock
+                .as_ref()
+                .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+            f()
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::io(format!("backend failed: {e}"))))
+    }
+
+    /// Like [`Server::blocking`], for calls on the backend itself.
+    pub(crate) async fn blocking_backend<T, F>(&self, f: F) -> nbdkit_backend::Result<T>
+    where
+        F: FnOnce(&dyn Backend, bool) -> nbdkit_backend::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let b = self.backend.clone();
+        let ro = self.opts.readonly;
+        self.blocking(move || f(&*b, ro)).await
+    }
+
+    /// The name "" stands for: `-e`, else what the backend says.
+    pub(crate) async fn default_export(&self) -> String {
+        if let Some(n) = &self.opts.export_name {
+            return n.clone();
+        }
+        self.blocking_backend(|b, ro| b.default_export(ro))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Serve one client on `stream` until it leaves or the server stops.
+    pub async fn serve_connection(
+        self: Arc<Self>,
+        mut stream: Box<dyn Stream>,
+        peer: String,
+        shutdown: CancellationToken,
+    ) {
+        let _serial = if self.model == ThreadModel::SerializeConnections {
+            match self.connections.clone().acquire_owned().await {
+                Ok(p) => Some(p),
+                Err(_) => return,
+            }
+        } else {
+            None
+        };
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        debug!(conn, %peer, "new connection");
+        let neg = tokio::select! {
+            r = handshake::negotiate(&self, &mut *stream, conn) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        let result = match neg {
+            Ok(Some(neg)) => {
+                debug!(conn, export = %neg.export.name, size = neg.export.caps.size, "negotiated");
+                transmission::serve(self.clone(), stream, neg, conn, shutdown).await
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => debug!(conn, "connection closed"),
+            Err(ConnectionError::Io(e)) => debug!(conn, %peer, "connection ended: {e}"),
+            Err(e) => warn!(conn, %peer, "closing connection: {e}"),
+        }
+    }
+
+    /// Accept clients on every listener until `shutdown`, then wait for
+    /// open connections to finish their in-flight requests.
+    pub async fn serve(
+        self: Arc<Self>,
+        listeners: ListenerSet,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let mut accept_tasks = Vec::new();
+        for l in listeners.into_tokio()? {
+            let server = self.clone();
+            let shutdown = shutdown.clone();
+            accept_tasks.push(tokio::spawn(async move {
+                server.accept_loop(l, shutdown).await
+            }));
+        }
+        for t in accept_tasks {
+            let _ = t.await;
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+        Ok(())
+    }
+
+    async fn accept_loop(self: Arc<Self>, l: listen::TokioListener, shutdown: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                r = l.accept() => r,
+                _ = shutdown.cancelled() => return,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let server = self.clone();
+                    let sd = shutdown.clone();
+                    self.tracker
+                        .spawn(async move { server.serve_connection(stream, peer, sd).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Serve exactly one connection (`-s`) and return when it ends.
+    pub async fn serve_one(self: Arc<Self>, stream: Box<dyn Stream>, shutdown: CancellationToken) {
+        info!("serving one connection on stdin/stdout");
+        self.serve_connection(stream, "stdin".into(), shutdown)
+            .await
+    }
+}

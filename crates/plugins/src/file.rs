@@ -1,0 +1,560 @@
+//! `file`: serve a local file or block device (`file=`), or every file in a
+//! directory as a separate export (`dir=`).
+//!
+//! Reads and writes use pread/pwrite at the client's offsets; trim and zero
+//! punch holes (fallocate); block status comes from SEEK_DATA/SEEK_HOLE;
+//! FUA and flush use fdatasync, so an acknowledged write is on disk.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use nbdkit_backend::{
+    Backend, CacheMode, Config, ConfigError, Error, ErrorKind, ExportEntry, Extents, FuaMode,
+    Handle, Param, PluginSpec, Result, ZeroFlags, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
+};
+use tracing::debug;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum CachePolicy {
+    Default,
+    /// Evict what we read or wrote from the page cache afterwards.
+    None,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fadvise {
+    Normal,
+    Random,
+    Sequential,
+}
+
+enum Source {
+    File(PathBuf),
+    Dir(PathBuf),
+}
+
+struct FilePlugin {
+    source: Source,
+    cache: CachePolicy,
+    fadvise: Fadvise,
+}
+
+impl Backend for FilePlugin {
+    fn name(&self) -> &str {
+        "file"
+    }
+
+    fn list_exports(&self, _readonly: bool) -> Result<Vec<ExportEntry>> {
+        match &self.source {
+            Source::File(_) => Ok(vec![ExportEntry::default()]),
+            Source::Dir(d) => {
+                let mut names = Vec::new();
+                let rd = std::fs::read_dir(d).map_err(|e| Error::from_io(d.display(), e))?;
+                for entry in rd.flatten() {
+                    let Ok(ft) = entry.file_type() else { continue };
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    // Follow symlinks to decide, as a client would see them.
+                    let ok = if ft.is_symlink() {
+                        std::fs::metadata(entry.path())
+                            .is_ok_and(|m| m.is_file() || m.file_type().is_block_device())
+                    } else {
+                        ft.is_file() || ft.is_block_device()
+                    };
+                    if ok {
+                        names.push(name);
+                    }
+                }
+                names.sort();
+                Ok(names
+                    .into_iter()
+                    .map(|name| ExportEntry {
+                        name,
+                        description: None,
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
+        let path = match &self.source {
+            Source::File(p) => p.clone(),
+            Source::Dir(d) => {
+                if export.is_empty() {
+                    return Err(Error::invalid(
+                        "this server serves a directory: choose an export name (list them with nbdinfo --list)",
+                    ));
+                }
+                if export.contains('/') || export == "." || export == ".." {
+                    return Err(Error::invalid(format!("invalid export name '{export}'")));
+                }
+                d.join(export)
+            }
+        };
+        let handle = FileHandle::open(&path, readonly, self.cache)?;
+        handle.advise(self.fadvise);
+        Ok(Box::new(handle))
+    }
+}
+
+struct FileHandle {
+    file: File,
+    path: PathBuf,
+    writable: bool,
+    is_block: bool,
+    cache: CachePolicy,
+    /// Cleared after the first EOPNOTSUPP so we stop asking the kernel.
+    can_punch: AtomicBool,
+    can_zero_range: AtomicBool,
+}
+
+impl FileHandle {
+    fn open(path: &Path, readonly: bool, cache: CachePolicy) -> Result<Self> {
+        let (file, writable) = if readonly {
+            (File::open(path), false)
+        } else {
+            match OpenOptions::new().read(true).write(true).open(path) {
+                // A read-only file or file system is served read-only.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)
+                    ) =>
+                {
+                    debug!("{}: opening read-only: {e}", path.display());
+                    (File::open(path), false)
+                }
+                r => (r, true),
+            }
+        };
+        let file = file.map_err(|e| Error::from_io(path.display(), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::from_io(path.display(), e))?;
+        Ok(FileHandle {
+            file,
+            path: path.to_path_buf(),
+            writable,
+            is_block: meta.file_type().is_block_device(),
+            cache,
+            can_punch: AtomicBool::new(true),
+            can_zero_range: AtomicBool::new(true),
+        })
+    }
+
+    fn fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    fn err(&self, what: &str, e: std::io::Error) -> Error {
+        Error::from_io(format_args!("{what} {}", self.path.display()), e)
+    }
+
+    fn advise(&self, f: Fadvise) {
+        let advice = match f {
+            Fadvise::Normal => libc::POSIX_FADV_NORMAL,
+            Fadvise::Random => libc::POSIX_FADV_RANDOM,
+            Fadvise::Sequential => libc::POSIX_FADV_SEQUENTIAL,
+        };
+        // SAFETY: plain syscall on our own descriptor; advice is only a hint.
+        unsafe { libc::posix_fadvise(self.fd(), 0, 0, advice) };
+    }
+
+    /// cache=none: push a range out of the page cache after using it.
+    fn evict(&self, offset: u64, len: usize, written: bool) {
+        if self.cache != CachePolicy::None {
+            return;
+        }
+        // SAFETY: syscalls on our own descriptor with in-range arguments.
+        unsafe {
+            if written {
+                libc::sync_file_range(
+                    self.fd(),
+                    offset as i64,
+                    len as i64,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                );
+            }
+            libc::posix_fadvise(
+                self.fd(),
+                offset as i64,
+                len as i64,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, count: u64) -> std::io::Result<()> {
+        // SAFETY: plain syscall on our own descriptor.
+        let r = unsafe { libc::fallocate(self.fd(), mode, offset as i64, count as i64) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    fn is_unsupported(e: &std::io::Error) -> bool {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV)
+        )
+    }
+
+    /// Try to punch a hole (reads back as zeroes, frees space).
+    fn punch(&self, offset: u64, count: u64) -> Result<bool> {
+        if self.is_block || !self.can_punch.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            count,
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) if Self::is_unsupported(&e) => {
+                debug!("{}: hole punching not supported: {e}", self.path.display());
+                self.can_punch.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => Err(self.err("punch hole in", e)),
+        }
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| self.err("fdatasync", e))
+    }
+}
+
+impl Handle for FileHandle {
+    fn size(&self) -> Result<u64> {
+        // lseek(SEEK_END) works for block devices as well as files.
+        // SAFETY: plain syscall on our own descriptor.
+        let end = unsafe { libc::lseek(self.fd(), 0, libc::SEEK_END) };
+        if end < 0 {
+            return Err(self.err("size of", std::io::Error::last_os_error()));
+        }
+        Ok(end as u64)
+    }
+    fn can_write(&self) -> Result<bool> {
+        Ok(self.writable)
+    }
+    fn can_flush(&self) -> Result<bool> {
+        Ok(true)
+    }
+    fn can_fua(&self) -> Result<FuaMode> {
+        Ok(FuaMode::Native)
+    }
+    fn can_trim(&self) -> Result<bool> {
+        Ok(self.writable && !self.is_block)
+    }
+    fn can_zero(&self) -> Result<ZeroMode> {
+        Ok(if self.writable {
+            ZeroMode::Native
+        } else {
+            ZeroMode::None
+        })
+    }
+    fn can_fast_zero(&self) -> Result<bool> {
+        // Zeroing is fast when the kernel does it; when it cannot, zero()
+        // says NotSupported for fast requests instead of writing.
+        Ok(true)
+    }
+    fn can_extents(&self) -> Result<bool> {
+        Ok(!self.is_block)
+    }
+    fn can_multi_conn(&self) -> Result<bool> {
+        // All connections share the kernel's page cache for this file, and
+        // fdatasync on any descriptor persists everyone's writes.
+        Ok(true)
+    }
+    fn can_cache(&self) -> Result<CacheMode> {
+        Ok(CacheMode::Native)
+    }
+    fn is_rotational(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match self.file.read_exact_at(buf, offset) {
+            Ok(()) => {}
+            // The file shrank under us: what is past the end reads as zeroes.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                let mut done = 0;
+                while done < buf.len() {
+                    match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                        Ok(0) => {
+                            buf[done..].fill(0);
+                            break;
+                        }
+                        Ok(n) => done += n,
+                        Err(e) => return Err(self.err("read", e)),
+                    }
+                }
+            }
+            Err(e) => return Err(self.err("read", e)),
+        }
+        self.evict(offset, buf.len(), false);
+        Ok(())
+    }
+
+    fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| self.err("write", e))?;
+        if fua {
+            self.sync()?;
+        }
+        self.evict(offset, buf.len(), true);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.sync()
+    }
+
+    fn trim(&self, offset: u64, count: u64, fua: bool) -> Result<()> {
+        // Trim is advisory: where holes cannot be punched it does nothing.
+        self.punch(offset, count)?;
+        if fua {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn zero(&self, offset: u64, count: u64, flags: ZeroFlags) -> Result<()> {
+        let mut done = flags.may_trim && self.punch(offset, count)?;
+        if !done && !self.is_block && self.can_zero_range.load(Ordering::Relaxed) {
+            match self.fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                count,
+            ) {
+                Ok(()) => done = true,
+                Err(e) if Self::is_unsupported(&e) => {
+                    self.can_zero_range.store(false, Ordering::Relaxed)
+                }
+                Err(e) => return Err(self.err("zero range in", e)),
+            }
+        }
+        if !done {
+            // The server falls back to writing zeroes unless the client
+            // asked for a fast zero.
+            return Err(Error::new(
+                ErrorKind::NotSupported,
+                "no fast way to zero this file",
+            ));
+        }
+        if flags.fua {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
+        let end = offset + count;
+        let mut pos = offset;
+        while pos < end {
+            // SAFETY: lseek on our own descriptor.
+            let data = unsafe { libc::lseek(self.fd(), pos as i64, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    // No data after pos: the rest is a hole.
+                    Some(libc::ENXIO) => {
+                        extents.add(pos, end - pos, EXTENT_HOLE | EXTENT_ZERO)?;
+                        return Ok(());
+                    }
+                    // File system without SEEK_DATA: all data.
+                    Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                        extents.add(pos, end - pos, 0)?;
+                        return Ok(());
+                    }
+                    _ => return Err(self.err("SEEK_DATA in", e)),
+                }
+            }
+            let data = data as u64;
+            if data > pos {
+                extents.add(pos, data.min(end) - pos, EXTENT_HOLE | EXTENT_ZERO)?;
+                pos = data.min(end);
+                if req_one || pos >= end {
+                    return Ok(());
+                }
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(self.fd(), pos as i64, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(self.err("SEEK_HOLE in", std::io::Error::last_os_error()));
+            }
+            let hole = (hole as u64).min(end);
+            extents.add(pos, hole - pos, 0)?;
+            pos = hole;
+            if req_one {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn cache(&self, offset: u64, count: u64) -> Result<()> {
+        // SAFETY: advisory syscall on our own descriptor.
+        let r = unsafe {
+            libc::posix_fadvise(
+                self.fd(),
+                offset as i64,
+                count as i64,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+        if r != 0 {
+            return Err(self.err("fadvise", std::io::Error::from_raw_os_error(r)));
+        }
+        Ok(())
+    }
+}
+
+fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+    let file = cfg.take("file");
+    let dir = cfg.take("dir");
+    let source = match (file, dir) {
+        (Some(_), Some(_)) => return Err(ConfigError::new("file: give either file= or dir=, not both")),
+        (None, None) => {
+            return Err(ConfigError::new(
+                "file: the 'file' parameter is required (or dir=DIRECTORY), e.g. nbdkit-rs file disk.img",
+            ))
+        }
+        (Some(f), None) => {
+            let p = PathBuf::from(&f);
+            let m = std::fs::metadata(&p).map_err(|e| ConfigError::new(format!("file: {f}: {e}")))?;
+            if m.is_dir() {
+                return Err(ConfigError::new(format!("file: {f} is a directory (use dir={f} to serve the files in it)")));
+            }
+            Source::File(absolute(p))
+        }
+        (None, Some(d)) => {
+            let p = PathBuf::from(&d);
+            let m = std::fs::metadata(&p).map_err(|e| ConfigError::new(format!("file: {d}: {e}")))?;
+            if !m.is_dir() {
+                return Err(ConfigError::new(format!("file: dir={d} is not a directory")));
+            }
+            Source::Dir(absolute(p))
+        }
+    };
+    let cache = match cfg.take("cache").as_deref() {
+        None | Some("default") => CachePolicy::Default,
+        Some("none") => CachePolicy::None,
+        Some(v) => {
+            return Err(ConfigError::new(format!(
+                "file: cache={v}: expected default or none"
+            )))
+        }
+    };
+    let fadvise = match cfg.take("fadvise").as_deref() {
+        None | Some("normal") => Fadvise::Normal,
+        Some("random") => Fadvise::Random,
+        Some("sequential") => Fadvise::Sequential,
+        Some(v) => {
+            return Err(ConfigError::new(format!(
+                "file: fadvise={v}: expected normal, random or sequential"
+            )))
+        }
+    };
+    Ok(Arc::new(FilePlugin {
+        source,
+        cache,
+        fadvise,
+    }))
+}
+
+/// The server may change directory when it forks to the background, so
+/// paths are made absolute at configuration time.
+fn absolute(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
+}
+
+pub static SPEC: PluginSpec = PluginSpec {
+    name: "file",
+    summary: "serve a local file or block device, or each file of a directory",
+    description: "Reads and writes go straight to the file; trim and zero punch holes; block\n\
+                  status comes from SEEK_DATA/SEEK_HOLE; FUA and flush call fdatasync.\n\n\
+                  Examples:\n  nbdkit-rs file disk.img\n  nbdkit-rs -r file file=/dev/sdb\n  nbdkit-rs file dir=/var/images     (one export per file)",
+    magic_config_key: Some("file"),
+    params: &[
+        Param { name: "file", help: "the file or block device to serve" },
+        Param { name: "dir", help: "serve every file in this directory as its own export" },
+        Param { name: "cache", help: "default, or none to keep the page cache small (evicts after each request)" },
+        Param { name: "fadvise", help: "normal, random or sequential access hint" },
+    ],
+    create,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbdkit_backend::is_zero;
+
+    fn handle(path: &Path) -> FileHandle {
+        FileHandle::open(path, false, CachePolicy::Default).unwrap()
+    }
+
+    #[test]
+    fn zero_punches_and_extents_see_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk");
+        std::fs::write(&p, vec![0xaau8; 4 << 20]).unwrap();
+        let h = handle(&p);
+        h.zero(
+            1 << 20,
+            1 << 20,
+            ZeroFlags {
+                may_trim: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut buf = vec![1u8; 1 << 20];
+        h.pread(&mut buf, 1 << 20).unwrap();
+        assert!(is_zero(&buf));
+        let mut ex = Extents::new(0, 4 << 20);
+        h.extents(0, 4 << 20, false, &mut ex).unwrap();
+        // tmpfs and ext4 both report the punched range as a hole.
+        assert!(ex
+            .list()
+            .iter()
+            .any(|e| e.flags == EXTENT_HOLE | EXTENT_ZERO && e.offset == 1 << 20));
+        h.pread(&mut buf[..4], 0).unwrap();
+        assert_eq!(&buf[..4], &[0xaa; 4]);
+    }
+
+    #[test]
+    fn read_only_file_is_served_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk");
+        std::fs::write(&p, b"hello").unwrap();
+        let h = FileHandle::open(&p, true, CachePolicy::None).unwrap();
+        assert!(!h.can_write().unwrap());
+        let mut b = [0u8; 5];
+        h.pread(&mut b, 0).unwrap();
+        assert_eq!(&b, b"hello");
+    }
+
+    #[test]
+    fn dir_rejects_escaping_names() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.img"), b"x").unwrap();
+        let mut cfg = Config::new(vec![("dir".into(), dir.path().display().to_string())]);
+        let b = create(&mut cfg).unwrap();
+        let list = b.list_exports(false).unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].name, "a.img");
+        assert!(b.open(false, "../etc").is_err());
+        assert!(b.open(false, "").is_err());
+        assert!(b.open(false, "a.img").is_ok());
+    }
+}
