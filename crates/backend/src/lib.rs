@@ -342,6 +342,23 @@ pub trait Handle: Send + Sync {
     }
 }
 
+static DEBUG_FLAGS: std::sync::OnceLock<std::collections::HashMap<(String, String), i64>> =
+    std::sync::OnceLock::new();
+
+/// Install the `-D NAME.FLAG=N` flags from the command line (once).
+pub fn set_debug_flags(flags: std::collections::HashMap<(String, String), i64>) {
+    let _ = DEBUG_FLAGS.set(flags);
+}
+
+/// The value of debug flag `-D name.flag=N`, if given: plugins and filters
+/// use these to turn on extra diagnostics.
+pub fn debug_flag(name: &str, flag: &str) -> Option<i64> {
+    DEBUG_FLAGS
+        .get()?
+        .get(&(name.to_string(), flag.to_string()))
+        .copied()
+}
+
 /// Largest buffer used when emulating zero or cache with plain I/O.
 const EMULATION_CHUNK: u64 = 1 << 20;
 

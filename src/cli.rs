@@ -1,0 +1,144 @@
+//! The command line, compatible with nbdkit's:
+//! `nbdkit-rs [OPTIONS] [--filter=F]... PLUGIN [key=value]...`
+//! Options may come before or after the plugin and its parameters.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser, Debug, Default)]
+#[command(
+    name = "nbdkit-rs",
+    disable_help_flag = true,
+    disable_version_flag = true,
+    override_usage = "nbdkit-rs [OPTIONS] [--filter=FILTER]... PLUGIN [key=value]..."
+)]
+pub struct Cli {
+    /// Stay in the foreground (do not fork to the background).
+    #[arg(short = 'f', long = "foreground", alias = "no-fork")]
+    pub foreground: bool,
+    /// Debug messages on stderr.
+    #[arg(short = 'v', long = "verbose")]
+    pub verbose: bool,
+    /// Serve read-only: every write-like request is refused.
+    #[arg(short = 'r', long = "readonly", alias = "read-only")]
+    pub readonly: bool,
+    /// TCP port to listen on (default 10809).
+    #[arg(short = 'p', long = "port")]
+    pub port: Option<u16>,
+    /// Listen only on this address.
+    #[arg(short = 'i', long = "ipaddr")]
+    pub ipaddr: Option<String>,
+    /// IPv4 only.
+    #[arg(short = '4', long = "ipv4-only")]
+    pub ipv4: bool,
+    /// IPv6 only.
+    #[arg(short = '6', long = "ipv6-only")]
+    pub ipv6: bool,
+    /// Listen on a Unix socket at PATH ("-" = a private temporary socket).
+    #[arg(
+        short = 'U',
+        long = "unix",
+        value_name = "PATH",
+        allow_hyphen_values = true
+    )]
+    pub unix: Option<String>,
+    /// Write the server's process ID to this file once it is ready.
+    #[arg(short = 'P', long = "pidfile", value_name = "PIDFILE")]
+    pub pidfile: Option<PathBuf>,
+    /// The name of the default export.
+    #[arg(
+        short = 'e',
+        long = "exportname",
+        alias = "export-name",
+        alias = "export",
+        value_name = "NAME"
+    )]
+    pub export_name: Option<String>,
+    /// Requests served in parallel per connection (default 16).
+    #[arg(short = 't', long = "threads", value_name = "THREADS")]
+    pub threads: Option<usize>,
+    /// Serve one client on stdin/stdout.
+    #[arg(short = 's', long = "single", alias = "stdin")]
+    pub single: bool,
+    /// Run CMD with $uri set, then exit with its status (captive mode).
+    #[arg(long = "run", value_name = "CMD", allow_hyphen_values = true)]
+    pub run: Option<String>,
+    /// Exit when the parent process exits.
+    #[arg(long = "exit-with-parent")]
+    pub exit_with_parent: bool,
+    /// Add a filter (the first one is nearest the client).
+    #[arg(long = "filter", value_name = "FILTER")]
+    pub filters: Vec<String>,
+    /// Where messages go: stderr, syslog or null.
+    #[arg(long = "log", value_name = "DEST")]
+    pub log: Option<String>,
+    /// Set a plugin or filter debug flag: NAME.FLAG=N.
+    #[arg(short = 'D', long = "debug", value_name = "NAME.FLAG=N")]
+    pub debug_flags: Vec<String>,
+    /// Print what the plugin is and can do, then exit.
+    #[arg(long = "dump-plugin")]
+    pub dump_plugin: bool,
+    /// Print the server's build configuration, then exit.
+    #[arg(long = "dump-config")]
+    pub dump_config: bool,
+    /// Help (for the server, or for the named plugin and filters).
+    #[arg(short = 'h', long = "help")]
+    pub help: bool,
+    /// Print the version and exit.
+    #[arg(short = 'V', long = "version")]
+    pub version: bool,
+    /// Handshake flags offered to clients (bit 0 fixed newstyle, bit 1 no zeroes).
+    #[arg(long = "mask-handshake", value_name = "MASK")]
+    pub mask_handshake: Option<String>,
+    /// Do not offer structured replies (nor extended headers).
+    #[arg(long = "no-sr")]
+    pub no_sr: bool,
+    /// Do not offer metadata contexts (block status).
+    #[arg(long = "no-mc")]
+    pub no_mc: bool,
+    /// Print the NBD URI of the server on stdout.
+    #[arg(long = "print-uri")]
+    pub print_uri: bool,
+    /// Newstyle protocol (the only one; accepted for compatibility).
+    #[arg(short = 'n', long = "newstyle")]
+    pub newstyle: bool,
+    /// Oldstyle protocol (not supported: obsolete since 2013).
+    #[arg(short = 'o', long = "oldstyle")]
+    pub oldstyle: bool,
+    /// TLS: off, on or require.
+    #[arg(long = "tls", value_name = "off|on|require")]
+    pub tls: Option<String>,
+    /// The plugin name, then its key=value parameters.
+    #[arg(value_name = "PLUGIN [key=value]...")]
+    pub args: Vec<String>,
+}
+
+pub const OPTIONS_HELP: &str = "\
+Options:
+  -f, --foreground         stay in the foreground
+  -v, --verbose            debug messages on stderr
+  -r, --readonly           serve read-only
+  -p, --port PORT          TCP port (default 10809)
+  -i, --ipaddr ADDR        listen only on ADDR
+  -4, --ipv4-only          IPv4 only
+  -6, --ipv6-only          IPv6 only
+  -U, --unix PATH          Unix socket at PATH ('-' = private temporary socket)
+  -P, --pidfile FILE       write the process ID to FILE once ready
+  -e, --exportname NAME    name of the default export
+  -t, --threads N          requests in parallel per connection (default 16)
+  -s, --single             serve one client on stdin/stdout
+      --run CMD            run CMD with $uri set; exit with its status
+      --exit-with-parent   exit when the parent process exits
+      --filter FILTER      add a filter (repeatable; first is nearest the client)
+      --log DEST           stderr, syslog or null
+  -D, --debug NAME.FLAG=N  set a plugin/filter debug flag
+      --mask-handshake M   handshake flags to offer (default 3)
+      --no-sr              do not offer structured replies
+      --no-mc              do not offer metadata contexts
+      --print-uri          print the server's NBD URI on stdout
+      --dump-config        print build configuration
+      --dump-plugin        print plugin information
+  -h, --help               help (add a plugin name for its parameters)
+  -V, --version            print the version
+";

@@ -1,0 +1,130 @@
+//! Process plumbing: forking to the background, the pid file, signals,
+//! --exit-with-parent, and the --run command.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+/// Fork to the background.  Called before the async runtime or any other
+/// thread exists, which is what makes fork safe here: the child is a full
+/// copy of a single-threaded process.
+pub fn daemonize(keep_stderr: bool) -> Result<()> {
+    // SAFETY: no threads exist yet (see above); the parent only exits.
+    match unsafe { libc::fork() } {
+        -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+        0 => {}
+        _ => {
+            // The parent leaves at once: the sockets are already listening
+            // in the child, so clients can connect as soon as we return.
+            // SAFETY: _exit skips destructors that the child still owns.
+            unsafe { libc::_exit(0) }
+        }
+    }
+    // SAFETY: plain syscalls in the single-threaded child.
+    unsafe {
+        libc::setsid();
+        let _ = std::env::set_current_dir("/");
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            if !keep_stderr {
+                libc::dup2(null, 2);
+            }
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Ask the kernel to send us SIGTERM when our parent exits.
+pub fn exit_with_parent() -> Result<()> {
+    // SAFETY: prctl with integer arguments.
+    let r = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+    if r != 0 {
+        bail!(
+            "prctl(PR_SET_PDEATHSIG): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // The parent may already be gone.
+    if unsafe { libc::getppid() } == 1 {
+        bail!("--exit-with-parent: the parent process has already exited");
+    }
+    Ok(())
+}
+
+pub fn write_pidfile(path: &Path) -> Result<()> {
+    // Written atomically so a waiting test never reads a half-written file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing pid file {}", path.display()))
+}
+
+/// SIGTERM, SIGINT and SIGHUP start a graceful shutdown: stop accepting,
+/// finish in-flight requests, close backends.
+pub fn on_signals(shutdown: CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+            _ = hup.recv() => info!("SIGHUP: shutting down"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}
+
+/// Run the --run command with the connection variables set, and return
+/// its exit status as ours.
+pub async fn run_captive(
+    cmd: &str,
+    uri: &str,
+    export: &str,
+    unix: Option<&Path>,
+    port: Option<u16>,
+    host: &str,
+) -> Result<ExitCode> {
+    let mut c = tokio::process::Command::new("/bin/sh");
+    c.arg("-c")
+        .arg(cmd)
+        .env("uri", uri)
+        .env("exportname", export);
+    match unix {
+        Some(p) => {
+            c.env("unixsocket", p)
+                .env("nbd", format!("nbd:unix:{}", p.display()));
+            c.env_remove("port");
+        }
+        None => {
+            let port = port.unwrap_or(10809);
+            c.env("port", port.to_string())
+                .env("nbd", format!("nbd:{host}:{port}"));
+            c.env_remove("unixsocket");
+        }
+    }
+    c.env("tls", "0");
+    debug!("running: {cmd}");
+    let status = c
+        .status()
+        .await
+        .with_context(|| format!("--run: cannot start /bin/sh -c {cmd:?}"))?;
+    debug!("--run command exited: {status}");
+    use std::os::unix::process::ExitStatusExt;
+    let code = match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => 128 + sig,
+        _ => 1,
+    };
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}

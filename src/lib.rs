@@ -1,0 +1,305 @@
+//! The `nbdkit-rs` command: parse an nbdkit-compatible command line, build
+//! the filter chain over the plugin, bind the sockets, fork to the
+//! background if asked, and serve.
+//!
+//! [`main_with`] is public so that a program can add its own plugins to the
+//! built-in ones and get the whole command line for free (see
+//! `examples/`).
+
+mod chain;
+mod cli;
+mod daemon;
+mod logging;
+
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use nbdkit_backend::{FilterSpec, PluginSpec};
+use nbdkit_server::listen::{Family, TempSocket};
+use nbdkit_server::{ListenerSet, Server, ServerOptions};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error};
+
+pub use chain::Registry;
+use cli::Cli;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+const DEFAULT_PORT: u16 = 10809;
+
+/// Run the server with the built-in plugins and filters.
+pub fn main() -> ExitCode {
+    main_with(&[], &[])
+}
+
+/// Run the server with extra plugins and filters besides the built-in ones.
+pub fn main_with(plugins: &[&'static PluginSpec], filters: &[&'static FilterSpec]) -> ExitCode {
+    let mut registry = Registry::builtin();
+    registry.plugins.extend_from_slice(plugins);
+    registry.filters.extend_from_slice(filters);
+    match run(std::env::args().collect(), &registry) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nbdkit-rs: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where clients reach the server, for `--run` and `--print-uri`.
+struct Endpoint {
+    unix: Option<std::path::PathBuf>,
+    port: Option<u16>,
+    host: String,
+}
+
+impl Endpoint {
+    fn uri(&self, export: &str) -> String {
+        match &self.unix {
+            Some(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
+            None => {
+                let port = self.port.unwrap_or(DEFAULT_PORT);
+                if port == DEFAULT_PORT {
+                    format!("nbd://{}/{export}", self.host)
+                } else {
+                    format!("nbd://{}:{port}/{export}", self.host)
+                }
+            }
+        }
+    }
+}
+
+fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(c) => c,
+        Err(e) => {
+            // clap's message names the bad option and suggests a fix.
+            let _ = e.print();
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+
+    if cli.version {
+        println!("nbdkit-rs {VERSION}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cli.dump_config {
+        print!("{}", registry.dump_config());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cli.help && cli.args.is_empty() {
+        print!("{}", registry.general_help());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(plugin_name) = cli.args.first() else {
+        bail!("no plugin given\nusage: nbdkit-rs [OPTIONS] [--filter=FILTER]... PLUGIN [key=value]...\n       (nbdkit-rs --help lists the plugins)");
+    };
+    let plugin = registry.plugin(plugin_name)?;
+    let filters = cli
+        .filters
+        .iter()
+        .map(|f| registry.filter(f))
+        .collect::<Result<Vec<_>>>()?;
+    if cli.help {
+        print!("{}", plugin.help_text());
+        for f in &filters {
+            print!("\n{}", f.help_text());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cli.dump_plugin {
+        print!("{}", chain::dump_plugin(plugin));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cli.oldstyle {
+        bail!(
+            "the oldstyle protocol is not supported (it was dropped from the NBD spec); remove -o"
+        );
+    }
+    match cli.tls.as_deref() {
+        None | Some("off") => {}
+        Some(v) => bail!(
+            "--tls={v}: TLS is not supported by this build yet; use --tls=off or leave it out"
+        ),
+    }
+    if cli.ipv4 && cli.ipv6 {
+        bail!("-4 and -6 cannot be used together");
+    }
+    if cli.single && (cli.run.is_some() || cli.unix.is_some() || cli.port.is_some()) {
+        bail!("-s serves stdin/stdout and cannot be combined with --run, -U or -p");
+    }
+    if cli.unix.is_some() && (cli.port.is_some() || cli.ipaddr.is_some()) {
+        bail!("-U cannot be combined with -p or -i");
+    }
+    let handshake_mask = match &cli.mask_handshake {
+        None => 0xffff,
+        Some(m) => parse_int(m).with_context(|| format!("--mask-handshake={m}"))? as u16,
+    };
+    chain::set_debug_flags(&cli.debug_flags, plugin, &filters)?;
+
+    logging::init(&cli)?;
+
+    // Configure filters and the plugin, then stack them.
+    let backend = chain::build(plugin, &filters, &cli.args[1..])?;
+
+    // Bind before forking, so errors reach the user.
+    let activated = ListenerSet::from_activation()?;
+    let mut temp_socket = None;
+    let (listeners, endpoint) = if cli.single {
+        (None, None)
+    } else if let Some(l) = activated {
+        (Some(l), None)
+    } else {
+        let unix = match cli.unix.as_deref() {
+            Some("-") => {
+                let t = TempSocket::new().context("creating a temporary socket directory")?;
+                let p = t.path.clone();
+                temp_socket = Some(t);
+                Some(p)
+            }
+            Some(p) => Some(std::path::absolute(p).unwrap_or_else(|_| p.into())),
+            // Captive mode defaults to a private socket, like nbdkit.
+            None if cli.run.is_some() && cli.port.is_none() => {
+                let t = TempSocket::new().context("creating a temporary socket directory")?;
+                let p = t.path.clone();
+                temp_socket = Some(t);
+                Some(p)
+            }
+            None => None,
+        };
+        let (set, ep) = match unix {
+            Some(path) => (
+                ListenerSet::bind_unix(&path).context("cannot listen on the Unix socket")?,
+                Endpoint {
+                    unix: Some(path),
+                    port: None,
+                    host: String::new(),
+                },
+            ),
+            None => {
+                let family = if cli.ipv4 {
+                    Family::V4
+                } else if cli.ipv6 {
+                    Family::V6
+                } else {
+                    Family::Any
+                };
+                let port = cli.port.unwrap_or(DEFAULT_PORT);
+                let set = ListenerSet::bind_tcp(cli.ipaddr.as_deref(), port, family)
+                    .with_context(|| format!("cannot listen on TCP port {port} (is another server using it? choose one with -p)"))?;
+                let host = match cli.ipaddr.as_deref() {
+                    Some(a) if a.contains(':') => format!("[{a}]"),
+                    Some(a) => a.to_string(),
+                    None => "localhost".into(),
+                };
+                let port = set.tcp_port();
+                (
+                    set,
+                    Endpoint {
+                        unix: None,
+                        port,
+                        host,
+                    },
+                )
+            }
+        };
+        (Some(set), Some(ep))
+    };
+
+    let export_for_uri = cli.export_name.clone().unwrap_or_default();
+    if cli.print_uri {
+        if let Some(ep) = &endpoint {
+            println!("{}", ep.uri(&export_for_uri));
+        }
+    }
+
+    let foreground = cli.foreground
+        || cli.single
+        || cli.run.is_some()
+        || cli.exit_with_parent
+        || endpoint.is_none();
+    if !foreground {
+        daemon::daemonize(cli.verbose)?;
+    }
+    if cli.exit_with_parent {
+        daemon::exit_with_parent()?;
+    }
+
+    backend
+        .after_fork()
+        .map_err(|e| anyhow!("{}: {e}", backend.name()))?;
+
+    let opts = ServerOptions {
+        readonly: cli.readonly,
+        threads: cli.threads.unwrap_or(16),
+        export_name: cli.export_name.clone(),
+        no_structured_replies: cli.no_sr,
+        no_meta_contexts: cli.no_mc,
+        handshake_mask,
+    };
+    let server = Server::new(backend.clone(), opts);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("nbdkit-rs")
+        .build()
+        .context("starting the async runtime")?;
+    let code = rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        daemon::on_signals(shutdown.clone())?;
+        if let Some(pidfile) = &cli.pidfile {
+            daemon::write_pidfile(pidfile)?;
+        }
+        if cli.single {
+            let stream = nbdkit_server::listen::stdio_stream()?;
+            server.serve_one(stream, shutdown).await;
+            return Ok::<ExitCode, anyhow::Error>(ExitCode::SUCCESS);
+        }
+        let listeners = listeners.expect("listeners exist unless -s");
+        let serving = tokio::spawn(server.clone().serve(listeners, shutdown.clone()));
+        let code = match &cli.run {
+            Some(cmd) => {
+                let ep = endpoint.as_ref().expect("--run has an endpoint");
+                let status = daemon::run_captive(
+                    cmd,
+                    &ep.uri(&export_for_uri),
+                    &export_for_uri,
+                    ep.unix.as_deref(),
+                    ep.port,
+                    &ep.host,
+                )
+                .await;
+                shutdown.cancel();
+                status?
+            }
+            None => ExitCode::SUCCESS,
+        };
+        match serving.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!("server: {e}"),
+            Err(e) => error!("server task: {e}"),
+        }
+        Ok(code)
+    });
+    debug!("shutting down");
+    backend.shutdown();
+    if let Some(t) = temp_socket {
+        t.remove();
+    } else if let Some(Endpoint { unix: Some(p), .. }) = &endpoint {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(p) = &cli.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    // Do not wait for blocking threads stuck in a slow backend call.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}
+
+fn parse_int(s: &str) -> Result<u64> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| anyhow!("{e}"))
+}

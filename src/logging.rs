@@ -1,0 +1,75 @@
+//! Where messages go: stderr (default in the foreground), syslog (default
+//! in the background), or nowhere.
+
+use std::io::Write;
+
+use anyhow::{bail, Result};
+use tracing_subscriber::fmt::MakeWriter;
+
+use crate::cli::Cli;
+
+pub fn init(cli: &Cli) -> Result<()> {
+    let foreground = cli.foreground || cli.single || cli.run.is_some() || cli.verbose;
+    let dest = match cli.log.as_deref() {
+        Some(d) => d,
+        None if foreground => "stderr",
+        None => "syslog",
+    };
+    let level = if cli.verbose { "debug" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NBDKIT_RS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .without_time()
+        .with_ansi(false);
+    match dest {
+        "stderr" => builder.with_writer(std::io::stderr).init(),
+        "null" => builder.with_writer(std::io::sink).init(),
+        "syslog" => {
+            // SAFETY: openlog keeps the pointer; it is a static string.
+            unsafe { libc::openlog(c"nbdkit-rs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+            builder.with_writer(Syslog).init()
+        }
+        other => bail!("--log={other}: expected stderr, syslog or null"),
+    }
+    Ok(())
+}
+
+/// A writer that sends each formatted event to syslog(3).
+#[derive(Clone, Copy)]
+struct Syslog;
+
+impl<'a> MakeWriter<'a> for Syslog {
+    type Writer = SyslogLine;
+    fn make_writer(&'a self) -> Self::Writer {
+        SyslogLine(Vec::new())
+    }
+}
+
+struct SyslogLine(Vec<u8>);
+
+impl Write for SyslogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for SyslogLine {
+    fn drop(&mut self) {
+        let text: Vec<u8> = self
+            .0
+            .iter()
+            .copied()
+            .filter(|&b| b != 0 && b != b'\n')
+            .collect();
+        if let Ok(c) = std::ffi::CString::new(text) {
+            // SAFETY: "%s" with a valid C string.
+            unsafe { libc::syslog(libc::LOG_ERR, c"%s".as_ptr(), c.as_ptr()) };
+        }
+    }
+}
