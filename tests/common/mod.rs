@@ -1,0 +1,151 @@
+//! Test harness: start the real `nbdkit-rs` binary and find the real
+//! clients.  Each test file includes this with `mod common;`.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nbdkit-rs"))
+}
+
+/// A running server on a private Unix socket.  Killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub uri: String,
+}
+
+impl Server {
+    /// Start `nbdkit-rs -f -U SOCK ARGS...` and return once it accepts
+    /// connections.  Readiness is signalled by `--print-uri`, which the
+    /// server prints after its socket is listening, so no polling is needed.
+    pub fn start(args: &[&str]) -> Server {
+        Self::start_with(args, &[])
+    }
+
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("nbd.sock");
+        let mut cmd = Command::new(binary());
+        cmd.arg("-f")
+            .arg("--print-uri")
+            .arg("-U")
+            .arg(&socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start nbdkit-rs");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        BufReader::new(stdout).read_line(&mut line).expect("read uri");
+        let uri = line.trim().to_string();
+        if uri.is_empty() {
+            let status = child.wait().expect("wait");
+            panic!("nbdkit-rs {args:?} exited before it was ready: {status}");
+        }
+        Server {
+            child,
+            dir,
+            socket,
+            uri,
+        }
+    }
+
+    /// The URI of a named export.
+    pub fn uri_for(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// Send SIGTERM and return the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// True if `tool` is on PATH.  When it is not, the test is skipped with a
+/// message — unless NBDKIT_RS_REQUIRE_TOOLS=1 (set by the project's test
+/// script, which installs them), where a missing tool is a failure.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("NBDKIT_RS_REQUIRE_TOOLS").as_deref() == Ok("1") {
+            panic!("{tool} is required but not installed (run scripts/test.sh to install it)");
+        }
+        eprintln!("SKIP: {tool} is not installed");
+    }
+    found
+}
+
+/// Run a command and panic with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+pub fn stdout_of(cmd: &mut Command) -> String {
+    String::from_utf8(run_ok(cmd).stdout).expect("utf-8")
+}
+
+/// A file of `size` bytes of deterministic, non-repeating data.
+pub fn make_file(path: &Path, size: usize, seed: u64) {
+    std::fs::write(path, pseudo_random(size, seed)).expect("write test file");
+}
+
+pub fn pseudo_random(size: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut v = Vec::with_capacity(size + 8);
+    while v.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(size);
+    v
+}
+
+/// Python with the libnbd bindings (Debian's python3-libnbd).
+pub const PYTHON: &str = "/usr/bin/python3";
+
+pub fn have_python_nbd() -> bool {
+    let ok = Command::new(PYTHON)
+        .args(["-c", "import nbd"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var("NBDKIT_RS_REQUIRE_TOOLS").as_deref() == Ok("1") {
+            panic!("python3-libnbd is required but not installed");
+        }
+        eprintln!("SKIP: python3 nbd module is not installed");
+    }
+    ok
+}
