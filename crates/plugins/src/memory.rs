@@ -2,7 +2,7 @@
 //! trimming or zeroing whole pages frees them again, and block status
 //! reports unallocated pages as holes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use nbdkit_backend::{
@@ -22,6 +22,9 @@ const SHARDS: usize = 64;
 pub struct SparseMemory {
     size: u64,
     shards: Vec<RwLock<HashMap<u64, Box<[u8]>>>>,
+    /// Which pages exist, in order, so block status can skip over holes
+    /// of any size.  Only touched when a page is created or freed.
+    allocated: RwLock<BTreeSet<u64>>,
 }
 
 impl SparseMemory {
@@ -29,6 +32,7 @@ impl SparseMemory {
         SparseMemory {
             size,
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            allocated: RwLock::new(BTreeSet::new()),
         }
     }
 
@@ -79,6 +83,7 @@ impl SparseMemory {
                     let mut p = vec![0u8; PAGE as usize].into_boxed_slice();
                     p[within..within + n].copy_from_slice(data);
                     shard.insert(page, p);
+                    self.index().insert(page);
                 }
             }
         }
@@ -88,22 +93,46 @@ impl SparseMemory {
     pub fn zero(&self, offset: u64, len: u64) {
         for (page, within, n) in Self::pages(offset, len) {
             let mut shard = self.shard(page).write().unwrap_or_else(|e| e.into_inner());
-            if n as u64 == PAGE {
-                shard.remove(&page);
-            } else if let Some(p) = shard.get_mut(&page) {
-                p[within..within + n].fill(0);
-                if is_zero(p) {
-                    shard.remove(&page);
+            let free = match shard.get_mut(&page) {
+                None => false,
+                Some(_) if n as u64 == PAGE => true,
+                Some(p) => {
+                    p[within..within + n].fill(0);
+                    is_zero(p)
                 }
+            };
+            if free {
+                shard.remove(&page);
+                self.index().remove(&page);
             }
         }
     }
 
-    fn allocated(&self, page: u64) -> bool {
-        self.shard(page)
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&page)
+    fn index(&self) -> std::sync::RwLockWriteGuard<'_, BTreeSet<u64>> {
+        self.allocated.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fill `extents` for `[offset, end)`: allocated pages are data, the
+    /// gaps between them holes.
+    fn extents(&self, offset: u64, end: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
+        let index = self.allocated.read().unwrap_or_else(|e| e.into_inner());
+        let mut pos = offset;
+        for &page in index.range(offset / PAGE..end.div_ceil(PAGE)) {
+            let start = (page * PAGE).max(offset);
+            if start > pos {
+                extents.add(pos, start - pos, EXTENT_HOLE | EXTENT_ZERO)?;
+            }
+            let stop = ((page + 1) * PAGE).min(end);
+            extents.add(start, stop - start, 0)?;
+            pos = stop;
+            if req_one && extents.list().len() > 1 {
+                return Ok(());
+            }
+        }
+        if pos < end {
+            extents.add(pos, end - pos, EXTENT_HOLE | EXTENT_ZERO)?;
+        }
+        Ok(())
     }
 
     /// Bytes of page memory in use.
@@ -133,10 +162,6 @@ impl Backend for Memory {
 struct MemoryHandle {
     mem: Arc<SparseMemory>,
 }
-
-/// Largest range walked page by page in one extents call; the client asks
-/// again for the rest.
-const MAX_EXTENTS_SPAN: u64 = 1 << 32;
 
 impl Handle for MemoryHandle {
     fn size(&self) -> Result<u64> {
@@ -193,20 +218,7 @@ impl Handle for MemoryHandle {
         Ok(())
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
-        let end = offset + count.min(MAX_EXTENTS_SPAN);
-        let mut page = offset / PAGE;
-        while page * PAGE < end {
-            let alloc = self.mem.allocated(page);
-            let flags = if alloc { 0 } else { EXTENT_HOLE | EXTENT_ZERO };
-            let start = (page * PAGE).max(offset);
-            let stop = ((page + 1) * PAGE).min(end);
-            extents.add(start, stop - start, flags)?;
-            if req_one && extents.list().len() > 1 {
-                break;
-            }
-            page += 1;
-        }
-        Ok(())
+        self.mem.extents(offset, offset + count, req_one, extents)
     }
 }
 

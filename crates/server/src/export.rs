@@ -237,7 +237,8 @@ impl Export {
             // Block status is a query, and the last partial block may be
             // read in full; everything else must be aligned.
             if h.command != CMD_BLOCK_STATUS
-                && (h.offset % min != 0 || (h.length % min != 0 && h.offset + h.length != c.size))
+                && (!h.offset.is_multiple_of(min)
+                    || (!h.length.is_multiple_of(min) && h.offset + h.length != c.size))
             {
                 return Err(Error::invalid(format!(
                     "request is not aligned to the minimum block size {min}"
@@ -351,7 +352,7 @@ fn validate_block_size(b: BlockSize) -> Result<()> {
         && b.preferred.is_power_of_two()
         && b.preferred >= b.minimum.max(512)
         && b.maximum >= b.preferred.min(b.maximum)
-        && b.maximum % b.minimum == 0;
+        && b.maximum.is_multiple_of(b.minimum);
     if ok {
         Ok(())
     } else {

@@ -64,7 +64,7 @@ pub async fn negotiate(
     s.flush().await?;
     let client_flags = s.read_u32().await?;
     let known = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
-    if client_flags & !known as u32 != 0 || client_flags & !(hs_flags as u32) != 0 {
+    if client_flags & !known != 0 || client_flags & !(hs_flags as u32) != 0 {
         return Err(ConnectionError::Protocol(format!(
             "client sent unknown or unoffered flags 0x{client_flags:x}"
         )));

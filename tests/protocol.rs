@@ -1,0 +1,345 @@
+//! Protocol edge cases that real clients never produce, driven with our
+//! own byte-level client: the right error for each bad request, and the
+//! connection (or at least the server) lives on.
+
+mod common;
+
+use common::client::RawClient;
+use common::*;
+use nbdkit_proto::*;
+
+fn memory() -> Server {
+    Server::start(&["memory", "size=16M"])
+}
+
+#[test]
+fn greeting_offers_fixed_newstyle_and_no_zeroes() {
+    let s = memory();
+    let (_c, flags) = RawClient::connect(&s.socket);
+    assert_eq!(flags, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+}
+
+#[test]
+fn unknown_and_malformed_options_get_errors_and_the_session_continues() {
+    let s = memory();
+    let mut c = RawClient::start(&s.socket);
+    assert_eq!(c.simple_option(OptionRequest::Unknown(77)), REP_ERR_UNSUP);
+    // STARTTLS without TLS configured.
+    assert_eq!(c.simple_option(OptionRequest::StartTls), REP_ERR_UNSUP);
+    // INFO whose name length runs past the payload.
+    let mut bad = OptionHeader {
+        option: OPT_INFO,
+        length: 6,
+    }
+    .encode()
+    .to_vec();
+    bad.extend_from_slice(&[0, 0, 0, 9, 0, 0]);
+    c.send(&bad);
+    assert_eq!(c.read_until_final().0, REP_ERR_INVALID);
+    // LIST with a payload is invalid.
+    let mut bad = OptionHeader {
+        option: OPT_LIST,
+        length: 1,
+    }
+    .encode()
+    .to_vec();
+    bad.push(0);
+    c.send(&bad);
+    assert_eq!(c.read_until_final().0, REP_ERR_INVALID);
+    // Meta contexts need structured replies first.
+    c.option(&OptionRequest::MetaContext {
+        set: false,
+        export: String::new(),
+        queries: vec![],
+    });
+    assert_eq!(c.read_until_final().0, REP_ERR_INVALID);
+    // An oversized payload is skipped, answered with TOO_BIG.
+    let mut big = OptionHeader {
+        option: OPT_INFO,
+        length: 100_000,
+    }
+    .encode()
+    .to_vec();
+    big.extend(vec![0u8; 100_000]);
+    c.send(&big);
+    assert_eq!(c.read_until_final().0, REP_ERR_TOO_BIG);
+    // And the session still works.
+    let (size, _) = c.go(true, false, true);
+    assert_eq!(size, 16 << 20);
+}
+
+#[test]
+fn list_and_meta_context_queries() {
+    let s = memory();
+    let mut c = RawClient::start(&s.socket);
+    c.option(&OptionRequest::List);
+    let (r, all) = c.read_until_final();
+    assert_eq!(r, REP_ACK);
+    assert_eq!(all.iter().filter(|(t, _)| *t == REP_SERVER).count(), 1);
+    assert_eq!(c.simple_option(OptionRequest::StructuredReply), REP_ACK);
+    for (queries, expect) in [
+        (vec![], 1),
+        (vec!["base:".to_string()], 1),
+        (vec!["qemu:dirty-bitmap:x".to_string()], 0),
+    ] {
+        c.option(&OptionRequest::MetaContext {
+            set: false,
+            export: String::new(),
+            queries,
+        });
+        let (r, all) = c.read_until_final();
+        assert_eq!(r, REP_ACK);
+        let contexts: Vec<_> = all.iter().filter(|(t, _)| *t == REP_META_CONTEXT).collect();
+        assert_eq!(contexts.len(), expect);
+        for (_, d) in contexts {
+            assert_eq!(&d[4..], b"base:allocation");
+        }
+    }
+}
+
+#[test]
+fn export_name_with_no_zeroes() {
+    let s = memory();
+    let mut c = RawClient::start(&s.socket);
+    c.option(&OptionRequest::ExportName(String::new()));
+    let r = c.read_exact(10).unwrap();
+    assert_eq!(u64::from_be_bytes(r[..8].try_into().unwrap()), 16 << 20);
+    // No 124 zero bytes: the next thing is our request's reply.
+    c.request(CMD_READ, 0, 5, 0, 512, &[]);
+    let rep = c.reply(512);
+    assert_eq!(rep.cookie, 5);
+    assert_eq!(rep.error, 0);
+    assert_eq!(rep.data, vec![0u8; 512]);
+}
+
+#[test]
+fn too_many_options_close_the_connection() {
+    let s = memory();
+    let mut c = RawClient::start(&s.socket);
+    let mut all = Vec::new();
+    for _ in 0..1100 {
+        all.extend(OptionRequest::Unknown(99).encode());
+    }
+    // The server stops reading after its limit, so ignore write errors.
+    let _ = std::io::Write::write_all(&mut c.s, &all);
+    let mut n = 0;
+    while let Ok(h) = c.read_exact(20) {
+        let h = nbdkit_proto::option::OptionReplyHeader::parse(&h).unwrap();
+        let _ = c.read_exact(h.length as usize);
+        n += 1;
+    }
+    assert!((1000..1100).contains(&n), "{n} replies");
+    // The server itself is fine.
+    let mut c2 = RawClient::start(&s.socket);
+    c2.go(false, false, false);
+}
+
+#[test]
+fn bad_requests_get_the_right_errors_and_the_connection_lives() {
+    let s = Server::start(&["-r", "memory", "size=1M"]);
+    let mut c = RawClient::start(&s.socket);
+    let (size, flags) = c.go(true, false, false);
+    assert_eq!(size, 1 << 20);
+    assert_ne!(flags & FLAG_READ_ONLY, 0);
+    /// command, flags, offset, length, payload, expected error
+    type Case = (u16, u16, u64, u64, &'static [u8], u32);
+    let cases: &[Case] = &[
+        // Write on a read-only export: EPERM, payload consumed.
+        (CMD_WRITE, 0, 0, 4, b"abcd", EPERM),
+        // Read beyond the end.
+        (CMD_READ, 0, (1 << 20) - 1, 2, b"", EINVAL),
+        // Zero-length read.
+        (CMD_READ, 0, 0, 0, b"", EINVAL),
+        // A flag that READ does not take.
+        (CMD_READ, CMD_FLAG_FUA, 0, 1, b"", EINVAL),
+        // An unknown command.
+        (42, 0, 0, 1, b"", EINVAL),
+        // Block status without a negotiated context.
+        (CMD_BLOCK_STATUS, 0, 0, 512, b"", EINVAL),
+        // Over the maximum payload.
+        (CMD_READ, 0, 0, 64 << 20, b"", EOVERFLOW),
+        // Trim on a read-only export.
+        (CMD_TRIM, 0, 0, 512, b"", EPERM),
+    ];
+    for (i, &(cmd, flags, offset, len, payload, want)) in cases.iter().enumerate() {
+        c.request(cmd, flags, i as u64, offset, len, payload);
+        let r = c.reply(0);
+        assert_eq!(r.cookie, i as u64);
+        assert_eq!(r.error, want, "case {i}: {}", r.error_message);
+        assert!(!r.error_message.is_empty(), "error chunks carry a message");
+        // Still in step: a good read works.
+        c.request(CMD_READ, 0, 1000 + i as u64, 0, 8, &[]);
+        let ok = c.reply(8);
+        assert_eq!(ok.error, 0, "case {i} broke the stream");
+    }
+}
+
+#[test]
+fn refused_write_payload_is_consumed_with_simple_replies() {
+    let s = Server::start(&["memory", "size=1M"]);
+    let mut c = RawClient::start(&s.socket);
+    c.go(false, false, false);
+    // Beyond the end: ENOSPC; the 4 KiB payload must be skipped.
+    c.request(CMD_WRITE, 0, 1, 1 << 20, 4096, &[0xee; 4096]);
+    let r = c.reply(0);
+    assert_eq!(r.error, ENOSPC);
+    c.request(CMD_WRITE, 0, 2, 0, 4, b"wxyz");
+    assert_eq!(c.reply(0).error, 0);
+    c.request(CMD_READ, 0, 3, 0, 4, &[]);
+    assert_eq!(c.reply(4).data, b"wxyz");
+}
+
+#[test]
+fn bad_magic_closes_only_that_connection() {
+    let s = memory();
+    let mut c = RawClient::start(&s.socket);
+    c.go(true, false, false);
+    c.send(&[0xde; 28]);
+    assert!(c.is_closed());
+    let mut c2 = RawClient::start(&s.socket);
+    c2.go(true, false, false);
+    c2.request(CMD_READ, 0, 1, 0, 1, &[]);
+    assert_eq!(c2.reply(0).error, 0);
+}
+
+#[test]
+fn garbage_during_handshake_closes_only_that_connection() {
+    let s = memory();
+    for garbage in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0xff; 4],
+        &[0, 0, 0, 3, 1, 2, 3],
+    ] {
+        let (mut c, _) = RawClient::connect(&s.socket);
+        c.send(garbage);
+        // A truncated message followed by EOF must not wedge the server.
+        c.s.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(c.is_closed());
+    }
+    let mut c = RawClient::start(&s.socket);
+    c.go(false, false, false);
+}
+
+#[test]
+fn reads_of_zeroes_are_sent_as_holes() {
+    let s = memory();
+    let mut c = RawClient::start(&s.socket);
+    c.go(true, false, false);
+    c.request(CMD_WRITE, 0, 1, 4096, 4, b"data");
+    assert_eq!(c.reply(0).error, 0);
+    c.request(CMD_READ, 0, 2, 1 << 20, 65536, &[]);
+    let r = c.reply(0);
+    assert_eq!(r.chunks.len(), 1);
+    assert_eq!(r.chunks[0].0, REPLY_TYPE_OFFSET_HOLE);
+    let p = &r.chunks[0].1;
+    assert_eq!(u64::from_be_bytes(p[..8].try_into().unwrap()), 1 << 20);
+    assert_eq!(u32::from_be_bytes(p[8..12].try_into().unwrap()), 65536);
+    c.request(CMD_READ, 0, 3, 4096, 4, &[]);
+    let r = c.reply(0);
+    assert_eq!(r.chunks[0].0, REPLY_TYPE_OFFSET_DATA);
+    assert_eq!(&r.chunks[0].1[8..], b"data");
+}
+
+#[test]
+fn extended_headers_carry_64_bit_lengths() {
+    let s = Server::start(&["memory", "size=16G"]);
+    let mut c = RawClient::start(&s.socket);
+    let (size, _) = c.go(true, true, true);
+    assert_eq!(size, 16 << 30);
+    c.request(CMD_WRITE, 0, 1, 8 << 30, 5, b"hello");
+    let r = c.reply(0);
+    assert_eq!(r.error, 0);
+    assert_eq!(r.chunks[0].0, REPLY_TYPE_NONE);
+    // Block status over more than 4 GiB in one request.
+    c.request(CMD_BLOCK_STATUS, 0, 2, 0, 12 << 30, &[]);
+    let r = c.reply(0);
+    assert_eq!(r.error, 0);
+    let (kind, p) = &r.chunks[0];
+    assert_eq!(*kind, REPLY_TYPE_BLOCK_STATUS_EXT);
+    let count = u32::from_be_bytes(p[4..8].try_into().unwrap()) as usize;
+    assert_eq!(p.len(), 8 + 16 * count);
+    let first_len = u64::from_be_bytes(p[8..16].try_into().unwrap());
+    let first_flags = u64::from_be_bytes(p[16..24].try_into().unwrap());
+    assert_eq!(
+        first_len,
+        8 << 30,
+        "one hole descriptor longer than 32 bits"
+    );
+    assert_eq!(first_flags, (STATE_HOLE | STATE_ZERO) as u64);
+    // A 64-bit zero request.
+    c.request(CMD_WRITE_ZEROES, 0, 3, 0, 10 << 30, &[]);
+    assert_eq!(c.reply(0).error, 0);
+    c.request(CMD_READ, 0, 4, 8 << 30, 5, &[]);
+    let r = c.reply(0);
+    assert_eq!(r.chunks[0].0, REPLY_TYPE_OFFSET_HOLE, "zeroed");
+}
+
+#[test]
+fn many_requests_in_flight_all_get_answered() {
+    let s = Server::start(&["pattern", "size=64M"]);
+    let mut c = RawClient::start(&s.socket);
+    c.go(true, false, false);
+    let n = 200u64;
+    for i in 0..n {
+        c.request(CMD_READ, 0, i, i * 65536 + 8, 4096, &[]);
+    }
+    let mut seen = vec![false; n as usize];
+    for _ in 0..n {
+        let r = c.reply(0);
+        assert!(
+            !seen[r.cookie as usize],
+            "cookie {} answered twice",
+            r.cookie
+        );
+        seen[r.cookie as usize] = true;
+        let (kind, p) = &r.chunks[0];
+        assert_eq!(*kind, REPLY_TYPE_OFFSET_DATA);
+        let off = u64::from_be_bytes(p[..8].try_into().unwrap());
+        assert_eq!(off, r.cookie * 65536 + 8);
+        assert_eq!(
+            u64::from_be_bytes(p[8..16].try_into().unwrap()),
+            off,
+            "pattern data"
+        );
+    }
+}
+
+#[test]
+fn disc_finishes_in_flight_requests_then_closes() {
+    let s = memory();
+    let mut c = RawClient::start(&s.socket);
+    c.go(false, false, false);
+    c.request(CMD_WRITE, 0, 1, 0, 3, b"xyz");
+    c.request(CMD_DISC, 0, 2, 0, 0, &[]);
+    assert_eq!(c.reply(0).cookie, 1);
+    assert!(c.is_closed());
+    let mut c2 = RawClient::start(&s.socket);
+    c2.go(false, false, false);
+    c2.request(CMD_READ, 0, 1, 0, 3, &[]);
+    assert_eq!(c2.reply(3).data, b"xyz", "the write before DISC landed");
+}
+
+#[test]
+fn client_that_disconnects_mid_payload_does_not_hurt_the_server() {
+    let s = memory();
+    let mut c = RawClient::start(&s.socket);
+    c.go(false, false, false);
+    let h = RequestHeader {
+        flags: 0,
+        command: CMD_WRITE,
+        cookie: 1,
+        offset: 0,
+        length: 65536,
+    };
+    c.send(&h.encode(false));
+    c.send(&[1u8; 1000]);
+    drop(c);
+    let mut c2 = RawClient::start(&s.socket);
+    c2.go(false, false, false);
+    c2.request(CMD_READ, 0, 9, 0, 4, &[]);
+    assert_eq!(
+        c2.reply(4).data,
+        vec![0u8; 4],
+        "the partial write was not applied"
+    );
+}
