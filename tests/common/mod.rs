@@ -156,3 +156,7 @@ pub fn have_python_nbd() -> bool {
     }
     ok
 }
+
+/// nbdsh is `python3 -m nbd`; run it with the Python that has the module
+/// (the first python3 on PATH may be another one).
+pub const NBDSH: &str = "/usr/bin/python3 -m nbd";
