@@ -59,7 +59,8 @@ fio_randread() {
         --runtime="$secs" --time_based --randrepeat=1 --norandommap --output-format=json 2>/dev/null |
         /usr/bin/python3 -c '
 import json, sys
-j = json.load(sys.stdin)["jobs"][0]["read"]
+text = sys.stdin.read()
+j = json.loads(text[text.index("{"):])["jobs"][0]["read"]
 p = j["clat_ns"]["percentile"]
 print("%d %.0f %.0f" % (j["iops"], p["50.000000"] / 1000, p["99.000000"] / 1000))'
 }

@@ -24,8 +24,100 @@ use tracing::{debug, info, warn};
 pub use listen::{Listener, ListenerSet};
 
 /// A bidirectional byte stream (TCP, Unix socket, stdin/stdout, TLS).
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Plain sockets become blocking sockets for the threaded transmission
+    /// path (see [`transmission`]); other streams stay asynchronous.
+    fn into_blocking(self: Box<Self>) -> Transport;
+}
+
+/// What the transmission phase runs over.
+pub enum Transport {
+    Blocking(transmission::BlockingSocket),
+    Async(Box<dyn Stream>),
+}
+
+impl Stream for tokio::net::TcpStream {
+    fn into_blocking(self: Box<Self>) -> Transport {
+        match (*self).into_std() {
+            Ok(s) => Transport::Blocking(transmission::BlockingSocket::Tcp(s)),
+            Err(e) => Transport::Async(Box::new(Broken(Some(e)))),
+        }
+    }
+}
+
+impl Stream for tokio::net::UnixStream {
+    fn into_blocking(self: Box<Self>) -> Transport {
+        match (*self).into_std() {
+            Ok(s) => Transport::Blocking(transmission::BlockingSocket::Unix(s)),
+            Err(e) => Transport::Async(Box::new(Broken(Some(e)))),
+        }
+    }
+}
+
+impl<R, W> Stream for tokio::io::Join<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    fn into_blocking(self: Box<Self>) -> Transport {
+        Transport::Async(self)
+    }
+}
+
+impl Stream for tokio::io::DuplexStream {
+    fn into_blocking(self: Box<Self>) -> Transport {
+        Transport::Async(self)
+    }
+}
+
+/// A stream whose conversion failed: every use reports the error.
+struct Broken(Option<std::io::Error>);
+
+impl Broken {
+    fn err(&mut self) -> std::io::Error {
+        self.0
+            .take()
+            .unwrap_or_else(|| std::io::Error::other("socket conversion failed"))
+    }
+}
+
+impl AsyncRead for Broken {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Err(self.get_mut().err()))
+    }
+}
+
+impl AsyncWrite for Broken {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(Err(self.get_mut().err()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl Stream for Broken {
+    fn into_blocking(self: Box<Self>) -> Transport {
+        Transport::Async(self)
+    }
+}
 
 /// Why a connection ended abnormally.  Never fatal to the server.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +224,14 @@ impl Server {
         .unwrap_or_else(|e| Err(Error::io(format!("backend failed: {e}"))))
     }
 
+    /// Run a backend call on this thread under the thread model's global
+    /// lock, if it has one.
+    pub(crate) fn locked<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _g = (self.model == ThreadModel::SerializeAllRequests)
+            .then(|| self.all_requests.lock().unwrap_or_else(|e| e.into_inner()));
+        f()
+    }
+
     /// Like [`Server::blocking`], for calls on the backend itself.
     pub(crate) async fn blocking_backend<T, F>(&self, f: F) -> nbdkit_backend::Result<T>
     where
@@ -177,7 +277,14 @@ impl Server {
         let result = match neg {
             Ok(Some(neg)) => {
                 debug!(conn, export = %neg.export.name, size = neg.export.caps.size, "negotiated");
-                transmission::serve(self.clone(), stream, neg, conn, shutdown).await
+                match stream.into_blocking() {
+                    Transport::Blocking(sock) => {
+                        transmission::serve_threaded(self.clone(), sock, neg, conn, shutdown).await
+                    }
+                    Transport::Async(stream) => {
+                        transmission::serve(self.clone(), stream, neg, conn, shutdown).await
+                    }
+                }
             }
             Ok(None) => Ok(()),
             Err(e) => Err(e),

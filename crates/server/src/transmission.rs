@@ -1,13 +1,20 @@
-//! The transmission phase: read requests, run them on blocking threads in
-//! parallel (up to `-t` per connection), and write replies as they finish,
-//! in any order.
+//! The transmission phase: read requests, run them in parallel (up to `-t`
+//! per connection), and write replies as they finish, in any order.
+//!
+//! Plain TCP and Unix sockets use the threaded path, [`serve_threaded`]:
+//! the connection gets `-t` worker threads that take turns reading a
+//! request, then each runs its request and writes the reply itself.  A
+//! request therefore never changes threads, which keeps latency at one
+//! system call each way (handing requests from an async reader to a thread
+//! pool cost about 15 µs per request here).  Other streams (stdin/stdout,
+//! TLS) use the async path, [`serve`].
 
 use std::sync::Arc;
 
 use nbdkit_backend::{is_zero, Error, ErrorKind, ZeroFlags};
 use nbdkit_proto::request::RequestHeader;
 use nbdkit_proto::*;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -150,6 +157,215 @@ pub async fn serve(
     result
 }
 
+/// A connected plain socket, switched to blocking mode.
+pub enum BlockingSocket {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl BlockingSocket {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(match self {
+            BlockingSocket::Tcp(s) => BlockingSocket::Tcp(s.try_clone()?),
+            BlockingSocket::Unix(s) => BlockingSocket::Unix(s.try_clone()?),
+        })
+    }
+    fn set_blocking(&self) -> std::io::Result<()> {
+        match self {
+            BlockingSocket::Tcp(s) => s.set_nonblocking(false),
+            BlockingSocket::Unix(s) => s.set_nonblocking(false),
+        }
+    }
+    /// Wake up a worker blocked reading: new reads return end-of-file.
+    fn shutdown(&self, how: std::net::Shutdown) {
+        let _ = match self {
+            BlockingSocket::Tcp(s) => s.shutdown(how),
+            BlockingSocket::Unix(s) => s.shutdown(how),
+        };
+    }
+}
+
+impl std::io::Read for BlockingSocket {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            BlockingSocket::Tcp(s) => s.read(buf),
+            BlockingSocket::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl std::io::Write for BlockingSocket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            BlockingSocket::Tcp(s) => s.write(buf),
+            BlockingSocket::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The reading side, shared by the workers of one connection.
+struct ReadSide {
+    sock: BlockingSocket,
+    /// Set once the client has left, sent DISC, or broken the protocol:
+    /// workers stop taking requests.
+    done: bool,
+    error: Option<ConnectionError>,
+}
+
+/// Serve requests on a blocking socket with `-t` worker threads.
+pub async fn serve_threaded(
+    server: Arc<Server>,
+    sock: BlockingSocket,
+    neg: Negotiated,
+    conn: u64,
+    shutdown: CancellationToken,
+) -> Result<(), ConnectionError> {
+    sock.set_blocking()?;
+    let waker = sock.try_clone()?;
+    let writer = std::sync::Mutex::new(sock.try_clone()?);
+    let reader = std::sync::Mutex::new(ReadSide {
+        sock,
+        done: false,
+        error: None,
+    });
+    let workers = server.request_slots();
+    let srv = server.clone();
+    let mut job = tokio::task::spawn_blocking(move || {
+        std::thread::scope(|scope| {
+            for _ in 1..workers {
+                std::thread::Builder::new()
+                    .name(format!("nbd-conn-{conn}"))
+                    .stack_size(256 * 1024)
+                    .spawn_scoped(scope, || worker(&srv, &neg, &reader, &writer, conn))
+                    .map(drop)
+                    .unwrap_or_else(|e| warn!(conn, "cannot start a worker thread: {e}"));
+            }
+            worker(&srv, &neg, &reader, &writer, conn);
+        });
+        let w = writer.lock().unwrap_or_else(|e| e.into_inner());
+        w.shutdown(std::net::Shutdown::Write);
+        let mut r = reader.into_inner().unwrap_or_else(|e| e.into_inner());
+        r.error.take().map_or(Ok(()), Err)
+    });
+    tokio::select! {
+        r = &mut job => r.unwrap_or_else(|e| Err(ConnectionError::Protocol(format!("worker failed: {e}")))),
+        _ = shutdown.cancelled() => {
+            // Workers finish what they are running; blocked reads see EOF.
+            waker.shutdown(std::net::Shutdown::Read);
+            job.await.unwrap_or_else(|e| Err(ConnectionError::Protocol(format!("worker failed: {e}"))))
+        }
+    }
+}
+
+/// One worker: take the read lock, read a request, let go, run it, write
+/// its reply.
+fn worker(
+    server: &Server,
+    neg: &Negotiated,
+    reader: &std::sync::Mutex<ReadSide>,
+    writer: &std::sync::Mutex<BlockingSocket>,
+    conn: u64,
+) {
+    use std::io::{Read, Write};
+    let extended = neg.style == ReplyStyle::Extended;
+    let hlen = RequestHeader::wire_len(extended);
+    loop {
+        let (h, payload) = {
+            let mut r = reader.lock().unwrap_or_else(|e| e.into_inner());
+            if r.done {
+                return;
+            }
+            let mut hbuf = [0u8; 32];
+            let read = r
+                .sock
+                .read_exact(&mut hbuf[..hlen])
+                .map_err(ConnectionError::from)
+                .and_then(|_| {
+                    let h = RequestHeader::parse(&hbuf[..hlen], extended)
+                        .map_err(|e| ConnectionError::Protocol(format!("request header: {e}")))?;
+                    let plen = h.payload_len(extended);
+                    let mut payload = Vec::new();
+                    if plen > MAX_PAYLOAD {
+                        if plen > u32::MAX as u64 {
+                            return Err(ConnectionError::Protocol(format!(
+                                "payload of {plen} bytes"
+                            )));
+                        }
+                        std::io::copy(&mut (&mut r.sock).take(plen), &mut std::io::sink())?;
+                    } else if plen > 0 {
+                        payload = vec![0u8; plen as usize];
+                        r.sock.read_exact(&mut payload)?;
+                    }
+                    Ok((h, payload))
+                });
+            match read {
+                Ok((h, _)) if h.command == CMD_DISC => {
+                    debug!(conn, "client sent NBD_CMD_DISC");
+                    r.done = true;
+                    return;
+                }
+                Ok(req) => req,
+                Err(ConnectionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    debug!(conn, "client closed the connection");
+                    r.done = true;
+                    return;
+                }
+                Err(e) => {
+                    r.done = true;
+                    r.error = Some(e);
+                    return;
+                }
+            }
+        };
+        debug!(
+            conn,
+            cmd = command_name(h.command),
+            h.offset,
+            h.length,
+            flags = h.flags,
+            cookie = h.cookie,
+            "request"
+        );
+        let reply = match neg
+            .export
+            .validate(&h, neg.style.is_structured(), extended, neg.meta)
+        {
+            Ok(op) => server
+                .locked(|| run(&neg.export, op, payload, neg.style, h.cookie))
+                .unwrap_or_else(|e| {
+                    error_reply(
+                        neg.style,
+                        h.cookie,
+                        op.offset,
+                        e.kind().nbd_error(),
+                        &e.to_string(),
+                    )
+                }),
+            Err(e) => {
+                debug!(conn, cookie = h.cookie, "refused: {e}");
+                error_reply(
+                    neg.style,
+                    h.cookie,
+                    h.offset,
+                    e.kind().nbd_error(),
+                    &e.to_string(),
+                )
+            }
+        };
+        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = w.write_all(&reply) {
+            debug!(conn, "writing reply failed: {e}");
+            drop(w);
+            let mut r = reader.lock().unwrap_or_else(|e| e.into_inner());
+            r.done = true;
+            return;
+        }
+    }
+}
+
 /// Run one validated request and build its whole reply.
 fn run(
     export: &Export,
@@ -252,7 +468,3 @@ async fn skip<R: AsyncRead + Unpin>(r: &mut R, mut n: u64) -> std::io::Result<()
     }
     Ok(())
 }
-
-/// Silence the unused-import lint for AsyncWrite on some paths.
-#[allow(dead_code)]
-fn _assert_stream<T: AsyncRead + AsyncWrite>() {}
