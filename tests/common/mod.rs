@@ -44,7 +44,9 @@ impl Server {
         let mut child = cmd.spawn().expect("start nbdkit-rs");
         let mut line = String::new();
         let stdout = child.stdout.take().expect("stdout");
-        BufReader::new(stdout).read_line(&mut line).expect("read uri");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read uri");
         let uri = line.trim().to_string();
         if uri.is_empty() {
             let status = child.wait().expect("wait");
@@ -120,7 +122,10 @@ pub fn make_file(path: &Path, size: usize, seed: u64) {
 }
 
 pub fn pseudo_random(size: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     let mut v = Vec::with_capacity(size + 8);
     while v.len() < size {
         x ^= x << 13;
