@@ -2,6 +2,8 @@
 //! clients.  Each test file includes this with `mod common;`.
 #![allow(dead_code)]
 
+pub mod disk;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
