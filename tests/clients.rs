@@ -676,3 +676,37 @@ fn log_filter_one_line_per_request() {
         assert_eq!(requests.get(conn).copied().unwrap_or(0), *n, "{text}");
     }
 }
+
+#[test]
+fn fio_random_writes_verified_at_queue_depth_16() {
+    if !have("fio") {
+        return;
+    }
+    let s = Server::start(&["memory", "size=16M"]);
+    let out = stdout_of(Command::new("fio").args([
+        "--name=nbd",
+        "--ioengine=nbd",
+        &format!("--uri={}", s.uri),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=16M",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--minimal",
+    ]));
+    // Terse format: field 5 is the error count, field 6 the KiB read back
+    // by the verify pass.
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("3;"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let f: Vec<&str> = line.split(';').collect();
+    assert_eq!(f[4], "0", "fio errors: {out}");
+    assert_eq!(
+        f[5], "16384",
+        "everything was read back and verified: {out}"
+    );
+    assert!(s.stop().success());
+}
