@@ -410,3 +410,22 @@ fn socket_activation() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn background_start_failure_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bg.sock");
+    let pidfile = dir.path().join("no-such-dir/nbdkit.pid");
+    let out = nbdkit()
+        .arg("-U")
+        .arg(&sock)
+        .arg("-P")
+        .arg(&pidfile)
+        .args(["memory", "1M"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("failed while starting"), "{err}");
+    assert!(!sock.exists(), "the failed server cleaned up its socket");
+}
