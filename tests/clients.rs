@@ -683,7 +683,8 @@ fn fio_random_writes_verified_at_queue_depth_16() {
         return;
     }
     let s = Server::start(&["memory", "size=16M"]);
-    let out = stdout_of(Command::new("fio").args([
+    // fio leaves a verify state file in its working directory.
+    let out = stdout_of(Command::new("fio").current_dir(s.dir.path()).args([
         "--name=nbd",
         "--ioengine=nbd",
         &format!("--uri={}", s.uri),
@@ -694,6 +695,7 @@ fn fio_random_writes_verified_at_queue_depth_16() {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--minimal",
     ]));
     // Terse format: field 5 is the error count, field 6 the KiB read back
