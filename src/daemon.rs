@@ -1,6 +1,7 @@
 //! Process plumbing: forking to the background, the pid file, signals,
 //! --exit-with-parent, and the --run command.
 
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -8,21 +9,69 @@ use anyhow::{bail, Context, Result};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+/// The background child's promise to tell its parent that it is ready.
+/// The parent of [`daemonize`] waits for it, so that when `nbdkit-rs`
+/// returns to the shell the pid file exists and clients can connect.
+pub struct Ready(Option<std::os::fd::OwnedFd>);
+
+impl Ready {
+    /// Nothing waits (foreground).
+    pub fn none() -> Self {
+        Ready(None)
+    }
+
+    /// Let the parent exit successfully.  Only the first call does anything.
+    pub fn signal(&mut self) {
+        if let Some(fd) = self.0.take() {
+            let _ = std::fs::File::from(fd).write_all(b"1");
+        }
+    }
+}
+
 /// Fork to the background.  Called before the async runtime or any other
 /// thread exists, which is what makes fork safe here: the child is a full
-/// copy of a single-threaded process.
-pub fn daemonize(keep_stderr: bool) -> Result<()> {
-    // SAFETY: no threads exist yet (see above); the parent only exits.
+/// copy of a single-threaded process.  The parent waits until the child
+/// calls [`Ready::signal`] (after writing the pid file) and then exits 0;
+/// if the child dies first, the parent exits with the child's status.
+pub fn daemonize(keep_stderr: bool) -> Result<Ready> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 with a valid two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just returned these descriptors to us.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no threads exist yet (see above).
     match unsafe { libc::fork() } {
         -1 => bail!("fork: {}", std::io::Error::last_os_error()),
         0 => {}
-        _ => {
-            // The parent leaves at once: the sockets are already listening
-            // in the child, so clients can connect as soon as we return.
+        child => {
+            drop(wr);
+            let mut byte = [0u8; 1];
+            let ready = matches!(std::fs::File::from(rd).read(&mut byte), Ok(1));
+            let code = if ready {
+                0
+            } else {
+                let mut status = 0;
+                // SAFETY: waiting for our own child.
+                unsafe { libc::waitpid(child, &mut status, 0) };
+                // The child's own error message went to /dev/null.
+                eprintln!(
+                    "nbdkit-rs: error: the server failed while starting in the background \
+                     (run with -f or -v to see why)"
+                );
+                if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) != 0 {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    1
+                }
+            };
             // SAFETY: _exit skips destructors that the child still owns.
-            unsafe { libc::_exit(0) }
+            unsafe { libc::_exit(code) }
         }
     }
+    drop(rd);
     // SAFETY: plain syscalls in the single-threaded child.
     unsafe {
         libc::setsid();
@@ -39,7 +88,7 @@ pub fn daemonize(keep_stderr: bool) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(Ready(Some(wr)))
 }
 
 /// Ask the kernel to send us SIGTERM when our parent exits.

@@ -144,6 +144,19 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
 
     // Bind before forking, so errors reach the user.
     let activated = ListenerSet::from_activation()?;
+    if activated.is_some() {
+        // As nbdkit: an activated server must not silently ignore the
+        // socket it was handed (with -s it would speak NBD on stdout).
+        for (given, flag) in [
+            (cli.single, "-s"),
+            (cli.unix.is_some(), "-U"),
+            (cli.port.is_some(), "-p"),
+        ] {
+            if given {
+                bail!("cannot use socket activation with the {flag} flag");
+            }
+        }
+    }
     let mut temp_socket = None;
     let (listeners, endpoint) = if cli.single {
         (None, None)
@@ -218,9 +231,11 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         || cli.run.is_some()
         || cli.exit_with_parent
         || endpoint.is_none();
-    if !foreground {
-        daemon::daemonize(cli.verbose)?;
-    }
+    let mut ready = if foreground {
+        daemon::Ready::none()
+    } else {
+        daemon::daemonize(cli.verbose)?
+    };
     if cli.exit_with_parent {
         daemon::exit_with_parent()?;
     }
@@ -250,6 +265,7 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         if let Some(pidfile) = &cli.pidfile {
             daemon::write_pidfile(pidfile)?;
         }
+        ready.signal();
         if cli.single {
             let stream = nbdkit_server::listen::stdio_stream()?;
             server.serve_one(stream, shutdown).await;

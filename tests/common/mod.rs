@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod disk;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

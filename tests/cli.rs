@@ -1,0 +1,431 @@
+//! The command line: information options, error messages, --run, -s,
+//! TCP, forking to the background, signals and socket activation.
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn nbdkit() -> Command {
+    Command::new(binary())
+}
+
+/// Run the binary to completion; (exit code, stdout, stderr).
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = nbdkit()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nbdkit-rs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A command line that must fail before serving.  `--run 'exit 0'` is
+/// appended so that a server which wrongly starts exits at once (with 0,
+/// failing the test) instead of serving forever.  Returns the one error
+/// line.
+fn fails(args: &[&str]) -> String {
+    let mut all = args.to_vec();
+    all.extend(["--run", "exit 0"]);
+    let (code, stdout, stderr) = run(&all);
+    assert!(
+        code.is_some_and(|c| c != 0),
+        "{args:?} should fail: {code:?} {stderr}"
+    );
+    assert_eq!(stdout, "", "{args:?}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one clear line for {args:?}: {stderr}");
+    assert!(lines[0].starts_with("nbdkit-rs: error: "), "{stderr}");
+    lines[0].to_string()
+}
+
+#[test]
+fn help_version_and_dumps() {
+    let (code, out, _) = run(&["--help"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("Usage: nbdkit-rs"), "{out}");
+    for name in ["file", "memory", "null", "pattern", "full", "ones", "log"] {
+        assert!(
+            out.lines().any(|l| l.trim_start().starts_with(name)),
+            "--help lists {name}: {out}"
+        );
+    }
+
+    let (code, out, _) = run(&["memory", "--help"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("memory"), "{out}");
+    assert!(out.contains("size="), "{out}");
+    let (code, out, _) = run(&["file", "--help"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("file=") && out.contains("dir="), "{out}");
+    let (code, out, _) = run(&["--filter=log", "null", "--help"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("logfile="), "filter parameters too: {out}");
+
+    let (code, out, _) = run(&["file", "--dump-plugin"]);
+    assert_eq!(code, Some(0));
+    assert!(out.lines().any(|l| l == "name=file"), "{out}");
+    assert!(out.lines().any(|l| l == "magic_config_key=file"), "{out}");
+    assert!(out.lines().any(|l| l == "config_key=dir"), "{out}");
+
+    let (code, out, _) = run(&["--dump-config"]);
+    assert_eq!(code, Some(0));
+    let plugins = out
+        .lines()
+        .find_map(|l| l.strip_prefix("plugins="))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(plugins.split(',').any(|p| p == "memory"), "{out}");
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        out.lines().any(|l| l == format!("version={version}")),
+        "{out}"
+    );
+
+    let (code, out, _) = run(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(out.trim(), format!("nbdkit-rs {version}"));
+}
+
+#[test]
+fn clear_errors() {
+    let e = fails(&["-U", "-", "fiel", "x.img"]);
+    assert!(
+        e.contains("'fiel'") && e.contains("did you mean 'file'"),
+        "{e}"
+    );
+
+    let e = fails(&["-U", "-", "--filter=nosuchfilter", "memory", "1M"]);
+    assert!(e.contains("unknown filter 'nosuchfilter'"), "{e}");
+
+    let e = fails(&["-U", "-", "memory", "1M", "sise=2M"]);
+    assert!(
+        e.contains("'sise'") && e.contains("did you mean 'size'"),
+        "{e}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.img");
+    let e = fails(&["-U", "-", "file", missing.to_str().unwrap()]);
+    assert!(e.contains(missing.to_str().unwrap()), "names the file: {e}");
+    assert!(e.contains("No such file"), "{e}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let e = fails(&["-i", "127.0.0.1", "-p", &port, "memory", "1M"]);
+    assert!(e.contains(&port) && e.contains("in use"), "{e}");
+    drop(taken);
+}
+
+#[test]
+fn magic_key_names_the_file() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    make_file(&disk, 123 * 1024, 9);
+    let size = |s: &Server| stdout_of(Command::new("nbdinfo").arg("--size").arg(&s.uri));
+    let magic = Server::start(&["-r", "file", disk.to_str().unwrap()]);
+    assert_eq!(size(&magic).trim(), (123 * 1024).to_string());
+    let keyed = Server::start(&["-r", "file", &format!("file={}", disk.display())]);
+    assert_eq!(size(&keyed).trim(), (123 * 1024).to_string());
+    let null = Server::start(&["null", "5M"]);
+    assert_eq!(size(&null).trim(), (5 << 20).to_string());
+}
+
+#[test]
+fn run_exit_status_and_variables() {
+    let (code, out, err) = run(&["-U", "-", "memory", "1M", "--run", "exit 3"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert_eq!(out, "");
+
+    let (code, out, err) = run(&[
+        "-U",
+        "-",
+        "-e",
+        "disk0",
+        "memory",
+        "1M",
+        "--run",
+        r#"test -S "$unixsocket" && echo "$uri|$exportname|$unixsocket""#,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let f: Vec<&str> = out.trim().split('|').collect();
+    assert_eq!(f.len(), 3, "{out}");
+    assert_eq!(f[1], "disk0");
+    assert_eq!(f[0], format!("nbd+unix:///disk0?socket={}", f[2]));
+    // The private socket is gone after the run.
+    assert!(!Path::new(f[2]).exists(), "{} still exists", f[2]);
+
+    if have("nbdinfo") {
+        let (code, out, err) = run(&[
+            "-U",
+            "-",
+            "memory",
+            "7M",
+            "--run",
+            r#"nbdinfo --size "$uri""#,
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(out.trim(), (7 << 20).to_string());
+    }
+    if have("nbdcopy") {
+        // Captive mode: the copy's status is ours.
+        let (code, _, err) = run(&[
+            "-U",
+            "-",
+            "memory",
+            "1G",
+            "--run",
+            r#"nbdcopy "$uri" null:"#,
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+        let (code, _, _) = run(&[
+            "-U",
+            "-",
+            "full",
+            "1M",
+            "--run",
+            r#"nbdcopy /dev/zero "$uri" 2>/dev/null || exit 42"#,
+        ]);
+        assert!(code.is_some_and(|c| c != 0), "a failing copy fails");
+    }
+}
+
+#[test]
+fn single_mode_over_stdin() {
+    if !have_python_nbd() {
+        return;
+    }
+    // libnbd's connect_command runs the server with a socket on stdin and
+    // stdout, which is what -s serves.
+    let out = stdout_of(
+        Command::new(PYTHON)
+            .arg("-c")
+            .arg(
+                "import nbd, sys\n\
+                 h = nbd.NBD()\n\
+                 h.connect_command([sys.argv[1], '-s', 'memory', '1M'])\n\
+                 h.pwrite(b'single', 4096)\n\
+                 print(h.get_size(), h.pread(6, 4096).decode())\n\
+                 h.shutdown()",
+            )
+            .arg(binary()),
+    );
+    assert_eq!(out.trim(), "1048576 single");
+
+    if have("nbdinfo") {
+        // nbdinfo's [ CMD ] syntax uses socket activation; the server then
+        // serves the socket it is handed...
+        let bin = binary();
+        let out = stdout_of(
+            Command::new("nbdinfo")
+                .args(["--size", "--", "["])
+                .arg(&bin)
+                .args(["memory", "1M", "]"]),
+        );
+        assert_eq!(out.trim(), "1048576");
+        // ...and refuses -s there, as nbdkit does, instead of speaking NBD
+        // on its stdout.
+        let bad = Command::new("nbdinfo")
+            .args(["--size", "--", "["])
+            .arg(&bin)
+            .args(["-s", "memory", "1M", "]"])
+            .output()
+            .unwrap();
+        assert!(!bad.status.success());
+        assert!(
+            String::from_utf8_lossy(&bad.stderr)
+                .contains("cannot use socket activation with the -s flag"),
+            "{bad:?}"
+        );
+        assert!(!String::from_utf8_lossy(&bad.stdout).contains("NBDMAGIC"));
+    }
+}
+
+#[test]
+fn tcp_with_port_zero_and_sigterm() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let mut child = nbdkit()
+        .args([
+            "-f",
+            "--print-uri",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            "0",
+            "memory",
+            "2M",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let uri = line.trim();
+    let port: u16 = uri
+        .strip_prefix("nbd://127.0.0.1:")
+        .and_then(|r| r.strip_suffix('/'))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected uri {uri:?}"));
+    assert_ne!(port, 0);
+    let out = stdout_of(Command::new("nbdinfo").arg("--size").arg(uri));
+    assert_eq!(out.trim(), (2 << 20).to_string());
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn sigterm_with_a_client_connected_exits_zero() {
+    if !have_python_nbd() {
+        return;
+    }
+    let s = Server::start(&["memory", "1M"]);
+    // A client that connects, says so, then waits on its stdin.
+    let mut client = Command::new(PYTHON)
+        .arg("-c")
+        .arg(
+            "import nbd, sys\n\
+             h = nbd.NBD()\n\
+             h.connect_uri(sys.argv[1])\n\
+             h.pwrite(b'x', 0)\n\
+             print('connected', flush=True)\n\
+             sys.stdin.read()",
+        )
+        .arg(&s.uri)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(client.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "connected");
+    let socket = s.socket.clone();
+    let status = s.stop();
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(!socket.exists(), "the socket is removed on exit");
+    drop(client.stdin.take());
+    let _ = client.kill();
+    let _ = client.wait();
+}
+
+/// The process is gone (or a zombie nobody has reaped yet: the daemon is
+/// not our child).
+fn gone(pid: i32) -> bool {
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return true;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+#[test]
+fn background_with_pidfile() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bg.sock");
+    let pidfile = dir.path().join("nbdkit.pid");
+    let status = nbdkit()
+        .arg("-U")
+        .arg(&sock)
+        .arg("-P")
+        .arg(&pidfile)
+        .args(["memory", "3M"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    // The parent has exited: the pid file and the socket are ready.
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pid file exists when the parent exits")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!gone(pid), "pid {pid} is alive");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let out = stdout_of(Command::new("nbdinfo").arg("--size").arg(&uri));
+    assert_eq!(out.trim(), (3 << 20).to_string());
+
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let mut tries = 0;
+    while !gone(pid) {
+        tries += 1;
+        assert!(tries < 1000, "pid {pid} did not exit after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(!pidfile.exists(), "the pid file is removed on exit");
+    assert!(!sock.exists(), "the socket is removed on exit");
+}
+
+#[test]
+fn socket_activation() {
+    if !have("nbdinfo") {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = nbdkit();
+    cmd.args(["-f", "memory", "4M"]);
+    // LISTEN_PID is only known in the child.  No cmd.env() calls: with
+    // them std would exec with its own copy of the environment and ignore
+    // what setenv does here.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0);
+            } else if libc::dup2(fd, 3) != 3 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let pid = format!("{}\0", libc::getpid());
+            libc::setenv(c"LISTEN_PID".as_ptr(), pid.as_ptr().cast(), 1);
+            libc::setenv(c"LISTEN_FDS".as_ptr(), c"1".as_ptr(), 1);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(listener);
+    // The socket was listening before the server started: no waiting.
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let out = stdout_of(Command::new("nbdinfo").arg("--size").arg(&uri));
+    assert_eq!(out.trim(), (4 << 20).to_string());
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn background_start_failure_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bg.sock");
+    let pidfile = dir.path().join("no-such-dir/nbdkit.pid");
+    let out = nbdkit()
+        .arg("-U")
+        .arg(&sock)
+        .arg("-P")
+        .arg(&pidfile)
+        .args(["memory", "1M"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("failed while starting"), "{err}");
+    assert!(!sock.exists(), "the failed server cleaned up its socket");
+}
