@@ -227,6 +227,12 @@ pub trait Handle: Send + Sync {
         forward!(self.block_size(), Ok(None))
     }
 
+    /// What the data comes from (a file name, a URL), for messages that
+    /// filters show about it, e.g. "disk.img.xz: corrupt block at …".
+    fn source_name(&self) -> Option<String> {
+        forward!(self.source_name(), None)
+    }
+
     /// Text for NBD_INFO_DESCRIPTION.
     fn export_description(&self) -> Result<Option<String>> {
         forward!(self.export_description(), Ok(None))

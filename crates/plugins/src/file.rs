@@ -233,6 +233,9 @@ impl FileHandle {
 }
 
 impl Handle for FileHandle {
+    fn source_name(&self) -> Option<String> {
+        Some(self.path.display().to_string())
+    }
     fn size(&self) -> Result<u64> {
         // lseek(SEEK_END) works for block devices as well as files.
         // SAFETY: plain syscall on our own descriptor.
