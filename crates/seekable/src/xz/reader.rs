@@ -145,6 +145,11 @@ struct BlockStream {
     number: usize,
     block: XzBlock,
     strm: lz::lzma_stream,
+    /// liblzma's block decoder keeps a pointer to this struct and reads the
+    /// check type from it (and writes the final sizes to it) while
+    /// decoding, so it lives on the heap at a stable address for as long
+    /// as `strm`.
+    _lblock: Box<lz::lzma_block>,
     input: Vec<u8>,
     in_at: usize,
     /// Next compressed offset to read, and where the block ends.
@@ -215,7 +220,7 @@ impl BlockStream {
         // SAFETY: all-zero is the documented initial state of both structs
         // (LZMA_STREAM_INIT, and lzma_block's reserved fields must be 0).
         let mut strm: lz::lzma_stream = unsafe { std::mem::zeroed() };
-        let mut lblock: lz::lzma_block = unsafe { std::mem::zeroed() };
+        let mut lblock: Box<lz::lzma_block> = Box::new(unsafe { std::mem::zeroed() });
         let mut filters = [lz::lzma_filter {
             id: lz::LZMA_VLI_UNKNOWN,
             options: std::ptr::null_mut(),
@@ -229,7 +234,7 @@ impl BlockStream {
         // requires; `filters` has LZMA_FILTERS_MAX + 1 entries.  Filter
         // options it allocates are freed below on every path.
         let ret = unsafe {
-            lz::lzma_block_header_decode(&mut lblock, std::ptr::null(), header.as_ptr())
+            lz::lzma_block_header_decode(&mut *lblock, std::ptr::null(), header.as_ptr())
         };
         let result = (|| {
             match ret {
@@ -262,7 +267,7 @@ impl BlockStream {
                 }
             }
             // SAFETY: lblock was filled by lzma_block_header_decode.
-            if unsafe { lz::lzma_block_compressed_size(&mut lblock, block.unpadded_size) }
+            if unsafe { lz::lzma_block_compressed_size(&mut *lblock, block.unpadded_size) }
                 != lz::LZMA_OK
             {
                 return Err(corrupt("block header sizes disagree with the index".into()));
@@ -275,7 +280,7 @@ impl BlockStream {
             // Giving the decoder the index's size makes liblzma verify it.
             lblock.uncompressed_size = block.uncompressed_size;
             // SAFETY: lblock and its filter chain are valid; strm is fresh.
-            match unsafe { lz::lzma_block_decoder(&mut strm, &mut lblock) } {
+            match unsafe { lz::lzma_block_decoder(&mut strm, &mut *lblock) } {
                 lz::LZMA_OK => Ok(()),
                 lz::LZMA_MEM_ERROR => Err(Error::Io {
                     name: name.to_string(),
@@ -295,6 +300,9 @@ impl BlockStream {
         // SAFETY: options were allocated by liblzma with the default
         // allocator, or are null.
         unsafe { lz::lzma_filters_free(filters.as_mut_ptr(), std::ptr::null()) };
+        // The filter array is a local; make sure nothing can follow the
+        // pointer to it later.
+        lblock.filters = std::ptr::null_mut();
         if let Err(e) = result {
             // SAFETY: strm is zeroed or initialised; lzma_end handles both.
             unsafe { lz::lzma_end(&mut strm) };
@@ -306,6 +314,7 @@ impl BlockStream {
             number,
             block,
             strm,
+            _lblock: lblock,
             input: Vec::new(),
             in_at: 0,
             next: start + u64::from(header_size),
