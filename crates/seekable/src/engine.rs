@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 
-use crate::progressive::{get_bit, push_run, read_full, set_bit, Progressive, StreamDecoder, CHUNK};
+use crate::progressive::{
+    get_bit, push_run, read_full, set_bit, Progressive, StreamDecoder, CHUNK,
+};
 use crate::{clone_error, is_zero, BlockCache, Error, Extent, Options, Result};
 
 /// One independently decodable piece of the compressed file.
@@ -148,8 +150,8 @@ impl<C: Codec> Engine<C> {
             .max(1);
         // Keep decode-ahead well inside the cache so it cannot evict the
         // blocks being read.
-        let readahead = (opts.threads.max(1) as u64)
-            .min((opts.cache_bytes / 2 / max_seg).max(1)) as usize;
+        let readahead =
+            (opts.threads.max(1) as u64).min((opts.cache_bytes / 2 / max_seg).max(1)) as usize;
         let pool = (opts.threads > 0).then(|| Pool::new(opts.threads, &opts.name));
         let inner = Inner {
             codec,
@@ -192,14 +194,15 @@ impl<C: Codec> Engine<C> {
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let inner = &self.inner;
         let len = buf.len() as u64;
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= inner.size)
-            .ok_or(Error::OutOfRange {
-                offset,
-                len,
-                size: inner.size,
-            })?;
+        let end =
+            offset
+                .checked_add(len)
+                .filter(|&e| e <= inner.size)
+                .ok_or(Error::OutOfRange {
+                    offset,
+                    len,
+                    size: inner.size,
+                })?;
         if len == 0 {
             return Ok(());
         }
@@ -277,9 +280,8 @@ impl<C: Codec> Engine<C> {
                 break;
             }
         }
-        let k = slot.unwrap_or_else(|| {
-            inner.next_slot.fetch_add(1, Ordering::Relaxed) % STREAM_SLOTS
-        });
+        let k =
+            slot.unwrap_or_else(|| inner.next_slot.fetch_add(1, Ordering::Relaxed) % STREAM_SLOTS);
         inner.recent_ends[k].store(end, Ordering::Relaxed);
         let Some(pool) = &self.pool else { return };
         if !sequential {
@@ -352,8 +354,7 @@ impl<C: Codec> Inner<C> {
     /// Index of the first non-empty segment containing `offset` (or the
     /// end of the list).
     fn first_segment(&self, offset: u64) -> usize {
-        self.segs
-            .partition_point(|s| s.uoffset + s.usize <= offset)
+        self.segs.partition_point(|s| s.uoffset + s.usize <= offset)
     }
 
     fn is_progressive(&self, i: usize) -> bool {

@@ -9,6 +9,45 @@
 //! No existing crate offers random access for these formats with a shared,
 //! bounded cache, so the index logic is written here; the codecs themselves
 //! come from well-kept bindings.
+//!
+//! # Example
+//!
+//! ```
+//! use std::io::Write;
+//! use std::sync::Arc;
+//! use seekable_compressed::{open, Options, RandomAccess, Source};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Make a small seekable zstd file to read back.
+//! let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+//! let mut tmp = tempfile::NamedTempFile::new()?;
+//! tmp.write_all(&seekable_compressed::zstd::seekable_compress(&data, 64 << 10, 3)?)?;
+//!
+//! let file = std::fs::File::open(tmp.path())?;
+//! let source: Arc<dyn Source> = Arc::new(file);
+//! let opts = Options { name: "disk.img.zst".into(), ..Options::default() };
+//! let image: Arc<dyn RandomAccess> = open(source, &opts)?;
+//! assert_eq!(image.format(), "zstd");
+//! assert_eq!(image.size(), data.len() as u64);
+//!
+//! // Only the 64 KiB frame holding these bytes is decoded.
+//! let mut buf = vec![0u8; 4096];
+//! image.read_at(&mut buf, 200_000)?;
+//! assert_eq!(&buf[..], &data[200_000..204_096]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Formats
+//!
+//! * **xz**: the index at the end of every stream lists the blocks; files
+//!   made with `xz -T0` or `--block-size` have many, plain `xz` makes one.
+//! * **zstd**: the seekable format's seek table, or else the frames found by
+//!   walking the headers.
+//!
+//! A block or frame too big to cache (e.g. the only block of a plain `xz`
+//! file) is decoded progressively once into a sparse scratch file; reads
+//! then come from there.
 
 use std::io;
 use std::sync::Arc;
@@ -143,7 +182,10 @@ pub trait RandomAccess: Send + Sync {
     /// The lengths add up to `len` (clipped to the size).
     fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
         let len = len.min(self.size().saturating_sub(offset));
-        vec![Extent { length: len, zero: false }]
+        vec![Extent {
+            length: len,
+            zero: false,
+        }]
     }
     /// Hint that `[offset, offset+len)` will be read soon.
     fn prefetch(&self, _offset: u64, _len: u64) {}
@@ -189,31 +231,8 @@ impl Default for Options {
 /// Open a compressed image, choosing the reader by its magic bytes.
 ///
 /// xz (`FD 37 7A 58 5A 00`), zstd (`28 B5 2F FD`, or a skippable frame
-/// `5? 2A 4D 18` first) and gzip (`1F 8B`) are recognised.
-///
-/// ```
-/// use std::sync::Arc;
-/// use std::io::Write;
-/// use seekable_compressed::{open, Options, Source};
-///
-/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// // Make a small multi-frame seekable zstd file to read back.
-/// let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-/// let mut tmp = tempfile::NamedTempFile::new()?;
-/// tmp.write_all(&seekable_compressed::zstd::seekable_compress(&data, 64 << 10, 3)?)?;
-///
-/// let file = std::fs::File::open(tmp.path())?;
-/// let source: Arc<dyn Source> = Arc::new(file);
-/// let image = open(source, &Options { name: "disk.img.zst".into(), ..Options::default() })?;
-/// assert_eq!(image.format(), "zstd");
-/// assert_eq!(image.size(), data.len() as u64);
-///
-/// let mut buf = vec![0u8; 4096];
-/// image.read_at(&mut buf, 200_000)?;
-/// assert_eq!(&buf[..], &data[200_000..204_096]);
-/// # Ok(())
-/// # }
-/// ```
+/// `5? 2A 4D 18` first) and gzip (`1F 8B`) are recognised.  See the crate
+/// documentation for an example.
 pub fn open(source: Arc<dyn Source>, opts: &Options) -> Result<Arc<dyn RandomAccess>> {
     let size = source.size().map_err(|e| Error::Io {
         name: opts.name.clone(),

@@ -331,7 +331,13 @@ mod tests {
 
     fn sample(len: usize) -> Vec<u8> {
         (0..len)
-            .map(|i| if (i / 100_000) % 3 == 0 { 0 } else { (i * 7 % 251) as u8 })
+            .map(|i| {
+                if (i / 100_000) % 3 == 0 {
+                    0
+                } else {
+                    (i * 7 % 251) as u8
+                }
+            })
             .collect()
     }
 
@@ -343,7 +349,10 @@ mod tests {
             "test",
             0,
             Some(data.len() as u64),
-            Box::new(Canned { data: data.clone(), pos: 0 }),
+            Box::new(Canned {
+                data: data.clone(),
+                pos: 0,
+            }),
             None,
         )
         .unwrap();

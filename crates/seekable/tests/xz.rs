@@ -19,7 +19,13 @@ const CHECKS: [u32; 4] = [
 ];
 
 /// Build a file of several streams, each followed by `padding` zero bytes.
-fn multi_stream(data: &[u8], streams: usize, check: u32, block: Option<usize>, padding: usize) -> Vec<u8> {
+fn multi_stream(
+    data: &[u8],
+    streams: usize,
+    check: u32,
+    block: Option<usize>,
+    padding: usize,
+) -> Vec<u8> {
     let per = data.len().div_ceil(streams.max(1)).max(1);
     let mut out = Vec::new();
     let mut pieces: Vec<&[u8]> = data.chunks(per).collect();
@@ -73,13 +79,21 @@ proptest! {
 #[test]
 fn every_check_type_is_parsed() {
     let data = image_like(100_000, 7);
-    for (c, want) in CHECKS.iter().zip([XzCheck::None, XzCheck::Crc32, XzCheck::Crc64, XzCheck::Sha256]) {
+    for (c, want) in CHECKS.iter().zip([
+        XzCheck::None,
+        XzCheck::Crc32,
+        XzCheck::Crc64,
+        XzCheck::Sha256,
+    ]) {
         let file = xz_encode(&data, *c, Some(30_000));
         let idx = XzIndex::parse(&file).unwrap();
         assert_eq!(idx.streams.len(), 1);
         assert_eq!(idx.streams[0].check, want);
         assert_eq!(idx.block_count(), 4);
-        assert_eq!(idx.block_boundaries().collect::<Vec<_>>(), vec![0, 30_000, 60_000, 90_000]);
+        assert_eq!(
+            idx.block_boundaries().collect::<Vec<_>>(),
+            vec![0, 30_000, 60_000, 90_000]
+        );
         let r = XzReader::open(source(file), &opts()).unwrap();
         check_range(&r, &data, 0, data.len());
     }
@@ -102,7 +116,11 @@ fn multi_stream_with_padding_index() {
 #[test]
 fn command_line_xz_multi_block_and_single_block() {
     let data = image_like(3_000_000, 11);
-    let multi = run_tool("xz", &["-1", "-T2", "--block-size=256KiB", "--check=sha256"], &data);
+    let multi = run_tool(
+        "xz",
+        &["-1", "-T2", "--block-size=256KiB", "--check=sha256"],
+        &data,
+    );
     let r = XzReader::open(source(multi), &opts()).unwrap();
     assert!(r.index().block_count() >= 11);
     for off in [0u64, 262_143, 1_000_000, 2_999_000] {
@@ -119,7 +137,10 @@ fn command_line_xz_multi_block_and_single_block() {
     check_range(&r, &data, 10, 100);
     check_range(&r, &data, 0, data.len());
     let ext = r.extents(0, data.len() as u64);
-    assert!(ext.iter().any(|e| e.zero), "zero runs found in progressive data");
+    assert!(
+        ext.iter().any(|e| e.zero),
+        "zero runs found in progressive data"
+    );
     check_extents(&r, &data);
     // Nothing was kept in the block cache.
     assert_eq!(r.cached_bytes(), 0);
@@ -128,11 +149,21 @@ fn command_line_xz_multi_block_and_single_block() {
 #[test]
 fn open_sniffs_xz() {
     let data = image_like(10_000, 1);
-    let r = open(source(xz_encode(&data, lz::LZMA_CHECK_CRC64, None)), &opts()).unwrap();
+    let r = open(
+        source(xz_encode(&data, lz::LZMA_CHECK_CRC64, None)),
+        &opts(),
+    )
+    .unwrap();
     assert_eq!(r.format(), "xz");
     check_range(&*r, &data, 0, data.len());
-    assert!(matches!(open(source(vec![1, 2, 3]), &opts()), Err(Error::UnknownFormat { .. })));
-    assert!(matches!(open(source(vec![]), &opts()), Err(Error::UnknownFormat { .. })));
+    assert!(matches!(
+        open(source(vec![1, 2, 3]), &opts()),
+        Err(Error::UnknownFormat { .. })
+    ));
+    assert!(matches!(
+        open(source(vec![]), &opts()),
+        Err(Error::UnknownFormat { .. })
+    ));
 }
 
 #[test]
@@ -153,9 +184,14 @@ fn flipped_byte_in_block_is_corrupt_with_offset() {
         r.read_at(&mut buf, 160_000).unwrap();
         let err = r.read_at(&mut buf, 110_000);
         match err {
-            Err(Error::Corrupt { offset, ref reason, .. }) => {
-                assert!(offset >= b.compressed_offset && offset <= b.compressed_offset + b.total_size(),
-                    "offset {offset} outside block at {} ({reason})", b.compressed_offset);
+            Err(Error::Corrupt {
+                offset, ref reason, ..
+            }) => {
+                assert!(
+                    offset >= b.compressed_offset && offset <= b.compressed_offset + b.total_size(),
+                    "offset {offset} outside block at {} ({reason})",
+                    b.compressed_offset
+                );
                 let msg = err.unwrap_err().to_string();
                 assert!(msg.contains("test-image"), "{msg}");
             }
@@ -192,7 +228,17 @@ fn flipped_check_byte_is_check_mismatch() {
 fn truncated_and_garbage_files_do_not_panic() {
     let data = image_like(100_000, 2);
     let file = xz_encode(&data, lz::LZMA_CHECK_CRC32, Some(20_000));
-    for cut in [0, 1, 4, 12, 13, 24, file.len() / 2, file.len() - 4, file.len() - 1] {
+    for cut in [
+        0,
+        1,
+        4,
+        12,
+        13,
+        24,
+        file.len() / 2,
+        file.len() - 4,
+        file.len() - 1,
+    ] {
         let t = file[..cut].to_vec();
         assert!(XzReader::open(source(t), &opts()).is_err(), "cut {cut}");
     }

@@ -171,8 +171,16 @@ fn corruption_is_reported_not_panicked() {
     let mut x = 99u64;
     for i in 0..400 {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-        let mut m = if i % 2 == 0 { file.clone() } else { plain.clone() };
-        let pos = if i % 4 == 0 { m.len() - 1 - (x >> 40) as usize % 60 } else { (x >> 33) as usize % m.len() };
+        let mut m = if i % 2 == 0 {
+            file.clone()
+        } else {
+            plain.clone()
+        };
+        let pos = if i % 4 == 0 {
+            m.len() - 1 - (x >> 40) as usize % 60
+        } else {
+            (x >> 33) as usize % m.len()
+        };
         m[pos] ^= (x >> 8) as u8 | 1;
         if let Ok(r) = ZstdReader::open_with_threshold(source(m), &opts(), 100_000) {
             let mut buf = vec![0u8; 4096.min(r.size() as usize)];
@@ -187,7 +195,10 @@ fn corruption_is_reported_not_panicked() {
     let n = bad.len();
     let e0 = n - 9 - t.frames.len() * 8;
     bad[e0] ^= 1;
-    assert!(matches!(ZstdReader::open(source(bad), &opts()), Err(Error::Corrupt { .. })));
+    assert!(matches!(
+        ZstdReader::open(source(bad), &opts()),
+        Err(Error::Corrupt { .. })
+    ));
 }
 
 #[test]

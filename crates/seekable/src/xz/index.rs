@@ -314,8 +314,10 @@ impl Parser<'_> {
             return Err(self.corrupt(foff, "stream footer CRC32 mismatch"));
         }
         let check = self.stream_flags([footer[8], footer[9]], foff)?;
-        let backward =
-            (u64::from(u32::from_le_bytes([footer[4], footer[5], footer[6], footer[7]])) + 1) * 4;
+        let backward = (u64::from(u32::from_le_bytes([
+            footer[4], footer[5], footer[6], footer[7],
+        ])) + 1)
+            * 4;
         if backward > foff - HEADER_SIZE {
             return Err(self.corrupt(
                 foff,

@@ -206,7 +206,9 @@ impl BlockStream {
             .read_exact_at(&mut first, start)
             .map_err(|e| io_err(start, e))?;
         if first[0] == 0 {
-            return Err(corrupt("index indicator where a block header should be".into()));
+            return Err(corrupt(
+                "index indicator where a block header should be".into(),
+            ));
         }
         let header_size = (u32::from(first[0]) + 1) * 4;
         if u64::from(header_size) >= block.unpadded_size {
@@ -397,10 +399,7 @@ impl StreamDecoder for BlockStream {
                 return Ok(produced);
             }
             if used == 0 && self.in_at == self.input.len() && self.next == self.end {
-                return Err(self.corrupt(
-                    self.end,
-                    format!("block {} is truncated", self.number),
-                ));
+                return Err(self.corrupt(self.end, format!("block {} is truncated", self.number)));
             }
         }
     }

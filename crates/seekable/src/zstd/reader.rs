@@ -16,8 +16,7 @@ use std::sync::Arc;
 use ::zstd::zstd_safe::{self, DCtx, InBuffer, OutBuffer};
 
 use super::seek_table::{
-    parse_frame_header, SeekTable, FRAME_MAGIC, MAX_FRAME_HEADER, SKIPPABLE_BASE,
-    SKIPPABLE_MASK,
+    parse_frame_header, SeekTable, FRAME_MAGIC, MAX_FRAME_HEADER, SKIPPABLE_BASE, SKIPPABLE_MASK,
 };
 use crate::engine::{Codec, Engine, Segment};
 use crate::progressive::{Progressive, StreamDecoder};
@@ -325,7 +324,14 @@ fn walk_frames(
                      (recompress as seekable zstd for instant open and fast random access)"
                 );
                 let dec = FrameStream::new(source.clone(), name, pos, csize)?;
-                let p = Progressive::new(name, "zstd", pos, None, Box::new(dec), opts.scratch_dir.as_deref())?;
+                let p = Progressive::new(
+                    name,
+                    "zstd",
+                    pos,
+                    None,
+                    Box::new(dec),
+                    opts.scratch_dir.as_deref(),
+                )?;
                 let s = p.run_to_end()?;
                 // Small frames are cheaper to re-decode into the cache than
                 // to keep a scratch file open for each.
@@ -455,7 +461,10 @@ impl StreamDecoder for FrameStream {
                     if self.in_at != self.input.len() || self.next != self.end {
                         return Err(self.corrupt(
                             at,
-                            format!("frame at offset {} ends before its recorded size", self.start),
+                            format!(
+                                "frame at offset {} ends before its recorded size",
+                                self.start
+                            ),
                         ));
                     }
                     self.done = true;

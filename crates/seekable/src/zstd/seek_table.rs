@@ -78,7 +78,10 @@ impl SeekTable {
         let n = u64::from(le32(&f[0..4]));
         let descriptor = f[4];
         if descriptor & 0x7C != 0 {
-            return Some(Err(corrupt(0, "seek table descriptor has reserved bits set")));
+            return Some(Err(corrupt(
+                0,
+                "seek table descriptor has reserved bits set",
+            )));
         }
         let entry = if descriptor & 0x80 != 0 { 12 } else { 8 };
         Some(Ok(SKIPPABLE_HEADER + n * entry + FOOTER_SIZE))
@@ -94,7 +97,12 @@ impl SeekTable {
             .ok_or_else(|| corrupt(0, "seek table larger than the file"))?;
         let expect = match Self::table_size_from_footer(tail) {
             Some(r) => r?,
-            None => return Err(corrupt(file_size.saturating_sub(4), "seekable magic not found")),
+            None => {
+                return Err(corrupt(
+                    file_size.saturating_sub(4),
+                    "seekable magic not found",
+                ))
+            }
         };
         if expect != tlen {
             return Err(corrupt(
@@ -234,6 +242,9 @@ mod tests {
         f.extend_from_slice(&u32::MAX.to_le_bytes());
         f.push(0x80);
         f.extend_from_slice(&SEEKABLE_MAGIC.to_le_bytes());
-        assert!(matches!(SeekTable::parse_file(&f), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            SeekTable::parse_file(&f),
+            Err(Error::Corrupt { .. })
+        ));
     }
 }

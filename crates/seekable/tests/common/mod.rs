@@ -11,7 +11,10 @@ use seekable_compressed::{Options, RandomAccess, Source};
 /// (incompressible) stretches and repetitive text.
 pub fn image_like(len: usize, seed: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(len);
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     let mut next = || {
         x ^= x << 13;
         x ^= x >> 7;
@@ -52,7 +55,11 @@ pub fn xz_encode(data: &[u8], check: u32, block_size: Option<usize>) -> Vec<u8> 
         };
         let n = pieces.len();
         for (i, piece) in pieces.into_iter().enumerate() {
-            let action = if i + 1 == n { lz::LZMA_FINISH } else { lz::LZMA_FULL_FLUSH };
+            let action = if i + 1 == n {
+                lz::LZMA_FINISH
+            } else {
+                lz::LZMA_FULL_FLUSH
+            };
             strm.next_in = piece.as_ptr();
             strm.avail_in = piece.len();
             loop {
@@ -94,7 +101,10 @@ pub fn run_tool(cmd: &str, args: &[&str], data: &[u8]) -> Vec<u8> {
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in");
-    std::fs::File::create(&input).unwrap().write_all(data).unwrap();
+    std::fs::File::create(&input)
+        .unwrap()
+        .write_all(data)
+        .unwrap();
     let out = Command::new(cmd)
         .args(args)
         .arg("-c")
@@ -102,7 +112,11 @@ pub fn run_tool(cmd: &str, args: &[&str], data: &[u8]) -> Vec<u8> {
         .stdout(Stdio::piped())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
