@@ -461,7 +461,11 @@ impl<C: Codec> Inner<C> {
         }
         let res = self.decode_block(i);
         if let Ok(b) = &res {
-            self.cache.insert(key, b.clone());
+            // An all-zero block is served from its zero bitmap from now on;
+            // caching its bytes would only waste the cache.
+            if !self.known_all_zero(i) {
+                self.cache.insert(key, b.clone());
+            }
         }
         self.inflight
             .lock()

@@ -12,8 +12,13 @@ use seekable_compressed::zstd::SeekTable;
 use seekable_compressed::{open, RandomAccess};
 
 fn files(dir: &str) -> Vec<std::path::PathBuf> {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(dir);
-    let mut v: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()).collect();
+    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(dir);
+    let mut v: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     v.sort();
     assert!(!v.is_empty());
     v
@@ -32,7 +37,12 @@ fn xz_seeds_parse_and_decode() {
         let idx = XzIndex::parse(&bytes).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         let r = open(source(bytes.clone()), &opts()).unwrap();
         assert_eq!(r.size(), idx.uncompressed_size);
-        let want = std::process::Command::new("xz").args(["-dc"]).arg(&f).output().unwrap().stdout;
+        let want = std::process::Command::new("xz")
+            .args(["-dc"])
+            .arg(&f)
+            .output()
+            .unwrap()
+            .stdout;
         assert_eq!(decode_all(&*r), want, "{}", f.display());
     }
 }
@@ -41,10 +51,24 @@ fn xz_seeds_parse_and_decode() {
 fn zstd_seeds_parse_and_decode() {
     for f in files("zstd_seek_table") {
         let bytes = std::fs::read(&f).unwrap();
-        let seekable = f.file_name().unwrap().to_string_lossy().starts_with("seekable");
-        assert_eq!(SeekTable::parse_file(&bytes).is_ok(), seekable, "{}", f.display());
+        let seekable = f
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("seekable");
+        assert_eq!(
+            SeekTable::parse_file(&bytes).is_ok(),
+            seekable,
+            "{}",
+            f.display()
+        );
         let r = open(source(bytes.clone()), &opts()).unwrap();
-        let want = std::process::Command::new("zstd").args(["-dc"]).arg(&f).output().unwrap().stdout;
+        let want = std::process::Command::new("zstd")
+            .args(["-dc"])
+            .arg(&f)
+            .output()
+            .unwrap()
+            .stdout;
         assert_eq!(decode_all(&*r), want, "{}", f.display());
     }
 }

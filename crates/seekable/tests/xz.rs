@@ -367,4 +367,25 @@ fn sequential_reads_stay_within_cache_bound() {
         assert!(r.cached_bytes() <= 512 << 10);
         off += n;
     }
+    // Decoded blocks report their zero chunks.
+    assert!(r.extents(0, data.len() as u64).iter().any(|e| e.zero));
+    check_extents(&r, &data);
+}
+
+#[test]
+fn sequential_access_decodes_ahead_in_background() {
+    // No zeroes: all-zero blocks would (rightly) not be cached.
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8 + 1).collect();
+    let file = xz_encode(&data, lz::LZMA_CHECK_CRC32, Some(100_000));
+    let r = XzReader::open(source(file), &opts()).unwrap();
+    check_range(&r, &data, 0, 50_000);
+    check_range(&r, &data, 50_000, 50_000);
+    let before = r.cached_bytes();
+    // The second read continued the first: blocks 1 and 2 are decoded by
+    // the pool without anyone reading them.
+    let t = std::time::Instant::now();
+    while r.cached_bytes() <= before && t.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(r.cached_bytes() > before, "no decode-ahead happened");
 }
