@@ -19,23 +19,27 @@ xz -c -0 --check=crc32 /dev/null > xz_index/empty.xz
 # Seekable zstd: frames compressed by the CLI, then the seek table.
 seekable() { # out checksum-flag files...
     out=$1; flag=$2; shift 2
-    : > "$out"; table=""; n=0
+    : > "$out"; args=""; n=0
     for f in "$@"; do
-        zstd -q -c -3 "$f" > "$tmp/frame"
-        cat "$tmp/frame" >> "$out"
-        table="$table $(stat -c %s "$tmp/frame") $(stat -c %s "$f")"
+        zstd -q -c -3 "$f" > "$tmp/frame.$n"
+        cat "$tmp/frame.$n" >> "$out"
+        args="$args $tmp/frame.$n $(stat -c %s "$f")"
         n=$((n + 1))
     done
-    python3 - "$out" "$flag" "$n" $table <<'PY'
+    python3 - "$out" "$flag" $args <<'PY'
 import struct, sys
-out, flag, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-sizes = list(map(int, sys.argv[4:]))
-entry = 12 if flag else 8
+out, flag = sys.argv[1], int(sys.argv[2])
+rest = sys.argv[3:]
 body = b""
-for i in range(n):
-    body += struct.pack("<II", sizes[2 * i], sizes[2 * i + 1])
+n = 0
+for frame_file, dsize in zip(rest[0::2], rest[1::2]):
+    frame = open(frame_file, "rb").read()
+    body += struct.pack("<II", len(frame), int(dsize))
     if flag:
-        body += struct.pack("<I", 0)
+        # The CLI writes a content checksum: the low 32 bits of XXH64,
+        # which is also what the seek table stores.
+        body += frame[-4:]
+    n += 1
 footer = struct.pack("<IBI", n, 0x80 if flag else 0, 0x8F92EAB1)
 with open(out, "ab") as f:
     f.write(struct.pack("<II", 0x184D2A5E, len(body) + len(footer)) + body + footer)

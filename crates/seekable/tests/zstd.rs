@@ -193,7 +193,7 @@ fn corruption_is_reported_not_panicked() {
     // A seek table that does not add up.
     let mut bad = file.clone();
     let n = bad.len();
-    let e0 = n - 9 - t.frames.len() * 8;
+    let e0 = n - 9 - t.frames.len() * 12;
     bad[e0] ^= 1;
     assert!(matches!(
         ZstdReader::open(source(bad), &opts()),
@@ -231,6 +231,30 @@ fn concurrent_random_reads() {
             .collect();
         for h in hs {
             h.join().unwrap();
+        }
+    }
+}
+
+#[test]
+fn seek_table_checksum_is_verified() {
+    let data = image_like(300_000, 6);
+    let file = seekable_compress(&data, 100_000, 3).unwrap();
+    let t = SeekTable::parse_file(&file).unwrap();
+    assert!(t.frames.iter().all(|f| f.checksum.is_some()));
+    let n = file.len();
+    let mut bad = file.clone();
+    // Checksum of frame 1 (entries are 12 bytes: csize, dsize, checksum).
+    bad[n - 9 - 2 * 12 + 8] ^= 1;
+    for threshold in [u64::MAX, 1] {
+        let r = ZstdReader::open_with_threshold(source(bad.clone()), &opts(), threshold).unwrap();
+        let mut buf = vec![0u8; 1000];
+        r.read_at(&mut buf, 0).unwrap();
+        match r.read_at(&mut buf, 150_000) {
+            Err(Error::Corrupt { offset, reason, .. }) => {
+                assert_eq!(offset, t.frames[1].compressed_offset);
+                assert!(reason.contains("checksum"), "{reason}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -18,6 +18,7 @@ use ::zstd::zstd_safe::{self, DCtx, InBuffer, OutBuffer};
 use super::seek_table::{
     parse_frame_header, SeekTable, FRAME_MAGIC, MAX_FRAME_HEADER, SKIPPABLE_BASE, SKIPPABLE_MASK,
 };
+use super::xxh64::Xxh64;
 use crate::engine::{Codec, Engine, Segment};
 use crate::progressive::{Progressive, StreamDecoder};
 use crate::{Error, Extent, Options, RandomAccess, Result, Source};
@@ -56,6 +57,8 @@ struct ZstdCodec {
     source: Arc<dyn Source>,
     name: String,
     frames: Vec<ZstdFrame>,
+    /// Seek table checksums (low 32 bits of XXH64), per frame.
+    checksums: Vec<Option<u32>>,
 }
 
 fn rename(e: Error, name: &str) -> Error {
@@ -124,6 +127,10 @@ impl ZstdReader {
         }
 
         let mut pre = HashMap::new();
+        let checksums: Vec<Option<u32>> = table
+            .as_ref()
+            .map(|t| t.frames.iter().map(|f| f.checksum).collect())
+            .unwrap_or_default();
         let (frames, layout) = match table {
             Some(t) => (
                 t.frames
@@ -162,6 +169,7 @@ impl ZstdReader {
             source,
             name: name.to_string(),
             frames,
+            checksums,
         };
         Ok(ZstdReader {
             engine: Engine::new(codec, segs, size, opts, threshold, pre),
@@ -367,12 +375,15 @@ impl Codec for ZstdCodec {
             offset: 0,
             reason: format!("no frame {index}"),
         })?;
-        Ok(Box::new(FrameStream::new(
-            self.source.clone(),
-            &self.name,
-            f.compressed_offset,
-            f.compressed_size,
-        )?))
+        Ok(Box::new(
+            FrameStream::new(
+                self.source.clone(),
+                &self.name,
+                f.compressed_offset,
+                f.compressed_size,
+            )?
+            .with_checksum(self.checksums.get(index).copied().flatten()),
+        ))
     }
 }
 
@@ -387,9 +398,17 @@ struct FrameStream {
     next: u64,
     end: u64,
     done: bool,
+    /// Checksum from the seek table, verified over the decoded bytes.
+    expect_xxh: Option<u32>,
+    xxh: Xxh64,
 }
 
 impl FrameStream {
+    fn with_checksum(mut self, c: Option<u32>) -> Self {
+        self.expect_xxh = c;
+        self
+    }
+
     fn new(source: Arc<dyn Source>, name: &str, start: u64, csize: u64) -> Result<Self> {
         let dctx = DCtx::try_create().ok_or_else(|| Error::Io {
             name: name.to_string(),
@@ -406,6 +425,8 @@ impl FrameStream {
             next: start,
             end: start + csize,
             done: false,
+            expect_xxh: None,
+            xxh: Xxh64::default(),
         })
     }
 
@@ -444,6 +465,9 @@ impl StreamDecoder for FrameStream {
             let used = inb.pos();
             let produced = outb.pos();
             self.in_at += used;
+            if self.expect_xxh.is_some() {
+                self.xxh.update(&out[..produced]);
+            }
             let at = self.next - (self.input.len() - self.in_at) as u64;
             match res {
                 Err(code) => {
@@ -466,6 +490,19 @@ impl StreamDecoder for FrameStream {
                                 self.start
                             ),
                         ));
+                    }
+                    if let Some(want) = self.expect_xxh {
+                        let got = self.xxh.digest() as u32;
+                        if got != want {
+                            return Err(self.corrupt(
+                                self.start,
+                                format!(
+                                    "frame at offset {}: seek table checksum mismatch \
+                                     ({got:08x} != {want:08x})",
+                                    self.start
+                                ),
+                            ));
+                        }
                     }
                     self.done = true;
                     return Ok(produced);
