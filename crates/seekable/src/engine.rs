@@ -152,7 +152,10 @@ impl<C: Codec> Engine<C> {
         // blocks being read.
         let readahead =
             (opts.threads.max(1) as u64).min((opts.cache_bytes / 2 / max_seg).max(1)) as usize;
-        let pool = (opts.threads > 0).then(|| Pool::new(opts.threads, &opts.name));
+        // More decode threads than this cannot help on any machine we know
+        // of, and each may hold a block's worth of memory.
+        let threads = opts.threads.min(64);
+        let pool = (threads > 0).then(|| Pool::new(threads, &opts.name));
         let inner = Inner {
             codec,
             name: opts.name.clone(),

@@ -258,3 +258,23 @@ fn seek_table_checksum_is_verified() {
         }
     }
 }
+
+#[test]
+fn frame_content_size_larger_than_blocks_allow_is_corrupt() {
+    // A frame header claiming 2^40 bytes over one tiny block.
+    let mut f = zstd::bulk::compress(b"hello", 1).unwrap();
+    // Rewrite the header: descriptor with an 8-byte content size field.
+    let fh = f[4];
+    assert_eq!(fh & 0xC0, 0, "expected a 1-byte single-segment size field");
+    let mut g = f[..4].to_vec();
+    g.push((fh & 0x3F) | 0xC0);
+    g.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    g.extend_from_slice(&f[6..]);
+    f = g;
+    match ZstdReader::open(source(f), &opts()) {
+        Err(Error::Corrupt {
+            offset: 0, reason, ..
+        }) => assert!(reason.contains("claims"), "{reason}"),
+        other => panic!("{:?}", other.map(|r| r.size())),
+    }
+}

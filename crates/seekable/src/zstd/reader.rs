@@ -294,7 +294,9 @@ fn walk_frames(
         let hb = w.get(pos, MAX_FRAME_HEADER)?;
         let fh = parse_frame_header(hb, pos).map_err(|e| rename(e, name))?;
         let mut at = pos + fh.header_size as u64;
+        let mut blocks: u64 = 0;
         loop {
+            blocks += 1;
             let bh = w.get(at, 3)?;
             if bh.len() < 3 {
                 return Err(w.corrupt(at, "truncated frame (block header missing)"));
@@ -325,6 +327,17 @@ fn walk_frames(
         let csize = at - pos;
         let index = frames.len();
         let dsize = match fh.content_size {
+            // No block decodes to more than 128 KiB, so a larger claim is a
+            // lie that would otherwise become the exported size.
+            Some(s) if s > blocks * MAX_BLOCK => {
+                return Err(w.corrupt(
+                    pos,
+                    format!(
+                        "frame claims {s} bytes but its {blocks} blocks hold at most {}",
+                        blocks * MAX_BLOCK
+                    ),
+                ))
+            }
             Some(s) => s,
             None => {
                 tracing::info!(
