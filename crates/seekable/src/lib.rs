@@ -42,6 +42,8 @@
 //!
 //! * **xz**: the index at the end of every stream lists the blocks; files
 //!   made with `xz -T0` or `--block-size` have many, plain `xz` makes one.
+//! * **bzip2**: blocks found by scanning for their 48-bit magic; opening
+//!   decodes every block once to learn the sizes (bzip2 records none).
 //! * **zstd**: the seekable format's seek table, or else the frames found by
 //!   walking the headers.
 //!
@@ -52,12 +54,14 @@
 use std::io;
 use std::sync::Arc;
 
+pub mod bzip2;
 pub mod cache;
 mod engine;
 mod progressive;
 pub mod xz;
 pub mod zstd;
 
+pub use bzip2::Bzip2Reader;
 pub use cache::BlockCache;
 pub use xz::XzReader;
 pub use zstd::ZstdReader;
@@ -231,7 +235,8 @@ impl Default for Options {
 /// Open a compressed image, choosing the reader by its magic bytes.
 ///
 /// xz (`FD 37 7A 58 5A 00`), zstd (`28 B5 2F FD`, or a skippable frame
-/// `5? 2A 4D 18` first) and gzip (`1F 8B`) are recognised.  See the crate
+/// `5? 2A 4D 18` first), bzip2 (`BZh1`..`BZh9`) and gzip (`1F 8B`) are
+/// recognised.  See the crate
 /// documentation for an example.
 pub fn open(source: Arc<dyn Source>, opts: &Options) -> Result<Arc<dyn RandomAccess>> {
     let size = source.size().map_err(|e| Error::Io {
@@ -255,6 +260,8 @@ pub fn open(source: Arc<dyn Source>, opts: &Options) -> Result<Arc<dyn RandomAcc
         || (n >= 4 && magic[0] & 0xF0 == 0x50 && magic[1..4] == [0x2A, 0x4D, 0x18])
     {
         Ok(Arc::new(ZstdReader::open(source, opts)?))
+    } else if n >= 4 && magic.starts_with(b"BZh") && (b'1'..=b'9').contains(&magic[3]) {
+        Ok(Arc::new(Bzip2Reader::open(source, opts)?))
     } else if magic.starts_with(&[0x1F, 0x8B]) {
         // TODO(merge): gzip
         Err(Error::Unsupported {
