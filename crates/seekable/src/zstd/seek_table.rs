@@ -25,6 +25,8 @@ pub const SKIPPABLE_MASK: u32 = 0xFFFF_FFF0;
 pub const SKIPPABLE_BASE: u32 = 0x184D_2A50;
 /// Size of the seek table footer.
 pub const FOOTER_SIZE: u64 = 9;
+/// Most decompressed bytes per compressed byte any zstd frame can give.
+const MAX_RATIO: u64 = 32 << 10;
 /// Skippable frame header: magic + payload size.
 const SKIPPABLE_HEADER: u64 = 8;
 
@@ -132,6 +134,14 @@ impl SeekTable {
             let at = base + SKIPPABLE_HEADER + (i * entry) as u64;
             if csize == 0 {
                 return Err(corrupt(at, format!("frame {i} has compressed size 0")));
+            }
+            // The densest zstd encoding is an RLE block: 4 bytes for 128
+            // KiB.  A larger claim is a lie that would become the size.
+            if dsize > csize * MAX_RATIO {
+                return Err(corrupt(
+                    at,
+                    format!("frame {i} claims {dsize} bytes from {csize} compressed"),
+                ));
             }
             frames.push(SeekEntry {
                 compressed_offset: coff,
