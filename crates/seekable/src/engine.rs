@@ -29,6 +29,13 @@ pub(crate) struct Segment {
 pub(crate) trait Codec: Send + Sync + 'static {
     fn format(&self) -> &'static str;
     fn open_segment(&self, index: usize, seg: &Segment) -> Result<Box<dyn StreamDecoder>>;
+    /// Decode a whole (cacheable) segment in one call into `out` (exactly
+    /// its recorded size), when the format can do that faster than
+    /// streaming; `None` means use `open_segment`.  The result must be
+    /// verified like the streaming path's, including the exact size.
+    fn decode_whole(&self, _index: usize, _seg: &Segment, _out: &mut [u8]) -> Option<Result<()>> {
+        None
+    }
 }
 
 /// How far ahead of a sequential reader a progressive segment is decoded.
@@ -480,24 +487,32 @@ impl<C: Codec> Inner<C> {
 
     fn decode_block(&self, i: usize) -> Result<Arc<[u8]>> {
         let seg = self.segs[i];
-        let mut dec = self.codec.open_segment(i, &seg)?;
-        // The size comes from the index but is bounded by the threshold,
-        // so this allocation is bounded whatever the file says.
-        let mut data = vec![0u8; seg.usize as usize];
-        let n = read_full(&mut *dec, &mut data)?;
-        let mut probe = [0u8; 1];
-        // One more read must report the end: that is also where the
-        // integrity check is verified.
-        if n != data.len() || dec.read(&mut probe)? != 0 {
-            return Err(Error::Corrupt {
-                name: self.name.clone(),
-                format: self.codec.format(),
-                offset: seg.coffset,
-                reason: format!(
-                    "segment {i} does not decode to the recorded size {}",
-                    seg.usize
-                ),
-            });
+        let size_error = || Error::Corrupt {
+            name: self.name.clone(),
+            format: self.codec.format(),
+            offset: seg.coffset,
+            reason: format!(
+                "segment {i} does not decode to the recorded size {}",
+                seg.usize
+            ),
+        };
+        // The size comes from the index but is bounded by the threshold, so
+        // this allocation is bounded whatever the file says.  Collecting
+        // straight into an `Arc<[u8]>` avoids copying the block afterwards.
+        let mut data: Arc<[u8]> = std::iter::repeat_n(0u8, seg.usize as usize).collect();
+        let out = Arc::get_mut(&mut data).ok_or_else(size_error)?;
+        match self.codec.decode_whole(i, &seg, out) {
+            Some(r) => r?,
+            None => {
+                let mut dec = self.codec.open_segment(i, &seg)?;
+                let n = read_full(&mut *dec, out)?;
+                let mut probe = [0u8; 1];
+                // One more read must report the end: that is also where
+                // the integrity check is verified.
+                if n != out.len() || dec.read(&mut probe)? != 0 {
+                    return Err(size_error());
+                }
+            }
         }
         let mut bits = Vec::new();
         for (c, chunk) in data.chunks(CHUNK as usize).enumerate() {
@@ -509,6 +524,6 @@ impl<C: Codec> Inner<C> {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(i, Arc::new(bits));
-        Ok(data.into())
+        Ok(data)
     }
 }

@@ -376,9 +376,27 @@ fn walk_frames(
     Ok(frames)
 }
 
+thread_local! {
+    /// One decompression context per thread, reused across frames: creating
+    /// one per frame costs more than decoding a small frame.
+    static DCTX: std::cell::RefCell<Option<DCtx<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
 impl Codec for ZstdCodec {
     fn format(&self) -> &'static str {
         "zstd"
+    }
+
+    /// Frames that fit in the cache are decoded in one call straight into
+    /// the cache buffer, skipping the streaming decoder's window copy.
+    fn decode_whole(&self, index: usize, _seg: &Segment, out: &mut [u8]) -> Option<Result<()>> {
+        let f = *self.frames.get(index)?;
+        // A plausible frame is not much bigger than its content; anything
+        // else takes the streaming path so the input buffer stays bounded.
+        if f.compressed_size > 2 * f.decompressed_size + (1 << 20) {
+            return None;
+        }
+        Some(self.decode_frame_into(index, f, out))
     }
 
     fn open_segment(&self, index: usize, _seg: &Segment) -> Result<Box<dyn StreamDecoder>> {
@@ -397,6 +415,62 @@ impl Codec for ZstdCodec {
             )?
             .with_checksum(self.checksums.get(index).copied().flatten()),
         ))
+    }
+}
+
+impl ZstdCodec {
+    fn decode_frame_into(&self, index: usize, f: ZstdFrame, out: &mut [u8]) -> Result<()> {
+        let corrupt = |reason: String| Error::Corrupt {
+            name: self.name.clone(),
+            format: "zstd",
+            offset: f.compressed_offset,
+            reason: format!("frame at offset {}: {reason}", f.compressed_offset),
+        };
+        let mut input = vec![0u8; f.compressed_size as usize];
+        self.source
+            .read_exact_at(&mut input, f.compressed_offset)
+            .map_err(|e| Error::Io {
+                name: self.name.clone(),
+                offset: f.compressed_offset,
+                source: e,
+            })?;
+        // Exactly one frame: a second one hidden in the range would make
+        // the table lie about the layout.
+        match zstd_safe::find_frame_compressed_size(&input) {
+            Ok(n) if n == input.len() => {}
+            _ => return Err(corrupt("not exactly one zstd frame".into())),
+        }
+        let res = DCTX.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = DCtx::try_create();
+            }
+            match slot.as_mut() {
+                Some(dctx) => dctx
+                    .decompress(out, &input)
+                    .map_err(|code| zstd_safe::get_error_name(code).to_string()),
+                None => Err("out of memory".to_string()),
+            }
+        });
+        match res {
+            Ok(n) if n == out.len() => {}
+            Ok(n) => {
+                return Err(corrupt(format!(
+                    "decodes to {n} bytes, recorded {}",
+                    out.len()
+                )))
+            }
+            Err(e) => return Err(corrupt(e)),
+        }
+        if let Some(want) = self.checksums.get(index).copied().flatten() {
+            let got = super::xxh64::xxh64(out) as u32;
+            if got != want {
+                return Err(corrupt(format!(
+                    "seek table checksum mismatch ({got:08x} != {want:08x})"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
