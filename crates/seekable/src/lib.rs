@@ -155,7 +155,7 @@ pub enum Error {
         reason: String,
     },
     /// The file is not in any format this crate knows.
-    #[error("{name}: not an xz, gzip or zstd file")]
+    #[error("{name}: not an xz, gzip, zstd or bzip2 file")]
     UnknownFormat { name: String },
     /// A read beyond the decompressed size.
     #[error("read of {len} bytes at offset {offset} is beyond the decompressed size {size}")]
