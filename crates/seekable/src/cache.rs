@@ -53,6 +53,13 @@ impl BlockCache {
         }
     }
 
+    /// Whether a block is cached, without touching its LRU position (used to
+    /// skip scheduling decode-ahead of blocks already present).
+    pub fn contains(&self, key: u64) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.map.contains(&key)
+    }
+
     /// Bytes of block data held now.
     pub fn bytes(&self) -> u64 {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).bytes

@@ -9,13 +9,62 @@
 //! No existing crate offers random access for these formats with a shared,
 //! bounded cache, so the index logic is written here; the codecs themselves
 //! come from well-kept bindings.
+//!
+//! # Example
+//!
+//! ```
+//! use std::io::Write;
+//! use std::sync::Arc;
+//! use seekable_compressed::{open, Options, RandomAccess, Source};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Make a small seekable zstd file to read back.
+//! let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+//! let mut tmp = tempfile::NamedTempFile::new()?;
+//! tmp.write_all(&seekable_compressed::zstd::seekable_compress(&data, 64 << 10, 3)?)?;
+//!
+//! let file = std::fs::File::open(tmp.path())?;
+//! let source: Arc<dyn Source> = Arc::new(file);
+//! let opts = Options { name: "disk.img.zst".into(), ..Options::default() };
+//! let image: Arc<dyn RandomAccess> = open(source, &opts)?;
+//! assert_eq!(image.format(), "zstd");
+//! assert_eq!(image.size(), data.len() as u64);
+//!
+//! // Only the 64 KiB frame holding these bytes is decoded.
+//! let mut buf = vec![0u8; 4096];
+//! image.read_at(&mut buf, 200_000)?;
+//! assert_eq!(&buf[..], &data[200_000..204_096]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Formats
+//!
+//! * **xz**: the index at the end of every stream lists the blocks; files
+//!   made with `xz -T0` or `--block-size` have many, plain `xz` makes one.
+//! * **bzip2**: blocks found by scanning for their 48-bit magic; opening
+//!   decodes every block once to learn the sizes (bzip2 records none).
+//! * **zstd**: the seekable format's seek table, or else the frames found by
+//!   walking the headers.
+//!
+//! A block or frame too big to cache (e.g. the only block of a plain `xz`
+//! file) is decoded progressively once into a sparse scratch file; reads
+//! then come from there.
 
 use std::io;
 use std::sync::Arc;
 
+pub mod bzip2;
 pub mod cache;
+mod engine;
+mod progressive;
+pub mod xz;
+pub mod zstd;
 
+pub use bzip2::Bzip2Reader;
 pub use cache::BlockCache;
+pub use xz::XzReader;
+pub use zstd::ZstdReader;
 
 /// A positional byte source: the compressed file.
 ///
@@ -106,7 +155,7 @@ pub enum Error {
         reason: String,
     },
     /// The file is not in any format this crate knows.
-    #[error("{name}: not an xz, gzip or zstd file")]
+    #[error("{name}: not an xz, gzip, zstd or bzip2 file")]
     UnknownFormat { name: String },
     /// A read beyond the decompressed size.
     #[error("read of {len} bytes at offset {offset} is beyond the decompressed size {size}")]
@@ -162,6 +211,16 @@ pub struct Options {
     pub scratch_dir: Option<std::path::PathBuf>,
 }
 
+impl Options {
+    /// Segments (xz blocks, zstd frames) whose decompressed size exceeds
+    /// this are decoded progressively into a sparse scratch file instead of
+    /// being held in memory: 64 MiB, or half the cache bound if that is
+    /// smaller, so that one such block can never crowd out the whole cache.
+    pub fn default_progressive_threshold(&self) -> u64 {
+        (64u64 << 20).min((self.cache_bytes / 2).max(1 << 20))
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {
@@ -171,4 +230,103 @@ impl Default for Options {
             scratch_dir: None,
         }
     }
+}
+
+/// Open a compressed image, choosing the reader by its magic bytes.
+///
+/// xz (`FD 37 7A 58 5A 00`), zstd (`28 B5 2F FD`, or a skippable frame
+/// `5? 2A 4D 18` first), bzip2 (`BZh1`..`BZh9`) and gzip (`1F 8B`) are
+/// recognised.  See the crate
+/// documentation for an example.
+pub fn open(source: Arc<dyn Source>, opts: &Options) -> Result<Arc<dyn RandomAccess>> {
+    let size = source.size().map_err(|e| Error::Io {
+        name: opts.name.clone(),
+        offset: 0,
+        source: e,
+    })?;
+    let mut magic = [0u8; 6];
+    let n = size.min(6) as usize;
+    source
+        .read_exact_at(&mut magic[..n], 0)
+        .map_err(|e| Error::Io {
+            name: opts.name.clone(),
+            offset: 0,
+            source: e,
+        })?;
+    let magic = &magic[..n];
+    if magic.starts_with(&xz::index::HEADER_MAGIC) {
+        Ok(Arc::new(XzReader::open(source, opts)?))
+    } else if magic.starts_with(&[0x28, 0xB5, 0x2F, 0xFD])
+        || (n >= 4 && magic[0] & 0xF0 == 0x50 && magic[1..4] == [0x2A, 0x4D, 0x18])
+    {
+        Ok(Arc::new(ZstdReader::open(source, opts)?))
+    } else if n >= 4 && magic.starts_with(b"BZh") && (b'1'..=b'9').contains(&magic[3]) {
+        Ok(Arc::new(Bzip2Reader::open(source, opts)?))
+    } else if magic.starts_with(&[0x1F, 0x8B]) {
+        // TODO(merge): gzip
+        Err(Error::Unsupported {
+            name: opts.name.clone(),
+            format: "gzip",
+            reason: "gzip reader not wired in yet".into(),
+        })
+    } else {
+        Err(Error::UnknownFormat {
+            name: opts.name.clone(),
+        })
+    }
+}
+
+/// Errors are not `Clone` (they may hold an `io::Error`), but a failed
+/// decode must be reported to every reader that waited for it.
+pub(crate) fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::Io {
+            name,
+            offset,
+            source,
+        } => Error::Io {
+            name: name.clone(),
+            offset: *offset,
+            source: io::Error::new(source.kind(), source.to_string()),
+        },
+        Error::Corrupt {
+            name,
+            format,
+            offset,
+            reason,
+        } => Error::Corrupt {
+            name: name.clone(),
+            format,
+            offset: *offset,
+            reason: reason.clone(),
+        },
+        Error::Unsupported {
+            name,
+            format,
+            reason,
+        } => Error::Unsupported {
+            name: name.clone(),
+            format,
+            reason: reason.clone(),
+        },
+        Error::UnknownFormat { name } => Error::UnknownFormat { name: name.clone() },
+        Error::OutOfRange { offset, len, size } => Error::OutOfRange {
+            offset: *offset,
+            len: *len,
+            size: *size,
+        },
+        Error::Scratch(e) => Error::Scratch(io::Error::new(e.kind(), e.to_string())),
+    }
+}
+
+/// True when every byte is zero.  Folding 64-byte pieces lets the compiler
+/// vectorise this; it runs over every decoded byte, so it matters.
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    let mut it = b.chunks_exact(64);
+    for c in &mut it {
+        if c.iter().fold(0u8, |a, &x| a | x) != 0 {
+            return false;
+        }
+    }
+    it.remainder().iter().all(|&x| x == 0)
 }

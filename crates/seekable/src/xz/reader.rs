@@ -1,0 +1,406 @@
+//! Random access to an xz file, one block at a time.
+//!
+//! Blocks are decoded with liblzma's *block* decoder
+//! (`lzma_block_header_decode` + `lzma_block_decoder`) fed with exactly the
+//! bytes the index assigns to the block.  We prefer that to synthesising a
+//! one-block stream for `lzma_stream_decoder`: there is no header/index/footer
+//! to fake (and get subtly wrong), and liblzma then checks the block against
+//! the index's compressed and uncompressed sizes as well as its integrity
+//! check.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use liblzma_sys as lz;
+
+use super::index::{XzBlock, XzCheck, XzIndex};
+use crate::engine::{Codec, Engine, Segment};
+use crate::progressive::StreamDecoder;
+use crate::{Error, Extent, Options, RandomAccess, Result, Source};
+
+/// Dictionaries larger than this are refused: the decoder allocates the
+/// whole dictionary up front, so a hostile header could otherwise ask for
+/// gigabytes.  `xz -9` and `--extreme` use 64 MiB.
+const MAX_DICT: u32 = 512 << 20;
+
+/// Input read from the source per refill.
+const INPUT_STEP: u64 = 64 << 10;
+
+/// A random-access reader over an xz file.
+pub struct XzReader {
+    engine: Engine<XzCodec>,
+}
+
+struct XzCodec {
+    source: Arc<dyn Source>,
+    name: String,
+    index: XzIndex,
+}
+
+impl XzReader {
+    /// Map the file (reading only its footers and indexes) and prepare to
+    /// serve reads.
+    pub fn open(source: Arc<dyn Source>, opts: &Options) -> Result<XzReader> {
+        Self::open_with_threshold(source, opts, opts.default_progressive_threshold())
+    }
+
+    /// Like [`XzReader::open`], but blocks whose decompressed size exceeds
+    /// `threshold` bytes are decoded progressively into a scratch file
+    /// instead of being cached in memory.
+    pub fn open_with_threshold(
+        source: Arc<dyn Source>,
+        opts: &Options,
+        threshold: u64,
+    ) -> Result<XzReader> {
+        let file_size = source.size().map_err(|e| Error::Io {
+            name: opts.name.clone(),
+            offset: 0,
+            source: e,
+        })?;
+        let src = source.clone();
+        let index = XzIndex::parse_with(&opts.name, file_size, &mut |off, buf| {
+            src.read_exact_at(buf, off)
+        })?;
+        let segs = index
+            .blocks
+            .iter()
+            .map(|b| Segment {
+                uoffset: b.uncompressed_offset,
+                usize: b.uncompressed_size,
+                coffset: b.compressed_offset,
+            })
+            .collect();
+        let size = index.uncompressed_size;
+        tracing::debug!(
+            "{}: xz, {} streams, {} blocks, {} bytes decompressed",
+            opts.name,
+            index.streams.len(),
+            index.blocks.len(),
+            size
+        );
+        let codec = XzCodec {
+            source,
+            name: opts.name.clone(),
+            index,
+        };
+        Ok(XzReader {
+            engine: Engine::new(codec, segs, size, opts, threshold, HashMap::new()),
+        })
+    }
+
+    /// The parsed index: streams, blocks and their boundaries.
+    pub fn index(&self) -> &XzIndex {
+        &self.engine.codec().index
+    }
+
+    /// Decoded bytes currently held in the block cache.
+    pub fn cached_bytes(&self) -> u64 {
+        self.engine.cached_bytes()
+    }
+}
+
+impl RandomAccess for XzReader {
+    fn size(&self) -> u64 {
+        self.engine.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.engine.read_at(buf, offset)
+    }
+    fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
+        self.engine.extents(offset, len)
+    }
+    fn prefetch(&self, offset: u64, len: u64) {
+        self.engine.prefetch(offset, len)
+    }
+    fn format(&self) -> &'static str {
+        self.engine.format()
+    }
+}
+
+impl Codec for XzCodec {
+    fn format(&self) -> &'static str {
+        "xz"
+    }
+
+    fn open_segment(&self, index: usize, _seg: &Segment) -> Result<Box<dyn StreamDecoder>> {
+        let block = *self.index.blocks.get(index).ok_or_else(|| Error::Corrupt {
+            name: self.name.clone(),
+            format: "xz",
+            offset: 0,
+            reason: format!("no block {index}"),
+        })?;
+        Ok(Box::new(BlockStream::new(
+            self.source.clone(),
+            &self.name,
+            index,
+            block,
+        )?))
+    }
+}
+
+/// Streaming decoder of one block, reading its compressed bytes on demand.
+struct BlockStream {
+    source: Arc<dyn Source>,
+    name: String,
+    number: usize,
+    block: XzBlock,
+    strm: lz::lzma_stream,
+    /// liblzma's block decoder keeps a pointer to this struct and reads the
+    /// check type from it (and writes the final sizes to it) while
+    /// decoding, so it lives on the heap at a stable address for as long
+    /// as `strm`.
+    _lblock: Box<lz::lzma_block>,
+    input: Vec<u8>,
+    in_at: usize,
+    /// Next compressed offset to read, and where the block ends.
+    next: u64,
+    end: u64,
+    done: bool,
+}
+
+// SAFETY: `lzma_stream` holds raw pointers into liblzma's private state and
+// into our own buffers only during `lzma_code`; it has no thread affinity,
+// and a BlockStream is used by one thread at a time (`&mut self`).
+unsafe impl Send for BlockStream {}
+
+impl Drop for BlockStream {
+    fn drop(&mut self) {
+        // SAFETY: the stream was zero-initialised (LZMA_STREAM_INIT) and
+        // possibly initialised by lzma_block_decoder; lzma_end handles both.
+        unsafe { lz::lzma_end(&mut self.strm) };
+    }
+}
+
+impl BlockStream {
+    fn corrupt(&self, offset: u64, reason: String) -> Error {
+        Error::Corrupt {
+            name: self.name.clone(),
+            format: "xz",
+            offset,
+            reason,
+        }
+    }
+
+    fn new(source: Arc<dyn Source>, name: &str, number: usize, block: XzBlock) -> Result<Self> {
+        let start = block.compressed_offset;
+        let io_err = |offset, e| Error::Io {
+            name: name.to_string(),
+            offset,
+            source: e,
+        };
+        let corrupt = |reason: String| Error::Corrupt {
+            name: name.to_string(),
+            format: "xz",
+            offset: start,
+            reason: format!("block {number}: {reason}"),
+        };
+        if let XzCheck::Reserved(id) = block.check {
+            return Err(Error::Unsupported {
+                name: name.to_string(),
+                format: "xz",
+                reason: format!("integrity check type {id}"),
+            });
+        }
+        let mut first = [0u8; 1];
+        source
+            .read_exact_at(&mut first, start)
+            .map_err(|e| io_err(start, e))?;
+        if first[0] == 0 {
+            return Err(corrupt(
+                "index indicator where a block header should be".into(),
+            ));
+        }
+        let header_size = (u32::from(first[0]) + 1) * 4;
+        if u64::from(header_size) >= block.unpadded_size {
+            return Err(corrupt("block header larger than the block".into()));
+        }
+        let mut header = vec![0u8; header_size as usize];
+        source
+            .read_exact_at(&mut header, start)
+            .map_err(|e| io_err(start, e))?;
+
+        // SAFETY: all-zero is the documented initial state of both structs
+        // (LZMA_STREAM_INIT, and lzma_block's reserved fields must be 0).
+        let mut strm: lz::lzma_stream = unsafe { std::mem::zeroed() };
+        let mut lblock: Box<lz::lzma_block> = Box::new(unsafe { std::mem::zeroed() });
+        let mut filters = [lz::lzma_filter {
+            id: lz::LZMA_VLI_UNKNOWN,
+            options: std::ptr::null_mut(),
+        }; lz::LZMA_FILTERS_MAX as usize + 1];
+        lblock.version = 1;
+        lblock.header_size = header_size;
+        lblock.check = lz::lzma_check::from(block.check.id());
+        lblock.filters = filters.as_mut_ptr();
+
+        // SAFETY: `header` holds exactly header_size bytes as the function
+        // requires; `filters` has LZMA_FILTERS_MAX + 1 entries.  Filter
+        // options it allocates are freed below on every path.
+        let ret = unsafe {
+            lz::lzma_block_header_decode(&mut *lblock, std::ptr::null(), header.as_ptr())
+        };
+        let result = (|| {
+            match ret {
+                lz::LZMA_OK => {}
+                lz::LZMA_OPTIONS_ERROR => {
+                    return Err(Error::Unsupported {
+                        name: name.to_string(),
+                        format: "xz",
+                        reason: format!("block {number} at offset {start}: filter chain"),
+                    })
+                }
+                _ => return Err(corrupt("invalid block header (CRC32 or fields)".into())),
+            }
+            for f in filters.iter().take_while(|f| f.id != lz::LZMA_VLI_UNKNOWN) {
+                if (f.id == lz::LZMA_FILTER_LZMA2 || f.id == lz::LZMA_FILTER_LZMA1)
+                    && !f.options.is_null()
+                {
+                    // SAFETY: for LZMA1/2 liblzma allocates lzma_options_lzma.
+                    let dict = unsafe { (*(f.options as *const lz::lzma_options_lzma)).dict_size };
+                    if dict > MAX_DICT {
+                        return Err(Error::Unsupported {
+                            name: name.to_string(),
+                            format: "xz",
+                            reason: format!(
+                                "block {number} at offset {start}: dictionary of {} MiB",
+                                dict >> 20
+                            ),
+                        });
+                    }
+                }
+            }
+            // SAFETY: lblock was filled by lzma_block_header_decode.
+            if unsafe { lz::lzma_block_compressed_size(&mut *lblock, block.unpadded_size) }
+                != lz::LZMA_OK
+            {
+                return Err(corrupt("block header sizes disagree with the index".into()));
+            }
+            if lblock.uncompressed_size != lz::LZMA_VLI_UNKNOWN
+                && lblock.uncompressed_size != block.uncompressed_size
+            {
+                return Err(corrupt("block header sizes disagree with the index".into()));
+            }
+            // Giving the decoder the index's size makes liblzma verify it.
+            lblock.uncompressed_size = block.uncompressed_size;
+            // SAFETY: lblock and its filter chain are valid; strm is fresh.
+            match unsafe { lz::lzma_block_decoder(&mut strm, &mut *lblock) } {
+                lz::LZMA_OK => Ok(()),
+                lz::LZMA_MEM_ERROR => Err(Error::Io {
+                    name: name.to_string(),
+                    offset: start,
+                    source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+                }),
+                lz::LZMA_OPTIONS_ERROR => Err(Error::Unsupported {
+                    name: name.to_string(),
+                    format: "xz",
+                    reason: format!("block {number} at offset {start}: filter options"),
+                }),
+                r => Err(corrupt(format!("cannot start block decoder ({r})"))),
+            }
+        })();
+        // The decoder keeps its own copy of what it needs from the filter
+        // options, so they are freed whether or not it started.
+        // SAFETY: options were allocated by liblzma with the default
+        // allocator, or are null.
+        unsafe { lz::lzma_filters_free(filters.as_mut_ptr(), std::ptr::null()) };
+        // The filter array is a local; make sure nothing can follow the
+        // pointer to it later.
+        lblock.filters = std::ptr::null_mut();
+        if let Err(e) = result {
+            // SAFETY: strm is zeroed or initialised; lzma_end handles both.
+            unsafe { lz::lzma_end(&mut strm) };
+            return Err(e);
+        }
+        Ok(BlockStream {
+            source,
+            name: name.to_string(),
+            number,
+            block,
+            strm,
+            _lblock: lblock,
+            input: Vec::new(),
+            in_at: 0,
+            next: start + u64::from(header_size),
+            end: start + block.total_size(),
+            done: false,
+        })
+    }
+}
+
+impl StreamDecoder for BlockStream {
+    fn read(&mut self, out: &mut [u8]) -> Result<usize> {
+        if self.done || out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.in_at == self.input.len() && self.next < self.end {
+                let n = (self.end - self.next).min(INPUT_STEP) as usize;
+                self.input.resize(n, 0);
+                self.source
+                    .read_exact_at(&mut self.input, self.next)
+                    .map_err(|e| Error::Io {
+                        name: self.name.clone(),
+                        offset: self.next,
+                        source: e,
+                    })?;
+                self.next += n as u64;
+                self.in_at = 0;
+            }
+            let avail_in = self.input.len() - self.in_at;
+            self.strm.next_in = self.input[self.in_at..].as_ptr();
+            self.strm.avail_in = avail_in;
+            self.strm.next_out = out.as_mut_ptr();
+            self.strm.avail_out = out.len();
+            // SAFETY: next_in/next_out point into live buffers of the sizes
+            // given; the pointers are not used after this call returns.
+            let ret = unsafe { lz::lzma_code(&mut self.strm, lz::LZMA_RUN) };
+            let used = avail_in - self.strm.avail_in;
+            let produced = out.len() - self.strm.avail_out;
+            self.in_at += used;
+            self.strm.next_in = std::ptr::null();
+            self.strm.next_out = std::ptr::null_mut();
+            // Offset of the input being decoded, for messages.
+            let at = self.next - (self.input.len() - self.in_at) as u64;
+            match ret {
+                lz::LZMA_OK => {}
+                lz::LZMA_STREAM_END => {
+                    if self.in_at != self.input.len() || self.next != self.end {
+                        return Err(self.corrupt(
+                            at,
+                            format!("block {} ends before its recorded size", self.number),
+                        ));
+                    }
+                    self.done = true;
+                    return Ok(produced);
+                }
+                lz::LZMA_DATA_ERROR => {
+                    return Err(self.corrupt(
+                        at,
+                        format!(
+                            "block {} (starting at {}): corrupt data, wrong size or {:?} check mismatch",
+                            self.number, self.block.compressed_offset, self.block.check
+                        ),
+                    ))
+                }
+                lz::LZMA_MEM_ERROR => {
+                    return Err(Error::Io {
+                        name: self.name.clone(),
+                        offset: at,
+                        source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+                    })
+                }
+                r => {
+                    return Err(self.corrupt(
+                        at,
+                        format!("block {}: decoder error {r}", self.number),
+                    ))
+                }
+            }
+            if produced > 0 {
+                return Ok(produced);
+            }
+            if used == 0 && self.in_at == self.input.len() && self.next == self.end {
+                return Err(self.corrupt(self.end, format!("block {} is truncated", self.number)));
+            }
+        }
+    }
+}

@@ -1,0 +1,610 @@
+//! Random access to zstd files, one frame at a time.
+//!
+//! zstd frames are independently decodable, so frames are the segments.
+//! Where they are comes from the seek table of the seekable format when
+//! the file has one (nothing but the table is read at open), and otherwise
+//! from walking the frame and block headers from the start of the file.
+//! That walk reads 3 bytes per block, never block data, except for frames
+//! that do not record their content size: those must be decoded to learn
+//! it.  A frame bigger than the progressive threshold (in particular the
+//! single frame of a plain `zstd` file) is decoded progressively into a
+//! scratch file.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ::zstd::zstd_safe::{self, DCtx, InBuffer, OutBuffer};
+
+use super::seek_table::{
+    parse_frame_header, SeekTable, FRAME_MAGIC, MAX_FRAME_HEADER, SKIPPABLE_BASE, SKIPPABLE_MASK,
+};
+use super::xxh64::Xxh64;
+use crate::engine::{Codec, Engine, Segment};
+use crate::progressive::{Progressive, StreamDecoder};
+use crate::{Error, Extent, Options, RandomAccess, Result, Source};
+
+/// Input read from the source per refill.
+const INPUT_STEP: u64 = 128 << 10;
+
+/// Largest zstd block (the format caps blocks at 128 KiB).
+const MAX_BLOCK: u64 = 128 << 10;
+
+/// How a zstd file was indexed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZstdLayout {
+    /// Seekable format: frames listed in a trailing seek table.
+    Seekable,
+    /// Frames found by walking the headers from the start.
+    Frames,
+}
+
+/// One zstd frame (a unit of random access).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZstdFrame {
+    pub compressed_offset: u64,
+    pub compressed_size: u64,
+    pub decompressed_offset: u64,
+    pub decompressed_size: u64,
+}
+
+/// A random-access reader over a zstd file.
+pub struct ZstdReader {
+    engine: Engine<ZstdCodec>,
+    layout: ZstdLayout,
+}
+
+struct ZstdCodec {
+    source: Arc<dyn Source>,
+    name: String,
+    frames: Vec<ZstdFrame>,
+    /// Seek table checksums (low 32 bits of XXH64), per frame.
+    checksums: Vec<Option<u32>>,
+}
+
+fn rename(e: Error, name: &str) -> Error {
+    match e {
+        Error::Corrupt {
+            format,
+            offset,
+            reason,
+            ..
+        } => Error::Corrupt {
+            name: name.to_string(),
+            format,
+            offset,
+            reason,
+        },
+        other => other,
+    }
+}
+
+impl ZstdReader {
+    pub fn open(source: Arc<dyn Source>, opts: &Options) -> Result<ZstdReader> {
+        Self::open_with_threshold(source, opts, opts.default_progressive_threshold())
+    }
+
+    /// Like [`ZstdReader::open`], but frames whose decompressed size
+    /// exceeds `threshold` bytes (or is not recorded) are decoded
+    /// progressively into a scratch file instead of being cached.
+    pub fn open_with_threshold(
+        source: Arc<dyn Source>,
+        opts: &Options,
+        threshold: u64,
+    ) -> Result<ZstdReader> {
+        let name = opts.name.as_str();
+        let io = |offset: u64| {
+            move |e| Error::Io {
+                name: name.to_string(),
+                offset,
+                source: e,
+            }
+        };
+        let file_size = source.size().map_err(io(0))?;
+
+        // The seek table, if the file ends with one.
+        let mut table = None;
+        if file_size >= 9 {
+            let mut footer = [0u8; 9];
+            source
+                .read_exact_at(&mut footer, file_size - 9)
+                .map_err(io(file_size - 9))?;
+            if let Some(tsize) = SeekTable::table_size_from_footer(&footer) {
+                let tsize = tsize.map_err(|e| rename(e, name))?;
+                if tsize > file_size {
+                    return Err(Error::Corrupt {
+                        name: name.to_string(),
+                        format: "zstd",
+                        offset: file_size - 9,
+                        reason: format!("seek table of {tsize} bytes is larger than the file"),
+                    });
+                }
+                let mut tail = vec![0u8; tsize as usize];
+                source
+                    .read_exact_at(&mut tail, file_size - tsize)
+                    .map_err(io(file_size - tsize))?;
+                table = Some(SeekTable::parse(&tail, file_size).map_err(|e| rename(e, name))?);
+            }
+        }
+
+        let mut pre = HashMap::new();
+        let checksums: Vec<Option<u32>> = table
+            .as_ref()
+            .map(|t| t.frames.iter().map(|f| f.checksum).collect())
+            .unwrap_or_default();
+        let (frames, layout) = match table {
+            Some(t) => (
+                t.frames
+                    .iter()
+                    .map(|f| ZstdFrame {
+                        compressed_offset: f.compressed_offset,
+                        compressed_size: f.compressed_size,
+                        decompressed_offset: f.decompressed_offset,
+                        decompressed_size: f.decompressed_size,
+                    })
+                    .collect(),
+                ZstdLayout::Seekable,
+            ),
+            None => (
+                walk_frames(&source, name, file_size, threshold, opts, &mut pre)?,
+                ZstdLayout::Frames,
+            ),
+        };
+        let size = frames
+            .last()
+            .map(|f| f.decompressed_offset + f.decompressed_size)
+            .unwrap_or(0);
+        let segs = frames
+            .iter()
+            .map(|f| Segment {
+                uoffset: f.decompressed_offset,
+                usize: f.decompressed_size,
+                coffset: f.compressed_offset,
+            })
+            .collect();
+        tracing::debug!(
+            "{name}: zstd ({layout:?}), {} frames, {size} bytes decompressed",
+            frames.len()
+        );
+        let codec = ZstdCodec {
+            source,
+            name: name.to_string(),
+            frames,
+            checksums,
+        };
+        Ok(ZstdReader {
+            engine: Engine::new(codec, segs, size, opts, threshold, pre),
+            layout,
+        })
+    }
+
+    /// The frames (random-access points) of the file.
+    pub fn frames(&self) -> &[ZstdFrame] {
+        &self.engine.codec().frames
+    }
+
+    /// Whether the frames came from a seek table or a header walk.
+    pub fn layout(&self) -> ZstdLayout {
+        self.layout
+    }
+
+    /// Decoded bytes currently held in the block cache.
+    pub fn cached_bytes(&self) -> u64 {
+        self.engine.cached_bytes()
+    }
+}
+
+impl RandomAccess for ZstdReader {
+    fn size(&self) -> u64 {
+        self.engine.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.engine.read_at(buf, offset)
+    }
+    fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
+        self.engine.extents(offset, len)
+    }
+    fn prefetch(&self, offset: u64, len: u64) {
+        self.engine.prefetch(offset, len)
+    }
+    fn format(&self) -> &'static str {
+        "zstd"
+    }
+}
+
+/// Buffered forward reads for the header walk (many 3-byte reads).
+struct Walker<'a> {
+    source: &'a dyn Source,
+    name: &'a str,
+    file_size: u64,
+    buf: Vec<u8>,
+    buf_off: u64,
+}
+
+impl Walker<'_> {
+    /// Up to `len` bytes at `off` (fewer only at the end of the file).
+    fn get(&mut self, off: u64, len: usize) -> Result<&[u8]> {
+        if off >= self.file_size {
+            return Ok(&[]);
+        }
+        let end = (off + len as u64).min(self.file_size);
+        if off < self.buf_off || end > self.buf_off + self.buf.len() as u64 {
+            let n = (self.file_size - off).min(64 << 10).max(end - off) as usize;
+            self.buf.resize(n, 0);
+            self.source
+                .read_exact_at(&mut self.buf, off)
+                .map_err(|e| Error::Io {
+                    name: self.name.to_string(),
+                    offset: off,
+                    source: e,
+                })?;
+            self.buf_off = off;
+        }
+        let s = (off - self.buf_off) as usize;
+        Ok(&self.buf[s..s + (end - off) as usize])
+    }
+
+    fn corrupt(&self, offset: u64, reason: impl Into<String>) -> Error {
+        Error::Corrupt {
+            name: self.name.to_string(),
+            format: "zstd",
+            offset,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Find every frame by walking headers; frames without a recorded content
+/// size are decoded to learn it (progressively, so the work is kept when
+/// the frame is big).
+fn walk_frames(
+    source: &Arc<dyn Source>,
+    name: &str,
+    file_size: u64,
+    threshold: u64,
+    opts: &Options,
+    pre: &mut HashMap<usize, Arc<Progressive>>,
+) -> Result<Vec<ZstdFrame>> {
+    let mut w = Walker {
+        source: &**source,
+        name,
+        file_size,
+        buf: Vec::new(),
+        buf_off: 0,
+    };
+    let mut frames = Vec::new();
+    let mut pos = 0u64;
+    let mut doff = 0u64;
+    while pos < file_size {
+        let head = w.get(pos, 8)?;
+        if head.len() < 8 {
+            return Err(w.corrupt(pos, "trailing garbage or truncated frame"));
+        }
+        let magic = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        if magic & SKIPPABLE_MASK == SKIPPABLE_BASE {
+            let len = u64::from(u32::from_le_bytes([head[4], head[5], head[6], head[7]]));
+            pos += 8 + len;
+            if pos > file_size {
+                return Err(w.corrupt(pos - 8 - len, "skippable frame runs past the end"));
+            }
+            continue;
+        }
+        if magic != FRAME_MAGIC {
+            return Err(w.corrupt(pos, "neither a zstd frame nor a skippable frame"));
+        }
+        let hb = w.get(pos, MAX_FRAME_HEADER)?;
+        let fh = parse_frame_header(hb, pos).map_err(|e| rename(e, name))?;
+        let mut at = pos + fh.header_size as u64;
+        let mut blocks: u64 = 0;
+        loop {
+            blocks += 1;
+            let bh = w.get(at, 3)?;
+            if bh.len() < 3 {
+                return Err(w.corrupt(at, "truncated frame (block header missing)"));
+            }
+            let h = u32::from_le_bytes([bh[0], bh[1], bh[2], 0]);
+            let last = h & 1 != 0;
+            let size = u64::from(h >> 3);
+            let payload = match (h >> 1) & 3 {
+                0 => size,
+                1 => 1,
+                2 => size,
+                _ => return Err(w.corrupt(at, "reserved block type")),
+            };
+            if size > MAX_BLOCK {
+                return Err(w.corrupt(at, format!("block of {size} bytes exceeds 128 KiB")));
+            }
+            at += 3 + payload;
+            if last {
+                break;
+            }
+        }
+        if fh.has_checksum {
+            at += 4;
+        }
+        if at > file_size {
+            return Err(w.corrupt(pos, "frame runs past the end of the file"));
+        }
+        let csize = at - pos;
+        let index = frames.len();
+        let dsize = match fh.content_size {
+            // No block decodes to more than 128 KiB, so a larger claim is a
+            // lie that would otherwise become the exported size.
+            Some(s) if s > blocks * MAX_BLOCK => {
+                return Err(w.corrupt(
+                    pos,
+                    format!(
+                        "frame claims {s} bytes but its {blocks} blocks hold at most {}",
+                        blocks * MAX_BLOCK
+                    ),
+                ))
+            }
+            Some(s) => s,
+            None => {
+                tracing::info!(
+                    "{name}: zstd frame at offset {pos} does not record its size; decoding it \
+                     (recompress as seekable zstd for instant open and fast random access)"
+                );
+                let dec = FrameStream::new(source.clone(), name, pos, csize)?;
+                let p = Progressive::new(
+                    name,
+                    "zstd",
+                    pos,
+                    None,
+                    Box::new(dec),
+                    opts.scratch_dir.as_deref(),
+                )?;
+                let s = p.run_to_end()?;
+                // Small frames are cheaper to re-decode into the cache than
+                // to keep a scratch file open for each.
+                if s > threshold {
+                    pre.insert(index, Arc::new(p));
+                }
+                s
+            }
+        };
+        frames.push(ZstdFrame {
+            compressed_offset: pos,
+            compressed_size: csize,
+            decompressed_offset: doff,
+            decompressed_size: dsize,
+        });
+        doff = doff
+            .checked_add(dsize)
+            .ok_or_else(|| w.corrupt(pos, "total decompressed size overflows"))?;
+        pos = at;
+    }
+    Ok(frames)
+}
+
+thread_local! {
+    /// One decompression context per thread, reused across frames: creating
+    /// one per frame costs more than decoding a small frame.
+    static DCTX: std::cell::RefCell<Option<DCtx<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
+impl Codec for ZstdCodec {
+    fn format(&self) -> &'static str {
+        "zstd"
+    }
+
+    /// Frames that fit in the cache are decoded in one call straight into
+    /// the cache buffer, skipping the streaming decoder's window copy.
+    fn decode_whole(&self, index: usize, _seg: &Segment, out: &mut [u8]) -> Option<Result<()>> {
+        let f = *self.frames.get(index)?;
+        // A plausible frame is not much bigger than its content; anything
+        // else takes the streaming path so the input buffer stays bounded.
+        if f.compressed_size > 2 * f.decompressed_size + (1 << 20) {
+            return None;
+        }
+        Some(self.decode_frame_into(index, f, out))
+    }
+
+    fn open_segment(&self, index: usize, _seg: &Segment) -> Result<Box<dyn StreamDecoder>> {
+        let f = *self.frames.get(index).ok_or_else(|| Error::Corrupt {
+            name: self.name.clone(),
+            format: "zstd",
+            offset: 0,
+            reason: format!("no frame {index}"),
+        })?;
+        Ok(Box::new(
+            FrameStream::new(
+                self.source.clone(),
+                &self.name,
+                f.compressed_offset,
+                f.compressed_size,
+            )?
+            .with_checksum(self.checksums.get(index).copied().flatten()),
+        ))
+    }
+}
+
+impl ZstdCodec {
+    fn decode_frame_into(&self, index: usize, f: ZstdFrame, out: &mut [u8]) -> Result<()> {
+        let corrupt = |reason: String| Error::Corrupt {
+            name: self.name.clone(),
+            format: "zstd",
+            offset: f.compressed_offset,
+            reason: format!("frame at offset {}: {reason}", f.compressed_offset),
+        };
+        let mut input = vec![0u8; f.compressed_size as usize];
+        self.source
+            .read_exact_at(&mut input, f.compressed_offset)
+            .map_err(|e| Error::Io {
+                name: self.name.clone(),
+                offset: f.compressed_offset,
+                source: e,
+            })?;
+        // Exactly one frame: a second one hidden in the range would make
+        // the table lie about the layout.
+        match zstd_safe::find_frame_compressed_size(&input) {
+            Ok(n) if n == input.len() => {}
+            _ => return Err(corrupt("not exactly one zstd frame".into())),
+        }
+        let res = DCTX.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = DCtx::try_create();
+            }
+            match slot.as_mut() {
+                Some(dctx) => dctx
+                    .decompress(out, &input)
+                    .map_err(|code| zstd_safe::get_error_name(code).to_string()),
+                None => Err("out of memory".to_string()),
+            }
+        });
+        match res {
+            Ok(n) if n == out.len() => {}
+            Ok(n) => {
+                return Err(corrupt(format!(
+                    "decodes to {n} bytes, recorded {}",
+                    out.len()
+                )))
+            }
+            Err(e) => return Err(corrupt(e)),
+        }
+        if let Some(want) = self.checksums.get(index).copied().flatten() {
+            let got = super::xxh64::xxh64(out) as u32;
+            if got != want {
+                return Err(corrupt(format!(
+                    "seek table checksum mismatch ({got:08x} != {want:08x})"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Streaming decoder of exactly one frame.
+struct FrameStream {
+    source: Arc<dyn Source>,
+    name: String,
+    start: u64,
+    dctx: DCtx<'static>,
+    input: Vec<u8>,
+    in_at: usize,
+    next: u64,
+    end: u64,
+    done: bool,
+    /// Checksum from the seek table, verified over the decoded bytes.
+    expect_xxh: Option<u32>,
+    xxh: Xxh64,
+}
+
+impl FrameStream {
+    fn with_checksum(mut self, c: Option<u32>) -> Self {
+        self.expect_xxh = c;
+        self
+    }
+
+    fn new(source: Arc<dyn Source>, name: &str, start: u64, csize: u64) -> Result<Self> {
+        let dctx = DCtx::try_create().ok_or_else(|| Error::Io {
+            name: name.to_string(),
+            offset: start,
+            source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+        })?;
+        Ok(FrameStream {
+            source,
+            name: name.to_string(),
+            start,
+            dctx,
+            input: Vec::new(),
+            in_at: 0,
+            next: start,
+            end: start + csize,
+            done: false,
+            expect_xxh: None,
+            xxh: Xxh64::default(),
+        })
+    }
+
+    fn corrupt(&self, offset: u64, reason: String) -> Error {
+        Error::Corrupt {
+            name: self.name.clone(),
+            format: "zstd",
+            offset,
+            reason,
+        }
+    }
+}
+
+impl StreamDecoder for FrameStream {
+    fn read(&mut self, out: &mut [u8]) -> Result<usize> {
+        if self.done || out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.in_at == self.input.len() && self.next < self.end {
+                let n = (self.end - self.next).min(INPUT_STEP) as usize;
+                self.input.resize(n, 0);
+                self.source
+                    .read_exact_at(&mut self.input, self.next)
+                    .map_err(|e| Error::Io {
+                        name: self.name.clone(),
+                        offset: self.next,
+                        source: e,
+                    })?;
+                self.next += n as u64;
+                self.in_at = 0;
+            }
+            let mut inb = InBuffer::around(&self.input[self.in_at..]);
+            let mut outb = OutBuffer::around(&mut *out);
+            let res = self.dctx.decompress_stream(&mut outb, &mut inb);
+            let used = inb.pos();
+            let produced = outb.pos();
+            self.in_at += used;
+            if self.expect_xxh.is_some() {
+                self.xxh.update(&out[..produced]);
+            }
+            let at = self.next - (self.input.len() - self.in_at) as u64;
+            match res {
+                Err(code) => {
+                    return Err(self.corrupt(
+                        at,
+                        format!(
+                            "frame at offset {}: {}",
+                            self.start,
+                            zstd_safe::get_error_name(code)
+                        ),
+                    ))
+                }
+                Ok(0) => {
+                    // Frame complete, checksum (if any) verified.
+                    if self.in_at != self.input.len() || self.next != self.end {
+                        return Err(self.corrupt(
+                            at,
+                            format!(
+                                "frame at offset {} ends before its recorded size",
+                                self.start
+                            ),
+                        ));
+                    }
+                    if let Some(want) = self.expect_xxh {
+                        let got = self.xxh.digest() as u32;
+                        if got != want {
+                            return Err(self.corrupt(
+                                self.start,
+                                format!(
+                                    "frame at offset {}: seek table checksum mismatch \
+                                     ({got:08x} != {want:08x})",
+                                    self.start
+                                ),
+                            ));
+                        }
+                    }
+                    self.done = true;
+                    return Ok(produced);
+                }
+                Ok(_) => {}
+            }
+            if produced > 0 {
+                return Ok(produced);
+            }
+            if used == 0 && self.in_at == self.input.len() && self.next == self.end {
+                return Err(self.corrupt(
+                    self.end,
+                    format!("frame at offset {} is truncated", self.start),
+                ));
+            }
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! bzip2 reader tests.
+
+mod common;
+
+use std::io::Write;
+
+use common::*;
+use proptest::prelude::*;
+use seekable_compressed::{open, Bzip2Reader, Error, RandomAccess};
+
+fn bz(data: &[u8], level: u32) -> Vec<u8> {
+    let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::new(level));
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_reads_match(
+        len in prop_oneof![Just(0usize), Just(1), 2usize..2000, 2000usize..500_000],
+        seed in any::<u64>(),
+        streams in 1usize..3,
+        threshold in prop_oneof![Just(u64::MAX), 1u64..200_000],
+        reads in proptest::collection::vec((any::<u64>(), 1usize..70_000), 1..8),
+    ) {
+        let data = image_like(len, seed);
+        let per = data.len().div_ceil(streams).max(1);
+        let mut file = Vec::new();
+        let mut pieces: Vec<&[u8]> = data.chunks(per).collect();
+        if pieces.is_empty() {
+            pieces.push(&[]);
+        }
+        for p in pieces {
+            file.extend(bz(p, 1));
+        }
+        let r = Bzip2Reader::open_with_threshold(source(file), &opts(), threshold).unwrap();
+        prop_assert_eq!(r.size(), data.len() as u64);
+        for (off, n) in reads {
+            if data.is_empty() {
+                break;
+            }
+            let off = off % data.len() as u64;
+            let n = n.min(data.len() - off as usize);
+            check_range(&r, &data, off, n);
+        }
+        check_extents(&r, &data);
+    }
+}
+
+#[test]
+fn command_line_bzip2_multi_block() {
+    let data = image_like(1_500_000, 4);
+    let file = run_tool("bzip2", &["-1"], &data);
+    let r = open(source(file), &opts()).unwrap();
+    assert_eq!(r.format(), "bzip2");
+    check_range(&*r, &data, 0, data.len());
+    check_range(&*r, &data, 1_234_567, 100_000);
+    check_extents(&*r, &data);
+}
+
+#[test]
+fn corrupt_and_truncated_bzip2() {
+    let data = image_like(400_000, 5);
+    let file = bz(&data, 1);
+    let r = Bzip2Reader::open(source(file.clone()), &opts()).unwrap();
+    assert!(r.blocks().len() >= 2);
+    let b1 = r.blocks()[1];
+    let mut bad = file.clone();
+    let at = ((b1.start_bit + b1.end_bit) / 16) as usize;
+    bad[at] ^= 0x10;
+    // Sizes are learnt at open, so the damage is found there.
+    match Bzip2Reader::open(source(bad), &opts()) {
+        Err(Error::Corrupt { offset, .. }) => {
+            assert!(
+                offset >= b1.start_bit / 8 && offset <= b1.end_bit / 8 + 1,
+                "{offset}"
+            )
+        }
+        other => panic!("{:?}", other.map(|r| r.size())),
+    }
+    for cut in [0, 3, 4, 10, file.len() / 2, file.len() - 1] {
+        assert!(
+            Bzip2Reader::open(source(file[..cut].to_vec()), &opts()).is_err(),
+            "cut {cut}"
+        );
+    }
+    let mut x = 5u64;
+    for _ in 0..100 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let mut m = file.clone();
+        let p = (x >> 33) as usize % m.len();
+        m[p] ^= (x >> 8) as u8 | 1;
+        let _ = Bzip2Reader::open(source(m), &opts());
+    }
+}

@@ -1,0 +1,280 @@
+//! zstd reader tests: seekable, multi-frame and single-frame files, with and
+//! without recorded content sizes, corruption and concurrency.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use proptest::prelude::*;
+use seekable_compressed::zstd::{seekable_compress, SeekTable, ZstdLayout};
+use seekable_compressed::{open, Error, RandomAccess, ZstdReader};
+
+/// Frames of `frame` bytes each, with or without recorded sizes, with a
+/// skippable frame between every two.
+fn multi_frame(data: &[u8], frame: usize, sizes: bool, skippable: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut chunks: Vec<&[u8]> = data.chunks(frame.max(1)).collect();
+    if chunks.is_empty() {
+        chunks.push(&[]);
+    }
+    for (i, c) in chunks.iter().enumerate() {
+        if skippable && i % 2 == 1 {
+            out.extend_from_slice(&0x184D2A53u32.to_le_bytes());
+            out.extend_from_slice(&5u32.to_le_bytes());
+            out.extend_from_slice(b"hello");
+        }
+        if sizes {
+            out.extend(zstd::bulk::compress(c, 3).unwrap());
+        } else {
+            out.extend(zstd::stream::encode_all(*c, 3).unwrap());
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_reads_match(
+        len in prop_oneof![Just(0usize), Just(1), 2usize..2000, 2000usize..400_000],
+        seed in any::<u64>(),
+        kind in 0usize..4,
+        frame in 1usize..100_000,
+        threshold in prop_oneof![Just(u64::MAX), 1u64..50_000],
+        threads in 0usize..3,
+        reads in proptest::collection::vec((any::<u64>(), 1usize..70_000), 1..12),
+    ) {
+        let data = image_like(len, seed);
+        let file = match kind {
+            0 => seekable_compress(&data, frame, 3).unwrap(),
+            1 => multi_frame(&data, frame, true, true),
+            2 => multi_frame(&data, frame, false, false),
+            _ => zstd::bulk::compress(&data, 3).unwrap(),
+        };
+        let mut o = opts();
+        o.threads = threads;
+        let r = ZstdReader::open_with_threshold(source(file), &o, threshold).unwrap();
+        prop_assert_eq!(r.size(), data.len() as u64);
+        prop_assert_eq!(r.layout(), if kind == 0 { ZstdLayout::Seekable } else { ZstdLayout::Frames });
+        for (off, n) in reads {
+            if data.is_empty() {
+                let mut b = [0u8; 1];
+                let oor = matches!(r.read_at(&mut b, 0), Err(Error::OutOfRange { .. }));
+                prop_assert!(oor);
+                break;
+            }
+            let off = off % data.len() as u64;
+            let n = n.min(data.len() - off as usize);
+            check_range(&r, &data, off, n);
+        }
+        check_extents(&r, &data);
+    }
+}
+
+#[test]
+fn seek_table_round_trip() {
+    let data = image_like(250_000, 1);
+    let file = seekable_compress(&data, 64 << 10, 1).unwrap();
+    let t = SeekTable::parse_file(&file).unwrap();
+    assert_eq!(t.frames.len(), 4);
+    assert_eq!(t.decompressed_size, 250_000);
+    assert_eq!(t.frames[1].decompressed_offset, 65_536);
+    // Any zstd decoder reads it.
+    assert_eq!(zstd::stream::decode_all(&file[..]).unwrap(), data);
+}
+
+#[test]
+fn command_line_zstd() {
+    let data = image_like(2_000_000, 12);
+    // Single frame with content size (file input).
+    let single = run_tool("zstd", &["-q", "-3"], &data);
+    let r = ZstdReader::open_with_threshold(source(single.clone()), &opts(), 64 << 10).unwrap();
+    assert_eq!(r.frames().len(), 1);
+    check_range(&r, &data, 1_500_000, 10_000);
+    check_range(&r, &data, 0, data.len());
+    assert!(r.extents(0, data.len() as u64).iter().any(|e| e.zero));
+    assert_eq!(r.cached_bytes(), 0);
+    // Concatenation of two CLI outputs: two frames.
+    let mut two = single.clone();
+    two.extend(run_tool("zstd", &["-q", "-1"], &data[..1000]));
+    let mut both = data.clone();
+    both.extend_from_slice(&data[..1000]);
+    let r = open(source(two), &opts()).unwrap();
+    assert_eq!(r.size(), both.len() as u64);
+    check_range(&*r, &both, 1_999_500, 1000);
+    // From a pipe the CLI records no content size: learnt at open.
+    let piped = {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("zstd")
+            .args(["-q", "-c", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let d = data.clone();
+        let w = std::thread::spawn(move || stdin.write_all(&d).unwrap());
+        let out = child.wait_with_output().unwrap();
+        w.join().unwrap();
+        out.stdout
+    };
+    let r = ZstdReader::open_with_threshold(source(piped), &opts(), 64 << 10).unwrap();
+    assert_eq!(r.size(), data.len() as u64);
+    check_range(&r, &data, 1_000_000, 500_000);
+}
+
+#[test]
+fn open_sniffs_zstd_and_skippable_first() {
+    let data = image_like(100_000, 2);
+    let mut file = Vec::new();
+    file.extend_from_slice(&0x184D2A50u32.to_le_bytes());
+    file.extend_from_slice(&3u32.to_le_bytes());
+    file.extend_from_slice(b"abc");
+    file.extend(zstd::bulk::compress(&data, 1).unwrap());
+    let r = open(source(file), &opts()).unwrap();
+    assert_eq!(r.format(), "zstd");
+    check_range(&*r, &data, 0, data.len());
+}
+
+#[test]
+fn corruption_is_reported_not_panicked() {
+    let data = image_like(300_000, 3);
+    let file = seekable_compress(&data, 50_000, 3).unwrap();
+    let t = SeekTable::parse_file(&file).unwrap();
+    // Flip a byte in frame 2: checksum or format error, naming an offset
+    // inside that frame.
+    let f = t.frames[2];
+    let mut bad = file.clone();
+    bad[(f.compressed_offset + f.compressed_size / 2) as usize] ^= 0x40;
+    let r = ZstdReader::open(source(bad), &opts()).unwrap();
+    let mut buf = vec![0u8; 100];
+    r.read_at(&mut buf, 0).unwrap();
+    match r.read_at(&mut buf, 120_000) {
+        Err(Error::Corrupt { offset, .. }) => assert!(
+            offset >= f.compressed_offset && offset <= f.compressed_offset + f.compressed_size,
+            "{offset}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // Truncations and random mutations.
+    for cut in [0usize, 3, 9, 20, file.len() / 2, file.len() - 1] {
+        let t = file[..cut].to_vec();
+        if let Ok(r) = ZstdReader::open(source(t), &opts()) {
+            let mut buf = vec![0u8; r.size().min(1 << 20) as usize];
+            let _ = r.read_at(&mut buf, 0);
+        }
+    }
+    let plain = multi_frame(&data, 40_000, false, true);
+    let mut x = 99u64;
+    for i in 0..400 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let mut m = if i % 2 == 0 {
+            file.clone()
+        } else {
+            plain.clone()
+        };
+        let pos = if i % 4 == 0 {
+            m.len() - 1 - (x >> 40) as usize % 60
+        } else {
+            (x >> 33) as usize % m.len()
+        };
+        m[pos] ^= (x >> 8) as u8 | 1;
+        if let Ok(r) = ZstdReader::open_with_threshold(source(m), &opts(), 100_000) {
+            let mut buf = vec![0u8; 4096.min(r.size() as usize)];
+            if !buf.is_empty() {
+                let off = (x >> 20) % (r.size() - buf.len() as u64 + 1);
+                let _ = r.read_at(&mut buf, off);
+            }
+        }
+    }
+    // A seek table that does not add up.
+    let mut bad = file.clone();
+    let n = bad.len();
+    let e0 = n - 9 - t.frames.len() * 12;
+    bad[e0] ^= 1;
+    assert!(matches!(
+        ZstdReader::open(source(bad), &opts()),
+        Err(Error::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn concurrent_random_reads() {
+    let data = Arc::new(image_like(2_000_000, 31));
+    for (file, threshold) in [
+        (seekable_compress(&data, 100_000, 3).unwrap(), u64::MAX),
+        (zstd::bulk::compress(&data, 3).unwrap(), 1 << 20),
+    ] {
+        let mut o = opts();
+        o.cache_bytes = 400 << 10;
+        let r: Arc<dyn RandomAccess> =
+            Arc::new(ZstdReader::open_with_threshold(source(file), &o, threshold).unwrap());
+        let hs: Vec<_> = (0..8u64)
+            .map(|t| {
+                let r = r.clone();
+                let data = data.clone();
+                std::thread::spawn(move || {
+                    let mut x = t * 7 + 3;
+                    for _ in 0..200 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let off = x % data.len() as u64;
+                        let len = ((x >> 32) as usize % 100_000).min(data.len() - off as usize);
+                        check_range(&*r, &data, off, len);
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+    }
+}
+
+#[test]
+fn seek_table_checksum_is_verified() {
+    let data = image_like(300_000, 6);
+    let file = seekable_compress(&data, 100_000, 3).unwrap();
+    let t = SeekTable::parse_file(&file).unwrap();
+    assert!(t.frames.iter().all(|f| f.checksum.is_some()));
+    let n = file.len();
+    let mut bad = file.clone();
+    // Checksum of frame 1 (entries are 12 bytes: csize, dsize, checksum).
+    bad[n - 9 - 2 * 12 + 8] ^= 1;
+    for threshold in [u64::MAX, 1] {
+        let r = ZstdReader::open_with_threshold(source(bad.clone()), &opts(), threshold).unwrap();
+        let mut buf = vec![0u8; 1000];
+        r.read_at(&mut buf, 0).unwrap();
+        match r.read_at(&mut buf, 150_000) {
+            Err(Error::Corrupt { offset, reason, .. }) => {
+                assert_eq!(offset, t.frames[1].compressed_offset);
+                assert!(reason.contains("checksum"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn frame_content_size_larger_than_blocks_allow_is_corrupt() {
+    // A frame header claiming 2^40 bytes over one tiny block.
+    let mut f = zstd::bulk::compress(b"hello", 1).unwrap();
+    // Rewrite the header: descriptor with an 8-byte content size field.
+    let fh = f[4];
+    assert_eq!(fh & 0xC0, 0, "expected a 1-byte single-segment size field");
+    let mut g = f[..4].to_vec();
+    g.push((fh & 0x3F) | 0xC0);
+    g.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    g.extend_from_slice(&f[6..]);
+    f = g;
+    match ZstdReader::open(source(f), &opts()) {
+        Err(Error::Corrupt {
+            offset: 0, reason, ..
+        }) => assert!(reason.contains("claims"), "{reason}"),
+        other => panic!("{:?}", other.map(|r| r.size())),
+    }
+}
