@@ -14,6 +14,7 @@ use std::io;
 use std::sync::Arc;
 
 pub mod cache;
+pub mod gzip;
 
 pub use cache::BlockCache;
 
