@@ -39,17 +39,19 @@ pub fn is_gzip_magic(b: &[u8]) -> bool {
 /// Parse one member header at the start of `b`.
 pub fn parse_header(b: &[u8]) -> Result<Header, HeaderError> {
     let need = |n: usize| if b.len() < n { Err(HeaderError::Short) } else { Ok(()) };
-    need(10)?;
-    if !is_gzip_magic(b) {
+    // Check the fixed fields as far as they are present, so that damage is
+    // reported as such even in a short tail.
+    if b.first().is_some_and(|&c| c != 0x1f) || b.get(1).is_some_and(|&c| c != 0x8b) {
         return Err(HeaderError::Bad(0, "not a gzip member (bad magic)".into()));
     }
-    if b[2] != 8 {
-        return Err(HeaderError::Bad(2, format!("unknown compression method {}", b[2])));
+    if let Some(&cm) = b.get(2).filter(|&&cm| cm != 8) {
+        return Err(HeaderError::Bad(2, format!("unknown compression method {cm}")));
     }
-    let flags = b[3];
-    if flags & FTEXT_MASK_RESERVED != 0 {
+    if let Some(&flags) = b.get(3).filter(|&&f| f & FTEXT_MASK_RESERVED != 0) {
         return Err(HeaderError::Bad(3, format!("reserved header flags set ({flags:#x})")));
     }
+    need(10)?;
+    let flags = b[3];
     let mut pos = 10;
     let mut bgzf_bsize = None;
     if flags & FEXTRA != 0 {

@@ -227,11 +227,14 @@ impl GzipIndex {
             let out = r.u64()?;
             let inp = r.u64()?;
             let head = r.take(4)?;
-            let (kind, bits, compressed) = (head[0], head[1], head[2]);
+            let (kind, bits, compressed, pad) = (head[0], head[1], head[2], head[3]);
+            if pad != 0 {
+                return Err(format!("checkpoint {i}: bad padding"));
+            }
             let raw_len = r.u32()?;
             let stored_len = r.u32()?;
             let kind = match kind {
-                0 if bits == 0 && raw_len == 0 && stored_len == 0 => Kind::Member,
+                0 if bits == 0 && compressed == 0 && raw_len == 0 && stored_len == 0 => Kind::Member,
                 1 if bits <= 7 && compressed <= 1 && raw_len as usize <= WINDOW => {
                     if compressed == 0 && stored_len != raw_len {
                         return Err(format!("checkpoint {i}: bad raw window length"));

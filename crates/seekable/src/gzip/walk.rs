@@ -32,10 +32,14 @@ pub(super) fn walk(sh: &Shared) -> Result<u64, Fail> {
     loop {
         let member_off = input.offset();
         let hdr = read_header(sh, &mut input)?;
-        if hdr.bgzf_bsize.is_some() {
-            // Members say their own size: find them without decoding and
-            // verify them in parallel.
-            let (off, out) = w.bgzf(member_off)?;
+        // BGZF members say their own size: find them without decoding and
+        // verify them in parallel.  If not even the first one is a sound
+        // BGZF member, decode it the ordinary way, which reports the damage.
+        let bgzf_end = match hdr.bgzf_bsize {
+            Some(_) => Some(w.bgzf(member_off)?).filter(|&(off, _)| off > member_off),
+            None => None,
+        };
+        if let Some((off, out)) = bgzf_end {
             w.out = out;
             input = Input::new(&*sh.source, sh.comp_size, off, READ_CHUNK);
         } else {
