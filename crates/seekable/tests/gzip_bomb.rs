@@ -33,7 +33,12 @@ fn one_gib_of_zeros() {
     drop(zeros);
     assert!(data.len() < 2 << 20, "bomb is {} bytes", data.len());
     let src: Arc<dyn Source> = Arc::new(data);
-    let opts = Options { name: "bomb.gz".into(), cache_bytes: 16 << 20, threads: 2, scratch_dir: None };
+    let opts = Options {
+        name: "bomb.gz".into(),
+        cache_bytes: 16 << 20,
+        threads: 2,
+        scratch_dir: None,
+    };
     let r = GzipReader::open_with(src, &opts, &util::no_persist(1 << 20)).unwrap();
     assert_eq!(r.wait_size().unwrap(), GIB);
     let mut buf = vec![1u8; 3 << 20];

@@ -42,7 +42,10 @@ fn corrupt_offset(e: &Error) -> u64 {
 fn truncated_everywhere() {
     let orig = mixed(10, 200_000);
     let data = gzip(&orig, 6);
-    for cut in (0..data.len()).step_by(997).chain([1, 2, 9, 10, data.len() - 8, data.len() - 1]) {
+    for cut in (0..data.len())
+        .step_by(997)
+        .chain([1, 2, 9, 10, data.len() - 8, data.len() - 1])
+    {
         let e = walk_error(data[..cut].to_vec()).unwrap_or_else(|| panic!("cut at {cut} accepted"));
         if cut >= 10 {
             let off = corrupt_offset(&e);
@@ -87,11 +90,20 @@ fn bgzf_bad_member_named() {
 
 #[test]
 fn garbage_and_padding() {
-    assert!(matches!(try_open(b"not gzip at all".to_vec(), 4096), Err(Error::UnknownFormat { .. })));
-    assert!(matches!(try_open(Vec::new(), 4096), Err(Error::UnknownFormat { .. })));
+    assert!(matches!(
+        try_open(b"not gzip at all".to_vec(), 4096),
+        Err(Error::UnknownFormat { .. })
+    ));
+    assert!(matches!(
+        try_open(Vec::new(), 4096),
+        Err(Error::UnknownFormat { .. })
+    ));
     let mut hdr_garbage = vec![0x1f, 0x8b, 8, 0xff];
     hdr_garbage.extend([0u8; 20]);
-    assert!(matches!(try_open(hdr_garbage, 4096), Err(Error::Corrupt { offset: 3, .. })));
+    assert!(matches!(
+        try_open(hdr_garbage, 4096),
+        Err(Error::Corrupt { offset: 3, .. })
+    ));
 
     let orig = mixed(13, 50_000);
     let data = gzip(&orig, 6);
@@ -114,7 +126,10 @@ fn garbage_and_padding() {
     let mut long_name = vec![0x1f, 0x8b, 8, 0x08, 0, 0, 0, 0, 0, 3];
     long_name.extend(vec![b'a'; 3 << 20]);
     let e = walk_error(long_name).expect("endless name accepted");
-    assert!(e.to_string().contains("too long") || e.to_string().contains("truncated"), "{e}");
+    assert!(
+        e.to_string().contains("too long") || e.to_string().contains("truncated"),
+        "{e}"
+    );
 }
 
 proptest! {

@@ -16,7 +16,11 @@ fn open_at(data: &[u8], gz: &GzipOptions) -> GzipReader {
 }
 
 fn persist_to(path: &Path) -> GzipOptions {
-    GzipOptions { span: 65536, index_path: Some(path.to_path_buf()), ..Default::default() }
+    GzipOptions {
+        span: 65536,
+        index_path: Some(path.to_path_buf()),
+        ..Default::default()
+    }
 }
 
 /// Open, read everything, and return whether the saved index was used.
@@ -24,7 +28,11 @@ fn open_check(data: &[u8], orig: &[u8], gz: &GzipOptions) -> bool {
     let r = open_at(data, gz);
     let loaded = r.index_was_loaded();
     if loaded {
-        assert_eq!(r.known_size(), Some(orig.len() as u64), "size known at once");
+        assert_eq!(
+            r.known_size(),
+            Some(orig.len() as u64),
+            "size known at once"
+        );
     }
     check_all(&r, orig);
     if !loaded {
@@ -38,7 +46,11 @@ fn save_then_reopen_uses_index() {
     let dir = tempfile::tempdir().unwrap();
     let orig = mixed(1, 2_000_000);
     let data = gzip(&orig, 6);
-    let gz = GzipOptions { span: 65536, index_dir: Some(dir.path().to_path_buf()), ..Default::default() };
+    let gz = GzipOptions {
+        span: 65536,
+        index_dir: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
     let r = open_at(&data, &gz);
     assert!(!r.index_was_loaded());
     let saved = r.wait_saved().expect("persisting").expect("saved");
@@ -73,17 +85,29 @@ fn modified_source_invalidates_index() {
     for at in [4usize, last + 4] {
         let mut changed = data.clone();
         changed[at] ^= 0x55;
-        assert!(!open_check(&changed, &orig, &gz), "change at {at} not noticed");
+        assert!(
+            !open_check(&changed, &orig, &gz),
+            "change at {at} not noticed"
+        );
         assert!(open_check(&changed, &orig, &gz));
     }
     // A caller-supplied identity (e.g. mtime) is part of the match too.
-    let with_id = GzipOptions { identity: Some(b"mtime=1".to_vec()), ..persist_to(&path) };
+    let with_id = GzipOptions {
+        identity: Some(b"mtime=1".to_vec()),
+        ..persist_to(&path)
+    };
     assert!(!open_check(&data, &orig, &with_id));
     assert!(open_check(&data, &orig, &with_id));
-    let other_id = GzipOptions { identity: Some(b"mtime=2".to_vec()), ..persist_to(&path) };
+    let other_id = GzipOptions {
+        identity: Some(b"mtime=2".to_vec()),
+        ..persist_to(&path)
+    };
     assert!(!open_check(&data, &orig, &other_id));
     // A different span is rebuilt rather than used.
-    let other_span = GzipOptions { span: 4096, ..persist_to(&path) };
+    let other_span = GzipOptions {
+        span: 4096,
+        ..persist_to(&path)
+    };
     assert!(!open_check(&data, &orig, &other_span));
 }
 
@@ -111,7 +135,11 @@ fn damaged_index_is_rebuilt() {
     for bad in damaged {
         std::fs::write(&path, &bad).unwrap();
         assert!(!open_check(&data, &orig, &gz));
-        assert_eq!(std::fs::read(&path).unwrap(), good, "rebuilt index is identical");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            good,
+            "rebuilt index is identical"
+        );
         assert!(open_check(&data, &orig, &gz));
     }
 }

@@ -15,7 +15,11 @@ enum Layout {
 }
 
 fn layouts() -> impl Strategy<Value = Layout> {
-    prop_oneof![Just(Layout::Single), Just(Layout::Members), Just(Layout::Bgzf)]
+    prop_oneof![
+        Just(Layout::Single),
+        Just(Layout::Members),
+        Just(Layout::Bgzf)
+    ]
 }
 
 proptest! {
@@ -90,7 +94,12 @@ fn zero_extents_reported() {
 #[test]
 fn real_tools() {
     let orig = mixed(42, 3_000_000);
-    for args in [&["gzip", "-c", "-6"][..], &["pigz", "-c", "-i", "-b", "128"], &["pigz", "-c", "-p", "2"], &["bgzip", "-c"]] {
+    for args in [
+        &["gzip", "-c", "-6"][..],
+        &["pigz", "-c", "-i", "-b", "128"],
+        &["pigz", "-c", "-p", "2"],
+        &["bgzip", "-c"],
+    ] {
         let gz = tool(args, &orig);
         for span in [4096u64, 1 << 20] {
             let r = open(gz.clone(), span, 2);
@@ -98,10 +107,17 @@ fn real_tools() {
             let mut buf = vec![0u8; 10_000];
             for off in [0usize, 1, 65535, 65536, 1_000_000, orig.len() - 10_000] {
                 r.read_at(&mut buf, off as u64).unwrap();
-                assert!(buf[..] == orig[off..off + 10_000], "{args:?} span {span} at {off}");
+                assert!(
+                    buf[..] == orig[off..off + 10_000],
+                    "{args:?} span {span} at {off}"
+                );
             }
             if span == 4096 {
-                assert!(r.checkpoint_count() > 20, "{args:?}: {} checkpoints", r.checkpoint_count());
+                assert!(
+                    r.checkpoint_count() > 20,
+                    "{args:?}: {} checkpoints",
+                    r.checkpoint_count()
+                );
             }
         }
     }

@@ -38,7 +38,9 @@ pub fn bgzf(data: &[u8], block: usize) -> Vec<u8> {
         e.write_all(chunk).unwrap();
         let cdata = e.finish().unwrap();
         let bsize = (18 + cdata.len() + 8 - 1) as u16;
-        out.extend_from_slice(&[0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 6, 0, b'B', b'C', 2, 0]);
+        out.extend_from_slice(&[
+            0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 6, 0, b'B', b'C', 2, 0,
+        ]);
         out.extend_from_slice(&bsize.to_le_bytes());
         out.extend_from_slice(&cdata);
         out.extend_from_slice(&crc32fast::hash(chunk).to_le_bytes());
@@ -67,7 +69,10 @@ pub fn tool(args: &[&str], data: &[u8]) -> Vec<u8> {
 
 /// Mixed test data: random, zero and text-like runs.
 pub fn mixed(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     let mut next = move || {
         x ^= x << 13;
         x ^= x >> 7;
@@ -95,11 +100,20 @@ pub fn mixed(seed: u64, len: usize) -> Vec<u8> {
 }
 
 pub fn opts(threads: usize) -> Options {
-    Options { name: "test.gz".into(), cache_bytes: 8 << 20, threads, scratch_dir: None }
+    Options {
+        name: "test.gz".into(),
+        cache_bytes: 8 << 20,
+        threads,
+        scratch_dir: None,
+    }
 }
 
 pub fn no_persist(span: u64) -> GzipOptions {
-    GzipOptions { span, persist: false, ..Default::default() }
+    GzipOptions {
+        span,
+        persist: false,
+        ..Default::default()
+    }
 }
 
 pub fn open(data: Vec<u8>, span: u64, threads: usize) -> GzipReader {
@@ -117,5 +131,8 @@ pub fn check_all(r: &GzipReader, orig: &[u8]) {
         assert!(buf == orig, "whole-image read differs");
     }
     let mut one = [0u8; 1];
-    assert!(r.read_at(&mut one, orig.len() as u64).is_err(), "read past end must fail");
+    assert!(
+        r.read_at(&mut one, orig.len() as u64).is_err(),
+        "read past end must fail"
+    );
 }

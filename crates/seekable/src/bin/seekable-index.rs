@@ -10,7 +10,10 @@ use seekable_compressed::gzip::{is_gzip_magic, GzipOptions, GzipReader};
 use seekable_compressed::{Options, Source};
 
 #[derive(Parser)]
-#[command(name = "seekable-index", about = "Build or inspect access indexes of compressed images")]
+#[command(
+    name = "seekable-index",
+    about = "Build or inspect access indexes of compressed images"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -59,19 +62,37 @@ fn format_of(file: &std::fs::File) -> std::io::Result<&'static str> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Build { file, index, span, threads } => {
+        Cmd::Build {
+            file,
+            index,
+            span,
+            threads,
+        } => {
             let f = std::fs::File::open(&file)?;
             let name = file.display().to_string();
             let src: Arc<dyn Source> = Arc::new(f);
-            let opts = Options { name, threads, ..Options::default() };
-            let gz = GzipOptions { span, index_path: index, ..GzipOptions::default() };
+            let opts = Options {
+                name,
+                threads,
+                ..Options::default()
+            };
+            let gz = GzipOptions {
+                span,
+                index_path: index,
+                ..GzipOptions::default()
+            };
             let t0 = Instant::now();
             let r = GzipReader::open_with(src, &opts, &gz)?;
             let size = r.wait_size()?;
             let saved = r.wait_saved();
             let secs = t0.elapsed().as_secs_f64();
             if r.index_was_loaded() {
-                println!("valid index already at {}", r.index_path().map(|p| p.display().to_string()).unwrap_or_default());
+                println!(
+                    "valid index already at {}",
+                    r.index_path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                );
             } else {
                 match saved {
                     Some(Ok(p)) => println!("saved index to {}", p.display()),
@@ -93,10 +114,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let src: Arc<dyn Source> = Arc::new(f);
                 // threads 0 and a loaded index: nothing runs in the
                 // background unless there is no valid index.
-                let opts = Options { name, threads: 0, ..Options::default() };
-                let gz = GzipOptions { span, index_path: index, ..GzipOptions::default() };
+                let opts = Options {
+                    name,
+                    threads: 0,
+                    ..Options::default()
+                };
+                let gz = GzipOptions {
+                    span,
+                    index_path: index,
+                    ..GzipOptions::default()
+                };
                 let r = GzipReader::open_with(src, &opts, &gz)?;
-                let path = r.index_path().map(|p| p.display().to_string()).unwrap_or_else(|| "(none)".into());
+                let path = r
+                    .index_path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(none)".into());
                 if r.index_was_loaded() {
                     println!("index: valid, {path}");
                     println!("span: {}", r.span());

@@ -33,13 +33,18 @@ pub(super) fn decode(sh: &Shared, cp: &Checkpoint, start: u64, end: u64) -> Resu
                     _ => return Err(sh.fail_corrupt(at, "checkpoint beyond end of file".into())),
                 };
                 input.consume(1);
-                inf.prime(bits, byte >> (8 - bits)).map_err(|e| sh.fail_corrupt(at, e))?;
+                inf.prime(bits, byte >> (8 - bits))
+                    .map_err(|e| sh.fail_corrupt(at, e))?;
             }
-            let w = window.raw().map_err(|e| sh.fail_corrupt(cp.inp, format!("saved index: {e}")))?;
-            inf.set_dictionary(&w).map_err(|e| sh.fail_corrupt(cp.inp, e))?;
+            let w = window
+                .raw()
+                .map_err(|e| sh.fail_corrupt(cp.inp, format!("saved index: {e}")))?;
+            inf.set_dictionary(&w)
+                .map_err(|e| sh.fail_corrupt(cp.inp, e))?;
         }
     }
-    let len = usize::try_from(end - start).map_err(|_| sh.fail_unsupported("span too large".into()))?;
+    let len =
+        usize::try_from(end - start).map_err(|_| sh.fail_unsupported("span too large".into()))?;
     let mut buf = vec![0u8; len];
     let mut scratch = vec![0u8; DISCARD.min((start - cp.out) as usize)];
     let mut out = cp.out;
@@ -55,7 +60,9 @@ pub(super) fn decode(sh: &Shared, cp: &Checkpoint, start: u64, end: u64) -> Resu
         } else {
             &mut buf[(out - start) as usize..]
         };
-        let step = inf.inflate(avail, dst, false).map_err(|e| sh.fail_corrupt(off, e))?;
+        let step = inf
+            .inflate(avail, dst, false)
+            .map_err(|e| sh.fail_corrupt(off, e))?;
         input.consume(step.consumed);
         out += step.produced as u64;
         if step.status == Status::StreamEnd {

@@ -38,17 +38,29 @@ pub fn is_gzip_magic(b: &[u8]) -> bool {
 
 /// Parse one member header at the start of `b`.
 pub fn parse_header(b: &[u8]) -> Result<Header, HeaderError> {
-    let need = |n: usize| if b.len() < n { Err(HeaderError::Short) } else { Ok(()) };
+    let need = |n: usize| {
+        if b.len() < n {
+            Err(HeaderError::Short)
+        } else {
+            Ok(())
+        }
+    };
     // Check the fixed fields as far as they are present, so that damage is
     // reported as such even in a short tail.
     if b.first().is_some_and(|&c| c != 0x1f) || b.get(1).is_some_and(|&c| c != 0x8b) {
         return Err(HeaderError::Bad(0, "not a gzip member (bad magic)".into()));
     }
     if let Some(&cm) = b.get(2).filter(|&&cm| cm != 8) {
-        return Err(HeaderError::Bad(2, format!("unknown compression method {cm}")));
+        return Err(HeaderError::Bad(
+            2,
+            format!("unknown compression method {cm}"),
+        ));
     }
     if let Some(&flags) = b.get(3).filter(|&&f| f & FTEXT_MASK_RESERVED != 0) {
-        return Err(HeaderError::Bad(3, format!("reserved header flags set ({flags:#x})")));
+        return Err(HeaderError::Bad(
+            3,
+            format!("reserved header flags set ({flags:#x})"),
+        ));
     }
     need(10)?;
     let flags = b[3];
@@ -67,7 +79,10 @@ pub fn parse_header(b: &[u8]) -> Result<Header, HeaderError> {
             match b[pos.min(b.len())..].iter().position(|&c| c == 0) {
                 Some(n) => pos += n + 1,
                 None if b.len() >= MAX_HEADER => {
-                    return Err(HeaderError::Bad(pos, "file name or comment too long".into()))
+                    return Err(HeaderError::Bad(
+                        pos,
+                        "file name or comment too long".into(),
+                    ))
                 }
                 None => return Err(HeaderError::Short),
             }
@@ -85,7 +100,10 @@ pub fn parse_header(b: &[u8]) -> Result<Header, HeaderError> {
     if pos > MAX_HEADER {
         return Err(HeaderError::Bad(0, "header too long".into()));
     }
-    Ok(Header { len: pos, bgzf_bsize })
+    Ok(Header {
+        len: pos,
+        bgzf_bsize,
+    })
 }
 
 /// Find the BGZF `BC` subfield (SLEN 2) in FEXTRA data.
@@ -116,7 +134,14 @@ pub struct Input<'a> {
 
 impl<'a> Input<'a> {
     pub fn new(src: &'a dyn Source, size: u64, offset: u64, chunk: usize) -> Self {
-        Input { src, size, buf: Vec::new(), start: offset, pos: 0, chunk }
+        Input {
+            src,
+            size,
+            buf: Vec::new(),
+            start: offset,
+            pos: 0,
+            chunk,
+        }
     }
 
     /// File offset of the next unconsumed byte.
@@ -175,16 +200,34 @@ mod tests {
     #[test]
     fn minimal_and_flags() {
         let mut h = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3];
-        assert_eq!(parse_header(&h), Ok(Header { len: 10, bgzf_bsize: None }));
+        assert_eq!(
+            parse_header(&h),
+            Ok(Header {
+                len: 10,
+                bgzf_bsize: None
+            })
+        );
         h[3] = FNAME | FCOMMENT | FEXTRA;
         h.extend_from_slice(&[6, 0, b'B', b'C', 2, 0, 0x34, 0x12]);
         assert_eq!(parse_header(&h), Err(HeaderError::Short));
         h.extend_from_slice(b"name\0comment\0");
-        assert_eq!(parse_header(&h), Ok(Header { len: 31, bgzf_bsize: Some(0x1234) }));
+        assert_eq!(
+            parse_header(&h),
+            Ok(Header {
+                len: 31,
+                bgzf_bsize: Some(0x1234)
+            })
+        );
         h[3] |= FHCRC;
         let crc = (crc32fast::hash(&h) & 0xffff) as u16;
         h.extend_from_slice(&crc.to_le_bytes());
-        assert_eq!(parse_header(&h), Ok(Header { len: 33, bgzf_bsize: Some(0x1234) }));
+        assert_eq!(
+            parse_header(&h),
+            Ok(Header {
+                len: 33,
+                bgzf_bsize: Some(0x1234)
+            })
+        );
         let n = h.len();
         h[n - 1] ^= 1;
         assert!(matches!(parse_header(&h), Err(HeaderError::Bad(..))));
@@ -192,7 +235,10 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(parse_header(b"hello world!"), Err(HeaderError::Bad(0, _))));
+        assert!(matches!(
+            parse_header(b"hello world!"),
+            Err(HeaderError::Bad(0, _))
+        ));
         assert!(matches!(
             parse_header(&[0x1f, 0x8b, 7, 0, 0, 0, 0, 0, 0, 3]),
             Err(HeaderError::Bad(2, _))

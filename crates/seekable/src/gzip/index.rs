@@ -65,8 +65,16 @@ pub struct Window {
 impl Window {
     pub fn new(raw: &[u8]) -> Window {
         match zstream::compress_window(raw) {
-            Some(c) => Window { raw_len: raw.len() as u32, compressed: true, data: c.into() },
-            None => Window { raw_len: raw.len() as u32, compressed: false, data: raw.into() },
+            Some(c) => Window {
+                raw_len: raw.len() as u32,
+                compressed: true,
+                data: c.into(),
+            },
+            None => Window {
+                raw_len: raw.len() as u32,
+                compressed: false,
+                data: raw.into(),
+            },
         }
     }
     pub fn raw(&self) -> Result<Vec<u8>, String> {
@@ -138,7 +146,14 @@ impl GzipIndex {
         b.extend_from_slice(&VERSION.to_le_bytes());
         b.extend_from_slice(&0u32.to_le_bytes());
         let id = &self.identity;
-        for v in [id.comp_size, id.user, id.head, id.tail, self.span, self.total] {
+        for v in [
+            id.comp_size,
+            id.user,
+            id.head,
+            id.tail,
+            self.span,
+            self.total,
+        ] {
             b.extend_from_slice(&v.to_le_bytes());
         }
         b.extend_from_slice(&(self.checkpoints.len() as u64).to_le_bytes());
@@ -204,7 +219,12 @@ impl GzipIndex {
         if r.u32()? != 0 {
             return Err("unknown index flags".into());
         }
-        let identity = Identity { comp_size: r.u64()?, user: r.u64()?, head: r.u64()?, tail: r.u64()? };
+        let identity = Identity {
+            comp_size: r.u64()?,
+            user: r.u64()?,
+            head: r.u64()?,
+            tail: r.u64()?,
+        };
         let span = r.u64()?;
         let total = r.u64()?;
         let ncp = r.u64()?;
@@ -234,7 +254,9 @@ impl GzipIndex {
             let raw_len = r.u32()?;
             let stored_len = r.u32()?;
             let kind = match kind {
-                0 if bits == 0 && compressed == 0 && raw_len == 0 && stored_len == 0 => Kind::Member,
+                0 if bits == 0 && compressed == 0 && raw_len == 0 && stored_len == 0 => {
+                    Kind::Member
+                }
                 1 if bits <= 7 && compressed <= 1 && raw_len as usize <= WINDOW => {
                     if compressed == 0 && stored_len != raw_len {
                         return Err(format!("checkpoint {i}: bad raw window length"));
@@ -242,7 +264,11 @@ impl GzipIndex {
                     let data = r.take(stored_len as usize)?;
                     Kind::Deflate {
                         bits,
-                        window: Window { raw_len, compressed: compressed == 1, data: data.into() },
+                        window: Window {
+                            raw_len,
+                            compressed: compressed == 1,
+                            data: data.into(),
+                        },
                     }
                 }
                 _ => return Err(format!("checkpoint {i}: bad kind/fields")),
@@ -276,7 +302,13 @@ impl GzipIndex {
         if r.pos != body.len() {
             return Err("trailing bytes in index".into());
         }
-        Ok(GzipIndex { identity, span, total, checkpoints, zero_runs })
+        Ok(GzipIndex {
+            identity,
+            span,
+            total,
+            checkpoints,
+            zero_runs,
+        })
     }
 }
 
@@ -389,7 +421,10 @@ impl Emitter {
             ));
         }
         let kind = if deflate {
-            Kind::Deflate { bits, window: Window::new(&self.pending_window) }
+            Kind::Deflate {
+                bits,
+                window: Window::new(&self.pending_window),
+            }
         } else {
             Kind::Member
         };
@@ -480,7 +515,8 @@ pub fn zero_parts(mut out: u64, mut data: &[u8], f: &mut impl FnMut(u64, bool)) 
 
 /// Whole-slice OR, written so the compiler vectorises it.
 pub fn is_zero(b: &[u8]) -> bool {
-    b.chunks(1024).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+    b.chunks(1024)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
 #[cfg(test)]
@@ -489,20 +525,35 @@ mod tests {
 
     fn sample() -> GzipIndex {
         GzipIndex {
-            identity: Identity { comp_size: 1000, user: 0, head: 1, tail: 2 },
+            identity: Identity {
+                comp_size: 1000,
+                user: 0,
+                head: 1,
+                tail: 2,
+            },
             span: 4096,
             total: 300_000,
             checkpoints: vec![
-                Checkpoint { out: 0, inp: 0, kind: Kind::Member },
+                Checkpoint {
+                    out: 0,
+                    inp: 0,
+                    kind: Kind::Member,
+                },
                 Checkpoint {
                     out: 70_000,
                     inp: 500,
-                    kind: Kind::Deflate { bits: 3, window: Window::new(&[7u8; 5000]) },
+                    kind: Kind::Deflate {
+                        bits: 3,
+                        window: Window::new(&[7u8; 5000]),
+                    },
                 },
                 Checkpoint {
                     out: 80_000,
                     inp: 600,
-                    kind: Kind::Deflate { bits: 0, window: Window::new(&[1, 2, 3]) },
+                    kind: Kind::Deflate {
+                        bits: 0,
+                        window: Window::new(&[1, 2, 3]),
+                    },
                 },
             ],
             zero_runs: vec![(1, 2), (4, 1)],

@@ -40,7 +40,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 pub use header::{is_gzip_magic, parse_header, Header, HeaderError};
-pub use index::{fnv1a64, Checkpoint, GzipIndex, Identity, Kind, Window, MAX_CHECKPOINTS, ZERO_CHUNK};
+pub use index::{
+    fnv1a64, Checkpoint, GzipIndex, Identity, Kind, Window, MAX_CHECKPOINTS, ZERO_CHUNK,
+};
 
 use crate::{BlockCache, Error, Extent, Options, RandomAccess, Result, Source};
 use index::checkpoint_for;
@@ -72,7 +74,13 @@ pub struct GzipOptions {
 
 impl Default for GzipOptions {
     fn default() -> Self {
-        GzipOptions { span: 1 << 20, index_path: None, index_dir: None, identity: None, persist: true }
+        GzipOptions {
+            span: 1 << 20,
+            index_path: None,
+            index_dir: None,
+            identity: None,
+            persist: true,
+        }
     }
 }
 
@@ -159,27 +167,59 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     fn fail_corrupt(&self, offset: u64, reason: String) -> Fail {
-        Fail { kind: FailKind::Corrupt, offset, reason }
+        Fail {
+            kind: FailKind::Corrupt,
+            offset,
+            reason,
+        }
     }
     fn fail_io(&self, offset: u64, e: io::Error) -> Fail {
-        Fail { kind: FailKind::Io(e.kind()), offset, reason: e.to_string() }
+        Fail {
+            kind: FailKind::Io(e.kind()),
+            offset,
+            reason: e.to_string(),
+        }
     }
     fn fail_unsupported(&self, reason: String) -> Fail {
-        Fail { kind: FailKind::Unsupported, offset: 0, reason }
+        Fail {
+            kind: FailKind::Unsupported,
+            offset: 0,
+            reason,
+        }
     }
 
     fn error(&self, f: &Fail) -> Error {
         let name = self.name.clone();
         match &f.kind {
-            FailKind::Corrupt => Error::Corrupt { name, format: FORMAT, offset: f.offset, reason: f.reason.clone() },
-            FailKind::Io(k) => Error::Io { name, offset: f.offset, source: io::Error::new(*k, f.reason.clone()) },
-            FailKind::Unsupported => Error::Unsupported { name, format: FORMAT, reason: f.reason.clone() },
+            FailKind::Corrupt => Error::Corrupt {
+                name,
+                format: FORMAT,
+                offset: f.offset,
+                reason: f.reason.clone(),
+            },
+            FailKind::Io(k) => Error::Io {
+                name,
+                offset: f.offset,
+                source: io::Error::new(*k, f.reason.clone()),
+            },
+            FailKind::Unsupported => Error::Unsupported {
+                name,
+                format: FORMAT,
+                reason: f.reason.clone(),
+            },
         }
     }
 
     /// Called by the walk: new checkpoints and zero runs, and how far the
     /// output is now indexed.
-    fn publish(&self, cps: Vec<Checkpoint>, zeros: Vec<(u64, u64)>, open: Option<(u64, u64)>, frontier: u64, done: bool) {
+    fn publish(
+        &self,
+        cps: Vec<Checkpoint>,
+        zeros: Vec<(u64, u64)>,
+        open: Option<(u64, u64)>,
+        frontier: u64,
+        done: bool,
+    ) {
         let mut st = lock(&self.state);
         st.cps.extend(cps);
         st.zero_runs.extend(zeros);
@@ -225,7 +265,9 @@ impl Shared {
         let want = start.saturating_add(self.span);
         let total = self.wait_frontier(want)?;
         let end = match total {
-            Some(t) if start >= t => return Err(self.fail_corrupt(0, format!("span {u} beyond end of data"))),
+            Some(t) if start >= t => {
+                return Err(self.fail_corrupt(0, format!("span {u} beyond end of data")))
+            }
             Some(t) => want.min(t),
             None => want,
         };
@@ -233,7 +275,9 @@ impl Shared {
         let cp = checkpoint_for(&st.cps, start)
             .and_then(|i| st.cps.get(i))
             .cloned()
-            .ok_or_else(|| self.fail_corrupt(0, format!("no checkpoint for output offset {start}")))?;
+            .ok_or_else(|| {
+                self.fail_corrupt(0, format!("no checkpoint for output offset {start}"))
+            })?;
         Ok((cp, start, end))
     }
 
@@ -291,7 +335,11 @@ impl Shared {
     /// Decode span `u` on a background thread if it is indexed, not yet
     /// cached or in flight, and fewer than `threads` such jobs run.
     fn spawn_ahead(self: &Arc<Self>, u: u64) {
-        if self.threads == 0 || !self.is_ready(u) || self.cache.get(u).is_some() || lock(&self.inflight).contains_key(&u) {
+        if self.threads == 0
+            || !self.is_ready(u)
+            || self.cache.get(u).is_some()
+            || lock(&self.inflight).contains_key(&u)
+        {
             return;
         }
         if self.ahead_running.fetch_add(1, Ordering::AcqRel) >= self.threads {
@@ -299,12 +347,14 @@ impl Shared {
             return;
         }
         let sh = self.clone();
-        let spawned = std::thread::Builder::new().name("gzip-ahead".into()).spawn(move || {
-            if sh.get_unit(u).is_ok() {
-                sh.ahead.fetch_add(1, Ordering::Relaxed);
-            }
-            sh.ahead_running.fetch_sub(1, Ordering::AcqRel);
-        });
+        let spawned = std::thread::Builder::new()
+            .name("gzip-ahead".into())
+            .spawn(move || {
+                if sh.get_unit(u).is_ok() {
+                    sh.ahead.fetch_add(1, Ordering::Relaxed);
+                }
+                sh.ahead_running.fetch_sub(1, Ordering::AcqRel);
+            });
         if spawned.is_err() {
             self.ahead_running.fetch_sub(1, Ordering::AcqRel);
         }
@@ -334,7 +384,11 @@ impl Shared {
         }
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let mut tmp = path.clone().into_os_string();
-        tmp.push(format!(".tmp.{}.{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+        tmp.push(format!(
+            ".tmp.{}.{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         let tmp = PathBuf::from(tmp);
         let write = || -> io::Result<()> {
             use std::io::Write;
@@ -359,16 +413,29 @@ impl GzipReader {
 
     /// Open: checks the first member header, loads a saved index if a
     /// valid one exists, otherwise starts indexing in the background.
-    pub fn open_with(source: Arc<dyn Source>, opts: &Options, gz: &GzipOptions) -> Result<GzipReader> {
+    pub fn open_with(
+        source: Arc<dyn Source>,
+        opts: &Options,
+        gz: &GzipOptions,
+    ) -> Result<GzipReader> {
         let name = opts.name.clone();
         if !(index::MIN_SPAN..=index::MAX_SPAN).contains(&gz.span) {
             return Err(Error::Unsupported {
                 name,
                 format: FORMAT,
-                reason: format!("span {} outside {}..={}", gz.span, index::MIN_SPAN, index::MAX_SPAN),
+                reason: format!(
+                    "span {} outside {}..={}",
+                    gz.span,
+                    index::MIN_SPAN,
+                    index::MAX_SPAN
+                ),
             });
         }
-        let io_err = |offset, source| Error::Io { name: opts.name.clone(), offset, source };
+        let io_err = |offset, source| Error::Io {
+            name: opts.name.clone(),
+            offset,
+            source,
+        };
         let comp_size = source.size().map_err(|e| io_err(0, e))?;
         let mut magic = [0u8; 2];
         if comp_size < 2 || source.read_exact_at(&mut magic, 0).is_err() || !is_gzip_magic(&magic) {
@@ -377,7 +444,9 @@ impl GzipReader {
         let hash_at = |off: u64| -> Result<u64> {
             let n = ID_BYTES.min(comp_size - off) as usize;
             let mut b = vec![0u8; n];
-            source.read_exact_at(&mut b, off).map_err(|e| io_err(off, e))?;
+            source
+                .read_exact_at(&mut b, off)
+                .map_err(|e| io_err(off, e))?;
             Ok(fnv1a64(&b))
         };
         let identity = Identity {
@@ -394,7 +463,9 @@ impl GzipReader {
         } else {
             None
         };
-        let loaded = index_path.as_deref().and_then(|p| load_index(p, &identity, gz.span, &name));
+        let loaded = index_path
+            .as_deref()
+            .and_then(|p| load_index(p, &identity, gz.span, &name));
         let sh = Arc::new(Shared {
             source,
             comp_size,
@@ -465,7 +536,10 @@ impl GzipReader {
     /// The decompressed size, waiting for the index walk if needed; the
     /// walk's error if it failed.
     pub fn wait_size(&self) -> Result<u64> {
-        self.sh.wait_frontier(u64::MAX).map_err(|f| self.sh.error(&f)).map(|t| t.unwrap_or(0))
+        self.sh
+            .wait_frontier(u64::MAX)
+            .map_err(|f| self.sh.error(&f))
+            .map(|t| t.unwrap_or(0))
     }
 
     /// The decompressed size if already known (saved index, or walk done).
@@ -530,21 +604,34 @@ fn load_index(path: &Path, identity: &Identity, span: u64, name: &str) -> Option
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
         Err(e) => {
-            tracing::warn!("{name}: cannot read gzip index {}: {e}; rebuilding", path.display());
+            tracing::warn!(
+                "{name}: cannot read gzip index {}: {e}; rebuilding",
+                path.display()
+            );
             return None;
         }
     };
     match GzipIndex::from_bytes(&bytes) {
         Err(e) => {
-            tracing::warn!("{name}: ignoring gzip index {}: {e}; rebuilding", path.display());
+            tracing::warn!(
+                "{name}: ignoring gzip index {}: {e}; rebuilding",
+                path.display()
+            );
             None
         }
         Ok(idx) if idx.identity != *identity => {
-            tracing::warn!("{name}: gzip index {} is for a different or modified file; rebuilding", path.display());
+            tracing::warn!(
+                "{name}: gzip index {} is for a different or modified file; rebuilding",
+                path.display()
+            );
             None
         }
         Ok(idx) if idx.span != span => {
-            tracing::info!("{name}: gzip index {} has span {}, want {span}; rebuilding", path.display(), idx.span);
+            tracing::info!(
+                "{name}: gzip index {} has span {}, want {span}; rebuilding",
+                path.display(),
+                idx.span
+            );
             None
         }
         Ok(idx) => Some(idx),
@@ -572,7 +659,9 @@ impl RandomAccess for GzipReader {
         }
         let len = buf.len() as u64;
         let oor = |size| Error::OutOfRange { offset, len, size };
-        let end = offset.checked_add(len).ok_or_else(|| oor(self.known_size().unwrap_or(0)))?;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| oor(self.known_size().unwrap_or(0)))?;
         if let Some(total) = sh.wait_frontier(end).map_err(|f| sh.error(&f))? {
             if end > total {
                 return Err(oor(total));
@@ -584,13 +673,17 @@ impl RandomAccess for GzipReader {
         let workers = (sh.threads + 1).min(units.len());
         let blocks: Vec<std::result::Result<Arc<[u8]>, Fail>> = if workers > 1 {
             // Several spans: decode them in parallel.
-            let mut slots: Vec<Option<std::result::Result<Arc<[u8]>, Fail>>> = vec![None; units.len()];
+            let mut slots: Vec<Option<std::result::Result<Arc<[u8]>, Fail>>> =
+                vec![None; units.len()];
             std::thread::scope(|s| {
                 let hs: Vec<_> = (0..workers)
                     .map(|w| {
                         let units = &units;
                         s.spawn(move || {
-                            (w..units.len()).step_by(workers).map(|i| (i, sh.get_unit(units[i]))).collect::<Vec<_>>()
+                            (w..units.len())
+                                .step_by(workers)
+                                .map(|i| (i, sh.get_unit(units[i])))
+                                .collect::<Vec<_>>()
                         })
                     })
                     .collect();
@@ -604,7 +697,9 @@ impl RandomAccess for GzipReader {
             });
             slots
                 .into_iter()
-                .map(|r| r.unwrap_or_else(|| Err(sh.fail_unsupported("decoder thread panicked".into()))))
+                .map(|r| {
+                    r.unwrap_or_else(|| Err(sh.fail_unsupported("decoder thread panicked".into())))
+                })
                 .collect()
         } else {
             units.iter().map(|&u| sh.get_unit(u)).collect()
@@ -616,7 +711,9 @@ impl RandomAccess for GzipReader {
             let ustart = u * span;
             let from = (pos - ustart) as usize;
             let n = (b.len().saturating_sub(from)).min(buf.len() - filled);
-            let piece = b.get(from..from + n).ok_or_else(|| oor(ustart + b.len() as u64))?;
+            let piece = b
+                .get(from..from + n)
+                .ok_or_else(|| oor(ustart + b.len() as u64))?;
             buf[filled..filled + n].copy_from_slice(piece);
             filled += n;
             pos += n as u64;
@@ -667,8 +764,15 @@ impl RandomAccess for GzipReader {
                 pos = stop;
                 continue;
             }
-            let next_run = runs.get(i).map(|&(s, _)| s * ZERO_CHUNK).unwrap_or(u64::MAX);
-            let open = st.open_zero.map(|(s, _)| s * ZERO_CHUNK).filter(|&s| s > pos).unwrap_or(u64::MAX);
+            let next_run = runs
+                .get(i)
+                .map(|&(s, _)| s * ZERO_CHUNK)
+                .unwrap_or(u64::MAX);
+            let open = st
+                .open_zero
+                .map(|(s, _)| s * ZERO_CHUNK)
+                .filter(|&s| s > pos)
+                .unwrap_or(u64::MAX);
             let next = next_run.min(open).min(end);
             push(next - pos, false);
             pos = next;

@@ -76,7 +76,10 @@ fn check_trailing(sh: &Shared, input: &mut Input<'_>) -> Result<(), Fail> {
             return Ok(());
         }
         if let Some(i) = avail.iter().position(|&b| b != 0) {
-            return Err(sh.fail_corrupt(off + i as u64, "trailing garbage after the last gzip member".into()));
+            return Err(sh.fail_corrupt(
+                off + i as u64,
+                "trailing garbage after the last gzip member".into(),
+            ));
         }
         let n = avail.len();
         input.consume(n);
@@ -121,7 +124,11 @@ impl Walker<'_> {
     }
 
     fn point(&mut self, out: u64, inp: u64) -> Result<(), Fail> {
-        if self.em.advance(out).map_err(|e| self.sh.fail_unsupported(e))? {
+        if self
+            .em
+            .advance(out)
+            .map_err(|e| self.sh.fail_unsupported(e))?
+        {
             self.em
                 .set_pending(out, inp, 0, false, |_| Ok(()))
                 .map_err(|e| self.sh.fail_unsupported(e))?;
@@ -149,9 +156,13 @@ impl Walker<'_> {
             let off = input.offset();
             let avail = input.available().map_err(|e| sh.fail_io(off, e))?;
             if avail.is_empty() {
-                return Err(sh.fail_corrupt(off, "unexpected end of file inside deflate data".into()));
+                return Err(
+                    sh.fail_corrupt(off, "unexpected end of file inside deflate data".into())
+                );
             }
-            let step = inf.inflate(avail, obuf, true).map_err(|e| sh.fail_corrupt(off, e))?;
+            let step = inf
+                .inflate(avail, obuf, true)
+                .map_err(|e| sh.fail_corrupt(off, e))?;
             input.consume(step.consumed);
             let data = &obuf[..step.produced];
             crc.update(data);
@@ -234,16 +245,24 @@ impl Walker<'_> {
                     break;
                 }
             }
-            let results: Vec<Result<Vec<(u64, bool)>, Fail>> = if sh.threads > 0 && batches.len() > 1 {
-                std::thread::scope(|s| {
-                    let hs: Vec<_> = batches.iter().map(|b| s.spawn(|| verify_batch(sh, b))).collect();
-                    hs.into_iter()
-                        .map(|h| h.join().unwrap_or_else(|_| Err(sh.fail_unsupported("worker panicked".into()))))
-                        .collect()
-                })
-            } else {
-                batches.iter().map(|b| verify_batch(sh, b)).collect()
-            };
+            let results: Vec<Result<Vec<(u64, bool)>, Fail>> =
+                if sh.threads > 0 && batches.len() > 1 {
+                    std::thread::scope(|s| {
+                        let hs: Vec<_> = batches
+                            .iter()
+                            .map(|b| s.spawn(|| verify_batch(sh, b)))
+                            .collect();
+                        hs.into_iter()
+                            .map(|h| {
+                                h.join().unwrap_or_else(|_| {
+                                    Err(sh.fail_unsupported("worker panicked".into()))
+                                })
+                            })
+                            .collect()
+                    })
+                } else {
+                    batches.iter().map(|b| verify_batch(sh, b)).collect()
+                };
             for (b, r) in batches.iter().zip(results) {
                 let parts = r?;
                 for m in &b.members {
@@ -292,7 +311,9 @@ struct Batch {
 fn scan_batch(sh: &Shared, off: u64, mut out: u64) -> Result<Batch, Fail> {
     let len = (sh.comp_size.saturating_sub(off)).min(BGZF_BATCH_BYTES as u64) as usize;
     let mut buf = vec![0u8; len];
-    sh.source.read_exact_at(&mut buf, off).map_err(|e| sh.fail_io(off, e))?;
+    sh.source
+        .read_exact_at(&mut buf, off)
+        .map_err(|e| sh.fail_io(off, e))?;
     let mut members = Vec::new();
     let mut pos = 0usize;
     // Whether the scan stopped only because the buffer ended before the
@@ -321,7 +342,13 @@ fn scan_batch(sh: &Shared, off: u64, mut out: u64) -> Result<Batch, Fail> {
         let t = &rest[total - 8..total];
         let crc = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
         let isize = u32::from_le_bytes([t[4], t[5], t[6], t[7]]);
-        members.push(Member { off: off + pos as u64, out, data: pos + h.len..pos + total - 8, crc, isize });
+        members.push(Member {
+            off: off + pos as u64,
+            out,
+            data: pos + h.len..pos + total - 8,
+            crc,
+            isize,
+        });
         out += isize as u64;
         pos += total;
     }
@@ -329,7 +356,14 @@ fn scan_batch(sh: &Shared, off: u64, mut out: u64) -> Result<Batch, Fail> {
         cut = true;
     }
     buf.truncate(pos);
-    Ok(Batch { buf, start: off, members, end_off: off + pos as u64, end_out: out, full: cut && pos > 0 })
+    Ok(Batch {
+        buf,
+        start: off,
+        members,
+        end_off: off + pos as u64,
+        end_out: out,
+        full: cut && pos > 0,
+    })
 }
 
 /// Decode and check every member of a batch; returns the zero verdicts.
@@ -345,14 +379,20 @@ fn verify_batch(sh: &Shared, b: &Batch) -> Result<Vec<(u64, bool)>, Fail> {
         let data_off = b.start + m.data.start as u64;
         loop {
             let at = data_off + (m.data.len() - data.len()) as u64;
-            let step = inf.inflate(data, &mut obuf, false).map_err(|e| sh.fail_corrupt(at, e))?;
+            let step = inf
+                .inflate(data, &mut obuf, false)
+                .map_err(|e| sh.fail_corrupt(at, e))?;
             data = &data[step.consumed..];
             let out = &obuf[..step.produced];
             crc.update(out);
-            zero_parts(m.out + len, out, &mut |chunk, zero| match parts.last_mut() {
-                Some((c, z)) if *c == chunk => *z &= zero,
-                _ => parts.push((chunk, zero)),
-            });
+            zero_parts(
+                m.out + len,
+                out,
+                &mut |chunk, zero| match parts.last_mut() {
+                    Some((c, z)) if *c == chunk => *z &= zero,
+                    _ => parts.push((chunk, zero)),
+                },
+            );
             len += out.len() as u64;
             if step.status == Status::StreamEnd {
                 break;
@@ -363,13 +403,19 @@ fn verify_batch(sh: &Shared, b: &Batch) -> Result<Vec<(u64, bool)>, Fail> {
         }
         let trailer = b.start + m.data.end as u64;
         if !data.is_empty() {
-            return Err(sh.fail_corrupt(trailer - data.len() as u64, "BGZF block size disagrees with deflate data".into()));
+            return Err(sh.fail_corrupt(
+                trailer - data.len() as u64,
+                "BGZF block size disagrees with deflate data".into(),
+            ));
         }
         let got = crc.finalize();
         if got != m.crc {
             return Err(sh.fail_corrupt(
                 trailer,
-                format!("CRC32 mismatch in member at {}: stored {:08x}, data {got:08x}", m.off, m.crc),
+                format!(
+                    "CRC32 mismatch in member at {}: stored {:08x}, data {got:08x}",
+                    m.off, m.crc
+                ),
             ));
         }
         // BGZF members are at most 64 KiB, so ISIZE must match exactly:
@@ -377,7 +423,10 @@ fn verify_batch(sh: &Shared, b: &Batch) -> Result<Vec<(u64, bool)>, Fail> {
         if len != m.isize as u64 {
             return Err(sh.fail_corrupt(
                 trailer + 4,
-                format!("length mismatch in member at {}: stored {}, data {len}", m.off, m.isize),
+                format!(
+                    "length mismatch in member at {}: stored {}, data {len}",
+                    m.off, m.isize
+                ),
             ));
         }
     }

@@ -106,7 +106,7 @@ impl Inflater {
         out.resize(WINDOW, 0);
         let mut len: u32 = 0;
         // SAFETY: out has WINDOW bytes, the most zlib ever writes here.
-        let ret = unsafe { z::inflateGetDictionary(&mut *self.strm, out.as_mut_ptr(), &mut len) };
+        let ret = unsafe { z::inflateGetDictionary(&*self.strm, out.as_mut_ptr(), &mut len) };
         check(ret, "inflateGetDictionary")?;
         out.truncate((len as usize).min(WINDOW));
         Ok(())
@@ -114,7 +114,12 @@ impl Inflater {
 
     /// Run inflate over `input` into `output`; `block` stops at each
     /// deflate block boundary (`Z_BLOCK`).
-    pub fn inflate(&mut self, input: &[u8], output: &mut [u8], block: bool) -> Result<Step, String> {
+    pub fn inflate(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        block: bool,
+    ) -> Result<Step, String> {
         let in_len = input.len().min(u32::MAX as usize);
         let out_len = output.len().min(u32::MAX as usize);
         self.strm.next_in = input.as_ptr();
@@ -141,7 +146,12 @@ impl Inflater {
             z::Z_MEM_ERROR => return Err("out of memory in inflate".into()),
             other => return Err(format!("inflate error {other}")),
         };
-        Ok(Step { consumed, produced, status, data_type })
+        Ok(Step {
+            consumed,
+            produced,
+            status,
+            data_type,
+        })
     }
 
     fn msg(&self) -> String {
@@ -179,7 +189,15 @@ pub fn compress_window(raw: &[u8]) -> Option<Vec<u8>> {
     let mut out = vec![0u8; bound];
     let mut out_len = bound as _;
     // SAFETY: out has `bound` bytes as compressBound requires; raw is valid.
-    let ret = unsafe { z::compress2(out.as_mut_ptr(), &mut out_len, raw.as_ptr(), raw.len() as _, 1) };
+    let ret = unsafe {
+        z::compress2(
+            out.as_mut_ptr(),
+            &mut out_len,
+            raw.as_ptr(),
+            raw.len() as _,
+            1,
+        )
+    };
     let out_len = out_len as usize;
     if ret != z::Z_OK || out_len >= raw.len() {
         return None;
@@ -196,7 +214,14 @@ pub fn decompress_window(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, Strin
     let mut out = vec![0u8; raw_len];
     let mut out_len = raw_len as _;
     // SAFETY: out has raw_len bytes and out_len says so; stored is valid.
-    let ret = unsafe { z::uncompress(out.as_mut_ptr(), &mut out_len, stored.as_ptr(), stored.len() as _) };
+    let ret = unsafe {
+        z::uncompress(
+            out.as_mut_ptr(),
+            &mut out_len,
+            stored.as_ptr(),
+            stored.len() as _,
+        )
+    };
     if ret != z::Z_OK || out_len as usize != raw_len {
         return Err(format!("stored window does not decompress ({ret})"));
     }
