@@ -508,7 +508,10 @@ impl GzipReader {
             .name("gzip-index".into())
             .spawn(move || {
                 let t0 = Instant::now();
-                match walk::walk(&bg) {
+                // A bug in the walk must not leave readers waiting forever.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| walk::walk(&bg)))
+                    .unwrap_or_else(|_| Err(bg.fail_unsupported("index walk panicked".into())));
+                match result {
                     Ok(total) => {
                         tracing::debug!(name = %bg.name, total, secs = t0.elapsed().as_secs_f64(), "gzip index built");
                         let saved = bg.index_path.as_ref().map(|_| bg.save());
