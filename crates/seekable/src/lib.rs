@@ -57,11 +57,13 @@ use std::sync::Arc;
 pub mod bzip2;
 pub mod cache;
 mod engine;
+pub mod gzip;
 mod progressive;
 pub mod xz;
 pub mod zstd;
 
 pub use bzip2::Bzip2Reader;
+pub use gzip::GzipReader;
 pub use cache::BlockCache;
 pub use xz::XzReader;
 pub use zstd::ZstdReader;
@@ -263,12 +265,7 @@ pub fn open(source: Arc<dyn Source>, opts: &Options) -> Result<Arc<dyn RandomAcc
     } else if n >= 4 && magic.starts_with(b"BZh") && (b'1'..=b'9').contains(&magic[3]) {
         Ok(Arc::new(Bzip2Reader::open(source, opts)?))
     } else if magic.starts_with(&[0x1F, 0x8B]) {
-        // TODO(merge): gzip
-        Err(Error::Unsupported {
-            name: opts.name.clone(),
-            format: "gzip",
-            reason: "gzip reader not wired in yet".into(),
-        })
+        Ok(Arc::new(gzip::GzipReader::open(source, opts)?))
     } else {
         Err(Error::UnknownFormat {
             name: opts.name.clone(),

@@ -1,0 +1,800 @@
+//! Random access to gzip files (single member, concatenated, `pigz -i`,
+//! BGZF) through a zran-style index.
+//!
+//! The index holds a checkpoint for every `span` bytes of output: the last
+//! place at or before each multiple of `span` where decoding can resume (a
+//! member start, or a deflate block boundary plus the 32 KiB history
+//! window).  Reading span `k` decodes from its checkpoint, discarding at
+//! most one deflate block of output, into a `span`-sized buffer cached in
+//! the shared [`BlockCache`](crate::BlockCache).
+//!
+//! Building the index means decoding the whole file once.  [`GzipReader::open`]
+//! does not wait for that: it checks the first member header and starts a
+//! background walk; reads behind the walk's frontier are served at once,
+//! reads beyond it wait until the frontier passes them.  The finished index
+//! is saved (see [`GzipOptions`]) so the next open is instant.
+//!
+//! The exact decompressed size is only known when the walk ends: gzip's
+//! ISIZE trailer is the member length mod 2^32, and only per member, so it
+//! cannot give the size of a multi-GiB or multi-member image.  Hence
+//! [`RandomAccess::size`] blocks until the walk completes (immediately
+//! when a saved index was loaded); [`GzipReader::indexed_frontier`] and
+//! [`GzipReader::known_size`] let a caller avoid blocking.
+//!
+//! Trailing data: zero bytes after the last member are accepted as padding
+//! (like `gzip -d`); any other trailing bytes make the walk fail with
+//! [`Error::Corrupt`] naming their offset.  Once the walk has failed, every
+//! read fails with that error and nothing is saved.
+
+mod decode;
+mod header;
+mod index;
+mod walk;
+mod zstream;
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+pub use header::{is_gzip_magic, parse_header, Header, HeaderError};
+pub use index::{
+    fnv1a64, Checkpoint, GzipIndex, Identity, Kind, Window, MAX_CHECKPOINTS, ZERO_CHUNK,
+};
+
+use crate::{BlockCache, Error, Extent, Options, RandomAccess, Result, Source};
+use index::checkpoint_for;
+
+const FORMAT: &str = "gzip";
+/// Bytes hashed at each end of the compressed file for its identity.
+const ID_BYTES: u64 = 64 * 1024;
+
+/// Gzip-specific options.
+#[derive(Debug, Clone)]
+pub struct GzipOptions {
+    /// Output bytes between checkpoints (default 1 MiB): a read decodes at
+    /// most this much plus one deflate block; the index holds one window
+    /// (up to 32 KiB, compressed when possible) per span.
+    pub span: u64,
+    /// Explicit index file; default is
+    /// `$XDG_CACHE_HOME/nbdkit-rs/gzip-index/<identity>.gzi`.
+    pub index_path: Option<PathBuf>,
+    /// Directory for default-named index files (overrides the XDG cache).
+    pub index_dir: Option<PathBuf>,
+    /// Extra identity of the source supplied by the caller (e.g. mtime,
+    /// inode, ETag): mixed into the identity an index must match.  Without
+    /// it a change in the middle of the file that keeps its size and its
+    /// first and last 64 KiB goes unnoticed.
+    pub identity: Option<Vec<u8>>,
+    /// Load and save index files (default true).
+    pub persist: bool,
+}
+
+impl Default for GzipOptions {
+    fn default() -> Self {
+        GzipOptions {
+            span: 1 << 20,
+            index_path: None,
+            index_dir: None,
+            identity: None,
+            persist: true,
+        }
+    }
+}
+
+/// `$XDG_CACHE_HOME/nbdkit-rs/gzip-index`, falling back to `~/.cache`.
+pub fn default_index_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("nbdkit-rs").join("gzip-index"))
+}
+
+/// Read-side statistics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GzipStats {
+    /// Spans decoded (cache misses).
+    pub spans_decoded: u64,
+    /// Spans decoded ahead of need by background threads.
+    pub spans_ahead: u64,
+}
+
+/// Random access to a gzip file.
+pub struct GzipReader {
+    sh: Arc<Shared>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum FailKind {
+    Corrupt,
+    Io(io::ErrorKind),
+    Unsupported,
+}
+
+/// A cloneable error (the walk's failure is reported to every reader).
+#[derive(Debug, Clone)]
+pub(crate) struct Fail {
+    kind: FailKind,
+    offset: u64,
+    reason: String,
+}
+
+#[derive(Default)]
+struct State {
+    cps: Vec<Checkpoint>,
+    zero_runs: Vec<(u64, u64)>,
+    open_zero: Option<(u64, u64)>,
+    frontier: u64,
+    done: bool,
+    total: Option<u64>,
+    failed: Option<Fail>,
+    saved: Option<std::result::Result<PathBuf, String>>,
+    save_done: bool,
+}
+
+#[derive(Default)]
+struct Slot {
+    result: Mutex<Option<std::result::Result<Arc<[u8]>, Fail>>>,
+    cv: Condvar,
+}
+
+pub(crate) struct Shared {
+    source: Arc<dyn Source>,
+    comp_size: u64,
+    name: String,
+    threads: usize,
+    span: u64,
+    identity: Identity,
+    index_path: Option<PathBuf>,
+    loaded: bool,
+    cache: BlockCache,
+    state: Mutex<State>,
+    cv: Condvar,
+    stop: AtomicBool,
+    inflight: Mutex<HashMap<u64, Arc<Slot>>>,
+    ahead_running: AtomicUsize,
+    last_end: AtomicU64,
+    decoded: AtomicU64,
+    ahead: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn fail_corrupt(&self, offset: u64, reason: String) -> Fail {
+        Fail {
+            kind: FailKind::Corrupt,
+            offset,
+            reason,
+        }
+    }
+    fn fail_io(&self, offset: u64, e: io::Error) -> Fail {
+        Fail {
+            kind: FailKind::Io(e.kind()),
+            offset,
+            reason: e.to_string(),
+        }
+    }
+    fn fail_unsupported(&self, reason: String) -> Fail {
+        Fail {
+            kind: FailKind::Unsupported,
+            offset: 0,
+            reason,
+        }
+    }
+
+    fn error(&self, f: &Fail) -> Error {
+        let name = self.name.clone();
+        match &f.kind {
+            FailKind::Corrupt => Error::Corrupt {
+                name,
+                format: FORMAT,
+                offset: f.offset,
+                reason: f.reason.clone(),
+            },
+            FailKind::Io(k) => Error::Io {
+                name,
+                offset: f.offset,
+                source: io::Error::new(*k, f.reason.clone()),
+            },
+            FailKind::Unsupported => Error::Unsupported {
+                name,
+                format: FORMAT,
+                reason: f.reason.clone(),
+            },
+        }
+    }
+
+    /// Called by the walk: new checkpoints and zero runs, and how far the
+    /// output is now indexed.
+    fn publish(
+        &self,
+        cps: Vec<Checkpoint>,
+        zeros: Vec<(u64, u64)>,
+        open: Option<(u64, u64)>,
+        frontier: u64,
+        done: bool,
+    ) {
+        let mut st = lock(&self.state);
+        st.cps.extend(cps);
+        st.zero_runs.extend(zeros);
+        st.open_zero = open;
+        st.frontier = frontier;
+        if done {
+            st.done = true;
+            st.total = Some(frontier);
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    fn walk_failed(&self, f: Fail) {
+        let mut st = lock(&self.state);
+        st.failed = Some(f);
+        st.done = true;
+        st.save_done = true;
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// Wait until `[.., end)` is indexed or the walk is over.
+    fn wait_frontier(&self, end: u64) -> std::result::Result<Option<u64>, Fail> {
+        let mut st = lock(&self.state);
+        loop {
+            if let Some(f) = &st.failed {
+                return Err(f.clone());
+            }
+            if st.done {
+                return Ok(st.total);
+            }
+            if st.frontier >= end {
+                return Ok(None);
+            }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The checkpoint and output range of span `u`, waiting for the walk.
+    fn unit_plan(&self, u: u64) -> std::result::Result<(Checkpoint, u64, u64), Fail> {
+        let start = u.saturating_mul(self.span);
+        let want = start.saturating_add(self.span);
+        let total = self.wait_frontier(want)?;
+        let end = match total {
+            Some(t) if start >= t => {
+                return Err(self.fail_corrupt(0, format!("span {u} beyond end of data")))
+            }
+            Some(t) => want.min(t),
+            None => want,
+        };
+        let st = lock(&self.state);
+        let cp = checkpoint_for(&st.cps, start)
+            .and_then(|i| st.cps.get(i))
+            .cloned()
+            .ok_or_else(|| {
+                self.fail_corrupt(0, format!("no checkpoint for output offset {start}"))
+            })?;
+        Ok((cp, start, end))
+    }
+
+    /// Span `u`, from the cache or decoded (once, however many ask).
+    fn get_unit(&self, u: u64) -> std::result::Result<Arc<[u8]>, Fail> {
+        if let Some(b) = self.cache.get(u) {
+            return Ok(b);
+        }
+        let (slot, leader) = {
+            let mut m = lock(&self.inflight);
+            match m.get(&u) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let s = Arc::new(Slot::default());
+                    m.insert(u, s.clone());
+                    (s, true)
+                }
+            }
+        };
+        if !leader {
+            let mut r = lock(&slot.result);
+            loop {
+                if let Some(r) = r.as_ref() {
+                    return r.clone();
+                }
+                r = slot.cv.wait(r).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        // Another leader may have finished between our cache miss and
+        // taking the in-flight slot.
+        let result = match self.cache.get(u) {
+            Some(b) => Ok(b),
+            None => self.unit_plan(u).and_then(|(cp, start, end)| {
+                self.decoded.fetch_add(1, Ordering::Relaxed);
+                let data: Arc<[u8]> = decode::decode(self, &cp, start, end)?.into();
+                self.cache.insert(u, data.clone());
+                Ok(data)
+            }),
+        };
+        *lock(&slot.result) = Some(result.clone());
+        slot.cv.notify_all();
+        lock(&self.inflight).remove(&u);
+        result
+    }
+
+    fn is_ready(&self, u: u64) -> bool {
+        let st = lock(&self.state);
+        let start = u.saturating_mul(self.span);
+        match st.total {
+            Some(t) => start < t,
+            None => st.failed.is_none() && st.frontier >= start.saturating_add(self.span),
+        }
+    }
+
+    /// Decode span `u` on a background thread if it is indexed, not yet
+    /// cached or in flight, and fewer than `threads` such jobs run.
+    fn spawn_ahead(self: &Arc<Self>, u: u64) {
+        if self.threads == 0
+            || !self.is_ready(u)
+            || self.cache.get(u).is_some()
+            || lock(&self.inflight).contains_key(&u)
+        {
+            return;
+        }
+        if self.ahead_running.fetch_add(1, Ordering::AcqRel) >= self.threads {
+            self.ahead_running.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let sh = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("gzip-ahead".into())
+            .spawn(move || {
+                if sh.get_unit(u).is_ok() {
+                    sh.ahead.fetch_add(1, Ordering::Relaxed);
+                }
+                sh.ahead_running.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            self.ahead_running.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn snapshot(&self) -> Option<GzipIndex> {
+        let st = lock(&self.state);
+        let total = st.total?;
+        if st.failed.is_some() {
+            return None;
+        }
+        Some(GzipIndex {
+            identity: self.identity,
+            span: self.span,
+            total,
+            checkpoints: st.cps.clone(),
+            zero_runs: st.zero_runs.clone(),
+        })
+    }
+
+    fn save(&self) -> std::result::Result<PathBuf, String> {
+        let path = self.index_path.clone().ok_or("no index location")?;
+        let idx = self.snapshot().ok_or("index incomplete")?;
+        let bytes = idx.to_bytes();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(format!(
+            ".tmp.{}.{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let tmp = PathBuf::from(tmp);
+        let write = || -> io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            format!("{}: {e}", path.display())
+        })?;
+        Ok(path)
+    }
+}
+
+impl GzipReader {
+    /// Open with default gzip options.
+    pub fn open(source: Arc<dyn Source>, opts: &Options) -> Result<GzipReader> {
+        Self::open_with(source, opts, &GzipOptions::default())
+    }
+
+    /// Open: checks the first member header, loads a saved index if a
+    /// valid one exists, otherwise starts indexing in the background.
+    pub fn open_with(
+        source: Arc<dyn Source>,
+        opts: &Options,
+        gz: &GzipOptions,
+    ) -> Result<GzipReader> {
+        let name = opts.name.clone();
+        if !(index::MIN_SPAN..=index::MAX_SPAN).contains(&gz.span) {
+            return Err(Error::Unsupported {
+                name,
+                format: FORMAT,
+                reason: format!(
+                    "span {} outside {}..={}",
+                    gz.span,
+                    index::MIN_SPAN,
+                    index::MAX_SPAN
+                ),
+            });
+        }
+        let io_err = |offset, source| Error::Io {
+            name: opts.name.clone(),
+            offset,
+            source,
+        };
+        let comp_size = source.size().map_err(|e| io_err(0, e))?;
+        let mut magic = [0u8; 2];
+        if comp_size < 2 || source.read_exact_at(&mut magic, 0).is_err() || !is_gzip_magic(&magic) {
+            return Err(Error::UnknownFormat { name });
+        }
+        let hash_at = |off: u64| -> Result<u64> {
+            let n = ID_BYTES.min(comp_size - off) as usize;
+            let mut b = vec![0u8; n];
+            source
+                .read_exact_at(&mut b, off)
+                .map_err(|e| io_err(off, e))?;
+            Ok(fnv1a64(&b))
+        };
+        let identity = Identity {
+            comp_size,
+            user: gz.identity.as_deref().map_or(0, fnv1a64),
+            head: hash_at(0)?,
+            tail: hash_at(comp_size.saturating_sub(ID_BYTES))?,
+        };
+        let index_path = if gz.persist {
+            gz.index_path.clone().or_else(|| {
+                let dir = gz.index_dir.clone().or_else(default_index_dir)?;
+                Some(dir.join(format!("{:016x}.gzi", identity.digest())))
+            })
+        } else {
+            None
+        };
+        let loaded = index_path
+            .as_deref()
+            .and_then(|p| load_index(p, &identity, gz.span, &name));
+        let sh = Arc::new(Shared {
+            source,
+            comp_size,
+            name,
+            threads: opts.threads,
+            span: gz.span,
+            identity,
+            index_path,
+            loaded: loaded.is_some(),
+            cache: BlockCache::new(opts.cache_bytes),
+            state: Mutex::new(State::default()),
+            cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            inflight: Mutex::new(HashMap::new()),
+            ahead_running: AtomicUsize::new(0),
+            last_end: AtomicU64::new(u64::MAX),
+            decoded: AtomicU64::new(0),
+            ahead: AtomicU64::new(0),
+        });
+        // Check the first header now so that a plainly broken file fails
+        // at open rather than at the first read.
+        {
+            let mut input = header::Input::new(&*sh.source, comp_size, 0, 4096);
+            walk::read_header(&sh, &mut input).map_err(|f| sh.error(&f))?;
+        }
+        if let Some(idx) = loaded {
+            {
+                let mut st = lock(&sh.state);
+                st.cps = idx.checkpoints;
+                st.zero_runs = idx.zero_runs;
+                st.frontier = idx.total;
+                st.total = Some(idx.total);
+                st.done = true;
+                st.save_done = true;
+            }
+            return Ok(GzipReader { sh });
+        }
+        let bg = sh.clone();
+        std::thread::Builder::new()
+            .name("gzip-index".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                // A bug in the walk must not leave readers waiting forever.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| walk::walk(&bg)))
+                    .unwrap_or_else(|_| Err(bg.fail_unsupported("index walk panicked".into())));
+                match result {
+                    Ok(total) => {
+                        tracing::debug!(name = %bg.name, total, secs = t0.elapsed().as_secs_f64(), "gzip index built");
+                        let saved = bg.index_path.as_ref().map(|_| bg.save());
+                        if let Some(Err(e)) = &saved {
+                            tracing::warn!(name = %bg.name, "could not save gzip index: {e}");
+                        }
+                        let mut st = lock(&bg.state);
+                        st.saved = saved;
+                        st.save_done = true;
+                        drop(st);
+                        bg.cv.notify_all();
+                    }
+                    Err(f) => {
+                        if !bg.stop.load(Ordering::Relaxed) {
+                            tracing::warn!("{}", bg.error(&f));
+                        }
+                        bg.walk_failed(f);
+                    }
+                }
+            })
+            .map_err(|e| Error::Io { name: sh.name.clone(), offset: 0, source: e })?;
+        Ok(GzipReader { sh })
+    }
+
+    /// The decompressed size, waiting for the index walk if needed; the
+    /// walk's error if it failed.
+    pub fn wait_size(&self) -> Result<u64> {
+        self.sh
+            .wait_frontier(u64::MAX)
+            .map_err(|f| self.sh.error(&f))
+            .map(|t| t.unwrap_or(0))
+    }
+
+    /// The decompressed size if already known (saved index, or walk done).
+    pub fn known_size(&self) -> Option<u64> {
+        lock(&self.sh.state).total
+    }
+
+    /// Output bytes indexed so far: reads below this don't wait.
+    pub fn indexed_frontier(&self) -> u64 {
+        lock(&self.sh.state).frontier
+    }
+
+    /// True if a saved index was used (no walk was needed).
+    pub fn index_was_loaded(&self) -> bool {
+        self.sh.loaded
+    }
+
+    /// Checkpoints known so far.
+    pub fn checkpoint_count(&self) -> usize {
+        lock(&self.sh.state).cps.len()
+    }
+
+    pub fn span(&self) -> u64 {
+        self.sh.span
+    }
+
+    /// Where the index is loaded from / saved to (None: not persisted).
+    pub fn index_path(&self) -> Option<&Path> {
+        self.sh.index_path.as_deref()
+    }
+
+    /// Wait for the walk and the save that follows it; the saved path,
+    /// or why it wasn't saved (None when persistence is off or the index
+    /// was loaded).
+    pub fn wait_saved(&self) -> Option<std::result::Result<PathBuf, String>> {
+        let mut st = lock(&self.sh.state);
+        while !st.save_done {
+            st = self.sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if let Some(f) = &st.failed {
+            return Some(Err(self.sh.error(f).to_string()));
+        }
+        st.saved.clone()
+    }
+
+    /// The complete index (None until the walk has finished successfully).
+    pub fn index(&self) -> Option<GzipIndex> {
+        self.sh.snapshot()
+    }
+
+    pub fn stats(&self) -> GzipStats {
+        GzipStats {
+            spans_decoded: self.sh.decoded.load(Ordering::Relaxed),
+            spans_ahead: self.sh.ahead.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Load and check a saved index; any problem is logged and means "rebuild".
+fn load_index(path: &Path, identity: &Identity, span: u64, name: &str) -> Option<GzipIndex> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(
+                "{name}: cannot read gzip index {}: {e}; rebuilding",
+                path.display()
+            );
+            return None;
+        }
+    };
+    match GzipIndex::from_bytes(&bytes) {
+        Err(e) => {
+            tracing::warn!(
+                "{name}: ignoring gzip index {}: {e}; rebuilding",
+                path.display()
+            );
+            None
+        }
+        Ok(idx) if idx.identity != *identity => {
+            tracing::warn!(
+                "{name}: gzip index {} is for a different or modified file; rebuilding",
+                path.display()
+            );
+            None
+        }
+        Ok(idx) if idx.span != span => {
+            tracing::info!(
+                "{name}: gzip index {} has span {}, want {span}; rebuilding",
+                path.display(),
+                idx.span
+            );
+            None
+        }
+        Ok(idx) => Some(idx),
+    }
+}
+
+impl Drop for GzipReader {
+    fn drop(&mut self) {
+        // Stop the walk: nobody can read its result any more.
+        self.sh.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl RandomAccess for GzipReader {
+    fn size(&self) -> u64 {
+        let _ = self.sh.wait_frontier(u64::MAX);
+        let st = lock(&self.sh.state);
+        st.total.unwrap_or(st.frontier)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let sh = &self.sh;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let len = buf.len() as u64;
+        let oor = |size| Error::OutOfRange { offset, len, size };
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| oor(self.known_size().unwrap_or(0)))?;
+        if let Some(total) = sh.wait_frontier(end).map_err(|f| sh.error(&f))? {
+            if end > total {
+                return Err(oor(total));
+            }
+        }
+        let span = sh.span;
+        let (u0, u1) = (offset / span, (end - 1) / span);
+        let units: Vec<u64> = (u0..=u1).collect();
+        let workers = (sh.threads + 1).min(units.len());
+        let blocks: Vec<std::result::Result<Arc<[u8]>, Fail>> = if workers > 1 {
+            // Several spans: decode them in parallel.
+            let mut slots: Vec<Option<std::result::Result<Arc<[u8]>, Fail>>> =
+                vec![None; units.len()];
+            std::thread::scope(|s| {
+                let hs: Vec<_> = (0..workers)
+                    .map(|w| {
+                        let units = &units;
+                        s.spawn(move || {
+                            (w..units.len())
+                                .step_by(workers)
+                                .map(|i| (i, sh.get_unit(units[i])))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                for h in hs {
+                    if let Ok(v) = h.join() {
+                        for (i, r) in v {
+                            slots[i] = Some(r);
+                        }
+                    }
+                }
+            });
+            slots
+                .into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| Err(sh.fail_unsupported("decoder thread panicked".into())))
+                })
+                .collect()
+        } else {
+            units.iter().map(|&u| sh.get_unit(u)).collect()
+        };
+        let mut pos = offset;
+        let mut filled = 0usize;
+        for (u, b) in units.iter().zip(blocks) {
+            let b = b.map_err(|f| sh.error(&f))?;
+            let ustart = u * span;
+            let from = (pos - ustart) as usize;
+            let n = (b.len().saturating_sub(from)).min(buf.len() - filled);
+            let piece = b
+                .get(from..from + n)
+                .ok_or_else(|| oor(ustart + b.len() as u64))?;
+            buf[filled..filled + n].copy_from_slice(piece);
+            filled += n;
+            pos += n as u64;
+        }
+        if filled != buf.len() {
+            return Err(oor(pos));
+        }
+        // Sequential reading: decode the next spans ahead.
+        if sh.last_end.swap(end, Ordering::Relaxed) == offset {
+            for k in 1..=sh.threads as u64 {
+                sh.spawn_ahead(u1 + k);
+            }
+        }
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
+        let st = lock(&self.sh.state);
+        let len = match st.total {
+            Some(t) => len.min(t.saturating_sub(offset)),
+            None => len,
+        };
+        let end = offset.saturating_add(len);
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |length: u64, zero: bool| {
+            if length == 0 {
+                return;
+            }
+            match out.last_mut() {
+                Some(e) if e.zero == zero => e.length += length,
+                _ => out.push(Extent { length, zero }),
+            }
+        };
+        let runs = &st.zero_runs;
+        let mut pos = offset;
+        while pos < end {
+            let chunk = pos / ZERO_CHUNK;
+            let i = runs.partition_point(|&(s, _)| s <= chunk);
+            let run = i
+                .checked_sub(1)
+                .and_then(|j| runs.get(j))
+                .copied()
+                .filter(|&(s, n)| chunk < s + n)
+                .or(st.open_zero.filter(|&(s, n)| s <= chunk && chunk < s + n));
+            if let Some((s, n)) = run {
+                let stop = ((s + n) * ZERO_CHUNK).min(end);
+                push(stop - pos, true);
+                pos = stop;
+                continue;
+            }
+            let next_run = runs
+                .get(i)
+                .map(|&(s, _)| s * ZERO_CHUNK)
+                .unwrap_or(u64::MAX);
+            let open = st
+                .open_zero
+                .map(|(s, _)| s * ZERO_CHUNK)
+                .filter(|&s| s > pos)
+                .unwrap_or(u64::MAX);
+            let next = next_run.min(open).min(end);
+            push(next - pos, false);
+            pos = next;
+        }
+        out
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        let span = self.sh.span;
+        if len == 0 {
+            return;
+        }
+        let last = offset.saturating_add(len - 1) / span;
+        for u in (offset / span..=last).take(self.sh.threads.max(1) * 2) {
+            self.sh.spawn_ahead(u);
+        }
+    }
+
+    fn format(&self) -> &'static str {
+        FORMAT
+    }
+}

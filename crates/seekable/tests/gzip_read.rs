@@ -1,0 +1,164 @@
+//! Random reads through the gzip index compared with the original data.
+
+#[path = "gzip_util.rs"]
+mod util;
+
+use proptest::prelude::*;
+use seekable_compressed::RandomAccess;
+use util::*;
+
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    Single,
+    Members,
+    Bgzf,
+}
+
+fn layouts() -> impl Strategy<Value = Layout> {
+    prop_oneof![
+        Just(Layout::Single),
+        Just(Layout::Members),
+        Just(Layout::Bgzf)
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_reads_match(
+        seed in any::<u64>(),
+        len in prop_oneof![Just(0usize), Just(1), 2usize..5000, 5000usize..400_000],
+        layout in layouts(),
+        span in prop_oneof![Just(1024u64), Just(4096), Just(65536), Just(1 << 20)],
+        threads in 0usize..3,
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..5),
+        reads in proptest::collection::vec((any::<prop::sample::Index>(), 1usize..200_000), 1..12),
+    ) {
+        let orig = mixed(seed, len);
+        let gz = match layout {
+            Layout::Single => gzip(&orig, 6),
+            Layout::Members => {
+                let cuts: Vec<usize> = cuts.iter().map(|i| i.index(orig.len() + 1)).collect();
+                multi_member(&orig, &cuts)
+            }
+            Layout::Bgzf => bgzf(&orig, 65280),
+        };
+        let r = open(gz, span, threads);
+        // Reads race with the background walk on purpose.
+        for (at, n) in &reads {
+            if orig.is_empty() {
+                break;
+            }
+            let off = at.index(orig.len());
+            let n = (*n).min(orig.len() - off);
+            let mut buf = vec![0u8; n];
+            r.read_at(&mut buf, off as u64).expect("read");
+            prop_assert!(buf[..] == orig[off..off + n], "read {} at {} differs", n, off);
+        }
+        check_all(&r, &orig);
+        // Extents add up, and what they call zero is zero.
+        let ext = r.extents(0, orig.len() as u64 + 100);
+        prop_assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), orig.len() as u64);
+        let mut pos = 0usize;
+        for e in ext {
+            if e.zero {
+                prop_assert!(orig[pos..pos + e.length as usize].iter().all(|&b| b == 0));
+            }
+            pos += e.length as usize;
+        }
+    }
+}
+
+#[test]
+fn empty_gzip() {
+    let r = open(gzip(b"", 6), 4096, 1);
+    check_all(&r, b"");
+    assert!(r.extents(0, 100).is_empty());
+    r.read_at(&mut [], 0).expect("empty read");
+}
+
+#[test]
+fn zero_extents_reported() {
+    let mut orig = mixed(7, 300_000);
+    orig.extend(vec![0u8; 1 << 20]);
+    orig.extend(mixed(8, 100_000));
+    let r = open(gzip(&orig, 6), 65536, 2);
+    check_all(&r, &orig);
+    let ext = r.extents(0, orig.len() as u64);
+    let zero: u64 = ext.iter().filter(|e| e.zero).map(|e| e.length).sum();
+    // At least the whole 64 KiB chunks inside the zero run.
+    assert!(zero >= (1 << 20) - 2 * 65536, "zero bytes reported: {zero}");
+}
+
+#[test]
+fn real_tools() {
+    let orig = mixed(42, 3_000_000);
+    for args in [
+        &["gzip", "-c", "-6"][..],
+        &["pigz", "-c", "-i", "-b", "128"],
+        &["pigz", "-c", "-p", "2"],
+        &["bgzip", "-c"],
+    ] {
+        let gz = tool(args, &orig);
+        for span in [4096u64, 1 << 20] {
+            let r = open(gz.clone(), span, 2);
+            check_all(&r, &orig);
+            let mut buf = vec![0u8; 10_000];
+            for off in [0usize, 1, 65535, 65536, 1_000_000, orig.len() - 10_000] {
+                r.read_at(&mut buf, off as u64).unwrap();
+                assert!(
+                    buf[..] == orig[off..off + 10_000],
+                    "{args:?} span {span} at {off}"
+                );
+            }
+            if span == 4096 {
+                assert!(
+                    r.checkpoint_count() > 20,
+                    "{args:?}: {} checkpoints",
+                    r.checkpoint_count()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn concurrent_reads_during_indexing() {
+    let orig = std::sync::Arc::new(mixed(99, 6_000_000));
+    let r = std::sync::Arc::new(open(gzip(&orig, 6), 65536, 2));
+    let hs: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (r, orig) = (r.clone(), orig.clone());
+            std::thread::spawn(move || {
+                let mut x = t + 1;
+                for _ in 0..60 {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    let off = (x >> 20) as usize % (orig.len() - 70_000);
+                    let mut buf = vec![0u8; 70_000];
+                    r.read_at(&mut buf, off as u64).unwrap();
+                    assert!(buf[..] == orig[off..off + 70_000], "thread {t} at {off}");
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    check_all(&r, &orig);
+}
+
+#[test]
+fn sequential_reads_decode_ahead() {
+    let orig = mixed(5, 4_000_000);
+    let r = open(gzip(&orig, 6), 65536, 2);
+    r.wait_size().unwrap();
+    let mut buf = vec![0u8; 32768];
+    for off in (0..orig.len()).step_by(32768) {
+        let n = buf.len().min(orig.len() - off);
+        r.read_at(&mut buf[..n], off as u64).unwrap();
+        assert!(buf[..n] == orig[off..off + n]);
+    }
+    // Decode-ahead runs on other threads; it must have happened at least once.
+    assert!(r.stats().spans_ahead > 0, "{:?}", r.stats());
+}
