@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use nbdkit_backend::{Backend, Config, FilterSpec, PluginSpec};
+use nbdkit_backend::{Backend, Config, FilterSpec, Param, PluginSpec};
 
 /// The plugins and filters this binary knows.
 pub struct Registry {
@@ -15,8 +15,10 @@ pub struct Registry {
 
 impl Registry {
     pub fn builtin() -> Self {
+        let mut plugins = nbdkit_plugins::all();
+        plugins.extend([&XZ_PLUGIN, &GZIP_PLUGIN, &ZSTD_PLUGIN, &BZIP2_PLUGIN]);
         Registry {
-            plugins: nbdkit_plugins::all(),
+            plugins,
             filters: nbdkit_filters::all(),
         }
     }
@@ -110,6 +112,68 @@ impl Registry {
         )
     }
 }
+
+/// nbdkit once had `xz` and `gzip` *plugins* taking `file=`; they became
+/// filters.  These keep the old command lines working: the file plugin
+/// under the filter of the same name.
+fn file_under(
+    cfg: &mut Config,
+    filter: &FilterSpec,
+) -> std::result::Result<Arc<dyn Backend>, nbdkit_backend::ConfigError> {
+    let layer = (filter.configure)(cfg)?;
+    let file = (nbdkit_plugins::file::SPEC.create)(cfg)?;
+    layer.layer(file)
+}
+
+macro_rules! file_plus_filter {
+    ($name:ident, $filter:path, $plugin:literal, $params:expr) => {
+        static $name: PluginSpec = PluginSpec {
+            name: $plugin,
+            summary: concat!(
+                "the file plugin under the ",
+                $plugin,
+                " filter (nbdkit's old ",
+                $plugin,
+                " plugin)"
+            ),
+            description: concat!(
+                "Same as --filter=",
+                $plugin,
+                " file.\n\nExample:\n  nbdkit-rs ",
+                $plugin,
+                " file=disk.img.",
+                $plugin
+            ),
+            magic_config_key: Some("file"),
+            params: $params,
+            create: |cfg| file_under(cfg, &$filter),
+        };
+    };
+}
+
+/// `file=` followed by the filter's own parameters (`M` = `N` + 1).
+const fn with_file<const N: usize, const M: usize>(rest: [Param; N]) -> [Param; M] {
+    let mut out = [Param {
+        name: "file",
+        help: "the compressed file (the magic key)",
+    }; M];
+    let mut i = 0;
+    while i < N {
+        out[i + 1] = rest[i];
+        i += 1;
+    }
+    out
+}
+
+use nbdkit_filters::compressed as cz;
+const XZ_PLUGIN_PARAMS: [Param; 6] = with_file(cz::XZ_PARAMS);
+const GZIP_PLUGIN_PARAMS: [Param; 8] = with_file(cz::GZIP_PARAMS);
+const ZSTD_PLUGIN_PARAMS: [Param; 4] = with_file(cz::ZSTD_PARAMS);
+const BZIP2_PLUGIN_PARAMS: [Param; 4] = with_file(cz::BZIP2_PARAMS);
+file_plus_filter!(XZ_PLUGIN, cz::XZ, "xz", &XZ_PLUGIN_PARAMS);
+file_plus_filter!(GZIP_PLUGIN, cz::GZIP, "gzip", &GZIP_PLUGIN_PARAMS);
+file_plus_filter!(ZSTD_PLUGIN, cz::ZSTD, "zstd", &ZSTD_PLUGIN_PARAMS);
+file_plus_filter!(BZIP2_PLUGIN, cz::BZIP2, "bzip2", &BZIP2_PLUGIN_PARAMS);
 
 /// ", did you mean 'x'?" for a near miss, else nothing.
 fn suggest(name: &str, candidates: &[&str]) -> String {

@@ -3,9 +3,16 @@
 
 use nbdkit_backend::FilterSpec;
 
+pub mod compressed;
 pub mod log;
 
 /// Every built-in filter, in the order `--help` lists them.
 pub fn all() -> Vec<&'static FilterSpec> {
-    vec![&log::SPEC]
+    vec![
+        &compressed::XZ,
+        &compressed::GZIP,
+        &compressed::ZSTD,
+        &compressed::BZIP2,
+        &log::SPEC,
+    ]
 }
