@@ -84,8 +84,9 @@ fn unsupported() -> Option<String> {
     }
 }
 
-#[test]
-fn mount_ext4_partition_through_nbdfuse_and_loop() {
+/// Serve the image as `serve(disk_path)` says, then mount its partition
+/// through nbdfuse and a loop device and read the files back.
+fn scenario(serve: impl FnOnce(&Path) -> Vec<String>) {
     if let Some(why) = unsupported() {
         eprintln!("SKIP: loop-mount scenario: {why}");
         return;
@@ -100,8 +101,10 @@ fn mount_ext4_partition_through_nbdfuse_and_loop() {
             ("data/known.bin", &known),
         ],
     );
-    let s = Server::start(&["-r", "file", disk.path.to_str().unwrap()]);
-
+    let disk_len = std::fs::metadata(&disk.path).unwrap().len();
+    let args = serve(&disk.path);
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let s = Server::start(&args);
     let mut guard = Cleanup::default();
     let fuse_dir = dir.path().join("fuse");
     let mnt = dir.path().join("mnt");
@@ -134,7 +137,7 @@ fn mount_ext4_partition_through_nbdfuse_and_loop() {
     }
     assert_eq!(
         std::fs::metadata(&fuse_file).unwrap().len(),
-        std::fs::metadata(&disk.path).unwrap().len(),
+        disk_len,
         "nbdfuse shows the whole disk"
     );
 
@@ -170,4 +173,37 @@ fn mount_ext4_partition_through_nbdfuse_and_loop() {
 
     drop(guard);
     assert!(s.stop().success());
+}
+
+#[test]
+fn mount_ext4_partition_through_nbdfuse_and_loop() {
+    scenario(|disk| vec!["-r".into(), "file".into(), disk.display().to_string()]);
+}
+
+/// The headline: the same disk compressed with xz (1 MiB blocks), never
+/// unpacked, mounted through the xz filter.
+#[test]
+fn mount_xz_compressed_disk_through_nbdfuse_and_loop() {
+    if !have("xz") {
+        return;
+    }
+    scenario(|disk| {
+        run_ok(Command::new("xz").args(["-T0", "--block-size=1MiB", "-k"]).arg(disk));
+        let xz = format!("{}.xz", disk.display());
+        std::fs::remove_file(disk).unwrap();
+        vec!["--filter=xz".into(), "file".into(), xz]
+    });
+}
+
+/// And with gzip, whose index is built while the client reads.
+#[test]
+fn mount_gzip_compressed_disk_through_nbdfuse_and_loop() {
+    if !have("gzip") {
+        return;
+    }
+    scenario(|disk| {
+        run_ok(Command::new("gzip").arg(disk));
+        let gz = format!("{}.gz", disk.display());
+        vec!["--filter=gzip".into(), "file".into(), gz, "gzip-save-index=false".into()]
+    });
 }
