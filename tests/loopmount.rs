@@ -188,7 +188,11 @@ fn mount_xz_compressed_disk_through_nbdfuse_and_loop() {
         return;
     }
     scenario(|disk| {
-        run_ok(Command::new("xz").args(["-T0", "--block-size=1MiB", "-k"]).arg(disk));
+        run_ok(
+            Command::new("xz")
+                .args(["-T0", "--block-size=1MiB", "-k"])
+                .arg(disk),
+        );
         let xz = format!("{}.xz", disk.display());
         std::fs::remove_file(disk).unwrap();
         vec!["--filter=xz".into(), "file".into(), xz]
@@ -204,6 +208,11 @@ fn mount_gzip_compressed_disk_through_nbdfuse_and_loop() {
     scenario(|disk| {
         run_ok(Command::new("gzip").arg(disk));
         let gz = format!("{}.gz", disk.display());
-        vec!["--filter=gzip".into(), "file".into(), gz, "gzip-save-index=false".into()]
+        vec![
+            "--filter=gzip".into(),
+            "file".into(),
+            gz,
+            "gzip-save-index=false".into(),
+        ]
     });
 }
