@@ -343,3 +343,50 @@ fn client_that_disconnects_mid_payload_does_not_hurt_the_server() {
         "the partial write was not applied"
     );
 }
+
+#[test]
+fn client_that_never_reads_replies_neither_grows_memory_nor_blocks_shutdown() {
+    let s = Server::start(&["pattern", "size=1G"]);
+    let mut c = RawClient::start(&s.socket);
+    c.go(true, false, false);
+    // Far more reply data than socket buffers hold; we never read it.
+    c.s.set_write_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let mut sent = 0;
+    for i in 0..4096u64 {
+        let h = RequestHeader {
+            flags: 0,
+            command: CMD_READ,
+            cookie: i,
+            offset: (i % 1000) << 20,
+            length: 1 << 20,
+        };
+        if std::io::Write::write_all(&mut c.s, &h.encode(false)).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let pid = s.child.id();
+    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:").map(|v| {
+                v.trim()
+                    .trim_end_matches(" kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    // 16 requests of 1 MiB in flight at most, plus the program itself.
+    assert!(
+        rss_kib < 200 * 1024,
+        "server holds {rss_kib} KiB after {sent} unread 1 MiB replies"
+    );
+    assert!(
+        s.stop().success(),
+        "SIGTERM still shuts the server down cleanly"
+    );
+}

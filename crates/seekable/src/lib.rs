@@ -63,8 +63,8 @@ pub mod xz;
 pub mod zstd;
 
 pub use bzip2::Bzip2Reader;
-pub use gzip::GzipReader;
 pub use cache::BlockCache;
+pub use gzip::GzipReader;
 pub use xz::XzReader;
 pub use zstd::ZstdReader;
 

@@ -157,6 +157,9 @@ pub async fn serve(
     result
 }
 
+/// How long in-flight requests get to finish when the server shuts down.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A connected plain socket, switched to blocking mode.
 pub enum BlockingSocket {
     Tcp(std::net::TcpStream),
@@ -255,6 +258,12 @@ pub async fn serve_threaded(
         _ = shutdown.cancelled() => {
             // Workers finish what they are running; blocked reads see EOF.
             waker.shutdown(std::net::Shutdown::Read);
+            // A client that stopped reading its replies could block a
+            // worker's write forever: after a grace period, cut it off.
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut job).await.is_err() {
+                warn!(conn, "client is not reading its replies; closing the connection");
+                waker.shutdown(std::net::Shutdown::Both);
+            }
             job.await.unwrap_or_else(|e| Err(ConnectionError::Protocol(format!("worker failed: {e}"))))
         }
     }
