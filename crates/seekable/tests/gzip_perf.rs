@@ -43,9 +43,15 @@ fn perf_report() {
         .unwrap_or(512);
     let dir = Path::new("/tmp/gzperf");
     std::fs::create_dir_all(dir).unwrap();
-    let raw = dir.join(format!("img{mib}.raw"));
-    let gz = dir.join(format!("img{mib}.gz"));
-    let bgz = dir.join(format!("img{mib}.bgz"));
+    // GZPERF_RAW names an existing file to use instead of generated data.
+    let tag = std::env::var("GZPERF_RAW")
+        .map(|_| "user".to_string())
+        .unwrap_or(format!("img{mib}"));
+    let raw = std::env::var_os("GZPERF_RAW")
+        .map(std::path::PathBuf::from)
+        .unwrap_or(dir.join(format!("{tag}.raw")));
+    let gz = dir.join(format!("{tag}.gz"));
+    let bgz = dir.join(format!("{tag}.bgz"));
     if !raw.exists() {
         std::fs::write(&raw, util::mixed(2024, mib << 20)).unwrap();
     }

@@ -162,3 +162,27 @@ fn sequential_reads_decode_ahead() {
     // Decode-ahead runs on other threads; it must have happened at least once.
     assert!(r.stats().spans_ahead > 0, "{:?}", r.stats());
 }
+
+#[test]
+fn same_span_decoded_once() {
+    let orig = std::sync::Arc::new(mixed(6, 3_000_000));
+    let r = std::sync::Arc::new(open(gzip(&orig, 6), 1 << 20, 0));
+    r.wait_size().unwrap();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let hs: Vec<_> = (0..8)
+        .map(|t| {
+            let (r, orig, barrier) = (r.clone(), orig.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let off = (1 << 20) + t * 1000;
+                let mut buf = vec![0u8; 5000];
+                r.read_at(&mut buf, off as u64).unwrap();
+                assert!(buf[..] == orig[off..off + 5000]);
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    assert_eq!(r.stats().spans_decoded, 1);
+}

@@ -2,7 +2,9 @@
 //! verifies CRC32 and ISIZE, picks checkpoints, finds zero chunks, and
 //! publishes progress (the "frontier") so readers can proceed behind it.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Mutex};
 
 use super::header::{is_gzip_magic, parse_header, Header, HeaderError, Input, MAX_HEADER};
 use super::index::{zero_parts, Emitter, ZeroTracker};
@@ -225,64 +227,126 @@ impl Walker<'_> {
     /// Index a run of BGZF members starting at `off`; returns the position
     /// and output offset after the run (at the first member that is not
     /// BGZF, or at what follows the last member).
-    fn bgzf(&mut self, mut off: u64) -> Result<(u64, u64), Fail> {
+    ///
+    /// This thread scans member headers (cheap: BSIZE gives each member's
+    /// length) and cuts batches; `threads` workers decode and verify them
+    /// in parallel; results are committed (checkpoints, zero runs,
+    /// frontier) strictly in file order.  At most two batches per worker
+    /// are in flight, which bounds memory.
+    fn bgzf(&mut self, off: u64) -> Result<(u64, u64), Fail> {
         let sh = self.sh;
-        let workers = sh.threads.max(1);
-        let mut out = self.out;
-        loop {
-            let mut batches = Vec::new();
-            let mut more = true;
-            while batches.len() < workers {
+        let (mut off, mut out) = (off, self.out);
+        if sh.threads == 0 {
+            loop {
                 let b = scan_batch(sh, off, out)?;
-                off = b.end_off;
-                out = b.end_out;
-                let full = b.full;
+                (off, out) = (b.end_off, b.end_out);
                 if !b.members.is_empty() {
-                    batches.push(b);
+                    let parts = verify_batch(sh, &b)?;
+                    self.commit(&b, parts)?;
                 }
-                if !full {
-                    more = false;
-                    break;
+                if sh.stop.load(Ordering::Relaxed) {
+                    return Err(sh.fail_unsupported("reader closed".into()));
                 }
-            }
-            let results: Vec<Result<Vec<(u64, bool)>, Fail>> =
-                if sh.threads > 0 && batches.len() > 1 {
-                    std::thread::scope(|s| {
-                        let hs: Vec<_> = batches
-                            .iter()
-                            .map(|b| s.spawn(|| verify_batch(sh, b)))
-                            .collect();
-                        hs.into_iter()
-                            .map(|h| {
-                                h.join().unwrap_or_else(|_| {
-                                    Err(sh.fail_unsupported("worker panicked".into()))
-                                })
-                            })
-                            .collect()
-                    })
-                } else {
-                    batches.iter().map(|b| verify_batch(sh, b)).collect()
-                };
-            for (b, r) in batches.iter().zip(results) {
-                let parts = r?;
-                for m in &b.members {
-                    self.point(m.out, m.off)?;
+                if !b.full {
+                    return Ok((off, out));
                 }
-                for (chunk, zero) in parts {
-                    self.zt.part(chunk, zero);
-                }
-                self.out = b.end_out;
-                let end = b.end_out;
-                self.em.advance(end).map_err(|e| sh.fail_unsupported(e))?;
-                self.publish(end, false);
-            }
-            if sh.stop.load(Ordering::Relaxed) {
-                return Err(sh.fail_unsupported("reader closed".into()));
-            }
-            if !more {
-                return Ok((off, out));
             }
         }
+        let workers = sh.threads;
+        type Verdict = Result<Vec<(u64, bool)>, Fail>;
+        type Done = (u64, Batch, Verdict);
+        let (job_tx, job_rx) = mpsc::sync_channel::<(u64, Batch)>(workers);
+        let job_rx = Mutex::new(job_rx);
+        let (res_tx, res_rx) = mpsc::channel::<Done>();
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                let (res_tx, job_rx) = (res_tx.clone(), &job_rx);
+                s.spawn(move || loop {
+                    let job = job_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((seq, b)) = job else { break };
+                    // A panic must become an error: the committer waits
+                    // for every sequence number.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        verify_batch(sh, &b)
+                    }))
+                    .unwrap_or_else(|_| Err(sh.fail_unsupported("BGZF worker panicked".into())));
+                    if res_tx.send((seq, b, r)).is_err() {
+                        break;
+                    }
+                });
+            }
+            drop(res_tx);
+            let (mut sent, mut next) = (0u64, 0u64);
+            let mut ready: BTreeMap<u64, (Batch, Verdict)> = BTreeMap::new();
+            let mut scanning = true;
+            let result = loop {
+                let mut scan_err = None;
+                while scanning && sent - next < 2 * workers as u64 {
+                    let b = match scan_batch(sh, off, out) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            scan_err = Some(e);
+                            break;
+                        }
+                    };
+                    (off, out) = (b.end_off, b.end_out);
+                    scanning = b.full && !sh.stop.load(Ordering::Relaxed);
+                    if !b.members.is_empty() {
+                        if job_tx.send((sent, b)).is_err() {
+                            scanning = false;
+                            break;
+                        }
+                        sent += 1;
+                    }
+                }
+                if let Some(e) = scan_err {
+                    break Err(e);
+                }
+                if next == sent {
+                    break if sh.stop.load(Ordering::Relaxed) {
+                        Err(sh.fail_unsupported("reader closed".into()))
+                    } else {
+                        Ok((off, out))
+                    };
+                }
+                let Ok((seq, b, r)) = res_rx.recv() else {
+                    break Err(sh.fail_unsupported("BGZF workers stopped".into()));
+                };
+                ready.insert(seq, (b, r));
+                let mut failed = None;
+                while let Some((b, r)) = ready.remove(&next) {
+                    next += 1;
+                    if let Err(e) = r.and_then(|parts| self.commit(&b, parts)) {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                if let Some(e) = failed {
+                    break Err(e);
+                }
+            };
+            // Let the workers run dry and exit so the scope can end.
+            drop(job_tx);
+            result
+        })
+    }
+
+    /// Record a verified batch: its member starts as resumable points, its
+    /// zero chunks, and the new frontier.
+    fn commit(&mut self, b: &Batch, parts: Vec<(u64, bool)>) -> Result<(), Fail> {
+        for m in &b.members {
+            self.point(m.out, m.off)?;
+        }
+        for (chunk, zero) in parts {
+            self.zt.part(chunk, zero);
+        }
+        self.out = b.end_out;
+        let end = b.end_out;
+        self.em
+            .advance(end)
+            .map_err(|e| self.sh.fail_unsupported(e))?;
+        self.publish(end, false);
+        Ok(())
     }
 }
 

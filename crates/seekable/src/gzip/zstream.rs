@@ -182,8 +182,10 @@ fn check(ret: c_int, what: &str) -> Result<(), String> {
     }
 }
 
-/// Compress a window for storage (zlib format, level 1).  Returns `None`
-/// when compression does not save space, so the caller stores it raw.
+/// Compress a window for storage (zlib format, level 2: zlib-rs' level 1
+/// uses static Huffman codes only, which gains nothing on text-like
+/// windows).  Returns `None` when compression does not save space, so the
+/// caller stores it raw.
 pub fn compress_window(raw: &[u8]) -> Option<Vec<u8>> {
     let bound = z::compressBound(raw.len() as _) as usize;
     let mut out = vec![0u8; bound];
@@ -195,7 +197,7 @@ pub fn compress_window(raw: &[u8]) -> Option<Vec<u8>> {
             &mut out_len,
             raw.as_ptr(),
             raw.len() as _,
-            1,
+            2,
         )
     };
     let out_len = out_len as usize;
