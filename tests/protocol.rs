@@ -390,3 +390,36 @@ fn client_that_never_reads_replies_neither_grows_memory_nor_blocks_shutdown() {
         "SIGTERM still shuts the server down cleanly"
     );
 }
+
+#[test]
+fn no_sr_no_mc_and_mask_handshake_change_what_is_offered() {
+    let s = Server::start(&["--no-sr", "memory", "size=1M"]);
+    let mut c = RawClient::start(&s.socket);
+    assert_eq!(
+        c.simple_option(OptionRequest::StructuredReply),
+        REP_ERR_UNSUP
+    );
+    assert_eq!(
+        c.simple_option(OptionRequest::ExtendedHeaders),
+        REP_ERR_UNSUP
+    );
+    let (_, flags) = c.go(false, false, false);
+    assert_eq!(flags & FLAG_SEND_DF, 0, "no DF without structured replies");
+
+    let s = Server::start(&["--no-mc", "memory", "size=1M"]);
+    let mut c = RawClient::start(&s.socket);
+    assert_eq!(c.simple_option(OptionRequest::StructuredReply), REP_ACK);
+    c.option(&OptionRequest::MetaContext {
+        set: true,
+        export: String::new(),
+        queries: vec!["base:allocation".into()],
+    });
+    assert_eq!(c.read_until_final().0, REP_ERR_UNSUP);
+
+    let s = Server::start(&["--mask-handshake=1", "memory", "size=1M"]);
+    let (mut c, flags) = RawClient::connect(&s.socket);
+    assert_eq!(flags, FLAG_FIXED_NEWSTYLE, "NO_ZEROES masked off");
+    // A client asking for the masked-off flag is refused.
+    c.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+    assert!(c.is_closed());
+}
