@@ -260,11 +260,15 @@ pub async fn serve_threaded(
             waker.shutdown(std::net::Shutdown::Read);
             // A client that stopped reading its replies could block a
             // worker's write forever: after a grace period, cut it off.
-            if tokio::time::timeout(SHUTDOWN_GRACE, &mut job).await.is_err() {
-                warn!(conn, "client is not reading its replies; closing the connection");
-                waker.shutdown(std::net::Shutdown::Both);
-            }
-            job.await.unwrap_or_else(|e| Err(ConnectionError::Protocol(format!("worker failed: {e}"))))
+            let finished = match tokio::time::timeout(SHUTDOWN_GRACE, &mut job).await {
+                Ok(r) => r,
+                Err(_) => {
+                    warn!(conn, "client is not reading its replies; closing the connection");
+                    waker.shutdown(std::net::Shutdown::Both);
+                    job.await
+                }
+            };
+            finished.unwrap_or_else(|e| Err(ConnectionError::Protocol(format!("worker failed: {e}"))))
         }
     }
 }
