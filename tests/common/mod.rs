@@ -40,7 +40,7 @@ impl Server {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(std::fs::File::create(dir.path().join("server.log")).expect("server log"));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -73,12 +73,27 @@ impl Server {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         self.child.wait().expect("wait")
     }
+
+    /// What the server wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Show the server's messages with the test's output, and fail the
+        // test if the server panicked anywhere (a panic in a worker thread
+        // does not change the exit status).
+        let log = self.log();
+        if !log.is_empty() {
+            eprintln!("--- server stderr ---\n{log}---");
+        }
+        if log.contains("panicked at") && !std::thread::panicking() {
+            panic!("the server panicked");
+        }
     }
 }
 
