@@ -28,7 +28,9 @@ fn captive(name: &str, args: &[&str], script: &str) -> String {
         .args(["-U", "-"])
         .args(args)
         .arg("--run")
-        .arg(format!("{NBDSH} -u \"$uri\" -c '{script}'"))
+        .arg(format!(
+            "{NBDSH} --base-allocation -u \"$uri\" -c '{script}'"
+        ))
         .stderr(Stdio::inherit())
         .output()
         .expect("run example");
@@ -75,4 +77,20 @@ fn xor_filter_over_a_builtin_plugin() {
     );
     // The pattern plugin stores 8 as a big-endian u64 at offset 8.
     assert_eq!(out.trim(), "[255, 255, 255, 255, 255, 255, 255, 247]");
+}
+
+#[test]
+fn sectors_plugin_labels_sectors_and_reports_extents() {
+    if !have("nbdsh") {
+        return;
+    }
+    let out = captive(
+        "sectors",
+        &["sectors", "size=4K"],
+        "print(bytes(h.pread(9, 1024)).decode().strip()); \
+         e = []; h.block_status(2048, 0, lambda m, o, entries, err: e.extend(entries)); print(e[:4])",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "sector 2");
+    assert_eq!(lines[1], "[32, 0, 480, 2]");
 }
