@@ -9,6 +9,7 @@
 //! pool cost about 15 µs per request here).  Other streams (stdin/stdout,
 //! TLS) use the async path, [`serve`].
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use nbdkit_backend::{is_zero, Error, ErrorKind, ZeroFlags};
@@ -285,6 +286,9 @@ fn worker(
     use std::io::{Read, Write};
     let extended = neg.style == ReplyStyle::Extended;
     let hlen = RequestHeader::wire_len(extended);
+    // This worker's read buffer, reused so that reads do not allocate and
+    // fault in fresh pages every time.
+    let mut scratch = Vec::new();
     loop {
         let (h, payload) = {
             let mut r = reader.lock().unwrap_or_else(|e| e.into_inner());
@@ -342,32 +346,34 @@ fn worker(
             cookie = h.cookie,
             "request"
         );
-        let reply = match neg
-            .export
-            .validate(&h, neg.style.is_structured(), extended, neg.meta)
-        {
-            Ok(op) => server
-                .locked(|| run(&neg.export, op, payload, neg.style, h.cookie))
-                .unwrap_or_else(|e| {
-                    error_reply(
-                        neg.style,
-                        h.cookie,
-                        op.offset,
-                        e.kind().nbd_error(),
-                        &e.to_string(),
-                    )
-                }),
-            Err(e) => {
-                debug!(conn, cookie = h.cookie, "refused: {e}");
-                error_reply(
-                    neg.style,
-                    h.cookie,
-                    h.offset,
-                    e.kind().nbd_error(),
-                    &e.to_string(),
-                )
-            }
+        let refuse = |offset: u64, e: Error| {
+            Cow::Owned(error_reply(
+                neg.style,
+                h.cookie,
+                offset,
+                e.kind().nbd_error(),
+                &e.to_string(),
+            ))
         };
+        let reply: Cow<[u8]> =
+            match neg
+                .export
+                .validate(&h, neg.style.is_structured(), extended, neg.meta)
+            {
+                Ok(op) if op.command == CMD_READ => {
+                    server.locked(|| read_into(&neg.export, op, neg.style, h.cookie, &mut scratch))
+                }
+                Ok(op) => {
+                    match server.locked(|| run(&neg.export, op, payload, neg.style, h.cookie)) {
+                        Ok(r) => Cow::Owned(r),
+                        Err(e) => refuse(op.offset, e),
+                    }
+                }
+                Err(e) => {
+                    debug!(conn, cookie = h.cookie, "refused: {e}");
+                    refuse(h.offset, e)
+                }
+            };
         let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = w.write_all(&reply) {
             debug!(conn, "writing reply failed: {e}");
@@ -389,7 +395,7 @@ fn run(
 ) -> nbdkit_backend::Result<Vec<u8>> {
     let fua = op.flags & CMD_FLAG_FUA != 0;
     let result = match op.command {
-        CMD_READ => return Ok(read_reply(export, op, style, cookie)),
+        CMD_READ => return Ok(read_into(export, op, style, cookie, &mut Vec::new()).into_owned()),
         CMD_WRITE => export.write(&payload, op.offset, fua),
         CMD_FLUSH => export.flush(),
         CMD_TRIM => export.trim(op.offset, op.length, fua),
@@ -448,23 +454,40 @@ fn failure(style: ReplyStyle, cookie: u64, op: Op, e: Error) -> Vec<u8> {
     )
 }
 
-/// Read into a buffer that already has room for the reply header, so the
-/// data is never copied.  A read of all zeroes goes out as a hole chunk
-/// when structured replies allow it.
-fn read_reply(export: &Export, op: Op, style: ReplyStyle, cookie: u64) -> Vec<u8> {
+/// Read into `buf` after room for the reply header, so the data is never
+/// copied, and return the whole reply.  A read of all zeroes goes out as a
+/// hole chunk when structured replies allow it.  `buf` is grown as needed
+/// and kept for the next read, up to [`KEEP_BUFFER`].
+fn read_into<'a>(
+    export: &Export,
+    op: Op,
+    style: ReplyStyle,
+    cookie: u64,
+    buf: &'a mut Vec<u8>,
+) -> Cow<'a, [u8]> {
     let hl = read_data_header_len(style);
-    let len = op.length as usize;
-    let mut buf = vec![0u8; hl + len];
-    if let Err(e) = export.read(&mut buf[hl..], op.offset) {
-        return failure(style, cookie, op, e);
+    let n = hl + op.length as usize;
+    if buf.len() < n {
+        buf.resize(n, 0);
     }
-    if style.is_structured() && is_zero(&buf[hl..]) {
-        return hole_chunk(style, cookie, op.offset, op.length as u32, true);
+    if let Err(e) = export.read(&mut buf[hl..n], op.offset) {
+        return Cow::Owned(failure(style, cookie, op, e));
     }
-    let header = read_data_header(style, cookie, op.offset, op.length, true);
-    buf[..hl].copy_from_slice(&header);
-    buf
+    if style.is_structured() && is_zero(&buf[hl..n]) {
+        return Cow::Owned(hole_chunk(style, cookie, op.offset, op.length as u32, true));
+    }
+    buf[..hl].copy_from_slice(&read_data_header(style, cookie, op.offset, op.length, true));
+    if buf.len() > KEEP_BUFFER {
+        // A rare huge read: hand the buffer over rather than keep it.
+        let mut owned = std::mem::take(buf);
+        owned.truncate(n);
+        return Cow::Owned(owned);
+    }
+    Cow::Borrowed(&buf[..n])
 }
+
+/// Largest read buffer a worker keeps between requests.
+const KEEP_BUFFER: usize = 4 << 20;
 
 async fn write(wr: &Writer, bytes: &[u8]) -> std::io::Result<()> {
     let mut w = wr.lock().await;
