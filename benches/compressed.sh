@@ -19,20 +19,19 @@ if [ ! -f "$raw" ]; then
     src=$out/src-$disk_mib
     rm -rf "$src"; mkdir -p "$src"
     budget=$((disk_mib * 6 / 10))
-    for d in /usr/lib /usr/share /usr/bin /usr/include /usr/libexec; do
+    # Whole directories of real files, largest first, while they fit.
+    while read -r mib dir; do
         used=$(du -sm "$src" | cut -f1)
-        [ "$used" -lt "$budget" ] || break
-        cp -a --parents "$d" "$src/" 2>/dev/null || true
-    done
-    while [ "$(du -sm "$src" | cut -f1)" -gt "$budget" ]; do
-        rm -rf "$(find "$src" -mindepth 3 -maxdepth 3 -type d | head -n 1)"
-    done
+        [ $((used + mib)) -le "$budget" ] || continue
+        cp -a --parents "$dir" "$src/" 2>/dev/null || true
+    done < <(du -sm /usr/lib/* /usr/share/* /usr/bin /usr/sbin /usr/include /usr/libexec 2>/dev/null | sort -rn)
     fs=$out/fs.img
     truncate -s $(( (disk_mib - 2) ))M "$fs"
     mkfs.ext4 -q -F -d "$src" "$fs"
-    truncate -s ${disk_mib}M "$raw"
-    printf 'label: gpt\nstart=2048, size=%d, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n' $(( (disk_mib - 2) * 2048 )) | sfdisk -q "$raw"
-    dd if="$fs" of="$raw" bs=1M seek=1 conv=notrunc,sparse status=none
+    truncate -s ${disk_mib}M "$raw.tmp"
+    printf 'label: gpt\nstart=2048, size=%d, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n' $(( (disk_mib - 2) * 2048 )) | sfdisk -q "$raw.tmp"
+    dd if="$fs" of="$raw.tmp" bs=1M seek=1 conv=notrunc,sparse status=none
+    mv "$raw.tmp" "$raw"
     rm -rf "$fs" "$src"
 fi
 
