@@ -4,8 +4,10 @@
 use nbdkit_backend::FilterSpec;
 
 pub mod log;
+pub mod partition;
+mod window;
 
 /// Every built-in filter, in the order `--help` lists them.
 pub fn all() -> Vec<&'static FilterSpec> {
-    vec![&log::SPEC]
+    vec![&log::SPEC, &partition::SPEC]
 }

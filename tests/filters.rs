@@ -1,0 +1,260 @@
+//! The built-in filters driven by real clients (nbdcopy, nbdinfo, nbdsh,
+//! qemu-io, the libnbd Python bindings) through the real binary, with the
+//! bytes compared against what the filter should have produced.
+mod common;
+use common::*;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const K: u64 = 1024;
+const M: u64 = 1024 * 1024;
+
+/// Run a Python script (with the `nbd` module) with `args` as sys.argv[1:];
+/// the script prints "OK" at the end, and everything it prints is returned.
+fn python(script: &str, args: &[&str]) -> String {
+    let out = stdout_of(Command::new(PYTHON).arg("-c").arg(script).args(args));
+    assert!(
+        out.trim_end().ends_with("OK"),
+        "script did not finish: {out}"
+    );
+    out
+}
+
+/// The whole export, read with nbdcopy.
+fn read_all(uri: &str) -> Vec<u8> {
+    run_ok(Command::new("nbdcopy").arg(uri).arg("-")).stdout
+}
+
+/// `nbdinfo --json URI` for the first export: key -> JSON value (strings
+/// without quotes).
+fn nbdinfo_json(uri: &str) -> HashMap<String, String> {
+    let json = stdout_of(Command::new("nbdinfo").arg("--json").arg(uri));
+    let flat = stdout_of(
+        Command::new(PYTHON)
+            .arg("-c")
+            .arg(
+                "import json,sys\n\
+                 e=json.loads(sys.argv[1])['exports'][0]\n\
+                 for k,v in e.items(): print(k+'='+(v if isinstance(v,str) else json.dumps(v)))",
+            )
+            .arg(&json),
+    );
+    flat.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `nbdinfo --map URI` as merged (offset, length, is_hole) runs.
+fn map_of(uri: &str) -> Vec<(u64, u64, bool)> {
+    let out = stdout_of(Command::new("nbdinfo").arg("--map").arg(uri));
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    for line in out.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert!(f.len() >= 4, "unexpected map line {line:?}");
+        let (off, len): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+        let hole = f[3].contains("hole");
+        match runs.last_mut() {
+            Some(last) if last.2 == hole && last.0 + last.1 == off => last.1 += len,
+            _ => runs.push((off, len, hole)),
+        }
+    }
+    runs
+}
+
+/// Feed `script` to a partitioning tool on stdin.
+fn partition_with(cmd: &mut Command, script: &str) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("partitioning tool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {out:?}");
+}
+
+/// An 8 MiB image of random bytes with a table written by `sfdisk`.
+fn sfdisk_image(path: &Path, script: &str) -> Vec<u8> {
+    make_file(path, 8 * M as usize, 7);
+    partition_with(Command::new("sfdisk").arg("-q").arg(path), script);
+    std::fs::read(path).unwrap()
+}
+
+/// Serve partition `n` of `img` read-only and check it is `want`.
+fn check_partition(img: &Path, n: u32, want: &[u8]) {
+    let arg = format!("partition={n}");
+    let s = Server::start(&[
+        "-r",
+        "--filter=partition",
+        "file",
+        img.to_str().unwrap(),
+        &arg,
+    ]);
+    let got = read_all(&s.uri);
+    assert_eq!(got.len(), want.len(), "partition {n} size");
+    assert!(got == want, "partition {n} contents differ");
+}
+
+/// Connecting fails, and the error the server sends (which libnbd shows
+/// in its debug output) mentions `why`.
+fn open_fails(args: &[&str], why: &str) {
+    let out = Command::new(binary())
+        .args(["-U", "-", "--run", "LIBNBD_DEBUG=1 nbdinfo \"$uri\""])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} connected");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(why), "{args:?}: expected {why:?} in {err}");
+}
+
+/// Starting fails with exactly one line on stderr containing `why`.
+fn start_fails(args: &[&str], why: &str) {
+    let out = Command::new(binary())
+        .arg("-f")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} started");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(why), "{args:?}: expected {why:?} in {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+}
+
+fn slice(v: &[u8], offset: u64, len: u64) -> &[u8] {
+    &v[offset as usize..(offset + len) as usize]
+}
+
+#[test]
+fn partition_mbr_primary_and_logical() {
+    if !have("sfdisk") || !have("nbdcopy") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("mbr.img");
+    let disk = sfdisk_image(
+        &img,
+        "label: dos\n\
+         start=2048, size=2048, type=83\n\
+         start=4096, size=8192, type=5\n\
+         start=6144, size=2048, type=83\n\
+         start=10240, size=1024, type=83\n",
+    );
+    check_partition(&img, 1, slice(&disk, 2048 * 512, 2048 * 512));
+    check_partition(&img, 5, slice(&disk, 6144 * 512, 2048 * 512));
+    check_partition(&img, 6, slice(&disk, 10240 * 512, 1024 * 512));
+    let p = img.to_str().unwrap();
+    open_fails(
+        &["-r", "--filter=partition", "file", p, "partition=3"],
+        "partition 3 is not present",
+    );
+    open_fails(
+        &["-r", "--filter=partition", "file", p, "partition=7"],
+        "the disk has 2 logical partitions",
+    );
+    start_fails(
+        &["--filter=partition", "file", p, "partition=0"],
+        "partition=0: expected a partition number from 1",
+    );
+    start_fails(
+        &["--filter=partition", "file", p],
+        "'partition' parameter is required",
+    );
+}
+
+#[test]
+fn partition_gpt_512_and_4096_byte_sectors() {
+    if !have("sfdisk") || !have("fdisk") || !have("nbdcopy") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("gpt.img");
+    let disk = sfdisk_image(
+        &img,
+        "label: gpt\nstart=2048, size=2048\nstart=4096, size=6144\n",
+    );
+    check_partition(&img, 1, slice(&disk, 2048 * 512, 2048 * 512));
+    check_partition(&img, 2, slice(&disk, 4096 * 512, 6144 * 512));
+    let p = img.to_str().unwrap();
+    open_fails(
+        &["-r", "--filter=partition", "file", p, "partition=3"],
+        "partition 3 is not present",
+    );
+
+    // fdisk can write a GPT for 4096-byte sectors (sfdisk 2.38 cannot).
+    let img4k = dir.path().join("gpt4k.img");
+    make_file(&img4k, 8 * M as usize, 8);
+    partition_with(
+        Command::new("fdisk").arg("-b").arg("4096").arg(&img4k),
+        "g\nn\n1\n256\n767\nn\n2\n1024\n1535\nw\n",
+    );
+    let disk4k = std::fs::read(&img4k).unwrap();
+    check_partition(&img4k, 1, slice(&disk4k, 256 * 4096, 512 * 4096));
+    check_partition(&img4k, 2, slice(&disk4k, 1024 * 4096, 512 * 4096));
+
+    // A corrupt header is refused, not guessed around.
+    let mut bad = disk.clone();
+    bad[512 + 40] ^= 0xff;
+    let badp = dir.path().join("bad.img");
+    std::fs::write(&badp, &bad).unwrap();
+    open_fails(
+        &[
+            "-r",
+            "--filter=partition",
+            "file",
+            badp.to_str().unwrap(),
+            "partition=1",
+        ],
+        "GPT header CRC mismatch",
+    );
+}
+
+#[test]
+fn partition_writes_stay_inside_the_partition() {
+    if !have_python_nbd() || !have("sfdisk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("mbr.img");
+    let before = sfdisk_image(&img, "label: dos\nstart=2048, size=2048, type=83\n");
+    let s = Server::start(&[
+        "--filter=partition",
+        "file",
+        img.to_str().unwrap(),
+        "partition=1",
+    ]);
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.get_size() == 1024 * 1024
+h.pwrite(b"\xaa" * 4096, 0)
+h.pwrite(b"\xbb" * 4096, 1024 * 1024 - 4096)
+h.set_strict_mode(0)
+try:
+    h.pwrite(b"x", 1024 * 1024)
+    raise SystemExit("write past the partition succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.ENOSPC, e
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let after = std::fs::read(&img).unwrap();
+    let (p, end) = (2048 * 512usize, 4096 * 512usize);
+    assert_eq!(&after[..p], &before[..p], "bytes before the partition");
+    assert_eq!(&after[end..], &before[end..], "bytes after the partition");
+    assert!(after[p..p + 4096].iter().all(|&b| b == 0xaa));
+    assert!(after[end - 4096..end].iter().all(|&b| b == 0xbb));
+}
