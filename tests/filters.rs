@@ -258,3 +258,118 @@ print("OK")
     assert!(after[p..p + 4096].iter().all(|&b| b == 0xaa));
     assert!(after[end - 4096..end].iter().all(|&b| b == 0xbb));
 }
+
+#[test]
+fn offset_shifts_reads_writes_and_block_status() {
+    if !have("nbdcopy") || !have("nbdinfo") || !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("f.img");
+    make_file(&img, 2 * M as usize, 3);
+    let orig = std::fs::read(&img).unwrap();
+    let p = img.to_str().unwrap();
+    let s = Server::start(&["--filter=offset", "file", p, "offset=64K", "range=1M"]);
+    assert_eq!(read_all(&s.uri), slice(&orig, 64 * K, M));
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.get_size() == 1024 * 1024
+h.pwrite(b"\x5a" * 512, 0)
+h.set_strict_mode(0)
+try:
+    h.pread(1, 1024 * 1024)
+    raise SystemExit("read past the range succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.EINVAL, e
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    drop(s);
+    let after = std::fs::read(&img).unwrap();
+    assert!(after[64 * 1024..64 * 1024 + 512].iter().all(|&b| b == 0x5a));
+    assert_eq!(&after[..64 * 1024], &orig[..64 * 1024]);
+    assert_eq!(&after[64 * 1024 + 512..], &orig[64 * 1024 + 512..]);
+
+    // Block status is shifted too: a sparse file with data at 1M..1M+64K.
+    let sparse = dir.path().join("sparse.img");
+    let f = std::fs::File::create(&sparse).unwrap();
+    f.set_len(4 * M).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(64 * K as usize, 4), M).unwrap();
+    drop(f);
+    let sp = sparse.to_str().unwrap();
+    let s = Server::start(&["-r", "--filter=offset", "file", sp, "offset=512K", "range=2M"]);
+    assert_eq!(
+        map_of(&s.uri),
+        vec![
+            (0, 512 * K, true),
+            (512 * K, 64 * K, false),
+            (576 * K, 2 * M - 576 * K, true)
+        ]
+    );
+    drop(s);
+    open_fails(
+        &["-r", "--filter=offset", "file", sp, "offset=3M", "range=2M"],
+        "is beyond the end of the plugin",
+    );
+    start_fails(
+        &["--filter=offset", "file", sp, "offset=lots"],
+        "offset filter: offset=lots",
+    );
+}
+
+#[test]
+fn truncate_grows_with_zeroes_and_rounds() {
+    if !have("nbdinfo") || !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("odd.img");
+    make_file(&img, M as usize + 100, 5);
+    let orig = std::fs::read(&img).unwrap();
+    let p = img.to_str().unwrap();
+    let s = Server::start(&["--filter=truncate", "file", p, "truncate=2M"]);
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+real = 1024 * 1024 + 100
+assert h.get_size() == 2 * 1024 * 1024
+assert h.pread(real + 1000, 0)[real:] == bytes(1000)
+h.pwrite(bytes(4096), real - 96)          # zeroes beyond the end: fine
+try:
+    h.pwrite(b"\x01" * 4096, 1536 * 1024)
+    raise SystemExit("non-zero write beyond the plugin succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.ENOSPC, e
+h.zero(65536, real + 1000)
+h.trim(4096, 2 * 1024 * 1024 - 4096)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    let map = map_of(&s.uri);
+    let last = map.last().unwrap();
+    assert!(last.2 && last.0 <= M + 100, "tail is a hole: {map:?}");
+    drop(s);
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(after.len(), orig.len(), "the file keeps its size");
+    assert!(after[M as usize + 4..].iter().all(|&b| b == 0));
+
+    for (arg, size) in [("round-up=4096", "1052672"), ("round-down=4096", "1048576")] {
+        let s = Server::start(&["-r", "--filter=truncate", "file", p, arg]);
+        assert_eq!(nbdinfo_json(&s.uri)["export-size"], size, "{arg}");
+    }
+    start_fails(
+        &["--filter=truncate", "file", p, "round-up=1000"],
+        "round-up=1000: must be a power of two",
+    );
+    start_fails(
+        &["--filter=truncate", "file", p, "truncate=1M", "round-down=512"],
+        "give only one",
+    );
+}

@@ -4,10 +4,12 @@
 use nbdkit_backend::FilterSpec;
 
 pub mod log;
+pub mod offset;
 pub mod partition;
+pub mod truncate;
 mod window;
 
 /// Every built-in filter, in the order `--help` lists them.
 pub fn all() -> Vec<&'static FilterSpec> {
-    vec![&log::SPEC, &partition::SPEC]
+    vec![&log::SPEC, &offset::SPEC, &partition::SPEC, &truncate::SPEC]
 }
