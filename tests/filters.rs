@@ -301,7 +301,14 @@ print("OK")
     std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(64 * K as usize, 4), M).unwrap();
     drop(f);
     let sp = sparse.to_str().unwrap();
-    let s = Server::start(&["-r", "--filter=offset", "file", sp, "offset=512K", "range=2M"]);
+    let s = Server::start(&[
+        "-r",
+        "--filter=offset",
+        "file",
+        sp,
+        "offset=512K",
+        "range=2M",
+    ]);
     assert_eq!(
         map_of(&s.uri),
         vec![
@@ -346,8 +353,9 @@ try:
     raise SystemExit("non-zero write beyond the plugin succeeded")
 except nbd.Error as e:
     assert e.errnum == errno.ENOSPC, e
-h.zero(65536, real + 1000)
-h.trim(4096, 2 * 1024 * 1024 - 4096)
+# libnbd takes (count, offset): both cross the plugin's end.
+h.zero(real + 1000 - 65536, 65536)
+h.trim(2 * 1024 * 1024 - 4096, 4096)
 print("OK")
 "#,
         &[&s.uri],
@@ -358,7 +366,7 @@ print("OK")
     drop(s);
     let after = std::fs::read(&img).unwrap();
     assert_eq!(after.len(), orig.len(), "the file keeps its size");
-    assert!(after[M as usize + 4..].iter().all(|&b| b == 0));
+    assert!(after[4096..].iter().all(|&b| b == 0));
 
     for (arg, size) in [("round-up=4096", "1052672"), ("round-down=4096", "1048576")] {
         let s = Server::start(&["-r", "--filter=truncate", "file", p, arg]);
@@ -369,7 +377,154 @@ print("OK")
         "round-up=1000: must be a power of two",
     );
     start_fails(
-        &["--filter=truncate", "file", p, "truncate=1M", "round-down=512"],
+        &[
+            "--filter=truncate",
+            "file",
+            p,
+            "truncate=1M",
+            "round-down=512",
+        ],
         "give only one",
     );
+}
+
+fn sha(path: &Path) -> String {
+    stdout_of(Command::new("sha256sum").arg(path))
+}
+
+#[test]
+fn cow_makes_a_read_only_file_writable_without_touching_it() {
+    if !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("base.img");
+    make_file(&img, 4 * M as usize, 11);
+    let mut perms = std::fs::metadata(&img).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
+    std::fs::set_permissions(&img, perms).unwrap();
+    let before = sha(&img);
+    let orig = std::fs::read(&img).unwrap();
+
+    let s = Server::start(&[
+        "--filter=cow",
+        "file",
+        img.to_str().unwrap(),
+        "cow-block-size=4K",
+    ]);
+    let j = nbdinfo_json(&s.uri);
+    assert_eq!(j["is_read_only"], "false", "{j:?}");
+    assert_eq!(j["can_zero"], "true", "{j:?}");
+    let out = stdout_of(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x11 1000 10000",
+        "-c",
+        "write -z 64k 128k",
+        "-c",
+        "discard 1M 64k",
+        "-c",
+        "read -P 0x11 1000 10000",
+        "-c",
+        "read -P 0 64k 128k",
+        "-c",
+        "read -P 0 1M 64k",
+        &s.uri,
+    ]));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_eq!(out.matches("read ").count(), 3, "{out}");
+
+    // Everything not written still reads as the base.
+    let now = read_all(&s.uri);
+    assert_eq!(now[..1000], orig[..1000]);
+    assert_eq!(now[11000..64 * 1024], orig[11000..64 * 1024]);
+    assert_eq!(now[192 * 1024..M as usize], orig[192 * 1024..M as usize]);
+    assert_eq!(now[(M + 64 * K) as usize..], orig[(M + 64 * K) as usize..]);
+    // Zeroed blocks are holes; the rest is data.
+    let map = map_of(&s.uri);
+    assert!(map.contains(&(64 * K, 128 * K, true)), "{map:?}");
+    assert!(map.contains(&(M, 64 * K, true)), "{map:?}");
+    assert!(s.stop().success());
+    assert_eq!(sha(&img), before, "the base file was modified");
+}
+
+#[test]
+fn cow_over_a_read_only_plugin_shared_by_connections() {
+    if !have_python_nbd() {
+        return;
+    }
+    let s = Server::start(&["--filter=cow", "pattern", "size=1M"]);
+    python(
+        r#"
+import nbd, sys, struct
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+b = nbd.NBD(); b.connect_uri(sys.argv[1])
+assert not a.is_read_only() and a.can_multi_conn()
+a.pwrite(b"hello", 8 * 100 + 3)
+a.flush()
+got = b.pread(16, 8 * 100)
+want = struct.pack(">Q", 800)[:3] + b"hello" + struct.pack(">Q", 808)
+assert got == want, (got, want)
+# The pattern is intact elsewhere.
+assert b.pread(8, 8 * 5000) == struct.pack(">Q", 40000)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    start_fails(
+        &["--filter=cow", "pattern", "size=1M", "cow-block-size=1000"],
+        "cow-block-size=1000: must be a power of two",
+    );
+}
+
+#[test]
+fn cow_over_partition_stack() {
+    if !have_python_nbd() || !have("sfdisk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("mbr.img");
+    let disk = sfdisk_image(&img, "label: dos\nstart=2048, size=4096, type=83\n");
+    let before = sha(&img);
+    let s = Server::start(&[
+        "--filter=cow",
+        "--filter=partition",
+        "file",
+        img.to_str().unwrap(),
+        "partition=1",
+    ]);
+    let part = slice(&disk, 2048 * 512, 4096 * 512);
+    let out = python(
+        r#"
+import nbd, sys, hashlib
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+assert h.get_size() == 4096 * 512
+h.pwrite(b"\x77" * 70000, 5000)
+h.zero(65536, 1024 * 1024)   # (count, offset)
+data = h.pread(h.get_size(), 0)
+print(hashlib.sha256(data).hexdigest())
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    let mut want = part.to_vec();
+    want[5000..75000].fill(0x77);
+    want[M as usize..(M + 64 * K) as usize].fill(0);
+    let digest = stdout_of(
+        Command::new(PYTHON)
+            .arg("-c")
+            .arg("import sys,hashlib; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())")
+            .stdin(
+                std::fs::File::open({
+                    let p = dir.path().join("want");
+                    std::fs::write(&p, &want).unwrap();
+                    p
+                })
+                .unwrap(),
+            ),
+    );
+    assert_eq!(out.lines().next().unwrap(), digest.trim());
+    assert!(s.stop().success());
+    assert_eq!(sha(&img), before, "the disk image was modified");
 }

@@ -3,6 +3,7 @@
 
 use nbdkit_backend::FilterSpec;
 
+pub mod cow;
 pub mod log;
 pub mod offset;
 pub mod partition;
@@ -11,5 +12,11 @@ mod window;
 
 /// Every built-in filter, in the order `--help` lists them.
 pub fn all() -> Vec<&'static FilterSpec> {
-    vec![&log::SPEC, &offset::SPEC, &partition::SPEC, &truncate::SPEC]
+    vec![
+        &cow::SPEC,
+        &log::SPEC,
+        &offset::SPEC,
+        &partition::SPEC,
+        &truncate::SPEC,
+    ]
 }
