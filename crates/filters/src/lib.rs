@@ -4,7 +4,12 @@
 use nbdkit_backend::FilterSpec;
 
 pub mod compressed;
+pub mod cow;
 pub mod log;
+pub mod offset;
+pub mod partition;
+pub mod truncate;
+mod window;
 
 /// Every built-in filter, in the order `--help` lists them.
 pub fn all() -> Vec<&'static FilterSpec> {
@@ -13,6 +18,10 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &compressed::GZIP,
         &compressed::ZSTD,
         &compressed::BZIP2,
+        &cow::SPEC,
         &log::SPEC,
+        &offset::SPEC,
+        &partition::SPEC,
+        &truncate::SPEC,
     ]
 }

@@ -1,0 +1,530 @@
+//! The built-in filters driven by real clients (nbdcopy, nbdinfo, nbdsh,
+//! qemu-io, the libnbd Python bindings) through the real binary, with the
+//! bytes compared against what the filter should have produced.
+mod common;
+use common::*;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const K: u64 = 1024;
+const M: u64 = 1024 * 1024;
+
+/// Run a Python script (with the `nbd` module) with `args` as sys.argv[1:];
+/// the script prints "OK" at the end, and everything it prints is returned.
+fn python(script: &str, args: &[&str]) -> String {
+    let out = stdout_of(Command::new(PYTHON).arg("-c").arg(script).args(args));
+    assert!(
+        out.trim_end().ends_with("OK"),
+        "script did not finish: {out}"
+    );
+    out
+}
+
+/// The whole export, read with nbdcopy.
+fn read_all(uri: &str) -> Vec<u8> {
+    run_ok(Command::new("nbdcopy").arg(uri).arg("-")).stdout
+}
+
+/// `nbdinfo --json URI` for the first export: key -> JSON value (strings
+/// without quotes).
+fn nbdinfo_json(uri: &str) -> HashMap<String, String> {
+    let json = stdout_of(Command::new("nbdinfo").arg("--json").arg(uri));
+    let flat = stdout_of(
+        Command::new(PYTHON)
+            .arg("-c")
+            .arg(
+                "import json,sys\n\
+                 e=json.loads(sys.argv[1])['exports'][0]\n\
+                 for k,v in e.items(): print(k+'='+(v if isinstance(v,str) else json.dumps(v)))",
+            )
+            .arg(&json),
+    );
+    flat.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `nbdinfo --map URI` as merged (offset, length, is_hole) runs.
+fn map_of(uri: &str) -> Vec<(u64, u64, bool)> {
+    let out = stdout_of(Command::new("nbdinfo").arg("--map").arg(uri));
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    for line in out.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert!(f.len() >= 4, "unexpected map line {line:?}");
+        let (off, len): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+        let hole = f[3].contains("hole");
+        match runs.last_mut() {
+            Some(last) if last.2 == hole && last.0 + last.1 == off => last.1 += len,
+            _ => runs.push((off, len, hole)),
+        }
+    }
+    runs
+}
+
+/// Feed `script` to a partitioning tool on stdin.
+fn partition_with(cmd: &mut Command, script: &str) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("partitioning tool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {out:?}");
+}
+
+/// An 8 MiB image of random bytes with a table written by `sfdisk`.
+fn sfdisk_image(path: &Path, script: &str) -> Vec<u8> {
+    make_file(path, 8 * M as usize, 7);
+    partition_with(Command::new("sfdisk").arg("-q").arg(path), script);
+    std::fs::read(path).unwrap()
+}
+
+/// Serve partition `n` of `img` read-only and check it is `want`.
+fn check_partition(img: &Path, n: u32, want: &[u8]) {
+    let arg = format!("partition={n}");
+    let s = Server::start(&[
+        "-r",
+        "--filter=partition",
+        "file",
+        img.to_str().unwrap(),
+        &arg,
+    ]);
+    let got = read_all(&s.uri);
+    assert_eq!(got.len(), want.len(), "partition {n} size");
+    assert!(got == want, "partition {n} contents differ");
+}
+
+/// Connecting fails, and the error the server sends (which libnbd shows
+/// in its debug output) mentions `why`.
+fn open_fails(args: &[&str], why: &str) {
+    let out = Command::new(binary())
+        .args(["-U", "-", "--run", "LIBNBD_DEBUG=1 nbdinfo \"$uri\""])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} connected");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(why), "{args:?}: expected {why:?} in {err}");
+}
+
+/// Starting fails with exactly one line on stderr containing `why`.
+fn start_fails(args: &[&str], why: &str) {
+    let out = Command::new(binary())
+        .arg("-f")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} started");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(why), "{args:?}: expected {why:?} in {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+}
+
+fn slice(v: &[u8], offset: u64, len: u64) -> &[u8] {
+    &v[offset as usize..(offset + len) as usize]
+}
+
+#[test]
+fn partition_mbr_primary_and_logical() {
+    if !have("sfdisk") || !have("nbdcopy") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("mbr.img");
+    let disk = sfdisk_image(
+        &img,
+        "label: dos\n\
+         start=2048, size=2048, type=83\n\
+         start=4096, size=8192, type=5\n\
+         start=6144, size=2048, type=83\n\
+         start=10240, size=1024, type=83\n",
+    );
+    check_partition(&img, 1, slice(&disk, 2048 * 512, 2048 * 512));
+    check_partition(&img, 5, slice(&disk, 6144 * 512, 2048 * 512));
+    check_partition(&img, 6, slice(&disk, 10240 * 512, 1024 * 512));
+    let p = img.to_str().unwrap();
+    open_fails(
+        &["-r", "--filter=partition", "file", p, "partition=3"],
+        "partition 3 is not present",
+    );
+    open_fails(
+        &["-r", "--filter=partition", "file", p, "partition=7"],
+        "the disk has 2 logical partitions",
+    );
+    start_fails(
+        &["--filter=partition", "file", p, "partition=0"],
+        "partition=0: expected a partition number from 1",
+    );
+    start_fails(
+        &["--filter=partition", "file", p],
+        "'partition' parameter is required",
+    );
+}
+
+#[test]
+fn partition_gpt_512_and_4096_byte_sectors() {
+    if !have("sfdisk") || !have("fdisk") || !have("nbdcopy") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("gpt.img");
+    let disk = sfdisk_image(
+        &img,
+        "label: gpt\nstart=2048, size=2048\nstart=4096, size=6144\n",
+    );
+    check_partition(&img, 1, slice(&disk, 2048 * 512, 2048 * 512));
+    check_partition(&img, 2, slice(&disk, 4096 * 512, 6144 * 512));
+    let p = img.to_str().unwrap();
+    open_fails(
+        &["-r", "--filter=partition", "file", p, "partition=3"],
+        "partition 3 is not present",
+    );
+
+    // fdisk can write a GPT for 4096-byte sectors (sfdisk 2.38 cannot).
+    let img4k = dir.path().join("gpt4k.img");
+    make_file(&img4k, 8 * M as usize, 8);
+    partition_with(
+        Command::new("fdisk").arg("-b").arg("4096").arg(&img4k),
+        "g\nn\n1\n256\n767\nn\n2\n1024\n1535\nw\n",
+    );
+    let disk4k = std::fs::read(&img4k).unwrap();
+    check_partition(&img4k, 1, slice(&disk4k, 256 * 4096, 512 * 4096));
+    check_partition(&img4k, 2, slice(&disk4k, 1024 * 4096, 512 * 4096));
+
+    // A corrupt header is refused, not guessed around.
+    let mut bad = disk.clone();
+    bad[512 + 40] ^= 0xff;
+    let badp = dir.path().join("bad.img");
+    std::fs::write(&badp, &bad).unwrap();
+    open_fails(
+        &[
+            "-r",
+            "--filter=partition",
+            "file",
+            badp.to_str().unwrap(),
+            "partition=1",
+        ],
+        "GPT header CRC mismatch",
+    );
+}
+
+#[test]
+fn partition_writes_stay_inside_the_partition() {
+    if !have_python_nbd() || !have("sfdisk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("mbr.img");
+    let before = sfdisk_image(&img, "label: dos\nstart=2048, size=2048, type=83\n");
+    let s = Server::start(&[
+        "--filter=partition",
+        "file",
+        img.to_str().unwrap(),
+        "partition=1",
+    ]);
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.get_size() == 1024 * 1024
+h.pwrite(b"\xaa" * 4096, 0)
+h.pwrite(b"\xbb" * 4096, 1024 * 1024 - 4096)
+h.set_strict_mode(0)
+try:
+    h.pwrite(b"x", 1024 * 1024)
+    raise SystemExit("write past the partition succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.ENOSPC, e
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let after = std::fs::read(&img).unwrap();
+    let (p, end) = (2048 * 512usize, 4096 * 512usize);
+    assert_eq!(&after[..p], &before[..p], "bytes before the partition");
+    assert_eq!(&after[end..], &before[end..], "bytes after the partition");
+    assert!(after[p..p + 4096].iter().all(|&b| b == 0xaa));
+    assert!(after[end - 4096..end].iter().all(|&b| b == 0xbb));
+}
+
+#[test]
+fn offset_shifts_reads_writes_and_block_status() {
+    if !have("nbdcopy") || !have("nbdinfo") || !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("f.img");
+    make_file(&img, 2 * M as usize, 3);
+    let orig = std::fs::read(&img).unwrap();
+    let p = img.to_str().unwrap();
+    let s = Server::start(&["--filter=offset", "file", p, "offset=64K", "range=1M"]);
+    assert_eq!(read_all(&s.uri), slice(&orig, 64 * K, M));
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.get_size() == 1024 * 1024
+h.pwrite(b"\x5a" * 512, 0)
+h.set_strict_mode(0)
+try:
+    h.pread(1, 1024 * 1024)
+    raise SystemExit("read past the range succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.EINVAL, e
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    drop(s);
+    let after = std::fs::read(&img).unwrap();
+    assert!(after[64 * 1024..64 * 1024 + 512].iter().all(|&b| b == 0x5a));
+    assert_eq!(&after[..64 * 1024], &orig[..64 * 1024]);
+    assert_eq!(&after[64 * 1024 + 512..], &orig[64 * 1024 + 512..]);
+
+    // Block status is shifted too: a sparse file with data at 1M..1M+64K.
+    let sparse = dir.path().join("sparse.img");
+    let f = std::fs::File::create(&sparse).unwrap();
+    f.set_len(4 * M).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(64 * K as usize, 4), M).unwrap();
+    drop(f);
+    let sp = sparse.to_str().unwrap();
+    let s = Server::start(&[
+        "-r",
+        "--filter=offset",
+        "file",
+        sp,
+        "offset=512K",
+        "range=2M",
+    ]);
+    assert_eq!(
+        map_of(&s.uri),
+        vec![
+            (0, 512 * K, true),
+            (512 * K, 64 * K, false),
+            (576 * K, 2 * M - 576 * K, true)
+        ]
+    );
+    drop(s);
+    open_fails(
+        &["-r", "--filter=offset", "file", sp, "offset=3M", "range=2M"],
+        "is beyond the end of the plugin",
+    );
+    start_fails(
+        &["--filter=offset", "file", sp, "offset=lots"],
+        "offset filter: offset=lots",
+    );
+}
+
+#[test]
+fn truncate_grows_with_zeroes_and_rounds() {
+    if !have("nbdinfo") || !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("odd.img");
+    make_file(&img, M as usize + 100, 5);
+    let orig = std::fs::read(&img).unwrap();
+    let p = img.to_str().unwrap();
+    let s = Server::start(&["--filter=truncate", "file", p, "truncate=2M"]);
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+real = 1024 * 1024 + 100
+assert h.get_size() == 2 * 1024 * 1024
+assert h.pread(real + 1000, 0)[real:] == bytes(1000)
+h.pwrite(bytes(4096), real - 96)          # zeroes beyond the end: fine
+try:
+    h.pwrite(b"\x01" * 4096, 1536 * 1024)
+    raise SystemExit("non-zero write beyond the plugin succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.ENOSPC, e
+# libnbd takes (count, offset): both cross the plugin's end.
+h.zero(real + 1000 - 65536, 65536)
+h.trim(2 * 1024 * 1024 - 4096, 4096)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    let map = map_of(&s.uri);
+    let last = map.last().unwrap();
+    assert!(last.2 && last.0 <= M + 100, "tail is a hole: {map:?}");
+    drop(s);
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(after.len(), orig.len(), "the file keeps its size");
+    assert!(after[4096..].iter().all(|&b| b == 0));
+
+    for (arg, size) in [("round-up=4096", "1052672"), ("round-down=4096", "1048576")] {
+        let s = Server::start(&["-r", "--filter=truncate", "file", p, arg]);
+        assert_eq!(nbdinfo_json(&s.uri)["export-size"], size, "{arg}");
+    }
+    start_fails(
+        &["--filter=truncate", "file", p, "round-up=1000"],
+        "round-up=1000: must be a power of two",
+    );
+    start_fails(
+        &[
+            "--filter=truncate",
+            "file",
+            p,
+            "truncate=1M",
+            "round-down=512",
+        ],
+        "give only one",
+    );
+}
+
+fn sha(path: &Path) -> String {
+    stdout_of(Command::new("sha256sum").arg(path))
+}
+
+#[test]
+fn cow_makes_a_read_only_file_writable_without_touching_it() {
+    if !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("base.img");
+    make_file(&img, 4 * M as usize, 11);
+    let mut perms = std::fs::metadata(&img).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
+    std::fs::set_permissions(&img, perms).unwrap();
+    let before = sha(&img);
+    let orig = std::fs::read(&img).unwrap();
+
+    let s = Server::start(&[
+        "--filter=cow",
+        "file",
+        img.to_str().unwrap(),
+        "cow-block-size=4K",
+    ]);
+    let j = nbdinfo_json(&s.uri);
+    assert_eq!(j["is_read_only"], "false", "{j:?}");
+    assert_eq!(j["can_zero"], "true", "{j:?}");
+    let out = stdout_of(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x11 1000 10000",
+        "-c",
+        "write -z 64k 128k",
+        "-c",
+        "discard 1M 64k",
+        "-c",
+        "read -P 0x11 1000 10000",
+        "-c",
+        "read -P 0 64k 128k",
+        "-c",
+        "read -P 0 1M 64k",
+        &s.uri,
+    ]));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_eq!(out.matches("read ").count(), 3, "{out}");
+
+    // Everything not written still reads as the base.
+    let now = read_all(&s.uri);
+    assert_eq!(now[..1000], orig[..1000]);
+    assert_eq!(now[11000..64 * 1024], orig[11000..64 * 1024]);
+    assert_eq!(now[192 * 1024..M as usize], orig[192 * 1024..M as usize]);
+    assert_eq!(now[(M + 64 * K) as usize..], orig[(M + 64 * K) as usize..]);
+    // Zeroed blocks are holes; the rest is data.
+    let map = map_of(&s.uri);
+    assert!(map.contains(&(64 * K, 128 * K, true)), "{map:?}");
+    assert!(map.contains(&(M, 64 * K, true)), "{map:?}");
+    assert!(s.stop().success());
+    assert_eq!(sha(&img), before, "the base file was modified");
+}
+
+#[test]
+fn cow_over_a_read_only_plugin_shared_by_connections() {
+    if !have_python_nbd() {
+        return;
+    }
+    let s = Server::start(&["--filter=cow", "pattern", "size=1M"]);
+    python(
+        r#"
+import nbd, sys, struct
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+b = nbd.NBD(); b.connect_uri(sys.argv[1])
+assert not a.is_read_only() and a.can_multi_conn()
+a.pwrite(b"hello", 8 * 100 + 3)
+a.flush()
+got = b.pread(16, 8 * 100)
+want = struct.pack(">Q", 800)[:3] + b"hello" + struct.pack(">Q", 808)
+assert got == want, (got, want)
+# The pattern is intact elsewhere.
+assert b.pread(8, 8 * 5000) == struct.pack(">Q", 40000)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    start_fails(
+        &["--filter=cow", "pattern", "size=1M", "cow-block-size=1000"],
+        "cow-block-size=1000: must be a power of two",
+    );
+}
+
+#[test]
+fn cow_over_partition_stack() {
+    if !have_python_nbd() || !have("sfdisk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("mbr.img");
+    let disk = sfdisk_image(&img, "label: dos\nstart=2048, size=4096, type=83\n");
+    let before = sha(&img);
+    let s = Server::start(&[
+        "--filter=cow",
+        "--filter=partition",
+        "file",
+        img.to_str().unwrap(),
+        "partition=1",
+    ]);
+    let part = slice(&disk, 2048 * 512, 4096 * 512);
+    let out = python(
+        r#"
+import nbd, sys, hashlib
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+assert h.get_size() == 4096 * 512
+h.pwrite(b"\x77" * 70000, 5000)
+h.zero(65536, 1024 * 1024)   # (count, offset)
+data = h.pread(h.get_size(), 0)
+print(hashlib.sha256(data).hexdigest())
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    let mut want = part.to_vec();
+    want[5000..75000].fill(0x77);
+    want[M as usize..(M + 64 * K) as usize].fill(0);
+    let digest = stdout_of(
+        Command::new(PYTHON)
+            .arg("-c")
+            .arg("import sys,hashlib; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())")
+            .stdin(
+                std::fs::File::open({
+                    let p = dir.path().join("want");
+                    std::fs::write(&p, &want).unwrap();
+                    p
+                })
+                .unwrap(),
+            ),
+    );
+    assert_eq!(out.lines().next().unwrap(), digest.trim());
+    assert!(s.stop().success());
+    assert_eq!(sha(&img), before, "the disk image was modified");
+}
