@@ -330,3 +330,60 @@ fn prepared_gzip_index_from_the_tool_is_used() {
         std::fs::metadata(&img).unwrap().len()
     );
 }
+
+/// The stacks the compressed filters are for: a partition of a compressed
+/// disk, and a writable (copy-on-write) view of it.
+#[test]
+fn partition_and_cow_over_a_compressed_disk() {
+    if !have("sfdisk") || !have("mkfs.ext4") || !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk::gpt_ext4(dir.path(), 8, &[("f.txt", b"inside the partition\n")]);
+    let raw = std::fs::read(&disk.path).unwrap();
+    run_ok(
+        Command::new("xz")
+            .args(["-T2", "--block-size=1MiB", "-k"])
+            .arg(&disk.path),
+    );
+    let xz = PathBuf::from(format!("{}.xz", disk.path.display()));
+    let before = std::fs::read(&xz).unwrap();
+
+    let s = Server::start(&[
+        "--filter=partition",
+        "--filter=xz",
+        "file",
+        xz.to_str().unwrap(),
+        "partition=1",
+    ]);
+    let out = dir.path().join("part.img");
+    run_ok(Command::new("nbdcopy").arg(&s.uri).arg(&out));
+    let part = &raw[disk.part_offset as usize..(disk.part_offset + disk.part_size) as usize];
+    assert!(
+        std::fs::read(&out).unwrap() == part,
+        "partition 1 through the xz filter differs"
+    );
+    drop(s);
+
+    let s = Server::start(&["--filter=cow", "--filter=xz", "file", xz.to_str().unwrap()]);
+    let script = format!(
+        r#"
+import nbd
+h = nbd.NBD()
+h.connect_uri("{uri}")
+assert not h.is_read_only()
+h.pwrite(b"written over xz", 1 << 20)
+h.flush()
+print(bytes(h.pread(15, 1 << 20)).decode())
+"#,
+        uri = s.uri
+    );
+    assert_eq!(
+        stdout_of(Command::new(PYTHON).arg("-c").arg(&script)).trim(),
+        "written over xz"
+    );
+    assert!(
+        std::fs::read(&xz).unwrap() == before,
+        "the compressed file was modified"
+    );
+}
