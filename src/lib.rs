@@ -254,7 +254,10 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     };
     let server = Server::new(backend.clone(), opts);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // One thread is enough for the async part (accepting, handshakes,
+    // signals): requests run on each connection's own worker threads, and
+    // backend calls during the handshake on the blocking pool.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("nbdkit-rs")
         .build()
