@@ -528,3 +528,200 @@ print("OK")
     assert!(s.stop().success());
     assert_eq!(sha(&img), before, "the disk image was modified");
 }
+
+/// `nbdinfo --json` flags of a memory disk behind `filters` with `params`.
+fn flags_through(filters: &[&str], params: &[&str]) -> HashMap<String, String> {
+    let mut args: Vec<&str> = filters.to_vec();
+    args.extend(["memory", "size=1M"]);
+    args.extend(params);
+    let s = Server::start(&args);
+    nbdinfo_json(&s.uri)
+}
+
+/// Run qemu-io commands against a memory disk behind `--filter=F
+/// --filter=log` and return the log lines.
+fn logged_qemu_io(filter: &str, params: &[&str], cmds: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    let mut args = vec![filter, "--filter=log", "memory", "size=1M", &logarg];
+    args.extend(params);
+    let s = Server::start(&args);
+    let mut q = Command::new("qemu-io");
+    q.args(["-t", "writeback", "-f", "raw"]);
+    for c in cmds {
+        q.arg("-c").arg(c);
+    }
+    let out = stdout_of(q.arg(&s.uri));
+    assert!(!out.contains("error"), "{out}");
+    assert!(s.stop().success());
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[test]
+fn nozero_modes() {
+    if !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    let j = flags_through(&["--filter=nozero"], &[]);
+    assert_eq!(
+        (j["can_zero"].as_str(), j["can_fast_zero"].as_str()),
+        ("false", "false")
+    );
+    let j = flags_through(&["--filter=nozero"], &["zeromode=plugin"]);
+    assert_eq!(
+        (j["can_zero"].as_str(), j["can_fast_zero"].as_str()),
+        ("true", "true")
+    );
+    let j = flags_through(
+        &["--filter=nozero"],
+        &["zeromode=emulate", "fastzeromode=none"],
+    );
+    assert_eq!(
+        (j["can_zero"].as_str(), j["can_fast_zero"].as_str()),
+        ("true", "false")
+    );
+
+    // Emulated zeroes reach the plugin as writes; notrim drops may-trim.
+    let log = logged_qemu_io(
+        "--filter=nozero",
+        &["zeromode=emulate"],
+        &["write -z -u 0 64k"],
+    );
+    assert!(log.contains("Write offset=0x0 count=0x10000"), "{log}");
+    assert!(!log.contains("Zero "), "{log}");
+    let log = logged_qemu_io(
+        "--filter=nozero",
+        &["zeromode=notrim"],
+        &["write -z -u 0 64k"],
+    );
+    assert!(
+        log.contains("Zero offset=0x0 count=0x10000 trim=0"),
+        "{log}"
+    );
+    start_fails(
+        &["--filter=nozero", "memory", "1M", "zeromode=sometimes"],
+        "zeromode=sometimes: expected one of none, emulate, notrim, plugin",
+    );
+}
+
+#[test]
+fn noextents_reports_all_data() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sparse = dir.path().join("sparse.img");
+    std::fs::File::create(&sparse)
+        .unwrap()
+        .set_len(4 * M)
+        .unwrap();
+    let p = sparse.to_str().unwrap();
+    let s = Server::start(&["-r", "file", p]);
+    assert_eq!(map_of(&s.uri), vec![(0, 4 * M, true)]);
+    drop(s);
+    let s = Server::start(&["-r", "--filter=noextents", "file", p]);
+    assert_eq!(map_of(&s.uri), vec![(0, 4 * M, false)]);
+}
+
+#[test]
+fn nocache_modes() {
+    if !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    assert_eq!(
+        flags_through(&["--filter=nocache"], &[])["can_cache"],
+        "false"
+    );
+    for mode in ["cachemode=emulate", "cachemode=nop"] {
+        assert_eq!(
+            flags_through(&["--filter=nocache"], &[mode])["can_cache"],
+            "true",
+            "{mode}"
+        );
+    }
+    // nop: the cache request never reaches the plugin.
+    let log = logged_qemu_io("--filter=nocache", &["cachemode=nop"], &["read 0 4k"]);
+    assert!(!log.contains("Cache "), "{log}");
+}
+
+#[test]
+fn fua_modes() {
+    if !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    assert_eq!(
+        flags_through(&["--filter=fua"], &["fuamode=none"])["can_fua"],
+        "false"
+    );
+    assert_eq!(flags_through(&["--filter=fua"], &[])["can_fua"], "true");
+    // force: even a plain write goes down with FUA (memory has native FUA).
+    let log = logged_qemu_io("--filter=fua", &["fuamode=force"], &["write 0 4k"]);
+    assert!(log.contains("Write offset=0x0 count=0x1000 fua=1"), "{log}");
+    // emulate: a FUA write becomes a write and a flush.
+    let log = logged_qemu_io("--filter=fua", &["fuamode=emulate"], &["write -f 0 4k"]);
+    assert!(log.contains("Write offset=0x0 count=0x1000 fua=0"), "{log}");
+    assert!(log.contains("Flush"), "{log}");
+    // discard: neither reaches the plugin.
+    let log = logged_qemu_io(
+        "--filter=fua",
+        &["fuamode=discard"],
+        &["write -f 0 4k", "flush"],
+    );
+    assert!(log.contains("fua=0"), "{log}");
+    assert!(!log.contains("Flush"), "{log}");
+    start_fails(
+        &["--filter=fua", "memory", "1M", "fuamode=always"],
+        "fuamode=always: expected one of",
+    );
+}
+
+#[test]
+fn protect_refuses_changes_to_protected_bytes() {
+    if !have_python_nbd() || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, M as usize, 9);
+    let orig = std::fs::read(&img).unwrap();
+    let p = img.to_str().unwrap();
+    let s = Server::start(&[
+        "--filter=protect",
+        "file",
+        p,
+        "protect=0-511",
+        "protect=64K-",
+    ]);
+    assert_eq!(nbdinfo_json(&s.uri)["can_trim"], "true");
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+def refused(what, call):
+    try:
+        call()
+        raise SystemExit(what + " succeeded")
+    except nbd.Error as e:
+        assert e.errnum == errno.EPERM, (what, e)
+refused("write over the boot sector", lambda: h.pwrite(b"x" * 512, 0))
+refused("write across the end", lambda: h.pwrite(b"x" * 1024, 65536 - 512))
+refused("trim", lambda: h.trim(4096, 65536 - 2048))
+refused("zero", lambda: h.zero(512, 100))
+# Rewriting what is there is not a change.
+h.pwrite(h.pread(1024, 0), 0)
+h.pwrite(b"y" * 4096, 4096)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    drop(s);
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(after[..4096], orig[..4096]);
+    assert!(after[4096..8192].iter().all(|&b| b == b'y'));
+    assert_eq!(after[8192..], orig[8192..]);
+    start_fails(
+        &["--filter=protect", "file", p, "protect=10-5"],
+        "protect=10-5: start 10 is after end 5",
+    );
+}
