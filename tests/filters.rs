@@ -725,3 +725,167 @@ print("OK")
         "protect=10-5: start 10 is after end 5",
     );
 }
+
+#[test]
+fn noparallel_sets_the_thread_model() {
+    if !have("nbdinfo") {
+        return;
+    }
+    for (mode, model) in [
+        ("serialize=connections", "serialize_connections"),
+        ("serialize=all-requests", "serialize_all_requests"),
+        ("serialize=requests", "serialize_requests"),
+    ] {
+        let out = Command::new(binary())
+            .args(["-v", "-U", "-", "--run", "nbdinfo \"$uri\" >/dev/null"])
+            .args(["--filter=noparallel", "memory", "1M", mode])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("thread model: {model}")),
+            "{mode}: {err}"
+        );
+    }
+}
+
+/// Parse a stats file into op -> (ops, errors, bytes).
+fn stats_of(path: &Path) -> HashMap<String, (u64, u64, u64)> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        // "write: 3 ops, 0 errors, 12288 bytes, 0.000123 s"
+        let Some((op, rest)) = line.split_once(": ") else {
+            continue;
+        };
+        let nums: Vec<u64> = rest
+            .split(", ")
+            .filter_map(|f| f.split_whitespace().next()?.parse().ok())
+            .collect();
+        if nums.len() >= 3 && rest.contains(" ops") {
+            out.insert(op.to_string(), (nums[0], nums[1], nums[2]));
+        }
+    }
+    assert!(text.contains("elapsed time: "), "{text}");
+    out
+}
+
+#[test]
+fn stats_counts_requests_and_bytes() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.txt");
+    let arg = format!("statsfile={}", stats.display());
+    let s = Server::start(&["--filter=stats", "memory", "size=1M", &arg]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+for i in range(3):
+    h.pwrite(b"x" * 4096, i * 4096)
+assert h.pread(512, 0) == b"x" * 512
+assert h.pread(512, 4096) == b"x" * 512
+h.flush()
+h.zero(8192, 65536)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let st = stats_of(&stats);
+    assert_eq!(st["write"], (3, 0, 12288), "{st:?}");
+    assert_eq!(st["read"], (2, 0, 1024), "{st:?}");
+    assert_eq!(st["flush"], (1, 0, 0), "{st:?}");
+    assert_eq!(st["zero"], (1, 0, 8192), "{st:?}");
+}
+
+#[test]
+fn error_injection_follows_the_trigger_file() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trigger = dir.path().join("fail-now");
+    let stats = dir.path().join("stats.txt");
+    let farg = format!("error-file={}", trigger.display());
+    let sarg = format!("statsfile={}", stats.display());
+    let s = Server::start(&[
+        "--filter=error",
+        "--filter=stats",
+        "memory",
+        "size=1M",
+        "error=ENOSPC",
+        "error-pwrite-rate=100%",
+        &farg,
+        &sarg,
+    ]);
+    python(
+        r#"
+import nbd, sys, os, errno
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+trigger = sys.argv[2]
+h.pwrite(b"a" * 512, 0)
+open(trigger, "w").close()
+try:
+    h.pwrite(b"b" * 512, 0)
+    raise SystemExit("write succeeded while the trigger file existed")
+except nbd.Error as e:
+    assert e.errnum == errno.ENOSPC, e
+assert h.pread(512, 0) == b"a" * 512     # reads are not affected
+os.unlink(trigger)
+h.pwrite(b"c" * 512, 0)
+assert h.pread(512, 0) == b"c" * 512
+print("OK")
+"#,
+        &[&s.uri, trigger.to_str().unwrap()],
+    );
+    assert!(s.stop().success());
+    // The failed write never reached the layer below.
+    assert_eq!(stats_of(&stats)["write"], (2, 0, 1024));
+    start_fails(
+        &["--filter=error", "memory", "1M", "error-rate=200%"],
+        "error-rate=200%: the rate must be between 0 and 1",
+    );
+}
+
+#[test]
+fn delay_keeps_data_correct() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.txt");
+    let sarg = format!("statsfile={}", stats.display());
+    let s = Server::start(&[
+        "--filter=delay",
+        "--filter=stats",
+        "memory",
+        "size=1M",
+        "rdelay=1ms",
+        "delay-write=0.001",
+        "delay-open=1ms",
+        "delay-close=1ms",
+        &sarg,
+    ]);
+    let out = stdout_of(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x42 0 64k",
+        "-c",
+        "read -P 0x42 0 64k",
+        &s.uri,
+    ]));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(s.stop().success());
+    let st = stats_of(&stats);
+    assert_eq!(st["write"].2, 64 * K, "{st:?}");
+    assert!(st["read"].2 >= 64 * K, "{st:?}");
+    start_fails(
+        &["--filter=delay", "memory", "1M", "delay-read=soon"],
+        "delay-read=soon: expected a delay",
+    );
+}

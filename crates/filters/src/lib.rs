@@ -4,14 +4,18 @@
 use nbdkit_backend::FilterSpec;
 
 pub mod cow;
+pub mod delay;
+pub mod error;
 pub mod fua;
 pub mod log;
 pub mod nocache;
 pub mod noextents;
+pub mod noparallel;
 pub mod nozero;
 pub mod offset;
 pub mod partition;
 pub mod protect;
+pub mod stats;
 pub mod truncate;
 
 mod modes;
@@ -21,14 +25,18 @@ mod window;
 pub fn all() -> Vec<&'static FilterSpec> {
     vec![
         &cow::SPEC,
+        &delay::SPEC,
+        &error::SPEC,
         &fua::SPEC,
         &log::SPEC,
         &nocache::SPEC,
         &noextents::SPEC,
+        &noparallel::SPEC,
         &nozero::SPEC,
         &offset::SPEC,
         &partition::SPEC,
         &protect::SPEC,
+        &stats::SPEC,
         &truncate::SPEC,
     ]
 }
