@@ -889,3 +889,67 @@ fn delay_keeps_data_correct() {
         "delay-read=soon: expected a delay",
     );
 }
+
+#[test]
+fn blocksize_plugin_sees_only_aligned_bounded_requests() {
+    if !have_python_nbd() || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    let args = [
+        "--filter=blocksize",
+        "--filter=log",
+        "memory",
+        "size=1M",
+        "minblock=4K",
+        "maxdata=8K",
+        "maxlen=16K",
+        &logarg,
+    ];
+    let s = Server::start(&args);
+    let j = nbdinfo_json(&s.uri);
+    assert_eq!(j["block_size_minimum"], "1", "{j:?}");
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+model = bytearray(1024 * 1024)
+for i, (off, n) in enumerate([(1, 1), (4095, 2), (100, 30000), (65536 - 7, 65536 + 14)]):
+    data = bytes([(i * 31 + j) % 251 + 1 for j in range(n)])
+    h.pwrite(data, off)
+    model[off:off + n] = data
+h.zero(50000, 3)                 # (count, offset)
+model[3:50003] = bytes(50000)
+h.trim(10000, 5000)
+for off, n in [(0, 70000), (3, 5), (65536 - 100, 200)]:
+    assert h.pread(n, off) == bytes(model[off:off + n]), (off, n)
+assert h.pread(1024 * 1024, 0) == bytes(model[:])
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let log = std::fs::read_to_string(&log).unwrap();
+    let mut seen = 0;
+    for line in log.lines() {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(name))
+                .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+        };
+        if let (Some(off), Some(n)) = (field("offset="), field("count=")) {
+            seen += 1;
+            assert_eq!(off % 4096, 0, "unaligned offset: {line}");
+            assert_eq!(n % 4096, 0, "unaligned count: {line}");
+            let max = if line.contains(" Read ") || line.contains(" Write ") {
+                8192
+            } else {
+                16384
+            };
+            assert!(n <= max, "too large: {line}");
+        }
+    }
+    assert!(seen > 20, "{log}");
+}

@@ -3,6 +3,7 @@
 
 use nbdkit_backend::FilterSpec;
 
+pub mod blocksize;
 pub mod cow;
 pub mod delay;
 pub mod error;
@@ -24,6 +25,7 @@ mod window;
 /// Every built-in filter, in the order `--help` lists them.
 pub fn all() -> Vec<&'static FilterSpec> {
     vec![
+        &blocksize::SPEC,
         &cow::SPEC,
         &delay::SPEC,
         &error::SPEC,
