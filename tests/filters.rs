@@ -953,3 +953,35 @@ print("OK")
     }
     assert!(seen > 20, "{log}");
 }
+
+#[test]
+fn rate_passes_data_unchanged() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("src.img");
+    make_file(&img, 2 * M as usize, 21);
+    let stats = dir.path().join("stats.txt");
+    let sarg = format!("statsfile={}", stats.display());
+    // 1 Gbit/s with a small burst: the limiter really waits during the
+    // copy, and the data must come through intact.
+    let s = Server::start(&[
+        "-r",
+        "--filter=rate",
+        "--filter=stats",
+        "file",
+        img.to_str().unwrap(),
+        "rate=1G",
+        "connection-rate=512M",
+        "burstiness=0.001",
+        &sarg,
+    ]);
+    assert!(read_all(&s.uri) == std::fs::read(&img).unwrap());
+    assert!(s.stop().success());
+    assert_eq!(stats_of(&stats)["read"].2, 2 * M);
+    start_fails(
+        &["--filter=rate", "memory", "1M", "rate=0"],
+        "rate=0: a rate must be more than zero",
+    );
+}

@@ -16,6 +16,7 @@ pub mod nozero;
 pub mod offset;
 pub mod partition;
 pub mod protect;
+pub mod rate;
 pub mod stats;
 pub mod truncate;
 
@@ -38,6 +39,7 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &offset::SPEC,
         &partition::SPEC,
         &protect::SPEC,
+        &rate::SPEC,
         &stats::SPEC,
         &truncate::SPEC,
     ]
