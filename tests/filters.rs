@@ -985,3 +985,49 @@ fn rate_passes_data_unchanged() {
         "rate=0: a rate must be more than zero",
     );
 }
+
+#[test]
+fn retry_reopens_and_retries_before_failing() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.txt");
+    let sarg = format!("statsfile={}", stats.display());
+    let s = Server::start(&[
+        "--filter=retry",
+        "--filter=stats",
+        "--filter=error",
+        "memory",
+        "size=1M",
+        "error-pread-rate=100%",
+        "retries=3",
+        "retry-delay=0",
+        &sarg,
+    ]);
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+h.pwrite(b"w" * 512, 0)
+try:
+    h.pread(512, 0)
+    raise SystemExit("read succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.EIO, e
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let text = std::fs::read_to_string(&stats).unwrap();
+    let st = stats_of(&stats);
+    // One try and three retries, each on a freshly opened chain below.
+    assert_eq!(st["read"], (4, 4, 0), "{text}");
+    assert_eq!(st["write"], (1, 0, 512), "{text}");
+    assert!(text.contains("connections: 4"), "{text}");
+    start_fails(
+        &["--filter=retry", "memory", "1M", "retries=many"],
+        "retries=many",
+    );
+}

@@ -14,7 +14,7 @@ const OPS: [&str; 9] = [
 ];
 
 /// `2`, `0.5`, `2s`, `100ms` (plain numbers are seconds).
-fn parse_delay(v: &str) -> std::result::Result<Duration, String> {
+pub(crate) fn parse_delay(v: &str) -> std::result::Result<Duration, String> {
     let t = v.trim();
     let (num, scale) = if let Some(ms) = t.strip_suffix("ms") {
         (ms, 1e-3)

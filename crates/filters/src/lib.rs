@@ -17,6 +17,7 @@ pub mod offset;
 pub mod partition;
 pub mod protect;
 pub mod rate;
+pub mod retry;
 pub mod stats;
 pub mod truncate;
 
@@ -40,6 +41,7 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &partition::SPEC,
         &protect::SPEC,
         &rate::SPEC,
+        &retry::SPEC,
         &stats::SPEC,
         &truncate::SPEC,
     ]
