@@ -1031,3 +1031,62 @@ print("OK")
         "retries=many",
     );
 }
+
+#[test]
+fn multi_conn_modes_and_emulated_flush() {
+    if !have_python_nbd() || !have("nbdinfo") {
+        return;
+    }
+    let f = ["--filter=multi-conn"];
+    assert_eq!(
+        flags_through(&f, &["multi-conn-mode=off"])["can_multi_conn"],
+        "false"
+    );
+    assert_eq!(
+        flags_through(&f, &["multi-conn-mode=on"])["can_multi_conn"],
+        "true"
+    );
+    assert_eq!(
+        flags_through(&f, &["multi-conn-mode=emulate"])["can_multi_conn"],
+        "true"
+    );
+    start_fails(
+        &[
+            "--filter=multi-conn",
+            "memory",
+            "1M",
+            "multi-conn-mode=disable",
+        ],
+        "multi-conn-mode=disable is not supported",
+    );
+
+    // emulate: a flush on one connection flushes both.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    let s = Server::start(&[
+        "--filter=multi-conn",
+        "--filter=log",
+        "memory",
+        "size=1M",
+        "multi-conn-mode=emulate",
+        &logarg,
+    ]);
+    python(
+        r#"
+import nbd, sys
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+b = nbd.NBD(); b.connect_uri(sys.argv[1])
+b.pwrite(b"b" * 512, 0)
+a.flush()
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let log = std::fs::read_to_string(&log).unwrap();
+    let flushes: Vec<&str> = log.lines().filter(|l| l.contains(" Flush ")).collect();
+    assert_eq!(flushes.len(), 2, "{log}");
+    assert!(flushes.iter().any(|l| l.contains("connection=1 ")), "{log}");
+    assert!(flushes.iter().any(|l| l.contains("connection=2 ")), "{log}");
+}

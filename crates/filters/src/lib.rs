@@ -9,6 +9,7 @@ pub mod delay;
 pub mod error;
 pub mod fua;
 pub mod log;
+pub mod multi_conn;
 pub mod nocache;
 pub mod noextents;
 pub mod noparallel;
@@ -33,6 +34,7 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &error::SPEC,
         &fua::SPEC,
         &log::SPEC,
+        &multi_conn::SPEC,
         &nocache::SPEC,
         &noextents::SPEC,
         &noparallel::SPEC,
