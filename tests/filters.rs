@@ -1090,3 +1090,33 @@ print("OK")
     assert!(flushes.iter().any(|l| l.contains("connection=1 ")), "{log}");
     assert!(flushes.iter().any(|l| l.contains("connection=2 ")), "{log}");
 }
+
+#[test]
+fn limit_refuses_one_client_too_many() {
+    if !have_python_nbd() {
+        return;
+    }
+    let s = Server::start(&["--filter=limit", "memory", "size=1M", "limit=2"]);
+    python(
+        r#"
+import nbd, sys
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+b = nbd.NBD(); b.connect_uri(sys.argv[1])
+c = nbd.NBD()
+msgs = []
+c.set_debug_callback(lambda ctx, msg: msgs.append(msg))
+c.set_debug(True)
+try:
+    c.connect_uri(sys.argv[1])
+    raise SystemExit("a third client got in")
+except nbd.Error:
+    pass
+assert any("too many clients (the limit is 2)" in m for m in msgs), msgs
+# The two admitted clients are unaffected.
+a.pwrite(b"a" * 512, 0)
+assert b.pread(512, 0) == b"a" * 512
+print("OK")
+"#,
+        &[&s.uri],
+    );
+}

@@ -8,6 +8,7 @@ pub mod cow;
 pub mod delay;
 pub mod error;
 pub mod fua;
+pub mod limit;
 pub mod log;
 pub mod multi_conn;
 pub mod nocache;
@@ -33,6 +34,7 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &delay::SPEC,
         &error::SPEC,
         &fua::SPEC,
+        &limit::SPEC,
         &log::SPEC,
         &multi_conn::SPEC,
         &nocache::SPEC,
