@@ -1120,3 +1120,39 @@ print("OK")
         &[&s.uri],
     );
 }
+
+#[test]
+fn every_filter_has_help_with_an_example() {
+    let filters = [
+        "blocksize",
+        "cow",
+        "delay",
+        "error",
+        "fua",
+        "limit",
+        "multi-conn",
+        "nocache",
+        "noextents",
+        "noparallel",
+        "nozero",
+        "offset",
+        "partition",
+        "protect",
+        "rate",
+        "retry",
+        "stats",
+        "truncate",
+    ];
+    let general = stdout_of(Command::new(binary()).arg("--help"));
+    for f in filters {
+        assert!(
+            general.lines().any(|l| l.trim_start().starts_with(f)),
+            "--help lists {f}"
+        );
+        let arg = format!("--filter={f}");
+        let out = stdout_of(Command::new(binary()).args([&arg, "null", "--help"]));
+        assert!(out.contains(&format!("{f} filter: ")), "{out}");
+        assert!(out.contains("Example:"), "{f}: {out}");
+        assert!(out.contains(&format!("--filter={f} ")), "{f}: {out}");
+    }
+}
