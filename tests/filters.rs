@@ -528,3 +528,631 @@ print("OK")
     assert!(s.stop().success());
     assert_eq!(sha(&img), before, "the disk image was modified");
 }
+
+/// `nbdinfo --json` flags of a memory disk behind `filters` with `params`.
+fn flags_through(filters: &[&str], params: &[&str]) -> HashMap<String, String> {
+    let mut args: Vec<&str> = filters.to_vec();
+    args.extend(["memory", "size=1M"]);
+    args.extend(params);
+    let s = Server::start(&args);
+    nbdinfo_json(&s.uri)
+}
+
+/// Run qemu-io commands against a memory disk behind `--filter=F
+/// --filter=log` and return the log lines.
+fn logged_qemu_io(filter: &str, params: &[&str], cmds: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    let mut args = vec![filter, "--filter=log", "memory", "size=1M", &logarg];
+    args.extend(params);
+    let s = Server::start(&args);
+    let mut q = Command::new("qemu-io");
+    q.args(["-t", "writeback", "-f", "raw"]);
+    for c in cmds {
+        q.arg("-c").arg(c);
+    }
+    let out = stdout_of(q.arg(&s.uri));
+    assert!(!out.contains("error"), "{out}");
+    assert!(s.stop().success());
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[test]
+fn nozero_modes() {
+    if !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    let j = flags_through(&["--filter=nozero"], &[]);
+    assert_eq!(
+        (j["can_zero"].as_str(), j["can_fast_zero"].as_str()),
+        ("false", "false")
+    );
+    let j = flags_through(&["--filter=nozero"], &["zeromode=plugin"]);
+    assert_eq!(
+        (j["can_zero"].as_str(), j["can_fast_zero"].as_str()),
+        ("true", "true")
+    );
+    let j = flags_through(
+        &["--filter=nozero"],
+        &["zeromode=emulate", "fastzeromode=none"],
+    );
+    assert_eq!(
+        (j["can_zero"].as_str(), j["can_fast_zero"].as_str()),
+        ("true", "false")
+    );
+
+    // Emulated zeroes reach the plugin as writes; notrim drops may-trim.
+    let log = logged_qemu_io(
+        "--filter=nozero",
+        &["zeromode=emulate"],
+        &["write -z -u 0 64k"],
+    );
+    assert!(log.contains("Write offset=0x0 count=0x10000"), "{log}");
+    assert!(!log.contains("Zero "), "{log}");
+    let log = logged_qemu_io(
+        "--filter=nozero",
+        &["zeromode=notrim"],
+        &["write -z -u 0 64k"],
+    );
+    assert!(
+        log.contains("Zero offset=0x0 count=0x10000 trim=0"),
+        "{log}"
+    );
+    start_fails(
+        &["--filter=nozero", "memory", "1M", "zeromode=sometimes"],
+        "zeromode=sometimes: expected one of none, emulate, notrim, plugin",
+    );
+}
+
+#[test]
+fn noextents_reports_all_data() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sparse = dir.path().join("sparse.img");
+    std::fs::File::create(&sparse)
+        .unwrap()
+        .set_len(4 * M)
+        .unwrap();
+    let p = sparse.to_str().unwrap();
+    let s = Server::start(&["-r", "file", p]);
+    assert_eq!(map_of(&s.uri), vec![(0, 4 * M, true)]);
+    drop(s);
+    let s = Server::start(&["-r", "--filter=noextents", "file", p]);
+    assert_eq!(map_of(&s.uri), vec![(0, 4 * M, false)]);
+}
+
+#[test]
+fn nocache_modes() {
+    if !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    assert_eq!(
+        flags_through(&["--filter=nocache"], &[])["can_cache"],
+        "false"
+    );
+    for mode in ["cachemode=emulate", "cachemode=nop"] {
+        assert_eq!(
+            flags_through(&["--filter=nocache"], &[mode])["can_cache"],
+            "true",
+            "{mode}"
+        );
+    }
+    // nop: the cache request never reaches the plugin.
+    let log = logged_qemu_io("--filter=nocache", &["cachemode=nop"], &["read 0 4k"]);
+    assert!(!log.contains("Cache "), "{log}");
+}
+
+#[test]
+fn fua_modes() {
+    if !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    assert_eq!(
+        flags_through(&["--filter=fua"], &["fuamode=none"])["can_fua"],
+        "false"
+    );
+    assert_eq!(flags_through(&["--filter=fua"], &[])["can_fua"], "true");
+    // force: even a plain write goes down with FUA (memory has native FUA).
+    let log = logged_qemu_io("--filter=fua", &["fuamode=force"], &["write 0 4k"]);
+    assert!(log.contains("Write offset=0x0 count=0x1000 fua=1"), "{log}");
+    // emulate: a FUA write becomes a write and a flush.
+    let log = logged_qemu_io("--filter=fua", &["fuamode=emulate"], &["write -f 0 4k"]);
+    assert!(log.contains("Write offset=0x0 count=0x1000 fua=0"), "{log}");
+    assert!(log.contains("Flush"), "{log}");
+    // discard: neither reaches the plugin.
+    let log = logged_qemu_io(
+        "--filter=fua",
+        &["fuamode=discard"],
+        &["write -f 0 4k", "flush"],
+    );
+    assert!(log.contains("fua=0"), "{log}");
+    assert!(!log.contains("Flush"), "{log}");
+    start_fails(
+        &["--filter=fua", "memory", "1M", "fuamode=always"],
+        "fuamode=always: expected one of",
+    );
+}
+
+#[test]
+fn protect_refuses_changes_to_protected_bytes() {
+    if !have_python_nbd() || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, M as usize, 9);
+    let orig = std::fs::read(&img).unwrap();
+    let p = img.to_str().unwrap();
+    let s = Server::start(&[
+        "--filter=protect",
+        "file",
+        p,
+        "protect=0-511",
+        "protect=64K-",
+    ]);
+    assert_eq!(nbdinfo_json(&s.uri)["can_trim"], "true");
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+def refused(what, call):
+    try:
+        call()
+        raise SystemExit(what + " succeeded")
+    except nbd.Error as e:
+        assert e.errnum == errno.EPERM, (what, e)
+refused("write over the boot sector", lambda: h.pwrite(b"x" * 512, 0))
+refused("write across the end", lambda: h.pwrite(b"x" * 1024, 65536 - 512))
+refused("trim", lambda: h.trim(4096, 65536 - 2048))
+refused("zero", lambda: h.zero(512, 100))
+# Rewriting what is there is not a change.
+h.pwrite(h.pread(1024, 0), 0)
+h.pwrite(b"y" * 4096, 4096)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    drop(s);
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(after[..4096], orig[..4096]);
+    assert!(after[4096..8192].iter().all(|&b| b == b'y'));
+    assert_eq!(after[8192..], orig[8192..]);
+    start_fails(
+        &["--filter=protect", "file", p, "protect=10-5"],
+        "protect=10-5: start 10 is after end 5",
+    );
+}
+
+#[test]
+fn noparallel_sets_the_thread_model() {
+    if !have("nbdinfo") {
+        return;
+    }
+    for (mode, model) in [
+        ("serialize=connections", "serialize_connections"),
+        ("serialize=all-requests", "serialize_all_requests"),
+        ("serialize=requests", "serialize_requests"),
+    ] {
+        let out = Command::new(binary())
+            .args(["-v", "-U", "-", "--run", "nbdinfo \"$uri\" >/dev/null"])
+            .args(["--filter=noparallel", "memory", "1M", mode])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("thread model: {model}")),
+            "{mode}: {err}"
+        );
+    }
+}
+
+/// Parse a stats file into op -> (ops, errors, bytes).
+fn stats_of(path: &Path) -> HashMap<String, (u64, u64, u64)> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        // "write: 3 ops, 0 errors, 12288 bytes, 0.000123 s"
+        let Some((op, rest)) = line.split_once(": ") else {
+            continue;
+        };
+        let nums: Vec<u64> = rest
+            .split(", ")
+            .filter_map(|f| f.split_whitespace().next()?.parse().ok())
+            .collect();
+        if nums.len() >= 3 && rest.contains(" ops") {
+            out.insert(op.to_string(), (nums[0], nums[1], nums[2]));
+        }
+    }
+    assert!(text.contains("elapsed time: "), "{text}");
+    out
+}
+
+#[test]
+fn stats_counts_requests_and_bytes() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.txt");
+    let arg = format!("statsfile={}", stats.display());
+    let s = Server::start(&["--filter=stats", "memory", "size=1M", &arg]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+for i in range(3):
+    h.pwrite(b"x" * 4096, i * 4096)
+assert h.pread(512, 0) == b"x" * 512
+assert h.pread(512, 4096) == b"x" * 512
+h.flush()
+h.zero(8192, 65536)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let st = stats_of(&stats);
+    assert_eq!(st["write"], (3, 0, 12288), "{st:?}");
+    assert_eq!(st["read"], (2, 0, 1024), "{st:?}");
+    assert_eq!(st["flush"], (1, 0, 0), "{st:?}");
+    assert_eq!(st["zero"], (1, 0, 8192), "{st:?}");
+}
+
+#[test]
+fn error_injection_follows_the_trigger_file() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trigger = dir.path().join("fail-now");
+    let stats = dir.path().join("stats.txt");
+    let farg = format!("error-file={}", trigger.display());
+    let sarg = format!("statsfile={}", stats.display());
+    let s = Server::start(&[
+        "--filter=error",
+        "--filter=stats",
+        "memory",
+        "size=1M",
+        "error=ENOSPC",
+        "error-pwrite-rate=100%",
+        &farg,
+        &sarg,
+    ]);
+    python(
+        r#"
+import nbd, sys, os, errno
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+trigger = sys.argv[2]
+h.pwrite(b"a" * 512, 0)
+open(trigger, "w").close()
+try:
+    h.pwrite(b"b" * 512, 0)
+    raise SystemExit("write succeeded while the trigger file existed")
+except nbd.Error as e:
+    assert e.errnum == errno.ENOSPC, e
+assert h.pread(512, 0) == b"a" * 512     # reads are not affected
+os.unlink(trigger)
+h.pwrite(b"c" * 512, 0)
+assert h.pread(512, 0) == b"c" * 512
+print("OK")
+"#,
+        &[&s.uri, trigger.to_str().unwrap()],
+    );
+    assert!(s.stop().success());
+    // The failed write never reached the layer below.
+    assert_eq!(stats_of(&stats)["write"], (2, 0, 1024));
+    start_fails(
+        &["--filter=error", "memory", "1M", "error-rate=200%"],
+        "error-rate=200%: the rate must be between 0 and 1",
+    );
+}
+
+#[test]
+fn delay_keeps_data_correct() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.txt");
+    let sarg = format!("statsfile={}", stats.display());
+    let s = Server::start(&[
+        "--filter=delay",
+        "--filter=stats",
+        "memory",
+        "size=1M",
+        "rdelay=1ms",
+        "delay-write=0.001",
+        "delay-open=1ms",
+        "delay-close=1ms",
+        &sarg,
+    ]);
+    let out = stdout_of(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x42 0 64k",
+        "-c",
+        "read -P 0x42 0 64k",
+        &s.uri,
+    ]));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(s.stop().success());
+    let st = stats_of(&stats);
+    assert_eq!(st["write"].2, 64 * K, "{st:?}");
+    assert!(st["read"].2 >= 64 * K, "{st:?}");
+    start_fails(
+        &["--filter=delay", "memory", "1M", "delay-read=soon"],
+        "delay-read=soon: expected a delay",
+    );
+}
+
+#[test]
+fn blocksize_plugin_sees_only_aligned_bounded_requests() {
+    if !have_python_nbd() || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    let args = [
+        "--filter=blocksize",
+        "--filter=log",
+        "memory",
+        "size=1M",
+        "minblock=4K",
+        "maxdata=8K",
+        "maxlen=16K",
+        &logarg,
+    ];
+    let s = Server::start(&args);
+    let j = nbdinfo_json(&s.uri);
+    assert_eq!(j["block_size_minimum"], "1", "{j:?}");
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+model = bytearray(1024 * 1024)
+for i, (off, n) in enumerate([(1, 1), (4095, 2), (100, 30000), (65536 - 7, 65536 + 14)]):
+    data = bytes([(i * 31 + j) % 251 + 1 for j in range(n)])
+    h.pwrite(data, off)
+    model[off:off + n] = data
+h.zero(50000, 3)                 # (count, offset)
+model[3:50003] = bytes(50000)
+h.trim(10000, 5000)
+for off, n in [(0, 70000), (3, 5), (65536 - 100, 200)]:
+    assert h.pread(n, off) == bytes(model[off:off + n]), (off, n)
+assert h.pread(1024 * 1024, 0) == bytes(model[:])
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let log = std::fs::read_to_string(&log).unwrap();
+    let mut seen = 0;
+    for line in log.lines() {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(name))
+                .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+        };
+        if let (Some(off), Some(n)) = (field("offset="), field("count=")) {
+            seen += 1;
+            assert_eq!(off % 4096, 0, "unaligned offset: {line}");
+            assert_eq!(n % 4096, 0, "unaligned count: {line}");
+            let max = if line.contains(" Read ") || line.contains(" Write ") {
+                8192
+            } else {
+                16384
+            };
+            assert!(n <= max, "too large: {line}");
+        }
+    }
+    assert!(seen > 20, "{log}");
+}
+
+#[test]
+fn rate_passes_data_unchanged() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("src.img");
+    make_file(&img, 2 * M as usize, 21);
+    let stats = dir.path().join("stats.txt");
+    let sarg = format!("statsfile={}", stats.display());
+    // 1 Gbit/s with a small burst: the limiter really waits during the
+    // copy, and the data must come through intact.
+    let s = Server::start(&[
+        "-r",
+        "--filter=rate",
+        "--filter=stats",
+        "file",
+        img.to_str().unwrap(),
+        "rate=1G",
+        "connection-rate=512M",
+        "burstiness=0.001",
+        &sarg,
+    ]);
+    assert!(read_all(&s.uri) == std::fs::read(&img).unwrap());
+    assert!(s.stop().success());
+    assert_eq!(stats_of(&stats)["read"].2, 2 * M);
+    start_fails(
+        &["--filter=rate", "memory", "1M", "rate=0"],
+        "rate=0: a rate must be more than zero",
+    );
+}
+
+#[test]
+fn retry_reopens_and_retries_before_failing() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.txt");
+    let sarg = format!("statsfile={}", stats.display());
+    let s = Server::start(&[
+        "--filter=retry",
+        "--filter=stats",
+        "--filter=error",
+        "memory",
+        "size=1M",
+        "error-pread-rate=100%",
+        "retries=3",
+        "retry-delay=0",
+        &sarg,
+    ]);
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+h.pwrite(b"w" * 512, 0)
+try:
+    h.pread(512, 0)
+    raise SystemExit("read succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.EIO, e
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let text = std::fs::read_to_string(&stats).unwrap();
+    let st = stats_of(&stats);
+    // One try and three retries, each on a freshly opened chain below.
+    assert_eq!(st["read"], (4, 4, 0), "{text}");
+    assert_eq!(st["write"], (1, 0, 512), "{text}");
+    assert!(text.contains("connections: 4"), "{text}");
+    start_fails(
+        &["--filter=retry", "memory", "1M", "retries=many"],
+        "retries=many",
+    );
+}
+
+#[test]
+fn multi_conn_modes_and_emulated_flush() {
+    if !have_python_nbd() || !have("nbdinfo") {
+        return;
+    }
+    let f = ["--filter=multi-conn"];
+    assert_eq!(
+        flags_through(&f, &["multi-conn-mode=off"])["can_multi_conn"],
+        "false"
+    );
+    assert_eq!(
+        flags_through(&f, &["multi-conn-mode=on"])["can_multi_conn"],
+        "true"
+    );
+    assert_eq!(
+        flags_through(&f, &["multi-conn-mode=emulate"])["can_multi_conn"],
+        "true"
+    );
+    start_fails(
+        &[
+            "--filter=multi-conn",
+            "memory",
+            "1M",
+            "multi-conn-mode=disable",
+        ],
+        "multi-conn-mode=disable is not supported",
+    );
+
+    // emulate: a flush on one connection flushes both.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    let s = Server::start(&[
+        "--filter=multi-conn",
+        "--filter=log",
+        "memory",
+        "size=1M",
+        "multi-conn-mode=emulate",
+        &logarg,
+    ]);
+    python(
+        r#"
+import nbd, sys
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+b = nbd.NBD(); b.connect_uri(sys.argv[1])
+b.pwrite(b"b" * 512, 0)
+a.flush()
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let log = std::fs::read_to_string(&log).unwrap();
+    let flushes: Vec<&str> = log.lines().filter(|l| l.contains(" Flush ")).collect();
+    assert_eq!(flushes.len(), 2, "{log}");
+    assert!(flushes.iter().any(|l| l.contains("connection=1 ")), "{log}");
+    assert!(flushes.iter().any(|l| l.contains("connection=2 ")), "{log}");
+}
+
+#[test]
+fn limit_refuses_one_client_too_many() {
+    if !have_python_nbd() {
+        return;
+    }
+    let s = Server::start(&["--filter=limit", "memory", "size=1M", "limit=2"]);
+    python(
+        r#"
+import nbd, sys
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+b = nbd.NBD(); b.connect_uri(sys.argv[1])
+c = nbd.NBD()
+msgs = []
+c.set_debug_callback(lambda ctx, msg: msgs.append(msg))
+c.set_debug(True)
+try:
+    c.connect_uri(sys.argv[1])
+    raise SystemExit("a third client got in")
+except nbd.Error:
+    pass
+assert any("too many clients (the limit is 2)" in m for m in msgs), msgs
+# The two admitted clients are unaffected.
+a.pwrite(b"a" * 512, 0)
+assert b.pread(512, 0) == b"a" * 512
+print("OK")
+"#,
+        &[&s.uri],
+    );
+}
+
+#[test]
+fn every_filter_has_help_with_an_example() {
+    let filters = [
+        "blocksize",
+        "cow",
+        "delay",
+        "error",
+        "fua",
+        "limit",
+        "multi-conn",
+        "nocache",
+        "noextents",
+        "noparallel",
+        "nozero",
+        "offset",
+        "partition",
+        "protect",
+        "rate",
+        "retry",
+        "stats",
+        "truncate",
+    ];
+    let general = stdout_of(Command::new(binary()).arg("--help"));
+    for f in filters {
+        assert!(
+            general.lines().any(|l| l.trim_start().starts_with(f)),
+            "--help lists {f}"
+        );
+        let arg = format!("--filter={f}");
+        let out = stdout_of(Command::new(binary()).args([&arg, "null", "--help"]));
+        assert!(out.contains(&format!("{f} filter: ")), "{out}");
+        assert!(out.contains("Example:"), "{f}: {out}");
+        assert!(out.contains(&format!("--filter={f} ")), "{f}: {out}");
+    }
+}

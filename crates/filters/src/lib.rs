@@ -3,25 +3,55 @@
 
 use nbdkit_backend::FilterSpec;
 
+pub mod blocksize;
 pub mod compressed;
 pub mod cow;
+pub mod delay;
+pub mod error;
+pub mod fua;
+pub mod limit;
 pub mod log;
+pub mod multi_conn;
+pub mod nocache;
+pub mod noextents;
+pub mod noparallel;
+pub mod nozero;
 pub mod offset;
 pub mod partition;
+pub mod protect;
+pub mod rate;
+pub mod retry;
+pub mod stats;
 pub mod truncate;
+
+mod modes;
 mod window;
 
 /// Every built-in filter, in the order `--help` lists them.
 pub fn all() -> Vec<&'static FilterSpec> {
     vec![
-        &compressed::XZ,
-        &compressed::GZIP,
-        &compressed::ZSTD,
+        &blocksize::SPEC,
         &compressed::BZIP2,
+        &compressed::GZIP,
         &cow::SPEC,
+        &delay::SPEC,
+        &error::SPEC,
+        &fua::SPEC,
+        &limit::SPEC,
         &log::SPEC,
+        &multi_conn::SPEC,
+        &nocache::SPEC,
+        &noextents::SPEC,
+        &noparallel::SPEC,
+        &nozero::SPEC,
         &offset::SPEC,
         &partition::SPEC,
+        &protect::SPEC,
+        &rate::SPEC,
+        &retry::SPEC,
+        &stats::SPEC,
         &truncate::SPEC,
+        &compressed::XZ,
+        &compressed::ZSTD,
     ]
 }

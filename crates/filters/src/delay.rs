@@ -1,0 +1,211 @@
+//! `delay`: make requests (and connecting and disconnecting) slower, to
+//! simulate a slow disk or network and test timeouts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nbdkit_backend::{
+    Backend, Config, ConfigError, Extents, FilterSpec, Handle, Layer, Param, Result, ZeroFlags,
+};
+
+/// Request kinds, with their nbdkit key names.
+const OPS: [&str; 9] = [
+    "read", "write", "zero", "trim", "extents", "cache", "flush", "open", "close",
+];
+
+/// `2`, `0.5`, `2s`, `100ms` (plain numbers are seconds).
+pub(crate) fn parse_delay(v: &str) -> std::result::Result<Duration, String> {
+    let t = v.trim();
+    let (num, scale) = if let Some(ms) = t.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else if let Some(s) = t.strip_suffix('s') {
+        (s, 1.0)
+    } else {
+        (t, 1.0)
+    };
+    let x: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| "expected a delay such as 2, 2s, 0.5 or 100ms".to_string())?;
+    Duration::try_from_secs_f64(x * scale)
+        .map_err(|_| "expected a delay of zero or more".to_string())
+}
+
+fn delays(cfg: &mut Config) -> std::result::Result<[Duration; 9], ConfigError> {
+    let mut d = [Duration::ZERO; 9];
+    // rdelay/wdelay are the old names of delay-read/delay-write.
+    for (i, op) in OPS.iter().enumerate() {
+        let mut keys = vec![format!("delay-{op}")];
+        match *op {
+            "read" => keys.insert(0, "rdelay".into()),
+            "write" => keys.insert(0, "wdelay".into()),
+            _ => {}
+        }
+        for key in keys {
+            if let Some(v) = cfg.take(&key) {
+                d[i] = parse_delay(&v)
+                    .map_err(|e| ConfigError::new(format!("delay filter: {key}={v}: {e}")))?;
+            }
+        }
+    }
+    Ok(d)
+}
+
+struct DelayLayer([Duration; 9]);
+
+impl Layer for DelayLayer {
+    fn layer(
+        self: Box<Self>,
+        next: Arc<dyn Backend>,
+    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+        Ok(Arc::new(DelayBackend { next, d: self.0 }))
+    }
+}
+
+struct DelayBackend {
+    next: Arc<dyn Backend>,
+    d: [Duration; 9],
+}
+
+fn pause(d: Duration) {
+    if !d.is_zero() {
+        std::thread::sleep(d);
+    }
+}
+
+impl Backend for DelayBackend {
+    fn name(&self) -> &str {
+        "delay"
+    }
+    fn next(&self) -> Option<&dyn Backend> {
+        Some(&*self.next)
+    }
+    fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
+        pause(self.d[7]);
+        Ok(Box::new(DelayHandle {
+            next: self.next.open(readonly, export)?,
+            d: self.d,
+        }))
+    }
+}
+
+struct DelayHandle {
+    next: Box<dyn Handle>,
+    d: [Duration; 9],
+}
+
+impl Drop for DelayHandle {
+    fn drop(&mut self) {
+        pause(self.d[8]);
+    }
+}
+
+impl Handle for DelayHandle {
+    fn next(&self) -> Option<&dyn Handle> {
+        Some(&*self.next)
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        pause(self.d[0]);
+        self.next.pread(buf, offset)
+    }
+    fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        pause(self.d[1]);
+        self.next.pwrite(buf, offset, fua)
+    }
+    fn zero(&self, offset: u64, count: u64, flags: ZeroFlags) -> Result<()> {
+        pause(self.d[2]);
+        self.next.zero(offset, count, flags)
+    }
+    fn trim(&self, offset: u64, count: u64, fua: bool) -> Result<()> {
+        pause(self.d[3]);
+        self.next.trim(offset, count, fua)
+    }
+    fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
+        pause(self.d[4]);
+        self.next.extents(offset, count, req_one, extents)
+    }
+    fn cache(&self, offset: u64, count: u64) -> Result<()> {
+        pause(self.d[5]);
+        self.next.cache(offset, count)
+    }
+    fn flush(&self) -> Result<()> {
+        pause(self.d[6]);
+        self.next.flush()
+    }
+}
+
+pub static SPEC: FilterSpec = FilterSpec {
+    name: "delay",
+    summary: "delay requests, connecting and disconnecting (simulate a slow disk)",
+    description: "Delays are seconds, or with an s or ms suffix.\n\n\
+Example:\n  nbdkit-rs --filter=delay memory 1G delay-read=100ms delay-write=0.5",
+    params: &[
+        Param {
+            name: "rdelay",
+            help: "old name of delay-read",
+        },
+        Param {
+            name: "wdelay",
+            help: "old name of delay-write",
+        },
+        Param {
+            name: "delay-read",
+            help: "before each read (old name: rdelay)",
+        },
+        Param {
+            name: "delay-write",
+            help: "before each write (old name: wdelay)",
+        },
+        Param {
+            name: "delay-zero",
+            help: "before each write-zeroes",
+        },
+        Param {
+            name: "delay-trim",
+            help: "before each trim",
+        },
+        Param {
+            name: "delay-extents",
+            help: "before each block status",
+        },
+        Param {
+            name: "delay-cache",
+            help: "before each cache",
+        },
+        Param {
+            name: "delay-flush",
+            help: "before each flush",
+        },
+        Param {
+            name: "delay-open",
+            help: "when a client connects",
+        },
+        Param {
+            name: "delay-close",
+            help: "when a client disconnects",
+        },
+    ],
+    configure: |cfg| Ok(Box::new(DelayLayer(delays(cfg)?))),
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse() {
+        assert_eq!(parse_delay("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_delay("0.5s"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_delay("100ms"), Ok(Duration::from_millis(100)));
+        assert!(parse_delay("-1").is_err());
+        assert!(parse_delay("soon").is_err());
+        let mut cfg = Config::new(vec![
+            ("rdelay".into(), "1ms".into()),
+            ("delay-close".into(), "2ms".into()),
+        ]);
+        let d = delays(&mut cfg).unwrap();
+        assert_eq!(d[0], Duration::from_millis(1));
+        assert_eq!(d[8], Duration::from_millis(2));
+        assert!(cfg.untaken().is_empty());
+    }
+}

@@ -1,0 +1,57 @@
+//! `noextents`: hide allocation information, so clients see the whole
+//! disk as data (to test clients that must not depend on block status).
+
+use std::sync::Arc;
+
+use nbdkit_backend::{Backend, ConfigError, FilterSpec, Handle, Layer, Result};
+
+struct NoExtentsLayer;
+
+impl Layer for NoExtentsLayer {
+    fn layer(
+        self: Box<Self>,
+        next: Arc<dyn Backend>,
+    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+        Ok(Arc::new(NoExtents { next }))
+    }
+}
+
+struct NoExtents {
+    next: Arc<dyn Backend>,
+}
+
+impl Backend for NoExtents {
+    fn name(&self) -> &str {
+        "noextents"
+    }
+    fn next(&self) -> Option<&dyn Backend> {
+        Some(&*self.next)
+    }
+    fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
+        Ok(Box::new(NoExtentsHandle {
+            next: self.next.open(readonly, export)?,
+        }))
+    }
+}
+
+struct NoExtentsHandle {
+    next: Box<dyn Handle>,
+}
+
+impl Handle for NoExtentsHandle {
+    fn next(&self) -> Option<&dyn Handle> {
+        Some(&*self.next)
+    }
+    // The server then answers block status with "all data" itself.
+    fn can_extents(&self) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+pub static SPEC: FilterSpec = FilterSpec {
+    name: "noextents",
+    summary: "hide block status: every range reports as allocated data",
+    description: "Example:\n  nbdkit-rs --filter=noextents file sparse.img",
+    params: &[],
+    configure: |_| Ok(Box::new(NoExtentsLayer)),
+};

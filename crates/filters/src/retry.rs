@@ -1,0 +1,321 @@
+//! `retry`: when a request fails, close the layers below, open them again
+//! and retry, a few times with growing delays — for plugins whose
+//! connection to a remote source can drop (curl, ssh, nbd).  The client
+//! sees the error only when every attempt has failed.  "Not supported"
+//! errors are answers, not failures, and are never retried.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use nbdkit_backend::{
+    Backend, BlockSize, CacheMode, ConfigError, Error, ErrorKind, Extents, FilterSpec, FuaMode,
+    Handle, Layer, Param, Result, ZeroFlags, ZeroMode,
+};
+
+#[derive(Debug, Clone, Copy)]
+struct Policy {
+    retries: u32,
+    delay: Duration,
+    exponential: bool,
+}
+
+struct RetryLayer(Policy);
+
+impl Layer for RetryLayer {
+    fn layer(
+        self: Box<Self>,
+        next: Arc<dyn Backend>,
+    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+        Ok(Arc::new(RetryBackend { next, p: self.0 }))
+    }
+}
+
+struct RetryBackend {
+    next: Arc<dyn Backend>,
+    p: Policy,
+}
+
+impl Backend for RetryBackend {
+    fn name(&self) -> &str {
+        "retry"
+    }
+    fn next(&self) -> Option<&dyn Backend> {
+        Some(&*self.next)
+    }
+    fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
+        let h = self.next.open(readonly, export)?;
+        Ok(Box::new(RetryHandle {
+            backend: self.next.clone(),
+            readonly,
+            export: export.to_string(),
+            p: self.p,
+            cur: RwLock::new(Some(h)),
+        }))
+    }
+}
+
+/// The handle below can be replaced, so this filter cannot lend it out
+/// through `next()`: every method is written out and goes through `with`.
+struct RetryHandle {
+    backend: Arc<dyn Backend>,
+    readonly: bool,
+    export: String,
+    p: Policy,
+    /// `None` after a reopen failed; the next attempt reopens again.
+    cur: RwLock<Option<Box<dyn Handle>>>,
+}
+
+impl RetryHandle {
+    /// Call `f` on the current handle once, without retrying (capability
+    /// queries: the server reads them once at open).
+    fn once<T>(&self, f: impl FnOnce(&dyn Handle) -> Result<T>) -> Result<T> {
+        let g = self.cur.read().unwrap_or_else(|e| e.into_inner());
+        match g.as_deref() {
+            Some(h) => f(h),
+            None => Err(Error::io("retry filter: the plugin could not be reopened")),
+        }
+    }
+
+    fn reopen(&self) {
+        let mut g = self.cur.write().unwrap_or_else(|e| e.into_inner());
+        // Close the old handle before opening a new one, as a plugin with
+        // a connection limit would need.
+        *g = None;
+        match self.backend.open(self.readonly, &self.export) {
+            Ok(h) => *g = Some(h),
+            Err(e) => tracing::warn!("retry filter: reopen failed: {e}"),
+        }
+    }
+
+    fn with<T>(&self, what: &str, mut f: impl FnMut(&dyn Handle) -> Result<T>) -> Result<T> {
+        let mut delay = self.p.delay;
+        let mut attempt = 0;
+        loop {
+            let r = self.once(&mut f);
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) if e.kind() == ErrorKind::NotSupported || attempt >= self.p.retries => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(
+                        "retry filter: {what} failed ({e}); retry {attempt} of {} in {delay:?}",
+                        self.p.retries
+                    );
+                    if !delay.is_zero() {
+                        std::thread::sleep(delay);
+                    }
+                    if self.p.exponential {
+                        delay = delay.saturating_mul(2);
+                    }
+                    self.reopen();
+                }
+            }
+        }
+    }
+}
+
+impl Handle for RetryHandle {
+    fn size(&self) -> Result<u64> {
+        self.once(|h| h.size())
+    }
+    fn block_size(&self) -> Result<Option<BlockSize>> {
+        self.once(|h| h.block_size())
+    }
+    fn export_description(&self) -> Result<Option<String>> {
+        self.once(|h| h.export_description())
+    }
+    fn can_write(&self) -> Result<bool> {
+        self.once(|h| h.can_write())
+    }
+    fn can_flush(&self) -> Result<bool> {
+        self.once(|h| h.can_flush())
+    }
+    fn is_rotational(&self) -> Result<bool> {
+        self.once(|h| h.is_rotational())
+    }
+    fn can_trim(&self) -> Result<bool> {
+        self.once(|h| h.can_trim())
+    }
+    fn can_zero(&self) -> Result<ZeroMode> {
+        self.once(|h| h.can_zero())
+    }
+    fn can_fast_zero(&self) -> Result<bool> {
+        self.once(|h| h.can_fast_zero())
+    }
+    fn can_extents(&self) -> Result<bool> {
+        self.once(|h| h.can_extents())
+    }
+    fn can_fua(&self) -> Result<FuaMode> {
+        self.once(|h| h.can_fua())
+    }
+    fn can_multi_conn(&self) -> Result<bool> {
+        self.once(|h| h.can_multi_conn())
+    }
+    fn can_cache(&self) -> Result<CacheMode> {
+        self.once(|h| h.can_cache())
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.with("read", |h| h.pread(buf, offset))
+    }
+    fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.with("write", |h| h.pwrite(buf, offset, fua))
+    }
+    fn flush(&self) -> Result<()> {
+        self.with("flush", |h| h.flush())
+    }
+    fn trim(&self, offset: u64, count: u64, fua: bool) -> Result<()> {
+        self.with("trim", |h| h.trim(offset, count, fua))
+    }
+    fn zero(&self, offset: u64, count: u64, flags: ZeroFlags) -> Result<()> {
+        self.with("zero", |h| h.zero(offset, count, flags))
+    }
+    fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
+        // A failed attempt may have added some extents: collect each
+        // attempt separately and keep only a successful one.
+        let got = self.with("extents", |h| {
+            let mut e = Extents::new(extents.start(), extents.end());
+            h.extents(offset, count, req_one, &mut e)?;
+            Ok(e)
+        })?;
+        for e in got.list() {
+            extents.add(e.offset, e.length, e.flags)?;
+        }
+        Ok(())
+    }
+    fn cache(&self, offset: u64, count: u64) -> Result<()> {
+        self.with("cache", |h| h.cache(offset, count))
+    }
+}
+
+pub static SPEC: FilterSpec = FilterSpec {
+    name: "retry",
+    summary: "reopen the plugin and retry failed requests",
+    description: "Example:\n  nbdkit-rs --filter=retry file disk.img retries=5 retry-delay=1",
+    params: &[
+        Param {
+            name: "retries",
+            help: "how many times to retry a failed request (default 5)",
+        },
+        Param {
+            name: "retry-delay",
+            help: "wait before the first retry: seconds, or with s/ms (default 2)",
+        },
+        Param {
+            name: "retry-exponential",
+            help: "double the delay after each retry (default true)",
+        },
+    ],
+    configure: |cfg| {
+        let err = |e: ConfigError| ConfigError::new(format!("retry filter: {e}"));
+        let retries = cfg.take_parse::<u32>("retries").map_err(err)?.unwrap_or(5);
+        let delay = match cfg.take("retry-delay") {
+            None => Duration::from_secs(2),
+            Some(v) => crate::delay::parse_delay(&v)
+                .map_err(|e| ConfigError::new(format!("retry filter: retry-delay={v}: {e}")))?,
+        };
+        let exponential = cfg
+            .take_bool("retry-exponential")
+            .map_err(err)?
+            .unwrap_or(true);
+        Ok(Box::new(RetryLayer(Policy {
+            retries,
+            delay,
+            exponential,
+        })))
+    },
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbdkit_backend::Config;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Every handle fails its reads until `fail_opens` handles have been
+    /// opened; counts opens and reads.
+    struct Flaky {
+        fail_opens: u32,
+        opens: Arc<AtomicU32>,
+        reads: Arc<AtomicU32>,
+    }
+    struct FlakyHandle {
+        broken: bool,
+        reads: Arc<AtomicU32>,
+    }
+    impl Backend for Flaky {
+        fn name(&self) -> &str {
+            "flaky"
+        }
+        fn open(&self, _: bool, _: &str) -> Result<Box<dyn Handle>> {
+            let n = self.opens.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(Box::new(FlakyHandle {
+                broken: n <= self.fail_opens,
+                reads: self.reads.clone(),
+            }))
+        }
+    }
+    impl Handle for FlakyHandle {
+        fn size(&self) -> Result<u64> {
+            Ok(512)
+        }
+        fn pread(&self, buf: &mut [u8], _: u64) -> Result<()> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            if self.broken {
+                return Err(Error::io("connection lost"));
+            }
+            buf.fill(7);
+            Ok(())
+        }
+        fn zero(&self, _: u64, _: u64, _: ZeroFlags) -> Result<()> {
+            Err(Error::not_supported("no fast zero"))
+        }
+    }
+
+    fn run(fail_opens: u32, retries: &str) -> (Result<()>, u32, u32, Box<dyn Handle>) {
+        let opens = Arc::new(AtomicU32::new(0));
+        let reads = Arc::new(AtomicU32::new(0));
+        let mut cfg = Config::new(vec![
+            ("retries".into(), retries.into()),
+            ("retry-delay".into(), "0".into()),
+        ]);
+        let layer = (SPEC.configure)(&mut cfg).unwrap();
+        let b = layer
+            .layer(Arc::new(Flaky {
+                fail_opens,
+                opens: opens.clone(),
+                reads: reads.clone(),
+            }))
+            .unwrap();
+        let h = b.open(false, "").unwrap();
+        let mut buf = [0u8; 4];
+        let r = h.pread(&mut buf, 0);
+        if r.is_ok() {
+            assert_eq!(buf, [7; 4]);
+        }
+        (
+            r,
+            opens.load(Ordering::SeqCst),
+            reads.load(Ordering::SeqCst),
+            h,
+        )
+    }
+
+    #[test]
+    fn recovers_after_reopening() {
+        let (r, opens, reads, _) = run(2, "5");
+        assert!(r.is_ok());
+        assert_eq!((opens, reads), (3, 3));
+    }
+
+    #[test]
+    fn gives_up_after_the_retries() {
+        let (r, opens, reads, h) = run(100, "3");
+        assert_eq!(r.unwrap_err().kind(), ErrorKind::Io);
+        assert_eq!((opens, reads), (4, 4));
+        // ENOTSUP is an answer: not retried.
+        let e = h.zero(0, 1, ZeroFlags::default()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotSupported);
+    }
+}
