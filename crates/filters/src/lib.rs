@@ -27,9 +27,9 @@ pub mod truncate;
 mod modes;
 mod window;
 
-/// Every built-in filter, in the order `--help` lists them.
+/// Every built-in filter, by name (the order `--help` lists them).
 pub fn all() -> Vec<&'static FilterSpec> {
-    vec![
+    let mut all = vec![
         &blocksize::SPEC,
         &compressed::BZIP2,
         &compressed::GZIP,
@@ -53,5 +53,7 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &truncate::SPEC,
         &compressed::XZ,
         &compressed::ZSTD,
-    ]
+    ];
+    all.sort_by_key(|f| f.name);
+    all
 }
