@@ -106,9 +106,18 @@ pub struct Cli {
     /// Oldstyle protocol (not supported: obsolete since 2013).
     #[arg(short = 'o', long = "oldstyle")]
     pub oldstyle: bool,
-    /// TLS: off, on or require.
+    /// TLS: off, on (clients choose) or require (STARTTLS before anything else).
     #[arg(long = "tls", value_name = "off|on|require")]
     pub tls: Option<String>,
+    /// Directory with ca-cert.pem, server-cert.pem and server-key.pem.
+    #[arg(long = "tls-certificates", value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Require a client certificate signed by ca-cert.pem.
+    #[arg(long = "tls-verify-peer")]
+    pub tls_verify_peer: bool,
+    /// TLS with pre-shared keys (not supported by this build).
+    #[arg(long = "tls-psk", value_name = "PSKFILE")]
+    pub tls_psk: Option<PathBuf>,
     /// The plugin name, then its key=value parameters.
     #[arg(value_name = "PLUGIN [key=value]...")]
     pub args: Vec<String>,
@@ -136,6 +145,10 @@ Options:
       --mask-handshake M   handshake flags to offer (default 3)
       --no-sr              do not offer structured replies
       --no-mc              do not offer metadata contexts
+      --tls off|on|require TLS: off (default), on (clients choose) or require
+      --tls-certificates DIR  ca-cert.pem, server-cert.pem, server-key.pem
+                           (default $HOME/.pki/nbdkit, or /etc/pki/nbdkit as root)
+      --tls-verify-peer    require a client certificate signed by ca-cert.pem
       --print-uri          print the server's NBD URI on stdout
       --dump-config        print build configuration
       --dump-plugin        print plugin information

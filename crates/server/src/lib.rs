@@ -9,6 +9,7 @@
 pub mod export;
 pub mod handshake;
 pub mod listen;
+pub mod tls;
 pub mod transmission;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,7 +72,7 @@ impl Stream for tokio::io::DuplexStream {
 }
 
 /// A stream whose conversion failed: every use reports the error.
-struct Broken(Option<std::io::Error>);
+pub(crate) struct Broken(pub(crate) Option<std::io::Error>);
 
 impl Broken {
     fn err(&mut self) -> std::io::Error {
@@ -143,6 +144,8 @@ pub struct ServerOptions {
     pub no_meta_contexts: bool,
     /// `--mask-handshake`: handshake flags offered (FIXED_NEWSTYLE=1, NO_ZEROES=2).
     pub handshake_mask: u16,
+    /// `--tls` and the certificates it uses.
+    pub tls: tls::Tls,
 }
 
 impl Default for ServerOptions {
@@ -154,6 +157,7 @@ impl Default for ServerOptions {
             no_structured_replies: false,
             no_meta_contexts: false,
             handshake_mask: 0xffff,
+            tls: tls::Tls::off(),
         }
     }
 }
@@ -271,7 +275,7 @@ impl Server {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         debug!(conn, %peer, "new connection");
         let neg = tokio::select! {
-            r = handshake::negotiate(&self, &mut *stream, conn) => r,
+            r = handshake::negotiate(&self, &mut stream, conn) => r,
             _ = shutdown.cancelled() => return,
         };
         let result = match neg {
