@@ -118,6 +118,12 @@ pub struct Cli {
     /// TLS with pre-shared keys (not supported by this build).
     #[arg(long = "tls-psk", value_name = "PSKFILE")]
     pub tls_psk: Option<PathBuf>,
+    /// Disconnect clients that have not finished negotiating after SECONDS.
+    #[arg(long = "timeout", value_name = "SECONDS")]
+    pub timeout: Option<f64>,
+    /// Connections open at once; later clients are disconnected at once.
+    #[arg(long = "max-connections", value_name = "N")]
+    pub max_connections: Option<usize>,
     /// The plugin name, then its key=value parameters.
     #[arg(value_name = "PLUGIN [key=value]...")]
     pub args: Vec<String>,
@@ -149,6 +155,8 @@ Options:
       --tls-certificates DIR  ca-cert.pem, server-cert.pem, server-key.pem
                            (default $HOME/.pki/nbdkit, or /etc/pki/nbdkit as root)
       --tls-verify-peer    require a client certificate signed by ca-cert.pem
+      --timeout SECONDS    disconnect clients still negotiating after SECONDS
+      --max-connections N  connections open at once (0 = no limit, the default)
       --print-uri          print the server's NBD URI on stdout
       --dump-config        print build configuration
       --dump-plugin        print plugin information

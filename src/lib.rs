@@ -154,6 +154,13 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         );
     }
     let tls = tls_from_cli(&cli)?;
+    let handshake_timeout = match cli.timeout {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => {
+            Some(std::time::Duration::from_secs_f64(t))
+        }
+        Some(t) => bail!("--timeout={t}: expected a number of seconds greater than 0"),
+    };
     let tls_on = tls.mode != TlsMode::Off;
     if cli.ipv4 && cli.ipv6 {
         bail!("-4 and -6 cannot be used together");
@@ -287,6 +294,8 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         no_meta_contexts: cli.no_mc,
         handshake_mask,
         tls: tls.clone(),
+        handshake_timeout,
+        max_connections: cli.max_connections.filter(|&n| n > 0),
     };
     let server = Server::new(backend.clone(), opts);
 
