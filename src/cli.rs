@@ -151,9 +151,10 @@ Options:
       --mask-handshake M   handshake flags to offer (default 3)
       --no-sr              do not offer structured replies
       --no-mc              do not offer metadata contexts
-      --tls off|on|require TLS: off (default), on (clients choose) or require
-      --tls-certificates DIR  ca-cert.pem, server-cert.pem, server-key.pem
-                           (default $HOME/.pki/nbdkit, or /etc/pki/nbdkit as root)
+      --tls MODE           off (default), on (clients choose) or require
+      --tls-certificates DIR
+                           has ca-cert.pem, server-cert.pem, server-key.pem
+                           (default $HOME/.pki/nbdkit; /etc/pki/nbdkit as root)
       --tls-verify-peer    require a client certificate signed by ca-cert.pem
       --timeout SECONDS    disconnect clients still negotiating after SECONDS
       --max-connections N  connections open at once (0 = no limit, the default)

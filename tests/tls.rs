@@ -446,3 +446,20 @@ fn run_exports_tls_and_an_nbds_uri() {
     let cfg = stdout_of(Command::new(binary()).arg("--dump-config"));
     assert!(cfg.lines().any(|l| l == "tls=yes"), "{cfg}");
 }
+
+#[test]
+fn timeout_covers_a_stalled_tls_handshake() {
+    let Some(pki) = pki() else { return };
+    let s = start(
+        &pki,
+        &["--tls=require", "--timeout=1"],
+        &["memory", "size=1M"],
+    );
+    let mut c = RawClient::start(&s.socket);
+    assert_eq!(c.simple_option(OptionRequest::StartTls), REP_ACK);
+    // No ClientHello follows: the server must give up on its own (the
+    // client's read timeout is 30 s, hence the bound).
+    let t0 = std::time::Instant::now();
+    assert!(c.is_closed());
+    assert!(t0.elapsed() < std::time::Duration::from_secs(20));
+}
