@@ -103,7 +103,7 @@ impl Registry {
             )
         };
         format!(
-            "binary={exe}\nexit_with_parent=yes\nfilters={}\nhost_cpu={}\nhost_os={}\nplugins={}\nrust=yes\ntls=no\nversion={}\nversion_major={major}\nversion_minor={minor}\n",
+            "binary={exe}\nexit_with_parent=yes\nfilters={}\nhost_cpu={}\nhost_os={}\nplugins={}\nroot_tls_certificates_dir=/etc/pki/nbdkit\nrust=yes\ntls=yes\nversion={}\nversion_major={major}\nversion_minor={minor}\n",
             self.filters.iter().map(|f| f.name).collect::<Vec<_>>().join(","),
             std::env::consts::ARCH,
             std::env::consts::OS,

@@ -106,9 +106,24 @@ pub struct Cli {
     /// Oldstyle protocol (not supported: obsolete since 2013).
     #[arg(short = 'o', long = "oldstyle")]
     pub oldstyle: bool,
-    /// TLS: off, on or require.
+    /// TLS: off, on (clients choose) or require (STARTTLS before anything else).
     #[arg(long = "tls", value_name = "off|on|require")]
     pub tls: Option<String>,
+    /// Directory with ca-cert.pem, server-cert.pem and server-key.pem.
+    #[arg(long = "tls-certificates", value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Require a client certificate signed by ca-cert.pem.
+    #[arg(long = "tls-verify-peer")]
+    pub tls_verify_peer: bool,
+    /// TLS with pre-shared keys (not supported by this build).
+    #[arg(long = "tls-psk", value_name = "PSKFILE")]
+    pub tls_psk: Option<PathBuf>,
+    /// Disconnect clients that have not finished negotiating after SECONDS.
+    #[arg(long = "timeout", value_name = "SECONDS")]
+    pub timeout: Option<f64>,
+    /// Connections open at once; later clients are disconnected at once.
+    #[arg(long = "max-connections", value_name = "N")]
+    pub max_connections: Option<usize>,
     /// The plugin name, then its key=value parameters.
     #[arg(value_name = "PLUGIN [key=value]...")]
     pub args: Vec<String>,
@@ -136,6 +151,13 @@ Options:
       --mask-handshake M   handshake flags to offer (default 3)
       --no-sr              do not offer structured replies
       --no-mc              do not offer metadata contexts
+      --tls MODE           off (default), on (clients choose) or require
+      --tls-certificates DIR
+                           has ca-cert.pem, server-cert.pem, server-key.pem
+                           (default $HOME/.pki/nbdkit; /etc/pki/nbdkit as root)
+      --tls-verify-peer    require a client certificate signed by ca-cert.pem
+      --timeout SECONDS    disconnect clients still negotiating after SECONDS
+      --max-connections N  connections open at once (0 = no limit, the default)
       --print-uri          print the server's NBD URI on stdout
       --dump-config        print build configuration
       --dump-plugin        print plugin information

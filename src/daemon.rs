@@ -143,6 +143,7 @@ pub async fn run_captive(
     unix: Option<&Path>,
     port: Option<u16>,
     host: &str,
+    tls: u8,
 ) -> Result<ExitCode> {
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c")
@@ -162,7 +163,7 @@ pub async fn run_captive(
             c.env_remove("unixsocket");
         }
     }
-    c.env("tls", "0");
+    c.env("tls", tls.to_string());
     debug!("running: {cmd}");
     let status = c
         .status()

@@ -17,6 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use nbdkit_backend::{FilterSpec, PluginSpec};
 use nbdkit_server::listen::{Family, TempSocket};
+use nbdkit_server::tls::{Tls, TlsMode};
 use nbdkit_server::{ListenerSet, Server, ServerOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
@@ -51,22 +52,58 @@ struct Endpoint {
     unix: Option<std::path::PathBuf>,
     port: Option<u16>,
     host: String,
+    /// TLS is on: the URI scheme is `nbds` (as nbdkit's), so that clients
+    /// given `$uri` use it.
+    tls: bool,
 }
 
 impl Endpoint {
     fn uri(&self, export: &str) -> String {
+        let scheme = if self.tls { "nbds" } else { "nbd" };
         match &self.unix {
-            Some(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
+            Some(p) => format!("{scheme}+unix:///{export}?socket={}", p.display()),
             None => {
                 let port = self.port.unwrap_or(DEFAULT_PORT);
                 if port == DEFAULT_PORT {
-                    format!("nbd://{}/{export}", self.host)
+                    format!("{scheme}://{}/{export}", self.host)
                 } else {
-                    format!("nbd://{}:{port}/{export}", self.host)
+                    format!("{scheme}://{}:{port}/{export}", self.host)
                 }
             }
         }
     }
+}
+
+/// `--tls`, `--tls-certificates`, `--tls-verify-peer` and `--tls-psk`.
+///
+/// Unlike nbdkit, TLS is never turned on just because certificates exist
+/// in the default directory, and `--tls=on` with unusable certificates is
+/// an error rather than a warning: TLS is used only when asked for, and
+/// then it works or the server does not start.  `--tls-certificates` or
+/// `--tls-verify-peer` alone mean `--tls=on`, as in nbdkit.
+fn tls_from_cli(cli: &Cli) -> Result<Tls> {
+    if cli.tls_psk.is_some() {
+        bail!("--tls-psk: pre-shared keys are not supported by this build (rustls has no external PSK); use X.509 certificates with --tls-certificates");
+    }
+    let mode = match cli.tls.as_deref() {
+        None if cli.tls_certificates.is_some() || cli.tls_verify_peer => TlsMode::On,
+        None | Some("off") => TlsMode::Off,
+        Some("on") => TlsMode::On,
+        Some("require") => TlsMode::Require,
+        Some(v) => bail!("--tls={v}: expected off, on or require"),
+    };
+    if mode == TlsMode::Off {
+        if cli.tls_verify_peer {
+            bail!("--tls-verify-peer needs TLS: remove --tls=off");
+        }
+        return Ok(Tls::off());
+    }
+    let dir = cli
+        .tls_certificates
+        .clone()
+        .unwrap_or_else(nbdkit_server::tls::default_certificates_dir);
+    Tls::load(mode, &dir, cli.tls_verify_peer)
+        .map_err(|e| anyhow!("TLS certificates in {}: {e}", dir.display()))
 }
 
 fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
@@ -116,12 +153,15 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
             "the oldstyle protocol is not supported (it was dropped from the NBD spec); remove -o"
         );
     }
-    match cli.tls.as_deref() {
-        None | Some("off") => {}
-        Some(v) => bail!(
-            "--tls={v}: TLS is not supported by this build yet; use --tls=off or leave it out"
-        ),
-    }
+    let tls = tls_from_cli(&cli)?;
+    let handshake_timeout = match cli.timeout {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => {
+            Some(std::time::Duration::from_secs_f64(t))
+        }
+        Some(t) => bail!("--timeout={t}: expected a number of seconds greater than 0"),
+    };
+    let tls_on = tls.mode != TlsMode::Off;
     if cli.ipv4 && cli.ipv6 {
         bail!("-4 and -6 cannot be used together");
     }
@@ -187,6 +227,7 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
                     unix: Some(path),
                     port: None,
                     host: String::new(),
+                    tls: tls_on,
                 },
             ),
             None => {
@@ -212,6 +253,7 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
                         unix: None,
                         port,
                         host,
+                        tls: tls_on,
                     },
                 )
             }
@@ -251,6 +293,9 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         no_structured_replies: cli.no_sr,
         no_meta_contexts: cli.no_mc,
         handshake_mask,
+        tls: tls.clone(),
+        handshake_timeout,
+        max_connections: cli.max_connections.filter(|&n| n > 0),
     };
     let server = Server::new(backend.clone(), opts);
 
@@ -286,6 +331,7 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
                     ep.unix.as_deref(),
                     ep.port,
                     &ep.host,
+                    tls.mode.as_number(),
                 )
                 .await;
                 shutdown.cancel();

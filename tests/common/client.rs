@@ -13,6 +13,8 @@ pub struct RawClient {
     pub s: UnixStream,
     pub extended: bool,
     pub structured: bool,
+    /// After [`RawClient::starttls`], all traffic goes through this.
+    pub tls: Option<Box<rustls::StreamOwned<rustls::ClientConnection, UnixStream>>>,
 }
 
 /// One reply, gathered from a simple reply or all chunks up to DONE.
@@ -44,6 +46,7 @@ impl RawClient {
                 s,
                 extended: false,
                 structured: false,
+                tls: None,
             },
             flags,
         )
@@ -57,19 +60,47 @@ impl RawClient {
     }
 
     pub fn send(&mut self, b: &[u8]) {
-        self.s.write_all(b).expect("send");
+        match &mut self.tls {
+            Some(t) => t.write_all(b).and_then(|_| t.flush()),
+            None => self.s.write_all(b),
+        }
+        .expect("send");
     }
 
     pub fn read_exact(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
         let mut v = vec![0u8; n];
-        self.s.read_exact(&mut v)?;
+        match &mut self.tls {
+            Some(t) => t.read_exact(&mut v)?,
+            None => self.s.read_exact(&mut v)?,
+        }
         Ok(v)
     }
 
     /// True if the server has closed the connection.
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+        let r = match &mut self.tls {
+            Some(t) => t.read(&mut b),
+            None => self.s.read(&mut b),
+        };
+        matches!(r, Ok(0) | Err(_))
+    }
+
+    /// Send NBD_OPT_STARTTLS; on ACK, run the TLS handshake and carry on
+    /// over TLS.  Returns the option reply type.
+    pub fn starttls(&mut self, config: std::sync::Arc<rustls::ClientConfig>) -> u32 {
+        let r = self.simple_option(OptionRequest::StartTls);
+        if r == REP_ACK {
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let conn = rustls::ClientConnection::new(config, name).expect("TLS client");
+            let sock = self.s.try_clone().expect("clone socket");
+            let mut t = rustls::StreamOwned::new(conn, sock);
+            while t.conn.is_handshaking() {
+                t.conn.complete_io(&mut t.sock).expect("TLS handshake");
+            }
+            self.tls = Some(Box::new(t));
+        }
+        r
     }
 
     pub fn option(&mut self, o: &OptionRequest) {

@@ -9,7 +9,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
 use crate::export::Export;
-use crate::{ConnectionError, Server, Stream};
+use crate::tls::TlsMode;
+use crate::{Broken, ConnectionError, Server, Stream};
 
 /// Largest option payload read into memory.  Export names and queries are
 /// at most 4 KiB each, so this leaves room for many meta-context queries.
@@ -54,11 +55,15 @@ impl State {
 
 /// Run the handshake.  `Ok(None)` means the client ended it politely
 /// (NBD_OPT_ABORT or EOF between options).
+///
+/// After a successful NBD_OPT_STARTTLS, `stream` is replaced by the TLS
+/// stream over it, and the caller serves the transmission phase on that.
 pub async fn negotiate(
     server: &Arc<Server>,
-    s: &mut dyn Stream,
+    stream: &mut Box<dyn Stream>,
     conn: u64,
 ) -> Result<Option<Negotiated>, ConnectionError> {
+    let s: &mut dyn Stream = &mut **stream;
     let hs_flags = (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES) & server.opts.handshake_mask;
     s.write_all(&opt::greeting(hs_flags)).await?;
     s.flush().await?;
@@ -76,8 +81,14 @@ pub async fn negotiate(
         fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
     };
+    let tls_mode = server.opts.tls.mode;
+    let mut encrypted = false;
 
+    // The option count is not reset by STARTTLS, so the limit holds for
+    // the whole connection.
     for _ in 0..MAX_OPTIONS {
+        // Borrowed anew each time round: STARTTLS replaces the stream.
+        let s: &mut dyn Stream = &mut **stream;
         let mut hb = [0u8; OPTION_HEADER_LEN];
         match s.read_exact(&mut hb).await {
             Ok(_) => {}
@@ -113,6 +124,25 @@ pub async fn negotiate(
                 "option {} from a client without fixed newstyle",
                 option_name(h.option)
             )));
+        }
+        if tls_mode == TlsMode::Require
+            && !encrypted
+            && !matches!(h.option, OPT_STARTTLS | OPT_ABORT)
+        {
+            if h.option == OPT_EXPORT_NAME {
+                // EXPORT_NAME has no error reply: all we can do is hang up.
+                return Err(ConnectionError::Protocol(
+                    "NBD_OPT_EXPORT_NAME before STARTTLS, but --tls=require".into(),
+                ));
+            }
+            reply(
+                s,
+                h.option,
+                REP_ERR_TLS_REQD,
+                b"TLS is required on this server",
+            )
+            .await?;
+            continue;
         }
         let request = match OptionRequest::parse(h.option, &payload) {
             Ok(r) => r,
@@ -169,13 +199,36 @@ pub async fn negotiate(
                 }
             }
             OptionRequest::StartTls => {
-                reply(
-                    s,
-                    h.option,
-                    REP_ERR_UNSUP,
-                    b"TLS is not configured on this server",
-                )
-                .await?;
+                let Some(acceptor) = server.opts.tls.acceptor() else {
+                    reply(
+                        s,
+                        h.option,
+                        REP_ERR_UNSUP,
+                        b"TLS is not configured on this server",
+                    )
+                    .await?;
+                    continue;
+                };
+                if encrypted {
+                    reply(s, h.option, REP_ERR_INVALID, b"TLS is already negotiated").await?;
+                    continue;
+                }
+                reply(s, h.option, REP_ACK, b"").await?;
+                // The spec has no way back from a failed TLS handshake: the
+                // connection ends with it (the error says why).
+                let plain = std::mem::replace(stream, Box::new(Broken(None)));
+                let tls = acceptor
+                    .accept(plain)
+                    .await
+                    .map_err(|e| ConnectionError::Protocol(format!("TLS handshake failed: {e}")))?;
+                *stream = Box::new(tls);
+                encrypted = true;
+                debug!(conn, "TLS established");
+                // Per the spec, what was negotiated in plaintext does not
+                // carry over into the encrypted session.
+                st.structured = false;
+                st.extended = false;
+                st.meta = false;
             }
             OptionRequest::StructuredReply => {
                 if server.opts.no_structured_replies {

@@ -9,6 +9,7 @@
 pub mod export;
 pub mod handshake;
 pub mod listen;
+pub mod tls;
 pub mod transmission;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +17,7 @@ use std::sync::Arc;
 
 use nbdkit_backend::{Backend, Error, ThreadModel};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -71,7 +72,7 @@ impl Stream for tokio::io::DuplexStream {
 }
 
 /// A stream whose conversion failed: every use reports the error.
-struct Broken(Option<std::io::Error>);
+pub(crate) struct Broken(pub(crate) Option<std::io::Error>);
 
 impl Broken {
     fn err(&mut self) -> std::io::Error {
@@ -143,6 +144,15 @@ pub struct ServerOptions {
     pub no_meta_contexts: bool,
     /// `--mask-handshake`: handshake flags offered (FIXED_NEWSTYLE=1, NO_ZEROES=2).
     pub handshake_mask: u16,
+    /// `--tls` and the certificates it uses.
+    pub tls: tls::Tls,
+    /// `--timeout`: a client that has not finished negotiating (TLS
+    /// handshake included) by then is disconnected.  None: no limit.
+    pub handshake_timeout: Option<std::time::Duration>,
+    /// `--max-connections`: connections open at once, counted from accept
+    /// (so clients still negotiating count); later ones are closed at once.
+    /// None: no limit.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for ServerOptions {
@@ -154,6 +164,9 @@ impl Default for ServerOptions {
             no_structured_replies: false,
             no_meta_contexts: false,
             handshake_mask: 0xffff,
+            tls: tls::Tls::off(),
+            handshake_timeout: None,
+            max_connections: None,
         }
     }
 }
@@ -168,6 +181,8 @@ pub struct Server {
     /// One permit: held for a whole connection under
     /// `serialize_connections`.
     connections: Arc<Semaphore>,
+    /// `--max-connections` slots, one held per open connection.
+    open_slots: Option<Arc<Semaphore>>,
     next_conn: AtomicU64,
     tracker: TaskTracker,
 }
@@ -176,9 +191,11 @@ impl Server {
     pub fn new(backend: Arc<dyn Backend>, opts: ServerOptions) -> Arc<Self> {
         let model = backend.thread_model();
         debug!("thread model: {}", model.as_str());
+        let open_slots = opts.max_connections.map(|n| Arc::new(Semaphore::new(n)));
         Arc::new(Server {
             backend,
             opts,
+            open_slots,
             model,
             all_requests: Arc::new(std::sync::Mutex::new(())),
             connections: Arc::new(Semaphore::new(1)),
@@ -256,9 +273,20 @@ impl Server {
     /// Serve one client on `stream` until it leaves or the server stops.
     pub async fn serve_connection(
         self: Arc<Self>,
+        stream: Box<dyn Stream>,
+        peer: String,
+        shutdown: CancellationToken,
+    ) {
+        self.serve_counted(stream, peer, shutdown, None).await
+    }
+
+    /// [`Server::serve_connection`], holding a `--max-connections` slot.
+    async fn serve_counted(
+        self: Arc<Self>,
         mut stream: Box<dyn Stream>,
         peer: String,
         shutdown: CancellationToken,
+        mut slot: Option<OwnedSemaphorePermit>,
     ) {
         let _serial = if self.model == ThreadModel::SerializeConnections {
             match self.connections.clone().acquire_owned().await {
@@ -270,10 +298,29 @@ impl Server {
         };
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         debug!(conn, %peer, "new connection");
+        let limit = self.opts.handshake_timeout;
+        let negotiation = async {
+            match limit {
+                Some(t) => tokio::time::timeout(t, handshake::negotiate(&self, &mut stream, conn))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ConnectionError::Protocol(format!(
+                            "negotiation not finished within {} s (--timeout)",
+                            t.as_secs_f64()
+                        )))
+                    }),
+                None => handshake::negotiate(&self, &mut stream, conn).await,
+            }
+        };
         let neg = tokio::select! {
-            r = handshake::negotiate(&self, &mut *stream, conn) => r,
+            r = negotiation => r,
             _ = shutdown.cancelled() => return,
         };
+        if !matches!(neg, Ok(Some(_))) {
+            // Free the slot before the socket closes (at the end of this
+            // function), so a client that sees the close can count on it.
+            slot.take();
+        }
         let result = match neg {
             Ok(Some(neg)) => {
                 debug!(conn, export = %neg.export.name, size = neg.export.caps.size, "negotiated");
@@ -327,10 +374,23 @@ impl Server {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    let slot = match &self.open_slots {
+                        None => None,
+                        Some(sem) => match sem.clone().try_acquire_owned() {
+                            Ok(p) => Some(p),
+                            Err(_) => {
+                                // Closed before the greeting, as nbdkit's
+                                // limit filter rejects extra clients.
+                                warn!(%peer, "too many connections (--max-connections): closing");
+                                drop(stream);
+                                continue;
+                            }
+                        },
+                    };
                     let server = self.clone();
                     let sd = shutdown.clone();
                     self.tracker
-                        .spawn(async move { server.serve_connection(stream, peer, sd).await });
+                        .spawn(async move { server.serve_counted(stream, peer, sd, slot).await });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

@@ -1,0 +1,465 @@
+//! TLS (X.509) with real clients — nbdinfo, nbdcopy (libnbd/GnuTLS) and
+//! qemu-img — and with our own client for what they never send.
+//! Certificates are made fresh for each test with openssl.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use common::client::RawClient;
+use common::*;
+use nbdkit_proto::*;
+
+/// A CA, a server certificate, client certificates, and one client
+/// certificate from another CA, in the directory layouts nbdkit (server)
+/// and libnbd/qemu (client) expect.
+struct Pki {
+    _dir: tempfile::TempDir,
+    /// ca-cert.pem, server-cert.pem, server-key.pem
+    server: PathBuf,
+    /// ca-cert.pem, client-cert.pem, client-key.pem (signed by the CA)
+    client: PathBuf,
+    /// ca-cert.pem only: verifies the server, presents no certificate.
+    anonymous: PathBuf,
+    /// ca-cert.pem of the right CA, but a client certificate from another.
+    stranger: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    run_ok(Command::new("openssl").current_dir(dir).args(args));
+}
+
+/// Make key `name-key.pem` and certificate `name-cert.pem` signed by
+/// `ca` (a prefix of `ca-key.pem`/`ca-cert.pem` files), with `ext`.
+fn issue(dir: &Path, ca: &str, name: &str, cn: &str, serial: &str, ext: &str) {
+    let extfile = format!("{name}.ext");
+    std::fs::write(dir.join(&extfile), ext).expect("ext file");
+    let (key, csr, cert) = (
+        format!("{name}-key.pem"),
+        format!("{name}.csr"),
+        format!("{name}-cert.pem"),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &format!("{ca}-cert.pem"),
+            "-CAkey",
+            &format!("{ca}-key.pem"),
+            "-set_serial",
+            serial,
+            "-days",
+            "2",
+            "-out",
+            &cert,
+            "-extfile",
+            &extfile,
+        ],
+    );
+}
+
+fn make_ca(dir: &Path, name: &str, cn: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}-cert.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+}
+
+fn pki() -> Option<Pki> {
+    if !have("openssl") {
+        return None;
+    }
+    let d = tempfile::tempdir().expect("tempdir");
+    let w = d.path();
+    make_ca(w, "ca", "nbdkit-rs test CA");
+    make_ca(w, "other", "some other CA");
+    issue(
+        w,
+        "ca",
+        "server",
+        "localhost",
+        "10",
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    );
+    let client_ext =
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n";
+    issue(w, "ca", "client", "alice", "11", client_ext);
+    issue(w, "other", "stranger", "mallory", "12", client_ext);
+
+    let layout = |sub: &str, files: &[(&str, &str)]| {
+        let p = w.join(sub);
+        std::fs::create_dir(&p).expect("mkdir");
+        for (from, to) in files {
+            std::fs::copy(w.join(from), p.join(to)).expect("copy");
+        }
+        p
+    };
+    let server = layout(
+        "server",
+        &[
+            ("ca-cert.pem", "ca-cert.pem"),
+            ("server-cert.pem", "server-cert.pem"),
+            ("server-key.pem", "server-key.pem"),
+        ],
+    );
+    let client = layout(
+        "client",
+        &[
+            ("ca-cert.pem", "ca-cert.pem"),
+            ("client-cert.pem", "client-cert.pem"),
+            ("client-key.pem", "client-key.pem"),
+        ],
+    );
+    let anonymous = layout("anonymous", &[("ca-cert.pem", "ca-cert.pem")]);
+    let stranger = layout(
+        "stranger",
+        &[
+            ("ca-cert.pem", "ca-cert.pem"),
+            ("stranger-cert.pem", "client-cert.pem"),
+            ("stranger-key.pem", "client-key.pem"),
+        ],
+    );
+    Some(Pki {
+        _dir: d,
+        server,
+        client,
+        anonymous,
+        stranger,
+    })
+}
+
+fn tls_uri(s: &Server, certs: &Path) -> String {
+    format!(
+        "nbds+unix:///?socket={}&tls-certificates={}",
+        s.socket.display(),
+        certs.display()
+    )
+}
+
+fn start(pki: &Pki, extra: &[&str], plugin: &[&str]) -> Server {
+    let certs = format!("--tls-certificates={}", pki.server.display());
+    let mut args: Vec<&str> = vec![&certs];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(plugin);
+    Server::start(&args)
+}
+
+fn nbdinfo(uri: &str) -> std::process::Output {
+    Command::new("nbdinfo")
+        .arg(uri)
+        .output()
+        .expect("run nbdinfo")
+}
+
+/// A rustls client that trusts the test CA (and presents no certificate).
+fn rustls_client(pki: &Pki) -> Arc<rustls::ClientConfig> {
+    let pem = std::fs::read(pki.server.join("ca-cert.pem")).expect("ca");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c.expect("cert")).expect("add CA");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+#[test]
+fn nbdinfo_and_nbdcopy_over_tls() {
+    let Some(pki) = pki() else { return };
+    if !have("nbdinfo") || !have("nbdcopy") {
+        return;
+    }
+    let s = start(&pki, &["--tls=require"], &["memory", "size=4M"]);
+    let uri = tls_uri(&s, &pki.client);
+    let out = nbdinfo(&uri);
+    assert!(out.status.success(), "nbdinfo: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("4194304"), "{text}");
+
+    // Write through TLS, read back through TLS, compare.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("in.bin");
+    let back = dir.path().join("out.bin");
+    make_file(&src, 4 << 20, 7);
+    run_ok(Command::new("nbdcopy").arg(&src).arg(&uri));
+    run_ok(Command::new("nbdcopy").arg(&uri).arg(&back));
+    assert!(std::fs::read(&src).expect("in") == std::fs::read(&back).expect("out"));
+}
+
+#[test]
+fn plaintext_is_refused_under_require_and_allowed_under_on() {
+    let Some(pki) = pki() else { return };
+    if !have("nbdinfo") {
+        return;
+    }
+    let s = start(&pki, &["--tls=require"], &["memory", "size=1M"]);
+    let out = nbdinfo(&s.uri_for(""));
+    assert!(!out.status.success(), "plaintext accepted under require");
+
+    let s = start(&pki, &["--tls=on"], &["memory", "size=1M"]);
+    let out = nbdinfo(&s.uri_for(""));
+    assert!(out.status.success(), "plaintext under --tls=on: {out:?}");
+    let out = nbdinfo(&tls_uri(&s, &pki.client));
+    assert!(out.status.success(), "TLS under --tls=on: {out:?}");
+}
+
+#[test]
+fn verify_peer_needs_a_certificate_from_the_ca() {
+    let Some(pki) = pki() else { return };
+    if !have("nbdinfo") {
+        return;
+    }
+    let s = start(
+        &pki,
+        &["--tls=require", "--tls-verify-peer"],
+        &["memory", "size=1M"],
+    );
+    for (who, dir) in [("anonymous", &pki.anonymous), ("stranger", &pki.stranger)] {
+        let out = nbdinfo(&tls_uri(&s, dir));
+        assert!(!out.status.success(), "{who} client accepted");
+    }
+    let out = nbdinfo(&tls_uri(&s, &pki.client));
+    assert!(
+        out.status.success(),
+        "client with a CA-signed cert: {out:?}"
+    );
+
+    // Without --tls-verify-peer, a client without a certificate is fine.
+    let s = start(&pki, &["--tls=require"], &["memory", "size=1M"]);
+    let out = nbdinfo(&tls_uri(&s, &pki.anonymous));
+    assert!(out.status.success(), "anonymous client: {out:?}");
+}
+
+#[test]
+fn qemu_img_info_over_tls() {
+    let Some(pki) = pki() else { return };
+    if !have("qemu-img") {
+        return;
+    }
+    let s = start(&pki, &["--tls=require"], &["memory", "size=2M"]);
+    let out = stdout_of(Command::new("qemu-img").args([
+        "info",
+        "--object",
+        &format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            pki.client.display()
+        ),
+        "--image-opts",
+        &format!(
+            "driver=nbd,path={},tls-creds=tls0,tls-hostname=localhost",
+            s.socket.display()
+        ),
+    ]));
+    assert!(out.contains("2 MiB") || out.contains("2097152"), "{out}");
+}
+
+#[test]
+fn options_before_starttls_need_tls_under_require() {
+    let Some(pki) = pki() else { return };
+    let s = start(&pki, &["--tls=require"], &["memory", "size=1M"]);
+    let mut c = RawClient::start(&s.socket);
+    c.option(&OptionRequest::List);
+    assert_eq!(c.read_until_final().0, REP_ERR_TLS_REQD);
+    for go in [false, true] {
+        c.option(&OptionRequest::Info {
+            go,
+            name: String::new(),
+            requests: vec![],
+        });
+        assert_eq!(c.read_until_final().0, REP_ERR_TLS_REQD);
+    }
+    assert_eq!(
+        c.simple_option(OptionRequest::StructuredReply),
+        REP_ERR_TLS_REQD
+    );
+    // After STARTTLS the same options work, and a second STARTTLS is invalid.
+    assert_eq!(c.starttls(rustls_client(&pki)), REP_ACK);
+    assert_eq!(c.simple_option(OptionRequest::StartTls), REP_ERR_INVALID);
+    c.option(&OptionRequest::List);
+    assert_eq!(c.read_until_final().0, REP_ACK);
+    let (size, _) = c.go(true, false, true);
+    assert_eq!(size, 1 << 20);
+    c.request(CMD_READ, 0, 1, 0, 4096, &[]);
+    let r = c.reply(4096);
+    assert_eq!(r.error, 0);
+
+    // EXPORT_NAME before STARTTLS cannot be refused: the server hangs up.
+    let mut c = RawClient::start(&s.socket);
+    c.option(&OptionRequest::ExportName(String::new()));
+    assert!(c.is_closed());
+
+    // ABORT is allowed before TLS.
+    let mut c = RawClient::start(&s.socket);
+    assert_eq!(c.simple_option(OptionRequest::Abort), REP_ACK);
+}
+
+#[test]
+fn starttls_resets_what_was_negotiated_in_plaintext() {
+    let Some(pki) = pki() else { return };
+    let s = start(&pki, &["--tls=on"], &["memory", "size=1M"]);
+    let mut c = RawClient::start(&s.socket);
+    assert_eq!(c.simple_option(OptionRequest::StructuredReply), REP_ACK);
+    assert_eq!(c.starttls(rustls_client(&pki)), REP_ACK);
+    // Structured replies are gone, so meta contexts are refused until
+    // they are negotiated again.
+    c.option(&OptionRequest::MetaContext {
+        set: true,
+        export: String::new(),
+        queries: vec!["base:allocation".into()],
+    });
+    assert_eq!(c.read_until_final().0, REP_ERR_INVALID);
+    assert_eq!(c.simple_option(OptionRequest::StructuredReply), REP_ACK);
+}
+
+#[test]
+fn certificate_problems_are_reported_at_start_up() {
+    let Some(pki) = pki() else { return };
+    let run = |args: &[&str]| {
+        let out = Command::new(binary())
+            .args(["-f", "-U", "-"])
+            .args(args)
+            .args(["memory", "size=1M"])
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let empty = tempfile::tempdir().expect("tempdir");
+    let e = run(&[
+        "--tls=require",
+        &format!("--tls-certificates={}", empty.path().display()),
+    ]);
+    assert!(
+        e.contains("server-cert.pem") && e.lines().count() == 1,
+        "{e}"
+    );
+
+    let bad = tempfile::tempdir().expect("tempdir");
+    for f in ["ca-cert.pem", "server-key.pem"] {
+        std::fs::copy(pki.server.join(f), bad.path().join(f)).expect("copy");
+    }
+    std::fs::write(bad.path().join("server-cert.pem"), "not a certificate\n").expect("write");
+    let e = run(&[
+        "--tls=on",
+        &format!("--tls-certificates={}", bad.path().display()),
+    ]);
+    assert!(
+        e.contains("server-cert.pem") && e.contains("no PEM certificate"),
+        "{e}"
+    );
+
+    // A key that is not the certificate's.
+    std::fs::copy(
+        pki.server.join("server-cert.pem"),
+        bad.path().join("server-cert.pem"),
+    )
+    .expect("copy");
+    std::fs::copy(
+        pki.client.join("client-key.pem"),
+        bad.path().join("server-key.pem"),
+    )
+    .expect("copy");
+    let e = run(&[
+        "--tls=on",
+        &format!("--tls-certificates={}", bad.path().display()),
+    ]);
+    assert!(e.contains("server-key.pem"), "{e}");
+
+    let e = run(&["--tls=maybe"]);
+    assert!(e.contains("--tls=maybe"), "{e}");
+    let e = run(&["--tls-psk=/dev/null"]);
+    assert!(e.contains("--tls-psk"), "{e}");
+}
+
+#[test]
+fn run_exports_tls_and_an_nbds_uri() {
+    let Some(pki) = pki() else { return };
+    let certs = format!("--tls-certificates={}", pki.server.display());
+    for (mode, n, scheme) in [
+        ("off", "0", "nbd+unix"),
+        ("on", "1", "nbds+unix"),
+        ("require", "2", "nbds+unix"),
+    ] {
+        let certs_arg = if mode == "off" { "-f" } else { certs.as_str() };
+        let out = stdout_of(Command::new(binary()).args([
+            &format!("--tls={mode}"),
+            certs_arg,
+            "--run",
+            "echo \"$tls $uri\"",
+            "memory",
+            "size=1M",
+        ]));
+        assert!(
+            out.starts_with(&format!("{n} {scheme}://")),
+            "--tls={mode}: {out}"
+        );
+    }
+    let cfg = stdout_of(Command::new(binary()).arg("--dump-config"));
+    assert!(cfg.lines().any(|l| l == "tls=yes"), "{cfg}");
+}
+
+#[test]
+fn timeout_covers_a_stalled_tls_handshake() {
+    let Some(pki) = pki() else { return };
+    let s = start(
+        &pki,
+        &["--tls=require", "--timeout=1"],
+        &["memory", "size=1M"],
+    );
+    let mut c = RawClient::start(&s.socket);
+    assert_eq!(c.simple_option(OptionRequest::StartTls), REP_ACK);
+    // No ClientHello follows: the server must give up on its own (the
+    // client's read timeout is 30 s, hence the bound).
+    let t0 = std::time::Instant::now();
+    assert!(c.is_closed());
+    assert!(t0.elapsed() < std::time::Duration::from_secs(20));
+}
