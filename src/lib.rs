@@ -299,10 +299,17 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     };
     let server = Server::new(backend.clone(), opts);
 
-    // One thread is enough for the async part (accepting, handshakes,
-    // signals): requests run on each connection's own worker threads, and
-    // backend calls during the handshake on the blocking pool.
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Without TLS one thread is enough for the async part (accepting,
+    // handshakes, signals): requests run on each connection's own worker
+    // threads, and backend calls during the handshake on the blocking pool.
+    // TLS connections are served on the async path, where encryption needs
+    // every core.
+    let mut rt = if tls_on {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let rt = rt
         .enable_all()
         .thread_name("nbdkit-rs")
         .build()
