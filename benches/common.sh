@@ -56,7 +56,8 @@ seconds() {
 fio_randread() {
     local uri=$1 bs=$2 depth=$3 secs=$4
     fio --name=r --ioengine=nbd --uri="$uri" --rw=randread --bs="$bs" --iodepth="$depth" \
-        --runtime="$secs" --time_based --randrepeat=1 --norandommap --output-format=json 2>/dev/null |
+        ${FIO_SIZE:+--size=$FIO_SIZE} --runtime="$secs" --time_based --randrepeat=1 --norandommap \
+        --output-format=json 2>/dev/null |
         /usr/bin/python3 -c '
 import json, sys
 text = sys.stdin.read()
