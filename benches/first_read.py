@@ -29,6 +29,9 @@ while True:
         time.sleep(0.001)
 try:
     h.pread(length, offset)
-    print("%.3f" % (time.monotonic() - t0), proc.pid)
+    print("%.3f" % (time.monotonic() - t0), proc.pid, flush=True)
 except nbd.Error as e:
-    print("nan", proc.pid)
+    print("nan", proc.pid, flush=True)
+h.shutdown()
+# Stay until the server is stopped: nbdkit exits when its parent does.
+proc.wait()
