@@ -72,8 +72,10 @@ scratch_mib() {
     echo $((total >> 20))
 }
 
-measure() {  # LABEL SERVER-NAME IMAGE CMD...
+measure() {  # LABEL SERVER-NAME CMD...
     local label=$1 name=$2; shift 2
+    # ONLY=REGEX limits the run to matching "label server" rows.
+    if [ -n "${ONLY:-}" ] && ! [[ "$label $name" =~ $ONLY ]]; then return; fi
     local tmp=$out/tmp-$name; rm -rf "$tmp"; mkdir -p "$tmp"
     rm -f "$sock"
     read -r first pid < <(TMPDIR=$tmp XDG_CACHE_HOME=$tmp/cache /usr/bin/python3 "$top/benches/first_read.py" "$sock" "$probe" 4096 -- "$@")
