@@ -78,7 +78,7 @@ measure() {  # LABEL SERVER-NAME CMD...
     if [ -n "${ONLY:-}" ] && ! [[ "$label $name" =~ $ONLY ]]; then return; fi
     local tmp=$out/tmp-$name; rm -rf "$tmp"; mkdir -p "$tmp"
     rm -f "$sock"
-    read -r first pid < <(TMPDIR=$tmp XDG_CACHE_HOME=$tmp/cache /usr/bin/python3 "$top/benches/first_read.py" "$sock" "$probe" 4096 -- "$@")
+    read -r first pid < <(TMPDIR=$tmp XDG_CACHE_HOME=$tmp/cache /usr/bin/python3 "$top/benches/first_read.py" "$sock" "$probe" 4096 -- "$@") || true
     SERVER_PID=$pid
     if [ "$first" = nan ]; then
         echo "| $label | $name | refused or failed | | | | | | | |"

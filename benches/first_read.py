@@ -19,8 +19,9 @@ while True:
     try:
         h.connect_unix(sock)
         break
-    except nbd.Error:
-        if proc.poll() is not None:
+    except nbd.Error as e:
+        # Anything but "not listening yet" means the server refused us.
+        if e.errno not in ("ECONNREFUSED", "ENOENT") or proc.poll() is not None:
             print("nan", proc.pid)
             sys.exit(0)
         if time.monotonic() > deadline:
@@ -30,8 +31,8 @@ while True:
 try:
     h.pread(length, offset)
     print("%.3f" % (time.monotonic() - t0), proc.pid, flush=True)
+    h.shutdown()
 except nbd.Error as e:
     print("nan", proc.pid, flush=True)
-h.shutdown()
 # Stay until the server is stopped: nbdkit exits when its parent does.
 proc.wait()
