@@ -20,8 +20,10 @@ while True:
         h.connect_unix(sock)
         break
     except nbd.Error as e:
-        # Anything but "not listening yet" means the server refused us.
-        if e.errno not in ("ECONNREFUSED", "ENOENT") or proc.poll() is not None:
+        # Anything but "not listening yet" means the server refused us
+        # (a refused handshake can also say ENOENT, so look at the socket).
+        not_yet = not os.path.exists(sock) or e.errno == "ECONNREFUSED"
+        if not not_yet or proc.poll() is not None:
             print("nan", proc.pid)
             sys.exit(0)
         if time.monotonic() > deadline:
