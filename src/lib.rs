@@ -106,7 +106,22 @@ fn tls_from_cli(cli: &Cli) -> Result<Tls> {
         .map_err(|e| anyhow!("TLS certificates in {}: {e}", dir.display()))
 }
 
+/// glibc raises its mmap threshold each time a large block is freed, after
+/// which decoded blocks and read buffers (1–16 MiB, allocated and freed on
+/// many threads) come from per-thread heaps that never shrink: the
+/// compressed-image filters then hold two or three times their cache bound.
+/// A fixed threshold keeps large buffers in mmap, returned on free.
+fn tune_malloc() {
+    // SAFETY: mallopt only changes allocator parameters; called before any
+    // thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
 fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
+    tune_malloc();
     let cli = match Cli::try_parse_from(&argv) {
         Ok(c) => c,
         Err(e) => {

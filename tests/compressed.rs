@@ -387,3 +387,32 @@ print(bytes(h.pread(15, 1 << 20)).decode())
         "the compressed file was modified"
     );
 }
+
+/// A short-lived server (captive mode) still leaves its finished index
+/// behind: shutdown waits for the background save.
+#[test]
+fn gzip_index_is_saved_before_a_captive_server_exits() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_image(dir.path());
+    let z = dir.path().join("disk.gz");
+    compress(&img, &z, "gzip", &["-c"]);
+    let index = dir.path().join("captive.gzi");
+    let out = run_ok(
+        Command::new(binary())
+            .args(["-U", "-", "--filter=gzip", "file"])
+            .arg(&z)
+            .arg(format!("gzip-index={}", index.display()))
+            .args(["--run", "nbdinfo --size \"$uri\""]),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap(),
+        std::fs::metadata(&img).unwrap().len()
+    );
+    assert!(index.exists(), "the index was not saved before exit");
+}

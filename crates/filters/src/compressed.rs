@@ -55,6 +55,7 @@ impl Layer for CompressedLayer {
             next,
             settings: self.0,
             readers: Mutex::new(HashMap::new()),
+            gzip_readers: Mutex::new(Vec::new()),
         }))
     }
 }
@@ -64,6 +65,8 @@ struct Compressed {
     settings: Settings,
     /// One reader per export name, made on first use.
     readers: Mutex<HashMap<String, Arc<dyn RandomAccess>>>,
+    /// The gzip ones again, to let their index saves finish at shutdown.
+    gzip_readers: Mutex<Vec<Arc<GzipReader>>>,
 }
 
 /// The next backend as the compressed file: a handle opened once and kept
@@ -134,6 +137,25 @@ impl Backend for Compressed {
     fn next(&self) -> Option<&dyn Backend> {
         Some(&*self.next)
     }
+    fn shutdown(&self) {
+        // An index whose walk has finished is being saved in the background:
+        // let that finish so the next start is instant.  A walk still in
+        // progress is abandoned (nothing partial is ever saved).
+        for r in self
+            .gzip_readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            if r.known_size().is_some() {
+                if let Some(Err(e)) = r.wait_saved() {
+                    warn!("gzip index not saved: {e}");
+                }
+            }
+        }
+        self.next.shutdown();
+    }
+
     fn open(&self, _readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
         let reader = self.reader(export)?;
         // The per-connection handle below is opened read-only: nothing is
