@@ -52,6 +52,18 @@ seconds() {
     echo "$t0 $t1" | awk '{printf "%.3f", $2 - $1}'
 }
 
+# best_mbps MIB CMD...: the best throughput of three runs, in MB/s (short
+# runs are noisy; the best is the least disturbed).
+best_mbps() {
+    local mib=$1 best=0 t r; shift
+    for _ in 1 2 3; do
+        t=$(seconds "$@")
+        r=$(awk -v m="$mib" -v t="$t" 'BEGIN {printf "%.0f", m * 1.048576 / t}')
+        [ "$r" -gt "$best" ] && best=$r
+    done
+    echo $best
+}
+
 # fio_randread URI BS DEPTH SECONDS: prints "iops p50_us p99_us".
 fio_randread() {
     local uri=$1 bs=$2 depth=$3 secs=$4

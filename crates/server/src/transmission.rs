@@ -158,6 +158,10 @@ pub async fn serve(
     result
 }
 
+/// Send buffer asked for on Unix sockets (the kernel caps it at
+/// net.core.wmem_max).
+const REPLY_BUFFER: usize = 4 << 20;
+
 /// How long in-flight requests get to finish when the server shuts down.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -177,7 +181,14 @@ impl BlockingSocket {
     fn set_blocking(&self) -> std::io::Result<()> {
         match self {
             BlockingSocket::Tcp(s) => s.set_nonblocking(false),
-            BlockingSocket::Unix(s) => s.set_nonblocking(false),
+            BlockingSocket::Unix(s) => {
+                // A Unix socket's default send buffer (~200 KiB) is smaller
+                // than one typical read reply (256 KiB from nbdcopy, 2 MiB
+                // from qemu), so every reply would block mid-write, holding
+                // the write lock.  TCP sizes its buffers by itself.
+                let _ = socket2::SockRef::from(s).set_send_buffer_size(REPLY_BUFFER);
+                s.set_nonblocking(false)
+            }
         }
     }
     /// Wake up a worker blocked reading: new reads return end-of-file.
