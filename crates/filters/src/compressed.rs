@@ -117,9 +117,14 @@ impl Compressed {
         let format = self.settings.format;
         let opened: seekable_compressed::Result<Arc<dyn RandomAccess>> = match format {
             Format::Xz => XzReader::open(source, &opts).map(|r| Arc::new(r) as _),
-            Format::Gzip => {
-                GzipReader::open_with(source, &opts, &self.settings.gzip).map(|r| Arc::new(r) as _)
-            }
+            Format::Gzip => GzipReader::open_with(source, &opts, &self.settings.gzip).map(|r| {
+                let r = Arc::new(r);
+                self.gzip_readers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(r.clone());
+                r as _
+            }),
             Format::Zstd => ZstdReader::open(source, &opts).map(|r| Arc::new(r) as _),
             Format::Bzip2 => Bzip2Reader::open(source, &opts).map(|r| Arc::new(r) as _),
         };
