@@ -59,7 +59,11 @@ fn save_then_reopen_uses_index() {
     drop(r);
     let r = open_at(&data, &gz);
     assert!(r.index_was_loaded());
-    assert_eq!(r.known_size(), Some(orig.len() as u64), "size known without a walk");
+    assert_eq!(
+        r.known_size(),
+        Some(orig.len() as u64),
+        "size known without a walk"
+    );
     assert_eq!(r.checkpoint_count(), n);
     assert_eq!(r.indexed_frontier(), orig.len() as u64);
     check_all(&r, &orig);
