@@ -13,10 +13,12 @@ export RUSTC_BOOTSTRAP=1
 status=0
 for dir in fuzz crates/seekable/fuzz; do
     [ -f "$dir/Cargo.toml" ] || continue
+    mapfile -t known < <(cd "$dir" && cargo fuzz list)
     targets=("$@")
-    [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cd "$dir" && cargo fuzz list)
+    [ ${#targets[@]} -gt 0 ] || targets=("${known[@]}")
     for t in "${targets[@]}"; do
-        (cd "$dir" && cargo fuzz list | grep -qx "$t") || continue
+        # Targets named on the command line may belong to the other crate.
+        printf '%s\n' "${known[@]}" | grep -x -- "$t" >/dev/null || continue
         mkdir -p "$dir/corpus/$t"
         echo "== $dir: $t for ${secs}s"
         if ! (cd "$dir" && cargo fuzz run -O "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -n 3); then
