@@ -423,3 +423,26 @@ fn no_sr_no_mc_and_mask_handshake_change_what_is_offered() {
     c.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
     assert!(c.is_closed());
 }
+
+#[test]
+fn a_failed_export_open_is_answered_and_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.img"), vec![0u8; 4096]).unwrap();
+    let s = Server::start(&["file", &format!("dir={}", dir.path().display())]);
+    let mut c = RawClient::start(&s.socket);
+    c.option(&OptionRequest::Info {
+        go: true,
+        name: "missing.img".into(),
+        requests: vec![],
+    });
+    let (reply, all) = c.read_until_final();
+    assert_eq!(reply, REP_ERR_UNKNOWN);
+    assert!(String::from_utf8_lossy(&all[0].1).contains("missing.img"));
+    drop(c);
+    // The server's own log says why, for clients that do not show it.
+    let log = s.log();
+    assert!(
+        log.contains("cannot open export") && log.contains("missing.img"),
+        "{log}"
+    );
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use nbdkit_proto::option::{self as opt, OPTION_HEADER_LEN};
 use nbdkit_proto::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::export::Export;
 use crate::tls::TlsMode;
@@ -317,6 +317,9 @@ pub async fn negotiate(
                 let export = match open_export(server, &name).await {
                     Ok(e) => e,
                     Err(e) => {
+                        // The client gets the reason too, but libnbd-based
+                        // clients often do not show it: log it here.
+                        warn!(conn, export = %name, "cannot open export: {e}");
                         reply(s, h.option, REP_ERR_UNKNOWN, e.to_string().as_bytes()).await?;
                         continue;
                     }
