@@ -27,43 +27,6 @@ fn read_all(uri: &str) -> Vec<u8> {
     run_ok(Command::new("nbdcopy").arg(uri).arg("-")).stdout
 }
 
-/// `nbdinfo --json URI` for the first export: key -> JSON value (strings
-/// without quotes).
-fn nbdinfo_json(uri: &str) -> HashMap<String, String> {
-    let json = stdout_of(Command::new("nbdinfo").arg("--json").arg(uri));
-    let flat = stdout_of(
-        Command::new(PYTHON)
-            .arg("-c")
-            .arg(
-                "import json,sys\n\
-                 e=json.loads(sys.argv[1])['exports'][0]\n\
-                 for k,v in e.items(): print(k+'='+(v if isinstance(v,str) else json.dumps(v)))",
-            )
-            .arg(&json),
-    );
-    flat.lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// `nbdinfo --map URI` as merged (offset, length, is_hole) runs.
-fn map_of(uri: &str) -> Vec<(u64, u64, bool)> {
-    let out = stdout_of(Command::new("nbdinfo").arg("--map").arg(uri));
-    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-    for line in out.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        assert!(f.len() >= 4, "unexpected map line {line:?}");
-        let (off, len): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
-        let hole = f[3].contains("hole");
-        match runs.last_mut() {
-            Some(last) if last.2 == hole && last.0 + last.1 == off => last.1 += len,
-            _ => runs.push((off, len, hole)),
-        }
-    }
-    runs
-}
-
 /// Feed `script` to a partitioning tool on stdin.
 fn partition_with(cmd: &mut Command, script: &str) {
     let mut child = cmd
@@ -370,7 +333,7 @@ print("OK")
 
     for (arg, size) in [("round-up=4096", "1052672"), ("round-down=4096", "1048576")] {
         let s = Server::start(&["-r", "--filter=truncate", "file", p, arg]);
-        assert_eq!(nbdinfo_json(&s.uri)["export-size"], size, "{arg}");
+        assert_eq!(nbdinfo_json(&[], &s.uri)["export-size"], size, "{arg}");
     }
     start_fails(
         &["--filter=truncate", "file", p, "round-up=1000"],
@@ -412,7 +375,7 @@ fn cow_makes_a_read_only_file_writable_without_touching_it() {
         img.to_str().unwrap(),
         "cow-block-size=4K",
     ]);
-    let j = nbdinfo_json(&s.uri);
+    let j = nbdinfo_json(&[], &s.uri);
     assert_eq!(j["is_read_only"], "false", "{j:?}");
     assert_eq!(j["can_zero"], "true", "{j:?}");
     let out = stdout_of(Command::new("qemu-io").args([
@@ -535,7 +498,7 @@ fn flags_through(filters: &[&str], params: &[&str]) -> HashMap<String, String> {
     args.extend(["memory", "size=1M"]);
     args.extend(params);
     let s = Server::start(&args);
-    nbdinfo_json(&s.uri)
+    nbdinfo_json(&[], &s.uri)
 }
 
 /// Run qemu-io commands against a memory disk behind `--filter=F
@@ -693,7 +656,7 @@ fn protect_refuses_changes_to_protected_bytes() {
         "protect=0-511",
         "protect=64K-",
     ]);
-    assert_eq!(nbdinfo_json(&s.uri)["can_trim"], "true");
+    assert_eq!(nbdinfo_json(&[], &s.uri)["can_trim"], "true");
     python(
         r#"
 import nbd, sys, errno
@@ -909,7 +872,7 @@ fn blocksize_plugin_sees_only_aligned_bounded_requests() {
         &logarg,
     ];
     let s = Server::start(&args);
-    let j = nbdinfo_json(&s.uri);
+    let j = nbdinfo_json(&[], &s.uri);
     assert_eq!(j["block_size_minimum"], "1", "{j:?}");
     python(
         r#"

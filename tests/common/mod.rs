@@ -4,6 +4,10 @@
 
 pub mod client;
 pub mod disk;
+pub mod nbdinfo;
+
+#[allow(unused_imports)]
+pub use nbdinfo::{map_of, nbdinfo_json};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
