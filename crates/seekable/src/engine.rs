@@ -527,3 +527,28 @@ impl<C: Codec> Inner<C> {
         Ok(data)
     }
 }
+
+/// Each reader is an engine plus format-specific accessors (its index, its
+/// frames): what it offers as a `RandomAccess` is exactly the engine's.
+macro_rules! random_access_via_engine {
+    ($reader:ty) => {
+        impl $crate::RandomAccess for $reader {
+            fn size(&self) -> u64 {
+                self.engine.size()
+            }
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> $crate::Result<()> {
+                self.engine.read_at(buf, offset)
+            }
+            fn extents(&self, offset: u64, len: u64) -> Vec<$crate::Extent> {
+                self.engine.extents(offset, len)
+            }
+            fn prefetch(&self, offset: u64, len: u64) {
+                self.engine.prefetch(offset, len)
+            }
+            fn format(&self) -> &'static str {
+                self.engine.format()
+            }
+        }
+    };
+}
+pub(crate) use random_access_via_engine;

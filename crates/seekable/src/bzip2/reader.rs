@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use super::scan::{one_block_stream, Mark, Scanner};
 use crate::engine::{Codec, Engine, Segment};
 use crate::progressive::StreamDecoder;
-use crate::{Error, Extent, Options, RandomAccess, Result, Source};
+use crate::{Error, Options, Result, Source};
 
 /// A compressed bzip2 block holds at most 900 kB of BWT input; with
 /// Huffman tables and worst-case expansion it stays far below this.  Any
@@ -130,23 +130,7 @@ impl Bzip2Reader {
     }
 }
 
-impl RandomAccess for Bzip2Reader {
-    fn size(&self) -> u64 {
-        self.engine.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.engine.read_at(buf, offset)
-    }
-    fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
-        self.engine.extents(offset, len)
-    }
-    fn prefetch(&self, offset: u64, len: u64) {
-        self.engine.prefetch(offset, len)
-    }
-    fn format(&self) -> &'static str {
-        "bzip2"
-    }
-}
+crate::engine::random_access_via_engine!(Bzip2Reader);
 
 /// Scan the file and pair up magics into candidate blocks, following the
 /// stream structure (header, blocks, end magic + CRC, next stream header at

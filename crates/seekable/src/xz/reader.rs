@@ -16,7 +16,7 @@ use liblzma_sys as lz;
 use super::index::{XzBlock, XzCheck, XzIndex};
 use crate::engine::{Codec, Engine, Segment};
 use crate::progressive::StreamDecoder;
-use crate::{Error, Extent, Options, RandomAccess, Result, Source};
+use crate::{Error, Options, Result, Source};
 
 /// Dictionaries larger than this are refused: the decoder allocates the
 /// whole dictionary up front, so a hostile header could otherwise ask for
@@ -99,23 +99,7 @@ impl XzReader {
     }
 }
 
-impl RandomAccess for XzReader {
-    fn size(&self) -> u64 {
-        self.engine.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.engine.read_at(buf, offset)
-    }
-    fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
-        self.engine.extents(offset, len)
-    }
-    fn prefetch(&self, offset: u64, len: u64) {
-        self.engine.prefetch(offset, len)
-    }
-    fn format(&self) -> &'static str {
-        self.engine.format()
-    }
-}
+crate::engine::random_access_via_engine!(XzReader);
 
 impl Codec for XzCodec {
     fn format(&self) -> &'static str {

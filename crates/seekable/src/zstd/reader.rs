@@ -21,7 +21,7 @@ use super::seek_table::{
 use super::xxh64::Xxh64;
 use crate::engine::{Codec, Engine, Segment};
 use crate::progressive::{Progressive, StreamDecoder};
-use crate::{Error, Extent, Options, RandomAccess, Result, Source};
+use crate::{Error, Options, Result, Source};
 
 /// Input read from the source per refill.
 const INPUT_STEP: u64 = 128 << 10;
@@ -193,23 +193,7 @@ impl ZstdReader {
     }
 }
 
-impl RandomAccess for ZstdReader {
-    fn size(&self) -> u64 {
-        self.engine.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.engine.read_at(buf, offset)
-    }
-    fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
-        self.engine.extents(offset, len)
-    }
-    fn prefetch(&self, offset: u64, len: u64) {
-        self.engine.prefetch(offset, len)
-    }
-    fn format(&self) -> &'static str {
-        "zstd"
-    }
-}
+crate::engine::random_access_via_engine!(ZstdReader);
 
 /// Buffered forward reads for the header walk (many 3-byte reads).
 struct Walker<'a> {
