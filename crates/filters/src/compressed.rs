@@ -70,15 +70,19 @@ struct Compressed {
 }
 
 /// The next backend as the compressed file: a handle opened once and kept
-/// for the reader's lifetime.
-struct HandleSource(Box<dyn Handle>);
+/// for the reader's lifetime, with its size read once (a compressed image
+/// does not change size under a reader).
+struct HandleSource {
+    handle: Box<dyn Handle>,
+    size: u64,
+}
 
 impl Source for HandleSource {
     fn size(&self) -> std::io::Result<u64> {
-        self.0.size().map_err(to_io)
+        Ok(self.size)
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let size = self.size()?;
+        let size = self.size;
         if offset
             .checked_add(buf.len() as u64)
             .is_none_or(|end| end > size)
@@ -88,7 +92,7 @@ impl Source for HandleSource {
                 "read past the end of the compressed file",
             ));
         }
-        self.0.pread(buf, offset).map_err(to_io)
+        self.handle.pread(buf, offset).map_err(to_io)
     }
 }
 
@@ -113,7 +117,8 @@ impl Compressed {
                 export.to_string()
             }
         });
-        let source: Arc<dyn Source> = Arc::new(HandleSource(handle));
+        let size = handle.size()?;
+        let source: Arc<dyn Source> = Arc::new(HandleSource { handle, size });
         let format = self.settings.format;
         let opened: seekable_compressed::Result<Arc<dyn RandomAccess>> = match format {
             Format::Xz => XzReader::open(source, &opts).map(|r| Arc::new(r) as _),
