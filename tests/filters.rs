@@ -1013,14 +1013,22 @@ fn multi_conn_modes_and_emulated_flush() {
         flags_through(&f, &["multi-conn-mode=emulate"])["can_multi_conn"],
         "true"
     );
+    assert_eq!(
+        flags_through(&f, &["multi-conn-mode=disable"])["can_multi_conn"],
+        "false"
+    );
+    assert_eq!(
+        flags_through(&f, &["multi-conn-mode=unsafe"])["can_multi_conn"],
+        "true"
+    );
     start_fails(
         &[
             "--filter=multi-conn",
             "memory",
             "1M",
-            "multi-conn-mode=disable",
+            "multi-conn-track-dirty=always",
         ],
-        "multi-conn-mode=disable is not supported",
+        "multi-conn-track-dirty=always",
     );
 
     // emulate: a flush on one connection flushes both.
@@ -1033,6 +1041,7 @@ fn multi_conn_modes_and_emulated_flush() {
         "memory",
         "size=1M",
         "multi-conn-mode=emulate",
+        "multi-conn-track-dirty=off",
         &logarg,
     ]);
     python(
