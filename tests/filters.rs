@@ -1308,3 +1308,34 @@ fn exitwhen_polls_while_idle() {
     let st = s.wait_exit(std::time::Duration::from_secs(30));
     assert_eq!(st.code(), Some(0), "{}", s.log());
 }
+
+#[test]
+fn log_script_runs_for_real_client_requests() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("script.out");
+    let script = format!(
+        "logscript=echo \"$type $act $connection $offset $count $return\" >> {}",
+        out.display()
+    );
+    let s = Server::start(&["--filter=log", "memory", "1M", &script]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+h.pwrite(b"q" * 4096, 8192)
+assert h.pread(4096, 8192) == b"q" * 4096
+h.shutdown()
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    drop(s);
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("ENTER Write 1 0x2000 0x1000 \n"), "{text}");
+    assert!(text.contains("LEAVE Write 1 0x2000 0x1000 0\n"), "{text}");
+    assert!(text.contains("LEAVE Read 1 0x2000 0x1000 0\n"), "{text}");
+    assert!(text.contains("PRINT Connect 1"), "{text}");
+}
