@@ -37,6 +37,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ConnectionError> {
     let conn = client.id();
+    // Cancelled on server shutdown, or when a backend asks to drop this
+    // client (Client::request_disconnect) while the reader waits.
+    let stop = shutdown.child_token();
     let extended = neg.style == ReplyStyle::Extended;
     let (mut rd, wr) = tokio::io::split(stream);
     let wr: Writer = Arc::new(Mutex::new(wr));
@@ -51,11 +54,11 @@ pub async fn serve(
         // in memory.
         let permit = tokio::select! {
             p = in_flight.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = stop.cancelled() => break Ok(()),
         };
         let read = tokio::select! {
             r = rd.read_exact(&mut hbuf[..hlen]) => r,
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = stop.cancelled() => break Ok(()),
         };
         match read {
             Ok(_) => {}
@@ -132,6 +135,7 @@ pub async fn serve(
         let style = neg.style;
         let cookie = h.cookie;
         let client2 = client.clone();
+        let stop2 = stop.clone();
         tasks.spawn(async move {
             let reply = server2
                 .blocking(&client2, move || run(&export, op, payload, style, cookie))
@@ -149,11 +153,11 @@ pub async fn serve(
                 debug!(conn, "writing reply failed: {e}");
             }
             drop(permit);
+            if client2.disconnect_requested() {
+                debug!(conn, "the backend asked to disconnect this client");
+                stop2.cancel();
+            }
         });
-        if client.disconnect_requested() {
-            debug!(conn, "the backend asked to disconnect this client");
-            break Ok(());
-        }
     };
 
     tasks.close();
@@ -538,4 +542,86 @@ async fn skip<R: AsyncRead + Unpin>(r: &mut R, mut n: u64) -> std::io::Result<()
         n -= k as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbdkit_backend::{Backend, Handle, Result};
+    use tokio::io::AsyncReadExt;
+
+    /// A disk whose reads ask the server to drop the client.
+    struct Dropper;
+    struct DropperHandle;
+    impl Backend for Dropper {
+        fn name(&self) -> &str {
+            "dropper"
+        }
+        fn open(&self, _: bool, _: &str) -> Result<Box<dyn Handle>> {
+            Ok(Box::new(DropperHandle))
+        }
+    }
+    impl Handle for DropperHandle {
+        fn size(&self) -> Result<u64> {
+            Ok(1 << 20)
+        }
+        fn pread(&self, buf: &mut [u8], _: u64) -> Result<()> {
+            buf.fill(7);
+            Client::current()
+                .expect("the server makes the client current")
+                .request_disconnect();
+            Ok(())
+        }
+    }
+
+    /// On the async path (used for TLS and stdio), a backend's
+    /// request_disconnect closes the connection after the reply, even
+    /// while the reader waits for a next request that never comes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn request_disconnect_closes_an_async_connection() {
+        let server = crate::Server::new(Arc::new(Dropper), crate::ServerOptions::default());
+        let (mut c, s) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(server.serve_connection(
+            Box::new(s),
+            nbdkit_backend::Peer::Stdio,
+            CancellationToken::new(),
+        ));
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).await.unwrap();
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        // Fixed newstyle + no zeroes, then NBD_OPT_EXPORT_NAME "".
+        c.write_all(&3u32.to_be_bytes()).await.unwrap();
+        c.write_all(b"IHAVEOPT").await.unwrap();
+        c.write_all(&1u32.to_be_bytes()).await.unwrap();
+        c.write_all(&0u32.to_be_bytes()).await.unwrap();
+        let mut info = [0u8; 10];
+        c.read_exact(&mut info).await.unwrap();
+        assert_eq!(u64::from_be_bytes(info[..8].try_into().unwrap()), 1 << 20);
+        // One READ of 16 bytes.
+        let mut req = Vec::new();
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&42u64.to_be_bytes());
+        req.extend_from_slice(&0u64.to_be_bytes());
+        req.extend_from_slice(&16u32.to_be_bytes());
+        c.write_all(&req).await.unwrap();
+        let mut reply = [0u8; 16 + 16];
+        c.read_exact(&mut reply).await.unwrap();
+        assert_eq!(
+            u32::from_be_bytes(reply[..4].try_into().unwrap()),
+            0x6744_6698
+        );
+        assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0);
+        assert_eq!(reply[16..], [7u8; 16]);
+        // The server closes without being sent anything more.
+        // (A hang guard, not a timing assertion: the close comes at once.)
+        let mut rest = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(60), c.read_to_end(&mut rest))
+            .await
+            .expect("the server did not close the connection")
+            .unwrap();
+        assert!(rest.is_empty());
+        task.await.unwrap();
+    }
 }
