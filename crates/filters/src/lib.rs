@@ -22,6 +22,7 @@ pub mod protect;
 pub mod rate;
 pub mod retry;
 pub mod stats;
+pub mod swab;
 pub mod truncate;
 
 mod modes;
@@ -50,6 +51,7 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &rate::SPEC,
         &retry::SPEC,
         &stats::SPEC,
+        &swab::SPEC,
         &truncate::SPEC,
         &compressed::XZ,
         &compressed::ZSTD,
