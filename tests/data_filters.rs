@@ -4,6 +4,7 @@
 //! system tools' output.
 mod common;
 use common::*;
+use std::path::Path;
 use std::process::Command;
 
 const K: u64 = 1024;
@@ -36,6 +37,20 @@ fn start_fails(args: &[&str], why: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(why), "{args:?}: expected {why:?} in {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+}
+
+/// Connecting fails, and the server's log or the client's debug output
+/// mentions `why`.
+fn open_fails(args: &[&str], why: &str) {
+    let out = Command::new(binary())
+        .args(["-U", "-", "--run", "LIBNBD_DEBUG=1 nbdinfo \"$uri\""])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} connected");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(why), "{args:?}: expected {why:?} in {err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 /// `data` with the bytes of every `w`-byte word reversed.
@@ -182,7 +197,7 @@ print("OK")
 
 #[test]
 fn data_filters_have_help_with_an_example() {
-    for f in ["swab"] {
+    for f in ["swab", "tar"] {
         let general = stdout_of(Command::new(binary()).arg("--help"));
         assert!(
             general.lines().any(|l| l.trim_start().starts_with(f)),
@@ -194,4 +209,280 @@ fn data_filters_have_help_with_an_example() {
         assert!(out.contains("Example:"), "{f}: {out}");
         assert!(out.contains(&format!("--filter={f} ")), "{f}: {out}");
     }
+}
+
+/// A directory of files to archive: `disk.img` (odd size, random, with a
+/// 1 MiB run of zeroes in the middle), a long-named file, a text file and
+/// a subdirectory.  Returns the bytes of disk.img and of the long one.
+fn tar_tree(root: &Path) -> (Vec<u8>, Vec<u8>, String) {
+    let mut disk = pseudo_random((3 * M + 123) as usize, 31);
+    disk[M as usize..2 * M as usize].fill(0);
+    std::fs::write(root.join("disk.img"), &disk).unwrap();
+    std::fs::write(root.join("a.txt"), b"hello\n").unwrap();
+    let long_dir = format!("{}/{}", "d".repeat(90), "e".repeat(60));
+    std::fs::create_dir_all(root.join(&long_dir)).unwrap();
+    let long = format!("{long_dir}/nested-disk.img");
+    let nested = pseudo_random(70_000, 32);
+    std::fs::write(root.join(&long), &nested).unwrap();
+    (disk, nested, long)
+}
+
+/// `tar ARGS` in `dir`.
+fn gnu_tar(dir: &Path, args: &[&str]) {
+    run_ok(Command::new("tar").current_dir(dir).args(args));
+}
+
+#[test]
+fn tar_serves_entries_from_gnu_pax_and_ustar_archives() {
+    if !have("tar") || !have("nbdcopy") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("tree");
+    std::fs::create_dir(&root).unwrap();
+    let (disk, nested, long) = tar_tree(&root);
+    let ar = dir.path().to_str().unwrap().to_string();
+    for format in ["gnu", "pax", "ustar"] {
+        let t = format!("{ar}/{format}.tar");
+        let fmt = format!("--format={format}");
+        gnu_tar(&root, &["-cf", &t, &fmt, "a.txt", &long, "disk.img"]);
+        let s = Server::start(&["-r", "--filter=tar", "file", &t, "tar-entry=disk.img"]);
+        assert!(read_all(&s.uri) == disk, "{format}: disk.img differs");
+        let j = nbdinfo_json(&[], &s.uri);
+        assert_eq!(j["export-size"], disk.len().to_string(), "{format}: {j:?}");
+        assert_eq!(j["is_read_only"], "true");
+        assert_eq!(j["block_size_minimum"], "1");
+        drop(s);
+        let e = format!("tar-entry={long}");
+        let s = Server::start(&["-r", "--filter=tar", "file", &t, &e]);
+        assert!(
+            read_all(&s.uri) == nested,
+            "{format}: long-named entry differs"
+        );
+    }
+}
+
+#[test]
+fn tar_serves_from_compressed_tarballs() {
+    if !have("tar") || !have("nbdcopy") || !have("xz") || !have("gzip") || !have("zstd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("tree");
+    std::fs::create_dir(&root).unwrap();
+    let (disk, _, long) = tar_tree(&root);
+    let t = dir.path().join("x.tar");
+    let tp = t.to_str().unwrap();
+    gnu_tar(&root, &["-cf", tp, "a.txt", &long, "disk.img"]);
+    // xz in 256K blocks for random access; plain gzip and zstd.
+    run_ok(Command::new("xz").args(["-k", "-T1", "--block-size=256KiB", tp]));
+    run_ok(Command::new("gzip").args(["-k", tp]));
+    run_ok(Command::new("zstd").args(["-q", "-k", tp]));
+    for (filter, ext) in [("xz", "xz"), ("gzip", "gz"), ("zstd", "zst")] {
+        let f = format!("--filter={filter}");
+        let path = format!("{tp}.{ext}");
+        let s = Server::start(&["--filter=tar", &f, "file", &path, "tar-entry=disk.img"]);
+        assert!(read_all(&s.uri) == disk, "{filter}: disk.img differs");
+        let j = nbdinfo_json(&[], &s.uri);
+        assert_eq!(j["is_read_only"], "true", "{filter}: {j:?}");
+        assert_eq!(j["export-size"], disk.len().to_string());
+        if filter == "xz" {
+            // The xz filter knows which decoded blocks are zero: the 1 MiB
+            // run of zeroes in disk.img shows through as a hole.
+            let map = map_of(&s.uri);
+            assert!(
+                map.iter()
+                    .any(|&(o, l, hole)| hole && o >= M - 256 * K && o + l <= 2 * M + 256 * K),
+                "{map:?}"
+            );
+            assert!(!map[0].2, "{map:?}");
+        }
+    }
+}
+
+#[test]
+fn tar_reports_missing_entries_corrupt_headers_and_limits() {
+    if !have("tar") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("tree");
+    std::fs::create_dir(&root).unwrap();
+    let (_, _, long) = tar_tree(&root);
+    std::fs::create_dir(root.join("sub")).unwrap();
+    let t = dir.path().join("x.tar");
+    let tp = t.to_str().unwrap();
+    gnu_tar(&root, &["-cf", tp, "a.txt", &long, "disk.img", "sub"]);
+    open_fails(
+        &["-r", "--filter=tar", "file", tp, "tar-entry=nope.img"],
+        &format!("no entry 'nope.img' in archive {tp} (entries: a.txt, "),
+    );
+    open_fails(
+        &["-r", "--filter=tar", "file", tp, "tar-entry=sub/"],
+        "'sub/' is a directory",
+    );
+    // disk.img's header comes after a.txt (1 K) and the long name's
+    // entries: with a 2 K limit the search stops first.
+    open_fails(
+        &[
+            "-r",
+            "--filter=tar",
+            "file",
+            tp,
+            "tar-entry=disk.img",
+            "tar-limit=2K",
+        ],
+        "entry 'disk.img' was not found in the first 2048 bytes",
+    );
+    let s = Server::start(&[
+        "-r",
+        "--filter=tar",
+        "file",
+        tp,
+        "tar-entry=disk.img",
+        "tar-limit=1M",
+    ]);
+    assert_eq!(
+        nbdinfo_json(&[], &s.uri)["export-size"],
+        (3 * M + 123).to_string()
+    );
+    drop(s);
+
+    // A corrupt header: the second entry's name changes, its checksum no
+    // longer matches.
+    let mut bytes = std::fs::read(&t).unwrap();
+    bytes[1024] ^= 0x20;
+    let bad = dir.path().join("bad.tar");
+    std::fs::write(&bad, &bytes).unwrap();
+    open_fails(
+        &[
+            "-r",
+            "--filter=tar",
+            "file",
+            bad.to_str().unwrap(),
+            "tar-entry=disk.img",
+        ],
+        "is not a valid tar archive (looking for 'disk.img', at offset 1024)",
+    );
+    // A truncated archive: the entry's data runs past the end.
+    let cut = dir.path().join("cut.tar");
+    std::fs::write(&cut, &std::fs::read(&t).unwrap()[..2 * M as usize]).unwrap();
+    open_fails(
+        &[
+            "-r",
+            "--filter=tar",
+            "file",
+            cut.to_str().unwrap(),
+            "tar-entry=disk.img",
+        ],
+        "the archive is truncated",
+    );
+    // Random bytes are no archive; nothing panics.
+    let junk = dir.path().join("junk.tar");
+    make_file(&junk, 100_000, 77);
+    open_fails(
+        &[
+            "-r",
+            "--filter=tar",
+            "file",
+            junk.to_str().unwrap(),
+            "tar-entry=disk.img",
+        ],
+        "is not a valid tar archive",
+    );
+
+    // GNU sparse entries, old GNU and pax formats.
+    let sparse = root.join("sparse.img");
+    let f = std::fs::File::create(&sparse).unwrap();
+    f.set_len(4 * M).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"data", 2 * M).unwrap();
+    drop(f);
+    for format in ["gnu", "pax"] {
+        let st = dir.path().join(format!("sparse-{format}.tar"));
+        let fmt = format!("--format={format}");
+        gnu_tar(
+            &root,
+            &["--sparse", &fmt, "-cf", st.to_str().unwrap(), "sparse.img"],
+        );
+        open_fails(
+            &[
+                "-r",
+                "--filter=tar",
+                "file",
+                st.to_str().unwrap(),
+                "tar-entry=sparse.img",
+            ],
+            "sparse file",
+        );
+    }
+    start_fails(
+        &["--filter=tar", "file", tp],
+        "'tar-entry' parameter is required",
+    );
+    start_fails(
+        &["--filter=tar", "file", tp, "tar-entry=a", "tar-limit=lots"],
+        "tar filter: tar-limit=lots",
+    );
+}
+
+#[test]
+fn tar_writes_change_only_the_entry_and_block_status_shows_holes() {
+    if !have("tar") || !have_python_nbd() || !have("nbdinfo") || !have("fallocate") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("tree");
+    std::fs::create_dir(&root).unwrap();
+    let (disk, _, long) = tar_tree(&root);
+    let t = dir.path().join("x.tar");
+    let tp = t.to_str().unwrap();
+    gnu_tar(&root, &["-cf", tp, "a.txt", "disk.img", &long]);
+    // Make the archive file itself sparse where disk.img is zero.
+    run_ok(Command::new("fallocate").args(["--dig-holes", tp]));
+    let before = std::fs::read(&t).unwrap();
+    let start = before
+        .windows(disk.len().min(4096))
+        .position(|w| w == &disk[..4096])
+        .unwrap();
+
+    let s = Server::start(&["--filter=tar", "file", tp, "tar-entry=disk.img"]);
+    let map = map_of(&s.uri);
+    assert!(!map[0].2, "{map:?}");
+    assert!(
+        map.iter()
+            .any(|&(o, l, hole)| hole && o >= M && o + l <= 2 * M && l >= 512 * K),
+        "the zero run is a hole: {map:?}"
+    );
+    let last = disk.len() - 1;
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+size = h.get_size()
+h.pwrite(b"\xee" * 1000, 0)
+h.pwrite(b"\x77", size - 1)
+h.zero(4096, 8192)
+assert h.pread(1000, 0) == b"\xee" * 1000
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let after = std::fs::read(&t).unwrap();
+    assert_eq!(after.len(), before.len());
+    let mut want = before.clone();
+    want[start..start + 1000].fill(0xee);
+    want[start + 8192..start + 12288].fill(0); // zero(count, offset)
+    want[start + last] = 0x77;
+    assert!(after == want, "only the entry's bytes changed");
+    // GNU tar agrees: the entry holds the new bytes, the others are intact.
+    let out = run_ok(Command::new("tar").args(["-xOf", tp, "disk.img"])).stdout;
+    assert_eq!(out.len(), disk.len());
+    assert_eq!(&out[..1000], &[0xee; 1000][..]);
+    assert!(out[8192..12288].iter().all(|&b| b == 0));
+    assert_eq!(out[last], 0x77);
+    assert_eq!(&out[16384..last], &disk[16384..last]);
+    let a = run_ok(Command::new("tar").args(["-xOf", tp, "a.txt"])).stdout;
+    assert_eq!(a, b"hello\n");
 }

@@ -23,6 +23,7 @@ pub mod rate;
 pub mod retry;
 pub mod stats;
 pub mod swab;
+pub mod tar;
 pub mod truncate;
 
 mod modes;
@@ -52,6 +53,7 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &retry::SPEC,
         &stats::SPEC,
         &swab::SPEC,
+        &tar::SPEC,
         &truncate::SPEC,
         &compressed::XZ,
         &compressed::ZSTD,
