@@ -227,6 +227,14 @@ pub trait Handle: Send + Sync {
         forward!(self.block_size(), Ok(None))
     }
 
+    /// Whether the server refuses requests that break `block_size` (not
+    /// aligned to the minimum) before they reach the handle: true, the
+    /// default.  The blocksize-policy filter's `allow` policy says false,
+    /// to advertise constraints but pass such requests down.
+    fn enforce_block_size(&self) -> Result<bool> {
+        forward!(self.enforce_block_size(), Ok(true))
+    }
+
     /// What the data comes from (a file name, a URL), for messages that
     /// filters show about it, e.g. "disk.img.xz: corrupt block at …".
     fn source_name(&self) -> Option<String> {
