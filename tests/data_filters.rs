@@ -197,7 +197,7 @@ print("OK")
 
 #[test]
 fn data_filters_have_help_with_an_example() {
-    for f in ["swab", "tar"] {
+    for f in ["swab", "tar", "blocksize-policy"] {
         let general = stdout_of(Command::new(binary()).arg("--help"));
         assert!(
             general.lines().any(|l| l.trim_start().starts_with(f)),
@@ -485,4 +485,228 @@ print("OK")
     assert_eq!(&out[16384..last], &disk[16384..last]);
     let a = run_ok(Command::new("tar").args(["-xOf", tp, "a.txt"])).stdout;
     assert_eq!(a, b"hello\n");
+}
+
+#[test]
+fn blocksize_policy_advertises_sizes_and_applies_the_error_policy() {
+    if !have_python_nbd() || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    let sizes = [
+        "blocksize-minimum=512",
+        "blocksize-preferred=64K",
+        "blocksize-maximum=1M",
+    ];
+    let script = r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+policy = sys.argv[2]
+h.pwrite(bytes(range(256)) * 8, 0)
+h.set_strict_mode(0)
+def attempt(f, *args):
+    try:
+        f(*args)
+        return 0
+    except nbd.Error as e:
+        return e.errnum
+for what, f, args in [("short read", h.pread, (1, 1)),
+                      ("unaligned read", h.pread, (512, 3)),
+                      ("oversized read", h.pread, (2 * 1024 * 1024, 0)),
+                      ("unaligned write", h.pwrite, (b"x" * 512, 7)),
+                      ("unaligned zero", h.zero, (100, 0))]:
+    r = attempt(f, *args)
+    want = errno.EINVAL if policy == "error" else 0
+    assert r == want, (what, r)
+# The connection lives on either way.
+assert h.pread(512, 1024) == (bytes(range(256)) * 2)
+print("OK")
+"#;
+    for policy in ["error", "allow"] {
+        let p = format!("blocksize-error-policy={policy}");
+        let s = Server::start(&[
+            "--filter=blocksize-policy",
+            "--filter=log",
+            "memory",
+            "4M",
+            sizes[0],
+            sizes[1],
+            sizes[2],
+            &p,
+            &logarg,
+        ]);
+        let j = nbdinfo_json(&[], &s.uri);
+        assert_eq!(j["block_size_minimum"], "512", "{j:?}");
+        assert_eq!(j["block_size_preferred"], "65536");
+        assert_eq!(j["block_size_maximum"], "1048576");
+        python(script, &[&s.uri, policy]);
+        assert!(s.stop().success());
+        // Only with allow does the plugin see the bad requests.
+        let log = std::fs::read_to_string(&log).unwrap();
+        let unaligned = log.lines().any(|l| l.contains("Read offset=0x3 "));
+        assert_eq!(unaligned, policy == "allow", "{log}");
+    }
+
+    // Block status is answered through it.
+    let sparse = dir.path().join("sparse.img");
+    let f = std::fs::File::create(&sparse).unwrap();
+    f.set_len(2 * M).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(64 * K as usize, 2), M).unwrap();
+    drop(f);
+    let s = Server::start(&[
+        "-r",
+        "--filter=blocksize-policy",
+        "file",
+        sparse.to_str().unwrap(),
+        "blocksize-minimum=4K",
+        "blocksize-error-policy=error",
+    ]);
+    assert_eq!(
+        map_of(&s.uri),
+        vec![
+            (0, M, true),
+            (M, 64 * K, false),
+            (M + 64 * K, M - 64 * K, true)
+        ]
+    );
+    drop(s);
+
+    start_fails(
+        &[
+            "--filter=blocksize-policy",
+            "memory",
+            "1M",
+            "blocksize-minimum=3",
+        ],
+        "blocksize-minimum=3",
+    );
+    start_fails(
+        &[
+            "--filter=blocksize-policy",
+            "memory",
+            "1M",
+            "blocksize-minimum=4K",
+            "blocksize-maximum=6K",
+        ],
+        "blocksize-maximum=6144 is not a multiple of blocksize-minimum=4096",
+    );
+    start_fails(
+        &[
+            "--filter=blocksize-policy",
+            "memory",
+            "1M",
+            "blocksize-error-policy=strict",
+        ],
+        "blocksize-error-policy=strict",
+    );
+}
+
+#[test]
+fn blocksize_policy_write_disconnect_drops_the_connection() {
+    if !have_python_nbd() {
+        return;
+    }
+    let script = r#"
+import nbd, sys, errno
+h = nbd.NBD()
+if sys.argv[1] == "stdio":
+    # -s: the server talks over stdin/stdout (the async transmission path).
+    h.connect_command(sys.argv[2:])
+else:
+    h.connect_uri(sys.argv[1])
+h.pwrite(b"a" * 65536, 0)
+try:
+    h.pwrite(b"b" * (65536 + 512), 0)
+    raise SystemExit("oversized write succeeded")
+except nbd.Error as e:
+    # The server closed the connection instead of replying.
+    assert e.errnum == errno.ENOTCONN, e
+try:
+    h.pread(512, 0)
+    raise SystemExit("connection still open")
+except nbd.Error as e:
+    print("read failed:", e)
+print("OK")
+"#;
+    let args = [
+        "--filter=blocksize-policy",
+        "memory",
+        "1M",
+        "blocksize-write-disconnect=64K",
+    ];
+    let s = Server::start(&args);
+    python(script, &[&s.uri]);
+    assert!(s.log().contains("closing the connection"), "{}", s.log());
+    // The server goes on serving other clients.
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.pread(4, 0) == b"aaaa"
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    drop(s);
+    let bin = binary();
+    let mut stdio = vec!["stdio", bin.to_str().unwrap(), "-s"];
+    stdio.extend(args);
+    python(script, &stdio);
+}
+
+#[test]
+fn blocksize_policy_over_blocksize_gives_rmw_to_bad_clients() {
+    if !have_python_nbd() || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    let s = Server::start(&[
+        "--filter=blocksize-policy",
+        "--filter=blocksize",
+        "--filter=log",
+        "memory",
+        "1M",
+        "blocksize-error-policy=allow",
+        "blocksize-minimum=64K",
+        "minblock=64K",
+        &logarg,
+    ]);
+    let j = nbdinfo_json(&[], &s.uri);
+    assert_eq!(j["block_size_minimum"], "65536", "{j:?}");
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.set_strict_mode(0)
+h.pwrite(b"xyz", 70000)
+assert h.pread(5, 69999) == b"\0xyz\0"
+h.pwrite(b"q" * 65536, 65536)
+assert h.pread(65536, 65536) == b"q" * 65536
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let log = std::fs::read_to_string(&log).unwrap();
+    let mut seen = 0;
+    for line in log.lines() {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(name))
+                .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+        };
+        if let (Some(off), Some(n)) = (field("offset="), field("count=")) {
+            seen += 1;
+            assert_eq!(off % 65536, 0, "unaligned offset: {line}");
+            assert_eq!(n % 65536, 0, "unaligned count: {line}");
+        }
+    }
+    assert!(seen >= 4, "{log}");
 }

@@ -4,6 +4,7 @@
 use nbdkit_backend::FilterSpec;
 
 pub mod blocksize;
+pub mod blocksize_policy;
 pub mod compressed;
 pub mod cow;
 pub mod delay;
@@ -33,6 +34,7 @@ mod window;
 pub fn all() -> Vec<&'static FilterSpec> {
     let mut all = vec![
         &blocksize::SPEC,
+        &blocksize_policy::SPEC,
         &compressed::BZIP2,
         &compressed::GZIP,
         &cow::SPEC,
