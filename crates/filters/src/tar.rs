@@ -139,12 +139,30 @@ pub fn find_entry<R: Read + Seek>(
             size: len,
         });
     }
+    if next_header > size {
+        // The parser saw end-of-file where the last entry's data should
+        // be: it was cut short, not ended.
+        return Err(FindError::Corrupt {
+            at: size,
+            why: format!(
+                "the archive ends at {size} bytes but its last entry runs to {next_header}: \
+                 the archive is truncated"
+            ),
+        });
+    }
     Err(FindError::NotFound { seen, more })
 }
 
 /// How much an [`ArchiveReader`] reads from the backend at once: headers
 /// are 512 bytes, and runs of small entries are common.
 const CHUNK: u64 = 64 * 1024;
+
+/// The most header bytes (headers, long names, pax records: everything the
+/// parser reads rather than skips) one search may read.  The `tar` crate
+/// holds a whole long-name or pax entry in memory, so a corrupt header
+/// claiming one of many gigabytes would otherwise be read in full.  64 MiB
+/// is 131072 plain headers.
+pub const HEADER_BUDGET: u64 = 64 << 20;
 
 /// The next handle as a `Read + Seek` stream, for the `tar` crate.  Reads
 /// stop (as at end of file) at `end`, which is the archive's size or the
@@ -161,6 +179,9 @@ pub struct ArchiveReader<'a> {
     buf_at: u64,
     pub hit_limit: bool,
     pub error: Option<Error>,
+    /// Bytes the parser may still read (see [`HEADER_BUDGET`]).
+    pub budget: u64,
+    pub over_budget: bool,
 }
 
 impl<'a> ArchiveReader<'a> {
@@ -174,6 +195,8 @@ impl<'a> ArchiveReader<'a> {
             buf_at: 0,
             hit_limit: false,
             error: None,
+            budget: HEADER_BUDGET,
+            over_budget: false,
         }
     }
 }
@@ -203,6 +226,11 @@ impl Read for ArchiveReader<'_> {
         }
         let from = (self.pos - self.buf_at) as usize;
         let n = out.len().min(self.buf.len() - from);
+        if n as u64 > self.budget {
+            self.over_budget = true;
+            return Err(std::io::Error::other("too many header bytes"));
+        }
+        self.budget -= n as u64;
         out[..n].copy_from_slice(&self.buf[from..from + n]);
         self.pos += n as u64;
         Ok(n)
@@ -264,6 +292,14 @@ impl TarBackend {
                     format!("tar filter: reading {archive} while looking for '{entry}': {e}"),
                 ));
             }
+        }
+        if reader.over_budget {
+            return Err(Error::invalid(format!(
+                "tar filter: read {} MiB of headers in {archive} without finding '{entry}': \
+                 an entry claims a huge long name or pax header (a corrupt archive?), or there \
+                 are too many entries before it",
+                HEADER_BUDGET >> 20
+            )));
         }
         // A search cut short by tar-limit looks like the end of the
         // archive, or like a header cut in the middle.
@@ -445,6 +481,53 @@ mod tests {
         assert!(matches!(find(&[], "x"), Err(FindError::NotFound { .. })));
     }
 
+    /// A disk in memory, for the adapter.
+    struct Bytes(Vec<u8>);
+    impl Handle for Bytes {
+        fn size(&self) -> Result<u64> {
+            Ok(self.0.len() as u64)
+        }
+        fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_adapter_skips_data_and_bounds_what_it_reads() {
+        let long = "x".repeat(5000);
+        let a = archive(&[
+            ("big", &vec![1u8; 300_000]),
+            (&long, b"abc"),
+            ("disk.img", b"d"),
+        ]);
+        let disk = Bytes(a.clone());
+        let size = a.len() as u64;
+        let mut r = ArchiveReader::new(&disk, size, None);
+        assert_eq!(find_entry(&mut r, size, b"disk.img").unwrap().size, 1);
+        // The 300 KB of data was skipped: headers and the long name only.
+        assert!(
+            HEADER_BUDGET - r.budget < 10_000,
+            "{}",
+            HEADER_BUDGET - r.budget
+        );
+        // A small budget stops at the long name.
+        let mut r = ArchiveReader::new(&disk, size, None);
+        r.budget = 2048;
+        assert!(find_entry(&mut r, size, b"disk.img").is_err());
+        assert!(r.over_budget);
+        // A limit short of the entry.
+        let mut r = ArchiveReader::new(&disk, size, Some(4096));
+        assert!(find_entry(&mut r, size, b"disk.img").is_err());
+        assert!(r.hit_limit);
+        // Cut inside the first entry's data: truncated, not "not found".
+        let cut = &a[..100_000];
+        assert!(matches!(
+            find(cut, "disk.img"),
+            Err(FindError::Corrupt { .. })
+        ));
+    }
+
     /// The fuzz seeds are archives made by GNU tar in each format: the
     /// plain ones must give disk.img, the sparse ones a refusal.
     #[test]
@@ -467,6 +550,55 @@ mod tests {
             }
         }
         assert!(checked >= 6, "{checked}");
+    }
+
+    fn corpus() -> Vec<Vec<u8>> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/tar_entry");
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|f| f.unwrap().path())
+            .collect();
+        files.sort();
+        files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    }
+
+    /// Recompute a header block's checksum, so that damage gets past the
+    /// first check and into the parsing behind it.
+    fn fix_checksum(block: &mut [u8]) {
+        block[148..156].fill(b' ');
+        let sum: u32 = block.iter().map(|&b| b as u32).sum();
+        block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    }
+
+    proptest::proptest! {
+        /// GNU tar archives with bytes changed (checksums fixed up) and cut
+        /// short: the lookup returns an answer, never panics, and what it
+        /// finds lies inside the archive.
+        #[test]
+        fn damaged_archives_never_panic(
+            which in 0..8usize,
+            flips in proptest::collection::vec((0..10240usize, 1..=255u8), 0..12),
+            cut in 0..10241usize,
+            limit in proptest::option::of(0..12000u64),
+        ) {
+            let seeds = corpus();
+            let mut a = seeds[which % seeds.len()].clone();
+            for (i, x) in flips {
+                let i = i % a.len();
+                a[i] ^= x;
+                let block = i / 512 * 512;
+                fix_checksum(&mut a[block..block + 512]);
+            }
+            a.truncate(cut);
+            let size = a.len() as u64;
+            let disk = Bytes(a);
+            for name in [&b"disk.img"[..], b"a.txt"] {
+                let mut r = ArchiveReader::new(&disk, size, limit);
+                if let Ok(e) = find_entry(&mut r, size, name) {
+                    proptest::prop_assert!(e.offset + e.size <= size);
+                }
+            }
+        }
     }
 
     #[test]
