@@ -710,3 +710,42 @@ print("OK")
     }
     assert!(seen >= 4, "{log}");
 }
+
+#[test]
+fn blocksize_policy_emulates_zero_below_its_maximum_check() {
+    if !have_python_nbd() {
+        return;
+    }
+    // nozero makes the plugin's zero emulated: the 1 MiB writes that
+    // emulate it must not be judged against the 64K maximum.
+    let s = Server::start(&[
+        "--filter=blocksize-policy",
+        "--filter=nozero",
+        "memory",
+        "4M",
+        "zeromode=emulate",
+        "blocksize-maximum=64K",
+        "blocksize-error-policy=error",
+    ]);
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.get_block_size(nbd.SIZE_MAXIMUM) == 65536
+h.pwrite(b"z" * 65536, 0)
+h.pwrite(b"z" * 65536, 3 * 1024 * 1024)
+h.zero(3 * 1024 * 1024, 0)
+assert h.pread(65536, 0) == bytes(65536)
+assert h.pread(65536, 3 * 1024 * 1024) == b"z" * 65536
+h.set_strict_mode(0)
+try:
+    h.pwrite(b"z" * 131072, 0)
+    raise SystemExit("oversized write succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.EINVAL, e
+print("OK")
+"#,
+        &[&s.uri],
+    );
+}

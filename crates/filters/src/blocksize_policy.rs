@@ -14,8 +14,8 @@
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, BlockSize, ConfigError, Error, Extents, FilterSpec, Handle, Layer, Param, Result,
-    ZeroFlags,
+    read_and_discard, write_zeroes, Backend, BlockSize, CacheMode, ConfigError, Error, ErrorKind,
+    Extents, FilterSpec, Handle, Layer, Param, Result, ZeroFlags, ZeroMode,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,11 +121,15 @@ impl Backend for PolicyBackend {
             .combine(next.block_size()?)
             .map_err(|e| Error::invalid(format!("blocksize-policy filter: {e}")))?;
         let size = next.size()?;
+        let zero = next.can_zero()?;
+        let cache = next.can_cache()?;
         Ok(Box::new(PolicyHandle {
             next,
             bs,
             size,
             s: self.s,
+            zero,
+            cache,
         }))
     }
 }
@@ -135,6 +139,12 @@ struct PolicyHandle {
     bs: Option<BlockSize>,
     size: u64,
     s: Settings,
+    /// The next handle's zero and cache modes.  Where the server would
+    /// emulate them with writes or reads through the top of the chain
+    /// (chunks of up to 1 MiB, which the policy would then judge as client
+    /// requests), this filter does the emulation itself, below its check.
+    zero: ZeroMode,
+    cache: CacheMode,
 }
 
 impl PolicyHandle {
@@ -194,13 +204,38 @@ impl Handle for PolicyHandle {
         self.check("trim", false, offset, count)?;
         self.next.trim(offset, count, fua)
     }
+    fn can_zero(&self) -> Result<ZeroMode> {
+        Ok(match self.zero {
+            ZeroMode::Emulate => ZeroMode::Native,
+            m => m,
+        })
+    }
+    fn can_fast_zero(&self) -> Result<bool> {
+        // An emulated zero fails fast, so fast zero is always possible.
+        Ok(self.zero == ZeroMode::Emulate || self.next.can_fast_zero()?)
+    }
     fn zero(&self, offset: u64, count: u64, flags: ZeroFlags) -> Result<()> {
         self.check("zero", false, offset, count)?;
-        self.next.zero(offset, count, flags)
+        if self.zero == ZeroMode::Native {
+            match self.next.zero(offset, count, flags) {
+                Err(e) if e.kind() == ErrorKind::NotSupported && !flags.fast => {}
+                r => return r,
+            }
+        }
+        write_zeroes(&*self.next, offset, count, flags)
+    }
+    fn can_cache(&self) -> Result<CacheMode> {
+        Ok(match self.cache {
+            CacheMode::Emulate => CacheMode::Native,
+            m => m,
+        })
     }
     fn cache(&self, offset: u64, count: u64) -> Result<()> {
         self.check("cache", false, offset, count)?;
-        self.next.cache(offset, count)
+        match self.cache {
+            CacheMode::Native => self.next.cache(offset, count),
+            _ => read_and_discard(&*self.next, offset, count),
+        }
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
         // Block status is a query: like the server, it is answered at any
@@ -445,6 +480,71 @@ mod tests {
         let h = open(&p).unwrap();
         h.pread(&mut b[..3], 1).unwrap();
         h.pread(&mut big, 0).unwrap();
+    }
+
+    /// A RAM disk that can only read and write: the server would emulate
+    /// zero and cache.
+    struct Plain(std::sync::Mutex<Vec<u8>>);
+    impl Handle for Plain {
+        fn size(&self) -> Result<u64> {
+            Ok(self.0.lock().unwrap().len() as u64)
+        }
+        fn can_write(&self) -> Result<bool> {
+            Ok(true)
+        }
+        fn can_cache(&self) -> Result<CacheMode> {
+            Ok(CacheMode::Emulate)
+        }
+        fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            let d = self.0.lock().unwrap();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn pwrite(&self, buf: &[u8], offset: u64, _: bool) -> Result<()> {
+            let mut d = self.0.lock().unwrap();
+            d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+    }
+    struct PlainDisk;
+    impl Backend for PlainDisk {
+        fn name(&self) -> &str {
+            "plain"
+        }
+        fn open(&self, _: bool, _: &str) -> Result<Box<dyn Handle>> {
+            Ok(Box::new(Plain(std::sync::Mutex::new(vec![9u8; 4 << 20]))))
+        }
+    }
+
+    #[test]
+    fn emulated_zero_and_cache_are_not_judged_as_client_requests() {
+        let layer = configure(&[
+            ("blocksize-maximum", "64K"),
+            ("blocksize-error-policy", "error"),
+        ])
+        .unwrap();
+        let h = layer
+            .layer(Arc::new(PlainDisk))
+            .unwrap()
+            .open(false, "")
+            .unwrap();
+        assert_eq!(h.can_zero().unwrap(), ZeroMode::Native);
+        assert_eq!(h.can_cache().unwrap(), CacheMode::Native);
+        h.zero(4096, 3 << 20, ZeroFlags::default()).unwrap();
+        h.cache(0, 3 << 20).unwrap();
+        let mut b = vec![0u8; 8192];
+        h.pread(&mut b, 0).unwrap();
+        assert_eq!(&b[..4096], &[9u8; 4096][..]);
+        assert_eq!(&b[4096..], &[0u8; 4096][..]);
+        let fast = ZeroFlags {
+            fast: true,
+            ..Default::default()
+        };
+        assert!(h.can_fast_zero().unwrap());
+        assert_eq!(
+            h.zero(0, 4096, fast).unwrap_err().kind(),
+            ErrorKind::NotSupported
+        );
     }
 
     #[test]
