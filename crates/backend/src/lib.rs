@@ -207,7 +207,9 @@ macro_rules! forward {
 /// Every method may be called from several threads at once when the thread
 /// model is `Parallel`.  Requests reaching a handle have been checked by the
 /// server: in range, within block-size limits, and only for advertised
-/// capabilities.
+/// capabilities.  (A filter that returns false from
+/// [`Handle::enforce_block_size`] takes the block-size check over: the
+/// handles below it may then see unaligned requests.)
 pub trait Handle: Send + Sync {
     /// Filters return the handle they wrap.  Plugins keep `None`.
     fn next(&self) -> Option<&dyn Handle> {
