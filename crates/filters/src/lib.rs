@@ -4,6 +4,7 @@
 use nbdkit_backend::FilterSpec;
 
 pub mod blocksize;
+pub mod cache;
 pub mod compressed;
 pub mod cow;
 pub mod delay;
@@ -31,6 +32,7 @@ mod window;
 pub fn all() -> Vec<&'static FilterSpec> {
     let mut all = vec![
         &blocksize::SPEC,
+        &cache::SPEC,
         &compressed::BZIP2,
         &compressed::GZIP,
         &cow::SPEC,
