@@ -1103,6 +1103,7 @@ fn every_filter_has_help_with_an_example() {
         "partition",
         "protect",
         "rate",
+        "readahead",
         "retry",
         "stats",
         "truncate",
@@ -1504,4 +1505,191 @@ print("OK")
         .sum();
     assert_eq!(total, M, "{text}");
     assert!(!text.contains(" Cache "), "{text}");
+}
+
+/// The (offset, count) of each `kind` line ("Read", "Cache") in a log.
+fn logged(text: &str, kind: &str) -> Vec<(u64, u64)> {
+    let hex = |l: &str, f: &str| {
+        let v = l.split(f).nth(1).unwrap().split(' ').next().unwrap();
+        u64::from_str_radix(v, 16).unwrap()
+    };
+    text.lines()
+        .filter(|l| l.contains(&format!(" {kind} ")))
+        .map(|l| (hex(l, "offset=0x"), hex(l, "count=0x")))
+        .collect()
+}
+
+#[test]
+fn readahead_prefetches_after_sequential_reads_only() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    // memory has a native cache: the window goes down as cache requests.
+    let args = [
+        "--filter=readahead",
+        "--filter=log",
+        "memory",
+        "size=8M",
+        &logarg,
+    ];
+    let s = Server::start(&args);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+for i in range(32):
+    h.pread(65536, i * 65536)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let reads = logged(&text, "Read");
+    assert_eq!(
+        reads.len(),
+        32,
+        "the reads themselves are unchanged: {text}"
+    );
+    assert!(reads.iter().all(|&(_, n)| n == 65536), "{text}");
+    let caches = logged(&text, "Cache");
+    assert!(
+        !caches.is_empty(),
+        "no prefetch after a sequential run: {text}"
+    );
+    // Always ahead of the reader, each range once, growing past the end
+    // of what was read.
+    let mut to = 2 * 65536;
+    for &(off, n) in &caches {
+        assert!(off >= to, "{text}");
+        to = off + n;
+    }
+    assert!(to > 32 * 65536, "{text}");
+
+    let s = Server::start(&args);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+for off in [7, 1, 5, 3, 6, 2, 4, 0]:
+    h.pread(4096, off << 20)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(logged(&text, "Read").len(), 8, "{text}");
+    assert!(
+        logged(&text, "Cache").is_empty(),
+        "prefetch on random reads: {text}"
+    );
+}
+
+#[test]
+fn readahead_buffer_is_exact_with_writes_interleaved() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, 2 * M as usize, 41);
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    // nocache below hides the file plugin's cache: reads are stretched
+    // into a buffer instead.
+    let s = Server::start(&[
+        "--filter=readahead",
+        "--filter=nocache",
+        "--filter=log",
+        "file",
+        img.to_str().unwrap(),
+        &logarg,
+    ]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+other = nbd.NBD(); other.connect_uri(sys.argv[1])
+model = bytearray(open(sys.argv[2], "rb").read())
+size = len(model)
+for i in range(size // 4096):
+    off = i * 4096
+    if i % 50 == 7:
+        # Change bytes the buffer already holds, from this connection or
+        # another one.
+        w = bytes([i % 251 + 1]) * 3000
+        (h if i % 100 == 7 else other).pwrite(w, off + 5000)
+        model[off + 5000:off + 8000] = w
+    if i % 50 == 30:
+        h.zero(4096, off + 4096)   # (count, offset)
+        model[off + 4096:off + 8192] = bytes(4096)
+    assert h.pread(4096, off) == bytes(model[off:off + 4096]), off
+assert h.pread(size, 0) == bytes(model)
+open(sys.argv[3], "wb").write(model)
+print("OK")
+"#,
+        &[
+            &s.uri,
+            img.to_str().unwrap(),
+            dir.path().join("model").to_str().unwrap(),
+        ],
+    );
+    // The file has every write, and the export still reads as the file.
+    let model = std::fs::read(dir.path().join("model")).unwrap();
+    assert!(read_all(&s.uri) == model);
+    assert!(s.stop().success());
+    assert!(std::fs::read(&img).unwrap() == model);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let reads = logged(&text, "Read");
+    assert!(
+        reads.len() < 200,
+        "512 sequential reads: {} below",
+        reads.len()
+    );
+    assert!(reads.iter().any(|&(_, n)| n >= M), "{text}");
+    assert!(logged(&text, "Cache").is_empty(), "{text}");
+}
+
+#[test]
+fn readahead_keeps_capabilities_thread_model_and_block_status() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let plain = flags_through(&[], &[]);
+    let through = flags_through(&["--filter=readahead"], &[]);
+    for (k, v) in &plain {
+        if k.starts_with("can_") || k.starts_with("is_") || k.starts_with("block_size") {
+            assert_eq!(through.get(k), Some(v), "{k}");
+        }
+    }
+    assert_eq!(
+        thread_model_of(&[
+            "--filter=readahead",
+            "--filter=noparallel",
+            "memory",
+            "1M",
+            "serialize=requests"
+        ]),
+        "serialize_requests"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("sparse.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(4 * M).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 65536], M).unwrap();
+    let s = Server::start(&["-r", "--filter=readahead", "file", img.to_str().unwrap()]);
+    let j = nbdinfo_json(&[], &s.uri);
+    assert_eq!(j["is_read_only"], "true", "{j:?}");
+    assert_eq!(
+        map_of(&s.uri),
+        vec![
+            (0, M, true),
+            (M, 64 * K, false),
+            (M + 64 * K, 3 * M - 64 * K, true)
+        ]
+    );
 }

@@ -21,6 +21,7 @@ pub mod offset;
 pub mod partition;
 pub mod protect;
 pub mod rate;
+pub mod readahead;
 pub mod retry;
 pub mod stats;
 pub mod truncate;
@@ -50,6 +51,7 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &partition::SPEC,
         &protect::SPEC,
         &rate::SPEC,
+        &readahead::SPEC,
         &retry::SPEC,
         &stats::SPEC,
         &truncate::SPEC,
