@@ -1693,3 +1693,52 @@ fn readahead_keeps_capabilities_thread_model_and_block_status() {
         ]
     );
 }
+
+#[test]
+fn readahead_over_cache_over_a_slow_source_reads_each_byte_once() {
+    if !have("nbdcopy") || !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("src.img");
+    make_file(&img, 6 * M as usize, 42);
+    let want = std::fs::read(&img).unwrap();
+    let stats = dir.path().join("stats.txt");
+    let sarg = format!("statsfile={}", stats.display());
+    let s = Server::start(&[
+        "-r",
+        "--filter=readahead",
+        "--filter=cache",
+        "--filter=stats",
+        "--filter=delay",
+        "file",
+        img.to_str().unwrap(),
+        "cache-on-read=true",
+        "rdelay=5ms",
+        &sarg,
+    ]);
+    // Small sequential reads: readahead fills the cache ahead of them
+    // (in the background), and the cache makes sure a block being
+    // prefetched is not read again by the reader.
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+want = open(sys.argv[2], "rb").read()
+for off in range(0, 3 << 20, 16384):
+    assert h.pread(16384, off) == want[off:off + 16384], off
+print("OK")
+"#,
+        &[&s.uri, img.to_str().unwrap()],
+    );
+    assert!(read_all(&s.uri) == want);
+    assert!(s.stop().success());
+    let st = stats_of(&stats);
+    assert_eq!(st["read"].2, 6 * M, "{st:?}");
+    // 192 small reads became a few large ones below.
+    assert!(st["read"].0 < 60, "{st:?}");
+    assert!(
+        !st.contains_key("cache"),
+        "the cache filter fills itself: {st:?}"
+    );
+}

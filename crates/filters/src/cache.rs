@@ -30,12 +30,13 @@
 //! threshold; a dirty block is written to the next backend before it is
 //! dropped, never lost.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use nbdkit_backend::{
     is_zero, write_zeroes, Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents,
@@ -96,6 +97,9 @@ struct Map {
     /// Tick -> block, oldest first: the reclaim order.
     lru: BTreeMap<u64, u64>,
     dirty: BTreeSet<u64>,
+    /// Blocks some request is reading from the next backend to cache
+    /// them: others wait for those instead of reading them again.
+    fetching: HashSet<u64>,
     tick: u64,
     /// Bytes of cached blocks (the last block of the disk may be short).
     used: u64,
@@ -153,6 +157,8 @@ struct Shared {
     /// connection; the blocks only make sense for that disk).
     owner: Mutex<Option<(String, u64)>>,
     map: Mutex<Map>,
+    /// Signalled when blocks leave `Map::fetching`.
+    fetched: Condvar,
 }
 
 struct CacheLayer(Settings);
@@ -196,6 +202,7 @@ impl CacheBackend {
                 s,
                 owner: Mutex::new(None),
                 map: Mutex::new(Map::default()),
+                fetched: Condvar::new(),
             }),
         })
     }
@@ -479,6 +486,34 @@ impl CacheHandle {
         Ok(buf)
     }
 
+    /// Like `scan`, but first wait until no block of the range is being
+    /// fetched by another request, then claim the missing ones: the
+    /// returned claims release them (on success or error) when dropped.
+    fn scan_and_claim(
+        &self,
+        offset: u64,
+        count: u64,
+        out: Option<&mut [u8]>,
+    ) -> Result<(Vec<ClaimedRun<'_>>, u64)> {
+        let mut map = self.lock();
+        while self
+            .pieces(offset, count)
+            .any(|p| map.fetching.contains(&p.b))
+        {
+            map = self.sh.fetched.wait(map).unwrap_or_else(|e| e.into_inner());
+        }
+        let missing = self.scan(&mut map, offset, count, out)?;
+        let claimed = missing
+            .into_iter()
+            .map(|(first, last)| {
+                let blocks = first.b..last.b + 1;
+                map.fetching.extend(blocks.clone());
+                (first, last, Claim { h: self, blocks })
+            })
+            .collect();
+        Ok((claimed, map.generation))
+    }
+
     /// Runs of the blocks in `[offset, offset+count)` not in the cache, as
     /// (first piece, last piece), each at most MAX_RUN long; the cached
     /// blocks are copied into `out` (if given) and marked used.
@@ -523,6 +558,26 @@ impl CacheHandle {
     fn write_back_all(&self, map: &mut Map) -> Result<()> {
         let dirty: Vec<u64> = map.dirty.iter().copied().collect();
         self.write_back(map, &dirty, false)
+    }
+}
+
+/// A run of missing blocks (first and last piece) claimed for fetching.
+type ClaimedRun<'a> = (Piece, Piece, Claim<'a>);
+
+/// Blocks this request is fetching; released when dropped.
+struct Claim<'a> {
+    h: &'a CacheHandle,
+    blocks: Range<u64>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut map = self.h.lock();
+        for b in self.blocks.clone() {
+            map.fetching.remove(&b);
+        }
+        drop(map);
+        self.h.sh.fetched.notify_all();
     }
 }
 
@@ -591,23 +646,28 @@ impl Handle for CacheHandle {
         if buf.is_empty() {
             return Ok(());
         }
-        let keep = self.sh.s.on_read.active();
-        let (missing, generation) = {
-            let mut map = self.lock();
-            let m = self.scan(&mut map, offset, buf.len() as u64, Some(buf))?;
-            (m, map.generation)
-        };
-        // The slow part runs without the lock, so connections can fetch
-        // different blocks at once.
-        for (first, last) in missing {
-            let dst = &mut buf[(first.from - offset) as usize..(last.to - offset) as usize];
-            if keep {
-                let data = self.fetch(first.start, last.end, generation)?;
-                let skip = (first.from - first.start) as usize;
-                dst.copy_from_slice(&data[skip..skip + dst.len()]);
-            } else {
+        let count = buf.len() as u64;
+        if !self.sh.s.on_read.active() {
+            let missing = {
+                let mut map = self.lock();
+                self.scan(&mut map, offset, count, Some(buf))?
+            };
+            for (first, last) in missing {
+                let dst = &mut buf[(first.from - offset) as usize..(last.to - offset) as usize];
                 self.next.pread(dst, first.from)?;
             }
+            return Ok(());
+        }
+        let (missing, generation) = self.scan_and_claim(offset, count, Some(buf))?;
+        // The slow part runs without the lock, so connections can fetch
+        // different blocks at once (and wait for each other's, not read
+        // them again).
+        for (first, last, claim) in missing {
+            let dst = &mut buf[(first.from - offset) as usize..(last.to - offset) as usize];
+            let data = self.fetch(first.start, last.end, generation)?;
+            drop(claim);
+            let skip = (first.from - first.start) as usize;
+            dst.copy_from_slice(&data[skip..skip + dst.len()]);
         }
         Ok(())
     }
@@ -619,11 +679,8 @@ impl Handle for CacheHandle {
         // the lock or a buffer for all of it.
         while at < end {
             let n = (end - at).min(MAX_RUN);
-            let (missing, generation) = {
-                let mut map = self.lock();
-                (self.scan(&mut map, at, n, None)?, map.generation)
-            };
-            for (first, last) in missing {
+            let (missing, generation) = self.scan_and_claim(at, n, None)?;
+            for (first, last, _claim) in missing {
                 self.fetch(first.start, last.end, generation)?;
             }
             at += n;
@@ -903,6 +960,8 @@ mod tests {
         read_bytes: AtomicU64,
         writes: AtomicU64,
         caches: AtomicU64,
+        /// Milliseconds each read takes.
+        slow_ms: AtomicU64,
     }
     struct Ram(Arc<Disk>);
     struct RamHandle(Arc<Disk>);
@@ -931,6 +990,10 @@ mod tests {
             Ok(true)
         }
         fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            let ms = self.0.slow_ms.load(Ordering::SeqCst);
+            if ms > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
             self.0.reads.fetch_add(1, Ordering::SeqCst);
             self.0
                 .read_bytes
@@ -1039,6 +1102,37 @@ mod tests {
         read(&*h, 0, 4096);
         assert_eq!(d2.reads.load(Ordering::SeqCst), 2);
         assert_eq!(d2.read_bytes.load(Ordering::SeqCst), 8192);
+    }
+
+    #[test]
+    fn concurrent_readers_wait_for_one_fetch() {
+        let d = disk(pattern(1 << 20));
+        d.slow_ms.store(50, Ordering::SeqCst);
+        let b = backend(&d, &[("cache-on-read", "true")]);
+        let handles: Vec<_> = (0..4).map(|_| b.open(false, "").unwrap()).collect();
+        std::thread::scope(|s| {
+            for (i, h) in handles.iter().enumerate() {
+                s.spawn(move || {
+                    // Overlapping ranges, all inside [0, 256K).
+                    let off = i as u64 * 10_000;
+                    assert_eq!(
+                        read(&**h, off, 200_000),
+                        pattern(1 << 20)[off as usize..off as usize + 200_000]
+                    );
+                });
+            }
+        });
+        assert_eq!(d.read_bytes.load(Ordering::SeqCst), 256 << 10);
+        // The same through NBD_CMD_CACHE racing a read.
+        let d = disk(pattern(1 << 20));
+        d.slow_ms.store(50, Ordering::SeqCst);
+        let b = backend(&d, &[("cache-on-read", "true")]);
+        let (h1, h2) = (b.open(false, "").unwrap(), b.open(false, "").unwrap());
+        std::thread::scope(|s| {
+            s.spawn(|| h1.cache(0, 1 << 20).unwrap());
+            s.spawn(|| read(&*h2, 500_000, 100_000));
+        });
+        assert_eq!(d.read_bytes.load(Ordering::SeqCst), 1 << 20);
     }
 
     #[test]
