@@ -242,7 +242,13 @@ impl Backend for CacheBackend {
         } else {
             (FuaMode::None, ZeroMode::None)
         };
+        let block = sh.s.block;
+        let run = match next.block_size()? {
+            Some(bs) => MAX_RUN.min(bs.maximum as u64 / block * block).max(block),
+            None => MAX_RUN,
+        };
         Ok(Box::new(CacheHandle {
+            run,
             next_flush: next.can_flush()?,
             next_fast_zero: writable && next_zero == ZeroMode::Native && next.can_fast_zero()?,
             next,
@@ -259,6 +265,9 @@ struct CacheHandle {
     next: Box<dyn Handle>,
     sh: Arc<Shared>,
     size: u64,
+    /// Largest request made below: MAX_RUN, or less if the next backend
+    /// says so, but at least one block.
+    run: u64,
     writable: bool,
     next_flush: bool,
     next_fua: FuaMode,
@@ -387,7 +396,7 @@ impl CacheHandle {
             while j < blocks.len()
                 && blocks[j] == blocks[j - 1] + 1
                 && map.is_dirty(blocks[j])
-                && (blocks[j] - blocks[i] + 1) * self.block() <= MAX_RUN
+                && (blocks[j] - blocks[i] + 1) * self.block() <= self.run
             {
                 j += 1;
             }
@@ -515,7 +524,7 @@ impl CacheHandle {
     }
 
     /// Runs of the blocks in `[offset, offset+count)` not in the cache, as
-    /// (first piece, last piece), each at most MAX_RUN long; the cached
+    /// (first piece, last piece), each at most `self.run` long; the cached
     /// blocks are copied into `out` (if given) and marked used.
     fn scan(
         &self,
@@ -535,9 +544,7 @@ impl CacheHandle {
                 continue;
             }
             match missing.last_mut() {
-                Some((first, last))
-                    if last.b + 1 == p.b && p.end - first.start <= MAX_RUN.max(self.block()) =>
-                {
+                Some((first, last)) if last.b + 1 == p.b && p.end - first.start <= self.run => {
                     *last = p
                 }
                 _ => missing.push((p, p)),
@@ -789,22 +796,35 @@ impl Handle for CacheHandle {
     }
 
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
         // Runs of (dirty?, from, to): dirty blocks are data whatever the
         // next backend says; the rest is asked of it.
+        let end = offset + count;
         let mut runs: Vec<(bool, u64, u64)> = Vec::new();
         {
             let map = self.lock();
-            if map.dirty.is_empty() {
-                drop(map);
-                return self.next.extents(offset, count, req_one, extents);
-            }
-            for p in self.pieces(offset, count) {
-                let d = map.is_dirty(p.b);
-                match runs.last_mut() {
-                    Some(last) if last.0 == d => last.2 = p.to,
-                    _ => runs.push((d, p.from, p.to)),
+            let (first, last) = (offset / self.block(), (end - 1) / self.block());
+            let mut at = offset;
+            for &b in map.dirty.range(first..=last) {
+                let (s, e) = self.block_range(b);
+                let (s, e) = (s.max(offset), e.min(end));
+                if at < s {
+                    runs.push((false, at, s));
                 }
+                match runs.last_mut() {
+                    Some(last) if last.0 && last.2 == s => last.2 = e,
+                    _ => runs.push((true, s, e)),
+                }
+                at = e;
             }
+            if at < end {
+                runs.push((false, at, end));
+            }
+        }
+        if let [(false, _, _)] = runs[..] {
+            return self.next.extents(offset, count, req_one, extents);
         }
         for (dirty, from, to) in runs {
             if dirty {
@@ -1022,6 +1042,23 @@ mod tests {
             self.0.caches.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
+        /// 4K granules of zeroes are holes.
+        fn extents(&self, offset: u64, count: u64, _: bool, ex: &mut Extents) -> Result<()> {
+            let d = self.0.data.lock().unwrap();
+            let mut at = offset;
+            while at < offset + count {
+                let to = ((at / 4096 + 1) * 4096).min(offset + count);
+                let zero = is_zero(&d[at as usize..to as usize]);
+                let flags = if zero {
+                    nbdkit_backend::EXTENT_HOLE | nbdkit_backend::EXTENT_ZERO
+                } else {
+                    0
+                };
+                ex.add(at, to - at, flags)?;
+                at = to;
+            }
+            Ok(())
+        }
     }
 
     fn disk(data: Vec<u8>) -> Arc<Disk> {
@@ -1208,10 +1245,36 @@ mod tests {
         h.pwrite(&[1; 10], 65536 + 5, false).unwrap();
         let mut ex = Extents::new(0, 256 << 10);
         h.extents(0, 256 << 10, false, &mut ex).unwrap();
-        let l = ex.list();
-        assert_eq!(ex.next_offset(), 256 << 10);
-        // The plugin reports all data here; the dirty block is data too.
-        assert!(l.iter().all(|e| e.flags == 0), "{l:?}");
+        let l: Vec<(u64, u64, bool)> = ex
+            .list()
+            .iter()
+            .map(|e| (e.offset, e.length, e.flags == 0))
+            .collect();
+        assert_eq!(
+            l,
+            [
+                (0, 65536, false),
+                (65536, 65536, true),
+                (131072, 131072, false)
+            ]
+        );
+        // Once written back, the plugin's own (finer) answer is used.
+        h.flush().unwrap();
+        let mut ex = Extents::new(0, 256 << 10);
+        h.extents(0, 256 << 10, false, &mut ex).unwrap();
+        let l: Vec<(u64, u64, bool)> = ex
+            .list()
+            .iter()
+            .map(|e| (e.offset, e.length, e.flags == 0))
+            .collect();
+        assert_eq!(
+            l,
+            [
+                (0, 65536, false),
+                (65536, 4096, true),
+                (69632, 192512, false)
+            ]
+        );
     }
 
     #[test]
@@ -1358,6 +1421,16 @@ mod tests {
                 }
             }
             prop_assert!(read(&*h, 0, SIZE) == model);
+            // Block status never calls data a hole (dirty blocks are data
+            // even where the plugin still has zeroes).
+            let mut ex = Extents::new(0, SIZE);
+            h.extents(0, SIZE, false, &mut ex).unwrap();
+            prop_assert_eq!(ex.next_offset(), SIZE);
+            for e in ex.list() {
+                if e.flags & nbdkit_backend::EXTENT_ZERO != 0 {
+                    prop_assert!(is_zero(&model[e.offset as usize..(e.offset + e.length) as usize]));
+                }
+            }
             drop(h);
             prop_assert!(*d.data.lock().unwrap() == model);
         }

@@ -67,9 +67,14 @@ impl Backend for ReadaheadBackend {
         } else {
             Fetch::InLine
         };
+        // Stretched reads stay within what the next backend accepts.
+        let max_read = next
+            .block_size()?
+            .map_or(MAX_WINDOW, |bs| MAX_WINDOW.min(bs.maximum as u64));
         Ok(Box::new(ReadaheadHandle {
             next,
             size,
+            max_read,
             generation: self.generation.clone(),
             how,
             st: Mutex::new(State::default()),
@@ -176,6 +181,7 @@ impl State {
 struct ReadaheadHandle {
     next: Arc<dyn Handle>,
     size: u64,
+    max_read: u64,
     generation: Arc<AtomicU64>,
     how: Fetch,
     st: Mutex<State>,
@@ -210,7 +216,9 @@ impl ReadaheadHandle {
             }
             window
         };
-        let want = (buf.len() as u64).max(window).min(self.size - offset);
+        let want = (buf.len() as u64)
+            .max(window.min(self.max_read))
+            .min(self.size - offset);
         if want <= buf.len() as u64 {
             return self.next.pread(buf, offset);
         }
