@@ -103,13 +103,18 @@ struct Map {
     tick: u64,
     /// Bytes of cached blocks (the last block of the disk may be short).
     used: u64,
-    /// Bumped by every request that changes contents, so a read that
-    /// fetched blocks without the lock can tell whether they are still
-    /// current before it caches them.
-    generation: u64,
+    /// Blocks being fetched that a write, zero or trim changed meanwhile:
+    /// what the fetch read may be stale, so it is not cached.
+    stale: HashSet<u64>,
 }
 
 impl Map {
+    /// A request is about to change block `b`.
+    fn changing(&mut self, b: u64) {
+        if self.fetching.contains(&b) {
+            self.stale.insert(b);
+        }
+    }
     fn cached(&self, b: u64) -> bool {
         self.blocks.contains_key(&b)
     }
@@ -476,22 +481,20 @@ impl CacheHandle {
         }
     }
 
-    /// Read whole blocks `[start, end)` from the next backend and, if
-    /// nothing changed since `generation`, keep the ones not yet cached.
-    fn fetch(&self, start: u64, end: u64, generation: u64) -> Result<Vec<u8>> {
+    /// Read whole blocks `[start, end)` (claimed by the caller) from the
+    /// next backend and keep those that nothing changed meanwhile.
+    fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; (end - start) as usize];
         self.next.pread(&mut buf, start)?;
         let mut map = self.lock();
-        if map.generation == generation {
-            for p in self.pieces(start, end - start) {
-                if !map.cached(p.b) {
-                    let part = &buf[(p.start - start) as usize..(p.end - start) as usize];
-                    self.file_write(part, p.start)?;
-                    map.insert(p.b, p.len(), false);
-                }
+        for p in self.pieces(start, end - start) {
+            if !map.cached(p.b) && !map.stale.contains(&p.b) {
+                let part = &buf[(p.start - start) as usize..(p.end - start) as usize];
+                self.file_write(part, p.start)?;
+                map.insert(p.b, p.len(), false);
             }
-            self.reclaim(&mut map);
         }
+        self.reclaim(&mut map);
         Ok(buf)
     }
 
@@ -503,7 +506,7 @@ impl CacheHandle {
         offset: u64,
         count: u64,
         out: Option<&mut [u8]>,
-    ) -> Result<(Vec<ClaimedRun<'_>>, u64)> {
+    ) -> Result<Vec<ClaimedRun<'_>>> {
         let mut map = self.lock();
         while self
             .pieces(offset, count)
@@ -520,7 +523,7 @@ impl CacheHandle {
                 (first, last, Claim { h: self, blocks })
             })
             .collect();
-        Ok((claimed, map.generation))
+        Ok(claimed)
     }
 
     /// Runs of the blocks in `[offset, offset+count)` not in the cache, as
@@ -582,6 +585,7 @@ impl Drop for Claim<'_> {
         let mut map = self.h.lock();
         for b in self.blocks.clone() {
             map.fetching.remove(&b);
+            map.stale.remove(&b);
         }
         drop(map);
         self.h.sh.fetched.notify_all();
@@ -665,13 +669,13 @@ impl Handle for CacheHandle {
             }
             return Ok(());
         }
-        let (missing, generation) = self.scan_and_claim(offset, count, Some(buf))?;
+        let missing = self.scan_and_claim(offset, count, Some(buf))?;
         // The slow part runs without the lock, so connections can fetch
         // different blocks at once (and wait for each other's, not read
         // them again).
         for (first, last, claim) in missing {
             let dst = &mut buf[(first.from - offset) as usize..(last.to - offset) as usize];
-            let data = self.fetch(first.start, last.end, generation)?;
+            let data = self.fetch(first.start, last.end)?;
             drop(claim);
             let skip = (first.from - first.start) as usize;
             dst.copy_from_slice(&data[skip..skip + dst.len()]);
@@ -686,9 +690,9 @@ impl Handle for CacheHandle {
         // the lock or a buffer for all of it.
         while at < end {
             let n = (end - at).min(MAX_RUN);
-            let (missing, generation) = self.scan_and_claim(at, n, None)?;
+            let missing = self.scan_and_claim(at, n, None)?;
             for (first, last, _claim) in missing {
-                self.fetch(first.start, last.end, generation)?;
+                self.fetch(first.start, last.end)?;
             }
             at += n;
         }
@@ -701,7 +705,9 @@ impl Handle for CacheHandle {
         }
         let count = buf.len() as u64;
         let mut map = self.lock();
-        map.generation += 1;
+        for p in self.pieces(offset, count) {
+            map.changing(p.b);
+        }
         let src = |from: u64, to: u64| &buf[(from - offset) as usize..(to - offset) as usize];
         match self.mode() {
             Mode::Writethrough => {
@@ -733,7 +739,9 @@ impl Handle for CacheHandle {
             return Ok(());
         }
         let mut map = self.lock();
-        map.generation += 1;
+        for p in self.pieces(offset, count) {
+            map.changing(p.b);
+        }
         let writethrough = self.mode() == Mode::Writethrough;
         if writethrough {
             self.next_zero(offset, count, flags)?;
@@ -760,7 +768,9 @@ impl Handle for CacheHandle {
             return Ok(());
         }
         let mut map = self.lock();
-        map.generation += 1;
+        for p in self.pieces(offset, count) {
+            map.changing(p.b);
+        }
         let whole: Vec<Piece> = self.pieces(offset, count).filter(|p| p.whole()).collect();
         let (Some(first), Some(last)) = (whole.first(), whole.last()) else {
             // Only parts of blocks: trim is advisory, so nothing to do.
@@ -1010,16 +1020,19 @@ mod tests {
             Ok(true)
         }
         fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-            let ms = self.0.slow_ms.load(Ordering::SeqCst);
-            if ms > 0 {
-                std::thread::sleep(std::time::Duration::from_millis(ms));
-            }
             self.0.reads.fetch_add(1, Ordering::SeqCst);
             self.0
                 .read_bytes
                 .fetch_add(buf.len() as u64, Ordering::SeqCst);
             let d = self.0.data.lock().unwrap();
             buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            drop(d);
+            // Slow to answer, after the data was read: a write can come in
+            // between.
+            let ms = self.0.slow_ms.load(Ordering::SeqCst);
+            if ms > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
             Ok(())
         }
         fn pwrite(&self, buf: &[u8], offset: u64, _fua: bool) -> Result<()> {
@@ -1170,6 +1183,27 @@ mod tests {
             s.spawn(|| read(&*h2, 500_000, 100_000));
         });
         assert_eq!(d.read_bytes.load(Ordering::SeqCst), 1 << 20);
+    }
+
+    #[test]
+    fn a_write_during_a_fetch_is_not_hidden_by_it() {
+        for mode in ["writeback", "writethrough"] {
+            let d = disk(pattern(1 << 20));
+            d.slow_ms.store(100, Ordering::SeqCst);
+            let b = backend(&d, &[("cache-on-read", "true"), ("cache", mode)]);
+            let (h1, h2) = (b.open(false, "").unwrap(), b.open(false, "").unwrap());
+            std::thread::scope(|s| {
+                s.spawn(|| read(&*h1, 0, 4096));
+                s.spawn(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(30));
+                    // The fetch has read the old bytes and not yet cached
+                    // them.
+                    h2.pwrite(b"new", 10, false).unwrap();
+                });
+            });
+            d.slow_ms.store(0, Ordering::SeqCst);
+            assert_eq!(&read(&*h1, 10, 3), b"new", "{mode}");
+        }
     }
 
     #[test]
