@@ -8,7 +8,8 @@
 //! next backend) or *dirty* (newer than it).  The modes:
 //!
 //! * `writeback` (default): writes and zeroes go to the cache as dirty
-//!   blocks.  They reach the next backend on flush, on a FUA request (for
+//!   blocks (except zeroes of whole blocks not in the cache, which go
+//!   straight down when the next backend zeroes natively).  They reach the next backend on flush, on a FUA request (for
 //!   the blocks it touched), when reclaim needs their space, and when a
 //!   client disconnects (so a client that never flushes still loses
 //!   nothing when it closes cleanly).
@@ -746,8 +747,46 @@ impl Handle for CacheHandle {
         if writethrough {
             self.next_zero(offset, count, flags)?;
         }
+        // Writeback: whole blocks not in the cache are zeroed below at once
+        // where the next backend zeroes natively — as cheap as caching
+        // them, and zeroing a whole disk then leaves nothing dirty to
+        // write back later.
+        let mut down_done = writethrough;
+        let down = !writethrough
+            && self.next_zero == ZeroMode::Native
+            && (!flags.fast || self.next_fast_zero);
+        if down {
+            let fua = flags.fua && self.mode() == Mode::Writeback;
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for p in self.pieces(offset, count) {
+                if p.whole() && !map.cached(p.b) {
+                    match runs.last_mut() {
+                        Some(r) if r.1 == p.start => r.1 = p.end,
+                        _ => runs.push((p.start, p.end)),
+                    }
+                }
+            }
+            let r = runs.iter().try_for_each(|&(s, e)| {
+                let f = ZeroFlags {
+                    fua: fua && self.next_fua == FuaMode::Native,
+                    ..flags
+                };
+                self.next_zero(s, e - s, f)
+            });
+            match r {
+                Ok(()) => {
+                    down_done = true;
+                    if fua && !runs.is_empty() && self.next_fua == FuaMode::Emulate {
+                        self.next.flush()?;
+                    }
+                }
+                // Not fast below after all: zero in the cache instead.
+                Err(e) if e.kind() == ErrorKind::NotSupported && flags.fast => {}
+                Err(e) => return Err(e),
+            }
+        }
         for p in self.pieces(offset, count) {
-            if writethrough && !map.cached(p.b) {
+            if !map.cached(p.b) && ((writethrough) || (down_done && p.whole())) {
                 continue;
             }
             if p.whole() {
@@ -992,6 +1031,9 @@ mod tests {
         caches: AtomicU64,
         /// Milliseconds each read takes.
         slow_ms: AtomicU64,
+        /// Offer a native zero (else the plugin default: emulated).
+        native_zero: std::sync::atomic::AtomicBool,
+        zeroes: AtomicU64,
     }
     struct Ram(Arc<Disk>);
     struct RamHandle(Arc<Disk>);
@@ -1018,6 +1060,22 @@ mod tests {
         }
         fn can_extents(&self) -> Result<bool> {
             Ok(true)
+        }
+        fn can_zero(&self) -> Result<ZeroMode> {
+            Ok(if self.0.native_zero.load(Ordering::SeqCst) {
+                ZeroMode::Native
+            } else {
+                ZeroMode::Emulate
+            })
+        }
+        fn zero(&self, offset: u64, count: u64, flags: ZeroFlags) -> Result<()> {
+            if !self.0.native_zero.load(Ordering::SeqCst) {
+                return write_zeroes(self, offset, count, flags);
+            }
+            self.0.zeroes.fetch_add(1, Ordering::SeqCst);
+            let mut d = self.0.data.lock().unwrap();
+            d[offset as usize..(offset + count) as usize].fill(0);
+            Ok(())
         }
         fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
             self.0.reads.fetch_add(1, Ordering::SeqCst);
@@ -1204,6 +1262,30 @@ mod tests {
             d.slow_ms.store(0, Ordering::SeqCst);
             assert_eq!(&read(&*h1, 10, 3), b"new", "{mode}");
         }
+    }
+
+    #[test]
+    fn zeroing_a_whole_disk_leaves_nothing_dirty() {
+        let d = disk(pattern(4 << 20));
+        d.native_zero.store(true, Ordering::SeqCst);
+        let b = backend(&d, &[]);
+        let h = b.open(false, "").unwrap();
+        h.pwrite(&[9; 100], 70_000, false).unwrap();
+        h.zero(0, 4 << 20, ZeroFlags::default()).unwrap();
+        assert_eq!(
+            d.zeroes.load(Ordering::SeqCst),
+            2,
+            "around the one cached block"
+        );
+        {
+            let below = d.data.lock().unwrap();
+            assert!(is_zero(&below[..65536]) && is_zero(&below[131072..]));
+        }
+        // The cached block (written, then zeroed) is the only dirty one.
+        assert_eq!(b.shared.map.lock().unwrap().dirty.len(), 1);
+        assert!(is_zero(&read(&*h, 0, 4 << 20)));
+        h.flush().unwrap();
+        assert!(is_zero(&d.data.lock().unwrap()));
     }
 
     #[test]
@@ -1399,9 +1481,11 @@ mod tests {
         fn matches_a_flat_model(ops in proptest::collection::vec(op(), 1..50),
                                 mode in prop_oneof![Just("writeback"), Just("writethrough"), Just("unsafe")],
                                 on_read in any::<bool>(),
+                                native_zero in any::<bool>(),
                                 max in prop_oneof![Just("8K"), Just("16K"), Just("1M")]) {
             let base = pattern(SIZE);
             let d = disk(base.clone());
+            d.native_zero.store(native_zero, Ordering::SeqCst);
             let params = [("cache", mode), ("cache-min-block-size", "4K"),
                           ("cache-max-size", max),
                           ("cache-on-read", if on_read { "true" } else { "false" })];
