@@ -1742,3 +1742,53 @@ print("OK")
         "the cache filter fills itself: {st:?}"
     );
 }
+
+#[test]
+fn cache_with_qemu_io_unaligned_writes_zeroes_and_discards() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, 4 * M as usize, 43);
+    let mut want = std::fs::read(&img).unwrap();
+    let s = Server::start(&[
+        "--filter=cache",
+        "file",
+        img.to_str().unwrap(),
+        "cache-min-block-size=4K",
+        "cache-max-size=64K",
+        "cache-on-read=true",
+    ]);
+    let out = stdout_of(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-t",
+        "none",
+        "-c",
+        "write -P 0x55 1000 70000",
+        "-c",
+        "write -z 200k 300k",
+        "-c",
+        "write -P 0x66 -f 2m 5000",
+        "-c",
+        "discard 1m 64k",
+        "-c",
+        "read -P 0x55 1000 70000",
+        "-c",
+        "read -P 0 200k 300k",
+        "-c",
+        "read -P 0x66 2m 5000",
+        &s.uri,
+    ]));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_eq!(out.matches("read ").count(), 3, "{out}");
+    want[1000..71000].fill(0x55);
+    want[200 * K as usize..500 * K as usize].fill(0);
+    want[2 * M as usize..2 * M as usize + 5000].fill(0x66);
+    // The file plugin punches the discarded range: it reads as zeroes.
+    want[M as usize..(M + 64 * K) as usize].fill(0);
+    assert!(read_all(&s.uri) == want);
+    assert!(s.stop().success());
+    assert!(std::fs::read(&img).unwrap() == want);
+}
