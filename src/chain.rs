@@ -250,6 +250,7 @@ pub fn build(
     let mut layers = Vec::new();
     for f in filters {
         layers.push((f.name, (f.configure)(&mut cfg).map_err(|e| anyhow!("{e}"))?));
+        cfg.consume_taken();
     }
     let mut backend = (plugin.create)(&mut cfg).map_err(|e| anyhow!("{e}"))?;
     if let Some(k) = cfg.untaken().first() {

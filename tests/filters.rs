@@ -1108,6 +1108,7 @@ fn every_filter_has_help_with_an_example() {
     let filters = [
         "blocksize",
         "blocksize-policy",
+        "cache",
         "cow",
         "delay",
         "error",
@@ -1125,6 +1126,7 @@ fn every_filter_has_help_with_an_example() {
         "partition",
         "protect",
         "rate",
+        "readahead",
         "retry",
         "stats",
         "swab",
@@ -1341,4 +1343,675 @@ print("OK")
     assert!(text.contains("LEAVE Write 1 0x2000 0x1000 0\n"), "{text}");
     assert!(text.contains("LEAVE Read 1 0x2000 0x1000 0\n"), "{text}");
     assert!(text.contains("PRINT Connect 1"), "{text}");
+}
+
+/// A server whose stderr has `-v` output, for its thread model line.
+fn thread_model_of(args: &[&str]) -> String {
+    let out = Command::new(binary())
+        .args(["-v", "-U", "-", "--run", "nbdinfo \"$uri\" >/dev/null"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    err.lines()
+        .find_map(|l| l.split("thread model: ").nth(1))
+        .unwrap_or_else(|| panic!("no thread model in {err}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn cache_reads_a_slow_source_once() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("src.img");
+    make_file(&img, 4 * M as usize, 31);
+    let want = std::fs::read(&img).unwrap();
+    let stats = dir.path().join("stats.txt");
+    let sarg = format!("statsfile={}", stats.display());
+    // cache → stats → delay → file: stats counts what gets past the cache.
+    let s = Server::start(&[
+        "--filter=cache",
+        "--filter=stats",
+        "--filter=delay",
+        "file",
+        img.to_str().unwrap(),
+        "cache-on-read=true",
+        "rdelay=2ms",
+        &sarg,
+    ]);
+    assert!(read_all(&s.uri) == want);
+    // A second full read, on new connections, is served from the cache.
+    assert!(read_all(&s.uri) == want);
+    assert!(read_all(&s.uri) == want);
+    assert!(s.stop().success());
+    let st = stats_of(&stats);
+    assert_eq!(
+        st["read"].2,
+        4 * M,
+        "read exactly once below the cache: {st:?}"
+    );
+
+    // Without cache-on-read, reads go through every time.
+    let s = Server::start(&[
+        "--filter=cache",
+        "--filter=stats",
+        "file",
+        img.to_str().unwrap(),
+        &sarg,
+    ]);
+    assert!(read_all(&s.uri) == want);
+    assert!(read_all(&s.uri) == want);
+    assert!(s.stop().success());
+    assert_eq!(stats_of(&stats)["read"].2, 8 * M);
+}
+
+#[test]
+fn cache_over_retry_over_a_flaky_source() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("src.img");
+    make_file(&img, 8 * M as usize, 32);
+    let want = std::fs::read(&img).unwrap();
+    let stats = dir.path().join("stats.txt");
+    let sarg = format!("statsfile={}", stats.display());
+    // Half the reads below fail; retry hides that from the cache, and the
+    // cache reads each block below once.
+    let s = Server::start(&[
+        "-r",
+        "--filter=cache",
+        "--filter=retry",
+        "--filter=stats",
+        "--filter=error",
+        "file",
+        img.to_str().unwrap(),
+        "cache-on-read=true",
+        "error-pread-rate=50%",
+        "retries=60",
+        "retry-delay=0",
+        &sarg,
+    ]);
+    assert!(read_all(&s.uri) == want);
+    assert!(read_all(&s.uri) == want);
+    assert!(s.stop().success());
+    let st = stats_of(&stats);
+    let (_ops, errors, bytes) = st["read"];
+    assert!(errors > 0, "the source was not flaky: {st:?}");
+    assert_eq!(bytes, 8 * M, "each byte read below once: {st:?}");
+}
+
+#[test]
+fn cache_over_xz_decompresses_once() {
+    if !have("nbdcopy") || !have("xz") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, 3 * M as usize, 33);
+    let want = std::fs::read(&img).unwrap();
+    let z = dir.path().join("disk.img.xz");
+    let st = Command::new("xz")
+        .args(["-k", "--block-size=1MiB", "-0"])
+        .arg(&img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let stats = dir.path().join("stats.txt");
+    let sarg = format!("statsfile={}", stats.display());
+    let s = Server::start(&[
+        "--filter=cache",
+        "--filter=stats",
+        "--filter=xz",
+        "file",
+        z.to_str().unwrap(),
+        "cache-on-read=true",
+        &sarg,
+    ]);
+    let j = nbdinfo_json(&[], &s.uri);
+    assert_eq!(j["is_read_only"], "true", "{j:?}");
+    assert_eq!(j["can_cache"], "true", "{j:?}");
+    assert_eq!(j["can_zero"], "false", "{j:?}");
+    assert!(read_all(&s.uri) == want);
+    assert!(read_all(&s.uri) == want);
+    assert!(s.stop().success());
+    assert_eq!(stats_of(&stats)["read"].2, 3 * M);
+}
+
+#[test]
+fn cache_capabilities_thread_model_and_block_status() {
+    if !have("nbdinfo") || !have_python_nbd() {
+        return;
+    }
+    let j = flags_through(&["--filter=cache"], &[]);
+    for (k, v) in [
+        ("is_read_only", "false"),
+        ("can_flush", "true"),
+        ("can_fua", "true"),
+        ("can_zero", "true"),
+        ("can_fast_zero", "true"),
+        ("can_trim", "true"),
+        ("can_cache", "true"),
+        ("can_multi_conn", "true"),
+    ] {
+        assert_eq!(j[k], v, "{k}: {j:?}");
+    }
+    // writethrough takes fast zero from below: an emulated zero cannot
+    // be fast.
+    let s = Server::start(&[
+        "--filter=cache",
+        "--filter=nozero",
+        "memory",
+        "size=1M",
+        "cache=writethrough",
+        "zeromode=emulate",
+    ]);
+    let j = nbdinfo_json(&[], &s.uri);
+    assert_eq!(j["can_fast_zero"], "false", "{j:?}");
+    assert_eq!(j["can_cache"], "true", "{j:?}");
+    drop(s);
+    assert_eq!(
+        thread_model_of(&[
+            "--filter=cache",
+            "--filter=noparallel",
+            "memory",
+            "1M",
+            "serialize=requests"
+        ]),
+        "serialize_requests"
+    );
+    assert_eq!(
+        thread_model_of(&["--filter=cache", "memory", "1M"]),
+        "parallel"
+    );
+
+    // Block status comes from the plugin (a sparse file), except that
+    // blocks written but not yet flushed are data.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("sparse.img");
+    std::fs::File::create(&img).unwrap().set_len(4 * M).unwrap();
+    let s = Server::start(&["--filter=cache", "file", img.to_str().unwrap()]);
+    assert_eq!(map_of(&s.uri), vec![(0, 4 * M, true)]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.connect_uri(sys.argv[1])
+def holes():
+    out = []
+    def cb(meta, off, ents, err):
+        for i in range(0, len(ents), 2):
+            out.append((ents[i], ents[i + 1] & 1))
+    h.block_status(4 << 20, 0, cb)
+    return out
+h.pwrite(b"x" * 100, (1 << 20) + 10)
+ex = holes()
+# [0,1M) hole, the dirty 64K block data, the rest hole.
+pos = 0; seen = []
+for n, hole in ex:
+    seen.append((pos, n, hole)); pos += n
+assert (1 << 20, 65536, 0) in seen, seen
+assert seen[0] == (0, 1 << 20, 1), seen
+h.flush()
+assert open(sys.argv[2], "rb").read()[(1 << 20) + 10:(1 << 20) + 110] == b"x" * 100
+print("OK")
+"#,
+        &[&s.uri, img.to_str().unwrap()],
+    );
+}
+
+#[test]
+fn cache_modes_decide_when_the_file_changes() {
+    if !have_python_nbd() {
+        return;
+    }
+    let script = r#"
+import nbd, sys
+mode, path, uri = sys.argv[1], sys.argv[2], sys.argv[3]
+def on_disk(off, n):
+    with open(path, "rb") as f:
+        f.seek(off); return f.read(n)
+a = nbd.NBD(); a.connect_uri(uri)
+b = nbd.NBD(); b.connect_uri(uri)
+a.pwrite(b"A" * 5000, 70000)
+# One cache for every connection: b sees a's write at once.
+assert b.pread(5000, 70000) == b"A" * 5000
+assert (on_disk(70000, 5000) == b"A" * 5000) == (mode == "writethrough"), mode
+# A partial-block write keeps the rest of the block (read-modify-write).
+a.pwrite(b"B" * 3, 4095)
+assert a.pread(5, 4094)[1:4] == b"BBB"
+a.flush()
+assert (on_disk(70000, 5000) == b"A" * 5000) == (mode != "unsafe"), mode
+a.pwrite(b"F" * 512, 300000, nbd.CMD_FLAG_FUA)
+assert (on_disk(300000, 512) == b"F" * 512) == (mode != "unsafe"), mode
+a.zero(65536, 131072)        # (count, offset)
+assert a.pread(65536, 131072) == bytes(65536)
+b.shutdown(); a.shutdown()
+print("OK")
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["writeback", "writethrough", "unsafe"] {
+        let img = dir.path().join(format!("{mode}.img"));
+        make_file(&img, M as usize, 34);
+        let mut want = std::fs::read(&img).unwrap();
+        let marg = format!("cache={mode}");
+        let s = Server::start(&["--filter=cache", "file", img.to_str().unwrap(), &marg]);
+        python(script, &[mode, img.to_str().unwrap(), &s.uri]);
+        assert!(s.stop().success());
+        // After the clients disconnect everything is in the file, in every
+        // mode.
+        want[70000..75000].fill(b'A');
+        want[4095..4098].fill(b'B');
+        want[300000..300512].fill(b'F');
+        want[131072..196608].fill(0);
+        assert!(std::fs::read(&img).unwrap() == want, "{mode}");
+    }
+    start_fails(
+        &["--filter=cache", "memory", "1M", "cache=sometimes"],
+        "cache=sometimes: expected one of writeback, writethrough, unsafe",
+    );
+    start_fails(
+        &[
+            "--filter=cache",
+            "memory",
+            "1M",
+            "cache-min-block-size=1000",
+        ],
+        "cache-min-block-size=1000: must be a power of two",
+    );
+}
+
+#[test]
+fn cache_reclaim_writes_dirty_blocks_before_dropping_them() {
+    if !have_python_nbd() || !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, 4 * M as usize, 35);
+    let mut want = std::fs::read(&img).unwrap();
+    let stats = dir.path().join("stats.txt");
+    let sarg = format!("statsfile={}", stats.display());
+    let s = Server::start(&[
+        "--filter=cache",
+        "--filter=stats",
+        "file",
+        img.to_str().unwrap(),
+        "cache-max-size=1M",
+        "cache-on-read=true",
+        &sarg,
+    ]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+for i in range(48):
+    h.pwrite(bytes([i + 1]) * 65536, i * 65536)
+# No flush, but the cache holds at most 1M: the older blocks were written
+# down to make room.
+with open(sys.argv[2], "rb") as f:
+    disk = f.read()
+for i in range(32):
+    assert disk[i * 65536:(i + 1) * 65536] == bytes([i + 1]) * 65536, i
+for i in range(48):
+    assert h.pread(65536, i * 65536) == bytes([i + 1]) * 65536, i
+print("OK")
+"#,
+        &[&s.uri, img.to_str().unwrap()],
+    );
+    for i in 0..48 {
+        want[i * 65536..(i + 1) * 65536].fill(i as u8 + 1);
+    }
+    assert!(read_all(&s.uri) == want);
+    assert!(read_all(&s.uri) == want);
+    assert!(s.stop().success());
+    assert!(std::fs::read(&img).unwrap() == want);
+    // The cache was too small to hold the disk, so the second copy read
+    // from below again.
+    let st = stats_of(&stats);
+    assert!(st["read"].2 > 4 * M, "{st:?}");
+}
+
+#[test]
+fn cache_command_populates_the_cache() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    let s = Server::start(&[
+        "--filter=cache",
+        "--filter=log",
+        "pattern",
+        "size=2M",
+        &logarg,
+    ]);
+    python(
+        r#"
+import nbd, sys, struct
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+assert h.can_cache()
+h.cache(1 << 20, 0)
+print("cached")
+sys.stdout.flush()
+data = h.pread(1 << 20, 0)
+assert data[8 * 1000:8 * 1001] == struct.pack(">Q", 8000)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let reads: Vec<&str> = text.lines().filter(|l| l.contains(" Read ")).collect();
+    // The cache request was filled with reads below; the read after it
+    // was served from the cache, and the cache request never went down.
+    let total: u64 = reads
+        .iter()
+        .map(|l| {
+            let c = l
+                .split("count=0x")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap();
+            u64::from_str_radix(c, 16).unwrap()
+        })
+        .sum();
+    assert_eq!(total, M, "{text}");
+    assert!(!text.contains(" Cache "), "{text}");
+}
+
+/// The (offset, count) of each `kind` line ("Read", "Cache") in a log.
+fn logged(text: &str, kind: &str) -> Vec<(u64, u64)> {
+    let hex = |l: &str, f: &str| {
+        let v = l.split(f).nth(1).unwrap().split(' ').next().unwrap();
+        u64::from_str_radix(v, 16).unwrap()
+    };
+    text.lines()
+        .filter(|l| l.contains(&format!(" {kind} ")))
+        .map(|l| (hex(l, "offset=0x"), hex(l, "count=0x")))
+        .collect()
+}
+
+#[test]
+fn readahead_prefetches_after_sequential_reads_only() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    // memory has a native cache: the window goes down as cache requests.
+    let args = [
+        "--filter=readahead",
+        "--filter=log",
+        "memory",
+        "size=8M",
+        &logarg,
+    ];
+    let s = Server::start(&args);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+for i in range(32):
+    h.pread(65536, i * 65536)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let reads = logged(&text, "Read");
+    assert_eq!(
+        reads.len(),
+        32,
+        "the reads themselves are unchanged: {text}"
+    );
+    assert!(reads.iter().all(|&(_, n)| n == 65536), "{text}");
+    let caches = logged(&text, "Cache");
+    assert!(
+        !caches.is_empty(),
+        "no prefetch after a sequential run: {text}"
+    );
+    // Always ahead of the reader, each range once, growing past the end
+    // of what was read.
+    let mut to = 2 * 65536;
+    for &(off, n) in &caches {
+        assert!(off >= to, "{text}");
+        to = off + n;
+    }
+    assert!(to > 32 * 65536, "{text}");
+
+    let s = Server::start(&args);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+for off in [7, 1, 5, 3, 6, 2, 4, 0]:
+    h.pread(4096, off << 20)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(logged(&text, "Read").len(), 8, "{text}");
+    assert!(
+        logged(&text, "Cache").is_empty(),
+        "prefetch on random reads: {text}"
+    );
+}
+
+#[test]
+fn readahead_buffer_is_exact_with_writes_interleaved() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, 2 * M as usize, 41);
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    // nocache below hides the file plugin's cache: reads are stretched
+    // into a buffer instead.
+    let s = Server::start(&[
+        "--filter=readahead",
+        "--filter=nocache",
+        "--filter=log",
+        "file",
+        img.to_str().unwrap(),
+        &logarg,
+    ]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+other = nbd.NBD(); other.connect_uri(sys.argv[1])
+model = bytearray(open(sys.argv[2], "rb").read())
+size = len(model)
+for i in range(size // 4096):
+    off = i * 4096
+    if i % 50 == 7:
+        # Change bytes the buffer already holds, from this connection or
+        # another one.
+        w = bytes([i % 251 + 1]) * 3000
+        (h if i % 100 == 7 else other).pwrite(w, off + 5000)
+        model[off + 5000:off + 8000] = w
+    if i % 50 == 30:
+        h.zero(4096, off + 4096)   # (count, offset)
+        model[off + 4096:off + 8192] = bytes(4096)
+    assert h.pread(4096, off) == bytes(model[off:off + 4096]), off
+assert h.pread(size, 0) == bytes(model)
+open(sys.argv[3], "wb").write(model)
+print("OK")
+"#,
+        &[
+            &s.uri,
+            img.to_str().unwrap(),
+            dir.path().join("model").to_str().unwrap(),
+        ],
+    );
+    // The file has every write, and the export still reads as the file.
+    let model = std::fs::read(dir.path().join("model")).unwrap();
+    assert!(read_all(&s.uri) == model);
+    assert!(s.stop().success());
+    assert!(std::fs::read(&img).unwrap() == model);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let reads = logged(&text, "Read");
+    assert!(
+        reads.len() < 200,
+        "512 sequential reads: {} below",
+        reads.len()
+    );
+    assert!(reads.iter().any(|&(_, n)| n >= M), "{text}");
+    assert!(logged(&text, "Cache").is_empty(), "{text}");
+}
+
+#[test]
+fn readahead_keeps_capabilities_thread_model_and_block_status() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let plain = flags_through(&[], &[]);
+    let through = flags_through(&["--filter=readahead"], &[]);
+    for (k, v) in &plain {
+        if k.starts_with("can_") || k.starts_with("is_") || k.starts_with("block_size") {
+            assert_eq!(through.get(k), Some(v), "{k}");
+        }
+    }
+    assert_eq!(
+        thread_model_of(&[
+            "--filter=readahead",
+            "--filter=noparallel",
+            "memory",
+            "1M",
+            "serialize=requests"
+        ]),
+        "serialize_requests"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("sparse.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(4 * M).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 65536], M).unwrap();
+    let s = Server::start(&["-r", "--filter=readahead", "file", img.to_str().unwrap()]);
+    let j = nbdinfo_json(&[], &s.uri);
+    assert_eq!(j["is_read_only"], "true", "{j:?}");
+    assert_eq!(
+        map_of(&s.uri),
+        vec![
+            (0, M, true),
+            (M, 64 * K, false),
+            (M + 64 * K, 3 * M - 64 * K, true)
+        ]
+    );
+}
+
+#[test]
+fn readahead_over_cache_over_a_slow_source_reads_each_byte_once() {
+    if !have("nbdcopy") || !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("src.img");
+    make_file(&img, 6 * M as usize, 42);
+    let want = std::fs::read(&img).unwrap();
+    let stats = dir.path().join("stats.txt");
+    let sarg = format!("statsfile={}", stats.display());
+    let s = Server::start(&[
+        "-r",
+        "--filter=readahead",
+        "--filter=cache",
+        "--filter=stats",
+        "--filter=delay",
+        "file",
+        img.to_str().unwrap(),
+        "cache-on-read=true",
+        "rdelay=5ms",
+        &sarg,
+    ]);
+    // Small sequential reads: readahead fills the cache ahead of them
+    // (in the background), and the cache makes sure a block being
+    // prefetched is not read again by the reader.
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+want = open(sys.argv[2], "rb").read()
+for off in range(0, 3 << 20, 16384):
+    assert h.pread(16384, off) == want[off:off + 16384], off
+print("OK")
+"#,
+        &[&s.uri, img.to_str().unwrap()],
+    );
+    assert!(read_all(&s.uri) == want);
+    assert!(s.stop().success());
+    let st = stats_of(&stats);
+    assert_eq!(st["read"].2, 6 * M, "{st:?}");
+    // 192 small reads became a few large ones below.
+    assert!(st["read"].0 < 60, "{st:?}");
+    assert!(
+        !st.contains_key("cache"),
+        "the cache filter fills itself: {st:?}"
+    );
+}
+
+#[test]
+fn cache_with_qemu_io_unaligned_writes_zeroes_and_discards() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, 4 * M as usize, 43);
+    let mut want = std::fs::read(&img).unwrap();
+    let s = Server::start(&[
+        "--filter=cache",
+        "file",
+        img.to_str().unwrap(),
+        "cache-min-block-size=4K",
+        "cache-max-size=64K",
+        "cache-on-read=true",
+    ]);
+    let out = stdout_of(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-t",
+        "none",
+        "-c",
+        "write -P 0x55 1000 70000",
+        "-c",
+        "write -z 200k 300k",
+        "-c",
+        "write -P 0x66 -f 2m 5000",
+        "-c",
+        "discard 1m 64k",
+        "-c",
+        "read -P 0x55 1000 70000",
+        "-c",
+        "read -P 0 200k 300k",
+        "-c",
+        "read -P 0x66 2m 5000",
+        &s.uri,
+    ]));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_eq!(out.matches("read ").count(), 3, "{out}");
+    want[1000..71000].fill(0x55);
+    want[200 * K as usize..500 * K as usize].fill(0);
+    want[2 * M as usize..2 * M as usize + 5000].fill(0x66);
+    // The file plugin punches the discarded range: it reads as zeroes.
+    want[M as usize..(M + 64 * K) as usize].fill(0);
+    assert!(read_all(&s.uri) == want);
+    assert!(s.stop().success());
+    assert!(std::fs::read(&img).unwrap() == want);
 }

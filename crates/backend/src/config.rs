@@ -10,12 +10,27 @@ use crate::ConfigError;
 pub struct Config {
     params: Vec<(String, String)>,
     taken: Vec<bool>,
+    /// Taken by an earlier layer (see [`Config::consume_taken`]).
+    consumed: Vec<bool>,
 }
 
 impl Config {
     pub fn new(params: Vec<(String, String)>) -> Self {
         let taken = vec![false; params.len()];
-        Config { params, taken }
+        let consumed = taken.clone();
+        Config {
+            params,
+            taken,
+            consumed,
+        }
+    }
+
+    /// Hide the keys taken so far from everyone after: a filter's key is
+    /// its own, so the filter `cache=writeback` is not also seen by a
+    /// plugin with a `cache` parameter of its own (as in nbdkit, where a
+    /// filter's config callback does not pass on the keys it handles).
+    pub fn consume_taken(&mut self) {
+        self.consumed.clone_from(&self.taken);
     }
 
     /// Take the last value given for `key`, if any (a later value overrides
@@ -23,7 +38,7 @@ impl Config {
     pub fn take(&mut self, key: &str) -> Option<String> {
         let mut found = None;
         for (i, (k, v)) in self.params.iter().enumerate() {
-            if k == key {
+            if k == key && !self.consumed[i] {
                 self.taken[i] = true;
                 found = Some(v.clone());
             }
@@ -35,7 +50,7 @@ impl Config {
     pub fn take_all(&mut self, key: &str) -> Vec<String> {
         let mut out = Vec::new();
         for (i, (k, v)) in self.params.iter().enumerate() {
-            if k == key {
+            if k == key && !self.consumed[i] {
                 self.taken[i] = true;
                 out.push(v.clone());
             }
@@ -157,6 +172,15 @@ mod tests {
         assert_eq!(c.take("a").as_deref(), Some("3"));
         assert_eq!(c.untaken(), vec!["b"]);
         assert_eq!(c.take_all("b"), vec!["2"]);
+        assert!(c.untaken().is_empty());
+    }
+
+    #[test]
+    fn consumed_keys_are_hidden_from_later_layers() {
+        let mut c = Config::new(vec![("cache".into(), "writeback".into())]);
+        assert_eq!(c.take("cache").as_deref(), Some("writeback"));
+        c.consume_taken();
+        assert_eq!(c.take("cache"), None);
         assert!(c.untaken().is_empty());
     }
 }

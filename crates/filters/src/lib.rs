@@ -5,6 +5,7 @@ use nbdkit_backend::FilterSpec;
 
 pub mod blocksize;
 pub mod blocksize_policy;
+pub mod cache;
 pub mod compressed;
 pub mod cow;
 pub mod delay;
@@ -24,6 +25,7 @@ pub mod offset;
 pub mod partition;
 pub mod protect;
 pub mod rate;
+pub mod readahead;
 pub mod retry;
 pub mod stats;
 pub mod swab;
@@ -38,6 +40,7 @@ pub fn all() -> Vec<&'static FilterSpec> {
     let mut all = vec![
         &blocksize::SPEC,
         &blocksize_policy::SPEC,
+        &cache::SPEC,
         &compressed::BZIP2,
         &compressed::GZIP,
         &cow::SPEC,
@@ -58,6 +61,7 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &partition::SPEC,
         &protect::SPEC,
         &rate::SPEC,
+        &readahead::SPEC,
         &retry::SPEC,
         &stats::SPEC,
         &swab::SPEC,
