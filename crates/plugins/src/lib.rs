@@ -3,6 +3,7 @@
 
 use nbdkit_backend::PluginSpec;
 
+pub mod curl;
 pub mod file;
 pub mod memory;
 pub mod simple;
@@ -17,5 +18,6 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &simple::FULL,
         &simple::PATTERN,
         &simple::ONES,
+        &curl::SPEC,
     ]
 }

@@ -1,0 +1,313 @@
+//! The curl plugin against a loopback HTTP server started by each test
+//! (tests/common/http.rs), checked with real clients: nbdcopy + cmp,
+//! qemu-img compare, nbdinfo --json, and our raw client for the error
+//! messages.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::http::HttpServer;
+use common::*;
+
+/// Random data, a zero gap, more data, and a tail that is not a multiple
+/// of 512 (as tests/compressed.rs makes).
+fn image() -> Vec<u8> {
+    let mut data = pseudo_random(3 << 20, 7);
+    data.extend(vec![0u8; 5 << 20]);
+    data.extend(pseudo_random((2 << 20) + 333, 8));
+    data
+}
+
+fn compress(data: &[u8], dir: &Path, cmd: &str, args: &[&str]) -> Vec<u8> {
+    let src = dir.join(format!("in.{cmd}"));
+    std::fs::write(&src, data).unwrap();
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(std::fs::File::open(&src).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{cmd} {args:?}");
+    out.stdout
+}
+
+/// Copy the whole export with nbdcopy and return the bytes.
+fn copy_out(s: &Server, extra: &[&str]) -> Vec<u8> {
+    let out = s.dir.path().join("copy.img");
+    run_ok(Command::new("nbdcopy").args(extra).arg(&s.uri).arg(&out));
+    std::fs::read(&out).unwrap()
+}
+
+/// Start nbdkit-rs expecting it to fail at start-up; returns its stderr.
+fn start_fails(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary())
+        .arg("-f")
+        .arg("-U")
+        .arg(dir.path().join("s.sock"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Read with our own client, expecting an error; returns (errno, message).
+fn read_error(s: &Server, offset: u64, len: u64) -> (u32, String) {
+    let mut c = client::RawClient::start(&s.socket);
+    c.go(true, false, false);
+    c.request(nbdkit_proto::CMD_READ, 0, 1, offset, len, &[]);
+    let r = c.reply(0);
+    (r.error, r.error_message)
+}
+
+#[test]
+fn raw_image_over_http_is_served_byte_exact_and_read_only() {
+    if !have("nbdcopy") || !have("qemu-img") || !have("nbdinfo") {
+        return;
+    }
+    let http = HttpServer::start();
+    let data = image();
+    http.add_file("/disk.img", data.clone());
+    let url = http.url("/disk.img");
+    let s = Server::start(&["curl", &url]);
+    assert!(copy_out(&s, &[]) == data, "nbdcopy output differs");
+    let img = s.dir.path().join("orig.img");
+    std::fs::write(&img, &data).unwrap();
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&img)
+            .arg(&s.uri),
+    );
+    let json = stdout_of(Command::new("nbdinfo").arg("--json").arg(&s.uri));
+    assert!(json.contains("\"is_read_only\": true"), "{json}");
+    assert!(
+        json.contains(&format!("\"export-size\": {}", data.len())),
+        "{json}"
+    );
+    // Every data request was a ranged GET.
+    let reqs = http.requests();
+    assert!(reqs.len() > 2);
+    for r in &reqs {
+        assert_eq!(r.method, "GET");
+        assert!(r.header("range").is_some(), "{r:?}");
+    }
+    assert!(s.stop().success());
+}
+
+#[test]
+fn compressed_images_over_http_are_served_uncompressed() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = image();
+    let http = HttpServer::start();
+    let cases: [(&str, &str, &[&str]); 2] = [
+        ("xz", "xz", &["-T2", "--block-size=1MiB", "-c"]),
+        ("gzip", "gzip", &["-c"]),
+    ];
+    for (filter, tool, args) in cases {
+        if !have(tool) {
+            continue;
+        }
+        let path = format!("/disk.img.{filter}");
+        http.add_file(&path, compress(&data, dir.path(), tool, args));
+        let url = format!("url={}", http.url(&path));
+        let f = format!("--filter={filter}");
+        let s = Server::start(&[&f, "curl", &url]);
+        assert!(
+            copy_out(&s, &[]) == data,
+            "{filter}: nbdcopy output differs"
+        );
+        assert!(s.stop().success());
+    }
+}
+
+#[test]
+fn a_server_without_range_support_is_refused_at_start_up() {
+    let http = HttpServer::start();
+    http.add_file("/disk.img", vec![1u8; 100_000]);
+    http.set(|b| b.no_range = true);
+    let err = start_fails(&["curl", &http.url("/disk.img")]);
+    assert!(err.contains("does not support range requests"), "{err}");
+    assert!(err.contains(&http.url("/disk.img")), "{err}");
+    // A missing file is refused too, with its status.
+    let err = start_fails(&["curl", &http.url("/missing.img")]);
+    assert!(err.contains("404"), "{err}");
+}
+
+#[test]
+fn a_stalled_server_gives_eio_after_the_timeout_and_is_logged() {
+    let http = HttpServer::start();
+    http.add_file("/disk.img", pseudo_random(1 << 20, 3));
+    let url = http.url("/disk.img");
+    let s = Server::start(&["curl", &url, "timeout=1"]);
+    http.set(|b| b.stall = true);
+    let (errno, msg) = read_error(&s, 4096, 4096);
+    assert_eq!(errno, nbdkit_proto::EIO);
+    assert!(
+        msg.contains(&url) && msg.contains("offset 4096") && msg.contains("timed out"),
+        "{msg}"
+    );
+    let log = s.log();
+    assert!(log.contains("timed out") && log.contains(&url), "{log}");
+}
+
+#[test]
+fn transient_server_errors_are_retried() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let http = HttpServer::start();
+    let data = pseudo_random((1 << 20) + 7, 4);
+    http.add_file("/disk.img", data.clone());
+    // The start-up probe and the first reads both meet 503s.
+    http.set(|b| b.fail_next = 2);
+    let s = Server::start(&["curl", &http.url("/disk.img")]);
+    http.set(|b| b.fail_next = 3);
+    assert!(copy_out(&s, &[]) == data);
+    let log = s.log();
+    assert!(log.contains("HTTP status 503; retrying"), "{log}");
+    let failed = http
+        .requests()
+        .len()
+        .saturating_sub(http.requests().iter().filter(|r| r.method == "GET").count());
+    assert_eq!(failed, 0, "only GETs were sent");
+    // A server that keeps failing: EIO once the retries are used up.
+    http.set(|b| b.fail_next = 100);
+    let (errno, msg) = read_error(&s, 0, 512);
+    assert_eq!(errno, nbdkit_proto::EIO);
+    assert!(msg.contains("gave up after 4 retries"), "{msg}");
+}
+
+#[test]
+fn a_short_body_is_eio_naming_the_url_and_offset() {
+    let http = HttpServer::start();
+    http.add_file("/disk.img", pseudo_random(1 << 20, 5));
+    let url = http.url("/disk.img");
+    let s = Server::start(&["curl", &url]);
+    http.set(|b| b.short_body = true);
+    let (errno, msg) = read_error(&s, 65536, 65536);
+    assert_eq!(errno, nbdkit_proto::EIO);
+    assert!(
+        msg.contains(&url) && msg.contains("offset 65536") && msg.contains("short body"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn headers_cookie_and_credentials_reach_the_server() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let http = HttpServer::start();
+    http.add_file("/disk.img", pseudo_random(1 << 20, 6));
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let pw_arg = format!("password=+{}", pw.display());
+    let s = Server::start(&[
+        "curl",
+        &http.url("/disk.img"),
+        "header=X-Test: yes",
+        "header=X-Other: 2",
+        "cookie=session=abc; theme=dark",
+        "user=alice",
+        &pw_arg,
+        "user-agent=nbdkit-rs-test",
+    ]);
+    copy_out(&s, &[]);
+    let reqs = http.requests();
+    assert!(!reqs.is_empty());
+    for r in &reqs {
+        assert_eq!(r.header("x-test"), Some("yes"), "{r:?}");
+        assert_eq!(r.header("x-other"), Some("2"), "{r:?}");
+        assert_eq!(r.header("cookie"), Some("session=abc; theme=dark"), "{r:?}");
+        // base64("alice:s3cret"): the newline of the file is not part of it.
+        assert_eq!(
+            r.header("authorization"),
+            Some("Basic YWxpY2U6czNjcmV0"),
+            "{r:?}"
+        );
+        assert_eq!(r.header("user-agent"), Some("nbdkit-rs-test"), "{r:?}");
+    }
+}
+
+#[test]
+fn reads_go_out_in_parallel_up_to_the_pool_size() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let data = pseudo_random(4 << 20, 9);
+    for (connections, expect_parallel) in [("connections=4", true), ("connections=1", false)] {
+        let http = HttpServer::start();
+        http.add_file("/disk.img", data.clone());
+        http.set(|b| b.delay = Duration::from_millis(20));
+        let s = Server::start(&["curl", &http.url("/disk.img"), connections]);
+        let out = copy_out(&s, &["--requests=8", "--request-size=262144"]);
+        assert!(out == data);
+        let max = http.max_concurrency();
+        if expect_parallel {
+            assert!(max >= 2, "{connections}: at most {max} requests at once");
+            assert!(max <= 4, "{connections}: {max} requests at once");
+        } else {
+            assert_eq!(max, 1, "{connections}");
+        }
+    }
+}
+
+#[test]
+fn redirects_are_followed_unless_told_not_to() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let http = HttpServer::start();
+    let data = pseudo_random(300_000, 10);
+    http.add_file("/disk.img", data.clone());
+    http.set(|b| {
+        b.redirects.insert("/old.img".into(), "/disk.img".into());
+    });
+    let s = Server::start(&["curl", &http.url("/old.img")]);
+    assert!(copy_out(&s, &[]) == data);
+    drop(s);
+    let err = start_fails(&["curl", &http.url("/old.img"), "followlocation=false"]);
+    assert!(err.contains("302"), "{err}");
+}
+
+#[test]
+fn size_comes_from_head_when_content_range_has_no_total() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let http = HttpServer::start();
+    http.add_file("/disk.img", pseudo_random(123_457, 11));
+    http.set(|b| b.hide_total = true);
+    let s = Server::start(&["curl", &http.url("/disk.img")]);
+    let json = stdout_of(Command::new("nbdinfo").arg("--json").arg(&s.uri));
+    assert!(json.contains("\"export-size\": 123457"), "{json}");
+    assert!(http.requests().iter().any(|r| r.method == "HEAD"));
+}
+
+#[test]
+fn bad_parameters_are_refused_naming_the_key() {
+    let http = HttpServer::start();
+    http.add_file("/disk.img", vec![0u8; 4096]);
+    let url = http.url("/disk.img");
+    for (kv, key) in [
+        ("connections=0", "connections=0"),
+        ("timeout=soon", "timeout=soon"),
+        ("protocols=nosuchproto", "protocols=nosuchproto"),
+        ("password=+/nonexistent/pw", "password=+/nonexistent/pw"),
+    ] {
+        let err = start_fails(&["curl", &url, kv]);
+        assert!(err.contains(key), "{kv}: {err}");
+    }
+    // protocols= also stops a URL of another scheme.
+    let err = start_fails(&["curl", &url, "protocols=https"]);
+    assert!(err.to_lowercase().contains("protocol"), "{err}");
+}
