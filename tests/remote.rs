@@ -311,3 +311,46 @@ fn bad_parameters_are_refused_naming_the_key() {
     let err = start_fails(&["curl", &url, "protocols=https"]);
     assert!(err.to_lowercase().contains("protocol"), "{err}");
 }
+
+#[test]
+fn https_verifies_the_server_with_cainfo_or_not_at_all_with_sslverify_false() {
+    if !have("openssl") || !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A self-signed certificate for 127.0.0.1, its own CA.
+    run_ok(Command::new("openssl").current_dir(dir.path()).args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+    ]));
+    let cert = dir.path().join("cert.pem");
+    let https = HttpServer::start_tls(&cert, &dir.path().join("key.pem"));
+    let data = pseudo_random(700_000, 12);
+    https.add_file("/disk.img", data.clone());
+    let url = https.url("/disk.img");
+    assert!(url.starts_with("https://"));
+    // Trusting the certificate: served.
+    let cainfo = format!("cainfo={}", cert.display());
+    let s = Server::start(&["curl", &url, &cainfo]);
+    assert!(copy_out(&s, &[]) == data);
+    drop(s);
+    // The system's CAs do not know it: refused at start-up.
+    let err = start_fails(&["curl", &url]);
+    assert!(err.contains("certificate"), "{err}");
+    // sslverify=false: served without checking.
+    let s = Server::start(&["curl", &url, "sslverify=false"]);
+    assert!(copy_out(&s, &[]) == data);
+}

@@ -4,9 +4,10 @@
 //! progress at once, and can be told to misbehave: ignore Range, answer
 //! 503 to the next N requests, stall, send short bodies, redirect.
 //! (Python's http.server has no Range support, hence this.)
+//! [`HttpServer::start_tls`] serves HTTPS (rustls) with a given certificate.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,14 +66,38 @@ struct State {
 pub struct HttpServer {
     pub port: u16,
     state: Arc<State>,
+    scheme: &'static str,
 }
 
 impl HttpServer {
     pub fn start() -> HttpServer {
+        Self::start_with(None)
+    }
+
+    /// HTTPS with the certificate chain and key in these PEM files.
+    pub fn start_tls(cert_pem: &std::path::Path, key_pem: &std::path::Path) -> HttpServer {
+        let certs: Vec<_> = rustls_pemfile::certs(&mut &std::fs::read(cert_pem).unwrap()[..])
+            .map(|c| c.expect("cert"))
+            .collect();
+        let key = rustls_pemfile::private_key(&mut &std::fs::read(key_pem).unwrap()[..])
+            .expect("key")
+            .expect("a key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server cert");
+        Self::start_with(Some(Arc::new(config)))
+    }
+
+    fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> HttpServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind http");
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(State::default());
         let st = state.clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if st.stop.load(Ordering::SeqCst) {
@@ -80,14 +105,27 @@ impl HttpServer {
                 }
                 let Ok(conn) = conn else { continue };
                 let st = st.clone();
-                std::thread::spawn(move || serve(conn, &st));
+                let tls = tls.clone();
+                std::thread::spawn(move || match tls {
+                    None => serve(conn, &st),
+                    Some(cfg) => {
+                        let Ok(sc) = rustls::ServerConnection::new(cfg) else {
+                            return;
+                        };
+                        serve(rustls::StreamOwned::new(sc, conn), &st)
+                    }
+                });
             }
         });
-        HttpServer { port, state }
+        HttpServer {
+            port,
+            state,
+            scheme,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
     }
 
     pub fn add_file(&self, path: &str, data: Vec<u8>) {
@@ -135,8 +173,7 @@ impl Drop for Active<'_> {
     }
 }
 
-fn serve(conn: TcpStream, st: &State) {
-    let mut out = conn.try_clone().expect("clone");
+fn serve<S: Read + Write>(conn: S, st: &State) {
     let mut r = BufReader::new(conn);
     loop {
         let mut line = String::new();
@@ -168,14 +205,14 @@ fn serve(conn: TcpStream, st: &State) {
             headers,
         };
         st.requests.lock().unwrap().push(req.clone());
-        if !respond(&mut out, st, &req) {
+        if !respond(r.get_mut(), st, &req) || r.get_mut().flush().is_err() {
             return;
         }
     }
 }
 
 /// Write one response; false to close the connection.
-fn respond(out: &mut TcpStream, st: &State, req: &Request) -> bool {
+fn respond(out: &mut impl Write, st: &State, req: &Request) -> bool {
     let _active = Active::new(st);
     let b = {
         let mut b = st.behaviour.lock().unwrap();
