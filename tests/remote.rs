@@ -178,6 +178,28 @@ fn transient_server_errors_are_retried() {
         .len()
         .saturating_sub(http.requests().iter().filter(|r| r.method == "GET").count());
     assert_eq!(failed, 0, "only GETs were sent");
+    // Connections cut in the middle of a body are retried too.
+    http.set(|b| b.cut_next = 2);
+    let mut c = client::RawClient::start(&s.socket);
+    c.go(true, false, false);
+    c.request(nbdkit_proto::CMD_READ, 0, 7, 4096, 65536, &[]);
+    let r = c.reply(65536);
+    assert_eq!(r.error, 0, "{}", r.error_message);
+    let chunk = r
+        .chunks
+        .iter()
+        .find(|(t, _)| *t == nbdkit_proto::REPLY_TYPE_OFFSET_DATA)
+        .expect("a data chunk");
+    assert!(
+        chunk.1[8..] == data[4096..4096 + 65536],
+        "wrong data after a retry"
+    );
+    assert_eq!(http.set_get(|b| b.cut_next), 0, "both cuts happened");
+    let log = s.log();
+    assert!(
+        log.contains("offset 4096") && log.contains("retrying"),
+        "{log}"
+    );
     // A server that keeps failing: EIO once the retries are used up.
     http.set(|b| b.fail_next = 100);
     let (errno, msg) = read_error(&s, 0, 512);

@@ -26,6 +26,9 @@ pub struct Behaviour {
     /// Answer ranged GETs with a 206 whose body is half the range, framed
     /// consistently (Content-Length says half).
     pub short_body: bool,
+    /// Cut the connection in the middle of the body of the next N ranged
+    /// GETs (the headers promise the whole range; counts down).
+    pub cut_next: usize,
     /// Sleep this long before answering each GET, so overlapping requests
     /// can be counted.
     pub delay: Duration,
@@ -140,6 +143,11 @@ impl HttpServer {
         f(&mut self.state.behaviour.lock().unwrap())
     }
 
+    /// Read the current behaviour.
+    pub fn set_get<T>(&self, f: impl FnOnce(&Behaviour) -> T) -> T {
+        f(&self.state.behaviour.lock().unwrap())
+    }
+
     pub fn requests(&self) -> Vec<Request> {
         self.state.requests.lock().unwrap().clone()
     }
@@ -219,6 +227,8 @@ fn respond(out: &mut impl Write, st: &State, req: &Request) -> bool {
         let snapshot = b.clone();
         if b.fail_next > 0 {
             b.fail_next -= 1;
+        } else if b.cut_next > 0 && req.header("range").is_some() {
+            b.cut_next -= 1;
         }
         snapshot
     };
@@ -269,6 +279,16 @@ fn respond(out: &mut impl Write, st: &State, req: &Request) -> bool {
             }
             let z = z.min(len - 1);
             let mut body = &data[a as usize..=z as usize];
+            if b.cut_next > 0 {
+                let _ = write!(
+                    out,
+                    "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{z}/{len}\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = out.write_all(&body[..body.len() / 2]);
+                let _ = out.flush();
+                return false;
+            }
             if b.short_body {
                 body = &body[..body.len() / 2];
             }
