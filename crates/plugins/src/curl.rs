@@ -661,6 +661,15 @@ fn settings(cfg: &mut Config) -> std::result::Result<(Settings, usize), ConfigEr
     if url.is_empty() {
         return Err(ConfigError::new("curl: url= is empty"));
     }
+    // Only HTTP has the range requests this plugin is built on; libcurl's
+    // other protocols (FTP, SFTP, file) are refused rather than half-served.
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    if !matches!(scheme.as_deref(), Some("http" | "https")) {
+        return Err(ConfigError::new(format!(
+            "curl: url={}: only http:// and https:// URLs are supported",
+            redact(&url)
+        )));
+    }
     let bool_or = |cfg: &mut Config, key: &str, default: bool| {
         cfg.take_bool(key)
             .map(|b| b.unwrap_or(default))
@@ -933,5 +942,12 @@ mod tests {
         }
         let mut cfg = Config::new(vec![]);
         assert!(settings(&mut cfg).err().unwrap().0.contains("'url'"));
+        for url in ["ftp://host/x", "file:///etc/passwd", "example.com/disk.img"] {
+            let mut cfg = Config::new(vec![("url".into(), url.into())]);
+            let e = settings(&mut cfg).err().expect(url);
+            assert!(e.0.contains("only http:// and https://"), "{e}");
+        }
+        let mut cfg = Config::new(vec![("url".into(), "HTTPS://host/x".into())]);
+        assert!(settings(&mut cfg).is_ok());
     }
 }
