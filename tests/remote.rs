@@ -376,3 +376,40 @@ fn https_verifies_the_server_with_cainfo_or_not_at_all_with_sslverify_false() {
     let s = Server::start(&["curl", &url, "sslverify=false"]);
     assert!(copy_out(&s, &[]) == data);
 }
+
+#[test]
+fn password_dash_reads_standard_input() {
+    let http = HttpServer::start();
+    http.add_file("/disk.img", pseudo_random(65536, 13));
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(binary())
+        .arg("-U")
+        .arg(dir.path().join("s.sock"))
+        .args(["curl", &http.url("/disk.img"), "user=bob", "password=-"])
+        .args(["--run", "nbdcopy \"$uri\" null:"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from-stdin\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // base64("bob:from-stdin")
+    assert!(http
+        .requests()
+        .iter()
+        .all(|r| r.header("authorization") == Some("Basic Ym9iOmZyb20tc3RkaW4=")));
+    // Empty standard input is an error naming the key, not an empty password.
+    let err = start_fails(&["curl", &http.url("/disk.img"), "password=-"]);
+    assert!(err.contains("password=-"), "{err}");
+}

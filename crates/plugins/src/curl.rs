@@ -634,7 +634,13 @@ fn read_secret_stdin(key: &str) -> std::io::Result<String> {
         unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &saved) };
         eprintln!();
     }
-    r.map(|_| line)
+    match r {
+        Ok(0) => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "standard input is empty",
+        )),
+        r => r.map(|_| line),
+    }
 }
 
 fn parse_ssl_version(v: &str) -> std::result::Result<SslVersion, ConfigError> {
@@ -917,6 +923,23 @@ mod tests {
             "s3cret"
         );
         assert_eq!(read_secret("password", "plain").unwrap(), "plain");
+        // -FD: read from an inherited descriptor (here a pipe), which stays open.
+        let mut fds = [0i32; 2];
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        assert_eq!(
+            unsafe { libc::write(fds[1], b"from-fd\n".as_ptr().cast(), 8) },
+            8
+        );
+        unsafe { libc::close(fds[1]) };
+        assert_eq!(
+            read_secret("password", &format!("-{}", fds[0])).unwrap(),
+            "from-fd"
+        );
+        assert_eq!(
+            unsafe { libc::close(fds[0]) },
+            0,
+            "the descriptor stays open"
+        );
         let e = read_secret("password", "+/nonexistent/x").unwrap_err();
         assert!(e.0.contains("password=+/nonexistent/x"), "{e}");
     }
