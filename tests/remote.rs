@@ -413,3 +413,185 @@ fn password_dash_reads_standard_input() {
     let err = start_fails(&["curl", &http.url("/disk.img"), "password=-"]);
     assert!(err.contains("password=-"), "{err}");
 }
+
+/// moto's S3 server (from PyPI, in the virtualenv scripts/test.sh makes),
+/// enforcing signatures after the set-up requests.
+struct Moto {
+    child: std::process::Child,
+    endpoint: String,
+    access: String,
+    secret: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn moto_venv() -> Option<std::path::PathBuf> {
+    let venv = std::env::var("NBDKIT_RS_MOTO")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/nbdkit-rs/moto")
+        });
+    if venv.join("bin/moto_server").exists() {
+        return Some(venv);
+    }
+    if std::env::var("NBDKIT_RS_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("moto_server is required (scripts/test.sh installs it in {venv:?})");
+    }
+    eprintln!("SKIP: moto_server is not installed in {venv:?}");
+    None
+}
+
+/// Start moto, create a user with an access key, a bucket, and upload
+/// `objects` (key, bytes) with signed requests.
+fn start_moto(venv: &Path, dir: &Path, objects: &[(&str, &[u8])]) -> Moto {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(venv.join("bin/moto_server"))
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        // The first requests (IAM user, policy, key) go unsigned; all
+        // later ones must carry a valid signature.
+        .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("moto.log")).unwrap())
+        .spawn()
+        .expect("start moto_server");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut moto = Moto {
+        child,
+        endpoint,
+        access: String::new(),
+        secret: String::new(),
+    };
+    // Hang guard for a server that never comes up (moto takes a few s).
+    let mut tries = 0;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        tries += 1;
+        assert!(tries < 1200, "moto_server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut args = vec![];
+    for (k, data) in objects {
+        let p = dir.join(k.replace('/', "_"));
+        std::fs::write(&p, data).unwrap();
+        args.push(k.to_string());
+        args.push(p.display().to_string());
+    }
+    let script = r#"
+import boto3, json, sys
+ep = sys.argv[1]
+kw = dict(endpoint_url=ep, region_name="us-east-1",
+          aws_access_key_id="AKIAIOSFODNN7EXAMPLE", aws_secret_access_key="setup")
+iam = boto3.client("iam", **kw)
+iam.create_user(UserName="tester")
+iam.put_user_policy(UserName="tester", PolicyName="all", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+k = iam.create_access_key(UserName="tester")["AccessKey"]
+s3 = boto3.client("s3", endpoint_url=ep, region_name="us-east-1",
+                  aws_access_key_id=k["AccessKeyId"], aws_secret_access_key=k["SecretAccessKey"])
+s3.create_bucket(Bucket="images")
+rest = sys.argv[2:]
+for key, path in zip(rest[::2], rest[1::2]):
+    s3.upload_file(path, "images", key)
+print(k["AccessKeyId"], k["SecretAccessKey"])
+"#;
+    let out = stdout_of(
+        Command::new(venv.join("bin/python"))
+            .arg("-c")
+            .arg(script)
+            .arg(&moto.endpoint)
+            .args(&args),
+    );
+    let mut it = out.split_whitespace();
+    moto.access = it.next().expect("access key").to_string();
+    moto.secret = it.next().expect("secret").to_string();
+    moto
+}
+
+#[test]
+fn s3_objects_are_served_with_signed_requests_from_a_local_s3_server() {
+    let Some(venv) = moto_venv() else { return };
+    if !have("nbdcopy") || !have("xz") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = image();
+    let xz = compress(&data, dir.path(), "xz", &["-T2", "--block-size=1MiB", "-c"]);
+    let moto = start_moto(
+        &venv,
+        dir.path(),
+        &[("disks/disk.img", &data), ("disks/disk.img.xz", &xz)],
+    );
+    let endpoint = format!("endpoint-url={}", moto.endpoint);
+    let no_files = dir.path().join("none");
+    let no_files = no_files.to_str().unwrap();
+    // Keys from the standard environment variables.
+    let env = [
+        ("AWS_ACCESS_KEY_ID", moto.access.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", moto.secret.as_str()),
+        ("AWS_SHARED_CREDENTIALS_FILE", no_files),
+        ("AWS_CONFIG_FILE", no_files),
+    ];
+    let s = Server::start_with(&["s3", "s3://images/disks/disk.img", &endpoint], &env);
+    assert!(copy_out(&s, &[]) == data, "raw object differs");
+    drop(s);
+    let s = Server::start_with(
+        &[
+            "--filter=xz",
+            "s3",
+            "url=s3://images/disks/disk.img.xz",
+            &endpoint,
+        ],
+        &env,
+    );
+    assert!(copy_out(&s, &[]) == data, "xz object differs");
+    drop(s);
+    // Keys from a shared credentials file's profile.
+    let creds = dir.path().join("credentials");
+    std::fs::write(
+        &creds,
+        format!(
+            "[default]\naws_access_key_id = nope\naws_secret_access_key = nope\n\n[ci]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            moto.access, moto.secret
+        ),
+    )
+    .unwrap();
+    let s = Server::start_with(
+        &["s3", "bucket=images", "key=disks/disk.img", &endpoint],
+        &[
+            ("AWS_SHARED_CREDENTIALS_FILE", creds.to_str().unwrap()),
+            ("AWS_PROFILE", "ci"),
+            ("AWS_CONFIG_FILE", no_files),
+        ],
+    );
+    assert!(
+        copy_out(&s, &[]) == data,
+        "object differs (credentials file)"
+    );
+    drop(s);
+    // A wrong secret is refused by the server's signature check, at start-up.
+    let out = Command::new(binary())
+        .args(["-f", "-U"])
+        .arg(dir.path().join("x.sock"))
+        .args(["s3", "s3://images/disks/disk.img", &endpoint])
+        .arg(format!("access-key={}", moto.access))
+        .arg("secret-key=wrong")
+        .env("AWS_SHARED_CREDENTIALS_FILE", no_files)
+        .env("AWS_CONFIG_FILE", no_files)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("s3://images/disks/disk.img") && err.contains("403"),
+        "{err}"
+    );
+}

@@ -51,33 +51,43 @@ const MAX_CONNECTIONS: usize = 1024;
 
 /// Everything needed to configure a libcurl handle, from the parameters.
 #[derive(Clone, Default)]
-struct Settings {
-    url: String,
+pub(crate) struct Settings {
+    /// "curl" or "s3", for messages.
+    pub(crate) who: &'static str,
+    pub(crate) url: String,
     /// The URL without credentials, for messages.
-    shown: String,
-    headers: Vec<String>,
-    cookie: Option<String>,
-    cookiefile: Option<String>,
-    user: Option<String>,
-    password: Option<String>,
-    proxy: Option<String>,
-    proxy_user: Option<String>,
-    proxy_password: Option<String>,
-    sslverify: bool,
-    cainfo: Option<String>,
-    capath: Option<String>,
-    ssl_version: Option<SslVersion>,
-    ssl_cipher_list: Option<String>,
-    timeout: Option<Duration>,
-    followlocation: bool,
-    user_agent: Option<String>,
-    tcp_keepalive: bool,
-    tcp_nodelay: bool,
-    unix_socket_path: Option<String>,
-    protocols: Option<String>,
+    pub(crate) shown: String,
+    pub(crate) headers: Vec<String>,
+    pub(crate) cookie: Option<String>,
+    pub(crate) cookiefile: Option<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) password: Option<String>,
+    pub(crate) proxy: Option<String>,
+    pub(crate) proxy_user: Option<String>,
+    pub(crate) proxy_password: Option<String>,
+    pub(crate) sslverify: bool,
+    pub(crate) cainfo: Option<String>,
+    pub(crate) capath: Option<String>,
+    pub(crate) ssl_version: Option<SslVersion>,
+    pub(crate) ssl_cipher_list: Option<String>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) followlocation: bool,
+    pub(crate) user_agent: Option<String>,
+    pub(crate) tcp_keepalive: bool,
+    pub(crate) tcp_nodelay: bool,
+    pub(crate) unix_socket_path: Option<String>,
+    pub(crate) protocols: Option<String>,
+    /// CURLOPT_AWS_SIGV4 ("aws:amz:REGION:s3"), with user/password as the
+    /// access key and secret: the `s3` plugin.
+    pub(crate) aws_sigv4: Option<String>,
 }
 
 impl Settings {
+    /// "curl: URL", the start of every message.
+    fn label(&self) -> String {
+        format!("{}: {}", self.who, self.shown)
+    }
+
     /// A new libcurl handle with every option applied.
     fn easy(&self) -> std::result::Result<Easy, String> {
         let mut e = Easy::new();
@@ -151,6 +161,9 @@ impl Settings {
         if let Some(p) = &self.unix_socket_path {
             e.unix_socket(p).map_err(|x| ctx("unix-socket-path", x))?;
         }
+        if let Some(p) = &self.aws_sigv4 {
+            e.aws_sigv4(p).map_err(|x| ctx("aws-sigv4", x))?;
+        }
         // Worker threads may be interrupted by signals; libcurl must not
         // use SIGALRM for its timeouts there.
         e.signal(false).map_err(|x| ctx("signal", x))?;
@@ -216,7 +229,7 @@ impl Pool {
                         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
                         st.total -= 1;
                         self.freed.notify_one();
-                        Err(Error::io(format!("curl: {}: {msg}", self.settings.shown)))
+                        Err(Error::io(format!("{}: {msg}", self.settings.label())))
                     }
                 };
             }
@@ -429,7 +442,7 @@ impl Remote {
 /// Run `attempt` with retries for transient failures; the error names the
 /// URL and what was being done.
 fn with_retries<T>(
-    shown: &str,
+    label: &str,
     what: &str,
     mut attempt: impl FnMut() -> std::result::Result<T, Failure>,
 ) -> std::result::Result<T, String> {
@@ -437,15 +450,15 @@ fn with_retries<T>(
     loop {
         match attempt() {
             Ok(v) => return Ok(v),
-            Err(Failure::Final(msg)) => return Err(format!("curl: {shown}: {what}: {msg}")),
+            Err(Failure::Final(msg)) => return Err(format!("{label}: {what}: {msg}")),
             Err(Failure::Transient(msg)) => {
                 let Some(delay) = RETRY_DELAYS.get(tries) else {
                     return Err(format!(
-                        "curl: {shown}: {what}: {msg} (gave up after {} retries)",
+                        "{label}: {what}: {msg} (gave up after {} retries)",
                         RETRY_DELAYS.len()
                     ));
                 };
-                warn!("curl: {shown}: {what}: {msg}; retrying in {delay:?}");
+                warn!("{label}: {what}: {msg}; retrying in {delay:?}");
                 std::thread::sleep(*delay);
                 tries += 1;
             }
@@ -457,7 +470,7 @@ fn with_retries<T>(
 /// byte; fall back to HEAD when the answer gives no total.
 fn probe(settings: &Settings) -> std::result::Result<u64, String> {
     let mut easy = settings.easy()?;
-    let total = with_retries(&settings.shown, "probing the size", || {
+    let total = with_retries(&settings.label(), "probing the size", || {
         let mut one = [0u8; 1];
         let reply = match ranged_get(&mut easy, &mut one, 0) {
             Ok(r) => r,
@@ -490,7 +503,7 @@ fn probe(settings: &Settings) -> std::result::Result<u64, String> {
     // The server did not give the total ("bytes 0-0/*"): ask HEAD.
     let mut head = settings.easy()?;
     head.nobody(true).map_err(|e| e.to_string())?;
-    with_retries(&settings.shown, "HEAD for the size", || {
+    with_retries(&settings.label(), "HEAD for the size", || {
         if let Err(e) = head.perform() {
             return Err(if is_transient_error(&e) {
                 Failure::Transient(describe(&e, settings.timeout))
@@ -515,12 +528,13 @@ fn probe(settings: &Settings) -> std::result::Result<u64, String> {
 }
 
 struct CurlPlugin {
+    name: &'static str,
     remote: Arc<Remote>,
 }
 
 impl Backend for CurlPlugin {
     fn name(&self) -> &str {
-        "curl"
+        self.name
     }
     fn open(&self, _readonly: bool, _export: &str) -> Result<Box<dyn Handle>> {
         Ok(Box::new(CurlHandle {
@@ -550,7 +564,7 @@ impl Handle for CurlHandle {
         }
         let what = format!("read of {} bytes at offset {offset}", buf.len());
         debug!("curl: {what}");
-        with_retries(&self.remote.pool.settings.shown, &what, || {
+        with_retries(&self.remote.pool.settings.label(), &what, || {
             self.remote.read_once(buf, offset)
         })
         .map_err(Error::io)
@@ -572,7 +586,7 @@ fn redact(url: &str) -> String {
 /// A secret parameter the nbdkit way: `-` asks on stdin, `-FD` reads a
 /// file descriptor, `+FILE` reads a file, anything else is the value.  A
 /// trailing newline is dropped.
-fn read_secret(key: &str, v: &str) -> std::result::Result<String, ConfigError> {
+pub(crate) fn read_secret(key: &str, v: &str) -> std::result::Result<String, ConfigError> {
     let err = |e: std::io::Error| ConfigError::new(format!("curl: {key}={v}: {e}"));
     let mut s = if v == "-" {
         read_secret_stdin(key).map_err(err)?
@@ -661,6 +675,67 @@ fn parse_ssl_version(v: &str) -> std::result::Result<SslVersion, ConfigError> {
     })
 }
 
+/// The parameters about getting there rather than what to get, shared with
+/// the `s3` plugin: pool size, timeout, TLS, proxy, TCP.  Fills in
+/// everything but the URL and the HTTP-specific fields.
+pub(crate) fn transport(
+    cfg: &mut Config,
+    who: &str,
+) -> std::result::Result<(Settings, usize), ConfigError> {
+    let bool_or = |cfg: &mut Config, key: &str, default: bool| {
+        cfg.take_bool(key)
+            .map(|b| b.unwrap_or(default))
+            .map_err(|e| ConfigError::new(format!("{who}: {e}")))
+    };
+    let timeout = match cfg.take("timeout") {
+        None => None,
+        Some(v) => {
+            let secs: u64 = v.trim().parse().map_err(|_| {
+                ConfigError::new(format!(
+                    "{who}: timeout={v}: expected a whole number of seconds"
+                ))
+            })?;
+            (secs > 0).then(|| Duration::from_secs(secs))
+        }
+    };
+    let connections = match cfg.take("connections") {
+        None => DEFAULT_CONNECTIONS,
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_CONNECTIONS).contains(&n) => n,
+            _ => {
+                return Err(ConfigError::new(format!(
+                    "{who}: connections={v}: expected a number from 1 to {MAX_CONNECTIONS}"
+                )))
+            }
+        },
+    };
+    let proxy_password = cfg
+        .take("proxy-password")
+        .map(|v| read_secret("proxy-password", &v))
+        .transpose()?;
+    let ssl_version = cfg
+        .take("ssl-version")
+        .map(|v| parse_ssl_version(&v))
+        .transpose()?;
+    let s = Settings {
+        proxy: cfg.take("proxy"),
+        proxy_user: cfg.take("proxy-user"),
+        proxy_password,
+        sslverify: bool_or(cfg, "sslverify", true)?,
+        cainfo: cfg.take("cainfo"),
+        capath: cfg.take("capath"),
+        ssl_version,
+        ssl_cipher_list: cfg.take("ssl-cipher-list"),
+        timeout,
+        followlocation: true,
+        user_agent: cfg.take("user-agent"),
+        tcp_keepalive: bool_or(cfg, "tcp-keepalive", false)?,
+        tcp_nodelay: bool_or(cfg, "tcp-nodelay", true)?,
+        ..Settings::default()
+    };
+    Ok((s, connections))
+}
+
 /// Read the parameters into settings (no network yet).
 fn settings(cfg: &mut Config) -> std::result::Result<(Settings, usize), ConfigError> {
     let url = cfg.require("url", "curl")?;
@@ -676,48 +751,15 @@ fn settings(cfg: &mut Config) -> std::result::Result<(Settings, usize), ConfigEr
             redact(&url)
         )));
     }
-    let bool_or = |cfg: &mut Config, key: &str, default: bool| {
-        cfg.take_bool(key)
-            .map(|b| b.unwrap_or(default))
-            .map_err(|e| ConfigError::new(format!("curl: {e}")))
-    };
-    let timeout = match cfg.take("timeout") {
-        None => None,
-        Some(v) => {
-            let secs: u64 = v.trim().parse().map_err(|_| {
-                ConfigError::new(format!(
-                    "curl: timeout={v}: expected a whole number of seconds"
-                ))
-            })?;
-            (secs > 0).then(|| Duration::from_secs(secs))
-        }
-    };
-    let connections = match cfg.take("connections") {
-        None => DEFAULT_CONNECTIONS,
-        Some(v) => match v.trim().parse::<usize>() {
-            Ok(n) if (1..=MAX_CONNECTIONS).contains(&n) => n,
-            _ => {
-                return Err(ConfigError::new(format!(
-                    "curl: connections={v}: expected a number from 1 to {MAX_CONNECTIONS}"
-                )))
-            }
-        },
-    };
-    let cookie = cfg
+    let (mut s, connections) = transport(cfg, "curl")?;
+    s.who = "curl";
+    s.cookie = cfg
         .take("cookie")
         .map(|v| read_secret("cookie", &v))
         .transpose()?;
-    let password = cfg
+    s.password = cfg
         .take("password")
         .map(|v| read_secret("password", &v))
-        .transpose()?;
-    let proxy_password = cfg
-        .take("proxy-password")
-        .map(|v| read_secret("proxy-password", &v))
-        .transpose()?;
-    let ssl_version = cfg
-        .take("ssl-version")
-        .map(|v| parse_ssl_version(&v))
         .transpose()?;
     let headers = cfg.take_all("header");
     for h in &headers {
@@ -727,43 +769,40 @@ fn settings(cfg: &mut Config) -> std::result::Result<(Settings, usize), ConfigEr
             )));
         }
     }
-    let s = Settings {
-        shown: redact(&url),
-        url,
-        headers,
-        cookie,
-        cookiefile: cfg.take("cookiefile"),
-        user: cfg.take("user"),
-        password,
-        proxy: cfg.take("proxy"),
-        proxy_user: cfg.take("proxy-user"),
-        proxy_password,
-        sslverify: bool_or(cfg, "sslverify", true)?,
-        cainfo: cfg.take("cainfo"),
-        capath: cfg.take("capath"),
-        ssl_version,
-        ssl_cipher_list: cfg.take("ssl-cipher-list"),
-        timeout,
-        followlocation: bool_or(cfg, "followlocation", true)?,
-        user_agent: cfg.take("user-agent"),
-        tcp_keepalive: bool_or(cfg, "tcp-keepalive", false)?,
-        tcp_nodelay: bool_or(cfg, "tcp-nodelay", true)?,
-        unix_socket_path: cfg.take("unix-socket-path"),
-        protocols: cfg.take("protocols"),
-    };
+    s.headers = headers;
+    s.shown = redact(&url);
+    s.url = url;
+    s.cookiefile = cfg.take("cookiefile");
+    s.user = cfg.take("user");
+    s.followlocation = cfg
+        .take_bool("followlocation")
+        .map_err(|e| ConfigError::new(format!("curl: {e}")))?
+        .unwrap_or(true);
+    s.unix_socket_path = cfg.take("unix-socket-path");
+    s.protocols = cfg.take("protocols");
     Ok((s, connections))
 }
 
 fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
     let (settings, connections) = settings(cfg)?;
+    serve(settings, connections, "curl")
+}
+
+/// Probe the size and make the backend (`name` is "curl" or "s3").
+pub(crate) fn serve(
+    settings: Settings,
+    connections: usize,
+    name: &'static str,
+) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
     // Options libcurl rejects (a bad protocol list, …) fail here, naming
     // the key, before any request.
     settings
         .easy()
-        .map_err(|e| ConfigError::new(format!("curl: {e}")))?;
+        .map_err(|e| ConfigError::new(format!("{name}: {e}")))?;
     let size = probe(&settings).map_err(ConfigError::new)?;
-    debug!("curl: {}: size {size}", settings.shown);
+    debug!("{name}: {}: size {size}", settings.shown);
     Ok(Arc::new(CurlPlugin {
+        name,
         remote: Arc::new(Remote {
             pool: Pool {
                 settings,

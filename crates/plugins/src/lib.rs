@@ -6,6 +6,7 @@ use nbdkit_backend::PluginSpec;
 pub mod curl;
 pub mod file;
 pub mod memory;
+pub mod s3;
 pub mod simple;
 
 /// Every built-in plugin, in the order `--help` lists them.
@@ -19,5 +20,6 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &simple::PATTERN,
         &simple::ONES,
         &curl::SPEC,
+        &s3::SPEC,
     ]
 }
