@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 packages=(qemu-utils libnbd-bin python3-libnbd nbdfuse nbdkit fio fuse3 fdisk e2fsprogs
           util-linux mount xz-utils gzip pigz tabix zstd bzip2 liblzma-dev pkg-config
-          openssl libvirt0)
+          openssl libvirt0 libcurl4-openssl-dev python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,6 +20,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" = 0 ] || sudo=sudo
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# moto (PyPI): a local S3 server for tests/remote.rs, in its own virtualenv.
+export NBDKIT_RS_MOTO="${NBDKIT_RS_MOTO:-$HOME/.cache/nbdkit-rs/moto}"
+if [ ! -x "$NBDKIT_RS_MOTO/bin/moto_server" ]; then
+    echo "Installing moto[server] into $NBDKIT_RS_MOTO"
+    /usr/bin/python3 -m venv "$NBDKIT_RS_MOTO"
+    "$NBDKIT_RS_MOTO/bin/pip" install -q 'moto[server]>=5,<6'
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 

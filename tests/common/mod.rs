@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod disk;
+pub mod http;
 pub mod nbdinfo;
 
 #[allow(unused_imports)]

@@ -3,9 +3,11 @@
 
 use nbdkit_backend::PluginSpec;
 
+pub mod curl;
 pub mod file;
 pub mod libvirt;
 pub mod memory;
+pub mod s3;
 pub mod simple;
 
 /// Every built-in plugin, in the order `--help` lists them.
@@ -19,5 +21,7 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &simple::FULL,
         &simple::PATTERN,
         &simple::ONES,
+        &curl::SPEC,
+        &s3::SPEC,
     ]
 }

@@ -1,0 +1,1015 @@
+//! `curl`: serve a remote disk image over HTTP or HTTPS, read with ranged
+//! GETs (`Range: bytes=A-B`), so nothing is downloaded that a client does
+//! not read.
+//!
+//! Why it exists: images live on web servers and object stores more often
+//! than on local disks.  Under the compressed filters
+//! (`--filter=xz curl url=…/disk.img.xz`) a remote compressed image is
+//! served uncompressed with random access, fetching only the compressed
+//! blocks that reads touch.
+//!
+//! How: the size comes from a one-byte range probe at start-up (the total
+//! in `Content-Range`), or from HEAD's `Content-Length` when the server
+//! does not say; a server that answers the probe with the whole body (200)
+//! does not support ranges and is refused at start-up.  Requests go through
+//! a pool of `connections=` libcurl handles (each keeps its HTTP connection
+//! alive) shared by every NBD connection, so up to that many reads are on
+//! the wire at once.  Server errors (5xx, 429) and broken connections are
+//! retried with exponential backoff ([`RETRY_DELAYS`]); timeouts and wrong
+//! answers are not.  Every failure reaches the client as EIO and the log
+//! with the URL and offset.  The export is read-only (no PUT).
+
+use std::cell::Cell;
+use std::io::{BufRead, Read};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use curl::easy::{Easy, List, SslVersion};
+use nbdkit_backend::{Backend, Config, ConfigError, Error, Handle, Param, PluginSpec, Result};
+use tracing::{debug, warn};
+
+/// Backoff before each retry of a request that failed transiently (a 5xx
+/// or 429 answer, a refused or broken connection): four retries, 3.75 s of
+/// waiting in all, then the error goes to the client.
+pub const RETRY_DELAYS: [Duration; 4] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_millis(1000),
+    Duration::from_millis(2000),
+];
+
+/// Without `timeout=`, a transfer slower than 1 byte/s for this long is
+/// abandoned, so a stalled server cannot hold a client forever.
+const STALL_TIME: Duration = Duration::from_secs(60);
+
+/// Connecting (TCP and TLS) may take this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// nbdkit 1.34's default pool size.
+const DEFAULT_CONNECTIONS: usize = 4;
+const MAX_CONNECTIONS: usize = 1024;
+
+/// Everything needed to configure a libcurl handle, from the parameters.
+#[derive(Clone, Default)]
+pub(crate) struct Settings {
+    /// "curl" or "s3", for messages.
+    pub(crate) who: &'static str,
+    pub(crate) url: String,
+    /// The URL without credentials, for messages.
+    pub(crate) shown: String,
+    pub(crate) headers: Vec<String>,
+    pub(crate) cookie: Option<String>,
+    pub(crate) cookiefile: Option<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) password: Option<String>,
+    pub(crate) proxy: Option<String>,
+    pub(crate) proxy_user: Option<String>,
+    pub(crate) proxy_password: Option<String>,
+    pub(crate) sslverify: bool,
+    pub(crate) cainfo: Option<String>,
+    pub(crate) capath: Option<String>,
+    pub(crate) ssl_version: Option<SslVersion>,
+    pub(crate) ssl_cipher_list: Option<String>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) followlocation: bool,
+    pub(crate) user_agent: Option<String>,
+    pub(crate) tcp_keepalive: bool,
+    pub(crate) tcp_nodelay: bool,
+    pub(crate) unix_socket_path: Option<String>,
+    pub(crate) protocols: Option<String>,
+    /// CURLOPT_AWS_SIGV4 ("aws:amz:REGION:s3"), with user/password as the
+    /// access key and secret: the `s3` plugin.
+    pub(crate) aws_sigv4: Option<String>,
+}
+
+impl Settings {
+    /// "curl: URL", the start of every message.
+    fn label(&self) -> String {
+        format!("{}: {}", self.who, self.shown)
+    }
+
+    /// A new libcurl handle with every option applied.
+    fn easy(&self) -> std::result::Result<Easy, String> {
+        let mut e = Easy::new();
+        let ctx = |what: &str, err: curl::Error| format!("{what}: {err}");
+        e.url(&self.url).map_err(|x| ctx("url", x))?;
+        if let Some(p) = &self.protocols {
+            set_protocols(&e, p).map_err(|x| format!("protocols={p}: {x}"))?;
+        }
+        if !self.headers.is_empty() {
+            let mut list = List::new();
+            for h in &self.headers {
+                list.append(h).map_err(|x| ctx("header", x))?;
+            }
+            e.http_headers(list).map_err(|x| ctx("header", x))?;
+        }
+        if let Some(c) = &self.cookie {
+            e.cookie(c).map_err(|x| ctx("cookie", x))?;
+        }
+        if let Some(f) = &self.cookiefile {
+            e.cookie_file(f).map_err(|x| ctx("cookiefile", x))?;
+        }
+        if let Some(u) = &self.user {
+            e.username(u).map_err(|x| ctx("user", x))?;
+        }
+        if let Some(p) = &self.password {
+            e.password(p).map_err(|x| ctx("password", x))?;
+        }
+        if let Some(p) = &self.proxy {
+            e.proxy(p).map_err(|x| ctx("proxy", x))?;
+        }
+        if let Some(u) = &self.proxy_user {
+            e.proxy_username(u).map_err(|x| ctx("proxy-user", x))?;
+        }
+        if let Some(p) = &self.proxy_password {
+            e.proxy_password(p).map_err(|x| ctx("proxy-password", x))?;
+        }
+        e.ssl_verify_peer(self.sslverify)
+            .map_err(|x| ctx("sslverify", x))?;
+        e.ssl_verify_host(self.sslverify)
+            .map_err(|x| ctx("sslverify", x))?;
+        if let Some(c) = &self.cainfo {
+            e.cainfo(c).map_err(|x| ctx("cainfo", x))?;
+        }
+        if let Some(c) = &self.capath {
+            e.capath(c).map_err(|x| ctx("capath", x))?;
+        }
+        if let Some(v) = self.ssl_version {
+            e.ssl_version(v).map_err(|x| ctx("ssl-version", x))?;
+        }
+        if let Some(c) = &self.ssl_cipher_list {
+            e.ssl_cipher_list(c)
+                .map_err(|x| ctx("ssl-cipher-list", x))?;
+        }
+        if let Some(t) = self.timeout {
+            e.timeout(t).map_err(|x| ctx("timeout", x))?;
+        }
+        e.low_speed_limit(1).map_err(|x| ctx("timeout", x))?;
+        e.low_speed_time(STALL_TIME)
+            .map_err(|x| ctx("timeout", x))?;
+        e.connect_timeout(CONNECT_TIMEOUT)
+            .map_err(|x| ctx("timeout", x))?;
+        e.follow_location(self.followlocation)
+            .map_err(|x| ctx("followlocation", x))?;
+        if let Some(a) = &self.user_agent {
+            e.useragent(a).map_err(|x| ctx("user-agent", x))?;
+        }
+        e.tcp_keepalive(self.tcp_keepalive)
+            .map_err(|x| ctx("tcp-keepalive", x))?;
+        e.tcp_nodelay(self.tcp_nodelay)
+            .map_err(|x| ctx("tcp-nodelay", x))?;
+        if let Some(p) = &self.unix_socket_path {
+            e.unix_socket(p).map_err(|x| ctx("unix-socket-path", x))?;
+        }
+        if let Some(p) = &self.aws_sigv4 {
+            e.aws_sigv4(p).map_err(|x| ctx("aws-sigv4", x))?;
+        }
+        // Worker threads may be interrupted by signals; libcurl must not
+        // use SIGALRM for its timeouts there.
+        e.signal(false).map_err(|x| ctx("signal", x))?;
+        Ok(e)
+    }
+}
+
+/// CURLOPT_PROTOCOLS_STR and CURLOPT_REDIR_PROTOCOLS_STR (libcurl 7.85),
+/// which the `curl` crate does not wrap.
+fn set_protocols(e: &Easy, list: &str) -> std::result::Result<(), String> {
+    const CURLOPT_PROTOCOLS_STR: curl_sys::CURLoption = curl_sys::CURLOPTTYPE_OBJECTPOINT + 318;
+    const CURLOPT_REDIR_PROTOCOLS_STR: curl_sys::CURLoption =
+        curl_sys::CURLOPTTYPE_OBJECTPOINT + 319;
+    let c = std::ffi::CString::new(list).map_err(|_| "contains a NUL byte".to_string())?;
+    for opt in [CURLOPT_PROTOCOLS_STR, CURLOPT_REDIR_PROTOCOLS_STR] {
+        // SAFETY: a string option on a live handle; libcurl copies it.
+        let rc = unsafe { curl_sys::curl_easy_setopt(e.raw(), opt, c.as_ptr()) };
+        if rc != curl_sys::CURLE_OK {
+            return Err(curl::Error::new(rc).to_string());
+        }
+    }
+    Ok(())
+}
+
+/// A pool of libcurl handles shared by every NBD connection.  Handles are
+/// made on demand, up to `max`; a request waits for a free one beyond that.
+struct Pool {
+    settings: Settings,
+    max: usize,
+    state: Mutex<PoolState>,
+    freed: Condvar,
+}
+
+struct PoolState {
+    idle: Vec<Easy>,
+    total: usize,
+}
+
+struct Pooled<'a> {
+    pool: &'a Pool,
+    easy: Option<Easy>,
+}
+
+impl Pool {
+    fn get(&self) -> Result<Pooled<'_>> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(e) = st.idle.pop() {
+                return Ok(Pooled {
+                    pool: self,
+                    easy: Some(e),
+                });
+            }
+            if st.total < self.max {
+                st.total += 1;
+                drop(st);
+                return match self.settings.easy() {
+                    Ok(e) => Ok(Pooled {
+                        pool: self,
+                        easy: Some(e),
+                    }),
+                    Err(msg) => {
+                        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                        st.total -= 1;
+                        self.freed.notify_one();
+                        Err(Error::io(format!("{}: {msg}", self.settings.label())))
+                    }
+                };
+            }
+            st = self.freed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.easy.take() {
+            let mut st = self.pool.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.idle.push(e);
+            self.pool.freed.notify_one();
+        }
+    }
+}
+
+/// Why one attempt failed, and whether another may succeed.
+#[derive(Debug)]
+enum Failure {
+    /// 5xx, 429, refused or broken connection: worth retrying.
+    Transient(String),
+    /// Anything else: a timeout, a 4xx, a wrong answer.
+    Final(String),
+}
+
+/// What came back from one GET with a Range header.
+struct RangeReply {
+    status: u32,
+    /// The `Content-Range` header of the final response, if any.
+    content_range: Option<String>,
+    /// Body bytes stored in the buffer.
+    got: usize,
+}
+
+/// One ranged GET of `buf.len()` bytes at `offset` into `buf`.  The body
+/// is stored only when the answer is 206; anything else aborts the
+/// transfer after its headers.
+fn ranged_get(
+    easy: &mut Easy,
+    buf: &mut [u8],
+    offset: u64,
+) -> std::result::Result<RangeReply, (curl::Error, RangeReply)> {
+    let last = offset + buf.len() as u64 - 1;
+    let status = Cell::new(0u32);
+    let content_range: Cell<Option<String>> = Cell::new(None);
+    let mut got = 0usize;
+    let r = (|| {
+        easy.get(true)?;
+        easy.range(&format!("{offset}-{last}"))?;
+        let mut t = easy.transfer();
+        t.header_function(|line| {
+            let line = String::from_utf8_lossy(line);
+            let line = line.trim_end();
+            if let Some(rest) = line.strip_prefix("HTTP/") {
+                // A new response (after a redirect or a 100 Continue).
+                let code = rest
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+                status.set(code);
+                content_range.set(None);
+            } else if let Some((k, v)) = line.split_once(':') {
+                if k.trim().eq_ignore_ascii_case("content-range") {
+                    content_range.set(Some(v.trim().to_string()));
+                }
+            }
+            true
+        })?;
+        t.write_function(|data| {
+            if status.get() != 206 || got + data.len() > buf.len() {
+                // Not the range (or more than it): stop the transfer.
+                return Ok(0);
+            }
+            buf[got..got + data.len()].copy_from_slice(data);
+            got += data.len();
+            Ok(data.len())
+        })?;
+        t.perform()
+    })();
+    let reply = RangeReply {
+        status: easy.response_code().unwrap_or(0).max(status.get()),
+        content_range: content_range.take(),
+        got,
+    };
+    match r {
+        Ok(()) => Ok(reply),
+        Err(e) => Err((e, reply)),
+    }
+}
+
+/// A parsed `Content-Range`: the first and last byte (None for `*`) and the
+/// total size (None for `*`).
+type ContentRange = (Option<(u64, u64)>, Option<u64>);
+
+/// Parse `bytes A-B/TOTAL` (TOTAL may be `*`) or `bytes */TOTAL`.
+fn parse_content_range(v: &str) -> Option<ContentRange> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    let range = match range.trim() {
+        "*" => None,
+        r => {
+            let (a, b) = r.split_once('-')?;
+            let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+            if b < a {
+                return None;
+            }
+            Some((a, b))
+        }
+    };
+    Some((range, total))
+}
+
+fn is_transient_status(status: u32) -> bool {
+    status == 429 || (500..600).contains(&status)
+}
+
+fn is_transient_error(e: &curl::Error) -> bool {
+    e.is_couldnt_connect()
+        || e.is_send_error()
+        || e.is_recv_error()
+        || e.is_got_nothing()
+        || e.is_partial_file()
+        || e.is_read_error()
+}
+
+/// Describe a libcurl error, naming timeouts as such.
+fn describe(e: &curl::Error, timeout: Option<Duration>) -> String {
+    if e.is_operation_timedout() {
+        match timeout {
+            Some(t) => format!("timed out (timeout={}s): {e}", t.as_secs_f64()),
+            None => format!("stalled: {e}"),
+        }
+    } else {
+        // Display includes libcurl's detailed message.
+        e.to_string()
+    }
+}
+
+/// Shared by the backend and every handle.
+struct Remote {
+    pool: Pool,
+    size: u64,
+}
+
+impl Remote {
+    /// One attempt at reading `buf` at `offset`.
+    fn read_once(&self, buf: &mut [u8], offset: u64) -> std::result::Result<(), Failure> {
+        let mut pooled = self.pool.get().map_err(|e| Failure::Final(e.to_string()))?;
+        let easy = pooled.easy.as_mut().expect("pooled handle");
+        let timeout = self.pool.settings.timeout;
+        let want = buf.len();
+        let reply = match ranged_get(easy, buf, offset) {
+            Ok(r) => r,
+            Err((e, r)) => {
+                if r.status == 200 {
+                    return Err(Failure::Final(
+                        "the server answered a range request with the whole file (200): it does not support range requests".into(),
+                    ));
+                }
+                if r.status == 206 && e.is_write_error() {
+                    return Err(Failure::Final(format!(
+                        "the server sent more than the {want} bytes asked for"
+                    )));
+                }
+                if r.status != 0 && r.status != 206 && e.is_write_error() {
+                    // We stopped reading an error response: judge its status.
+                    r
+                } else if is_transient_error(&e) {
+                    return Err(Failure::Transient(describe(&e, timeout)));
+                } else {
+                    return Err(Failure::Final(describe(&e, timeout)));
+                }
+            }
+        };
+        match reply.status {
+            206 => {}
+            s if is_transient_status(s) => {
+                return Err(Failure::Transient(format!("HTTP status {s}")))
+            }
+            s => return Err(Failure::Final(format!("HTTP status {s}"))),
+        }
+        let first = offset;
+        let last = offset + want as u64 - 1;
+        match reply.content_range.as_deref().and_then(parse_content_range) {
+            Some((Some((a, b)), _)) if a == first && b == last => {}
+            _ => {
+                return Err(Failure::Final(format!(
+                    "the server sent the wrong range (Content-Range: {}) for bytes {first}-{last}",
+                    reply.content_range.as_deref().unwrap_or("missing")
+                )))
+            }
+        }
+        if reply.got != want {
+            return Err(Failure::Final(format!(
+                "short body: {} of {want} bytes",
+                reply.got
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Run `attempt` with retries for transient failures; the error names the
+/// URL and what was being done.
+fn with_retries<T>(
+    label: &str,
+    what: &str,
+    mut attempt: impl FnMut() -> std::result::Result<T, Failure>,
+) -> std::result::Result<T, String> {
+    let mut tries = 0;
+    loop {
+        match attempt() {
+            Ok(v) => return Ok(v),
+            Err(Failure::Final(msg)) => return Err(format!("{label}: {what}: {msg}")),
+            Err(Failure::Transient(msg)) => {
+                let Some(delay) = RETRY_DELAYS.get(tries) else {
+                    return Err(format!(
+                        "{label}: {what}: {msg} (gave up after {} retries)",
+                        RETRY_DELAYS.len()
+                    ));
+                };
+                warn!("{label}: {what}: {msg}; retrying in {delay:?}");
+                std::thread::sleep(*delay);
+                tries += 1;
+            }
+        }
+    }
+}
+
+/// Find the size, and check that the server honours ranges: GET the first
+/// byte; fall back to HEAD when the answer gives no total.
+fn probe(settings: &Settings) -> std::result::Result<u64, String> {
+    let mut easy = settings.easy()?;
+    let total = with_retries(&settings.label(), "probing the size", || {
+        let mut one = [0u8; 1];
+        let reply = match ranged_get(&mut easy, &mut one, 0) {
+            Ok(r) => r,
+            Err((e, r)) if e.is_write_error() && r.status != 0 => r,
+            Err((e, _)) if is_transient_error(&e) => {
+                return Err(Failure::Transient(describe(&e, settings.timeout)))
+            }
+            Err((e, _)) => return Err(Failure::Final(describe(&e, settings.timeout))),
+        };
+        let cr = reply.content_range.as_deref().and_then(parse_content_range);
+        match reply.status {
+            206 => Ok(cr.and_then(|(_, total)| total)),
+            // Range not satisfiable: an empty file says "bytes */0".
+            416 => match cr {
+                Some((None, Some(t))) => Ok(Some(t)),
+                _ => Err(Failure::Final(
+                    "HTTP status 416 (range not satisfiable) without the size".into(),
+                )),
+            },
+            200 => Err(Failure::Final(
+                "the server does not support range requests (it answered a request for bytes 0-0 with the whole file, status 200)".into(),
+            )),
+            s if is_transient_status(s) => Err(Failure::Transient(format!("HTTP status {s}"))),
+            s => Err(Failure::Final(format!("HTTP status {s}"))),
+        }
+    })?;
+    if let Some(t) = total {
+        return Ok(t);
+    }
+    // The server did not give the total ("bytes 0-0/*"): ask HEAD.
+    let mut head = settings.easy()?;
+    head.nobody(true).map_err(|e| e.to_string())?;
+    with_retries(&settings.label(), "HEAD for the size", || {
+        if let Err(e) = head.perform() {
+            return Err(if is_transient_error(&e) {
+                Failure::Transient(describe(&e, settings.timeout))
+            } else {
+                Failure::Final(describe(&e, settings.timeout))
+            });
+        }
+        match head.response_code().unwrap_or(0) {
+            200 => {}
+            s if is_transient_status(s) => {
+                return Err(Failure::Transient(format!("HTTP status {s}")))
+            }
+            s => return Err(Failure::Final(format!("HTTP status {s}"))),
+        }
+        match head.content_length_download() {
+            Ok(n) if n >= 0.0 => Ok(n as u64),
+            _ => Err(Failure::Final(
+                "the server gave neither a Content-Range total nor a Content-Length: the size is unknown".into(),
+            )),
+        }
+    })
+}
+
+struct CurlPlugin {
+    name: &'static str,
+    remote: Arc<Remote>,
+}
+
+impl Backend for CurlPlugin {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn open(&self, _readonly: bool, _export: &str) -> Result<Box<dyn Handle>> {
+        Ok(Box::new(CurlHandle {
+            remote: self.remote.clone(),
+        }))
+    }
+}
+
+struct CurlHandle {
+    remote: Arc<Remote>,
+}
+
+impl Handle for CurlHandle {
+    fn source_name(&self) -> Option<String> {
+        Some(self.remote.pool.settings.shown.clone())
+    }
+    fn size(&self) -> Result<u64> {
+        Ok(self.remote.size)
+    }
+    fn can_multi_conn(&self) -> Result<bool> {
+        // Read-only: every connection sees the same bytes.
+        Ok(true)
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let what = format!("read of {} bytes at offset {offset}", buf.len());
+        debug!("curl: {what}");
+        with_retries(&self.remote.pool.settings.label(), &what, || {
+            self.remote.read_once(buf, offset)
+        })
+        .map_err(Error::io)
+    }
+}
+
+/// The URL with any `user:password@` replaced, for messages and logs.
+fn redact(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..auth_end].rfind('@') {
+            return format!("{}://***@{}", &url[..scheme_end], &rest[at + 1..]);
+        }
+    }
+    url.to_string()
+}
+
+/// A secret parameter the nbdkit way: `-` asks on stdin, `-FD` reads a
+/// file descriptor, `+FILE` reads a file, anything else is the value.  A
+/// trailing newline is dropped.
+pub(crate) fn read_secret(key: &str, v: &str) -> std::result::Result<String, ConfigError> {
+    let err = |e: std::io::Error| ConfigError::new(format!("curl: {key}={v}: {e}"));
+    let mut s = if v == "-" {
+        read_secret_stdin(key).map_err(err)?
+    } else if let Some(fd) = v
+        .strip_prefix('-')
+        .filter(|f| f.bytes().all(|b| b.is_ascii_digit()))
+    {
+        let fd: i32 = fd
+            .parse()
+            .map_err(|_| ConfigError::new(format!("curl: {key}={v}: bad file descriptor")))?;
+        if fd < 0 {
+            return Err(ConfigError::new(format!(
+                "curl: {key}={v}: bad file descriptor"
+            )));
+        }
+        // Read through a duplicate, so the caller's descriptor stays open.
+        // SAFETY: dup of a descriptor number; failure is checked.
+        let dup = unsafe { libc::dup(fd) };
+        if dup < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `dup` is a fresh descriptor we own.
+        let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        let mut s = String::new();
+        f.read_to_string(&mut s).map_err(err)?;
+        s
+    } else if let Some(path) = v.strip_prefix('+') {
+        std::fs::read_to_string(path).map_err(err)?
+    } else {
+        return Ok(v.to_string());
+    };
+    if s.ends_with('\n') {
+        s.pop();
+        if s.ends_with('\r') {
+            s.pop();
+        }
+    }
+    Ok(s)
+}
+
+/// Read one line from stdin; on a terminal, prompt and do not echo.
+fn read_secret_stdin(key: &str) -> std::io::Result<String> {
+    let fd = libc::STDIN_FILENO;
+    // SAFETY: isatty/tcgetattr/tcsetattr on stdin with a zeroed termios.
+    let tty = unsafe { libc::isatty(fd) } == 1;
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    let restore = tty && unsafe { libc::tcgetattr(fd, &mut saved) } == 0;
+    if tty {
+        eprint!("{key}: ");
+    }
+    if restore {
+        let mut t = saved;
+        t.c_lflag &= !libc::ECHO;
+        unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &t) };
+    }
+    let mut line = String::new();
+    let r = std::io::stdin().lock().read_line(&mut line);
+    if restore {
+        unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &saved) };
+        eprintln!();
+    }
+    match r {
+        Ok(0) => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "standard input is empty",
+        )),
+        r => r.map(|_| line),
+    }
+}
+
+fn parse_ssl_version(v: &str) -> std::result::Result<SslVersion, ConfigError> {
+    Ok(match v {
+        "default" => SslVersion::Default,
+        "tlsv1" => SslVersion::Tlsv1,
+        "sslv2" => SslVersion::Sslv2,
+        "sslv3" => SslVersion::Sslv3,
+        "tlsv1.0" => SslVersion::Tlsv10,
+        "tlsv1.1" => SslVersion::Tlsv11,
+        "tlsv1.2" => SslVersion::Tlsv12,
+        "tlsv1.3" => SslVersion::Tlsv13,
+        _ => {
+            return Err(ConfigError::new(format!(
+                "curl: ssl-version={v}: expected tlsv1, sslv2, sslv3, tlsv1.0, tlsv1.1, tlsv1.2 or tlsv1.3"
+            )))
+        }
+    })
+}
+
+/// The parameters about getting there rather than what to get, shared with
+/// the `s3` plugin: pool size, timeout, TLS, proxy, TCP.  Fills in
+/// everything but the URL and the HTTP-specific fields.
+pub(crate) fn transport(
+    cfg: &mut Config,
+    who: &str,
+) -> std::result::Result<(Settings, usize), ConfigError> {
+    let bool_or = |cfg: &mut Config, key: &str, default: bool| {
+        cfg.take_bool(key)
+            .map(|b| b.unwrap_or(default))
+            .map_err(|e| ConfigError::new(format!("{who}: {e}")))
+    };
+    let timeout = match cfg.take("timeout") {
+        None => None,
+        Some(v) => {
+            let secs: u64 = v.trim().parse().map_err(|_| {
+                ConfigError::new(format!(
+                    "{who}: timeout={v}: expected a whole number of seconds"
+                ))
+            })?;
+            (secs > 0).then(|| Duration::from_secs(secs))
+        }
+    };
+    let connections = match cfg.take("connections") {
+        None => DEFAULT_CONNECTIONS,
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_CONNECTIONS).contains(&n) => n,
+            _ => {
+                return Err(ConfigError::new(format!(
+                    "{who}: connections={v}: expected a number from 1 to {MAX_CONNECTIONS}"
+                )))
+            }
+        },
+    };
+    let proxy_password = cfg
+        .take("proxy-password")
+        .map(|v| read_secret("proxy-password", &v))
+        .transpose()?;
+    let ssl_version = cfg
+        .take("ssl-version")
+        .map(|v| parse_ssl_version(&v))
+        .transpose()?;
+    let s = Settings {
+        proxy: cfg.take("proxy"),
+        proxy_user: cfg.take("proxy-user"),
+        proxy_password,
+        sslverify: bool_or(cfg, "sslverify", true)?,
+        cainfo: cfg.take("cainfo"),
+        capath: cfg.take("capath"),
+        ssl_version,
+        ssl_cipher_list: cfg.take("ssl-cipher-list"),
+        timeout,
+        followlocation: true,
+        user_agent: cfg.take("user-agent"),
+        tcp_keepalive: bool_or(cfg, "tcp-keepalive", false)?,
+        tcp_nodelay: bool_or(cfg, "tcp-nodelay", true)?,
+        ..Settings::default()
+    };
+    Ok((s, connections))
+}
+
+/// Read the parameters into settings (no network yet).
+fn settings(cfg: &mut Config) -> std::result::Result<(Settings, usize), ConfigError> {
+    let url = cfg.require("url", "curl")?;
+    if url.is_empty() {
+        return Err(ConfigError::new("curl: url= is empty"));
+    }
+    // Only HTTP has the range requests this plugin is built on; libcurl's
+    // other protocols (FTP, SFTP, file) are refused rather than half-served.
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    if !matches!(scheme.as_deref(), Some("http" | "https")) {
+        return Err(ConfigError::new(format!(
+            "curl: url={}: only http:// and https:// URLs are supported",
+            redact(&url)
+        )));
+    }
+    let (mut s, connections) = transport(cfg, "curl")?;
+    s.who = "curl";
+    s.cookie = cfg
+        .take("cookie")
+        .map(|v| read_secret("cookie", &v))
+        .transpose()?;
+    s.password = cfg
+        .take("password")
+        .map(|v| read_secret("password", &v))
+        .transpose()?;
+    let headers = cfg.take_all("header");
+    for h in &headers {
+        if !h.contains([':', ';']) || h.contains(['\r', '\n']) {
+            return Err(ConfigError::new(format!(
+                "curl: header={h}: expected 'Name: value' (or 'Name:' to remove a header, 'Name;' for an empty one)"
+            )));
+        }
+    }
+    s.headers = headers;
+    s.shown = redact(&url);
+    s.url = url;
+    s.cookiefile = cfg.take("cookiefile");
+    s.user = cfg.take("user");
+    s.followlocation = cfg
+        .take_bool("followlocation")
+        .map_err(|e| ConfigError::new(format!("curl: {e}")))?
+        .unwrap_or(true);
+    s.unix_socket_path = cfg.take("unix-socket-path");
+    s.protocols = cfg.take("protocols");
+    Ok((s, connections))
+}
+
+fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+    let (settings, connections) = settings(cfg)?;
+    serve(settings, connections, "curl")
+}
+
+/// Probe the size and make the backend (`name` is "curl" or "s3").
+pub(crate) fn serve(
+    settings: Settings,
+    connections: usize,
+    name: &'static str,
+) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+    // Options libcurl rejects (a bad protocol list, …) fail here, naming
+    // the key, before any request.
+    settings
+        .easy()
+        .map_err(|e| ConfigError::new(format!("{name}: {e}")))?;
+    let size = probe(&settings).map_err(ConfigError::new)?;
+    debug!("{name}: {}: size {size}", settings.shown);
+    Ok(Arc::new(CurlPlugin {
+        name,
+        remote: Arc::new(Remote {
+            pool: Pool {
+                settings,
+                max: connections,
+                state: Mutex::new(PoolState {
+                    idle: Vec::new(),
+                    total: 0,
+                }),
+                freed: Condvar::new(),
+            },
+            size,
+        }),
+    }))
+}
+
+pub static SPEC: PluginSpec = PluginSpec {
+    name: "curl",
+    summary: "a remote disk image over HTTP/HTTPS, read with range requests (read-only)",
+    description: "Each read is a ranged GET; the size comes from the server at start-up, and a\n\
+                  server that does not support range requests is refused then.  Up to\n\
+                  connections= requests are in flight at once, shared by all clients; 5xx\n\
+                  answers and broken connections are retried 4 times with backoff (0.25 s\n\
+                  doubling), and any other failure is EIO naming the URL and offset.\n\
+                  Read-only.\n\n\
+                  Examples:\n  nbdkit-rs curl https://example.com/disk.img\n  \
+                  nbdkit-rs --filter=xz curl url=http://example.com/disk.img.xz timeout=30\n  \
+                  nbdkit-rs curl url=https://example.com/disk.img user=me password=+pw.txt",
+    magic_config_key: Some("url"),
+    params: &[
+        Param {
+            name: "url",
+            help: "the URL of the disk image (required; the magic key)",
+        },
+        Param {
+            name: "connections",
+            help: "HTTP connections shared by all clients (default 4)",
+        },
+        Param {
+            name: "timeout",
+            help:
+                "seconds a request may take (default: none, but a transfer stalled for 60 s fails)",
+        },
+        Param {
+            name: "header",
+            help: "'Name: value' sent with every request (repeatable; 'Name:' removes one)",
+        },
+        Param {
+            name: "cookie",
+            help: "cookie string, or +FILE, - (stdin) or -FD",
+        },
+        Param {
+            name: "cookiefile",
+            help: "enable cookies, loading them from FILE (empty: start with none)",
+        },
+        Param {
+            name: "user",
+            help: "user name for authentication",
+        },
+        Param {
+            name: "password",
+            help: "password, or +FILE, - (ask on stdin) or -FD",
+        },
+        Param {
+            name: "user-agent",
+            help: "User-Agent header (default: none)",
+        },
+        Param {
+            name: "followlocation",
+            help: "follow redirects (default true)",
+        },
+        Param {
+            name: "sslverify",
+            help: "verify the server's certificate (default true)",
+        },
+        Param {
+            name: "cainfo",
+            help: "CA bundle file",
+        },
+        Param {
+            name: "capath",
+            help: "CA certificates directory",
+        },
+        Param {
+            name: "ssl-version",
+            help: "tlsv1, sslv2, sslv3, tlsv1.0, tlsv1.1, tlsv1.2 or tlsv1.3",
+        },
+        Param {
+            name: "ssl-cipher-list",
+            help: "allowed TLS ciphers (CIPHER[:CIPHER...])",
+        },
+        Param {
+            name: "proxy",
+            help: "proxy URL",
+        },
+        Param {
+            name: "proxy-user",
+            help: "proxy user name",
+        },
+        Param {
+            name: "proxy-password",
+            help: "proxy password, or +FILE, - or -FD",
+        },
+        Param {
+            name: "protocols",
+            help: "allowed protocols, e.g. http,https (also for redirects)",
+        },
+        Param {
+            name: "tcp-keepalive",
+            help: "enable TCP keepalives (default false)",
+        },
+        Param {
+            name: "tcp-nodelay",
+            help: "disable Nagle's algorithm (default true)",
+        },
+        Param {
+            name: "unix-socket-path",
+            help: "connect to the HTTP server over this Unix socket",
+        },
+    ],
+    create,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_forms() {
+        assert_eq!(
+            parse_content_range("bytes 0-0/1234"),
+            Some((Some((0, 0)), Some(1234)))
+        );
+        assert_eq!(
+            parse_content_range("bytes 10-19/*"),
+            Some((Some((10, 19)), None))
+        );
+        assert_eq!(parse_content_range("bytes */0"), Some((None, Some(0))));
+        assert_eq!(parse_content_range("bytes 5-4/10"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+        assert_eq!(parse_content_range("bytes x-1/2"), None);
+    }
+
+    #[test]
+    fn credentials_are_not_shown() {
+        assert_eq!(redact("http://u:p@host:8/a@b"), "http://***@host:8/a@b");
+        assert_eq!(redact("http://host/x"), "http://host/x");
+        assert_eq!(redact("weird"), "weird");
+    }
+
+    #[test]
+    fn secrets_from_files_and_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pw");
+        std::fs::write(&p, "s3cret\n").unwrap();
+        assert_eq!(
+            read_secret("password", &format!("+{}", p.display())).unwrap(),
+            "s3cret"
+        );
+        assert_eq!(read_secret("password", "plain").unwrap(), "plain");
+        // -FD: read from an inherited descriptor (here a pipe), which stays open.
+        let mut fds = [0i32; 2];
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        assert_eq!(
+            unsafe { libc::write(fds[1], b"from-fd\n".as_ptr().cast(), 8) },
+            8
+        );
+        unsafe { libc::close(fds[1]) };
+        assert_eq!(
+            read_secret("password", &format!("-{}", fds[0])).unwrap(),
+            "from-fd"
+        );
+        assert_eq!(
+            unsafe { libc::close(fds[0]) },
+            0,
+            "the descriptor stays open"
+        );
+        let e = read_secret("password", "+/nonexistent/x").unwrap_err();
+        assert!(e.0.contains("password=+/nonexistent/x"), "{e}");
+    }
+
+    #[test]
+    fn bad_parameters_name_their_key() {
+        let bad = [
+            ("connections", "0"),
+            ("connections", "x"),
+            ("timeout", "-1"),
+            ("timeout", "1.5"),
+            ("sslverify", "maybe"),
+            ("ssl-version", "tlsv9"),
+            ("header", "no separator"),
+        ];
+        for (k, v) in bad {
+            let mut cfg = Config::new(vec![
+                ("url".into(), "http://127.0.0.1:1/x".into()),
+                (k.into(), v.into()),
+            ]);
+            let e = settings(&mut cfg).err().expect("must fail");
+            assert!(e.0.contains(&format!("{k}={v}")), "{k}={v}: {e}");
+        }
+        let mut cfg = Config::new(vec![]);
+        assert!(settings(&mut cfg).err().unwrap().0.contains("'url'"));
+        for url in ["ftp://host/x", "file:///etc/passwd", "example.com/disk.img"] {
+            let mut cfg = Config::new(vec![("url".into(), url.into())]);
+            let e = settings(&mut cfg).err().expect(url);
+            assert!(e.0.contains("only http:// and https://"), "{e}");
+        }
+        let mut cfg = Config::new(vec![("url".into(), "HTTPS://host/x".into())]);
+        assert!(settings(&mut cfg).is_ok());
+    }
+}
