@@ -2015,3 +2015,126 @@ fn cache_with_qemu_io_unaligned_writes_zeroes_and_discards() {
     assert!(s.stop().success());
     assert!(std::fs::read(&img).unwrap() == want);
 }
+
+/// Flags, block status and data seen by one client through `filters`
+/// over a memory disk (one connection, so exitlast-style filters work).
+fn view_through(filters: &[&str]) -> String {
+    // --filter= arguments first, then the plugin, then every key=value.
+    let (mut args, params): (Vec<&str>, Vec<&str>) =
+        filters.iter().partition(|a| a.starts_with("--"));
+    args.extend(["memory", "size=1M"]);
+    args.extend(params);
+    let s = Server::start(&args);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.connect_uri(sys.argv[1])
+h.pwrite(b"z" * 65536, 131072)
+h.trim(65536, 262144)
+flags = [h.is_read_only(), h.can_flush(), h.can_fua(), h.can_trim(), h.can_zero(),
+         h.can_fast_zero(), h.can_cache(), h.can_multi_conn(), h.get_size()]
+runs = []
+h.block_status(1 << 20, 0, lambda ctx, off, ents, err: runs.extend(ents) or 0)
+data = h.pread(65536, 131072) == b"z" * 65536
+print(flags, runs, data)
+h.shutdown()
+print("OK")
+"#,
+        &[&s.uri],
+    )
+}
+
+#[test]
+fn connection_filters_change_no_capability_block_status_or_thread_model() {
+    if !have_python_nbd() || !have("nbdinfo") {
+        return;
+    }
+    let base = view_through(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let never = format!(
+        "exit-when-file-created={}",
+        dir.path().join("never").display()
+    );
+    let stacks: Vec<Vec<&str>> = vec![
+        vec!["--filter=ip", "allow=anyunix", "deny=all"],
+        vec!["--filter=limit", "limit=3"],
+        vec!["--filter=exitlast"],
+        vec!["--filter=exitwhen", &never],
+        vec!["--filter=log", "logscript=true"],
+    ];
+    for stack in &stacks {
+        assert_eq!(view_through(stack), base, "{stack:?}");
+        let (mut args, params): (Vec<&str>, Vec<&str>) =
+            stack.iter().partition(|a| a.starts_with("--"));
+        args.extend(["memory", "1M"]);
+        args.extend(params);
+        assert_eq!(thread_model_of(&args), "parallel", "{stack:?}");
+    }
+    // Under a filter with a stricter thread model, they keep it.
+    assert_eq!(
+        thread_model_of(&["--filter=ip", "--filter=noparallel", "memory", "1M"]),
+        "serialize_requests"
+    );
+}
+
+#[test]
+fn access_and_lifetime_filters_in_a_compressed_copy_on_write_stack() {
+    if !have_python_nbd() || !have("xz") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.img");
+    make_file(&raw, 4 << 20, 77);
+    run_ok(
+        Command::new("xz")
+            .args(["-k", "-T1", "--block-size=1MiB"])
+            .arg(&raw),
+    );
+    let xz = dir.path().join("disk.img.xz");
+    let before = std::fs::read(&xz).unwrap();
+    let log = dir.path().join("log");
+    let logarg = format!("logfile={}", log.display());
+    let uid = format!("allow=uid:{}", unsafe { libc::getuid() });
+    let mut s = Server::start(&[
+        "--filter=ip",
+        "--filter=limit",
+        "--filter=exitlast",
+        "--filter=log",
+        "--filter=cow",
+        "--filter=xz",
+        "file",
+        xz.to_str().unwrap(),
+        &uid,
+        "deny=all",
+        "limit=2",
+        &logarg,
+    ]);
+    python(
+        r#"
+import nbd, sys
+want = open(sys.argv[2], "rb").read()
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+b = nbd.NBD(); b.connect_uri(sys.argv[1])
+c = nbd.NBD()
+try:
+    c.connect_uri(sys.argv[1])
+    raise SystemExit("limit=2 let a third client in")
+except nbd.Error:
+    pass
+assert a.pread(1 << 20, 1 << 20) == want[1 << 20: 2 << 20]
+a.pwrite(b"w" * 4096, 12345)
+assert b.pread(4096, 12345) == b"w" * 4096
+a.shutdown(); b.shutdown()
+print("OK")
+"#,
+        &[&s.uri, raw.to_str().unwrap()],
+    );
+    // exitlast: both clients gone, the server exits by itself.
+    let st = s.wait_exit(std::time::Duration::from_secs(30));
+    assert_eq!(st.code(), Some(0), "{}", s.log());
+    assert_eq!(std::fs::read(&xz).unwrap(), before, "the xz file changed");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("Write offset=0x3039 count=0x1000"), "{text}");
+}
