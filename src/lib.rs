@@ -204,6 +204,7 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         // With -s, stdin and stdout carry NBD: plugins must not read a
         // password from them.
         nbdkit_cplugin::set_stdio_safe(!cli.single);
+        nbdkit_cplugin::set_server_readonly(cli.readonly);
         c.load(&plugin_debug_flags)?;
     }
 

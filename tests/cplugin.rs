@@ -298,6 +298,10 @@ fn debian_data_pattern_null_full_random_info() {
     if let Some(so) = debian("info") {
         let s = Server::start(&[&so]);
         assert_eq!(read_all(&s.uri_for("hello-there")), b"hello-there");
+        // mode=address: the client's address (nbdkit_peer_name); a Unix
+        // socket client's is unnamed.
+        let s = Server::start(&[&so, "mode=address"]);
+        assert_eq!(read_all(&s.uri), b"unix");
     }
 }
 
@@ -561,6 +565,26 @@ fn api_v2_plugin_errors_reach_the_client() {
     assert!(log.contains("v2test: open export 'a'"), "{log}");
     assert!(log.contains("v2test: open export 'b'"), "{log}");
     assert!(log.contains("may_trim=1"), "{log}");
+
+    // The peer's credentials (Unix socket) reached the plugin.
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    assert!(
+        log.contains(&format!("v2test: peer uid={uid} pid=")),
+        "{log}"
+    );
+    assert!(log.contains("tls=0"), "{log}");
+
+    // nbdkit_shutdown: the server exits gracefully.
+    let out = Command::new("nbdinfo")
+        .arg(s.uri_for("shutdown"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let mut s = s;
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(s.log().contains("shutting down as asked"));
 
     // Its own parameter errors and help.
     let e = fails(&[&so, "size=1M", "colour=blue"]);

@@ -70,6 +70,15 @@ v2_open (int readonly)
   const char *name = nbdkit_export_name ();
   if (v2test_debug_verbose)
     nbdkit_debug ("v2test: open export '%s' readonly=%d", name, readonly);
+  nbdkit_debug ("v2test: peer uid=%" PRIi64 " pid=%" PRIi64 " tls=%d",
+                nbdkit_peer_uid (), nbdkit_peer_pid (), nbdkit_is_tls ());
+  if (strcmp (name, "shutdown") == 0) {
+    /* Asks the whole server to exit gracefully. */
+    nbdkit_shutdown ();
+    nbdkit_error ("v2test: shutting down as asked");
+    nbdkit_set_error (ESHUTDOWN);
+    return NULL;
+  }
   if (strcmp (name, "a") != 0 && strcmp (name, "b") != 0) {
     nbdkit_error ("v2test: no export named '%s'", name);
     nbdkit_set_error (ENOENT);

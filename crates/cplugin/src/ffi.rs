@@ -17,6 +17,7 @@ use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
+use nbdkit_backend::client::{Client, Peer};
 use nbdkit_backend::Extents;
 
 // ---------------------------------------------------------------------
@@ -421,12 +422,11 @@ impl Library {
         Some(self.status(None, true, || unsafe { f() }))
     }
 
-    #[allow(dead_code)] // until the server calls Backend::preconnect
-    pub fn preconnect(&self, conn: &Arc<Conn>, readonly: bool) -> Option<CallResult<()>> {
+    pub fn preconnect(&self, readonly: bool) -> Option<CallResult<()>> {
         let f = self.p.preconnect?;
         // SAFETY: `int preconnect (int readonly)`.
         Some(
-            self.status(Some(conn), false, || unsafe { f(readonly as c_int) })
+            self.status(None, false, || unsafe { f(readonly as c_int) })
                 .map(drop),
         )
     }
@@ -747,21 +747,20 @@ pub(crate) enum Query {
 // What the nbdkit_* functions see: the call in progress on this thread.
 // ---------------------------------------------------------------------
 
-/// One client connection, as the nbdkit_* functions see it during calls
-/// made for it.  Strings interned during the connection live here and
-/// are freed with it.
+/// One open export, as the nbdkit_* functions see it during calls made
+/// for it (the rest of the connection's description is the server's
+/// [`Client`]).  Strings interned while it is open live here and are freed
+/// with it.
 pub(crate) struct Conn {
     pub export: CString,
-    pub tls: bool,
     pool: Mutex<Vec<CString>>,
 }
 
 impl Conn {
-    pub fn new(export: &str, tls: bool) -> Arc<Conn> {
+    pub fn new(export: &str) -> Arc<Conn> {
         let export = CString::new(export.replace('\0', "")).unwrap_or_default();
         Arc::new(Conn {
             export,
-            tls,
             pool: Mutex::new(Vec::new()),
         })
     }
@@ -900,12 +899,15 @@ pub extern "C" fn nbdkit_set_error(err: c_int) {
 
 #[no_mangle]
 pub extern "C" fn nbdkit_export_name() -> *const c_char {
-    match current_conn() {
-        Some(c) => c.export.as_ptr(),
+    if let Some(c) = current_conn() {
+        return c.export.as_ptr();
+    }
+    match Client::current().and_then(|c| c.export_name()) {
+        Some(name) => intern(CString::new(name.replace('\0', "")).unwrap_or_default()),
         None => {
             fail(
                 libc::EINVAL,
-                "nbdkit_export_name: no client connection in this call".into(),
+                "nbdkit_export_name: no export has been chosen in this call".into(),
             );
             std::ptr::null()
         }
@@ -914,15 +916,9 @@ pub extern "C" fn nbdkit_export_name() -> *const c_char {
 
 #[no_mangle]
 pub extern "C" fn nbdkit_is_tls() -> c_int {
-    match current_conn() {
-        Some(c) => c.tls as c_int,
-        None => {
-            fail(
-                libc::EINVAL,
-                "nbdkit_is_tls: no client connection in this call".into(),
-            );
-            -1
-        }
+    match current_client("nbdkit_is_tls") {
+        Some(c) => c.is_tls() as c_int,
+        None => -1,
     }
 }
 
@@ -1098,12 +1094,41 @@ pub unsafe extern "C" fn nbdkit_read_password(
     }
 }
 
+/// Sleep, but wake early (-1, ESHUTDOWN) when the server is shutting down
+/// or the current client is to be disconnected, as nbdkit does.
 #[no_mangle]
 pub extern "C" fn nbdkit_nanosleep(sec: c_uint, nsec: c_uint) -> c_int {
-    let d =
+    let total =
         std::time::Duration::from_secs(sec as u64) + std::time::Duration::from_nanos(nsec as u64);
-    std::thread::sleep(d);
-    0
+    let until = std::time::Instant::now() + total;
+    let client = Client::current();
+    loop {
+        if nbdkit_backend::client::shutdown_requested()
+            || client.as_ref().is_some_and(|c| c.disconnect_requested())
+        {
+            fail(
+                libc::ESHUTDOWN,
+                "nbdkit_nanosleep: interrupted by shutdown".into(),
+            );
+            return -1;
+        }
+        let now = std::time::Instant::now();
+        if now >= until {
+            return 0;
+        }
+        std::thread::sleep((until - now).min(std::time::Duration::from_millis(50)));
+    }
+}
+
+fn current_client(what: &str) -> Option<Arc<Client>> {
+    let c = Client::current();
+    if c.is_none() {
+        fail(
+            libc::EINVAL,
+            format!("{what}: no client connection in this call"),
+        );
+    }
+    c
 }
 
 #[no_mangle]
@@ -1111,42 +1136,125 @@ pub unsafe extern "C" fn nbdkit_peer_name(
     addr: *mut libc::sockaddr,
     addrlen: *mut libc::socklen_t,
 ) -> c_int {
-    let _ = (addr, addrlen);
-    fail(
-        libc::ENOTSUP,
-        "nbdkit_peer_name: the client's address is not available".into(),
-    );
-    -1
+    let Some(client) = current_client("nbdkit_peer_name") else {
+        return -1;
+    };
+    if addr.is_null() || addrlen.is_null() {
+        fail(
+            libc::EINVAL,
+            "nbdkit_peer_name: NULL address or length".into(),
+        );
+        return -1;
+    }
+    // SAFETY: all-zero bytes are a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match client.peer() {
+        Peer::Tcp(std::net::SocketAddr::V4(a)) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is large and aligned enough for any
+            // sockaddr type.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        Peer::Tcp(std::net::SocketAddr::V6(a)) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo().to_be(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+        // A client's end of a Unix socket is unnamed: only the family, as
+        // getpeername(2) reports it.
+        Peer::Unix { .. } => {
+            ss.ss_family = libc::AF_UNIX as libc::sa_family_t;
+            std::mem::size_of::<libc::sa_family_t>()
+        }
+        Peer::Stdio => {
+            fail(
+                libc::ENOTSOCK,
+                "nbdkit_peer_name: the client is on stdin/stdout, not a socket".into(),
+            );
+            return -1;
+        }
+    };
+    // SAFETY: the caller passes a buffer of *addrlen bytes; we copy at most
+    // that and report the full length, as getpeername does.
+    unsafe {
+        let room = *addrlen as usize;
+        std::ptr::copy_nonoverlapping(&ss as *const _ as *const u8, addr as *mut u8, len.min(room));
+        *addrlen = len as libc::socklen_t;
+    }
+    0
 }
 
-fn peer_id(what: &str) -> i64 {
-    fail(
-        libc::ENOTSUP,
-        format!("nbdkit_peer_{what}: not available for this client"),
-    );
-    -1
+fn peer_cred(what: &str, pick: impl Fn(&Peer) -> Option<i64>) -> i64 {
+    let Some(client) = current_client(what) else {
+        return -1;
+    };
+    match pick(client.peer()) {
+        Some(v) => v,
+        None => {
+            fail(
+                libc::ENOTSUP,
+                format!("{what}: only known for clients on a Unix socket"),
+            );
+            -1
+        }
+    }
 }
 
 #[no_mangle]
 pub extern "C" fn nbdkit_peer_pid() -> i64 {
-    peer_id("pid")
+    peer_cred("nbdkit_peer_pid", |p| match p {
+        Peer::Unix { pid, .. } => pid.map(i64::from),
+        _ => None,
+    })
 }
 
 #[no_mangle]
 pub extern "C" fn nbdkit_peer_uid() -> i64 {
-    peer_id("uid")
+    peer_cred("nbdkit_peer_uid", |p| match p {
+        Peer::Unix { uid, .. } => uid.map(i64::from),
+        _ => None,
+    })
 }
 
 #[no_mangle]
 pub extern "C" fn nbdkit_peer_gid() -> i64 {
-    peer_id("gid")
+    peer_cred("nbdkit_peer_gid", |p| match p {
+        Peer::Unix { gid, .. } => gid.map(i64::from),
+        _ => None,
+    })
 }
 
 #[no_mangle]
 pub extern "C" fn nbdkit_shutdown() {
-    // SAFETY: raise(SIGTERM) asks this process to shut down gracefully,
-    // exactly as an administrator's kill would.
-    unsafe { libc::raise(libc::SIGTERM) };
+    nbdkit_backend::request_shutdown();
+}
+
+/// nbdkit 1.34's `nbdkit_disconnect`: stop serving the current client once
+/// its requests in flight have been answered.  With `force`, nbdkit drops
+/// the connection at once; this server always lets in-flight replies go out.
+#[no_mangle]
+pub extern "C" fn nbdkit_disconnect(force: c_int) {
+    let _ = force;
+    if let Some(c) = current_client("nbdkit_disconnect") {
+        c.request_disconnect();
+    }
 }
 
 #[no_mangle]

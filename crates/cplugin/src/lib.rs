@@ -30,8 +30,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use nbdkit_backend::{
-    Backend, BlockSize, CacheMode, ConfigError, Error, ErrorKind, ExportEntry, Extents, FuaMode,
-    Handle, Result, ThreadModel, ZeroFlags, ZeroMode,
+    Backend, BlockSize, CacheMode, Client, ConfigError, Error, ErrorKind, ExportEntry, Extents,
+    FuaMode, Handle, Result, ThreadModel, ZeroFlags, ZeroMode,
 };
 
 use ffi::{CallResult, Conn, ExportItem, Failure, Library, Query, RawHandle, VoidCall};
@@ -109,6 +109,19 @@ pub fn exported_function_names() -> Vec<&'static str> {
 /// (false when the server speaks NBD on them, `-s`).
 pub fn set_stdio_safe(safe: bool) {
     ffi::set_stdio_safe(safe);
+}
+
+/// Whether the server serves read-only (`-r`): what a plugin's
+/// `preconnect` is told.
+static SERVER_READONLY: AtomicBool = AtomicBool::new(false);
+
+pub fn set_server_readonly(readonly: bool) {
+    SERVER_READONLY.store(readonly, Ordering::Relaxed);
+}
+
+/// Whether the connection this thread works for runs over TLS.
+fn current_tls() -> bool {
+    Client::current().is_some_and(|c| c.is_tls())
 }
 
 fn model_from_c(m: c_int) -> Option<ThreadModel> {
@@ -442,7 +455,7 @@ impl Backend for CBackend {
         let i = &self.inner;
         let items = {
             let _g = i.guard(None);
-            match i.lib().list_exports(None, readonly, false) {
+            match i.lib().list_exports(None, readonly, current_tls()) {
                 None => vec![ExportItem::Default],
                 Some(r) => i.check("list_exports", r)?,
             }
@@ -453,7 +466,7 @@ impl Backend for CBackend {
                 Ok(match item {
                     ExportItem::Named { name, description } => ExportEntry { name, description },
                     ExportItem::Default => ExportEntry {
-                        name: i.default_export_name(readonly, false)?,
+                        name: i.default_export_name(readonly, current_tls())?,
                         description: None,
                     },
                 })
@@ -462,7 +475,16 @@ impl Backend for CBackend {
     }
 
     fn default_export(&self, readonly: bool) -> Result<String> {
-        self.inner.default_export_name(readonly, false)
+        self.inner.default_export_name(readonly, current_tls())
+    }
+
+    fn preconnect(&self, _client: &Client) -> Result<()> {
+        let i = &self.inner;
+        let _g = i.guard(None);
+        match i.lib().preconnect(SERVER_READONLY.load(Ordering::Relaxed)) {
+            None => Ok(()),
+            Some(r) => i.check("preconnect", r),
+        }
     }
 
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
@@ -476,11 +498,11 @@ impl Backend for CBackend {
         // As nbdkit: the plugin sees the canonical name of the default
         // export, not "".
         let name = if export.is_empty() {
-            i.default_export_name(readonly, false)?
+            i.default_export_name(readonly, current_tls())?
         } else {
             export.to_string()
         };
-        let conn = Conn::new(&name, false);
+        let conn = Conn::new(&name);
         let raw = {
             let _g = i.guard(None);
             i.check("open", i.lib().open(&conn, readonly))?
