@@ -752,7 +752,10 @@ pub(crate) enum Query {
 /// [`Client`]).  Strings interned while it is open live here and are freed
 /// with it.
 pub(crate) struct Conn {
-    pub export: CString,
+    /// None for calls made before an export is open (preconnect,
+    /// list_exports, default_export): their results are copied at once, so
+    /// what they intern is freed right after.
+    export: Option<CString>,
     pool: Mutex<Vec<CString>>,
 }
 
@@ -760,7 +763,14 @@ impl Conn {
     pub fn new(export: &str) -> Arc<Conn> {
         let export = CString::new(export.replace('\0', "")).unwrap_or_default();
         Arc::new(Conn {
-            export,
+            export: Some(export),
+            pool: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn scratch() -> Arc<Conn> {
+        Arc::new(Conn {
+            export: None,
             pool: Mutex::new(Vec::new()),
         })
     }
@@ -899,8 +909,8 @@ pub extern "C" fn nbdkit_set_error(err: c_int) {
 
 #[no_mangle]
 pub extern "C" fn nbdkit_export_name() -> *const c_char {
-    if let Some(c) = current_conn() {
-        return c.export.as_ptr();
+    if let Some(export) = current_conn().and_then(|c| c.export.as_ref().map(|e| e.as_ptr())) {
+        return export;
     }
     match Client::current().and_then(|c| c.export_name()) {
         Some(name) => intern(CString::new(name.replace('\0', "")).unwrap_or_default()),

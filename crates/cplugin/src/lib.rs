@@ -421,7 +421,8 @@ impl Inner {
 
     fn default_export_name(&self, readonly: bool, tls: bool) -> Result<String> {
         let _g = self.guard(None);
-        match self.lib().default_export(None, readonly, tls) {
+        let scratch = Conn::scratch();
+        match self.lib().default_export(Some(&scratch), readonly, tls) {
             None => Ok(String::new()),
             Some(r) => self.check("default_export", r),
         }
@@ -455,7 +456,11 @@ impl Backend for CBackend {
         let i = &self.inner;
         let items = {
             let _g = i.guard(None);
-            match i.lib().list_exports(None, readonly, current_tls()) {
+            let scratch = Conn::scratch();
+            match i
+                .lib()
+                .list_exports(Some(&scratch), readonly, current_tls())
+            {
                 None => vec![ExportItem::Default],
                 Some(r) => i.check("list_exports", r)?,
             }
