@@ -1107,6 +1107,7 @@ print("OK")
 fn every_filter_has_help_with_an_example() {
     let filters = [
         "blocksize",
+        "blocksize-policy",
         "cow",
         "delay",
         "error",
@@ -1126,6 +1127,8 @@ fn every_filter_has_help_with_an_example() {
         "rate",
         "retry",
         "stats",
+        "swab",
+        "tar",
         "truncate",
     ];
     let general = stdout_of(Command::new(binary()).arg("--help"));

@@ -76,6 +76,8 @@ impl ErrorKind {
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    /// The server should drop the connection instead of replying.
+    disconnect: bool,
 }
 
 impl Error {
@@ -83,7 +85,24 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            disconnect: false,
         }
+    }
+    /// An error after which the server closes the connection at once,
+    /// without replying to this request (nbdkit's hard
+    /// `nbdkit_disconnect`): for clients that must not be answered, e.g.
+    /// a write larger than the blocksize-policy filter's
+    /// `blocksize-write-disconnect`.  The kind is ESHUTDOWN.
+    pub fn disconnect(message: impl Into<String>) -> Self {
+        Error {
+            disconnect: true,
+            ..Self::new(ErrorKind::Shutdown, message)
+        }
+    }
+    /// Whether the server must close the connection (see
+    /// [`Error::disconnect`]).
+    pub fn disconnects(&self) -> bool {
+        self.disconnect
     }
     pub fn kind(&self) -> ErrorKind {
         self.kind

@@ -226,7 +226,9 @@ macro_rules! forward {
 /// Every method may be called from several threads at once when the thread
 /// model is `Parallel`.  Requests reaching a handle have been checked by the
 /// server: in range, within block-size limits, and only for advertised
-/// capabilities.
+/// capabilities.  (A filter that returns false from
+/// [`Handle::enforce_block_size`] takes the block-size check over: the
+/// handles below it may then see unaligned requests.)
 pub trait Handle: Send + Sync {
     /// Filters return the handle they wrap.  Plugins keep `None`.
     fn next(&self) -> Option<&dyn Handle> {
@@ -244,6 +246,14 @@ pub trait Handle: Send + Sync {
     /// Block size constraints; `None` means any size is fine.
     fn block_size(&self) -> Result<Option<BlockSize>> {
         forward!(self.block_size(), Ok(None))
+    }
+
+    /// Whether the server refuses requests that break `block_size` (not
+    /// aligned to the minimum) before they reach the handle: true, the
+    /// default.  The blocksize-policy filter's `allow` policy says false,
+    /// to advertise constraints but pass such requests down.
+    fn enforce_block_size(&self) -> Result<bool> {
+        forward!(self.enforce_block_size(), Ok(true))
     }
 
     /// What the data comes from (a file name, a URL), for messages that

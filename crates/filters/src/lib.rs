@@ -4,6 +4,7 @@
 use nbdkit_backend::FilterSpec;
 
 pub mod blocksize;
+pub mod blocksize_policy;
 pub mod compressed;
 pub mod cow;
 pub mod delay;
@@ -25,6 +26,8 @@ pub mod protect;
 pub mod rate;
 pub mod retry;
 pub mod stats;
+pub mod swab;
+pub mod tar;
 pub mod truncate;
 
 mod modes;
@@ -34,6 +37,7 @@ mod window;
 pub fn all() -> Vec<&'static FilterSpec> {
     let mut all = vec![
         &blocksize::SPEC,
+        &blocksize_policy::SPEC,
         &compressed::BZIP2,
         &compressed::GZIP,
         &cow::SPEC,
@@ -56,6 +60,8 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &rate::SPEC,
         &retry::SPEC,
         &stats::SPEC,
+        &swab::SPEC,
+        &tar::SPEC,
         &truncate::SPEC,
         &compressed::XZ,
         &compressed::ZSTD,

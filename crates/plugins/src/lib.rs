@@ -4,6 +4,7 @@
 use nbdkit_backend::PluginSpec;
 
 pub mod file;
+pub mod libvirt;
 pub mod memory;
 pub mod simple;
 
@@ -12,6 +13,7 @@ pub fn all() -> Vec<&'static PluginSpec> {
     vec![
         &file::SPEC,
         &memory::SPEC,
+        &libvirt::SPEC,
         &simple::NULL,
         &simple::ZERO,
         &simple::FULL,

@@ -32,6 +32,9 @@ pub struct Caps {
     pub multi_conn: bool,
     pub cache: CacheMode,
     pub block_size: Option<BlockSize>,
+    /// Refuse requests not aligned to `block_size.minimum` (see
+    /// `Handle::enforce_block_size`).
+    pub enforce_block_size: bool,
 }
 
 pub struct Export {
@@ -82,6 +85,7 @@ impl Export {
             multi_conn: h.can_multi_conn()?,
             cache: h.can_cache()?,
             block_size,
+            enforce_block_size: h.enforce_block_size()?,
         };
         let description = h.export_description()?;
         Ok(Export {
@@ -232,7 +236,7 @@ impl Export {
                 _ => Error::invalid(msg),
             });
         }
-        if let Some(bs) = c.block_size {
+        if let Some(bs) = c.block_size.filter(|_| c.enforce_block_size) {
             let min = bs.minimum as u64;
             // Block status is a query, and the last partial block may be
             // read in full; everything else must be aligned.
@@ -391,6 +395,41 @@ mod tests {
             offset,
             length,
         }
+    }
+
+    /// A disk with a 4K minimum block size, which may leave the policy to
+    /// a filter.
+    struct Aligned(bool);
+    impl Handle for Aligned {
+        fn next(&self) -> Option<&dyn Handle> {
+            Some(&Disk)
+        }
+        fn block_size(&self) -> Result<Option<BlockSize>> {
+            Ok(Some(BlockSize {
+                minimum: 4096,
+                preferred: 4096,
+                maximum: 1 << 20,
+            }))
+        }
+        fn enforce_block_size(&self) -> Result<bool> {
+            Ok(self.0)
+        }
+    }
+
+    #[test]
+    fn block_size_is_enforced_unless_the_backend_says_not() {
+        let e = Export::new(Box::new(Aligned(true)), String::new(), false).unwrap();
+        let v = |e: &Export, h| e.validate(&h, true, false, true).map_err(|e| e.kind());
+        assert_eq!(
+            v(&e, hdr(CMD_READ, 0, 512, 4096)).unwrap_err(),
+            ErrorKind::InvalidInput
+        );
+        assert!(v(&e, hdr(CMD_READ, 0, 4096, 4096)).is_ok());
+        // Block status is a query: any alignment.
+        assert!(v(&e, hdr(CMD_BLOCK_STATUS, 0, 1, 1)).is_ok());
+        let e = Export::new(Box::new(Aligned(false)), String::new(), false).unwrap();
+        assert!(v(&e, hdr(CMD_READ, 0, 512, 1)).is_ok());
+        assert_eq!(e.advertised_block_size(), (4096, 4096, 1 << 20));
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ConnectionError> {
     let conn = client.id();
+    // Cancelled on server shutdown, or when a backend drops this client
+    // (Client::request_disconnect, or an Error::disconnect reply) while the
+    // reader waits.
+    let stop = shutdown.child_token();
     let extended = neg.style == ReplyStyle::Extended;
     let (mut rd, wr) = tokio::io::split(stream);
     let wr: Writer = Arc::new(Mutex::new(wr));
@@ -51,11 +55,11 @@ pub async fn serve(
         // in memory.
         let permit = tokio::select! {
             p = in_flight.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = stop.cancelled() => break Ok(()),
         };
         let read = tokio::select! {
             r = rd.read_exact(&mut hbuf[..hlen]) => r,
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = stop.cancelled() => break Ok(()),
         };
         match read {
             Ok(_) => {}
@@ -132,28 +136,36 @@ pub async fn serve(
         let style = neg.style;
         let cookie = h.cookie;
         let client2 = client.clone();
+        let stop2 = stop.clone();
         tasks.spawn(async move {
-            let reply = server2
+            let reply = match server2
                 .blocking(&client2, move || run(&export, op, payload, style, cookie))
                 .await
-                .unwrap_or_else(|e| {
-                    error_reply(
-                        style,
-                        cookie,
-                        op.offset,
-                        e.kind().nbd_error(),
-                        &e.to_string(),
-                    )
-                });
+            {
+                Ok(reply) => reply,
+                Err(e) if e.disconnects() => {
+                    warn!(conn, "closing the connection: {e}");
+                    stop2.cancel();
+                    let _ = wr.lock().await.shutdown().await;
+                    return;
+                }
+                Err(e) => error_reply(
+                    style,
+                    cookie,
+                    op.offset,
+                    e.kind().nbd_error(),
+                    &e.to_string(),
+                ),
+            };
             if let Err(e) = write(&wr, &reply).await {
                 debug!(conn, "writing reply failed: {e}");
             }
             drop(permit);
+            if client2.disconnect_requested() {
+                debug!(conn, "the backend asked to disconnect this client");
+                stop2.cancel();
+            }
         });
-        if client.disconnect_requested() {
-            debug!(conn, "the backend asked to disconnect this client");
-            break Ok(());
-        }
     };
 
     tasks.close();
@@ -251,6 +263,7 @@ pub async fn serve_threaded(
     let client = client.clone();
     sock.set_blocking()?;
     let waker = sock.try_clone()?;
+    let closer = sock.try_clone()?;
     let writer = std::sync::Mutex::new(sock.try_clone()?);
     let reader = std::sync::Mutex::new(ReadSide {
         sock,
@@ -266,11 +279,13 @@ pub async fn serve_threaded(
                 std::thread::Builder::new()
                     .name(format!("nbd-conn-{conn}"))
                     .stack_size(256 * 1024)
-                    .spawn_scoped(scope, || worker(&srv, &neg, &reader, &writer, &client))
+                    .spawn_scoped(scope, || {
+                        worker(&srv, &neg, &reader, &writer, &closer, &client)
+                    })
                     .map(drop)
                     .unwrap_or_else(|e| warn!(conn, "cannot start a worker thread: {e}"));
             }
-            worker(&srv, &neg, &reader, &writer, &client);
+            worker(&srv, &neg, &reader, &writer, &closer, &client);
         });
         // The handle closes here, on a thread where `client` is current.
         drop(neg);
@@ -306,6 +321,7 @@ fn worker(
     neg: &Negotiated,
     reader: &std::sync::Mutex<ReadSide>,
     writer: &std::sync::Mutex<BlockingSocket>,
+    closer: &BlockingSocket,
     client: &Arc<Client>,
 ) {
     use std::io::{Read, Write};
@@ -382,7 +398,7 @@ fn worker(
                 &e.to_string(),
             ))
         };
-        let reply: Cow<[u8]> =
+        let reply: nbdkit_backend::Result<Cow<[u8]>> =
             match neg
                 .export
                 .validate(&h, neg.style.is_structured(), extended, neg.meta)
@@ -392,15 +408,26 @@ fn worker(
                 }
                 Ok(op) => {
                     match server.locked(|| run(&neg.export, op, payload, neg.style, h.cookie)) {
-                        Ok(r) => Cow::Owned(r),
-                        Err(e) => refuse(op.offset, e),
+                        Ok(r) => Ok(Cow::Owned(r)),
+                        Err(e) if e.disconnects() => Err(e),
+                        Err(e) => Ok(refuse(op.offset, e)),
                     }
                 }
                 Err(e) => {
                     debug!(conn, cookie = h.cookie, "refused: {e}");
-                    refuse(h.offset, e)
+                    Ok(refuse(h.offset, e))
                 }
             };
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                // No reply: the other workers' reads see end-of-file and
+                // their writes fail, so they stop too.
+                warn!(conn, "closing the connection: {e}");
+                closer.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        };
         let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = w.write_all(&reply) {
             debug!(conn, "writing reply failed: {e}");
@@ -420,7 +447,9 @@ fn worker(
     }
 }
 
-/// Run one validated request and build its whole reply.
+/// Run one validated request and build its whole reply.  An error comes
+/// back only when the backend asked to drop the connection
+/// ([`Error::disconnects`]); every other error becomes an error reply.
 fn run(
     export: &Export,
     op: Op,
@@ -430,7 +459,9 @@ fn run(
 ) -> nbdkit_backend::Result<Vec<u8>> {
     let fua = op.flags & CMD_FLAG_FUA != 0;
     let result = match op.command {
-        CMD_READ => return Ok(read_into(export, op, style, cookie, &mut Vec::new()).into_owned()),
+        CMD_READ => {
+            return read_into(export, op, style, cookie, &mut Vec::new()).map(Cow::into_owned)
+        }
         CMD_WRITE => export.write(&payload, op.offset, fua),
         CMD_FLUSH => export.flush(),
         CMD_TRIM => export.trim(op.offset, op.length, fua),
@@ -457,6 +488,7 @@ fn run(
                         &list,
                         true,
                     ),
+                    Err(e) if e.disconnects() => return Err(e),
                     Err(e) => failure(style, cookie, op, e),
                 },
             );
@@ -465,6 +497,7 @@ fn run(
     };
     Ok(match result {
         Ok(()) => ok_reply(style, cookie, op.offset),
+        Err(e) if e.disconnects() => return Err(e),
         Err(e) => failure(style, cookie, op, e),
     })
 }
@@ -492,33 +525,42 @@ fn failure(style: ReplyStyle, cookie: u64, op: Op, e: Error) -> Vec<u8> {
 /// Read into `buf` after room for the reply header, so the data is never
 /// copied, and return the whole reply.  A read of all zeroes goes out as a
 /// hole chunk when structured replies allow it.  `buf` is grown as needed
-/// and kept for the next read, up to [`KEEP_BUFFER`].
+/// and kept for the next read, up to [`KEEP_BUFFER`].  Errors become error
+/// replies, except one that asks to drop the connection.
 fn read_into<'a>(
     export: &Export,
     op: Op,
     style: ReplyStyle,
     cookie: u64,
     buf: &'a mut Vec<u8>,
-) -> Cow<'a, [u8]> {
+) -> nbdkit_backend::Result<Cow<'a, [u8]>> {
     let hl = read_data_header_len(style);
     let n = hl + op.length as usize;
     if buf.len() < n {
         buf.resize(n, 0);
     }
-    if let Err(e) = export.read(&mut buf[hl..n], op.offset) {
-        return Cow::Owned(failure(style, cookie, op, e));
+    match export.read(&mut buf[hl..n], op.offset) {
+        Err(e) if e.disconnects() => return Err(e),
+        Err(e) => return Ok(Cow::Owned(failure(style, cookie, op, e))),
+        Ok(()) => {}
     }
     if style.is_structured() && is_zero(&buf[hl..n]) {
-        return Cow::Owned(hole_chunk(style, cookie, op.offset, op.length as u32, true));
+        return Ok(Cow::Owned(hole_chunk(
+            style,
+            cookie,
+            op.offset,
+            op.length as u32,
+            true,
+        )));
     }
     buf[..hl].copy_from_slice(&read_data_header(style, cookie, op.offset, op.length, true));
     if buf.len() > KEEP_BUFFER {
         // A rare huge read: hand the buffer over rather than keep it.
         let mut owned = std::mem::take(buf);
         owned.truncate(n);
-        return Cow::Owned(owned);
+        return Ok(Cow::Owned(owned));
     }
-    Cow::Borrowed(&buf[..n])
+    Ok(Cow::Borrowed(&buf[..n]))
 }
 
 /// Largest read buffer a worker keeps between requests.
@@ -538,4 +580,86 @@ async fn skip<R: AsyncRead + Unpin>(r: &mut R, mut n: u64) -> std::io::Result<()
         n -= k as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbdkit_backend::{Backend, Handle, Result};
+    use tokio::io::AsyncReadExt;
+
+    /// A disk whose reads ask the server to drop the client.
+    struct Dropper;
+    struct DropperHandle;
+    impl Backend for Dropper {
+        fn name(&self) -> &str {
+            "dropper"
+        }
+        fn open(&self, _: bool, _: &str) -> Result<Box<dyn Handle>> {
+            Ok(Box::new(DropperHandle))
+        }
+    }
+    impl Handle for DropperHandle {
+        fn size(&self) -> Result<u64> {
+            Ok(1 << 20)
+        }
+        fn pread(&self, buf: &mut [u8], _: u64) -> Result<()> {
+            buf.fill(7);
+            Client::current()
+                .expect("the server makes the client current")
+                .request_disconnect();
+            Ok(())
+        }
+    }
+
+    /// On the async path (used for TLS and stdio), a backend's
+    /// request_disconnect closes the connection after the reply, even
+    /// while the reader waits for a next request that never comes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn request_disconnect_closes_an_async_connection() {
+        let server = crate::Server::new(Arc::new(Dropper), crate::ServerOptions::default());
+        let (mut c, s) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(server.serve_connection(
+            Box::new(s),
+            nbdkit_backend::Peer::Stdio,
+            CancellationToken::new(),
+        ));
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).await.unwrap();
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        // Fixed newstyle + no zeroes, then NBD_OPT_EXPORT_NAME "".
+        c.write_all(&3u32.to_be_bytes()).await.unwrap();
+        c.write_all(b"IHAVEOPT").await.unwrap();
+        c.write_all(&1u32.to_be_bytes()).await.unwrap();
+        c.write_all(&0u32.to_be_bytes()).await.unwrap();
+        let mut info = [0u8; 10];
+        c.read_exact(&mut info).await.unwrap();
+        assert_eq!(u64::from_be_bytes(info[..8].try_into().unwrap()), 1 << 20);
+        // One READ of 16 bytes.
+        let mut req = Vec::new();
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&42u64.to_be_bytes());
+        req.extend_from_slice(&0u64.to_be_bytes());
+        req.extend_from_slice(&16u32.to_be_bytes());
+        c.write_all(&req).await.unwrap();
+        let mut reply = [0u8; 16 + 16];
+        c.read_exact(&mut reply).await.unwrap();
+        assert_eq!(
+            u32::from_be_bytes(reply[..4].try_into().unwrap()),
+            0x6744_6698
+        );
+        assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0);
+        assert_eq!(reply[16..], [7u8; 16]);
+        // The server closes without being sent anything more.
+        // (A hang guard, not a timing assertion: the close comes at once.)
+        let mut rest = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(60), c.read_to_end(&mut rest))
+            .await
+            .expect("the server did not close the connection")
+            .unwrap();
+        assert!(rest.is_empty());
+        task.await.unwrap();
+    }
 }

@@ -21,7 +21,7 @@
 //! The loader ([`GzipIndex::from_bytes`]) is a pure function that checks
 //! every count against the bytes that remain before allocating.
 
-use std::sync::Arc;
+use bytes::Bytes;
 
 use super::zstream::{self, WINDOW};
 
@@ -59,7 +59,9 @@ pub enum Kind {
 pub struct Window {
     pub raw_len: u32,
     pub compressed: bool,
-    pub data: Arc<[u8]>,
+    /// Owned when built here; a slice of the mapped index file when
+    /// loaded.
+    pub data: Bytes,
 }
 
 impl Window {
@@ -68,12 +70,12 @@ impl Window {
             Some(c) => Window {
                 raw_len: raw.len() as u32,
                 compressed: true,
-                data: c.into(),
+                data: Bytes::from(c),
             },
             None => Window {
                 raw_len: raw.len() as u32,
                 compressed: false,
-                data: raw.into(),
+                data: Bytes::copy_from_slice(raw),
             },
         }
     }
@@ -186,6 +188,12 @@ impl GzipIndex {
     /// Parse and validate an index file.  Never panics, never allocates
     /// more than the input justifies.
     pub fn from_bytes(bytes: &[u8]) -> Result<GzipIndex, String> {
+        Self::from_shared(Bytes::copy_from_slice(bytes))
+    }
+
+    /// [`GzipIndex::from_bytes`] over shared bytes (e.g. a mapped index
+    /// file): the windows are slices of `bytes`, not copies.
+    pub fn from_shared(bytes: Bytes) -> Result<GzipIndex, String> {
         if bytes.len() < HEADER_LEN + 4 {
             return Err("index file truncated".into());
         }
@@ -197,7 +205,7 @@ impl GzipIndex {
         if crc32fast::hash(body) != want {
             return Err("index checksum mismatch (corrupt or truncated)".into());
         }
-        Self::parse_body(body)
+        Self::parse_body(&bytes.slice(..body.len()))
     }
 
     /// [`GzipIndex::from_bytes`] without the checksum: lets a fuzzer reach
@@ -207,10 +215,11 @@ impl GzipIndex {
         if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
             return Err("not a gzip index file".into());
         }
-        Self::parse_body(bytes)
+        Self::parse_body(&Bytes::copy_from_slice(bytes))
     }
 
-    fn parse_body(body: &[u8]) -> Result<GzipIndex, String> {
+    fn parse_body(whole: &Bytes) -> Result<GzipIndex, String> {
+        let body: &[u8] = whole;
         let mut r = Reader { b: body, pos: 8 };
         let version = r.u32()?;
         if version != VERSION {
@@ -267,7 +276,7 @@ impl GzipIndex {
                         window: Window {
                             raw_len,
                             compressed: compressed == 1,
-                            data: data.into(),
+                            data: whole.slice_ref(data),
                         },
                     }
                 }

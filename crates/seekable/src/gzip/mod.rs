@@ -602,8 +602,20 @@ impl GzipReader {
 }
 
 /// Load and check a saved index; any problem is logged and means "rebuild".
+/// The index file's bytes, mapped rather than read: a big index (tens of
+/// MB for a multi-GB image) is then neither copied nor zero-filled, which
+/// is most of the start-up time with a saved index.
+fn map_file(path: &Path) -> io::Result<bytes::Bytes> {
+    let f = std::fs::File::open(path)?;
+    // SAFETY: the mapping is private and read-only.  If another process
+    // truncates the file while we use it, reads of the lost pages fault
+    // (SIGBUS); index files are ours and written by rename, never in place.
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(&f)? };
+    Ok(bytes::Bytes::from_owner(map))
+}
+
 fn load_index(path: &Path, identity: &Identity, span: u64, name: &str) -> Option<GzipIndex> {
-    let bytes = match std::fs::read(path) {
+    let bytes = match map_file(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
         Err(e) => {
@@ -614,7 +626,7 @@ fn load_index(path: &Path, identity: &Identity, span: u64, name: &str) -> Option
             return None;
         }
     };
-    match GzipIndex::from_bytes(&bytes) {
+    match GzipIndex::from_shared(bytes) {
         Err(e) => {
             tracing::warn!(
                 "{name}: ignoring gzip index {}: {e}; rebuilding",
