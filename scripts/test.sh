@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-utils libnbd-bin python3-libnbd nbdfuse nbdkit fio fuse3 fdisk e2fsprogs
+packages=(qemu-utils libnbd-bin python3-libnbd nbdfuse nbdkit nbdkit-plugin-dev gcc libc6-dev binutils fio fuse3 fdisk e2fsprogs
           util-linux mount xz-utils gzip pigz tabix zstd bzip2 liblzma-dev pkg-config
           openssl libvirt0 libcurl4-openssl-dev python3-venv)
 missing=()

@@ -2,10 +2,43 @@
 //! stacking the filters over the plugin.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use nbdkit_backend::{Backend, Config, FilterSpec, Param, PluginSpec};
+use nbdkit_cplugin::CPlugin;
+
+/// The plugin named on the command line: one of ours, or one of nbdkit's
+/// C plugins (a loaded `nbdkit-NAME-plugin.so`).
+#[derive(Clone)]
+pub enum Plugin {
+    Builtin(&'static PluginSpec),
+    C(Arc<CPlugin>),
+}
+
+impl Plugin {
+    pub fn name(&self) -> &str {
+        match self {
+            Plugin::Builtin(p) => p.name,
+            Plugin::C(c) => c.name(),
+        }
+    }
+
+    fn magic_config_key(&self) -> Option<&str> {
+        match self {
+            Plugin::Builtin(p) => p.magic_config_key,
+            Plugin::C(c) => c.magic_config_key(),
+        }
+    }
+
+    pub fn help_text(&self) -> String {
+        match self {
+            Plugin::Builtin(p) => p.help_text(),
+            Plugin::C(c) => c.help_text(),
+        }
+    }
+}
 
 /// The plugins and filters this binary knows.
 pub struct Registry {
@@ -23,27 +56,36 @@ impl Registry {
         }
     }
 
-    pub fn plugin(&self, name: &str) -> Result<&'static PluginSpec> {
-        if name.contains('/') || name.ends_with(".so") {
-            bail!("{name}: loading plugins from shared libraries is not supported yet; built-in plugins: {}", self.plugin_names());
+    /// Resolve the plugin named on the command line: a file name (with a
+    /// `/` or a `.`) is an nbdkit C plugin; otherwise a built-in plugin
+    /// (also as `nbdkit-NAME-plugin`), else `nbdkit-NAME-plugin.so` in
+    /// nbdkit's plugin directory.
+    pub fn plugin(&self, name: &str) -> Result<Plugin> {
+        if nbdkit_cplugin::is_path(name) {
+            return Ok(Plugin::C(CPlugin::open(Path::new(name))?));
         }
         // nbdkit accepts "nbdkit-file-plugin" style names too.
         let short = name
             .strip_prefix("nbdkit-")
             .and_then(|n| n.strip_suffix("-plugin"))
             .unwrap_or(name);
-        self.plugins
+        if let Some(p) = self.plugins.iter().copied().find(|p| p.name == short) {
+            return Ok(Plugin::Builtin(p));
+        }
+        if let Some(path) = nbdkit_cplugin::find(short) {
+            return Ok(Plugin::C(CPlugin::open(&path)?));
+        }
+        let names: Vec<&str> = self.plugins.iter().map(|p| p.name).collect();
+        let dirs: Vec<String> = nbdkit_cplugin::plugin_dirs()
             .iter()
-            .copied()
-            .find(|p| p.name == short)
-            .ok_or_else(|| {
-                let names: Vec<&str> = self.plugins.iter().map(|p| p.name).collect();
-                anyhow!(
-                    "unknown plugin '{name}'{}; available plugins: {}",
-                    suggest(name, &names),
-                    names.join(", ")
-                )
-            })
+            .map(|d| d.display().to_string())
+            .collect();
+        bail!(
+            "unknown plugin '{name}'{}; built-in plugins: {}; nbdkit C plugins are looked for as nbdkit-{short}-plugin.so in {}",
+            suggest(name, &names),
+            names.join(", "),
+            dirs.join(", ")
+        )
     }
 
     pub fn filter(&self, name: &str) -> Result<&'static FilterSpec> {
@@ -65,14 +107,6 @@ impl Registry {
             })
     }
 
-    fn plugin_names(&self) -> String {
-        self.plugins
-            .iter()
-            .map(|p| p.name)
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
     pub fn general_help(&self) -> String {
         let mut s = String::from(
             "nbdkit-rs: a pluggable NBD (Network Block Device) server\n\n\
@@ -84,6 +118,7 @@ impl Registry {
         for p in &self.plugins {
             s.push_str(&format!("  {:<12} {}\n", p.name, p.summary));
         }
+        s.push_str("  (and nbdkit's C plugins: a path to nbdkit-NAME-plugin.so, or NAME\n   when nbdkit-NAME-plugin.so is in nbdkit's plugin directory)\n");
         s.push_str("\nFilters (nbdkit-rs --filter=FILTER PLUGIN --help):\n");
         for f in &self.filters {
             s.push_str(&format!("  {:<12} {}\n", f.name, f.summary));
@@ -102,8 +137,11 @@ impl Registry {
                 it.next().unwrap_or("0").to_string(),
             )
         };
+        let plugindir = nbdkit_cplugin::plugin_dir()
+            .map(|d| format!("plugindir={}\n", d.display()))
+            .unwrap_or_default();
         format!(
-            "binary={exe}\nexit_with_parent=yes\nfilters={}\nhost_cpu={}\nhost_os={}\nplugins={}\nroot_tls_certificates_dir=/etc/pki/nbdkit\nrust=yes\ntls=yes\nversion={}\nversion_major={major}\nversion_minor={minor}\n",
+            "binary={exe}\nexit_with_parent=yes\nfilters={}\nhost_cpu={}\nhost_os={}\n{plugindir}plugins={}\nroot_tls_certificates_dir=/etc/pki/nbdkit\nrust=yes\ntls=yes\nversion={}\nversion_major={major}\nversion_minor={minor}\n",
             self.filters.iter().map(|f| f.name).collect::<Vec<_>>().join(","),
             std::env::consts::ARCH,
             std::env::consts::OS,
@@ -186,7 +224,15 @@ fn suggest(name: &str, candidates: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-pub fn dump_plugin(p: &PluginSpec) -> String {
+/// `--dump-plugin` (printed on stdout).
+pub fn dump_plugin(p: &Plugin) {
+    match p {
+        Plugin::Builtin(p) => print!("{}", dump_builtin(p)),
+        Plugin::C(c) => c.print_dump(),
+    }
+}
+
+fn dump_builtin(p: &PluginSpec) -> String {
     let mut s = format!(
         "path=(built in)\nname={}\nversion={}\napi_version=2\nmax_thread_model=parallel\n",
         p.name,
@@ -202,15 +248,15 @@ pub fn dump_plugin(p: &PluginSpec) -> String {
 }
 
 /// Split `key=value` parameters; a bare value goes to the magic key.
-fn parse_params(plugin: &PluginSpec, args: &[String]) -> Result<Vec<(String, String)>> {
+fn parse_params(plugin: &Plugin, args: &[String]) -> Result<Vec<(String, String)>> {
     args.iter()
         .map(|a| match a.split_once('=') {
             Some((k, v)) if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) => {
                 Ok((k.to_string(), v.to_string()))
             }
-            _ => match plugin.magic_config_key {
+            _ => match plugin.magic_config_key() {
                 Some(k) => Ok((k.to_string(), a.clone())),
-                None => bail!("{}: parameter '{a}' must be written key=value (this plugin has no default key)", plugin.name),
+                None => bail!("{}: parameter '{a}' must be written key=value (this plugin has no default key)", plugin.name()),
             },
         })
         .collect()
@@ -219,11 +265,15 @@ fn parse_params(plugin: &PluginSpec, args: &[String]) -> Result<Vec<(String, Str
 /// Configure each filter (first = outermost) and the plugin, reject
 /// parameters nobody knows, and stack the filters over the plugin.
 pub fn build(
-    plugin: &'static PluginSpec,
+    plugin: &Plugin,
     filters: &[&'static FilterSpec],
     args: &[String],
 ) -> Result<Arc<dyn Backend>> {
     let params = parse_params(plugin, args)?;
+    let plugin = match plugin {
+        Plugin::Builtin(p) => *p,
+        Plugin::C(c) => return build_c(c, filters, params),
+    };
     // Unknown keys are caught before anything opens files.
     let known: Vec<&str> = plugin
         .params
@@ -247,18 +297,51 @@ pub fn build(
         }
     }
     let mut cfg = Config::new(params);
-    let mut layers = Vec::new();
-    for f in filters {
-        layers.push((f.name, (f.configure)(&mut cfg).map_err(|e| anyhow!("{e}"))?));
-        cfg.consume_taken();
-    }
-    let mut backend = (plugin.create)(&mut cfg).map_err(|e| anyhow!("{e}"))?;
+    let layers = configure_filters(filters, &mut cfg)?;
+    let backend = (plugin.create)(&mut cfg).map_err(|e| anyhow!("{e}"))?;
     if let Some(k) = cfg.untaken().first() {
         bail!(
             "parameter '{k}' was given but not used by plugin '{}' or its filters",
             plugin.name
         );
     }
+    stack(layers, backend)
+}
+
+/// A C plugin takes every parameter the filters did not, in command-line
+/// order, through its `config` callback (which rejects what it does not
+/// know, with its own message).
+fn build_c(
+    plugin: &Arc<CPlugin>,
+    filters: &[&'static FilterSpec],
+    params: Vec<(String, String)>,
+) -> Result<Arc<dyn Backend>> {
+    let mut cfg = Config::new(params.clone());
+    let layers = configure_filters(filters, &mut cfg)?;
+    let untaken = cfg.untaken();
+    let rest: Vec<(String, String)> = params
+        .into_iter()
+        .filter(|(k, _)| untaken.contains(&k.as_str()))
+        .collect();
+    let backend = plugin.configure(&rest)?;
+    stack(layers, backend)
+}
+
+type Layers = Vec<(&'static str, Box<dyn nbdkit_backend::Layer>)>;
+
+fn configure_filters(filters: &[&'static FilterSpec], cfg: &mut Config) -> Result<Layers> {
+    let mut layers = Vec::new();
+    for f in filters {
+        layers.push((f.name, (f.configure)(cfg).map_err(|e| anyhow!("{e}"))?));
+        // A filter's keys are its own: later filters and the plugin do
+        // not see them.
+        cfg.consume_taken();
+    }
+    Ok(layers)
+}
+
+/// Wrap the plugin in the filters, the first one outermost.
+fn stack(layers: Layers, mut backend: Arc<dyn Backend>) -> Result<Arc<dyn Backend>> {
     for (name, layer) in layers.into_iter().rev() {
         backend = layer
             .layer(backend)
@@ -268,12 +351,14 @@ pub fn build(
 }
 
 /// Record `-D NAME.FLAG=N` flags.  The name must be the plugin's or a
-/// filter's.
+/// filter's.  Returns the plugin's own flags `(FLAG, N)` (a C plugin gets
+/// them as its `NAME_debug_FLAG` variables).
 pub fn set_debug_flags(
     flags: &[String],
-    plugin: &PluginSpec,
+    plugin: &Plugin,
     filters: &[&FilterSpec],
-) -> Result<()> {
+) -> Result<Vec<(String, i64)>> {
+    let mut own = Vec::new();
     let mut map = HashMap::new();
     for f in flags {
         let parsed = f.split_once('=').and_then(|(nf, v)| {
@@ -284,13 +369,15 @@ pub fn set_debug_flags(
         let Some((name, flag, value)) = parsed else {
             bail!("-D {f}: expected NAME.FLAG=N, e.g. -D file.zero=1");
         };
-        if name != plugin.name && name != "nbdkit" && !filters.iter().any(|x| x.name == name) {
+        if name == plugin.name() {
+            own.push((flag.clone(), value));
+        } else if name != "nbdkit" && !filters.iter().any(|x| x.name == name) {
             tracing::warn!("-D {f}: '{name}' is not the plugin or one of the filters; ignored");
         }
         map.insert((name, flag), value);
     }
     nbdkit_backend::set_debug_flags(map);
-    Ok(())
+    Ok(own)
 }
 
 #[cfg(test)]
@@ -301,8 +388,8 @@ mod tests {
     fn magic_key_and_unknown_keys() {
         let r = Registry::builtin();
         let p = r.plugin("memory").unwrap();
-        assert!(build(p, &[], &["1M".into()]).is_ok());
-        let e = build(p, &[], &["sise=1M".into()])
+        assert!(build(&p, &[], &["1M".into()]).is_ok());
+        let e = build(&p, &[], &["sise=1M".into()])
             .err()
             .unwrap()
             .to_string();

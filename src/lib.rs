@@ -153,6 +153,9 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         .map(|f| registry.filter(f))
         .collect::<Result<Vec<_>>>()?;
     if cli.help {
+        if let chain::Plugin::C(c) = &plugin {
+            c.load(&[])?;
+        }
         print!("{}", plugin.help_text());
         for f in &filters {
             print!("\n{}", f.help_text());
@@ -160,7 +163,10 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if cli.dump_plugin {
-        print!("{}", chain::dump_plugin(plugin));
+        if let chain::Plugin::C(c) = &plugin {
+            c.load(&[])?;
+        }
+        chain::dump_plugin(&plugin);
         return Ok(ExitCode::SUCCESS);
     }
     if cli.oldstyle {
@@ -190,12 +196,20 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         None => 0xffff,
         Some(m) => parse_int(m).with_context(|| format!("--mask-handshake={m}"))? as u16,
     };
-    chain::set_debug_flags(&cli.debug_flags, plugin, &filters)?;
+    let plugin_debug_flags = chain::set_debug_flags(&cli.debug_flags, &plugin, &filters)?;
 
     logging::init(&cli)?;
 
+    if let chain::Plugin::C(c) = &plugin {
+        // With -s, stdin and stdout carry NBD: plugins must not read a
+        // password from them.
+        nbdkit_cplugin::set_stdio_safe(!cli.single);
+        nbdkit_cplugin::set_server_readonly(cli.readonly);
+        c.load(&plugin_debug_flags)?;
+    }
+
     // Configure filters and the plugin, then stack them.
-    let backend = chain::build(plugin, &filters, &cli.args[1..])?;
+    let backend = chain::build(&plugin, &filters, &cli.args[1..])?;
 
     // Bind before forking, so errors reach the user.
     let activated = ListenerSet::from_activation()?;
