@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 packages=(qemu-utils libnbd-bin python3-libnbd nbdfuse nbdkit fio fuse3 fdisk e2fsprogs
           util-linux mount xz-utils gzip pigz tabix zstd bzip2 liblzma-dev pkg-config
-          openssl)
+          openssl libssl-dev gnutls-bin strace)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

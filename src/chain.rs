@@ -103,11 +103,16 @@ impl Registry {
             )
         };
         format!(
-            "binary={exe}\nexit_with_parent=yes\nfilters={}\nhost_cpu={}\nhost_os={}\nplugins={}\nroot_tls_certificates_dir=/etc/pki/nbdkit\nrust=yes\ntls=yes\nversion={}\nversion_major={major}\nversion_minor={minor}\n",
+            "binary={exe}\nexit_with_parent=yes\nfilters={}\nhost_cpu={}\nhost_os={}\nplugins={}\nroot_tls_certificates_dir=/etc/pki/nbdkit\nrust=yes\ntls=yes\ntls_psk={}\nversion={}\nversion_major={major}\nversion_minor={minor}\n",
             self.filters.iter().map(|f| f.name).collect::<Vec<_>>().join(","),
             std::env::consts::ARCH,
             std::env::consts::OS,
             self.plugins.iter().map(|p| p.name).collect::<Vec<_>>().join(","),
+            if nbdkit_server::tls::Tls::PSK_SUPPORTED {
+                "yes"
+            } else {
+                "no"
+            },
             crate::VERSION,
         )
     }

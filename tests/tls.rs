@@ -463,3 +463,168 @@ fn timeout_covers_a_stalled_tls_handshake() {
     assert!(c.is_closed());
     assert!(t0.elapsed() < std::time::Duration::from_secs(20));
 }
+
+/// A psktool key file for `alice` (and the directory qemu wants it in).
+struct Psk {
+    dir: tempfile::TempDir,
+    /// dir/keys.psk: `alice:KEY`
+    file: PathBuf,
+}
+
+fn psk() -> Option<Psk> {
+    if !have("psktool") {
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("keys.psk");
+    run_ok(
+        Command::new("psktool")
+            .args(["-u", "alice", "-p"])
+            .arg(&file),
+    );
+    Some(Psk { dir, file })
+}
+
+/// A key file in another directory: `user:key`.
+fn key_file(user: &str, key: &str) -> tempfile::TempDir {
+    let d = tempfile::tempdir().expect("tempdir");
+    std::fs::write(d.path().join("keys.psk"), format!("{user}:{key}\n")).expect("key file");
+    d
+}
+
+fn psk_uri(s: &Server, user: &str, file: &Path) -> String {
+    // libnbd takes the TLS username from the URI's user part.
+    format!(
+        "nbds+unix://{user}@/?socket={}&tls-psk-file={}",
+        s.socket.display(),
+        file.display()
+    )
+}
+
+fn start_psk(psk: &Psk, mode: &str) -> Server {
+    Server::start(&[
+        mode,
+        &format!("--tls-psk={}", psk.file.display()),
+        "memory",
+        "size=4M",
+    ])
+}
+
+#[test]
+fn psk_with_libnbd_and_qemu() {
+    let Some(psk) = psk() else { return };
+    if !have("nbdinfo") || !have("qemu-img") || !have_python_nbd() {
+        return;
+    }
+    let s = start_psk(&psk, "--tls=require");
+    let out = nbdinfo(&psk_uri(&s, "alice", &psk.file));
+    assert!(out.status.success(), "nbdinfo with PSK: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("with TLS") && text.contains("4194304"),
+        "{text}"
+    );
+
+    // nbdsh (libnbd's Python API): write with FUA, read back.
+    let script = format!(
+        "h.set_tls(nbd.TLS_REQUIRE)\n\
+         h.set_tls_psk_file({file:?})\n\
+         h.set_tls_username('alice')\n\
+         h.connect_unix({sock:?})\n\
+         assert h.get_tls_negotiated()\n\
+         h.pwrite(b'psk!' * 1024, 8192, nbd.CMD_FLAG_FUA)\n\
+         assert h.pread(4096, 8192) == b'psk!' * 1024\n\
+         print('ok')\n",
+        file = psk.file.display().to_string(),
+        sock = s.socket.display().to_string(),
+    );
+    let out = stdout_of(Command::new(PYTHON).args(["-m", "nbd", "-c", &script]));
+    assert_eq!(out.trim(), "ok");
+
+    // qemu reads keys.psk from the directory of its tls-creds-psk object,
+    // and sees what nbdsh wrote.
+    let dir = psk.dir.path().display().to_string();
+    let out = stdout_of(Command::new("qemu-io").args([
+        "--object",
+        &format!("tls-creds-psk,id=tls0,endpoint=client,dir={dir},username=alice"),
+        "--image-opts",
+        &format!("driver=nbd,path={},tls-creds=tls0", s.socket.display()),
+        "-c",
+        "read -P 0x70 8192 1",
+        "-c",
+        "read -P 0x00 0 4096",
+    ]));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_eq!(out.matches("read ").count(), 2, "{out}");
+}
+
+#[test]
+fn psk_refuses_wrong_keys_unknown_users_and_plaintext() {
+    let Some(psk) = psk() else { return };
+    if !have("nbdinfo") {
+        return;
+    }
+    let s = start_psk(&psk, "--tls=require");
+    let good = std::fs::read_to_string(&psk.file).expect("keys");
+    let key = good.trim().split_once(':').expect("user:key").1.to_string();
+    // Same user, another key.
+    let wrong = key_file("alice", &"00".repeat(32));
+    let out = nbdinfo(&psk_uri(&s, "alice", &wrong.path().join("keys.psk")));
+    assert!(!out.status.success(), "wrong key accepted");
+    // The right key under a name the server does not know.
+    let stranger = key_file("mallory", &key);
+    let out = nbdinfo(&psk_uri(&s, "mallory", &stranger.path().join("keys.psk")));
+    assert!(!out.status.success(), "unknown user accepted");
+    // Plaintext under --tls=require.
+    let out = nbdinfo(&s.uri_for(""));
+    assert!(!out.status.success(), "plaintext accepted under require");
+    let mut c = RawClient::start(&s.socket);
+    c.option(&OptionRequest::Info {
+        go: true,
+        name: String::new(),
+        requests: vec![],
+    });
+    assert_eq!(c.read_until_final().0, REP_ERR_TLS_REQD);
+    // The server said why, and still serves the right key.
+    let log = s.log();
+    assert!(log.contains("TLS handshake failed"), "{log}");
+    let out = nbdinfo(&psk_uri(&s, "alice", &psk.file));
+    assert!(out.status.success(), "{out:?}");
+
+    // Under --tls=on plaintext is allowed, PSK still works.
+    let s = start_psk(&psk, "--tls=on");
+    assert!(nbdinfo(&s.uri_for("")).status.success());
+    assert!(nbdinfo(&psk_uri(&s, "alice", &psk.file)).status.success());
+}
+
+#[test]
+fn psk_configuration_errors_are_reported_at_start_up() {
+    let run = |args: &[&str]| {
+        let out = Command::new(binary())
+            .args(["-f", "-U", "-"])
+            .args(args)
+            .args(["memory", "size=1M"])
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let d = key_file("alice", "0011");
+    let good = format!("--tls-psk={}", d.path().join("keys.psk").display());
+    let e = run(&[&good, "--tls-certificates=/nonexistent"]);
+    assert!(e.contains("cannot be used together"), "{e}");
+    let e = run(&[&good, "--tls-verify-peer"]);
+    assert!(e.contains("--tls-verify-peer"), "{e}");
+    let e = run(&[&good, "--tls=off"]);
+    assert!(e.contains("--tls-psk needs TLS"), "{e}");
+    let e = run(&["--tls-psk=/nonexistent/keys.psk"]);
+    assert!(e.contains("/nonexistent/keys.psk"), "{e}");
+    let bad = key_file("alice", "not-hex");
+    let e = run(&[&format!(
+        "--tls-psk={}",
+        bad.path().join("keys.psk").display()
+    )]);
+    assert!(e.contains("line 1") && e.contains("hex"), "{e}");
+    let cfg = stdout_of(Command::new(binary()).arg("--dump-config"));
+    assert!(cfg.lines().any(|l| l == "tls_psk=yes"), "{cfg}");
+}
