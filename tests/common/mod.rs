@@ -201,11 +201,21 @@ pub fn fd_count(pid: u32) -> usize {
 /// Wait (a bounded number of 50 ms polls, 400 at most) until `pid` has
 /// `want` descriptors open or fewer; returns the last count.  Closing a
 /// connection's socket follows the client's view of the close by a moment.
+/// With `want` 0: until the count stops changing (for a baseline).
 pub fn settle_fds(pid: u32, want: usize) -> usize {
     let mut n = fd_count(pid);
     for _ in 0..400 {
         if n <= want {
             break;
+        }
+        if want == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let again = fd_count(pid);
+            if again == n {
+                break;
+            }
+            n = again;
+            continue;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
         n = fd_count(pid);
