@@ -464,6 +464,7 @@ fn timeout_covers_a_stalled_tls_handshake() {
     assert!(t0.elapsed() < std::time::Duration::from_secs(20));
 }
 
+#[cfg(feature = "tls-psk")]
 /// A psktool key file for `alice` (and the directory qemu wants it in).
 struct Psk {
     dir: tempfile::TempDir,
@@ -471,6 +472,7 @@ struct Psk {
     file: PathBuf,
 }
 
+#[cfg(feature = "tls-psk")]
 fn psk() -> Option<Psk> {
     if !have("psktool") {
         return None;
@@ -485,6 +487,7 @@ fn psk() -> Option<Psk> {
     Some(Psk { dir, file })
 }
 
+#[cfg(feature = "tls-psk")]
 /// A key file in another directory: `user:key`.
 fn key_file(user: &str, key: &str) -> tempfile::TempDir {
     let d = tempfile::tempdir().expect("tempdir");
@@ -492,6 +495,7 @@ fn key_file(user: &str, key: &str) -> tempfile::TempDir {
     d
 }
 
+#[cfg(feature = "tls-psk")]
 fn psk_uri(s: &Server, user: &str, file: &Path) -> String {
     // libnbd takes the TLS username from the URI's user part.
     format!(
@@ -501,6 +505,7 @@ fn psk_uri(s: &Server, user: &str, file: &Path) -> String {
     )
 }
 
+#[cfg(feature = "tls-psk")]
 fn start_psk(psk: &Psk, mode: &str) -> Server {
     Server::start(&[
         mode,
@@ -510,6 +515,7 @@ fn start_psk(psk: &Psk, mode: &str) -> Server {
     ])
 }
 
+#[cfg(feature = "tls-psk")]
 #[test]
 fn psk_with_libnbd_and_qemu() {
     let Some(psk) = psk() else { return };
@@ -558,6 +564,7 @@ fn psk_with_libnbd_and_qemu() {
     assert_eq!(out.matches("read ").count(), 2, "{out}");
 }
 
+#[cfg(feature = "tls-psk")]
 #[test]
 fn psk_refuses_wrong_keys_unknown_users_and_plaintext() {
     let Some(psk) = psk() else { return };
@@ -597,6 +604,7 @@ fn psk_refuses_wrong_keys_unknown_users_and_plaintext() {
     assert!(nbdinfo(&psk_uri(&s, "alice", &psk.file)).status.success());
 }
 
+#[cfg(feature = "tls-psk")]
 #[test]
 fn psk_configuration_errors_are_reported_at_start_up() {
     let run = |args: &[&str]| {
@@ -627,4 +635,114 @@ fn psk_configuration_errors_are_reported_at_start_up() {
     assert!(e.contains("line 1") && e.contains("hex"), "{e}");
     let cfg = stdout_of(Command::new(binary()).arg("--dump-config"));
     assert!(cfg.lines().any(|l| l == "tls_psk=yes"), "{cfg}");
+}
+
+/// STARTTLS with an OpenSSL PSK client limited to one TLS version, then GO,
+/// a write and a read over it.  Returns the negotiated version, or the
+/// handshake error.
+#[cfg(feature = "tls-psk")]
+fn openssl_psk_session(
+    s: &Server,
+    version: openssl::ssl::SslVersion,
+    user: &'static str,
+    key: Vec<u8>,
+) -> Result<String, String> {
+    use nbdkit_proto::option::OptionReplyHeader;
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    use std::io::{Read, Write};
+
+    let mut c = RawClient::start(&s.socket);
+    assert_eq!(c.simple_option(OptionRequest::StartTls), REP_ACK);
+    let mut b = SslConnector::builder(SslMethod::tls_client()).expect("connector");
+    b.set_min_proto_version(Some(version)).unwrap();
+    b.set_max_proto_version(Some(version)).unwrap();
+    b.set_cipher_list("PSK").unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    b.set_psk_client_callback(move |_, _hint, identity, psk| {
+        identity[..user.len()].copy_from_slice(user.as_bytes());
+        identity[user.len()] = 0;
+        psk[..key.len()].copy_from_slice(&key);
+        Ok(key.len())
+    });
+    let cfg = b
+        .build()
+        .configure()
+        .unwrap()
+        .use_server_name_indication(false)
+        .verify_hostname(false);
+    let mut t = cfg
+        .connect("localhost", c.s.try_clone().unwrap())
+        .map_err(|e| e.to_string())?;
+    let negotiated = t.ssl().version_str().to_string();
+    let go = OptionRequest::Info {
+        go: true,
+        name: String::new(),
+        requests: vec![],
+    };
+    t.write_all(&go.encode()).unwrap();
+    loop {
+        let mut h = [0u8; OptionReplyHeader::LEN];
+        t.read_exact(&mut h).unwrap();
+        let h = OptionReplyHeader::parse(&h).unwrap();
+        let mut d = vec![0u8; h.length as usize];
+        t.read_exact(&mut d).unwrap();
+        if h.reply == REP_ACK {
+            break;
+        }
+        assert_eq!(h.reply, REP_INFO, "GO over {negotiated}");
+    }
+    let req = |command, cookie, length: u64| {
+        RequestHeader {
+            flags: 0,
+            command,
+            cookie,
+            offset: 4096,
+            length,
+        }
+        .encode(false)
+    };
+    t.write_all(&[req(CMD_WRITE, 1, 5), b"12345".to_vec()].concat())
+        .unwrap();
+    let mut r = [0u8; 16];
+    t.read_exact(&mut r).unwrap();
+    assert_eq!(&r[4..8], &[0; 4], "write over {negotiated}");
+    t.write_all(&req(CMD_READ, 2, 5)).unwrap();
+    let mut r = [0u8; 21];
+    t.read_exact(&mut r).unwrap();
+    assert_eq!(&r[16..], b"12345", "read over {negotiated}");
+    Ok(negotiated)
+}
+
+#[cfg(feature = "tls-psk")]
+#[test]
+fn psk_over_tls_1_2_and_1_3() {
+    use openssl::ssl::SslVersion;
+    let key: Vec<u8> = (1..=32).collect();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let d = key_file("alice", &hex);
+    let s = Server::start(&[
+        "--tls=require",
+        &format!("--tls-psk={}", d.path().join("keys.psk").display()),
+        "memory",
+        "size=1M",
+    ]);
+    for (v, name) in [
+        (SslVersion::TLS1_2, "TLSv1.2"),
+        (SslVersion::TLS1_3, "TLSv1.3"),
+    ] {
+        assert_eq!(
+            openssl_psk_session(&s, v, "alice", key.clone()).as_deref(),
+            Ok(name)
+        );
+        let mut wrong = key.clone();
+        wrong[0] ^= 1;
+        assert!(
+            openssl_psk_session(&s, v, "alice", wrong).is_err(),
+            "{name}: wrong key accepted"
+        );
+        assert!(
+            openssl_psk_session(&s, v, "bob", key.clone()).is_err(),
+            "{name}: unknown user accepted"
+        );
+    }
 }
