@@ -637,16 +637,15 @@ fn psk_configuration_errors_are_reported_at_start_up() {
     assert!(cfg.lines().any(|l| l == "tls_psk=yes"), "{cfg}");
 }
 
-/// STARTTLS with an OpenSSL PSK client limited to one TLS version, then GO,
-/// a write and a read over it.  Returns the negotiated version, or the
-/// handshake error.
+/// STARTTLS with an OpenSSL PSK client limited to one TLS version, then GO
+/// (simple replies).  The handshake error, if it fails.
 #[cfg(feature = "tls-psk")]
-fn openssl_psk_session(
+fn openssl_psk_connect(
     s: &Server,
     version: openssl::ssl::SslVersion,
     user: &'static str,
     key: Vec<u8>,
-) -> Result<String, String> {
+) -> Result<openssl::ssl::SslStream<std::os::unix::net::UnixStream>, String> {
     use nbdkit_proto::option::OptionReplyHeader;
     use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
     use std::io::{Read, Write};
@@ -673,7 +672,6 @@ fn openssl_psk_session(
     let mut t = cfg
         .connect("localhost", c.s.try_clone().unwrap())
         .map_err(|e| e.to_string())?;
-    let negotiated = t.ssl().version_str().to_string();
     let go = OptionRequest::Info {
         go: true,
         name: String::new(),
@@ -687,30 +685,93 @@ fn openssl_psk_session(
         let mut d = vec![0u8; h.length as usize];
         t.read_exact(&mut d).unwrap();
         if h.reply == REP_ACK {
-            break;
+            return Ok(t);
         }
-        assert_eq!(h.reply, REP_INFO, "GO over {negotiated}");
+        assert_eq!(h.reply, REP_INFO, "GO");
     }
-    let req = |command, cookie, length: u64| {
-        RequestHeader {
-            flags: 0,
-            command,
-            cookie,
-            offset: 4096,
-            length,
-        }
-        .encode(false)
-    };
-    t.write_all(&[req(CMD_WRITE, 1, 5), b"12345".to_vec()].concat())
+}
+
+#[cfg(feature = "tls-psk")]
+fn simple_request(command: u16, cookie: u64, offset: u64, length: u64) -> Vec<u8> {
+    RequestHeader {
+        flags: 0,
+        command,
+        cookie,
+        offset,
+        length,
+    }
+    .encode(false)
+}
+
+/// [`openssl_psk_connect`], then a write and a read; the TLS version.
+#[cfg(feature = "tls-psk")]
+fn openssl_psk_session(
+    s: &Server,
+    version: openssl::ssl::SslVersion,
+    user: &'static str,
+    key: Vec<u8>,
+) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut t = openssl_psk_connect(s, version, user, key)?;
+    let negotiated = t.ssl().version_str().to_string();
+    t.write_all(&[simple_request(CMD_WRITE, 1, 4096, 5), b"12345".to_vec()].concat())
         .unwrap();
     let mut r = [0u8; 16];
     t.read_exact(&mut r).unwrap();
     assert_eq!(&r[4..8], &[0; 4], "write over {negotiated}");
-    t.write_all(&req(CMD_READ, 2, 5)).unwrap();
+    t.write_all(&simple_request(CMD_READ, 2, 4096, 5)).unwrap();
     let mut r = [0u8; 21];
     t.read_exact(&mut r).unwrap();
     assert_eq!(&r[16..], b"12345", "read over {negotiated}");
     Ok(negotiated)
+}
+
+/// The TLS (async) transmission path holds a client that pipelines reads
+/// and never reads the replies to -t requests in memory, as the threaded
+/// path does (tests/hostile.rs), and loses nothing.
+#[cfg(feature = "tls-psk")]
+#[test]
+fn psk_stalled_reader_holds_bounded_memory() {
+    use std::io::{Read, Write};
+    let key: Vec<u8> = (1..=32).collect();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let d = key_file("alice", &hex);
+    let s = Server::start(&[
+        "--tls=require",
+        &format!("--tls-psk={}", d.path().join("keys.psk").display()),
+        "pattern",
+        "size=1G",
+    ]);
+    let pid = s.child.id();
+    let mut t = openssl_psk_connect(&s, openssl::ssl::SslVersion::TLS1_3, "alice", key).unwrap();
+    let base = rss_kib(pid);
+    const N: u64 = 300;
+    let all: Vec<u8> = (0..N)
+        .flat_map(|i| simple_request(CMD_READ, i, i << 20, 1 << 20))
+        .collect();
+    t.write_all(&all).unwrap();
+    let mut peak = 0;
+    for _ in 0..20 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        peak = peak.max(rss_kib(pid));
+    }
+    eprintln!("TLS stalled reader: base {base} KiB, peak {peak} KiB");
+    assert!(
+        peak < base + 48 * 1024,
+        "server grew from {base} KiB to {peak} KiB with {N} unread 1 MiB replies over TLS"
+    );
+    let mut seen = vec![false; N as usize];
+    let mut data = vec![0u8; 1 << 20];
+    for _ in 0..N {
+        let mut h = [0u8; 16];
+        t.read_exact(&mut h).unwrap();
+        assert_eq!(&h[4..8], &[0; 4]);
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        assert!(!std::mem::replace(&mut seen[cookie as usize], true));
+        t.read_exact(&mut data).unwrap();
+        let last = u64::from_be_bytes(data[data.len() - 8..].try_into().unwrap());
+        assert_eq!(last, (cookie << 20) + (1 << 20) - 8, "pattern data");
+    }
 }
 
 #[cfg(feature = "tls-psk")]

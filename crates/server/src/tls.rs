@@ -248,7 +248,7 @@ mod psk {
 
     use openssl::ssl::{Ssl, SslContext, SslMethod, SslOptions, SslVersion};
     use tokio_openssl::SslStream;
-    use tracing::debug;
+    use tracing::{debug, warn};
 
     use super::{invalid, read, TlsError};
     use crate::{Stream, Transport};
@@ -317,9 +317,13 @@ mod psk {
                         debug!(user = %String::from_utf8_lossy(user), "TLS-PSK: known user");
                         Ok(k.len())
                     }
-                    // 0: no key, so the handshake fails.
+                    // 0: no key, so the handshake fails (OpenSSL's own
+                    // message then only says that no method was left).
                     _ => {
-                        debug!(user = %String::from_utf8_lossy(user), "TLS-PSK: unknown user");
+                        match identity {
+                            Some(u) => warn!(user = %String::from_utf8_lossy(u), "TLS-PSK: unknown username"),
+                            None => warn!("TLS-PSK: the client sent no username"),
+                        }
                         Ok(0)
                     }
                 }
