@@ -595,7 +595,10 @@ fn psk_refuses_wrong_keys_unknown_users_and_plaintext() {
     // The server said why, and still serves the right key.
     let log = s.log();
     assert!(log.contains("TLS handshake failed"), "{log}");
-    assert!(log.contains("unknown username") && log.contains("mallory"), "{log}");
+    assert!(
+        log.contains("unknown username") && log.contains("mallory"),
+        "{log}"
+    );
     let out = nbdinfo(&psk_uri(&s, "alice", &psk.file));
     assert!(out.status.success(), "{out:?}");
 
