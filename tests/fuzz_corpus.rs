@@ -1,7 +1,9 @@
 //! The fuzz corpora in fuzz/corpus, replayed as regression tests without
 //! libFuzzer: every kept input (crash reproducers included) of the
 //! `server_session` target against the real server binary over a real
-//! socket, and of `option_parse` through the protocol parser.
+//! socket, and of `option_parse`, `request_header` and `partition_table`
+//! through the code they fuzz, with the same assertions.  (The seekable
+//! crate's corpora are replayed by crates/seekable/tests/corpus.rs.)
 
 mod common;
 
@@ -73,6 +75,50 @@ fn option_parse_corpus_round_trips() {
             if !matches!(req, OptionRequest::Unknown(_)) {
                 let again = req.encode();
                 assert_eq!(&again[OPTION_HEADER_LEN..], payload, "{}", path.display());
+            }
+        }
+    }
+}
+
+#[test]
+fn request_header_corpus_round_trips() {
+    use nbdkit_proto::RequestHeader;
+    let inputs = corpus("request_header");
+    assert!(!inputs.is_empty(), "corpus missing");
+    for path in &inputs {
+        let data = std::fs::read(path).unwrap();
+        for extended in [false, true] {
+            if let Ok(h) = RequestHeader::parse(&data, extended) {
+                let _ = h.payload_len(extended);
+                let len = RequestHeader::wire_len(extended);
+                let mut again = h.encode(extended);
+                again.truncate(len);
+                assert_eq!(&again[..], &data[..len], "{}", path.display());
+            }
+        }
+    }
+}
+
+#[test]
+fn partition_table_corpus_stays_inside_the_disk() {
+    use nbdkit_filters::partition::{find_partition, ImageBytes};
+    let inputs = corpus("partition_table");
+    assert!(inputs.len() > 10, "corpus missing");
+    for path in &inputs {
+        let data = std::fs::read(path).unwrap();
+        let disk = ImageBytes {
+            data: &data,
+            size: 1 << 40,
+        };
+        for n in 1..=8 {
+            if let Ok(p) = find_partition(&disk, n) {
+                assert!(
+                    p.offset
+                        .checked_add(p.length)
+                        .is_some_and(|e| e <= disk.size),
+                    "{} partition {n}: {p:?}",
+                    path.display()
+                );
             }
         }
     }
