@@ -141,11 +141,37 @@ impl Registry {
             .map(|d| format!("plugindir={}\n", d.display()))
             .unwrap_or_default();
         format!(
-            "binary={exe}\nexit_with_parent=yes\nfilters={}\nhost_cpu={}\nhost_os={}\n{plugindir}plugins={}\nroot_tls_certificates_dir=/etc/pki/nbdkit\nrust=yes\ntls=yes\nversion={}\nversion_major={major}\nversion_minor={minor}\n",
-            self.filters.iter().map(|f| f.name).collect::<Vec<_>>().join(","),
+            "binary={exe}
+exit_with_parent=yes
+filters={}
+host_cpu={}
+host_os={}
+{plugindir}plugins={}
+root_tls_certificates_dir=/etc/pki/nbdkit
+rust=yes
+tls=yes
+tls_psk={}
+version={}
+version_major={major}
+version_minor={minor}
+",
+            self.filters
+                .iter()
+                .map(|f| f.name)
+                .collect::<Vec<_>>()
+                .join(","),
             std::env::consts::ARCH,
             std::env::consts::OS,
-            self.plugins.iter().map(|p| p.name).collect::<Vec<_>>().join(","),
+            self.plugins
+                .iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>()
+                .join(","),
+            if nbdkit_server::tls::Tls::PSK_SUPPORTED {
+                "yes"
+            } else {
+                "no"
+            },
             crate::VERSION,
         )
     }

@@ -115,9 +115,15 @@ pub struct Cli {
     /// Require a client certificate signed by ca-cert.pem.
     #[arg(long = "tls-verify-peer")]
     pub tls_verify_peer: bool,
-    /// TLS with pre-shared keys (not supported by this build).
+    /// TLS with pre-shared keys from PSKFILE (psktool's username:hexkey lines).
     #[arg(long = "tls-psk", value_name = "PSKFILE")]
     pub tls_psk: Option<PathBuf>,
+    /// Run as USER (name or uid) once the sockets are open.
+    #[arg(short = 'u', long = "user", value_name = "USER")]
+    pub user: Option<String>,
+    /// Run as GROUP (name or gid) once the sockets are open.
+    #[arg(short = 'g', long = "group", value_name = "GROUP")]
+    pub group: Option<String>,
     /// Disconnect clients that have not finished negotiating after SECONDS.
     #[arg(long = "timeout", value_name = "SECONDS")]
     pub timeout: Option<f64>,
@@ -156,6 +162,9 @@ Options:
                            has ca-cert.pem, server-cert.pem, server-key.pem
                            (default $HOME/.pki/nbdkit; /etc/pki/nbdkit as root)
       --tls-verify-peer    require a client certificate signed by ca-cert.pem
+      --tls-psk PSKFILE    TLS with pre-shared keys (psktool's username:hexkey file)
+  -u, --user USER          run as USER once the sockets are open
+  -g, --group GROUP        run as GROUP once the sockets are open
       --timeout SECONDS    disconnect clients still negotiating after SECONDS
       --max-connections N  connections open at once (0 = no limit, the default)
       --print-uri          print the server's NBD URI on stdout

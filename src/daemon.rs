@@ -178,3 +178,100 @@ pub async fn run_captive(
     };
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
+
+/// `-u USER` / `-g GROUP`, resolved to ids at start-up.
+pub struct Ids {
+    uid: Option<nix::unistd::Uid>,
+    gid: Option<nix::unistd::Gid>,
+    /// For messages.
+    name: String,
+}
+
+impl Ids {
+    /// Look up the user and group (names, or numeric ids).  With `-u` but
+    /// no `-g`, the group is the user's primary group: keeping root's
+    /// group after giving up root's uid would keep its files writable.
+    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Ids>> {
+        use nix::unistd::{Gid, Group, Uid, User};
+        if user.is_none() && group.is_none() {
+            return Ok(None);
+        }
+        let mut primary = None;
+        let uid = match user {
+            None => None,
+            Some(u) => {
+                let found =
+                    User::from_name(u).with_context(|| format!("-u {u}: looking up the user"))?;
+                match (found, u.parse::<u32>()) {
+                    (Some(pw), _) => {
+                        primary = Some(pw.gid);
+                        Some(pw.uid)
+                    }
+                    (None, Ok(n)) => {
+                        primary = User::from_uid(Uid::from_raw(n))
+                            .ok()
+                            .flatten()
+                            .map(|pw| pw.gid);
+                        Some(Uid::from_raw(n))
+                    }
+                    (None, Err(_)) => bail!("-u {u}: no such user"),
+                }
+            }
+        };
+        let gid = match group {
+            None => primary,
+            Some(g) => {
+                let found =
+                    Group::from_name(g).with_context(|| format!("-g {g}: looking up the group"))?;
+                match (found, g.parse::<u32>()) {
+                    (Some(gr), _) => Some(gr.gid),
+                    (None, Ok(n)) => Some(Gid::from_raw(n)),
+                    (None, Err(_)) => bail!("-g {g}: no such group"),
+                }
+            }
+        };
+        if uid.is_some() && gid.is_none() {
+            bail!(
+                "-u {}: the user has no passwd entry, so its group is unknown: add -g GROUP",
+                user.unwrap_or_default()
+            );
+        }
+        let name = match (user, group) {
+            (Some(u), Some(g)) => format!("user {u}, group {g}"),
+            (Some(u), None) => format!("user {u}"),
+            (None, Some(g)) => format!("group {g}"),
+            (None, None) => unreachable!("checked above"),
+        };
+        Ok(Some(Ids { uid, gid, name }))
+    }
+}
+
+/// Give up root: supplementary groups, then the group, then the user (in
+/// that order: once the uid is not root, the groups cannot change).
+/// glibc applies each call to every thread of the process.  `socket_dir`
+/// (the private directory of `-U -`) is handed over so that the socket
+/// can still be removed at exit.
+pub fn change_user(ids: &Ids, socket_dir: Option<&Path>) -> Result<()> {
+    use nix::unistd::{setgid, setgroups, setuid};
+    if let Some(dir) = socket_dir {
+        std::os::unix::fs::chown(
+            dir,
+            ids.uid.map(|u| u.as_raw()),
+            ids.gid.map(|g| g.as_raw()),
+        )
+        .with_context(|| format!("changing the owner of {}", dir.display()))?;
+    }
+    if let Some(gid) = ids.gid {
+        setgroups(&[gid]).with_context(|| format!("setgroups for {} (are we root?)", ids.name))?;
+        setgid(gid).with_context(|| format!("setgid for {}", ids.name))?;
+    }
+    if let Some(uid) = ids.uid {
+        setuid(uid).with_context(|| format!("setuid for {}", ids.name))?;
+        // A uid change that could be undone would not be a change.
+        if !uid.is_root() && setuid(nix::unistd::Uid::from_raw(0)).is_ok() {
+            bail!("setuid: could regain root after changing to {}", ids.name);
+        }
+    }
+    info!("now running as {}", ids.name);
+    Ok(())
+}

@@ -79,14 +79,19 @@ impl Endpoint {
 /// Unlike nbdkit, TLS is never turned on just because certificates exist
 /// in the default directory, and `--tls=on` with unusable certificates is
 /// an error rather than a warning: TLS is used only when asked for, and
-/// then it works or the server does not start.  `--tls-certificates` or
-/// `--tls-verify-peer` alone mean `--tls=on`, as in nbdkit.
+/// then it works or the server does not start.  `--tls-certificates`,
+/// `--tls-psk` or `--tls-verify-peer` alone mean `--tls=on`, as in nbdkit.
 fn tls_from_cli(cli: &Cli) -> Result<Tls> {
-    if cli.tls_psk.is_some() {
-        bail!("--tls-psk: pre-shared keys are not supported by this build (rustls has no external PSK); use X.509 certificates with --tls-certificates");
+    if cli.tls_psk.is_some() && cli.tls_certificates.is_some() {
+        bail!("--tls-psk and --tls-certificates cannot be used together: choose pre-shared keys or X.509 certificates");
+    }
+    if cli.tls_psk.is_some() && cli.tls_verify_peer {
+        bail!("--tls-verify-peer checks client certificates, which --tls-psk does not use (the pre-shared key already authenticates the client)");
     }
     let mode = match cli.tls.as_deref() {
-        None if cli.tls_certificates.is_some() || cli.tls_verify_peer => TlsMode::On,
+        None if cli.tls_certificates.is_some() || cli.tls_psk.is_some() || cli.tls_verify_peer => {
+            TlsMode::On
+        }
         None | Some("off") => TlsMode::Off,
         Some("on") => TlsMode::On,
         Some("require") => TlsMode::Require,
@@ -96,7 +101,13 @@ fn tls_from_cli(cli: &Cli) -> Result<Tls> {
         if cli.tls_verify_peer {
             bail!("--tls-verify-peer needs TLS: remove --tls=off");
         }
+        if cli.tls_psk.is_some() {
+            bail!("--tls-psk needs TLS: remove --tls=off");
+        }
         return Ok(Tls::off());
+    }
+    if let Some(file) = &cli.tls_psk {
+        return Tls::load_psk(mode, file).map_err(|e| anyhow!("--tls-psk: {e}"));
     }
     let dir = cli
         .tls_certificates
@@ -175,6 +186,9 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         );
     }
     let tls = tls_from_cli(&cli)?;
+    // Names are looked up now, so an unknown user stops the server before
+    // it listens.
+    let ids = daemon::Ids::resolve(cli.user.as_deref(), cli.group.as_deref())?;
     let handshake_timeout = match cli.timeout {
         None => None,
         Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => {
@@ -354,6 +368,11 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         });
         if let Some(pidfile) = &cli.pidfile {
             daemon::write_pidfile(pidfile)?;
+        }
+        // After binding the sockets and writing the pid file (which may
+        // need root), before any client is served.
+        if let Some(ids) = &ids {
+            daemon::change_user(ids, temp_socket.as_ref().map(|t| t.dir.as_path()))?;
         }
         ready.signal();
         if cli.single {

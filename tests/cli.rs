@@ -429,3 +429,70 @@ fn background_start_failure_is_reported() {
     assert!(err.contains("failed while starting"), "{err}");
     assert!(!sock.exists(), "the failed server cleaned up its socket");
 }
+
+/// The `Uid:`/`Gid:`/`Groups:` fields of /proc/PID/status.
+fn proc_ids(pid: u32, field: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+        .split_whitespace()
+        .map(|n| n.parse().expect("id"))
+        .collect()
+}
+
+#[test]
+fn user_and_group_drop_privileges_after_binding() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: -u/-g need root");
+        return;
+    }
+    let e = fails(&["-u", "no-such-user-nbdkit-rs", "memory", "size=1M"]);
+    assert!(e.contains("no such user"), "{e}");
+    let e = fails(&["-g", "no-such-group-nbdkit-rs", "memory", "size=1M"]);
+    assert!(e.contains("no such group"), "{e}");
+
+    // The pid file is written as root (in a directory nobody cannot
+    // write), the socket is bound as root, then the server is nobody.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pidfile = dir.path().join("pid");
+    let p = pidfile.display().to_string();
+    let s = Server::start(&["-u", "nobody", "-P", &p, "memory", "size=1M"]);
+    // It serves (and a served request means the privileges were dropped:
+    // that happens before the first accept).
+    let mut c = common::client::RawClient::start(&s.socket);
+    c.go(false, false, false);
+    c.request(nbdkit_proto::CMD_WRITE, 0, 1, 512, 4, b"safe");
+    assert_eq!(c.reply(0).error, 0);
+    c.request(nbdkit_proto::CMD_READ, 0, 2, 512, 4, &[]);
+    assert_eq!(c.reply(4).data, b"safe");
+    let pid = s.child.id();
+    let nobody = proc_ids(pid, "Uid:");
+    assert_eq!(nobody.len(), 4);
+    assert!(
+        nobody.iter().all(|&u| u != 0 && u == nobody[0]),
+        "real, effective, saved and fs uid all changed: {nobody:?}"
+    );
+    let gids = proc_ids(pid, "Gid:");
+    assert!(gids.iter().all(|&g| g != 0), "root's group kept: {gids:?}");
+    let groups = proc_ids(pid, "Groups:");
+    assert_eq!(groups, vec![gids[0]], "supplementary groups dropped");
+    let written: u32 = std::fs::read_to_string(&pidfile)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert_eq!(written, pid);
+    // Every thread, not only the main one, changed (glibc setxid).
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let status =
+            std::fs::read_to_string(t.expect("task").path().join("status")).unwrap_or_default();
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+        assert!(
+            !uid_line.contains("\t0"),
+            "a thread is still root: {uid_line}"
+        );
+    }
+}

@@ -463,3 +463,351 @@ fn timeout_covers_a_stalled_tls_handshake() {
     assert!(c.is_closed());
     assert!(t0.elapsed() < std::time::Duration::from_secs(20));
 }
+
+#[cfg(feature = "tls-psk")]
+/// A psktool key file for `alice` (and the directory qemu wants it in).
+struct Psk {
+    dir: tempfile::TempDir,
+    /// dir/keys.psk: `alice:KEY`
+    file: PathBuf,
+}
+
+#[cfg(feature = "tls-psk")]
+fn psk() -> Option<Psk> {
+    if !have("psktool") {
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("keys.psk");
+    run_ok(
+        Command::new("psktool")
+            .args(["-u", "alice", "-p"])
+            .arg(&file),
+    );
+    Some(Psk { dir, file })
+}
+
+#[cfg(feature = "tls-psk")]
+/// A key file in another directory: `user:key`.
+fn key_file(user: &str, key: &str) -> tempfile::TempDir {
+    let d = tempfile::tempdir().expect("tempdir");
+    std::fs::write(d.path().join("keys.psk"), format!("{user}:{key}\n")).expect("key file");
+    d
+}
+
+#[cfg(feature = "tls-psk")]
+fn psk_uri(s: &Server, user: &str, file: &Path) -> String {
+    // libnbd takes the TLS username from the URI's user part.
+    format!(
+        "nbds+unix://{user}@/?socket={}&tls-psk-file={}",
+        s.socket.display(),
+        file.display()
+    )
+}
+
+#[cfg(feature = "tls-psk")]
+fn start_psk(psk: &Psk, mode: &str) -> Server {
+    Server::start(&[
+        mode,
+        &format!("--tls-psk={}", psk.file.display()),
+        "memory",
+        "size=4M",
+    ])
+}
+
+#[cfg(feature = "tls-psk")]
+#[test]
+fn psk_with_libnbd_and_qemu() {
+    let Some(psk) = psk() else { return };
+    if !have("nbdinfo") || !have("qemu-img") || !have_python_nbd() {
+        return;
+    }
+    let s = start_psk(&psk, "--tls=require");
+    let out = nbdinfo(&psk_uri(&s, "alice", &psk.file));
+    assert!(out.status.success(), "nbdinfo with PSK: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("with TLS") && text.contains("4194304"),
+        "{text}"
+    );
+
+    // nbdsh (libnbd's Python API): write with FUA, read back.
+    let script = format!(
+        "h.set_tls(nbd.TLS_REQUIRE)\n\
+         h.set_tls_psk_file({file:?})\n\
+         h.set_tls_username('alice')\n\
+         h.connect_unix({sock:?})\n\
+         assert h.get_tls_negotiated()\n\
+         h.pwrite(b'psk!' * 1024, 8192, nbd.CMD_FLAG_FUA)\n\
+         assert h.pread(4096, 8192) == b'psk!' * 1024\n\
+         print('ok')\n",
+        file = psk.file.display().to_string(),
+        sock = s.socket.display().to_string(),
+    );
+    let out = stdout_of(Command::new(PYTHON).args(["-m", "nbd", "-c", &script]));
+    assert_eq!(out.trim(), "ok");
+
+    // qemu reads keys.psk from the directory of its tls-creds-psk object,
+    // and sees what nbdsh wrote.
+    let dir = psk.dir.path().display().to_string();
+    let out = stdout_of(Command::new("qemu-io").args([
+        "--object",
+        &format!("tls-creds-psk,id=tls0,endpoint=client,dir={dir},username=alice"),
+        "--image-opts",
+        &format!("driver=nbd,path={},tls-creds=tls0", s.socket.display()),
+        "-c",
+        "read -P 0x70 8192 1",
+        "-c",
+        "read -P 0x00 0 4096",
+    ]));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_eq!(out.matches("read ").count(), 2, "{out}");
+}
+
+#[cfg(feature = "tls-psk")]
+#[test]
+fn psk_refuses_wrong_keys_unknown_users_and_plaintext() {
+    let Some(psk) = psk() else { return };
+    if !have("nbdinfo") {
+        return;
+    }
+    let s = start_psk(&psk, "--tls=require");
+    let good = std::fs::read_to_string(&psk.file).expect("keys");
+    let key = good.trim().split_once(':').expect("user:key").1.to_string();
+    // Same user, another key.
+    let wrong = key_file("alice", &"00".repeat(32));
+    let out = nbdinfo(&psk_uri(&s, "alice", &wrong.path().join("keys.psk")));
+    assert!(!out.status.success(), "wrong key accepted");
+    // The right key under a name the server does not know.
+    let stranger = key_file("mallory", &key);
+    let out = nbdinfo(&psk_uri(&s, "mallory", &stranger.path().join("keys.psk")));
+    assert!(!out.status.success(), "unknown user accepted");
+    // Plaintext under --tls=require.
+    let out = nbdinfo(&s.uri_for(""));
+    assert!(!out.status.success(), "plaintext accepted under require");
+    let mut c = RawClient::start(&s.socket);
+    c.option(&OptionRequest::Info {
+        go: true,
+        name: String::new(),
+        requests: vec![],
+    });
+    assert_eq!(c.read_until_final().0, REP_ERR_TLS_REQD);
+    // The server said why, and still serves the right key.
+    let log = s.log();
+    assert!(log.contains("TLS handshake failed"), "{log}");
+    assert!(
+        log.contains("unknown username") && log.contains("mallory"),
+        "{log}"
+    );
+    let out = nbdinfo(&psk_uri(&s, "alice", &psk.file));
+    assert!(out.status.success(), "{out:?}");
+
+    // Under --tls=on plaintext is allowed, PSK still works.
+    let s = start_psk(&psk, "--tls=on");
+    assert!(nbdinfo(&s.uri_for("")).status.success());
+    assert!(nbdinfo(&psk_uri(&s, "alice", &psk.file)).status.success());
+}
+
+#[cfg(feature = "tls-psk")]
+#[test]
+fn psk_configuration_errors_are_reported_at_start_up() {
+    let run = |args: &[&str]| {
+        let out = Command::new(binary())
+            .args(["-f", "-U", "-"])
+            .args(args)
+            .args(["memory", "size=1M"])
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let d = key_file("alice", "0011");
+    let good = format!("--tls-psk={}", d.path().join("keys.psk").display());
+    let e = run(&[&good, "--tls-certificates=/nonexistent"]);
+    assert!(e.contains("cannot be used together"), "{e}");
+    let e = run(&[&good, "--tls-verify-peer"]);
+    assert!(e.contains("--tls-verify-peer"), "{e}");
+    let e = run(&[&good, "--tls=off"]);
+    assert!(e.contains("--tls-psk needs TLS"), "{e}");
+    let e = run(&["--tls-psk=/nonexistent/keys.psk"]);
+    assert!(e.contains("/nonexistent/keys.psk"), "{e}");
+    let bad = key_file("alice", "not-hex");
+    let e = run(&[&format!(
+        "--tls-psk={}",
+        bad.path().join("keys.psk").display()
+    )]);
+    assert!(e.contains("line 1") && e.contains("hex"), "{e}");
+    let cfg = stdout_of(Command::new(binary()).arg("--dump-config"));
+    assert!(cfg.lines().any(|l| l == "tls_psk=yes"), "{cfg}");
+}
+
+/// STARTTLS with an OpenSSL PSK client limited to one TLS version, then GO
+/// (simple replies).  The handshake error, if it fails.
+#[cfg(feature = "tls-psk")]
+fn openssl_psk_connect(
+    s: &Server,
+    version: openssl::ssl::SslVersion,
+    user: &'static str,
+    key: Vec<u8>,
+) -> Result<openssl::ssl::SslStream<std::os::unix::net::UnixStream>, String> {
+    use nbdkit_proto::option::OptionReplyHeader;
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    use std::io::{Read, Write};
+
+    let mut c = RawClient::start(&s.socket);
+    assert_eq!(c.simple_option(OptionRequest::StartTls), REP_ACK);
+    let mut b = SslConnector::builder(SslMethod::tls_client()).expect("connector");
+    b.set_min_proto_version(Some(version)).unwrap();
+    b.set_max_proto_version(Some(version)).unwrap();
+    b.set_cipher_list("PSK").unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    b.set_psk_client_callback(move |_, _hint, identity, psk| {
+        identity[..user.len()].copy_from_slice(user.as_bytes());
+        identity[user.len()] = 0;
+        psk[..key.len()].copy_from_slice(&key);
+        Ok(key.len())
+    });
+    let cfg = b
+        .build()
+        .configure()
+        .unwrap()
+        .use_server_name_indication(false)
+        .verify_hostname(false);
+    let mut t = cfg
+        .connect("localhost", c.s.try_clone().unwrap())
+        .map_err(|e| e.to_string())?;
+    let go = OptionRequest::Info {
+        go: true,
+        name: String::new(),
+        requests: vec![],
+    };
+    t.write_all(&go.encode()).unwrap();
+    loop {
+        let mut h = [0u8; OptionReplyHeader::LEN];
+        t.read_exact(&mut h).unwrap();
+        let h = OptionReplyHeader::parse(&h).unwrap();
+        let mut d = vec![0u8; h.length as usize];
+        t.read_exact(&mut d).unwrap();
+        if h.reply == REP_ACK {
+            return Ok(t);
+        }
+        assert_eq!(h.reply, REP_INFO, "GO");
+    }
+}
+
+#[cfg(feature = "tls-psk")]
+fn simple_request(command: u16, cookie: u64, offset: u64, length: u64) -> Vec<u8> {
+    RequestHeader {
+        flags: 0,
+        command,
+        cookie,
+        offset,
+        length,
+    }
+    .encode(false)
+}
+
+/// [`openssl_psk_connect`], then a write and a read; the TLS version.
+#[cfg(feature = "tls-psk")]
+fn openssl_psk_session(
+    s: &Server,
+    version: openssl::ssl::SslVersion,
+    user: &'static str,
+    key: Vec<u8>,
+) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut t = openssl_psk_connect(s, version, user, key)?;
+    let negotiated = t.ssl().version_str().to_string();
+    t.write_all(&[simple_request(CMD_WRITE, 1, 4096, 5), b"12345".to_vec()].concat())
+        .unwrap();
+    let mut r = [0u8; 16];
+    t.read_exact(&mut r).unwrap();
+    assert_eq!(&r[4..8], &[0; 4], "write over {negotiated}");
+    t.write_all(&simple_request(CMD_READ, 2, 4096, 5)).unwrap();
+    let mut r = [0u8; 21];
+    t.read_exact(&mut r).unwrap();
+    assert_eq!(&r[16..], b"12345", "read over {negotiated}");
+    Ok(negotiated)
+}
+
+/// The TLS (async) transmission path holds a client that pipelines reads
+/// and never reads the replies to -t requests in memory, as the threaded
+/// path does (tests/hostile.rs), and loses nothing.
+#[cfg(feature = "tls-psk")]
+#[test]
+fn psk_stalled_reader_holds_bounded_memory() {
+    use std::io::{Read, Write};
+    let key: Vec<u8> = (1..=32).collect();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let d = key_file("alice", &hex);
+    let s = Server::start(&[
+        "--tls=require",
+        &format!("--tls-psk={}", d.path().join("keys.psk").display()),
+        "pattern",
+        "size=1G",
+    ]);
+    let pid = s.child.id();
+    let mut t = openssl_psk_connect(&s, openssl::ssl::SslVersion::TLS1_3, "alice", key).unwrap();
+    let base = rss_kib(pid);
+    const N: u64 = 300;
+    let all: Vec<u8> = (0..N)
+        .flat_map(|i| simple_request(CMD_READ, i, i << 20, 1 << 20))
+        .collect();
+    t.write_all(&all).unwrap();
+    let mut peak = 0;
+    for _ in 0..20 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        peak = peak.max(rss_kib(pid));
+    }
+    eprintln!("TLS stalled reader: base {base} KiB, peak {peak} KiB");
+    assert!(
+        peak < base + 48 * 1024,
+        "server grew from {base} KiB to {peak} KiB with {N} unread 1 MiB replies over TLS"
+    );
+    let mut seen = vec![false; N as usize];
+    let mut data = vec![0u8; 1 << 20];
+    for _ in 0..N {
+        let mut h = [0u8; 16];
+        t.read_exact(&mut h).unwrap();
+        assert_eq!(&h[4..8], &[0; 4]);
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        assert!(!std::mem::replace(&mut seen[cookie as usize], true));
+        t.read_exact(&mut data).unwrap();
+        let last = u64::from_be_bytes(data[data.len() - 8..].try_into().unwrap());
+        assert_eq!(last, (cookie << 20) + (1 << 20) - 8, "pattern data");
+    }
+}
+
+#[cfg(feature = "tls-psk")]
+#[test]
+fn psk_over_tls_1_2_and_1_3() {
+    use openssl::ssl::SslVersion;
+    let key: Vec<u8> = (1..=32).collect();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let d = key_file("alice", &hex);
+    let s = Server::start(&[
+        "--tls=require",
+        &format!("--tls-psk={}", d.path().join("keys.psk").display()),
+        "memory",
+        "size=1M",
+    ]);
+    for (v, name) in [
+        (SslVersion::TLS1_2, "TLSv1.2"),
+        (SslVersion::TLS1_3, "TLSv1.3"),
+    ] {
+        assert_eq!(
+            openssl_psk_session(&s, v, "alice", key.clone()).as_deref(),
+            Ok(name)
+        );
+        let mut wrong = key.clone();
+        wrong[0] ^= 1;
+        assert!(
+            openssl_psk_session(&s, v, "alice", wrong).is_err(),
+            "{name}: wrong key accepted"
+        );
+        assert!(
+            openssl_psk_session(&s, v, "bob", key.clone()).is_err(),
+            "{name}: unknown user accepted"
+        );
+    }
+}

@@ -213,3 +213,45 @@ pub fn have_python_nbd() -> bool {
 /// nbdsh is `python3 -m nbd`; run it with the Python that has the module
 /// (the first python3 on PATH may be another one).
 pub const NBDSH: &str = "/usr/bin/python3 -m nbd";
+
+/// A process's resident memory in KiB (VmRSS in /proc/PID/status).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// How many file descriptors a process has open.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count()
+}
+
+/// Wait (a bounded number of 50 ms polls, 400 at most) until `pid` has
+/// `want` descriptors open or fewer; returns the last count.  Closing a
+/// connection's socket follows the client's view of the close by a moment.
+/// With `want` 0: until the count stops changing (for a baseline).
+pub fn settle_fds(pid: u32, want: usize) -> usize {
+    let mut n = fd_count(pid);
+    for _ in 0..400 {
+        if n <= want {
+            break;
+        }
+        if want == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let again = fd_count(pid);
+            if again == n {
+                break;
+            }
+            n = again;
+            continue;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        n = fd_count(pid);
+    }
+    n
+}

@@ -221,11 +221,10 @@ pub async fn negotiate(
                 // The spec has no way back from a failed TLS handshake: the
                 // connection ends with it (the error says why).
                 let plain = std::mem::replace(stream, Box::new(Broken(None)));
-                let tls = acceptor
+                *stream = acceptor
                     .accept(plain)
                     .await
                     .map_err(|e| ConnectionError::Protocol(format!("TLS handshake failed: {e}")))?;
-                *stream = Box::new(tls);
                 encrypted = true;
                 client.set_tls();
                 debug!(conn, "TLS established");

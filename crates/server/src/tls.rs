@@ -1,10 +1,14 @@
-//! TLS with X.509 certificates (rustls, ring provider), entered with
-//! NBD_OPT_STARTTLS during the handshake.
+//! TLS, entered with NBD_OPT_STARTTLS during the handshake: X.509
+//! certificates with rustls (ring provider), or pre-shared keys with the
+//! system OpenSSL (feature `tls-psk`; rustls has no external PSKs).  Both
+//! end up as one [`Acceptor`] that turns the plain stream into an encrypted
+//! [`Stream`], so the handshake code does not know which it is.
 //!
-//! Certificates are loaded once at start-up from a directory laid out as
-//! nbdkit's: `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.  Every
-//! problem with them is reported then, as one line naming the file, so a
-//! misconfigured server never starts and then fails each client.
+//! Credentials are loaded once at start-up: certificates from a directory
+//! laid out as nbdkit's (`ca-cert.pem`, `server-cert.pem`,
+//! `server-key.pem`), keys from a psktool file (`username:hexkey` lines).
+//! Every problem with them is reported then, as one line naming the file,
+//! so a misconfigured server never starts and then fails each client.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -40,11 +44,32 @@ impl TlsMode {
     }
 }
 
-/// A mode plus, unless it is `Off`, the loaded certificates.
+/// A mode plus, unless it is `Off`, the loaded credentials.
 #[derive(Clone, Default)]
 pub struct Tls {
     pub mode: TlsMode,
-    acceptor: Option<TlsAcceptor>,
+    acceptor: Option<Acceptor>,
+}
+
+/// What runs the server side of a TLS handshake.
+#[derive(Clone)]
+pub(crate) enum Acceptor {
+    /// X.509 certificates (rustls).
+    X509(TlsAcceptor),
+    /// Pre-shared keys (OpenSSL).
+    #[cfg(feature = "tls-psk")]
+    Psk(psk::PskAcceptor),
+}
+
+impl Acceptor {
+    /// Run the TLS handshake over `plain` and return the encrypted stream.
+    pub(crate) async fn accept(&self, plain: Box<dyn Stream>) -> std::io::Result<Box<dyn Stream>> {
+        match self {
+            Acceptor::X509(a) => Ok(Box::new(a.accept(plain).await?)),
+            #[cfg(feature = "tls-psk")]
+            Acceptor::Psk(a) => a.accept(plain).await,
+        }
+    }
 }
 
 impl fmt::Debug for Tls {
@@ -66,12 +91,37 @@ impl Tls {
         let config = server_config(dir, verify_peer)?;
         Ok(Tls {
             mode,
-            acceptor: (mode != TlsMode::Off).then(|| TlsAcceptor::from(Arc::new(config))),
+            acceptor: (mode != TlsMode::Off)
+                .then(|| Acceptor::X509(TlsAcceptor::from(Arc::new(config)))),
         })
     }
 
+    /// Load the pre-shared keys in `file` (psktool's `username:hexkey`
+    /// lines) for `mode` (which must not be `Off`).
+    #[cfg(feature = "tls-psk")]
+    pub fn load_psk(mode: TlsMode, file: &Path) -> Result<Tls, TlsError> {
+        let acceptor = psk::PskAcceptor::load(file)?;
+        Ok(Tls {
+            mode,
+            acceptor: (mode != TlsMode::Off).then_some(Acceptor::Psk(acceptor)),
+        })
+    }
+
+    /// Without the `tls-psk` feature there are no pre-shared keys.
+    #[cfg(not(feature = "tls-psk"))]
+    pub fn load_psk(_mode: TlsMode, _file: &Path) -> Result<Tls, TlsError> {
+        Err(TlsError::Config(
+            "this nbdkit-rs was built without PSK support (cargo feature tls-psk); \
+             use X.509 certificates with --tls-certificates"
+                .into(),
+        ))
+    }
+
+    /// Whether this build supports `--tls-psk`.
+    pub const PSK_SUPPORTED: bool = cfg!(feature = "tls-psk");
+
     /// The acceptor, if STARTTLS is allowed.
-    pub(crate) fn acceptor(&self) -> Option<&TlsAcceptor> {
+    pub(crate) fn acceptor(&self) -> Option<&Acceptor> {
         match self.mode {
             TlsMode::Off => None,
             _ => self.acceptor.as_ref(),
@@ -182,5 +232,147 @@ impl Stream for tokio_rustls::server::TlsStream<Box<dyn Stream>> {
     /// raw sockets.
     fn into_blocking(self: Box<Self>) -> Transport {
         Transport::Async(self)
+    }
+}
+
+#[cfg(feature = "tls-psk")]
+mod psk {
+    //! TLS-PSK with OpenSSL: TLS 1.3 with an external PSK (SHA-256
+    //! suites), or TLS 1.2 (EC)DHE-PSK and PSK suites for older clients.
+    //! GnuTLS clients (libnbd, qemu) send the username as the PSK identity.
+
+    use std::collections::HashMap;
+    use std::path::Path;
+    use std::pin::Pin;
+    use std::sync::Arc;
+
+    use openssl::ssl::{Ssl, SslContext, SslMethod, SslOptions, SslVersion};
+    use tokio_openssl::SslStream;
+    use tracing::{debug, warn};
+
+    use super::{invalid, read, TlsError};
+    use crate::{Stream, Transport};
+
+    /// The largest key OpenSSL accepts (PSK_MAX_PSK_LEN).
+    const MAX_KEY: usize = 512;
+
+    #[derive(Clone)]
+    pub(crate) struct PskAcceptor {
+        ctx: SslContext,
+    }
+
+    /// Parse psktool's format: one `username:hexkey` per line; blank lines
+    /// are skipped.  Errors name the line.
+    pub(crate) fn parse_keys(
+        path: &Path,
+        text: &str,
+    ) -> Result<HashMap<Vec<u8>, Vec<u8>>, TlsError> {
+        let mut keys = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim_end_matches('\r');
+            if line.trim().is_empty() {
+                continue;
+            }
+            let at = |what: &str| invalid(path, format!("line {}: {what}", i + 1));
+            let (user, hexkey) = line
+                .split_once(':')
+                .ok_or_else(|| at("expected username:hexkey"))?;
+            if user.is_empty() {
+                return Err(at("empty username"));
+            }
+            let key =
+                hex::decode(hexkey.trim()).map_err(|e| at(&format!("key is not hex: {e}")))?;
+            if key.is_empty() || key.len() > MAX_KEY {
+                return Err(at(&format!("key must be 1 to {MAX_KEY} bytes")));
+            }
+            keys.entry(user.as_bytes().to_vec()).or_insert(key);
+        }
+        if keys.is_empty() {
+            return Err(invalid(path, "no username:hexkey line in the file"));
+        }
+        Ok(keys)
+    }
+
+    impl PskAcceptor {
+        pub(crate) fn load(path: &Path) -> Result<Self, TlsError> {
+            let bytes = read(path)?;
+            let text = std::str::from_utf8(&bytes).map_err(|_| invalid(path, "not a text file"))?;
+            let keys = Arc::new(parse_keys(path, text)?);
+            let cfg = |e: openssl::error::ErrorStack| TlsError::Config(format!("OpenSSL: {e}"));
+            let mut b = SslContext::builder(SslMethod::tls_server()).map_err(cfg)?;
+            b.set_min_proto_version(Some(SslVersion::TLS1_2))
+                .map_err(cfg)?;
+            // TLS 1.3 with a PSK from this callback uses a SHA-256 suite.
+            b.set_ciphersuites("TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256")
+                .map_err(cfg)?;
+            b.set_cipher_list("ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES256-CBC-SHA384:ECDHE-PSK-AES128-CBC-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305")
+                .map_err(cfg)?;
+            // One handshake per connection: no session tickets to resume.
+            b.set_options(SslOptions::NO_TICKET | SslOptions::NO_RENEGOTIATION);
+            b.set_psk_server_callback(move |_ssl, identity, out| {
+                let user = identity.unwrap_or_default();
+                match keys.get(user) {
+                    Some(k) if k.len() <= out.len() => {
+                        out[..k.len()].copy_from_slice(k);
+                        debug!(user = %String::from_utf8_lossy(user), "TLS-PSK: known user");
+                        Ok(k.len())
+                    }
+                    // 0: no key, so the handshake fails (OpenSSL's own
+                    // message then only says that no method was left).
+                    _ => {
+                        match identity {
+                            Some(u) => warn!(user = %String::from_utf8_lossy(u), "TLS-PSK: unknown username"),
+                            None => warn!("TLS-PSK: the client sent no username"),
+                        }
+                        Ok(0)
+                    }
+                }
+            });
+            Ok(PskAcceptor { ctx: b.build() })
+        }
+
+        pub(crate) async fn accept(
+            &self,
+            plain: Box<dyn Stream>,
+        ) -> std::io::Result<Box<dyn Stream>> {
+            let ssl = Ssl::new(&self.ctx).map_err(std::io::Error::other)?;
+            let mut s = SslStream::new(ssl, plain).map_err(std::io::Error::other)?;
+            // The error's text includes OpenSSL's reason ("binder does not
+            // verify" for a wrong key).
+            Pin::new(&mut s)
+                .accept()
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            Ok(Box::new(s))
+        }
+    }
+
+    impl Stream for SslStream<Box<dyn Stream>> {
+        fn into_blocking(self: Box<Self>) -> Transport {
+            Transport::Async(self)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn key_file_format() {
+            let p = Path::new("keys.psk");
+            let k = parse_keys(p, "alice:00ff\n\nbob:0102\r\n").unwrap();
+            assert_eq!(k[&b"alice"[..]], vec![0, 0xff]);
+            assert_eq!(k[&b"bob"[..]], vec![1, 2]);
+            for (bad, what) in [
+                ("alice", "line 1"),
+                ("ok:00\n:00", "line 2: empty username"),
+                ("alice:zz", "not hex"),
+                ("alice:", "1 to 512"),
+                ("", "no username"),
+            ] {
+                let e = parse_keys(p, bad).unwrap_err().to_string();
+                assert!(e.contains(what), "{bad:?}: {e}");
+            }
+        }
     }
 }
