@@ -5,6 +5,7 @@ use nbdkit_backend::PluginSpec;
 
 pub mod file;
 pub mod memory;
+pub mod sh;
 pub mod simple;
 
 /// Every built-in plugin, in the order `--help` lists them.
@@ -17,5 +18,7 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &simple::FULL,
         &simple::PATTERN,
         &simple::ONES,
+        &sh::SH,
+        &sh::EVAL,
     ]
 }
