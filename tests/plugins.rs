@@ -294,3 +294,212 @@ fn sh_inline_script_from_stdin() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3145728");
 }
+
+// ---------------------------------------------------------------- data
+
+/// nbdkit-data-plugin's MBR example, served and read back by sfdisk.
+#[test]
+fn data_mbr_example_is_a_partition_table() {
+    if !have("nbdcopy") || !have("sfdisk") || !have("nbdinfo") {
+        return;
+    }
+    let s = Server::start(&[
+        "data",
+        "@0x1be    # MBR first partition entry
+           0          # Partition status
+           0 2 0      # CHS start
+           0x83       # Partition type (Linux)
+           0x20 0x20 0 # CHS last sector
+           le32:1     # LBA first sector
+           le32:0x7ff # LBA number of sectors
+         @0x1fe    # Boot signature
+           0x55 0xaa",
+        "size=1M",
+    ]);
+    let info = nbdinfo_json(&[], &s.uri);
+    assert_eq!(info["export-size"], "1048576");
+    assert_eq!(info["is_read_only"], "false");
+    // Only the first page holds data; the rest was never written.
+    let map = map_of(&s.uri);
+    assert!(!map[0].2, "{map:?}");
+    assert!(map[0].1 < 1 << 20 && map[1].2, "{map:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    run_ok(Command::new("nbdcopy").arg(&s.uri).arg(&img));
+    let dump = stdout_of(Command::new("sfdisk").arg("-d").arg(&img));
+    assert!(dump.contains("label: dos"), "{dump}");
+    assert!(
+        dump.contains("start=           1, size=        2047, type=83"),
+        "{dump}"
+    );
+    assert!(s.stop().success());
+}
+
+#[test]
+fn data_is_writable_and_read_only_with_r() {
+    if !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let s = Server::start(&["data", "( 0x55 0xAA )*2048"]);
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x55 0 1",
+        "-c",
+        "read -P 0xaa 4095 1",
+        "-c",
+        "write -P 0x11 1024 512",
+        "-c",
+        "read -P 0x11 1024 512",
+        "-c",
+        "read -P 0xaa 1537 1",
+        &s.uri,
+    ]));
+    drop(s);
+    let s = Server::start(&["-r", "data", "base64=MTIz", "size=1M"]);
+    let info = nbdinfo_json(&[], &s.uri);
+    assert_eq!(info["is_read_only"], "true");
+    assert_eq!(info["export-size"], "1048576");
+    run_ok(Command::new("qemu-io").args([
+        "-r",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x31 0 1",
+        "-c",
+        "read -P 0x33 2 1",
+        "-c",
+        "read -P 0 3 4096",
+        &s.uri,
+    ]));
+}
+
+#[test]
+fn data_raw_hello_world_and_variables() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let out = run_ok(Command::new(binary()).args([
+        "-U",
+        "-",
+        "data",
+        "raw=Hello, world!",
+        "--run",
+        "nbdcopy \"$uri\" -",
+    ]));
+    assert_eq!(out.stdout, b"Hello, world!");
+    let out = run_ok(
+        Command::new(binary())
+            .args([
+                "-U",
+                "-",
+                "data",
+                "$pattern*2 $sig",
+                "pattern=0x55 0xAA \"hi\"",
+                "--run",
+                "nbdcopy \"$uri\" -",
+            ])
+            .env("sig", "le16:0xaa55"),
+    );
+    assert_eq!(out.stdout, b"\x55\xaahi\x55\xaahi\x55\xaa");
+    // A bad expression is one clear error at start-up.
+    let out = Command::new(binary())
+        .args(["-U", "-", "data", "1 2 300", "--run", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("data:") && err.contains("300"), "{err}");
+}
+
+// ---------------------------------------------------------------- random, sparse-random
+
+#[test]
+fn random_copies_onto_itself_and_rejects_other_data() {
+    if !have("nbdcopy") || !have("qemu-img") || !have_python_nbd() {
+        return;
+    }
+    // The documented self-check: a copy onto the same disk succeeds only if
+    // every byte lands where it was read.
+    run_ok(Command::new(binary()).args([
+        "-U",
+        "-",
+        "random",
+        "size=20M",
+        "--run",
+        "nbdcopy \"$uri\" \"$uri\" && qemu-img convert -n -f raw -O raw \"$uri\" \"$uri\"",
+    ]));
+    let s = Server::start(&["random", "size=1M", "seed=42"]);
+    let t = Server::start(&["random", "size=1M", "seed=42"]);
+    let u = Server::start(&["random", "1M", "seed=43"]);
+    let a = read_all(&s.uri);
+    assert_eq!(a.len(), 1 << 20);
+    assert_eq!(a, read_all(&t.uri), "same seed, same data");
+    assert_ne!(a, read_all(&u.uri), "another seed, other data");
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+good = h.pread(4096, 8192)
+h.pwrite(good, 8192)
+bad = bytes([good[0] ^ 1]) + good[1:]
+try:
+    h.pwrite(bad, 8192)
+    raise SystemExit("a write of other data succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.EIO, e
+print("OK")
+"#,
+        &[&s.uri],
+    );
+}
+
+#[test]
+fn sparse_random_has_holes_and_verifies_copies() {
+    if !have("nbdcopy") || !have("nbdinfo") {
+        return;
+    }
+    let s = Server::start(&[
+        "sparse-random",
+        "size=64M",
+        "seed=5",
+        "percent=30",
+        "runlength=1M",
+    ]);
+    let map = map_of(&s.uri);
+    let data: u64 = map.iter().filter(|r| !r.2).map(|r| r.1).sum();
+    assert!(map.iter().any(|r| r.2), "no holes: {map:?}");
+    assert!(
+        data > (64 << 20) / 10 && data < (64 << 20) / 2,
+        "about 30% data expected, got {data} bytes: {map:?}"
+    );
+    // Data blocks are non-zero, holes zero, exactly as the map says.
+    let all = read_all(&s.uri);
+    for &(off, len, hole) in &map {
+        let r = &all[off as usize..(off + len) as usize];
+        if hole {
+            assert!(r.iter().all(|&b| b == 0), "hole at {off} has data");
+        } else {
+            assert!(r.iter().all(|&b| b != 0), "data at {off} has zeroes");
+        }
+    }
+    // Copying onto itself (zeroes for holes included) succeeds.
+    run_ok(Command::new("nbdcopy").arg(&s.uri).arg(&s.uri));
+    assert!(s.stop().success());
+    let out = Command::new(binary())
+        .args([
+            "-U",
+            "-",
+            "sparse-random",
+            "size=1M",
+            "percent=101",
+            "--run",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("percent=101"));
+}

@@ -3,8 +3,10 @@
 
 use nbdkit_backend::PluginSpec;
 
+pub mod data;
 pub mod file;
 pub mod memory;
+pub mod random;
 pub mod sh;
 pub mod simple;
 
@@ -18,6 +20,9 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &simple::FULL,
         &simple::PATTERN,
         &simple::ONES,
+        &data::SPEC,
+        &random::RANDOM,
+        &random::SPARSE_RANDOM,
         &sh::SH,
         &sh::EVAL,
     ]
