@@ -503,3 +503,58 @@ fn sparse_random_has_holes_and_verifies_copies() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("percent=101"));
 }
+
+// ---------------------------------------------------------------- split
+
+#[test]
+fn split_concatenates_files_with_their_holes() {
+    if !have("nbdcopy") || !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    make_file(&a, 1 << 20, 1);
+    // b is a 2 MiB hole, c data again.
+    std::fs::File::create(&b).unwrap().set_len(2 << 20).unwrap();
+    make_file(&c, 512 << 10, 3);
+    let s = Server::start(&[
+        "split",
+        a.to_str().unwrap(),
+        &format!("file={}", b.display()),
+        c.to_str().unwrap(),
+    ]);
+    let info = nbdinfo_json(&[], &s.uri);
+    assert_eq!(info["export-size"], ((3 << 20) + (512 << 10)).to_string());
+    assert_eq!(info["is_read_only"], "false");
+    let mut want = std::fs::read(&a).unwrap();
+    want.extend(std::fs::read(&b).unwrap());
+    want.extend(std::fs::read(&c).unwrap());
+    assert!(read_all(&s.uri) == want);
+    let map = map_of(&s.uri);
+    assert_eq!(map[0], (0, 1 << 20, false), "{map:?}");
+    assert_eq!(map[1], (1 << 20, 2 << 20, true), "{map:?}");
+    assert_eq!(map[2], (3 << 20, 512 << 10, false), "{map:?}");
+    // A write across the a|b boundary lands in both files.
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        &format!("write -P 0x77 {} 8192", (1 << 20) - 4096),
+        "-c",
+        "flush",
+        &s.uri,
+    ]));
+    assert!(std::fs::read(&a).unwrap()[(1 << 20) - 4096..]
+        .iter()
+        .all(|&x| x == 0x77));
+    assert!(std::fs::read(&b).unwrap()[..4096]
+        .iter()
+        .all(|&x| x == 0x77));
+    assert!(s.stop().success());
+    let s = Server::start(&["-r", "split", a.to_str().unwrap()]);
+    assert_eq!(nbdinfo_json(&[], &s.uri)["is_read_only"], "true");
+}

@@ -9,6 +9,7 @@ pub mod memory;
 pub mod random;
 pub mod sh;
 pub mod simple;
+pub mod split;
 
 /// Every built-in plugin, in the order `--help` lists them.
 pub fn all() -> Vec<&'static PluginSpec> {
@@ -23,6 +24,7 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &data::SPEC,
         &random::RANDOM,
         &random::SPARSE_RANDOM,
+        &split::SPEC,
         &sh::SH,
         &sh::EVAL,
     ]
