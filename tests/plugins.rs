@@ -558,3 +558,119 @@ fn split_concatenates_files_with_their_holes() {
     let s = Server::start(&["-r", "split", a.to_str().unwrap()]);
     assert_eq!(nbdinfo_json(&[], &s.uri)["is_read_only"], "true");
 }
+
+// ---------------------------------------------------------------- partitioning
+
+/// `sfdisk -d` of the whole export (copied to a file first).
+fn sfdisk_dump(uri: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    run_ok(Command::new("nbdcopy").arg(uri).arg(&img));
+    stdout_of(Command::new("sfdisk").arg("-d").arg(&img))
+}
+
+fn partition_files(dir: &std::path::Path, sizes: &[usize]) -> Vec<String> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            let p = dir.join(format!("part{}", i + 1));
+            make_file(&p, s, 100 + i as u64);
+            p.display().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn partitioning_mbr_reads_back_with_sfdisk_and_the_partition_filter() {
+    if !have("nbdcopy") || !have("sfdisk") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let files = partition_files(dir.path(), &[1 << 20, 300_000]);
+    let s = Server::start(&["partitioning", &files[0], "mbr-id=0x82", &files[1]]);
+    let dump = sfdisk_dump(&s.uri);
+    assert!(dump.contains("label: dos"), "{dump}");
+    assert!(
+        dump.contains("start=        2048, size=        2048, type=83"),
+        "{dump}"
+    );
+    // 300000 bytes round up to 586 sectors, aligned to the next 1 MiB.
+    assert!(
+        dump.contains("start=        4096, size=         586, type=82"),
+        "{dump}"
+    );
+    drop(s);
+    for (n, f) in files.iter().enumerate() {
+        let p = Server::start(&[
+            "--filter=partition",
+            "partitioning",
+            &files[0],
+            &files[1],
+            &format!("partition={}", n + 1),
+        ]);
+        let got = read_all(&p.uri);
+        let want = std::fs::read(f).unwrap();
+        assert_eq!(&got[..want.len()], &want[..], "partition {}", n + 1);
+        assert!(got[want.len()..].iter().all(|&b| b == 0));
+    }
+    // Writes reach the file; the table cannot be changed.
+    let s = Server::start(&["partitioning", &files[0], &files[1]]);
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x66 1049088 512", &s.uri]));
+    assert!(std::fs::read(&files[0]).unwrap()[512..1024]
+        .iter()
+        .all(|&b| b == 0x66));
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x66 0 512", &s.uri])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("error") || !out.status.success(), "{text}");
+}
+
+#[test]
+fn partitioning_gpt_and_mbr_logical_partitions() {
+    if !have("nbdcopy") || !have("sfdisk") || !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let files = partition_files(dir.path(), &[4096, 8192, 512, 70_000, 1 << 20, 5000]);
+    let mut args = vec!["partitioning", "alignment=64K"];
+    args.extend(files.iter().map(|f| f.as_str()));
+    // More than four files: GPT by default.
+    let s = Server::start(&args);
+    let dump = sfdisk_dump(&s.uri);
+    assert!(dump.contains("label: gpt"), "{dump}");
+    assert_eq!(
+        dump.matches("type=0FC63DAF-8483-4772-8E79-3D69D8477DE4")
+            .count(),
+        6,
+        "{dump}"
+    );
+    drop(s);
+    // The same files in an MBR: three primaries, then logical partitions.
+    let mut mbr = args.clone();
+    mbr.insert(1, "partition-type=mbr");
+    let s = Server::start(&mbr);
+    let dump = sfdisk_dump(&s.uri);
+    assert!(dump.contains("label: dos"), "{dump}");
+    assert!(dump.contains("type=5"), "{dump}");
+    assert_eq!(dump.matches("type=83").count(), 6, "{dump}");
+    drop(s);
+    for kind in ["gpt", "mbr"] {
+        for n in [1usize, 4, 5, 6] {
+            let mut a = vec!["--filter=partition".to_string()];
+            a.extend(args.iter().map(|s| s.to_string()));
+            a.insert(2, format!("partition-type={kind}"));
+            // MBR numbers logical partitions from 5: files 4..6 are 5..7.
+            let number = if kind == "mbr" && n >= 4 { n + 1 } else { n };
+            a.push(format!("partition={number}"));
+            let refs: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+            let p = Server::start(&refs);
+            let got = read_all(&p.uri);
+            let want = std::fs::read(&files[n - 1]).unwrap();
+            assert_eq!(&got[..want.len()], &want[..], "{kind} file {n}");
+        }
+    }
+}

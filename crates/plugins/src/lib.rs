@@ -6,6 +6,7 @@ use nbdkit_backend::PluginSpec;
 pub mod data;
 pub mod file;
 pub mod memory;
+pub mod partitioning;
 pub mod random;
 pub mod sh;
 pub mod simple;
@@ -25,6 +26,7 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &random::RANDOM,
         &random::SPARSE_RANDOM,
         &split::SPEC,
+        &partitioning::SPEC,
         &sh::SH,
         &sh::EVAL,
     ]
