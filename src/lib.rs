@@ -332,6 +332,12 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     let code = rt.block_on(async {
         let shutdown = CancellationToken::new();
         daemon::on_signals(shutdown.clone())?;
+        // nbdkit_shutdown for backends (exitlast, exitwhen, C plugins):
+        // the same graceful exit as SIGTERM.
+        nbdkit_backend::client::set_shutdown_hook({
+            let shutdown = shutdown.clone();
+            move || shutdown.cancel()
+        });
         if let Some(pidfile) = &cli.pidfile {
             daemon::write_pidfile(pidfile)?;
         }

@@ -1013,14 +1013,22 @@ fn multi_conn_modes_and_emulated_flush() {
         flags_through(&f, &["multi-conn-mode=emulate"])["can_multi_conn"],
         "true"
     );
+    assert_eq!(
+        flags_through(&f, &["multi-conn-mode=disable"])["can_multi_conn"],
+        "false"
+    );
+    assert_eq!(
+        flags_through(&f, &["multi-conn-mode=unsafe"])["can_multi_conn"],
+        "true"
+    );
     start_fails(
         &[
             "--filter=multi-conn",
             "memory",
             "1M",
-            "multi-conn-mode=disable",
+            "multi-conn-track-dirty=always",
         ],
-        "multi-conn-mode=disable is not supported",
+        "multi-conn-track-dirty=always",
     );
 
     // emulate: a flush on one connection flushes both.
@@ -1033,6 +1041,7 @@ fn multi_conn_modes_and_emulated_flush() {
         "memory",
         "size=1M",
         "multi-conn-mode=emulate",
+        "multi-conn-track-dirty=off",
         &logarg,
     ]);
     python(
@@ -1066,22 +1075,32 @@ import nbd, sys
 a = nbd.NBD(); a.connect_uri(sys.argv[1])
 b = nbd.NBD(); b.connect_uri(sys.argv[1])
 c = nbd.NBD()
-msgs = []
-c.set_debug_callback(lambda ctx, msg: msgs.append(msg))
-c.set_debug(True)
 try:
     c.connect_uri(sys.argv[1])
     raise SystemExit("a third client got in")
 except nbd.Error:
     pass
-assert any("too many clients (the limit is 2)" in m for m in msgs), msgs
 # The two admitted clients are unaffected.
 a.pwrite(b"a" * 512, 0)
 assert b.pread(512, 0) == b"a" * 512
+# A slot comes back when a client leaves (once the server has seen it go).
+a.shutdown()
+import time
+for attempt in range(100):
+    try:
+        d = nbd.NBD(); d.connect_uri(sys.argv[1])
+        break
+    except nbd.Error:
+        time.sleep(0.05)
+else:
+    raise SystemExit("the slot never came back")
+assert d.pread(512, 0) == b"a" * 512
 print("OK")
 "#,
         &[&s.uri],
     );
+    let log = s.log();
+    assert!(log.contains("too many clients (the limit is 2)"), "{log}");
 }
 
 #[test]
@@ -1091,7 +1110,10 @@ fn every_filter_has_help_with_an_example() {
         "cow",
         "delay",
         "error",
+        "exitlast",
+        "exitwhen",
         "fua",
+        "ip",
         "limit",
         "multi-conn",
         "nocache",
@@ -1118,4 +1140,202 @@ fn every_filter_has_help_with_an_example() {
         assert!(out.contains("Example:"), "{f}: {out}");
         assert!(out.contains(&format!("--filter={f} ")), "{f}: {out}");
     }
+}
+
+/// True if `nbdinfo --size URI` succeeds.
+fn nbdinfo_connects(uri: &str) -> bool {
+    Command::new("nbdinfo")
+        .arg("--size")
+        .arg(uri)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn ip_filters_unix_peers_by_uid_and_gid() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let uid = unsafe { libc::getuid() };
+    let gid = unsafe { libc::getgid() };
+    let me = format!("allow=uid:{uid}");
+    let s = Server::start(&["--filter=ip", "memory", "1M", &me, "deny=all"]);
+    assert!(nbdinfo_connects(&s.uri), "{}", s.log());
+    let mygroup = format!("allow=gid:{gid}");
+    let s = Server::start(&["--filter=ip", "memory", "1M", &mygroup, "deny=anyunix"]);
+    assert!(nbdinfo_connects(&s.uri), "{}", s.log());
+
+    let other = format!("allow=uid:{},gid:{}", uid + 1, gid + 1);
+    let s = Server::start(&["--filter=ip", "memory", "1M", &other, "deny=all"]);
+    assert!(!nbdinfo_connects(&s.uri));
+    let log = s.log();
+    assert!(
+        log.contains("denied by the allow/deny rules") && log.contains(&format!("uid {uid}")),
+        "{log}"
+    );
+    // The refusal closed one connection, not the server: it refuses again.
+    assert!(!nbdinfo_connects(&s.uri));
+}
+
+#[test]
+fn ip_filters_tcp_clients_by_address_and_network() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let s = Server::start_tcp(&["--filter=ip", "memory", "1M", "allow=127.0.0.1", "deny=all"]);
+    assert!(s.uri.starts_with("nbd://127.0.0.1:"), "{}", s.uri);
+    assert!(nbdinfo_connects(&s.uri), "{}", s.log());
+
+    let s = Server::start_tcp(&["--filter=ip", "memory", "1M", "deny=127.0.0.0/8"]);
+    assert!(!nbdinfo_connects(&s.uri));
+    assert!(s.log().contains("127.0.0.1"), "{}", s.log());
+
+    // allow= is checked before deny=, whatever the order on the line.
+    let s = Server::start_tcp(&[
+        "--filter=ip",
+        "memory",
+        "1M",
+        "deny=anyipv4",
+        "allow=10.0.0.0/8,127.0.0.0/24",
+    ]);
+    assert!(nbdinfo_connects(&s.uri), "{}", s.log());
+}
+
+#[test]
+fn ip_rejects_bad_rules_at_startup() {
+    let out = Command::new(binary())
+        .args(["--filter=ip", "memory", "1M", "allow=127.0.0.256"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("allow=") && err.contains("127.0.0.256"),
+        "{err}"
+    );
+}
+
+#[test]
+fn exitlast_exits_when_the_last_client_leaves() {
+    if !have_python_nbd() {
+        return;
+    }
+    let mut s = Server::start(&["--filter=exitlast", "memory", "1M"]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(s.running(), "exited before any client connected");
+    // Two clients at once: the first leaving does not stop the server.
+    python(
+        r#"
+import nbd, sys
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+b = nbd.NBD(); b.connect_uri(sys.argv[1])
+a.pwrite(b"x" * 512, 0)
+a.shutdown()
+import time; time.sleep(0.3)
+assert b.pread(512, 0) == b"x" * 512
+b.shutdown()
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    let st = s.wait_exit(std::time::Duration::from_secs(30));
+    assert_eq!(st.code(), Some(0), "{}", s.log());
+}
+
+#[test]
+fn exitwhen_refuses_new_clients_after_the_event_and_exits_after_the_last() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stop = dir.path().join("stop");
+    let created = format!("exit-when-file-created={}", stop.display());
+    let mut s = Server::start(&["--filter=exitwhen", "memory", "1M", &created]);
+    python(
+        r#"
+import nbd, sys
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+open(sys.argv[2], "w").close()
+b = nbd.NBD()
+try:
+    b.connect_uri(sys.argv[1])
+    raise SystemExit("a client got in after the event")
+except nbd.Error:
+    pass
+# The connected client carries on.
+a.pwrite(b"y" * 512, 0)
+assert a.pread(512, 0) == b"y" * 512
+a.shutdown()
+print("OK")
+"#,
+        &[&s.uri, stop.to_str().unwrap()],
+    );
+    let st = s.wait_exit(std::time::Duration::from_secs(30));
+    assert_eq!(st.code(), Some(0), "{}", s.log());
+    assert!(s.log().contains("no new connections"), "{}", s.log());
+}
+
+#[test]
+fn exitwhen_polls_while_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("keep");
+    std::fs::write(&gone, b"").unwrap();
+    let deleted = format!("exit-when-file-deleted={}", gone.display());
+    let mut s = Server::start(&[
+        "--filter=exitwhen",
+        "memory",
+        "1M",
+        &deleted,
+        "exit-when-script=exit 0",
+        "exit-when-poll=0.2",
+    ]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(s.running(), "exited before the event: {}", s.log());
+    std::fs::remove_file(&gone).unwrap();
+    let st = s.wait_exit(std::time::Duration::from_secs(30));
+    assert_eq!(st.code(), Some(0), "{}", s.log());
+
+    // A script that reports the event (status 88) before start-up: exit at once.
+    let mut s = Server::start(&[
+        "--filter=exitwhen",
+        "memory",
+        "1M",
+        "exit-when-script=exit 88",
+    ]);
+    let st = s.wait_exit(std::time::Duration::from_secs(30));
+    assert_eq!(st.code(), Some(0), "{}", s.log());
+}
+
+#[test]
+fn log_script_runs_for_real_client_requests() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("script.out");
+    let script = format!(
+        "logscript=echo \"$type $act $connection $offset $count $return\" >> {}",
+        out.display()
+    );
+    let s = Server::start(&["--filter=log", "memory", "1M", &script]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+h.pwrite(b"q" * 4096, 8192)
+assert h.pread(4096, 8192) == b"q" * 4096
+h.shutdown()
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    drop(s);
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("ENTER Write 1 0x2000 0x1000 \n"), "{text}");
+    assert!(text.contains("LEAVE Write 1 0x2000 0x1000 0\n"), "{text}");
+    assert!(text.contains("LEAVE Read 1 0x2000 0x1000 0\n"), "{text}");
+    assert!(text.contains("PRINT Connect 1"), "{text}");
 }

@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     let (rt, server) = server();
     rt.block_on(async {
         let (client, conn) = tokio::io::duplex(1 << 16);
-        let task = tokio::spawn(server.clone().serve_connection(Box::new(conn), "fuzz".into(), CancellationToken::new()));
+        let task = tokio::spawn(server.clone().serve_connection(Box::new(conn), nbdkit_backend::Peer::Stdio, CancellationToken::new()));
         let (mut rd, mut wr) = tokio::io::split(client);
         let writer = async {
             let _ = wr.write_all(data).await;

@@ -34,14 +34,25 @@ impl Server {
     }
 
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_listening(None, args, env)
+    }
+
+    /// Like [`Server::start`] but listening on TCP `127.0.0.1`, port chosen
+    /// by the kernel; `uri` is then an nbd:// URI.
+    pub fn start_tcp(args: &[&str]) -> Server {
+        Self::start_listening(Some(&["-i", "127.0.0.1", "-p", "0"]), args, &[])
+    }
+
+    fn start_listening(tcp: Option<&[&str]>, args: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("nbd.sock");
         let mut cmd = Command::new(binary());
-        cmd.arg("-f")
-            .arg("--print-uri")
-            .arg("-U")
-            .arg(&socket)
-            .args(args)
+        cmd.arg("-f").arg("--print-uri");
+        match tcp {
+            Some(listen) => cmd.args(listen),
+            None => cmd.arg("-U").arg(&socket),
+        };
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.path().join("server.log")).expect("server log"));
@@ -76,6 +87,27 @@ impl Server {
     pub fn stop(mut self) -> std::process::ExitStatus {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         self.child.wait().expect("wait")
+    }
+
+    /// Wait for the server to exit on its own and return its status.
+    /// Panics if it is still running after `patience` (a hang guard: the
+    /// tests that use this expect an exit within moments).
+    pub fn wait_exit(&mut self, patience: std::time::Duration) -> std::process::ExitStatus {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            if start.elapsed() > patience {
+                panic!("the server did not exit within {patience:?}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// True while the server process runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
     }
 
     /// What the server wrote to stderr so far.

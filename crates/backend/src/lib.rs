@@ -43,11 +43,13 @@
 //! assert!(!h.can_write().unwrap());
 //! ```
 
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod extents;
 pub mod registry;
 
+pub use client::{request_shutdown, Client, Peer};
 pub use config::{parse_bool, parse_size, Config};
 pub use error::{ConfigError, Error, ErrorKind, Result};
 pub use extents::{Extent, Extents, EXTENT_HOLE, EXTENT_ZERO};
@@ -178,6 +180,23 @@ pub trait Backend: Send + Sync {
     fn default_export(&self, readonly: bool) -> Result<String> {
         self.next()
             .map_or(Ok(String::new()), |n| n.default_export(readonly))
+    }
+
+    /// A client connected, before any negotiation.  An error closes the
+    /// connection at once (access control); it is logged with the reason.
+    /// Filters that override this call `next`'s first and act only if it
+    /// succeeded, so that [`Backend::disconnected`] pairs with it.
+    fn preconnect(&self, client: &Client) -> Result<()> {
+        self.next().map_or(Ok(()), |n| n.preconnect(client))
+    }
+
+    /// A connection whose `preconnect` succeeded has ended, whether or not
+    /// it opened an export (NBD_OPT_LIST-only clients count too).  Any
+    /// handle it opened has been closed.
+    fn disconnected(&self, client: &Client) {
+        if let Some(n) = self.next() {
+            n.disconnected(client)
+        }
     }
 
     /// A client connected and chose `export`.  `readonly` is true when the

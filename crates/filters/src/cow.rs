@@ -46,7 +46,7 @@ struct Overlay {
 
 struct CowLayer {
     block: u64,
-    on_read: bool,
+    on_read: OnRead,
     on_cache: bool,
 }
 
@@ -74,7 +74,7 @@ impl Layer for CowLayer {
 
 struct CowBackend {
     next: Arc<dyn Backend>,
-    on_read: bool,
+    on_read: OnRead,
     on_cache: bool,
     overlay: Arc<Overlay>,
 }
@@ -112,7 +112,7 @@ impl Backend for CowBackend {
         Ok(Box::new(CowHandle {
             next,
             size,
-            on_read: self.on_read,
+            on_read: self.on_read.clone(),
             on_cache: self.on_cache,
             ov: self.overlay.clone(),
         }))
@@ -122,7 +122,7 @@ impl Backend for CowBackend {
 struct CowHandle {
     next: Box<dyn Handle>,
     size: u64,
-    on_read: bool,
+    on_read: OnRead,
     on_cache: bool,
     ov: Arc<Overlay>,
 }
@@ -302,7 +302,7 @@ impl Handle for CowHandle {
         if buf.is_empty() {
             return Ok(());
         }
-        if self.on_read {
+        if self.on_read.active() {
             self.copy_up(offset, buf.len() as u64)?;
         }
         let map = self.ov.map.read().unwrap_or_else(|e| e.into_inner());
@@ -372,6 +372,26 @@ impl Handle for CowHandle {
     }
 }
 
+/// cow-on-read: whether reads copy the data they read into the overlay.
+#[derive(Debug, Clone)]
+enum OnRead {
+    Never,
+    Always,
+    /// While this file exists (checked on every read), so it can be
+    /// switched while the server runs.
+    WhileExists(std::path::PathBuf),
+}
+
+impl OnRead {
+    fn active(&self) -> bool {
+        match self {
+            OnRead::Never => false,
+            OnRead::Always => true,
+            OnRead::WhileExists(p) => p.exists(),
+        }
+    }
+}
+
 pub static SPEC: FilterSpec = FilterSpec {
     name: "cow",
     summary:
@@ -387,7 +407,7 @@ Example:\n  nbdkit-rs --filter=cow file base.img cow-block-size=4K",
         },
         Param {
             name: "cow-on-read",
-            help: "true: copy blocks into the overlay when they are read",
+            help: "true: copy blocks into the overlay when they are read; /PATH: only while that file exists",
         },
         Param {
             name: "cow-on-cache",
@@ -405,7 +425,19 @@ Example:\n  nbdkit-rs --filter=cow file base.img cow-block-size=4K",
                 "cow filter: cow-block-size={block}: must be a power of two from 4096 to 4M"
             )));
         }
-        let on_read = cfg.take_bool("cow-on-read").map_err(err)?.unwrap_or(false);
+        let on_read = match cfg.take("cow-on-read") {
+            None => OnRead::Never,
+            Some(v) if v.starts_with('/') => OnRead::WhileExists(v.into()),
+            Some(v) => match nbdkit_backend::parse_bool(&v) {
+                Ok(true) => OnRead::Always,
+                Ok(false) => OnRead::Never,
+                Err(_) => {
+                    return Err(ConfigError::new(format!(
+                        "cow filter: cow-on-read={v}: expected true, false or an absolute path"
+                    )))
+                }
+            },
+        };
         let on_cache = cfg.take_bool("cow-on-cache").map_err(err)?.unwrap_or(false);
         Ok(Box::new(CowLayer {
             block,
@@ -566,6 +598,28 @@ mod tests {
         assert_eq!(ex.list()[0].length, 4096);
         assert!(!written.load(Ordering::SeqCst));
         assert!(h.can_write().unwrap());
+    }
+
+    #[test]
+    fn cow_on_read_path_follows_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let flag = dir.path().join("on");
+        let on_read = OnRead::WhileExists(flag.clone());
+        assert!(!on_read.active());
+        std::fs::write(&flag, b"").unwrap();
+        assert!(on_read.active());
+        // Parsing: an absolute path, a boolean, or an error naming the key.
+        let path = flag.to_str().unwrap();
+        let (h, _) = cow(
+            vec![5; 8192],
+            &[("cow-on-read", path), ("cow-block-size", "4K")],
+        );
+        let mut buf = [0u8; 16];
+        h.pread(&mut buf, 100).unwrap();
+        assert_eq!(buf, [5; 16]);
+        let mut cfg = Config::new(vec![("cow-on-read".into(), "relative/path".into())]);
+        let e = (SPEC.configure)(&mut cfg).err().unwrap().to_string();
+        assert!(e.contains("cow-on-read=relative/path"), "{e}");
     }
 
     #[test]

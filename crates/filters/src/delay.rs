@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nbdkit_backend::{
-    Backend, Config, ConfigError, Extents, FilterSpec, Handle, Layer, Param, Result, ZeroFlags,
+    Backend, Config, ConfigError, Error, Extents, FilterSpec, Handle, Layer, Param, Result,
+    ZeroFlags,
 };
 
 /// Request kinds, with their nbdkit key names.
@@ -51,20 +52,30 @@ fn delays(cfg: &mut Config) -> std::result::Result<[Duration; 9], ConfigError> {
     Ok(d)
 }
 
-struct DelayLayer([Duration; 9]);
+struct DelayLayer {
+    d: [Duration; 9],
+    /// delay-fast-zero=false: fast zero requests fail at once with ENOTSUP
+    /// instead of waiting (so a client falls back without the delay).
+    fast_zero_fails: bool,
+}
 
 impl Layer for DelayLayer {
     fn layer(
         self: Box<Self>,
         next: Arc<dyn Backend>,
     ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(DelayBackend { next, d: self.0 }))
+        Ok(Arc::new(DelayBackend {
+            next,
+            d: self.d,
+            fast_zero_fails: self.fast_zero_fails,
+        }))
     }
 }
 
 struct DelayBackend {
     next: Arc<dyn Backend>,
     d: [Duration; 9],
+    fast_zero_fails: bool,
 }
 
 fn pause(d: Duration) {
@@ -85,6 +96,7 @@ impl Backend for DelayBackend {
         Ok(Box::new(DelayHandle {
             next: self.next.open(readonly, export)?,
             d: self.d,
+            fast_zero_fails: self.fast_zero_fails,
         }))
     }
 }
@@ -92,6 +104,7 @@ impl Backend for DelayBackend {
 struct DelayHandle {
     next: Box<dyn Handle>,
     d: [Duration; 9],
+    fast_zero_fails: bool,
 }
 
 impl Drop for DelayHandle {
@@ -112,7 +125,16 @@ impl Handle for DelayHandle {
         pause(self.d[1]);
         self.next.pwrite(buf, offset, fua)
     }
+    fn can_fast_zero(&self) -> Result<bool> {
+        // Failing fast zeroes at once is itself fast-zero support.
+        Ok(self.fast_zero_fails || self.next.can_fast_zero()?)
+    }
     fn zero(&self, offset: u64, count: u64, flags: ZeroFlags) -> Result<()> {
+        if flags.fast && self.fast_zero_fails {
+            return Err(Error::not_supported(
+                "delay filter: fast zero refused at once (delay-fast-zero=false)",
+            ));
+        }
         pause(self.d[2]);
         self.next.zero(offset, count, flags)
     }
@@ -177,6 +199,10 @@ Example:\n  nbdkit-rs --filter=delay memory 1G delay-read=100ms delay-write=0.5"
             help: "before each flush",
         },
         Param {
+            name: "delay-fast-zero",
+            help: "false: fail fast zero requests at once with ENOTSUP instead of delaying them (default true)",
+        },
+        Param {
             name: "delay-open",
             help: "when a client connects",
         },
@@ -185,7 +211,14 @@ Example:\n  nbdkit-rs --filter=delay memory 1G delay-read=100ms delay-write=0.5"
             help: "when a client disconnects",
         },
     ],
-    configure: |cfg| Ok(Box::new(DelayLayer(delays(cfg)?))),
+    configure: |cfg| {
+        let d = delays(cfg)?;
+        let fast_zero_fails = !cfg
+            .take_bool("delay-fast-zero")
+            .map_err(|e| ConfigError::new(format!("delay filter: {e}")))?
+            .unwrap_or(true);
+        Ok(Box::new(DelayLayer { d, fast_zero_fails }))
+    },
 };
 
 #[cfg(test)]
@@ -207,5 +240,37 @@ mod tests {
         assert_eq!(d[0], Duration::from_millis(1));
         assert_eq!(d[8], Duration::from_millis(2));
         assert!(cfg.untaken().is_empty());
+    }
+
+    #[test]
+    fn fast_zero_fails_at_once_when_asked() {
+        let mut cfg = Config::new(vec![
+            ("delay-zero".into(), "1h".into()),
+            ("delay-fast-zero".into(), "false".into()),
+        ]);
+        let e = (SPEC.configure)(&mut cfg).err();
+        // "1h" is not a delay this filter takes: seconds or ms only.
+        assert!(e.is_some());
+        let mut cfg = Config::new(vec![
+            ("delay-zero".into(), "3600".into()),
+            ("delay-fast-zero".into(), "false".into()),
+        ]);
+        let layer = (SPEC.configure)(&mut cfg).unwrap();
+        let mut pcfg = Config::new(vec![("size".into(), "1M".into())]);
+        let plugin = (nbdkit_plugins::memory::SPEC.create)(&mut pcfg).unwrap();
+        let h = layer.layer(plugin).unwrap().open(false, "").unwrap();
+        assert!(h.can_fast_zero().unwrap());
+        // Would take an hour if it waited.
+        let e = h
+            .zero(
+                0,
+                4096,
+                ZeroFlags {
+                    fast: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), nbdkit_backend::ErrorKind::NotSupported);
     }
 }

@@ -8,7 +8,10 @@ pub mod compressed;
 pub mod cow;
 pub mod delay;
 pub mod error;
+pub mod exitlast;
+pub mod exitwhen;
 pub mod fua;
+pub mod ip;
 pub mod limit;
 pub mod log;
 pub mod multi_conn;
@@ -36,7 +39,10 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &cow::SPEC,
         &delay::SPEC,
         &error::SPEC,
+        &exitlast::SPEC,
+        &exitwhen::SPEC,
         &fua::SPEC,
+        &ip::SPEC,
         &limit::SPEC,
         &log::SPEC,
         &multi_conn::SPEC,

@@ -1,14 +1,13 @@
 //! `limit`: allow at most N clients at once.  A client counts from the
-//! moment it opens an export (NBD_OPT_GO) until it disconnects; one more
-//! is refused when it asks to open the export, with an error message
-//! saying why (nbdkit instead drops it at accept: the backend interface
-//! has no hook there).
+//! moment it connects until it disconnects (listing exports counts too);
+//! one more is closed at once, before the handshake, with a log line
+//! saying why, as nbdkit's limit filter does.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, ConfigError, Error, ErrorKind, FilterSpec, Handle, Layer, Param, Result,
+    Backend, Client, ConfigError, Error, ErrorKind, FilterSpec, Handle, Layer, Param, Result,
 };
 
 struct LimitLayer(u64);
@@ -21,7 +20,7 @@ impl Layer for LimitLayer {
         Ok(Arc::new(Limit {
             next,
             limit: self.0,
-            open: Arc::new(AtomicU64::new(0)),
+            connected: AtomicU64::new(0),
         }))
     }
 }
@@ -29,7 +28,7 @@ impl Layer for LimitLayer {
 struct Limit {
     next: Arc<dyn Backend>,
     limit: u64,
-    open: Arc<AtomicU64>,
+    connected: AtomicU64,
 }
 
 impl Backend for Limit {
@@ -39,11 +38,11 @@ impl Backend for Limit {
     fn next(&self) -> Option<&dyn Backend> {
         Some(&*self.next)
     }
-    fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
+    fn preconnect(&self, client: &Client) -> Result<()> {
         // Claim a slot first, so two clients racing for the last one
         // cannot both get it.
         let claimed = self
-            .open
+            .connected
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < self.limit).then_some(n + 1)
             });
@@ -56,25 +55,23 @@ impl Backend for Limit {
                 ),
             ));
         }
-        let slot = Slot(self.open.clone());
-        let next = self.next.open(readonly, export)?;
-        Ok(Box::new(LimitHandle { next, _slot: slot }))
+        self.next.preconnect(client).inspect_err(|_| {
+            self.connected.fetch_sub(1, Ordering::SeqCst);
+        })
     }
-}
-
-/// A claimed client slot, given back when dropped (also when opening the
-/// layers below fails).
-struct Slot(Arc<AtomicU64>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+    fn disconnected(&self, client: &Client) {
+        self.next.disconnected(client);
+        self.connected.fetch_sub(1, Ordering::SeqCst);
+    }
+    fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
+        Ok(Box::new(LimitHandle {
+            next: self.next.open(readonly, export)?,
+        }))
     }
 }
 
 struct LimitHandle {
     next: Box<dyn Handle>,
-    _slot: Slot,
 }
 
 impl Handle for LimitHandle {
@@ -107,7 +104,7 @@ pub static SPEC: FilterSpec = FilterSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nbdkit_backend::Config;
+    use nbdkit_backend::{Config, Peer};
 
     #[test]
     fn slots_are_counted_and_returned() {
@@ -116,12 +113,14 @@ mod tests {
         let mut pcfg = Config::new(vec![("size".into(), "1M".into())]);
         let plugin = (nbdkit_plugins::memory::SPEC.create)(&mut pcfg).unwrap();
         let b = layer.layer(plugin).unwrap();
-        let a = b.open(false, "").unwrap();
-        let c = b.open(false, "").unwrap();
-        let e = b.open(false, "").err().unwrap();
+        let clients: Vec<_> = (1..=4).map(|i| Client::new(i, Peer::Stdio)).collect();
+        b.preconnect(&clients[0]).unwrap();
+        b.preconnect(&clients[1]).unwrap();
+        let e = b.preconnect(&clients[2]).err().unwrap();
         assert!(e.to_string().contains("the limit is 2"), "{e}");
-        drop(a);
-        let _d = b.open(false, "").unwrap();
-        drop(c);
+        b.disconnected(&clients[0]);
+        b.preconnect(&clients[3]).unwrap();
+        let e = b.preconnect(&clients[2]).err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
     }
 }

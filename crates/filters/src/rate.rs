@@ -2,10 +2,11 @@
 //! for the whole server (`rate=`) and one per connection
 //! (`connection-rate=`).  Rates are in bits per second, as nbdkit's.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nbdkit_backend::{Backend, ConfigError, FilterSpec, Handle, Layer, Param, Result};
+use nbdkit_backend::{parse_size, Backend, ConfigError, FilterSpec, Handle, Layer, Param, Result};
 
 /// A token bucket holding up to `capacity` bits, refilled at `rate` bits
 /// per second.  Pure arithmetic over a caller-given clock, so it can be
@@ -45,37 +46,94 @@ impl Bucket {
             -self.tokens / self.rate
         }
     }
+
+    /// Change the rate; what is in the bucket stays, up to the new
+    /// capacity.
+    pub fn set_rate(&mut self, rate: f64, burst_secs: f64) {
+        self.rate = rate;
+        self.capacity = rate * burst_secs;
+        self.tokens = self.tokens.min(self.capacity);
+    }
 }
 
+/// How often a rate file is read again.
+const RATE_FILE_POLL: Duration = Duration::from_secs(1);
+
+/// One token bucket plus, optionally, a file that changes its rate while
+/// the server runs (rate-file=, connection-rate-file=).
 struct Limiter {
     start: Instant,
-    bucket: Mutex<Bucket>,
+    burst: f64,
+    /// `None`: no rate yet (none given, and no valid rate file so far).
+    bucket: Mutex<Option<Bucket>>,
+    file: Option<PathBuf>,
+    poll: Duration,
+    checked: Mutex<Option<Instant>>,
 }
 
 impl Limiter {
-    fn new(rate: f64, burst: f64) -> Limiter {
+    fn new(rate: Option<f64>, burst: f64, file: Option<PathBuf>) -> Limiter {
         Limiter {
             start: Instant::now(),
-            bucket: Mutex::new(Bucket::new(rate, burst, 0.0)),
+            burst,
+            bucket: Mutex::new(rate.map(|r| Bucket::new(r, burst, 0.0))),
+            file,
+            poll: RATE_FILE_POLL,
+            checked: Mutex::new(None),
         }
     }
+
+    /// Read the rate file if it is time to.  A missing file or a bad
+    /// value keeps the rate in force (logged once per change of content).
+    fn refresh(&self, now: f64) {
+        let Some(file) = &self.file else { return };
+        {
+            let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+            if checked.is_some_and(|t| t.elapsed() < self.poll) {
+                return;
+            }
+            *checked = Some(Instant::now());
+        }
+        let Ok(text) = std::fs::read_to_string(file) else {
+            return;
+        };
+        match parse_size(text.trim()) {
+            Ok(r) if r > 0 => {
+                let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+                match b.as_mut() {
+                    Some(b) => b.set_rate(r as f64, self.burst),
+                    None => *b = Some(Bucket::new(r as f64, self.burst, now)),
+                }
+            }
+            _ => tracing::warn!(
+                "rate filter: {}: {:?} is not a rate in bits per second; keeping the current rate",
+                file.display(),
+                text.trim()
+            ),
+        }
+    }
+
     fn wait_for(&self, bytes: usize) {
         let now = self.start.elapsed().as_secs_f64();
+        self.refresh(now);
         let wait = self
             .bucket
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take(bytes as f64 * 8.0, now);
+            .as_mut()
+            .map_or(0.0, |b| b.take(bytes as f64 * 8.0, now));
         if wait > 0.0 {
             std::thread::sleep(Duration::from_secs_f64(wait));
         }
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Config {
     rate: Option<f64>,
     connection_rate: Option<f64>,
+    rate_file: Option<PathBuf>,
+    connection_rate_file: Option<PathBuf>,
     burst: f64,
 }
 
@@ -87,10 +145,12 @@ impl Layer for RateLayer {
         next: Arc<dyn Backend>,
     ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
         let c = self.0;
+        let global = (c.rate.is_some() || c.rate_file.is_some())
+            .then(|| Arc::new(Limiter::new(c.rate, c.burst, c.rate_file.clone())));
         Ok(Arc::new(RateBackend {
             next,
             cfg: c,
-            global: c.rate.map(|r| Arc::new(Limiter::new(r, c.burst))),
+            global,
         }))
     }
 }
@@ -109,13 +169,12 @@ impl Backend for RateBackend {
         Some(&*self.next)
     }
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
+        let c = &self.cfg;
         Ok(Box::new(RateHandle {
             next: self.next.open(readonly, export)?,
             global: self.global.clone(),
-            conn: self
-                .cfg
-                .connection_rate
-                .map(|r| Limiter::new(r, self.cfg.burst)),
+            conn: (c.connection_rate.is_some() || c.connection_rate_file.is_some())
+                .then(|| Limiter::new(c.connection_rate, c.burst, c.connection_rate_file.clone())),
         }))
     }
 }
@@ -165,6 +224,14 @@ pub static SPEC: FilterSpec = FilterSpec {
             help: "limit for each connection, bits per second",
         },
         Param {
+            name: "rate-file",
+            help: "a file holding the server-wide rate, read again every second while running",
+        },
+        Param {
+            name: "connection-rate-file",
+            help: "a file holding the per-connection rate, read again every second",
+        },
+        Param {
             name: "burstiness",
             help: "seconds of traffic that may go at once after a pause (default 2.0)",
         },
@@ -188,14 +255,22 @@ pub static SPEC: FilterSpec = FilterSpec {
                 "rate filter: burstiness={burst}: must be more than zero seconds"
             )));
         }
-        if rate.is_none() && connection_rate.is_none() {
+        let rate_file = cfg.take("rate-file").map(PathBuf::from);
+        let connection_rate_file = cfg.take("connection-rate-file").map(PathBuf::from);
+        if rate.is_none()
+            && connection_rate.is_none()
+            && rate_file.is_none()
+            && connection_rate_file.is_none()
+        {
             return Err(ConfigError::new(
-                "rate filter: give rate= and/or connection-rate=",
+                "rate filter: give rate=, connection-rate=, rate-file= or connection-rate-file=",
             ));
         }
         Ok(Box::new(RateLayer(Config {
             rate,
             connection_rate,
+            rate_file,
+            connection_rate_file,
             burst,
         })))
     },
@@ -224,6 +299,30 @@ mod tests {
                 prop_assert!(bits <= rate * now + rate * 0.5 + 1e-6);
             }
         }
+    }
+
+    #[test]
+    fn rate_file_changes_the_rate_and_a_bad_or_missing_file_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("rate");
+        let mut l = Limiter::new(None, 1.0, Some(file.clone()));
+        l.poll = Duration::ZERO;
+        let rate = |l: &Limiter| l.bucket.lock().unwrap().as_ref().map(|b| b.rate);
+        // No rate and no file: unlimited.
+        l.refresh(0.0);
+        assert_eq!(rate(&l), None);
+        std::fs::write(&file, "1M\n").unwrap();
+        l.refresh(0.0);
+        assert_eq!(rate(&l), Some(1048576.0));
+        std::fs::write(&file, "fast").unwrap();
+        l.refresh(0.0);
+        assert_eq!(rate(&l), Some(1048576.0));
+        std::fs::write(&file, "2000").unwrap();
+        l.refresh(0.0);
+        assert_eq!(rate(&l), Some(2000.0));
+        std::fs::remove_file(&file).unwrap();
+        l.refresh(0.0);
+        assert_eq!(rate(&l), Some(2000.0));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! sees the error only when every attempt has failed.  "Not supported"
 //! errors are answers, not failures, and are never retried.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -17,6 +18,9 @@ struct Policy {
     retries: u32,
     delay: Duration,
     exponential: bool,
+    /// After the first failure, reopen the plugin read-only for the rest
+    /// of the connection (nbdkit's retry-readonly).
+    readonly_after_failure: bool,
 }
 
 struct RetryLayer(Policy);
@@ -46,7 +50,7 @@ impl Backend for RetryBackend {
         let h = self.next.open(readonly, export)?;
         Ok(Box::new(RetryHandle {
             backend: self.next.clone(),
-            readonly,
+            readonly: AtomicBool::new(readonly),
             export: export.to_string(),
             p: self.p,
             cur: RwLock::new(Some(h)),
@@ -58,7 +62,9 @@ impl Backend for RetryBackend {
 /// through `next()`: every method is written out and goes through `with`.
 struct RetryHandle {
     backend: Arc<dyn Backend>,
-    readonly: bool,
+    /// Starts as the connection's mode; becomes true after a failure with
+    /// retry-readonly.
+    readonly: AtomicBool,
     export: String,
     p: Policy,
     /// `None` after a reopen failed; the next attempt reopens again.
@@ -76,12 +82,26 @@ impl RetryHandle {
         }
     }
 
+    /// Write-like requests fail at once after a switch to read-only.
+    fn writable(&self) -> Result<()> {
+        if self.p.readonly_after_failure && self.readonly.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "retry filter: the connection was switched to read-only after a failure (retry-readonly)",
+            ));
+        }
+        Ok(())
+    }
+
     fn reopen(&self) {
         let mut g = self.cur.write().unwrap_or_else(|e| e.into_inner());
         // Close the old handle before opening a new one, as a plugin with
         // a connection limit would need.
         *g = None;
-        match self.backend.open(self.readonly, &self.export) {
+        match self
+            .backend
+            .open(self.readonly.load(Ordering::SeqCst), &self.export)
+        {
             Ok(h) => *g = Some(h),
             Err(e) => tracing::warn!("retry filter: reopen failed: {e}"),
         }
@@ -99,6 +119,12 @@ impl RetryHandle {
                 }
                 Err(e) => {
                     attempt += 1;
+                    if self.p.readonly_after_failure && !self.readonly.swap(true, Ordering::SeqCst)
+                    {
+                        tracing::warn!(
+                            "retry filter: switching this connection to read-only (retry-readonly)"
+                        );
+                    }
                     tracing::warn!(
                         "retry filter: {what} failed ({e}); retry {attempt} of {} in {delay:?}",
                         self.p.retries
@@ -160,15 +186,18 @@ impl Handle for RetryHandle {
         self.with("read", |h| h.pread(buf, offset))
     }
     fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.writable()?;
         self.with("write", |h| h.pwrite(buf, offset, fua))
     }
     fn flush(&self) -> Result<()> {
         self.with("flush", |h| h.flush())
     }
     fn trim(&self, offset: u64, count: u64, fua: bool) -> Result<()> {
+        self.writable()?;
         self.with("trim", |h| h.trim(offset, count, fua))
     }
     fn zero(&self, offset: u64, count: u64, flags: ZeroFlags) -> Result<()> {
+        self.writable()?;
         self.with("zero", |h| h.zero(offset, count, flags))
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
@@ -206,6 +235,10 @@ pub static SPEC: FilterSpec = FilterSpec {
             name: "retry-exponential",
             help: "double the delay after each retry (default true)",
         },
+        Param {
+            name: "retry-readonly",
+            help: "after a failure, reopen the plugin read-only for the rest of the connection (default false)",
+        },
     ],
     configure: |cfg| {
         let err = |e: ConfigError| ConfigError::new(format!("retry filter: {e}"));
@@ -219,10 +252,15 @@ pub static SPEC: FilterSpec = FilterSpec {
             .take_bool("retry-exponential")
             .map_err(err)?
             .unwrap_or(true);
+        let readonly_after_failure = cfg
+            .take_bool("retry-readonly")
+            .map_err(err)?
+            .unwrap_or(false);
         Ok(Box::new(RetryLayer(Policy {
             retries,
             delay,
             exponential,
+            readonly_after_failure,
         })))
     },
 };
@@ -239,6 +277,7 @@ mod tests {
         fail_opens: u32,
         opens: Arc<AtomicU32>,
         reads: Arc<AtomicU32>,
+        modes: Arc<std::sync::Mutex<Vec<bool>>>,
     }
     struct FlakyHandle {
         broken: bool,
@@ -248,7 +287,8 @@ mod tests {
         fn name(&self) -> &str {
             "flaky"
         }
-        fn open(&self, _: bool, _: &str) -> Result<Box<dyn Handle>> {
+        fn open(&self, readonly: bool, _: &str) -> Result<Box<dyn Handle>> {
+            self.modes.lock().unwrap().push(readonly);
             let n = self.opens.fetch_add(1, Ordering::SeqCst) + 1;
             Ok(Box::new(FlakyHandle {
                 broken: n <= self.fail_opens,
@@ -286,6 +326,7 @@ mod tests {
                 fail_opens,
                 opens: opens.clone(),
                 reads: reads.clone(),
+                modes: Arc::default(),
             }))
             .unwrap();
         let h = b.open(false, "").unwrap();
@@ -317,5 +358,33 @@ mod tests {
         // ENOTSUP is an answer: not retried.
         let e = h.zero(0, 1, ZeroFlags::default()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotSupported);
+    }
+
+    #[test]
+    fn retry_readonly_reopens_read_only_and_refuses_writes() {
+        let modes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut cfg = Config::new(vec![
+            ("retry-delay".into(), "0".into()),
+            ("retry-readonly".into(), "yes".into()),
+        ]);
+        let b = (SPEC.configure)(&mut cfg)
+            .unwrap()
+            .layer(Arc::new(Flaky {
+                fail_opens: 1,
+                opens: Arc::default(),
+                reads: Arc::default(),
+                modes: modes.clone(),
+            }))
+            .unwrap();
+        let h = b.open(false, "").unwrap();
+        let mut buf = [0u8; 4];
+        h.pread(&mut buf, 0).unwrap();
+        assert_eq!(*modes.lock().unwrap(), [false, true]);
+        let e = h.pwrite(&[1], 0, false).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ReadOnly);
+        assert!(e.to_string().contains("retry-readonly"), "{e}");
+        // A new connection opens in its own mode again.
+        let _h2 = b.open(false, "").unwrap();
+        assert_eq!(*modes.lock().unwrap(), [false, true, false]);
     }
 }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use nbdkit_backend::Client;
 use nbdkit_proto::option::{self as opt, OPTION_HEADER_LEN};
 use nbdkit_proto::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,8 +62,9 @@ impl State {
 pub async fn negotiate(
     server: &Arc<Server>,
     stream: &mut Box<dyn Stream>,
-    conn: u64,
+    client: &Arc<Client>,
 ) -> Result<Option<Negotiated>, ConnectionError> {
+    let conn = client.id();
     let s: &mut dyn Stream = &mut **stream;
     let hs_flags = (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES) & server.opts.handshake_mask;
     s.write_all(&opt::greeting(hs_flags)).await?;
@@ -156,7 +158,7 @@ pub async fn negotiate(
         };
         match request {
             OptionRequest::ExportName(name) => {
-                let export = open_export(server, &name).await.map_err(|e| {
+                let export = open_export(server, client, &name).await.map_err(|e| {
                     ConnectionError::Protocol(format!("export '{name}' cannot be opened: {e}"))
                 })?;
                 let flags = export.transmission_flags(st.structured);
@@ -178,10 +180,12 @@ pub async fn negotiate(
                 return Ok(None);
             }
             OptionRequest::List => {
-                let exports = server.blocking_backend(|b, ro| b.list_exports(ro)).await;
+                let exports = server
+                    .blocking_backend(client, |b, ro| b.list_exports(ro))
+                    .await;
                 match exports {
                     Ok(list) => {
-                        let default = server.default_export().await;
+                        let default = server.default_export(client).await;
                         for e in list {
                             let name = if e.name.is_empty() {
                                 default.clone()
@@ -223,6 +227,7 @@ pub async fn negotiate(
                     .map_err(|e| ConnectionError::Protocol(format!("TLS handshake failed: {e}")))?;
                 *stream = Box::new(tls);
                 encrypted = true;
+                client.set_tls();
                 debug!(conn, "TLS established");
                 // Per the spec, what was negotiated in plaintext does not
                 // carry over into the encrypted session.
@@ -314,7 +319,7 @@ pub async fn negotiate(
                 }
             }
             OptionRequest::Info { go, name, requests } => {
-                let export = match open_export(server, &name).await {
+                let export = match open_export(server, client, &name).await {
                     Ok(e) => e,
                     Err(e) => {
                         // The client gets the reason too, but libnbd-based
@@ -372,12 +377,17 @@ pub async fn negotiate(
     )))
 }
 
-async fn open_export(server: &Arc<Server>, name: &str) -> nbdkit_backend::Result<Export> {
-    let default = server.default_export().await;
+async fn open_export(
+    server: &Arc<Server>,
+    client: &Arc<Client>,
+    name: &str,
+) -> nbdkit_backend::Result<Export> {
+    let default = server.default_export(client).await;
     let name = name.to_string();
     let readonly = server.opts.readonly;
+    client.set_export_name(&name);
     server
-        .blocking_backend(move |b, _| {
+        .blocking_backend(client, move |b, _| {
             let h = b.open(readonly, &name)?;
             let shown = if name.is_empty() { default } else { name };
             Export::new(h, shown, readonly)

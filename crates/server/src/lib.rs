@@ -15,7 +15,7 @@ pub mod transmission;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use nbdkit_backend::{Backend, Error, ThreadModel};
+use nbdkit_backend::{Backend, Client, Error, Peer, ThreadModel};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -224,14 +224,21 @@ impl Server {
     /// Run a backend call on a blocking thread, under the thread model's
     /// global lock if it has one.  A panicking backend becomes EIO for that
     /// request only.
-    pub(crate) async fn blocking<T, F>(&self, f: F) -> nbdkit_backend::Result<T>
+    /// The call sees `client` as [`Client::current`].
+    pub(crate) async fn blocking<T, F>(
+        &self,
+        client: &Arc<Client>,
+        f: F,
+    ) -> nbdkit_backend::Result<T>
     where
         F: FnOnce() -> nbdkit_backend::Result<T> + Send + 'static,
         T: Send + 'static,
     {
         let lock =
             (self.model == ThreadModel::SerializeAllRequests).then(|| self.all_requests.clone());
+        let client = client.clone();
         tokio::task::spawn_blocking(move || {
+            let _c = client.enter();
             let _g = lock
                 .as_ref()
                 .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
@@ -250,22 +257,26 @@ impl Server {
     }
 
     /// Like [`Server::blocking`], for calls on the backend itself.
-    pub(crate) async fn blocking_backend<T, F>(&self, f: F) -> nbdkit_backend::Result<T>
+    pub(crate) async fn blocking_backend<T, F>(
+        &self,
+        client: &Arc<Client>,
+        f: F,
+    ) -> nbdkit_backend::Result<T>
     where
         F: FnOnce(&dyn Backend, bool) -> nbdkit_backend::Result<T> + Send + 'static,
         T: Send + 'static,
     {
         let b = self.backend.clone();
         let ro = self.opts.readonly;
-        self.blocking(move || f(&*b, ro)).await
+        self.blocking(client, move || f(&*b, ro)).await
     }
 
     /// The name "" stands for: `-e`, else what the backend says.
-    pub(crate) async fn default_export(&self) -> String {
+    pub(crate) async fn default_export(&self, client: &Arc<Client>) -> String {
         if let Some(n) = &self.opts.export_name {
             return n.clone();
         }
-        self.blocking_backend(|b, ro| b.default_export(ro))
+        self.blocking_backend(client, |b, ro| b.default_export(ro))
             .await
             .unwrap_or_default()
     }
@@ -274,7 +285,7 @@ impl Server {
     pub async fn serve_connection(
         self: Arc<Self>,
         stream: Box<dyn Stream>,
-        peer: String,
+        peer: Peer,
         shutdown: CancellationToken,
     ) {
         self.serve_counted(stream, peer, shutdown, None).await
@@ -284,7 +295,7 @@ impl Server {
     async fn serve_counted(
         self: Arc<Self>,
         mut stream: Box<dyn Stream>,
-        peer: String,
+        peer: Peer,
         shutdown: CancellationToken,
         mut slot: Option<OwnedSemaphorePermit>,
     ) {
@@ -298,23 +309,37 @@ impl Server {
         };
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         debug!(conn, %peer, "new connection");
+        let client = Client::new(conn, peer);
+        let peer = client.peer();
+        if let Err(e) = self
+            .blocking_backend(&client, {
+                let c = client.clone();
+                move |b, _| b.preconnect(&c)
+            })
+            .await
+        {
+            warn!(conn, %peer, "connection refused: {e}");
+            return;
+        }
         let limit = self.opts.handshake_timeout;
         let negotiation = async {
             match limit {
-                Some(t) => tokio::time::timeout(t, handshake::negotiate(&self, &mut stream, conn))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ConnectionError::Protocol(format!(
-                            "negotiation not finished within {} s (--timeout)",
-                            t.as_secs_f64()
-                        )))
-                    }),
-                None => handshake::negotiate(&self, &mut stream, conn).await,
+                Some(t) => {
+                    tokio::time::timeout(t, handshake::negotiate(&self, &mut stream, &client))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(ConnectionError::Protocol(format!(
+                                "negotiation not finished within {} s (--timeout)",
+                                t.as_secs_f64()
+                            )))
+                        })
+                }
+                None => handshake::negotiate(&self, &mut stream, &client).await,
             }
         };
         let neg = tokio::select! {
             r = negotiation => r,
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => Ok(None),
         };
         if !matches!(neg, Ok(Some(_))) {
             // Free the slot before the socket closes (at the end of this
@@ -326,10 +351,11 @@ impl Server {
                 debug!(conn, export = %neg.export.name, size = neg.export.caps.size, "negotiated");
                 match stream.into_blocking() {
                     Transport::Blocking(sock) => {
-                        transmission::serve_threaded(self.clone(), sock, neg, conn, shutdown).await
+                        transmission::serve_threaded(self.clone(), sock, neg, &client, shutdown)
+                            .await
                     }
                     Transport::Async(stream) => {
-                        transmission::serve(self.clone(), stream, neg, conn, shutdown).await
+                        transmission::serve(self.clone(), stream, neg, &client, shutdown).await
                     }
                 }
             }
@@ -341,6 +367,13 @@ impl Server {
             Err(ConnectionError::Io(e)) => debug!(conn, %peer, "connection ended: {e}"),
             Err(e) => warn!(conn, %peer, "closing connection: {e}"),
         }
+        let c = client.clone();
+        let _ = self
+            .blocking_backend(&client, move |b, _| {
+                b.disconnected(&c);
+                Ok(())
+            })
+            .await;
     }
 
     /// Accept clients on every listener until `shutdown`, then wait for
@@ -404,7 +437,6 @@ impl Server {
     /// Serve exactly one connection (`-s`) and return when it ends.
     pub async fn serve_one(self: Arc<Self>, stream: Box<dyn Stream>, shutdown: CancellationToken) {
         info!("serving one connection on stdin/stdout");
-        self.serve_connection(stream, "stdin".into(), shutdown)
-            .await
+        self.serve_connection(stream, Peer::Stdio, shutdown).await
     }
 }

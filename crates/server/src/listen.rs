@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use socket2::{Domain, Socket, Type};
 
+use nbdkit_backend::Peer;
+
 use crate::Stream;
 
 /// A bound, listening socket.
@@ -161,20 +163,31 @@ pub(crate) enum TokioListener {
 }
 
 impl TokioListener {
-    pub(crate) async fn accept(&self) -> io::Result<(Box<dyn Stream>, String)> {
+    pub(crate) async fn accept(&self) -> io::Result<(Box<dyn Stream>, Peer)> {
         match self {
             TokioListener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
-                Ok((Box::new(s), peer.to_string()))
+                // IPv4 clients of a dual-stack socket show up as
+                // ::ffff:a.b.c.d; access rules are written in IPv4.
+                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                Ok((Box::new(s), Peer::Tcp(peer)))
             }
             TokioListener::Unix(l) => {
                 let (s, _) = l.accept().await?;
-                let who = s
-                    .peer_cred()
-                    .map(|c| format!("unix:pid={}", c.pid().unwrap_or(0)))
-                    .unwrap_or_else(|_| "unix".into());
-                Ok((Box::new(s), who))
+                let peer = match s.peer_cred() {
+                    Ok(c) => Peer::Unix {
+                        pid: c.pid(),
+                        uid: Some(c.uid()),
+                        gid: Some(c.gid()),
+                    },
+                    Err(_) => Peer::Unix {
+                        pid: None,
+                        uid: None,
+                        gid: None,
+                    },
+                };
+                Ok((Box::new(s), peer))
             }
         }
     }

@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use nbdkit_backend::{is_zero, Error, ErrorKind, ZeroFlags};
+use nbdkit_backend::{is_zero, Client, Error, ErrorKind, ZeroFlags};
 use nbdkit_proto::request::RequestHeader;
 use nbdkit_proto::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -33,9 +33,10 @@ pub async fn serve(
     server: Arc<Server>,
     stream: Box<dyn Stream>,
     neg: Negotiated,
-    conn: u64,
+    client: &Arc<Client>,
     shutdown: CancellationToken,
 ) -> Result<(), ConnectionError> {
+    let conn = client.id();
     let extended = neg.style == ReplyStyle::Extended;
     let (mut rd, wr) = tokio::io::split(stream);
     let wr: Writer = Arc::new(Mutex::new(wr));
@@ -130,9 +131,10 @@ pub async fn serve(
         let server2 = server.clone();
         let style = neg.style;
         let cookie = h.cookie;
+        let client2 = client.clone();
         tasks.spawn(async move {
             let reply = server2
-                .blocking(move || run(&export, op, payload, style, cookie))
+                .blocking(&client2, move || run(&export, op, payload, style, cookie))
                 .await
                 .unwrap_or_else(|e| {
                     error_reply(
@@ -148,6 +150,10 @@ pub async fn serve(
             }
             drop(permit);
         });
+        if client.disconnect_requested() {
+            debug!(conn, "the backend asked to disconnect this client");
+            break Ok(());
+        }
     };
 
     tasks.close();
@@ -155,6 +161,9 @@ pub async fn serve(
     let mut w = wr.lock().await;
     let _ = w.flush().await;
     let _ = w.shutdown().await;
+    // The handle closes here: let the backend's close see its client.
+    let _c = client.enter();
+    drop(neg);
     result
 }
 
@@ -235,9 +244,11 @@ pub async fn serve_threaded(
     server: Arc<Server>,
     sock: BlockingSocket,
     neg: Negotiated,
-    conn: u64,
+    client: &Arc<Client>,
     shutdown: CancellationToken,
 ) -> Result<(), ConnectionError> {
+    let conn = client.id();
+    let client = client.clone();
     sock.set_blocking()?;
     let waker = sock.try_clone()?;
     let writer = std::sync::Mutex::new(sock.try_clone()?);
@@ -249,17 +260,20 @@ pub async fn serve_threaded(
     let workers = server.request_slots();
     let srv = server.clone();
     let mut job = tokio::task::spawn_blocking(move || {
+        let _c = client.enter();
         std::thread::scope(|scope| {
             for _ in 1..workers {
                 std::thread::Builder::new()
                     .name(format!("nbd-conn-{conn}"))
                     .stack_size(256 * 1024)
-                    .spawn_scoped(scope, || worker(&srv, &neg, &reader, &writer, conn))
+                    .spawn_scoped(scope, || worker(&srv, &neg, &reader, &writer, &client))
                     .map(drop)
                     .unwrap_or_else(|e| warn!(conn, "cannot start a worker thread: {e}"));
             }
-            worker(&srv, &neg, &reader, &writer, conn);
+            worker(&srv, &neg, &reader, &writer, &client);
         });
+        // The handle closes here, on a thread where `client` is current.
+        drop(neg);
         let w = writer.lock().unwrap_or_else(|e| e.into_inner());
         w.shutdown(std::net::Shutdown::Write);
         let mut r = reader.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -292,9 +306,11 @@ fn worker(
     neg: &Negotiated,
     reader: &std::sync::Mutex<ReadSide>,
     writer: &std::sync::Mutex<BlockingSocket>,
-    conn: u64,
+    client: &Arc<Client>,
 ) {
     use std::io::{Read, Write};
+    let _c = client.enter();
+    let conn = client.id();
     let extended = neg.style == ReplyStyle::Extended;
     let hlen = RequestHeader::wire_len(extended);
     // This worker's read buffer, reused so that reads do not allocate and
@@ -391,6 +407,14 @@ fn worker(
             drop(w);
             let mut r = reader.lock().unwrap_or_else(|e| e.into_inner());
             r.done = true;
+            return;
+        }
+        if client.disconnect_requested() {
+            debug!(conn, "the backend asked to disconnect this client");
+            // Workers blocked reading the next request see EOF.
+            w.shutdown(std::net::Shutdown::Read);
+            drop(w);
+            reader.lock().unwrap_or_else(|e| e.into_inner()).done = true;
             return;
         }
     }

@@ -1,0 +1,239 @@
+//! Who is on the other end of a connection, and the two ways a backend can
+//! act on the server as a whole (ask it to exit, drop one client).
+//!
+//! Most backends never need this: a plugin sees its configuration and the
+//! requests.  Access-control filters (`ip`), lifetime filters (`exitlast`,
+//! `exitwhen`), the `info` plugin and hosted C plugins (`nbdkit_peer_name`,
+//! `nbdkit_export_name`, `nbdkit_shutdown`) do.  The server describes each
+//! connection with a [`Client`], hands it to [`crate::Backend::preconnect`]
+//! and [`crate::Backend::disconnected`], and makes it the thread's
+//! [`Client::current`] while it calls into the backend for that connection,
+//! the way nbdkit's connection-scoped functions work.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The peer's address, as the listening socket reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    /// A Unix socket peer, with its credentials (SO_PEERCRED) when the
+    /// kernel gave them.
+    Unix {
+        pid: Option<i32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    },
+    /// `-s` (stdin/stdout) or an in-process stream: no address.
+    Stdio,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Tcp(a) => write!(f, "{a}"),
+            Peer::Unix { pid: Some(p), .. } => write!(f, "unix:pid={p}"),
+            Peer::Unix { .. } => f.write_str("unix"),
+            Peer::Stdio => f.write_str("stdin"),
+        }
+    }
+}
+
+/// One client connection, from accept to close.
+#[derive(Debug)]
+pub struct Client {
+    id: u64,
+    peer: Peer,
+    tls: AtomicBool,
+    export: Mutex<Option<String>>,
+    disconnect: AtomicBool,
+}
+
+impl Client {
+    pub fn new(id: u64, peer: Peer) -> Arc<Self> {
+        Arc::new(Client {
+            id,
+            peer,
+            tls: AtomicBool::new(false),
+            export: Mutex::new(None),
+            disconnect: AtomicBool::new(false),
+        })
+    }
+
+    /// The connection number used in log lines (1, 2, …).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    /// True once the connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.load(Ordering::Relaxed)
+    }
+
+    /// Set by the server when STARTTLS completes.
+    pub fn set_tls(&self) {
+        self.tls.store(true, Ordering::Relaxed)
+    }
+
+    /// The export the client asked to open (NBD_OPT_INFO/GO or
+    /// EXPORT_NAME), once it has; the default export is reported by the
+    /// name it stands for.
+    pub fn export_name(&self) -> Option<String> {
+        self.export
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Set by the server before it opens an export for this client.
+    pub fn set_export_name(&self, name: &str) {
+        *self.export.lock().unwrap_or_else(|e| e.into_inner()) = Some(name.to_string());
+    }
+
+    /// Ask the server to close this connection after the request being
+    /// served (nbdkit_disconnect).  In-flight requests still get replies.
+    pub fn request_disconnect(&self) {
+        self.disconnect.store(true, Ordering::Relaxed)
+    }
+
+    pub fn disconnect_requested(&self) -> bool {
+        self.disconnect.load(Ordering::Relaxed)
+    }
+
+    /// The connection this thread is working for, while the server calls
+    /// into the backend on its behalf (preconnect, list_exports,
+    /// default_export, open, every handle call, close).  `None` elsewhere,
+    /// e.g. in background threads a backend starts itself.
+    pub fn current() -> Option<Arc<Client>> {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+
+    /// Make `self` this thread's [`Client::current`] until the guard drops
+    /// (then the previous one is restored).  For servers, and for backends
+    /// that hand work for a connection to threads of their own.
+    pub fn enter(self: &Arc<Self>) -> CurrentClient {
+        let previous = CURRENT.with(|c| c.replace(Some(self.clone())));
+        CurrentClient { previous }
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Arc<Client>>> = const { RefCell::new(None) };
+}
+
+/// Restores the previous [`Client::current`] when dropped.
+#[must_use = "the client is current only while the guard lives"]
+pub struct CurrentClient {
+    previous: Option<Arc<Client>>,
+}
+
+impl Drop for CurrentClient {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        CURRENT.with(|c| *c.borrow_mut() = previous);
+    }
+}
+
+type ShutdownHook = Box<dyn Fn() + Send + Sync>;
+
+static SHUTDOWN_HOOK: Mutex<Option<ShutdownHook>> = Mutex::new(None);
+static SHUTDOWN_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Ask the server to exit as on SIGTERM: stop accepting clients, let open
+/// connections finish, then run every backend's `shutdown`.  Callable from
+/// any thread, any number of times (nbdkit_shutdown).
+pub fn request_shutdown() {
+    SHUTDOWN_REQUESTED.store(true, Ordering::SeqCst);
+    if let Some(hook) = SHUTDOWN_HOOK
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        hook()
+    }
+}
+
+/// True once [`request_shutdown`] was called.
+pub fn shutdown_requested() -> bool {
+    SHUTDOWN_REQUESTED.load(Ordering::SeqCst)
+}
+
+/// The server's side of [`request_shutdown`]: `hook` runs on every request,
+/// and at once if one came before the hook was set (a backend may ask in
+/// `after_fork`, before the server listens).
+pub fn set_shutdown_hook(hook: impl Fn() + Send + Sync + 'static) {
+    let mut slot = SHUTDOWN_HOOK.lock().unwrap_or_else(|e| e.into_inner());
+    if shutdown_requested() {
+        hook();
+    }
+    *slot = Some(Box::new(hook));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn current_is_scoped_and_nests() {
+        assert!(Client::current().is_none());
+        let a = Client::new(1, Peer::Stdio);
+        let b = Client::new(
+            2,
+            Peer::Unix {
+                pid: Some(7),
+                uid: Some(0),
+                gid: Some(0),
+            },
+        );
+        {
+            let _ga = a.enter();
+            assert_eq!(Client::current().unwrap().id(), 1);
+            {
+                let _gb = b.enter();
+                assert_eq!(Client::current().unwrap().id(), 2);
+            }
+            assert_eq!(Client::current().unwrap().id(), 1);
+            // Other threads do not see it.
+            std::thread::spawn(|| assert!(Client::current().is_none()))
+                .join()
+                .unwrap();
+        }
+        assert!(Client::current().is_none());
+    }
+
+    #[test]
+    fn peer_display_matches_log_format() {
+        assert_eq!(
+            Peer::Tcp("127.0.0.1:5".parse().unwrap()).to_string(),
+            "127.0.0.1:5"
+        );
+        assert_eq!(
+            Peer::Unix {
+                pid: Some(9),
+                uid: None,
+                gid: None
+            }
+            .to_string(),
+            "unix:pid=9"
+        );
+        assert_eq!(Peer::Stdio.to_string(), "stdin");
+    }
+
+    #[test]
+    fn export_name_and_tls_are_recorded() {
+        let c = Client::new(3, Peer::Stdio);
+        assert_eq!(c.export_name(), None);
+        assert!(!c.is_tls());
+        c.set_export_name("disk");
+        c.set_tls();
+        assert_eq!(c.export_name().as_deref(), Some("disk"));
+        assert!(c.is_tls());
+    }
+}
