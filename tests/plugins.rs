@@ -674,3 +674,54 @@ fn partitioning_gpt_and_mbr_logical_partitions() {
         }
     }
 }
+
+// ---------------------------------------------------------------- tmpdisk
+
+#[test]
+fn tmpdisk_gives_each_client_a_fresh_filesystem() {
+    if !have("nbdcopy") || !have("qemu-io") || !have("dumpe2fs") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let s = Server::start_with(
+        &["tmpdisk", "16M", "label=scratch"],
+        &[("TMPDIR", tmp.to_str().unwrap())],
+    );
+    let info = nbdinfo_json(&[], &s.uri);
+    assert_eq!(info["export-size"], (16 << 20).to_string());
+    assert_eq!(info["is_read_only"], "false");
+    assert_eq!(info["can_multi_conn"], "false");
+    let img = dir.path().join("copy.img");
+    run_ok(Command::new("nbdcopy").arg(&s.uri).arg(&img));
+    let fs = stdout_of(Command::new("dumpe2fs").arg("-h").arg(&img));
+    assert!(fs.contains("Filesystem volume name:   scratch"), "{fs}");
+    // A client's writes are its own: the next client sees a fresh disk.
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x99 0 4096", &s.uri]));
+    let again = read_all(&s.uri);
+    assert!(again[..4096].iter().any(|&b| b != 0x99));
+    // Nothing is left in TMPDIR once the clients are gone.
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    drop(s);
+    // command= gets $disk, $size and other parameters as variables.
+    let s = Server::start_with(
+        &[
+            "tmpdisk",
+            "size=1M",
+            "fill=AB",
+            "command=truncate -s $size \"$disk\" && printf %s \"$fill\" | dd of=\"$disk\" conv=notrunc status=none",
+        ],
+        &[("TMPDIR", tmp.to_str().unwrap())],
+    );
+    let d = read_all(&s.uri);
+    assert_eq!(d.len(), 1 << 20);
+    assert_eq!(&d[..3], b"AB\0");
+    drop(s);
+    let out = Command::new(binary())
+        .args(["-U", "-", "tmpdisk", "1M", "type=nosuchfs", "--run", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mkfs.nosuchfs"));
+}

@@ -19,7 +19,7 @@ use nbdkit_backend::{
 use tracing::debug;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum CachePolicy {
+pub(crate) enum CachePolicy {
     Default,
     /// Evict what we read or wrote from the page cache afterwards.
     None,
@@ -101,7 +101,7 @@ impl Backend for FilePlugin {
     }
 }
 
-struct FileHandle {
+pub(crate) struct FileHandle {
     file: File,
     path: PathBuf,
     writable: bool,
@@ -113,7 +113,7 @@ struct FileHandle {
 }
 
 impl FileHandle {
-    fn open(path: &Path, readonly: bool, cache: CachePolicy) -> Result<Self> {
+    pub(crate) fn open(path: &Path, readonly: bool, cache: CachePolicy) -> Result<Self> {
         let (file, writable) = if readonly {
             (File::open(path), false)
         } else {

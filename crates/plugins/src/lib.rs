@@ -11,6 +11,7 @@ pub mod random;
 pub mod sh;
 pub mod simple;
 pub mod split;
+pub mod tmpdisk;
 
 /// Every built-in plugin, in the order `--help` lists them.
 pub fn all() -> Vec<&'static PluginSpec> {
@@ -27,6 +28,7 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &random::SPARSE_RANDOM,
         &split::SPEC,
         &partitioning::SPEC,
+        &tmpdisk::SPEC,
         &sh::SH,
         &sh::EVAL,
     ]

@@ -218,6 +218,11 @@ fn chomp(mut s: String) -> String {
     s
 }
 
+/// "true" when the connection being served runs over TLS.
+fn tls_arg() -> &'static str {
+    bool_arg(nbdkit_backend::Client::current().is_some_and(|c| c.is_tls()))
+}
+
 fn bool_arg(b: bool) -> &'static str {
     if b {
         "true"
@@ -329,10 +334,9 @@ impl Backend for ScriptBackend {
         self.script.run("after_fork", &[], None).map(|_| ())
     }
     fn list_exports(&self, readonly: bool) -> Result<Vec<ExportEntry>> {
-        // TLS is not known here yet: "false".
         match self
             .script
-            .run("list_exports", &[bool_arg(readonly), "false"], None)?
+            .run("list_exports", &[bool_arg(readonly), tls_arg()], None)?
         {
             Some(out) => Ok(parse_export_list(&text(&out))),
             None => Ok(vec![ExportEntry {
@@ -344,7 +348,7 @@ impl Backend for ScriptBackend {
     fn default_export(&self, readonly: bool) -> Result<String> {
         match self
             .script
-            .run("default_export", &[bool_arg(readonly), "false"], None)?
+            .run("default_export", &[bool_arg(readonly), tls_arg()], None)?
         {
             Some(out) => Ok(parse_export_list(&text(&out))
                 .into_iter()
@@ -355,13 +359,14 @@ impl Backend for ScriptBackend {
         }
     }
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
-        let handle = match self
-            .script
-            .run("open", &[bool_arg(readonly), export, "false"], None)?
-        {
-            Some(out) => chomp(text(&out)),
-            None => String::new(),
-        };
+        let handle =
+            match self
+                .script
+                .run("open", &[bool_arg(readonly), export, tls_arg()], None)?
+            {
+                Some(out) => chomp(text(&out)),
+                None => String::new(),
+            };
         Ok(Box::new(ScriptHandle {
             script: self.script.clone(),
             h: handle,
