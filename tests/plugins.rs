@@ -725,3 +725,99 @@ fn tmpdisk_gives_each_client_a_fresh_filesystem() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("mkfs.nosuchfs"));
 }
+
+// ---------------------------------------------------------------- info
+
+#[test]
+fn info_reflects_export_name_address_and_clocks() {
+    if !have_python_nbd() {
+        return;
+    }
+    let s = Server::start(&["info"]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.get_size() == 5
+assert h.pread(5, 0) == b"hello"
+assert h.is_read_only()
+print("OK")
+"#,
+        &[&s.uri_for("hello")],
+    );
+    drop(s);
+    let s = Server::start(&["info", "mode=base64exportname"]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.pread(h.get_size(), 0) == b"hello nbdkit user"
+print("OK")
+"#,
+        &[&s.uri_for("aGVsbG8gbmJka2l0IHVzZXI=")],
+    );
+    drop(s);
+    // Unix sockets say "unix"; TCP gives the client's address and port.
+    let s = Server::start(&["info", "address"]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.pread(h.get_size(), 0) == b"unix", h.pread(h.get_size(), 0)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    drop(s);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = run_ok(Command::new(binary()).args([
+        "-f",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "info",
+        "mode=address",
+        "--run",
+        &format!("{NBDSH} -u \"$uri\" -c 'sys.stdout.write(h.pread(h.get_size(), 0).decode())'"),
+    ]));
+    let addr = String::from_utf8_lossy(&out.stdout);
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    assert!(addr[10..].parse::<u16>().is_ok(), "{addr}");
+    for mode in ["time", "uptime", "conntime"] {
+        let s = Server::start(&["info", mode]);
+        let out = python(
+            r#"
+import nbd, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.get_size() == 12
+b = h.pread(12, 0)
+secs, usecs = int.from_bytes(b[:8], "big"), int.from_bytes(b[8:], "big")
+assert usecs < 1000000
+print(secs)
+print("OK")
+"#,
+            &[&s.uri],
+        );
+        let secs: u64 = out.lines().next().unwrap().trim().parse().unwrap();
+        if mode == "time" {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            assert!(secs.abs_diff(now) < 3600, "{mode}: {secs} vs {now}");
+        } else {
+            // The server started moments ago; an hour is a generous bound
+            // that still tells seconds from garbage.
+            assert!(secs < 3600, "{mode}: {secs}");
+        }
+    }
+}

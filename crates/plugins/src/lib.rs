@@ -5,6 +5,7 @@ use nbdkit_backend::PluginSpec;
 
 pub mod data;
 pub mod file;
+pub mod info;
 pub mod memory;
 pub mod partitioning;
 pub mod random;
@@ -29,6 +30,7 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &split::SPEC,
         &partitioning::SPEC,
         &tmpdisk::SPEC,
+        &info::SPEC,
         &sh::SH,
         &sh::EVAL,
     ]
