@@ -821,3 +821,154 @@ print("OK")
         }
     }
 }
+
+// ---------------------------------------------------------------- nbd
+
+#[test]
+fn nbd_proxies_nbdkit_rs_with_every_capability() {
+    if !have("qemu-io") || !have("nbdinfo") || !have("nbdcopy") || !have_python_nbd() {
+        return;
+    }
+    let up = Server::start(&["memory", "size=64M"]);
+    let px = Server::start(&["nbd", &format!("socket={}", up.socket.display())]);
+    // What the upstream advertises comes through unchanged.
+    let a = nbdinfo_json(&[], &up.uri);
+    let b = nbdinfo_json(&[], &px.uri);
+    for k in [
+        "export-size",
+        "is_read_only",
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_fast_zero",
+        "can_cache",
+        "can_multi_conn",
+        "contexts",
+        "block_size_minimum",
+        "block_size_preferred",
+        "block_size_maximum",
+    ] {
+        assert_eq!(a.get(k), b.get(k), "{k}");
+    }
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x3c 1M 2M",
+        "-c",
+        "write -f -P 0x4d 8M 64k",
+        "-c",
+        "write -z 1536k 512k",
+        "-c",
+        "discard 8M 32k",
+        "-c",
+        "flush",
+        "-c",
+        "read -P 0x3c 1M 512k",
+        "-c",
+        "read -P 0 1536k 512k",
+        &px.uri,
+    ]));
+    // Block status passes through: what was written is data, the rest holes.
+    assert_eq!(map_of(&px.uri), map_of(&up.uri));
+    assert!(read_all(&px.uri) == read_all(&up.uri));
+    // Many requests in flight at once, answered out of order, and errors
+    // with their errno.
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+bufs = []
+for i in range(64):
+    b = nbd.Buffer(65536)
+    h.aio_pread(b, (i % 8) * 65536 + (1 << 20))
+    bufs.append(b)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for b in bufs:
+    assert b.to_bytearray() == b"\x3c" * 65536
+h.set_strict_mode(0)
+try:
+    h.pread(512, 64 * 1024 * 1024)
+    raise SystemExit("read past the end succeeded")
+except nbd.Error as e:
+    assert e.errnum in (errno.EINVAL, errno.EIO), e
+h.zero(65536, 0, nbd.CMD_FLAG_FAST_ZERO)
+print("OK")
+"#,
+        &[&px.uri],
+    );
+    drop(px);
+    // uri= and export= select the upstream export.
+    let px = Server::start(&[
+        "nbd",
+        &format!("uri=nbd+unix:///?socket={}", up.socket.display()),
+    ]);
+    assert_eq!(
+        nbdinfo_json(&[], &px.uri)["export-size"],
+        (64 << 20).to_string()
+    );
+}
+
+#[test]
+fn nbd_proxies_qemu_nbd() {
+    if !have("qemu-nbd") || !have("qemu-io") || !have("nbdinfo") || !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, 4 << 20, 9);
+    let sock = dir.path().join("qemu.sock");
+    /// Stops qemu-nbd even when an assertion fails.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut qemu = Killed(
+        Command::new("qemu-nbd")
+            .args(["-f", "raw", "-t", "-x", "vm", "-k"])
+            .arg(&sock)
+            .arg(&img)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // qemu-nbd has no readiness signal: wait for its socket to accept.
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if let Ok(Some(st)) = qemu.0.try_wait() {
+            panic!("qemu-nbd exited: {st}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let px = Server::start(&["nbd", &format!("socket={}", sock.display()), "export=vm"]);
+    let info = nbdinfo_json(&[], &px.uri);
+    assert_eq!(info["export-size"], (4 << 20).to_string());
+    assert_eq!(info["is_read_only"], "false");
+    assert!(info["contexts"].contains("base:allocation"), "{info:?}");
+    assert!(read_all(&px.uri) == std::fs::read(&img).unwrap());
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x21 512k 128k",
+        "-c",
+        "flush",
+        &px.uri,
+    ]));
+    assert!(std::fs::read(&img).unwrap()[512 << 10..640 << 10]
+        .iter()
+        .all(|&b| b == 0x21));
+    // A wrong export name is an error at open, not a hang.
+    let bad = Server::start(&["nbd", &format!("socket={}", sock.display()), "export=nope"]);
+    let out = Command::new("nbdinfo").arg(&bad.uri).output().unwrap();
+    assert!(!out.status.success());
+    drop(px);
+    drop(bad);
+    drop(qemu);
+}

@@ -7,6 +7,7 @@ pub mod data;
 pub mod file;
 pub mod info;
 pub mod memory;
+pub mod nbd;
 pub mod partitioning;
 pub mod random;
 pub mod sh;
@@ -31,6 +32,7 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &partitioning::SPEC,
         &tmpdisk::SPEC,
         &info::SPEC,
+        &nbd::SPEC,
         &sh::SH,
         &sh::EVAL,
     ]
