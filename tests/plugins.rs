@@ -972,3 +972,58 @@ fn nbd_proxies_qemu_nbd() {
     drop(bad);
     drop(qemu);
 }
+
+#[test]
+fn nbd_proxies_over_tcp_with_hostname_and_port() {
+    if !have("nbdinfo") || !have("nbdcopy") {
+        return;
+    }
+    use std::io::BufRead;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let mut up = Command::new(binary())
+        .args([
+            "-f",
+            "--exit-with-parent",
+            "--print-uri",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port,
+        ])
+        .args(["data", "( \"upstream\" )*64"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // --print-uri comes once the socket listens.
+    let mut line = String::new();
+    std::io::BufReader::new(up.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("nbd://"), "{line}");
+    let px = Server::start(&["nbd", "hostname=127.0.0.1", &format!("port={port}")]);
+    let data = read_all(&px.uri);
+    let _ = up.kill();
+    let _ = up.wait();
+    assert_eq!(data, b"upstream".repeat(64));
+    // Bad parameters are one clear error at start-up.
+    for bad in [
+        &["nbd", "port=1"][..],
+        &["nbd", "socket=/x", "uri=nbd://h/"],
+        &["nbd", "socket=/x", "tls=on"],
+    ] {
+        let mut args = vec!["-U", "-"];
+        args.extend_from_slice(bad);
+        args.extend(["--run", "true"]);
+        let out = Command::new(binary()).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("nbd:"),
+            "{bad:?}"
+        );
+    }
+}
