@@ -938,6 +938,34 @@ mod tests {
         assert!(evaluate("$v0", &ctx).is_err());
     }
 
+    /// Every input the fuzzer kept is an image within the limit or an
+    /// error, as in the fuzz target (fuzz/fuzz_targets/data_expr.rs).
+    #[test]
+    fn fuzz_corpus_replays() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/data_expr");
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let var = |name: &str| match name {
+            "a" => Some("0x55 $b".to_string()),
+            "b" => Some("( 1 2 )*3 $a".to_string()),
+            _ => None,
+        };
+        let ctx = Context {
+            var: &var,
+            allow_io: false,
+            limit: 1 << 20,
+        };
+        for e in entries.flatten() {
+            let bytes = std::fs::read(e.path()).unwrap();
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                if let Ok(img) = evaluate(text, &ctx) {
+                    assert!(img.data_len() <= 1 << 20, "{:?}", e.path());
+                }
+            }
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Tok {
         Byte(u8),
