@@ -267,7 +267,11 @@ fn dump_builtin(p: &PluginSpec) -> String {
     if let Some(k) = p.magic_config_key {
         s.push_str(&format!("magic_config_key={k}\n"));
     }
-    for param in p.params {
+    for param in p
+        .params
+        .iter()
+        .filter(|p| p.name != nbdkit_backend::registry::ANY_KEY)
+    {
         s.push_str(&format!("config_key={}\n", param.name));
     }
     s
@@ -307,8 +311,12 @@ pub fn build(
         .chain(filters.iter().flat_map(|f| f.params.iter()))
         .map(|p| p.name)
         .collect();
+    let any_key = plugin
+        .params
+        .iter()
+        .any(|p| p.name == nbdkit_backend::registry::ANY_KEY);
     for (k, _) in &params {
-        if !known.contains(&k.as_str()) {
+        if !any_key && !known.contains(&k.as_str()) {
             bail!(
                 "unknown parameter '{k}'{} for plugin '{}'{}; known parameters: {}",
                 suggest(k, &known),

@@ -91,6 +91,19 @@ impl Config {
             .transpose()
     }
 
+    /// Take every parameter nobody has taken yet, in command-line order:
+    /// for plugins that accept any key (a `Param` named [`ANY_KEY`](crate::registry::ANY_KEY)).
+    pub fn take_rest(&mut self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (i, kv) in self.params.iter().enumerate() {
+            if !self.taken[i] {
+                self.taken[i] = true;
+                out.push(kv.clone());
+            }
+        }
+        out
+    }
+
     /// Keys nobody has taken, in order of first appearance.
     pub fn untaken(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();

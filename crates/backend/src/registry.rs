@@ -5,6 +5,11 @@ use std::sync::Arc;
 
 use crate::{Backend, Config, ConfigError};
 
+/// A `Param` with this name means the plugin accepts any key (the `sh`
+/// plugin hands unknown keys to its script); `--help` shows it as
+/// `KEY=VALUE`.
+pub const ANY_KEY: &str = "*";
+
 /// One `key=value` parameter, for `--help` and for rejecting unknown keys.
 #[derive(Debug, Clone, Copy)]
 pub struct Param {
@@ -74,7 +79,12 @@ fn help_text(name: &str, what: &str, summary: &str, description: &str, params: &
     if !params.is_empty() {
         s.push_str("\nParameters:\n");
         for p in params {
-            s.push_str(&format!("  {:<18} {}\n", format!("{}=", p.name), p.help));
+            let key = if p.name == ANY_KEY {
+                "KEY=VALUE".to_string()
+            } else {
+                format!("{}=", p.name)
+            };
+            s.push_str(&format!("  {key:<18} {}\n", p.help));
         }
     }
     s

@@ -19,7 +19,7 @@ use nbdkit_backend::{
 use tracing::debug;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum CachePolicy {
+pub(crate) enum CachePolicy {
     Default,
     /// Evict what we read or wrote from the page cache afterwards.
     None,
@@ -101,7 +101,7 @@ impl Backend for FilePlugin {
     }
 }
 
-struct FileHandle {
+pub(crate) struct FileHandle {
     file: File,
     path: PathBuf,
     writable: bool,
@@ -113,7 +113,7 @@ struct FileHandle {
 }
 
 impl FileHandle {
-    fn open(path: &Path, readonly: bool, cache: CachePolicy) -> Result<Self> {
+    pub(crate) fn open(path: &Path, readonly: bool, cache: CachePolicy) -> Result<Self> {
         let (file, writable) = if readonly {
             (File::open(path), false)
         } else {
@@ -361,48 +361,8 @@ impl Handle for FileHandle {
     }
 
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
-        let end = offset + count;
-        let mut pos = offset;
-        while pos < end {
-            // SAFETY: lseek on our own descriptor.
-            let data = unsafe { libc::lseek(self.fd(), pos as i64, libc::SEEK_DATA) };
-            if data < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    // No data after pos: the rest is a hole.
-                    Some(libc::ENXIO) => {
-                        extents.add(pos, end - pos, EXTENT_HOLE | EXTENT_ZERO)?;
-                        return Ok(());
-                    }
-                    // File system without SEEK_DATA: all data.
-                    Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
-                        extents.add(pos, end - pos, 0)?;
-                        return Ok(());
-                    }
-                    _ => return Err(self.err("SEEK_DATA in", e)),
-                }
-            }
-            let data = data as u64;
-            if data > pos {
-                extents.add(pos, data.min(end) - pos, EXTENT_HOLE | EXTENT_ZERO)?;
-                pos = data.min(end);
-                if req_one || pos >= end {
-                    return Ok(());
-                }
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(self.fd(), pos as i64, libc::SEEK_HOLE) };
-            if hole < 0 {
-                return Err(self.err("SEEK_HOLE in", std::io::Error::last_os_error()));
-            }
-            let hole = (hole as u64).min(end);
-            extents.add(pos, hole - pos, 0)?;
-            pos = hole;
-            if req_one {
-                return Ok(());
-            }
-        }
-        Ok(())
+        seek_extents(self.fd(), offset, count, 0, req_one, extents)
+            .map_err(|(what, e)| self.err(what, e))
     }
 
     fn cache(&self, offset: u64, count: u64) -> Result<()> {
@@ -420,6 +380,59 @@ impl Handle for FileHandle {
         }
         Ok(())
     }
+}
+
+/// Block status of `[offset, offset+count)` of the file `fd` from
+/// SEEK_DATA/SEEK_HOLE, added to `extents` shifted by `shift` (where the
+/// file starts on the disk).  Errors say which seek failed.
+pub(crate) fn seek_extents(
+    fd: i32,
+    offset: u64,
+    count: u64,
+    shift: u64,
+    req_one: bool,
+    extents: &mut Extents,
+) -> std::result::Result<(), (&'static str, std::io::Error)> {
+    let add = |ex: &mut Extents, o: u64, l: u64, f: u32| {
+        ex.add(o + shift, l, f)
+            .map_err(|e| ("extents of", std::io::Error::other(e.to_string())))
+    };
+    let end = offset + count;
+    let mut pos = offset;
+    while pos < end {
+        // SAFETY: lseek on a descriptor the caller owns.
+        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // No data after pos: the rest is a hole.
+                Some(libc::ENXIO) => add(extents, pos, end - pos, EXTENT_HOLE | EXTENT_ZERO),
+                // File system without SEEK_DATA: all data.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => add(extents, pos, end - pos, 0),
+                _ => Err(("SEEK_DATA in", e)),
+            };
+        }
+        let data = data as u64;
+        if data > pos {
+            add(extents, pos, data.min(end) - pos, EXTENT_HOLE | EXTENT_ZERO)?;
+            pos = data.min(end);
+            if req_one || pos >= end {
+                return Ok(());
+            }
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(("SEEK_HOLE in", std::io::Error::last_os_error()));
+        }
+        let hole = (hole as u64).min(end);
+        add(extents, pos, hole - pos, 0)?;
+        pos = hole;
+        if req_one {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError> {

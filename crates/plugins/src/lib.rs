@@ -4,18 +4,25 @@
 use nbdkit_backend::PluginSpec;
 
 pub mod curl;
+pub mod data;
 pub mod file;
+pub mod info;
 pub mod libvirt;
 pub mod memory;
+pub mod nbd;
+pub mod partitioning;
+pub mod random;
 pub mod s3;
+pub mod sh;
 pub mod simple;
+pub mod split;
+pub mod tmpdisk;
 
 /// Every built-in plugin, in the order `--help` lists them.
 pub fn all() -> Vec<&'static PluginSpec> {
     vec![
         &file::SPEC,
         &memory::SPEC,
-        &libvirt::SPEC,
         &simple::NULL,
         &simple::ZERO,
         &simple::FULL,
@@ -23,5 +30,16 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &simple::ONES,
         &curl::SPEC,
         &s3::SPEC,
+        &data::SPEC,
+        &random::RANDOM,
+        &random::SPARSE_RANDOM,
+        &split::SPEC,
+        &partitioning::SPEC,
+        &tmpdisk::SPEC,
+        &info::SPEC,
+        &nbd::SPEC,
+        &sh::SH,
+        &sh::EVAL,
+        &libvirt::SPEC,
     ]
 }

@@ -163,6 +163,12 @@ struct MemoryHandle {
     mem: Arc<SparseMemory>,
 }
 
+/// A connection to `mem` with everything the memory plugin offers
+/// (writes, trim, zero, extents, multi-conn), for other RAM-backed plugins.
+pub(crate) fn handle(mem: Arc<SparseMemory>) -> Box<dyn Handle> {
+    Box::new(MemoryHandle { mem })
+}
+
 impl Handle for MemoryHandle {
     fn size(&self) -> Result<u64> {
         Ok(self.mem.size)

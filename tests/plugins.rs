@@ -1,0 +1,1029 @@
+//! Data-source plugins (sh, eval, data, …) driven by real clients.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn python(script: &str, args: &[&str]) -> String {
+    let out = stdout_of(Command::new(PYTHON).arg("-c").arg(script).args(args));
+    assert!(
+        out.trim_end().ends_with("OK"),
+        "script did not finish: {out}"
+    );
+    out
+}
+
+/// The whole export, read with nbdcopy.
+fn read_all(uri: &str) -> Vec<u8> {
+    run_ok(Command::new("nbdcopy").arg(uri).arg("-")).stdout
+}
+
+fn data_script(name: &str) -> String {
+    format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+// ---------------------------------------------------------------- sh / eval
+
+#[test]
+fn sh_file_disk_reads_and_writes_through_the_script() {
+    if !have("qemu-io") || !have("nbdcopy") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, 1 << 20, 7);
+    let s = Server::start(&[
+        "sh",
+        &data_script("file-disk.sh"),
+        &format!("file={}", img.display()),
+    ]);
+    let info = nbdinfo_json(&[], &s.uri);
+    assert_eq!(info["export-size"], "1048576");
+    assert_eq!(info["is_read_only"], "false");
+    assert_eq!(info["can_flush"], "true");
+    assert_eq!(info["can_trim"], "true");
+    assert_eq!(info["can_fua"], "true");
+    assert_eq!(info["can_multi_conn"], "true");
+    // Reads through `dd` match the file.
+    assert_eq!(read_all(&s.uri), std::fs::read(&img).unwrap());
+    // Writes (with FUA), zeroes and a flush reach the file.
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a -f 4096 8192",
+        "-c",
+        "write -z 65536 4096",
+        "-c",
+        "flush",
+        "-c",
+        "read -P 0x5a 4096 8192",
+        &s.uri,
+    ]));
+    let now = std::fs::read(&img).unwrap();
+    assert!(now[4096..12288].iter().all(|&b| b == 0x5a));
+    assert!(now[65536..69632].iter().all(|&b| b == 0));
+    assert_eq!(read_all(&s.uri), now);
+    assert!(s.stop().success());
+}
+
+#[test]
+fn sh_script_errors_are_reported_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary())
+        .args([
+            "-f",
+            "-U",
+            dir.path().join("s").to_str().unwrap(),
+            "sh",
+            &data_script("file-disk.sh"),
+            "colour=blue",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown parameter colour=blue"), "{err}");
+    // A script that does not exist is named in the error.
+    let out = Command::new(binary())
+        .args(["-f", "-U", "x.sock", "sh", "/nonexistent/script.sh"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/script.sh"));
+}
+
+#[test]
+fn sh_missing_methods_fall_back_to_the_defaults() {
+    if !have("nbdinfo") || !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("tiny.sh");
+    // Only get_size and pread: a pwrite method without can_write is never
+    // used, as with nbdkit.
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncase \"$1\" in\n  get_size) echo 64K ;;\n  \
+         pread) head -c \"$3\" /dev/zero | tr '\\0' 'A' ;;\n  \
+         pwrite) echo 'ENOSPC should not be called' >&2; exit 1 ;;\n  \
+         *) exit 2 ;;\nesac\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = Server::start(&["sh", script.to_str().unwrap()]);
+    let info = nbdinfo_json(&[], &s.uri);
+    assert_eq!(info["export-size"], "65536");
+    assert_eq!(info["is_read_only"], "true");
+    assert_eq!(info["can_flush"], "false");
+    assert_eq!(info["can_trim"], "false");
+    assert_eq!(info["can_zero"], "false");
+    assert_eq!(info["can_multi_conn"], "false");
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.pread(100, 1000) == b"A" * 100
+assert h.is_read_only()
+h.set_strict_mode(0)
+try:
+    h.pwrite(b"x" * 512, 0)
+    raise SystemExit("write to a script without can_write succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.EPERM, e
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert!(s.stop().success());
+}
+
+#[test]
+fn eval_errno_from_stderr_reaches_the_client() {
+    if !have_python_nbd() {
+        return;
+    }
+    let s = Server::start(&[
+        "-v",
+        "eval",
+        "get_size=echo 1M",
+        "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+        "pwrite=cat >/dev/null; echo 'ENOSPC the script is full' >&2; exit 1",
+        "flush=echo EINVAL >&2; exit 1",
+    ]);
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert not h.is_read_only()
+assert h.can_flush()
+try:
+    h.pwrite(b"x" * 4096, 0)
+    raise SystemExit("pwrite succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.ENOSPC, e
+try:
+    h.flush()
+    raise SystemExit("flush succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.EINVAL, e
+assert h.pread(512, 0) == bytes(512)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    // The script's message (after the errno name) is what the server logs
+    // (and sends in the structured error reply).
+    assert!(s.log().contains("the script is full"), "{}", s.log());
+    assert!(s.stop().success());
+}
+
+#[test]
+fn eval_with_only_get_size_and_pread_is_a_read_only_disk() {
+    if !have("nbdcopy") || !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    let s = Server::start(&[
+        "eval",
+        "get_size=echo 128K",
+        // Each byte is its offset modulo 251, computed by the script.
+        r#"pread=exec python3 -c 'import sys; c,o=int(sys.argv[1]),int(sys.argv[2]); sys.stdout.buffer.write(bytes((o+i)%251 for i in range(c)))' $3 $4"#,
+    ]);
+    let info = nbdinfo_json(&[], &s.uri);
+    assert_eq!(info["export-size"], "131072");
+    assert_eq!(info["is_read_only"], "true");
+    assert_eq!(info["can_trim"], "false");
+    let data = read_all(&s.uri);
+    let want: Vec<u8> = (0..131072u64).map(|i| (i % 251) as u8).collect();
+    assert!(data == want, "data differs");
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512", &s.uri])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("ermission") || text.contains("read-only"),
+        "write to a read-only eval disk: {text}"
+    );
+    assert!(s.stop().success());
+}
+
+#[test]
+fn eval_extents_exports_and_tmpdir() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("tmpdir.txt");
+    let s = Server::start(&[
+        "eval",
+        &format!("config_complete=echo \"$tmpdir\" > {}", record.display()),
+        "get_size=echo 1M",
+        "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+        "extents=echo 0 512K; echo 512K 512K hole,zero",
+        "list_exports=echo INTERLEAVED; echo one; echo the first; echo two; echo the second",
+        "open=echo \"h-$2-$3\"",
+        "export_description=echo \"handle $2\"",
+        "thread_model=echo parallel",
+    ]);
+    assert_eq!(
+        map_of(&s.uri),
+        vec![(0, 512 << 10, false), (512 << 10, 512 << 10, true)]
+    );
+    let list = stdout_of(Command::new("nbdinfo").args(["--list", "--json", &s.uri]));
+    assert!(
+        list.contains("\"one\"") && list.contains("the second"),
+        "{list}"
+    );
+    let info = nbdinfo_json(&[], &s.uri_for("two"));
+    // open printed "h-READONLY-EXPORT"; export_description got that handle.
+    assert_eq!(info["description"], "handle h-false-two");
+    let tmp = std::fs::read_to_string(&record).unwrap();
+    let tmp = std::path::PathBuf::from(tmp.trim());
+    assert!(tmp.is_dir());
+    assert!(s.stop().success());
+    assert!(!tmp.exists(), "$tmpdir was not removed at exit");
+}
+
+#[test]
+fn eval_missing_snippet_and_unload() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("unloaded");
+    let s = Server::start(&[
+        "eval",
+        // missing= answers every method not given: here get_size and pread.
+        "missing=case $1 in get_size) echo 4K ;; pread) head -c $3 /dev/zero ;; *) exit 2 ;; esac",
+        &format!("unload=touch {}", mark.display()),
+    ]);
+    let info = nbdinfo_json(&[], &s.uri);
+    assert_eq!(info["export-size"], "4096");
+    assert!(s.stop().success());
+    assert!(mark.exists(), "unload did not run");
+}
+
+#[test]
+fn sh_inline_script_from_stdin() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let mut child = Command::new(binary())
+        .args(["-U", "-", "sh", "-", "--run", "nbdinfo --size \"$uri\""])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"case \"$1\" in\n  get_size) echo 3M ;;\n  pread) head -c $3 /dev/zero ;;\n  *) exit 2 ;;\nesac\n",
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3145728");
+}
+
+// ---------------------------------------------------------------- data
+
+/// nbdkit-data-plugin's MBR example, served and read back by sfdisk.
+#[test]
+fn data_mbr_example_is_a_partition_table() {
+    if !have("nbdcopy") || !have("sfdisk") || !have("nbdinfo") {
+        return;
+    }
+    let s = Server::start(&[
+        "data",
+        "@0x1be    # MBR first partition entry
+           0          # Partition status
+           0 2 0      # CHS start
+           0x83       # Partition type (Linux)
+           0x20 0x20 0 # CHS last sector
+           le32:1     # LBA first sector
+           le32:0x7ff # LBA number of sectors
+         @0x1fe    # Boot signature
+           0x55 0xaa",
+        "size=1M",
+    ]);
+    let info = nbdinfo_json(&[], &s.uri);
+    assert_eq!(info["export-size"], "1048576");
+    assert_eq!(info["is_read_only"], "false");
+    // Only the first page holds data; the rest was never written.
+    let map = map_of(&s.uri);
+    assert!(!map[0].2, "{map:?}");
+    assert!(map[0].1 < 1 << 20 && map[1].2, "{map:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    run_ok(Command::new("nbdcopy").arg(&s.uri).arg(&img));
+    let dump = stdout_of(Command::new("sfdisk").arg("-d").arg(&img));
+    assert!(dump.contains("label: dos"), "{dump}");
+    assert!(
+        dump.contains("start=           1, size=        2047, type=83"),
+        "{dump}"
+    );
+    assert!(s.stop().success());
+}
+
+#[test]
+fn data_is_writable_and_read_only_with_r() {
+    if !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let s = Server::start(&["data", "( 0x55 0xAA )*2048"]);
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x55 0 1",
+        "-c",
+        "read -P 0xaa 4095 1",
+        "-c",
+        "write -P 0x11 1024 512",
+        "-c",
+        "read -P 0x11 1024 512",
+        "-c",
+        "read -P 0xaa 1537 1",
+        &s.uri,
+    ]));
+    drop(s);
+    let s = Server::start(&["-r", "data", "base64=MTIz", "size=1M"]);
+    let info = nbdinfo_json(&[], &s.uri);
+    assert_eq!(info["is_read_only"], "true");
+    assert_eq!(info["export-size"], "1048576");
+    run_ok(Command::new("qemu-io").args([
+        "-r",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x31 0 1",
+        "-c",
+        "read -P 0x33 2 1",
+        "-c",
+        "read -P 0 3 4096",
+        &s.uri,
+    ]));
+}
+
+#[test]
+fn data_raw_hello_world_and_variables() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let out = run_ok(Command::new(binary()).args([
+        "-U",
+        "-",
+        "data",
+        "raw=Hello, world!",
+        "--run",
+        "nbdcopy \"$uri\" -",
+    ]));
+    assert_eq!(out.stdout, b"Hello, world!");
+    let out = run_ok(
+        Command::new(binary())
+            .args([
+                "-U",
+                "-",
+                "data",
+                "$pattern*2 $sig",
+                "pattern=0x55 0xAA \"hi\"",
+                "--run",
+                "nbdcopy \"$uri\" -",
+            ])
+            .env("sig", "le16:0xaa55"),
+    );
+    assert_eq!(out.stdout, b"\x55\xaahi\x55\xaahi\x55\xaa");
+    // A bad expression is one clear error at start-up.
+    let out = Command::new(binary())
+        .args(["-U", "-", "data", "1 2 300", "--run", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("data:") && err.contains("300"), "{err}");
+}
+
+// ---------------------------------------------------------------- random, sparse-random
+
+#[test]
+fn random_copies_onto_itself_and_rejects_other_data() {
+    if !have("nbdcopy") || !have("qemu-img") || !have_python_nbd() {
+        return;
+    }
+    // The documented self-check: a copy onto the same disk succeeds only if
+    // every byte lands where it was read.
+    run_ok(Command::new(binary()).args([
+        "-U",
+        "-",
+        "random",
+        "size=20M",
+        "--run",
+        "nbdcopy \"$uri\" \"$uri\" && qemu-img convert -n -f raw -O raw \"$uri\" \"$uri\"",
+    ]));
+    let s = Server::start(&["random", "size=1M", "seed=42"]);
+    let t = Server::start(&["random", "size=1M", "seed=42"]);
+    let u = Server::start(&["random", "1M", "seed=43"]);
+    let a = read_all(&s.uri);
+    assert_eq!(a.len(), 1 << 20);
+    assert_eq!(a, read_all(&t.uri), "same seed, same data");
+    assert_ne!(a, read_all(&u.uri), "another seed, other data");
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+good = h.pread(4096, 8192)
+h.pwrite(good, 8192)
+bad = bytes([good[0] ^ 1]) + good[1:]
+try:
+    h.pwrite(bad, 8192)
+    raise SystemExit("a write of other data succeeded")
+except nbd.Error as e:
+    assert e.errnum == errno.EIO, e
+print("OK")
+"#,
+        &[&s.uri],
+    );
+}
+
+#[test]
+fn sparse_random_has_holes_and_verifies_copies() {
+    if !have("nbdcopy") || !have("nbdinfo") {
+        return;
+    }
+    let s = Server::start(&[
+        "sparse-random",
+        "size=64M",
+        "seed=5",
+        "percent=30",
+        "runlength=1M",
+    ]);
+    let map = map_of(&s.uri);
+    let data: u64 = map.iter().filter(|r| !r.2).map(|r| r.1).sum();
+    assert!(map.iter().any(|r| r.2), "no holes: {map:?}");
+    assert!(
+        data > (64 << 20) / 10 && data < (64 << 20) / 2,
+        "about 30% data expected, got {data} bytes: {map:?}"
+    );
+    // Data blocks are non-zero, holes zero, exactly as the map says.
+    let all = read_all(&s.uri);
+    for &(off, len, hole) in &map {
+        let r = &all[off as usize..(off + len) as usize];
+        if hole {
+            assert!(r.iter().all(|&b| b == 0), "hole at {off} has data");
+        } else {
+            assert!(r.iter().all(|&b| b != 0), "data at {off} has zeroes");
+        }
+    }
+    // Copying onto itself (zeroes for holes included) succeeds.
+    run_ok(Command::new("nbdcopy").arg(&s.uri).arg(&s.uri));
+    assert!(s.stop().success());
+    let out = Command::new(binary())
+        .args([
+            "-U",
+            "-",
+            "sparse-random",
+            "size=1M",
+            "percent=101",
+            "--run",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("percent=101"));
+}
+
+// ---------------------------------------------------------------- split
+
+#[test]
+fn split_concatenates_files_with_their_holes() {
+    if !have("nbdcopy") || !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    make_file(&a, 1 << 20, 1);
+    // b is a 2 MiB hole, c data again.
+    std::fs::File::create(&b).unwrap().set_len(2 << 20).unwrap();
+    make_file(&c, 512 << 10, 3);
+    let s = Server::start(&[
+        "split",
+        a.to_str().unwrap(),
+        &format!("file={}", b.display()),
+        c.to_str().unwrap(),
+    ]);
+    let info = nbdinfo_json(&[], &s.uri);
+    assert_eq!(info["export-size"], ((3 << 20) + (512 << 10)).to_string());
+    assert_eq!(info["is_read_only"], "false");
+    let mut want = std::fs::read(&a).unwrap();
+    want.extend(std::fs::read(&b).unwrap());
+    want.extend(std::fs::read(&c).unwrap());
+    assert!(read_all(&s.uri) == want);
+    let map = map_of(&s.uri);
+    assert_eq!(map[0], (0, 1 << 20, false), "{map:?}");
+    assert_eq!(map[1], (1 << 20, 2 << 20, true), "{map:?}");
+    assert_eq!(map[2], (3 << 20, 512 << 10, false), "{map:?}");
+    // A write across the a|b boundary lands in both files.
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        &format!("write -P 0x77 {} 8192", (1 << 20) - 4096),
+        "-c",
+        "flush",
+        &s.uri,
+    ]));
+    assert!(std::fs::read(&a).unwrap()[(1 << 20) - 4096..]
+        .iter()
+        .all(|&x| x == 0x77));
+    assert!(std::fs::read(&b).unwrap()[..4096]
+        .iter()
+        .all(|&x| x == 0x77));
+    assert!(s.stop().success());
+    let s = Server::start(&["-r", "split", a.to_str().unwrap()]);
+    assert_eq!(nbdinfo_json(&[], &s.uri)["is_read_only"], "true");
+}
+
+// ---------------------------------------------------------------- partitioning
+
+/// `sfdisk -d` of the whole export (copied to a file first).
+fn sfdisk_dump(uri: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    run_ok(Command::new("nbdcopy").arg(uri).arg(&img));
+    stdout_of(Command::new("sfdisk").arg("-d").arg(&img))
+}
+
+fn partition_files(dir: &std::path::Path, sizes: &[usize]) -> Vec<String> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            let p = dir.join(format!("part{}", i + 1));
+            make_file(&p, s, 100 + i as u64);
+            p.display().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn partitioning_mbr_reads_back_with_sfdisk_and_the_partition_filter() {
+    if !have("nbdcopy") || !have("sfdisk") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let files = partition_files(dir.path(), &[1 << 20, 300_000]);
+    let s = Server::start(&["partitioning", &files[0], "mbr-id=0x82", &files[1]]);
+    let dump = sfdisk_dump(&s.uri);
+    assert!(dump.contains("label: dos"), "{dump}");
+    assert!(
+        dump.contains("start=        2048, size=        2048, type=83"),
+        "{dump}"
+    );
+    // 300000 bytes round up to 586 sectors, aligned to the next 1 MiB.
+    assert!(
+        dump.contains("start=        4096, size=         586, type=82"),
+        "{dump}"
+    );
+    drop(s);
+    for (n, f) in files.iter().enumerate() {
+        let p = Server::start(&[
+            "--filter=partition",
+            "partitioning",
+            &files[0],
+            &files[1],
+            &format!("partition={}", n + 1),
+        ]);
+        let got = read_all(&p.uri);
+        let want = std::fs::read(f).unwrap();
+        assert_eq!(&got[..want.len()], &want[..], "partition {}", n + 1);
+        assert!(got[want.len()..].iter().all(|&b| b == 0));
+    }
+    // Writes reach the file; the table cannot be changed.
+    let s = Server::start(&["partitioning", &files[0], &files[1]]);
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x66 1049088 512", &s.uri]));
+    assert!(std::fs::read(&files[0]).unwrap()[512..1024]
+        .iter()
+        .all(|&b| b == 0x66));
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x66 0 512", &s.uri])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("error") || !out.status.success(), "{text}");
+}
+
+#[test]
+fn partitioning_gpt_and_mbr_logical_partitions() {
+    if !have("nbdcopy") || !have("sfdisk") || !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let files = partition_files(dir.path(), &[4096, 8192, 512, 70_000, 1 << 20, 5000]);
+    let mut args = vec!["partitioning", "alignment=64K"];
+    args.extend(files.iter().map(|f| f.as_str()));
+    // More than four files: GPT by default.
+    let s = Server::start(&args);
+    let dump = sfdisk_dump(&s.uri);
+    assert!(dump.contains("label: gpt"), "{dump}");
+    assert_eq!(
+        dump.matches("type=0FC63DAF-8483-4772-8E79-3D69D8477DE4")
+            .count(),
+        6,
+        "{dump}"
+    );
+    drop(s);
+    // The same files in an MBR: three primaries, then logical partitions.
+    let mut mbr = args.clone();
+    mbr.insert(1, "partition-type=mbr");
+    let s = Server::start(&mbr);
+    let dump = sfdisk_dump(&s.uri);
+    assert!(dump.contains("label: dos"), "{dump}");
+    assert!(dump.contains("type=5"), "{dump}");
+    assert_eq!(dump.matches("type=83").count(), 6, "{dump}");
+    drop(s);
+    for kind in ["gpt", "mbr"] {
+        for n in [1usize, 4, 5, 6] {
+            let mut a = vec!["--filter=partition".to_string()];
+            a.extend(args.iter().map(|s| s.to_string()));
+            a.insert(2, format!("partition-type={kind}"));
+            // MBR numbers logical partitions from 5: files 4..6 are 5..7.
+            let number = if kind == "mbr" && n >= 4 { n + 1 } else { n };
+            a.push(format!("partition={number}"));
+            let refs: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+            let p = Server::start(&refs);
+            let got = read_all(&p.uri);
+            let want = std::fs::read(&files[n - 1]).unwrap();
+            assert_eq!(&got[..want.len()], &want[..], "{kind} file {n}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------- tmpdisk
+
+#[test]
+fn tmpdisk_gives_each_client_a_fresh_filesystem() {
+    if !have("nbdcopy") || !have("qemu-io") || !have("dumpe2fs") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let s = Server::start_with(
+        &["tmpdisk", "16M", "label=scratch"],
+        &[("TMPDIR", tmp.to_str().unwrap())],
+    );
+    let info = nbdinfo_json(&[], &s.uri);
+    assert_eq!(info["export-size"], (16 << 20).to_string());
+    assert_eq!(info["is_read_only"], "false");
+    assert_eq!(info["can_multi_conn"], "false");
+    let img = dir.path().join("copy.img");
+    run_ok(Command::new("nbdcopy").arg(&s.uri).arg(&img));
+    let fs = stdout_of(Command::new("dumpe2fs").arg("-h").arg(&img));
+    assert!(fs.contains("Filesystem volume name:   scratch"), "{fs}");
+    // A client's writes are its own: the next client sees a fresh disk.
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x99 0 4096", &s.uri]));
+    let again = read_all(&s.uri);
+    assert!(again[..4096].iter().any(|&b| b != 0x99));
+    // Nothing is left in TMPDIR once the clients are gone.
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    drop(s);
+    // command= gets $disk, $size and other parameters as variables.
+    let s = Server::start_with(
+        &[
+            "tmpdisk",
+            "size=1M",
+            "fill=AB",
+            "command=truncate -s $size \"$disk\" && printf %s \"$fill\" | dd of=\"$disk\" conv=notrunc status=none",
+        ],
+        &[("TMPDIR", tmp.to_str().unwrap())],
+    );
+    let d = read_all(&s.uri);
+    assert_eq!(d.len(), 1 << 20);
+    assert_eq!(&d[..3], b"AB\0");
+    drop(s);
+    let out = Command::new(binary())
+        .args(["-U", "-", "tmpdisk", "1M", "type=nosuchfs", "--run", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mkfs.nosuchfs"));
+}
+
+// ---------------------------------------------------------------- info
+
+#[test]
+fn info_reflects_export_name_address_and_clocks() {
+    if !have_python_nbd() {
+        return;
+    }
+    let s = Server::start(&["info"]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.get_size() == 5
+assert h.pread(5, 0) == b"hello"
+assert h.is_read_only()
+print("OK")
+"#,
+        &[&s.uri_for("hello")],
+    );
+    drop(s);
+    let s = Server::start(&["info", "mode=base64exportname"]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.pread(h.get_size(), 0) == b"hello nbdkit user"
+print("OK")
+"#,
+        &[&s.uri_for("aGVsbG8gbmJka2l0IHVzZXI=")],
+    );
+    drop(s);
+    // Unix sockets say "unix"; TCP gives the client's address and port.
+    let s = Server::start(&["info", "address"]);
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.pread(h.get_size(), 0) == b"unix", h.pread(h.get_size(), 0)
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    drop(s);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = run_ok(Command::new(binary()).args([
+        "-f",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "info",
+        "mode=address",
+        "--run",
+        &format!("{NBDSH} -u \"$uri\" -c 'sys.stdout.write(h.pread(h.get_size(), 0).decode())'"),
+    ]));
+    let addr = String::from_utf8_lossy(&out.stdout);
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    assert!(addr[10..].parse::<u16>().is_ok(), "{addr}");
+    for mode in ["time", "uptime", "conntime"] {
+        let s = Server::start(&["info", mode]);
+        let out = python(
+            r#"
+import nbd, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.get_size() == 12
+b = h.pread(12, 0)
+secs, usecs = int.from_bytes(b[:8], "big"), int.from_bytes(b[8:], "big")
+assert usecs < 1000000
+print(secs)
+print("OK")
+"#,
+            &[&s.uri],
+        );
+        let secs: u64 = out.lines().next().unwrap().trim().parse().unwrap();
+        if mode == "time" {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            assert!(secs.abs_diff(now) < 3600, "{mode}: {secs} vs {now}");
+        } else {
+            // The server started moments ago; an hour is a generous bound
+            // that still tells seconds from garbage.
+            assert!(secs < 3600, "{mode}: {secs}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------- nbd
+
+#[test]
+fn nbd_proxies_nbdkit_rs_with_every_capability() {
+    if !have("qemu-io") || !have("nbdinfo") || !have("nbdcopy") || !have_python_nbd() {
+        return;
+    }
+    let up = Server::start(&["memory", "size=64M"]);
+    let px = Server::start(&["nbd", &format!("socket={}", up.socket.display())]);
+    // What the upstream advertises comes through unchanged.
+    let a = nbdinfo_json(&[], &up.uri);
+    let b = nbdinfo_json(&[], &px.uri);
+    for k in [
+        "export-size",
+        "is_read_only",
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_fast_zero",
+        "can_cache",
+        "can_multi_conn",
+        "contexts",
+        "block_size_minimum",
+        "block_size_preferred",
+        "block_size_maximum",
+    ] {
+        assert_eq!(a.get(k), b.get(k), "{k}");
+    }
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x3c 1M 2M",
+        "-c",
+        "write -f -P 0x4d 8M 64k",
+        "-c",
+        "write -z 1536k 512k",
+        "-c",
+        "discard 8M 32k",
+        "-c",
+        "flush",
+        "-c",
+        "read -P 0x3c 1M 512k",
+        "-c",
+        "read -P 0 1536k 512k",
+        &px.uri,
+    ]));
+    // Block status passes through: what was written is data, the rest holes.
+    assert_eq!(map_of(&px.uri), map_of(&up.uri));
+    assert!(read_all(&px.uri) == read_all(&up.uri));
+    // Many requests in flight at once, answered out of order, and errors
+    // with their errno.
+    python(
+        r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+bufs = []
+for i in range(64):
+    b = nbd.Buffer(65536)
+    h.aio_pread(b, (i % 8) * 65536 + (1 << 20))
+    bufs.append(b)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for b in bufs:
+    assert b.to_bytearray() == b"\x3c" * 65536
+h.set_strict_mode(0)
+try:
+    h.pread(512, 64 * 1024 * 1024)
+    raise SystemExit("read past the end succeeded")
+except nbd.Error as e:
+    assert e.errnum in (errno.EINVAL, errno.EIO), e
+h.zero(65536, 0, nbd.CMD_FLAG_FAST_ZERO)
+print("OK")
+"#,
+        &[&px.uri],
+    );
+    drop(px);
+    // uri= and export= select the upstream export.
+    let px = Server::start(&[
+        "nbd",
+        &format!("uri=nbd+unix:///?socket={}", up.socket.display()),
+    ]);
+    assert_eq!(
+        nbdinfo_json(&[], &px.uri)["export-size"],
+        (64 << 20).to_string()
+    );
+}
+
+#[test]
+fn nbd_proxies_qemu_nbd() {
+    if !have("qemu-nbd") || !have("qemu-io") || !have("nbdinfo") || !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, 4 << 20, 9);
+    let sock = dir.path().join("qemu.sock");
+    /// Stops qemu-nbd even when an assertion fails.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut qemu = Killed(
+        Command::new("qemu-nbd")
+            .args(["-f", "raw", "-t", "-x", "vm", "-k"])
+            .arg(&sock)
+            .arg(&img)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // qemu-nbd has no readiness signal: wait for its socket to accept.
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if let Ok(Some(st)) = qemu.0.try_wait() {
+            panic!("qemu-nbd exited: {st}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let px = Server::start(&["nbd", &format!("socket={}", sock.display()), "export=vm"]);
+    let info = nbdinfo_json(&[], &px.uri);
+    assert_eq!(info["export-size"], (4 << 20).to_string());
+    assert_eq!(info["is_read_only"], "false");
+    assert!(info["contexts"].contains("base:allocation"), "{info:?}");
+    assert!(read_all(&px.uri) == std::fs::read(&img).unwrap());
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x21 512k 128k",
+        "-c",
+        "flush",
+        &px.uri,
+    ]));
+    assert!(std::fs::read(&img).unwrap()[512 << 10..640 << 10]
+        .iter()
+        .all(|&b| b == 0x21));
+    // A wrong export name is an error at open, not a hang.
+    let bad = Server::start(&["nbd", &format!("socket={}", sock.display()), "export=nope"]);
+    let out = Command::new("nbdinfo").arg(&bad.uri).output().unwrap();
+    assert!(!out.status.success());
+    drop(px);
+    drop(bad);
+    drop(qemu);
+}
+
+#[test]
+fn nbd_proxies_over_tcp_with_hostname_and_port() {
+    if !have("nbdinfo") || !have("nbdcopy") {
+        return;
+    }
+    use std::io::BufRead;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let mut up = Command::new(binary())
+        .args([
+            "-f",
+            "--exit-with-parent",
+            "--print-uri",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port,
+        ])
+        .args(["data", "( \"upstream\" )*64"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // --print-uri comes once the socket listens.
+    let mut line = String::new();
+    std::io::BufReader::new(up.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("nbd://"), "{line}");
+    let px = Server::start(&["nbd", "hostname=127.0.0.1", &format!("port={port}")]);
+    let data = read_all(&px.uri);
+    let _ = up.kill();
+    let _ = up.wait();
+    assert_eq!(data, b"upstream".repeat(64));
+    // Bad parameters are one clear error at start-up.
+    for bad in [
+        &["nbd", "port=1"][..],
+        &["nbd", "socket=/x", "uri=nbd://h/"],
+        &["nbd", "socket=/x", "tls=on"],
+    ] {
+        let mut args = vec!["-U", "-"];
+        args.extend_from_slice(bad);
+        args.extend(["--run", "true"]);
+        let out = Command::new(binary()).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("nbd:"),
+            "{bad:?}"
+        );
+    }
+}
