@@ -1027,3 +1027,38 @@ fn nbd_proxies_over_tcp_with_hostname_and_port() {
         );
     }
 }
+
+#[test]
+fn eval_preconnect_sees_readonly_and_can_refuse_clients() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("seen");
+    let gate = dir.path().join("closed");
+    let pre = format!(
+        "preconnect=echo \"$2\" >> {}; if [ -e {} ]; then echo 'EPERM closed for maintenance' >&2; exit 1; fi",
+        seen.display(),
+        gate.display()
+    );
+    let s = Server::start(&[
+        "-r",
+        "eval",
+        "get_size=echo 64K",
+        "pread=head -c $3 /dev/zero",
+        &pre,
+    ]);
+    assert!(run_ok(Command::new("nbdinfo").arg("--size").arg(&s.uri))
+        .status
+        .success());
+    std::fs::write(&gate, b"").unwrap();
+    let refused = Command::new("nbdinfo")
+        .arg("--size")
+        .arg(&s.uri)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(s.log().contains("closed for maintenance"), "{}", s.log());
+    let lines = std::fs::read_to_string(&seen).unwrap();
+    assert_eq!(lines, "true\ntrue\n", "preconnect's readonly argument");
+}

@@ -48,6 +48,7 @@ pub struct Client {
     id: u64,
     peer: Peer,
     tls: AtomicBool,
+    readonly: AtomicBool,
     export: Mutex<Option<String>>,
     disconnect: AtomicBool,
 }
@@ -58,6 +59,7 @@ impl Client {
             id,
             peer,
             tls: AtomicBool::new(false),
+            readonly: AtomicBool::new(false),
             export: Mutex::new(None),
             disconnect: AtomicBool::new(false),
         })
@@ -80,6 +82,17 @@ impl Client {
     /// Set by the server when STARTTLS completes.
     pub fn set_tls(&self) {
         self.tls.store(true, Ordering::Relaxed)
+    }
+
+    /// True when the server was started read-only (`-r`): nothing this
+    /// client does will write (nbdkit's preconnect `readonly`).
+    pub fn readonly(&self) -> bool {
+        self.readonly.load(Ordering::Relaxed)
+    }
+
+    /// Set by the server before `preconnect`.
+    pub fn set_readonly(&self, readonly: bool) {
+        self.readonly.store(readonly, Ordering::Relaxed)
     }
 
     /// The export the client asked to open (NBD_OPT_INFO/GO or

@@ -333,6 +333,12 @@ impl Backend for ScriptBackend {
     fn after_fork(&self) -> Result<()> {
         self.script.run("after_fork", &[], None).map(|_| ())
     }
+    fn preconnect(&self, client: &nbdkit_backend::Client) -> Result<()> {
+        // An error (exit 1) refuses the client before the handshake.
+        self.script
+            .run("preconnect", &[bool_arg(client.readonly())], None)
+            .map(|_| ())
+    }
     fn list_exports(&self, readonly: bool) -> Result<Vec<ExportEntry>> {
         match self
             .script

@@ -310,6 +310,7 @@ impl Server {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         debug!(conn, %peer, "new connection");
         let client = Client::new(conn, peer);
+        client.set_readonly(self.opts.readonly);
         let peer = client.peer();
         if let Err(e) = self
             .blocking_backend(&client, {
