@@ -1228,23 +1228,25 @@ fn exitlast_exits_when_the_last_client_leaves() {
     if !have_python_nbd() {
         return;
     }
-    let mut s = Server::start(&["--filter=exitlast", "memory", "1M"]);
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut s = Server::start(&["-v", "--filter=exitlast", "memory", "1M"]);
+    // Nothing but a disconnect makes it exit: it is up once ready.
     assert!(s.running(), "exited before any client connected");
-    // Two clients at once: the first leaving does not stop the server.
+    // Two clients at once: the first leaving (seen in the server's log)
+    // does not stop the server.
     python(
         r#"
-import nbd, sys
+import nbd, sys, time
 a = nbd.NBD(); a.connect_uri(sys.argv[1])
 b = nbd.NBD(); b.connect_uri(sys.argv[1])
 a.pwrite(b"x" * 512, 0)
 a.shutdown()
-import time; time.sleep(0.3)
+while "connection closed conn=1" not in open(sys.argv[2]).read():
+    time.sleep(0.02)
 assert b.pread(512, 0) == b"x" * 512
 b.shutdown()
 print("OK")
 "#,
-        &[&s.uri],
+        &[&s.uri, s.log_path().to_str().unwrap()],
     );
     let st = s.wait_exit(std::time::Duration::from_secs(30));
     assert_eq!(st.code(), Some(0), "{}", s.log());
@@ -1290,6 +1292,7 @@ fn exitwhen_polls_while_idle() {
     std::fs::write(&gone, b"").unwrap();
     let deleted = format!("exit-when-file-deleted={}", gone.display());
     let mut s = Server::start(&[
+        "-v",
         "--filter=exitwhen",
         "memory",
         "1M",
@@ -1297,7 +1300,11 @@ fn exitwhen_polls_while_idle() {
         "exit-when-script=exit 0",
         "exit-when-poll=0.2",
     ]);
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Two polls that found no event (logged at -v), and still running.
+    while s.log().matches("exitwhen: polled, no event").count() < 2 {
+        assert!(s.running(), "exited before the event: {}", s.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(s.running(), "exited before the event: {}", s.log());
     std::fs::remove_file(&gone).unwrap();
     let st = s.wait_exit(std::time::Duration::from_secs(30));

@@ -111,6 +111,11 @@ impl Server {
         self.child.try_wait().expect("try_wait").is_none()
     }
 
+    /// The file the server's stderr goes to.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
     /// What the server wrote to stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()

@@ -131,9 +131,12 @@ impl Backend for ExitWhen {
             .spawn(move || loop {
                 std::thread::sleep(poll);
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-                if st.connected == 0 && check(&events, &mut st) {
-                    request_shutdown();
-                    return;
+                if st.connected == 0 {
+                    if check(&events, &mut st) {
+                        request_shutdown();
+                        return;
+                    }
+                    debug!("exitwhen: polled, no event");
                 }
             })
             .map_err(|e| Error::io(format!("exitwhen: cannot start the polling thread: {e}")))?;
