@@ -5,7 +5,7 @@ mod common;
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::client::RawClient;
 use common::*;
@@ -18,15 +18,8 @@ fn timeout_closes_clients_that_do_not_negotiate() {
     let mut a = RawClient::start(&s.socket);
     a.go(true, false, false);
     // ...B reads the greeting and says nothing: the server hangs up.
-    let t0 = Instant::now();
     let (mut b, _) = RawClient::connect(&s.socket);
-    // is_closed also returns true when the client's own 30 s read timeout
-    // fires, so the elapsed time tells the two apart.
-    assert!(b.is_closed());
-    assert!(
-        t0.elapsed() < Duration::from_secs(20),
-        "not closed by the server"
-    );
+    assert!(b.closed_by_server(), "not closed by the server");
     // A has now been idle for longer than the timeout and is still served:
     // the limit is on negotiation only.
     a.request(CMD_READ, 0, 1, 0, 512, &[]);

@@ -457,11 +457,9 @@ fn timeout_covers_a_stalled_tls_handshake() {
     );
     let mut c = RawClient::start(&s.socket);
     assert_eq!(c.simple_option(OptionRequest::StartTls), REP_ACK);
-    // No ClientHello follows: the server must give up on its own (the
-    // client's read timeout is 30 s, hence the bound).
-    let t0 = std::time::Instant::now();
-    assert!(c.is_closed());
-    assert!(t0.elapsed() < std::time::Duration::from_secs(20));
+    // No ClientHello follows: the server must give up on its own (before
+    // the client's 30 s read timeout).
+    assert!(c.closed_by_server());
 }
 
 #[cfg(feature = "tls-psk")]

@@ -86,6 +86,24 @@ impl RawClient {
         matches!(r, Ok(0) | Err(_))
     }
 
+    /// True if the *server* closed the connection (EOF or reset), false
+    /// if the client's own read timeout fired first or data arrived.
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        let r = match &mut self.tls {
+            Some(t) => t.read(&mut b),
+            None => self.s.read(&mut b),
+        };
+        match r {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    }
+
     /// Send NBD_OPT_STARTTLS; on ACK, run the TLS handshake and carry on
     /// over TLS.  Returns the option reply type.
     pub fn starttls(&mut self, config: std::sync::Arc<rustls::ClientConfig>) -> u32 {
