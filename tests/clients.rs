@@ -6,17 +6,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-/// Run a Python script (with the `nbd` module) with `args` as sys.argv[1:];
-/// the script prints "OK" at the end, and everything it prints is returned.
-fn python(script: &str, args: &[&str]) -> String {
-    let out = stdout_of(Command::new(PYTHON).arg("-c").arg(script).args(args));
-    assert!(
-        out.trim_end().ends_with("OK"),
-        "script did not finish: {out}"
-    );
-    out
-}
-
 fn cmp(a: &Path, b: &Path) {
     run_ok(Command::new("cmp").arg(a).arg(b));
 }

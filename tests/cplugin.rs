@@ -82,15 +82,6 @@ fn fails(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn python(script: &str, args: &[&str]) -> String {
-    let out = stdout_of(Command::new(PYTHON).arg("-c").arg(script).args(args));
-    assert!(
-        out.trim_end().ends_with("OK"),
-        "script did not finish: {out}"
-    );
-    out
-}
-
 /// The memory tests every memory plugin must pass: ours (`memory`) and
 /// Debian's nbdkit-memory-plugin.so run exactly the same code.
 fn memory_suite(plugin: &str) {

@@ -10,22 +10,6 @@ use std::process::Command;
 const K: u64 = 1024;
 const M: u64 = 1024 * 1024;
 
-/// Run a Python script (with the `nbd` module) with `args` as sys.argv[1:];
-/// the script prints "OK" at the end, and everything it prints is returned.
-fn python(script: &str, args: &[&str]) -> String {
-    let out = stdout_of(Command::new(PYTHON).arg("-c").arg(script).args(args));
-    assert!(
-        out.trim_end().ends_with("OK"),
-        "script did not finish: {out}"
-    );
-    out
-}
-
-/// The whole export, read with nbdcopy.
-fn read_all(uri: &str) -> Vec<u8> {
-    run_ok(Command::new("nbdcopy").arg(uri).arg("-")).stdout
-}
-
 /// Starting fails with exactly one line on stderr containing `why`.
 fn start_fails(args: &[&str], why: &str) {
     let out = Command::new(binary())

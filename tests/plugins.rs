@@ -7,20 +7,6 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-fn python(script: &str, args: &[&str]) -> String {
-    let out = stdout_of(Command::new(PYTHON).arg("-c").arg(script).args(args));
-    assert!(
-        out.trim_end().ends_with("OK"),
-        "script did not finish: {out}"
-    );
-    out
-}
-
-/// The whole export, read with nbdcopy.
-fn read_all(uri: &str) -> Vec<u8> {
-    run_ok(Command::new("nbdcopy").arg(uri).arg("-")).stdout
-}
-
 fn data_script(name: &str) -> String {
     format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))
 }

@@ -260,3 +260,20 @@ pub fn settle_fds(pid: u32, want: usize) -> usize {
     }
     n
 }
+
+/// Run a Python script (with the `nbd` module) with `args` as
+/// sys.argv[1:]; the script prints "OK" at the end, and everything it
+/// printed is returned.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let out = stdout_of(Command::new(PYTHON).arg("-c").arg(script).args(args));
+    assert!(
+        out.trim_end().ends_with("OK"),
+        "script did not finish: {out}"
+    );
+    out
+}
+
+/// The whole export, read with nbdcopy.
+pub fn read_all(uri: &str) -> Vec<u8> {
+    run_ok(Command::new("nbdcopy").arg(uri).arg("-")).stdout
+}
