@@ -382,10 +382,24 @@ fn stalled_readers_hold_bounded_memory_and_lose_nothing() {
         .map(|_| {
             let mut c = RawClient::start(&s.socket);
             c.go(true, false, false);
-            for i in 0..N {
-                // Header writes are small: they fit in the socket buffer.
-                c.request(CMD_READ, 0, i, i << 20, 1 << 20, &[]);
-            }
+            // All headers in one write (8.4 KB).  Written one by one, each
+            // 28-byte message costs about 1 KB of the client's Unix socket
+            // send buffer while the server, whose workers are all blocked
+            // writing replies, leaves them unread: the client would block
+            // before it ever reads a reply.
+            let all: Vec<u8> = (0..N)
+                .flat_map(|i| {
+                    RequestHeader {
+                        flags: 0,
+                        command: CMD_READ,
+                        cookie: i,
+                        offset: i << 20,
+                        length: 1 << 20,
+                    }
+                    .encode(false)
+                })
+                .collect();
+            c.send(&all);
             c
         })
         .collect();
