@@ -7,6 +7,7 @@
 
 use std::sync::{Arc, RwLock};
 
+use crate::window::next_extents;
 use nbdkit_backend::{
     Backend, BlockSize, ConfigError, Error, Extents, FilterSpec, Handle, Layer, Param, Result,
     ZeroFlags,
@@ -196,12 +197,7 @@ impl Handle for BlockSizeHandle {
         let to = (offset + count)
             .next_multiple_of(self.lim.min)
             .min(from + self.lim.maxlen);
-        let mut inner = Extents::new(from, to);
-        self.next.extents(from, to - from, req_one, &mut inner)?;
-        for e in inner.list() {
-            extents.add(e.offset, e.length, e.flags)?;
-        }
-        Ok(())
+        next_extents(&*self.next, from, to, req_one, extents).map(drop)
     }
 }
 

@@ -45,6 +45,7 @@ use nbdkit_backend::{
 };
 
 use crate::modes::take_mode;
+use crate::window::next_extents;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -879,13 +880,8 @@ impl Handle for CacheHandle {
             if dirty {
                 extents.add(from, to - from, 0)?;
             } else {
-                let mut inner = Extents::new(from, to);
-                self.next.extents(from, to - from, req_one, &mut inner)?;
-                for e in inner.list() {
-                    extents.add(e.offset, e.length, e.flags)?;
-                }
                 // A partial answer ends ours; the client asks again.
-                if !inner.is_full() {
+                if !next_extents(&*self.next, from, to, req_one, extents)? {
                     return Ok(());
                 }
             }

@@ -14,6 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::window::next_extents;
 use nbdkit_backend::{
     Backend, CacheMode, ConfigError, Error, Extents, FilterSpec, FuaMode, Handle, Layer, Param,
     Result, ZeroFlags, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
@@ -353,13 +354,8 @@ impl Handle for CowHandle {
                 State::Zero => extents.add(from, to - from, EXTENT_HOLE | EXTENT_ZERO)?,
                 State::Base if !base_extents => extents.add(from, to - from, 0)?,
                 State::Base => {
-                    let mut inner = Extents::new(from, to);
-                    self.next.extents(from, to - from, req_one, &mut inner)?;
-                    for e in inner.list() {
-                        extents.add(e.offset, e.length, e.flags)?;
-                    }
                     // A partial answer ends ours; the client asks again.
-                    if !inner.is_full() {
+                    if !next_extents(&*self.next, from, to, req_one, extents)? {
                         return Ok(());
                     }
                 }

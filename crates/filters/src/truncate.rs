@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use crate::window::next_extents;
 use nbdkit_backend::{
     is_zero, Backend, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer, Param,
     Result, ZeroFlags, EXTENT_HOLE, EXTENT_ZERO,
@@ -141,14 +142,9 @@ impl Handle for TruncateHandle {
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
         let n = self.inside(offset, count);
         if n > 0 {
-            let mut inner = Extents::new(offset, offset + n);
-            self.next.extents(offset, n, req_one, &mut inner)?;
-            for e in inner.list() {
-                extents.add(e.offset, e.length, e.flags)?;
-            }
             // The plugin may answer for less than asked; then the client
             // asks again for the rest.
-            if !inner.is_full() {
+            if !next_extents(&*self.next, offset, offset + n, req_one, extents)? {
                 return Ok(());
             }
         }

@@ -28,6 +28,9 @@ impl Window {
 
 /// Ask `next` for extents at `offset + shift` and report them shifted back
 /// down by `shift` into `out` (whose range is `[offset, offset+count)`).
+/// Returns whether `next` answered for the whole range: a backend may
+/// answer for less, and then the client asks again for the rest, so a
+/// caller filling `out` piece by piece must stop there.
 pub(crate) fn shifted_extents(
     next: &dyn Handle,
     shift: u64,
@@ -35,7 +38,7 @@ pub(crate) fn shifted_extents(
     count: u64,
     req_one: bool,
     out: &mut Extents,
-) -> Result<()> {
+) -> Result<bool> {
     let mut inner = Extents::new(offset + shift, offset + shift + count);
     next.extents(offset + shift, count, req_one, &mut inner)?;
     // `inner` is clipped to the range asked for, so no extent starts
@@ -43,7 +46,19 @@ pub(crate) fn shifted_extents(
     for e in inner.list() {
         out.add(e.offset - shift, e.length, e.flags)?;
     }
-    Ok(())
+    Ok(inner.is_full())
+}
+
+/// [`shifted_extents`] without a shift: `next`'s extents of `[from, to)`
+/// appended to `out`; true if `next` answered for all of it.
+pub(crate) fn next_extents(
+    next: &dyn Handle,
+    from: u64,
+    to: u64,
+    req_one: bool,
+    out: &mut Extents,
+) -> Result<bool> {
+    shifted_extents(next, 0, from, to - from, req_one, out)
 }
 
 impl Handle for Window {
@@ -75,6 +90,6 @@ impl Handle for Window {
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
         self.map(offset, count)?;
-        shifted_extents(&*self.next, self.start, offset, count, req_one, extents)
+        shifted_extents(&*self.next, self.start, offset, count, req_one, extents).map(drop)
     }
 }
