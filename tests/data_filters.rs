@@ -681,12 +681,7 @@ print("OK")
     let log = std::fs::read_to_string(&log).unwrap();
     let mut seen = 0;
     for line in log.lines() {
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|f| f.strip_prefix(name))
-                .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
-        };
-        if let (Some(off), Some(n)) = (field("offset="), field("count=")) {
+        if let (Some(off), Some(n)) = (log_field(line, "offset="), log_field(line, "count=")) {
             seen += 1;
             assert_eq!(off % 65536, 0, "unaligned offset: {line}");
             assert_eq!(n % 65536, 0, "unaligned count: {line}");

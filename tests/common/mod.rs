@@ -277,3 +277,10 @@ pub fn python(script: &str, args: &[&str]) -> String {
 pub fn read_all(uri: &str) -> Vec<u8> {
     run_ok(Command::new("nbdcopy").arg(uri).arg("-")).stdout
 }
+
+/// A hex field (`offset=0x1000`) of a log filter line, by its `name=`.
+pub fn log_field(line: &str, name: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(name))
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+}
