@@ -9,5 +9,6 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     for kind in ["bins", "examples"] {
         println!("cargo:rustc-link-arg-{kind}=-Wl,--export-dynamic-symbol=nbdkit_*");
+        println!("cargo:rustc-link-arg-{kind}=-Wl,-z,pack-relative-relocs");
     }
 }

@@ -24,9 +24,13 @@ use std::io::{BufRead, Read};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use curl::easy::{Easy, List, SslVersion};
 use nbdkit_backend::{Backend, Config, ConfigError, Error, Handle, Param, PluginSpec, Result};
 use tracing::{debug, warn};
+
+pub mod easy;
+
+use curl_sys as sys;
+use easy::{CurlError, Easy};
 
 /// Backoff before each retry of a request that failed transiently (a 5xx
 /// or 429 answer, a refused or broken connection): four retries, 3.75 s of
@@ -68,7 +72,8 @@ pub(crate) struct Settings {
     pub(crate) sslverify: bool,
     pub(crate) cainfo: Option<String>,
     pub(crate) capath: Option<String>,
-    pub(crate) ssl_version: Option<SslVersion>,
+    /// A `CURL_SSLVERSION_*` value.
+    pub(crate) ssl_version: Option<i64>,
     pub(crate) ssl_cipher_list: Option<String>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) followlocation: bool,
@@ -90,102 +95,108 @@ impl Settings {
 
     /// A new libcurl handle with every option applied.
     fn easy(&self) -> std::result::Result<Easy, String> {
-        let mut e = Easy::new();
-        let ctx = |what: &str, err: curl::Error| format!("{what}: {err}");
-        e.url(&self.url).map_err(|x| ctx("url", x))?;
+        let mut e = Easy::new().map_err(|x| format!("libcurl: {x}"))?;
+        let ctx = |what: &str, err: CurlError| format!("{what}: {err}");
+        e.set_str(sys::CURLOPT_URL, &self.url)
+            .map_err(|x| ctx("url", x))?;
         if let Some(p) = &self.protocols {
-            set_protocols(&e, p).map_err(|x| format!("protocols={p}: {x}"))?;
+            for opt in [
+                easy::CURLOPT_PROTOCOLS_STR,
+                easy::CURLOPT_REDIR_PROTOCOLS_STR,
+            ] {
+                e.set_str(opt, p)
+                    .map_err(|x| format!("protocols={p}: {x}"))?;
+            }
         }
         if !self.headers.is_empty() {
-            let mut list = List::new();
-            for h in &self.headers {
-                list.append(h).map_err(|x| ctx("header", x))?;
+            e.set_headers(&self.headers).map_err(|x| ctx("header", x))?;
+        }
+        let strings = [
+            (sys::CURLOPT_COOKIE, &self.cookie, "cookie"),
+            (sys::CURLOPT_COOKIEFILE, &self.cookiefile, "cookiefile"),
+            (sys::CURLOPT_USERNAME, &self.user, "user"),
+            (sys::CURLOPT_PASSWORD, &self.password, "password"),
+            (sys::CURLOPT_PROXY, &self.proxy, "proxy"),
+            (sys::CURLOPT_PROXYUSERNAME, &self.proxy_user, "proxy-user"),
+            (
+                sys::CURLOPT_PROXYPASSWORD,
+                &self.proxy_password,
+                "proxy-password",
+            ),
+            (
+                sys::CURLOPT_SSL_CIPHER_LIST,
+                &self.ssl_cipher_list,
+                "ssl-cipher-list",
+            ),
+            (sys::CURLOPT_USERAGENT, &self.user_agent, "user-agent"),
+            (
+                sys::CURLOPT_UNIX_SOCKET_PATH,
+                &self.unix_socket_path,
+                "unix-socket-path",
+            ),
+            (sys::CURLOPT_AWS_SIGV4, &self.aws_sigv4, "aws-sigv4"),
+        ];
+        for (opt, v, what) in strings {
+            if let Some(v) = v {
+                e.set_str(opt, v).map_err(|x| ctx(what, x))?;
             }
-            e.http_headers(list).map_err(|x| ctx("header", x))?;
         }
-        if let Some(c) = &self.cookie {
-            e.cookie(c).map_err(|x| ctx("cookie", x))?;
-        }
-        if let Some(f) = &self.cookiefile {
-            e.cookie_file(f).map_err(|x| ctx("cookiefile", x))?;
-        }
-        if let Some(u) = &self.user {
-            e.username(u).map_err(|x| ctx("user", x))?;
-        }
-        if let Some(p) = &self.password {
-            e.password(p).map_err(|x| ctx("password", x))?;
-        }
-        if let Some(p) = &self.proxy {
-            e.proxy(p).map_err(|x| ctx("proxy", x))?;
-        }
-        if let Some(u) = &self.proxy_user {
-            e.proxy_username(u).map_err(|x| ctx("proxy-user", x))?;
-        }
-        if let Some(p) = &self.proxy_password {
-            e.proxy_password(p).map_err(|x| ctx("proxy-password", x))?;
-        }
-        e.ssl_verify_peer(self.sslverify)
+        e.set_bool(sys::CURLOPT_SSL_VERIFYPEER, self.sslverify)
             .map_err(|x| ctx("sslverify", x))?;
-        e.ssl_verify_host(self.sslverify)
-            .map_err(|x| ctx("sslverify", x))?;
-        if let Some(c) = &self.cainfo {
-            e.cainfo(c).map_err(|x| ctx("cainfo", x))?;
+        e.set_long(
+            sys::CURLOPT_SSL_VERIFYHOST,
+            if self.sslverify { 2 } else { 0 },
+        )
+        .map_err(|x| ctx("sslverify", x))?;
+        // libcurl built from source does not know where this system keeps
+        // its CA certificates: find them as OpenSSL would, unless given.
+        let probed = ca_locations();
+        if let Some(c) = self.cainfo.as_deref().or(probed.0.as_deref()) {
+            e.set_str(sys::CURLOPT_CAINFO, c)
+                .map_err(|x| ctx("cainfo", x))?;
         }
-        if let Some(c) = &self.capath {
-            e.capath(c).map_err(|x| ctx("capath", x))?;
+        if let Some(c) = self.capath.as_deref().or(probed.1.as_deref()) {
+            e.set_str(sys::CURLOPT_CAPATH, c)
+                .map_err(|x| ctx("capath", x))?;
         }
         if let Some(v) = self.ssl_version {
-            e.ssl_version(v).map_err(|x| ctx("ssl-version", x))?;
-        }
-        if let Some(c) = &self.ssl_cipher_list {
-            e.ssl_cipher_list(c)
-                .map_err(|x| ctx("ssl-cipher-list", x))?;
+            e.set_long(sys::CURLOPT_SSLVERSION, v)
+                .map_err(|x| ctx("ssl-version", x))?;
         }
         if let Some(t) = self.timeout {
-            e.timeout(t).map_err(|x| ctx("timeout", x))?;
+            e.set_millis(sys::CURLOPT_TIMEOUT_MS, t)
+                .map_err(|x| ctx("timeout", x))?;
         }
-        e.low_speed_limit(1).map_err(|x| ctx("timeout", x))?;
-        e.low_speed_time(STALL_TIME)
+        e.set_long(sys::CURLOPT_LOW_SPEED_LIMIT, 1)
             .map_err(|x| ctx("timeout", x))?;
-        e.connect_timeout(CONNECT_TIMEOUT)
+        e.set_long(sys::CURLOPT_LOW_SPEED_TIME, STALL_TIME.as_secs() as i64)
             .map_err(|x| ctx("timeout", x))?;
-        e.follow_location(self.followlocation)
+        e.set_millis(sys::CURLOPT_CONNECTTIMEOUT_MS, CONNECT_TIMEOUT)
+            .map_err(|x| ctx("timeout", x))?;
+        e.set_bool(sys::CURLOPT_FOLLOWLOCATION, self.followlocation)
             .map_err(|x| ctx("followlocation", x))?;
-        if let Some(a) = &self.user_agent {
-            e.useragent(a).map_err(|x| ctx("user-agent", x))?;
-        }
-        e.tcp_keepalive(self.tcp_keepalive)
+        e.set_bool(sys::CURLOPT_TCP_KEEPALIVE, self.tcp_keepalive)
             .map_err(|x| ctx("tcp-keepalive", x))?;
-        e.tcp_nodelay(self.tcp_nodelay)
+        e.set_bool(sys::CURLOPT_TCP_NODELAY, self.tcp_nodelay)
             .map_err(|x| ctx("tcp-nodelay", x))?;
-        if let Some(p) = &self.unix_socket_path {
-            e.unix_socket(p).map_err(|x| ctx("unix-socket-path", x))?;
-        }
-        if let Some(p) = &self.aws_sigv4 {
-            e.aws_sigv4(p).map_err(|x| ctx("aws-sigv4", x))?;
-        }
         // Worker threads may be interrupted by signals; libcurl must not
         // use SIGALRM for its timeouts there.
-        e.signal(false).map_err(|x| ctx("signal", x))?;
+        e.set_bool(sys::CURLOPT_NOSIGNAL, true)
+            .map_err(|x| ctx("signal", x))?;
         Ok(e)
     }
 }
 
-/// CURLOPT_PROTOCOLS_STR and CURLOPT_REDIR_PROTOCOLS_STR (libcurl 7.85),
-/// which the `curl` crate does not wrap.
-fn set_protocols(e: &Easy, list: &str) -> std::result::Result<(), String> {
-    const CURLOPT_PROTOCOLS_STR: curl_sys::CURLoption = curl_sys::CURLOPTTYPE_OBJECTPOINT + 318;
-    const CURLOPT_REDIR_PROTOCOLS_STR: curl_sys::CURLoption =
-        curl_sys::CURLOPTTYPE_OBJECTPOINT + 319;
-    let c = std::ffi::CString::new(list).map_err(|_| "contains a NUL byte".to_string())?;
-    for opt in [CURLOPT_PROTOCOLS_STR, CURLOPT_REDIR_PROTOCOLS_STR] {
-        // SAFETY: a string option on a live handle; libcurl copies it.
-        let rc = unsafe { curl_sys::curl_easy_setopt(e.raw(), opt, c.as_ptr()) };
-        if rc != curl_sys::CURLE_OK {
-            return Err(curl::Error::new(rc).to_string());
-        }
-    }
-    Ok(())
+/// The system's CA certificate file and directory, as OpenSSL's tools
+/// find them (`SSL_CERT_FILE`/`SSL_CERT_DIR` first); probed once.
+fn ca_locations() -> &'static (Option<String>, Option<String>) {
+    static PROBED: std::sync::OnceLock<(Option<String>, Option<String>)> =
+        std::sync::OnceLock::new();
+    PROBED.get_or_init(|| {
+        let p = openssl_probe::probe();
+        let s = |v: Option<std::path::PathBuf>| v.map(|p| p.to_string_lossy().into_owned());
+        (s(p.cert_file), s(p.cert_dir))
+    })
 }
 
 /// A pool of libcurl handles shared by every NBD connection.  Handles are
@@ -273,47 +284,46 @@ fn ranged_get(
     easy: &mut Easy,
     buf: &mut [u8],
     offset: u64,
-) -> std::result::Result<RangeReply, (curl::Error, RangeReply)> {
+) -> std::result::Result<RangeReply, (CurlError, RangeReply)> {
     let last = offset + buf.len() as u64 - 1;
     let status = Cell::new(0u32);
     let content_range: Cell<Option<String>> = Cell::new(None);
     let mut got = 0usize;
     let r = (|| {
-        easy.get(true)?;
-        easy.range(&format!("{offset}-{last}"))?;
-        let mut t = easy.transfer();
-        t.header_function(|line| {
-            let line = String::from_utf8_lossy(line);
-            let line = line.trim_end();
-            if let Some(rest) = line.strip_prefix("HTTP/") {
-                // A new response (after a redirect or a 100 Continue).
-                let code = rest
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|c| c.parse().ok())
-                    .unwrap_or(0);
-                status.set(code);
-                content_range.set(None);
-            } else if let Some((k, v)) = line.split_once(':') {
-                if k.trim().eq_ignore_ascii_case("content-range") {
-                    content_range.set(Some(v.trim().to_string()));
+        easy.set_bool(sys::CURLOPT_HTTPGET, true)?;
+        easy.set_str(sys::CURLOPT_RANGE, &format!("{offset}-{last}"))?;
+        easy.perform(
+            &mut |line| {
+                let line = String::from_utf8_lossy(line);
+                let line = line.trim_end();
+                if let Some(rest) = line.strip_prefix("HTTP/") {
+                    // A new response (after a redirect or a 100 Continue).
+                    let code = rest
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(0);
+                    status.set(code);
+                    content_range.set(None);
+                } else if let Some((k, v)) = line.split_once(':') {
+                    if k.trim().eq_ignore_ascii_case("content-range") {
+                        content_range.set(Some(v.trim().to_string()));
+                    }
                 }
-            }
-            true
-        })?;
-        t.write_function(|data| {
-            if status.get() != 206 || got + data.len() > buf.len() {
-                // Not the range (or more than it): stop the transfer.
-                return Ok(0);
-            }
-            buf[got..got + data.len()].copy_from_slice(data);
-            got += data.len();
-            Ok(data.len())
-        })?;
-        t.perform()
+            },
+            &mut |data| {
+                if status.get() != 206 || got + data.len() > buf.len() {
+                    // Not the range (or more than it): stop the transfer.
+                    return false;
+                }
+                buf[got..got + data.len()].copy_from_slice(data);
+                got += data.len();
+                true
+            },
+        )
     })();
     let reply = RangeReply {
-        status: easy.response_code().unwrap_or(0).max(status.get()),
+        status: easy.response_code().max(status.get()),
         content_range: content_range.take(),
         got,
     };
@@ -353,17 +363,8 @@ fn is_transient_status(status: u32) -> bool {
     status == 429 || (500..600).contains(&status)
 }
 
-fn is_transient_error(e: &curl::Error) -> bool {
-    e.is_couldnt_connect()
-        || e.is_send_error()
-        || e.is_recv_error()
-        || e.is_got_nothing()
-        || e.is_partial_file()
-        || e.is_read_error()
-}
-
 /// Describe a libcurl error, naming timeouts as such.
-fn describe(e: &curl::Error, timeout: Option<Duration>) -> String {
+fn describe(e: &CurlError, timeout: Option<Duration>) -> String {
     if e.is_operation_timedout() {
         match timeout {
             Some(t) => format!("timed out (timeout={}s): {e}", t.as_secs_f64()),
@@ -404,7 +405,7 @@ impl Remote {
                 if r.status != 0 && r.status != 206 && e.is_write_error() {
                     // We stopped reading an error response: judge its status.
                     r
-                } else if is_transient_error(&e) {
+                } else if e.is_transient() {
                     return Err(Failure::Transient(describe(&e, timeout)));
                 } else {
                     return Err(Failure::Final(describe(&e, timeout)));
@@ -475,7 +476,7 @@ fn probe(settings: &Settings) -> std::result::Result<u64, String> {
         let reply = match ranged_get(&mut easy, &mut one, 0) {
             Ok(r) => r,
             Err((e, r)) if e.is_write_error() && r.status != 0 => r,
-            Err((e, _)) if is_transient_error(&e) => {
+            Err((e, _)) if e.is_transient() => {
                 return Err(Failure::Transient(describe(&e, settings.timeout)))
             }
             Err((e, _)) => return Err(Failure::Final(describe(&e, settings.timeout))),
@@ -502,25 +503,26 @@ fn probe(settings: &Settings) -> std::result::Result<u64, String> {
     }
     // The server did not give the total ("bytes 0-0/*"): ask HEAD.
     let mut head = settings.easy()?;
-    head.nobody(true).map_err(|e| e.to_string())?;
+    head.set_bool(sys::CURLOPT_NOBODY, true)
+        .map_err(|e| e.to_string())?;
     with_retries(&settings.label(), "HEAD for the size", || {
-        if let Err(e) = head.perform() {
-            return Err(if is_transient_error(&e) {
+        if let Err(e) = head.perform(&mut |_| {}, &mut |_| true) {
+            return Err(if e.is_transient() {
                 Failure::Transient(describe(&e, settings.timeout))
             } else {
                 Failure::Final(describe(&e, settings.timeout))
             });
         }
-        match head.response_code().unwrap_or(0) {
+        match head.response_code() {
             200 => {}
             s if is_transient_status(s) => {
                 return Err(Failure::Transient(format!("HTTP status {s}")))
             }
             s => return Err(Failure::Final(format!("HTTP status {s}"))),
         }
-        match head.content_length_download() {
-            Ok(n) if n >= 0.0 => Ok(n as u64),
-            _ => Err(Failure::Final(
+        match head.content_length() {
+            Some(n) => Ok(n),
+            None => Err(Failure::Final(
                 "the server gave neither a Content-Range total nor a Content-Length: the size is unknown".into(),
             )),
         }
@@ -657,22 +659,22 @@ fn read_secret_stdin(key: &str) -> std::io::Result<String> {
     }
 }
 
-fn parse_ssl_version(v: &str) -> std::result::Result<SslVersion, ConfigError> {
+fn parse_ssl_version(v: &str) -> std::result::Result<i64, ConfigError> {
     Ok(match v {
-        "default" => SslVersion::Default,
-        "tlsv1" => SslVersion::Tlsv1,
-        "sslv2" => SslVersion::Sslv2,
-        "sslv3" => SslVersion::Sslv3,
-        "tlsv1.0" => SslVersion::Tlsv10,
-        "tlsv1.1" => SslVersion::Tlsv11,
-        "tlsv1.2" => SslVersion::Tlsv12,
-        "tlsv1.3" => SslVersion::Tlsv13,
+        "default" => sys::CURL_SSLVERSION_DEFAULT,
+        "tlsv1" => sys::CURL_SSLVERSION_TLSv1,
+        "sslv2" => sys::CURL_SSLVERSION_SSLv2,
+        "sslv3" => sys::CURL_SSLVERSION_SSLv3,
+        "tlsv1.0" => sys::CURL_SSLVERSION_TLSv1_0,
+        "tlsv1.1" => sys::CURL_SSLVERSION_TLSv1_1,
+        "tlsv1.2" => sys::CURL_SSLVERSION_TLSv1_2,
+        "tlsv1.3" => sys::CURL_SSLVERSION_TLSv1_3,
         _ => {
             return Err(ConfigError::new(format!(
                 "curl: ssl-version={v}: expected tlsv1, sslv2, sslv3, tlsv1.0, tlsv1.1, tlsv1.2 or tlsv1.3"
             )))
         }
-    })
+    } as i64)
 }
 
 /// The parameters about getting there rather than what to get, shared with
