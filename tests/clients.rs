@@ -657,3 +657,95 @@ fn fio_random_writes_verified_at_queue_depth_16() {
     );
     assert!(s.stop().success());
 }
+
+/// Large reads of a file go straight from the page cache to the socket
+/// (sendfile): data chunks for the file's data and hole chunks for its
+/// holes, in structured replies; data then zeroes in simple replies; and
+/// zeroes past the end of a file that shrank while served.  Over TCP and
+/// Unix sockets, and through qemu-img (extended headers with qemu 10).
+#[test]
+fn large_reads_of_files_are_sent_directly_with_holes_as_hole_chunks() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("sparse.img");
+    // 512 KiB of data, a 1 MiB hole, 512 KiB of data.
+    let head = pseudo_random(512 * K as usize, 1);
+    let tail = pseudo_random(512 * K as usize, 2);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&img).unwrap();
+        f.write_all_at(&head, 0).unwrap();
+        f.write_all_at(&tail, 1536 * K).unwrap();
+    }
+    let mut whole = head.clone();
+    whole.extend(std::iter::repeat_n(0u8, M as usize));
+    whole.extend(&tail);
+    let script = r#"
+import nbd, sys
+whole = open(sys.argv[2], "rb").read()
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.get_structured_replies_negotiated()
+chunks = []
+def chunk(buf, off, status, err):
+    chunks.append((off, len(buf), status))
+    return 0
+data = h.pread_structured(2 << 20, 0, chunk)
+assert data == whole
+assert chunks == [(0, 512 << 10, nbd.READ_DATA),
+                  (512 << 10, 1 << 20, nbd.READ_HOLE),
+                  (1536 << 10, 512 << 10, nbd.READ_DATA)], chunks
+# Unaligned, starting inside the hole.
+assert h.pread(700000, 1000000) == whole[1000000:1700000]
+h.shutdown()
+# Simple replies: the hole goes out as zero bytes.
+s = nbd.NBD()
+s.set_request_structured_replies(False)
+s.connect_uri(sys.argv[1])
+assert not s.get_structured_replies_negotiated()
+assert s.pread(2 << 20, 0) == whole
+assert s.pread(300000, 400000) == whole[400000:700000]
+s.shutdown()
+print("OK")
+"#;
+    // What the test compares against, for the script.
+    let want = dir.path().join("want.img");
+    std::fs::write(&want, &whole).unwrap();
+    let want_s = want.to_str().unwrap();
+    for s in [
+        Server::start(&["-r", "file", img.to_str().unwrap()]),
+        Server::start_tcp(&["-r", "file", img.to_str().unwrap()]),
+    ] {
+        python(script, &[&s.uri, want_s]);
+        if have("qemu-img") {
+            run_ok(
+                Command::new("qemu-img")
+                    .args(["compare", "-f", "raw", "-F", "raw"])
+                    .arg(&want)
+                    .arg(&s.uri),
+            );
+        }
+        assert!(s.stop().success());
+    }
+    // The file shrinks while served: what is gone reads as zeroes.
+    let s = Server::start(&["file", img.to_str().unwrap()]);
+    let mut shrunk = head[..256 * K as usize].to_vec();
+    shrunk.resize(2 * M as usize, 0);
+    std::fs::write(&want, &shrunk).unwrap();
+    python(
+        r#"
+import nbd, os, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.get_size() == 2 << 20
+os.truncate(sys.argv[3], 256 << 10)
+assert h.pread(2 << 20, 0) == open(sys.argv[2], "rb").read()
+h.shutdown()
+print("OK")
+"#,
+        &[&s.uri, want_s, img.to_str().unwrap()],
+    );
+    assert!(s.stop().success());
+}

@@ -45,12 +45,14 @@
 
 pub mod client;
 pub mod config;
+pub mod direct;
 pub mod error;
 pub mod extents;
 pub mod registry;
 
 pub use client::{request_shutdown, Client, Peer};
 pub use config::{parse_bool, parse_size, Config};
+pub use direct::{DirectPiece, DirectRead};
 pub use error::{ConfigError, Error, ErrorKind, Result};
 pub use extents::{Extent, Extents, EXTENT_HOLE, EXTENT_ZERO};
 pub use registry::{FilterSpec, Layer, Param, PluginSpec};
@@ -330,6 +332,17 @@ pub trait Handle: Send + Sync {
         )
     }
 
+    /// Say where the bytes of `[offset, offset+count)` are, so the server
+    /// can send them without copying (see [`direct`]); the pieces must
+    /// cover exactly `count` bytes.  `None` (the default, for plugins and
+    /// filters alike — this is deliberately *not* forwarded) means: read
+    /// with `pread`.  A filter that passes reads through unchanged may
+    /// forward it, adjusting offsets if it moves them.
+    fn pread_direct(&self, offset: u64, count: u64) -> Result<Option<DirectRead<'_>>> {
+        let _ = (offset, count);
+        Ok(None)
+    }
+
     /// Write; with `fua` and native FUA, persist before returning.
     fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         forward!(
@@ -521,6 +534,37 @@ mod tests {
                 flags: 0
             }]
         );
+    }
+
+    #[test]
+    fn direct_reads_are_not_forwarded_through_filters() {
+        struct FileBacked(std::fs::File);
+        impl Handle for FileBacked {
+            fn size(&self) -> Result<u64> {
+                Ok(16)
+            }
+            fn pread(&self, buf: &mut [u8], _offset: u64) -> Result<()> {
+                buf.fill(0);
+                Ok(())
+            }
+            fn pread_direct(&self, offset: u64, count: u64) -> Result<Option<DirectRead<'_>>> {
+                use std::os::fd::AsFd;
+                Ok(Some(DirectRead {
+                    fd: self.0.as_fd(),
+                    pieces: vec![DirectPiece::File { offset, len: count }],
+                }))
+            }
+        }
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let plugin = FileBacked(file);
+        let direct = plugin
+            .pread_direct(4, 8)
+            .unwrap()
+            .expect("the plugin answers");
+        assert_eq!(direct.len(), 8);
+        // The inverting filter changes data: a direct read would bypass it.
+        let f = Invert(Box::new(plugin));
+        assert!(f.pread_direct(4, 8).unwrap().is_none());
     }
 
     #[test]

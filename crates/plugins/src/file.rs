@@ -6,15 +6,16 @@
 //! FUA and flush use fdatasync, so an acknowledged write is on disk.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, CacheMode, Config, ConfigError, Error, ErrorKind, ExportEntry, Extents, FuaMode,
-    Handle, Param, PluginSpec, Result, ZeroFlags, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
+    Backend, CacheMode, Config, ConfigError, DirectPiece, DirectRead, Error, ErrorKind,
+    ExportEntry, Extents, FuaMode, Handle, Param, PluginSpec, Result, ZeroFlags, ZeroMode,
+    EXTENT_HOLE, EXTENT_ZERO,
 };
 use tracing::debug;
 
@@ -305,6 +306,47 @@ impl Handle for FileHandle {
         }
         self.evict(offset, buf.len(), false);
         Ok(())
+    }
+
+    /// Large reads go straight from the page cache to the socket: the
+    /// pieces are the file's data and holes (holes go out as zero chunks).
+    fn pread_direct(&self, offset: u64, count: u64) -> Result<Option<DirectRead<'_>>> {
+        if self.cache == CachePolicy::None {
+            // Each read must be followed by an eviction: keep to pread.
+            return Ok(None);
+        }
+        let fd = self.file.as_fd();
+        if self.is_block {
+            let pieces = vec![DirectPiece::File { offset, len: count }];
+            return Ok(Some(DirectRead { fd, pieces }));
+        }
+        let mut extents = Extents::new(offset, offset + count);
+        if seek_extents(self.fd(), offset, count, 0, false, &mut extents).is_err() {
+            // Let pread report whatever is wrong.
+            return Ok(None);
+        }
+        let mut pieces = Vec::new();
+        let mut pos = offset;
+        for e in extents.list() {
+            let lo = e.offset.max(pos);
+            let hi = (e.offset + e.length).min(offset + count);
+            if hi <= lo {
+                continue;
+            }
+            pieces.push(if e.flags & EXTENT_HOLE != 0 {
+                DirectPiece::Zero { len: hi - lo }
+            } else {
+                DirectPiece::File {
+                    offset: lo,
+                    len: hi - lo,
+                }
+            });
+            pos = hi;
+        }
+        if pos != offset + count {
+            return Ok(None);
+        }
+        Ok(Some(DirectRead { fd, pieces }))
     }
 
     fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {

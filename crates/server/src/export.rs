@@ -4,8 +4,8 @@
 //! backends that know none).  Synchronous: called on blocking threads.
 
 use nbdkit_backend::{
-    read_and_discard, write_zeroes, BlockSize, CacheMode, Error, ErrorKind, Extents, FuaMode,
-    Handle, Result, ZeroFlags, ZeroMode,
+    read_and_discard, write_zeroes, BlockSize, CacheMode, DirectRead, Error, ErrorKind, Extents,
+    FuaMode, Handle, Result, ZeroFlags, ZeroMode,
 };
 use nbdkit_proto::*;
 
@@ -254,6 +254,16 @@ impl Export {
 
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.handle.pread(buf, offset)
+    }
+
+    /// Where a read's bytes are, when the top of the chain can say
+    /// ([`nbdkit_backend::direct`]).  Any answer not covering exactly
+    /// `count` bytes is treated as none.
+    pub fn read_direct(&self, offset: u64, count: u64) -> Option<DirectRead<'_>> {
+        match self.handle.pread_direct(offset, count) {
+            Ok(Some(d)) if d.len() == count => Some(d),
+            _ => None,
+        }
     }
 
     pub fn write(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {

@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use nbdkit_backend::{is_zero, Client, Error, ErrorKind, ZeroFlags};
+use nbdkit_backend::{is_zero, Client, DirectPiece, DirectRead, Error, ErrorKind, ZeroFlags};
 use nbdkit_proto::request::RequestHeader;
 use nbdkit_proto::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -212,6 +212,30 @@ impl BlockingSocket {
             }
         }
     }
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            BlockingSocket::Tcp(s) => s.as_fd(),
+            BlockingSocket::Unix(s) => s.as_fd(),
+        }
+    }
+    /// Write all of `buf`, telling TCP more is coming (MSG_MORE), so a
+    /// reply header and the data sent after it leave in full segments.
+    fn write_more(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let BlockingSocket::Tcp(s) = self else {
+            return self.write_all(buf);
+        };
+        while !buf.is_empty() {
+            match socket2::SockRef::from(&*s).send_with_flags(buf, libc::MSG_MORE) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
     /// Wake up a worker blocked reading: new reads return end-of-file.
     fn shutdown(&self, how: std::net::Shutdown) {
         let _ = match self {
@@ -398,26 +422,56 @@ fn worker(
                 &e.to_string(),
             ))
         };
-        let reply: nbdkit_backend::Result<Cow<[u8]>> =
-            match neg
-                .export
-                .validate(&h, neg.style.is_structured(), extended, neg.meta)
-            {
-                Ok(op) if op.command == CMD_READ => {
-                    server.locked(|| read_into(&neg.export, op, neg.style, h.cookie, &mut scratch))
-                }
-                Ok(op) => {
-                    match server.locked(|| run(&neg.export, op, payload, neg.style, h.cookie)) {
-                        Ok(r) => Ok(Cow::Owned(r)),
-                        Err(e) if e.disconnects() => Err(e),
-                        Err(e) => Ok(refuse(op.offset, e)),
+        let valid = neg
+            .export
+            .validate(&h, neg.style.is_structured(), extended, neg.meta);
+        if let Ok(op) = &valid {
+            if op.command == CMD_READ && op.length >= DIRECT_MIN {
+                // The reply is written under the thread model's lock, as
+                // the data is read from the backend's file while it goes.
+                let sent = server.locked(|| {
+                    let d = neg.export.read_direct(op.offset, op.length)?;
+                    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+                    Some(send_direct(&mut w, neg.style, h.cookie, op.offset, &d))
+                });
+                match sent {
+                    None => {}
+                    Some(Ok(())) => {
+                        if client.disconnect_requested() {
+                            debug!(conn, "the backend asked to disconnect this client");
+                            closer.shutdown(std::net::Shutdown::Read);
+                            reader.lock().unwrap_or_else(|e| e.into_inner()).done = true;
+                            return;
+                        }
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        // Part of a reply may be out: the stream is lost.
+                        warn!(
+                            conn,
+                            "sending read data failed: {e}; closing the connection"
+                        );
+                        closer.shutdown(std::net::Shutdown::Both);
+                        reader.lock().unwrap_or_else(|e| e.into_inner()).done = true;
+                        return;
                     }
                 }
-                Err(e) => {
-                    debug!(conn, cookie = h.cookie, "refused: {e}");
-                    Ok(refuse(h.offset, e))
-                }
-            };
+            }
+        }
+        let reply: nbdkit_backend::Result<Cow<[u8]>> = match valid {
+            Ok(op) if op.command == CMD_READ => {
+                server.locked(|| read_into(&neg.export, op, neg.style, h.cookie, &mut scratch))
+            }
+            Ok(op) => match server.locked(|| run(&neg.export, op, payload, neg.style, h.cookie)) {
+                Ok(r) => Ok(Cow::Owned(r)),
+                Err(e) if e.disconnects() => Err(e),
+                Err(e) => Ok(refuse(op.offset, e)),
+            },
+            Err(e) => {
+                debug!(conn, cookie = h.cookie, "refused: {e}");
+                Ok(refuse(h.offset, e))
+            }
+        };
         let reply = match reply {
             Ok(r) => r,
             Err(e) => {
@@ -561,6 +615,90 @@ fn read_into<'a>(
         return Ok(Cow::Owned(owned));
     }
     Ok(Cow::Borrowed(&buf[..n]))
+}
+
+/// Reads at least this long are sent straight from the backend's file
+/// with `sendfile` when it can say where their bytes are
+/// ([`nbdkit_backend::direct`]).  Shorter ones are cheaper to copy, and
+/// keep the zero check that turns a read of zeroes into a hole chunk.
+const DIRECT_MIN: u64 = 64 * 1024;
+
+/// Zeroes to send where a direct read has a hole and the reply cannot say
+/// so (simple replies), or where the file turned out shorter.
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+fn write_zeroes(w: &mut BlockingSocket, mut len: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    while len > 0 {
+        let n = len.min(ZEROES.len() as u64) as usize;
+        w.write_all(&ZEROES[..n])?;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// `len` bytes of `file` at `offset` to the socket, with sendfile.  If the
+/// file ends first (it shrank), the rest goes out as zeroes, as a short
+/// pread reads.
+fn send_file(
+    w: &mut BlockingSocket,
+    file: std::os::fd::BorrowedFd<'_>,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut off = offset as libc::off_t;
+    let mut left = len;
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        // SAFETY: both descriptors are open for the call; `off` is ours.
+        let n = unsafe { libc::sendfile(w.fd().as_raw_fd(), file.as_raw_fd(), &mut off, chunk) };
+        match n {
+            0 => return write_zeroes(w, left),
+            n if n > 0 => left -= n as u64,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Send the whole reply of a read whose bytes are described by `d`: a
+/// simple reply and the data, or one chunk per piece (data chunks sent
+/// from the file, hole chunks for zeroes).
+fn send_direct(
+    w: &mut BlockingSocket,
+    style: ReplyStyle,
+    cookie: u64,
+    offset: u64,
+    d: &DirectRead<'_>,
+) -> std::io::Result<()> {
+    let structured = style.is_structured();
+    if !structured {
+        w.write_more(&simple_reply(0, cookie))?;
+    }
+    let mut pos = offset;
+    for (i, piece) in d.pieces.iter().enumerate() {
+        let done = i + 1 == d.pieces.len();
+        match *piece {
+            DirectPiece::Zero { len } if structured => {
+                w.write_more(&hole_chunk(style, cookie, pos, len as u32, done))?
+            }
+            DirectPiece::Zero { len } => write_zeroes(w, len)?,
+            DirectPiece::File { offset: at, len } => {
+                if structured {
+                    w.write_more(&read_data_header(style, cookie, pos, len, done))?;
+                }
+                send_file(w, d.fd, at, len)?;
+            }
+        }
+        pos += piece.len();
+    }
+    Ok(())
 }
 
 /// Largest read buffer a worker keeps between requests.
