@@ -729,6 +729,32 @@ print("OK")
         }
         assert!(s.stop().success());
     }
+    // A window filter moves reads without changing them: still direct.
+    let s = Server::start(&[
+        "-r",
+        "--filter=offset",
+        "file",
+        img.to_str().unwrap(),
+        "offset=512K",
+    ]);
+    python(
+        r#"
+import nbd, sys
+whole = open(sys.argv[2], "rb").read()
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+chunks = []
+def chunk(buf, off, status, err):
+    chunks.append((off, len(buf), status))
+    return 0
+assert h.pread_structured(1536 << 10, 0, chunk) == whole[512 << 10:]
+assert chunks == [(0, 1 << 20, nbd.READ_HOLE), (1 << 20, 512 << 10, nbd.READ_DATA)], chunks
+h.shutdown()
+print("OK")
+"#,
+        &[&s.uri, want_s],
+    );
+    assert!(s.stop().success());
     // The file shrinks while served: what is gone reads as zeroes.
     let s = Server::start(&["file", img.to_str().unwrap()]);
     let mut shrunk = head[..256 * K as usize].to_vec();

@@ -2,7 +2,7 @@
 //! handle as a whole disk.  Shared by `offset` and `partition`, which differ
 //! only in how they find the range.
 
-use nbdkit_backend::{Error, Extents, Handle, Result, ZeroFlags};
+use nbdkit_backend::{DirectRead, Error, Extents, Handle, Result, ZeroFlags};
 
 pub(crate) struct Window {
     pub next: Box<dyn Handle>,
@@ -71,6 +71,12 @@ impl Handle for Window {
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let at = self.map(offset, buf.len() as u64)?;
         self.next.pread(buf, at)
+    }
+    /// The window moves reads but does not change their bytes, so a direct
+    /// read of the next handle (whose pieces name file offsets) is ours.
+    fn pread_direct(&self, offset: u64, count: u64) -> Result<Option<DirectRead<'_>>> {
+        let at = self.map(offset, count)?;
+        self.next.pread_direct(at, count)
     }
     fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         let at = self.map(offset, buf.len() as u64)?;
