@@ -1053,7 +1053,13 @@ fn nbd_command_runs_qemu_nbd_with_socket_activation() {
     let img = dir.path().join("disk.img");
     make_file(&img, 4 << 20, 13);
     let img_arg = format!("arg={}", img.display());
-    let px = Server::start(&["nbd", "command=qemu-nbd", "arg=-f", "arg=raw", &img_arg]);
+    // The socket directories go in our own temporary directory (the proxy
+    // killed below cannot remove its own).
+    let tmp = [("TMPDIR", dir.path().to_str().unwrap())];
+    let px = Server::start_with(
+        &["nbd", "command=qemu-nbd", "arg=-f", "arg=raw", &img_arg],
+        &tmp,
+    );
     assert!(read_all(&px.uri) == std::fs::read(&img).unwrap());
     // One qemu-nbd (shared: one server, one connection).
     assert_eq!(processes_with(&img.display().to_string()).len(), 1);
@@ -1074,13 +1080,31 @@ fn nbd_command_runs_qemu_nbd_with_socket_activation() {
     assert!(std::fs::read(&img).unwrap()[1 << 20..(1 << 20) + 4096]
         .iter()
         .all(|&b| b == 0x5a));
+    // The socket is in a private directory, removed with the server.
+    let socket_dirs = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("nbdkit-rs-nbd"))
+            .map(|e| e.path())
+            .collect::<Vec<_>>()
+    };
+    let dirs = socket_dirs();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&dirs[0]).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
     // A graceful exit stops qemu-nbd.
     assert!(px.stop().success());
     assert!(gone(&img.display().to_string()), "qemu-nbd still runs");
+    assert!(socket_dirs().is_empty());
 
     // Killed with SIGKILL, the proxy still takes qemu-nbd with it
     // (PR_SET_PDEATHSIG).
-    let px = Server::start(&["nbd", "command=qemu-nbd", "arg=-f", "arg=raw", &img_arg]);
+    let px = Server::start_with(
+        &["nbd", "command=qemu-nbd", "arg=-f", "arg=raw", &img_arg],
+        &tmp,
+    );
     run_ok(Command::new("nbdinfo").arg(&px.uri));
     assert_eq!(processes_with(&img.display().to_string()).len(), 1);
     drop(px);
@@ -1122,8 +1146,10 @@ fn nbd_command_shared_false_starts_a_server_per_client() {
         run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 0 4k", uri]));
     };
     let first_byte = |uri: &str| read_all(uri)[0];
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = [("TMPDIR", dir.path().to_str().unwrap())];
 
-    let px = Server::start(&["nbd", &bin, "arg=memory", &format!("arg={marker}")]);
+    let px = Server::start_with(&["nbd", &bin, "arg=memory", &format!("arg={marker}")], &tmp);
     write(&px.uri);
     assert_eq!(
         first_byte(&px.uri),
@@ -1134,13 +1160,16 @@ fn nbd_command_shared_false_starts_a_server_per_client() {
     drop(px);
     assert!(gone(&marker));
 
-    let px = Server::start(&[
-        "nbd",
-        &bin,
-        "arg=memory",
-        &format!("arg={marker}"),
-        "shared=false",
-    ]);
+    let px = Server::start_with(
+        &[
+            "nbd",
+            &bin,
+            "arg=memory",
+            &format!("arg={marker}"),
+            "shared=false",
+        ],
+        &tmp,
+    );
     // No server until a client comes.
     assert!(processes_with(&marker).is_empty());
     write(&px.uri);

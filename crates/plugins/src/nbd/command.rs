@@ -14,6 +14,7 @@ use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -138,7 +139,12 @@ impl Spawned {
     /// ends (only right for the shared server, started by the main thread,
     /// which lives as long as the process).
     pub fn start(argv: &[String], die_with_us: bool) -> io::Result<Spawned> {
-        let dir = tempfile::Builder::new().prefix("nbdkit-rs-nbd").tempdir()?;
+        // Private (0700 whatever the umask): only we and the child may
+        // connect to the server's socket.
+        let dir = tempfile::Builder::new()
+            .prefix("nbdkit-rs-nbd")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()?;
         let socket = dir.path().join("sock");
         let listener = UnixListener::bind(&socket)?;
         // Prefer descriptor 3 itself when it is free, so that no other
