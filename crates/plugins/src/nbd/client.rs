@@ -306,11 +306,19 @@ enum Session {
     Tls(Box<TlsStream>),
 }
 
+/// Say that an error came after the TLS handshake: a server that rejects
+/// the client's certificate (or its absence) under TLS 1.3 does so only
+/// then, with an alert or by closing (so "connection reset" alone would
+/// not tell the user that TLS is the problem).
+fn after_tls(e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("the TLS session failed: {e}"))
+}
+
 impl Read for Session {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Session::Plain(s) => s.read(buf),
-            Session::Tls(t) => t.read(buf),
+            Session::Tls(t) => t.read(buf).map_err(after_tls),
         }
     }
 }
@@ -319,13 +327,13 @@ impl Write for Session {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             Session::Plain(s) => s.write(buf),
-            Session::Tls(t) => t.write(buf),
+            Session::Tls(t) => t.write(buf).map_err(after_tls),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             Session::Plain(s) => s.flush(),
-            Session::Tls(t) => t.flush(),
+            Session::Tls(t) => t.flush().map_err(after_tls),
         }
     }
 }
