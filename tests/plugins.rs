@@ -1000,7 +1000,9 @@ fn nbd_proxies_over_tcp_with_hostname_and_port() {
     for bad in [
         &["nbd", "port=1"][..],
         &["nbd", "socket=/x", "uri=nbd://h/"],
-        &["nbd", "socket=/x", "tls=on"],
+        &["nbd", "socket=/x", "tls=maybe"],
+        &["nbd", "vsock=2"],
+        &["nbd", "socket=/x", "arg=-f"],
     ] {
         let mut args = vec!["-U", "-"];
         args.extend_from_slice(bad);
@@ -1012,6 +1014,363 @@ fn nbd_proxies_over_tcp_with_hostname_and_port() {
             "{bad:?}"
         );
     }
+}
+
+/// Processes with `arg` as one of their arguments (exactly: the proxy's own
+/// `arg=ARG` does not count).
+fn processes_with(arg: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            if c.split(|&b| b == 0).any(|a| a == arg.as_bytes()) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Wait (up to 5 s) until no process has the argument `needle`.
+fn gone(needle: &str) -> bool {
+    for _ in 0..250 {
+        if processes_with(needle).is_empty() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn nbd_command_runs_qemu_nbd_with_socket_activation() {
+    if !have("qemu-nbd") || !have("qemu-io") || !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, 4 << 20, 13);
+    let img_arg = format!("arg={}", img.display());
+    // The socket directories go in our own temporary directory (the proxy
+    // killed below cannot remove its own).
+    let tmp = [("TMPDIR", dir.path().to_str().unwrap())];
+    let px = Server::start_with(
+        &["nbd", "command=qemu-nbd", "arg=-f", "arg=raw", &img_arg],
+        &tmp,
+    );
+    assert!(read_all(&px.uri) == std::fs::read(&img).unwrap());
+    // One qemu-nbd (shared: one server, one connection).
+    assert_eq!(processes_with(&img.display().to_string()).len(), 1);
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 1M 64k",
+        "-c",
+        "flush",
+        &px.uri,
+    ]));
+    // A second client, the same connection to the same qemu-nbd (which,
+    // without -t, would exit after its first client).
+    assert!(read_all(&px.uri)[1 << 20..(1 << 20) + (64 << 10)]
+        .iter()
+        .all(|&b| b == 0x5a));
+    assert!(std::fs::read(&img).unwrap()[1 << 20..(1 << 20) + 4096]
+        .iter()
+        .all(|&b| b == 0x5a));
+    // The socket is in a private directory, removed with the server.
+    let socket_dirs = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("nbdkit-rs-nbd"))
+            .map(|e| e.path())
+            .collect::<Vec<_>>()
+    };
+    let dirs = socket_dirs();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&dirs[0]).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    // A graceful exit stops qemu-nbd.
+    assert!(px.stop().success());
+    assert!(gone(&img.display().to_string()), "qemu-nbd still runs");
+    assert!(socket_dirs().is_empty());
+
+    // Killed with SIGKILL, the proxy still takes qemu-nbd with it
+    // (PR_SET_PDEATHSIG).
+    let px = Server::start_with(
+        &["nbd", "command=qemu-nbd", "arg=-f", "arg=raw", &img_arg],
+        &tmp,
+    );
+    run_ok(Command::new("nbdinfo").arg(&px.uri));
+    assert_eq!(processes_with(&img.display().to_string()).len(), 1);
+    drop(px);
+    assert!(
+        gone(&img.display().to_string()),
+        "qemu-nbd outlived a killed proxy"
+    );
+
+    // A command that cannot run is a start-up error.
+    let out = Command::new(binary())
+        .args([
+            "-U",
+            "-",
+            "nbd",
+            "command=/nonexistent/nbd-server",
+            "--run",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/nbd-server"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn nbd_command_shared_false_starts_a_server_per_client() {
+    if !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    // Our own binary, socket-activated: memory disks, so a write is seen
+    // again only by a client of the same server.
+    let bin = format!("command={}", binary().display());
+    // An argument no other test's server has.
+    let marker = format!("size={}", (3 << 20) + 512);
+    let write = |uri: &str| {
+        run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 0 4k", uri]));
+    };
+    let first_byte = |uri: &str| read_all(uri)[0];
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = [("TMPDIR", dir.path().to_str().unwrap())];
+
+    let px = Server::start_with(&["nbd", &bin, "arg=memory", &format!("arg={marker}")], &tmp);
+    write(&px.uri);
+    assert_eq!(
+        first_byte(&px.uri),
+        0x77,
+        "shared (the default): one server"
+    );
+    assert_eq!(processes_with(&marker).len(), 1);
+    drop(px);
+    assert!(gone(&marker));
+
+    let px = Server::start_with(
+        &[
+            "nbd",
+            &bin,
+            "arg=memory",
+            &format!("arg={marker}"),
+            "shared=false",
+        ],
+        &tmp,
+    );
+    // No server until a client comes.
+    assert!(processes_with(&marker).is_empty());
+    write(&px.uri);
+    assert_eq!(
+        first_byte(&px.uri),
+        0,
+        "shared=false: a fresh server per client"
+    );
+    let info = nbdinfo_json(&[], &px.uri);
+    assert_eq!(info["export-size"], ((3 << 20) + 512).to_string());
+    // Each client's server stops when the client leaves.
+    assert!(gone(&marker), "per-client servers left behind");
+}
+
+#[test]
+fn nbd_retry_waits_for_a_late_server() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let late = dir.path().join("late.sock");
+    let sock = format!("socket={}", late.display());
+    // No server yet, no retry: shared=true connects at start-up and fails.
+    let out = Command::new(binary())
+        .args(["-U", "-", "nbd", &sock, "shared=true", "--run", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("connecting to") && e.contains("late.sock"),
+        "{e}"
+    );
+
+    // With retry=, the proxy waits for it: the upstream appears (as a
+    // symlink to its socket) a moment after the proxy started.
+    let px = Server::start(&["nbd", &sock, "shared=true", "retry=10"]);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let up = Server::start(&["memory", "size=5M"]);
+    std::os::unix::fs::symlink(&up.socket, &late).unwrap();
+    let out = stdout_of(Command::new("nbdinfo").args(["--size", &px.uri]));
+    assert_eq!(out.trim(), "5242880");
+    assert!(px.log().contains("retrying in 1 s"), "{}", px.log());
+
+    // Per-client connections retry too.
+    let later = dir.path().join("later.sock");
+    let px = Server::start(&["nbd", &format!("socket={}", later.display()), "retry=10"]);
+    let link = std::thread::spawn({
+        let target = up.socket.clone();
+        move || {
+            std::thread::sleep(std::time::Duration::from_millis(1200));
+            std::os::unix::fs::symlink(target, later).unwrap();
+        }
+    });
+    let out = stdout_of(Command::new("nbdinfo").args(["--size", &px.uri]));
+    link.join().unwrap();
+    assert_eq!(out.trim(), "5242880");
+}
+
+#[test]
+fn nbd_shared_true_uses_one_upstream_connection() {
+    if !have_python_nbd() {
+        return;
+    }
+    // An upstream that admits one client at a time.
+    let up = Server::start(&["--filter=limit", "memory", "size=1M", "limit=1"]);
+    let sock = format!("socket={}", up.socket.display());
+    let two_clients = r#"
+import nbd, sys
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+b = nbd.NBD(); b.connect_uri(sys.argv[1])
+a.pwrite(b"A" * 512, 0)
+b.flush()
+assert b.pread(512, 0) == b"A" * 512
+print("OK")
+"#;
+    let px = Server::start(&["nbd", &sock, "shared=true"]);
+    python(two_clients, &[&px.uri]);
+    drop(px);
+    // One connection per client: the second is refused upstream.
+    let px = Server::start(&["nbd", &sock]);
+    let out = Command::new(PYTHON)
+        .args(["-c", two_clients, &px.uri])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a second upstream connection was admitted"
+    );
+}
+
+#[test]
+fn nbd_socket_fd_uses_an_inherited_connection() {
+    if !have("nbdinfo") || !have("nbdcopy") {
+        return;
+    }
+    use std::io::BufRead;
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    // The upstream speaks NBD on its stdin/stdout (-s): our end of the pair.
+    let theirs = OwnedFd::from(theirs);
+    let mut up = Command::new(binary())
+        .args(["-s", "data", "( \"socket-fd!\" )*100"])
+        .stdin(Stdio::from(theirs.try_clone().unwrap()))
+        .stdout(Stdio::from(theirs))
+        .spawn()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("px.sock");
+    let fd = ours.as_raw_fd();
+    let mut cmd = Command::new(binary());
+    cmd.args(["-f", "--print-uri", "-U"])
+        .arg(&sock)
+        .args(["nbd", "socket-fd=3"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("px.log")).unwrap());
+    // SAFETY: dup2 and fcntl are async-signal-safe; fd is open in the
+    // parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself would leave close-on-exec set.
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut px = cmd.spawn().unwrap();
+    drop(ours);
+    let mut line = String::new();
+    std::io::BufReader::new(px.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let uri = line.trim().to_string();
+    // Two clients in turn, over the one inherited connection.
+    let a = read_all(&uri);
+    let b = read_all(&uri);
+    let _ = px.kill();
+    let _ = px.wait();
+    let log = std::fs::read_to_string(dir.path().join("px.log")).unwrap();
+    assert_eq!(a, b"socket-fd!".repeat(100), "{log}");
+    assert_eq!(b, a);
+    // The proxy is gone, so the upstream's connection ends and it exits.
+    assert!(up.wait().unwrap().success());
+
+    // socket-fd= is one connection: it cannot be per client, and it must
+    // be a socket.
+    for (args, why) in [
+        (&["socket-fd=0", "shared=false"][..], "shared=true"),
+        (&["socket-fd=99"], "not an open socket"),
+    ] {
+        let out = Command::new(binary())
+            .args(["-U", "-", "nbd"])
+            .args(args)
+            .args(["--run", "true"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains(why), "{args:?}: {e}");
+    }
+}
+
+#[test]
+fn nbd_dynamic_export_passes_export_names_through() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("small"), vec![1u8; 4096]).unwrap();
+    std::fs::write(dir.path().join("large"), vec![2u8; 65536]).unwrap();
+    let up = Server::start(&["file", &format!("dir={}", dir.path().display())]);
+    let px = Server::start(&[
+        "nbd",
+        &format!("socket={}", up.socket.display()),
+        "dynamic-export=true",
+    ]);
+    let size = |export: &str| {
+        stdout_of(Command::new("nbdinfo").args(["--size", &px.uri_for(export)]))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(size("small"), "4096");
+    assert_eq!(size("large"), "65536");
+    // The upstream's list, passed through.
+    let list = stdout_of(Command::new("nbdinfo").args(["--list", &px.uri]));
+    assert!(
+        list.contains("export=\"small\"") && list.contains("export=\"large\""),
+        "{list}"
+    );
+    let out = Command::new("nbdinfo")
+        .args(["--size", &px.uri_for("missing")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
 }
 
 #[test]

@@ -25,6 +25,8 @@ struct Pki {
     anonymous: PathBuf,
     /// ca-cert.pem of the right CA, but a client certificate from another.
     stranger: PathBuf,
+    /// ca-cert.pem of another CA: the server's certificate does not verify.
+    wrong_ca: PathBuf,
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -163,12 +165,14 @@ fn pki() -> Option<Pki> {
             ("stranger-key.pem", "client-key.pem"),
         ],
     );
+    let wrong_ca = layout("wrong-ca", &[("other-cert.pem", "ca-cert.pem")]);
     Some(Pki {
         _dir: d,
         server,
         client,
         anonymous,
         stranger,
+        wrong_ca,
     })
 }
 
@@ -808,4 +812,333 @@ fn psk_over_tls_1_2_and_1_3() {
             "{name}: unknown user accepted"
         );
     }
+}
+
+// ------------------------------------------- the nbd plugin as a TLS client
+
+/// The nbd plugin in front of `upstream`'s Unix socket, with `tls`
+/// parameters; serves plaintext on its own socket.
+fn tls_proxy(upstream: &Path, tls: &[&str]) -> Server {
+    let sock = format!("socket={}", upstream.display());
+    let mut args = vec!["nbd", sock.as_str()];
+    args.extend_from_slice(tls);
+    Server::start(&args)
+}
+
+/// The front's open failed: the client sees an error, the front's log says
+/// why with `why`.
+fn assert_open_fails(front: &Server, why: &str) {
+    let out = nbdinfo(&front.uri);
+    assert!(!out.status.success(), "opened: {out:?}");
+    let log = front.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("cannot open export"))
+        .unwrap_or_else(|| panic!("no open error logged: {log}"));
+    assert!(line.contains(why), "{line}");
+}
+
+#[test]
+fn nbd_plugin_proxies_our_tls_server_with_every_capability() {
+    let Some(pki) = pki() else { return };
+    if !have("nbdinfo") || !have("nbdcopy") || !have("qemu-io") {
+        return;
+    }
+    // The upstream wants TLS and a client certificate from the CA.
+    let up = start(
+        &pki,
+        &["--tls=require", "--tls-verify-peer"],
+        &["memory", "size=16M"],
+    );
+    let certs = format!("tls-certificates={}", pki.client.display());
+    let px = tls_proxy(&up.socket, &["tls=require", &certs]);
+    // Capabilities come through TLS unchanged.
+    let a = nbdinfo_json(&[], &tls_uri(&up, &pki.client));
+    let b = nbdinfo_json(&[], &px.uri);
+    for k in [
+        "export-size",
+        "is_read_only",
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_fast_zero",
+        "can_cache",
+        "can_multi_conn",
+        "contexts",
+        "block_size_minimum",
+        "block_size_preferred",
+        "block_size_maximum",
+    ] {
+        assert_eq!(a.get(k), b.get(k), "{k}");
+    }
+    // nbdcopy in and out through the proxy, compared.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("in.bin");
+    let back = dir.path().join("out.bin");
+    make_file(&src, 16 << 20, 11);
+    run_ok(Command::new("nbdcopy").arg(&src).arg(&px.uri));
+    run_ok(Command::new("nbdcopy").arg(&px.uri).arg(&back));
+    assert!(std::fs::read(&src).expect("in") == std::fs::read(&back).expect("out"));
+    // Writes, FUA, zeroes, trim, flush; read back through the proxy.
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x3c 1M 2M",
+        "-c",
+        "write -f -P 0x4d 8M 64k",
+        "-c",
+        "write -z 1536k 512k",
+        "-c",
+        "discard 8M 32k",
+        "-c",
+        "flush",
+        "-c",
+        "read -P 0x3c 1M 512k",
+        "-c",
+        "read -P 0 1536k 512k",
+        "-c",
+        "read -P 0x4d 8224k 32k",
+        &px.uri,
+    ]));
+    // Block status through TLS: what the upstream says, the proxy says.
+    assert_eq!(
+        map_of(&px.uri),
+        map_of(&tls_uri(&up, &pki.client)),
+        "block status"
+    );
+    // Big writes and many requests in flight over the one TLS session,
+    // their replies out of order.
+    if have_python_nbd() {
+        python(
+            r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+big = bytes(range(256)) * (8 << 12)
+h.pwrite(big, 4 << 20, nbd.CMD_FLAG_FUA)
+bufs = []
+for i in range(64):
+    b = nbd.Buffer(131072)
+    h.aio_pread(b, (4 << 20) + (i % 64) * 131072)
+    bufs.append((i, b))
+for i in range(16):
+    h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([i]) * 65536), (14 << 20) + i * 65536)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for i, b in bufs:
+    assert b.to_bytearray() == big[i * 131072:(i + 1) * 131072], i
+for i in range(16):
+    assert h.pread(65536, (14 << 20) + i * 65536) == bytes([i]) * 65536
+print("OK")
+"#,
+            &[&px.uri],
+        );
+    }
+    // Without a client certificate the upstream refuses the proxy (under
+    // TLS 1.3 the server's alert comes after the client's last handshake
+    // message: it is seen on the first read, or the first write meets the
+    // closed socket).
+    let anon = format!("tls-certificates={}", pki.anonymous.display());
+    let px = tls_proxy(&up.socket, &["tls=require", &anon]);
+    assert_open_fails(&px, "the TLS session failed");
+}
+
+#[test]
+fn nbd_plugin_tls_refusals_and_fallback() {
+    let Some(pki) = pki() else { return };
+    if !have("nbdinfo") {
+        return;
+    }
+    let up = start(&pki, &["--tls=require"], &["memory", "size=1M"]);
+    // A CA that did not sign the server's certificate.
+    let wrong = format!("tls-certificates={}", pki.wrong_ca.display());
+    let px = tls_proxy(&up.socket, &["tls=require", &wrong]);
+    assert_open_fails(&px, "UnknownIssuer");
+    // ... which tls-verify=false accepts.
+    let px = tls_proxy(&up.socket, &["tls=require", &wrong, "tls-verify=false"]);
+    assert!(nbdinfo(&px.uri).status.success(), "{}", px.log());
+    // Without tls= the upstream's require refuses the plaintext proxy.
+    let px = tls_proxy(&up.socket, &[]);
+    assert_open_fails(&px, "requires TLS");
+
+    let plain = Server::start(&["memory", "size=2M"]);
+    let certs = format!("tls-certificates={}", pki.client.display());
+    // tls=on: the plaintext server refuses STARTTLS, the proxy carries on.
+    let px = tls_proxy(&plain.socket, &["tls=on", &certs]);
+    let out = stdout_of(Command::new("nbdinfo").args(["--size", &px.uri]));
+    assert_eq!(out.trim(), "2097152");
+    // tls=require: it does not.
+    let px = tls_proxy(&plain.socket, &["tls=require", &certs]);
+    assert_open_fails(&px, "tls=require");
+    // An nbds+unix:// URI means require, with its own tls-certificates=.
+    let px = Server::start(&[
+        "nbd",
+        &format!(
+            "uri=nbds+unix:///?socket={}&tls-certificates={}",
+            plain.socket.display(),
+            pki.client.display()
+        ),
+    ]);
+    assert_open_fails(&px, "tls=require");
+    let px = Server::start(&["nbd", &tls_uri(&up, &pki.client)]);
+    let out = stdout_of(Command::new("nbdinfo").args(["--size", &px.uri]));
+    assert_eq!(out.trim(), "1048576");
+}
+
+#[test]
+fn nbd_plugin_checks_the_host_name_over_tcp() {
+    let Some(pki) = pki() else { return };
+    if !have("nbdinfo") {
+        return;
+    }
+    let certs = format!("--tls-certificates={}", pki.server.display());
+    let up = Server::start_tcp(&["--tls=require", &certs, "memory", "size=1M"]);
+    let port = up
+        .uri
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.trim_end_matches('/').parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("port in {}", up.uri));
+    let client = format!("tls-certificates={}", pki.client.display());
+    let port_arg = format!("port={port}");
+    let elsewhere = "tls-hostname=elsewhere.example";
+    for (host, extra, ok) in [
+        // The certificate is for localhost and 127.0.0.1.
+        ("127.0.0.1", &[][..], true),
+        ("localhost", &[], true),
+        ("localhost", &[elsewhere], false),
+        ("localhost", &[elsewhere, "tls-verify=false"], true),
+    ] {
+        let h = format!("hostname={host}");
+        let mut args = vec!["nbd", h.as_str(), &port_arg, "tls=require", &client];
+        args.extend_from_slice(extra);
+        let px = Server::start(&args);
+        if ok {
+            let out = stdout_of(Command::new("nbdinfo").args(["--size", &px.uri]));
+            assert_eq!(out.trim(), "1048576", "{args:?}");
+        } else {
+            assert_open_fails(&px, "not valid for name");
+        }
+    }
+}
+
+#[test]
+fn nbd_plugin_over_tls_to_qemu_nbd() {
+    let Some(pki) = pki() else { return };
+    if !have("qemu-nbd") || !have("nbdcopy") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.img");
+    make_file(&img, 4 << 20, 5);
+    let sock = dir.path().join("qemu.sock");
+    /// Stops qemu-nbd even when an assertion fails.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    // qemu's x509 server endpoint verifies clients by default: the proxy
+    // must present client-cert.pem.
+    let mut qemu = Killed(
+        Command::new("qemu-nbd")
+            .args(["-f", "raw", "-t", "-k"])
+            .arg(&sock)
+            .arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=server",
+                pki.server.display()
+            ))
+            .args(["--tls-creds", "tls0"])
+            .arg(&img)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-nbd"),
+    );
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if let Ok(Some(st)) = qemu.0.try_wait() {
+            panic!("qemu-nbd exited: {st}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let certs = format!("tls-certificates={}", pki.client.display());
+    let px = tls_proxy(&sock, &["tls=require", &certs]);
+    assert!(read_all(&px.uri) == std::fs::read(&img).expect("img"));
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x21 512k 128k",
+        "-c",
+        "write -f -z 1M 64k",
+        "-c",
+        "flush",
+        "-c",
+        "read -P 0x21 512k 128k",
+        &px.uri,
+    ]));
+    let now = std::fs::read(&img).expect("img");
+    assert!(now[512 << 10..640 << 10].iter().all(|&b| b == 0x21));
+    assert!(now[1 << 20..(1 << 20) + (64 << 10)].iter().all(|&b| b == 0));
+    // Plaintext to qemu-nbd with TLS: refused.
+    let px = tls_proxy(&sock, &[]);
+    assert!(!nbdinfo(&px.uri).status.success());
+}
+
+#[cfg(feature = "tls-psk")]
+#[test]
+fn nbd_plugin_with_a_psk_upstream() {
+    let Some(psk) = psk() else { return };
+    if !have("nbdcopy") || !have("nbdinfo") {
+        return;
+    }
+    let up = start_psk(&psk, "--tls=require");
+    let file = format!("tls-psk={}", psk.file.display());
+    let px = tls_proxy(&up.socket, &["tls=require", &file, "tls-username=alice"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("in.bin");
+    make_file(&src, 4 << 20, 3);
+    run_ok(Command::new("nbdcopy").arg(&src).arg(&px.uri));
+    assert!(read_all(&px.uri) == std::fs::read(&src).expect("in"));
+    // And what went through the proxy is what the upstream has.
+    assert!(read_all(&psk_uri(&up, "alice", &psk.file)) == std::fs::read(&src).expect("in"));
+    // The URI form: the user name in the authority, the file in the query.
+    let px = Server::start(&["nbd", &psk_uri(&up, "alice", &psk.file)]);
+    let out = stdout_of(Command::new("nbdinfo").args(["--size", &px.uri]));
+    assert_eq!(out.trim(), "4194304");
+    // A key the server does not have for alice.
+    let wrong = key_file("alice", &"00".repeat(32));
+    let wrong = format!("tls-psk={}", wrong.path().join("keys.psk").display());
+    let px = tls_proxy(&up.socket, &["tls=require", &wrong, "tls-username=alice"]);
+    assert_open_fails(&px, "TLS handshake with the server failed");
+    // A user the keys file has no key for: a start-up error.
+    let out = Command::new(binary())
+        .args(["-U", "-", "nbd", "socket=/nonexistent", &file])
+        .args(["tls-username=bob", "--run", "true"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("no key for the user 'bob'"), "{e}");
+}
+
+#[cfg(not(feature = "tls-psk"))]
+#[test]
+fn nbd_plugin_psk_needs_the_feature() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let f = d.path().join("keys.psk");
+    std::fs::write(&f, "alice:0011\n").expect("keys");
+    let out = Command::new(binary())
+        .args(["-U", "-", "nbd", "socket=/nonexistent"])
+        .arg(format!("tls-psk={}", f.display()))
+        .args(["--run", "true"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("without PSK support"), "{e}");
 }

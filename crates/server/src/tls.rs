@@ -14,7 +14,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use nbdkit_tls::{certs, invalid, private_key, CredentialError};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
@@ -132,47 +132,11 @@ impl Tls {
 /// A certificate problem found at start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}: {what}", path.display())]
-    Invalid { path: PathBuf, what: String },
+    /// A file that cannot be read or parsed (the message names it).
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
     #[error("TLS configuration: {0}")]
     Config(String),
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn invalid(path: &Path, what: impl fmt::Display) -> TlsError {
-    TlsError::Invalid {
-        path: path.to_owned(),
-        what: what.to_string(),
-    }
-}
-
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
-    let certs = rustls_pemfile::certs(&mut &pem[..])
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(path, format!("not a PEM certificate file: {e}")))?;
-    if certs.is_empty() {
-        return Err(invalid(path, "no PEM certificate found in the file"));
-    }
-    Ok(certs)
-}
-
-fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read(path)?;
-    rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(|e| invalid(path, format!("not a PEM private key file: {e}")))?
-        .ok_or_else(|| invalid(path, "no PEM private key found in the file"))
 }
 
 fn server_config(dir: &Path, verify_peer: bool) -> Result<ServerConfig, TlsError> {
@@ -185,7 +149,7 @@ fn server_config(dir: &Path, verify_peer: bool) -> Result<ServerConfig, TlsError
     let cert_path = dir.join("server-cert.pem");
     let key_path = dir.join("server-key.pem");
     let chain = certs(&cert_path)?;
-    let key = key(&key_path)?;
+    let key = private_key(&key_path)?;
     let builder = if verify_peer {
         let ca_path = dir.join("ca-cert.pem");
         let mut roots = RootCertStore::empty();
@@ -204,7 +168,7 @@ fn server_config(dir: &Path, verify_peer: bool) -> Result<ServerConfig, TlsError
     // Checks that the key matches the certificate.
     builder
         .with_single_cert(chain, key)
-        .map_err(|e| invalid(&key_path, format!("does not match server-cert.pem: {e}")))
+        .map_err(|e| invalid(&key_path, format!("does not match server-cert.pem: {e}")).into())
 }
 
 /// The default certificate directory, as nbdkit: `/etc/pki/nbdkit` for
@@ -241,7 +205,6 @@ mod psk {
     //! suites), or TLS 1.2 (EC)DHE-PSK and PSK suites for older clients.
     //! GnuTLS clients (libnbd, qemu) send the username as the PSK identity.
 
-    use std::collections::HashMap;
     use std::path::Path;
     use std::pin::Pin;
     use std::sync::Arc;
@@ -250,54 +213,19 @@ mod psk {
     use tokio_openssl::SslStream;
     use tracing::{debug, warn};
 
-    use super::{invalid, read, TlsError};
+    use super::TlsError;
     use crate::{Stream, Transport};
-
-    /// The largest key OpenSSL accepts (PSK_MAX_PSK_LEN).
-    const MAX_KEY: usize = 512;
 
     #[derive(Clone)]
     pub(crate) struct PskAcceptor {
         ctx: SslContext,
     }
 
-    /// Parse psktool's format: one `username:hexkey` per line; blank lines
-    /// are skipped.  Errors name the line.
-    pub(crate) fn parse_keys(
-        path: &Path,
-        text: &str,
-    ) -> Result<HashMap<Vec<u8>, Vec<u8>>, TlsError> {
-        let mut keys = HashMap::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim_end_matches('\r');
-            if line.trim().is_empty() {
-                continue;
-            }
-            let at = |what: &str| invalid(path, format!("line {}: {what}", i + 1));
-            let (user, hexkey) = line
-                .split_once(':')
-                .ok_or_else(|| at("expected username:hexkey"))?;
-            if user.is_empty() {
-                return Err(at("empty username"));
-            }
-            let key =
-                hex::decode(hexkey.trim()).map_err(|e| at(&format!("key is not hex: {e}")))?;
-            if key.is_empty() || key.len() > MAX_KEY {
-                return Err(at(&format!("key must be 1 to {MAX_KEY} bytes")));
-            }
-            keys.entry(user.as_bytes().to_vec()).or_insert(key);
-        }
-        if keys.is_empty() {
-            return Err(invalid(path, "no username:hexkey line in the file"));
-        }
-        Ok(keys)
-    }
-
     impl PskAcceptor {
         pub(crate) fn load(path: &Path) -> Result<Self, TlsError> {
-            let bytes = read(path)?;
-            let text = std::str::from_utf8(&bytes).map_err(|_| invalid(path, "not a text file"))?;
-            let keys = Arc::new(parse_keys(path, text)?);
+            // The same file format, parsed by the same code, as the nbd
+            // plugin's tls-psk= (crates/tls).
+            let keys = Arc::new(nbdkit_tls::load_psk_keys(path)?);
             let cfg = |e: openssl::error::ErrorStack| TlsError::Config(format!("OpenSSL: {e}"));
             let mut b = SslContext::builder(SslMethod::tls_server()).map_err(cfg)?;
             b.set_min_proto_version(Some(SslVersion::TLS1_2))
@@ -350,29 +278,6 @@ mod psk {
     impl Stream for SslStream<Box<dyn Stream>> {
         fn into_blocking(self: Box<Self>) -> Transport {
             Transport::Async(self)
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn key_file_format() {
-            let p = Path::new("keys.psk");
-            let k = parse_keys(p, "alice:00ff\n\nbob:0102\r\n").unwrap();
-            assert_eq!(k[&b"alice"[..]], vec![0, 0xff]);
-            assert_eq!(k[&b"bob"[..]], vec![1, 2]);
-            for (bad, what) in [
-                ("alice", "line 1"),
-                ("ok:00\n:00", "line 2: empty username"),
-                ("alice:zz", "not hex"),
-                ("alice:", "1 to 512"),
-                ("", "no username"),
-            ] {
-                let e = parse_keys(p, bad).unwrap_err().to_string();
-                assert!(e.contains(what), "{bad:?}: {e}");
-            }
         }
     }
 }

@@ -5,6 +5,11 @@
 //! under a lock; a reader thread matches replies to them by cookie, so
 //! replies may come back in any order.
 //!
+//! With TLS (STARTTLS, see [`super::tls`]) the same threads share one TLS
+//! session: writers encrypt under the session's lock and send under the
+//! write lock; the reader blocks on the socket with no lock held, takes
+//! the session's lock only to decrypt what arrived, and never writes.
+//!
 //! Written here because the server needs a client that is a library (the
 //! one in `tests/` drives the protocol byte by byte for edge cases), and
 //! libnbd's synchronous calls on one handle run one at a time.  Every
@@ -20,6 +25,8 @@ use std::sync::{Arc, Mutex};
 
 use nbdkit_proto::consts::*;
 
+use super::tls::{Engine, TlsClient, TlsMode, TlsStream};
+
 /// A connected socket of either family.
 pub enum Stream {
     Tcp(TcpStream),
@@ -27,13 +34,13 @@ pub enum Stream {
 }
 
 impl Stream {
-    fn try_clone(&self) -> std::io::Result<Stream> {
+    pub(crate) fn try_clone(&self) -> std::io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
         })
     }
-    fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
@@ -62,9 +69,113 @@ impl Write for Stream {
     }
 }
 
+/// Plaintext is encrypted and sent in pieces of this size, so a 32 MiB
+/// write neither holds the TLS session's lock throughout (the reader needs
+/// it to decrypt replies) nor makes a second 32 MiB copy.
+const TLS_CHUNK: usize = 256 << 10;
+
+/// The sending side of a connection (behind the connection's write lock).
+enum Writer {
+    Plain(Stream),
+    Tls {
+        sock: Stream,
+        engine: Arc<Mutex<Box<dyn Engine>>>,
+    },
+}
+
+impl Writer {
+    /// Send `parts` back to back.
+    fn send(&mut self, parts: &[&[u8]]) -> std::io::Result<()> {
+        match self {
+            Writer::Plain(s) => parts.iter().try_for_each(|p| s.write_all(p)),
+            Writer::Tls { sock, engine } => {
+                // Lock order everywhere: the write lock (held by our caller),
+                // then the session.  Records leave in the order the session
+                // made them because only the write-lock holder takes them.
+                let mut out = Vec::new();
+                for chunk in parts.iter().flat_map(|p| p.chunks(TLS_CHUNK)) {
+                    {
+                        let mut e = lock(engine);
+                        e.write_plain(chunk)?;
+                        e.take_output(&mut out)?;
+                    }
+                    if out.len() >= TLS_CHUNK {
+                        sock.write_all(&out)?;
+                        out.clear();
+                    }
+                }
+                if !out.is_empty() {
+                    sock.write_all(&out)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Queue close_notify and send it, with any records the session made
+    /// by itself since the last request.
+    fn close_tls(&mut self) {
+        if let Writer::Tls { engine, .. } = self {
+            lock(engine).close();
+            let _ = self.send(&[]);
+        }
+    }
+}
+
+/// The receiving side, owned by the reply reader thread.
+enum Reader {
+    Plain(Stream),
+    Tls {
+        sock: Stream,
+        engine: Arc<Mutex<Box<dyn Engine>>>,
+        plain: Vec<u8>,
+        pos: usize,
+        buf: Vec<u8>,
+    },
+}
+
+impl Read for Reader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Reader::Plain(s) => s.read(out),
+            Reader::Tls {
+                sock,
+                engine,
+                plain,
+                pos,
+                buf,
+            } => {
+                while *pos == plain.len() {
+                    plain.clear();
+                    *pos = 0;
+                    // Blocks with no lock held: writers carry on meanwhile.
+                    let n = sock.read(buf)?;
+                    if n == 0 {
+                        return Ok(0);
+                    }
+                    // Records the session makes by itself here (an answer to
+                    // the server's key update) wait for the next request:
+                    // sending them from this thread could block it on a
+                    // full socket while the server waits for us to read.
+                    let open = lock(engine).feed(&buf[..n], plain)?;
+                    if !open && plain.is_empty() {
+                        return Ok(0);
+                    }
+                }
+                let n = out.len().min(plain.len() - *pos);
+                out[..n].copy_from_slice(&plain[*pos..*pos + n]);
+                *pos += n;
+                Ok(n)
+            }
+        }
+    }
+}
+
 /// What the server said about the export.
 #[derive(Debug, Clone, Copy)]
 pub struct ExportInfo {
+    /// Whether the connection is encrypted.
+    pub tls: bool,
     pub size: u64,
     pub flags: u16,
     /// (minimum, preferred, maximum) from NBD_INFO_BLOCK_SIZE.
@@ -114,7 +225,7 @@ struct Pending {
 }
 
 pub struct Connection {
-    writer: Mutex<Stream>,
+    writer: Mutex<Writer>,
     /// A handle on the socket for shutting it down from any thread.
     control: Stream,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
@@ -125,7 +236,7 @@ pub struct Connection {
     reader: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-fn read_exact(s: &mut Stream, n: usize, what: &str) -> R<Vec<u8>> {
+fn read_exact(s: &mut impl Read, n: usize, what: &str) -> R<Vec<u8>> {
     let mut b = vec![0u8; n];
     s.read_exact(&mut b).map_err(ioerr(what))?;
     Ok(b)
@@ -141,7 +252,7 @@ fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
 }
 
-fn send_option(s: &mut Stream, opt: u32, data: &[u8]) -> R<()> {
+fn send_option(s: &mut impl Write, opt: u32, data: &[u8]) -> R<()> {
     let mut m = Vec::with_capacity(16 + data.len());
     m.extend_from_slice(&IHAVEOPT.to_be_bytes());
     m.extend_from_slice(&opt.to_be_bytes());
@@ -151,7 +262,7 @@ fn send_option(s: &mut Stream, opt: u32, data: &[u8]) -> R<()> {
 }
 
 /// One option reply: (type, payload).  Payloads are bounded.
-fn option_reply(s: &mut Stream, opt: u32) -> R<(u32, Vec<u8>)> {
+fn option_reply(s: &mut impl Read, opt: u32) -> R<(u32, Vec<u8>)> {
     let h = read_exact(s, 20, "reading an option reply")?;
     if be64(&h[0..8]) != OPTION_REPLY_MAGIC || be32(&h[8..12]) != opt {
         return Err(NbdError::io("the server sent a malformed option reply"));
@@ -188,11 +299,65 @@ fn name_bytes(export: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(export.as_bytes());
 }
 
-fn handshake(s: &mut Stream, export: &str) -> R<ExportInfo> {
-    if export.len() > MAX_STRING {
-        return Err(NbdError::io("the export name is too long"));
+/// The stream the options travel on: the socket, or TLS over it after
+/// STARTTLS.
+enum Session {
+    Plain(Stream),
+    Tls(Box<TlsStream>),
+}
+
+/// Say that an error came after the TLS handshake: a server that rejects
+/// the client's certificate (or its absence) under TLS 1.3 does so only
+/// then, with an alert or by closing (so "connection reset" alone would
+/// not tell the user that TLS is the problem).
+fn after_tls(e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("the TLS session failed: {e}"))
+}
+
+impl Read for Session {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Session::Plain(s) => s.read(buf),
+            Session::Tls(t) => t.read(buf).map_err(after_tls),
+        }
     }
-    let g = read_exact(s, 18, "reading the greeting")?;
+}
+
+impl Write for Session {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Session::Plain(s) => s.write(buf),
+            Session::Tls(t) => t.write(buf).map_err(after_tls),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Session::Plain(s) => s.flush(),
+            Session::Tls(t) => t.flush().map_err(after_tls),
+        }
+    }
+}
+
+/// TLS to use for a connection: the mode and, unless it is off, the
+/// credentials.
+#[derive(Clone, Copy)]
+pub struct TlsUse<'a> {
+    pub mode: TlsMode,
+    pub client: Option<&'a TlsClient>,
+}
+
+impl TlsUse<'_> {
+    pub const OFF: TlsUse<'static> = TlsUse {
+        mode: TlsMode::Off,
+        client: None,
+    };
+}
+
+/// Read the greeting, send our flags, and STARTTLS if asked for.
+/// Returns the session and whether the server omits the 124 zero bytes
+/// after EXPORT_NAME.
+fn begin(mut s: Stream, tls: TlsUse<'_>) -> R<(Session, bool)> {
+    let g = read_exact(&mut s, 18, "reading the greeting")?;
     if be64(&g[0..8]) != NBDMAGIC {
         return Err(NbdError::io("not an NBD server"));
     }
@@ -213,6 +378,42 @@ fn handshake(s: &mut Stream, export: &str) -> R<ExportInfo> {
     s.write_all(&cflags.to_be_bytes())
         .map_err(ioerr("sending client flags"))?;
 
+    let client = match (tls.mode, tls.client) {
+        (TlsMode::Off, _) | (_, None) => return Ok((Session::Plain(s), no_zeroes)),
+        (_, Some(c)) => c,
+    };
+    // NBD has no way to offer TLS: the client asks, and a server without
+    // it refuses the option (ERR_UNSUP from most, ERR_POLICY from some).
+    send_option(&mut s, OPT_STARTTLS, &[])?;
+    let (kind, p) = option_reply(&mut s, OPT_STARTTLS)?;
+    match kind {
+        REP_ACK => {
+            let t = client
+                .handshake(s)
+                .map_err(|e| NbdError::io(format!("TLS handshake with the server failed: {e}")))?;
+            Ok((Session::Tls(Box::new(t)), no_zeroes))
+        }
+        k if k & (1 << 31) != 0 => {
+            let e = option_error("STARTTLS", k, &p);
+            if tls.mode == TlsMode::Require {
+                return Err(NbdError::io(format!(
+                    "{} (tls=require: not continuing without TLS)",
+                    e.message
+                )));
+            }
+            tracing::debug!("nbd: {}; tls=on: continuing without TLS", e.message);
+            Ok((Session::Plain(s), no_zeroes))
+        }
+        k => Err(NbdError::io(format!("unexpected reply {k} to STARTTLS"))),
+    }
+}
+
+/// Structured replies, `base:allocation`, then GO (or EXPORT_NAME).
+fn negotiate(s: &mut Session, export: &str, no_zeroes: bool) -> R<ExportInfo> {
+    if export.len() > MAX_STRING {
+        return Err(NbdError::io("the export name is too long"));
+    }
+    let tls = matches!(s, Session::Tls(_));
     send_option(s, OPT_STRUCTURED_REPLY, &[])?;
     let structured = option_reply(s, OPT_STRUCTURED_REPLY)?.0 == REP_ACK;
 
@@ -266,6 +467,7 @@ fn handshake(s: &mut Stream, export: &str) -> R<ExportInfo> {
                 let n = if no_zeroes { 10 } else { 134 };
                 let r = read_exact(s, n, "reading the export")?;
                 return Ok(ExportInfo {
+                    tls,
                     size: be64(&r[0..8]),
                     flags: be16(&r[8..10]),
                     block_size: None,
@@ -282,6 +484,7 @@ fn handshake(s: &mut Stream, export: &str) -> R<ExportInfo> {
     let (size, flags) =
         size_flags.ok_or_else(|| NbdError::io("the server did not describe the export"))?;
     Ok(ExportInfo {
+        tls,
         size,
         flags,
         block_size,
@@ -290,12 +493,75 @@ fn handshake(s: &mut Stream, export: &str) -> R<ExportInfo> {
     })
 }
 
+/// Most exports a listing may have: a server that never ends its list
+/// must not make us use unbounded memory.
+const MAX_LISTED: usize = 10_000;
+
+/// NBD_OPT_LIST: the server's exports as (name, description), then ABORT.
+pub fn list_exports(stream: Stream, tls: TlsUse<'_>) -> R<Vec<(String, String)>> {
+    let (mut s, _) = begin(stream, tls)?;
+    send_option(&mut s, OPT_LIST, &[])?;
+    let mut out = Vec::new();
+    loop {
+        let (kind, p) = option_reply(&mut s, OPT_LIST)?;
+        match kind {
+            REP_SERVER => {
+                let bad = || NbdError::io("the server sent a malformed export list");
+                let n = p.get(0..4).map(be32).ok_or_else(bad)? as usize;
+                let name = p
+                    .get(4..4usize.checked_add(n).ok_or_else(bad)?)
+                    .ok_or_else(bad)?;
+                let desc = &p[4 + n..];
+                if out.len() == MAX_LISTED {
+                    return Err(NbdError::io("the server lists too many exports"));
+                }
+                out.push((
+                    String::from_utf8_lossy(name).into_owned(),
+                    String::from_utf8_lossy(desc).into_owned(),
+                ));
+            }
+            REP_ACK => break,
+            k if k & (1 << 31) != 0 => return Err(option_error("listing exports", k, &p)),
+            _ => {}
+        }
+    }
+    // The reply to ABORT is optional: do not wait for it.
+    let _ = send_option(&mut s, OPT_ABORT, &[]);
+    Ok(out)
+}
+
 impl Connection {
-    /// Handshake on `stream` and start the reply reader.
-    pub fn open(mut stream: Stream, export: &str) -> R<Connection> {
-        let info = handshake(&mut stream, export)?;
-        let reader = stream.try_clone().map_err(ioerr("socket"))?;
-        let control = stream.try_clone().map_err(ioerr("socket"))?;
+    /// Handshake on `stream` (with STARTTLS unless `tls` is off) and start
+    /// the reply reader.
+    pub fn open(stream: Stream, export: &str, tls: TlsUse<'_>) -> R<Connection> {
+        let (mut session, no_zeroes) = begin(stream, tls)?;
+        let info = negotiate(&mut session, export, no_zeroes)?;
+        let sock_err = ioerr("socket");
+        let (writer, reader, control) = match session {
+            Session::Plain(stream) => {
+                let reader = Reader::Plain(stream.try_clone().map_err(&sock_err)?);
+                let control = stream.try_clone().map_err(&sock_err)?;
+                (Mutex::new(Writer::Plain(stream)), reader, control)
+            }
+            Session::Tls(t) => {
+                let (engine, sock, plain) = t.into_parts();
+                let engine = Arc::new(Mutex::new(engine));
+                let read_sock = sock.try_clone().map_err(&sock_err)?;
+                let control = sock.try_clone().map_err(&sock_err)?;
+                let writer = Mutex::new(Writer::Tls {
+                    sock,
+                    engine: engine.clone(),
+                });
+                let reader = Reader::Tls {
+                    sock: read_sock,
+                    engine,
+                    plain,
+                    pos: 0,
+                    buf: vec![0u8; 64 << 10],
+                };
+                (writer, reader, control)
+            }
+        };
         let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(Mutex::new(None));
         let (p, d) = (pending.clone(), dead.clone());
@@ -304,7 +570,7 @@ impl Connection {
             .spawn(move || read_replies(reader, p, d))
             .map_err(ioerr("starting the reply reader"))?;
         Ok(Connection {
-            writer: Mutex::new(stream),
+            writer,
             control,
             pending,
             dead,
@@ -312,6 +578,11 @@ impl Connection {
             info,
             reader: Mutex::new(Some(t)),
         })
+    }
+
+    /// Why the connection is unusable, once it is.
+    pub fn failed(&self) -> Option<String> {
+        lock(&self.dead).clone()
     }
 
     /// Send one request and wait for its reply.
@@ -353,11 +624,7 @@ impl Connection {
         h.extend_from_slice(&cookie.to_be_bytes());
         h.extend_from_slice(&offset.to_be_bytes());
         h.extend_from_slice(&len.to_be_bytes());
-        let sent = {
-            let mut w = lock(&self.writer);
-            w.write_all(&h)
-                .and_then(|_| payload.map_or(Ok(()), |p| w.write_all(p)))
-        };
+        let sent = lock(&self.writer).send(&[&h, payload.unwrap_or_default()]);
         if let Err(e) = sent {
             lock(&self.pending).remove(&cookie);
             self.control.shutdown();
@@ -376,7 +643,11 @@ impl Connection {
         h.extend_from_slice(&0u16.to_be_bytes());
         h.extend_from_slice(&CMD_DISC.to_be_bytes());
         h.extend_from_slice(&[0u8; 20]);
-        let _ = lock(&self.writer).write_all(&h);
+        {
+            let mut w = lock(&self.writer);
+            let _ = w.send(&[&h]);
+            w.close_tls();
+        }
         self.control.shutdown();
         if let Some(t) = lock(&self.reader).take() {
             let _ = t.join();
@@ -391,7 +662,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The reader thread: replies until the connection ends, then fail
 /// whatever is still waiting.
 fn read_replies(
-    mut s: Stream,
+    mut s: Reader,
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     dead: Arc<Mutex<Option<String>>>,
 ) {
@@ -418,7 +689,7 @@ fn finish(pending: &Mutex<HashMap<u64, Pending>>, cookie: u64) {
     }
 }
 
-fn read_one(s: &mut Stream, pending: &Mutex<HashMap<u64, Pending>>) -> R<()> {
+fn read_one(s: &mut Reader, pending: &Mutex<HashMap<u64, Pending>>) -> R<()> {
     let magic = be32(&read_exact(s, 4, "reading a reply")?);
     match magic {
         SIMPLE_REPLY_MAGIC => {
