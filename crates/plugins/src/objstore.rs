@@ -316,6 +316,9 @@ impl Shared {
         if let Some(e) = self.engine.get() {
             return Ok(e);
         }
+        // The store first: a runtime dropped on failure would block here.
+        let store =
+            (self.build)().map_err(|e| Error::io(format!("{}: {}", self.label(), one_line(&e))))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKER_THREADS)
             // For DNS lookups, which hyper makes on blocking threads.
@@ -324,8 +327,6 @@ impl Shared {
             .enable_all()
             .build()
             .map_err(|e| Error::io(format!("{}: cannot start a runtime: {e}", self.label())))?;
-        let store =
-            (self.build)().map_err(|e| Error::io(format!("{}: {}", self.label(), one_line(&e))))?;
         debug!("{}: runtime started", self.label());
         let _ = self.engine.set(Engine {
             runtime: Some(runtime),
