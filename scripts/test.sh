@@ -9,11 +9,13 @@ cd "$(dirname "$0")/.."
 
 packages=(qemu-utils libnbd-bin python3-libnbd nbdfuse nbdkit nbdkit-plugin-dev gcc libc6-dev binutils fio fuse3 fdisk e2fsprogs
           util-linux mount xz-utils gzip pigz tabix zstd bzip2 liblzma-dev pkg-config
-          openssl libvirt0 libcurl4-openssl-dev python3-venv libssl-dev gnutls-bin strace)
+          openssl libvirt0 libcurl4-openssl-dev python3-venv libssl-dev gnutls-bin strace nodejs)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# npm comes with some builds of nodejs (NodeSource's) and separately in Debian's.
+command -v npm >/dev/null || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "Installing: ${missing[*]}"
     sudo=""
@@ -27,6 +29,12 @@ if [ ! -x "$NBDKIT_RS_MOTO/bin/moto_server" ]; then
     echo "Installing moto[server] into $NBDKIT_RS_MOTO"
     /usr/bin/python3 -m venv "$NBDKIT_RS_MOTO"
     "$NBDKIT_RS_MOTO/bin/pip" install -q 'moto[server]>=5,<6'
+fi
+# Azurite (npm): a local Azure Blob Storage server for tests/objstore.rs.
+export NBDKIT_RS_AZURITE="${NBDKIT_RS_AZURITE:-$HOME/.cache/nbdkit-rs/azurite}"
+if [ ! -x "$NBDKIT_RS_AZURITE/node_modules/.bin/azurite-blob" ]; then
+    echo "Installing azurite into $NBDKIT_RS_AZURITE"
+    npm install --silent --no-audit --no-fund --prefix "$NBDKIT_RS_AZURITE" 'azurite@3'
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 

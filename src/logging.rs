@@ -15,7 +15,14 @@ pub fn init(cli: &Cli) -> Result<()> {
         None if foreground => "stderr",
         None => "syslog",
     };
-    let level = if cli.verbose { "debug" } else { "warn" };
+    // rustls-platform-verifier (under the gcs and azure plugins) logs each
+    // certificate it rejects as an ERROR, once per retry, before the
+    // plugin reports the failure itself: keep it for -v.
+    let level = if cli.verbose {
+        "debug"
+    } else {
+        "warn,rustls_platform_verifier=off"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("NBDKIT_RS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()

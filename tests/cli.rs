@@ -49,7 +49,9 @@ fn help_version_and_dumps() {
     let (code, out, _) = run(&["--help"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("Usage: nbdkit-rs"), "{out}");
-    for name in ["file", "memory", "null", "pattern", "full", "ones", "log"] {
+    for name in [
+        "file", "memory", "null", "pattern", "full", "ones", "s3", "gcs", "azure", "log",
+    ] {
         assert!(
             out.lines().any(|l| l.trim_start().starts_with(name)),
             "--help lists {name}: {out}"
@@ -63,6 +65,31 @@ fn help_version_and_dumps() {
     let (code, out, _) = run(&["file", "--help"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("file=") && out.contains("dir="), "{out}");
+    // The object store plugins: URL forms, credentials, emulator settings.
+    let (code, out, _) = run(&["gcs", "--help"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("gs://BUCKET/OBJECT")
+            && out.contains("credentials=")
+            && out.contains("endpoint-url="),
+        "{out}"
+    );
+    let (code, out, _) = run(&["azure", "--dump-plugin"]);
+    assert_eq!(code, Some(0));
+    assert!(out.lines().any(|l| l == "magic_config_key=url"), "{out}");
+    for key in [
+        "container",
+        "blob",
+        "account",
+        "access-key",
+        "sas-token",
+        "endpoint-url",
+    ] {
+        assert!(
+            out.lines().any(|l| l == format!("config_key={key}")),
+            "{key}: {out}"
+        );
+    }
     let (code, out, _) = run(&["--filter=log", "null", "--help"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("logfile="), "filter parameters too: {out}");

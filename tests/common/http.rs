@@ -5,6 +5,10 @@
 //! 503 to the next N requests, stall, send short bodies, redirect.
 //! (Python's http.server has no Range support, hence this.)
 //! [`HttpServer::start_tls`] serves HTTPS (rustls) with a given certificate.
+//! Paths are looked up %-decoded (GCS's client escapes '/' and '.' in
+//! object names), and answers carry the ETag and Last-Modified headers
+//! object store clients insist on, so the server also stands in for a
+//! Google Cloud Storage endpoint (its XML API: `/BUCKET/OBJECT`).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -36,6 +40,8 @@ pub struct Behaviour {
     pub redirects: HashMap<String, String>,
     /// Leave the total out of Content-Range (`bytes A-B/*`).
     pub hide_total: bool,
+    /// Answer 401 to requests whose Authorization header is not this.
+    pub auth: Option<String>,
 }
 
 /// One request as the server saw it.
@@ -219,6 +225,30 @@ fn serve<S: Read + Write>(conn: S, st: &State) {
     }
 }
 
+/// The same for every file: nothing changes while a test runs.
+const VALIDATORS: &str = "ETag: \"1\"\r\nLast-Modified: Mon, 01 Jan 2024 00:00:00 GMT\r\n";
+
+/// `%XX` escapes decoded (malformed ones kept as they are).
+fn percent_decode(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = path.get(i + 1..i + 3).filter(|_| b[i] == b'%');
+        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            Some(v) => {
+                out.push(v);
+                i += 3;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Write one response; false to close the connection.
 fn respond(out: &mut impl Write, st: &State, req: &Request) -> bool {
     let _active = Active::new(st);
@@ -251,7 +281,24 @@ fn respond(out: &mut impl Write, st: &State, req: &Request) -> bool {
         );
         return true;
     }
-    let Some(data) = st.files.lock().unwrap().get(&req.path).cloned() else {
+    if let Some(want) = &b.auth {
+        if req.header("authorization") != Some(want.as_str()) {
+            let body = br#"{"error": {"code": 401, "message": "Invalid Credentials"}}"#;
+            let _ = write!(
+                out,
+                "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            return out.write_all(body).is_ok();
+        }
+    }
+    let Some(data) = st
+        .files
+        .lock()
+        .unwrap()
+        .get(&percent_decode(&req.path))
+        .cloned()
+    else {
         let _ = write!(out, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
         return true;
     };
@@ -282,7 +329,7 @@ fn respond(out: &mut impl Write, st: &State, req: &Request) -> bool {
             if b.cut_next > 0 {
                 let _ = write!(
                     out,
-                    "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{z}/{len}\r\nContent-Length: {}\r\n\r\n",
+                    "HTTP/1.1 206 Partial Content\r\n{VALIDATORS}Content-Range: bytes {a}-{z}/{len}\r\nContent-Length: {}\r\n\r\n",
                     body.len()
                 );
                 let _ = out.write_all(&body[..body.len() / 2]);
@@ -299,13 +346,16 @@ fn respond(out: &mut impl Write, st: &State, req: &Request) -> bool {
             };
             let _ = write!(
                 out,
-                "HTTP/1.1 206 Partial Content\r\nAccept-Ranges: bytes\r\nContent-Range: bytes {a}-{z}/{total}\r\nContent-Length: {}\r\n\r\n",
+                "HTTP/1.1 206 Partial Content\r\nAccept-Ranges: bytes\r\n{VALIDATORS}Content-Range: bytes {a}-{z}/{total}\r\nContent-Length: {}\r\n\r\n",
                 body.len()
             );
             out.write_all(body).is_ok()
         }
         _ => {
-            let _ = write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+            let _ = write!(
+                out,
+                "HTTP/1.1 200 OK\r\n{VALIDATORS}Content-Length: {len}\r\n\r\n"
+            );
             if head {
                 return true;
             }

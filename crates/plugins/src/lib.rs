@@ -3,13 +3,16 @@
 
 use nbdkit_backend::PluginSpec;
 
+pub mod azure;
 pub mod curl;
 pub mod data;
 pub mod file;
+pub mod gcs;
 pub mod info;
 pub mod libvirt;
 pub mod memory;
 pub mod nbd;
+mod objstore;
 pub mod partitioning;
 pub mod random;
 pub mod s3;
@@ -30,6 +33,8 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &simple::ONES,
         &curl::SPEC,
         &s3::SPEC,
+        &gcs::SPEC,
+        &azure::SPEC,
         &data::SPEC,
         &random::RANDOM,
         &random::SPARSE_RANDOM,

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use nbdkit_backend::{Backend, Config, ConfigError, Param, PluginSpec};
 
-use crate::curl::{read_secret, serve, transport};
+use crate::curl::{read_secret_as, serve, transport};
 
 /// Where the object is and how to sign for it.
 #[derive(Debug, PartialEq, Eq)]
@@ -98,11 +98,11 @@ fn credentials(
     let access = cfg.take("access-key");
     let secret = cfg
         .take("secret-key")
-        .map(|v| read_secret("secret-key", &v))
+        .map(|v| read_secret_as("s3", "secret-key", &v))
         .transpose()?;
     let token = cfg
         .take("session-token")
-        .map(|v| read_secret("session-token", &v))
+        .map(|v| read_secret_as("s3", "session-token", &v))
         .transpose()?;
     match (access, secret) {
         (Some(a), Some(s)) => return Ok(Some((a, s, token))),

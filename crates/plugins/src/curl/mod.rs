@@ -589,7 +589,16 @@ fn redact(url: &str) -> String {
 /// file descriptor, `+FILE` reads a file, anything else is the value.  A
 /// trailing newline is dropped.
 pub(crate) fn read_secret(key: &str, v: &str) -> std::result::Result<String, ConfigError> {
-    let err = |e: std::io::Error| ConfigError::new(format!("curl: {key}={v}: {e}"));
+    read_secret_as("curl", key, v)
+}
+
+/// [`read_secret`] for another plugin (`who` starts its messages).
+pub(crate) fn read_secret_as(
+    who: &str,
+    key: &str,
+    v: &str,
+) -> std::result::Result<String, ConfigError> {
+    let err = |e: std::io::Error| ConfigError::new(format!("{who}: {key}={v}: {e}"));
     let mut s = if v == "-" {
         read_secret_stdin(key).map_err(err)?
     } else if let Some(fd) = v
@@ -598,10 +607,10 @@ pub(crate) fn read_secret(key: &str, v: &str) -> std::result::Result<String, Con
     {
         let fd: i32 = fd
             .parse()
-            .map_err(|_| ConfigError::new(format!("curl: {key}={v}: bad file descriptor")))?;
+            .map_err(|_| ConfigError::new(format!("{who}: {key}={v}: bad file descriptor")))?;
         if fd < 0 {
             return Err(ConfigError::new(format!(
-                "curl: {key}={v}: bad file descriptor"
+                "{who}: {key}={v}: bad file descriptor"
             )));
         }
         // Read through a duplicate, so the caller's descriptor stays open.
@@ -713,7 +722,7 @@ pub(crate) fn transport(
     };
     let proxy_password = cfg
         .take("proxy-password")
-        .map(|v| read_secret("proxy-password", &v))
+        .map(|v| read_secret_as(who, "proxy-password", &v))
         .transpose()?;
     let ssl_version = cfg
         .take("ssl-version")
