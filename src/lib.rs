@@ -133,7 +133,7 @@ fn tune_malloc() {
 
 fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     tune_malloc();
-    let cli = match Cli::try_parse_from(&argv) {
+    let mut cli = match Cli::try_parse_from(&argv) {
         Ok(c) => c,
         Err(e) => {
             // clap's message names the bad option and suggests a fix.
@@ -142,6 +142,11 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         }
     };
 
+    // The daemon changes directory to /: a relative pid file means the
+    // directory the user started in.
+    if let Some(p) = cli.pidfile.take() {
+        cli.pidfile = Some(std::path::absolute(&p).unwrap_or(p));
+    }
     if cli.version {
         println!("nbdkit-rs {VERSION}");
         return Ok(ExitCode::SUCCESS);

@@ -369,11 +369,11 @@ fn background_with_pidfile() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("bg.sock");
     let pidfile = dir.path().join("nbdkit.pid");
+    // Relative paths mean the starting directory, though the daemon
+    // moves to /.
     let status = nbdkit()
-        .arg("-U")
-        .arg(&sock)
-        .arg("-P")
-        .arg(&pidfile)
+        .current_dir(dir.path())
+        .args(["-U", "bg.sock", "-P", "nbdkit.pid"])
         .args(["memory", "3M"])
         .status()
         .unwrap();
