@@ -132,6 +132,14 @@ const PROGRESSIVE_AHEAD: u64 = 16 << 20;
 /// NBD connections, or one client with a few outstanding streams).
 const STREAM_SLOTS: usize = 4;
 
+/// A read this close to the end of a recent one is taken as part of a
+/// stream when deciding what to keep in the scratch tier: nbdcopy keeps
+/// 64 requests of 256 KiB in flight, so a stream's reads arrive up to 16
+/// MiB out of order.  (Random reads land this close to one of the last
+/// few by chance only rarely on a large image, and then merely skip the
+/// scratch tier.)  Smaller images get a window of 1/64 of their size.
+const STREAM_WINDOW: u64 = 32 << 20;
+
 pub(crate) struct Engine<C: Codec> {
     inner: Arc<Inner<C>>,
     pool: Option<Pool>,
@@ -427,20 +435,27 @@ impl<C: Codec> Engine<C> {
     fn note_access(&self, offset: u64, end: u64, first: usize, last: usize) {
         let inner = &self.inner;
         let mut sequential = false;
+        let mut near = false;
         let mut slot = None;
         for (k, s) in inner.recent_ends.iter().enumerate() {
-            if s.load(Ordering::Relaxed) == offset {
+            let e = s.load(Ordering::Relaxed);
+            if e == offset {
                 sequential = true;
                 slot = Some(k);
                 break;
             }
+            near |= offset.abs_diff(e) <= STREAM_WINDOW.min(inner.size / 64);
         }
         let k =
             slot.unwrap_or_else(|| inner.next_slot.fetch_add(1, Ordering::Relaxed) % STREAM_SLOTS);
         inner.recent_ends[k].store(end, Ordering::Relaxed);
         if let Some(spill) = &inner.spill {
+            // A client with many requests in flight (nbdcopy has 64) reads
+            // a stream slightly out of order, so for this purpose a read
+            // close to a recent one counts as part of a stream too.
+            let streamed = sequential || near;
             for i in first..=last.min(inner.segs.len().saturating_sub(1)) {
-                spill.mark_streamed(i, sequential);
+                spill.mark_streamed(i, streamed);
             }
             if sequential {
                 for j in (last + 1..inner.segs.len()).take(inner.readahead) {

@@ -634,7 +634,8 @@ struct ResumableFrame {
     source: Arc<dyn Source>,
     name: String,
     frame: ZstdFrame,
-    dctx: DCtx<'static>,
+    /// Always `Some` until dropped (then it goes back to the pool).
+    dctx: Option<DCtx<'static>>,
     /// Compressed bytes `[0, input.len())` of the frame, read on demand.
     input: Vec<u8>,
     /// Bytes of `input` given to the decoder so far.
@@ -656,14 +657,21 @@ impl ResumableFrame {
             offset: frame.compressed_offset,
             source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
         };
-        let mut dctx = DCtx::try_create().ok_or_else(oom)?;
-        dctx.set_parameter(DParameter::StableOutBuffer(true))
-            .map_err(|_| oom())?;
+        let pooled = DCTX_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let dctx = match pooled {
+            Some(d) => d,
+            None => {
+                let mut d = DCtx::try_create().ok_or_else(oom)?;
+                d.set_parameter(DParameter::StableOutBuffer(true))
+                    .map_err(|_| oom())?;
+                d
+            }
+        };
         Ok(ResumableFrame {
             source,
             name: name.to_string(),
             frame,
-            dctx,
+            dctx: Some(dctx),
             input: Vec::new(),
             fed: 0,
             body: None,
@@ -740,6 +748,31 @@ impl ResumableFrame {
     }
 }
 
+/// Contexts of finished or dropped partial frames, for the next ones: a
+/// fresh context allocates its block buffers on first use, which costs a
+/// noticeable part of decoding a 1 MiB frame.
+static DCTX_POOL: std::sync::Mutex<Vec<DCtx<'static>>> = std::sync::Mutex::new(Vec::new());
+
+/// Contexts kept in the pool at most (each is ~200 KiB once used).
+const DCTX_POOL_MAX: usize = 32;
+
+impl Drop for ResumableFrame {
+    fn drop(&mut self) {
+        // A session reset drops the frame in progress and keeps the
+        // parameters (the stable output buffer setting).
+        let Some(mut d) = self.dctx.take() else {
+            return;
+        };
+        if d.reset(zstd_safe::ResetDirective::SessionOnly).is_err() {
+            return;
+        }
+        let mut pool = DCTX_POOL.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < DCTX_POOL_MAX {
+            pool.push(d);
+        }
+    }
+}
+
 impl ResumableDecoder for ResumableFrame {
     fn advance(&mut self, buf: &mut [u8], pos: usize, target: usize) -> Result<usize> {
         let mut pos = pos;
@@ -750,9 +783,13 @@ impl ResumableDecoder for ResumableFrame {
             let (end, last) = self.next_unit()?;
             let mut ret = 1;
             while self.fed < end {
+                let at_start = self.fed;
                 let mut inb = InBuffer::around(&self.input[self.fed..end]);
                 let mut outb = OutBuffer::around_pos(&mut *buf, pos);
-                let res = self.dctx.decompress_stream(&mut outb, &mut inb);
+                let Some(dctx) = self.dctx.as_mut() else {
+                    return Err(self.corrupt(at_start, "decoder context lost".into()));
+                };
+                let res = dctx.decompress_stream(&mut outb, &mut inb);
                 let (used, new_pos) = (inb.pos(), outb.pos());
                 let at = self.fed;
                 self.fed += used;
