@@ -819,7 +819,19 @@ impl ResumableDecoder for ResumableFrame {
                     );
                 }
                 if let Some(want) = self.expect_xxh {
-                    let got = super::xxh64::xxh64(buf) as u32;
+                    // A frame's content checksum is the low 32 bits of the
+                    // XXH64 of its content, which is what the seek table
+                    // stores too, and zstd has just verified it against the
+                    // decoded bytes: comparing the two stored values checks
+                    // the table without hashing the frame a second time
+                    // (that was 6% of the CPU of a sequential copy).
+                    let has_checksum = self.body.is_some_and(|(_, c)| c);
+                    let got = if has_checksum && self.input.len() >= 4 {
+                        let t = &self.input[self.input.len() - 4..];
+                        u32::from_le_bytes([t[0], t[1], t[2], t[3]])
+                    } else {
+                        super::xxh64::xxh64(buf) as u32
+                    };
                     if got != want {
                         return Err(self.corrupt(
                             0,
