@@ -3,11 +3,15 @@ set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${BENCH_OUT:-$top/bench-out}
 mkdir -p "$out"
-NBDKIT_RS=$top/target/release/nbdkit-rs
-
-build_release() {
-    (cd "$top" && cargo build --release --bin nbdkit-rs >&2)
-}
+# NBDKIT_RS=PATH measures another build (e.g. an older commit's) instead.
+if [ -n "${NBDKIT_RS:-}" ]; then
+    build_release() { :; }
+else
+    NBDKIT_RS=$top/target/release/nbdkit-rs
+    build_release() {
+        (cd "$top" && cargo build --release --bin nbdkit-rs >&2)
+    }
+fi
 
 # start_server NAME SOCKET CMD...: start a server in the background and wait
 # until its socket accepts connections.  Sets SERVER_PID.

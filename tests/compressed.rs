@@ -416,3 +416,47 @@ fn gzip_index_is_saved_before_a_captive_server_exits() {
     );
     assert!(index.exists(), "the index was not saved before exit");
 }
+
+/// BGZF: the size comes from the member trailers at open, before the index
+/// walk even starts (the log shows the order: the walk's thread is only
+/// spawned after the size line), so the handshake does not wait for the
+/// walk; every byte still compares equal.  (That the size is answered while
+/// a walk is stuck is tested deterministically in the seekable crate's
+/// gzip_bgzf_size.rs, with a source that holds the walk's reads.)
+#[test]
+fn bgzf_size_is_known_before_the_index_walk() {
+    if !have("bgzip") || !have("nbdinfo") || !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let mut data = pseudo_random(24 << 20, 11);
+    data.extend(vec![0u8; 8 << 20]);
+    std::fs::write(&img, &data).unwrap();
+    let z = dir.path().join("disk.bgzf.gz");
+    compress(&img, &z, "bgzip", &["-c"]);
+    let s = Server::start(&[
+        "-v",
+        "--filter=gzip",
+        "file",
+        z.to_str().unwrap(),
+        "gzip-save-index=false",
+        "gzip-threads=1",
+    ]);
+    let size = stdout_of(Command::new("nbdinfo").arg("--size").arg(&s.uri));
+    assert_eq!(size.trim(), data.len().to_string());
+    let out = dir.path().join("out.img");
+    run_ok(Command::new("nbdcopy").arg(&s.uri).arg(&out));
+    assert!(
+        std::fs::read(&out).unwrap() == data,
+        "nbdcopy output differs"
+    );
+    let log = s.log();
+    let sized = log
+        .find("BGZF size from member trailers")
+        .unwrap_or_else(|| panic!("no size line in:\n{log}"));
+    if let Some(built) = log.find("gzip index built") {
+        assert!(sized < built, "{log}");
+    }
+    assert!(s.stop().success());
+}

@@ -271,6 +271,13 @@ fn settings(cfg: &mut Config, format: Format) -> std::result::Result<Settings, C
         .take_parse::<usize>(&format!("{p}-threads"))?
         .unwrap_or_else(default_threads);
     opts.scratch_dir = cfg.take(&format!("{p}-scratch-dir")).map(PathBuf::from);
+    // gzip spans are decoded from checkpoints in the index, not through
+    // the segment engine that has this tier, so gzip has no such option.
+    if format != Format::Gzip {
+        if let Some(c) = cfg.take_size(&format!("{p}-scratch-cache-size"))? {
+            opts.scratch_cache_bytes = c;
+        }
+    }
     let mut gzip = GzipOptions::default();
     if format == Format::Xz {
         // nbdkit's names.  Its block-size limit existed because it held
@@ -301,17 +308,19 @@ macro_rules! common_params {
         [
             Param { name: concat!($p, "-cache-size"), help: "memory for decompressed blocks, shared by all clients (default 256M)" },
             Param { name: concat!($p, "-threads"), help: "threads decoding blocks in parallel and ahead (default: number of CPUs)" },
-            Param { name: concat!($p, "-scratch-dir"), help: "directory for the sparse scratch file of single-block images (default $TMPDIR)" },
+            Param { name: concat!($p, "-scratch-dir"), help: "directory for scratch files: single-block images, and the scratch cache (default $TMPDIR)" },
+            Param { name: concat!($p, "-scratch-cache-size"), help: "non-zero decoded bytes kept in a sparse scratch file once evicted from memory, so they are not decoded again (default 1G; 0: off)" },
         ]
     };
 }
 
-pub const XZ_PARAMS: [Param; 5] = {
+pub const XZ_PARAMS: [Param; 6] = {
     let c = common_params!("xz");
     [
         c[0],
         c[1],
         c[2],
+        c[3],
         Param {
             name: "xz-max-block",
             help: "accepted for nbdkit compatibility: no block is too large here",
@@ -348,8 +357,8 @@ pub const GZIP_PARAMS: [Param; 7] = {
     ]
 };
 
-pub const ZSTD_PARAMS: [Param; 3] = common_params!("zstd");
-pub const BZIP2_PARAMS: [Param; 3] = common_params!("bzip2");
+pub const ZSTD_PARAMS: [Param; 4] = common_params!("zstd");
+pub const BZIP2_PARAMS: [Param; 4] = common_params!("bzip2");
 
 pub static XZ: FilterSpec = FilterSpec {
     name: "xz",

@@ -39,18 +39,30 @@ impl BlockCache {
 
     /// Insert a block, evicting old ones beyond the bound.
     pub fn insert(&self, key: u64, data: Arc<[u8]>) {
+        drop(self.insert_evicting(key, data));
+    }
+
+    /// Insert a block and return the blocks evicted to make room (so a
+    /// caller can keep them in a slower tier); they are returned rather
+    /// than handled here so no I/O happens under the cache lock.
+    pub fn insert_evicting(&self, key: u64, data: Arc<[u8]>) -> Vec<(u64, Arc<[u8]>)> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let len = data.len() as u64;
         if let Some(old) = inner.map.put(key, data) {
             inner.bytes -= old.len() as u64;
         }
         inner.bytes += len;
+        let mut evicted = Vec::new();
         while inner.bytes > inner.max_bytes && inner.map.len() > 1 {
             match inner.map.pop_lru() {
-                Some((_, old)) => inner.bytes -= old.len() as u64,
+                Some((k, old)) => {
+                    inner.bytes -= old.len() as u64;
+                    evicted.push((k, old));
+                }
                 None => break,
             }
         }
+        evicted
     }
 
     /// Whether a block is cached, without touching its LRU position (used to

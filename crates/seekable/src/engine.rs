@@ -3,6 +3,14 @@
 //! segments, single-flight decoding, parallel decode and decode-ahead on a
 //! small bounded thread pool, zero-chunk tracking, and progressive decoding
 //! of segments too big to hold in memory.
+//!
+//! Two tiers hold decoded segments: the RAM cache (LRU, `cache_bytes`) and
+//! behind it a sparse scratch file (`scratch_cache_bytes`) that segments
+//! evicted from RAM are written to.  Formats whose decoder can be suspended
+//! (zstd) also decode a segment only as far as a read needs (*partial*
+//! segments): the decoded prefix and the suspended decoder are kept, a
+//! later read further in resumes, and the rest is finished in the
+//! background so the segment ends up cached and verified.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,9 +18,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 
+use lru::LruCache;
+
 use crate::progressive::{
     get_bit, push_run, read_full, set_bit, Progressive, StreamDecoder, CHUNK,
 };
+use crate::spill::{Permits, Spill};
 use crate::{clone_error, is_zero, BlockCache, Error, Extent, Options, Result};
 
 /// One independently decodable piece of the compressed file.
@@ -36,6 +47,84 @@ pub(crate) trait Codec: Send + Sync + 'static {
     fn decode_whole(&self, _index: usize, _seg: &Segment, _out: &mut [u8]) -> Option<Result<()>> {
         None
     }
+    /// Whether segment `index` can be decoded partially with
+    /// `open_resumable` (formats whose decoder state is small; not xz,
+    /// whose decoder holds a whole dictionary).
+    fn resumable(&self, _index: usize) -> bool {
+        false
+    }
+    fn open_resumable(&self, index: usize, _seg: &Segment) -> Result<Box<dyn ResumableDecoder>> {
+        Err(Error::Unsupported {
+            name: String::new(),
+            format: self.format(),
+            reason: format!("segment {index} cannot be decoded partially"),
+        })
+    }
+}
+
+/// A decoder that writes one segment straight into the segment's final
+/// buffer, front to back, and can stop between steps and resume later.
+pub(crate) trait ResumableDecoder: Send {
+    /// `buf` is the whole segment (its recorded size) and always the same
+    /// buffer; `[0, pos)` is what this decoder has produced so far.  Decode
+    /// on until at least `target` bytes (`pos < target <= buf.len()`) are
+    /// done and return the new position.  Returning `buf.len()` means the
+    /// segment is complete and every check (size, checksums) has passed.
+    fn advance(&mut self, buf: &mut [u8], pos: usize, target: usize) -> Result<usize>;
+}
+
+/// Largest step a partial decode takes with its lock released: readers of
+/// the prefix wait at most this long (one zstd block is 128 KiB).
+const PARTIAL_STEP: usize = 128 << 10;
+
+/// Most partial segments (a prefix buffer plus a suspended decoder each)
+/// kept at once; the least recently used beyond this is dropped.
+const MAX_PARTIAL: usize = 16;
+
+/// A segment decoded only as far as reads have needed so far.
+struct Partial {
+    st: Mutex<PartialState>,
+    cv: Condvar,
+}
+
+struct PartialState {
+    /// The segment's buffer; `None` while a thread decodes a step into it.
+    /// It is not shared (so it can be written) until the segment is done.
+    buf: Option<Arc<[u8]>>,
+    /// `buf[..pos]` is decoded.
+    pos: usize,
+    dec: Option<Box<dyn ResumableDecoder>>,
+    busy: bool,
+    done: bool,
+    failed: Option<Error>,
+}
+
+impl Partial {
+    /// `buf` must be unshared; its old contents are never read (only the
+    /// decoded prefix is), so a recycled buffer needs no clearing.
+    fn new(buf: Arc<[u8]>) -> Partial {
+        Partial {
+            st: Mutex::new(PartialState {
+                buf: Some(buf),
+                pos: 0,
+                dec: None,
+                busy: false,
+                done: false,
+                failed: None,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PartialState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What `partial_for` found.
+enum Found {
+    Cached(Arc<[u8]>),
+    Partial(Arc<Partial>),
 }
 
 /// How far ahead of a sequential reader a progressive segment is decoded.
@@ -44,6 +133,14 @@ const PROGRESSIVE_AHEAD: u64 = 16 << 20;
 /// Number of independent sequential streams we recognise at once (several
 /// NBD connections, or one client with a few outstanding streams).
 const STREAM_SLOTS: usize = 4;
+
+/// A read this close to the end of a recent one is taken as part of a
+/// stream when deciding what to keep in the scratch tier: nbdcopy keeps
+/// 64 requests of 256 KiB in flight, so a stream's reads arrive up to 16
+/// MiB out of order.  (Random reads land this close to one of the last
+/// few by chance only rarely on a large image, and then merely skip the
+/// scratch tier.)  Smaller images get a window of 1/64 of their size.
+const STREAM_WINDOW: u64 = 32 << 20;
 
 pub(crate) struct Engine<C: Codec> {
     inner: Arc<Inner<C>>,
@@ -69,6 +166,24 @@ struct Inner<C: Codec> {
     next_slot: AtomicUsize,
     /// In-memory segments decoded ahead of a sequential reader.
     readahead: usize,
+    /// Partially decoded segments (formats with resumable decoders).
+    partials: Mutex<LruCache<usize, Arc<Partial>>>,
+    /// Buffers of segments evicted from the cache, for the next decodes: a
+    /// fresh 1 MiB buffer is fresh mmap'd pages (see the server's malloc
+    /// tuning), and faulting them in and zeroing them was ~18% of the CPU of
+    /// a sequential zstd copy.  At most 1/32 of the cache is held here.
+    recycled: Mutex<Vec<Arc<[u8]>>>,
+    recycle_bytes: u64,
+    /// Segments found corrupt after part of them was served: the rest of
+    /// the server's life they read as that error (I/O errors are not kept:
+    /// they may be transient).
+    bad: Mutex<HashMap<usize, Error>>,
+    /// The scratch-file tier behind the cache (`None`: turned off).
+    spill: Option<Spill>,
+    /// Bounds whole-segment decodes in memory at once: each holds a
+    /// segment buffer (and, for xz, a dictionary) until it completes, and
+    /// with many client requests missing at once they would add up.
+    permits: Permits,
 }
 
 /// A decode in progress that other readers can wait for.
@@ -163,6 +278,16 @@ impl<C: Codec> Engine<C> {
         // of, and each may hold a block's worth of memory.
         let threads = opts.threads.min(64);
         let pool = (threads > 0).then(|| Pool::new(threads, &opts.name));
+        let max_partial = (opts.cache_bytes / 4 / max_seg).clamp(2, MAX_PARTIAL as u64) as usize;
+        let spill = (opts.scratch_cache_bytes > 0).then(|| {
+            Spill::new(
+                &opts.name,
+                opts.scratch_dir.clone(),
+                size,
+                segs.len(),
+                opts.scratch_cache_bytes,
+            )
+        });
         let inner = Inner {
             codec,
             name: opts.name.clone(),
@@ -177,6 +302,16 @@ impl<C: Codec> Engine<C> {
             recent_ends: Default::default(),
             next_slot: AtomicUsize::new(0),
             readahead,
+            partials: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(max_partial).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
+            bad: Mutex::new(HashMap::new()),
+            recycled: Mutex::new(Vec::new()),
+            recycle_bytes: opts.cache_bytes / 32,
+            spill,
+            // The pool's threads plus the caller's: all the parallelism
+            // there is, without one buffer per waiting client request.
+            permits: Permits::new(threads + 1),
         };
         Engine {
             inner: Arc::new(inner),
@@ -199,6 +334,11 @@ impl<C: Codec> Engine<C> {
     /// Bytes of decoded data held in the cache now.
     pub(crate) fn cached_bytes(&self) -> u64 {
         self.inner.cache.bytes()
+    }
+
+    /// Bytes written to the scratch-file cache tier so far.
+    pub(crate) fn scratch_cached_bytes(&self) -> u64 {
+        self.inner.spill.as_ref().map_or(0, |s| s.used())
     }
 
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -235,12 +375,21 @@ impl<C: Codec> Engine<C> {
             let hi = end.min(seg.uoffset + seg.usize);
             if hi > lo {
                 let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
-                inner.read_segment(i, dst, lo - seg.uoffset)?;
+                let partial = inner.read_segment(i, dst, lo - seg.uoffset)?;
+                if partial {
+                    // Finish the segment on the pool while the client
+                    // gets its reply: it then ends up verified and cached
+                    // (and later spilled) instead of being decoded again
+                    // from the start once its suspended decoder is dropped.
+                    if let Some(pool) = &self.pool {
+                        self.schedule(pool, i, seg.usize);
+                    }
+                }
                 last = i;
             }
             i += 1;
         }
-        self.note_access(offset, end, last);
+        self.note_access(offset, end, first, last);
         Ok(())
     }
 
@@ -259,7 +408,10 @@ impl<C: Codec> Engine<C> {
             }));
             return;
         }
-        if inner.cache.contains(i as u64) || inner.known_all_zero(i) {
+        if inner.cache.contains(i as u64)
+            || inner.known_all_zero(i)
+            || inner.spill.as_ref().is_some_and(|s| s.contains(i))
+        {
             return;
         }
         if inner
@@ -270,6 +422,17 @@ impl<C: Codec> Engine<C> {
         {
             return;
         }
+        if let Some(p) = inner
+            .partials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .peek(&i)
+        {
+            // Someone is decoding it now: the work will get done.
+            if p.lock().busy {
+                return;
+            }
+        }
         let weak: Weak<Inner<C>> = Arc::downgrade(&self.inner);
         pool.submit(Box::new(move || {
             if let Some(inner) = weak.upgrade() {
@@ -279,20 +442,37 @@ impl<C: Codec> Engine<C> {
     }
 
     /// Recognise sequential access and decode ahead of it.
-    fn note_access(&self, offset: u64, end: u64, last: usize) {
+    fn note_access(&self, offset: u64, end: u64, first: usize, last: usize) {
         let inner = &self.inner;
         let mut sequential = false;
+        let mut near = false;
         let mut slot = None;
         for (k, s) in inner.recent_ends.iter().enumerate() {
-            if s.load(Ordering::Relaxed) == offset {
+            let e = s.load(Ordering::Relaxed);
+            if e == offset {
                 sequential = true;
                 slot = Some(k);
                 break;
             }
+            near |= offset.abs_diff(e) <= STREAM_WINDOW.min(inner.size / 64);
         }
         let k =
             slot.unwrap_or_else(|| inner.next_slot.fetch_add(1, Ordering::Relaxed) % STREAM_SLOTS);
         inner.recent_ends[k].store(end, Ordering::Relaxed);
+        if let Some(spill) = &inner.spill {
+            // A client with many requests in flight (nbdcopy has 64) reads
+            // a stream slightly out of order, so for this purpose a read
+            // close to a recent one counts as part of a stream too.
+            let streamed = sequential || near;
+            for i in first..=last.min(inner.segs.len().saturating_sub(1)) {
+                spill.mark_streamed(i, streamed);
+            }
+            if sequential {
+                for j in (last + 1..inner.segs.len()).take(inner.readahead) {
+                    spill.mark_streamed(j, true);
+                }
+            }
+        }
         let Some(pool) = &self.pool else { return };
         if !sequential {
             return;
@@ -420,18 +600,34 @@ impl<C: Codec> Inner<C> {
     }
 
     /// Copy segment-relative `[rel, rel+dst.len())` of segment `i`.
-    fn read_segment(&self, i: usize, dst: &mut [u8], rel: u64) -> Result<()> {
+    /// Returns true when it was served from a partially decoded segment.
+    fn read_segment(&self, i: usize, dst: &mut [u8], rel: u64) -> Result<bool> {
         if self.is_progressive(i) {
-            return self.progressive(i)?.read_at(dst, rel);
+            self.progressive(i)?.read_at(dst, rel)?;
+            return Ok(false);
         }
         if let Some(bits) = self.zero_bits(i) {
             let end = rel + dst.len() as u64;
             if (rel / CHUNK..end.div_ceil(CHUNK)).all(|c| get_bit(&bits, c)) {
                 dst.fill(0);
-                return Ok(());
+                return Ok(false);
             }
         }
-        let block = self.get_block(i)?;
+        let block = match self.cache.get(i as u64) {
+            Some(b) => b,
+            None => {
+                if let Some(spill) = &self.spill {
+                    if spill.contains(i) {
+                        spill.read(dst, self.segs[i].uoffset + rel)?;
+                        return Ok(false);
+                    }
+                }
+                if self.codec.resumable(i) {
+                    return self.read_partial(i, dst, rel);
+                }
+                self.get_block(i)?
+            }
+        };
         let src = block
             .get(rel as usize..rel as usize + dst.len())
             .ok_or_else(|| Error::Corrupt {
@@ -441,7 +637,231 @@ impl<C: Codec> Inner<C> {
                 reason: "decoded block is shorter than recorded".into(),
             })?;
         dst.copy_from_slice(src);
-        Ok(())
+        Ok(false)
+    }
+
+    /// The partial segment `i`, made if needed (or the cached data, if it
+    /// completed meanwhile).
+    fn partial_for(&self, i: usize) -> Found {
+        let mut map = self.partials.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = map.get(&i) {
+            return Found::Partial(p.clone());
+        }
+        // Re-check under the lock: a finished segment enters the cache
+        // before it leaves this map.
+        if let Some(b) = self.cache.get(i as u64) {
+            return Found::Cached(b);
+        }
+        let p = Arc::new(Partial::new(self.segment_buffer(i)));
+        // Pushing out the least recently used partial drops its prefix and
+        // decoder (a thread decoding it keeps its own reference and
+        // finishes its step).
+        map.push(i, p.clone());
+        Found::Partial(p)
+    }
+
+    /// Serve a read from segment `i`, decoding it only as far as needed.
+    /// Returns whether the segment is still incomplete afterwards.
+    fn read_partial(&self, i: usize, dst: &mut [u8], rel: u64) -> Result<bool> {
+        if let Some(e) = self.bad.lock().unwrap_or_else(|e| e.into_inner()).get(&i) {
+            return Err(clone_error(e));
+        }
+        let p = match self.partial_for(i) {
+            Found::Cached(b) => {
+                let src = b
+                    .get(rel as usize..rel as usize + dst.len())
+                    .ok_or_else(|| self.short_block(i))?;
+                dst.copy_from_slice(src);
+                return Ok(false);
+            }
+            Found::Partial(p) => p,
+        };
+        let end = rel as usize + dst.len();
+        let st = self.advance_partial(i, &p, end)?;
+        let src = st
+            .buf
+            .as_ref()
+            .and_then(|b| b.get(rel as usize..end))
+            .ok_or_else(|| self.short_block(i))?;
+        dst.copy_from_slice(src);
+        Ok(!st.done)
+    }
+
+    fn short_block(&self, i: usize) -> Error {
+        Error::Corrupt {
+            name: self.name.clone(),
+            format: self.codec.format(),
+            offset: self.segs[i].coffset,
+            reason: "decoded block is shorter than recorded".into(),
+        }
+    }
+
+    /// Decode partial segment `i` until `buf[..end]` is available and return
+    /// the locked state (with `buf` present).  One thread decodes at a time,
+    /// a step at a time with the lock released; the others wait and are
+    /// woken after every step, so a reader of the prefix is served as soon
+    /// as its bytes are there.
+    fn advance_partial<'a>(
+        &self,
+        i: usize,
+        p: &'a Partial,
+        end: usize,
+    ) -> Result<std::sync::MutexGuard<'a, PartialState>> {
+        let seg = self.segs[i];
+        let len = seg.usize as usize;
+        let end = end.min(len);
+        let mut st = p.lock();
+        loop {
+            if let Some(e) = &st.failed {
+                return Err(clone_error(e));
+            }
+            if !st.busy && st.pos >= end {
+                return Ok(st);
+            }
+            if st.busy {
+                st = p.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            let dec = match st.dec.take() {
+                Some(d) => Ok(d),
+                None => self.codec.open_resumable(i, &seg),
+            };
+            let (mut dec, mut buf) = match (dec, st.buf.take()) {
+                (Ok(d), Some(b)) => (d, b),
+                (Err(e), b) => {
+                    st.buf = b;
+                    st.failed = Some(clone_error(&e));
+                    drop(st);
+                    self.drop_partial_by_ref(i, p);
+                    p.cv.notify_all();
+                    return Err(e);
+                }
+                (Ok(_), None) => return Err(self.short_block(i)),
+            };
+            st.busy = true;
+            let pos = st.pos;
+            drop(st);
+
+            let target = end
+                .min(pos.saturating_add(PARTIAL_STEP))
+                .max(pos + 1)
+                .min(len);
+            let res = match Arc::get_mut(&mut buf) {
+                Some(out) => dec.advance(out, pos, target),
+                None => Err(self.short_block(i)),
+            };
+            let res = res.and_then(|n| {
+                if n <= pos || n > len {
+                    Err(self.short_block(i))
+                } else {
+                    Ok(n)
+                }
+            });
+
+            st = p.lock();
+            st.busy = false;
+            match res {
+                Ok(n) if n == len => {
+                    st.pos = n;
+                    st.done = true;
+                    st.buf = Some(buf.clone());
+                    drop(st);
+                    p.cv.notify_all();
+                    // Complete and verified: into the cache like a whole
+                    // decode, then out of the partial map.
+                    self.note_zeros(i, &buf);
+                    self.cache_insert(i, buf);
+                    self.drop_partial_by_ref(i, p);
+                    st = p.lock();
+                }
+                Ok(n) => {
+                    st.pos = n;
+                    st.dec = Some(dec);
+                    st.buf = Some(buf);
+                    p.cv.notify_all();
+                }
+                Err(e) => {
+                    // The prefix already served cannot be recalled; from
+                    // now on the whole segment reads as an error.
+                    if matches!(e, Error::Corrupt { .. }) {
+                        self.bad
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(i, clone_error(&e));
+                    }
+                    st.failed = Some(clone_error(&e));
+                    st.buf = Some(buf);
+                    drop(st);
+                    self.drop_partial_by_ref(i, p);
+                    p.cv.notify_all();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn drop_partial_by_ref(&self, i: usize, p: &Partial) {
+        let mut map = self.partials.lock().unwrap_or_else(|e| e.into_inner());
+        if map.peek(&i).is_some_and(|q| std::ptr::eq(&**q, p)) {
+            map.pop(&i);
+        }
+    }
+
+    /// Record the zero chunks of decoded segment `i`.
+    fn note_zeros(&self, i: usize, data: &[u8]) {
+        let mut bits = Vec::new();
+        for (c, chunk) in data.chunks(CHUNK as usize).enumerate() {
+            if is_zero(chunk) {
+                set_bit(&mut bits, c as u64);
+            }
+        }
+        self.zeros
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(i, Arc::new(bits));
+    }
+
+    /// A buffer of segment `i`'s size to decode into: recycled if one is
+    /// free (with stale contents: every decode path writes all of it or
+    /// fails, and a partial segment exposes only its decoded prefix), else
+    /// newly allocated.
+    fn segment_buffer(&self, i: usize) -> Arc<[u8]> {
+        let len = self.segs[i].usize as usize;
+        let mut free = self.recycled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = free.iter().position(|b| b.len() == len) {
+            return free.swap_remove(k);
+        }
+        drop(free);
+        std::iter::repeat_n(0u8, len).collect()
+    }
+
+    fn recycle(&self, buf: Arc<[u8]>) {
+        // Only a buffer nobody else holds can be written again.
+        if Arc::strong_count(&buf) != 1 || Arc::weak_count(&buf) != 0 {
+            return;
+        }
+        let mut free = self.recycled.lock().unwrap_or_else(|e| e.into_inner());
+        let held: u64 = free.iter().map(|b| b.len() as u64).sum();
+        if held + buf.len() as u64 <= self.recycle_bytes {
+            free.push(buf);
+        }
+    }
+
+    /// Cache decoded segment `i` (unless it is all zero: its bitmap serves
+    /// it), writing whatever that evicts to the scratch tier.
+    fn cache_insert(&self, i: usize, data: Arc<[u8]>) {
+        if self.known_all_zero(i) {
+            return;
+        }
+        let evicted = self.cache.insert_evicting(i as u64, data);
+        for (k, d) in evicted {
+            let k = k as usize;
+            if let (Some(spill), Some(seg)) = (&self.spill, self.segs.get(k)) {
+                let bits = self.zero_bits(k);
+                spill.put(k, seg.uoffset, &d, bits.as_deref().map(|v| v.as_slice()));
+            }
+            self.recycle(d);
+        }
     }
 
     /// The decoded data of in-memory segment `i`: from the cache, from a
@@ -450,6 +870,14 @@ impl<C: Codec> Inner<C> {
         let key = i as u64;
         if let Some(b) = self.cache.get(key) {
             return Ok(b);
+        }
+        if self.codec.resumable(i) {
+            let p = match self.partial_for(i) {
+                Found::Cached(b) => return Ok(b),
+                Found::Partial(p) => p,
+            };
+            let st = self.advance_partial(i, &p, self.segs[i].usize as usize)?;
+            return st.buf.clone().ok_or_else(|| self.short_block(i));
         }
         let (flight, leader) = {
             let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
@@ -469,13 +897,14 @@ impl<C: Codec> Inner<C> {
         if !leader {
             return flight.wait();
         }
-        let res = self.decode_block(i);
+        let res = {
+            let _permit = self.permits.acquire();
+            self.decode_block(i)
+        };
         if let Ok(b) = &res {
             // An all-zero block is served from its zero bitmap from now on;
             // caching its bytes would only waste the cache.
-            if !self.known_all_zero(i) {
-                self.cache.insert(key, b.clone());
-            }
+            self.cache_insert(i, b.clone());
         }
         self.inflight
             .lock()
@@ -499,7 +928,7 @@ impl<C: Codec> Inner<C> {
         // The size comes from the index but is bounded by the threshold, so
         // this allocation is bounded whatever the file says.  Collecting
         // straight into an `Arc<[u8]>` avoids copying the block afterwards.
-        let mut data: Arc<[u8]> = std::iter::repeat_n(0u8, seg.usize as usize).collect();
+        let mut data = self.segment_buffer(i);
         let out = Arc::get_mut(&mut data).ok_or_else(size_error)?;
         match self.codec.decode_whole(i, &seg, out) {
             Some(r) => r?,
@@ -514,16 +943,7 @@ impl<C: Codec> Inner<C> {
                 }
             }
         }
-        let mut bits = Vec::new();
-        for (c, chunk) in data.chunks(CHUNK as usize).enumerate() {
-            if is_zero(chunk) {
-                set_bit(&mut bits, c as u64);
-            }
-        }
-        self.zeros
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(i, Arc::new(bits));
+        self.note_zeros(i, &data);
         Ok(data)
     }
 }

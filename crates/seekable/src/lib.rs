@@ -59,6 +59,7 @@ pub mod cache;
 mod engine;
 pub mod gzip;
 mod progressive;
+mod spill;
 pub mod xz;
 pub mod zstd;
 
@@ -211,6 +212,12 @@ pub struct Options {
     /// Directory for scratch files (progressive decoding spill); `None` means
     /// the system temporary directory.
     pub scratch_dir: Option<std::path::PathBuf>,
+    /// Upper bound on decoded bytes kept in the scratch-file tier behind
+    /// the block cache: segments evicted from memory are written there
+    /// (all-zero chunks stay holes), so a segment is decoded at most once
+    /// per reader until this much is used.  Only the non-zero bytes
+    /// count; 0 turns the tier off.
+    pub scratch_cache_bytes: u64,
 }
 
 impl Options {
@@ -223,6 +230,10 @@ impl Options {
     }
 }
 
+/// Default bound of the scratch-file cache tier (see
+/// [`Options::scratch_cache_bytes`]).
+pub const DEFAULT_SCRATCH_CACHE: u64 = 1 << 30;
+
 impl Default for Options {
     fn default() -> Self {
         Options {
@@ -230,6 +241,7 @@ impl Default for Options {
             cache_bytes: 256 << 20,
             threads: 2,
             scratch_dir: None,
+            scratch_cache_bytes: DEFAULT_SCRATCH_CACHE,
         }
     }
 }

@@ -38,6 +38,7 @@ fn one_gib_of_zeros() {
         cache_bytes: 16 << 20,
         threads: 2,
         scratch_dir: None,
+        ..Options::default()
     };
     let r = GzipReader::open_with(src, &opts, &util::no_persist(1 << 20)).unwrap();
     assert_eq!(r.wait_size().unwrap(), GIB);

@@ -30,6 +30,7 @@ fn open(path: &Path, threads: usize, gz: &GzipOptions) -> GzipReader {
         cache_bytes: 64 << 20,
         threads,
         scratch_dir: None,
+        ..Options::default()
     };
     GzipReader::open_with(src, &opts, gz).unwrap()
 }

@@ -105,6 +105,7 @@ pub fn opts(threads: usize) -> Options {
         cache_bytes: 8 << 20,
         threads,
         scratch_dir: None,
+        ..Options::default()
     }
 }
 

@@ -440,3 +440,65 @@ fn concurrent_readers_of_one_block_decode_it_once() {
     }
     assert_eq!(src.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// With a RAM cache of one block, blocks evicted from it go to the
+    /// scratch tier (up to its bound) and later reads come from there.
+    #[test]
+    fn scratch_tier_serves_evicted_blocks(
+        seed in any::<u64>(),
+        block in 20_000usize..200_000,
+        threads in 0usize..3,
+        scratch in prop_oneof![Just(u64::MAX), 1u64..1_000_000],
+        reads in proptest::collection::vec((any::<u64>(), 1usize..100_000), 2..30),
+    ) {
+        let data = image_like(1_500_000, seed);
+        let file = xz_encode(&data, 4, Some(block));
+        let mut o = opts();
+        o.threads = threads;
+        o.cache_bytes = 1;
+        o.scratch_cache_bytes = scratch;
+        let r = XzReader::open(source(file), &o).unwrap();
+        for _ in 0..2 {
+            for &(off, n) in &reads {
+                let off = off % data.len() as u64;
+                let n = n.min(data.len() - off as usize);
+                check_range(&r, &data, off, n);
+            }
+        }
+        prop_assert!(r.scratch_cached_bytes() <= scratch);
+        check_extents(&r, &data);
+    }
+}
+
+#[test]
+fn scratch_tier_keeps_random_reads_and_is_bounded() {
+    let data = image_like(2_000_000, 77);
+    let file = xz_encode(&data, 4, Some(100_000));
+    let mut o = opts();
+    o.cache_bytes = 1;
+    o.threads = 0;
+    let r = XzReader::open(source(file.clone()), &o).unwrap();
+    // Reverse order, so no read looks sequential.
+    for k in (0..20u64).rev() {
+        check_range(&r, &data, k * 100_000 + 5, 1000);
+    }
+    let nonzero: u64 = data
+        .chunks(100_000)
+        .take(19)
+        .map(|b| if b.iter().any(|&x| x != 0) { 1 } else { 0 })
+        .sum();
+    assert!(r.scratch_cached_bytes() > 0 || nonzero == 0);
+    for k in (0..20u64).rev() {
+        check_range(&r, &data, k * 100_000 + 5, 1000);
+    }
+    // A bound smaller than one block keeps nothing.
+    o.scratch_cache_bytes = 1000;
+    let r = XzReader::open(source(file), &o).unwrap();
+    for k in (0..20u64).rev() {
+        check_range(&r, &data, k * 100_000 + 5, 1000);
+    }
+    assert_eq!(r.scratch_cached_bytes(), 0);
+}

@@ -278,3 +278,111 @@ fn frame_content_size_larger_than_blocks_allow_is_corrupt() {
         other => panic!("{:?}", other.map(|r| r.size())),
     }
 }
+
+/// Frames of several 128 KiB blocks, so a read can stop inside a frame.
+fn multi_block_frames(len: usize, seed: u64, frame: usize) -> (Vec<u8>, Vec<u8>) {
+    let data = image_like(len, seed);
+    let file = seekable_compress(&data, frame, 1).unwrap();
+    (data, file)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Partial frames: reads stop inside frames and later reads resume
+    /// them (threads 0: nothing finishes them in the background), reads
+    /// interleave across frames, the partial set overflows, and with a
+    /// tiny RAM cache finished frames are evicted to the scratch tier (or
+    /// dropped, when it is off or full) and read back from there.
+    #[test]
+    fn partial_frames_and_scratch_tier_match(
+        seed in any::<u64>(),
+        frame in 130_000usize..700_000,
+        threads in 0usize..3,
+        cache in prop_oneof![Just(1u64), 1u64..3_000_000],
+        scratch in prop_oneof![Just(0u64), Just(u64::MAX), 1u64..2_000_000],
+        reads in proptest::collection::vec((any::<u64>(), 1usize..200_000), 1..40),
+    ) {
+        let (data, file) = multi_block_frames(3_000_000, seed, frame);
+        let mut o = opts();
+        o.threads = threads;
+        o.cache_bytes = cache;
+        o.scratch_cache_bytes = scratch;
+        let r = ZstdReader::open(source(file), &o).unwrap();
+        for round in 0..2 {
+            for &(off, n) in &reads {
+                // Second round: the same reads, now from cache or scratch.
+                let off = (off >> round) % data.len() as u64;
+                let n = n.min(data.len() - off as usize);
+                check_range(&r, &data, off, n);
+            }
+        }
+        prop_assert!(r.scratch_cached_bytes() <= scratch);
+        check_extents(&r, &data);
+    }
+}
+
+#[test]
+fn partial_frame_is_served_before_its_checksum_and_fails_after() {
+    let (data, file) = multi_block_frames(2_000_000, 8, 1 << 20);
+    let t = SeekTable::parse_file(&file).unwrap();
+    let f = t.frames[0];
+    // The frame's own content checksum: its last 4 bytes.
+    let mut bad = file.clone();
+    bad[(f.compressed_offset + f.compressed_size - 2) as usize] ^= 0x10;
+    let mut o = opts();
+    o.threads = 0;
+    o.cache_bytes = 8 << 20;
+    let r = ZstdReader::open(source(bad), &o).unwrap();
+    // The first block decodes fine: served before the checksum is known.
+    check_range(&r, &data, 0, 4096);
+    let mut buf = vec![0u8; 4096];
+    match r.read_at(&mut buf, (1 << 20) - 4096) {
+        Err(Error::Corrupt { offset, name, .. }) => {
+            assert_eq!(name, "test-image");
+            assert!(
+                offset >= f.compressed_offset && offset <= f.compressed_offset + f.compressed_size,
+                "{offset}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Known bad now: its prefix is no longer served either.
+    assert!(matches!(r.read_at(&mut buf, 0), Err(Error::Corrupt { .. })));
+    // The other frame is unaffected.
+    check_range(&r, &data, 1 << 20, 500_000);
+    check_range(&r, &data, (1 << 20) + 700_000, 100_000);
+}
+
+#[test]
+fn sequential_reads_do_not_fill_the_scratch_tier() {
+    let (data, file) = multi_block_frames(3_000_000, 9, 200_000);
+    let mut o = opts();
+    o.cache_bytes = 1;
+    let r = ZstdReader::open(source(file), &o).unwrap();
+    let mut off = 0;
+    while off < data.len() {
+        let n = (64 << 10).min(data.len() - off);
+        check_range(&r, &data, off as u64, n);
+        off += n;
+    }
+    // Only the first frame (read before the stream was recognised) may
+    // have been kept.
+    assert!(
+        r.scratch_cached_bytes() <= 200_000,
+        "{}",
+        r.scratch_cached_bytes()
+    );
+    // Random reads after eviction are kept.
+    for k in 0..15u64 {
+        check_range(&r, &data, k * 199_999 + 17, 3000);
+    }
+    for k in 0..15u64 {
+        check_range(&r, &data, k * 199_999 + 17, 3000);
+    }
+    assert!(
+        r.scratch_cached_bytes() > 200_000,
+        "{}",
+        r.scratch_cached_bytes()
+    );
+}

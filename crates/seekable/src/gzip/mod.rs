@@ -14,9 +14,12 @@
 //! reads beyond it wait until the frontier passes them.  The finished index
 //! is saved (see [`GzipOptions`]) so the next open is instant.
 //!
-//! The exact decompressed size is only known when the walk ends: gzip's
-//! ISIZE trailer is the member length mod 2^32, and only per member, so it
-//! cannot give the size of a multi-GiB or multi-member image.  Hence
+//! The exact decompressed size of a BGZF file is added up at open from its
+//! member headers and trailers, without inflating (see [`bgzf_size_with`]),
+//! so [`RandomAccess::size`] answers at once while the index is built.  For
+//! other gzip files it is only known when the walk ends: gzip's ISIZE
+//! trailer is the member length mod 2^32, and only per member, so it
+//! cannot give the size of a multi-GiB or multi-member image.  There
 //! [`RandomAccess::size`] blocks until the walk completes (immediately
 //! when a saved index was loaded); [`GzipReader::indexed_frontier`] and
 //! [`GzipReader::known_size`] let a caller avoid blocking.
@@ -26,6 +29,7 @@
 //! [`Error::Corrupt`] naming their offset.  Once the walk has failed, every
 //! read fails with that error and nothing is saved.
 
+mod bgzf;
 mod decode;
 mod header;
 mod index;
@@ -39,6 +43,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
+pub use bgzf::{bgzf_size, bgzf_size_with, BGZF_MAX_ISIZE};
 pub use header::{is_gzip_magic, parse_header, Header, HeaderError};
 pub use index::{
     fnv1a64, Checkpoint, GzipIndex, Identity, Kind, Window, MAX_CHECKPOINTS, ZERO_CHUNK,
@@ -130,6 +135,8 @@ struct State {
     frontier: u64,
     done: bool,
     total: Option<u64>,
+    /// The exact size known before the walk ends (BGZF).
+    size: Option<u64>,
     failed: Option<Fail>,
     saved: Option<std::result::Result<PathBuf, String>>,
     save_done: bool,
@@ -487,9 +494,18 @@ impl GzipReader {
         });
         // Check the first header now so that a plainly broken file fails
         // at open rather than at the first read.
-        {
+        let first = {
             let mut input = header::Input::new(&*sh.source, comp_size, 0, 4096);
-            walk::read_header(&sh, &mut input).map_err(|f| sh.error(&f))?;
+            walk::read_header(&sh, &mut input).map_err(|f| sh.error(&f))?
+        };
+        if loaded.is_none() && first.bgzf_bsize.is_some() {
+            let src = sh.source.clone();
+            let t0 = Instant::now();
+            let size = bgzf_size_with(&sh.name, comp_size, &mut |off, buf| {
+                src.read_exact_at(buf, off)
+            })?;
+            tracing::debug!(name = %sh.name, ?size, secs = t0.elapsed().as_secs_f64(), "BGZF size from member trailers");
+            lock(&sh.state).size = size;
         }
         if let Some(idx) = loaded {
             {
@@ -511,6 +527,15 @@ impl GzipReader {
                 // A bug in the walk must not leave readers waiting forever.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| walk::walk(&bg)))
                     .unwrap_or_else(|_| Err(bg.fail_unsupported("index walk panicked".into())));
+                // The walk inflated and checked every member; its total
+                // must be the size the handshake already announced.
+                let result = result.and_then(|total| match lock(&bg.state).size {
+                    Some(s) if s != total => Err(bg.fail_corrupt(
+                        0,
+                        format!("decompresses to {total} bytes, but its BGZF trailers add up to {s}"),
+                    )),
+                    _ => Ok(total),
+                });
                 match result {
                     Ok(total) => {
                         tracing::debug!(name = %bg.name, total, secs = t0.elapsed().as_secs_f64(), "gzip index built");
@@ -662,6 +687,9 @@ impl Drop for GzipReader {
 
 impl RandomAccess for GzipReader {
     fn size(&self) -> u64 {
+        if let Some(s) = lock(&self.sh.state).size {
+            return s;
+        }
         let _ = self.sh.wait_frontier(u64::MAX);
         let st = lock(&self.sh.state);
         st.total.unwrap_or(st.frontier)
@@ -677,6 +705,12 @@ impl RandomAccess for GzipReader {
         let end = offset
             .checked_add(len)
             .ok_or_else(|| oor(self.known_size().unwrap_or(0)))?;
+        if let Some(size) = lock(&sh.state).size {
+            // Known already: a read past the end fails without waiting.
+            if end > size {
+                return Err(oor(size));
+            }
+        }
         if let Some(total) = sh.wait_frontier(end).map_err(|f| sh.error(&f))? {
             if end > total {
                 return Err(oor(total));
@@ -747,7 +781,7 @@ impl RandomAccess for GzipReader {
 
     fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
         let st = lock(&self.sh.state);
-        let len = match st.total {
+        let len = match st.total.or(st.size) {
             Some(t) => len.min(t.saturating_sub(offset)),
             None => len,
         };

@@ -97,6 +97,11 @@ impl XzReader {
     pub fn cached_bytes(&self) -> u64 {
         self.engine.cached_bytes()
     }
+
+    /// Decoded bytes written to the scratch-file cache tier so far.
+    pub fn scratch_cached_bytes(&self) -> u64 {
+        self.engine.scratch_cached_bytes()
+    }
 }
 
 crate::engine::random_access_via_engine!(XzReader);

@@ -13,13 +13,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ::zstd::zstd_safe::{self, DCtx, InBuffer, OutBuffer};
+use ::zstd::zstd_safe::{self, DCtx, DParameter, InBuffer, OutBuffer};
 
 use super::seek_table::{
     parse_frame_header, SeekTable, FRAME_MAGIC, MAX_FRAME_HEADER, SKIPPABLE_BASE, SKIPPABLE_MASK,
 };
 use super::xxh64::Xxh64;
-use crate::engine::{Codec, Engine, Segment};
+use crate::engine::{Codec, Engine, ResumableDecoder, Segment};
 use crate::progressive::{Progressive, StreamDecoder};
 use crate::{Error, Options, Result, Source};
 
@@ -190,6 +190,11 @@ impl ZstdReader {
     /// Decoded bytes currently held in the block cache.
     pub fn cached_bytes(&self) -> u64 {
         self.engine.cached_bytes()
+    }
+
+    /// Decoded bytes written to the scratch-file cache tier so far.
+    pub fn scratch_cached_bytes(&self) -> u64 {
+        self.engine.scratch_cached_bytes()
     }
 }
 
@@ -381,6 +386,29 @@ impl Codec for ZstdCodec {
             return None;
         }
         Some(self.decode_frame_into(index, f, out))
+    }
+
+    /// Any frame of plausible size is decoded partially: zstd's decoder
+    /// state is small (its history is the output buffer itself).
+    fn resumable(&self, index: usize) -> bool {
+        self.frames
+            .get(index)
+            .is_some_and(|f| f.compressed_size <= 2 * f.decompressed_size + (1 << 20))
+    }
+
+    fn open_resumable(&self, index: usize, _seg: &Segment) -> Result<Box<dyn ResumableDecoder>> {
+        let f = *self.frames.get(index).ok_or_else(|| Error::Corrupt {
+            name: self.name.clone(),
+            format: "zstd",
+            offset: 0,
+            reason: format!("no frame {index}"),
+        })?;
+        Ok(Box::new(ResumableFrame::new(
+            self.source.clone(),
+            &self.name,
+            f,
+            self.checksums.get(index).copied().flatten(),
+        )?))
     }
 
     fn open_segment(&self, index: usize, _seg: &Segment) -> Result<Box<dyn StreamDecoder>> {
@@ -590,5 +618,230 @@ impl StreamDecoder for FrameStream {
                 ));
             }
         }
+    }
+}
+
+/// A frame decoded a block at a time straight into its final buffer.
+///
+/// With `ZSTD_d_stableOutBuffer` the decoder writes into our buffer and
+/// uses what it wrote as its history, so suspending it between blocks
+/// costs only its small context.  We hand it exactly one block of input
+/// per call (found from the 3-byte block headers), which is what lets a
+/// read stop after the block holding its last byte.  The frame's content
+/// checksum (checked by zstd) and the seek table's checksum (checked here)
+/// can only be verified once the last block is decoded.
+struct ResumableFrame {
+    source: Arc<dyn Source>,
+    name: String,
+    frame: ZstdFrame,
+    /// Always `Some` until dropped (then it goes back to the pool).
+    dctx: Option<DCtx<'static>>,
+    /// Compressed bytes `[0, input.len())` of the frame, read on demand.
+    input: Vec<u8>,
+    /// Bytes of `input` given to the decoder so far.
+    fed: usize,
+    /// Where the first block header is (after the frame header).
+    body: Option<(usize, bool)>,
+    expect_xxh: Option<u32>,
+}
+
+impl ResumableFrame {
+    fn new(
+        source: Arc<dyn Source>,
+        name: &str,
+        frame: ZstdFrame,
+        expect_xxh: Option<u32>,
+    ) -> Result<Self> {
+        let oom = || Error::Io {
+            name: name.to_string(),
+            offset: frame.compressed_offset,
+            source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+        };
+        let pooled = DCTX_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let dctx = match pooled {
+            Some(d) => d,
+            None => {
+                let mut d = DCtx::try_create().ok_or_else(oom)?;
+                d.set_parameter(DParameter::StableOutBuffer(true))
+                    .map_err(|_| oom())?;
+                d
+            }
+        };
+        Ok(ResumableFrame {
+            source,
+            name: name.to_string(),
+            frame,
+            dctx: Some(dctx),
+            input: Vec::new(),
+            fed: 0,
+            body: None,
+            expect_xxh,
+        })
+    }
+
+    fn corrupt(&self, at: usize, reason: String) -> Error {
+        Error::Corrupt {
+            name: self.name.clone(),
+            format: "zstd",
+            offset: self.frame.compressed_offset + at as u64,
+            reason: format!("frame at offset {}: {reason}", self.frame.compressed_offset),
+        }
+    }
+
+    /// Have at least `upto` compressed bytes (within the frame) in `input`.
+    fn fill(&mut self, upto: usize) -> Result<()> {
+        let csize = self.frame.compressed_size as usize;
+        if upto > csize {
+            return Err(self.corrupt(self.input.len(), "frame runs past its recorded size".into()));
+        }
+        if upto <= self.input.len() {
+            return Ok(());
+        }
+        let have = self.input.len();
+        let want = upto.max(have + INPUT_STEP as usize).min(csize);
+        self.input.resize(want, 0);
+        let off = self.frame.compressed_offset + have as u64;
+        if let Err(e) = self.source.read_exact_at(&mut self.input[have..], off) {
+            self.input.truncate(have);
+            return Err(Error::Io {
+                name: self.name.clone(),
+                offset: off,
+                source: e,
+            });
+        }
+        Ok(())
+    }
+
+    /// The end (in `input`) of the next unit to feed: the frame header and
+    /// first block, or the next block; the last block with the checksum.
+    fn next_unit(&mut self) -> Result<(usize, bool)> {
+        let (first_block, has_checksum) = match self.body {
+            Some(b) => b,
+            None => {
+                self.fill(MAX_FRAME_HEADER.min(self.frame.compressed_size as usize))?;
+                let fh = parse_frame_header(&self.input, self.frame.compressed_offset)
+                    .map_err(|e| rename(e, &self.name))?;
+                let b = (fh.header_size, fh.has_checksum);
+                self.body = Some(b);
+                b
+            }
+        };
+        let at = self.fed.max(first_block);
+        self.fill(at + 3)?;
+        let h = u32::from_le_bytes([self.input[at], self.input[at + 1], self.input[at + 2], 0]);
+        let last = h & 1 != 0;
+        let size = (h >> 3) as usize;
+        let payload = match (h >> 1) & 3 {
+            0 | 2 => size,
+            1 => 1,
+            _ => return Err(self.corrupt(at, "reserved block type".into())),
+        };
+        if size as u64 > MAX_BLOCK {
+            return Err(self.corrupt(at, format!("block of {size} bytes exceeds 128 KiB")));
+        }
+        let mut end = at + 3 + payload;
+        if last && has_checksum {
+            end += 4;
+        }
+        self.fill(end)?;
+        Ok((end, last))
+    }
+}
+
+/// Contexts of finished or dropped partial frames, for the next ones: a
+/// fresh context allocates its block buffers on first use, which costs a
+/// noticeable part of decoding a 1 MiB frame.
+static DCTX_POOL: std::sync::Mutex<Vec<DCtx<'static>>> = std::sync::Mutex::new(Vec::new());
+
+/// Contexts kept in the pool at most (each is ~200 KiB once used).
+const DCTX_POOL_MAX: usize = 32;
+
+impl Drop for ResumableFrame {
+    fn drop(&mut self) {
+        // A session reset drops the frame in progress and keeps the
+        // parameters (the stable output buffer setting).
+        let Some(mut d) = self.dctx.take() else {
+            return;
+        };
+        if d.reset(zstd_safe::ResetDirective::SessionOnly).is_err() {
+            return;
+        }
+        let mut pool = DCTX_POOL.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < DCTX_POOL_MAX {
+            pool.push(d);
+        }
+    }
+}
+
+impl ResumableDecoder for ResumableFrame {
+    fn advance(&mut self, buf: &mut [u8], pos: usize, target: usize) -> Result<usize> {
+        let mut pos = pos;
+        // A full buffer is only done once the last block (and with it the
+        // checksum) has been through the decoder: blocks that add nothing
+        // may still follow, and data beyond the size makes zstd fail.
+        while pos < target || pos == buf.len() {
+            let (end, last) = self.next_unit()?;
+            let mut ret = 1;
+            while self.fed < end {
+                let at_start = self.fed;
+                let mut inb = InBuffer::around(&self.input[self.fed..end]);
+                let mut outb = OutBuffer::around_pos(&mut *buf, pos);
+                let Some(dctx) = self.dctx.as_mut() else {
+                    return Err(self.corrupt(at_start, "decoder context lost".into()));
+                };
+                let res = dctx.decompress_stream(&mut outb, &mut inb);
+                let (used, new_pos) = (inb.pos(), outb.pos());
+                let at = self.fed;
+                self.fed += used;
+                match res {
+                    Err(code) => {
+                        return Err(self.corrupt(at, zstd_safe::get_error_name(code).to_string()))
+                    }
+                    Ok(r) => ret = r,
+                }
+                if used == 0 && new_pos == pos {
+                    return Err(self.corrupt(at, "decoder made no progress".into()));
+                }
+                pos = new_pos;
+            }
+            if last {
+                if ret != 0 {
+                    return Err(self.corrupt(self.fed, "frame is truncated".into()));
+                }
+                if self.fed as u64 != self.frame.compressed_size {
+                    return Err(
+                        self.corrupt(self.fed, "frame ends before its recorded size".into())
+                    );
+                }
+                if pos != buf.len() {
+                    return Err(
+                        self.corrupt(0, format!("decodes to {pos} bytes, recorded {}", buf.len()))
+                    );
+                }
+                if let Some(want) = self.expect_xxh {
+                    // A frame's content checksum is the low 32 bits of the
+                    // XXH64 of its content, which is what the seek table
+                    // stores too, and zstd has just verified it against the
+                    // decoded bytes: comparing the two stored values checks
+                    // the table without hashing the frame a second time
+                    // (that was 6% of the CPU of a sequential copy).
+                    let has_checksum = self.body.is_some_and(|(_, c)| c);
+                    let got = if has_checksum && self.input.len() >= 4 {
+                        let t = &self.input[self.input.len() - 4..];
+                        u32::from_le_bytes([t[0], t[1], t[2], t[3]])
+                    } else {
+                        super::xxh64::xxh64(buf) as u32
+                    };
+                    if got != want {
+                        return Err(self.corrupt(
+                            0,
+                            format!("seek table checksum mismatch ({got:08x} != {want:08x})"),
+                        ));
+                    }
+                }
+                return Ok(pos);
+            }
+        }
+        Ok(pos)
     }
 }

@@ -126,6 +126,7 @@ pub fn opts() -> Options {
         cache_bytes: 1 << 20,
         threads: 2,
         scratch_dir: None,
+        ..Options::default()
     }
 }
 
