@@ -231,9 +231,9 @@ mod psk {
             b.set_min_proto_version(Some(SslVersion::TLS1_2))
                 .map_err(cfg)?;
             // TLS 1.3 with a PSK from this callback uses a SHA-256 suite.
-            b.set_ciphersuites("TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256")
+            b.set_ciphersuites(nbdkit_tls::PSK_TLS13_SUITES)
                 .map_err(cfg)?;
-            b.set_cipher_list("ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES256-CBC-SHA384:ECDHE-PSK-AES128-CBC-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305")
+            b.set_cipher_list(nbdkit_tls::PSK_TLS12_CIPHERS)
                 .map_err(cfg)?;
             // One handshake per connection: no session tickets to resume.
             b.set_options(SslOptions::NO_TICKET | SslOptions::NO_RENEGOTIATION);

@@ -67,6 +67,14 @@ pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, CredentialErro
 /// The largest pre-shared key OpenSSL accepts (PSK_MAX_PSK_LEN).
 pub const MAX_PSK_KEY: usize = 512;
 
+/// The TLS 1.3 suites both ends of a PSK session offer (OpenSSL names):
+/// a PSK given by a callback is tied to SHA-256.
+pub const PSK_TLS13_SUITES: &str = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256";
+
+/// The TLS 1.2 PSK ciphers both ends offer (OpenSSL names), forward-secret
+/// (ECDHE) ones first.
+pub const PSK_TLS12_CIPHERS: &str = "ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES256-CBC-SHA384:ECDHE-PSK-AES128-CBC-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305";
+
 /// Pre-shared keys by username.
 pub type PskKeys = HashMap<Vec<u8>, Vec<u8>>;
 
