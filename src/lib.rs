@@ -183,6 +183,15 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
             c.load(&[])?;
         }
         chain::dump_plugin(&plugin);
+        // With parameters (`sh SCRIPT --dump-plugin`), the configured
+        // plugin may add its own lines, as nbdkit's .dump_plugin does.
+        if matches!(plugin, chain::Plugin::Builtin(_)) && cli.args.len() > 1 {
+            let backend = chain::build(&plugin, &[], &cli.args[1..])?;
+            if let Some(extra) = backend.dump_plugin() {
+                print!("{extra}");
+            }
+            backend.shutdown();
+        }
         return Ok(ExitCode::SUCCESS);
     }
     if cli.oldstyle {

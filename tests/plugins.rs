@@ -1407,3 +1407,33 @@ fn eval_preconnect_sees_readonly_and_can_refuse_clients() {
     let lines = std::fs::read_to_string(&seen).unwrap();
     assert_eq!(lines, "true\ntrue\n", "preconnect's readonly argument");
 }
+
+/// `--dump-plugin` with a script: after the server's lines, what the
+/// script's dump_plugin method prints (nothing when it has none).
+#[test]
+fn sh_and_eval_dump_plugin_run_the_script() {
+    let script = data_script("dump-plugin.sh");
+    let run = |args: &[&str]| {
+        let out = Command::new(binary()).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = run(&["sh", &script, "--dump-plugin"]);
+    assert!(out.starts_with("path="), "{out}");
+    assert!(out.contains("name=sh\n"), "{out}");
+    assert!(out.ends_with("my_script_version=7\n"), "{out}");
+    let out = run(&[
+        "eval",
+        "dump_plugin=echo from_eval=1",
+        "get_size=echo 1M",
+        "pread=exit 1",
+        "--dump-plugin",
+    ]);
+    assert!(out.ends_with("from_eval=1\n"), "{out}");
+    // Without dump_plugin, only the server's lines.
+    let out = run(&["eval", "get_size=echo 1M", "pread=exit 1", "--dump-plugin"]);
+    assert!(
+        out.contains("name=eval\n") && !out.contains("from_eval"),
+        "{out}"
+    );
+}

@@ -205,6 +205,14 @@ pub trait Backend: Send + Sync {
     /// server (or a filter above) will never write.
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>>;
 
+    /// Lines a configured plugin adds to `--dump-plugin` (`key=value`,
+    /// each ending in a newline), after the ones the server prints for
+    /// every plugin: nbdkit's `.dump_plugin`, which the sh plugin passes to
+    /// its script.
+    fn dump_plugin(&self) -> Option<String> {
+        None
+    }
+
     /// The server is exiting: flush logs, remove temporary files.
     fn shutdown(&self) {
         if let Some(n) = self.next() {

@@ -333,6 +333,15 @@ impl Backend for ScriptBackend {
     fn after_fork(&self) -> Result<()> {
         self.script.run("after_fork", &[], None).map(|_| ())
     }
+    fn dump_plugin(&self) -> Option<String> {
+        match self.script.run("dump_plugin", &[], None) {
+            Ok(out) => out.map(|o| String::from_utf8_lossy(&o).into_owned()),
+            Err(e) => {
+                tracing::warn!("{}: {e}", self.name);
+                None
+            }
+        }
+    }
     fn preconnect(&self, client: &nbdkit_backend::Client) -> Result<()> {
         // An error (exit 1) refuses the client before the handshake.
         self.script
