@@ -566,6 +566,30 @@ fn api_v2_plugin_errors_reach_the_client() {
     );
     assert!(log.contains("tls=0"), "{log}");
 
+    // nbdkit_disconnect(0) answers the read, then closes the connection;
+    // nbdkit_disconnect(1) drops it without a reply.  The server carries on.
+    python(
+        "import nbd, sys\n\
+         for name, uri, answered in (('disconnect', sys.argv[1], True), ('disconnect-now', sys.argv[2], False)):\n\
+         \x20   h = nbd.NBD()\n\
+         \x20   h.connect_uri(uri)\n\
+         \x20   h.pread(512, 0)\n\
+         \x20   try:\n\
+         \x20       h.pread(512, 512)\n\
+         \x20       got = True\n\
+         \x20   except nbd.Error:\n\
+         \x20       got = False\n\
+         \x20   assert got == answered, name\n\
+         \x20   try:\n\
+         \x20       h.pread(512, 1024)\n\
+         \x20       raise SystemExit(name + ': still connected')\n\
+         \x20   except nbd.Error:\n\
+         \x20       pass\n\
+         print('OK')",
+        &[&s.uri_for("disconnect"), &s.uri_for("disconnect-now")],
+    );
+    assert!(s.log().contains("the plugin called nbdkit_disconnect(1)"));
+
     // nbdkit_shutdown: the server exits gracefully.
     let out = Command::new("nbdinfo")
         .arg(s.uri_for("shutdown"))

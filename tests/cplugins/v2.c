@@ -79,7 +79,8 @@ v2_open (int readonly)
     nbdkit_set_error (ESHUTDOWN);
     return NULL;
   }
-  if (strcmp (name, "a") != 0 && strcmp (name, "b") != 0) {
+  if (strcmp (name, "a") != 0 && strcmp (name, "b") != 0 &&
+      strcmp (name, "disconnect") != 0 && strcmp (name, "disconnect-now") != 0) {
     nbdkit_error ("v2test: no export named '%s'", name);
     nbdkit_set_error (ENOENT);
     return NULL;
@@ -129,9 +130,15 @@ v2_can_multi_conn (void *h)
   return 1;
 }
 
+/* nbdkit 1.34; Debian's 1.32 headers do not declare it. */
+extern void nbdkit_disconnect (int force);
+
 static int
 v2_pread (void *h, void *buf, uint32_t count, uint64_t offset, uint32_t flags)
 {
+  /* The "disconnect" exports drop the client on a read at 512. */
+  if (strncmp (h, "disconnect", 10) == 0 && offset == 512)
+    nbdkit_disconnect (strcmp (h, "disconnect-now") == 0);
   pthread_mutex_lock (&lock);
   memcpy (buf, disk + offset, count);
   pthread_mutex_unlock (&lock);

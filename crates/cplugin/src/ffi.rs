@@ -134,10 +134,13 @@ unsafe impl Sync for RawHandle {}
 
 /// Why a plugin call failed: the errno the server reports and the
 /// messages the plugin gave with `nbdkit_error`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Failure {
     pub errno: c_int,
     pub messages: Vec<String>,
+    /// The plugin called `nbdkit_disconnect(1)` during the call: drop the
+    /// connection now, without a reply (whatever the call returned).
+    pub disconnect: bool,
 }
 
 pub(crate) type CallResult<T> = Result<T, Failure>;
@@ -324,11 +327,19 @@ impl Library {
                 errors: Vec::new(),
                 errno: 0,
                 conn: conn.cloned(),
+                force_disconnect: false,
             })
         });
         let r = f();
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         let state = CALL.with(|c| c.replace(saved));
+        if state.force_disconnect {
+            return Err(Failure {
+                errno: libc::ESHUTDOWN,
+                messages: state.errors,
+                disconnect: true,
+            });
+        }
         if !failed(&r) {
             return Ok(r);
         }
@@ -342,6 +353,7 @@ impl Library {
         Err(Failure {
             errno,
             messages: state.errors,
+            disconnect: false,
         })
     }
 
@@ -382,6 +394,7 @@ impl Library {
             return Err(Failure {
                 errno: libc::EINVAL,
                 messages: vec![format!("{key}: the parameter contains a NUL byte")],
+                ..Default::default()
             });
         };
         let Some(f) = self.p.config else {
@@ -390,6 +403,7 @@ impl Library {
                 messages: vec![format!(
                     "this plugin takes no parameters (it was given '{key}')"
                 )],
+                ..Default::default()
             });
         };
         // Plugins keep these pointers (nbdkit passes argv, which lives
@@ -474,6 +488,7 @@ impl Library {
             return Err(Failure {
                 errno: libc::EIO,
                 messages: vec!["the plugin has no open callback".into()],
+                ..Default::default()
             });
         };
         // SAFETY: `void *open (int readonly)`; NULL means failure.
@@ -499,6 +514,7 @@ impl Library {
             return Err(Failure {
                 errno: libc::EIO,
                 messages: vec!["the plugin has no get_size callback".into()],
+                ..Default::default()
             });
         };
         // SAFETY: `int64_t get_size (void *handle)`.
@@ -787,6 +803,8 @@ struct CallState {
     /// From nbdkit_set_error.
     errno: c_int,
     conn: Option<Arc<Conn>>,
+    /// nbdkit_disconnect(1) was called.
+    force_disconnect: bool,
 }
 
 thread_local! {
@@ -1257,13 +1275,21 @@ pub extern "C" fn nbdkit_shutdown() {
 }
 
 /// nbdkit 1.34's `nbdkit_disconnect`: stop serving the current client once
-/// its requests in flight have been answered.  With `force`, nbdkit drops
-/// the connection at once; this server always lets in-flight replies go out.
+/// its requests in flight have been answered; with `force`, drop the
+/// connection as soon as the plugin's current call returns, without
+/// replying to it.
 #[no_mangle]
 pub extern "C" fn nbdkit_disconnect(force: c_int) {
-    let _ = force;
     if let Some(c) = current_client("nbdkit_disconnect") {
         c.request_disconnect();
+        if force != 0 {
+            CALL.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.active {
+                    s.force_disconnect = true;
+                }
+            });
+        }
     }
 }
 

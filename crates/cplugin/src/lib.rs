@@ -408,6 +408,12 @@ impl Inner {
     /// A plugin failure as a backend error: the plugin's message (which
     /// goes to the client) and its errno's kind.
     fn error(&self, what: &str, f: Failure) -> Error {
+        if f.disconnect {
+            return Error::disconnect(format!(
+                "{}: {what}: the plugin called nbdkit_disconnect(1)",
+                self.plugin.name()
+            ));
+        }
         let msg = match f.messages.last() {
             Some(m) => m.clone(),
             None => format!("{}: {what}: {}", self.plugin.name(), strerror(f.errno)),

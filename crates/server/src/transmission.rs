@@ -391,6 +391,16 @@ fn worker(
                     r.done = true;
                     return;
                 }
+                // A backend asked to end this connection while the request
+                // was on its way: it is not served (nor answered).
+                Ok(_) if client.disconnect_requested() => {
+                    debug!(
+                        conn,
+                        "not serving a request read after a disconnect was asked for"
+                    );
+                    r.done = true;
+                    return;
+                }
                 Ok(req) => req,
                 Err(ConnectionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     debug!(conn, "client closed the connection");
