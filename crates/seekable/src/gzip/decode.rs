@@ -15,34 +15,20 @@ const DISCARD: usize = 64 * 1024;
 /// distance from the checkpoint.  CRCs were checked by the index walk, so
 /// they are not checked again here.
 pub(super) fn decode(sh: &Shared, cp: &Checkpoint, start: u64, end: u64) -> Result<Vec<u8>, Fail> {
-    let mut inf = Inflater::new_raw().map_err(|e| sh.fail_corrupt(cp.inp, e))?;
-    let mut input;
-    match &cp.kind {
+    let (mut inf, mut input) = match &cp.kind {
         Kind::Member => {
-            input = Input::new(&*sh.source, sh.comp_size, cp.inp, READ_CHUNK);
+            let inf = Inflater::new_raw().map_err(|e| sh.fail_corrupt(cp.inp, e))?;
+            let mut input = Input::new(&*sh.source, sh.comp_size, cp.inp, READ_CHUNK);
             read_header(sh, &mut input)?;
+            (inf, input)
         }
         Kind::Deflate { bits, window } => {
-            let bits = *bits as u32;
-            let at = cp.inp - (bits > 0) as u64;
-            input = Input::new(&*sh.source, sh.comp_size, at, READ_CHUNK);
-            if bits > 0 {
-                let ok = input.ensure(1).map_err(|e| sh.fail_io(at, e))?;
-                let byte = match input.buffered().first() {
-                    Some(b) if ok => *b as u32,
-                    _ => return Err(sh.fail_corrupt(at, "checkpoint beyond end of file".into())),
-                };
-                input.consume(1);
-                inf.prime(bits, byte >> (8 - bits))
-                    .map_err(|e| sh.fail_corrupt(at, e))?;
-            }
             let w = window
                 .raw()
                 .map_err(|e| sh.fail_corrupt(cp.inp, format!("saved index: {e}")))?;
-            inf.set_dictionary(&w)
-                .map_err(|e| sh.fail_corrupt(cp.inp, e))?;
+            resume(sh, cp.inp, *bits, &w, READ_CHUNK)?
         }
-    }
+    };
     let len =
         usize::try_from(end - start).map_err(|_| sh.fail_unsupported("span too large".into()))?;
     let mut buf = vec![0u8; len];
@@ -82,4 +68,33 @@ pub(super) fn decode(sh: &Shared, cp: &Checkpoint, start: u64, end: u64) -> Resu
         }
     }
     Ok(buf)
+}
+
+/// An inflater and input positioned at a deflate block boundary: `inp` is
+/// the first whole byte after it, `bits` (0..=7) high bits of the byte
+/// before are still unread, and `window` is the history before it.
+pub(super) fn resume<'a>(
+    sh: &'a Shared,
+    inp: u64,
+    bits: u8,
+    window: &[u8],
+    chunk: usize,
+) -> Result<(Inflater, Input<'a>), Fail> {
+    let mut inf = Inflater::new_raw().map_err(|e| sh.fail_corrupt(inp, e))?;
+    let bits = bits as u32;
+    let at = inp - (bits > 0) as u64;
+    let mut input = Input::new(&*sh.source, sh.comp_size, at, chunk);
+    if bits > 0 {
+        let ok = input.ensure(1).map_err(|e| sh.fail_io(at, e))?;
+        let byte = match input.buffered().first() {
+            Some(b) if ok => *b as u32,
+            _ => return Err(sh.fail_corrupt(at, "checkpoint beyond end of file".into())),
+        };
+        input.consume(1);
+        inf.prime(bits, byte >> (8 - bits))
+            .map_err(|e| sh.fail_corrupt(at, e))?;
+    }
+    inf.set_dictionary(window)
+        .map_err(|e| sh.fail_corrupt(inp, e))?;
+    Ok((inf, input))
 }

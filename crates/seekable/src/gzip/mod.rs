@@ -33,6 +33,7 @@ mod bgzf;
 mod decode;
 mod header;
 mod index;
+mod spec;
 mod walk;
 mod zstream;
 
@@ -105,6 +106,9 @@ pub struct GzipStats {
     pub spans_decoded: u64,
     /// Spans decoded ahead of need by background threads.
     pub spans_ahead: u64,
+    /// Independent pieces of single members (`pigz -i`) the index walk
+    /// inflated in parallel.
+    pub pieces_parallel: u64,
 }
 
 /// Random access to a gzip file.
@@ -166,6 +170,7 @@ pub(crate) struct Shared {
     last_end: AtomicU64,
     decoded: AtomicU64,
     ahead: AtomicU64,
+    pieces: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -491,6 +496,7 @@ impl GzipReader {
             last_end: AtomicU64::new(u64::MAX),
             decoded: AtomicU64::new(0),
             ahead: AtomicU64::new(0),
+            pieces: AtomicU64::new(0),
         });
         // Check the first header now so that a plainly broken file fails
         // at open rather than at the first read.
@@ -622,6 +628,7 @@ impl GzipReader {
         GzipStats {
             spans_decoded: self.sh.decoded.load(Ordering::Relaxed),
             spans_ahead: self.sh.ahead.load(Ordering::Relaxed),
+            pieces_parallel: self.sh.pieces.load(Ordering::Relaxed),
         }
     }
 }

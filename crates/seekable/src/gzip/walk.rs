@@ -2,18 +2,23 @@
 //! verifies CRC32 and ISIZE, picks checkpoints, finds zero chunks, and
 //! publishes progress (the "frontier") so readers can proceed behind it.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 
+use super::decode::resume;
 use super::header::{is_gzip_magic, parse_header, Header, HeaderError, Input, MAX_HEADER};
 use super::index::{zero_parts, Emitter, ZeroTracker};
-use super::zstream::{Inflater, Status};
+use super::spec::{self, Decoded, Refused, Segment};
+use super::zstream::{Inflater, Status, WINDOW};
 use super::{Fail, Shared};
 
 const READ_CHUNK: usize = 256 * 1024;
 /// Publish progress at least this often (in output bytes) inside a member.
 const PUBLISH_EVERY: u64 = 256 * 1024;
+/// Compressed bytes of a member decoded serially before looking for
+/// independent pieces: small members are not worth the threads.
+const SPEC_AFTER: u64 = 1 << 20;
 /// BGZF batches handed to one worker: bounded in compressed bytes and in
 /// members (BGZF members hold at most 64 KiB each).
 const BGZF_BATCH_BYTES: usize = 4 << 20;
@@ -27,10 +32,9 @@ pub(super) fn walk(sh: &Shared) -> Result<u64, Fail> {
         zt: ZeroTracker::default(),
         out: 0,
         last_pub: 0,
+        obuf: vec![0u8; READ_CHUNK],
     };
     let mut input = Input::new(&*sh.source, sh.comp_size, 0, READ_CHUNK);
-    let mut inf = Inflater::new_raw().map_err(|e| sh.fail_corrupt(0, e))?;
-    let mut obuf = vec![0u8; READ_CHUNK];
     loop {
         let member_off = input.offset();
         let hdr = read_header(sh, &mut input)?;
@@ -45,7 +49,8 @@ pub(super) fn walk(sh: &Shared) -> Result<u64, Fail> {
             w.out = out;
             input = Input::new(&*sh.source, sh.comp_size, off, READ_CHUNK);
         } else {
-            w.member(&mut input, &mut inf, &mut obuf, member_off)?;
+            let end = w.member(input.offset(), member_off)?;
+            input = Input::new(&*sh.source, sh.comp_size, end, READ_CHUNK);
         }
         // What follows a member: another member, the end, or padding.
         input.ensure(2).map_err(|e| sh.fail_io(input.offset(), e))?;
@@ -114,9 +119,61 @@ struct Walker<'a> {
     zt: ZeroTracker,
     out: u64,
     last_pub: u64,
+    obuf: Vec<u8>,
 }
 
-impl Walker<'_> {
+/// A deflate block boundary: `inp` is the first whole byte after it,
+/// `bits` (0..=7) high bits of the byte before are still unread, and
+/// `window` is the history (up to 32 KiB) before it.
+struct Resume {
+    inp: u64,
+    bits: u8,
+    window: Vec<u8>,
+}
+
+/// Decoding state of the member being walked.
+struct MemberState<'a> {
+    /// Where the committed decoding is (always a resumable point already
+    /// offered to the emitter).
+    pos: Resume,
+    /// The serial decoder, when it is at `pos` (after serial decoding);
+    /// `None` after a committed segment, rebuilt from `pos` when needed.
+    live: Option<(Inflater, Input<'a>)>,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+#[derive(Clone, Copy)]
+enum Until {
+    /// The end of the deflate stream.
+    End,
+    /// The first block boundary at or past this compressed offset.
+    Past(u64),
+    /// A block boundary exactly at this byte-aligned offset, or the first
+    /// one past it.
+    Land(u64),
+}
+
+enum Stop {
+    Landed,
+    Passed,
+    /// The deflate stream ended; the trailer starts here.
+    StreamEnd(u64),
+}
+
+/// `dst` = the last [`WINDOW`] bytes of `prior` followed by `tail`.
+fn join_window(prior: &[u8], tail: &[u8], dst: &mut Vec<u8>) {
+    dst.clear();
+    if tail.len() < WINDOW {
+        let keep = (WINDOW - tail.len()).min(prior.len());
+        dst.extend_from_slice(&prior[prior.len() - keep..]);
+        dst.extend_from_slice(tail);
+    } else {
+        dst.extend_from_slice(&tail[tail.len() - WINDOW..]);
+    }
+}
+
+impl<'a> Walker<'a> {
     fn publish(&mut self, frontier: u64, done: bool) {
         self.last_pub = frontier;
         let cps = std::mem::take(&mut self.em.fresh);
@@ -138,19 +195,95 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// Decode one ordinary member (header already consumed).
-    fn member(
-        &mut self,
-        input: &mut Input<'_>,
-        inf: &mut Inflater,
-        obuf: &mut [u8],
-        member_off: u64,
-    ) -> Result<(), Fail> {
+    /// Decode one ordinary member whose deflate data starts at `data_off`
+    /// (header at `member_off`, already parsed); returns the offset right
+    /// after its trailer.
+    ///
+    /// Serial decoding until `SPEC_AFTER` compressed bytes in; after that,
+    /// if the member turns out to be written in independent pieces
+    /// (`pigz -i`), the pieces are inflated in parallel (see [`spec`]).
+    fn member(&mut self, data_off: u64, member_off: u64) -> Result<u64, Fail> {
         let sh = self.sh;
         self.point(self.out, member_off)?;
-        inf.reset().map_err(|e| sh.fail_corrupt(member_off, e))?;
-        let mut crc = crc32fast::Hasher::new();
-        let mut len = 0u64;
+        let mut m = MemberState {
+            pos: Resume {
+                inp: data_off,
+                bits: 0,
+                window: Vec::new(),
+            },
+            live: None,
+            crc: crc32fast::Hasher::new(),
+            len: 0,
+        };
+        let end = if sh.threads == 0 {
+            self.serial(&mut m, Until::End)?
+        } else {
+            match self.serial(&mut m, Until::Past(data_off + SPEC_AFTER))? {
+                Stop::StreamEnd(end) => Stop::StreamEnd(end),
+                _ => self.speculate(&mut m)?,
+            }
+        };
+        let Stop::StreamEnd(off) = end else {
+            unreachable!("member decoding stops only at the end of its stream")
+        };
+        let mut t = [0u8; 8];
+        if off + 8 > sh.comp_size {
+            return Err(sh.fail_corrupt(off, "truncated gzip member trailer".into()));
+        }
+        sh.source
+            .read_exact_at(&mut t, off)
+            .map_err(|e| sh.fail_io(off, e))?;
+        let want_crc = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
+        let want_len = u32::from_le_bytes([t[4], t[5], t[6], t[7]]);
+        let got_crc = m.crc.finalize();
+        if got_crc != want_crc {
+            return Err(sh.fail_corrupt(
+                off,
+                format!("CRC32 mismatch in member at {member_off}: stored {want_crc:08x}, data {got_crc:08x}"),
+            ));
+        }
+        // ISIZE is the length mod 2^32 only, per member: it checks the
+        // member but cannot give the size of a multi-GiB image.
+        if m.len as u32 != want_len {
+            return Err(sh.fail_corrupt(
+                off + 4,
+                format!(
+                    "length mismatch in member at {member_off}: stored {want_len}, data {} (mod 2^32)",
+                    m.len
+                ),
+            ));
+        }
+        // The next resumable point is the next member's start, at `out`,
+        // so marks below it can be settled now.
+        let out = self.out;
+        self.em.advance(out).map_err(|e| sh.fail_unsupported(e))?;
+        self.publish(out, false);
+        Ok(off + 8)
+    }
+
+    /// Decode serially from `m.pos` until `until` (checked at deflate
+    /// block boundaries) or the end of the deflate stream.
+    fn serial(&mut self, m: &mut MemberState<'a>, until: Until) -> Result<Stop, Fail> {
+        let mut obuf = std::mem::take(&mut self.obuf);
+        let r = self.serial_with(m, until, &mut obuf);
+        self.obuf = obuf;
+        r
+    }
+
+    fn serial_with(
+        &mut self,
+        m: &mut MemberState<'a>,
+        until: Until,
+        obuf: &mut [u8],
+    ) -> Result<Stop, Fail> {
+        let sh = self.sh;
+        if m.live.is_none() {
+            let p = &m.pos;
+            m.live = Some(resume(sh, p.inp, p.bits, &p.window, READ_CHUNK)?);
+        }
+        let Some((inf, input)) = m.live.as_mut() else {
+            unreachable!("set just above")
+        };
         loop {
             if sh.stop.load(Ordering::Relaxed) {
                 return Err(sh.fail_unsupported("reader closed".into()));
@@ -167,12 +300,14 @@ impl Walker<'_> {
                 .map_err(|e| sh.fail_corrupt(off, e))?;
             input.consume(step.consumed);
             let data = &obuf[..step.produced];
-            crc.update(data);
+            m.crc.update(data);
             self.zt.feed(self.out, data);
             self.out += data.len() as u64;
-            len += data.len() as u64;
+            m.len += data.len() as u64;
             if step.status == Status::StreamEnd {
-                break;
+                let end = input.offset();
+                m.live = None;
+                return Ok(Stop::StreamEnd(end));
             }
             if step.at_block_boundary() {
                 let nbits = step.unused_bits();
@@ -187,40 +322,206 @@ impl Walker<'_> {
                 if out - self.last_pub >= PUBLISH_EVERY {
                     self.publish(out, false);
                 }
+                let at = inp * 8 - bits as u64;
+                let stop = match until {
+                    Until::End => None,
+                    Until::Past(x) => (at >= x * 8).then_some(Stop::Passed),
+                    Until::Land(x) if at == x * 8 => Some(Stop::Landed),
+                    Until::Land(x) => (at > x * 8).then_some(Stop::Passed),
+                };
+                if let Some(stop) = stop {
+                    inf.get_dictionary(&mut m.pos.window)
+                        .map_err(|e| sh.fail_corrupt(inp, e))?;
+                    (m.pos.inp, m.pos.bits) = (inp, bits);
+                    return Ok(stop);
+                }
             } else if step.consumed == 0 && step.produced == 0 {
                 // Input and output space were both offered; no progress
                 // means the stream cannot continue.
                 return Err(sh.fail_corrupt(off, "deflate decoder made no progress".into()));
             }
         }
-        let off = input.offset();
-        if !input.ensure(8).map_err(|e| sh.fail_io(off, e))? {
-            return Err(sh.fail_corrupt(off, "truncated gzip member trailer".into()));
+    }
+
+    /// The rest of a member, from a block boundary at `m.pos`: segments
+    /// between flush markers are inflated by workers from a fresh state
+    /// and committed in order where they prove independent; the stretches
+    /// in between are decoded serially.  Stops at the end of the stream.
+    fn speculate(&mut self, m: &mut MemberState<'a>) -> Result<Stop, Fail> {
+        let sh = self.sh;
+        let workers = sh.threads;
+        let quit = AtomicBool::new(false);
+        type Done = (u64, Segment, Result<Decoded, Refused>);
+        let (job_tx, job_rx) = mpsc::sync_channel::<(u64, Segment)>(2 * workers);
+        let job_rx = Mutex::new(job_rx);
+        let (res_tx, res_rx) = mpsc::channel::<Done>();
+        let mut scan = spec::Scanner::new(m.pos.inp);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                let (res_tx, job_rx, quit) = (res_tx.clone(), &job_rx, &quit);
+                s.spawn(move || loop {
+                    let job = job_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((seq, seg)) = job else { break };
+                    // Speculation is only ever an optimisation: a panic
+                    // means "decode it serially".
+                    let d = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        spec::decode_segment(&seg, sh.span, quit)
+                    }))
+                    .unwrap_or(Err(Refused::Dependent));
+                    if res_tx.send((seq, seg, d)).is_err() {
+                        break;
+                    }
+                });
+            }
+            drop(res_tx);
+            let mut queue: VecDeque<(u64, u64, u64)> = VecDeque::new();
+            let mut ready: BTreeMap<u64, (Segment, Result<Decoded, Refused>)> = BTreeMap::new();
+            let mut seq = 0u64;
+            let mut fails = 0u32;
+            let result = loop {
+                if sh.stop.load(Ordering::Relaxed) {
+                    break Err(sh.fail_unsupported("reader closed".into()));
+                }
+                let pos = m.pos.inp * 8 - m.pos.bits as u64;
+                if scan.active && scan.pos * 8 < pos {
+                    // The walk went past everything scanned (serial
+                    // stretches): look again from where it is.
+                    scan.restart(m.pos.inp);
+                }
+                let mut scan_err = None;
+                while scan.active && queue.len() < 2 * workers {
+                    match scan.next(sh) {
+                        Ok(Some(seg)) => {
+                            queue.push_back((seq, seg.start, seg.end()));
+                            if job_tx.send((seq, seg)).is_err() {
+                                scan.active = false;
+                            }
+                            seq += 1;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            scan_err = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if let Some(e) = scan_err {
+                    break Err(e);
+                }
+                let Some(&(q, start, end)) = queue.front() else {
+                    break self.serial(m, Until::End);
+                };
+                if start * 8 > pos {
+                    match self.serial(m, Until::Land(start)) {
+                        Ok(Stop::Landed | Stop::Passed) => continue,
+                        other => break other,
+                    }
+                }
+                queue.pop_front();
+                if start * 8 < pos {
+                    // Stale: the walk is past its start.  Its result, when
+                    // it comes, is dropped (below the queue's front).
+                    ready.remove(&q);
+                    continue;
+                }
+                let got = loop {
+                    if let Some(r) = ready.remove(&q) {
+                        break Some(r);
+                    }
+                    match res_rx.recv() {
+                        Ok((n, seg, d)) if n >= q => {
+                            ready.insert(n, (seg, d));
+                        }
+                        Ok(_) => {}
+                        Err(_) => break None,
+                    }
+                };
+                let Some((seg, d)) = got else {
+                    break Err(sh.fail_unsupported("gzip workers stopped".into()));
+                };
+                match d {
+                    Ok(d) => {
+                        fails = 0;
+                        let stream_end = d.stream_end.then_some(d.end);
+                        if let Err(e) = self.commit_segment(m, &seg, d) {
+                            break Err(e);
+                        }
+                        if let Some(off) = stream_end {
+                            break Ok(Stop::StreamEnd(off));
+                        }
+                    }
+                    Err(why) => {
+                        if why == Refused::Dependent {
+                            fails += 1;
+                        }
+                        if fails >= spec::MAX_FAILS {
+                            scan.active = false;
+                        }
+                        match self.serial(m, Until::Land(end)) {
+                            Ok(Stop::Landed | Stop::Passed) => {}
+                            other => break other,
+                        }
+                    }
+                }
+            };
+            // Let the workers finish what they hold and exit.
+            quit.store(true, Ordering::Relaxed);
+            drop(job_tx);
+            result
+        })
+    }
+
+    /// Record a segment a worker decoded independently, starting at the
+    /// walk's position: its checkpoints, zero chunks, CRC and length.
+    fn commit_segment(
+        &mut self,
+        m: &mut MemberState<'a>,
+        seg: &Segment,
+        d: Decoded,
+    ) -> Result<(), Fail> {
+        let sh = self.sh;
+        let base = self.out;
+        let prior = &m.pos.window;
+        // Windows are the true history: what came before the segment
+        // followed by the segment's own output.  (The segment needs none
+        // of it, but whatever is decoded after it from a checkpoint may.)
+        for p in &d.points {
+            let out = base + p.rel;
+            if self.em.advance(out).map_err(|e| sh.fail_unsupported(e))? {
+                self.em
+                    .set_pending(out, p.inp, p.bits, true, |w| {
+                        join_window(prior, &p.window, w);
+                        Ok(())
+                    })
+                    .map_err(|e| sh.fail_unsupported(e))?;
+            }
         }
-        let t = input.buffered();
-        let want_crc = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
-        let want_len = u32::from_le_bytes([t[4], t[5], t[6], t[7]]);
-        let got_crc = crc.finalize();
-        if got_crc != want_crc {
-            return Err(sh.fail_corrupt(
-                off,
-                format!("CRC32 mismatch in member at {member_off}: stored {want_crc:08x}, data {got_crc:08x}"),
-            ));
+        spec::zero_verdicts(base, d.len, &d.zeros, &mut |c, z| self.zt.part(c, z));
+        self.out += d.len;
+        m.len += d.len;
+        m.crc.combine(&d.crc);
+        m.live = None;
+        sh.pieces.fetch_add(1, Ordering::Relaxed);
+        if !d.stream_end {
+            let mut window = Vec::with_capacity(WINDOW);
+            join_window(prior, &d.tail, &mut window);
+            let out = self.out;
+            if self.em.advance(out).map_err(|e| sh.fail_unsupported(e))? {
+                self.em
+                    .set_pending(out, seg.end(), 0, true, |w| {
+                        w.clear();
+                        w.extend_from_slice(&window);
+                        Ok(())
+                    })
+                    .map_err(|e| sh.fail_unsupported(e))?;
+            }
+            m.pos = Resume {
+                inp: seg.end(),
+                bits: 0,
+                window,
+            };
+            self.publish(out, false);
         }
-        // ISIZE is the length mod 2^32 only, per member: it checks the
-        // member but cannot give the size of a multi-GiB image.
-        if len as u32 != want_len {
-            return Err(sh.fail_corrupt(
-                off + 4,
-                format!("length mismatch in member at {member_off}: stored {want_len}, data {len} (mod 2^32)"),
-            ));
-        }
-        input.consume(8);
-        // The next resumable point is the next member's start, at `out`,
-        // so marks below it can be settled now.
-        let out = self.out;
-        self.em.advance(out).map_err(|e| sh.fail_unsupported(e))?;
-        self.publish(out, false);
         Ok(())
     }
 
