@@ -29,11 +29,12 @@ pub fn multi_member(data: &[u8], cuts: &[usize]) -> Vec<u8> {
     out
 }
 
-/// BGZF as bgzip writes it: members of at most `block` input bytes with
-/// the `BC` extra subfield, then the empty EOF member.
+/// BGZF as bgzip writes it: members of at most `block` input bytes (and,
+/// as bgzip, at most 0xff00, so incompressible data still fits BSIZE's 16
+/// bits) with the `BC` extra subfield, then the empty EOF member.
 pub fn bgzf(data: &[u8], block: usize) -> Vec<u8> {
     let mut out = Vec::new();
-    for chunk in data.chunks(block.max(1)).chain([&[][..]]) {
+    for chunk in data.chunks(block.clamp(1, 0xff00)).chain([&[][..]]) {
         let mut e = DeflateEncoder::new(Vec::new(), Compression::new(6));
         e.write_all(chunk).unwrap();
         let cdata = e.finish().unwrap();

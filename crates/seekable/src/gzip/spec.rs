@@ -43,11 +43,11 @@ pub(super) const MAX_GAP: usize = 4 << 20;
 /// Consecutive segments whose fresh decode failed before speculation stops
 /// for the rest of the member (plain `pigz` keeps history across pieces).
 pub(super) const MAX_FAILS: u32 = 4;
-/// A segment that inflates to more than this, or needs more checkpoints
-/// than [`MAX_POINTS`], is left to the serial decoder (long zero runs, a
-/// gzip bomb): what a worker holds for the walk stays a few MiB.
-const MAX_SEG_OUT: u64 = 64 << 20;
-const MAX_POINTS: usize = 256;
+/// A segment whose checkpoints would hold more than this many bytes of
+/// (non-zero) windows is left to the serial decoder (a gzip bomb of
+/// incompressible history): what a worker holds for the walk stays a few
+/// MiB.  All-zero windows (free space in a disk image) cost nothing.
+const MAX_WINDOW_BYTES: usize = 8 << 20;
 const READ_STEP: usize = 1 << 20;
 /// Zero runs shorter than this, away from a segment's ends, may go unseen.
 const ZERO_PIECE: u64 = 4096;
@@ -71,7 +71,9 @@ pub(super) struct Point {
     pub rel: u64,
     pub inp: u64,
     pub bits: u8,
+    /// The history before the point; empty when it is `zeros` zero bytes.
     pub window: Vec<u8>,
+    pub zeros: usize,
 }
 
 /// What a worker's fresh decode of a segment produced (the output itself
@@ -100,8 +102,8 @@ pub(super) enum Refused {
     /// It depends on earlier history, its start is not a block boundary,
     /// it does not end at one, or the walk stopped.
     Dependent,
-    /// Its output is too large to hold the checkpoints for
-    /// ([`MAX_SEG_OUT`]): not a sign that the member lacks pieces.
+    /// Its checkpoints' windows would be too large to hold
+    /// ([`MAX_WINDOW_BYTES`]): not a sign that the member lacks pieces.
     TooLarge,
 }
 
@@ -121,6 +123,7 @@ pub(super) fn decode_segment(
     let mut points = Vec::new();
     let every = (span / 4).max(16 * 1024);
     let mut next_point = every;
+    let mut window_bytes = 0usize;
     loop {
         if stop.load(Ordering::Relaxed) {
             return Err(Dependent);
@@ -131,7 +134,7 @@ pub(super) fn decode_segment(
         crc.update(out);
         zeros.feed(len, out);
         len += out.len() as u64;
-        if len > MAX_SEG_OUT || points.len() > MAX_POINTS {
+        if window_bytes > MAX_WINDOW_BYTES {
             return Err(Refused::TooLarge);
         }
         let consumed = (seg.data.len() - data.len()) as u64;
@@ -164,11 +167,18 @@ pub(super) fn decode_segment(
             if len >= next_point {
                 let mut window = Vec::new();
                 inf.get_dictionary(&mut window).map_err(|_| Dependent)?;
+                let mut zeros = 0;
+                if is_zero(&window) {
+                    zeros = window.len();
+                    window = Vec::new();
+                }
+                window_bytes += window.len();
                 points.push(Point {
                     rel: len,
                     inp: seg.start + consumed - (nbits / 8) as u64,
                     bits: (nbits % 8) as u8,
                     window,
+                    zeros,
                 });
                 next_point = len + every;
             }

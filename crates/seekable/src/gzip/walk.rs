@@ -349,7 +349,9 @@ impl<'a> Walker<'a> {
     /// in between are decoded serially.  Stops at the end of the stream.
     fn speculate(&mut self, m: &mut MemberState<'a>) -> Result<Stop, Fail> {
         let sh = self.sh;
-        let workers = sh.threads;
+        // This thread mostly waits for results and commits them: one
+        // worker more than `threads` keeps every core busy.
+        let workers = sh.threads + 1;
         let quit = AtomicBool::new(false);
         type Done = (u64, Segment, Result<Decoded, Refused>);
         let (job_tx, job_rx) = mpsc::sync_channel::<(u64, Segment)>(2 * workers);
@@ -378,6 +380,10 @@ impl<'a> Walker<'a> {
             let mut ready: BTreeMap<u64, (Segment, Result<Decoded, Refused>)> = BTreeMap::new();
             let mut seq = 0u64;
             let mut fails = 0u32;
+            // For the debug log: segments committed, refused as dependent,
+            // refused as too large, dropped as stale.
+            let mut tally = [0u32; 4];
+            let t0 = std::time::Instant::now();
             let result = loop {
                 if sh.stop.load(Ordering::Relaxed) {
                     break Err(sh.fail_unsupported("reader closed".into()));
@@ -422,6 +428,7 @@ impl<'a> Walker<'a> {
                     // Stale: the walk is past its start.  Its result, when
                     // it comes, is dropped (below the queue's front).
                     ready.remove(&q);
+                    tally[3] += 1;
                     continue;
                 }
                 let got = loop {
@@ -442,6 +449,7 @@ impl<'a> Walker<'a> {
                 match d {
                     Ok(d) => {
                         fails = 0;
+                        tally[0] += 1;
                         let stream_end = d.stream_end.then_some(d.end);
                         if let Err(e) = self.commit_segment(m, &seg, d) {
                             break Err(e);
@@ -453,6 +461,9 @@ impl<'a> Walker<'a> {
                     Err(why) => {
                         if why == Refused::Dependent {
                             fails += 1;
+                            tally[1] += 1;
+                        } else {
+                            tally[2] += 1;
                         }
                         if fails >= spec::MAX_FAILS {
                             scan.active = false;
@@ -464,6 +475,15 @@ impl<'a> Walker<'a> {
                     }
                 }
             };
+            tracing::debug!(
+                name = %sh.name,
+                committed = tally[0],
+                dependent = tally[1],
+                too_large = tally[2],
+                stale = tally[3],
+                secs = t0.elapsed().as_secs_f64(),
+                "gzip member pieces inflated in parallel"
+            );
             // Let the workers finish what they hold and exit.
             quit.store(true, Ordering::Relaxed);
             drop(job_tx);
@@ -490,7 +510,11 @@ impl<'a> Walker<'a> {
             if self.em.advance(out).map_err(|e| sh.fail_unsupported(e))? {
                 self.em
                     .set_pending(out, p.inp, p.bits, true, |w| {
-                        join_window(prior, &p.window, w);
+                        if p.zeros > 0 {
+                            join_window(prior, &vec![0; p.zeros], w);
+                        } else {
+                            join_window(prior, &p.window, w);
+                        }
                         Ok(())
                     })
                     .map_err(|e| sh.fail_unsupported(e))?;
@@ -553,7 +577,9 @@ impl<'a> Walker<'a> {
                 }
             }
         }
-        let workers = sh.threads;
+        // This thread mostly waits for results and commits them: one
+        // worker more than `threads` keeps every core busy.
+        let workers = sh.threads + 1;
         type Verdict = Result<Vec<(u64, bool)>, Fail>;
         type Done = (u64, Batch, Verdict);
         let (job_tx, job_rx) = mpsc::sync_channel::<(u64, Batch)>(workers);
