@@ -265,10 +265,35 @@ fn dependent_pieces_fall_back_and_damage_is_caught() {
     check_all(&open(gz, 65536, 2), &noisy);
     // Flip a byte in the middle of an independent piece: the walk fails
     // with an error instead of serving wrong data.
-    let mut bad = tool(&["pigz", "-c", "-i", "-b", "128"], &orig);
+    let good = tool(&["pigz", "-c", "-i", "-b", "128"], &orig);
+    let mut bad = good.clone();
     let mid = bad.len() * 2 / 3;
     bad[mid] ^= 0x55;
     let r = open(bad, 65536, 2);
     let e = r.wait_size().expect_err("damage must be reported");
     assert!(e.to_string().contains("test.gz"), "{e}");
+    // Damage anywhere past the serial start, including in and around the
+    // flush markers the walk cuts at: an error naming the file, or (bits
+    // deflate never reads) exactly the original bytes; never a panic or
+    // different data.
+    let markers: Vec<usize> = good
+        .windows(4)
+        .enumerate()
+        .filter(|(i, w)| *i > 1 << 20 && *w == [0, 0, 0xff, 0xff])
+        .map(|(i, _)| i)
+        .step_by(3)
+        .take(6)
+        .collect();
+    assert!(!markers.is_empty());
+    for (k, &at) in markers.iter().enumerate() {
+        for (d, x) in [(0usize, 0xffu8), (2, 0x01), (5, 0x80), (40, 0x10)] {
+            let mut bad = good.clone();
+            bad[at + d] ^= x;
+            let r = open(bad, 65536, 1 + k % 2);
+            match r.wait_size() {
+                Err(e) => assert!(e.to_string().contains("test.gz"), "{e}"),
+                Ok(_) => check_all(&r, &orig),
+            }
+        }
+    }
 }
