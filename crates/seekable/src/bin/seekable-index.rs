@@ -30,7 +30,8 @@ enum Cmd {
         /// Output bytes between checkpoints.
         #[arg(long, default_value_t = 1 << 20)]
         span: u64,
-        /// Threads for parallel BGZF verification.
+        /// Threads inflating BGZF members and `pigz -i` pieces in parallel
+        /// (0: one thread, serially).
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },

@@ -15,20 +15,19 @@ const DISCARD: usize = 64 * 1024;
 /// distance from the checkpoint.  CRCs were checked by the index walk, so
 /// they are not checked again here.
 pub(super) fn decode(sh: &Shared, cp: &Checkpoint, start: u64, end: u64) -> Result<Vec<u8>, Fail> {
-    let (mut inf, mut input) = match &cp.kind {
+    let mut inf = Inflater::new_raw().map_err(|e| sh.fail_corrupt(cp.inp, e))?;
+    let mut input = Input::new(&*sh.source, sh.comp_size, cp.inp, READ_CHUNK);
+    match &cp.kind {
         Kind::Member => {
-            let inf = Inflater::new_raw().map_err(|e| sh.fail_corrupt(cp.inp, e))?;
-            let mut input = Input::new(&*sh.source, sh.comp_size, cp.inp, READ_CHUNK);
             read_header(sh, &mut input)?;
-            (inf, input)
         }
         Kind::Deflate { bits, window } => {
             let w = window
                 .raw()
                 .map_err(|e| sh.fail_corrupt(cp.inp, format!("saved index: {e}")))?;
-            resume(sh, cp.inp, *bits, &w, READ_CHUNK)?
+            resume(sh, &mut inf, &mut input, cp.inp, *bits, &w)?;
         }
-    };
+    }
     let len =
         usize::try_from(end - start).map_err(|_| sh.fail_unsupported("span too large".into()))?;
     let mut buf = vec![0u8; len];
@@ -70,20 +69,21 @@ pub(super) fn decode(sh: &Shared, cp: &Checkpoint, start: u64, end: u64) -> Resu
     Ok(buf)
 }
 
-/// An inflater and input positioned at a deflate block boundary: `inp` is
-/// the first whole byte after it, `bits` (0..=7) high bits of the byte
-/// before are still unread, and `window` is the history before it.
-pub(super) fn resume<'a>(
-    sh: &'a Shared,
+/// Position `inf` and `input` at a deflate block boundary: `inp` is the
+/// first whole byte after it, `bits` (0..=7) high bits of the byte before
+/// are still unread, and `window` is the history before it.
+pub(super) fn resume(
+    sh: &Shared,
+    inf: &mut Inflater,
+    input: &mut Input<'_>,
     inp: u64,
     bits: u8,
     window: &[u8],
-    chunk: usize,
-) -> Result<(Inflater, Input<'a>), Fail> {
-    let mut inf = Inflater::new_raw().map_err(|e| sh.fail_corrupt(inp, e))?;
+) -> Result<(), Fail> {
+    inf.reset().map_err(|e| sh.fail_corrupt(inp, e))?;
     let bits = bits as u32;
     let at = inp - (bits > 0) as u64;
-    let mut input = Input::new(&*sh.source, sh.comp_size, at, chunk);
+    input.seek(at);
     if bits > 0 {
         let ok = input.ensure(1).map_err(|e| sh.fail_io(at, e))?;
         let byte = match input.buffered().first() {
@@ -95,6 +95,5 @@ pub(super) fn resume<'a>(
             .map_err(|e| sh.fail_corrupt(at, e))?;
     }
     inf.set_dictionary(window)
-        .map_err(|e| sh.fail_corrupt(inp, e))?;
-    Ok((inf, input))
+        .map_err(|e| sh.fail_corrupt(inp, e))
 }

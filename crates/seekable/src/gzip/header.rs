@@ -176,6 +176,18 @@ impl<'a> Input<'a> {
         self.pos = (self.pos + n).min(self.buf.len());
     }
 
+    /// Continue from `offset`, keeping what is buffered when it is there.
+    pub fn seek(&mut self, offset: u64) {
+        match offset.checked_sub(self.start) {
+            Some(rel) if rel <= self.buf.len() as u64 => self.pos = rel as usize,
+            _ => {
+                self.buf.clear();
+                self.start = offset;
+                self.pos = 0;
+            }
+        }
+    }
+
     fn fill(&mut self, n: usize) -> std::io::Result<bool> {
         // Drop consumed bytes, then read at least `chunk` more (or `n`).
         self.buf.drain(..self.pos);

@@ -71,9 +71,10 @@ pub(super) struct Point {
     pub rel: u64,
     pub inp: u64,
     pub bits: u8,
-    /// The history before the point; empty when it is `zeros` zero bytes.
+    /// The history before the point; empty when it is `zero_window` zero
+    /// bytes.
     pub window: Vec<u8>,
-    pub zeros: usize,
+    pub zero_window: usize,
 }
 
 /// What a worker's fresh decode of a segment produced (the output itself
@@ -167,9 +168,9 @@ pub(super) fn decode_segment(
             if len >= next_point {
                 let mut window = Vec::new();
                 inf.get_dictionary(&mut window).map_err(|_| Dependent)?;
-                let mut zeros = 0;
+                let mut zero_window = 0;
                 if is_zero(&window) {
-                    zeros = window.len();
+                    zero_window = window.len();
                     window = Vec::new();
                 }
                 window_bytes += window.len();
@@ -178,7 +179,7 @@ pub(super) fn decode_segment(
                     inp: seg.start + consumed - (nbits / 8) as u64,
                     bits: (nbits % 8) as u8,
                     window,
-                    zeros,
+                    zero_window,
                 });
                 next_point = len + every;
             }

@@ -49,8 +49,7 @@ pub(super) fn walk(sh: &Shared) -> Result<u64, Fail> {
             w.out = out;
             input = Input::new(&*sh.source, sh.comp_size, off, READ_CHUNK);
         } else {
-            let end = w.member(input.offset(), member_off)?;
-            input = Input::new(&*sh.source, sh.comp_size, end, READ_CHUNK);
+            input = w.member(input, member_off)?;
         }
         // What follows a member: another member, the end, or padding.
         input.ensure(2).map_err(|e| sh.fail_io(input.offset(), e))?;
@@ -136,9 +135,13 @@ struct MemberState<'a> {
     /// Where the committed decoding is (always a resumable point already
     /// offered to the emitter).
     pos: Resume,
-    /// The serial decoder, when it is at `pos` (after serial decoding);
-    /// `None` after a committed segment, rebuilt from `pos` when needed.
-    live: Option<(Inflater, Input<'a>)>,
+    /// The serial decoder and its input (the walk's, so what it buffered
+    /// past the member serves what follows).
+    inf: Inflater,
+    input: Input<'a>,
+    /// `inf` and `input` are at `pos` (after serial decoding); false after
+    /// a committed segment, when they are set up again from `pos`.
+    live: bool,
     crc: crc32fast::Hasher,
     len: u64,
 }
@@ -160,6 +163,8 @@ enum Stop {
     /// The deflate stream ended; the trailer starts here.
     StreamEnd(u64),
 }
+
+static ZERO_WINDOW: [u8; WINDOW] = [0; WINDOW];
 
 /// `dst` = the last [`WINDOW`] bytes of `prior` followed by `tail`.
 fn join_window(prior: &[u8], tail: &[u8], dst: &mut Vec<u8>) {
@@ -195,23 +200,25 @@ impl<'a> Walker<'a> {
         Ok(())
     }
 
-    /// Decode one ordinary member whose deflate data starts at `data_off`
-    /// (header at `member_off`, already parsed); returns the offset right
-    /// after its trailer.
+    /// Decode one ordinary member whose header (at `member_off`) `input`
+    /// has just consumed; returns the input positioned after its trailer.
     ///
     /// Serial decoding until `SPEC_AFTER` compressed bytes in; after that,
     /// if the member turns out to be written in independent pieces
     /// (`pigz -i`), the pieces are inflated in parallel (see [`spec`]).
-    fn member(&mut self, data_off: u64, member_off: u64) -> Result<u64, Fail> {
+    fn member(&mut self, input: Input<'a>, member_off: u64) -> Result<Input<'a>, Fail> {
         let sh = self.sh;
         self.point(self.out, member_off)?;
+        let data_off = input.offset();
         let mut m = MemberState {
             pos: Resume {
                 inp: data_off,
                 bits: 0,
                 window: Vec::new(),
             },
-            live: None,
+            inf: Inflater::new_raw().map_err(|e| sh.fail_corrupt(data_off, e))?,
+            input,
+            live: true,
             crc: crc32fast::Hasher::new(),
             len: 0,
         };
@@ -226,13 +233,12 @@ impl<'a> Walker<'a> {
         let Stop::StreamEnd(off) = end else {
             unreachable!("member decoding stops only at the end of its stream")
         };
-        let mut t = [0u8; 8];
-        if off + 8 > sh.comp_size {
+        let mut input = m.input;
+        input.seek(off);
+        if !input.ensure(8).map_err(|e| sh.fail_io(off, e))? {
             return Err(sh.fail_corrupt(off, "truncated gzip member trailer".into()));
         }
-        sh.source
-            .read_exact_at(&mut t, off)
-            .map_err(|e| sh.fail_io(off, e))?;
+        let t = input.buffered();
         let want_crc = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
         let want_len = u32::from_le_bytes([t[4], t[5], t[6], t[7]]);
         let got_crc = m.crc.finalize();
@@ -253,12 +259,13 @@ impl<'a> Walker<'a> {
                 ),
             ));
         }
+        input.consume(8);
         // The next resumable point is the next member's start, at `out`,
         // so marks below it can be settled now.
         let out = self.out;
         self.em.advance(out).map_err(|e| sh.fail_unsupported(e))?;
         self.publish(out, false);
-        Ok(off + 8)
+        Ok(input)
     }
 
     /// Decode serially from `m.pos` until `until` (checked at deflate
@@ -277,13 +284,12 @@ impl<'a> Walker<'a> {
         obuf: &mut [u8],
     ) -> Result<Stop, Fail> {
         let sh = self.sh;
-        if m.live.is_none() {
+        let (inf, input) = (&mut m.inf, &mut m.input);
+        if !m.live {
             let p = &m.pos;
-            m.live = Some(resume(sh, p.inp, p.bits, &p.window, READ_CHUNK)?);
+            resume(sh, inf, input, p.inp, p.bits, &p.window)?;
+            m.live = true;
         }
-        let Some((inf, input)) = m.live.as_mut() else {
-            unreachable!("set just above")
-        };
         loop {
             if sh.stop.load(Ordering::Relaxed) {
                 return Err(sh.fail_unsupported("reader closed".into()));
@@ -305,9 +311,7 @@ impl<'a> Walker<'a> {
             self.out += data.len() as u64;
             m.len += data.len() as u64;
             if step.status == Status::StreamEnd {
-                let end = input.offset();
-                m.live = None;
-                return Ok(Stop::StreamEnd(end));
+                return Ok(Stop::StreamEnd(input.offset()));
             }
             if step.at_block_boundary() {
                 let nbits = step.unused_bits();
@@ -358,24 +362,12 @@ impl<'a> Walker<'a> {
         let job_rx = Mutex::new(job_rx);
         let (res_tx, res_rx) = mpsc::channel::<Done>();
         let mut scan = spec::Scanner::new(m.pos.inp);
+        let work = |seg: &Segment| spec::decode_segment(seg, sh.span, &quit);
+        // Speculation is only ever an optimisation: a panic means "decode
+        // it serially".
+        let panicked = || Err(Refused::Dependent);
         std::thread::scope(|s| {
-            for _ in 0..workers {
-                let (res_tx, job_rx, quit) = (res_tx.clone(), &job_rx, &quit);
-                s.spawn(move || loop {
-                    let job = job_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok((seq, seg)) = job else { break };
-                    // Speculation is only ever an optimisation: a panic
-                    // means "decode it serially".
-                    let d = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        spec::decode_segment(&seg, sh.span, quit)
-                    }))
-                    .unwrap_or(Err(Refused::Dependent));
-                    if res_tx.send((seq, seg, d)).is_err() {
-                        break;
-                    }
-                });
-            }
-            drop(res_tx);
+            spawn_workers(s, workers, &job_rx, res_tx, &work, &panicked);
             let mut queue: VecDeque<(u64, u64, u64)> = VecDeque::new();
             let mut ready: BTreeMap<u64, (Segment, Result<Decoded, Refused>)> = BTreeMap::new();
             let mut seq = 0u64;
@@ -510,11 +502,11 @@ impl<'a> Walker<'a> {
             if self.em.advance(out).map_err(|e| sh.fail_unsupported(e))? {
                 self.em
                     .set_pending(out, p.inp, p.bits, true, |w| {
-                        if p.zeros > 0 {
-                            join_window(prior, &vec![0; p.zeros], w);
-                        } else {
-                            join_window(prior, &p.window, w);
-                        }
+                        let own = match p.zero_window {
+                            0 => &p.window[..],
+                            n => &ZERO_WINDOW[..n],
+                        };
+                        join_window(prior, own, w);
                         Ok(())
                     })
                     .map_err(|e| sh.fail_unsupported(e))?;
@@ -524,7 +516,7 @@ impl<'a> Walker<'a> {
         self.out += d.len;
         m.len += d.len;
         m.crc.combine(&d.crc);
-        m.live = None;
+        m.live = false;
         sh.pieces.fetch_add(1, Ordering::Relaxed);
         if !d.stream_end {
             let mut window = Vec::with_capacity(WINDOW);
@@ -585,24 +577,10 @@ impl<'a> Walker<'a> {
         let (job_tx, job_rx) = mpsc::sync_channel::<(u64, Batch)>(workers);
         let job_rx = Mutex::new(job_rx);
         let (res_tx, res_rx) = mpsc::channel::<Done>();
+        let work = |b: &Batch| verify_batch(sh, b);
+        let panicked = || Err(sh.fail_unsupported("BGZF worker panicked".into()));
         std::thread::scope(|s| {
-            for _ in 0..workers {
-                let (res_tx, job_rx) = (res_tx.clone(), &job_rx);
-                s.spawn(move || loop {
-                    let job = job_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok((seq, b)) = job else { break };
-                    // A panic must become an error: the committer waits
-                    // for every sequence number.
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        verify_batch(sh, &b)
-                    }))
-                    .unwrap_or_else(|_| Err(sh.fail_unsupported("BGZF worker panicked".into())));
-                    if res_tx.send((seq, b, r)).is_err() {
-                        break;
-                    }
-                });
-            }
-            drop(res_tx);
+            spawn_workers(s, workers, &job_rx, res_tx, &work, &panicked);
             let (mut sent, mut next) = (0u64, 0u64);
             let mut ready: BTreeMap<u64, (Batch, Verdict)> = BTreeMap::new();
             let mut scanning = true;
@@ -674,6 +652,32 @@ impl<'a> Walker<'a> {
             .map_err(|e| self.sh.fail_unsupported(e))?;
         self.publish(end, false);
         Ok(())
+    }
+}
+
+/// Start `n` threads in `s` that run `work` on each `(seq, job)` from
+/// `jobs` and send `(seq, job, result)` to `done`, until either channel
+/// closes.  A panic in `work` becomes `panicked()`: the walk waits for the
+/// answer to every sequence number it hands out.
+fn spawn_workers<'scope, J: Send + 'scope, R: Send + 'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    n: usize,
+    jobs: &'scope Mutex<mpsc::Receiver<(u64, J)>>,
+    done: mpsc::Sender<(u64, J, R)>,
+    work: &'scope (dyn Fn(&J) -> R + Sync),
+    panicked: &'scope (dyn Fn() -> R + Sync),
+) {
+    for _ in 0..n {
+        let done = done.clone();
+        s.spawn(move || loop {
+            let job = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
+            let Ok((seq, job)) = job else { break };
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&job)))
+                .unwrap_or_else(|_| panicked());
+            if done.send((seq, job, r)).is_err() {
+                break;
+            }
+        });
     }
 }
 
