@@ -57,10 +57,10 @@ pub fn daemonize(keep_stderr: bool) -> Result<Ready> {
                 // SAFETY: waiting for our own child.
                 unsafe { libc::waitpid(child, &mut status, 0) };
                 // The child's own error message went to /dev/null.
-                eprintln!(
+                crate::logging::stderr_line(format_args!(
                     "nbdkit-rs: error: the server failed while starting in the background \
                      (run with -f or -v to see why)"
-                );
+                ));
                 if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) != 0 {
                     libc::WEXITSTATUS(status)
                 } else {

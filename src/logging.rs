@@ -1,5 +1,11 @@
 //! Where messages go: stderr (default in the foreground), syslog (default
 //! in the background), or nowhere.
+//!
+//! Logging must never stop the server: stderr may be a full device, a pipe
+//! whose reader has gone, or a dead journal.  A failed write is dropped
+//! (the message is lost, the request still gets its reply), and
+//! tracing-subscriber's own report of a failed write is turned off, since
+//! it goes to stderr with `eprintln!`, which panics when that fails too.
 
 use std::io::Write;
 
@@ -29,9 +35,10 @@ pub fn init(cli: &Cli) -> Result<()> {
         .with_env_filter(filter)
         .with_target(false)
         .without_time()
-        .with_ansi(false);
+        .with_ansi(false)
+        .log_internal_errors(false);
     match dest {
-        "stderr" => builder.with_writer(std::io::stderr).init(),
+        "stderr" => builder.with_writer(|| LossyStderr).init(),
         "null" => builder.with_writer(std::io::sink).init(),
         "syslog" => {
             // SAFETY: openlog keeps the pointer; it is a static string.
@@ -41,6 +48,27 @@ pub fn init(cli: &Cli) -> Result<()> {
         other => bail!("--log={other}: expected stderr, syslog or null"),
     }
     Ok(())
+}
+
+/// Print a message on stderr, or drop it if stderr cannot take it (unlike
+/// `eprintln!`, which panics then).
+pub fn stderr_line(msg: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+/// stderr for log events: a write that fails is reported as done, so that
+/// the event is dropped instead of failing the logging call.
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 /// A writer that sends each formatted event to syslog(3).
