@@ -446,3 +446,26 @@ fn a_failed_export_open_is_answered_and_logged() {
         "{log}"
     );
 }
+
+#[test]
+fn an_export_name_over_4096_bytes_is_refused_as_too_long() {
+    let s = memory();
+    let mut c = RawClient::start(&s.socket);
+    c.option(&OptionRequest::Info {
+        go: true,
+        name: "a".repeat(5000),
+        requests: vec![],
+    });
+    let (code, replies) = c.read_until_final();
+    assert_eq!(code, REP_ERR_TOO_BIG);
+    let msg = String::from_utf8_lossy(&replies.last().unwrap().1).into_owned();
+    assert!(msg.contains("too long"), "{msg}");
+    // A name of exactly 4096 bytes is within the limit (the memory plugin
+    // serves every name), and the session goes on.
+    c.option(&OptionRequest::Info {
+        go: false,
+        name: "b".repeat(4096),
+        requests: vec![],
+    });
+    assert_eq!(c.read_until_final().0, REP_ACK);
+}

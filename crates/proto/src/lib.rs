@@ -30,6 +30,8 @@ pub enum ProtoError {
     Malformed(&'static str),
     #[error("string is not valid UTF-8 or contains NUL")]
     BadString,
+    #[error("string of {0} bytes is too long (the limit is 4096)")]
+    StringTooLong(usize),
 }
 
 /// Read a big-endian u16 at `at` (caller has checked the length).

@@ -176,7 +176,10 @@ impl OptionRequest {
 
 /// Validate a protocol string: UTF-8, no NUL, at most 4096 bytes.
 fn string(b: &[u8]) -> Result<String, ProtoError> {
-    if b.len() > MAX_STRING || b.contains(&0) {
+    if b.len() > MAX_STRING {
+        return Err(ProtoError::StringTooLong(b.len()));
+    }
+    if b.contains(&0) {
         return Err(ProtoError::BadString);
     }
     String::from_utf8(b.to_vec()).map_err(|_| ProtoError::BadString)
@@ -393,6 +396,10 @@ mod tests {
         assert_eq!(
             OptionRequest::parse(OPT_EXPORT_NAME, b"a\0b"),
             Err(ProtoError::BadString)
+        );
+        assert_eq!(
+            OptionRequest::parse(OPT_EXPORT_NAME, &[b'a'; 4097]),
+            Err(ProtoError::StringTooLong(4097))
         );
         let mut p = vec![0, 0, 0, 0];
         p.extend_from_slice(&u32::MAX.to_be_bytes());

@@ -152,7 +152,11 @@ pub async fn negotiate(
                 return Err(ConnectionError::Protocol(format!("bad export name: {e}")))
             }
             Err(e) => {
-                reply(s, h.option, REP_ERR_INVALID, e.to_string().as_bytes()).await?;
+                let code = match e {
+                    ProtoError::StringTooLong(_) => REP_ERR_TOO_BIG,
+                    _ => REP_ERR_INVALID,
+                };
+                reply(s, h.option, code, e.to_string().as_bytes()).await?;
                 continue;
             }
         };

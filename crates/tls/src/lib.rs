@@ -94,7 +94,10 @@ pub fn parse_psk_keys(path: &Path, text: &str) -> Result<PskKeys, CredentialErro
         if user.is_empty() {
             return Err(at("empty username"));
         }
-        let key = hex::decode(hexkey.trim()).map_err(|e| at(&format!("key is not hex: {e}")))?;
+        // The error never quotes the file: a keys file given by mistake (or
+        // a link to a secret file) must not leak its bytes into a log.
+        let key = hex::decode(hexkey.trim())
+            .map_err(|_| at("the key must be an even number of hex digits"))?;
         if key.is_empty() || key.len() > MAX_PSK_KEY {
             return Err(at(&format!("key must be 1 to {MAX_PSK_KEY} bytes")));
         }
@@ -126,12 +129,15 @@ mod tests {
         for (bad, what) in [
             ("alice", "line 1"),
             ("ok:00\n:00", "line 2: empty username"),
-            ("alice:zz", "not hex"),
+            ("alice:zz", "must be an even number of hex digits"),
             ("alice:", "1 to 512"),
             ("", "no username"),
+            ("root:$6$secret.hash:19000:0:99999:7:::", "line 1"),
         ] {
             let e = parse_psk_keys(p, bad).unwrap_err().to_string();
+            assert!(!e.contains('$'), "the error quotes the file: {e}");
             assert!(e.contains(what), "{bad:?}: {e}");
+            assert!(!e.contains("zz"), "the error quotes the file: {e}");
             assert!(e.starts_with("keys.psk: "), "{e}");
         }
     }
