@@ -1142,3 +1142,110 @@ fn nbd_plugin_psk_needs_the_feature() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("without PSK support"), "{e}");
 }
+
+/// Replace `to` with `contents` in one step, as a careful admin (or
+/// certbot) does: write a temporary file beside it, then rename.
+fn replace_file(to: &Path, contents: &[u8]) {
+    let tmp = to.with_extension("new");
+    std::fs::write(&tmp, contents).expect("write");
+    std::fs::rename(&tmp, to).expect("rename");
+}
+
+#[test]
+fn certificates_are_rotated_without_a_restart() {
+    let Some(pki) = pki() else { return };
+    if !have("nbdinfo") {
+        return;
+    }
+    // The server's own copy of its directory, so the test can rotate it.
+    let live = tempfile::tempdir().expect("tempdir");
+    for f in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
+        std::fs::copy(pki.server.join(f), live.path().join(f)).expect("copy");
+    }
+    let certs = format!("--tls-certificates={}", live.path().display());
+    // Over TCP, so that libnbd verifies the server's certificate (chain
+    // and name) against the CA of the client's directory.
+    let s = Server::start_tcp(&[&certs, "--tls=require", "memory", "size=1M"]);
+    let port = s
+        .uri
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.trim_end_matches('/').parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("port in {}", s.uri));
+    let verified = |dir: &Path| {
+        format!(
+            "nbds://127.0.0.1:{port}/?tls-certificates={}",
+            dir.display()
+        )
+    };
+    assert!(nbdinfo(&verified(&pki.anonymous)).status.success());
+    assert!(!nbdinfo(&verified(&pki.wrong_ca)).status.success());
+
+    // A new server certificate from the other CA: clients that trust only
+    // that CA now verify the server, clients of the old CA no longer do.
+    let work = pki._dir.path();
+    issue(
+        work,
+        "other",
+        "server2",
+        "localhost",
+        "20",
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    );
+    let key = std::fs::read(work.join("server2-key.pem")).expect("key");
+    let cert = std::fs::read(work.join("server2-cert.pem")).expect("cert");
+    replace_file(&live.path().join("server-key.pem"), &key);
+    replace_file(&live.path().join("server-cert.pem"), &cert);
+    let out = nbdinfo(&verified(&pki.wrong_ca));
+    assert!(out.status.success(), "new certificate not used: {out:?}");
+    assert!(!nbdinfo(&verified(&pki.anonymous)).status.success());
+
+    // A broken rotation (the certificate cut off half way, as by a copy
+    // still in progress) is logged, and the last good credentials stay in
+    // use.
+    replace_file(
+        &live.path().join("server-cert.pem"),
+        &cert[..cert.len() / 2],
+    );
+    let out = nbdinfo(&verified(&pki.wrong_ca));
+    assert!(
+        out.status.success(),
+        "last good credentials dropped: {out:?}"
+    );
+    assert!(s.log().contains("keeping the previous ones"), "{}", s.log());
+}
+
+#[cfg(feature = "tls-psk")]
+#[test]
+fn psk_keys_are_rotated_without_a_restart() {
+    let Some(psk) = psk() else { return };
+    if !have("nbdinfo") {
+        return;
+    }
+    let s = start_psk(&psk, "--tls=require");
+    let before = tempfile::tempdir().expect("tempdir");
+    let old = before.path().join("keys.psk");
+    std::fs::copy(&psk.file, &old).expect("copy");
+    assert!(nbdinfo(&psk_uri(&s, "alice", &old)).status.success());
+
+    // New keys: alice's changes, bob is added.
+    let alice = "ab".repeat(32);
+    let bob = "cd".repeat(32);
+    replace_file(&psk.file, format!("alice:{alice}\nbob:{bob}\n").as_bytes());
+    let new_alice = key_file("alice", &alice);
+    let new_bob = key_file("bob", &bob);
+    let out = nbdinfo(&psk_uri(&s, "alice", &new_alice.path().join("keys.psk")));
+    assert!(out.status.success(), "rotated key refused: {out:?}");
+    let out = nbdinfo(&psk_uri(&s, "bob", &new_bob.path().join("keys.psk")));
+    assert!(out.status.success(), "added user refused: {out:?}");
+    let out = nbdinfo(&psk_uri(&s, "alice", &old));
+    assert!(!out.status.success(), "the old key still works");
+
+    // A file that does not parse keeps the last good keys, and the log
+    // says so without quoting the file.
+    replace_file(&psk.file, b"this is not a keys file: $6$hash\n");
+    let out = nbdinfo(&psk_uri(&s, "bob", &new_bob.path().join("keys.psk")));
+    assert!(out.status.success(), "last good keys dropped: {out:?}");
+    let log = s.log();
+    assert!(log.contains("keeping the previous ones"), "{log}");
+    assert!(!log.contains("$6$hash"), "{log}");
+}

@@ -4,15 +4,25 @@
 //! end up as one [`Acceptor`] that turns the plain stream into an encrypted
 //! [`Stream`], so the handshake code does not know which it is.
 //!
-//! Credentials are loaded once at start-up: certificates from a directory
+//! Credentials are loaded at start-up: certificates from a directory
 //! laid out as nbdkit's (`ca-cert.pem`, `server-cert.pem`,
 //! `server-key.pem`), keys from a psktool file (`username:hexkey` lines).
 //! Every problem with them is reported then, as one line naming the file,
 //! so a misconfigured server never starts and then fails each client.
+//!
+//! They are rotated without a restart: before each TLS handshake the files
+//! are looked at (one `stat` each), and when one has changed they are read
+//! again for this and later connections (nbdkit re-reads its PSK file on
+//! every handshake; a stat is the cheaper test for the same effect).
+//! Connections already encrypted keep the keys they started with.  A
+//! rotation that leaves the files unusable (a key without its new
+//! certificate, half a file) is logged and the previous credentials stay
+//! in use, so a careless copy cannot lock every client out.
 
 use std::fmt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nbdkit_tls::{certs, invalid, private_key, CredentialError};
 use rustls::server::WebPkiClientVerifier;
@@ -51,9 +61,29 @@ pub struct Tls {
     acceptor: Option<Acceptor>,
 }
 
-/// What runs the server side of a TLS handshake.
+/// What runs the server side of a TLS handshake, and where its
+/// credentials come from (to load them again when they change).
 #[derive(Clone)]
-pub(crate) enum Acceptor {
+pub(crate) struct Acceptor(Arc<Rotating>);
+
+/// The credentials in use and the state of their files when read.
+struct Rotating {
+    source: Source,
+    current: Mutex<(Vec<Stamp>, Engine)>,
+}
+
+#[derive(Clone)]
+enum Source {
+    X509 {
+        dir: PathBuf,
+        verify_peer: bool,
+    },
+    #[cfg(feature = "tls-psk")]
+    Psk(PathBuf),
+}
+
+#[derive(Clone)]
+enum Engine {
     /// X.509 certificates (rustls).
     X509(TlsAcceptor),
     /// Pre-shared keys (OpenSSL).
@@ -61,13 +91,95 @@ pub(crate) enum Acceptor {
     Psk(psk::PskAcceptor),
 }
 
+/// What tells that a file was changed or replaced.  `None`: it is missing.
+#[derive(PartialEq, Eq)]
+struct Stamp(Option<(u64, u64, u64, i64, i64, i64, i64)>);
+
+impl Stamp {
+    fn of(path: &Path) -> Stamp {
+        Stamp(std::fs::metadata(path).ok().map(|m| {
+            (
+                m.dev(),
+                m.ino(),
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+            )
+        }))
+    }
+}
+
+impl Source {
+    fn files(&self) -> Vec<PathBuf> {
+        match self {
+            Source::X509 { dir, verify_peer } => {
+                let mut f = vec![dir.join("server-cert.pem"), dir.join("server-key.pem")];
+                if *verify_peer {
+                    f.push(dir.join("ca-cert.pem"));
+                }
+                f
+            }
+            #[cfg(feature = "tls-psk")]
+            Source::Psk(file) => vec![file.clone()],
+        }
+    }
+
+    fn stamps(&self) -> Vec<Stamp> {
+        self.files().iter().map(|f| Stamp::of(f)).collect()
+    }
+
+    fn load(&self) -> Result<Engine, TlsError> {
+        match self {
+            Source::X509 { dir, verify_peer } => Ok(Engine::X509(TlsAcceptor::from(Arc::new(
+                server_config(dir, *verify_peer)?,
+            )))),
+            #[cfg(feature = "tls-psk")]
+            Source::Psk(file) => Ok(Engine::Psk(psk::PskAcceptor::load(file)?)),
+        }
+    }
+}
+
 impl Acceptor {
+    fn load(source: Source) -> Result<Acceptor, TlsError> {
+        // Stamps first: a change made while loading is seen next time.
+        let stamps = source.stamps();
+        let engine = source.load()?;
+        Ok(Acceptor(Arc::new(Rotating {
+            source,
+            current: Mutex::new((stamps, engine)),
+        })))
+    }
+
+    /// The credentials to use now: read again if a file changed since.
+    fn engine(&self) -> Engine {
+        let r = &self.0;
+        let mut cur = r.current.lock().unwrap_or_else(|e| e.into_inner());
+        let stamps = r.source.stamps();
+        if stamps != cur.0 {
+            match r.source.load() {
+                Ok(engine) => {
+                    tracing::info!("TLS credentials changed: reloaded for new connections");
+                    *cur = (stamps, engine);
+                }
+                Err(e) => {
+                    // Remember the stamps so a broken file is reported
+                    // once, not on every connection.
+                    tracing::warn!("TLS credentials changed but cannot be used ({e}); keeping the previous ones");
+                    cur.0 = stamps;
+                }
+            }
+        }
+        cur.1.clone()
+    }
+
     /// Run the TLS handshake over `plain` and return the encrypted stream.
     pub(crate) async fn accept(&self, plain: Box<dyn Stream>) -> std::io::Result<Box<dyn Stream>> {
-        match self {
-            Acceptor::X509(a) => Ok(Box::new(a.accept(plain).await?)),
+        match self.engine() {
+            Engine::X509(a) => Ok(Box::new(a.accept(plain).await?)),
             #[cfg(feature = "tls-psk")]
-            Acceptor::Psk(a) => a.accept(plain).await,
+            Engine::Psk(a) => a.accept(plain).await,
         }
     }
 }
@@ -88,11 +200,13 @@ impl Tls {
     /// With `verify_peer`, clients must present a certificate signed by
     /// `ca-cert.pem`.
     pub fn load(mode: TlsMode, dir: &Path, verify_peer: bool) -> Result<Tls, TlsError> {
-        let config = server_config(dir, verify_peer)?;
+        let acceptor = Acceptor::load(Source::X509 {
+            dir: absolute(dir),
+            verify_peer,
+        })?;
         Ok(Tls {
             mode,
-            acceptor: (mode != TlsMode::Off)
-                .then(|| Acceptor::X509(TlsAcceptor::from(Arc::new(config)))),
+            acceptor: (mode != TlsMode::Off).then_some(acceptor),
         })
     }
 
@@ -100,10 +214,10 @@ impl Tls {
     /// lines) for `mode` (which must not be `Off`).
     #[cfg(feature = "tls-psk")]
     pub fn load_psk(mode: TlsMode, file: &Path) -> Result<Tls, TlsError> {
-        let acceptor = psk::PskAcceptor::load(file)?;
+        let acceptor = Acceptor::load(Source::Psk(absolute(file)))?;
         Ok(Tls {
             mode,
-            acceptor: (mode != TlsMode::Off).then_some(Acceptor::Psk(acceptor)),
+            acceptor: (mode != TlsMode::Off).then_some(acceptor),
         })
     }
 
@@ -127,6 +241,12 @@ impl Tls {
             _ => self.acceptor.as_ref(),
         }
     }
+}
+
+/// `path` made absolute, so that it is still found when the files are read
+/// again after the daemon has moved to `/`.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// A certificate problem found at start-up.
