@@ -460,3 +460,66 @@ fn bgzf_size_is_known_before_the_index_walk() {
     }
     assert!(s.stop().success());
 }
+
+/// Issue #19 point 3: when the gzip index walk (or the BGZF size walk)
+/// fails, the export is refused with the error, never offered with the size
+/// reached before the failure.
+#[test]
+fn failed_gzip_walk_refuses_the_export() {
+    if !have("nbdinfo") || !have("bgzip") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, pseudo_random(3 << 20, 21)).unwrap();
+    let gz = dir.path().join("plain.gz");
+    compress(&img, &gz, "gzip", &["-c"]);
+    let bgz = dir.path().join("disk.bgzf.gz");
+    compress(&img, &bgz, "bgzip", &["-c"]);
+    let plain = std::fs::read(&gz).unwrap();
+    let bgzf = std::fs::read(&bgz).unwrap();
+    let bsize = u16::from_le_bytes([bgzf[16], bgzf[17]]) as usize;
+
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    cases.push(("truncated to 18 bytes", plain[..18].to_vec()));
+    let mut crc = plain.clone();
+    let n = crc.len();
+    crc[n - 8] ^= 1;
+    cases.push(("CRC of the last member", crc));
+    let mut cut = plain.clone();
+    cut.truncate(plain.len() - 3);
+    cases.push(("trailer cut short", cut));
+    let mut isize0 = bgzf.clone();
+    isize0[bsize + 1 - 4..bsize + 1].fill(0);
+    cases.push(("BGZF member with ISIZE 0", isize0));
+    let mut short = bgzf.clone();
+    short[16..18].copy_from_slice(&((bsize - 10) as u16).to_le_bytes());
+    cases.push(("BGZF member with a short BSIZE", short));
+
+    for (what, bytes) in cases {
+        let f = dir.path().join("bad.gz");
+        std::fs::write(&f, &bytes).unwrap();
+        let s = Server::start(&[
+            "--filter=gzip",
+            "file",
+            f.to_str().unwrap(),
+            "gzip-save-index=false",
+        ]);
+        let out = Command::new("nbdinfo")
+            .arg("--size")
+            .arg(&s.uri)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{what}: export offered with size {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        let log = s.log();
+        assert!(
+            log.contains("bad.gz"),
+            "{what}: no error naming the file:\n{log}"
+        );
+        s.stop();
+    }
+}

@@ -122,14 +122,20 @@ impl Compressed {
         let format = self.settings.format;
         let opened: seekable_compressed::Result<Arc<dyn RandomAccess>> = match format {
             Format::Xz => XzReader::open(source, &opts).map(|r| Arc::new(r) as _),
-            Format::Gzip => GzipReader::open_with(source, &opts, &self.settings.gzip).map(|r| {
-                let r = Arc::new(r);
-                self.gzip_readers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(r.clone());
-                r as _
-            }),
+            // The export is offered only with a size that is known to be
+            // right: BGZF's (from the member trailers), or the walk's total.
+            // A failed walk refuses the export with its error instead of
+            // offering the size reached before it (as nbdkit does).
+            Format::Gzip => GzipReader::open_with(source, &opts, &self.settings.gzip)
+                .and_then(|r| r.export_size().map(|_| r))
+                .map(|r| {
+                    let r = Arc::new(r);
+                    self.gzip_readers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(r.clone());
+                    r as _
+                }),
             Format::Zstd => ZstdReader::open(source, &opts).map(|r| Arc::new(r) as _),
             Format::Bzip2 => Bzip2Reader::open(source, &opts).map(|r| Arc::new(r) as _),
         };

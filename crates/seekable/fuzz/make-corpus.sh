@@ -49,3 +49,6 @@ split -b 50000 "$tmp/mix" "$tmp/part."
 seekable zstd_seek_table/seekable.zst 0 "$tmp"/part.*
 seekable zstd_seek_table/seekable-checksums.zst 1 "$tmp/text" "$tmp/zero"
 zstd -q -c "$tmp/text" > zstd_seek_table/plain-frame.zst
+
+# The whole-image targets' seeds.
+"$(dirname "$0")/make-image-corpus.sh"

@@ -23,7 +23,7 @@ use lru::LruCache;
 use crate::progressive::{
     get_bit, push_run, read_full, set_bit, Progressive, StreamDecoder, CHUNK,
 };
-use crate::spill::{Permits, Spill};
+use crate::spill::{default_scratch_bound, Budget, Permits, Spill};
 use crate::{clone_error, is_zero, BlockCache, Error, Extent, Options, Result};
 
 /// One independently decodable piece of the compressed file.
@@ -155,6 +155,13 @@ struct Inner<C: Codec> {
     threshold: u64,
     cache: Arc<BlockCache>,
     scratch_dir: Option<PathBuf>,
+    /// Bytes may be served before their segment's check has passed
+    /// (`Options::lazy_verify`): partial segments, and progressive ones
+    /// served up to the frontier.
+    lazy: bool,
+    /// The file has more than one non-empty segment: a progressive one is
+    /// then decoded and verified whole before it is served (unless lazy).
+    multi: bool,
     inflight: Mutex<HashMap<usize, Arc<Flight>>>,
     /// Zero-chunk bitmaps of in-memory segments that were decoded; kept
     /// after the data is evicted (one bit per 64 KiB) so `extents()` stays
@@ -180,6 +187,10 @@ struct Inner<C: Codec> {
     bad: Mutex<HashMap<usize, Error>>,
     /// The scratch-file tier behind the cache (`None`: turned off).
     spill: Option<Spill>,
+    /// The bound on all scratch disk use (progressive units + the tier).
+    budget: Arc<Budget>,
+    /// Clock for the least-recently-used order of progressive units.
+    clock: AtomicU64,
     /// Bounds whole-segment decodes in memory at once: each holds a
     /// segment buffer (and, for xz, a dictionary) until it completes, and
     /// with many client requests missing at once they would add up.
@@ -279,6 +290,13 @@ impl<C: Codec> Engine<C> {
         let threads = opts.threads.min(64);
         let pool = (threads > 0).then(|| Pool::new(threads, &opts.name));
         let max_partial = (opts.cache_bytes / 4 / max_seg).clamp(2, MAX_PARTIAL as u64) as usize;
+        let budget =
+            Arc::new(Budget::new(opts.scratch_bytes.unwrap_or_else(|| {
+                default_scratch_bound(opts.scratch_dir.as_deref())
+            })));
+        for p in pre.values() {
+            p.adopt(&budget);
+        }
         let spill = (opts.scratch_cache_bytes > 0).then(|| {
             Spill::new(
                 &opts.name,
@@ -286,8 +304,10 @@ impl<C: Codec> Engine<C> {
                 size,
                 segs.len(),
                 opts.scratch_cache_bytes,
+                budget.clone(),
             )
         });
+        let multi = segs.iter().filter(|s| s.usize > 0).count() > 1;
         let inner = Inner {
             codec,
             name: opts.name.clone(),
@@ -296,6 +316,8 @@ impl<C: Codec> Engine<C> {
             threshold,
             cache: Arc::new(BlockCache::new(opts.cache_bytes)),
             scratch_dir: opts.scratch_dir.clone(),
+            lazy: opts.lazy_verify,
+            multi,
             inflight: Mutex::new(HashMap::new()),
             zeros: RwLock::new(HashMap::new()),
             progressive: Mutex::new(pre),
@@ -309,6 +331,8 @@ impl<C: Codec> Engine<C> {
             recycled: Mutex::new(Vec::new()),
             recycle_bytes: opts.cache_bytes / 32,
             spill,
+            budget,
+            clock: AtomicU64::new(0),
             // The pool's threads plus the caller's: all the parallelism
             // there is, without one buffer per waiting client request.
             permits: Permits::new(threads + 1),
@@ -339,6 +363,12 @@ impl<C: Codec> Engine<C> {
     /// Bytes written to the scratch-file cache tier so far.
     pub(crate) fn scratch_cached_bytes(&self) -> u64 {
         self.inner.spill.as_ref().map_or(0, |s| s.used())
+    }
+
+    /// Non-zero bytes of all scratch files (progressive units and the
+    /// tier) counted against the bound now.
+    pub(crate) fn scratch_bytes(&self) -> u64 {
+        self.inner.budget.used()
     }
 
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -594,16 +624,77 @@ impl<C: Codec> Inner<C> {
             Some(seg.usize),
             dec,
             self.scratch_dir.as_deref(),
+            self.multi && !self.lazy,
         )?);
+        p.adopt(&self.budget);
         map.insert(i, p.clone());
         Ok(p)
+    }
+
+    /// Free scratch space for progressive segment `keep`: evict the least
+    /// recently used segment of the scratch tier, or else the least
+    /// recently used other progressive segment (its scratch file goes
+    /// when the last reader of it is done; it is decoded again if read).
+    /// False when there is nothing left to evict.
+    fn evict_scratch(&self, keep: usize) -> bool {
+        if self.spill.as_ref().is_some_and(|s| s.evict_one()) {
+            return true;
+        }
+        let mut map = self.progressive.lock().unwrap_or_else(|e| e.into_inner());
+        let victim = map
+            .iter()
+            .filter(|(&k, p)| k != keep && p.written() > 0)
+            .min_by_key(|(_, p)| p.last_use.load(Ordering::Relaxed))
+            .map(|(&k, _)| k);
+        match victim {
+            Some(k) => {
+                tracing::info!(
+                    "{}: scratch space bound ({} MiB) reached: dropping the scratch file of \
+                     segment {k} (decoded again if read)",
+                    self.name,
+                    self.budget.max() >> 20
+                );
+                map.remove(&k);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Read from progressive segment `i`, evicting other scratch data when
+    /// the bound is reached.
+    fn read_progressive(&self, i: usize, dst: &mut [u8], rel: u64) -> Result<()> {
+        loop {
+            let p = self.progressive(i)?;
+            p.last_use.store(
+                self.clock.fetch_add(1, Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            match p.read_at(dst, rel) {
+                Err(e @ Error::ScratchFull { .. }) => {
+                    drop(p);
+                    if self.evict_scratch(i) {
+                        continue;
+                    }
+                    // This segment alone needs more than the bound: drop
+                    // it (freeing what it wrote) and say so.
+                    self.progressive
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&i);
+                    tracing::error!("{e}");
+                    return Err(e);
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Copy segment-relative `[rel, rel+dst.len())` of segment `i`.
     /// Returns true when it was served from a partially decoded segment.
     fn read_segment(&self, i: usize, dst: &mut [u8], rel: u64) -> Result<bool> {
         if self.is_progressive(i) {
-            self.progressive(i)?.read_at(dst, rel)?;
+            self.read_progressive(i, dst, rel)?;
             return Ok(false);
         }
         if let Some(bits) = self.zero_bits(i) {
@@ -617,12 +708,12 @@ impl<C: Codec> Inner<C> {
             Some(b) => b,
             None => {
                 if let Some(spill) = &self.spill {
-                    if spill.contains(i) {
-                        spill.read(dst, self.segs[i].uoffset + rel)?;
+                    if let Some(r) = spill.try_read(i, dst, self.segs[i].uoffset + rel) {
+                        r?;
                         return Ok(false);
                     }
                 }
-                if self.codec.resumable(i) {
+                if self.lazy && self.codec.resumable(i) {
                     return self.read_partial(i, dst, rel);
                 }
                 self.get_block(i)?
@@ -784,6 +875,11 @@ impl<C: Codec> Inner<C> {
                     // The prefix already served cannot be recalled; from
                     // now on the whole segment reads as an error.
                     if matches!(e, Error::Corrupt { .. }) {
+                        tracing::error!(
+                            "{e}: segment {i} FAILED its check after {pos} bytes of it were \
+                             decoded and may have been served (lazy verification); every \
+                             read of it fails from now on"
+                        );
                         self.bad
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -871,7 +967,7 @@ impl<C: Codec> Inner<C> {
         if let Some(b) = self.cache.get(key) {
             return Ok(b);
         }
-        if self.codec.resumable(i) {
+        if self.lazy && self.codec.resumable(i) {
             let p = match self.partial_for(i) {
                 Found::Cached(b) => return Ok(b),
                 Found::Partial(p) => p,

@@ -166,6 +166,14 @@ pub enum Error {
     /// A scratch file (spill of a progressively decoded stream) failed.
     #[error("scratch file: {0}")]
     Scratch(#[source] io::Error),
+    /// Decoding a block or frame needs more scratch disk than the bound
+    /// allows, with nothing else left to evict.
+    #[error(
+        "{name}: the block or frame at offset {offset} needs more scratch space than the \
+         bound of {} MiB allows (raise FMT-scratch-size, or recompress with smaller blocks)",
+        max >> 20
+    )]
+    ScratchFull { name: String, offset: u64, max: u64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -218,7 +226,30 @@ pub struct Options {
     /// per reader until this much is used.  Only the non-zero bytes
     /// count; 0 turns the tier off.
     pub scratch_cache_bytes: u64,
+    /// Serve bytes of an xz block or zstd frame before its integrity check
+    /// has been verified (`FMT-verify=lazy`).  Off by default: a block or
+    /// frame is served only once all of it has decoded and its check has
+    /// passed.  The only block or frame of a file is always decoded
+    /// progressively (verifying it first would mean decoding the whole
+    /// image before the first read); a check failing later makes every
+    /// later read of it fail.
+    pub lazy_verify: bool,
+    /// Longest time opening may spend learning sizes by decoding (zstd
+    /// frames that do not record their size), so a hostile file of many
+    /// such frames cannot hold a client's handshake indefinitely: past it,
+    /// opening fails with an error saying so.  `None`: no limit.
+    pub open_timeout: Option<std::time::Duration>,
+    /// The one bound on scratch disk use (non-zero bytes): progressive
+    /// scratch files of blocks/frames too big for memory plus the
+    /// scratch-cache tier.  Past it, the least recently used scratch data
+    /// is evicted (and decoded again when read); a block that alone needs
+    /// more reads as [`Error::ScratchFull`].  `None`: half the space free
+    /// in the scratch directory when the image is opened.
+    pub scratch_bytes: Option<u64>,
 }
+
+/// Default [`Options::open_timeout`].
+pub const DEFAULT_OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl Options {
     /// Segments (xz blocks, zstd frames) whose decompressed size exceeds
@@ -242,6 +273,9 @@ impl Default for Options {
             threads: 2,
             scratch_dir: None,
             scratch_cache_bytes: DEFAULT_SCRATCH_CACHE,
+            lazy_verify: false,
+            open_timeout: Some(DEFAULT_OPEN_TIMEOUT),
+            scratch_bytes: None,
         }
     }
 }
@@ -325,6 +359,11 @@ pub(crate) fn clone_error(e: &Error) -> Error {
             size: *size,
         },
         Error::Scratch(e) => Error::Scratch(io::Error::new(e.kind(), e.to_string())),
+        Error::ScratchFull { name, offset, max } => Error::ScratchFull {
+            name: name.clone(),
+            offset: *offset,
+            max: *max,
+        },
     }
 }
 

@@ -14,8 +14,10 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
+use crate::spill::Budget;
 use crate::{clone_error, is_zero, Error, Result};
 
 /// A decoder producing the decompressed bytes of one unit in order.
@@ -69,9 +71,27 @@ pub(crate) struct Progressive {
     coffset: u64,
     /// Decompressed size when the container says it; checked at the end.
     expected: Option<u64>,
+    /// Serve nothing before the whole unit has decoded and passed its
+    /// check (every unit but the only one of a file, unless lazy).
+    verify_first: bool,
     scratch: File,
     state: Mutex<State>,
     cv: Condvar,
+    /// The reader's scratch bound, once the engine has adopted this unit;
+    /// every step reserves from it before writing.
+    budget: OnceLock<Arc<Budget>>,
+    /// Non-zero bytes written to the scratch file (released on drop).
+    written: AtomicU64,
+    /// When this unit was last read (the engine's clock), for eviction.
+    pub(crate) last_use: AtomicU64,
+}
+
+impl Drop for Progressive {
+    fn drop(&mut self) {
+        if let Some(b) = self.budget.get() {
+            b.release(self.written.load(Ordering::Relaxed));
+        }
+    }
 }
 
 struct State {
@@ -97,6 +117,7 @@ impl Progressive {
         expected: Option<u64>,
         decoder: Box<dyn StreamDecoder>,
         scratch_dir: Option<&std::path::Path>,
+        verify_first: bool,
     ) -> Result<Self> {
         let scratch = match scratch_dir {
             Some(dir) => tempfile::tempfile_in(dir),
@@ -108,6 +129,7 @@ impl Progressive {
             format,
             coffset,
             expected,
+            verify_first,
             scratch,
             state: Mutex::new(State {
                 decoder: Some(decoder),
@@ -119,7 +141,27 @@ impl Progressive {
                 buf: Vec::new(),
             }),
             cv: Condvar::new(),
+            budget: OnceLock::new(),
+            written: AtomicU64::new(0),
+            last_use: AtomicU64::new(0),
         })
+    }
+
+    /// Count this unit's scratch bytes, now and from now on, against
+    /// `budget` (what it wrote before, e.g. at open, is counted even if it
+    /// goes over: it is on disk already).
+    pub(crate) fn adopt(&self, budget: &Arc<Budget>) {
+        if self.budget.set(budget.clone()).is_ok() {
+            let w = self.written.load(Ordering::Relaxed);
+            if !budget.try_reserve(w) {
+                budget.force_reserve(w);
+            }
+        }
+    }
+
+    /// Non-zero bytes this unit holds in its scratch file.
+    pub(crate) fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -157,7 +199,23 @@ impl Progressive {
                 st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
+            // Room for a whole step first: past the bound nothing is
+            // written (the caller may evict something and retry; the
+            // decoder is untouched).
+            let budget = self.budget.get();
+            if let Some(b) = budget {
+                if !b.try_reserve(STEP as u64) {
+                    return Err(Error::ScratchFull {
+                        name: self.name.clone(),
+                        offset: self.coffset,
+                        max: b.max(),
+                    });
+                }
+            }
             let Some(mut dec) = st.decoder.take() else {
+                if let Some(b) = budget {
+                    b.release(STEP as u64);
+                }
                 // Cannot happen (decoder is only absent while busy or done),
                 // but must not hang or panic if it does.
                 return Err(self.corrupt(self.coffset, "decoder lost".into()));
@@ -167,7 +225,12 @@ impl Progressive {
             let start = st.frontier;
             drop(st);
 
-            let res = self.step(&mut *dec, &mut buf, start);
+            let mut wrote = 0u64;
+            let res = self.step(&mut *dec, &mut buf, start, &mut wrote);
+            self.written.fetch_add(wrote, Ordering::Relaxed);
+            if let Some(b) = budget {
+                b.release((STEP as u64).saturating_sub(wrote));
+            }
 
             st = self.lock();
             st.busy = false;
@@ -187,6 +250,18 @@ impl Progressive {
                     }
                 }
                 Err(e) => {
+                    if start > 0 && !self.verify_first {
+                        tracing::error!(
+                            "{}: {} unit at compressed offset {} FAILED its check after \
+                             {start} bytes of it were decoded and may have been served: {e}; \
+                             every read of it fails from now on",
+                            self.name,
+                            self.format,
+                            self.coffset
+                        );
+                    } else {
+                        tracing::error!("{e}; every read of this unit fails from now on");
+                    }
                     st.failed = Some(e);
                     st.decoder = None;
                 }
@@ -201,6 +276,7 @@ impl Progressive {
         dec: &mut dyn StreamDecoder,
         buf: &mut Vec<u8>,
         start: u64,
+        wrote: &mut u64,
     ) -> Result<(u64, Vec<u64>, bool)> {
         buf.resize(STEP, 0);
         let n = read_full(dec, buf)?;
@@ -223,6 +299,7 @@ impl Progressive {
                 self.scratch
                     .write_all_at(chunk, off)
                     .map_err(Error::Scratch)?;
+                *wrote += chunk.len() as u64;
             }
         }
         if eof {
@@ -233,8 +310,8 @@ impl Progressive {
         Ok((n as u64, zeros, eof))
     }
 
-    /// Decode the whole unit, returning its size (used when the container
-    /// does not record the size and `size()` must be exact).
+    /// Decode the whole unit, returning its size.
+    #[cfg(test)]
     pub(crate) fn run_to_end(&self) -> Result<u64> {
         self.advance_to(u64::MAX)?;
         Ok(self.frontier())
@@ -243,7 +320,7 @@ impl Progressive {
     /// Fill `buf` from unit-relative `offset`, decoding forward if needed.
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset + buf.len() as u64;
-        self.advance_to(end)?;
+        self.advance_to(if self.verify_first { u64::MAX } else { end })?;
         let zero: Vec<bool> = {
             let st = self.lock();
             if st.frontier < end {
@@ -354,6 +431,7 @@ mod tests {
                 pos: 0,
             }),
             None,
+            false,
         )
         .unwrap();
         let mut buf = vec![0u8; 300_000];
@@ -377,6 +455,7 @@ mod tests {
             Some(99_999),
             Box::new(Canned { data, pos: 0 }),
             None,
+            false,
         )
         .unwrap();
         let mut buf = vec![0u8; 10];

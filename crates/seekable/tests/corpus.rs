@@ -101,3 +101,20 @@ fn fuzzer_inputs_are_refused_or_read_without_panic() {
         }
     }
 }
+
+#[path = "../fuzz/fuzz_targets/image_common.rs"]
+mod image_common;
+
+/// The whole-image fuzz targets' seeds (images made by each format's own
+/// tools) open, and every planned read matches the reference decoder.
+#[test]
+fn whole_image_seeds_read_like_the_reference() {
+    for t in ["image_xz", "image_gzip", "image_zstd", "image_bzip2"] {
+        let seeds = corpus(t);
+        assert!(seeds.len() >= 2, "{t}: no seeds");
+        for f in seeds {
+            let data = std::fs::read(&f).unwrap();
+            assert!(image_common::run(&data), "{}", f.display());
+        }
+    }
+}

@@ -171,3 +171,39 @@ proptest! {
         }
     }
 }
+
+/// The policy: bytes are served only once their member's CRC-32 and length
+/// have passed, except inside the first member while the walk is still in
+/// it (it may be the only one).  A second member of `gzip` output whose CRC
+/// is damaged: a read of its start, made at once (long before the walk
+/// reaches its trailer), used to be served; now it fails, every time.
+#[test]
+fn later_member_is_served_only_after_its_crc() {
+    let first = mixed(21, 100_000);
+    let second: Vec<u8> = {
+        let mut x = 0x9E37_79B9u64;
+        (0..8_000_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let mut data = tool(&["gzip", "-c"], &first);
+    let mut tail = tool(&["gzip", "-1", "-c"], &second);
+    let n = tail.len();
+    tail[n - 8] ^= 1;
+    data.extend_from_slice(&tail);
+    for threads in [0, 2] {
+        let r = open(data.clone(), 64 << 10, threads);
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..2 {
+            match r.read_at(&mut buf, first.len() as u64 + 1000) {
+                Err(e) => assert!(e.to_string().contains("CRC"), "{e}"),
+                Ok(()) => panic!("threads {threads}: served a member that fails its CRC"),
+            }
+        }
+    }
+}

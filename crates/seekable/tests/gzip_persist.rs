@@ -160,3 +160,78 @@ fn reads_before_the_walk_finishes() {
     assert!(frontier < orig.len() as u64 || r.known_size().is_some());
     check_all(&r, &orig);
 }
+
+/// Issue #17 point 1: a saved index is checked against the bytes it is used
+/// with.  One member (several spans long) of a multi-member file is
+/// rewritten in place with different content of the same compressed size,
+/// so the file's size, head and tail — its identity — are unchanged; the
+/// next open loads the old index, and every byte must still read right.
+#[test]
+fn index_of_a_member_rewritten_in_place_is_discarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("x.gzi");
+    // Incompressible first and last members: the identity hashes 64 KiB
+    // at each end, and these keep the middle member out of them.
+    let noise = |seed: u64| -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..150_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let (a, c) = (noise(1), noise(2));
+    let text: Vec<u8> = (0..60_000u32)
+        .flat_map(|i| format!("line {i}\n").into_bytes())
+        .collect();
+    let gz = |d: &[u8]| tool(&["gzip", "-n", "-6", "-c"], d);
+    let b = gz(&text);
+    // Search for an edit near the member's start that keeps its
+    // compressed size.
+    let mut edited = None;
+    'search: for p in (1000..4000).step_by(7) {
+        for d in b'0'..=b'9' {
+            if text[p] == d || !text[p].is_ascii_digit() {
+                continue;
+            }
+            let mut t = text.clone();
+            t[p] = d;
+            let z = gz(&t);
+            if z.len() == b.len() {
+                edited = Some((t, z));
+                break 'search;
+            }
+        }
+    }
+    let (text2, b2) = edited.expect("an edit of the same compressed size");
+    let mut file = gz(&a);
+    let at = file.len();
+    file.extend_from_slice(&b);
+    file.extend(gz(&c));
+    let mut file2 = file.clone();
+    file2[at..at + b.len()].copy_from_slice(&b2);
+    let orig = [a.as_slice(), &text, &c].concat();
+    let orig2 = [a.as_slice(), &text2, &c].concat();
+
+    assert!(!open_check(&file, &orig, &persist_to(&index)));
+    // The same identity: the old index is loaded...
+    let r = open_at(&file2, &persist_to(&index));
+    assert!(r.index_was_loaded());
+    // ...but no byte decoded through it is served unchecked.
+    let mut buf = vec![0u8; orig2.len()];
+    r.read_at(&mut buf, 0).expect("read all");
+    assert!(buf == orig2, "wrong bytes served through a stale index");
+    for off in (0..orig2.len()).step_by(40_000) {
+        let n = 5000.min(orig2.len() - off);
+        let mut b = vec![0u8; n];
+        r.read_at(&mut b, off as u64).unwrap();
+        assert!(b == orig2[off..off + n], "at {off}");
+    }
+    // Rebuilt and saved again: the next open uses it and reads right.
+    assert!(matches!(r.wait_saved(), Some(Ok(_))));
+    drop(r);
+    assert!(open_check(&file2, &orig2, &persist_to(&index)));
+}

@@ -302,9 +302,11 @@ proptest! {
         cache in prop_oneof![Just(1u64), 1u64..3_000_000],
         scratch in prop_oneof![Just(0u64), Just(u64::MAX), 1u64..2_000_000],
         reads in proptest::collection::vec((any::<u64>(), 1usize..200_000), 1..40),
+        lazy in any::<bool>(),
     ) {
         let (data, file) = multi_block_frames(3_000_000, seed, frame);
         let mut o = opts();
+        o.lazy_verify = lazy;
         o.threads = threads;
         o.cache_bytes = cache;
         o.scratch_cache_bytes = scratch;
@@ -333,6 +335,8 @@ fn partial_frame_is_served_before_its_checksum_and_fails_after() {
     let mut o = opts();
     o.threads = 0;
     o.cache_bytes = 8 << 20;
+    // Only with lazy verification (not the default).
+    o.lazy_verify = true;
     let r = ZstdReader::open(source(bad), &o).unwrap();
     // The first block decodes fine: served before the checksum is known.
     check_range(&r, &data, 0, 4096);
@@ -385,4 +389,167 @@ fn sequential_reads_do_not_fill_the_scratch_tier() {
         "{}",
         r.scratch_cached_bytes()
     );
+}
+
+/// Pseudo-random bytes: zstd stores them as raw blocks, so a flipped byte
+/// decodes cleanly and only the frame's checksum catches it.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Issue #19: a frame is served only once its checksum has passed.  A byte
+/// flipped near the end of a `zstd -c` file (one frame, raw blocks) used to
+/// let the first read of the frame's start through.
+#[test]
+fn damaged_frame_is_never_served_by_default() {
+    let data = noise(3 << 20, 5);
+    let file = run_tool("zstd", &["-q"], &data);
+    let mut bad = file.clone();
+    let at = file.len() - 1000;
+    bad[at] ^= 0x40;
+    for threads in [0, 2] {
+        let mut o = opts();
+        o.threads = threads;
+        o.cache_bytes = 16 << 20;
+        let r = ZstdReader::open(source(bad.clone()), &o).unwrap();
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..3 {
+            // Every read of the damaged frame fails, the first included.
+            match r.read_at(&mut buf, 0) {
+                Err(Error::Corrupt { name, .. }) => assert_eq!(name, "test-image"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // Several frames: the damaged one fails, the others read.
+    let mut multi = run_tool("zstd", &["-q"], &data[..1 << 20]);
+    let second = run_tool("zstd", &["-q"], &data[1 << 20..]);
+    let mut second_bad = second.clone();
+    let n = second_bad.len();
+    second_bad[n - 500] ^= 1;
+    multi.extend_from_slice(&second_bad);
+    let r = ZstdReader::open(source(multi), &opts()).unwrap();
+    check_range(&r, &data, 0, 4096);
+    let mut buf = vec![0u8; 4096];
+    assert!(r.read_at(&mut buf, 1 << 20).is_err());
+    assert!(r.read_at(&mut buf, 1 << 20).is_err());
+}
+
+/// Issue #19 point 8: an empty file is not a zstd disk (of size 0).
+#[test]
+fn empty_file_is_not_a_zstd_image() {
+    match ZstdReader::open(source(Vec::new()), &opts()) {
+        Err(Error::Corrupt {
+            offset: 0, name, ..
+        }) => assert_eq!(name, "test-image"),
+        Err(e) => panic!("{e}"),
+        Ok(r) => panic!("served a disk of {} bytes", r.size()),
+    }
+}
+
+/// `zstd -c` writing to a pipe from a pipe records no content size.
+fn piped_zstd(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("zstd")
+        .args(["-q", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+/// Issue #19 point 6: many tiny frames without content sizes cost their
+/// decoding at open, nothing more per frame (300,000 took a minute: each
+/// made a scratch file and zeroed a 1 MiB buffer), and opening is capped.
+#[test]
+fn many_unsized_frames_open_cheaply_and_opening_is_capped() {
+    let frame = piped_zstd(b"x");
+    // Frame header descriptor: no content size field.
+    assert_eq!(frame[4] & 0xE0, 0, "{frame:02x?}");
+    let n = 300_000;
+    let file: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * n)
+        .collect();
+    let r = ZstdReader::open(source(file.clone()), &opts()).unwrap();
+    assert_eq!(r.size(), n as u64);
+    let data = vec![b'x'; n];
+    check_range(&r, &data, 0, 1000);
+    check_range(&r, &data, 123_456, 5000);
+    check_range(&r, &data, n as u64 - 10, 10);
+    // Bigger unsized frames with real data, some past the threshold.
+    let big = image_like(1_500_000, 4);
+    let mut f2 = piped_zstd(&big[..200_000]);
+    f2.extend(piped_zstd(&big[200_000..]));
+    let r = ZstdReader::open_with_threshold(source(f2), &opts(), 500_000).unwrap();
+    assert_eq!(r.size(), big.len() as u64);
+    check_range(&r, &big, 0, 300_000);
+    check_range(&r, &big, 1_000_000, 500_000);
+    // The cap: with no time at all, opening a file that needs decoding
+    // fails with an error saying why.
+    let mut o = opts();
+    o.open_timeout = Some(std::time::Duration::ZERO);
+    match ZstdReader::open(source(file), &o) {
+        Err(Error::Unsupported { reason, .. }) => {
+            assert!(reason.contains("zstd-open-timeout"), "{reason}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("opened past the deadline"),
+    }
+}
+
+/// Issue #17 point 2: when the scratch tier is full, its least recently
+/// used frames are evicted (hole-punched) to make room, so recent random
+/// reads keep being served from it; its size never exceeds the bound,
+/// on disk too, and every byte reads back right.
+#[test]
+fn full_scratch_tier_evicts_least_recently_used() {
+    let frame = 200_000usize;
+    let data = noise(15 * frame, 23);
+    let file = seekable_compress(&data, frame, 1).unwrap();
+    let src = Arc::new(CountingSource {
+        inner: file,
+        reads: Default::default(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts();
+    o.cache_bytes = 1;
+    o.threads = 0;
+    o.scratch_dir = Some(dir.path().to_path_buf());
+    let bound = 3 * frame as u64 + 1000;
+    o.scratch_cache_bytes = bound;
+    let r = ZstdReader::open(src.clone(), &o).unwrap();
+    // Scattered (not a stream): frames 0, 7, 14, 6, 13, ...
+    let order: Vec<u64> = (0..15u64).map(|k| k * 7 % 15).collect();
+    for _ in 0..2 {
+        for &k in &order {
+            check_range(&r, &data, k * frame as u64 + 1000, 4096);
+            assert!(r.scratch_cached_bytes() <= bound);
+            assert!(disk_use_under(dir.path()) <= bound + (64 << 10));
+        }
+    }
+    // The last frames read were kept (the oldest made room for them):
+    // reading them again needs nothing from the compressed file.  (The
+    // very last one may still be in RAM.)
+    let before = src.reads.load(std::sync::atomic::Ordering::SeqCst);
+    for &k in &order[12..] {
+        check_range(&r, &data, k * frame as u64 + 1000, 4096);
+    }
+    assert_eq!(src.reads.load(std::sync::atomic::Ordering::SeqCst), before);
+    check_range(&r, &data, 0, data.len());
 }

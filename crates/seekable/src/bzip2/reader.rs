@@ -36,6 +36,8 @@ pub struct Bzip2Block {
     pub level: u8,
     pub uncompressed_offset: u64,
     pub uncompressed_size: u64,
+    /// Which stream of the file (concatenated `bzip2` outputs) holds it.
+    pub stream: usize,
 }
 
 /// A random-access reader over a bzip2 file.
@@ -96,8 +98,9 @@ impl Bzip2Reader {
     ) -> Result<Bzip2Reader> {
         let name = opts.name.as_str();
         let size = source.size().map_err(|e| io_err(name, 0, e))?;
-        let cands = find_candidates(&*source, name, size)?;
+        let (cands, stream_crcs) = find_candidates(&*source, name, size)?;
         let blocks = size_blocks(&source, name, &cands, opts.threads)?;
+        check_stream_crcs(&*source, name, &blocks, &stream_crcs)?;
         let segs = blocks
             .iter()
             .map(|b| Segment {
@@ -132,10 +135,63 @@ impl Bzip2Reader {
 
 crate::engine::random_access_via_engine!(Bzip2Reader);
 
+/// A stream's stored combined CRC and the byte offset of its end magic.
+type StreamCrc = (u32, u64);
+
+/// The 32 bits at bit offset `bit` of the file.
+fn read_u32_at_bit(source: &dyn Source, name: &str, bit: u64) -> Result<u32> {
+    let byte = bit / 8;
+    let k = bit % 8;
+    let n = (k + 32).div_ceil(8) as usize;
+    let mut b = [0u8; 5];
+    source
+        .read_exact_at(&mut b[..n], byte)
+        .map_err(|e| io_err(name, byte, e))?;
+    let v = b.iter().fold(0u64, |a, &x| (a << 8) | u64::from(x));
+    Ok((v >> (8 - k)) as u32)
+}
+
+/// Each stream ends with a CRC combined from its blocks' CRCs (each block
+/// header holds its block's CRC right after the magic), so checking it
+/// needs no decoding: a block lost (its magic damaged), deleted, duplicated
+/// or moved changes it.
+fn check_stream_crcs(
+    source: &dyn Source,
+    name: &str,
+    blocks: &[Bzip2Block],
+    stream_crcs: &[StreamCrc],
+) -> Result<()> {
+    let mut combined = vec![0u32; stream_crcs.len()];
+    for b in blocks {
+        let crc = read_u32_at_bit(source, name, b.start_bit + 48)?;
+        if let Some(c) = combined.get_mut(b.stream) {
+            *c = c.rotate_left(1) ^ crc;
+        }
+    }
+    for (k, (&got, &(want, at))) in combined.iter().zip(stream_crcs).enumerate() {
+        if got != want {
+            return Err(corrupt(
+                name,
+                at,
+                format!(
+                    "stream {k}: combined CRC of its blocks {got:08x} does not match the \
+                     stream's {want:08x} (a block is missing, duplicated or damaged)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Scan the file and pair up magics into candidate blocks, following the
 /// stream structure (header, blocks, end magic + CRC, next stream header at
-/// the next byte boundary).
-fn find_candidates(source: &dyn Source, name: &str, size: u64) -> Result<Vec<Candidate>> {
+/// the next byte boundary).  Also returns each stream's stored combined
+/// CRC and the byte offset of its end-of-stream magic.
+fn find_candidates(
+    source: &dyn Source,
+    name: &str,
+    size: u64,
+) -> Result<(Vec<Candidate>, Vec<StreamCrc>)> {
     let mut header = [0u8; 4];
     if size < 4 {
         return Err(corrupt(name, 0, "too short for a bzip2 header"));
@@ -164,9 +220,27 @@ fn find_candidates(source: &dyn Source, name: &str, size: u64) -> Result<Vec<Can
     let mut body_start = 32u64;
     let mut pending: Option<u64> = None;
     let mut ended_at = None;
+    let mut crcs = Vec::new();
+    // The first block (or the end) of a stream must start right after its
+    // header: anything else means a block magic there was damaged.
+    let misplaced = |b: u64, body_start: u64| {
+        corrupt(
+            name,
+            body_start / 8,
+            format!(
+                "no bzip2 block or end-of-stream magic at byte {} (the next one is at bit {b})",
+                body_start / 8
+            ),
+        )
+    };
+    let mut first = true;
     for m in marks {
         match m {
             Mark::Block(b) if b >= body_start => {
+                if first && b != body_start {
+                    return Err(misplaced(b, body_start));
+                }
+                first = false;
                 if let Some(s) = pending {
                     cands.push(Candidate {
                         start: s,
@@ -194,6 +268,13 @@ fn find_candidates(source: &dyn Source, name: &str, size: u64) -> Result<Vec<Can
                     // Chance occurrence inside block data.
                     continue;
                 }
+                if first && b != body_start {
+                    return Err(misplaced(b, body_start));
+                }
+                if end_byte > size {
+                    return Err(corrupt(name, b / 8, "stream CRC missing (truncated)"));
+                }
+                crcs.push((read_u32_at_bit(source, name, b + 48)?, b / 8));
                 if let Some(s) = pending.take() {
                     cands.push(Candidate {
                         start: s,
@@ -208,6 +289,7 @@ fn find_candidates(source: &dyn Source, name: &str, size: u64) -> Result<Vec<Can
                     stream += 1;
                     body_start = (end_byte + 4) * 8;
                     ended_at = None;
+                    first = true;
                 } else {
                     break;
                 }
@@ -216,7 +298,7 @@ fn find_candidates(source: &dyn Source, name: &str, size: u64) -> Result<Vec<Can
         }
     }
     match ended_at {
-        Some(e) if e == size => Ok(cands),
+        Some(e) if e == size => Ok((cands, crcs)),
         _ => Err(corrupt(
             name,
             size,
@@ -283,6 +365,7 @@ fn size_blocks(
             level: c.level,
             uncompressed_offset: uoff,
             uncompressed_size: size,
+            stream: c.stream,
         });
         uoff = uoff
             .checked_add(size)
@@ -414,7 +497,7 @@ mod tests {
         e.write_all(&data).unwrap();
         let file: Arc<dyn Source> = Arc::new(e.finish().unwrap());
         let size = file.size().unwrap();
-        let cands = find_candidates(&*file, "t", size).unwrap();
+        let (cands, _) = find_candidates(&*file, "t", size).unwrap();
         let good = size_blocks(&file, "t", &cands, 2).unwrap();
         // Pretend a magic occurred in the middle of the second block.
         let mut split = cands.clone();

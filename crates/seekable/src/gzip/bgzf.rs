@@ -115,6 +115,13 @@ pub fn bgzf_size_with(
                 ),
             ));
         }
+        if isize == 0 && payload > 2 {
+            // bgzip's only empty member is the end-of-file marker, whose
+            // deflate payload is the 2-byte empty block.  Any other member
+            // claiming to be empty is not trusted for the size: the index
+            // walk (which inflates it) decides.
+            return Ok(None);
+        }
         total += u64::from(isize);
         off = end;
     }

@@ -1,6 +1,6 @@
 //! The gzip access index: checkpoints, zero runs, and their file format.
 //!
-//! File format (all integers little-endian), version 1:
+//! File format (all integers little-endian), version 2:
 //!
 //! ```text
 //! magic     8  "NBDRSGZI"
@@ -15,6 +15,8 @@
 //! ncp × { out u64, inp u64, kind u8, bits u8, compressed u8, 0 u8,
 //!         raw_len u32, stored_len u32, stored_len bytes of window }
 //! nzero × { first_chunk u64, chunks u64 }
+//! ncp × crc32 u32  of the compressed bytes of each checkpoint's range
+//!           (see [`range_bounds`]), checked before the index is used on them
 //! crc32     u32 of everything above
 //! ```
 //!
@@ -26,7 +28,7 @@ use bytes::Bytes;
 use super::zstream::{self, WINDOW};
 
 pub const MAGIC: &[u8; 8] = b"NBDRSGZI";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Granularity of zero tracking for `extents()`.
 pub const ZERO_CHUNK: u64 = 64 * 1024;
 pub const MIN_SPAN: u64 = 1024;
@@ -139,6 +141,34 @@ pub struct GzipIndex {
     /// Sorted, disjoint runs `(first_chunk, chunks)` of all-zero
     /// [`ZERO_CHUNK`]-sized chunks.
     pub zero_runs: Vec<(u64, u64)>,
+    /// CRC-32 of the compressed bytes of each checkpoint's range (one per
+    /// checkpoint, see [`range_bounds`]), recorded when the index was built:
+    /// before a loaded index decodes anything, the ranges from the member's
+    /// start to the end of what is decoded are checked against the file,
+    /// so a window or position from different bytes is never used.
+    pub range_crcs: Vec<u32>,
+}
+
+/// The compressed byte range of checkpoint `k`: from the byte before its
+/// position (which holds its unread bits; 0 for the first) to the same
+/// point of the next checkpoint (the end of the file for the last).  The
+/// ranges are disjoint and cover the whole file.
+pub fn range_bounds(cps: &[Checkpoint], comp_size: u64, k: usize) -> (u64, u64) {
+    let start = |k: usize| -> u64 {
+        if k == 0 {
+            0
+        } else {
+            cps.get(k)
+                .map_or(comp_size, |c| c.inp.saturating_sub(1).min(comp_size))
+        }
+    };
+    let a = start(k);
+    let b = if k + 1 >= cps.len() {
+        comp_size
+    } else {
+        start(k + 1)
+    };
+    (a, b.max(a))
 }
 
 impl GzipIndex {
@@ -179,6 +209,10 @@ impl GzipIndex {
         for (s, n) in &self.zero_runs {
             b.extend_from_slice(&s.to_le_bytes());
             b.extend_from_slice(&n.to_le_bytes());
+        }
+        for k in 0..self.checkpoints.len() {
+            let c = self.range_crcs.get(k).copied().unwrap_or(0);
+            b.extend_from_slice(&c.to_le_bytes());
         }
         let crc = crc32fast::hash(&b);
         b.extend_from_slice(&crc.to_le_bytes());
@@ -308,6 +342,10 @@ impl GzipIndex {
             next = end;
             zero_runs.push((s, n));
         }
+        let mut range_crcs = Vec::with_capacity(checkpoints.len());
+        for _ in 0..checkpoints.len() {
+            range_crcs.push(r.u32()?);
+        }
         if r.pos != body.len() {
             return Err("trailing bytes in index".into());
         }
@@ -317,6 +355,7 @@ impl GzipIndex {
             total,
             checkpoints,
             zero_runs,
+            range_crcs,
         })
     }
 }
@@ -566,6 +605,7 @@ mod tests {
                 },
             ],
             zero_runs: vec![(1, 2), (4, 1)],
+            range_crcs: (0..3).map(|k| 0x1234_5678 ^ k).collect(),
         }
     }
 

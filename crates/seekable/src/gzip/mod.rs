@@ -137,6 +137,11 @@ struct State {
     zero_runs: Vec<(u64, u64)>,
     open_zero: Option<(u64, u64)>,
     frontier: u64,
+    /// Output up to the end of the last member whose CRC-32 and length
+    /// have passed: what may be served once the first member has ended.
+    verified: u64,
+    /// The first member has ended (and passed its checks).
+    past_first: bool,
     done: bool,
     total: Option<u64>,
     /// The exact size known before the walk ends (BGZF).
@@ -144,6 +149,15 @@ struct State {
     failed: Option<Fail>,
     saved: Option<std::result::Result<PathBuf, String>>,
     save_done: bool,
+    /// A loaded index's range checksums (see [`index::range_bounds`]), and
+    /// which ranges have been checked against the file: nothing is decoded
+    /// from a loaded index before the ranges it depends on are checked.
+    range_crcs: Option<Arc<Vec<u32>>>,
+    range_ok: Vec<bool>,
+    /// The loaded index was found not to match the file.
+    stale: bool,
+    /// Bumped when the walk is restarted.
+    gen: u64,
 }
 
 #[derive(Default)]
@@ -245,6 +259,16 @@ impl Shared {
         self.cv.notify_all();
     }
 
+    /// Called by the walk after publishing a member's end (or a verified
+    /// batch of BGZF members): output below `out` has passed its checks.
+    fn member_verified(&self, out: u64) {
+        let mut st = lock(&self.state);
+        st.verified = st.verified.max(out);
+        st.past_first = true;
+        drop(st);
+        self.cv.notify_all();
+    }
+
     fn walk_failed(&self, f: Fail) {
         let mut st = lock(&self.state);
         st.failed = Some(f);
@@ -254,7 +278,12 @@ impl Shared {
         self.cv.notify_all();
     }
 
-    /// Wait until `[.., end)` is indexed or the walk is over.
+    /// Wait until `[.., end)` is indexed and may be served, or the walk is
+    /// over.  Output is served once its member's CRC-32 and length have
+    /// passed, except inside the first member while the walk is still in
+    /// it: that may be the file's only member (like a single-block xz
+    /// file), and waiting for its end would mean decoding the whole image
+    /// before the first read.
     fn wait_frontier(&self, end: u64) -> std::result::Result<Option<u64>, Fail> {
         let mut st = lock(&self.state);
         loop {
@@ -264,7 +293,12 @@ impl Shared {
             if st.done {
                 return Ok(st.total);
             }
-            if st.frontier >= end {
+            let servable = if st.past_first {
+                st.verified.min(st.frontier)
+            } else {
+                st.frontier
+            };
+            if servable >= end {
                 return Ok(None);
             }
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -323,6 +357,13 @@ impl Shared {
         let result = match self.cache.get(u) {
             Some(b) => Ok(b),
             None => self.unit_plan(u).and_then(|(cp, start, end)| {
+                // A loaded index is used only on bytes it was built from.
+                if !self.check_loaded(end)? {
+                    return Err(self.fail_corrupt(
+                        cp.inp,
+                        "saved index does not match the file; rebuilding it".into(),
+                    ));
+                }
                 self.decoded.fetch_add(1, Ordering::Relaxed);
                 let data: Arc<[u8]> = decode::decode(self, &cp, start, end)?.into();
                 self.cache.insert(u, data.clone());
@@ -378,13 +419,115 @@ impl Shared {
         if st.failed.is_some() {
             return None;
         }
+        let checkpoints = st.cps.clone();
+        let zero_runs = st.zero_runs.clone();
+        let loaded = st.range_crcs.clone();
+        drop(st);
+        let range_crcs = match loaded {
+            Some(c) => c.to_vec(),
+            None => match self.range_crcs(&checkpoints) {
+                Ok(c) => c,
+                Err(f) => {
+                    tracing::warn!("{}", self.error(&f));
+                    return None;
+                }
+            },
+        };
         Some(GzipIndex {
             identity: self.identity,
             span: self.span,
             total,
-            checkpoints: st.cps.clone(),
-            zero_runs: st.zero_runs.clone(),
+            checkpoints,
+            zero_runs,
+            range_crcs,
         })
+    }
+
+    /// CRC-32 of each checkpoint's compressed range, reading the file once.
+    fn range_crcs(&self, cps: &[Checkpoint]) -> std::result::Result<Vec<u32>, Fail> {
+        let mut out = Vec::with_capacity(cps.len());
+        let mut buf = vec![0u8; 1 << 20];
+        for k in 0..cps.len() {
+            let (a, b) = index::range_bounds(cps, self.comp_size, k);
+            out.push(self.hash_range(a, b, &mut buf)?);
+        }
+        Ok(out)
+    }
+
+    fn hash_range(&self, a: u64, b: u64, buf: &mut [u8]) -> std::result::Result<u32, Fail> {
+        let mut h = crc32fast::Hasher::new();
+        let mut pos = a;
+        while pos < b {
+            let n = (b - pos).min(buf.len() as u64) as usize;
+            self.source
+                .read_exact_at(&mut buf[..n], pos)
+                .map_err(|e| self.fail_io(pos, e))?;
+            h.update(&buf[..n]);
+            pos += n as u64;
+        }
+        Ok(h.finalize())
+    }
+
+    /// With a loaded index: check, once, that the compressed ranges that
+    /// decoding output below `end` depends on (from the start of its member
+    /// on) are the bytes the index was built from.  False: they are not
+    /// (logged, index file removed); the caller restarts the walk.
+    fn check_loaded(&self, end: u64) -> std::result::Result<bool, Fail> {
+        let todo: Vec<(usize, u64, u64, u32)> = {
+            let st = lock(&self.state);
+            let Some(crcs) = st.range_crcs.clone() else {
+                return Ok(true);
+            };
+            let n = st.cps.len().min(crcs.len());
+            if n == 0 {
+                return Ok(true);
+            }
+            // The first checkpoint at or past `end` bounds the input that
+            // output below `end` needs.
+            let j = st.cps.partition_point(|c| c.out < end).min(n - 1);
+            let mut todo = Vec::new();
+            let mut k = j;
+            loop {
+                if st.range_ok.get(k).copied().unwrap_or(false) {
+                    break;
+                }
+                let (a, b) = index::range_bounds(&st.cps, self.comp_size, k);
+                todo.push((k, a, b, crcs[k]));
+                if k == 0 || matches!(st.cps[k].kind, index::Kind::Member) {
+                    break;
+                }
+                k -= 1;
+            }
+            todo
+        };
+        if todo.is_empty() {
+            return Ok(true);
+        }
+        let mut buf = vec![0u8; 1 << 20];
+        for &(k, a, b, want) in todo.iter().rev() {
+            let got = self.hash_range(a, b, &mut buf)?;
+            if got != want {
+                let path = self
+                    .index_path
+                    .as_ref()
+                    .map_or_else(String::new, |p| p.display().to_string());
+                tracing::warn!(
+                    "{}: saved gzip index {path} does not match the file at compressed offset \
+                     {a} (checkpoint {k}: CRC {got:08x}, index says {want:08x}); the file \
+                     changed since it was indexed: discarding the index and rebuilding",
+                    self.name
+                );
+                if let Some(p) = &self.index_path {
+                    let _ = std::fs::remove_file(p);
+                }
+                lock(&self.state).stale = true;
+                return Ok(false);
+            }
+            if let Some(ok) = lock(&self.state).range_ok.get_mut(k) {
+                *ok = true;
+            }
+        }
+        Ok(true)
     }
 
     fn save(&self) -> std::result::Result<PathBuf, String> {
@@ -522,48 +665,16 @@ impl GzipReader {
                 st.total = Some(idx.total);
                 st.done = true;
                 st.save_done = true;
+                st.range_ok = vec![false; idx.range_crcs.len()];
+                st.range_crcs = Some(Arc::new(idx.range_crcs));
             }
             return Ok(GzipReader { sh });
         }
-        let bg = sh.clone();
-        std::thread::Builder::new()
-            .name("gzip-index".into())
-            .spawn(move || {
-                let t0 = Instant::now();
-                // A bug in the walk must not leave readers waiting forever.
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| walk::walk(&bg)))
-                    .unwrap_or_else(|_| Err(bg.fail_unsupported("index walk panicked".into())));
-                // The walk inflated and checked every member; its total
-                // must be the size the handshake already announced.
-                let result = result.and_then(|total| match lock(&bg.state).size {
-                    Some(s) if s != total => Err(bg.fail_corrupt(
-                        0,
-                        format!("decompresses to {total} bytes, but its BGZF trailers add up to {s}"),
-                    )),
-                    _ => Ok(total),
-                });
-                match result {
-                    Ok(total) => {
-                        tracing::debug!(name = %bg.name, total, secs = t0.elapsed().as_secs_f64(), "gzip index built");
-                        let saved = bg.index_path.as_ref().map(|_| bg.save());
-                        if let Some(Err(e)) = &saved {
-                            tracing::warn!(name = %bg.name, "could not save gzip index: {e}");
-                        }
-                        let mut st = lock(&bg.state);
-                        st.saved = saved;
-                        st.save_done = true;
-                        drop(st);
-                        bg.cv.notify_all();
-                    }
-                    Err(f) => {
-                        if !bg.stop.load(Ordering::Relaxed) {
-                            tracing::warn!("{}", bg.error(&f));
-                        }
-                        bg.walk_failed(f);
-                    }
-                }
-            })
-            .map_err(|e| Error::Io { name: sh.name.clone(), offset: 0, source: e })?;
+        start_walk(sh.clone()).map_err(|e| Error::Io {
+            name: sh.name.clone(),
+            offset: 0,
+            source: e,
+        })?;
         Ok(GzipReader { sh })
     }
 
@@ -574,6 +685,23 @@ impl GzipReader {
             .wait_frontier(u64::MAX)
             .map_err(|f| self.sh.error(&f))
             .map(|t| t.unwrap_or(0))
+    }
+
+    /// The size to announce for an export: the BGZF trailers' sum when it
+    /// is known (the handshake need not wait), else the walk's total,
+    /// waiting for the walk.  If the walk failed, its error: never the
+    /// size reached before the failure.
+    pub fn export_size(&self) -> Result<u64> {
+        {
+            let st = lock(&self.sh.state);
+            if let Some(f) = &st.failed {
+                return Err(self.sh.error(f));
+            }
+            if let Some(s) = st.size {
+                return Ok(s);
+            }
+        }
+        self.wait_size()
     }
 
     /// The decompressed size if already known (saved index, or walk done).
@@ -630,6 +758,72 @@ impl GzipReader {
             spans_ahead: self.sh.ahead.load(Ordering::Relaxed),
             pieces_parallel: self.sh.pieces.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// Build the index on a background thread.
+fn start_walk(bg: Arc<Shared>) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("gzip-index".into())
+        .spawn(move || {
+            let t0 = Instant::now();
+            // A bug in the walk must not leave readers waiting forever.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| walk::walk(&bg)))
+                .unwrap_or_else(|_| Err(bg.fail_unsupported("index walk panicked".into())));
+            // The walk inflated and checked every member; its total
+            // must be the size the handshake already announced.
+            let result = result.and_then(|total| match lock(&bg.state).size {
+                Some(s) if s != total => Err(bg.fail_corrupt(
+                    0,
+                    format!(
+                        "decompresses to {total} bytes, but the size found before (BGZF \
+                         trailers, or the index it was served with) is {s}"
+                    ),
+                )),
+                _ => Ok(total),
+            });
+            match result {
+                Ok(total) => {
+                    tracing::debug!(name = %bg.name, total, secs = t0.elapsed().as_secs_f64(), "gzip index built");
+                    let saved = bg.index_path.as_ref().map(|_| bg.save());
+                    if let Some(Err(e)) = &saved {
+                        tracing::warn!(name = %bg.name, "could not save gzip index: {e}");
+                    }
+                    let mut st = lock(&bg.state);
+                    st.saved = saved;
+                    st.save_done = true;
+                    drop(st);
+                    bg.cv.notify_all();
+                }
+                Err(f) => {
+                    if !bg.stop.load(Ordering::Relaxed) {
+                        tracing::warn!("{}", bg.error(&f));
+                    }
+                    bg.walk_failed(f);
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+/// A loaded index turned out not to match the file: forget it and build
+/// a new one (readers wait for the new walk like on a cold start).  The
+/// size announced stays what the new walk must find.
+fn restart_walk(sh: &Arc<Shared>) {
+    let mut st = lock(&sh.state);
+    if !st.stale {
+        // Another reader restarted it already.
+        return;
+    }
+    let size = st.size.or(st.total);
+    let gen = st.gen + 1;
+    *st = State::default();
+    st.size = size;
+    st.gen = gen;
+    drop(st);
+    sh.cv.notify_all();
+    if let Err(e) = start_walk(sh.clone()) {
+        sh.walk_failed(sh.fail_io(0, e));
     }
 }
 
@@ -692,17 +886,8 @@ impl Drop for GzipReader {
     }
 }
 
-impl RandomAccess for GzipReader {
-    fn size(&self) -> u64 {
-        if let Some(s) = lock(&self.sh.state).size {
-            return s;
-        }
-        let _ = self.sh.wait_frontier(u64::MAX);
-        let st = lock(&self.sh.state);
-        st.total.unwrap_or(st.frontier)
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+impl GzipReader {
+    fn read_once(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let sh = &self.sh;
         if buf.is_empty() {
             return Ok(());
@@ -785,9 +970,66 @@ impl RandomAccess for GzipReader {
         }
         Ok(())
     }
+}
+
+impl RandomAccess for GzipReader {
+    fn size(&self) -> u64 {
+        if let Some(s) = lock(&self.sh.state).size {
+            return s;
+        }
+        let _ = self.sh.wait_frontier(u64::MAX);
+        let st = lock(&self.sh.state);
+        st.total.unwrap_or(st.frontier)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        // A loaded index that does not match the file is rebuilt and the
+        // read made again (the new walk's index needs no check, so this
+        // happens at most once).
+        loop {
+            let gen = lock(&self.sh.state).gen;
+            let r = self.read_once(buf, offset);
+            if r.is_err() {
+                let (stale, now) = {
+                    let st = lock(&self.sh.state);
+                    (st.stale, st.gen)
+                };
+                if stale {
+                    restart_walk(&self.sh);
+                    continue;
+                }
+                if now != gen {
+                    continue;
+                }
+            }
+            return r;
+        }
+    }
 
     fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
+        // Zero runs of a loaded index are reported only where it has been
+        // checked against the file (a client skips reading holes).
+        let checked = {
+            let known = {
+                let st = lock(&self.sh.state);
+                st.total.or(st.size)
+            };
+            let end = known.map_or(offset.saturating_add(len), |t| {
+                offset.saturating_add(len).min(t)
+            });
+            matches!(self.sh.check_loaded(end), Ok(true))
+        };
         let st = lock(&self.sh.state);
+        if !checked {
+            let len = st
+                .total
+                .or(st.size)
+                .map_or(len, |t| len.min(t.saturating_sub(offset)));
+            return vec![Extent {
+                length: len,
+                zero: false,
+            }];
+        }
         let len = match st.total.or(st.size) {
             Some(t) => len.min(t.saturating_sub(offset)),
             None => len,

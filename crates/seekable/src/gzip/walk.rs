@@ -265,6 +265,7 @@ impl<'a> Walker<'a> {
         let out = self.out;
         self.em.advance(out).map_err(|e| sh.fail_unsupported(e))?;
         self.publish(out, false);
+        sh.member_verified(out);
         Ok(input)
     }
 
@@ -651,6 +652,8 @@ impl<'a> Walker<'a> {
             .advance(end)
             .map_err(|e| self.sh.fail_unsupported(e))?;
         self.publish(end, false);
+        // Every member of the batch was inflated and checked.
+        self.sh.member_verified(end);
         Ok(())
     }
 }

@@ -100,6 +100,15 @@ impl ZstdReader {
             }
         };
         let file_size = source.size().map_err(io(0))?;
+        if file_size == 0 {
+            // `zstd -d` rejects it too: a zstd file has at least one frame.
+            return Err(Error::Corrupt {
+                name: name.to_string(),
+                format: "zstd",
+                offset: 0,
+                reason: "empty file (a zstd file holds at least one frame)".into(),
+            });
+        }
 
         // The seek table, if the file ends with one.
         let mut table = None;
@@ -196,6 +205,13 @@ impl ZstdReader {
     pub fn scratch_cached_bytes(&self) -> u64 {
         self.engine.scratch_cached_bytes()
     }
+
+    /// Non-zero bytes of all this reader's scratch files (progressive
+    /// blocks/frames and the scratch-cache tier), which the scratch bound
+    /// ([`Options::scratch_bytes`](crate::Options::scratch_bytes)) caps.
+    pub fn scratch_bytes(&self) -> u64 {
+        self.engine.scratch_bytes()
+    }
 }
 
 crate::engine::random_access_via_engine!(ZstdReader);
@@ -263,6 +279,24 @@ fn walk_frames(
     let mut frames = Vec::new();
     let mut pos = 0u64;
     let mut doff = 0u64;
+    let mut logged_unsized = false;
+    let mut dctx: Option<DCtx<'static>> = None;
+    let mut out = Vec::new();
+    let started = std::time::Instant::now();
+    let check_deadline = |pos: u64| match opts.open_timeout {
+        Some(t) if started.elapsed() >= t => Err(Error::Unsupported {
+            name: name.to_string(),
+            format: "zstd",
+            reason: format!(
+                "learning the size of frames that do not record it took over {} s \
+                 (reached offset {pos} of {file_size}); recompress with content sizes \
+                 (seekable zstd, or `zstd` on a file rather than a pipe), or raise \
+                 zstd-open-timeout",
+                t.as_secs()
+            ),
+        }),
+        _ => Ok(()),
+    };
     while pos < file_size {
         let head = w.get(pos, 8)?;
         if head.len() < 8 {
@@ -329,26 +363,47 @@ fn walk_frames(
             }
             Some(s) => s,
             None => {
-                tracing::info!(
-                    "{name}: zstd frame at offset {pos} does not record its size; decoding it \
-                     (recompress as seekable zstd for instant open and fast random access)"
-                );
-                let dec = FrameStream::new(source.clone(), name, pos, csize)?;
-                let p = Progressive::new(
-                    name,
-                    "zstd",
-                    pos,
-                    None,
-                    Box::new(dec),
-                    opts.scratch_dir.as_deref(),
-                )?;
-                let s = p.run_to_end()?;
-                // Small frames are cheaper to re-decode into the cache than
-                // to keep a scratch file open for each.
-                if s > threshold {
-                    pre.insert(index, Arc::new(p));
+                if !logged_unsized {
+                    logged_unsized = true;
+                    tracing::info!(
+                        "{name}: zstd frame at offset {pos} does not record its size; decoding \
+                         such frames to learn it (recompress as seekable zstd for instant open \
+                         and fast random access)"
+                    );
                 }
-                s
+                check_deadline(pos)?;
+                // Counted in a small reused buffer with a reused context:
+                // a file of many small unsized frames costs their decoding
+                // and nothing per frame (a scratch file and a 1 MiB step
+                // buffer each made 300,000 empty frames take a minute).
+                match count_frame(&**source, name, pos, csize, threshold, &mut dctx, &mut out)? {
+                    Some(s) => s,
+                    None => {
+                        // Too big for the cache: decoded progressively into
+                        // a scratch file, so the work is kept.
+                        let dec = FrameStream::new(source.clone(), name, pos, csize)?;
+                        let p = Progressive::new(
+                            name,
+                            "zstd",
+                            pos,
+                            None,
+                            Box::new(dec),
+                            opts.scratch_dir.as_deref(),
+                            false,
+                        )?;
+                        loop {
+                            check_deadline(pos)?;
+                            let f = p.frontier();
+                            p.advance_to(f.saturating_add(64 << 20))?;
+                            if p.frontier() == f {
+                                break;
+                            }
+                        }
+                        let s = p.frontier();
+                        pre.insert(index, Arc::new(p));
+                        s
+                    }
+                }
             }
         };
         frames.push(ZstdFrame {
@@ -363,6 +418,80 @@ fn walk_frames(
         pos = at;
     }
     Ok(frames)
+}
+
+/// Decode the frame at `pos` (`csize` bytes) only to count its bytes,
+/// verifying it (zstd checks the content checksum); `None` once it exceeds
+/// `threshold`.
+fn count_frame(
+    source: &dyn Source,
+    name: &str,
+    pos: u64,
+    csize: u64,
+    threshold: u64,
+    dctx: &mut Option<DCtx<'static>>,
+    out: &mut Vec<u8>,
+) -> Result<Option<u64>> {
+    let corrupt = |at: u64, reason: String| Error::Corrupt {
+        name: name.to_string(),
+        format: "zstd",
+        offset: at,
+        reason: format!("frame at offset {pos}: {reason}"),
+    };
+    if dctx.is_none() {
+        *dctx = DCtx::try_create();
+    }
+    let d = dctx.as_mut().ok_or_else(|| Error::Io {
+        name: name.to_string(),
+        offset: pos,
+        source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+    })?;
+    d.reset(zstd_safe::ResetDirective::SessionOnly)
+        .map_err(|c| corrupt(pos, zstd_safe::get_error_name(c).to_string()))?;
+    out.resize(MAX_BLOCK as usize, 0);
+    let mut input = vec![0u8; csize.min(INPUT_STEP) as usize];
+    let mut next = pos;
+    let end = pos + csize;
+    let mut total = 0u64;
+    let mut ret = 1;
+    while next < end {
+        let n = (end - next).min(INPUT_STEP) as usize;
+        input.resize(n, 0);
+        source
+            .read_exact_at(&mut input, next)
+            .map_err(|e| Error::Io {
+                name: name.to_string(),
+                offset: next,
+                source: e,
+            })?;
+        let mut inb = InBuffer::around(&input);
+        while inb.pos() < n || ret != 0 {
+            let before = inb.pos();
+            let mut outb = OutBuffer::around(&mut out[..]);
+            ret = d.decompress_stream(&mut outb, &mut inb).map_err(|c| {
+                corrupt(
+                    next + before as u64,
+                    zstd_safe::get_error_name(c).to_string(),
+                )
+            })?;
+            total += outb.pos() as u64;
+            if total > threshold {
+                return Ok(None);
+            }
+            if ret == 0 && inb.pos() < n {
+                return Err(corrupt(next + inb.pos() as u64, "frame ends early".into()));
+            }
+            if outb.pos() == 0 && inb.pos() == before {
+                // Needs more input (or is done).
+                break;
+            }
+        }
+        next += n as u64;
+    }
+    if ret != 0 {
+        return Err(corrupt(end, "frame is truncated".into()));
+    }
+    Ok(Some(total))
 }
 
 thread_local! {

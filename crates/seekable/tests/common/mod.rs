@@ -156,3 +156,50 @@ pub fn check_extents(r: &dyn RandomAccess, data: &[u8]) {
     }
     assert_eq!(pos, data.len());
 }
+
+/// Pseudo-random (incompressible, never zero) bytes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x as u8) | 1
+        })
+        .collect()
+}
+
+/// Bytes on disk (allocated blocks) of this process's open files under
+/// `dir`: the unnamed scratch files live there.
+pub fn disk_use_under(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if target.starts_with(dir) {
+            if let Ok(m) = std::fs::metadata(e.path()) {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// A source that counts its reads.
+pub struct CountingSource {
+    pub inner: Vec<u8>,
+    pub reads: std::sync::atomic::AtomicUsize,
+}
+
+impl Source for CountingSource {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.inner.len() as u64)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.read_exact_at(buf, offset)
+    }
+}
