@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use nbdkit_backend::{Backend, Config, FilterSpec, Param, PluginSpec};
+use nbdkit_backend::{Backend, Config, FilterSpec, Param, PluginSpec, ThreadModel};
 use nbdkit_cplugin::CPlugin;
 
 /// The plugin named on the command line: one of ours, or one of nbdkit's
@@ -126,34 +126,59 @@ impl Registry {
         s
     }
 
+    /// `--dump-config`: nbdkit's keys, with nbdkit's version numbers
+    /// (tools such as libguestfs compare `version_major`/`version_minor`),
+    /// nbdkit-rs's own name and version in `version_extra` as nbdkit puts
+    /// a distribution's suffix there, and nbdkit-rs's additions
+    /// (`filters`, `plugins`, `rust`, `tls_psk`).  `filterdir` is left out:
+    /// nbdkit's C filters are not loaded (the filters are built in).
     pub fn dump_config(&self) -> String {
-        let exe = std::env::current_exe()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
+        let exe = std::env::current_exe().ok();
+        let bindir = exe.as_deref().and_then(Path::parent);
+        let prefix = bindir.and_then(Path::parent);
+        let under = |sub: &str| {
+            prefix
+                .map(|p| p.join(sub).display().to_string())
+                .unwrap_or_default()
+        };
         let (major, minor) = {
-            let mut it = crate::VERSION.split('.');
+            let mut it = crate::NBDKIT_VERSION.split('.');
             (
-                it.next().unwrap_or("0").to_string(),
+                it.next().unwrap_or("1").to_string(),
                 it.next().unwrap_or("0").to_string(),
             )
         };
         let plugindir = nbdkit_cplugin::plugin_dir()
             .map(|d| format!("plugindir={}\n", d.display()))
             .unwrap_or_default();
-        format!(
-            "binary={exe}
-exit_with_parent=yes
+        let mut s = String::new();
+        if let Some(exe) = &exe {
+            s.push_str(&format!("binary={}\n", exe.display()));
+        }
+        if let Some(b) = bindir {
+            s.push_str(&format!("bindir={}\n", b.display()));
+        }
+        s.push_str(&format!(
+            "exit_with_parent=yes
 filters={}
 host_cpu={}
 host_os={}
+libdir={}
+mandir={}
+name=nbdkit
 {plugindir}plugins={}
 root_tls_certificates_dir=/etc/pki/nbdkit
 rust=yes
+sbindir={}
+selinux=no
+sysconfdir=/etc
 tls=yes
 tls_psk={}
 version={}
+version_extra=nbdkit-rs {}
 version_major={major}
 version_minor={minor}
+zstd=yes
 ",
             self.filters
                 .iter()
@@ -162,18 +187,23 @@ version_minor={minor}
                 .join(","),
             std::env::consts::ARCH,
             std::env::consts::OS,
+            under("lib"),
+            under("share/man"),
             self.plugins
                 .iter()
                 .map(|p| p.name)
                 .collect::<Vec<_>>()
                 .join(","),
+            bindir.map(|b| b.display().to_string()).unwrap_or_default(),
             if nbdkit_server::tls::Tls::PSK_SUPPORTED {
                 "yes"
             } else {
                 "no"
             },
+            crate::NBDKIT_VERSION,
             crate::VERSION,
-        )
+        ));
+        s
     }
 }
 
@@ -250,19 +280,30 @@ fn suggest(name: &str, candidates: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-/// `--dump-plugin` (printed on stdout).
-pub fn dump_plugin(p: &Plugin) {
+/// `--dump-plugin` (printed on stdout): nbdkit's `key=value` lines, with
+/// `thread_model` the model of the configured chain, then the plugin's
+/// own lines (`extra`).
+pub fn dump_plugin(p: &Plugin, thread_model: ThreadModel, extra: Option<&str>) {
     match p {
-        Plugin::Builtin(p) => print!("{}", dump_builtin(p)),
+        Plugin::Builtin(p) => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(dump_builtin(p, thread_model).as_bytes());
+            if let Some(extra) = extra {
+                let _ = out.write_all(extra.as_bytes());
+            }
+            let _ = out.flush();
+        }
         Plugin::C(c) => c.print_dump(),
     }
 }
 
-fn dump_builtin(p: &PluginSpec) -> String {
+fn dump_builtin(p: &PluginSpec, thread_model: ThreadModel) -> String {
     let mut s = format!(
-        "path=(built in)\nname={}\nversion={}\napi_version=2\nmax_thread_model=parallel\n",
+        "path=(built in)\nname={}\nversion={}\napi_version=2\nmax_thread_model=parallel\nthread_model={}\n",
         p.name,
-        crate::VERSION
+        crate::NBDKIT_VERSION,
+        thread_model.as_str()
     );
     if let Some(k) = p.magic_config_key {
         s.push_str(&format!("magic_config_key={k}\n"));
@@ -375,11 +416,15 @@ fn configure_filters(filters: &[&'static FilterSpec], cfg: &mut Config) -> Resul
 }
 
 /// Wrap the plugin in the filters, the first one outermost.
-fn stack(layers: Layers, mut backend: Arc<dyn Backend>) -> Result<Arc<dyn Backend>> {
+/// Each layer is wrapped as nbdkit's backend layer (see [`crate::layer`]).
+fn stack(layers: Layers, backend: Arc<dyn Backend>) -> Result<Arc<dyn Backend>> {
+    let mut backend = crate::layer::wrap(backend);
     for (name, layer) in layers.into_iter().rev() {
-        backend = layer
-            .layer(backend)
-            .map_err(|e| anyhow!("{name} filter: {e}"))?;
+        backend = crate::layer::wrap(
+            layer
+                .layer(backend)
+                .map_err(|e| anyhow!("{name} filter: {e}"))?,
+        );
     }
     Ok(backend)
 }

@@ -27,7 +27,7 @@ pub struct Cli {
     #[arg(short = 'p', long = "port")]
     pub port: Option<u16>,
     /// Listen only on this address.
-    #[arg(short = 'i', long = "ipaddr")]
+    #[arg(short = 'i', long = "ipaddr", alias = "ip-addr")]
     pub ipaddr: Option<String>,
     /// IPv4 only.
     #[arg(short = '4', long = "ipv4-only")]
@@ -44,7 +44,12 @@ pub struct Cli {
     )]
     pub unix: Option<String>,
     /// Write the server's process ID to this file once it is ready.
-    #[arg(short = 'P', long = "pidfile", value_name = "PIDFILE")]
+    #[arg(
+        short = 'P',
+        long = "pidfile",
+        alias = "pid-file",
+        value_name = "PIDFILE"
+    )]
     pub pidfile: Option<PathBuf>,
     /// The name of the default export.
     #[arg(
@@ -101,10 +106,10 @@ pub struct Cli {
     #[arg(long = "print-uri")]
     pub print_uri: bool,
     /// Newstyle protocol (the only one; accepted for compatibility).
-    #[arg(short = 'n', long = "newstyle")]
+    #[arg(short = 'n', long = "newstyle", alias = "new-style")]
     pub newstyle: bool,
     /// Oldstyle protocol (not supported: obsolete since 2013).
-    #[arg(short = 'o', long = "oldstyle")]
+    #[arg(short = 'o', long = "oldstyle", alias = "old-style")]
     pub oldstyle: bool,
     /// TLS: off, on (clients choose) or require (STARTTLS before anything else).
     #[arg(long = "tls", value_name = "off|on|require")]
@@ -130,6 +135,21 @@ pub struct Cli {
     /// Connections open at once; later clients are disconnected at once.
     #[arg(long = "max-connections", value_name = "N")]
     pub max_connections: Option<usize>,
+    /// nbdkit's SELinux socket label (not supported: refused by name).
+    #[arg(long = "selinux-label", value_name = "LABEL", hide = true)]
+    pub selinux_label: Option<String>,
+    /// nbdkit's --swap (not supported: refused by name).
+    #[arg(long = "swap", hide = true)]
+    pub swap: bool,
+    /// nbdkit's AF_VSOCK listener (not supported: refused by name).
+    #[arg(long = "vsock", hide = true)]
+    pub vsock: bool,
+    /// List the short options, one a line (as nbdkit, for tools).
+    #[arg(long = "short-options", hide = true)]
+    pub short_options: bool,
+    /// List the long options, one a line (as nbdkit, for tools).
+    #[arg(long = "long-options", hide = true)]
+    pub long_options: bool,
     /// The plugin name, then its key=value parameters.
     #[arg(value_name = "PLUGIN [key=value]...")]
     pub args: Vec<String>,
@@ -173,3 +193,42 @@ Options:
   -h, --help               help (add a plugin name for its parameters)
   -V, --version            print the version
 ";
+
+/// Options nbdkit-rs has that nbdkit 1.32.5 does not (`--print-uri`,
+/// `--no-mc` and `--timeout` came in later nbdkit releases): left out of
+/// `--short-options`/`--long-options`, which list nbdkit's interface as
+/// the release `--version` names (nbdkit's tests check each listed
+/// option against its manual).  `--help` lists them.
+const NOT_IN_NBDKIT_1_32: &[&str] = &["max-connections", "no-mc", "print-uri", "timeout"];
+const SHORT_NOT_IN_NBDKIT_1_32: &[char] = &['h'];
+
+/// `--short-options`: every short option, `-X` one a line, as nbdkit
+/// prints them (tools and shell completion read this).
+pub fn short_options() -> String {
+    use clap::CommandFactory;
+    let mut shorts: Vec<char> = Cli::command()
+        .get_arguments()
+        .filter_map(|a| a.get_short())
+        .filter(|c| !SHORT_NOT_IN_NBDKIT_1_32.contains(c))
+        .collect();
+    shorts.sort_unstable();
+    shorts.iter().map(|c| format!("-{c}\n")).collect()
+}
+
+/// `--long-options`: every long option and alias, `--NAME` one a line,
+/// without these two listing options themselves (as nbdkit).
+pub fn long_options() -> String {
+    use clap::CommandFactory;
+    let mut longs: Vec<String> = Cli::command()
+        .get_arguments()
+        .flat_map(|a| {
+            let mut v: Vec<&str> = a.get_long().into_iter().collect();
+            v.extend(a.get_all_aliases().unwrap_or_default());
+            v.into_iter().map(str::to_string).collect::<Vec<_>>()
+        })
+        .filter(|l| l != "short-options" && l != "long-options")
+        .filter(|l| !NOT_IN_NBDKIT_1_32.contains(&l.as_str()))
+        .collect();
+    longs.sort();
+    longs.iter().map(|l| format!("--{l}\n")).collect()
+}

@@ -130,6 +130,8 @@ pub fn on_signals(shutdown: CancellationToken) -> Result<()> {
             _ = hup.recv() => info!("SIGHUP: shutting down"),
         }
         shutdown.cancel();
+        // Wakes backends sleeping in nbdkit_backend::nanosleep.
+        nbdkit_backend::request_shutdown();
     });
     Ok(())
 }

@@ -9,6 +9,8 @@
 mod chain;
 mod cli;
 mod daemon;
+mod info;
+mod layer;
 mod logging;
 
 use std::process::ExitCode;
@@ -26,6 +28,10 @@ pub use chain::Registry;
 use cli::Cli;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The nbdkit release whose command line, plugin interface and protocol
+/// behaviour nbdkit-rs implements: `--version` and `--dump-config` report
+/// it, because tools parse them to decide what the server can do.
+pub const NBDKIT_VERSION: &str = "1.32.5";
 const DEFAULT_PORT: u16 = 10809;
 
 /// Run the server with the built-in plugins and filters.
@@ -88,14 +94,22 @@ fn tls_from_cli(cli: &Cli) -> Result<Tls> {
     if cli.tls_psk.is_some() && cli.tls_verify_peer {
         bail!("--tls-verify-peer checks client certificates, which --tls-psk does not use (the pre-shared key already authenticates the client)");
     }
-    let mode = match cli.tls.as_deref() {
+    // As nbdkit: require, required or force; otherwise a boolean
+    // (on/off, yes/no, true/false, 1/0...), in any case.
+    let mode = match cli.tls.as_deref().map(str::to_ascii_lowercase).as_deref() {
         None if cli.tls_certificates.is_some() || cli.tls_psk.is_some() || cli.tls_verify_peer => {
             TlsMode::On
         }
-        None | Some("off") => TlsMode::Off,
-        Some("on") => TlsMode::On,
-        Some("require") => TlsMode::Require,
-        Some(v) => bail!("--tls={v}: expected off, on or require"),
+        None => TlsMode::Off,
+        Some("require" | "required" | "force") => TlsMode::Require,
+        Some(v) => match nbdkit_backend::parse_bool(v) {
+            Ok(true) => TlsMode::On,
+            Ok(false) => TlsMode::Off,
+            Err(_) => bail!(
+                "--tls={}: expected off, on or require",
+                cli.tls.as_deref().unwrap_or_default()
+            ),
+        },
     };
     if mode == TlsMode::Off {
         if cli.tls_verify_peer {
@@ -147,17 +161,8 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     if let Some(p) = cli.pidfile.take() {
         cli.pidfile = Some(std::path::absolute(&p).unwrap_or(p));
     }
-    if cli.version {
-        println!("nbdkit-rs {VERSION}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    if cli.dump_config {
-        print!("{}", registry.dump_config());
-        return Ok(ExitCode::SUCCESS);
-    }
-    if cli.help && cli.args.is_empty() {
-        print!("{}", registry.general_help());
-        return Ok(ExitCode::SUCCESS);
+    if let Some(code) = info::early(&cli, registry)? {
+        return Ok(code);
     }
     let Some(plugin_name) = cli.args.first() else {
         bail!("no plugin given\nusage: nbdkit-rs [OPTIONS] [--filter=FILTER]... PLUGIN [key=value]...\n       (nbdkit-rs --help lists the plugins)");
@@ -168,31 +173,8 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         .iter()
         .map(|f| registry.filter(f))
         .collect::<Result<Vec<_>>>()?;
-    if cli.help {
-        if let chain::Plugin::C(c) = &plugin {
-            c.load(&[])?;
-        }
-        print!("{}", plugin.help_text());
-        for f in &filters {
-            print!("\n{}", f.help_text());
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    if cli.dump_plugin {
-        if let chain::Plugin::C(c) = &plugin {
-            c.load(&[])?;
-        }
-        chain::dump_plugin(&plugin);
-        // With parameters (`sh SCRIPT --dump-plugin`), the configured
-        // plugin may add its own lines, as nbdkit's .dump_plugin does.
-        if matches!(plugin, chain::Plugin::Builtin(_)) && cli.args.len() > 1 {
-            let backend = chain::build(&plugin, &[], &cli.args[1..])?;
-            if let Some(extra) = backend.dump_plugin() {
-                print!("{extra}");
-            }
-            backend.shutdown();
-        }
-        return Ok(ExitCode::SUCCESS);
+    if let Some(code) = info::with_plugin(&cli, &plugin, &filters)? {
+        return Ok(code);
     }
     if cli.oldstyle {
         bail!(
@@ -227,6 +209,7 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     let plugin_debug_flags = chain::set_debug_flags(&cli.debug_flags, &plugin, &filters)?;
 
     logging::init(&cli)?;
+    nbdkit_backend::set_stdio_safe(!cli.single);
 
     if let chain::Plugin::C(c) = &plugin {
         // With -s, stdin and stdout carry NBD: plugins must not read a
@@ -345,7 +328,8 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
 
     let opts = ServerOptions {
         readonly: cli.readonly,
-        threads: cli.threads.unwrap_or(16),
+        // 0 means the default, as in nbdkit.
+        threads: cli.threads.filter(|&t| t > 0).unwrap_or(16),
         export_name: cli.export_name.clone(),
         no_structured_replies: cli.no_sr,
         no_meta_contexts: cli.no_mc,
@@ -428,9 +412,8 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     } else if let Some(Endpoint { unix: Some(p), .. }) = &endpoint {
         let _ = std::fs::remove_file(p);
     }
-    if let Some(p) = &cli.pidfile {
-        let _ = std::fs::remove_file(p);
-    }
+    // The pid file stays, as nbdkit leaves it: scripts read it after the
+    // server has exited (to wait for that pid to be gone).
     // Do not wait for blocking threads stuck in a slow backend call.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     code

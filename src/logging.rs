@@ -10,7 +10,10 @@
 use std::io::Write;
 
 use anyhow::{bail, Result};
-use tracing_subscriber::fmt::MakeWriter;
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
 
 use crate::cli::Cli;
 
@@ -33,10 +36,9 @@ pub fn init(cli: &Cli) -> Result<()> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false)
-        .without_time()
         .with_ansi(false)
-        .log_internal_errors(false);
+        .log_internal_errors(false)
+        .event_format(NbdkitFormat);
     match dest {
         "stderr" => builder.with_writer(|| LossyStderr).init(),
         "null" => builder.with_writer(std::io::sink).init(),
@@ -68,6 +70,34 @@ impl Write for LossyStderr {
     fn flush(&mut self) -> std::io::Result<()> {
         let _ = std::io::stderr().flush();
         Ok(())
+    }
+}
+
+/// Messages as nbdkit prints them, `nbdkit: LEVEL: MESSAGE`
+/// (`nbdkit: debug: memory: open ...`): scripts and nbdkit's tests match
+/// on that.
+struct NbdkitFormat;
+
+impl<S, N> FormatEvent<S, N> for NbdkitFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: format::Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let level = match *event.metadata().level() {
+            Level::ERROR => "error",
+            Level::WARN => "warning",
+            Level::INFO => "info",
+            _ => "debug",
+        };
+        write!(writer, "nbdkit: {level}: ")?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
     }
 }
 

@@ -107,15 +107,21 @@ fn help_version_and_dumps() {
         .find_map(|l| l.strip_prefix("plugins="))
         .unwrap_or_else(|| panic!("{out}"));
     assert!(plugins.split(',').any(|p| p == "memory"), "{out}");
+    // nbdkit's release whose interface is implemented, then our own.
     let version = env!("CARGO_PKG_VERSION");
-    assert!(
-        out.lines().any(|l| l == format!("version={version}")),
-        "{out}"
-    );
+    for line in [
+        "version=1.32.5".to_string(),
+        "version_major=1".into(),
+        "version_minor=32".into(),
+        format!("version_extra=nbdkit-rs {version}"),
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line}: {out}");
+    }
+    assert!(out.lines().any(|l| l.starts_with("bindir=")), "{out}");
 
     let (code, out, _) = run(&["--version"]);
     assert_eq!(code, Some(0));
-    assert_eq!(out.trim(), format!("nbdkit-rs {version}"));
+    assert_eq!(out.trim(), format!("nbdkit 1.32.5 (nbdkit-rs {version})"));
 }
 
 #[test]
@@ -396,7 +402,9 @@ fn background_with_pidfile() {
         assert!(tries < 1000, "pid {pid} did not exit after SIGTERM");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    assert!(!pidfile.exists(), "the pid file is removed on exit");
+    // As nbdkit, the pid file stays: scripts read it after the server
+    // exited (nbdkit's tests wait for the pid in it to be gone).
+    assert!(pidfile.exists(), "the pid file stays after exit");
     assert!(!sock.exists(), "the socket is removed on exit");
 }
 
@@ -522,4 +530,312 @@ fn user_and_group_drop_privileges_after_binding() {
             "a thread is still root: {uid_line}"
         );
     }
+}
+
+/// `--version` names nbdkit's release first (tools match `^nbdkit 1\.`),
+/// then each filter and the plugin; probing an unknown plugin or filter
+/// this way fails, as with nbdkit, so scripts can test for one.
+#[test]
+fn version_lists_the_layers_and_probes_plugins_and_filters() {
+    let version = env!("CARGO_PKG_VERSION");
+    let (code, out, err) = run(&["--filter", "offset", "--filter=cow", "file", "--version"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("nbdkit 1.32.5 (nbdkit-rs {version})").as_str(),
+            "offset 1.32.5",
+            "cow 1.32.5",
+            "file 1.32.5"
+        ],
+        "{out}"
+    );
+    let (code, out, _) = run(&["--filter=readahead", "null", "--version"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("readahead 1."), "{out}");
+
+    let (code, out, err) = run(&["--filter=notsuchfilter", "null", "--version"]);
+    assert_ne!(code, Some(0), "an unknown filter is not there: {out}");
+    assert!(err.contains("notsuchfilter"), "{err}");
+    let (code, _, err) = run(&["nosuchplugin", "--version"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("nosuchplugin"), "{err}");
+}
+
+/// `--short-options` and `--long-options` list every option, one a line,
+/// and each listed long option is one the parser takes.
+#[test]
+fn short_and_long_options_are_listed() {
+    let (code, out, _) = run(&["--short-options"]);
+    assert_eq!(code, Some(0));
+    for o in ["-v", "-V", "-f", "-r", "-s", "-U", "-D", "-e"] {
+        assert!(out.lines().any(|l| l == o), "{o}: {out}");
+    }
+    assert!(out.lines().all(|l| l.len() == 2 && l.starts_with('-')));
+    let (code, out, _) = run(&["--long-options"]);
+    assert_eq!(code, Some(0));
+    for o in [
+        "--help",
+        "--version",
+        "--readonly",
+        "--read-only",
+        "--exportname",
+        "--export-name",
+        "--pid-file",
+        "--ip-addr",
+        "--dump-plugin",
+        "--filter",
+    ] {
+        assert!(out.lines().any(|l| l == o), "{o}: {out}");
+    }
+    assert!(!out.contains("--short-options") && !out.contains("--long-options"));
+    // nbdkit's options that nbdkit-rs does not implement are refused by
+    // name, not as unknown options.
+    for (args, name) in [
+        (&["--vsock", "null"][..], "--vsock"),
+        (&["--swap", "null"][..], "--swap"),
+        (&["--selinux-label=x", "null"][..], "--selinux-label"),
+    ] {
+        let e = fails(args);
+        assert!(e.contains(name) && e.contains("not supported"), "{e}");
+    }
+}
+
+/// With -s, stdin and stdout carry NBD: --dump-plugin and a script read
+/// from stdin (`sh -`) are refused before anything runs.
+#[test]
+fn single_mode_refuses_dump_plugin_and_a_script_on_stdin() {
+    let (code, out, err) = run(&["--dump-plugin", "-s", "null"]);
+    assert_ne!(code, Some(0));
+    assert_eq!(out, "", "nothing on stdout");
+    assert!(err.contains("-s") && err.contains("--dump-plugin"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let ran = dir.path().join("ran");
+    let script = dir.path().join("script");
+    std::fs::write(&script, format!("touch {}\n", ran.display())).unwrap();
+    let out = nbdkit()
+        .args(["-s", "sh", "-"])
+        .stdin(std::fs::File::open(&script).unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        err.contains("inline script is incompatible with -s"),
+        "{err}"
+    );
+    assert!(!ran.exists(), "the script did not run");
+}
+
+/// `--dump-plugin` has nbdkit's `thread_model` line: the model of the
+/// configured chain, filters included.
+#[test]
+fn dump_plugin_reports_the_thread_model() {
+    let (code, out, _) = run(&["null", "--dump-plugin"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.lines().any(|l| l == "max_thread_model=parallel"),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l == "thread_model=parallel"), "{out}");
+    let (code, out, err) = run(&[
+        "--dump-plugin",
+        "--filter=noparallel",
+        "null",
+        "serialize=connections",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l == "thread_model=serialize_connections"),
+        "{out}"
+    );
+}
+
+/// With -v each layer logs its calls as nbdkit does (`nbdkit: ...debug:
+/// LAYER: CALL`); `-D nbdkit.backend.controlpath=0` and
+/// `-D nbdkit.backend.datapath=0` silence one kind each.
+#[test]
+fn backend_debug_messages_and_their_flags() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let has = |log: &str, what: &str| {
+        log.lines()
+            .any(|l| l.starts_with("nbdkit:") && l.contains(&format!("debug: {what}")))
+    };
+    for (flags, control, data) in [
+        (&[][..], true, true),
+        (&["-D", "nbdkit.backend.controlpath=0"][..], false, true),
+        (&["-D", "nbdkit.backend.datapath=0"][..], true, false),
+    ] {
+        let mut args = vec!["-v"];
+        args.extend_from_slice(flags);
+        args.extend(["--filter=noextents", "memory", "1M"]);
+        let s = Server::start(&args);
+        run_ok(Command::new("nbdcopy").arg(&s.uri).arg("null:"));
+        let log = s.log();
+        for layer in ["noextents", "memory"] {
+            assert_eq!(
+                has(&log, &format!("{layer}: open")),
+                control,
+                "{flags:?}: {log}"
+            );
+            assert_eq!(
+                has(&log, &format!("{layer}: pread")),
+                data,
+                "{flags:?}: {log}"
+            );
+        }
+    }
+}
+
+/// exitwhen's file names are relative to where the server was started,
+/// even once it has forked to the background (and changed to /).
+#[test]
+fn exitwhen_relative_file_in_the_background() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let status = nbdkit()
+        .current_dir(dir.path())
+        .args([
+            "-P",
+            "pid",
+            "-U",
+            "sock",
+            "--filter=exitwhen",
+            "memory",
+            "1M",
+            "exit-when-file-created=event",
+        ])
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let uri = format!("nbd+unix:///?socket={}", dir.path().join("sock").display());
+    python(
+        r#"
+import nbd, sys
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+b = nbd.NBD(); b.connect_uri(sys.argv[1])
+open(sys.argv[2], "w").close()
+a.pread(512, 0)
+a.shutdown()
+b.pread(512, 0)
+c = nbd.NBD()
+try:
+    c.connect_uri(sys.argv[1])
+    raise SystemExit("a client got in after the event")
+except nbd.Error:
+    pass
+b.shutdown()
+print("OK")
+"#,
+        &[&uri, dir.path().join("event").to_str().unwrap()],
+    );
+    // The last client left after the event: the server exits.
+    let start = std::time::Instant::now();
+    // SAFETY: signal 0 only checks that the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "the server did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The delay filter does not make the server deaf: a client that hangs
+/// up while its read sleeps frees its connection (here the only one the
+/// thread model allows), and SIGTERM stops a server whose request sleeps.
+#[test]
+fn delay_does_not_block_other_clients_or_shutdown() {
+    if !have_python_nbd() {
+        return;
+    }
+    let mut s = Server::start(&[
+        "-v",
+        "--filter=noparallel",
+        "--filter=delay",
+        "null",
+        "1M",
+        "serialize=connections",
+        "rdelay=3600",
+    ]);
+    // A client whose read sleeps in the filter, then dies.
+    let mut dying = Command::new(PYTHON)
+        .arg("-c")
+        .arg(
+            r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+h.aio_pread(nbd.Buffer(512), 0)
+h.poll(0)
+sys.stdin.read()
+"#,
+        )
+        .arg(&s.uri)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while !s.log().contains("delay: pread") {
+        assert!(s.running());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    dying.kill().unwrap();
+    dying.wait().unwrap();
+    // The next one is served.
+    python(
+        r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+assert h.get_size() == 1024 * 1024
+h.shutdown()
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    // A read sleeping for an hour does not hold up SIGTERM.
+    let before = s.log().matches("delay: pread").count();
+    let mut c = Command::new(PYTHON)
+        .arg("-c")
+        .arg(
+            r#"
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+print("connected", flush=True)
+try:
+    h.pread(512, 0)
+except nbd.Error:
+    pass
+"#,
+        )
+        .arg(&s.uri)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "connected");
+    // Wait until the read is in the filter.
+    while s.log().matches("delay: pread").count() == before {
+        assert!(s.running());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+    let st = s.wait_exit(std::time::Duration::from_secs(30));
+    assert_eq!(st.code(), Some(0), "{st:?}");
+    let _ = c.wait();
 }

@@ -162,7 +162,7 @@ fn nbdinfo_json_flags_and_block_sizes() {
     assert_eq!(j["contexts"], "[\"base:allocation\"]");
     assert_eq!(j["block_size_minimum"], "1");
     assert_eq!(j["block_size_preferred"], "4096");
-    assert_eq!(j["block_size_maximum"], (32 * M).to_string());
+    assert_eq!(j["block_size_maximum"], (64 * M).to_string());
     // The --can/--is checks exit 0 for true and 2 for false.
     let check = |args: &[&str]| {
         Command::new("nbdinfo")

@@ -270,16 +270,16 @@ fn garbage_and_giant_lengths_during_transmission() {
     assert_eq!(c.reply(0).error, EOVERFLOW, "4 GiB read");
     c.request(CMD_TRIM, 0, 2, 0, u32::MAX as u64, &[]);
     assert_eq!(c.reply(0).error, EINVAL, "4 GiB trim on a 16 MiB disk");
-    // A 40 MiB write (over the 32 MiB maximum): its payload is skipped
+    // A 72 MiB write (over the 64 MiB maximum): its payload is skipped
     // without being held in memory, then refused.
     let before = rss_kib(pid);
-    let big = 40u64 << 20;
+    let big = 72u64 << 20;
     c.request(CMD_WRITE, 0, 3, 0, big, &vec![0xaa; big as usize]);
-    assert_eq!(c.reply(0).error, EOVERFLOW, "40 MiB write");
+    assert_eq!(c.reply(0).error, EOVERFLOW, "72 MiB write");
     let after = rss_kib(pid);
     assert!(
         after < before + 16 * 1024,
-        "skipping a 40 MiB payload grew the server from {before} to {after} KiB"
+        "skipping a 72 MiB payload grew the server from {before} to {after} KiB"
     );
     c.request(CMD_READ, 0, 4, CANARY_AT, 8, &[]);
     let r = c.reply(0);

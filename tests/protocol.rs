@@ -157,9 +157,15 @@ fn bad_requests_get_the_right_errors_and_the_connection_lives() {
         // Block status without a negotiated context.
         (CMD_BLOCK_STATUS, 0, 0, 512, b"", EINVAL),
         // Over the maximum payload.
-        (CMD_READ, 0, 0, 64 << 20, b"", EOVERFLOW),
+        (CMD_READ, 0, 0, (64 << 20) + 1, b"", EOVERFLOW),
         // Trim on a read-only export.
         (CMD_TRIM, 0, 0, 512, b"", EPERM),
+        // Read-only is checked first, as nbdkit: a FUA write (FUA is not
+        // advertised on a read-only export), a write past the end and a
+        // fast zero are all EPERM.
+        (CMD_WRITE, CMD_FLAG_FUA, 0, 4, b"abcd", EPERM),
+        (CMD_WRITE, 0, (1 << 20) - 2, 4, b"abcd", EPERM),
+        (CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512, b"", EPERM),
     ];
     for (i, &(cmd, flags, offset, len, payload, want)) in cases.iter().enumerate() {
         c.request(cmd, flags, i as u64, offset, len, payload);
@@ -468,4 +474,29 @@ fn an_export_name_over_4096_bytes_is_refused_as_too_long() {
         requests: vec![],
     });
     assert_eq!(c.read_until_final().0, REP_ACK);
+
+/// nbdkit serves reads and writes up to 64 MiB and advertises that as the
+/// maximum block size: a client that uses the whole of it works.
+#[test]
+fn a_64_mib_read_and_write_work_as_with_nbdkit() {
+    if !have_python_nbd() {
+        return;
+    }
+    let s = Server::start(&["memory", "size=80M"]);
+    let out = python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+n = 64 * 1024 * 1024
+assert h.get_block_size(nbd.SIZE_MAXIMUM) == n, h.get_block_size(nbd.SIZE_MAXIMUM)
+h.pwrite(b"\x5a" * n, 4096)
+buf = h.pread(n, 4096)
+assert buf == b"\x5a" * n
+h.shutdown()
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert_eq!(out.trim(), "OK");
 }

@@ -13,8 +13,9 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The peer's address, as the listening socket reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +52,9 @@ pub struct Client {
     readonly: AtomicBool,
     export: Mutex<Option<String>>,
     disconnect: AtomicBool,
+    /// The connection's socket, for [`nanosleep`] to notice a hang-up
+    /// (-1: none known).
+    socket: AtomicI32,
 }
 
 impl Client {
@@ -62,6 +66,7 @@ impl Client {
             readonly: AtomicBool::new(false),
             export: Mutex::new(None),
             disconnect: AtomicBool::new(false),
+            socket: AtomicI32::new(-1),
         })
     }
 
@@ -112,6 +117,12 @@ impl Client {
 
     /// Ask the server to close this connection after the request being
     /// served (nbdkit_disconnect).  In-flight requests still get replies.
+    /// The server tells which socket carries this connection (-1: none
+    /// any more), so that [`nanosleep`] wakes when the client hangs up.
+    pub fn set_socket(&self, fd: i32) {
+        self.socket.store(fd, Ordering::Relaxed)
+    }
+
     pub fn request_disconnect(&self) {
         self.disconnect.store(true, Ordering::Relaxed)
     }
@@ -164,12 +175,87 @@ static SHUTDOWN_REQUESTED: AtomicBool = AtomicBool::new(false);
 /// any thread, any number of times (nbdkit_shutdown).
 pub fn request_shutdown() {
     SHUTDOWN_REQUESTED.store(true, Ordering::SeqCst);
+    if let Some(&[_, w]) = quit_pipe() {
+        // Never read: the pipe stays readable, waking every sleeper.
+        // SAFETY: writing one byte from a valid buffer to our own pipe.
+        let _ = unsafe { libc::write(w, [0u8].as_ptr().cast(), 1) };
+    }
     if let Some(hook) = SHUTDOWN_HOOK
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .as_ref()
     {
         hook()
+    }
+}
+
+/// A pipe made readable by [`request_shutdown`], polled by [`nanosleep`].
+fn quit_pipe() -> Option<&'static [i32; 2]> {
+    static PIPE: std::sync::OnceLock<Option<[i32; 2]>> = std::sync::OnceLock::new();
+    PIPE.get_or_init(|| {
+        let mut fds = [-1i32; 2];
+        // SAFETY: a valid two-element array for pipe2(2).
+        let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        (r == 0).then_some(fds)
+    })
+    .as_ref()
+}
+
+/// Sleep for `d`, as nbdkit's `nbdkit_nanosleep`: wake early, returning
+/// false, when the server is asked to exit or when the current
+/// connection's client hangs up, so that a slow request does not keep a
+/// server from stopping nor a gone client's connection open.  True when
+/// the whole time was slept.
+pub fn nanosleep(d: Duration) -> bool {
+    let sock = Client::current().map_or(-1, |c| c.socket.load(Ordering::Relaxed));
+    sleep_watching(d, sock)
+}
+
+/// [`nanosleep`] that wakes only when the server is asked to exit, not
+/// when the client hangs up (for delays while a connection closes, when
+/// the client has normally gone already).
+pub fn sleep_unless_shutdown(d: Duration) -> bool {
+    sleep_watching(d, -1)
+}
+
+fn sleep_watching(d: Duration, sock: i32) -> bool {
+    let deadline = Instant::now() + d;
+    let Some(&[quit, _]) = quit_pipe() else {
+        std::thread::sleep(d);
+        return true;
+    };
+    loop {
+        if shutdown_requested() {
+            return false;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: quit,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sock,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+        ];
+        let n = if sock >= 0 { 2 } else { 1 };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: `n` valid pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
+        if r > 0 {
+            if fds[0].revents != 0 {
+                return false;
+            }
+            if n == 2 && fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                return false;
+            }
+        }
     }
 }
 

@@ -50,7 +50,7 @@ pub mod error;
 pub mod extents;
 pub mod registry;
 
-pub use client::{request_shutdown, Client, Peer};
+pub use client::{nanosleep, request_shutdown, Client, Peer};
 pub use config::{parse_bool, parse_size, Config};
 pub use direct::{DirectPiece, DirectRead};
 pub use error::{ConfigError, Error, ErrorKind, Result};
@@ -413,6 +413,19 @@ pub fn debug_flag(name: &str, flag: &str) -> Option<i64> {
         .get()?
         .get(&(name.to_string(), flag.to_string()))
         .copied()
+}
+
+static STDIO_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// With `-s` stdin and stdout carry NBD: plugins must not read a script
+/// or a password from them (nbdkit's `nbdkit_stdio_safe`).
+pub fn set_stdio_safe(safe: bool) {
+    STDIO_TAKEN.store(!safe, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether a plugin may read from stdin (false with `-s`).
+pub fn stdio_safe() -> bool {
+    !STDIO_TAKEN.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Largest buffer used when emulating zero or cache with plain I/O.

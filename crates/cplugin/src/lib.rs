@@ -227,6 +227,26 @@ impl CPlugin {
         self.strings.magic_config_key.as_deref()
     }
 
+    /// The plugin's own version string, if it sets one.
+    pub fn version(&self) -> Option<&str> {
+        self.strings.version.as_deref()
+    }
+
+    /// The thread model nbdkit reports for `--dump-plugin`: the declared
+    /// one, restricted by the plugin's `thread_model` callback if it has
+    /// one (called, as nbdkit does, without configuring the plugin).
+    fn dump_thread_model(&self) -> ThreadModel {
+        let asked = self
+            .lib
+            .thread_model_fn()
+            .and_then(|r| r.ok())
+            .and_then(model_from_c);
+        match asked {
+            Some(m) => self.declared_model.min(m),
+            None => self.declared_model,
+        }
+    }
+
     pub fn api_version(&self) -> i32 {
         self.lib.raw().api_version
     }
@@ -285,13 +305,14 @@ impl CPlugin {
         let s = &self.strings;
         let raw = self.lib.raw();
         let mut out = format!(
-            "path={}\nname={}\nversion={}\napi_version={}\nstruct_size={}\nmax_thread_model={}\nerrno_is_preserved={}\n",
+            "path={}\nname={}\nversion={}\napi_version={}\nstruct_size={}\nmax_thread_model={}\nthread_model={}\nerrno_is_preserved={}\n",
             self.path.display(),
             s.name,
             s.version.as_deref().unwrap_or(""),
             raw.api_version,
             raw.struct_size,
             self.declared_model.as_str(),
+            self.dump_thread_model().as_str(),
             raw.errno_is_preserved,
         );
         if let Some(k) = &s.magic_config_key {

@@ -78,9 +78,17 @@ struct DelayBackend {
     fast_zero_fails: bool,
 }
 
-fn pause(d: Duration) {
-    if !d.is_zero() {
-        std::thread::sleep(d);
+/// Wait `d`, unless the server is exiting or the client hung up (as
+/// nbdkit's delay filter, through `nbdkit_nanosleep`): then the request
+/// fails at once instead of keeping the server or the connection busy.
+fn pause(d: Duration) -> Result<()> {
+    if d.is_zero() || nbdkit_backend::nanosleep(d) {
+        Ok(())
+    } else {
+        Err(Error::new(
+            nbdkit_backend::ErrorKind::Shutdown,
+            "delay filter: interrupted (the server is exiting or the client left)",
+        ))
     }
 }
 
@@ -92,7 +100,7 @@ impl Backend for DelayBackend {
         Some(&*self.next)
     }
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
-        pause(self.d[7]);
+        pause(self.d[7])?;
         Ok(Box::new(DelayHandle {
             next: self.next.open(readonly, export)?,
             d: self.d,
@@ -109,7 +117,11 @@ struct DelayHandle {
 
 impl Drop for DelayHandle {
     fn drop(&mut self) {
-        pause(self.d[8]);
+        // The client has normally hung up by now: only a server exit cuts
+        // this one short.
+        if !self.d[8].is_zero() {
+            nbdkit_backend::client::sleep_unless_shutdown(self.d[8]);
+        }
     }
 }
 
@@ -118,11 +130,11 @@ impl Handle for DelayHandle {
         Some(&*self.next)
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        pause(self.d[0]);
+        pause(self.d[0])?;
         self.next.pread(buf, offset)
     }
     fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
-        pause(self.d[1]);
+        pause(self.d[1])?;
         self.next.pwrite(buf, offset, fua)
     }
     fn can_fast_zero(&self) -> Result<bool> {
@@ -135,23 +147,23 @@ impl Handle for DelayHandle {
                 "delay filter: fast zero refused at once (delay-fast-zero=false)",
             ));
         }
-        pause(self.d[2]);
+        pause(self.d[2])?;
         self.next.zero(offset, count, flags)
     }
     fn trim(&self, offset: u64, count: u64, fua: bool) -> Result<()> {
-        pause(self.d[3]);
+        pause(self.d[3])?;
         self.next.trim(offset, count, fua)
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
-        pause(self.d[4]);
+        pause(self.d[4])?;
         self.next.extents(offset, count, req_one, extents)
     }
     fn cache(&self, offset: u64, count: u64) -> Result<()> {
-        pause(self.d[5]);
+        pause(self.d[5])?;
         self.next.cache(offset, count)
     }
     fn flush(&self) -> Result<()> {
-        pause(self.d[6]);
+        pause(self.d[6])?;
         self.next.flush()
     }
 }

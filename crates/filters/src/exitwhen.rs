@@ -231,11 +231,14 @@ Example:\n  nbdkit-rs --filter=exitwhen memory 1G exit-when-file-created=/tmp/st
     ],
     configure: |cfg| {
         let mut events = Vec::new();
+        // Relative to where the server was started: it changes to / when
+        // it forks to the background.
+        let absolute = |p: String| std::path::absolute(&p).unwrap_or_else(|_| PathBuf::from(p));
         for p in cfg.take_all("exit-when-file-created") {
-            events.push(Event::FileCreated(PathBuf::from(p)));
+            events.push(Event::FileCreated(absolute(p)));
         }
         for p in cfg.take_all("exit-when-file-deleted") {
-            events.push(Event::FileDeleted(PathBuf::from(p)));
+            events.push(Event::FileDeleted(absolute(p)));
         }
         for v in cfg.take_all("exit-when-pipe-closed") {
             let fd = number("exit-when-pipe-closed", &v)?;

@@ -354,8 +354,10 @@ impl Backend for ScriptBackend {
             .run("list_exports", &[bool_arg(readonly), tls_arg()], None)?
         {
             Some(out) => Ok(parse_export_list(&text(&out))),
+            // "" is the default export: the server asks default_export
+            // (once per connection, as nbdkit) to name it.
             None => Ok(vec![ExportEntry {
-                name: self.default_export(readonly)?,
+                name: String::new(),
                 description: None,
             }]),
         }
@@ -385,6 +387,7 @@ impl Backend for ScriptBackend {
         Ok(Box::new(ScriptHandle {
             script: self.script.clone(),
             h: handle,
+            answers: Default::default(),
         }))
     }
     fn shutdown(&self) {
@@ -398,16 +401,26 @@ impl Backend for ScriptBackend {
 struct ScriptHandle {
     script: Arc<Script>,
     h: String,
+    /// `can_*` answers: the script is asked each once per connection, as
+    /// nbdkit does, also when one answer implies another (`can_zero`
+    /// falls back on `can_write`).
+    answers: std::sync::Mutex<std::collections::HashMap<String, bool>>,
 }
 
 impl ScriptHandle {
     /// A `can_*` method; when the script lacks it, `eval` answers whether
     /// `implied` was given and `sh` answers false.
     fn can(&self, method: &str, implied: &str) -> Result<bool> {
-        Ok(self
+        let answers = || self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&b) = answers().get(method) {
+            return Ok(b);
+        }
+        let b = self
             .script
             .boolean(method, &[&self.h])?
-            .unwrap_or_else(|| self.script.defines(implied)))
+            .unwrap_or_else(|| self.script.defines(implied));
+        answers().insert(method.to_string(), b);
+        Ok(b)
     }
 
     fn data_call(
@@ -668,6 +681,11 @@ fn create_sh(cfg: &mut Config) -> Result<Arc<dyn Backend>, ConfigError> {
         ));
     };
     let script_arg = rest[pos].1.clone();
+    if script_arg == "-" && !nbdkit_backend::stdio_safe() {
+        return Err(ConfigError::new(
+            "sh: inline script is incompatible with -s (stdin carries NBD): save the script to a file",
+        ));
+    }
     let tmpdir = make_tmpdir("sh")?;
     let program = if script_arg == "-" {
         let mut body = Vec::new();
@@ -688,10 +706,15 @@ fn create_sh(cfg: &mut Config) -> Result<Arc<dyn Backend>, ConfigError> {
             via_sh: !shebang,
         }
     } else {
-        Program::Exec {
-            path: executable(&script_arg)?,
-            via_sh: false,
-        }
+        let path = executable(&script_arg)?;
+        // As execvp (which nbdkit uses): an executable text file without
+        // a #! line is run by /bin/sh.
+        let mut head = [0u8; 4];
+        let n = std::fs::File::open(&path)
+            .and_then(|mut f| f.read(&mut head))
+            .unwrap_or(0);
+        let via_sh = !(head[..n].starts_with(b"#!") || head[..n].starts_with(b"\x7fELF"));
+        Program::Exec { path, via_sh }
     };
     let script = Script {
         program,
@@ -1057,6 +1080,7 @@ mod tests {
         let h = ScriptHandle {
             script: s.clone(),
             h: String::new(),
+            answers: Default::default(),
         };
         assert!(h.can_write().unwrap());
         assert!(!h.can_trim().unwrap());

@@ -5,13 +5,14 @@
 
 use nbdkit_backend::{
     read_and_discard, write_zeroes, BlockSize, CacheMode, DirectRead, Error, ErrorKind, Extents,
-    FuaMode, Handle, Result, ZeroFlags, ZeroMode,
+    FuaMode, Handle, Result, ThreadModel, ZeroFlags, ZeroMode,
 };
 use nbdkit_proto::*;
 
 /// Largest READ or WRITE payload accepted (also the advertised maximum
-/// block size when the backend gives none).
-pub const MAX_PAYLOAD: u64 = 32 << 20;
+/// block size when the backend gives none): 64 MiB, as nbdkit, so that no
+/// client that works with nbdkit is refused.
+pub const MAX_PAYLOAD: u64 = 64 << 20;
 
 /// At most this many block descriptors in one reply; the client asks again
 /// for the rest, as the protocol allows.
@@ -96,6 +97,15 @@ impl Export {
         })
     }
 
+    /// As nbdkit: a server that serves one connection at a time does not
+    /// advertise multi-conn, whatever the backend says.
+    pub fn under_thread_model(mut self, model: ThreadModel) -> Self {
+        if model <= ThreadModel::SerializeConnections {
+            self.caps.multi_conn = false;
+        }
+        self
+    }
+
     /// Transmission flags for this export.
     pub fn transmission_flags(&self, structured: bool) -> u16 {
         let c = &self.caps;
@@ -151,6 +161,14 @@ impl Export {
         meta: bool,
     ) -> Result<Op> {
         let c = &self.caps;
+        // As nbdkit: a write-like request to a read-only export is EPERM
+        // whatever else is wrong with it (flags, range, size).
+        if !c.writable && matches!(h.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
+            return Err(Error::read_only(format!(
+                "{}: the export is read-only",
+                command_name(h.command)
+            )));
+        }
         let allowed = match h.command {
             CMD_READ => {
                 if structured {
@@ -487,12 +505,22 @@ mod tests {
             ErrorKind::Overflow
         );
         let ro = Export::new(Box::new(Disk), String::new(), true).unwrap();
-        assert_eq!(
-            ro.validate(&hdr(CMD_WRITE, 0, 0, 1), true, false, true)
-                .unwrap_err()
-                .kind(),
-            ErrorKind::ReadOnly
-        );
+        // Read-only comes first: before FUA, range and size checks.
+        for (cmd, flags, off, len) in [
+            (CMD_WRITE, 0, 0, 1),
+            (CMD_WRITE, CMD_FLAG_FUA, 0, 1),
+            (CMD_WRITE, 0, 1 << 20, MAX_PAYLOAD + 1),
+            (CMD_TRIM, CMD_FLAG_FUA, 0, 1),
+            (CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 1),
+        ] {
+            assert_eq!(
+                ro.validate(&hdr(cmd, flags, off, len), true, false, true)
+                    .unwrap_err()
+                    .kind(),
+                ErrorKind::ReadOnly,
+                "{cmd} {flags}"
+            );
+        }
         assert_ne!(ro.transmission_flags(true) & FLAG_READ_ONLY, 0);
     }
 }

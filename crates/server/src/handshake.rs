@@ -388,12 +388,13 @@ async fn open_export(
     let default = server.default_export(client).await;
     let name = name.to_string();
     let readonly = server.opts.readonly;
+    let model = server.thread_model();
     client.set_export_name(&name);
     server
         .blocking_backend(client, move |b, _| {
             let h = b.open(readonly, &name)?;
             let shown = if name.is_empty() { default } else { name };
-            Export::new(h, shown, readonly)
+            Export::new(h, shown, readonly).map(|e| e.under_thread_model(model))
         })
         .await
 }

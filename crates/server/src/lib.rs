@@ -29,6 +29,12 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {
     /// Plain sockets become blocking sockets for the threaded transmission
     /// path (see [`transmission`]); other streams stay asynchronous.
     fn into_blocking(self: Box<Self>) -> Transport;
+
+    /// The socket underneath, when there is one (for
+    /// [`nbdkit_backend::nanosleep`] to notice a client hanging up).
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// What the transmission phase runs over.
@@ -38,6 +44,9 @@ pub enum Transport {
 }
 
 impl Stream for tokio::net::TcpStream {
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(self))
+    }
     fn into_blocking(self: Box<Self>) -> Transport {
         match (*self).into_std() {
             Ok(s) => Transport::Blocking(transmission::BlockingSocket::Tcp(s)),
@@ -47,6 +56,9 @@ impl Stream for tokio::net::TcpStream {
 }
 
 impl Stream for tokio::net::UnixStream {
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(self))
+    }
     fn into_blocking(self: Box<Self>) -> Transport {
         match (*self).into_std() {
             Ok(s) => Transport::Blocking(transmission::BlockingSocket::Unix(s)),
@@ -311,6 +323,9 @@ impl Server {
         debug!(conn, %peer, "new connection");
         let client = Client::new(conn, peer);
         client.set_readonly(self.opts.readonly);
+        if let Some(fd) = stream.raw_fd() {
+            client.set_socket(fd);
+        }
         let peer = client.peer();
         if let Err(e) = self
             .blocking_backend(&client, {
@@ -368,6 +383,7 @@ impl Server {
             Err(ConnectionError::Io(e)) => debug!(conn, %peer, "connection ended: {e}"),
             Err(e) => warn!(conn, %peer, "closing connection: {e}"),
         }
+        client.set_socket(-1);
         let c = client.clone();
         let _ = self
             .blocking_backend(&client, move |b, _| {

@@ -640,6 +640,11 @@ pub(crate) fn read_secret_as(
 
 /// Read one line from stdin; on a terminal, prompt and do not echo.
 fn read_secret_stdin(key: &str) -> std::io::Result<String> {
+    if !nbdkit_backend::stdio_safe() {
+        return Err(std::io::Error::other(
+            "cannot read it from stdin, which carries NBD with -s",
+        ));
+    }
     let fd = libc::STDIN_FILENO;
     // SAFETY: isatty/tcgetattr/tcsetattr on stdin with a zeroed termios.
     let tty = unsafe { libc::isatty(fd) } == 1;
