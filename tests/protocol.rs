@@ -474,6 +474,7 @@ fn an_export_name_over_4096_bytes_is_refused_as_too_long() {
         requests: vec![],
     });
     assert_eq!(c.read_until_final().0, REP_ACK);
+}
 
 /// nbdkit serves reads and writes up to 64 MiB and advertises that as the
 /// maximum block size: a client that uses the whole of it works.
