@@ -49,6 +49,7 @@ pub mod direct;
 pub mod error;
 pub mod extents;
 pub mod registry;
+pub mod secret;
 
 pub use client::{request_shutdown, Client, Peer};
 pub use config::{parse_bool, parse_size, Config};
@@ -56,6 +57,7 @@ pub use direct::{DirectPiece, DirectRead};
 pub use error::{ConfigError, Error, ErrorKind, Result};
 pub use extents::{Extent, Extents, EXTENT_HOLE, EXTENT_ZERO};
 pub use registry::{FilterSpec, Layer, Param, PluginSpec};
+pub use secret::{read_secret, set_stdio_safe, stdio_safe, SecretError};
 
 /// How much concurrency a backend tolerates.  Ordered from most to least
 /// restrictive; the server uses the most restrictive model in the chain.

@@ -828,13 +828,6 @@ fn plugin_name() -> String {
         .clone()
 }
 
-/// `nbdkit_stdio_safe`: false when the server talks NBD on stdin/stdout.
-static STDIO_SAFE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-pub(crate) fn set_stdio_safe(safe: bool) {
-    STDIO_SAFE.store(safe, std::sync::atomic::Ordering::Relaxed);
-}
-
 fn current_conn() -> Option<Arc<Conn>> {
     CALL.try_with(|c| c.try_borrow().ok().and_then(|c| c.conn.clone()))
         .ok()
@@ -1087,7 +1080,7 @@ pub unsafe extern "C" fn nbdkit_parse_probability(
 
 #[no_mangle]
 pub extern "C" fn nbdkit_stdio_safe() -> c_int {
-    STDIO_SAFE.load(std::sync::atomic::Ordering::Relaxed) as c_int
+    nbdkit_backend::stdio_safe() as c_int
 }
 
 #[no_mangle]
@@ -1103,8 +1096,7 @@ pub unsafe extern "C" fn nbdkit_read_password(
         return -1;
     }
     let v = arg(value).unwrap_or_default();
-    let stdio_safe = nbdkit_stdio_safe() != 0;
-    match crate::password::read(&v, stdio_safe) {
+    match nbdkit_backend::read_secret("password", &v) {
         Ok(pw) => {
             let p = malloc_string(&pw);
             if p.is_null() {
@@ -1115,8 +1107,8 @@ pub unsafe extern "C" fn nbdkit_read_password(
             unsafe { *password = p };
             0
         }
-        Err((errno, e)) => {
-            fail(errno, e);
+        Err(e) => {
+            fail(e.errno, e.message);
             -1
         }
     }
@@ -1611,54 +1603,6 @@ pub fn exported_functions() -> Vec<(&'static str, usize)> {
 
 fn keep_exports() {
     std::hint::black_box(exported_functions());
-}
-
-// ---------------------------------------------------------------------
-// Small OS helpers for nbdkit_read_password.
-// ---------------------------------------------------------------------
-
-/// A new descriptor for `fd`, as a File of our own.
-pub(crate) fn dup_fd(fd: c_int) -> std::io::Result<std::fs::File> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: dup of any number either fails or returns a new descriptor
-    // that nothing else owns.
-    let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
-    if d < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `d` is a fresh descriptor owned by nothing else.
-    Ok(unsafe { std::fs::File::from_raw_fd(d) })
-}
-
-/// Terminal echo turned off on stdin while it lives (if stdin is a tty).
-pub(crate) struct EchoOff(Option<libc::termios>);
-
-impl EchoOff {
-    pub fn new() -> EchoOff {
-        // SAFETY: tcgetattr/tcsetattr on fd 0 with a termios owned here;
-        // on failure (not a tty) nothing is changed.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::isatty(0) == 0 || libc::tcgetattr(0, &mut t) != 0 {
-                return EchoOff(None);
-            }
-            let saved = t;
-            t.c_lflag &= !libc::ECHO;
-            if libc::tcsetattr(0, libc::TCSAFLUSH, &t) != 0 {
-                return EchoOff(None);
-            }
-            EchoOff(Some(saved))
-        }
-    }
-}
-
-impl Drop for EchoOff {
-    fn drop(&mut self) {
-        if let Some(t) = &self.0 {
-            // SAFETY: restores the settings read in new().
-            unsafe { libc::tcsetattr(0, libc::TCSAFLUSH, t) };
-        }
-    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,6 @@
 
 mod ffi;
 mod parse;
-mod password;
 
 use std::ffi::c_int;
 use std::path::{Path, PathBuf};
@@ -103,12 +102,6 @@ pub fn exported_function_names() -> Vec<&'static str> {
         .into_iter()
         .map(|(n, _)| n)
         .collect()
-}
-
-/// Tell `nbdkit_stdio_safe` whether stdin/stdout are free for plugins
-/// (false when the server speaks NBD on them, `-s`).
-pub fn set_stdio_safe(safe: bool) {
-    ffi::set_stdio_safe(safe);
 }
 
 /// Whether the server serves read-only (`-r`): what a plugin's
