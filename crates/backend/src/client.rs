@@ -10,6 +10,7 @@
 //! [`Client::current`] while it calls into the backend for that connection,
 //! the way nbdkit's connection-scoped functions work.
 
+use crate::sync::LockExt;
 use std::cell::RefCell;
 use std::fmt;
 use std::net::SocketAddr;
@@ -99,15 +100,12 @@ impl Client {
     /// EXPORT_NAME), once it has; the default export is reported by the
     /// name it stands for.
     pub fn export_name(&self) -> Option<String> {
-        self.export
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.export.lock_unpoisoned().clone()
     }
 
     /// Set by the server before it opens an export for this client.
     pub fn set_export_name(&self, name: &str) {
-        *self.export.lock().unwrap_or_else(|e| e.into_inner()) = Some(name.to_string());
+        *self.export.lock_unpoisoned() = Some(name.to_string());
     }
 
     /// Ask the server to close this connection after the request being
@@ -164,11 +162,7 @@ static SHUTDOWN_REQUESTED: AtomicBool = AtomicBool::new(false);
 /// any thread, any number of times (nbdkit_shutdown).
 pub fn request_shutdown() {
     SHUTDOWN_REQUESTED.store(true, Ordering::SeqCst);
-    if let Some(hook) = SHUTDOWN_HOOK
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-    {
+    if let Some(hook) = SHUTDOWN_HOOK.lock_unpoisoned().as_ref() {
         hook()
     }
 }
@@ -182,7 +176,7 @@ pub fn shutdown_requested() -> bool {
 /// and at once if one came before the hook was set (a backend may ask in
 /// `after_fork`, before the server listens).
 pub fn set_shutdown_hook(hook: impl Fn() + Send + Sync + 'static) {
-    let mut slot = SHUTDOWN_HOOK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut slot = SHUTDOWN_HOOK.lock_unpoisoned();
     if shutdown_requested() {
         hook();
     }

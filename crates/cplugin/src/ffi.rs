@@ -12,6 +12,7 @@
 // The exported functions are called by C with nbdkit-plugin(3)'s contract.
 #![allow(clippy::missing_safety_doc)]
 
+use nbdkit_backend::{LockExt, RwLockExt};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::path::Path;
@@ -130,6 +131,7 @@ pub(crate) struct RawHandle(H);
 // plugin's thread model allows from any thread (lib.rs serializes the calls
 // the model requires).
 unsafe impl Send for RawHandle {}
+// SAFETY: as for Send: shared references only copy the token.
 unsafe impl Sync for RawHandle {}
 
 /// Why a plugin call failed: the errno the server reports and the
@@ -156,6 +158,7 @@ pub(crate) struct Library {
 // several threads is what the plugin's declared thread model governs, and
 // lib.rs takes the locks that model requires around every call.
 unsafe impl Send for Library {}
+// SAFETY: as for Send: nothing in the struct is written after loading.
 unsafe impl Sync for Library {}
 
 /// Owned copies of the plugin's descriptive strings.
@@ -385,6 +388,7 @@ impl Library {
             // stdout; C stdio is flushed afterwards so the lines come out
             // in order with ours.
             let _ = self.call(None, false, || unsafe { f() }, |_| false);
+            // SAFETY: fflush(NULL) flushes every C stdio stream.
             unsafe { libc::fflush(std::ptr::null_mut()) };
         }
     }
@@ -410,7 +414,7 @@ impl Library {
         // until exit): keep the strings until exit too.
         let (k, v) = (key_c.as_ptr(), value_c.as_ptr());
         {
-            let mut pool = GLOBAL_POOL.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pool = GLOBAL_POOL.lock_unpoisoned();
             pool.push(key_c);
             pool.push(value_c);
         }
@@ -818,14 +822,11 @@ static GLOBAL_POOL: Mutex<Vec<CString>> = Mutex::new(Vec::new());
 static PLUGIN_NAME: RwLock<String> = RwLock::new(String::new());
 
 pub(crate) fn set_plugin_name(name: &str) {
-    *PLUGIN_NAME.write().unwrap_or_else(|e| e.into_inner()) = name.to_string();
+    *PLUGIN_NAME.write_unpoisoned() = name.to_string();
 }
 
 fn plugin_name() -> String {
-    PLUGIN_NAME
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
+    PLUGIN_NAME.read_unpoisoned().clone()
 }
 
 fn current_conn() -> Option<Arc<Conn>> {
@@ -885,11 +886,8 @@ fn intern(s: CString) -> *const c_char {
     // The CString's heap buffer does not move when the CString is moved
     // into the pool, so `p` stays valid as long as the pool keeps it.
     match current_conn() {
-        Some(conn) => conn.pool.lock().unwrap_or_else(|e| e.into_inner()).push(s),
-        None => GLOBAL_POOL
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(s),
+        Some(conn) => conn.pool.lock_unpoisoned().push(s),
+        None => GLOBAL_POOL.lock_unpoisoned().push(s),
     }
     p
 }
@@ -1617,7 +1615,7 @@ mod tests {
     fn parsers_report_errors_instead_of_crashing() {
         let mut u8v = 0u8;
         let mut i32v = 0i32;
-        // SAFETY (whole test): valid C strings or NULL, valid out pointers.
+        // SAFETY: (whole test) valid C strings or NULL, valid out pointers.
         unsafe {
             assert_eq!(
                 nbdkit_parse_uint8_t(c("x").as_ptr(), c("0x10").as_ptr(), &mut u8v),
@@ -1656,7 +1654,7 @@ mod tests {
 
     #[test]
     fn extents_and_exports_lists() {
-        // SAFETY (whole test): lists made here, freed once.
+        // SAFETY: (whole test) lists made here, freed once.
         unsafe {
             let e = nbdkit_extents_new(100, 200);
             assert!(!e.is_null());
@@ -1690,7 +1688,7 @@ mod tests {
 
     #[test]
     fn interning_and_connection_functions_outside_a_connection() {
-        // SAFETY (whole test): valid C strings.
+        // SAFETY: (whole test) valid C strings.
         unsafe {
             let s = nbdkit_strndup_intern(c("hello").as_ptr(), 3);
             assert_eq!(CStr::from_ptr(s).to_str().unwrap(), "hel");

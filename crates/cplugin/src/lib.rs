@@ -23,6 +23,7 @@
 mod ffi;
 mod parse;
 
+use nbdkit_backend::LockExt;
 use std::ffi::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -386,12 +387,12 @@ impl Inner {
     }
 
     fn guard<'a>(&'a self, handle_lock: Option<&'a Mutex<()>>) -> Guards<'a> {
-        let global = (self.model <= ThreadModel::SerializeAllRequests)
-            .then(|| self.lock.lock().unwrap_or_else(|e| e.into_inner()));
+        let global =
+            (self.model <= ThreadModel::SerializeAllRequests).then(|| self.lock.lock_unpoisoned());
         let handle = (self.model == ThreadModel::SerializeRequests)
             .then_some(handle_lock)
             .flatten()
-            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+            .map(|l| l.lock_unpoisoned());
         Guards {
             _global: global,
             _handle: handle,

@@ -19,7 +19,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
-use crate::{Stream, Transport};
+use crate::stream::{Stream, Transport};
 
 /// `--tls`: whether clients may, or must, use STARTTLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -214,7 +214,7 @@ mod psk {
     use tracing::{debug, warn};
 
     use super::TlsError;
-    use crate::{Stream, Transport};
+    use crate::stream::{Stream, Transport};
 
     #[derive(Clone)]
     pub(crate) struct PskAcceptor {

@@ -19,6 +19,7 @@
 //! answers are not.  Every failure reaches the client as EIO and the log
 //! with the URL and offset.  The export is read-only (no PUT).
 
+use nbdkit_backend::LockExt;
 use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -219,7 +220,7 @@ struct Pooled<'a> {
 
 impl Pool {
     fn get(&self) -> Result<Pooled<'_>> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock_unpoisoned();
         loop {
             if let Some(e) = st.idle.pop() {
                 return Ok(Pooled {
@@ -236,7 +237,7 @@ impl Pool {
                         easy: Some(e),
                     }),
                     Err(msg) => {
-                        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut st = self.state.lock_unpoisoned();
                         st.total -= 1;
                         self.freed.notify_one();
                         Err(Error::io(format!("{}: {msg}", self.settings.label())))
@@ -251,7 +252,7 @@ impl Pool {
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         if let Some(e) = self.easy.take() {
-            let mut st = self.pool.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.pool.state.lock_unpoisoned();
             st.idle.push(e);
             self.pool.freed.notify_one();
         }
