@@ -102,6 +102,7 @@ pub fn exit_with_parent() -> Result<()> {
         );
     }
     // The parent may already be gone.
+    // SAFETY: getppid has no preconditions.
     if unsafe { libc::getppid() } == 1 {
         bail!("--exit-with-parent: the parent process has already exited");
     }

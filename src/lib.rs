@@ -209,12 +209,11 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     let plugin_debug_flags = chain::set_debug_flags(&cli.debug_flags, &plugin, &filters)?;
 
     logging::init(&cli)?;
-    nbdkit_backend::set_stdio_safe(!cli.single);
 
+    // With -s, stdin and stdout carry NBD: no plugin (native or C) may
+    // read a secret from them.
+    nbdkit_backend::set_stdio_safe(!cli.single);
     if let chain::Plugin::C(c) = &plugin {
-        // With -s, stdin and stdout carry NBD: plugins must not read a
-        // password from them.
-        nbdkit_cplugin::set_stdio_safe(!cli.single);
         nbdkit_cplugin::set_server_readonly(cli.readonly);
         c.load(&plugin_debug_flags)?;
     }

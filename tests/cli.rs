@@ -313,6 +313,7 @@ fn tcp_with_port_zero_and_sigterm() {
     assert_ne!(port, 0);
     let out = stdout_of(Command::new("nbdinfo").arg("--size").arg(uri));
     assert_eq!(out.trim(), (2 << 20).to_string());
+    // SAFETY: kill of our own child process by pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
@@ -356,6 +357,7 @@ fn sigterm_with_a_client_connected_exits_zero() {
 /// The process is gone (or a zombie nobody has reaped yet: the daemon is
 /// not our child).
 fn gone(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
     if unsafe { libc::kill(pid, 0) } != 0 {
         return true;
     }
@@ -395,6 +397,7 @@ fn background_with_pidfile() {
     let out = stdout_of(Command::new("nbdinfo").arg("--size").arg(&uri));
     assert_eq!(out.trim(), (3 << 20).to_string());
 
+    // SAFETY: kill of the server process the test started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let mut tries = 0;
     while !gone(pid) {
@@ -423,6 +426,8 @@ fn socket_activation() {
     // LISTEN_PID is only known in the child.  No cmd.env() calls: with
     // them std would exec with its own copy of the environment and ignore
     // what setenv does here.
+    // SAFETY: the closure runs in the forked child before exec and only
+    // touches the child's own descriptors and environment.
     unsafe {
         cmd.pre_exec(move || {
             if fd == 3 {
@@ -442,6 +447,7 @@ fn socket_activation() {
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let out = stdout_of(Command::new("nbdinfo").arg("--size").arg(&uri));
     assert_eq!(out.trim(), (4 << 20).to_string());
+    // SAFETY: kill of our own child process by pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }

@@ -128,6 +128,7 @@ fn fua_and_flush_sync_before_the_reply() {
         .expect("server pid")
         .parse()
         .unwrap();
+    // SAFETY: kill of the server process the test started.
     unsafe { libc::kill(server, libc::SIGTERM) };
     assert!(strace.wait().unwrap().success());
     eprintln!("sync calls: base {base}, plain {plain}, fua {fua}, flush {flush}, zero {zero}");

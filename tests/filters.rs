@@ -1143,7 +1143,9 @@ fn ip_filters_unix_peers_by_uid_and_gid() {
     if !have("nbdinfo") {
         return;
     }
+    // SAFETY: getuid and getgid have no preconditions.
     let uid = unsafe { libc::getuid() };
+    // SAFETY: getgid has no preconditions.
     let gid = unsafe { libc::getgid() };
     let me = format!("allow=uid:{uid}");
     let s = Server::start(&["--filter=ip", "memory", "1M", &me, "deny=all"]);
@@ -2082,6 +2084,7 @@ fn access_and_lifetime_filters_in_a_compressed_copy_on_write_stack() {
     let before = std::fs::read(&xz).unwrap();
     let log = dir.path().join("log");
     let logarg = format!("logfile={}", log.display());
+    // SAFETY: getuid has no preconditions.
     let uid = format!("allow=uid:{}", unsafe { libc::getuid() });
     let mut s = Server::start(&[
         "--filter=ip",

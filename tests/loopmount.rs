@@ -56,6 +56,7 @@ fn have_quietly(tool: &str) -> bool {
 
 /// Why this machine cannot run the scenario, if it cannot.
 fn unsupported() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root".into());
     }

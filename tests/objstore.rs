@@ -571,6 +571,7 @@ fn gcs_objects_are_served_with_service_account_jwts_and_bearer_tokens() {
         assert!(!key_text.is_empty());
         // Inherited by the server: clear close-on-exec.
         let fd = key_file.as_raw_fd();
+        // SAFETY: clearing FD_CLOEXEC on a descriptor this test owns.
         unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
         let s = Server::start(&[
             "--filter=xz",

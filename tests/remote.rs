@@ -414,6 +414,70 @@ fn password_dash_reads_standard_input() {
     assert!(err.contains("password=-"), "{err}");
 }
 
+/// With `-s`, standard input is the NBD client's connection: a secret given
+/// as `-` must be refused with a clear message, never read from it — for
+/// the native curl, s3, gcs and azure plugins and for a C plugin alike.
+#[test]
+fn secret_from_stdin_is_refused_when_serving_on_stdin() {
+    let mut cases: Vec<Vec<&str>> = vec![
+        vec![
+            "curl",
+            "http://127.0.0.1:1/disk.img",
+            "user=bob",
+            "password=-",
+        ],
+        vec!["curl", "http://127.0.0.1:1/disk.img", "proxy-password=-"],
+        vec![
+            "s3",
+            "bucket=b",
+            "key=k",
+            "endpoint=http://127.0.0.1:1",
+            "access-key=a",
+            "secret-key=-",
+        ],
+        vec!["gcs", "bucket=b", "object=k", "bearer-token=-"],
+        vec![
+            "azure",
+            "account=a",
+            "container=c",
+            "blob=b",
+            "access-key=-",
+        ],
+    ];
+    let c_curl = "/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-curl-plugin.so";
+    if Path::new(c_curl).exists() {
+        cases.push(vec![
+            c_curl,
+            "url=http://127.0.0.1:1/disk.img",
+            "password=-",
+        ]);
+    }
+    for args in cases {
+        let key = args.last().unwrap().trim_end_matches("=-");
+        let mut child = Command::new(binary())
+            .arg("-s")
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // What a client would send: had the plugin read it, it would take
+        // this line as the secret.
+        use std::io::Write;
+        let _ = child.stdin.take().unwrap().write_all(b"not-a-secret\n");
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started: {err}");
+        assert!(
+            err.contains(&format!(
+                "{key}=-: standard input is the NBD connection (-s)"
+            )),
+            "{args:?}: {err}"
+        );
+    }
+}
+
 /// moto's S3 server (from PyPI, in the virtualenv scripts/test.sh makes),
 /// enforcing signatures after the set-up requests.
 struct Moto {

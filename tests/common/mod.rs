@@ -86,6 +86,7 @@ impl Server {
 
     /// Send SIGTERM and return the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill of our own child process by pid; no memory involved.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         self.child.wait().expect("wait")
     }

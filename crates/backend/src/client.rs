@@ -12,10 +12,16 @@
 
 use std::cell::RefCell;
 use std::fmt;
+use std::io::{PipeReader, PipeWriter, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::sync::LockExt;
 
 /// The peer's address, as the listening socket reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,9 +58,10 @@ pub struct Client {
     readonly: AtomicBool,
     export: Mutex<Option<String>>,
     disconnect: AtomicBool,
-    /// The connection's socket, for [`nanosleep`] to notice a hang-up
-    /// (-1: none known).
-    socket: AtomicI32,
+    /// A duplicate of the connection's socket, for [`nanosleep`] to notice
+    /// a hang-up (None: none known).  An Arc, so that sleepers poll it
+    /// without holding the lock.
+    socket: Mutex<Option<Arc<OwnedFd>>>,
 }
 
 impl Client {
@@ -66,7 +73,7 @@ impl Client {
             readonly: AtomicBool::new(false),
             export: Mutex::new(None),
             disconnect: AtomicBool::new(false),
-            socket: AtomicI32::new(-1),
+            socket: Mutex::new(None),
         })
     }
 
@@ -104,23 +111,21 @@ impl Client {
     /// EXPORT_NAME), once it has; the default export is reported by the
     /// name it stands for.
     pub fn export_name(&self) -> Option<String> {
-        self.export
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.export.lock_unpoisoned().clone()
     }
 
     /// Set by the server before it opens an export for this client.
     pub fn set_export_name(&self, name: &str) {
-        *self.export.lock().unwrap_or_else(|e| e.into_inner()) = Some(name.to_string());
+        *self.export.lock_unpoisoned() = Some(name.to_string());
     }
 
     /// Ask the server to close this connection after the request being
     /// served (nbdkit_disconnect).  In-flight requests still get replies.
-    /// The server tells which socket carries this connection (-1: none
-    /// any more), so that [`nanosleep`] wakes when the client hangs up.
-    pub fn set_socket(&self, fd: i32) {
-        self.socket.store(fd, Ordering::Relaxed)
+    /// The server gives a duplicate of the socket that carries this
+    /// connection (None: none any more), so that [`nanosleep`] wakes when
+    /// the client hangs up.
+    pub fn set_socket(&self, fd: Option<OwnedFd>) {
+        *self.socket.lock_unpoisoned() = fd.map(Arc::new);
     }
 
     pub fn request_disconnect(&self) {
@@ -174,31 +179,21 @@ static SHUTDOWN_REQUESTED: AtomicBool = AtomicBool::new(false);
 /// connections finish, then run every backend's `shutdown`.  Callable from
 /// any thread, any number of times (nbdkit_shutdown).
 pub fn request_shutdown() {
-    SHUTDOWN_REQUESTED.store(true, Ordering::SeqCst);
-    if let Some(&[_, w]) = quit_pipe() {
-        // Never read: the pipe stays readable, waking every sleeper.
-        // SAFETY: writing one byte from a valid buffer to our own pipe.
-        let _ = unsafe { libc::write(w, [0u8].as_ptr().cast(), 1) };
+    let first = !SHUTDOWN_REQUESTED.swap(true, Ordering::SeqCst);
+    if let (true, Some((_, w))) = (first, quit_pipe()) {
+        // Written once and never read: the pipe stays readable, waking
+        // every sleeper (once, so the write can never block).
+        let _ = (&*w).write(&[0]);
     }
-    if let Some(hook) = SHUTDOWN_HOOK
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-    {
+    if let Some(hook) = SHUTDOWN_HOOK.lock_unpoisoned().as_ref() {
         hook()
     }
 }
 
 /// A pipe made readable by [`request_shutdown`], polled by [`nanosleep`].
-fn quit_pipe() -> Option<&'static [i32; 2]> {
-    static PIPE: std::sync::OnceLock<Option<[i32; 2]>> = std::sync::OnceLock::new();
-    PIPE.get_or_init(|| {
-        let mut fds = [-1i32; 2];
-        // SAFETY: a valid two-element array for pipe2(2).
-        let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        (r == 0).then_some(fds)
-    })
-    .as_ref()
+fn quit_pipe() -> Option<&'static (PipeReader, PipeWriter)> {
+    static PIPE: std::sync::OnceLock<Option<(PipeReader, PipeWriter)>> = std::sync::OnceLock::new();
+    PIPE.get_or_init(|| std::io::pipe().ok()).as_ref()
 }
 
 /// Sleep for `d`, as nbdkit's `nbdkit_nanosleep`: wake early, returning
@@ -207,23 +202,27 @@ fn quit_pipe() -> Option<&'static [i32; 2]> {
 /// server from stopping nor a gone client's connection open.  True when
 /// the whole time was slept.
 pub fn nanosleep(d: Duration) -> bool {
-    let sock = Client::current().map_or(-1, |c| c.socket.load(Ordering::Relaxed));
-    sleep_watching(d, sock)
+    let sock = Client::current().and_then(|c| c.socket.lock_unpoisoned().clone());
+    sleep_watching(d, sock.as_deref())
 }
 
 /// [`nanosleep`] that wakes only when the server is asked to exit, not
 /// when the client hangs up (for delays while a connection closes, when
 /// the client has normally gone already).
 pub fn sleep_unless_shutdown(d: Duration) -> bool {
-    sleep_watching(d, -1)
+    sleep_watching(d, None)
 }
 
-fn sleep_watching(d: Duration, sock: i32) -> bool {
+fn sleep_watching(d: Duration, sock: Option<&OwnedFd>) -> bool {
     let deadline = Instant::now() + d;
-    let Some(&[quit, _]) = quit_pipe() else {
+    // The pipe is created before the first request_shutdown can need it.
+    let Some((quit, _)) = quit_pipe() else {
         std::thread::sleep(d);
         return true;
     };
+    // nix has no name for POLLRDHUP (the peer shut down its side).
+    let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+    let hangup = rdhup | PollFlags::POLLHUP | PollFlags::POLLERR;
     loop {
         if shutdown_requested() {
             return false;
@@ -232,28 +231,24 @@ fn sleep_watching(d: Duration, sock: i32) -> bool {
         if left.is_zero() {
             return true;
         }
-        let mut fds = [
-            libc::pollfd {
-                fd: quit,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: sock,
-                events: libc::POLLRDHUP,
-                revents: 0,
-            },
-        ];
-        let n = if sock >= 0 { 2 } else { 1 };
-        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-        // SAFETY: `n` valid pollfds.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
-        if r > 0 {
-            if fds[0].revents != 0 {
-                return false;
-            }
-            if n == 2 && fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-                return false;
+        let mut fds = vec![PollFd::new(quit.as_fd(), PollFlags::POLLIN)];
+        if let Some(s) = sock {
+            fds.push(PollFd::new(s.as_fd(), rdhup));
+        }
+        // At most ~65 s per poll; the loop sleeps the rest.
+        let ms = left.as_millis().clamp(1, u16::MAX as u128) as u16;
+        if let Ok(n) = poll(&mut fds, PollTimeout::from(ms)) {
+            if n > 0 {
+                if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+                    return false;
+                }
+                if fds
+                    .get(1)
+                    .and_then(|f| f.revents())
+                    .is_some_and(|r| r.intersects(hangup))
+                {
+                    return false;
+                }
             }
         }
     }
@@ -268,7 +263,7 @@ pub fn shutdown_requested() -> bool {
 /// and at once if one came before the hook was set (a backend may ask in
 /// `after_fork`, before the server listens).
 pub fn set_shutdown_hook(hook: impl Fn() + Send + Sync + 'static) {
-    let mut slot = SHUTDOWN_HOOK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut slot = SHUTDOWN_HOOK.lock_unpoisoned();
     if shutdown_requested() {
         hook();
     }

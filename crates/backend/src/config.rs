@@ -64,6 +64,17 @@ impl Config {
             .ok_or_else(|| ConfigError::new(format!("{who}: the '{key}' parameter is required")))
     }
 
+    /// Take a secret (`-`, `-FD`, `+FILE` or the value itself, see
+    /// [`crate::secret`]) and read it; errors start with `who: `.
+    pub fn take_secret(&mut self, key: &str, who: &str) -> Result<Option<String>, ConfigError> {
+        self.take(key)
+            .map(|v| {
+                crate::secret::read_secret(key, &v)
+                    .map_err(|e| ConfigError::new(format!("{who}: {e}")))
+            })
+            .transpose()
+    }
+
     /// Take a size like `1G`, `512M`, `4096`.
     pub fn take_size(&mut self, key: &str) -> Result<Option<u64>, ConfigError> {
         self.take(key)

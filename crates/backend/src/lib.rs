@@ -42,6 +42,7 @@
 //! assert_eq!(buf, [0xab; 4]);
 //! assert!(!h.can_write().unwrap());
 //! ```
+#![forbid(unsafe_code)]
 
 pub mod client;
 pub mod config;
@@ -49,6 +50,8 @@ pub mod direct;
 pub mod error;
 pub mod extents;
 pub mod registry;
+pub mod secret;
+pub mod sync;
 
 pub use client::{nanosleep, request_shutdown, Client, Peer};
 pub use config::{parse_bool, parse_size, Config};
@@ -56,6 +59,8 @@ pub use direct::{DirectPiece, DirectRead};
 pub use error::{ConfigError, Error, ErrorKind, Result};
 pub use extents::{Extent, Extents, EXTENT_HOLE, EXTENT_ZERO};
 pub use registry::{FilterSpec, Layer, Param, PluginSpec};
+pub use secret::{read_secret, set_stdio_safe, stdio_safe, SecretError};
+pub use sync::{LockExt, RwLockExt};
 
 /// How much concurrency a backend tolerates.  Ordered from most to least
 /// restrictive; the server uses the most restrictive model in the chain.
@@ -415,19 +420,6 @@ pub fn debug_flag(name: &str, flag: &str) -> Option<i64> {
         .copied()
 }
 
-static STDIO_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// With `-s` stdin and stdout carry NBD: plugins must not read a script
-/// or a password from them (nbdkit's `nbdkit_stdio_safe`).
-pub fn set_stdio_safe(safe: bool) {
-    STDIO_TAKEN.store(!safe, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Whether a plugin may read from stdin (false with `-s`).
-pub fn stdio_safe() -> bool {
-    !STDIO_TAKEN.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// Largest buffer used when emulating zero or cache with plain I/O.
 const EMULATION_CHUNK: u64 = 1 << 20;
 
@@ -467,10 +459,11 @@ pub fn read_and_discard<H: Handle + ?Sized>(h: &H, offset: u64, count: u64) -> R
 /// True if every byte is zero.  Fast enough to run on every read: it
 /// compares 16-byte words, which the compiler vectorises.
 pub fn is_zero(buf: &[u8]) -> bool {
-    let (prefix, words, suffix) = unsafe { buf.align_to::<u128>() };
-    prefix.iter().all(|&b| b == 0)
-        && words.iter().all(|&w| w == 0)
-        && suffix.iter().all(|&b| b == 0)
+    let mut words = buf.chunks_exact(16);
+    words
+        .by_ref()
+        .all(|w| w.iter().fold(0u8, |acc, &b| acc | b) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]

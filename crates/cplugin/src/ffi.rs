@@ -12,6 +12,7 @@
 // The exported functions are called by C with nbdkit-plugin(3)'s contract.
 #![allow(clippy::missing_safety_doc)]
 
+use nbdkit_backend::{LockExt, RwLockExt};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::path::Path;
@@ -130,6 +131,7 @@ pub(crate) struct RawHandle(H);
 // plugin's thread model allows from any thread (lib.rs serializes the calls
 // the model requires).
 unsafe impl Send for RawHandle {}
+// SAFETY: as for Send: shared references only copy the token.
 unsafe impl Sync for RawHandle {}
 
 /// Why a plugin call failed: the errno the server reports and the
@@ -156,6 +158,7 @@ pub(crate) struct Library {
 // several threads is what the plugin's declared thread model governs, and
 // lib.rs takes the locks that model requires around every call.
 unsafe impl Send for Library {}
+// SAFETY: as for Send: nothing in the struct is written after loading.
 unsafe impl Sync for Library {}
 
 /// Owned copies of the plugin's descriptive strings.
@@ -385,6 +388,7 @@ impl Library {
             // stdout; C stdio is flushed afterwards so the lines come out
             // in order with ours.
             let _ = self.call(None, false, || unsafe { f() }, |_| false);
+            // SAFETY: fflush(NULL) flushes every C stdio stream.
             unsafe { libc::fflush(std::ptr::null_mut()) };
         }
     }
@@ -410,7 +414,7 @@ impl Library {
         // until exit): keep the strings until exit too.
         let (k, v) = (key_c.as_ptr(), value_c.as_ptr());
         {
-            let mut pool = GLOBAL_POOL.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pool = GLOBAL_POOL.lock_unpoisoned();
             pool.push(key_c);
             pool.push(value_c);
         }
@@ -818,21 +822,11 @@ static GLOBAL_POOL: Mutex<Vec<CString>> = Mutex::new(Vec::new());
 static PLUGIN_NAME: RwLock<String> = RwLock::new(String::new());
 
 pub(crate) fn set_plugin_name(name: &str) {
-    *PLUGIN_NAME.write().unwrap_or_else(|e| e.into_inner()) = name.to_string();
+    *PLUGIN_NAME.write_unpoisoned() = name.to_string();
 }
 
 fn plugin_name() -> String {
-    PLUGIN_NAME
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-}
-
-/// `nbdkit_stdio_safe`: false when the server talks NBD on stdin/stdout.
-static STDIO_SAFE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-pub(crate) fn set_stdio_safe(safe: bool) {
-    STDIO_SAFE.store(safe, std::sync::atomic::Ordering::Relaxed);
+    PLUGIN_NAME.read_unpoisoned().clone()
 }
 
 fn current_conn() -> Option<Arc<Conn>> {
@@ -892,11 +886,8 @@ fn intern(s: CString) -> *const c_char {
     // The CString's heap buffer does not move when the CString is moved
     // into the pool, so `p` stays valid as long as the pool keeps it.
     match current_conn() {
-        Some(conn) => conn.pool.lock().unwrap_or_else(|e| e.into_inner()).push(s),
-        None => GLOBAL_POOL
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(s),
+        Some(conn) => conn.pool.lock_unpoisoned().push(s),
+        None => GLOBAL_POOL.lock_unpoisoned().push(s),
     }
     p
 }
@@ -1087,7 +1078,7 @@ pub unsafe extern "C" fn nbdkit_parse_probability(
 
 #[no_mangle]
 pub extern "C" fn nbdkit_stdio_safe() -> c_int {
-    STDIO_SAFE.load(std::sync::atomic::Ordering::Relaxed) as c_int
+    nbdkit_backend::stdio_safe() as c_int
 }
 
 #[no_mangle]
@@ -1103,8 +1094,7 @@ pub unsafe extern "C" fn nbdkit_read_password(
         return -1;
     }
     let v = arg(value).unwrap_or_default();
-    let stdio_safe = nbdkit_stdio_safe() != 0;
-    match crate::password::read(&v, stdio_safe) {
+    match nbdkit_backend::read_secret("password", &v) {
         Ok(pw) => {
             let p = malloc_string(&pw);
             if p.is_null() {
@@ -1115,8 +1105,8 @@ pub unsafe extern "C" fn nbdkit_read_password(
             unsafe { *password = p };
             0
         }
-        Err((errno, e)) => {
-            fail(errno, e);
+        Err(e) => {
+            fail(e.errno, e.message);
             -1
         }
     }
@@ -1613,54 +1603,6 @@ fn keep_exports() {
     std::hint::black_box(exported_functions());
 }
 
-// ---------------------------------------------------------------------
-// Small OS helpers for nbdkit_read_password.
-// ---------------------------------------------------------------------
-
-/// A new descriptor for `fd`, as a File of our own.
-pub(crate) fn dup_fd(fd: c_int) -> std::io::Result<std::fs::File> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: dup of any number either fails or returns a new descriptor
-    // that nothing else owns.
-    let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
-    if d < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `d` is a fresh descriptor owned by nothing else.
-    Ok(unsafe { std::fs::File::from_raw_fd(d) })
-}
-
-/// Terminal echo turned off on stdin while it lives (if stdin is a tty).
-pub(crate) struct EchoOff(Option<libc::termios>);
-
-impl EchoOff {
-    pub fn new() -> EchoOff {
-        // SAFETY: tcgetattr/tcsetattr on fd 0 with a termios owned here;
-        // on failure (not a tty) nothing is changed.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::isatty(0) == 0 || libc::tcgetattr(0, &mut t) != 0 {
-                return EchoOff(None);
-            }
-            let saved = t;
-            t.c_lflag &= !libc::ECHO;
-            if libc::tcsetattr(0, libc::TCSAFLUSH, &t) != 0 {
-                return EchoOff(None);
-            }
-            EchoOff(Some(saved))
-        }
-    }
-}
-
-impl Drop for EchoOff {
-    fn drop(&mut self) {
-        if let Some(t) = &self.0 {
-            // SAFETY: restores the settings read in new().
-            unsafe { libc::tcsetattr(0, libc::TCSAFLUSH, t) };
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1673,7 +1615,7 @@ mod tests {
     fn parsers_report_errors_instead_of_crashing() {
         let mut u8v = 0u8;
         let mut i32v = 0i32;
-        // SAFETY (whole test): valid C strings or NULL, valid out pointers.
+        // SAFETY: (whole test) valid C strings or NULL, valid out pointers.
         unsafe {
             assert_eq!(
                 nbdkit_parse_uint8_t(c("x").as_ptr(), c("0x10").as_ptr(), &mut u8v),
@@ -1712,7 +1654,7 @@ mod tests {
 
     #[test]
     fn extents_and_exports_lists() {
-        // SAFETY (whole test): lists made here, freed once.
+        // SAFETY: (whole test) lists made here, freed once.
         unsafe {
             let e = nbdkit_extents_new(100, 200);
             assert!(!e.is_null());
@@ -1746,7 +1688,7 @@ mod tests {
 
     #[test]
     fn interning_and_connection_functions_outside_a_connection() {
-        // SAFETY (whole test): valid C strings.
+        // SAFETY: (whole test) valid C strings.
         unsafe {
             let s = nbdkit_strndup_intern(c("hello").as_ptr(), 3);
             assert_eq!(CStr::from_ptr(s).to_str().unwrap(), "hel");

@@ -22,8 +22,8 @@
 
 mod ffi;
 mod parse;
-mod password;
 
+use nbdkit_backend::LockExt;
 use std::ffi::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -103,12 +103,6 @@ pub fn exported_function_names() -> Vec<&'static str> {
         .into_iter()
         .map(|(n, _)| n)
         .collect()
-}
-
-/// Tell `nbdkit_stdio_safe` whether stdin/stdout are free for plugins
-/// (false when the server speaks NBD on them, `-s`).
-pub fn set_stdio_safe(safe: bool) {
-    ffi::set_stdio_safe(safe);
 }
 
 /// Whether the server serves read-only (`-r`): what a plugin's
@@ -414,12 +408,12 @@ impl Inner {
     }
 
     fn guard<'a>(&'a self, handle_lock: Option<&'a Mutex<()>>) -> Guards<'a> {
-        let global = (self.model <= ThreadModel::SerializeAllRequests)
-            .then(|| self.lock.lock().unwrap_or_else(|e| e.into_inner()));
+        let global =
+            (self.model <= ThreadModel::SerializeAllRequests).then(|| self.lock.lock_unpoisoned());
         let handle = (self.model == ThreadModel::SerializeRequests)
             .then_some(handle_lock)
             .flatten()
-            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+            .map(|l| l.lock_unpoisoned());
         Guards {
             _global: global,
             _handle: handle,

@@ -299,6 +299,7 @@ mod tests {
         // SAFETY: closing the write end we own.
         unsafe { libc::close(fds[1]) };
         assert!(pipe_closed(fds[0]));
+        // SAFETY: closing the read end we own.
         unsafe { libc::close(fds[0]) };
 
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();

@@ -21,7 +21,6 @@ use nbdkit_backend::{Backend, Config, ConfigError, Param, PluginSpec};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::{ClientOptions, ObjectStore};
 
-use crate::curl::read_secret_as;
 use crate::objstore::{check_http_url, object_path, serve, transport};
 
 const WHO: &str = "azure";
@@ -227,11 +226,7 @@ fn credential(
     cfg: &mut Config,
     url_sas: Option<String>,
 ) -> std::result::Result<Option<Named>, ConfigError> {
-    let secret = |cfg: &mut Config, key: &str| {
-        cfg.take(key)
-            .map(|v| read_secret_as(WHO, key, &v))
-            .transpose()
-    };
+    let secret = |cfg: &mut Config, key: &str| cfg.take_secret(key, WHO);
     let flag = |cfg: &mut Config, key: &str| {
         cfg.take_bool(key)
             .map(|b| b == Some(true))

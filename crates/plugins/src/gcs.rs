@@ -23,7 +23,6 @@ use nbdkit_backend::{Backend, Config, ConfigError, Param, PluginSpec};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::{ClientOptions, ObjectStore};
 
-use crate::curl::read_secret_as;
 use crate::objstore::{check_http_url, object_path, serve, transport};
 
 const WHO: &str = "gcs";
@@ -78,14 +77,10 @@ enum Credential {
 
 fn credential(cfg: &mut Config) -> std::result::Result<Option<Credential>, ConfigError> {
     let mut given = Vec::new();
-    if let Some(v) = cfg.take("bearer-token") {
-        given.push((
-            "bearer-token",
-            Credential::Bearer(read_secret_as(WHO, "bearer-token", &v)?),
-        ));
+    if let Some(token) = cfg.take_secret("bearer-token", WHO)? {
+        given.push(("bearer-token", Credential::Bearer(token)));
     }
-    if let Some(v) = cfg.take("service-account-key") {
-        let key = read_secret_as(WHO, "service-account-key", &v)?;
+    if let Some(key) = cfg.take_secret("service-account-key", WHO)? {
         given.push(("service-account-key", Credential::Key(key)));
     }
     if let Some(path) = cfg.take("credentials") {

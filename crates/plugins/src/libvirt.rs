@@ -118,6 +118,7 @@ struct Domain {
 // SAFETY: libvirt connection and domain objects are reference counted and
 // documented as safe to use from several threads.
 unsafe impl Send for Domain {}
+// SAFETY: as for Send: libvirt serialises calls on one object itself.
 unsafe impl Sync for Domain {}
 
 impl Drop for Domain {

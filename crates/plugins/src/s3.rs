@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use nbdkit_backend::{Backend, Config, ConfigError, Param, PluginSpec};
 
-use crate::curl::{read_secret_as, serve, transport};
+use crate::curl::{serve, transport};
 
 /// Where the object is and how to sign for it.
 #[derive(Debug, PartialEq, Eq)]
@@ -96,14 +96,8 @@ fn credentials(
     cfg: &mut Config,
 ) -> std::result::Result<Option<(String, String, Option<String>)>, ConfigError> {
     let access = cfg.take("access-key");
-    let secret = cfg
-        .take("secret-key")
-        .map(|v| read_secret_as("s3", "secret-key", &v))
-        .transpose()?;
-    let token = cfg
-        .take("session-token")
-        .map(|v| read_secret_as("s3", "session-token", &v))
-        .transpose()?;
+    let secret = cfg.take_secret("secret-key", "s3")?;
+    let token = cfg.take_secret("session-token", "s3")?;
     match (access, secret) {
         (Some(a), Some(s)) => return Ok(Some((a, s, token))),
         (Some(_), None) | (None, Some(_)) => {

@@ -6,6 +6,7 @@
 //! codec pure makes it easy to property-test and to fuzz.  No crate
 //! implements the server side of NBD, so this is written by hand from the
 //! protocol specification (NetworkBlockDevice/nbd `doc/proto.md`).
+#![forbid(unsafe_code)]
 
 pub mod consts;
 pub mod option;

@@ -10,8 +10,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 
 use crate::export::Export;
+use crate::server::Server;
+use crate::stream::{Broken, ConnectionError, Stream};
 use crate::tls::TlsMode;
-use crate::{Broken, ConnectionError, Server, Stream};
 
 /// Largest option payload read into memory.  Export names and queries are
 /// at most 4 KiB each, so this leaves room for many meta-context queries.

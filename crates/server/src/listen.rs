@@ -13,7 +13,7 @@ use socket2::{Domain, Socket, Type};
 
 use nbdkit_backend::Peer;
 
-use crate::Stream;
+use crate::stream::Stream;
 
 /// A bound, listening socket.
 pub enum Listener {
@@ -197,6 +197,7 @@ impl TokioListener {
 /// libnbd runs us with `nbd_connect_command`), it is used directly in both
 /// directions for speed; otherwise the two pipes are joined.
 pub fn stdio_stream() -> io::Result<Box<dyn Stream>> {
+    // SAFETY: a zeroed `stat` is a valid value of this plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat on fd 0 with a valid out pointer.
     let is_socket =
@@ -207,6 +208,7 @@ pub fn stdio_stream() -> io::Result<Box<dyn Stream>> {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
+        // SAFETY: `fd` is the fresh descriptor dup returned, owned by nothing else.
         let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
         std.set_nonblocking(true)?;
         Ok(Box::new(tokio::net::UnixStream::from_std(std)?))

@@ -29,7 +29,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
-use crate::{Stream, Transport};
+use crate::stream::{Stream, Transport};
 
 /// `--tls`: whether clients may, or must, use STARTTLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -334,7 +334,7 @@ mod psk {
     use tracing::{debug, warn};
 
     use super::TlsError;
-    use crate::{Stream, Transport};
+    use crate::stream::{Stream, Transport};
 
     #[derive(Clone)]
     pub(crate) struct PskAcceptor {

@@ -7,15 +7,22 @@
 //! request therefore never changes threads, which keeps latency at one
 //! system call each way (handing requests from an async reader to a thread
 //! pool cost about 15 µs per request here).  Other streams (stdin/stdout,
-//! TLS) use the async path, [`serve`].
+//! TLS) use the async path, [`serve`]: one reader task per connection
+//! hands requests to tokio's blocking pool, up to `-t` at once.
+//!
+//! Both paths frame requests with [`read_request`] (header, then the
+//! payload, read or skipped, even for a request about to be refused, so
+//! the stream stays in step), refuse with [`refusal`], run with [`run`] or
+//! [`read_into`], and build replies with `nbdkit_proto`.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
-use nbdkit_backend::{is_zero, Client, DirectPiece, DirectRead, Error, ErrorKind, ZeroFlags};
+use nbdkit_backend::{
+    is_zero, Client, DirectPiece, DirectRead, Error, ErrorKind, LockExt, ZeroFlags,
+};
 use nbdkit_proto::request::RequestHeader;
 use nbdkit_proto::*;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,7 +30,8 @@ use tracing::{debug, warn};
 
 use crate::export::{Export, Op, MAX_PAYLOAD};
 use crate::handshake::{Negotiated, BASE_ALLOCATION_ID};
-use crate::{ConnectionError, Server, Stream};
+use crate::server::Server;
+use crate::stream::{BlockingSocket, ConnectionError, Stream};
 
 type Writer = Arc<Mutex<tokio::io::WriteHalf<Box<dyn Stream>>>>;
 
@@ -46,8 +54,6 @@ pub async fn serve(
     let wr: Writer = Arc::new(Mutex::new(wr));
     let in_flight = Arc::new(Semaphore::new(server.request_slots()));
     let tasks = TaskTracker::new();
-    let hlen = RequestHeader::wire_len(extended);
-    let mut hbuf = [0u8; 32];
 
     let result = loop {
         // Take a slot before reading the next request, so a client that
@@ -58,52 +64,17 @@ pub async fn serve(
             _ = stop.cancelled() => break Ok(()),
         };
         let read = tokio::select! {
-            r = rd.read_exact(&mut hbuf[..hlen]) => r,
+            r = read_request(&mut rd, extended, conn) => r,
             _ = stop.cancelled() => break Ok(()),
         };
-        match read {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+        let (h, payload) = match read {
+            Ok(Some(req)) => req,
+            Ok(None) => {
                 debug!(conn, "client closed the connection");
                 break Ok(());
             }
-            Err(e) => break Err(e.into()),
-        }
-        let h = match RequestHeader::parse(&hbuf[..hlen], extended) {
-            Ok(h) => h,
-            Err(e) => break Err(ConnectionError::Protocol(format!("request header: {e}"))),
+            Err(e) => break Err(e),
         };
-        debug!(
-            conn,
-            cmd = command_name(h.command),
-            h.offset,
-            h.length,
-            flags = h.flags,
-            cookie = h.cookie,
-            "request"
-        );
-
-        // Read any payload first, even for a request about to be refused,
-        // so the stream stays in step.
-        let plen = h.payload_len(extended);
-        let mut payload = Vec::new();
-        if plen > 0 {
-            if plen > MAX_PAYLOAD {
-                if plen > u32::MAX as u64 {
-                    break Err(ConnectionError::Protocol(format!(
-                        "payload of {plen} bytes"
-                    )));
-                }
-                if let Err(e) = skip(&mut rd, plen).await {
-                    break Err(e.into());
-                }
-            } else {
-                payload = vec![0u8; plen as usize];
-                if let Err(e) = rd.read_exact(&mut payload).await {
-                    break Err(e.into());
-                }
-            }
-        }
 
         let op = match neg
             .export
@@ -112,13 +83,7 @@ pub async fn serve(
             Ok(op) => op,
             Err(e) => {
                 debug!(conn, cookie = h.cookie, "refused: {e}");
-                let bytes = error_reply(
-                    neg.style,
-                    h.cookie,
-                    h.offset,
-                    e.kind().nbd_error(),
-                    &e.to_string(),
-                );
+                let bytes = refusal(neg.style, h.cookie, h.offset, &e);
                 if let Err(e) = write(&wr, &bytes).await {
                     break Err(e.into());
                 }
@@ -149,13 +114,7 @@ pub async fn serve(
                     let _ = wr.lock().await.shutdown().await;
                     return;
                 }
-                Err(e) => error_reply(
-                    style,
-                    cookie,
-                    op.offset,
-                    e.kind().nbd_error(),
-                    &e.to_string(),
-                ),
+                Err(e) => refusal(style, cookie, op.offset, &e),
             };
             if let Err(e) = write(&wr, &reply).await {
                 debug!(conn, "writing reply failed: {e}");
@@ -179,92 +138,8 @@ pub async fn serve(
     result
 }
 
-/// Send buffer asked for on Unix sockets (the kernel caps it at
-/// net.core.wmem_max).
-const REPLY_BUFFER: usize = 4 << 20;
-
 /// How long in-flight requests get to finish when the server shuts down.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// A connected plain socket, switched to blocking mode.
-pub enum BlockingSocket {
-    Tcp(std::net::TcpStream),
-    Unix(std::os::unix::net::UnixStream),
-}
-
-impl BlockingSocket {
-    fn try_clone(&self) -> std::io::Result<Self> {
-        Ok(match self {
-            BlockingSocket::Tcp(s) => BlockingSocket::Tcp(s.try_clone()?),
-            BlockingSocket::Unix(s) => BlockingSocket::Unix(s.try_clone()?),
-        })
-    }
-    fn set_blocking(&self) -> std::io::Result<()> {
-        match self {
-            BlockingSocket::Tcp(s) => s.set_nonblocking(false),
-            BlockingSocket::Unix(s) => {
-                // A Unix socket's default send buffer (~200 KiB) is smaller
-                // than one typical read reply (256 KiB from nbdcopy, 2 MiB
-                // from qemu), so every reply would block mid-write, holding
-                // the write lock.  TCP sizes its buffers by itself.
-                let _ = socket2::SockRef::from(s).set_send_buffer_size(REPLY_BUFFER);
-                s.set_nonblocking(false)
-            }
-        }
-    }
-    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        use std::os::fd::AsFd;
-        match self {
-            BlockingSocket::Tcp(s) => s.as_fd(),
-            BlockingSocket::Unix(s) => s.as_fd(),
-        }
-    }
-    /// Write all of `buf`, telling TCP more is coming (MSG_MORE), so a
-    /// reply header and the data sent after it leave in full segments.
-    fn write_more(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
-        use std::io::Write;
-        let BlockingSocket::Tcp(s) = self else {
-            return self.write_all(buf);
-        };
-        while !buf.is_empty() {
-            match socket2::SockRef::from(&*s).send_with_flags(buf, libc::MSG_MORE) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => buf = &buf[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-    /// Wake up a worker blocked reading: new reads return end-of-file.
-    fn shutdown(&self, how: std::net::Shutdown) {
-        let _ = match self {
-            BlockingSocket::Tcp(s) => s.shutdown(how),
-            BlockingSocket::Unix(s) => s.shutdown(how),
-        };
-    }
-}
-
-impl std::io::Read for BlockingSocket {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            BlockingSocket::Tcp(s) => s.read(buf),
-            BlockingSocket::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl std::io::Write for BlockingSocket {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            BlockingSocket::Tcp(s) => s.write(buf),
-            BlockingSocket::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// The reading side, shared by the workers of one connection.
 struct ReadSide {
@@ -313,8 +188,7 @@ pub async fn serve_threaded(
         });
         // The handle closes here, on a thread where `client` is current.
         drop(neg);
-        let w = writer.lock().unwrap_or_else(|e| e.into_inner());
-        w.shutdown(std::net::Shutdown::Write);
+        writer.lock_unpoisoned().shutdown(std::net::Shutdown::Write);
         let mut r = reader.into_inner().unwrap_or_else(|e| e.into_inner());
         r.error.take().map_or(Ok(()), Err)
     });
@@ -348,138 +222,53 @@ fn worker(
     closer: &BlockingSocket,
     client: &Arc<Client>,
 ) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let _c = client.enter();
     let conn = client.id();
     let extended = neg.style == ReplyStyle::Extended;
-    let hlen = RequestHeader::wire_len(extended);
     // This worker's read buffer, reused so that reads do not allocate and
     // fault in fresh pages every time.
     let mut scratch = Vec::new();
-    loop {
-        let (h, payload) = {
-            let mut r = reader.lock().unwrap_or_else(|e| e.into_inner());
-            if r.done {
-                return;
-            }
-            let mut hbuf = [0u8; 32];
-            let read = r
-                .sock
-                .read_exact(&mut hbuf[..hlen])
-                .map_err(ConnectionError::from)
-                .and_then(|_| {
-                    let h = RequestHeader::parse(&hbuf[..hlen], extended)
-                        .map_err(|e| ConnectionError::Protocol(format!("request header: {e}")))?;
-                    let plen = h.payload_len(extended);
-                    let mut payload = Vec::new();
-                    if plen > MAX_PAYLOAD {
-                        if plen > u32::MAX as u64 {
-                            return Err(ConnectionError::Protocol(format!(
-                                "payload of {plen} bytes"
-                            )));
-                        }
-                        std::io::copy(&mut (&mut r.sock).take(plen), &mut std::io::sink())?;
-                    } else if plen > 0 {
-                        payload = vec![0u8; plen as usize];
-                        r.sock.read_exact(&mut payload)?;
-                    }
-                    Ok((h, payload))
-                });
-            match read {
-                Ok((h, _)) if h.command == CMD_DISC => {
-                    debug!(conn, "client sent NBD_CMD_DISC");
-                    r.done = true;
-                    return;
-                }
-                // A backend asked to end this connection while the request
-                // was on its way: it is not served (nor answered).
-                Ok(_) if client.disconnect_requested() => {
-                    debug!(
-                        conn,
-                        "not serving a request read after a disconnect was asked for"
-                    );
-                    r.done = true;
-                    return;
-                }
-                Ok(req) => req,
-                Err(ConnectionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    debug!(conn, "client closed the connection");
-                    r.done = true;
-                    return;
-                }
-                Err(e) => {
-                    r.done = true;
-                    r.error = Some(e);
-                    return;
-                }
-            }
-        };
-        debug!(
-            conn,
-            cmd = command_name(h.command),
-            h.offset,
-            h.length,
-            flags = h.flags,
-            cookie = h.cookie,
-            "request"
-        );
-        let refuse = |offset: u64, e: Error| {
-            Cow::Owned(error_reply(
-                neg.style,
-                h.cookie,
-                offset,
-                e.kind().nbd_error(),
-                &e.to_string(),
-            ))
-        };
+    while let Some((h, payload)) = take_request(reader, extended, client) {
         let valid = neg
             .export
             .validate(&h, neg.style.is_structured(), extended, neg.meta);
         if let Ok(op) = &valid {
             if op.command == CMD_READ && op.length >= DIRECT_MIN {
-                // The reply is written under the thread model's lock, as
-                // the data is read from the backend's file while it goes.
-                let sent = server.locked(|| {
-                    let d = neg.export.read_direct(op.offset, op.length)?;
-                    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-                    Some(send_direct(&mut w, neg.style, h.cookie, op.offset, &d))
-                });
-                match sent {
-                    None => {}
-                    Some(Ok(())) => {
+                match read_direct(server, neg, h.cookie, op, writer) {
+                    Direct::NotPossible => {}
+                    Direct::Sent => {
                         if client.disconnect_requested() {
                             debug!(conn, "the backend asked to disconnect this client");
                             closer.shutdown(std::net::Shutdown::Read);
-                            reader.lock().unwrap_or_else(|e| e.into_inner()).done = true;
+                            reader.lock_unpoisoned().done = true;
                             return;
                         }
                         continue;
                     }
-                    Some(Err(e)) => {
+                    Direct::Failed(e) => {
                         // Part of a reply may be out: the stream is lost.
                         warn!(
                             conn,
                             "sending read data failed: {e}; closing the connection"
                         );
                         closer.shutdown(std::net::Shutdown::Both);
-                        reader.lock().unwrap_or_else(|e| e.into_inner()).done = true;
+                        reader.lock_unpoisoned().done = true;
                         return;
                     }
                 }
             }
         }
-        let reply: nbdkit_backend::Result<Cow<[u8]>> = match valid {
+        let reply = match valid {
             Ok(op) if op.command == CMD_READ => {
                 server.locked(|| read_into(&neg.export, op, neg.style, h.cookie, &mut scratch))
             }
-            Ok(op) => match server.locked(|| run(&neg.export, op, payload, neg.style, h.cookie)) {
-                Ok(r) => Ok(Cow::Owned(r)),
-                Err(e) if e.disconnects() => Err(e),
-                Err(e) => Ok(refuse(op.offset, e)),
-            },
+            Ok(op) => server
+                .locked(|| run(&neg.export, op, payload, neg.style, h.cookie))
+                .map(Reply::Owned),
             Err(e) => {
                 debug!(conn, cookie = h.cookie, "refused: {e}");
-                Ok(refuse(h.offset, e))
+                Ok(Reply::Owned(refusal(neg.style, h.cookie, h.offset, &e)))
             }
         };
         let reply = match reply {
@@ -492,12 +281,15 @@ fn worker(
                 return;
             }
         };
-        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = w.write_all(&reply) {
+        let bytes = match &reply {
+            Reply::InBuffer(n) => &scratch[..*n],
+            Reply::Owned(v) => &v[..],
+        };
+        let mut w = writer.lock_unpoisoned();
+        if let Err(e) = w.write_all(bytes) {
             debug!(conn, "writing reply failed: {e}");
             drop(w);
-            let mut r = reader.lock().unwrap_or_else(|e| e.into_inner());
-            r.done = true;
+            reader.lock_unpoisoned().done = true;
             return;
         }
         if client.disconnect_requested() {
@@ -505,9 +297,88 @@ fn worker(
             // Workers blocked reading the next request see EOF.
             w.shutdown(std::net::Shutdown::Read);
             drop(w);
-            reader.lock().unwrap_or_else(|e| e.into_inner()).done = true;
+            reader.lock_unpoisoned().done = true;
             return;
         }
+        drop(w);
+        if scratch.len() > KEEP_BUFFER {
+            // A rare huge read: let its buffer go rather than keep it.
+            scratch = Vec::new();
+        }
+    }
+}
+
+/// Under the read lock, read the next request for a worker; None when the
+/// worker should stop (the client left, sent DISC or broke the protocol,
+/// or a backend asked to end the connection).
+fn take_request(
+    reader: &std::sync::Mutex<ReadSide>,
+    extended: bool,
+    client: &Client,
+) -> Option<(RequestHeader, Vec<u8>)> {
+    let conn = client.id();
+    let mut r = reader.lock_unpoisoned();
+    if r.done {
+        return None;
+    }
+    match now(read_request(&mut r.sock, extended, conn)) {
+        Ok(Some((h, _))) if h.command == CMD_DISC => {
+            debug!(conn, "client sent NBD_CMD_DISC");
+            r.done = true;
+            None
+        }
+        // A backend asked to end this connection while the request
+        // was on its way: it is not served (nor answered).
+        Ok(Some(_)) if client.disconnect_requested() => {
+            debug!(
+                conn,
+                "not serving a request read after a disconnect was asked for"
+            );
+            r.done = true;
+            None
+        }
+        Ok(Some(req)) => Some(req),
+        Ok(None) => {
+            debug!(conn, "client closed the connection");
+            r.done = true;
+            None
+        }
+        Err(e) => {
+            r.done = true;
+            r.error = Some(e);
+            None
+        }
+    }
+}
+
+/// What became of a read offered to [`read_direct`].
+enum Direct {
+    /// The backend cannot say where the bytes are: read them as usual.
+    NotPossible,
+    Sent,
+    /// Writing failed part way: the connection is lost.
+    Failed(std::io::Error),
+}
+
+/// Send a large read's reply straight from the backend's file, if its
+/// handle can say where the bytes are.  The reply is written under the
+/// thread model's lock, as the data is read from the file while it goes.
+fn read_direct(
+    server: &Server,
+    neg: &Negotiated,
+    cookie: u64,
+    op: &Op,
+    writer: &std::sync::Mutex<BlockingSocket>,
+) -> Direct {
+    let sent = server.locked(|| {
+        let d = neg.export.read_direct(op.offset, op.length)?;
+        let mut w = writer.lock_unpoisoned();
+        Some(send_direct(&mut w, neg.style, cookie, op.offset, &d))
+    });
+    match sent {
+        None => Direct::NotPossible,
+        Some(Ok(())) => Direct::Sent,
+        Some(Err(e)) => Direct::Failed(e),
     }
 }
 
@@ -524,7 +395,15 @@ fn run(
     let fua = op.flags & CMD_FLAG_FUA != 0;
     let result = match op.command {
         CMD_READ => {
-            return read_into(export, op, style, cookie, &mut Vec::new()).map(Cow::into_owned)
+            // A buffer of the reply's size, handed over whole (no copy).
+            let mut buf = Vec::new();
+            return read_into(export, op, style, cookie, &mut buf).map(|r| match r {
+                Reply::InBuffer(n) => {
+                    buf.truncate(n);
+                    buf
+                }
+                Reply::Owned(v) => v,
+            });
         }
         CMD_WRITE => export.write(&payload, op.offset, fua),
         CMD_FLUSH => export.flush(),
@@ -577,27 +456,33 @@ fn failure(style: ReplyStyle, cookie: u64, op: Op, e: Error) -> Vec<u8> {
     } else {
         debug!("{} failed: {e}", command_name(op.command));
     }
-    error_reply(
-        style,
-        cookie,
-        op.offset,
-        e.kind().nbd_error(),
-        &e.to_string(),
-    )
+    refusal(style, cookie, op.offset, &e)
+}
+
+/// The error reply for a request that failed or was refused.
+fn refusal(style: ReplyStyle, cookie: u64, offset: u64, e: &Error) -> Vec<u8> {
+    error_reply(style, cookie, offset, e.kind().nbd_error(), &e.to_string())
+}
+
+/// A read's reply: in the caller's buffer (its first `n` bytes), or a
+/// reply of its own (an error, or a hole chunk).
+enum Reply {
+    InBuffer(usize),
+    Owned(Vec<u8>),
 }
 
 /// Read into `buf` after room for the reply header, so the data is never
 /// copied, and return the whole reply.  A read of all zeroes goes out as a
 /// hole chunk when structured replies allow it.  `buf` is grown as needed
-/// and kept for the next read, up to [`KEEP_BUFFER`].  Errors become error
-/// replies, except one that asks to drop the connection.
-fn read_into<'a>(
+/// (a worker keeps it for the next read, up to [`KEEP_BUFFER`]).  Errors
+/// become error replies, except one that asks to drop the connection.
+fn read_into(
     export: &Export,
     op: Op,
     style: ReplyStyle,
     cookie: u64,
-    buf: &'a mut Vec<u8>,
-) -> nbdkit_backend::Result<Cow<'a, [u8]>> {
+    buf: &mut Vec<u8>,
+) -> nbdkit_backend::Result<Reply> {
     let hl = read_data_header_len(style);
     let n = hl + op.length as usize;
     if buf.len() < n {
@@ -605,11 +490,11 @@ fn read_into<'a>(
     }
     match export.read(&mut buf[hl..n], op.offset) {
         Err(e) if e.disconnects() => return Err(e),
-        Err(e) => return Ok(Cow::Owned(failure(style, cookie, op, e))),
+        Err(e) => return Ok(Reply::Owned(failure(style, cookie, op, e))),
         Ok(()) => {}
     }
     if style.is_structured() && is_zero(&buf[hl..n]) {
-        return Ok(Cow::Owned(hole_chunk(
+        return Ok(Reply::Owned(hole_chunk(
             style,
             cookie,
             op.offset,
@@ -618,13 +503,7 @@ fn read_into<'a>(
         )));
     }
     buf[..hl].copy_from_slice(&read_data_header(style, cookie, op.offset, op.length, true));
-    if buf.len() > KEEP_BUFFER {
-        // A rare huge read: hand the buffer over rather than keep it.
-        let mut owned = std::mem::take(buf);
-        owned.truncate(n);
-        return Ok(Cow::Owned(owned));
-    }
-    Ok(Cow::Borrowed(&buf[..n]))
+    Ok(Reply::InBuffer(n))
 }
 
 /// Reads at least this long are sent straight from the backend's file
@@ -720,14 +599,90 @@ async fn write(wr: &Writer, bytes: &[u8]) -> std::io::Result<()> {
     w.flush().await
 }
 
-async fn skip<R: AsyncRead + Unpin>(r: &mut R, mut n: u64) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 256 * 1024];
-    while n > 0 {
-        let k = n.min(buf.len() as u64) as usize;
-        r.read_exact(&mut buf[..k]).await?;
-        n -= k as u64;
+/// Where requests are read from: the async path's stream, or the
+/// threaded path's blocking socket (whose reads never return `Pending`).
+pub(crate) trait RequestSource {
+    fn fill(
+        &mut self,
+        buf: &mut [u8],
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+impl<R: tokio::io::AsyncRead + Unpin + Send> RequestSource for R {
+    async fn fill(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
+        AsyncReadExt::read_exact(self, buf).await.map(drop)
     }
-    Ok(())
+}
+
+impl RequestSource for BlockingSocket {
+    /// Reads at once, blocking: the future is ready when returned.
+    fn fill(
+        &mut self,
+        buf: &mut [u8],
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        std::future::ready(std::io::Read::read_exact(self, buf))
+    }
+}
+
+/// Read one request: its header, then its payload — read into a buffer
+/// when it is one the server accepts ([`MAX_PAYLOAD`]), otherwise skipped,
+/// so the stream stays in step and the request can be refused.  `None`:
+/// the client closed the connection between requests.
+pub(crate) async fn read_request<S: RequestSource + Send>(
+    src: &mut S,
+    extended: bool,
+    conn: u64,
+) -> Result<Option<(RequestHeader, Vec<u8>)>, ConnectionError> {
+    let hlen = RequestHeader::wire_len(extended);
+    let mut hbuf = [0u8; 32];
+    match src.fill(&mut hbuf[..hlen]).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let h = RequestHeader::parse(&hbuf[..hlen], extended)
+        .map_err(|e| ConnectionError::Protocol(format!("request header: {e}")))?;
+    debug!(
+        conn,
+        cmd = command_name(h.command),
+        h.offset,
+        h.length,
+        flags = h.flags,
+        cookie = h.cookie,
+        "request"
+    );
+    let plen = h.payload_len(extended);
+    if plen > MAX_PAYLOAD {
+        if plen > u32::MAX as u64 {
+            return Err(ConnectionError::Protocol(format!(
+                "payload of {plen} bytes"
+            )));
+        }
+        let mut sink = vec![0u8; 256 * 1024];
+        let mut left = plen;
+        while left > 0 {
+            let k = left.min(sink.len() as u64) as usize;
+            src.fill(&mut sink[..k]).await?;
+            left -= k as u64;
+        }
+        return Ok(Some((h, Vec::new())));
+    }
+    let mut payload = vec![0u8; plen as usize];
+    if plen > 0 {
+        src.fill(&mut payload).await?;
+    }
+    Ok(Some((h, payload)))
+}
+
+/// Run a future that never waits (one reading a [`BlockingSocket`]) to
+/// its end on this thread.
+fn now<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => unreachable!("blocking reads never return Pending"),
+    }
 }
 
 #[cfg(test)]

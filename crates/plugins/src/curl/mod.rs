@@ -19,8 +19,8 @@
 //! answers are not.  Every failure reaches the client as EIO and the log
 //! with the URL and offset.  The export is read-only (no PUT).
 
+use nbdkit_backend::LockExt;
 use std::cell::Cell;
-use std::io::{BufRead, Read};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -220,7 +220,7 @@ struct Pooled<'a> {
 
 impl Pool {
     fn get(&self) -> Result<Pooled<'_>> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock_unpoisoned();
         loop {
             if let Some(e) = st.idle.pop() {
                 return Ok(Pooled {
@@ -237,7 +237,7 @@ impl Pool {
                         easy: Some(e),
                     }),
                     Err(msg) => {
-                        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut st = self.state.lock_unpoisoned();
                         st.total -= 1;
                         self.freed.notify_one();
                         Err(Error::io(format!("{}: {msg}", self.settings.label())))
@@ -252,7 +252,7 @@ impl Pool {
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         if let Some(e) = self.easy.take() {
-            let mut st = self.pool.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.pool.state.lock_unpoisoned();
             st.idle.push(e);
             self.pool.freed.notify_one();
         }
@@ -585,94 +585,6 @@ fn redact(url: &str) -> String {
     url.to_string()
 }
 
-/// A secret parameter the nbdkit way: `-` asks on stdin, `-FD` reads a
-/// file descriptor, `+FILE` reads a file, anything else is the value.  A
-/// trailing newline is dropped.
-pub(crate) fn read_secret(key: &str, v: &str) -> std::result::Result<String, ConfigError> {
-    read_secret_as("curl", key, v)
-}
-
-/// [`read_secret`] for another plugin (`who` starts its messages).
-pub(crate) fn read_secret_as(
-    who: &str,
-    key: &str,
-    v: &str,
-) -> std::result::Result<String, ConfigError> {
-    let err = |e: std::io::Error| ConfigError::new(format!("{who}: {key}={v}: {e}"));
-    let mut s = if v == "-" {
-        read_secret_stdin(key).map_err(err)?
-    } else if let Some(fd) = v
-        .strip_prefix('-')
-        .filter(|f| f.bytes().all(|b| b.is_ascii_digit()))
-    {
-        let fd: i32 = fd
-            .parse()
-            .map_err(|_| ConfigError::new(format!("{who}: {key}={v}: bad file descriptor")))?;
-        if fd < 0 {
-            return Err(ConfigError::new(format!(
-                "{who}: {key}={v}: bad file descriptor"
-            )));
-        }
-        // Read through a duplicate, so the caller's descriptor stays open.
-        // SAFETY: dup of a descriptor number; failure is checked.
-        let dup = unsafe { libc::dup(fd) };
-        if dup < 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `dup` is a fresh descriptor we own.
-        let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-        let mut s = String::new();
-        f.read_to_string(&mut s).map_err(err)?;
-        s
-    } else if let Some(path) = v.strip_prefix('+') {
-        std::fs::read_to_string(path).map_err(err)?
-    } else {
-        return Ok(v.to_string());
-    };
-    if s.ends_with('\n') {
-        s.pop();
-        if s.ends_with('\r') {
-            s.pop();
-        }
-    }
-    Ok(s)
-}
-
-/// Read one line from stdin; on a terminal, prompt and do not echo.
-fn read_secret_stdin(key: &str) -> std::io::Result<String> {
-    if !nbdkit_backend::stdio_safe() {
-        return Err(std::io::Error::other(
-            "cannot read it from stdin, which carries NBD with -s",
-        ));
-    }
-    let fd = libc::STDIN_FILENO;
-    // SAFETY: isatty/tcgetattr/tcsetattr on stdin with a zeroed termios.
-    let tty = unsafe { libc::isatty(fd) } == 1;
-    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-    let restore = tty && unsafe { libc::tcgetattr(fd, &mut saved) } == 0;
-    if tty {
-        eprint!("{key}: ");
-    }
-    if restore {
-        let mut t = saved;
-        t.c_lflag &= !libc::ECHO;
-        unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &t) };
-    }
-    let mut line = String::new();
-    let r = std::io::stdin().lock().read_line(&mut line);
-    if restore {
-        unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &saved) };
-        eprintln!();
-    }
-    match r {
-        Ok(0) => Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "standard input is empty",
-        )),
-        r => r.map(|_| line),
-    }
-}
-
 fn parse_ssl_version(v: &str) -> std::result::Result<i64, ConfigError> {
     Ok(match v {
         "default" => sys::CURL_SSLVERSION_DEFAULT,
@@ -725,10 +637,7 @@ pub(crate) fn transport(
             }
         },
     };
-    let proxy_password = cfg
-        .take("proxy-password")
-        .map(|v| read_secret_as(who, "proxy-password", &v))
-        .transpose()?;
+    let proxy_password = cfg.take_secret("proxy-password", who)?;
     let ssl_version = cfg
         .take("ssl-version")
         .map(|v| parse_ssl_version(&v))
@@ -769,14 +678,8 @@ fn settings(cfg: &mut Config) -> std::result::Result<(Settings, usize), ConfigEr
     }
     let (mut s, connections) = transport(cfg, "curl")?;
     s.who = "curl";
-    s.cookie = cfg
-        .take("cookie")
-        .map(|v| read_secret("cookie", &v))
-        .transpose()?;
-    s.password = cfg
-        .take("password")
-        .map(|v| read_secret("password", &v))
-        .transpose()?;
+    s.cookie = cfg.take_secret("cookie", "curl")?;
+    s.password = cfg.take_secret("password", "curl")?;
     let headers = cfg.take_all("header");
     for h in &headers {
         if !h.contains([':', ';']) || h.contains(['\r', '\n']) {
@@ -966,37 +869,6 @@ mod tests {
         assert_eq!(redact("http://u:p@host:8/a@b"), "http://***@host:8/a@b");
         assert_eq!(redact("http://host/x"), "http://host/x");
         assert_eq!(redact("weird"), "weird");
-    }
-
-    #[test]
-    fn secrets_from_files_and_values() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("pw");
-        std::fs::write(&p, "s3cret\n").unwrap();
-        assert_eq!(
-            read_secret("password", &format!("+{}", p.display())).unwrap(),
-            "s3cret"
-        );
-        assert_eq!(read_secret("password", "plain").unwrap(), "plain");
-        // -FD: read from an inherited descriptor (here a pipe), which stays open.
-        let mut fds = [0i32; 2];
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        assert_eq!(
-            unsafe { libc::write(fds[1], b"from-fd\n".as_ptr().cast(), 8) },
-            8
-        );
-        unsafe { libc::close(fds[1]) };
-        assert_eq!(
-            read_secret("password", &format!("-{}", fds[0])).unwrap(),
-            "from-fd"
-        );
-        assert_eq!(
-            unsafe { libc::close(fds[0]) },
-            0,
-            "the descriptor stays open"
-        );
-        let e = read_secret("password", "+/nonexistent/x").unwrap_err();
-        assert!(e.0.contains("password=+/nonexistent/x"), "{e}");
     }
 
     #[test]

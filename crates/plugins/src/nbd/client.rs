@@ -15,6 +15,7 @@
 //! libnbd's synchronous calls on one handle run one at a time.  Every
 //! length and offset the server sends is checked before use.
 
+use nbdkit_backend::LockExt;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -95,7 +96,7 @@ impl Writer {
                 let mut out = Vec::new();
                 for chunk in parts.iter().flat_map(|p| p.chunks(TLS_CHUNK)) {
                     {
-                        let mut e = lock(engine);
+                        let mut e = engine.lock_unpoisoned();
                         e.write_plain(chunk)?;
                         e.take_output(&mut out)?;
                     }
@@ -116,7 +117,7 @@ impl Writer {
     /// by itself since the last request.
     fn close_tls(&mut self) {
         if let Writer::Tls { engine, .. } = self {
-            lock(engine).close();
+            engine.lock_unpoisoned().close();
             let _ = self.send(&[]);
         }
     }
@@ -157,7 +158,7 @@ impl Read for Reader {
                     // the server's key update) wait for the next request:
                     // sending them from this thread could block it on a
                     // full socket while the server waits for us to read.
-                    let open = lock(engine).feed(&buf[..n], plain)?;
+                    let open = engine.lock_unpoisoned().feed(&buf[..n], plain)?;
                     if !open && plain.is_empty() {
                         return Ok(0);
                     }
@@ -582,7 +583,7 @@ impl Connection {
 
     /// Why the connection is unusable, once it is.
     pub fn failed(&self) -> Option<String> {
-        lock(&self.dead).clone()
+        self.dead.lock_unpoisoned().clone()
     }
 
     /// Send one request and wait for its reply.
@@ -594,7 +595,7 @@ impl Connection {
         len: u32,
         payload: Option<&[u8]>,
     ) -> R<Reply> {
-        if let Some(why) = lock(&self.dead).clone() {
+        if let Some(why) = self.dead.lock_unpoisoned().clone() {
             return Err(NbdError::io(format!("the NBD connection is closed: {why}")));
         }
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
@@ -604,7 +605,7 @@ impl Connection {
         } else {
             Vec::new()
         };
-        lock(&self.pending).insert(
+        self.pending.lock_unpoisoned().insert(
             cookie,
             Pending {
                 cmd,
@@ -624,9 +625,12 @@ impl Connection {
         h.extend_from_slice(&cookie.to_be_bytes());
         h.extend_from_slice(&offset.to_be_bytes());
         h.extend_from_slice(&len.to_be_bytes());
-        let sent = lock(&self.writer).send(&[&h, payload.unwrap_or_default()]);
+        let sent = self
+            .writer
+            .lock_unpoisoned()
+            .send(&[&h, payload.unwrap_or_default()]);
         if let Err(e) = sent {
-            lock(&self.pending).remove(&cookie);
+            self.pending.lock_unpoisoned().remove(&cookie);
             self.control.shutdown();
             return Err(NbdError::io(format!("sending a request: {e}")));
         }
@@ -644,19 +648,15 @@ impl Connection {
         h.extend_from_slice(&CMD_DISC.to_be_bytes());
         h.extend_from_slice(&[0u8; 20]);
         {
-            let mut w = lock(&self.writer);
+            let mut w = self.writer.lock_unpoisoned();
             let _ = w.send(&[&h]);
             w.close_tls();
         }
         self.control.shutdown();
-        if let Some(t) = lock(&self.reader).take() {
+        if let Some(t) = self.reader.lock_unpoisoned().take() {
             let _ = t.join();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The reader thread: replies until the connection ends, then fail
@@ -671,8 +671,8 @@ fn read_replies(
             break e.message;
         }
     };
-    *lock(&dead) = Some(why.clone());
-    for (_, p) in lock(&pending).drain() {
+    *dead.lock_unpoisoned() = Some(why.clone());
+    for (_, p) in pending.lock_unpoisoned().drain() {
         let _ = p.tx.send(Err(NbdError::io(format!(
             "the NBD connection failed: {why}"
         ))));
@@ -680,7 +680,7 @@ fn read_replies(
 }
 
 fn finish(pending: &Mutex<HashMap<u64, Pending>>, cookie: u64) {
-    if let Some(p) = lock(pending).remove(&cookie) {
+    if let Some(p) = pending.lock_unpoisoned().remove(&cookie) {
         let r = match p.error {
             Some(e) => Err(e),
             None => Ok(p.reply),
@@ -696,7 +696,7 @@ fn read_one(s: &mut Reader, pending: &Mutex<HashMap<u64, Pending>>) -> R<()> {
             let h = read_exact(s, 12, "reading a reply")?;
             let (error, cookie) = (be32(&h[0..4]), be64(&h[4..12]));
             let read_len = {
-                let mut map = lock(pending);
+                let mut map = pending.lock_unpoisoned();
                 let p = map
                     .get_mut(&cookie)
                     .ok_or_else(|| NbdError::io(format!("reply to unknown cookie {cookie}")))?;
@@ -710,7 +710,7 @@ fn read_one(s: &mut Reader, pending: &Mutex<HashMap<u64, Pending>>) -> R<()> {
             };
             if let Some(n) = read_len {
                 let data = read_exact(s, n, "reading data")?;
-                if let Some(p) = lock(pending).get_mut(&cookie) {
+                if let Some(p) = pending.lock_unpoisoned().get_mut(&cookie) {
                     p.reply.data.copy_from_slice(&data);
                 }
             }
@@ -730,7 +730,7 @@ fn read_one(s: &mut Reader, pending: &Mutex<HashMap<u64, Pending>>) -> R<()> {
             }
             let payload = read_exact(s, len as usize, "reading a reply chunk")?;
             {
-                let mut map = lock(pending);
+                let mut map = pending.lock_unpoisoned();
                 let p = map
                     .get_mut(&cookie)
                     .ok_or_else(|| NbdError::io(format!("reply to unknown cookie {cookie}")))?;

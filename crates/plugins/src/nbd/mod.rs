@@ -19,6 +19,7 @@ pub mod client;
 pub mod command;
 pub mod tls;
 
+use nbdkit_backend::LockExt;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -72,7 +73,7 @@ impl Upstream {
     fn close(&self) {
         self.conn.close();
         // Dropping it stops it (SIGTERM, then SIGKILL).
-        drop(lock(&self.server).take());
+        drop(self.server.lock_unpoisoned().take());
     }
 }
 
@@ -80,10 +81,6 @@ impl Drop for Upstream {
     fn drop(&mut self) {
         self.close();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn to_error(what: &str, e: NbdError) -> Error {
@@ -153,7 +150,9 @@ impl Nbd {
                 Stream::Unix(c)
             }
             Target::Fd => {
-                let fd = lock(&self.fd)
+                let fd = self
+                    .fd
+                    .lock_unpoisoned()
                     .take()
                     .ok_or_else(|| Error::io("nbd: socket-fd= has been used already"))?;
                 stream_from_fd(fd).map_err(|e| Error::from_io("nbd: socket-fd=", e))?
@@ -201,7 +200,7 @@ impl Backend for Nbd {
     /// the fork to the background).
     fn after_fork(&self) -> Result<()> {
         if self.shared {
-            let mut up = lock(&self.upstream);
+            let mut up = self.upstream.lock_unpoisoned();
             if up.is_none() {
                 // The server prefixes start-up errors with the plugin's
                 // name already.
@@ -253,7 +252,7 @@ impl Backend for Nbd {
 
     fn open(&self, _readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
         let up = if self.shared {
-            let mut slot = lock(&self.upstream);
+            let mut slot = self.upstream.lock_unpoisoned();
             let up = match &*slot {
                 Some(u) => u.clone(),
                 // after_fork was not called (an embedding program): connect now.
@@ -279,7 +278,7 @@ impl Backend for Nbd {
     }
 
     fn shutdown(&self) {
-        if let Some(up) = lock(&self.upstream).take() {
+        if let Some(up) = self.upstream.lock_unpoisoned().take() {
             up.close();
         }
     }
