@@ -260,10 +260,10 @@ const fn with_file<const N: usize, const M: usize>(rest: [Param; N]) -> [Param; 
 }
 
 use nbdkit_filters::compressed as cz;
-const XZ_PLUGIN_PARAMS: [Param; 7] = with_file(cz::XZ_PARAMS);
-const GZIP_PLUGIN_PARAMS: [Param; 8] = with_file(cz::GZIP_PARAMS);
-const ZSTD_PLUGIN_PARAMS: [Param; 5] = with_file(cz::ZSTD_PARAMS);
-const BZIP2_PLUGIN_PARAMS: [Param; 5] = with_file(cz::BZIP2_PARAMS);
+const XZ_PLUGIN_PARAMS: [Param; cz::XZ_PARAMS.len() + 1] = with_file(cz::XZ_PARAMS);
+const GZIP_PLUGIN_PARAMS: [Param; cz::GZIP_PARAMS.len() + 1] = with_file(cz::GZIP_PARAMS);
+const ZSTD_PLUGIN_PARAMS: [Param; cz::ZSTD_PARAMS.len() + 1] = with_file(cz::ZSTD_PARAMS);
+const BZIP2_PLUGIN_PARAMS: [Param; cz::BZIP2_PARAMS.len() + 1] = with_file(cz::BZIP2_PARAMS);
 file_plus_filter!(XZ_PLUGIN, cz::XZ, "xz", &XZ_PLUGIN_PARAMS);
 file_plus_filter!(GZIP_PLUGIN, cz::GZIP, "gzip", &GZIP_PLUGIN_PARAMS);
 file_plus_filter!(ZSTD_PLUGIN, cz::ZSTD, "zstd", &ZSTD_PLUGIN_PARAMS);

@@ -523,3 +523,128 @@ fn failed_gzip_walk_refuses_the_export() {
         s.stop();
     }
 }
+
+/// Reads at `offs` (4 KiB each) through Python nbd: "ok" or the errno.
+fn read_results(uri: &str, offs: &[u64]) -> Vec<String> {
+    let script = format!(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri("{uri}")
+for off in [{offs}]:
+    try:
+        h.pread(4096, off)
+        print("ok")
+    except nbd.Error as e:
+        print(e.errno)
+print("OK")
+"#,
+        offs = offs
+            .iter()
+            .map(|o| o.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let out = stdout_of(Command::new(PYTHON).arg("-c").arg(&script));
+    out.lines()
+        .map(str::to_string)
+        .filter(|l| l != "OK")
+        .collect()
+}
+
+/// Issue #19 point 1: a byte flipped in a `zstd -c` file (random data:
+/// raw blocks, so it decodes cleanly and only the checksum catches it) is
+/// EIO from the very first read of the frame, every time; with
+/// zstd-verify=lazy the start is served and the failure is sticky.
+#[test]
+fn damaged_zstd_frame_is_eio_from_the_first_read() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, pseudo_random(3 << 20, 31)).unwrap();
+    let z = dir.path().join("flipped.zst");
+    // From a file, so the frame records its size (one frame, in memory).
+    let st = Command::new("zstd")
+        .args(["-q", "-f", "-o"])
+        .arg(&z)
+        .arg(&img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut bytes = std::fs::read(&z).unwrap();
+    let at = bytes.len() - 1000;
+    bytes[at] ^= 0x40;
+    std::fs::write(&z, &bytes).unwrap();
+
+    let s = Server::start(&["--filter=zstd", "file", z.to_str().unwrap()]);
+    assert_eq!(
+        read_results(&s.uri, &[0, 0, 1 << 20]),
+        ["EIO", "EIO", "EIO"]
+    );
+    assert!(s.log().contains("flipped.zst"), "{}", s.log());
+    s.stop();
+
+    let s = Server::start(&[
+        "--filter=zstd",
+        "file",
+        z.to_str().unwrap(),
+        "zstd-verify=lazy",
+        "zstd-threads=0",
+    ]);
+    assert_eq!(
+        read_results(&s.uri, &[0, (3 << 20) - 4096, 0]),
+        ["ok", "EIO", "EIO"]
+    );
+    s.stop();
+
+    let bad = Command::new(binary())
+        .args([
+            "--filter=zstd",
+            "file",
+            z.to_str().unwrap(),
+            "zstd-verify=sometimes",
+            "--run",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("zstd-verify"));
+}
+
+/// Issue #19 point 5: the scratch bound holds for a single-block image:
+/// with xz-scratch-size=1M, a 3 MiB block of random data is served while
+/// it fits, and reads beyond get EIO with a log line naming the parameter;
+/// the disk is never filled.
+#[test]
+fn scratch_bound_refuses_a_block_bigger_than_it() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, pseudo_random(3 << 20, 32)).unwrap();
+    let z = dir.path().join("one.xz");
+    compress(&img, &z, "xz", &["-T1", "-0", "-c"]);
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let s = Server::start(&[
+        "--filter=xz",
+        "file",
+        z.to_str().unwrap(),
+        &format!("xz-scratch-dir={}", scratch.display()),
+        "xz-scratch-size=1M",
+        // A block over half the cache is decoded into scratch.
+        "xz-cache-size=2M",
+        "xz-threads=0",
+    ]);
+    assert_eq!(read_results(&s.uri, &[0, 2 << 20]), ["ok", "EIO"]);
+    assert!(
+        s.log().contains("xz-scratch-size") || s.log().contains("scratch-size"),
+        "{}",
+        s.log()
+    );
+    s.stop();
+}

@@ -277,11 +277,30 @@ fn settings(cfg: &mut Config, format: Format) -> std::result::Result<Settings, C
         .take_parse::<usize>(&format!("{p}-threads"))?
         .unwrap_or_else(default_threads);
     opts.scratch_dir = cfg.take(&format!("{p}-scratch-dir")).map(PathBuf::from);
+    if format != Format::Gzip {
+        opts.scratch_bytes = cfg.take_size(&format!("{p}-scratch-size"))?;
+    }
     // gzip spans are decoded from checkpoints in the index, not through
     // the segment engine that has this tier, so gzip has no such option.
     if format != Format::Gzip {
         if let Some(c) = cfg.take_size(&format!("{p}-scratch-cache-size"))? {
             opts.scratch_cache_bytes = c;
+        }
+    }
+    if matches!(format, Format::Xz | Format::Zstd) {
+        match cfg.take(&format!("{p}-verify")).as_deref() {
+            None | Some("full") => {}
+            Some("lazy") => opts.lazy_verify = true,
+            Some(v) => {
+                return Err(ConfigError::new(format!(
+                    "{p}-verify: expected full or lazy, got {v:?}"
+                )))
+            }
+        }
+    }
+    if format == Format::Zstd {
+        if let Some(secs) = cfg.take_parse::<u64>("zstd-open-timeout")? {
+            opts.open_timeout = (secs > 0).then(|| std::time::Duration::from_secs(secs));
         }
     }
     let mut gzip = GzipOptions::default();
@@ -316,17 +335,26 @@ macro_rules! common_params {
             Param { name: concat!($p, "-threads"), help: "threads decoding blocks in parallel and ahead (default: number of CPUs)" },
             Param { name: concat!($p, "-scratch-dir"), help: "directory for scratch files: single-block images, and the scratch cache (default $TMPDIR)" },
             Param { name: concat!($p, "-scratch-cache-size"), help: "non-zero decoded bytes kept in a sparse scratch file once evicted from memory, so they are not decoded again (default 1G; 0: off)" },
+            Param { name: concat!($p, "-scratch-size"), help: "bound on all scratch disk use: single-block images plus the scratch cache; least recently used data is evicted past it (default: half the free space of the scratch dir)" },
         ]
     };
 }
 
-pub const XZ_PARAMS: [Param; 6] = {
+const VERIFY_HELP: &str = "full (default): a block/frame is served only once all of it has decoded and \
+     passed its check; lazy: serve its start before (a failed check later makes every read of it EIO)";
+
+pub const XZ_PARAMS: [Param; 8] = {
     let c = common_params!("xz");
     [
         c[0],
         c[1],
         c[2],
         c[3],
+        c[4],
+        Param {
+            name: "xz-verify",
+            help: VERIFY_HELP,
+        },
         Param {
             name: "xz-max-block",
             help: "accepted for nbdkit compatibility: no block is too large here",
@@ -363,8 +391,25 @@ pub const GZIP_PARAMS: [Param; 7] = {
     ]
 };
 
-pub const ZSTD_PARAMS: [Param; 4] = common_params!("zstd");
-pub const BZIP2_PARAMS: [Param; 4] = common_params!("bzip2");
+pub const ZSTD_PARAMS: [Param; 7] = {
+    let c = common_params!("zstd");
+    [
+        c[0],
+        c[1],
+        c[2],
+        c[3],
+        c[4],
+        Param {
+            name: "zstd-verify",
+            help: VERIFY_HELP,
+        },
+        Param {
+            name: "zstd-open-timeout",
+            help: "seconds opening may spend decoding frames that do not record their size (default 120; 0: no limit)",
+        },
+    ]
+};
+pub const BZIP2_PARAMS: [Param; 5] = common_params!("bzip2");
 
 pub static XZ: FilterSpec = FilterSpec {
     name: "xz",

@@ -70,18 +70,29 @@ impl Budget {
     }
 }
 
+/// Bound used when the free space of the scratch directory cannot be
+/// found out.
+pub(crate) const FALLBACK_SCRATCH_BOUND: u64 = 16 << 30;
+
 /// The default bound on scratch disk use: half the space free (to
-/// unprivileged users) in `dir` (or the temporary directory) now.
+/// unprivileged users) in `dir` (or the temporary directory) now, or
+/// [`FALLBACK_SCRATCH_BOUND`] if that cannot be found out.
 pub(crate) fn default_scratch_bound(dir: Option<&Path>) -> u64 {
     let dir = dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return 0;
+        return FALLBACK_SCRATCH_BOUND;
     };
     // SAFETY: `c` is a valid NUL-terminated path and `st` a plain struct
     // statvfs fills in.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return 0;
+        tracing::warn!(
+            "cannot find the free space of {} ({}); scratch disk bound {} GiB",
+            dir.display(),
+            std::io::Error::last_os_error(),
+            FALLBACK_SCRATCH_BOUND >> 30
+        );
+        return FALLBACK_SCRATCH_BOUND;
     }
     (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) / 2
 }
