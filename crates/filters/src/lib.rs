@@ -6,19 +6,27 @@ use nbdkit_backend::FilterSpec;
 pub mod blocksize;
 pub mod blocksize_policy;
 pub mod cache;
+pub mod cacheextents;
+pub mod checkwrite;
 pub mod compressed;
 pub mod cow;
+pub mod ddrescue;
 pub mod delay;
 pub mod error;
 pub mod exitlast;
 pub mod exitwhen;
+pub mod exportname;
+pub mod ext2;
+pub mod extentlist;
 pub mod fua;
 pub mod ip;
 pub mod limit;
 pub mod log;
+pub mod luks;
 pub mod multi_conn;
 pub mod nocache;
 pub mod noextents;
+pub mod nofilter;
 pub mod noparallel;
 pub mod nozero;
 pub mod offset;
@@ -27,9 +35,12 @@ pub mod protect;
 pub mod rate;
 pub mod readahead;
 pub mod retry;
+pub mod retry_request;
+pub mod scan;
 pub mod stats;
 pub mod swab;
 pub mod tar;
+pub mod tls_fallback;
 pub mod truncate;
 
 mod modes;
@@ -39,6 +50,15 @@ mod window;
 pub fn all() -> Vec<&'static FilterSpec> {
     let mut all = vec![
         &blocksize::SPEC,
+        &cacheextents::SPEC,
+        &checkwrite::SPEC,
+        &ddrescue::SPEC,
+        &exportname::SPEC,
+        &extentlist::SPEC,
+        &nofilter::SPEC,
+        &retry_request::SPEC,
+        &scan::SPEC,
+        &tls_fallback::SPEC,
         &blocksize_policy::SPEC,
         &cache::SPEC,
         &compressed::BZIP2,
@@ -47,11 +67,13 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &delay::SPEC,
         &error::SPEC,
         &exitlast::SPEC,
+        &ext2::SPEC,
         &exitwhen::SPEC,
         &fua::SPEC,
         &ip::SPEC,
         &limit::SPEC,
         &log::SPEC,
+        &luks::SPEC,
         &multi_conn::SPEC,
         &nocache::SPEC,
         &noextents::SPEC,
