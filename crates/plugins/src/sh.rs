@@ -354,10 +354,19 @@ impl Backend for ScriptBackend {
             .run("list_exports", &[bool_arg(readonly), tls_arg()], None)?
         {
             Some(out) => Ok(parse_export_list(&text(&out))),
-            None => Ok(vec![ExportEntry {
-                name: self.default_export(readonly)?,
-                description: None,
-            }]),
+            // Without list_exports the default export is the lone entry,
+            // and a failing default_export leaves the list empty (the
+            // default export cannot be connected to then either).
+            None => Ok(match self.default_export(readonly) {
+                Ok(name) => vec![ExportEntry {
+                    name,
+                    description: None,
+                }],
+                Err(e) => {
+                    tracing::debug!("{}: default_export: {e}", self.name);
+                    Vec::new()
+                }
+            }),
         }
     }
     fn default_export(&self, readonly: bool) -> Result<String> {
@@ -374,6 +383,16 @@ impl Backend for ScriptBackend {
         }
     }
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
+        // A client asking for "" gets the script's default export, as if
+        // it had asked for that name; when default_export fails, the
+        // default export cannot be connected to.
+        let canonical;
+        let export = if export.is_empty() {
+            canonical = self.default_export(readonly)?;
+            canonical.as_str()
+        } else {
+            export
+        };
         let handle =
             match self
                 .script
@@ -783,12 +802,10 @@ fn create_eval(cfg: &mut Config) -> Result<Arc<dyn Backend>, ConfigError> {
             scripts.insert(m.to_string(), body);
         }
     }
+    // As nbdkit, get_size= is not checked here (`--dump-plugin eval
+    // dump_plugin=...` needs no disk): a client is told at open that the
+    // script lacks it.
     let missing = cfg.take("missing");
-    if !scripts.contains_key("get_size") && missing.is_none() {
-        return Err(ConfigError::new(
-            "eval: get_size= is required (with pread=), e.g. eval get_size='echo 1M' pread='dd if=/dev/zero count=$3 iflag=count_bytes'",
-        ));
-    }
     let tmpdir = make_tmpdir("eval")?;
     let script = Script {
         program: Program::Eval { scripts, missing },
