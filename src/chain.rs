@@ -315,6 +315,7 @@ fn dump_builtin(p: &PluginSpec, thread_model: ThreadModel) -> String {
     {
         s.push_str(&format!("config_key={}\n", param.name));
     }
+    s.push_str(nbdkit_plugins::dump_lines(p.name));
     s
 }
 

@@ -13,25 +13,60 @@ use nbdkit_backend::{
 /// Inclusive byte ranges, sorted and merged.
 type Ranges = Vec<(u64, u64)>;
 
-/// Parse `LO-HI`, `LO-` or `-HI` (inclusive; sizes may have suffixes).
-fn parse_range(v: &str) -> std::result::Result<(u64, u64), String> {
-    let (lo, hi) = v
+/// An offset as nbdkit reads one: decimal, octal (`0NN`) or hex
+/// (`0xNN`); a size with a suffix (`4k`) is accepted too.
+fn parse_offset(v: &str) -> std::result::Result<u64, String> {
+    let t = v.trim();
+    let parsed = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        u64::from_str_radix(h, 16).ok()
+    } else if t.len() > 1 && t.starts_with('0') && t.bytes().all(|b| b.is_ascii_digit()) {
+        u64::from_str_radix(&t[1..], 8).ok()
+    } else {
+        None
+    };
+    match parsed {
+        Some(n) => Ok(n),
+        None => nbdkit_backend::parse_size(t).map_err(|e| {
+            format!("'{t}': {e} (expected an offset: decimal, 0NN octal or 0xNN hex)")
+        }),
+    }
+}
+
+/// Parse `START-END`, `START-`, `-END` or `-` (inclusive; an omitted end
+/// is the start or end of the disk), or `~` before any of them for
+/// everything outside that range.  Returns the ranges to protect.
+fn parse_range(v: &str) -> std::result::Result<Ranges, String> {
+    let (complement, body) = match v.strip_prefix('~') {
+        Some(rest) => (true, rest),
+        None => (false, v),
+    };
+    let (lo, hi) = body
         .split_once('-')
-        .ok_or_else(|| "expected START-END, START- or -END".to_string())?;
+        .ok_or_else(|| "expected START-END, START-, -END or -, optionally after ~".to_string())?;
     let lo = if lo.trim().is_empty() {
         0
     } else {
-        nbdkit_backend::parse_size(lo)?
+        parse_offset(lo)?
     };
     let hi = if hi.trim().is_empty() {
         u64::MAX
     } else {
-        nbdkit_backend::parse_size(hi)?
+        parse_offset(hi)?
     };
     if lo > hi {
         return Err(format!("start {lo} is after end {hi}"));
     }
-    Ok((lo, hi))
+    if !complement {
+        return Ok(vec![(lo, hi)]);
+    }
+    let mut out = Vec::new();
+    if lo > 0 {
+        out.push((0, lo - 1));
+    }
+    if hi < u64::MAX {
+        out.push((hi + 1, u64::MAX));
+    }
+    Ok(out)
 }
 
 fn merge(mut r: Ranges) -> Ranges {
@@ -149,18 +184,14 @@ pub static SPEC: FilterSpec = FilterSpec {
     description: "Example:\n  nbdkit-rs --filter=protect file disk.img protect=0-1023",
     params: &[Param {
         name: "protect",
-        help: "START-END (inclusive), START- or -END; repeat for several ranges",
+        help: "START-END (inclusive), START-, -END or -; ~RANGE protects everything outside RANGE; repeat for several ranges",
     }],
     configure: |cfg| {
+        // No protect= at all protects nothing (as nbdkit).
         let vals = cfg.take_all("protect");
-        if vals.is_empty() {
-            return Err(ConfigError::new(
-                "protect filter: give at least one protect=START-END range",
-            ));
-        }
         let mut ranges = Vec::new();
         for v in vals {
-            ranges.push(
+            ranges.extend(
                 parse_range(&v)
                     .map_err(|e| ConfigError::new(format!("protect filter: protect={v}: {e}")))?,
             );
@@ -176,11 +207,20 @@ mod tests {
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range("0-1023"), Ok((0, 1023)));
-        assert_eq!(parse_range("1M-"), Ok((1 << 20, u64::MAX)));
-        assert_eq!(parse_range("-4k"), Ok((0, 4096)));
+        assert_eq!(parse_range("0-1023"), Ok(vec![(0, 1023)]));
+        assert_eq!(parse_range("1M-"), Ok(vec![(1 << 20, u64::MAX)]));
+        assert_eq!(parse_range("-4k"), Ok(vec![(0, 4096)]));
+        assert_eq!(parse_range("-"), Ok(vec![(0, u64::MAX)]));
+        assert_eq!(parse_range("0x200-01777"), Ok(vec![(512, 1023)]));
+        assert_eq!(
+            parse_range("~512-1023"),
+            Ok(vec![(0, 511), (1024, u64::MAX)])
+        );
+        assert_eq!(parse_range("~-"), Ok(vec![]));
+        assert_eq!(parse_range("~0-"), Ok(vec![]));
         assert!(parse_range("10-5").is_err());
         assert!(parse_range("10").is_err());
+        assert!(parse_range("0xzz-").unwrap_err().contains("0xzz"));
         assert_eq!(
             merge(vec![(10, 20), (0, 5), (6, 8), (30, 40)]),
             vec![(0, 8), (10, 20), (30, 40)]

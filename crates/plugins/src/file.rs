@@ -69,7 +69,7 @@ impl Backend for FilePlugin {
                         names.push(name);
                     }
                 }
-                names.sort();
+                // In the directory's own (readdir) order, as nbdkit lists.
                 Ok(names
                     .into_iter()
                     .map(|name| ExportEntry {
@@ -479,7 +479,19 @@ pub(crate) fn seek_extents(
 
 fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
     let file = cfg.take("file");
-    let dir = cfg.take("dir");
+    // nbdkit accepts both spellings; the last one given wins.
+    let dir = match (cfg.take("dir"), cfg.take("directory")) {
+        (d, None) => d,
+        (_, d) => d,
+    };
+    if let Some(k) = ["rdelay", "wdelay"]
+        .into_iter()
+        .find(|k| cfg.take(k).is_some())
+    {
+        return Err(ConfigError::new(format!(
+            "file: {k}= is not a file parameter: add --filter=delay on the command line"
+        )));
+    }
     let source = match (file, dir) {
         (Some(_), Some(_)) => return Err(ConfigError::new("file: give either file= or dir=, not both")),
         (None, None) => {
@@ -546,6 +558,9 @@ pub static SPEC: PluginSpec = PluginSpec {
     params: &[
         Param { name: "file", help: "the file or block device to serve" },
         Param { name: "dir", help: "serve every file in this directory as its own export" },
+        Param { name: "directory", help: "the same as dir=" },
+        Param { name: "rdelay", help: "not a file parameter: use --filter=delay" },
+        Param { name: "wdelay", help: "not a file parameter: use --filter=delay" },
         Param { name: "cache", help: "default, or none to keep the page cache small (evicts after each request)" },
         Param { name: "fadvise", help: "normal, random or sequential access hint" },
     ],

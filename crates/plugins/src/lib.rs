@@ -13,6 +13,7 @@ pub mod libvirt;
 pub mod memory;
 pub mod nbd;
 mod objstore;
+pub mod ondemand;
 pub mod partitioning;
 pub mod random;
 pub mod s3;
@@ -41,10 +42,26 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &split::SPEC,
         &partitioning::SPEC,
         &tmpdisk::SPEC,
+        &ondemand::SPEC,
         &info::SPEC,
         &nbd::SPEC,
         &sh::SH,
         &sh::EVAL,
         &libvirt::SPEC,
     ]
+}
+
+/// The lines `--dump-plugin` adds for a built-in plugin after the common
+/// ones, as nbdkit's per-plugin `.dump_plugin` does: the optional
+/// features this build has, which scripts probe for (`data_base64=yes`).
+pub fn dump_lines(name: &str) -> &'static str {
+    match name {
+        // allocator=malloc,mlock=true and allocator=zstd.
+        "memory" => "mlock=yes\nzstd=yes\n",
+        "data" => "data_base64=yes\nmlock=yes\nzstd=yes\n",
+        "info" => "info_address=yes\ninfo_base64=yes\n",
+        // The highest exit status with a meaning for scripts (3: "false").
+        "sh" | "eval" => "max_known_status=3\n",
+        _ => "",
+    }
 }

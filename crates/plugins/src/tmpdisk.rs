@@ -20,7 +20,7 @@ use crate::file::{CachePolicy, FileHandle};
 
 /// The default command: an empty file of `$size` bytes, then mkfs with the
 /// options each family of mkfs needs to work on a plain file unattended.
-const MKFS: &str = r#"
+pub(crate) const MKFS: &str = r#"
 labelopt=-L
 case "$type" in
     ext2|ext3|ext4) extra=-F ;;
@@ -99,7 +99,7 @@ impl Handle for TmpHandle {
 }
 
 /// Is `mkfs.TYPE` installed (in PATH or the sbin directories)?
-fn have_mkfs(fs: &str) -> bool {
+pub(crate) fn have_mkfs(fs: &str) -> bool {
     let name = format!("mkfs.{fs}");
     let path = std::env::var("PATH").unwrap_or_default();
     let found = path

@@ -85,9 +85,114 @@ pub(crate) struct Settings {
     /// CURLOPT_AWS_SIGV4 ("aws:amz:REGION:s3"), with user/password as the
     /// access key and secret: the `s3` plugin.
     pub(crate) aws_sigv4: Option<String>,
+    /// `cookiejar=`: where libcurl writes the cookies it holds.
+    pub(crate) cookiejar: Option<String>,
+    /// A `file:` URL: no HTTP status or Content-Range to check; libcurl
+    /// reads the range from the local file.
+    pub(crate) local: bool,
+    /// `header-script=`/`cookie-script=`: headers and cookies made by a
+    /// command, rerun when their `-renew=` time has passed.
+    pub(crate) scripts: Option<Arc<Scripts>>,
+}
+
+/// The header and cookie scripts and what they last printed.
+pub(crate) struct Scripts {
+    url: String,
+    header: Option<(String, Option<Duration>)>,
+    cookie: Option<(String, Option<Duration>)>,
+    state: Mutex<ScriptState>,
+}
+
+#[derive(Default)]
+struct ScriptState {
+    headers: Option<(std::time::Instant, Vec<String>)>,
+    cookie: Option<(std::time::Instant, String)>,
+    header_runs: u64,
+    cookie_runs: u64,
+}
+
+impl Scripts {
+    /// Run `script` with `/bin/sh -c` (`$iteration`, `$url` set); its
+    /// stdout, or "WHAT failed: first line of stderr".
+    fn run(&self, what: &str, script: &str, iteration: u64) -> std::result::Result<String, String> {
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .env("iteration", iteration.to_string())
+            .env("url", &self.url)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("{what}: /bin/sh: {e}"))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(match err.lines().find(|l| !l.trim().is_empty()) {
+                Some(line) => format!("{what} failed: {}", line.trim_end()),
+                None => format!("{what} failed ({})", out.status),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The script headers and cookie to send now, running a script the
+    /// first time and again once its renew time has passed.
+    fn current(&self) -> std::result::Result<(Option<Vec<String>>, Option<String>), String> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let stale = |at: std::time::Instant, renew: Option<Duration>| {
+            renew.is_some_and(|r| now.duration_since(at) >= r)
+        };
+        let mut headers = None;
+        if let Some((script, renew)) = &self.header {
+            if st.headers.as_ref().is_none_or(|(at, _)| stale(*at, *renew)) {
+                let out = self.run("header-script", script, st.header_runs)?;
+                st.header_runs += 1;
+                let lines = out
+                    .lines()
+                    .map(|l| l.trim_end_matches('\r').to_string())
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>();
+                debug!("curl: header-script printed {} header(s)", lines.len());
+                st.headers = Some((now, lines));
+            }
+            headers = st.headers.as_ref().map(|(_, h)| h.clone());
+        }
+        let mut cookie = None;
+        if let Some((script, renew)) = &self.cookie {
+            if st.cookie.as_ref().is_none_or(|(at, _)| stale(*at, *renew)) {
+                let out = self.run("cookie-script", script, st.cookie_runs)?;
+                st.cookie_runs += 1;
+                let line = out
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_end_matches('\r')
+                    .to_string();
+                st.cookie = Some((now, line));
+            }
+            cookie = st.cookie.as_ref().map(|(_, c)| c.clone());
+        }
+        Ok((headers, cookie))
+    }
 }
 
 impl Settings {
+    /// Before a request: the header/cookie scripts' current output.
+    fn apply_scripts(&self, easy: &mut Easy) -> std::result::Result<(), String> {
+        let Some(scripts) = &self.scripts else {
+            return Ok(());
+        };
+        let (headers, cookie) = scripts.current()?;
+        if let Some(h) = headers {
+            easy.set_headers(&h)
+                .map_err(|e| format!("header-script: {e}"))?;
+        }
+        if let Some(c) = cookie {
+            easy.set_str(sys::CURLOPT_COOKIE, &c)
+                .map_err(|e| format!("cookie-script: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// "curl: URL", the start of every message.
     fn label(&self) -> String {
         format!("{}: {}", self.who, self.shown)
@@ -114,6 +219,7 @@ impl Settings {
         let strings = [
             (sys::CURLOPT_COOKIE, &self.cookie, "cookie"),
             (sys::CURLOPT_COOKIEFILE, &self.cookiefile, "cookiefile"),
+            (sys::CURLOPT_COOKIEJAR, &self.cookiejar, "cookiejar"),
             (sys::CURLOPT_USERNAME, &self.user, "user"),
             (sys::CURLOPT_PASSWORD, &self.password, "password"),
             (sys::CURLOPT_PROXY, &self.proxy, "proxy"),
@@ -284,6 +390,7 @@ fn ranged_get(
     easy: &mut Easy,
     buf: &mut [u8],
     offset: u64,
+    local: bool,
 ) -> std::result::Result<RangeReply, (CurlError, RangeReply)> {
     let last = offset + buf.len() as u64 - 1;
     let status = Cell::new(0u32);
@@ -312,7 +419,7 @@ fn ranged_get(
                 }
             },
             &mut |data| {
-                if status.get() != 206 || got + data.len() > buf.len() {
+                if (!local && status.get() != 206) || got + data.len() > buf.len() {
                     // Not the range (or more than it): stop the transfer.
                     return false;
                 }
@@ -389,7 +496,26 @@ impl Remote {
         let easy = pooled.easy.as_mut().expect("pooled handle");
         let timeout = self.pool.settings.timeout;
         let want = buf.len();
-        let reply = match ranged_get(easy, buf, offset) {
+        self.pool
+            .settings
+            .apply_scripts(easy)
+            .map_err(Failure::Final)?;
+        if self.pool.settings.local {
+            // file: URLs have no status or Content-Range: the bytes are
+            // the answer.
+            return match ranged_get(easy, buf, offset, true) {
+                Ok(r) if r.got == want => Ok(()),
+                Ok(r) => Err(Failure::Final(format!(
+                    "short read: {} of {want} bytes",
+                    r.got
+                ))),
+                Err((e, _)) if e.is_write_error() => Err(Failure::Final(format!(
+                    "more than the {want} bytes asked for"
+                ))),
+                Err((e, _)) => Err(Failure::Final(describe(&e, timeout))),
+            };
+        }
+        let reply = match ranged_get(easy, buf, offset, false) {
             Ok(r) => r,
             Err((e, r)) => {
                 if r.status == 200 {
@@ -471,9 +597,24 @@ fn with_retries<T>(
 /// byte; fall back to HEAD when the answer gives no total.
 fn probe(settings: &Settings) -> std::result::Result<u64, String> {
     let mut easy = settings.easy()?;
+    let label = settings.label();
+    settings
+        .apply_scripts(&mut easy)
+        .map_err(|e| format!("{label}: {e}"))?;
+    if settings.local {
+        // libcurl's file: protocol reports the file's size for a body-less
+        // transfer.
+        easy.set_bool(sys::CURLOPT_NOBODY, true)
+            .map_err(|e| e.to_string())?;
+        easy.perform(&mut |_| {}, &mut |_| true)
+            .map_err(|e| format!("{label}: {}", describe(&e, settings.timeout)))?;
+        return easy
+            .content_length()
+            .ok_or_else(|| format!("{label}: libcurl did not report the file's size"));
+    }
     let total = with_retries(&settings.label(), "probing the size", || {
         let mut one = [0u8; 1];
-        let reply = match ranged_get(&mut easy, &mut one, 0) {
+        let reply = match ranged_get(&mut easy, &mut one, 0, false) {
             Ok(r) => r,
             Err((e, r)) if e.is_write_error() && r.status != 0 => r,
             Err((e, _)) if e.is_transient() => {
@@ -503,6 +644,9 @@ fn probe(settings: &Settings) -> std::result::Result<u64, String> {
     }
     // The server did not give the total ("bytes 0-0/*"): ask HEAD.
     let mut head = settings.easy()?;
+    settings
+        .apply_scripts(&mut head)
+        .map_err(|e| format!("{label}: {e}"))?;
     head.set_bool(sys::CURLOPT_NOBODY, true)
         .map_err(|e| e.to_string())?;
     with_retries(&settings.label(), "HEAD for the size", || {
@@ -667,20 +811,76 @@ fn settings(cfg: &mut Config) -> std::result::Result<(Settings, usize), ConfigEr
     if url.is_empty() {
         return Err(ConfigError::new("curl: url= is empty"));
     }
-    // Only HTTP has the range requests this plugin is built on; libcurl's
-    // other protocols (FTP, SFTP, file) are refused rather than half-served.
-    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
-    if !matches!(scheme.as_deref(), Some("http" | "https")) {
-        return Err(ConfigError::new(format!(
-            "curl: url={}: only http:// and https:// URLs are supported",
-            redact(&url)
-        )));
-    }
+    // HTTP(S) range requests, and local files (file:PATH or
+    // file:///PATH, which libcurl reads a range of); libcurl's other
+    // protocols (FTP, SFTP, ...) are refused rather than half-served.
+    let scheme = url
+        .split_once(':')
+        .map(|(s, _)| s.to_ascii_lowercase())
+        .filter(|s| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        });
+    let local = match scheme.as_deref() {
+        Some("http" | "https") if url.contains("://") => false,
+        Some("file") => true,
+        _ => {
+            return Err(ConfigError::new(format!(
+                "curl: url={}: only http://, https:// and file: URLs are supported",
+                redact(&url)
+            )))
+        }
+    };
     let (mut s, connections) = transport(cfg, "curl")?;
+    s.local = local;
     s.who = "curl";
     s.cookie = cfg.take_secret("cookie", "curl")?;
     s.password = cfg.take_secret("password", "curl")?;
     let headers = cfg.take_all("header");
+    let script = |cfg: &mut Config,
+                  key: &str|
+     -> std::result::Result<Option<(String, Option<Duration>)>, ConfigError> {
+        let renew_key = format!("{key}-renew");
+        let renew = match cfg.take(&renew_key) {
+            None => None,
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(n) => (n > 0).then(|| Duration::from_secs(n)),
+                Err(_) => {
+                    return Err(ConfigError::new(format!(
+                        "curl: {renew_key}={v}: expected a whole number of seconds"
+                    )))
+                }
+            },
+        };
+        match cfg.take(key) {
+            Some(sc) => Ok(Some((sc, renew))),
+            None if renew.is_some() => {
+                Err(ConfigError::new(format!("curl: {renew_key}= needs {key}=")))
+            }
+            None => Ok(None),
+        }
+    };
+    let header_script = script(cfg, "header-script")?;
+    let cookie_script = script(cfg, "cookie-script")?;
+    if header_script.is_some() && !headers.is_empty() {
+        return Err(ConfigError::new(
+            "curl: header-script= cannot be used with header=",
+        ));
+    }
+    if cookie_script.is_some() && s.cookie.is_some() {
+        return Err(ConfigError::new(
+            "curl: cookie-script= cannot be used with cookie=",
+        ));
+    }
+    if header_script.is_some() || cookie_script.is_some() {
+        s.scripts = Some(Arc::new(Scripts {
+            url: url.clone(),
+            header: header_script,
+            cookie: cookie_script,
+            state: Mutex::new(ScriptState::default()),
+        }));
+    }
     for h in &headers {
         if !h.contains([':', ';']) || h.contains(['\r', '\n']) {
             return Err(ConfigError::new(format!(
@@ -692,12 +892,16 @@ fn settings(cfg: &mut Config) -> std::result::Result<(Settings, usize), ConfigEr
     s.shown = redact(&url);
     s.url = url;
     s.cookiefile = cfg.take("cookiefile");
+    s.cookiejar = cfg.take("cookiejar");
     s.user = cfg.take("user");
     s.followlocation = cfg
         .take_bool("followlocation")
         .map_err(|e| ConfigError::new(format!("curl: {e}")))?
         .unwrap_or(true);
-    s.unix_socket_path = cfg.take("unix-socket-path");
+    // nbdkit accepts both spellings.
+    s.unix_socket_path = cfg
+        .take("unix-socket-path")
+        .or(cfg.take("unix_socket_path"));
     s.protocols = cfg.take("protocols");
     Ok((s, connections))
 }
@@ -739,7 +943,7 @@ pub(crate) fn serve(
 
 pub static SPEC: PluginSpec = PluginSpec {
     name: "curl",
-    summary: "a remote disk image over HTTP/HTTPS, read with range requests (read-only)",
+    summary: "a remote disk image over HTTP/HTTPS (or a file: URL), read with range requests (read-only)",
     description: "Each read is a ranged GET; the size comes from the server at start-up, and a\n\
                   server that does not support range requests is refused then.  Up to\n\
                   connections= requests are in flight at once, shared by all clients; 5xx\n\
@@ -840,6 +1044,30 @@ pub static SPEC: PluginSpec = PluginSpec {
             name: "unix-socket-path",
             help: "connect to the HTTP server over this Unix socket",
         },
+        Param {
+            name: "unix_socket_path",
+            help: "the same as unix-socket-path=",
+        },
+        Param {
+            name: "cookiejar",
+            help: "write the cookies libcurl holds to FILE when done",
+        },
+        Param {
+            name: "header-script",
+            help: "a shell command whose output lines are the HTTP headers (not with header=); $iteration and $url are set",
+        },
+        Param {
+            name: "header-script-renew",
+            help: "rerun header-script when this many seconds have passed since it last ran",
+        },
+        Param {
+            name: "cookie-script",
+            help: "a shell command whose first output line is the cookie (not with cookie=)",
+        },
+        Param {
+            name: "cookie-script-renew",
+            help: "rerun cookie-script when this many seconds have passed since it last ran",
+        },
     ],
     create,
 };
@@ -892,10 +1120,35 @@ mod tests {
         }
         let mut cfg = Config::new(vec![]);
         assert!(settings(&mut cfg).err().unwrap().0.contains("'url'"));
-        for url in ["ftp://host/x", "file:///etc/passwd", "example.com/disk.img"] {
+        for url in ["ftp://host/x", "example.com/disk.img", "http:host"] {
             let mut cfg = Config::new(vec![("url".into(), url.into())]);
             let e = settings(&mut cfg).err().expect(url);
-            assert!(e.0.contains("only http:// and https://"), "{e}");
+            assert!(e.0.contains("only http://, https:// and file: URLs"), "{e}");
+        }
+        for url in ["file:///etc/passwd", "file:/etc/passwd"] {
+            let mut cfg = Config::new(vec![("url".into(), url.into())]);
+            assert!(settings(&mut cfg).unwrap().0.local, "{url}");
+        }
+        for (pairs, what) in [
+            (
+                vec![("header-script", "true"), ("header", "A: b")],
+                "cannot be used with header=",
+            ),
+            (
+                vec![("cookie-script", "true"), ("cookie", "a=b")],
+                "cannot be used with cookie=",
+            ),
+            (vec![("header-script-renew", "5")], "needs header-script="),
+            (
+                vec![("header-script", "true"), ("header-script-renew", "soon")],
+                "header-script-renew=soon",
+            ),
+        ] {
+            let mut params: Vec<(String, String)> =
+                vec![("url".into(), "http://127.0.0.1:1/x".into())];
+            params.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            let e = settings(&mut Config::new(params)).err().expect(what);
+            assert!(e.0.contains(what), "{what}: {e}");
         }
         let mut cfg = Config::new(vec![("url".into(), "HTTPS://host/x".into())]);
         assert!(settings(&mut cfg).is_ok());

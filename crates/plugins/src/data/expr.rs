@@ -687,6 +687,13 @@ impl Evaluator<'_, '_> {
                 let v = self.expr(inner, *b, depth)?;
                 let start = a.unwrap_or(0);
                 let end = b.unwrap_or(v.size);
+                // An empty slice ([N:N]) is empty wherever N is, as nbdkit.
+                if start == end {
+                    return Ok(Image {
+                        size: 0,
+                        runs: BTreeMap::new(),
+                    });
+                }
                 if start > end || end > v.size {
                     return Err(format!(
                         "slice [{start}:{end}] is outside the expression (size {})",

@@ -38,15 +38,10 @@ fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError
     let raw = cfg.take("raw");
     let b64 = cfg.take("base64");
     let size = cfg.take_size("size")?;
-    if let Some(a) = cfg.take("allocator") {
-        // The sparse allocator is the only one; malloc and zstd change
-        // only how memory is held, which this server does not offer.
-        if a != "sparse" {
-            return Err(ConfigError::new(format!(
-                "data: allocator={a}: only allocator=sparse is supported"
-            )));
-        }
-    }
+    let allocator = match cfg.take("allocator") {
+        Some(a) => memory::Allocator::parse("data", &a)?,
+        None => memory::Allocator::Sparse,
+    };
     // Other keys are variables for `$NAME` in data=.
     let vars: Vec<(String, String)> = cfg.take_rest();
     let given = [data.is_some(), raw.is_some(), b64.is_some()]
@@ -93,13 +88,14 @@ fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError
         expr::Image::from_bytes(&bytes)
     };
     let size = size.unwrap_or(image.size);
-    let mem = SparseMemory::new(size);
+    let mem = SparseMemory::with_allocator("data", size, allocator)?;
     for (o, d) in image.runs() {
         if o >= size {
             break;
         }
         let n = d.len().min((size - o) as usize);
-        mem.write(&d[..n], o);
+        mem.write(&d[..n], o)
+            .map_err(|e| ConfigError::new(format!("data: {}", e.message())))?;
     }
     Ok(Arc::new(Data { mem: Arc::new(mem) }))
 }
@@ -186,7 +182,11 @@ mod tests {
         assert!(disk(&[]).is_err());
         let e = disk(&[("data", "1"), ("sise", "1M")]).unwrap_err();
         assert!(e.contains("'sise'"), "{e}");
-        assert!(disk(&[("data", "1"), ("allocator", "zstd")]).is_err());
+        assert_eq!(
+            disk(&[("data", "1"), ("allocator", "zstd")]).unwrap(),
+            b"\x01"
+        );
+        assert!(disk(&[("data", "1"), ("allocator", "foo")]).is_err());
         assert!(disk(&[("base64", "!!")]).is_err());
     }
 }
