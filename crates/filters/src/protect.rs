@@ -149,21 +149,31 @@ pub static SPEC: FilterSpec = FilterSpec {
     description: "Example:\n  nbdkit-rs --filter=protect file disk.img protect=0-1023",
     params: &[Param {
         name: "protect",
-        help: "START-END (inclusive), START- or -END; repeat for several ranges",
+        help: "START-END (inclusive), START- or -END; ~RANGE protects all but RANGE; repeat for several ranges",
     }],
     configure: |cfg| {
+        // No protect= at all is allowed (as in nbdkit): nothing is
+        // protected.
         let vals = cfg.take_all("protect");
-        if vals.is_empty() {
-            return Err(ConfigError::new(
-                "protect filter: give at least one protect=START-END range",
-            ));
-        }
         let mut ranges = Vec::new();
         for v in vals {
-            ranges.push(
-                parse_range(&v)
-                    .map_err(|e| ConfigError::new(format!("protect filter: protect={v}: {e}")))?,
-            );
+            // `~RANGE` protects everything outside RANGE: up to two ranges.
+            let (negate, text) = match v.strip_prefix('~') {
+                Some(rest) => (true, rest),
+                None => (false, v.as_str()),
+            };
+            let (lo, hi) = parse_range(text)
+                .map_err(|e| ConfigError::new(format!("protect filter: protect={v}: {e}")))?;
+            if !negate {
+                ranges.push((lo, hi));
+                continue;
+            }
+            if lo > 0 {
+                ranges.push((0, lo - 1));
+            }
+            if hi < u64::MAX {
+                ranges.push((hi + 1, u64::MAX));
+            }
         }
         Ok(Box::new(ProtectLayer(Arc::new(merge(ranges)))))
     },
@@ -205,5 +215,39 @@ mod tests {
         h.zero(50, 200, ZeroFlags::default()).unwrap();
         assert!(h.trim(0, 101, false).is_err());
         h.trim(200, 100, false).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod complement_tests {
+    use super::*;
+    use nbdkit_backend::Config;
+
+    fn open(params: &[&str]) -> Box<dyn Handle> {
+        let mut cfg = Config::new(
+            params
+                .iter()
+                .map(|v| ("protect".to_string(), v.to_string()))
+                .collect(),
+        );
+        let layer = (SPEC.configure)(&mut cfg).unwrap();
+        let mut pcfg = Config::new(vec![("size".into(), "4096".into())]);
+        let plugin = (nbdkit_plugins::memory::SPEC.create)(&mut pcfg).unwrap();
+        layer.layer(plugin).unwrap().open(false, "").unwrap()
+    }
+
+    #[test]
+    fn no_range_protects_nothing() {
+        open(&[]).pwrite(&[1; 4096], 0, false).unwrap();
+    }
+
+    #[test]
+    fn a_complemented_range_protects_the_rest() {
+        let h = open(&["~512-1023"]);
+        h.pwrite(&[1; 512], 512, false).unwrap();
+        assert!(h.pwrite(&[1; 1], 511, false).is_err());
+        assert!(h.pwrite(&[1; 1], 1024, false).is_err());
+        // ~- complements everything: nothing is protected.
+        open(&["~-", "~-"]).pwrite(&[1; 4096], 0, false).unwrap();
     }
 }
