@@ -115,7 +115,7 @@ fn qemu_io_fua_discard_write_zeroes() {
     );
 
     assert!(s.stop().success());
-    let log = std::fs::read_to_string(&log).unwrap();
+    let log = without_ids(&std::fs::read_to_string(&log).unwrap());
     let has = |needle: &str| log.lines().any(|l| l.contains(needle));
     assert!(
         has("Write offset=0x0 count=0x20000 fua=0 "),
@@ -577,6 +577,10 @@ fn log_filter_one_line_per_request() {
 
     let text = std::fs::read_to_string(&log).unwrap();
     let mut written = vec![false; (4 * M) as usize];
+    // nbdkit's format: a call is an ENTER line ending in " ..." and a
+    // LEAVE line whose action starts with "...", matched by connection
+    // and id; Disconnect counts the connection's transactions.
+    let mut entered: HashMap<(String, String), String> = HashMap::new();
     let mut requests: HashMap<String, usize> = HashMap::new();
     let mut disconnects: HashMap<String, usize> = HashMap::new();
     let field = |l: &str, k: &str| -> Option<String> {
@@ -585,36 +589,51 @@ fn log_filter_one_line_per_request() {
     };
     let hex = |s: String| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
     for l in text.lines() {
-        let conn = field(l, "connection").unwrap_or_else(|| panic!("no connection= in {l:?}"));
+        let Some(conn) = field(l, "connection") else {
+            // Server-wide entries: Ready, Preconnect.
+            assert!(l.contains(" Ready ") || l.contains("Preconnect "), "{l}");
+            continue;
+        };
         if l.contains(" Connect ") {
             continue;
         }
         if l.contains(" Disconnect ") {
-            let n = field(l, "requests").unwrap().parse().unwrap();
+            let n = field(l, "transactions").unwrap().parse().unwrap();
             assert!(disconnects.insert(conn, n).is_none(), "{text}");
             continue;
         }
-        *requests.entry(conn).or_default() += 1;
-        assert_eq!(field(l, "return").as_deref(), Some("0"), "{l}");
-        assert!(field(l, "id").is_some(), "{l}");
-        if l.contains(" Write ") {
-            let off = hex(field(l, "offset").unwrap()) as usize;
-            let n = hex(field(l, "count").unwrap()) as usize;
-            written[off..off + n].iter_mut().for_each(|w| *w = true);
-        } else if !l.contains(" Flush ") {
+        let id = field(l, "id").unwrap_or_else(|| panic!("no id= in {l:?}"));
+        if l.ends_with(" ...") {
             assert!(
-                field(l, "offset").is_some() && field(l, "count").is_some(),
-                "{l}"
+                entered.insert((conn.clone(), id), l.to_string()).is_none(),
+                "{text}"
+            );
+            *requests.entry(conn).or_default() += 1;
+            continue;
+        }
+        assert_eq!(field(l, "return").as_deref(), Some("0"), "{l}");
+        let call = entered
+            .remove(&(conn, id))
+            .unwrap_or_else(|| panic!("a LEAVE line without its ENTER: {l}"));
+        if call.contains(" Write ") {
+            let off = hex(field(&call, "offset").unwrap()) as usize;
+            let n = hex(field(&call, "count").unwrap()) as usize;
+            written[off..off + n].iter_mut().for_each(|w| *w = true);
+        } else if !call.contains(" Flush ") {
+            assert!(
+                field(&call, "offset").is_some() && field(&call, "count").is_some(),
+                "{call}"
             );
         }
     }
+    assert!(entered.is_empty(), "calls that never returned: {entered:?}");
     assert!(written.iter().all(|&w| w), "every byte was written: {text}");
     // nbdcopy may open a connection it never uses.
     for (conn, n) in &requests {
         assert_eq!(
             disconnects.get(conn),
             Some(n),
-            "one line per request: {text}"
+            "one call per request: {text}"
         );
     }
     for (conn, n) in &disconnects {

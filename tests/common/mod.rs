@@ -285,3 +285,17 @@ pub fn log_field(line: &str, name: &str) -> Option<u64> {
         .find_map(|f| f.strip_prefix(name))
         .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
 }
+
+/// A log filter file without its ` id=N` fields, so a call's line can be
+/// matched as `Write offset=0x0 count=0x1000 fua=0`.
+pub fn without_ids(log: &str) -> String {
+    log.lines()
+        .map(|l| {
+            l.split(' ')
+                .filter(|w| !w.starts_with("id="))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use crate::window::next_extents;
+use crate::window::aligned_extents;
 use nbdkit_backend::{
     Backend, BlockSize, ConfigError, Error, Extents, FilterSpec, Handle, Layer, Param, Result,
     ZeroFlags,
@@ -20,7 +20,46 @@ struct Limits {
     maxlen: u64,
 }
 
-struct BlockSizeLayer(Limits);
+/// The parameters as given; 0 when not given.  Each connection works out
+/// its own [`Limits`] from these and the plugin's block size constraints.
+#[derive(Debug, Clone, Copy)]
+struct Params {
+    minblock: u64,
+    maxdata: u64,
+    maxlen: u64,
+}
+
+impl Params {
+    /// nbdkit's rules: the block is the larger of minblock= and the
+    /// plugin's minimum; maxdata= defaults to 64M (or maxlen=, if smaller)
+    /// and is capped by the plugin's maximum; maxlen= defaults to 4G less
+    /// one block; both are rounded down to whole blocks.
+    fn limits(&self, plugin: Option<BlockSize>) -> Limits {
+        let (pmin, pmax) = plugin.map_or((0, 0), |b| (b.minimum as u64, b.maximum as u64));
+        let min = self.minblock.max(1).max(pmin);
+        let mut maxdata = match (self.maxdata, self.maxlen) {
+            (0, 0) => 64 << 20,
+            (0, len) => len.min(64 << 20),
+            (data, _) => data,
+        };
+        if pmax != 0 {
+            maxdata = maxdata.min(pmax);
+        }
+        // Never below one block, or requests could not make progress.
+        let maxdata = (maxdata & !(min - 1)).max(min);
+        let maxlen = match self.maxlen {
+            0 => (1u64 << 32) - min,
+            len => (len & !(min - 1)).max(min),
+        };
+        Limits {
+            min,
+            maxdata,
+            maxlen,
+        }
+    }
+}
+
+struct BlockSizeLayer(Params);
 
 impl Layer for BlockSizeLayer {
     fn layer(
@@ -29,7 +68,7 @@ impl Layer for BlockSizeLayer {
     ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
         Ok(Arc::new(BlockSizeBackend {
             next,
-            lim: self.0,
+            params: self.0,
             rmw: Arc::new(RwLock::new(())),
         }))
     }
@@ -37,7 +76,7 @@ impl Layer for BlockSizeLayer {
 
 struct BlockSizeBackend {
     next: Arc<dyn Backend>,
-    lim: Limits,
+    params: Params,
     /// Read-modify-write holds this exclusively and aligned writes share
     /// it, so an aligned write cannot land between an RMW's read and
     /// write (which would lose it).  Shared by all connections.
@@ -53,10 +92,19 @@ impl Backend for BlockSizeBackend {
     }
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
         let next = self.next.open(readonly, export)?;
-        let size = next.size()? & !(self.lim.min - 1);
+        let plugin = next.block_size()?;
+        let lim = self.params.limits(plugin);
+        tracing::debug!(
+            "blocksize filter: minblock={} maxdata={} maxlen={}",
+            lim.min,
+            lim.maxdata,
+            lim.maxlen
+        );
+        let size = next.size()? & !(lim.min - 1);
         Ok(Box::new(BlockSizeHandle {
             next,
-            lim: self.lim,
+            lim,
+            preferred: plugin.map_or(0, |b| b.preferred),
             size,
             rmw: self.rmw.clone(),
         }))
@@ -66,6 +114,8 @@ impl Backend for BlockSizeBackend {
 struct BlockSizeHandle {
     next: Box<dyn Handle>,
     lim: Limits,
+    /// The plugin's preferred block size (0 if it has none).
+    preferred: u32,
     size: u64,
     rmw: Arc<RwLock<()>>,
 }
@@ -124,7 +174,7 @@ impl Handle for BlockSizeHandle {
         // Anything goes for the client; we do the aligning.
         Ok(Some(BlockSize {
             minimum: 1,
-            preferred: (self.lim.min as u32).max(4096),
+            preferred: self.preferred.max(4096).max(self.lim.min as u32),
             maximum: u32::MAX,
         }))
     }
@@ -193,11 +243,16 @@ impl Handle for BlockSizeHandle {
         self.chunks(from, to, self.lim.maxlen, |at, n| self.next.cache(at, n))
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
-        let from = offset & !(self.lim.min - 1);
-        let to = (offset + count)
-            .next_multiple_of(self.lim.min)
-            .min(from + self.lim.maxlen);
-        next_extents(&*self.next, from, to, req_one, extents).map(drop)
+        // Ask for whole blocks (at most maxlen: less than the request is
+        // fine, the client asks again for the rest); the caller's extents
+        // clip the unaligned ends.
+        let min = self.lim.min;
+        let from = offset & !(min - 1);
+        let len = count.next_multiple_of(min).min(self.lim.maxlen);
+        for e in aligned_extents(&*self.next, from, len, req_one, min)? {
+            extents.add(e.offset, e.length, e.flags)?;
+        }
+        Ok(())
     }
 }
 
@@ -208,11 +263,11 @@ pub static SPEC: FilterSpec = FilterSpec {
     params: &[
         Param {
             name: "minblock",
-            help: "alignment the plugin needs, a power of two up to 64K (default 1)",
+            help: "alignment the plugin needs, a power of two up to 64K (default: the plugin's minimum block size, or 1)",
         },
         Param {
             name: "maxdata",
-            help: "largest read or write the plugin sees, a multiple of minblock (default 64M)",
+            help: "largest read or write the plugin sees, a multiple of minblock (default 64M, or maxlen if smaller, capped by the plugin's maximum block size)",
         },
         Param {
             name: "maxlen",
@@ -221,26 +276,34 @@ pub static SPEC: FilterSpec = FilterSpec {
     ],
     configure: |cfg| {
         let err = |e: ConfigError| ConfigError::new(format!("blocksize filter: {e}"));
-        let min = cfg.take_size("minblock").map_err(err)?.unwrap_or(1);
-        if !min.is_power_of_two() || min > 65536 {
+        // Unset (or 0) values come from the plugin's constraints when a
+        // client connects.
+        let mut take = |key: &str| -> std::result::Result<u64, ConfigError> {
+            let v = cfg.take_size(key).map_err(err)?.unwrap_or(0);
+            if v > u64::from(u32::MAX) {
+                return Err(ConfigError::new(format!(
+                    "blocksize filter: {key}={v}: must be less than 4G"
+                )));
+            }
+            Ok(v)
+        };
+        let min = take("minblock")?;
+        let maxdata = take("maxdata")?;
+        let maxlen = take("maxlen")?;
+        if min != 0 && (!min.is_power_of_two() || min > 65536) {
             return Err(ConfigError::new(format!(
                 "blocksize filter: minblock={min}: must be a power of two from 1 to 64K"
             )));
         }
-        let maxdata = cfg.take_size("maxdata").map_err(err)?.unwrap_or(64 << 20);
-        let maxlen = cfg
-            .take_size("maxlen")
-            .map_err(err)?
-            .unwrap_or((1u64 << 32) - min);
         for (key, v) in [("maxdata", maxdata), ("maxlen", maxlen)] {
-            if v < min || !v.is_multiple_of(min) {
+            if min != 0 && v != 0 && !v.is_multiple_of(min) {
                 return Err(ConfigError::new(format!(
-                    "blocksize filter: {key}={v}: must be a non-zero multiple of minblock ({min})"
+                    "blocksize filter: {key}={v}: must be a multiple of minblock ({min})"
                 )));
             }
         }
-        Ok(Box::new(BlockSizeLayer(Limits {
-            min,
+        Ok(Box::new(BlockSizeLayer(Params {
+            minblock: min,
             maxdata,
             maxlen,
         })))

@@ -73,7 +73,10 @@ fn rules(cfg: &mut Config) -> std::result::Result<Vec<Rule>, ConfigError> {
     if let Some(v) = cfg.take("error-rate") {
         base.rate = parse_rate(&v).map_err(|e| bad("error-rate", &v, e))?;
     }
-    base.file = cfg.take("error-file").map(PathBuf::from);
+    // Trigger files are made absolute now, as nbdkit does: the server
+    // changes directory when it goes to the background.
+    let trigger = |f: String| std::path::absolute(&f).unwrap_or_else(|_| PathBuf::from(f));
+    base.file = cfg.take("error-file").map(trigger);
     let mut out = Vec::new();
     for op in OPS {
         let mut r = base.clone();
@@ -86,7 +89,7 @@ fn rules(cfg: &mut Config) -> std::result::Result<Vec<Rule>, ConfigError> {
             r.rate = parse_rate(&v).map_err(|e| bad(&key, &v, e))?;
         }
         if let Some(f) = cfg.take(&format!("error-{op}-file")) {
-            r.file = Some(PathBuf::from(f));
+            r.file = Some(trigger(f));
         }
         out.push(r);
     }

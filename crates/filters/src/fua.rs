@@ -115,13 +115,15 @@ impl Handle for FuaHandle {
     }
     fn can_flush(&self) -> Result<bool> {
         match self.mode {
-            Mode::Discard => Ok(true),
+            Mode::Discard | Mode::Force => Ok(true),
             _ => self.next.can_flush(),
         }
     }
     fn flush(&self) -> Result<()> {
         match self.mode {
-            Mode::Discard => Ok(()),
+            // force: every write was already made durable, so a flush has
+            // nothing to do (nbdkit elides it too).
+            Mode::Discard | Mode::Force => Ok(()),
             _ => self.next.flush(),
         }
     }
@@ -144,7 +146,7 @@ pub static SPEC: FilterSpec = FilterSpec {
     description: "Example:\n  nbdkit-rs --filter=fua file disk.img fuamode=force",
     params: &[Param {
         name: "fuamode",
-        help: "emulate (default): flush after FUA writes; none: not advertised; native: flag passed down; force: every write durable; pass: as the plugin; discard: flag and flushes dropped (unsafe)",
+        help: "none (default): FUA not advertised; emulate: flush after FUA writes; native: flag passed down; force: every write durable; pass: as the plugin; discard: flag and flushes dropped (unsafe)",
     }],
     configure: |cfg| {
         let mode = take_mode(
@@ -159,7 +161,8 @@ pub static SPEC: FilterSpec = FilterSpec {
                 ("pass", Mode::Pass),
                 ("discard", Mode::Discard),
             ],
-            Mode::Emulate,
+            // nbdkit's default: FUA is not advertised.
+            Mode::None,
         )?;
         Ok(Box::new(FuaLayer(mode)))
     },
@@ -237,9 +240,10 @@ mod tests {
         assert_eq!(run("emulate", Native), (Emulate, vec![false, false], 1));
         assert_eq!(run("native", Emulate), (Native, vec![true, false], 1));
         assert_eq!(run("pass", Emulate), (Emulate, vec![true, false], 1));
-        // force: every write durable, by flag or by flush.
-        assert_eq!(run("force", Native), (Native, vec![true, true], 1));
-        assert_eq!(run("force", Emulate), (Native, vec![false, false], 3));
+        // force: every write durable, by flag or by flush; the client's
+        // own flush then has nothing to do.
+        assert_eq!(run("force", Native), (Native, vec![true, true], 0));
+        assert_eq!(run("force", Emulate), (Native, vec![false, false], 2));
         assert_eq!(run("discard", Native), (Native, vec![false, false], 0));
     }
 

@@ -1,126 +1,193 @@
-//! `log`: write one line per request (connection, id, offset, count,
-//! result, time taken) to a file, plus a line for each connect and
-//! disconnect, and/or run a script for each of them (`logscript=`).
-//! Useful to see what a client really does, or to react to it.
+//! `log`: record every request a client makes, in nbdkit's log format, to
+//! a file (`logfile=`), to a shell script run for each entry
+//! (`logscript=`), or both.  With neither the filter passes everything
+//! through untouched.
+//!
+//! The file format is nbdkit's, field for field, so existing log parsers
+//! keep working:
+//!
+//! ```text
+//! 2020-08-06 02:07:23.080415 ListExports id=1 readonly=0 tls=0 ...
+//! 2020-08-06 02:07:23.080502 ...ListExports id=1 exports=("") return=0
+//! 2020-08-06 02:07:23.080712 connection=1 Connect export="" tls=0 size=0x400 minsize=0x0 ...
+//! 2020-08-06 02:07:23.080907 connection=1 Read id=1 offset=0x0 count=0x200 ...
+//! 2020-08-06 02:07:23.080927 connection=1 ...Read id=1 return=0
+//! 2020-08-06 02:07:23.081255 connection=1 Disconnect transactions=1
+//! ```
+//!
+//! A script gets the same fields as shell variables (`$act`, `$type`
+//! ENTER/LEAVE/PRINT, `$connection`, `$id`, `$offset`, …; `$extents` is a
+//! bash array), assigned before the script's text and run, as nbdkit does,
+//! by bash invoked as `sh` (`/bin/sh` where there is no bash).
 
 use std::fs::OpenOptions;
-use std::io::{LineWriter, Write};
+use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use nbdkit_backend::{
-    Backend, Client, ConfigError, Error, Extents, FilterSpec, Handle, Layer, Param, Result,
-    ZeroFlags,
+    Backend, CacheMode, Client, ConfigError, Error, ErrorKind, ExportEntry, Extents, FilterSpec,
+    FuaMode, Handle, Layer, Param, Result, ThreadModel, ZeroFlags, ZeroMode, EXTENT_HOLE,
+    EXTENT_ZERO,
 };
 
-/// One logged action: its name and its parameters, in order.
-struct Entry {
-    act: &'static str,
-    fields: Vec<(&'static str, String)>,
-}
-
-impl Entry {
-    fn new(act: &'static str) -> Entry {
-        Entry {
-            act,
-            fields: Vec::new(),
-        }
-    }
-    fn hex(mut self, key: &'static str, v: u64) -> Entry {
-        self.fields.push((key, format!("0x{v:x}")));
-        self
-    }
-    fn flag(mut self, key: &'static str, v: bool) -> Entry {
-        self.fields.push((key, (v as u8).to_string()));
-        self
-    }
-    fn text(mut self, key: &'static str, v: String) -> Entry {
-        self.fields.push((key, v));
-        self
-    }
-}
-
-impl std::fmt::Display for Entry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.act)?;
-        for (k, v) in &self.fields {
-            write!(f, " {k}={v}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Where log entries go: a file, a script, or both.  Shared by every
-/// connection.
-struct Sink {
-    file: Option<Mutex<LineWriter<std::fs::File>>>,
-    script: Option<String>,
-    /// One script at a time, so their output does not interleave and
-    /// they see entries in order, as nbdkit runs them.
-    script_lock: Mutex<()>,
-    next_conn: AtomicU64,
-}
-
-/// The message kinds a log script sees in `$type`.
-#[derive(Clone, Copy)]
-enum Kind {
+/// The three kinds of log message.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Type {
+    /// A call starts (file lines end in ` ...`).
     Enter,
+    /// It returned (file lines start the action with `...`).
     Leave,
+    /// A single event (Ready, Connect, Disconnect).
     Print,
 }
 
+/// Where log entries go: a file, a script, both or neither.  Shared by
+/// every connection.
+struct Sink {
+    file: Option<Mutex<std::fs::File>>,
+    script: Option<String>,
+    /// Connections opened through this filter (nbdkit numbers them itself,
+    /// from 1, in the order they open).
+    connections: AtomicU64,
+    list_id: AtomicU64,
+    preconnect_id: AtomicU64,
+    /// The process that read the configuration: a different one after
+    /// `after_fork` means the server forked to the background.
+    pid: u32,
+}
+
+/// `YYYY-MM-DD HH:MM:SS.uuuuuu`, in UTC.
+fn timestamp() -> String {
+    let s = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+    s.trim_end_matches('Z').replacen('T', " ", 1)
+}
+
+/// A string as nbdkit's log writes it: bare when every character is safe
+/// for the shell, otherwise in double quotes with `$`, `` ` ``, `\` and `"`
+/// escaped.
+fn shell_quote(s: &str) -> String {
+    const SAFE: &str = ".-_=,:/";
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || SAFE.contains(c))
+    {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        if matches!(c, '$' | '`' | '\\' | '"') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
 impl Sink {
-    fn line(&self, conn: u64, text: std::fmt::Arguments<'_>) {
+    fn emit(&self, conn: Option<u64>, id: u64, act: &str, ty: Type, fields: &str) {
         if let Some(file) = &self.file {
-            let now = humantime::format_rfc3339_micros(SystemTime::now());
+            let mut line = timestamp();
+            if let Some(c) = conn {
+                line.push_str(&format!(" connection={c}"));
+            }
+            line.push(' ');
+            if ty == Type::Leave {
+                line.push_str("...");
+            }
+            line.push_str(act);
+            if id != 0 {
+                line.push_str(&format!(" id={id}"));
+            }
+            if !fields.is_empty() {
+                line.push(' ');
+                line.push_str(fields);
+            }
+            if ty == Type::Enter {
+                line.push_str(" ...");
+            }
+            line.push('\n');
             let mut out = file.lock().unwrap_or_else(|e| e.into_inner());
-            // A full disk must not fail the client's request: logging is
-            // best effort.
-            let _ = writeln!(out, "{now} connection={conn} {text}");
+            // Logging is best effort: a full disk must not fail the
+            // client's request.
+            let _ = out.write_all(line.as_bytes());
+        }
+        if let Some(script) = &self.script {
+            let mut text = format!("act={act}\n");
+            if let Some(c) = conn {
+                text.push_str(&format!("connection={c}\n"));
+            }
+            text.push_str(match ty {
+                Type::Enter => "type=ENTER\n",
+                Type::Leave => "type=LEAVE\n",
+                Type::Print => "type=PRINT\n",
+            });
+            if id != 0 {
+                text.push_str(&format!("id={id}\n"));
+            }
+            text.push_str(fields);
+            text.push('\n');
+            text.push_str(script);
+            // nbdkit runs log scripts with bash (as "sh"), so scripts may
+            // use bash arrays ($extents); plain sh where there is no bash.
+            let mut cmd = if std::path::Path::new("/bin/bash").exists() {
+                let mut c = Command::new("/bin/bash");
+                c.arg0("sh");
+                c
+            } else {
+                Command::new("/bin/sh")
+            };
+            // The script's exit status is reported but ignored: a log
+            // script cannot change a request.
+            match cmd.arg("-c").arg(&text).stdin(Stdio::null()).status() {
+                Ok(st) if !st.success() => {
+                    tracing::warn!("log filter: logscript failed: {st}")
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!("log filter: cannot run logscript: {err}"),
+            }
         }
     }
 
-    /// Run the log script for one message, with the entry's parameters as
-    /// shell variables ($act, $type, $connection, $id, $offset, …).  Its
-    /// exit status is ignored: a log script cannot change a request.
-    fn script(&self, kind: Kind, conn: u64, id: Option<u64>, e: &Entry, extra: &[(&str, String)]) {
-        let Some(script) = &self.script else { return };
-        let mut cmd = Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .env("act", e.act)
-            .env(
-                "type",
-                match kind {
-                    Kind::Enter => "ENTER",
-                    Kind::Leave => "LEAVE",
-                    Kind::Print => "PRINT",
-                },
-            )
-            .env("connection", conn.to_string());
-        if let Some(id) = id {
-            cmd.env("id", id.to_string());
-        }
-        for (k, v) in e
-            .fields
-            .iter()
-            .map(|(k, v)| (*k, v))
-            .chain(extra.iter().map(|(k, v)| (*k, v)))
-        {
-            cmd.env(k, v);
-        }
-        let _g = self.script_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(err) = cmd.status() {
-            tracing::warn!("log filter: cannot run logscript: {err}");
-        }
+    fn active(&self) -> bool {
+        self.file.is_some() || self.script.is_some()
     }
+}
 
-    fn print(&self, conn: u64, e: Entry) {
-        self.line(conn, format_args!("{e}"));
-        self.script(Kind::Print, conn, None, &e, &[]);
+/// `return=0`, or `return=-1 error=EIO` with the errno the client gets.
+fn result_fields<T>(r: &Result<T>) -> String {
+    match r {
+        Ok(_) => "return=0".into(),
+        Err(e) => format!("return=-1 error={}", errno_name(e)),
+    }
+}
+
+/// The errno name nbdkit's log writes for an error: the value the NBD
+/// protocol sends (EROFS goes out as EPERM).
+fn errno_name(e: &Error) -> &'static str {
+    match e.kind() {
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnly => "EPERM",
+        ErrorKind::Io => "EIO",
+        ErrorKind::OutOfMemory => "ENOMEM",
+        ErrorKind::NoSpace => "ENOSPC",
+        ErrorKind::Shutdown => "ESHUTDOWN",
+        ErrorKind::NotSupported => "ENOTSUP",
+        ErrorKind::Overflow => "EOVERFLOW",
+        ErrorKind::InvalidInput => "EINVAL",
+    }
+}
+
+fn thread_model_number(m: ThreadModel) -> u8 {
+    match m {
+        ThreadModel::SerializeConnections => 0,
+        ThreadModel::SerializeAllRequests => 1,
+        ThreadModel::SerializeRequests => 2,
+        ThreadModel::Parallel => 3,
     }
 }
 
@@ -152,32 +219,112 @@ impl Backend for LogBackend {
     fn next(&self) -> Option<&dyn Backend> {
         Some(&*self.next)
     }
-    fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
-        // The server's connection number, so log lines match its own.
-        let conn = Client::current()
-            .map(|c| c.id())
-            .unwrap_or_else(|| self.sink.next_conn.fetch_add(1, Ordering::Relaxed));
-        let r = self.next.open(readonly, export);
-        let entry = Entry::new("Connect").text("export", format!("\"{export}\""));
-        match &r {
-            Ok(h) => {
-                let size = h
-                    .size()
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|e| format!("error: {e}"));
-                self.sink
-                    .print(conn, entry.flag("readonly", readonly).text("size", size));
-            }
-            Err(e) => self
-                .sink
-                .print(conn, entry.text("return", format!("error: {e}"))),
+    fn after_fork(&self) -> Result<()> {
+        self.next.after_fork()?;
+        let model = thread_model_number(self.thread_model());
+        self.sink.emit(
+            None,
+            0,
+            "Ready",
+            Type::Print,
+            &format!("thread_model={model}"),
+        );
+        if std::process::id() != self.sink.pid {
+            self.sink.emit(None, 0, "Fork", Type::Print, "");
         }
-        let next = r?;
+        Ok(())
+    }
+    fn list_exports(&self, readonly: bool) -> Result<Vec<ExportEntry>> {
+        if !self.sink.active() {
+            return self.next.list_exports(readonly);
+        }
+        let id = self.sink.list_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let tls = Client::current().is_some_and(|c| c.is_tls());
+        self.sink.emit(
+            None,
+            id,
+            "ListExports",
+            Type::Enter,
+            &format!("readonly={} tls={}", readonly as u8, tls as u8),
+        );
+        let r = self.next.list_exports(readonly);
+        let fields = match &r {
+            Ok(list) => {
+                let names: Vec<String> = list.iter().map(|e| shell_quote(&e.name)).collect();
+                format!("exports=({}) return=0", names.join(" "))
+            }
+            Err(_) => result_fields(&r),
+        };
+        self.sink
+            .emit(None, id, "ListExports", Type::Leave, &fields);
+        r
+    }
+    fn preconnect(&self, client: &Client) -> Result<()> {
+        if !self.sink.active() {
+            return self.next.preconnect(client);
+        }
+        let id = self.sink.preconnect_id.fetch_add(1, Ordering::Relaxed) + 1;
+        self.sink.emit(
+            None,
+            id,
+            "Preconnect",
+            Type::Enter,
+            &format!("readonly={}", client.readonly() as u8),
+        );
+        let r = self.next.preconnect(client);
+        self.sink
+            .emit(None, id, "Preconnect", Type::Leave, &result_fields(&r));
+        r
+    }
+    fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
+        let next = self.next.open(readonly, export)?;
+        if !self.sink.active() {
+            return Ok(next);
+        }
+        // What nbdkit prints when the connection is ready: the export and
+        // every capability the layers below report.
+        let tls = Client::current().is_some_and(|c| c.is_tls());
+        let size = next.size()?;
+        let (minsize, prefsize, maxsize) = match next.block_size()? {
+            Some(b) => (b.minimum, b.preferred, b.maximum),
+            None => (0, 0, 0),
+        };
+        let mode3 = |none: bool, native: bool| {
+            if none {
+                0
+            } else if native {
+                2
+            } else {
+                1
+            }
+        };
+        let zero = next.can_zero()?;
+        let fua = next.can_fua()?;
+        let cache = next.can_cache()?;
+        let fields = format!(
+            "export={} tls={} size=0x{size:x} minsize=0x{minsize:x} prefsize=0x{prefsize:x} \
+             maxsize=0x{maxsize:x} write={} flush={} rotational={} trim={} zero={} fua={} \
+             extents={} cache={} fast_zero={}",
+            shell_quote(export),
+            tls as u8,
+            next.can_write()? as u8,
+            next.can_flush()? as u8,
+            next.is_rotational()? as u8,
+            next.can_trim()? as u8,
+            mode3(zero == ZeroMode::None, zero == ZeroMode::Native),
+            mode3(fua == FuaMode::None, fua == FuaMode::Native),
+            next.can_extents()? as u8,
+            mode3(cache == CacheMode::None, cache == CacheMode::Native),
+            next.can_fast_zero()? as u8,
+        );
+        let conn = self.sink.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        self.sink
+            .emit(Some(conn), 0, "Connect", Type::Print, &fields);
         Ok(Box::new(LogHandle {
             next,
             sink: self.sink.clone(),
             conn,
-            next_id: AtomicU64::new(1),
+            ids: AtomicU64::new(0),
         }))
     }
 }
@@ -186,77 +333,32 @@ struct LogHandle {
     next: Box<dyn Handle>,
     sink: Arc<Sink>,
     conn: u64,
-    next_id: AtomicU64,
+    /// The last transaction id given out on this connection.
+    ids: AtomicU64,
 }
 
 impl LogHandle {
-    /// Run `f` and log `entry` with its result and duration.
-    fn logged<T>(&self, entry: Entry, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+    /// Log the call (`act` with `fields`), run `f`, log its result.
+    fn logged<T>(&self, act: &str, fields: String, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let id = self.ids.fetch_add(1, Ordering::Relaxed) + 1;
         self.sink
-            .script(Kind::Enter, self.conn, Some(id), &entry, &[]);
-        let start = Instant::now();
+            .emit(Some(self.conn), id, act, Type::Enter, &fields);
         let r = f();
-        let us = start.elapsed().as_micros();
-        match &r {
-            Ok(_) => {
-                self.sink.line(
-                    self.conn,
-                    format_args!("{entry} id={id} return=0 time={us}us"),
-                );
-                self.sink.script(
-                    Kind::Leave,
-                    self.conn,
-                    Some(id),
-                    &entry,
-                    &[("return", "0".into())],
-                );
-            }
-            Err(e) => {
-                self.sink.line(
-                    self.conn,
-                    format_args!(
-                        "{entry} id={id} return=error({}) \"{e}\" time={us}us",
-                        e.kind().nbd_error()
-                    ),
-                );
-                self.sink.script(
-                    Kind::Leave,
-                    self.conn,
-                    Some(id),
-                    &entry,
-                    &[("return", "-1".into()), ("error", errno_name(e).into())],
-                );
-            }
-        }
+        self.sink
+            .emit(Some(self.conn), id, act, Type::Leave, &result_fields(&r));
         r
-    }
-}
-
-/// The errno name of an error, as log scripts see it in `$error`.
-fn errno_name(e: &Error) -> &'static str {
-    use nbdkit_backend::ErrorKind::*;
-    match e.kind() {
-        PermissionDenied => "EPERM",
-        ReadOnly => "EROFS",
-        Io => "EIO",
-        OutOfMemory => "ENOMEM",
-        InvalidInput => "EINVAL",
-        NoSpace => "ENOSPC",
-        Overflow => "EOVERFLOW",
-        NotSupported => "ENOTSUP",
-        Shutdown => "ESHUTDOWN",
-        #[allow(unreachable_patterns)]
-        _ => "EIO",
     }
 }
 
 impl Drop for LogHandle {
     fn drop(&mut self) {
-        let requests = self.next_id.load(Ordering::Relaxed) - 1;
-        self.sink.print(
-            self.conn,
-            Entry::new("Disconnect").text("requests", requests.to_string()),
+        let n = self.ids.load(Ordering::Relaxed);
+        self.sink.emit(
+            Some(self.conn),
+            0,
+            "Disconnect",
+            Type::Print,
+            &format!("transactions={n}"),
         );
     }
 }
@@ -266,70 +368,80 @@ impl Handle for LogHandle {
         Some(&*self.next)
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let n = buf.len() as u64;
-        self.logged(
-            Entry::new("Read").hex("offset", offset).hex("count", n),
-            || self.next.pread(buf, offset),
-        )
+        let fields = format!("offset=0x{offset:x} count=0x{:x}", buf.len());
+        self.logged("Read", fields, || self.next.pread(buf, offset))
     }
     fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
-        self.logged(
-            Entry::new("Write")
-                .hex("offset", offset)
-                .hex("count", buf.len() as u64)
-                .flag("fua", fua),
-            || self.next.pwrite(buf, offset, fua),
-        )
+        let fields = format!(
+            "offset=0x{offset:x} count=0x{:x} fua={}",
+            buf.len(),
+            fua as u8
+        );
+        self.logged("Write", fields, || self.next.pwrite(buf, offset, fua))
     }
     fn flush(&self) -> Result<()> {
-        self.logged(Entry::new("Flush"), || self.next.flush())
+        self.logged("Flush", String::new(), || self.next.flush())
     }
     fn trim(&self, offset: u64, count: u64, fua: bool) -> Result<()> {
-        self.logged(
-            Entry::new("Trim")
-                .hex("offset", offset)
-                .hex("count", count)
-                .flag("fua", fua),
-            || self.next.trim(offset, count, fua),
-        )
+        let fields = format!("offset=0x{offset:x} count=0x{count:x} fua={}", fua as u8);
+        self.logged("Trim", fields, || self.next.trim(offset, count, fua))
     }
     fn zero(&self, offset: u64, count: u64, flags: ZeroFlags) -> Result<()> {
-        self.logged(
-            Entry::new("Zero")
-                .hex("offset", offset)
-                .hex("count", count)
-                .flag("trim", flags.may_trim)
-                .flag("fua", flags.fua)
-                .flag("fast", flags.fast),
-            || self.next.zero(offset, count, flags),
-        )
+        let fields = format!(
+            "offset=0x{offset:x} count=0x{count:x} trim={} fua={} fast={}",
+            flags.may_trim as u8, flags.fua as u8, flags.fast as u8
+        );
+        self.logged("Zero", fields, || self.next.zero(offset, count, flags))
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
-        self.logged(
-            Entry::new("Extents")
-                .hex("offset", offset)
-                .hex("count", count)
-                .flag("req_one", req_one),
-            || self.next.extents(offset, count, req_one, extents),
-        )
+        let id = self.ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let fields = format!(
+            "offset=0x{offset:x} count=0x{count:x} req_one={}",
+            req_one as u8
+        );
+        self.sink
+            .emit(Some(self.conn), id, "Extents", Type::Enter, &fields);
+        let r = self.next.extents(offset, count, req_one, extents);
+        let fields = match &r {
+            Ok(()) => {
+                let list: Vec<String> = extents
+                    .list()
+                    .iter()
+                    .map(|e| {
+                        let mut kind = Vec::new();
+                        if e.flags & EXTENT_HOLE != 0 {
+                            kind.push("hole");
+                        }
+                        if e.flags & EXTENT_ZERO != 0 {
+                            kind.push("zero");
+                        }
+                        format!("0x{:x} 0x{:x} \"{}\"", e.offset, e.length, kind.join(","))
+                    })
+                    .collect();
+                format!("extents=({}) return=0", list.join(" "))
+            }
+            Err(_) => result_fields(&r),
+        };
+        self.sink
+            .emit(Some(self.conn), id, "Extents", Type::Leave, &fields);
+        r
     }
     fn cache(&self, offset: u64, count: u64) -> Result<()> {
-        self.logged(
-            Entry::new("Cache")
-                .hex("offset", offset)
-                .hex("count", count),
-            || self.next.cache(offset, count),
-        )
+        let fields = format!("offset=0x{offset:x} count=0x{count:x}");
+        self.logged("Cache", fields, || self.next.cache(offset, count))
     }
 }
 
 pub static SPEC: FilterSpec = FilterSpec {
     name: "log",
     summary: "log every request (connection, id, offset, count, result) to a file or a script",
-    description: "logfile=, logscript= or both.  The script runs with /bin/sh for every\n\
-request (twice: $type=ENTER before, LEAVE after, with $return and $error) and\n\
-for connects and disconnects ($type=PRINT); $act, $connection, $id and the\n\
-request's parameters ($offset, $count, $fua, …) are set.\n\n\
+    description: "logfile=, logscript=, both, or neither (then the filter does nothing).\n\
+The file has nbdkit's log format: a UTC timestamp, connection=N for\n\
+connected calls, the action, id=N, its fields; a call is two lines, the\n\
+second starting \"...\" with return=0 or return=-1 error=ERRNO.  The script\n\
+runs with bash (as sh) for every entry, with $act, $type (ENTER, LEAVE, PRINT),\n\
+$connection, $id, $return, $error and the entry's fields ($offset, $count,\n\
+$fua, …) set as shell variables.\n\n\
 Examples:\n  nbdkit-rs --filter=log file disk.img logfile=access.log\n  \
 nbdkit-rs --filter=log memory 1G logscript='[ $act = Write ] && echo write at $offset >&2'",
     params: &[
@@ -339,7 +451,7 @@ nbdkit-rs --filter=log memory 1G logscript='[ $act = Write ] && echo write at $o
         },
         Param {
             name: "logappend",
-            help: "true to append to the file instead of truncating it",
+            help: "true to append to the file instead of truncating it (default false)",
         },
         Param {
             name: "logscript",
@@ -350,11 +462,6 @@ nbdkit-rs --filter=log memory 1G logscript='[ $act = Write ] && echo write at $o
         let path = cfg.take("logfile");
         let script = cfg.take("logscript");
         let append = cfg.take_bool("logappend")?.unwrap_or(false);
-        if path.is_none() && script.is_none() {
-            return Err(ConfigError::new(
-                "log filter: give logfile=, logscript=, or both",
-            ));
-        }
         let file = match path {
             None => None,
             Some(path) => {
@@ -368,15 +475,17 @@ nbdkit-rs --filter=log memory 1G logscript='[ $act = Write ] && echo write at $o
                 let f = oo
                     .open(&path)
                     .map_err(|e| ConfigError::new(format!("log filter: logfile={path}: {e}")))?;
-                Some(Mutex::new(LineWriter::new(f)))
+                Some(Mutex::new(f))
             }
         };
         Ok(Box::new(LogLayer {
             sink: Arc::new(Sink {
                 file,
                 script,
-                script_lock: Mutex::new(()),
-                next_conn: AtomicU64::new(1),
+                connections: AtomicU64::new(0),
+                list_id: AtomicU64::new(0),
+                preconnect_id: AtomicU64::new(0),
+                pid: std::process::id(),
             }),
         }))
     },
@@ -386,10 +495,6 @@ nbdkit-rs --filter=log memory 1G logscript='[ $act = Write ] && echo write at $o
 mod tests {
     use super::*;
     use nbdkit_backend::Config;
-
-    fn layered(params: Vec<(String, String)>) -> Arc<dyn Backend> {
-        layered_over(&nbdkit_plugins::memory::SPEC, params)
-    }
 
     fn layered_over(
         plugin: &nbdkit_backend::PluginSpec,
@@ -402,29 +507,55 @@ mod tests {
         layer.layer(plugin).unwrap()
     }
 
+    /// The lines without their timestamps.
+    fn lines(text: &str) -> Vec<String> {
+        text.lines()
+            .map(|l| {
+                let (date, rest) = l.split_once(' ').unwrap();
+                assert_eq!(date.len(), 10, "{l}");
+                let (time, rest) = rest.split_once(' ').unwrap();
+                assert_eq!(time.len(), 15, "{l}");
+                rest.to_string()
+            })
+            .collect()
+    }
+
     #[test]
-    fn logs_each_request_with_its_result() {
+    fn logs_each_request_in_nbdkits_format() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
-        let b = layered(vec![("logfile".into(), log.display().to_string())]);
+        let b = layered_over(
+            &nbdkit_plugins::memory::SPEC,
+            vec![("logfile".into(), log.display().to_string())],
+        );
         let h = b.open(false, "").unwrap();
         h.pwrite(b"abc", 512, true).unwrap();
         let mut buf = [0u8; 3];
         h.pread(&mut buf, 512).unwrap();
         assert_eq!(&buf, b"abc");
-        assert!(h.can_write().unwrap(), "capabilities pass through");
+        h.flush().unwrap();
         drop(h);
-        let text = std::fs::read_to_string(&log).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
-        assert!(lines[0].contains("connection=1 Connect"));
-        assert!(lines[1].contains("Write offset=0x200 count=0x3 fua=1 id=1 return=0"));
-        assert!(lines[2].contains("Read offset=0x200 count=0x3 id=2 return=0"));
-        assert!(lines[3].contains("Disconnect requests=2"));
+        let got = lines(&std::fs::read_to_string(&log).unwrap());
+        assert!(
+            got[0].starts_with("connection=1 Connect export=\"\" tls=0 size=0x100000 "),
+            "{got:?}"
+        );
+        assert_eq!(
+            &got[1..],
+            [
+                "connection=1 Write id=1 offset=0x200 count=0x3 fua=1 ...",
+                "connection=1 ...Write id=1 return=0",
+                "connection=1 Read id=2 offset=0x200 count=0x3 ...",
+                "connection=1 ...Read id=2 return=0",
+                "connection=1 Flush id=3 ...",
+                "connection=1 ...Flush id=3 return=0",
+                "connection=1 Disconnect transactions=3",
+            ]
+        );
     }
 
     #[test]
-    fn logscript_sees_enter_leave_and_print_with_variables() {
+    fn logscript_gets_the_fields_as_shell_variables() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         let script = format!(
@@ -439,36 +570,35 @@ mod tests {
         let h = b.open(false, "").unwrap();
         let mut buf = [0u8; 4];
         h.pread(&mut buf, 4096).unwrap();
-        let e = h.pwrite(b"abcd", 0, false).unwrap_err();
-        assert_eq!(errno_name(&e), "ENOSPC");
+        h.pwrite(b"abcd", 0, false).unwrap_err();
         drop(h);
         let text = std::fs::read_to_string(&out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 6, "{text}");
-        assert!(lines[0].starts_with("PRINT Connect conn=1"), "{text}");
         assert_eq!(
-            lines[1],
-            "ENTER Read conn=1 id=1 off=0x1000 count=0x4 ret= err="
+            lines,
+            [
+                "PRINT Connect conn=1 id= off= count= ret= err=",
+                "ENTER Read conn=1 id=1 off=0x1000 count=0x4 ret= err=",
+                "LEAVE Read conn=1 id=1 off= count= ret=0 err=",
+                "ENTER Write conn=1 id=2 off=0x0 count=0x4 ret= err=",
+                "LEAVE Write conn=1 id=2 off= count= ret=-1 err=ENOSPC",
+                "PRINT Disconnect conn=1 id= off= count= ret= err=",
+            ],
+            "{text}"
         );
-        assert_eq!(
-            lines[2],
-            "LEAVE Read conn=1 id=1 off=0x1000 count=0x4 ret=0 err="
-        );
-        assert_eq!(
-            lines[3],
-            "ENTER Write conn=1 id=2 off=0x0 count=0x4 ret= err="
-        );
-        assert_eq!(
-            lines[4],
-            "LEAVE Write conn=1 id=2 off=0x0 count=0x4 ret=-1 err=ENOSPC"
-        );
-        assert!(lines[5].starts_with("PRINT Disconnect"), "{text}");
     }
 
     #[test]
-    fn needs_a_file_or_a_script() {
-        let mut cfg = Config::new(vec![]);
-        let e = (SPEC.configure)(&mut cfg).err().unwrap();
-        assert!(e.to_string().contains("logscript"), "{e}");
+    fn strings_are_shell_quoted_only_when_needed() {
+        assert_eq!(shell_quote("disk-1.img"), "disk-1.img");
+        assert_eq!(shell_quote(""), "\"\"");
+        assert_eq!(shell_quote("a b$\"c"), "\"a b\\$\\\"c\"");
+    }
+
+    #[test]
+    fn neither_file_nor_script_is_a_pass_through() {
+        let b = layered_over(&nbdkit_plugins::memory::SPEC, vec![]);
+        let h = b.open(false, "").unwrap();
+        h.pwrite(b"x", 0, false).unwrap();
     }
 }

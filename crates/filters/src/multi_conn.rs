@@ -2,14 +2,19 @@
 //! emulate it: with `emulate`, a flush on any connection (or a FUA write)
 //! flushes every open connection, so clients may rely on "a flush on one
 //! connection makes all connections' completed writes durable".  Dirty
-//! tracking skips flushes that would have nothing to do.
+//! tracking skips flushes that would have nothing to do.  The rules are
+//! nbdkit's: connections form one group (or one per export name with
+//! multi-conn-exportname=true); a write dirties its group; an emulated
+//! flush reaches every connection of the group that wrote (and, after a
+//! write, every one that read); without emulation a flush is skipped only
+//! while nothing in the group was written since it was last made clean.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use nbdkit_backend::{
-    Backend, ConfigError, Error, ErrorKind, FilterSpec, Handle, Layer, Param, Result, ThreadModel,
-    ZeroFlags,
+    Backend, ConfigError, Error, ErrorKind, FilterSpec, FuaMode, Handle, Layer, Param, Result,
+    ThreadModel, ZeroFlags,
 };
 
 use crate::modes::take_mode;
@@ -31,35 +36,42 @@ enum Mode {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TrackDirty {
-    /// One flag for the whole export: a flush when nothing was written
-    /// anywhere since the last one is skipped.
+    /// One flag for the group: a flush when nothing was written since
+    /// the last one is skipped.
     Fast,
-    /// Per connection: a connection is dirty after it wrote, trimmed or
-    /// zeroed, or read after another connection flushed (it may hold
-    /// stale cached data); flushing a clean connection is skipped.
+    /// Also per connection: whether it wrote, and whether it read (it may
+    /// hold data cached from before another connection's flush).
     Connection,
     /// Every flush goes to the plugin.
     Off,
 }
 
+/// Dirty bits of a connection (multi-conn-track-dirty=connection).
+const READ: u8 = 1;
+const WRITE: u8 = 2;
+
 /// One client connection's handle below us, with its dirty state.
 struct Conn {
     next: Box<dyn Handle>,
-    export: String,
+    /// READ: it read since its last flush (it may hold data cached
+    /// before another connection's flush); WRITE: it wrote.
+    dirty: AtomicU8,
+}
+
+/// The connections a flush may have to reach: every connection, or with
+/// multi-conn-exportname=true those to one export.  A group ends with its
+/// last connection.
+struct Group {
+    name: String,
+    /// Something was written in the group since the flush that cleared it.
     dirty: AtomicBool,
-    /// The flush generation this connection last saw.
-    seen: AtomicU64,
+    conns: Mutex<Vec<Weak<Conn>>>,
 }
 
 /// State shared by every connection of the server.
 #[derive(Default)]
 struct Shared {
-    /// Connections that emulated flushes reach.
-    open: Mutex<Vec<Weak<Conn>>>,
-    /// Anything written since the last flush (TrackDirty::Fast).
-    any_dirty: AtomicBool,
-    /// Bumped by every flush that reached the plugin.
-    generation: AtomicU64,
+    groups: Mutex<Vec<Arc<Group>>>,
 }
 
 struct MultiConnLayer {
@@ -111,41 +123,56 @@ impl Backend for MultiConn {
     }
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
         let next = self.next.open(readonly, export)?;
-        let emulate = match self.mode {
-            Mode::Emulate => {
-                if !next.can_flush()? {
-                    return Err(Error::new(
-                        ErrorKind::NotSupported,
-                        "multi-conn filter: multi-conn-mode=emulate needs a plugin that can flush",
-                    ));
-                }
-                true
+        // nbdkit's rules: auto is disable when connections are serialized
+        // (one client at a time needs no multi-conn), otherwise the
+        // plugin's answer if it has multi-conn, else emulation.
+        let mode = match self.mode {
+            Mode::Auto if self.next.thread_model() == ThreadModel::SerializeConnections => {
+                Mode::Disable
             }
-            Mode::Auto => {
-                self.next.thread_model() > ThreadModel::SerializeConnections
-                    && !next.can_multi_conn()?
-                    && next.can_flush()?
-            }
-            _ => false,
+            Mode::Auto if next.can_multi_conn()? => Mode::Plugin,
+            // (nbdkit refuses the connection here; nothing to emulate
+            // with, so nothing is advertised.)
+            Mode::Auto if !next.can_flush()? => Mode::Disable,
+            Mode::Auto => Mode::Emulate,
+            m => m,
         };
+        if mode == Mode::Emulate && !next.can_flush()? {
+            return Err(Error::new(
+                ErrorKind::NotSupported,
+                "multi-conn filter: emulating multi-conn needs a plugin that can flush",
+            ));
+        }
         let conn = Arc::new(Conn {
             next,
-            export: export.to_string(),
-            dirty: AtomicBool::new(false),
-            seen: AtomicU64::new(self.shared.generation.load(Ordering::SeqCst)),
+            dirty: AtomicU8::new(0),
         });
-        if emulate {
-            let mut open = self.shared.open.lock().unwrap_or_else(|e| e.into_inner());
-            open.retain(|w| w.strong_count() > 0);
-            open.push(Arc::downgrade(&conn));
-        }
+        let name = if self.by_export { export } else { "" };
+        let group = {
+            let mut groups = self.shared.groups.lock().unwrap_or_else(|e| e.into_inner());
+            match groups.iter().find(|g| g.name == name) {
+                Some(g) => g.clone(),
+                None => {
+                    let g = Arc::new(Group {
+                        name: name.to_string(),
+                        dirty: AtomicBool::new(false),
+                        conns: Mutex::new(Vec::new()),
+                    });
+                    groups.push(g.clone());
+                    g
+                }
+            }
+        };
+        group
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&conn));
         Ok(Box::new(MultiConnHandle {
             conn,
-            mode: self.mode,
+            group,
+            mode,
             track: self.track,
-            by_export: self.by_export,
-            emulate,
-            single_client: self.next.thread_model() == ThreadModel::SerializeConnections,
             shared: self.shared.clone(),
         }))
     }
@@ -153,63 +180,98 @@ impl Backend for MultiConn {
 
 struct MultiConnHandle {
     conn: Arc<Conn>,
+    group: Arc<Group>,
+    /// The mode for this connection (auto resolved).
     mode: Mode,
     track: TrackDirty,
-    by_export: bool,
-    emulate: bool,
-    single_client: bool,
     shared: Arc<Shared>,
 }
 
-impl MultiConnHandle {
-    fn mark_dirty(&self) {
-        self.conn.dirty.store(true, Ordering::SeqCst);
-        self.shared.any_dirty.store(true, Ordering::SeqCst);
-    }
-
-    /// The connections a flush on this one must reach.
-    fn targets(&self) -> Vec<Arc<Conn>> {
-        if !self.emulate {
-            return vec![self.conn.clone()];
+impl Drop for MultiConnHandle {
+    fn drop(&mut self) {
+        let mut groups = self.shared.groups.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conns = self.group.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|w| w.upgrade().is_some_and(|c| !Arc::ptr_eq(&c, &self.conn)));
+        if conns.is_empty() {
+            groups.retain(|g| !Arc::ptr_eq(g, &self.group));
         }
-        self.shared
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter_map(Weak::upgrade)
-            .filter(|c| !self.by_export || c.export == self.conn.export)
-            .collect()
+    }
+}
+
+impl MultiConnHandle {
+    fn emulate(&self) -> bool {
+        self.mode == Mode::Emulate
     }
 
-    fn flush_all(&self) -> Result<()> {
-        if self.track == TrackDirty::Fast && !self.shared.any_dirty.swap(false, Ordering::SeqCst) {
+    fn mark_dirty(&self, is_write: bool) {
+        match self.track {
+            TrackDirty::Connection => {
+                self.conn
+                    .dirty
+                    .fetch_or(if is_write { WRITE } else { READ }, Ordering::SeqCst);
+            }
+            TrackDirty::Fast => {}
+            TrackDirty::Off => return,
+        }
+        if is_write {
+            self.group.dirty.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A write-like request: FUA under emulation is the plain request
+    /// followed by a flush of the group; otherwise FUA goes down as is
+    /// (and makes the write durable, so it does not dirty).
+    fn write_like(&self, fua: bool, f: impl FnOnce(bool) -> Result<()>) -> Result<()> {
+        if fua && self.emulate() {
+            self.mark_dirty(true);
+            f(false)?;
+            return self.flush_group();
+        }
+        if !fua {
+            self.mark_dirty(true);
+        }
+        f(fua)
+    }
+
+    fn flush_group(&self) -> Result<()> {
+        if self.emulate() {
+            // Every connection of the group that may need it: one that
+            // wrote, or (after a write anywhere) one that read.
+            let conns = self.group.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let group_dirty = self.group.dirty.load(Ordering::SeqCst);
+            for c in conns.iter().filter_map(Weak::upgrade) {
+                let d = c.dirty.load(Ordering::SeqCst);
+                let needed = self.track == TrackDirty::Off
+                    || (group_dirty && (self.track == TrackDirty::Fast || d & READ != 0))
+                    || d & WRITE != 0;
+                if needed {
+                    c.next.flush()?;
+                    c.dirty.store(0, Ordering::SeqCst);
+                }
+            }
+            self.group.dirty.store(false, Ordering::SeqCst);
             return Ok(());
         }
-        let targets = self.targets();
-        let result: Result<()> = targets.iter().try_for_each(|c| {
-            let needed = match self.track {
-                TrackDirty::Connection => c.dirty.swap(false, Ordering::SeqCst),
-                TrackDirty::Fast => {
-                    c.dirty.store(false, Ordering::SeqCst);
-                    true
-                }
-                TrackDirty::Off => true,
-            };
-            if needed {
-                c.next
-                    .flush()
-                    .inspect_err(|_| c.dirty.store(true, Ordering::SeqCst))?;
-            }
-            Ok(())
-        });
-        if result.is_err() {
-            self.shared.any_dirty.store(true, Ordering::SeqCst);
+        // Not emulating: skip the flush when nothing was written.
+        if self.track != TrackDirty::Off && !self.group.dirty.load(Ordering::SeqCst) {
+            return Ok(());
         }
-        result?;
-        let generation = self.shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        for c in &targets {
-            c.seen.store(generation, Ordering::SeqCst);
+        self.conn.next.flush()?;
+        match self.track {
+            TrackDirty::Connection => {
+                if self.conn.next.can_multi_conn()? {
+                    // One flush covered every connection.
+                    let conns = self.group.conns.lock().unwrap_or_else(|e| e.into_inner());
+                    for c in conns.iter().filter_map(Weak::upgrade) {
+                        c.dirty.store(0, Ordering::SeqCst);
+                    }
+                    self.group.dirty.store(false, Ordering::SeqCst);
+                } else {
+                    self.conn.dirty.store(0, Ordering::SeqCst);
+                }
+            }
+            TrackDirty::Fast => self.group.dirty.store(false, Ordering::SeqCst),
+            TrackDirty::Off => {}
         }
         Ok(())
     }
@@ -221,61 +283,44 @@ impl Handle for MultiConnHandle {
     }
     fn can_multi_conn(&self) -> Result<bool> {
         Ok(match self.mode {
-            Mode::Unsafe => true,
-            Mode::Disable => false,
+            Mode::Unsafe | Mode::Emulate => true,
+            Mode::Disable | Mode::Auto => false,
             Mode::Plugin => self.conn.next.can_multi_conn()?,
-            Mode::Emulate => true,
-            Mode::Auto => {
-                !self.single_client && (self.emulate || self.conn.next.can_multi_conn()?)
-            }
+        })
+    }
+    fn can_fua(&self) -> Result<FuaMode> {
+        // With a flush of every connection behind each FUA request, the
+        // FUA is emulated whatever the plugin has.
+        let fua = self.conn.next.can_fua()?;
+        Ok(if fua == FuaMode::Native && self.emulate() {
+            FuaMode::Emulate
+        } else {
+            fua
         })
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        if self.track == TrackDirty::Connection
-            && self.conn.seen.load(Ordering::SeqCst)
-                != self.shared.generation.load(Ordering::SeqCst)
-        {
-            // Another connection flushed since we last did: what we read
-            // now may be cached below us until our next flush.
-            self.conn.dirty.store(true, Ordering::SeqCst);
-        }
+        self.mark_dirty(false);
         self.conn.next.pread(buf, offset)
     }
+    fn cache(&self, offset: u64, count: u64) -> Result<()> {
+        self.mark_dirty(false);
+        self.conn.next.cache(offset, count)
+    }
     fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
-        self.mark_dirty();
-        if fua && self.emulate {
-            // FUA is a flush of this write: under emulation every
-            // connection must see it.
-            self.conn.next.pwrite(buf, offset, false)?;
-            return self.flush_all();
-        }
-        self.conn.next.pwrite(buf, offset, fua)
+        self.write_like(fua, |fua| self.conn.next.pwrite(buf, offset, fua))
     }
     fn trim(&self, offset: u64, count: u64, fua: bool) -> Result<()> {
-        self.mark_dirty();
-        if fua && self.emulate {
-            self.conn.next.trim(offset, count, false)?;
-            return self.flush_all();
-        }
-        self.conn.next.trim(offset, count, fua)
+        self.write_like(fua, |fua| self.conn.next.trim(offset, count, fua))
     }
     fn zero(&self, offset: u64, count: u64, flags: ZeroFlags) -> Result<()> {
-        self.mark_dirty();
-        if flags.fua && self.emulate {
-            self.conn.next.zero(
-                offset,
-                count,
-                ZeroFlags {
-                    fua: false,
-                    ..flags
-                },
-            )?;
-            return self.flush_all();
-        }
-        self.conn.next.zero(offset, count, flags)
+        self.write_like(flags.fua, |fua| {
+            self.conn
+                .next
+                .zero(offset, count, ZeroFlags { fua, ..flags })
+        })
     }
     fn flush(&self) -> Result<()> {
-        self.flush_all()
+        self.flush_group()
     }
 }
 
@@ -426,7 +471,7 @@ mod tests {
     }
 
     #[test]
-    fn a_read_after_another_connection_flushed_makes_a_connection_dirty() {
+    fn plugin_mode_skips_flushes_only_until_the_first_write() {
         let (b, f) = setup(&[("multi-conn-mode", "plugin")]);
         let a = b.open(false, "").unwrap();
         let c = b.open(false, "").unwrap();
@@ -437,12 +482,13 @@ mod tests {
         c.pwrite(&[1], 0, false).unwrap();
         c.flush().unwrap();
         assert_eq!(counts(&f), [0, 1, 0, 0]);
-        // a may hold data cached before c's flush.
+        // The plugin has no multi-conn, so c's flush made nothing clean
+        // for the others: after a write, every flush goes down (nbdkit).
         a.pread(&mut buf, 0).unwrap();
         a.flush().unwrap();
         assert_eq!(counts(&f), [1, 1, 0, 0]);
         a.flush().unwrap();
-        assert_eq!(counts(&f), [1, 1, 0, 0]);
+        assert_eq!(counts(&f), [2, 1, 0, 0]);
     }
 
     #[test]

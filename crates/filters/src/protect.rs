@@ -247,3 +247,37 @@ mod tests {
         h.trim(200, 100, false).unwrap();
     }
 }
+
+#[cfg(test)]
+mod complement_tests {
+    use super::*;
+    use nbdkit_backend::Config;
+
+    fn open(params: &[&str]) -> Box<dyn Handle> {
+        let mut cfg = Config::new(
+            params
+                .iter()
+                .map(|v| ("protect".to_string(), v.to_string()))
+                .collect(),
+        );
+        let layer = (SPEC.configure)(&mut cfg).unwrap();
+        let mut pcfg = Config::new(vec![("size".into(), "4096".into())]);
+        let plugin = (nbdkit_plugins::memory::SPEC.create)(&mut pcfg).unwrap();
+        layer.layer(plugin).unwrap().open(false, "").unwrap()
+    }
+
+    #[test]
+    fn no_range_protects_nothing() {
+        open(&[]).pwrite(&[1; 4096], 0, false).unwrap();
+    }
+
+    #[test]
+    fn a_complemented_range_protects_the_rest() {
+        let h = open(&["~512-1023"]);
+        h.pwrite(&[1; 512], 512, false).unwrap();
+        assert!(h.pwrite(&[1; 1], 511, false).is_err());
+        assert!(h.pwrite(&[1; 1], 1024, false).is_err());
+        // ~- complements everything: nothing is protected.
+        open(&["~-", "~-"]).pwrite(&[1; 4096], 0, false).unwrap();
+    }
+}

@@ -1,19 +1,24 @@
 //! `readahead`: when a client reads sequentially, fetch ahead of it, so a
 //! slow source sees a few large requests instead of many small ones.
 //!
-//! Each connection watches its own reads.  A read that starts where the
-//! previous one ended (give or take one request, as a client with several
-//! requests in flight can reorder them) is sequential, and each sequential
-//! read doubles the window, from 64 KiB up to 4 MiB; any other read resets
-//! it.  How the window is fetched depends on the next backend:
+//! Each connection watches its own reads.  How the window ahead is
+//! fetched depends on the next backend:
 //!
-//! * if it has a native NBD_CMD_CACHE (the `cache` filter, the file plugin)
-//!   the window is passed to its `cache`, in a background thread when the
-//!   layers below run requests in parallel (so the client does not wait
-//!   for it) and in line otherwise;
-//! * if not, the read itself is stretched to the window and the extra bytes
-//!   are kept in a buffer that the next reads are served from.  Any write,
-//!   trim or zero, on any connection, invalidates every buffer.
+//! * if it has a native NBD_CMD_CACHE (the `cache` filter, the file plugin,
+//!   an `sh` script's `cache`) every read is followed by a `cache` of the
+//!   window after it, as nbdkit does: the window starts at 32 KiB, doubles
+//!   up to 4 MiB when a read starts beyond what was last prefetched, stays
+//!   while reads move forward, and falls back to 32 KiB when they do not.
+//!   The cache runs in a background thread when the layers below run
+//!   requests in parallel (so the client does not wait for it), in line
+//!   otherwise;
+//! * if not (where nbdkit's filter does nothing), a read that starts where
+//!   the previous one ended (give or take one request, as a client with
+//!   several requests in flight can reorder them) is sequential, each
+//!   sequential read doubles a window from 64 KiB up to 4 MiB, any other
+//!   read resets it, and the read itself is stretched to the window; the
+//!   extra bytes are kept in a buffer that the next reads are served from.
+//!   Any write, trim or zero, on any connection, invalidates every buffer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
@@ -26,6 +31,8 @@ use nbdkit_backend::{
 
 /// The first window after a sequential read.
 const MIN_WINDOW: u64 = 64 << 10;
+/// The first window with a native cache below (nbdkit's minimum).
+const CACHE_MIN_WINDOW: u64 = 32 << 10;
 /// The window doubles up to this.
 const MAX_WINDOW: u64 = 4 << 20;
 
@@ -150,12 +157,39 @@ struct State {
     last_end: Option<u64>,
     /// Current window; 0 when the reads are not sequential.
     window: u64,
-    /// How far `next.cache` has been asked to fetch.
-    prefetched_to: u64,
     buffer: Option<Buffer>,
+    /// The prefetch window with a native cache below: nbdkit's rules, see
+    /// [`State::cache_window`].
+    ra_window: u64,
+    last_offset: u64,
+    last_readahead: u64,
 }
 
 impl State {
+    /// With a native cache below, every read asks it for the window after
+    /// the read, as nbdkit does: the window starts at 32 KiB, doubles (up
+    /// to 4 MiB) when the read starts beyond what was last prefetched,
+    /// stays while reads move forward, and drops back to 32 KiB when they
+    /// do not.  Returns the range to cache.
+    fn cache_window(&mut self, offset: u64, end: u64, size: u64) -> Option<(u64, u64)> {
+        if self.ra_window == 0 {
+            self.ra_window = CACHE_MIN_WINDOW;
+        }
+        let count = if end < size {
+            self.ra_window.min(size - end)
+        } else {
+            0
+        };
+        if self.last_readahead < offset {
+            self.ra_window = (self.ra_window * 2).min(MAX_WINDOW);
+        } else if self.last_offset >= offset {
+            self.ra_window = CACHE_MIN_WINDOW;
+        }
+        self.last_offset = offset;
+        self.last_readahead = end + count;
+        (count > 0).then_some((end, count))
+    }
+
     /// Note a read of `[offset, end)` and return the window to fetch ahead.
     fn observe(&mut self, offset: u64, end: u64) -> u64 {
         let slack = (end - offset).max(MIN_WINDOW);
@@ -171,7 +205,6 @@ impl State {
             self.last_end = self.last_end.max(Some(end));
         } else {
             self.window = 0;
-            self.prefetched_to = 0;
             self.last_end = Some(end);
         }
         self.window
@@ -246,31 +279,21 @@ impl Handle for ReadaheadHandle {
         if matches!(self.how, Fetch::Buffer) {
             return self.read_buffered(buf, offset);
         }
-        self.next.pread(buf, offset)?;
         let end = offset + buf.len() as u64;
-        let range = {
-            let mut st = self.lock();
-            let window = st.observe(offset, end);
-            let from = end.max(st.prefetched_to);
-            let to = (end + window).min(self.size);
-            if window > 0 && from < to {
-                st.prefetched_to = to;
-                Some((from, to - from))
-            } else {
-                None
-            }
-        };
+        let range = self.lock().cache_window(offset, end, self.size);
+        // The prefetch is queued before the read, so the two overlap.
         if let Some((from, count)) = range {
-            if let Fetch::Background(Worker { tx: Some(tx), .. }) = &self.how {
-                if tx.send((from, count)).is_ok() {
-                    return Ok(());
+            let queued = match &self.how {
+                Fetch::Background(Worker { tx: Some(tx), .. }) => tx.send((from, count)).is_ok(),
+                _ => false,
+            };
+            if !queued {
+                if let Err(e) = self.next.cache(from, count) {
+                    tracing::debug!("readahead filter: prefetch at {from}: {e}");
                 }
             }
-            if let Err(e) = self.next.cache(from, count) {
-                tracing::debug!("readahead filter: prefetch at {from}: {e}");
-            }
         }
-        Ok(())
+        self.next.pread(buf, offset)
     }
 
     fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
@@ -454,16 +477,46 @@ mod tests {
             drop(h); // waits for the prefetch thread
             let log = log.lock().unwrap();
             let cached: Vec<_> = log.iter().filter(|e| e.0 == 'c').collect();
-            assert!(!cached.is_empty(), "{model:?}");
-            // Each byte is prefetched at most once, always ahead of the
-            // reads, and the reads themselves are unchanged.
-            let mut to = 0;
-            for &&(_, off, n) in &cached {
-                assert!(off >= to, "{log:?}");
-                to = off + n;
-            }
-            assert!(to > 64 * 65536);
-            assert!(log.iter().filter(|e| e.0 == 'r').all(|e| e.2 == 65536));
+            // Every read is followed by a cache of the 32 KiB after it:
+            // the reads never get past what was prefetched, so the window
+            // stays at its minimum (nbdkit's rule).
+            let want: Vec<_> = (1..=64u64).map(|i| ('c', i * 65536, 32768)).collect();
+            assert_eq!(
+                cached.into_iter().copied().collect::<Vec<_>>(),
+                want,
+                "{model:?}"
+            );
+            let reads: Vec<_> = log.iter().filter(|e| e.0 == 'r').collect();
+            assert_eq!(reads.len(), 64, "every read goes down: {model:?}");
+            assert!(reads.iter().all(|e| e.2 == 65536));
         }
+    }
+
+    #[test]
+    fn cache_window_follows_nbdkits_rules() {
+        let mut st = State::default();
+        let size = 64 << 20;
+        // Sequential small reads: the 32 KiB after each.
+        assert_eq!(st.cache_window(0, 512, size), Some((512, 32768)));
+        assert_eq!(st.cache_window(512, 1024, size), Some((1024, 32768)));
+        // A read beyond the prefetched area doubles the window (for the
+        // next prefetch).
+        assert_eq!(
+            st.cache_window(1 << 20, (1 << 20) + 512, size),
+            Some(((1 << 20) + 512, 32768))
+        );
+        assert_eq!(
+            st.cache_window(2 << 20, (2 << 20) + 512, size),
+            Some(((2 << 20) + 512, 65536))
+        );
+        // Going backwards falls back to the minimum.
+        assert_eq!(st.cache_window(0, 512, size), Some((512, 131072)));
+        assert_eq!(st.cache_window(512, 1024, size), Some((1024, 32768)));
+        // Never past the end.
+        assert_eq!(
+            st.cache_window(size - 1024, size - 512, size),
+            Some((size - 512, 512))
+        );
+        assert_eq!(st.cache_window(size - 512, size, size), None);
     }
 }

@@ -4,7 +4,7 @@
 //! sees the error only when every attempt has failed.  "Not supported"
 //! errors are answers, not failures, and are never retried.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -50,7 +50,8 @@ impl Backend for RetryBackend {
         let h = self.next.open(readonly, export)?;
         Ok(Box::new(RetryHandle {
             backend: self.next.clone(),
-            readonly: AtomicBool::new(readonly),
+            readonly,
+            reopens: AtomicU32::new(0),
             export: export.to_string(),
             p: self.p,
             cur: RwLock::new(Some(h)),
@@ -62,13 +63,52 @@ impl Backend for RetryBackend {
 /// through `next()`: every method is written out and goes through `with`.
 struct RetryHandle {
     backend: Arc<dyn Backend>,
-    /// Starts as the connection's mode; becomes true after a failure with
-    /// retry-readonly.
-    readonly: AtomicBool,
+    /// The connection's own mode (reopens with retry-readonly are
+    /// read-only whatever this says).
+    readonly: bool,
+    /// How many times the layers below were reopened.
+    reopens: AtomicU32,
     export: String,
     p: Policy,
     /// `None` after a reopen failed; the next attempt reopens again.
     cur: RwLock<Option<Box<dyn Handle>>>,
+}
+
+/// A request against the handle now below: the layers below may have
+/// been reopened with a different size or different capabilities since
+/// the client connected, so each attempt checks the request against the
+/// handle it is about to use.  A failed check is a failure like any
+/// other, and is retried (the next reopen may bring the capability back).
+fn in_range(h: &dyn Handle, offset: u64, count: u64, is_write: bool) -> Result<()> {
+    let size = h.size()?;
+    if offset.checked_add(count).is_none_or(|end| end > size) {
+        let kind = if is_write {
+            ErrorKind::NoSpace
+        } else {
+            ErrorKind::Io
+        };
+        return Err(Error::new(
+            kind,
+            format!("retry filter: request beyond the end of the reopened plugin ({size} bytes)"),
+        ));
+    }
+    Ok(())
+}
+
+fn fua_ok(h: &dyn Handle, fua: bool) -> Result<()> {
+    if fua && h.can_fua()? == FuaMode::None {
+        return Err(Error::io(
+            "retry filter: the reopened plugin does not support FUA",
+        ));
+    }
+    Ok(())
+}
+
+fn lost(what: &str) -> Error {
+    Error::new(
+        ErrorKind::ReadOnly,
+        format!("retry filter: the reopened plugin does not support {what}"),
+    )
 }
 
 impl RetryHandle {
@@ -78,16 +118,20 @@ impl RetryHandle {
         let g = self.cur.read().unwrap_or_else(|e| e.into_inner());
         match g.as_deref() {
             Some(h) => f(h),
-            None => Err(Error::io("retry filter: the plugin could not be reopened")),
+            None => Err(Error::new(
+                ErrorKind::Shutdown,
+                "retry filter: the plugin could not be reopened",
+            )),
         }
     }
 
-    /// Write-like requests fail at once after a switch to read-only.
+    /// With retry-readonly, write-like requests fail at once (EROFS) once
+    /// the connection has been reopened, without a retry.
     fn writable(&self) -> Result<()> {
-        if self.p.readonly_after_failure && self.readonly.load(Ordering::SeqCst) {
+        if self.p.readonly_after_failure && self.reopens.load(Ordering::SeqCst) > 0 {
             return Err(Error::new(
                 ErrorKind::ReadOnly,
-                "retry filter: the connection was switched to read-only after a failure (retry-readonly)",
+                "retry filter: the connection was reopened read-only after a failure (retry-readonly)",
             ));
         }
         Ok(())
@@ -98,19 +142,26 @@ impl RetryHandle {
         // Close the old handle before opening a new one, as a plugin with
         // a connection limit would need.
         *g = None;
-        match self
-            .backend
-            .open(self.readonly.load(Ordering::SeqCst), &self.export)
-        {
+        self.reopens.fetch_add(1, Ordering::SeqCst);
+        let readonly = self.readonly || self.p.readonly_after_failure;
+        match self.backend.open(readonly, &self.export) {
             Ok(h) => *g = Some(h),
             Err(e) => tracing::warn!("retry filter: reopen failed: {e}"),
         }
     }
 
-    fn with<T>(&self, what: &str, mut f: impl FnMut(&dyn Handle) -> Result<T>) -> Result<T> {
+    fn with<T>(
+        &self,
+        what: &str,
+        write: bool,
+        mut f: impl FnMut(&dyn Handle) -> Result<T>,
+    ) -> Result<T> {
         let mut delay = self.p.delay;
         let mut attempt = 0;
         loop {
+            if write {
+                self.writable()?;
+            }
             let r = self.once(&mut f);
             match r {
                 Ok(v) => return Ok(v),
@@ -119,13 +170,7 @@ impl RetryHandle {
                 }
                 Err(e) => {
                     attempt += 1;
-                    if self.p.readonly_after_failure && !self.readonly.swap(true, Ordering::SeqCst)
-                    {
-                        tracing::warn!(
-                            "retry filter: switching this connection to read-only (retry-readonly)"
-                        );
-                    }
-                    tracing::warn!(
+                    tracing::debug!(
                         "retry filter: {what} failed ({e}); retry {attempt} of {} in {delay:?}",
                         self.p.retries
                     );
@@ -139,6 +184,15 @@ impl RetryHandle {
                 }
             }
         }
+    }
+}
+
+impl Drop for RetryHandle {
+    fn drop(&mut self) {
+        tracing::debug!(
+            "retry filter: reopens needed: {}",
+            self.reopens.load(Ordering::SeqCst)
+        );
     }
 }
 
@@ -183,27 +237,68 @@ impl Handle for RetryHandle {
         self.once(|h| h.can_cache())
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.with("read", |h| h.pread(buf, offset))
+        self.with("read", false, |h| {
+            in_range(h, offset, buf.len() as u64, false)?;
+            h.pread(buf, offset)
+        })
     }
     fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
-        self.writable()?;
-        self.with("write", |h| h.pwrite(buf, offset, fua))
+        self.with("write", true, |h| {
+            in_range(h, offset, buf.len() as u64, true)?;
+            if !h.can_write()? {
+                return Err(lost("writes"));
+            }
+            fua_ok(h, fua)?;
+            h.pwrite(buf, offset, fua)
+        })
     }
     fn flush(&self) -> Result<()> {
-        self.with("flush", |h| h.flush())
+        self.with("flush", false, |h| {
+            if !h.can_flush()? {
+                return Err(Error::io(
+                    "retry filter: the reopened plugin does not support flush",
+                ));
+            }
+            h.flush()
+        })
     }
     fn trim(&self, offset: u64, count: u64, fua: bool) -> Result<()> {
-        self.writable()?;
-        self.with("trim", |h| h.trim(offset, count, fua))
+        self.with("trim", true, |h| {
+            in_range(h, offset, count, true)?;
+            if !h.can_trim()? {
+                return Err(lost("trim"));
+            }
+            fua_ok(h, fua)?;
+            h.trim(offset, count, fua)
+        })
     }
     fn zero(&self, offset: u64, count: u64, flags: ZeroFlags) -> Result<()> {
-        self.writable()?;
-        self.with("zero", |h| h.zero(offset, count, flags))
+        self.with("zero", true, |h| {
+            // A fast zero the plugin below cannot do is an answer, not a
+            // failure: ENOTSUP at once.
+            if flags.fast && !h.can_fast_zero()? {
+                return Err(Error::not_supported(
+                    "retry filter: the reopened plugin cannot zero fast",
+                ));
+            }
+            in_range(h, offset, count, true)?;
+            if h.can_zero()? == ZeroMode::None {
+                return Err(lost("zero"));
+            }
+            fua_ok(h, flags.fua)?;
+            h.zero(offset, count, flags)
+        })
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
         // A failed attempt may have added some extents: collect each
         // attempt separately and keep only a successful one.
-        let got = self.with("extents", |h| {
+        let got = self.with("extents", false, |h| {
+            in_range(h, offset, count, false)?;
+            if !h.can_extents()? {
+                return Err(Error::io(
+                    "retry filter: the reopened plugin does not support extents",
+                ));
+            }
             let mut e = Extents::new(extents.start(), extents.end());
             h.extents(offset, count, req_one, &mut e)?;
             Ok(e)
@@ -214,7 +309,15 @@ impl Handle for RetryHandle {
         Ok(())
     }
     fn cache(&self, offset: u64, count: u64) -> Result<()> {
-        self.with("cache", |h| h.cache(offset, count))
+        self.with("cache", false, |h| {
+            in_range(h, offset, count, false)?;
+            if h.can_cache()? == CacheMode::None {
+                return Err(Error::io(
+                    "retry filter: the reopened plugin does not support cache",
+                ));
+            }
+            h.cache(offset, count)
+        })
     }
 }
 
@@ -308,8 +411,17 @@ mod tests {
             buf.fill(7);
             Ok(())
         }
+        fn can_write(&self) -> Result<bool> {
+            Ok(true)
+        }
+        fn can_zero(&self) -> Result<ZeroMode> {
+            Ok(ZeroMode::Native)
+        }
+        fn can_fast_zero(&self) -> Result<bool> {
+            Ok(false)
+        }
         fn zero(&self, _: u64, _: u64, _: ZeroFlags) -> Result<()> {
-            Err(Error::not_supported("no fast zero"))
+            Err(Error::not_supported("zeroing is not supported here"))
         }
     }
 
@@ -355,8 +467,14 @@ mod tests {
         let (r, opens, reads, h) = run(100, "3");
         assert_eq!(r.unwrap_err().kind(), ErrorKind::Io);
         assert_eq!((opens, reads), (4, 4));
-        // ENOTSUP is an answer: not retried.
+        // ENOTSUP is an answer: not retried (no reopen).
         let e = h.zero(0, 1, ZeroFlags::default()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotSupported);
+        let fast = ZeroFlags {
+            fast: true,
+            ..ZeroFlags::default()
+        };
+        let e = h.zero(0, 1, fast).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotSupported);
     }
 

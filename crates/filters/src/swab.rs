@@ -158,9 +158,15 @@ impl Handle for SwabHandle {
         self.next.zero(offset, count, flags)
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
-        // Allocation does not depend on byte order; the next backend may
-        // describe bytes past our rounded-down size, which `extents` clips.
-        self.next.extents(offset, count, req_one, extents)
+        // Allocation does not depend on byte order, but clients must only
+        // see whole words: extents are merged or cut to word boundaries,
+        // as nbdkit does.  The next backend may describe bytes past our
+        // rounded-down size, which `extents` clips.
+        let w = self.word;
+        for e in crate::window::aligned_extents(&*self.next, offset, count, req_one, w)? {
+            extents.add(e.offset, e.length, e.flags)?;
+        }
+        Ok(())
     }
 }
 

@@ -12,23 +12,30 @@ use nbdkit_backend::{
     Result, ZeroFlags, EXTENT_HOLE, EXTENT_ZERO,
 };
 
-#[derive(Debug, Clone, Copy)]
-enum NewSize {
-    Absolute(u64),
-    RoundUp(u64),
-    RoundDown(u64),
+/// The size the filter serves, from the plugin's: `truncate=` replaces it,
+/// then `round-up=` and `round-down=` round it, in that order (nbdkit
+/// treats them as separate steps, so all three may be given).  With none
+/// of them the size is the plugin's.
+#[derive(Debug, Clone, Copy, Default)]
+struct NewSize {
+    absolute: Option<u64>,
+    up: Option<u64>,
+    down: Option<u64>,
 }
 
 impl NewSize {
     fn apply(self, size: u64) -> Result<u64> {
-        match self {
-            NewSize::Absolute(s) => Ok(s),
-            NewSize::RoundDown(n) => Ok(size & !(n - 1)),
-            NewSize::RoundUp(n) => size
+        let mut size = self.absolute.unwrap_or(size);
+        if let Some(n) = self.up {
+            size = size
                 .checked_next_multiple_of(n)
                 .filter(|&s| s <= i64::MAX as u64)
-                .ok_or_else(|| Error::overflow("truncate filter: rounded size is too large")),
+                .ok_or_else(|| Error::overflow("truncate filter: rounded size is too large"))?;
         }
+        if let Some(n) = self.down {
+            size &= !(n - 1);
+        }
+        Ok(size)
     }
 }
 
@@ -157,6 +164,12 @@ impl Handle for TruncateHandle {
 
 fn power_of_two(key: &str, v: Option<u64>) -> std::result::Result<Option<u64>, ConfigError> {
     match v {
+        Some(0) => Err(ConfigError::new(format!(
+            "truncate filter: {key}=0: if set, {key} must be greater than 0"
+        ))),
+        Some(n) if n > u64::from(u32::MAX) => Err(ConfigError::new(format!(
+            "truncate filter: {key}={n}: too large (at most 2G)"
+        ))),
         Some(n) if !n.is_power_of_two() => Err(ConfigError::new(format!(
             "truncate filter: {key}={n}: must be a power of two (512, 4096, …)"
         ))),
@@ -190,20 +203,10 @@ Example:\n  nbdkit-rs --filter=truncate file odd-sized.iso round-up=512",
         let size = cfg.take_size("truncate").map_err(err)?;
         let up = power_of_two("round-up", cfg.take_size("round-up").map_err(err)?)?;
         let down = power_of_two("round-down", cfg.take_size("round-down").map_err(err)?)?;
-        let new = match (size, up, down) {
-            (Some(s), None, None) => NewSize::Absolute(s),
-            (None, Some(n), None) => NewSize::RoundUp(n),
-            (None, None, Some(n)) => NewSize::RoundDown(n),
-            (None, None, None) => {
-                return Err(ConfigError::new(
-                    "truncate filter: give one of truncate=SIZE, round-up=N or round-down=N",
-                ))
-            }
-            _ => {
-                return Err(ConfigError::new(
-                    "truncate filter: truncate=, round-up= and round-down= each set the size: give only one",
-                ))
-            }
+        let new = NewSize {
+            absolute: size,
+            up,
+            down,
         };
         Ok(Box::new(TruncateLayer { new }))
     },
@@ -272,7 +275,25 @@ mod tests {
             (SPEC.configure)(&mut cfg).err().unwrap().to_string()
         };
         assert!(conf(&[("round-up", "1000")]).contains("power of two"));
-        assert!(conf(&[("truncate", "1M"), ("round-up", "512")]).contains("only one"));
-        assert!(conf(&[]).contains("give one of"));
+        assert!(conf(&[("round-down", "0")]).contains("greater than 0"));
+        assert!(conf(&[("round-up", "8G")]).contains("too large"));
+    }
+
+    #[test]
+    fn parameters_combine_in_nbdkits_order() {
+        // No parameter: the plugin's size.
+        assert_eq!(open(&[], "5000").size().unwrap(), 5000);
+        // truncate= first, then round-up=, then round-down=.
+        let h = open(
+            &[
+                ("truncate", "5000"),
+                ("round-up", "4096"),
+                ("round-down", "1024"),
+            ],
+            "1M",
+        );
+        assert_eq!(h.size().unwrap(), 8192);
+        let h = open(&[("round-up", "4096"), ("round-down", "8192")], "5000");
+        assert_eq!(h.size().unwrap(), 8192);
     }
 }

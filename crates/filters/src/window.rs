@@ -2,7 +2,7 @@
 //! handle as a whole disk.  Shared by `offset` and `partition`, which differ
 //! only in how they find the range.
 
-use nbdkit_backend::{DirectRead, Error, Extents, Handle, Result, ZeroFlags};
+use nbdkit_backend::{DirectRead, Error, Extent, Extents, Handle, Result, ZeroFlags};
 
 pub(crate) struct Window {
     pub next: Box<dyn Handle>,
@@ -59,6 +59,58 @@ pub(crate) fn next_extents(
     out: &mut Extents,
 ) -> Result<bool> {
     shifted_extents(next, 0, from, to - from, req_one, out)
+}
+
+/// The extents of `[offset, offset+count)` (both multiples of `align`)
+/// with every extent a whole number of blocks, as nbdkit's
+/// `nbdkit_extents_aligned` makes them: an extent that ends inside a block
+/// after the first one is cut back to the block boundary (and the list
+/// ends there); a first extent shorter than a block is merged with the
+/// extents after it, asking `next` again if needed, into one block whose
+/// flags are those all its pieces share (zero only if all read as zero,
+/// a hole only if all are holes).
+pub(crate) fn aligned_extents(
+    next: &dyn Handle,
+    offset: u64,
+    count: u64,
+    req_one: bool,
+    align: u64,
+) -> Result<Vec<Extent>> {
+    let mut ex = Extents::new(offset, offset + count);
+    next.extents(offset, count, req_one, &mut ex)?;
+    let mut list = ex.into_vec();
+    let Some(i) = list.iter().position(|e| !e.length.is_multiple_of(align)) else {
+        return Ok(list);
+    };
+    let e = list[i];
+    if e.offset + e.length > offset + align {
+        let length = e.length - e.length % align;
+        list.truncate(i);
+        if length > 0 {
+            list.push(Extent { length, ..e });
+        }
+        return Ok(list);
+    }
+    // Only the first extent can end inside the first block.
+    let mut first = list.remove(0);
+    let mut rest = list.into_iter();
+    while first.length < align {
+        if let Some(e) = rest.next() {
+            first.length += e.length;
+            first.flags &= e.flags;
+            continue;
+        }
+        let at = first.offset + first.length;
+        let mut more = Extents::new(at, offset + align);
+        next.extents(at, offset + align - at, false, &mut more)?;
+        let got = more.into_vec();
+        if got.is_empty() {
+            return Err(Error::io(format!("the plugin returned no extents at {at}")));
+        }
+        rest = got.into_iter();
+    }
+    first.length = align;
+    Ok(vec![first])
 }
 
 impl Handle for Window {

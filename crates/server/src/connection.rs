@@ -179,6 +179,38 @@ impl Server {
     /// Serve exactly one connection (`-s`) and return when it ends.
     pub async fn serve_one(self: Arc<Self>, stream: Box<dyn Stream>, shutdown: CancellationToken) {
         info!("serving one connection on stdin/stdout");
-        self.serve_connection(stream, Peer::Stdio, shutdown).await
+        self.serve_connection(stream, stdin_peer(), shutdown).await
+    }
+}
+
+/// The peer of `-s`: when stdin is a Unix socket (libnbd's
+/// `connect_command` passes one end of a socketpair), its credentials, as
+/// nbdkit reads them for the ip filter's `pid:`/`uid:`/`gid:` rules.
+fn stdin_peer() -> Peer {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: fd 0 stays open for the whole process; getsockopt writes at
+    // most `len` bytes into `cred`, which is that large.
+    let r = unsafe {
+        libc::getsockopt(
+            0,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 && len as usize == std::mem::size_of::<libc::ucred>() {
+        Peer::Unix {
+            pid: Some(cred.pid),
+            uid: Some(cred.uid),
+            gid: Some(cred.gid),
+        }
+    } else {
+        Peer::Stdio
     }
 }

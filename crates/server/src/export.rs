@@ -146,7 +146,10 @@ impl Export {
     /// (minimum, preferred, maximum) advertised in NBD_INFO_BLOCK_SIZE.
     pub fn advertised_block_size(&self) -> (u32, u32, u32) {
         match self.caps.block_size {
-            Some(b) => (b.minimum, b.preferred, b.maximum.min(MAX_PAYLOAD as u32)),
+            // The backend's maximum as it is, as nbdkit advertises it (the
+            // blocksize filter says 4G-1: it splits requests itself).
+            // READ and WRITE payloads stay bounded by MAX_PAYLOAD.
+            Some(b) => (b.minimum, b.preferred, b.maximum),
             None => (1, 4096, MAX_PAYLOAD as u32),
         }
     }

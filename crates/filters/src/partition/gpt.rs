@@ -98,7 +98,7 @@ pub fn find(disk: &dyn DiskRead, ss: u64, n: u32) -> Result<Partition, String> {
     }
     if n > hdr.entries {
         return Err(format!(
-            "partition {n} not found: the GPT has {} entries",
+            "GPT partition {n} not found: the GPT has {} entries",
             hdr.entries
         ));
     }
@@ -125,7 +125,7 @@ pub fn find(disk: &dyn DiskRead, ss: u64, n: u32) -> Result<Partition, String> {
     let es = hdr.entry_size as usize;
     let entry = |i: usize| &array[i * es..(i + 1) * es];
     let (first, last) = entry_range(entry(n as usize - 1))
-        .ok_or_else(|| format!("partition {n} is not present in the GPT (unused entry)"))?;
+        .ok_or_else(|| format!("GPT partition {n} not found (unused entry)"))?;
     if first > last {
         return Err(format!(
             "partition {n} ends (LBA {last}) before it starts (LBA {first})"

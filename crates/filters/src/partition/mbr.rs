@@ -84,11 +84,11 @@ pub fn find(disk: &dyn DiskRead, mbr: &[u8; 512], n: u32) -> Result<Partition, S
         1..=4 => {
             let e = primary[n as usize - 1];
             if e.is_empty() {
-                return Err(format!("partition {n} is not present in the MBR"));
+                return Err(format!("MBR partition {n} not found"));
             }
             if e.is_extended() {
                 return Err(format!(
-                    "partition {n} is the extended partition, a container: serve a logical partition (5 and up) instead"
+                    "MBR partition {n} not found: it is the extended partition, a container (serve a logical partition, 5 and up, instead)"
                 ));
             }
             let (first, end) = range(0, &e);
@@ -111,7 +111,9 @@ fn find_logical(disk: &dyn DiskRead, primary: &[Entry; 4], n: u32) -> Result<Par
     let ext = primary
         .iter()
         .find(|e| !e.is_empty() && e.is_extended())
-        .ok_or_else(|| format!("partition {n} not found: the MBR has no extended partition"))?;
+        .ok_or_else(|| {
+            format!("MBR logical partition {n} selected, but there is no extended partition in the partition table")
+        })?;
     let (ext_first, ext_end) = range(0, ext);
     let mut ebr = ext_first;
     let mut number = 5;
@@ -151,7 +153,7 @@ fn find_logical(disk: &dyn DiskRead, primary: &[Entry; 4], n: u32) -> Result<Par
         }
         if link.is_empty() {
             return Err(format!(
-                "partition {n} not found: the disk has {} logical partitions",
+                "MBR partition {n} not found: the disk has {} logical partitions",
                 number - 5
             ));
         }

@@ -280,7 +280,9 @@ mod tests {
                 length: 500 * 512
             })
         );
-        assert!(find(&img, 3).unwrap_err().contains("not present"));
+        assert!(find(&img, 3)
+            .unwrap_err()
+            .contains("MBR partition 3 not found"));
         assert!(find(&img, 2).unwrap_err().contains("extended"));
         assert!(find(&img, 7).unwrap_err().contains("2 logical partitions"));
         // Make p3 overlap p1.
@@ -306,7 +308,9 @@ mod tests {
                     length: 512 * ss
                 })
             );
-            assert!(find(&img, 3).unwrap_err().contains("not present"));
+            assert!(find(&img, 3)
+                .unwrap_err()
+                .contains("GPT partition 3 not found"));
             assert!(find(&img, 200).unwrap_err().contains("128 entries"));
             let mut bad = img.clone();
             bad[ss as usize + 40] ^= 1;
