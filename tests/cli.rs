@@ -840,6 +840,7 @@ except nbd.Error:
         assert!(s.running());
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // SAFETY: kill(2) on the pid of our own child.
     unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
     let st = s.wait_exit(std::time::Duration::from_secs(30));
     assert_eq!(st.code(), Some(0), "{st:?}");
