@@ -634,3 +634,32 @@ print("OK")
         &[&s.uri],
     );
 }
+
+#[test]
+fn cache_filter_is_multi_conn_unless_writethrough() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A plugin without multi-conn.
+    let plugin = script(
+        dir.path(),
+        "p.sh",
+        r#"case "$1" in
+  get_size) echo 1M ;;
+  can_write | can_flush) exit 0 ;;
+  pread) dd if=/dev/zero count=$3 iflag=count_bytes 2>/dev/null ;;
+  pwrite | flush) cat >/dev/null ;;
+  *) exit 2 ;;
+esac
+"#,
+    );
+    let mc = |extra: &[&str]| {
+        let mut args = vec!["--filter=cache", "sh", &plugin];
+        args.extend(extra);
+        info(&args)["can_multi_conn"].clone()
+    };
+    assert_eq!(mc(&[]), "true");
+    assert_eq!(mc(&["cache=unsafe"]), "true");
+    assert_eq!(mc(&["cache=writethrough"]), "false");
+}

@@ -323,15 +323,11 @@ print("OK")
         &["--filter=truncate", "file", p, "round-up=1000"],
         "round-up=1000: must be a power of two",
     );
+    // truncate= with round-down= combine (nbdkit's order): see
+    // tests/compat_filters.rs.
     start_fails(
-        &[
-            "--filter=truncate",
-            "file",
-            p,
-            "truncate=1M",
-            "round-down=512",
-        ],
-        "give only one",
+        &["--filter=truncate", "file", p, "round-down=0"],
+        "round-down=0",
     );
 }
 
@@ -1954,8 +1950,9 @@ print("OK")
     assert!(s.stop().success());
     let st = stats_of(&stats);
     assert_eq!(st["read"].2, 6 * M, "{st:?}");
-    // 192 small reads became a few large ones below.
-    assert!(st["read"].0 < 60, "{st:?}");
+    // 192 small reads (and nbdcopy's pass) became fewer, larger ones
+    // below: the cache fills whole blocks ahead of the reader.
+    assert!(st["read"].0 < 100, "{st:?}");
     assert!(
         !st.contains_key("cache"),
         "the cache filter fills itself: {st:?}"

@@ -654,6 +654,15 @@ impl Handle for CacheHandle {
     fn can_cache(&self) -> Result<CacheMode> {
         Ok(CacheMode::Native)
     }
+    /// As nbdkit: the cache is one for all connections and a flush on any
+    /// of them writes back every dirty block, so writeback and unsafe
+    /// modes are multi-conn consistent; writethrough is the plugin's.
+    fn can_multi_conn(&self) -> Result<bool> {
+        if self.mode() != Mode::Writethrough {
+            return Ok(true);
+        }
+        self.next.can_multi_conn()
+    }
 
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         if buf.is_empty() {
