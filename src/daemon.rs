@@ -138,14 +138,14 @@ pub fn on_signals(shutdown: CancellationToken) -> Result<()> {
 }
 
 /// Run the --run command with the connection variables set, and return
-/// its exit status as ours.
+/// its exit status as ours.  `$nbd` is the same URI as `$uri`, as in
+/// nbdkit 1.32 (older releases gave `nbd:unix:PATH`).
 pub async fn run_captive(
     cmd: &str,
     uri: &str,
     export: &str,
     unix: Option<&Path>,
     port: Option<u16>,
-    host: &str,
     tls: u8,
 ) -> Result<ExitCode> {
     let mut c = tokio::process::Command::new("/bin/sh");
@@ -155,14 +155,12 @@ pub async fn run_captive(
         .env("exportname", export);
     match unix {
         Some(p) => {
-            c.env("unixsocket", p)
-                .env("nbd", format!("nbd:unix:{}", p.display()));
+            c.env("unixsocket", p).env("nbd", uri);
             c.env_remove("port");
         }
         None => {
             let port = port.unwrap_or(10809);
-            c.env("port", port.to_string())
-                .env("nbd", format!("nbd:{host}:{port}"));
+            c.env("port", port.to_string()).env("nbd", uri);
             c.env_remove("unixsocket");
         }
     }
