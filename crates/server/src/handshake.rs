@@ -192,10 +192,13 @@ pub async fn negotiate(
                     Ok(list) => {
                         let default = server.default_export(client).await;
                         for e in list {
-                            let name = if e.name.is_empty() {
-                                default.clone()
-                            } else {
-                                e.name
+                            // "" is listed under the name it stands for;
+                            // when the backend has no default export, not
+                            // at all (as nbdkit).
+                            let name = match (e.name.is_empty(), &default) {
+                                (false, _) => e.name,
+                                (true, Some(d)) => d.clone(),
+                                (true, None) => continue,
                             };
                             let desc = e.description.unwrap_or_default();
                             reply(s, h.option, REP_SERVER, &opt::rep_server(&name, &desc)).await?;
@@ -394,7 +397,11 @@ async fn open_export(
     server
         .blocking_backend(client, move |b, _| {
             let h = b.open(readonly, &name)?;
-            let shown = if name.is_empty() { default } else { name };
+            let shown = if name.is_empty() {
+                default.unwrap_or_default()
+            } else {
+                name
+            };
             Export::new(h, shown, readonly).map(|e| e.under_thread_model(model))
         })
         .await

@@ -152,13 +152,14 @@ impl Server {
         self.blocking(client, move || f(&*b, ro)).await
     }
 
-    /// The name "" stands for: `-e`, else what the backend says.
-    pub(crate) async fn default_export(&self, client: &Arc<Client>) -> String {
+    /// The name "" stands for: `-e`, else what the backend says (`None`
+    /// when the backend refuses a default export).
+    pub(crate) async fn default_export(&self, client: &Arc<Client>) -> Option<String> {
         if let Some(n) = &self.opts.export_name {
-            return n.clone();
+            return Some(n.clone());
         }
         self.blocking_backend(client, |b, ro| b.default_export(ro))
             .await
-            .unwrap_or_default()
+            .ok()
     }
 }
