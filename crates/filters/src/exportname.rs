@@ -144,10 +144,15 @@ impl Backend for ExportName {
             }
             ListMode::Empty => return Ok(Vec::new()),
             ListMode::DefaultOnly => {
+                // The name as the plugin resolves it (or default-export=).
+                let name = match &self.s.default_export {
+                    Some(d) => d.clone(),
+                    None => self.next.default_export(readonly)?,
+                };
                 return Ok(vec![ExportEntry {
-                    name: self.default_export(readonly)?,
+                    name,
                     description: None,
-                }])
+                }]);
             }
             ListMode::Explicit => self
                 .s
@@ -180,10 +185,11 @@ impl Backend for ExportName {
                 "exportname: the default export \"\" is not allowed (exportname-strict)",
             ));
         }
-        match &self.s.default_export {
-            Some(d) => Ok(d.clone()),
-            None => self.next.default_export(readonly),
-        }
+        // Without default-export= the filter's own answer is "" (as
+        // nbdkit's): the client sees "", and the layer below resolves ""
+        // by its own default_export when it is opened.
+        let _ = readonly;
+        Ok(self.s.default_export.clone().unwrap_or_default())
     }
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
         if self.s.strict && !self.s.exports.iter().any(|n| n == export) {
