@@ -350,7 +350,18 @@ impl Export {
     ) -> Result<Vec<(u64, u32)>> {
         let limit = if wide { u64::MAX } else { u32::MAX as u64 };
         let count = count.min(self.caps.size - offset).min(limit);
-        let mut ex = Extents::new(offset, offset + count);
+        // As nbdkit, what the backend knows past the request is kept, up to
+        // the end of the export: the last descriptor may run past the
+        // requested range, which the spec allows and which saves a client
+        // walking the disk a request per extent (a backend that answers in
+        // whole blocks reports the whole block).  REQ_ONE gets exactly the
+        // one extent within the request.
+        let end = if req_one {
+            offset + count
+        } else {
+            self.caps.size.min(offset.saturating_add(limit))
+        };
+        let mut ex = Extents::new(offset, end);
         if self.caps.extents {
             self.handle.extents(offset, count, req_one, &mut ex)?;
         } else {
