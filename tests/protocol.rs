@@ -501,3 +501,40 @@ print("OK")
     );
     assert_eq!(out.trim(), "OK");
 }
+
+/// As nbdkit: the last block status descriptor may run past the request
+/// (what the backend knows, up to the end of the export), while REQ_ONE
+/// gets one descriptor within the request.
+#[test]
+fn block_status_may_run_past_the_request_but_not_with_req_one() {
+    if !have_python_nbd() {
+        return;
+    }
+    // A hole in the first 8 KiB, data after it.
+    let s = Server::start(&[
+        "eval",
+        "get_size=echo 64K",
+        "pread=exit 1",
+        "extents=echo 0 8192 hole,zero; echo 8192 57344",
+    ]);
+    let out = python(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.connect_uri(sys.argv[1])
+got = []
+def f(ctx, offset, e, err):
+    got.extend(zip(e[0::2], e[1::2]))
+h.block_status(512, 512, f)
+assert got[0] == (7680, 3), got
+got.clear()
+h.block_status(512, 512, f, nbd.CMD_FLAG_REQ_ONE)
+assert got == [(512, 3)], got
+h.shutdown()
+print("OK")
+"#,
+        &[&s.uri],
+    );
+    assert_eq!(out.trim(), "OK");
+}
