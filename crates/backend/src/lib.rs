@@ -420,8 +420,14 @@ pub fn debug_flag(name: &str, flag: &str) -> Option<i64> {
         .copied()
 }
 
-/// Largest buffer used when emulating zero or cache with plain I/O.
+/// Largest buffer used when emulating zero with plain writes.
 const EMULATION_CHUNK: u64 = 1 << 20;
+
+/// Largest read when emulating cache: 64 MiB, the largest request a
+/// client may send, as nbdkit (a plugin sees the same reads as from a
+/// client that reads the range itself, so a plugin keyed on whole
+/// requests, like a cache of its own, gets hits afterwards).
+const CACHE_CHUNK: u64 = 64 << 20;
 
 /// Write zeroes with `pwrite`, for handles without a native zero.
 pub fn write_zeroes<H: Handle + ?Sized>(
@@ -446,10 +452,10 @@ pub fn write_zeroes<H: Handle + ?Sized>(
 
 /// Read a range and throw it away (emulated NBD_CMD_CACHE).
 pub fn read_and_discard<H: Handle + ?Sized>(h: &H, offset: u64, count: u64) -> Result<()> {
-    let mut buf = vec![0u8; count.min(EMULATION_CHUNK) as usize];
+    let mut buf = vec![0u8; count.min(CACHE_CHUNK) as usize];
     let mut done = 0;
     while done < count {
-        let n = (count - done).min(EMULATION_CHUNK) as usize;
+        let n = (count - done).min(CACHE_CHUNK) as usize;
         h.pread(&mut buf[..n], offset + done)?;
         done += n as u64;
     }
