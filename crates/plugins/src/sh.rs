@@ -807,11 +807,9 @@ fn create_eval(cfg: &mut Config) -> Result<Arc<dyn Backend>, ConfigError> {
         }
     }
     let missing = cfg.take("missing");
-    if !scripts.contains_key("get_size") && missing.is_none() {
-        return Err(ConfigError::new(
-            "eval: get_size= is required (with pread=), e.g. eval get_size='echo 1M' pread='dd if=/dev/zero count=$3 iflag=count_bytes'",
-        ));
-    }
+    // As nbdkit, get_size= is not checked here (`--dump-plugin eval
+    // dump_plugin=...` needs no disk): a client is told at open that the
+    // script lacks it.
     let tmpdir = make_tmpdir("eval")?;
     let script = Script {
         program: Program::Eval { scripts, missing },
