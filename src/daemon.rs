@@ -144,24 +144,23 @@ pub async fn run_captive(
     export: &str,
     unix: Option<&Path>,
     port: Option<u16>,
-    host: &str,
     tls: u8,
 ) -> Result<ExitCode> {
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c")
         .arg(cmd)
         .env("uri", uri)
+        // As nbdkit since 1.24: $nbd is a synonym for $uri.
+        .env("nbd", uri)
         .env("exportname", export);
     match unix {
         Some(p) => {
-            c.env("unixsocket", p)
-                .env("nbd", format!("nbd:unix:{}", p.display()));
+            c.env("unixsocket", p);
             c.env_remove("port");
         }
         None => {
             let port = port.unwrap_or(10809);
-            c.env("port", port.to_string())
-                .env("nbd", format!("nbd:{host}:{port}"));
+            c.env("port", port.to_string());
             c.env_remove("unixsocket");
         }
     }

@@ -389,7 +389,6 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
                     &export_for_uri,
                     ep.unix.as_deref(),
                     ep.port,
-                    &ep.host,
                     tls.mode.as_number(),
                 )
                 .await;
