@@ -852,4 +852,11 @@ fn run_sets_nbd_to_the_uri() {
         r#"test -n "$uri" && test "$nbd" = "$uri""#,
     ]);
     assert_eq!(code, Some(0), "{err}");
+    // nbdkit's form of the URI: no "/" for the default export.
+    let (code, out, err) = run(&["-U", "-", "null", "--run", "echo $uri"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("nbd+unix://?socket=/"), "{out}");
+    let (code, out, err) = run(&["-U", "-", "-e", "x", "null", "--run", "echo $uri"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("nbd+unix:///x?socket=/"), "{out}");
 }
