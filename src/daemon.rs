@@ -138,8 +138,7 @@ pub fn on_signals(shutdown: CancellationToken) -> Result<()> {
 }
 
 /// Run the --run command with the connection variables set, and return
-/// its exit status as ours.  `$nbd` is the same URI as `$uri`, as in
-/// nbdkit 1.32 (older releases gave `nbd:unix:PATH`).
+/// its exit status as ours.
 pub async fn run_captive(
     cmd: &str,
     uri: &str,
@@ -152,15 +151,17 @@ pub async fn run_captive(
     c.arg("-c")
         .arg(cmd)
         .env("uri", uri)
+        // As nbdkit since 1.24: $nbd is a synonym for $uri.
+        .env("nbd", uri)
         .env("exportname", export);
     match unix {
         Some(p) => {
-            c.env("unixsocket", p).env("nbd", uri);
+            c.env("unixsocket", p);
             c.env_remove("port");
         }
         None => {
             let port = port.unwrap_or(10809);
-            c.env("port", port.to_string()).env("nbd", uri);
+            c.env("port", port.to_string());
             c.env_remove("unixsocket");
         }
     }

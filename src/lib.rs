@@ -64,17 +64,20 @@ struct Endpoint {
 }
 
 impl Endpoint {
+    /// In nbdkit's form: the port always, and no `/` for the default
+    /// export (`nbd+unix://?socket=...`, `nbd://localhost:10809`).
     fn uri(&self, export: &str) -> String {
         let scheme = if self.tls { "nbds" } else { "nbd" };
+        let path = if export.is_empty() {
+            String::new()
+        } else {
+            format!("/{export}")
+        };
         match &self.unix {
-            Some(p) => format!("{scheme}+unix:///{export}?socket={}", p.display()),
+            Some(p) => format!("{scheme}+unix://{path}?socket={}", p.display()),
             None => {
                 let port = self.port.unwrap_or(DEFAULT_PORT);
-                if port == DEFAULT_PORT {
-                    format!("{scheme}://{}/{export}", self.host)
-                } else {
-                    format!("{scheme}://{}:{port}/{export}", self.host)
-                }
+                format!("{scheme}://{}:{port}{path}", self.host)
             }
         }
     }

@@ -846,3 +846,24 @@ except nbd.Error:
     assert_eq!(st.code(), Some(0), "{st:?}");
     let _ = c.wait();
 }
+
+/// In --run, `$nbd` is a synonym for `$uri`, as in nbdkit since 1.24
+/// (nbdkit's tests run `nbdinfo $nbd`).
+#[test]
+fn run_sets_nbd_to_the_uri() {
+    let (code, _, err) = run(&[
+        "-U",
+        "-",
+        "null",
+        "--run",
+        r#"test -n "$uri" && test "$nbd" = "$uri""#,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    // nbdkit's form of the URI: no "/" for the default export.
+    let (code, out, err) = run(&["-U", "-", "null", "--run", "echo $uri"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("nbd+unix://?socket=/"), "{out}");
+    let (code, out, err) = run(&["-U", "-", "-e", "x", "null", "--run", "echo $uri"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("nbd+unix:///x?socket=/"), "{out}");
+}
