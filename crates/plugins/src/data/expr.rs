@@ -136,7 +136,7 @@ const MAX_DEPTH: usize = 64;
 const MAX_STEPS: u64 = 10_000_000;
 
 #[derive(Debug, Clone, PartialEq)]
-enum Item {
+pub(super) enum Item {
     Abs(u64),
     Rel(i64),
     Align(u64),
@@ -145,7 +145,7 @@ enum Item {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-enum Expr {
+pub(super) enum Expr {
     Bytes(Vec<u8>),
     File(String),
     Script(String),
@@ -780,11 +780,24 @@ impl Evaluator<'_, '_> {
 
 /// Parse and evaluate a data expression.
 pub fn evaluate(text: &str, ctx: &Context) -> Result<Image, String> {
+    evaluate_as(text, ctx, true)
+}
+
+/// [`evaluate`], with or without the optimiser (the tests compare both).
+fn evaluate_as(text: &str, ctx: &Context, optimize: bool) -> Result<Image, String> {
     let mut p = Parser {
         s: text.as_bytes(),
         pos: 0,
     };
-    let items = p.seq(0)?;
+    let mut items = p.seq(0)?;
+    if optimize {
+        items = super::optimize::optimize_items(&items);
+        if nbdkit_backend::debug_flag("data", "AST").is_some_and(|v| v != 0) {
+            tracing::debug!("BEGIN AST");
+            tracing::debug!("{}", super::optimize::show_items(&items));
+            tracing::debug!("END AST");
+        }
+    }
     let mut ev = Evaluator {
         ctx,
         spent: 0,
@@ -1047,6 +1060,78 @@ mod tests {
             1 => any::<i8>().prop_map(Tok::Rel),
             1 => (proptest::collection::vec(any::<u8>(), 0..5), 0u8..10).prop_map(|(b, n)| Tok::Group(b, n)),
         ]
+    }
+
+    /// The optimised tree as `-D data.AST=1` shows it.
+    fn ast(text: &str) -> String {
+        let mut p = Parser {
+            s: text.as_bytes(),
+            pos: 0,
+        };
+        super::super::optimize::show_items(&super::super::optimize::optimize_items(
+            &p.seq(0).unwrap(),
+        ))
+    }
+
+    #[test]
+    fn optimiser_folds_runs_strings_groups_repeats_and_slices() {
+        for (text, want) in [
+            ("7", "7"),
+            ("9 9 9 9", "fill(9*4)"),
+            ("0x41 0x42", "\"AB\""),
+            ("\"aaa\" 0x61 \"a\"", "fill(97*5)"),
+            ("\"ab\" 0x63 \"de\"", "\"abcde\""),
+            ("(((5)))", "5"),
+            ("(4 4) 4 (4 4 4)", "fill(4*6)"),
+            ("(8 8) (7 7 7 6)", "( fill(8*2) fill(7*3) 6 )"),
+            ("(1 2)*0", "null"),
+            ("(0x41 0x42)*2*2", "\"ABABABAB\""),
+            ("0*1000000", "fill(0*1000000)"),
+            ("\"wxyz\"[1:3]", "\"xy\""),
+            ("\"wxyz\"[3:]", "122"),
+            ("(6 6 6 6)[1:3]", "fill(6*2)"),
+            ("\"\"", "null"),
+            ("0 @10 1", "( 0 @10 1 )"),
+        ] {
+            assert_eq!(ast(text), want, "{text}");
+        }
+    }
+
+    /// Pure expressions (bytes, strings, groups, repeats, slices), as text.
+    fn arb_pure() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            (0u8..4).prop_map(|b| b.to_string()),
+            "[ab]{0,4}".prop_map(|s| format!("\"{s}\"")),
+        ];
+        leaf.prop_recursive(4, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("( {} )", v.join(" "))),
+                (inner.clone(), 0u8..4).prop_map(|(e, n)| format!("{e}*{n}")),
+                (inner, 0u8..5, 0u8..5).prop_map(|(e, a, b)| format!("{e}[{a}:{b}]")),
+            ]
+        })
+    }
+
+    proptest! {
+        /// The optimiser never changes what an expression means: the same
+        /// bytes, or an error for the same expressions.
+        #[test]
+        fn optimised_and_plain_evaluation_agree(
+            parts in proptest::collection::vec(arb_pure(), 1..5)
+        ) {
+            let text = parts.join(" ");
+            let ctx = Context { var: &no_vars, allow_io: false, limit: 1 << 20 };
+            let plain = evaluate_as(&text, &ctx, false).map(|i| i.to_vec());
+            let optimised = evaluate_as(&text, &ctx, true).map(|i| i.to_vec());
+            match (plain, optimised) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b, "{}", text),
+                (Err(_), Err(_)) => {}
+                // A zero repeat of a bad slice is empty once optimised.
+                (Err(_), Ok(b)) => prop_assert!(text.contains("*0"), "{}: {:?}", text, b),
+                (Ok(a), Err(e)) => prop_assert!(false, "{}: {:?} became {}", text, a, e),
+            }
+        }
     }
 
     proptest! {

@@ -8,6 +8,7 @@
 //! clients) and sparse: areas the expression never wrote report as holes.
 
 pub mod expr;
+mod optimize;
 
 use std::sync::Arc;
 
