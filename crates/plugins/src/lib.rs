@@ -60,8 +60,10 @@ pub fn dump_lines(name: &str) -> &'static str {
         "memory" => "mlock=yes\nzstd=yes\n",
         "data" => "data_base64=yes\nmlock=yes\nzstd=yes\n",
         "info" => "info_address=yes\ninfo_base64=yes\n",
-        // The highest exit status with a meaning for scripts (3: "false").
-        "sh" | "eval" => "max_known_status=3\n",
+        // The thread model comes from the script (its thread_model
+        // method), and the highest exit status with a meaning for scripts
+        // (3: "false").
+        "sh" | "eval" => "has_thread_model=1\nmax_known_status=3\n",
         _ => "",
     }
 }
