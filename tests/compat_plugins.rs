@@ -427,3 +427,35 @@ print("OK")
         "protect=0xzz-",
     );
 }
+
+/// The nbd plugin with dynamic-export=true shows the server's name for its
+/// default export (nbdkit's `libnbd_dynamic_list`), and a listing with a
+/// description over 4096 bytes fails, as from nbdkit.
+#[test]
+fn nbd_dynamic_export_names_the_default_and_long_listings_fail() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let long = "d".repeat(4097);
+    let list = format!("list_exports=echo NAMES+DESCRIPTIONS; echo name; echo {long}");
+    let up = Server::start(&[
+        "eval",
+        "get_size=echo 1M",
+        "pread=exit 1",
+        "default_export=echo name",
+        &list,
+    ]);
+    let sock = format!("socket={}", up.socket.display());
+    let px = Server::start(&["nbd", &sock, "dynamic-export=true"]);
+    let out = stdout_of(Command::new("nbdinfo").args(["--no-content", &px.uri]));
+    assert!(out.contains("export=\"name\":"), "{out}");
+    for s in [&up, &px] {
+        let out = Command::new("nbdinfo")
+            .args(["--list", &s.uri])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "listing succeeded: {out:?}");
+    }
+    let dump = stdout_of(Command::new(binary()).args(["--dump-plugin", "nbd"]));
+    assert!(dump.contains("libnbd_dynamic_list=1"), "{dump}");
+}

@@ -60,6 +60,9 @@ pub fn dump_lines(name: &str) -> &'static str {
         "memory" => "mlock=yes\nzstd=yes\n",
         "data" => "data_base64=yes\nmlock=yes\nzstd=yes\n",
         "info" => "info_address=yes\ninfo_base64=yes\n",
+        // dynamic-export=true passes the server's export list and its
+        // default export's name through.
+        "nbd" => "libnbd_dynamic_list=1\n",
         // The thread model comes from the script (its thread_model
         // method), and the highest exit status with a meaning for scripts
         // (3: "false").

@@ -188,6 +188,19 @@ pub async fn negotiate(
                 let exports = server
                     .blocking_backend(client, |b, ro| b.list_exports(ro))
                     .await;
+                // As nbdkit, a name or description over 4096 bytes (the
+                // protocol's limit) fails the whole listing.
+                let exports = exports.and_then(|list| {
+                    match list.iter().find(|e| {
+                        e.name.len() > MAX_STRING
+                            || e.description.as_ref().is_some_and(|d| d.len() > MAX_STRING)
+                    }) {
+                        Some(_) => Err(nbdkit_backend::Error::invalid(
+                            "an export name or description is longer than 4096 bytes",
+                        )),
+                        None => Ok(list),
+                    }
+                });
                 match exports {
                     Ok(list) => {
                         let default = server.default_export(client).await;

@@ -531,6 +531,41 @@ pub fn list_exports(stream: Stream, tls: TlsUse<'_>) -> R<Vec<(String, String)>>
     Ok(out)
 }
 
+/// NBD_OPT_INFO for `export`, asking for its name: the server's canonical
+/// name for it (what "" stands for), then ABORT.  A server that does not
+/// name exports gets `export` back.
+pub fn canonical_name(stream: Stream, tls: TlsUse<'_>, export: &str) -> R<String> {
+    if export.len() > MAX_STRING {
+        return Err(NbdError::io("the export name is too long"));
+    }
+    let (mut s, _) = begin(stream, tls)?;
+    let mut d = Vec::new();
+    name_bytes(export, &mut d);
+    d.extend_from_slice(&1u16.to_be_bytes());
+    d.extend_from_slice(&INFO_NAME.to_be_bytes());
+    send_option(&mut s, OPT_INFO, &d)?;
+    let mut name = export.to_string();
+    loop {
+        let (kind, p) = option_reply(&mut s, OPT_INFO)?;
+        match kind {
+            REP_INFO if p.len() >= 2 && be16(&p[0..2]) == INFO_NAME => {
+                name = String::from_utf8_lossy(&p[2..]).into_owned();
+            }
+            REP_ACK => break,
+            k if k & (1 << 31) != 0 => {
+                return Err(option_error(
+                    &format!("asking about export '{export}'"),
+                    k,
+                    &p,
+                ))
+            }
+            _ => {}
+        }
+    }
+    let _ = send_option(&mut s, OPT_ABORT, &[]);
+    Ok(name)
+}
+
 impl Connection {
     /// Handshake on `stream` (with STARTTLS unless `tls` is off) and start
     /// the reply reader.

@@ -172,6 +172,31 @@ impl Nbd {
         })
     }
 
+    /// A new connection to a server given by socket or address (not one
+    /// started by `command=` or inherited: those cannot be dialled again).
+    fn dial(&self, what: &str) -> Result<Stream> {
+        match &self.target {
+            Target::Tcp(h, p) => std::net::TcpStream::connect((h.as_str(), *p))
+                .map(Stream::Tcp)
+                .map_err(|e| Error::from_io(format_args!("nbd: connecting to {h}:{p}"), e)),
+            Target::Unix(path) => std::os::unix::net::UnixStream::connect(path)
+                .map(Stream::Unix)
+                .map_err(|e| {
+                    Error::from_io(format_args!("nbd: connecting to {}", path.display()), e)
+                }),
+            Target::Command(_) | Target::Fd => {
+                Err(Error::io(format!("nbd: cannot {what} this server")))
+            }
+        }
+    }
+
+    fn tls_use(&self) -> TlsUse<'_> {
+        TlsUse {
+            mode: self.tls_mode,
+            client: self.tls.as_ref(),
+        }
+    }
+
     /// [`Nbd::connect_once`], retried `retry=` times a second apart.
     fn connect(&self, export: &str, die_with_us: bool) -> Result<Upstream> {
         let mut attempt = 0;
@@ -223,24 +248,9 @@ impl Backend for Nbd {
         }
         // What the server lists (dynamic-export is never shared, so the
         // target can be connected to again).
-        let stream = match &self.target {
-            Target::Tcp(h, p) => std::net::TcpStream::connect((h.as_str(), *p))
-                .map(Stream::Tcp)
-                .map_err(|e| Error::from_io(format_args!("nbd: connecting to {h}:{p}"), e))?,
-            Target::Unix(path) => std::os::unix::net::UnixStream::connect(path)
-                .map(Stream::Unix)
-                .map_err(|e| {
-                    Error::from_io(format_args!("nbd: connecting to {}", path.display()), e)
-                })?,
-            Target::Command(_) | Target::Fd => {
-                return Err(Error::io("nbd: cannot list the exports of this server"))
-            }
-        };
-        let tls = TlsUse {
-            mode: self.tls_mode,
-            client: self.tls.as_ref(),
-        };
-        let list = client::list_exports(stream, tls).map_err(|e| to_error("listing exports", e))?;
+        let stream = self.dial("list the exports of")?;
+        let list = client::list_exports(stream, self.tls_use())
+            .map_err(|e| to_error("listing exports", e))?;
         Ok(list
             .into_iter()
             .map(|(name, d)| ExportEntry {
@@ -248,6 +258,18 @@ impl Backend for Nbd {
                 description: (!d.is_empty()).then_some(d),
             })
             .collect())
+    }
+
+    /// With dynamic-export, "" stands for what the server calls its
+    /// default export (asked with NBD_OPT_INFO), so clients see the
+    /// server's canonical name; otherwise the export is fixed.
+    fn default_export(&self, _readonly: bool) -> Result<String> {
+        if !self.dynamic_export {
+            return Ok(String::new());
+        }
+        let stream = self.dial("ask about the default export of")?;
+        client::canonical_name(stream, self.tls_use(), "")
+            .map_err(|e| to_error("asking for the default export", e))
     }
 
     fn open(&self, _readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
