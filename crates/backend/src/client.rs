@@ -242,10 +242,11 @@ fn sleep_watching(d: Duration, sock: Option<&OwnedFd>) -> bool {
                 if fds[0].revents().is_some_and(|r| !r.is_empty()) {
                     return false;
                 }
+                // nix reports revents it has no name for (POLLRDHUP, the
+                // one this poll asks for) as None.
                 if fds
                     .get(1)
-                    .and_then(|f| f.revents())
-                    .is_some_and(|r| r.intersects(hangup))
+                    .is_some_and(|f| f.revents().is_none_or(|r| r.intersects(hangup)))
                 {
                     return false;
                 }
