@@ -11,8 +11,9 @@ need=()
 for t in sfdisk:fdisk mkfs.ext4:e2fsprogs xz:xz-utils nbdinfo:libnbd-bin pkg-config:pkg-config cc:gcc; do
     command -v "${t%%:*}" >/dev/null || need+=("${t##*:}")
 done
-# Libraries the build links: liblzma (xz), OpenSSL (--tls-psk), libcurl (curl/s3).
-for p in liblzma-dev libssl-dev libcurl4-openssl-dev; do
+# Libraries the build links: liblzma (xz), OpenSSL (--tls-psk), libcurl (curl/s3),
+# libext2fs (the ext2 filter).
+for p in liblzma-dev libssl-dev libcurl4-openssl-dev libext2fs-dev; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -543,27 +543,53 @@ fn luks_reads_and_writes_what_qemu_reads_and_writes() {
     refused(&["--filter=luks", "memory", "1M"], "passphrase");
 }
 
-/// An ext filesystem image of `kind` holding `/dir/file` (`data`) and
-/// `/small`.
+/// An ext filesystem image of `kind` holding `/dir/file` (`data`),
+/// `/small` and `/sparse` (4 MiB, all hole).
 fn ext_image(dir: &Path, kind: &str, data: &[u8]) -> std::path::PathBuf {
     let root = dir.join(format!("root-{kind}"));
     std::fs::create_dir_all(root.join("dir")).unwrap();
     std::fs::write(root.join("dir/file"), data).unwrap();
     std::fs::write(root.join("small"), b"hello\n").unwrap();
+    let sparse = std::fs::File::create(root.join("sparse")).unwrap();
+    sparse.set_len(4 * M).unwrap();
     let img = dir.join(format!("{kind}.img"));
     run_ok(
         Command::new("mke2fs")
             .args(["-q", "-F", "-t", kind, "-d"])
             .arg(&root)
             .arg(&img)
-            .arg("8M"),
+            .arg("16M"),
     );
     img
 }
 
+/// `path`'s contents in the filesystem image, as e2fsprogs' debugfs reads
+/// them (not through nbdkit-rs).
+fn debugfs_cat(img: &Path, path: &str) -> Vec<u8> {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat {path}")])
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "debugfs: {out:?}");
+    out.stdout
+}
+
+/// `e2fsck -fn`: the filesystem is consistent (exit status 0).
+fn assert_fsck_clean(img: &Path) {
+    let out = Command::new("e2fsck").arg("-fn").arg(img).output().unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {}: {}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
-fn ext2_serves_a_file_from_ext2_ext3_and_ext4_read_only() {
-    if !have("mke2fs") || !have_python_nbd() || !have("nbdcopy") {
+fn ext2_reads_and_writes_a_file_in_ext2_ext3_and_ext4() {
+    if !have("mke2fs") || !have("debugfs") || !have("e2fsck") || !have_python_nbd() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -577,15 +603,67 @@ fn ext2_serves_a_file_from_ext2_ext3_and_ext4_read_only() {
             "ext2file=/dir/file",
         ]);
         assert!(read_all(&s.uri) == data, "{kind}: contents differ");
+        // Overwrite a range across block boundaries, flushed; then a
+        // second write that only the disconnect persists.
         python(
             "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
-             assert h.is_read_only()\nprint('OK')",
+             assert not h.is_read_only() and h.can_flush() and h.can_fua()\n\
+             assert h.get_size()==int(sys.argv[2])\n\
+             h.pwrite(b'A'*70000, 5000)\nh.flush()\n\
+             h.pwrite(b'B'*3, 1000000, nbd.CMD_FLAG_FUA)\n\
+             h.pwrite(b'C'*10, 2000000)\nh.shutdown()\nprint('OK')",
+            &[&s.uri, &data.len().to_string()],
+        );
+        drop(s);
+        let mut want = data.clone();
+        want[5000..75000].fill(b'A');
+        want[1000000..1000003].fill(b'B');
+        want[2000000..2000010].fill(b'C');
+        assert!(debugfs_cat(&img, "/dir/file") == want, "{kind}: write lost");
+        assert_fsck_clean(&img);
+
+        // Writes into holes allocate blocks (and, in ext4, extents): the
+        // bitmaps and counters must stay consistent.
+        let s = Server::start(&[
+            "--filter=ext2",
+            "file",
+            img.to_str().unwrap(),
+            "ext2file=/sparse",
+        ]);
+        python(
+            "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
+             for i in range(0, 4<<20, 300000):\n    h.pwrite(bytes([i%251+1])*4096, i)\n\
+             h.flush()\nprint('OK')",
             &[&s.uri],
         );
         drop(s);
+        let mut want = vec![0u8; 4 * M as usize];
+        for i in (0..4 * M as usize).step_by(300000) {
+            let end = (i + 4096).min(want.len());
+            want[i..end].fill((i % 251 + 1) as u8);
+        }
+        assert!(debugfs_cat(&img, "/sparse") == want, "{kind}: hole writes");
+        assert_fsck_clean(&img);
     }
+
+    // -r: read-only to the client, and the image is not written at all.
     let img = dir.path().join("ext4.img");
     let before = std::fs::read(&img).unwrap();
+    let s = Server::start(&[
+        "-r",
+        "--filter=ext2",
+        "file",
+        img.to_str().unwrap(),
+        "ext2file=/small",
+    ]);
+    python(
+        "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
+         assert h.is_read_only()\nassert h.pread(6,0)==b'hello\\n'\nprint('OK')",
+        &[&s.uri],
+    );
+    drop(s);
+    assert!(std::fs::read(&img).unwrap() == before, "the image changed");
+
     let s = Server::start(&[
         "--filter=ext2",
         "file",
@@ -601,8 +679,37 @@ fn ext2_serves_a_file_from_ext2_ext3_and_ext4_read_only() {
     assert!(!out.status.success());
     let out = Command::new("nbdinfo").arg(&s.uri).output().unwrap();
     assert!(!out.status.success(), "the default export is not a file");
+    let log = s.log();
+    assert!(log.contains("/missing"), "{log}");
+    assert!(log.contains("/: not a regular file"), "{log}");
     drop(s);
-    assert!(std::fs::read(&img).unwrap() == before, "the image changed");
+
+    // A journal that needs recovery: refused for writing, naming why;
+    // served with -r.
+    run_ok(
+        Command::new("debugfs")
+            .args(["-w", "-R", "feature needs_recovery"])
+            .arg(&img),
+    );
+    let s = Server::start(&[
+        "--filter=ext2",
+        "file",
+        img.to_str().unwrap(),
+        "ext2file=/small",
+    ]);
+    let out = Command::new("nbdinfo").arg(&s.uri).output().unwrap();
+    assert!(!out.status.success());
+    assert!(s.log().contains("journal needs recovery"), "{}", s.log());
+    drop(s);
+    let s = Server::start(&[
+        "-r",
+        "--filter=ext2",
+        "file",
+        img.to_str().unwrap(),
+        "ext2file=/small",
+    ]);
+    assert_eq!(read_all(&s.uri), b"hello\n");
+    drop(s);
     refused(
         &[
             "--filter=ext2",
