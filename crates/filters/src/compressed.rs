@@ -72,9 +72,9 @@ struct Compressed {
 /// The next backend as the compressed file: a handle opened once and kept
 /// for the reader's lifetime, with its size read once (a compressed image
 /// does not change size under a reader).
-struct HandleSource {
-    handle: Box<dyn Handle>,
-    size: u64,
+pub(crate) struct HandleSource {
+    pub(crate) handle: Box<dyn Handle>,
+    pub(crate) size: u64,
 }
 
 impl Source for HandleSource {

@@ -32,6 +32,7 @@ pub mod nozero;
 pub mod offset;
 pub mod partition;
 pub mod protect;
+pub mod qcow2dec;
 pub mod rate;
 pub mod readahead;
 pub mod retry;
@@ -82,6 +83,8 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &offset::SPEC,
         &partition::SPEC,
         &protect::SPEC,
+        &qcow2dec::SPEC,
+        &qcow2dec::ALIAS,
         &rate::SPEC,
         &readahead::SPEC,
         &retry::SPEC,

@@ -59,6 +59,7 @@ pub mod cache;
 mod engine;
 pub mod gzip;
 mod progressive;
+pub mod qcow2;
 mod spill;
 pub mod xz;
 pub mod zstd;

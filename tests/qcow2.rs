@@ -1,0 +1,458 @@
+//! The qcow2dec filter against images qemu-img makes: every byte compared
+//! with `qemu-img convert -O raw` of the same image (read through nbdcopy),
+//! block status through nbdinfo --map, and clear errors for what is
+//! refused.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+fn have_tools() -> bool {
+    have("qemu-img") && have("qemu-io") && have("nbdcopy") && have("nbdinfo")
+}
+
+/// A guest disk: random data, a zero run, text, and unwritten space.
+fn guest(dir: &Path) -> PathBuf {
+    let p = dir.join("guest.raw");
+    let mut data = pseudo_random(5_000_000, 3);
+    data.extend(vec![0u8; 3 << 20]);
+    data.extend(include_bytes!("../README.md"));
+    data.resize(16 << 20, 0);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+fn qemu_img(args: &[&str]) {
+    run_ok(Command::new("qemu-img").args(args));
+}
+
+fn qemu_io(img: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "qcow2"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    run_ok(c.arg(img));
+}
+
+/// What qemu reads from `img` (its whole chain).
+fn qemu_raw(img: &Path) -> Vec<u8> {
+    let out = img.with_extension("want");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    std::fs::read(out).unwrap()
+}
+
+/// What nbdkit-rs serves for `img` with `extra` filter parameters.
+fn served(img: &Path, extra: &[&str]) -> Vec<u8> {
+    let mut args = vec!["--filter=qcow2dec", "file", img.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let s = Server::start(&args);
+    read_all(&s.uri)
+}
+
+fn assert_same(img: &Path, extra: &[&str]) {
+    let want = qemu_raw(img);
+    let got = served(img, extra);
+    assert_eq!(got.len(), want.len(), "{}: size", img.display());
+    assert!(got == want, "{}: contents differ", img.display());
+}
+
+/// Start the server on `args` and expect the first client to fail, with a
+/// log line containing `what`.
+fn open_fails(args: &[&str], what: &str) {
+    let s = Server::start(args);
+    let out = Command::new("nbdinfo").arg(&s.uri).output().unwrap();
+    assert!(!out.status.success(), "{args:?}: opened");
+    let log = s.log();
+    assert!(log.contains(what), "{args:?}: log lacks {what:?}: {log}");
+}
+
+#[test]
+fn every_layout_qemu_img_writes_reads_back_byte_exact() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = guest(dir.path());
+    let raw = raw.to_str().unwrap();
+    let cases: &[(&str, &[&str])] = &[
+        ("v3-64k", &[]),
+        ("v2", &["-o", "compat=0.10"]),
+        ("c512", &["-o", "cluster_size=512"]),
+        ("c2m", &["-o", "cluster_size=2M"]),
+        ("zlib", &["-c"]),
+        ("zlib-4k", &["-c", "-o", "cluster_size=4k"]),
+        ("zstd", &["-c", "-o", "compression_type=zstd"]),
+        ("extl2", &["-o", "extended_l2=on,cluster_size=128k"]),
+        ("lazy", &["-o", "lazy_refcounts=on"]),
+        ("prealloc", &["-o", "preallocation=metadata"]),
+    ];
+    for (name, opts) in cases {
+        let img = dir.path().join(format!("{name}.qcow2"));
+        let mut args = vec!["convert", "-O", "qcow2"];
+        args.extend_from_slice(opts);
+        args.extend_from_slice(&[raw, img.to_str().unwrap()]);
+        qemu_img(&args);
+        // Zero clusters (plain and over allocated ones) and a write that
+        // covers part of a cluster.
+        qemu_io(
+            &img,
+            &[
+                "write -z 1M 128k",
+                "write -z -u 6M 64k",
+                "write -P 0x5a 100k 3k",
+            ],
+        );
+        assert_same(&img, &[]);
+    }
+}
+
+#[test]
+fn backing_chains_read_through_to_the_base() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    guest(dir.path());
+    let d = |n: &str| dir.path().join(n);
+    // raw base <- qcow2 middle <- qcow2 top (extended L2, so half-written
+    // clusters read their other subclusters from below), names relative.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "guest.raw",
+        "-F",
+        "raw",
+        d("mid.qcow2").to_str().unwrap(),
+    ]);
+    qemu_io(&d("mid.qcow2"), &["write -P 0x11 0 64k", "write -z 2M 1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=64k",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        d("top.qcow2").to_str().unwrap(),
+    ]);
+    qemu_io(
+        &d("top.qcow2"),
+        &[
+            "write -P 0x22 4k 4k",
+            "write -P 0x33 3M 2k",
+            "write -z 8M 4k",
+        ],
+    );
+    assert_same(&d("top.qcow2"), &[]);
+
+    // A smaller backing file reads as zeroes past its end.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "raw",
+        d("small.raw").to_str().unwrap(),
+        "1M",
+    ]);
+    std::fs::write(d("small.raw"), pseudo_random(1 << 20, 9)).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "small.raw",
+        "-F",
+        "raw",
+        d("grown.qcow2").to_str().unwrap(),
+        "4M",
+    ]);
+    assert_same(&d("grown.qcow2"), &[]);
+
+    // backing=none: unallocated clusters are zeroes; backing=PATH: another
+    // base instead of the header's.
+    let got = served(&d("mid.qcow2"), &["backing=none"]);
+    let mut want = vec![0u8; 16 << 20];
+    want[..64 << 10].fill(0x11);
+    assert!(got == want, "backing=none");
+    let other = d("other.raw");
+    std::fs::write(&other, pseudo_random(16 << 20, 10)).unwrap();
+    let got = served(
+        &d("mid.qcow2"),
+        &[
+            &format!("backing={}", other.display()),
+            "backing-format=raw",
+        ],
+    );
+    let mut want = pseudo_random(16 << 20, 10);
+    want[..64 << 10].fill(0x11);
+    want[2 << 20..3 << 20].fill(0);
+    assert!(got == want, "backing=PATH");
+
+    // Block status: data here, zeroes, and what is allocated nowhere.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        d("sparse.qcow2").to_str().unwrap(),
+        "8M",
+    ]);
+    qemu_io(
+        &d("sparse.qcow2"),
+        &["write -P 1 1M 64k", "write -z 3M 64k"],
+    );
+    let s = Server::start(&[
+        "--filter=qcow2dec",
+        "file",
+        d("sparse.qcow2").to_str().unwrap(),
+    ]);
+    let map = stdout_of(Command::new("nbdinfo").args(["--map", &s.uri]));
+    let lines: Vec<Vec<&str>> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l[0] == "1048576" && l[1] == "65536" && l[2] == "0"),
+        "data extent: {map}"
+    );
+    assert!(
+        lines.iter().any(|l| l[0] == "0" && l[2] == "3"),
+        "leading hole: {map}"
+    );
+}
+
+#[test]
+fn internal_snapshots_serve_their_own_state() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = guest(dir.path());
+    let img = dir.path().join("snap.qcow2");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    qemu_img(&["snapshot", "-c", "before", img.to_str().unwrap()]);
+    let before = qemu_raw(&img);
+    qemu_io(&img, &["write -P 0x77 0 1M", "write -z 5M 1M"]);
+    qemu_img(&["snapshot", "-c", "after", img.to_str().unwrap()]);
+    assert!(served(&img, &["snapshot=before"]) == before, "by name");
+    assert!(served(&img, &["snapshot=1"]) == before, "by ID");
+    assert_same(&img, &["snapshot=after"]);
+    assert_same(&img, &[]);
+    open_fails(
+        &[
+            "--filter=qcow2dec",
+            "file",
+            img.to_str().unwrap(),
+            "snapshot=nosuch",
+        ],
+        "no snapshot nosuch",
+    );
+}
+
+#[test]
+fn a_qcow2_inside_xz_reads_without_unpacking() {
+    if !have_tools() || !have("xz") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = guest(dir.path());
+    let img = dir.path().join("disk.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let want = qemu_raw(&img);
+    run_ok(
+        Command::new("xz")
+            .args(["-k", "-T2", "--block-size=256KiB"])
+            .arg(&img),
+    );
+    let xz = dir.path().join("disk.qcow2.xz");
+    let s = Server::start(&[
+        "--filter=qcow2dec",
+        "--filter=xz",
+        "file",
+        xz.to_str().unwrap(),
+    ]);
+    assert!(read_all(&s.uri) == want);
+}
+
+/// Set bits in the big-endian u64 at `at` of `img`.
+fn or_u64(img: &Path, at: usize, bits: u64) {
+    let mut b = std::fs::read(img).unwrap();
+    let v = u64::from_be_bytes(b[at..at + 8].try_into().unwrap()) | bits;
+    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    std::fs::write(img, b).unwrap();
+}
+
+#[test]
+fn refused_and_hostile_images_get_clear_errors() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let p = |n: &str| d(n).to_str().unwrap().to_string();
+
+    // Encryption.
+    run_ok(Command::new("qemu-img").args([
+        "create",
+        "-q",
+        "--object",
+        "secret,id=s0,data=pw",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0",
+        &p("enc.qcow2"),
+        "1M",
+    ]));
+    open_fails(
+        &["--filter=qcow2dec", "file", &p("enc.qcow2")],
+        "encryption",
+    );
+    // An external data file.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", p("data.raw")),
+        &p("ext.qcow2"),
+        "1M",
+    ]);
+    open_fails(
+        &["--filter=qcow2dec", "file", &p("ext.qcow2")],
+        "external data file",
+    );
+    // A backing loop: a -> b -> a.
+    qemu_img(&["create", "-q", "-f", "qcow2", &p("a.qcow2"), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        &p("b.qcow2"),
+    ]);
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        &p("a.qcow2"),
+    ]);
+    open_fails(
+        &["--filter=qcow2dec", "file", &p("a.qcow2")],
+        "backing chain deeper",
+    );
+    // A missing backing file names it.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "gone.raw",
+        "-F",
+        "raw",
+        "-u",
+        &p("orphan.qcow2"),
+        "1M",
+    ]);
+    open_fails(
+        &["--filter=qcow2dec", "file", &p("orphan.qcow2")],
+        "gone.raw",
+    );
+    // An L1 table outside the file, and an absurd size its L1 cannot map.
+    qemu_img(&["create", "-q", "-f", "qcow2", &p("l1.qcow2"), "1M"]);
+    or_u64(&d("l1.qcow2"), 40, 1 << 40);
+    open_fails(&["--filter=qcow2dec", "file", &p("l1.qcow2")], "L1 table");
+    qemu_img(&["create", "-q", "-f", "qcow2", &p("huge.qcow2"), "1M"]);
+    or_u64(&d("huge.qcow2"), 24, 1 << 60);
+    open_fails(
+        &["--filter=qcow2dec", "file", &p("huge.qcow2")],
+        "cannot map a virtual size",
+    );
+    // An L2 entry pointing past the end of the file: the read fails with
+    // the offset named, and the connection lives on.
+    qemu_img(&["create", "-q", "-f", "qcow2", &p("l2.qcow2"), "1M"]);
+    qemu_io(&d("l2.qcow2"), &["write -P 1 0 64k"]);
+    let mut b = std::fs::read(d("l2.qcow2")).unwrap();
+    let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap()) as usize;
+    let l2 =
+        (u64::from_be_bytes(b[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    b[l2..l2 + 8].copy_from_slice(&((1u64 << 63) | (1 << 44)).to_be_bytes());
+    std::fs::write(d("l2.qcow2"), b).unwrap();
+    let s = Server::start(&["--filter=qcow2dec", "file", &p("l2.qcow2")]);
+    let out = python(
+        "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
+         try:\n    h.pread(4096, 0)\n    print('READ')\nexcept nbd.Error as e:\n    print('EIO' if e.errno==5 or '(EIO)' in str(e) else e)\n\
+         print(len(h.pread(4096, 512*1024)))\nprint('OK')",
+        &[&s.uri],
+    );
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["EIO", "4096", "OK"]
+    );
+    assert!(s.log().contains("l2.qcow2"), "{}", s.log());
+
+    // Dirty and corrupt bits: still readable.
+    qemu_img(&["create", "-q", "-f", "qcow2", &p("dirty.qcow2"), "1M"]);
+    qemu_io(&d("dirty.qcow2"), &["write -P 3 0 4k"]);
+    or_u64(&d("dirty.qcow2"), 72, 0b11);
+    let s = Server::start(&["--filter=qcow2dec", "file", &p("dirty.qcow2")]);
+    assert_eq!(&read_all(&s.uri)[..4096], &[3u8; 4096][..]);
+    assert!(s.log().contains("corrupt"), "{}", s.log());
+
+    // Bad parameters.
+    for (arg, what) in [
+        ("backing-format=vmdk", "backing-format"),
+        ("snapshot=", "snapshot"),
+        ("backing=", "backing"),
+    ] {
+        let out = Command::new(binary())
+            .args(["-U", "-", "--run", "true", "--filter=qcow2dec", "null", arg])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{arg} accepted");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(what), "{arg}");
+    }
+}
