@@ -373,6 +373,37 @@ mod tests {
         h
     }
 
+    proptest::proptest! {
+        /// Untrusted bytes never panic the parsers; whatever parses is
+        /// internally consistent.
+        #[test]
+        fn hostile_headers_never_panic(
+            edits in proptest::collection::vec((0usize..512, proptest::num::u8::ANY), 0..24),
+            cut in 0usize..1024,
+        ) {
+            let mut h = v3(9, 1 << 20, 4);
+            for (at, b) in edits {
+                h[at] = b;
+            }
+            h.truncate(cut.max(4));
+            if let Ok(p) = parse(&h) {
+                proptest::prop_assert!(u64::from(p.l1_size) * 8 <= MAX_L1_BYTES);
+                proptest::prop_assert!((9..=21).contains(&p.cluster_bits));
+                proptest::prop_assert!(
+                    u64::from(p.l1_size) * p.l2_entries() * p.cluster_size() >= p.size
+                );
+            }
+        }
+
+        #[test]
+        fn hostile_snapshot_tables_never_panic(
+            table in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            count in 0u32..40,
+        ) {
+            let _ = parse_snapshots(&table, count, 0);
+        }
+    }
+
     #[test]
     fn a_minimal_v3_header_parses() {
         let h = parse(&v3(16, 1 << 30, 2)).unwrap();
