@@ -319,15 +319,20 @@ fn dump_builtin(p: &PluginSpec, thread_model: ThreadModel) -> String {
     s
 }
 
-/// Split `key=value` parameters; a bare value goes to the magic key.
+/// Split `key=value` parameters; a bare value goes to the magic key.  A
+/// plugin without one (nbdkit's language plugins: python, perl, …) takes
+/// a bare *first* parameter as `script=`, as nbdkit does, so
+/// `nbdkit-rs python plugin.py` works.
 fn parse_params(plugin: &Plugin, args: &[String]) -> Result<Vec<(String, String)>> {
     args.iter()
-        .map(|a| match a.split_once('=') {
+        .enumerate()
+        .map(|(i, a)| match a.split_once('=') {
             Some((k, v)) if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) => {
                 Ok((k.to_string(), v.to_string()))
             }
             _ => match plugin.magic_config_key() {
                 Some(k) => Ok((k.to_string(), a.clone())),
+                None if i == 0 => Ok(("script".to_string(), a.clone())),
                 None => bail!("{}: parameter '{a}' must be written key=value (this plugin has no default key)", plugin.name()),
             },
         })
