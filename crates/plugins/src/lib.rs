@@ -9,7 +9,9 @@ pub mod data;
 pub mod file;
 pub mod gcs;
 pub mod info;
+pub mod iso;
 pub mod libvirt;
+pub mod linuxdisk;
 pub mod memory;
 pub mod nbd;
 mod objstore;
@@ -40,6 +42,8 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &random::RANDOM,
         &random::SPARSE_RANDOM,
         &split::SPEC,
+        &iso::SPEC,
+        &linuxdisk::SPEC,
         &partitioning::SPEC,
         &tmpdisk::SPEC,
         &ondemand::SPEC,
@@ -67,6 +71,12 @@ pub fn dump_lines(name: &str) -> &'static str {
         // method), and the highest exit status with a meaning for scripts
         // (3: "false").
         "sh" | "eval" => "has_thread_model=1\nmax_known_status=3\n",
+        "iso" => match crate::iso::default_program() {
+            Some(("xorriso", _)) => "iso_prog=xorriso\n",
+            Some(("genisoimage", _)) => "iso_prog=genisoimage\n",
+            Some(_) => "iso_prog=mkisofs\n",
+            None => "",
+        },
         _ => "",
     }
 }

@@ -16,7 +16,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nbdkit_backend::{
@@ -599,4 +599,23 @@ mod tests {
             assert_eq!(ex.list().iter().map(|e| e.length).sum::<u64>(), size);
         }
     }
+}
+
+/// A read-only GPT disk whose one partition (1 MiB aligned, Linux
+/// filesystem type) is the file at `path`: the linuxdisk plugin's disk.
+/// The file may be unlinked once this returns (it is held open).
+pub(crate) fn single_partition_gpt(
+    path: &Path,
+) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+    let spec = FileSpec {
+        path: path.to_string_lossy().into_owned(),
+        alignment: DEFAULT_ALIGNMENT,
+        mbr_id: DEFAULT_MBR_ID,
+        type_guid: parse_guid(DEFAULT_TYPE_GUID).map_err(ConfigError::new)?,
+    };
+    let mut layout = build(vec![spec], Some("gpt"))?;
+    layout.writable = false;
+    Ok(Arc::new(Partitioning {
+        layout: Arc::new(layout),
+    }))
 }

@@ -1,0 +1,187 @@
+//! Plugins nbdkit users know that nbdkit-rs now has natively: linuxdisk
+//! (a directory as a partitioned ext2/3/4 disk) and iso (directories as
+//! an ISO 9660 image).  Each disk is copied out with nbdcopy and checked
+//! with the filesystem's own tools (sfdisk, e2fsck, debugfs, xorriso).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+/// A small tree: text, random data in a subdirectory, a symlink.
+fn tree(root: &Path) {
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::write(root.join("hello.txt"), b"hello, world\n").unwrap();
+    std::fs::write(root.join("sub/random.bin"), pseudo_random(300_000, 5)).unwrap();
+    std::os::unix::fs::symlink("hello.txt", root.join("link")).unwrap();
+}
+
+/// Serve `args`, copy the whole export to `out`, return its size.
+fn copy_out(args: &[&str], out: &Path) -> u64 {
+    let s = Server::start(args);
+    run_ok(Command::new("nbdcopy").arg(&s.uri).arg(out));
+    std::fs::metadata(out).unwrap().len()
+}
+
+fn fails(args: &[&str], what: &str) {
+    let out = Command::new(binary())
+        .args(["-U", "-", "--run", "true"])
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(err.contains(what), "{args:?}: {err}");
+}
+
+#[test]
+fn linuxdisk_makes_a_partitioned_ext_filesystem_of_a_directory() {
+    if !have("mke2fs") || !have("debugfs") || !have("e2fsck") || !have("sfdisk") || !have("nbdcopy")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    tree(&src);
+    let disk = dir.path().join("disk.img");
+    let part = dir.path().join("part.img");
+    for fstype in ["ext2", "ext3", "ext4"] {
+        let t = format!("type={fstype}");
+        copy_out(
+            &["linuxdisk", src.to_str().unwrap(), &t, "label=ROOTFS"],
+            &disk,
+        );
+        // One GPT partition of the Linux filesystem type, 1 MiB in.
+        let table = stdout_of(Command::new("sfdisk").arg("-d").arg(&disk));
+        assert!(table.contains("label: gpt"), "{table}");
+        assert!(table.contains("start=        2048"), "{table}");
+        assert!(
+            table.contains("0FC63DAF-8483-4772-8E79-3D69D8477DE4"),
+            "{table}"
+        );
+        let bytes = std::fs::read(&disk).unwrap();
+        std::fs::write(&part, &bytes[1 << 20..]).unwrap();
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&part)
+            .output()
+            .unwrap();
+        assert!(fsck.status.success(), "{fstype}: {fsck:?}");
+        let sb = stdout_of(Command::new("dumpe2fs").arg("-h").arg(&part));
+        assert!(sb.contains("Filesystem volume name:   ROOTFS"), "{sb}");
+        assert_eq!(
+            sb.contains("has_journal"),
+            fstype != "ext2",
+            "{fstype}: journal: {sb}"
+        );
+        let cat = |p: &str| {
+            Command::new("debugfs")
+                .args(["-R", &format!("cat {p}")])
+                .arg(&part)
+                .output()
+                .unwrap()
+                .stdout
+        };
+        assert_eq!(cat("/hello.txt"), b"hello, world\n");
+        assert!(
+            cat("/sub/random.bin") == pseudo_random(300_000, 5),
+            "{fstype}"
+        );
+        let link = stdout_of(
+            Command::new("debugfs")
+                .args(["-R", "stat /link"])
+                .arg(&part),
+        );
+        assert!(link.contains("Type: symlink"), "{link}");
+    }
+
+    // size=+N leaves at least N free; size=N is the filesystem's size.
+    copy_out(&["linuxdisk", src.to_str().unwrap(), "size=+20M"], &disk);
+    let bytes = std::fs::read(&disk).unwrap();
+    std::fs::write(&part, &bytes[1 << 20..]).unwrap();
+    let sb = stdout_of(Command::new("dumpe2fs").arg("-h").arg(&part));
+    let field = |name: &str| -> u64 {
+        sb.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name}: {sb}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        field("Free blocks:") * field("Block size:") >= 20 << 20,
+        "{sb}"
+    );
+    copy_out(&["linuxdisk", src.to_str().unwrap(), "size=64M"], &disk);
+    let bytes = std::fs::read(&disk).unwrap();
+    std::fs::write(&part, &bytes[1 << 20..]).unwrap();
+    let sb = stdout_of(Command::new("dumpe2fs").arg("-h").arg(&part));
+    assert!(sb.contains("Block count:              16384"), "{sb}");
+    fails(
+        &["linuxdisk", src.to_str().unwrap(), "size=256K"],
+        "do not fit",
+    );
+    fails(
+        &["linuxdisk", src.to_str().unwrap(), "type=xfs"],
+        "type=xfs",
+    );
+    fails(&["linuxdisk", "/nonexistent"], "dir=/nonexistent");
+    fails(&["linuxdisk"], "dir");
+}
+
+#[test]
+fn iso_makes_an_iso9660_image_of_directories() {
+    if !have("xorriso") || !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    tree(&a);
+    let b = dir.path().join("b");
+    std::fs::create_dir_all(&b).unwrap();
+    std::fs::write(b.join("second.txt"), b"from b\n").unwrap();
+    let iso = dir.path().join("out.iso");
+    copy_out(
+        &[
+            "iso",
+            a.to_str().unwrap(),
+            &format!("dir={}", b.display()),
+            "params=-JrT -V 'My Disk'",
+        ],
+        &iso,
+    );
+    let x = dir.path().join("x");
+    run_ok(
+        Command::new("xorriso")
+            .args(["-osirrox", "on", "-indev"])
+            .arg(&iso)
+            .args(["-extract", "/"])
+            .arg(&x),
+    );
+    assert_eq!(
+        std::fs::read(x.join("hello.txt")).unwrap(),
+        b"hello, world\n"
+    );
+    assert!(std::fs::read(x.join("sub/random.bin")).unwrap() == pseudo_random(300_000, 5));
+    assert_eq!(std::fs::read(x.join("second.txt")).unwrap(), b"from b\n");
+    assert_eq!(
+        std::fs::read_link(x.join("link")).unwrap(),
+        Path::new("hello.txt")
+    );
+    let info = stdout_of(
+        Command::new("xorriso")
+            .args(["-indev"])
+            .arg(&iso)
+            .args(["-pvd_info"]),
+    );
+    assert!(info.contains("My Disk"), "{info}");
+    let dump = stdout_of(Command::new(binary()).args(["iso", "--dump-plugin"]));
+    assert!(dump.contains("iso_prog=xorriso"), "{dump}");
+    fails(
+        &["iso", a.to_str().unwrap(), "prog=/nonexistent/mkisofs"],
+        "failed",
+    );
+    fails(&["iso"], "dir=");
+}
