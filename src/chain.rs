@@ -49,7 +49,13 @@ pub struct Registry {
 impl Registry {
     pub fn builtin() -> Self {
         let mut plugins = nbdkit_plugins::all();
-        plugins.extend([&XZ_PLUGIN, &GZIP_PLUGIN, &ZSTD_PLUGIN, &BZIP2_PLUGIN]);
+        plugins.extend([
+            &XZ_PLUGIN,
+            &GZIP_PLUGIN,
+            &ZSTD_PLUGIN,
+            &BZIP2_PLUGIN,
+            &crate::cc::SPEC,
+        ]);
         Registry {
             plugins,
             filters: nbdkit_filters::all(),
@@ -316,6 +322,9 @@ fn dump_builtin(p: &PluginSpec, thread_model: ThreadModel) -> String {
         s.push_str(&format!("config_key={}\n", param.name));
     }
     s.push_str(nbdkit_plugins::dump_lines(p.name));
+    if p.name == "cc" {
+        s.push_str(&crate::cc::dump_lines());
+    }
     s
 }
 

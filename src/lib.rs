@@ -6,6 +6,7 @@
 //! built-in ones and get the whole command line for free (see
 //! `examples/`).
 
+mod cc;
 mod chain;
 mod cli;
 mod daemon;
@@ -170,7 +171,13 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     let Some(plugin_name) = cli.args.first() else {
         bail!("no plugin given\nusage: nbdkit-rs [OPTIONS] [--filter=FILTER]... PLUGIN [key=value]...\n       (nbdkit-rs --help lists the plugins)");
     };
-    let plugin = registry.plugin(plugin_name)?;
+    let mut plugin = registry.plugin(plugin_name)?;
+    // The cc plugin becomes the plugin it compiles.
+    if let Some((compiled, rest)) = cc::compile_if_cc(&plugin, &cli.args[1..], cli.single)? {
+        plugin = compiled;
+        cli.args.truncate(1);
+        cli.args.extend(rest);
+    }
     let filters = cli
         .filters
         .iter()

@@ -1,6 +1,7 @@
 //! Plugins nbdkit users know that nbdkit-rs now has natively: linuxdisk
 //! (a directory as a partitioned ext2/3/4 disk) and iso (directories as
-//! an ISO 9660 image).  Each disk is copied out with nbdcopy and checked
+//! an ISO 9660 image), and cc (a plugin in C source, compiled at
+//! start-up).  Each disk is copied out with nbdcopy and checked
 //! with the filesystem's own tools (sfdisk, e2fsck, debugfs, xorriso).
 
 mod common;
@@ -184,4 +185,66 @@ fn iso_makes_an_iso9660_image_of_directories() {
         "failed",
     );
     fails(&["iso"], "dir=");
+}
+
+#[test]
+fn cc_compiles_a_c_plugin_and_serves_it() {
+    if !have("cc") || !have_python_nbd() || !Path::new("/usr/include/nbdkit-plugin.h").exists() {
+        assert!(
+            std::env::var_os("NBDKIT_RS_REQUIRE_TOOLS").is_none(),
+            "cc and nbdkit-plugin.h (nbdkit-plugin-dev) are needed"
+        );
+        return;
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/cc/ramdisk.c");
+    let src = src.to_str().unwrap();
+    // Flags reach the compiler, parameters reach the plugin, and writes
+    // read back.
+    let s = Server::start(&["cc", src, "size=2M", "EXTRA_CFLAGS=-DFILL=7"]);
+    python(
+        "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
+         assert h.get_size()==2*1024*1024\nassert h.pread(4,0)==b'\\x07'*4\n\
+         h.pwrite(b'abc',10)\nassert h.pread(4,9)==b'\\x07abc'\nprint('OK')",
+        &[&s.uri],
+    );
+    drop(s);
+    // The source from standard input; CC= before the source.
+    let out = Command::new(binary())
+        .args([
+            "-U",
+            "-",
+            "cc",
+            "CC=gcc",
+            "-",
+            "size=4096",
+            "--run",
+            "nbdinfo --size \"$uri\"",
+        ])
+        .stdin(std::fs::File::open(src).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4096");
+    // CFLAGS replaces the defaults: without -shared there is no plugin.
+    fails(&["cc", src, "CFLAGS=-fPIC"], "compiling");
+    let bad = tempfile::Builder::new().suffix(".c").tempfile().unwrap();
+    std::fs::write(bad.path(), "int x = ;\n").unwrap();
+    fails(&["cc", bad.path().to_str().unwrap()], "expected expression");
+    fails(&["cc"], "must be the first parameter");
+    fails(&["cc", src, "nosuch=1"], "unknown parameter 'nosuch'");
+    let out = Command::new(binary())
+        .args(["-s", "cc", "-"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("-s"),
+        "{out:?}"
+    );
+    let dump = stdout_of(Command::new(binary()).args(["cc", "--dump-plugin"]));
+    assert!(
+        dump.contains("CC=cc\n") && dump.contains("CFLAGS=-g -O2 -fPIC -shared\n"),
+        "{dump}"
+    );
 }
