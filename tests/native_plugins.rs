@@ -1,8 +1,10 @@
-//! Plugins nbdkit users know that nbdkit-rs now has natively: linuxdisk
+//! Plugins nbdkit users know that nbdkit-rs now has natively: floppy (a
+//! directory as an MBR disk with FAT32), linuxdisk
 //! (a directory as a partitioned ext2/3/4 disk) and iso (directories as
 //! an ISO 9660 image), and cc (a plugin in C source, compiled at
 //! start-up).  Each disk is copied out with nbdcopy and checked
-//! with the filesystem's own tools (sfdisk, e2fsck, debugfs, xorriso).
+//! with the filesystem's own tools (sfdisk, e2fsck, debugfs, xorriso,
+//! fsck.fat, mtools).
 
 mod common;
 
@@ -246,5 +248,81 @@ fn cc_compiles_a_c_plugin_and_serves_it() {
     assert!(
         dump.contains("CC=cc\n") && dump.contains("CFLAGS=-g -O2 -fPIC -shared\n"),
         "{dump}"
+    );
+}
+
+#[test]
+fn floppy_makes_an_mbr_disk_with_a_fat32_filesystem_of_a_directory() {
+    if !have("fsck.fat") || !have("mcopy") || !have("sfdisk") || !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    tree(&src);
+    std::fs::create_dir_all(src.join("A Long Directory Name")).unwrap();
+    std::fs::write(
+        src.join("A Long Directory Name/Some Long File.txt"),
+        b"long\n",
+    )
+    .unwrap();
+    let disk = dir.path().join("floppy.img");
+    copy_out(&["floppy", src.to_str().unwrap(), "label=MYFILES"], &disk);
+    let table = stdout_of(Command::new("sfdisk").arg("-d").arg(&disk));
+    assert!(table.contains("label: dos"), "{table}");
+    assert!(
+        table.contains("start=        2048") && table.contains("type=c"),
+        "{table}"
+    );
+    let bytes = std::fs::read(&disk).unwrap();
+    let fat = dir.path().join("fat.img");
+    std::fs::write(&fat, &bytes[1 << 20..]).unwrap();
+    let fsck = Command::new("fsck.fat")
+        .arg("-n")
+        .arg(&fat)
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "{fsck:?}");
+    let mtools = |args: &[&str]| {
+        let mut c = Command::new(args[0]);
+        c.args(&args[1..]).env("MTOOLS_SKIP_CHECK", "1");
+        c
+    };
+    let label = stdout_of(&mut mtools(&[
+        "mlabel",
+        "-s",
+        "-i",
+        fat.to_str().unwrap(),
+        "::",
+    ]));
+    assert!(label.contains("MYFILES"), "{label}");
+    let x = dir.path().join("x");
+    std::fs::create_dir_all(&x).unwrap();
+    run_ok(&mut mtools(&[
+        "mcopy",
+        "-s",
+        "-i",
+        fat.to_str().unwrap(),
+        "::/",
+        x.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        std::fs::read(x.join("hello.txt")).unwrap(),
+        b"hello, world\n"
+    );
+    assert!(std::fs::read(x.join("sub/random.bin")).unwrap() == pseudo_random(300_000, 5));
+    assert_eq!(
+        std::fs::read(x.join("A Long Directory Name/Some Long File.txt")).unwrap(),
+        b"long\n"
+    );
+    // Symlinks are left out, as nbdkit does.
+    assert!(!x.join("link").exists());
+    assert_eq!(
+        copy_out(&["floppy", src.to_str().unwrap(), "size=64M"], &disk),
+        64 << 20
+    );
+    fails(&["floppy", src.to_str().unwrap(), "size=8M"], "size=");
+    fails(
+        &["floppy", src.to_str().unwrap(), "label=MUCH TOO LONG"],
+        "label=",
     );
 }

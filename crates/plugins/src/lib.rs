@@ -7,6 +7,7 @@ pub mod azure;
 pub mod curl;
 pub mod data;
 pub mod file;
+pub mod floppy;
 pub mod gcs;
 pub mod info;
 pub mod iso;
@@ -43,6 +44,7 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &random::SPARSE_RANDOM,
         &split::SPEC,
         &iso::SPEC,
+        &floppy::SPEC,
         &linuxdisk::SPEC,
         &partitioning::SPEC,
         &tmpdisk::SPEC,

@@ -177,7 +177,7 @@ fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError
     }
     // The disk holds the file open; the directory (and the file's name)
     // go when `tmp` drops, so nothing is left behind.
-    crate::partitioning::single_partition_gpt(&fs)
+    crate::partitioning::single_partition_disk(&fs, None)
 }
 
 pub static SPEC: PluginSpec = PluginSpec {

@@ -601,19 +601,22 @@ mod tests {
     }
 }
 
-/// A read-only GPT disk whose one partition (1 MiB aligned, Linux
-/// filesystem type) is the file at `path`: the linuxdisk plugin's disk.
-/// The file may be unlinked once this returns (it is held open).
-pub(crate) fn single_partition_gpt(
+/// A read-only disk with one partition (1 MiB aligned) holding the file
+/// at `path`: in a GPT (Linux filesystem type) for linuxdisk, or an MBR
+/// with partition type `mbr_id` for floppy.  The file may be unlinked once
+/// this returns (it is held open).
+pub(crate) fn single_partition_disk(
     path: &Path,
+    mbr_id: Option<u8>,
 ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
     let spec = FileSpec {
         path: path.to_string_lossy().into_owned(),
         alignment: DEFAULT_ALIGNMENT,
-        mbr_id: DEFAULT_MBR_ID,
+        mbr_id: mbr_id.unwrap_or(DEFAULT_MBR_ID),
         type_guid: parse_guid(DEFAULT_TYPE_GUID).map_err(ConfigError::new)?,
     };
-    let mut layout = build(vec![spec], Some("gpt"))?;
+    let kind = if mbr_id.is_some() { "mbr" } else { "gpt" };
+    let mut layout = build(vec![spec], Some(kind))?;
     layout.writable = false;
     Ok(Arc::new(Partitioning {
         layout: Arc::new(layout),
