@@ -23,6 +23,7 @@ pub mod s3;
 pub mod sh;
 pub mod simple;
 pub mod split;
+pub mod ssh;
 pub mod tmpdisk;
 
 /// Every built-in plugin, in the order `--help` lists them.
@@ -45,6 +46,7 @@ pub fn all() -> Vec<&'static PluginSpec> {
         &split::SPEC,
         &iso::SPEC,
         &floppy::SPEC,
+        &ssh::SPEC,
         &linuxdisk::SPEC,
         &partitioning::SPEC,
         &tmpdisk::SPEC,
