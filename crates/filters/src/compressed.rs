@@ -15,7 +15,9 @@ use nbdkit_backend::{
     Handle, Layer, Param, Result, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
 };
 use seekable_compressed::gzip::{GzipOptions, GzipReader};
-use seekable_compressed::{Bzip2Reader, Options, RandomAccess, Source, XzReader, ZstdReader};
+use seekable_compressed::{
+    Bzip2Reader, LzipReader, Options, RandomAccess, Source, XzReader, ZstdReader,
+};
 use tracing::{info, warn};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -24,6 +26,7 @@ enum Format {
     Gzip,
     Zstd,
     Bzip2,
+    Lzip,
 }
 
 impl Format {
@@ -33,6 +36,7 @@ impl Format {
             Format::Gzip => "gzip",
             Format::Zstd => "zstd",
             Format::Bzip2 => "bzip2",
+            Format::Lzip => "lzip",
         }
     }
 }
@@ -138,6 +142,7 @@ impl Compressed {
                 }),
             Format::Zstd => ZstdReader::open(source, &opts).map(|r| Arc::new(r) as _),
             Format::Bzip2 => Bzip2Reader::open(source, &opts).map(|r| Arc::new(r) as _),
+            Format::Lzip => LzipReader::open(source, &opts).map(|r| Arc::new(r) as _),
         };
         let reader = opened.map_err(|e| Error::io(format!("{} filter: {e}", format.name())))?;
         info!("{}: {} image opened", opts.name, format.name());
@@ -287,7 +292,7 @@ fn settings(cfg: &mut Config, format: Format) -> std::result::Result<Settings, C
             opts.scratch_cache_bytes = c;
         }
     }
-    if matches!(format, Format::Xz | Format::Zstd) {
+    if matches!(format, Format::Xz | Format::Zstd | Format::Lzip) {
         match cfg.take(&format!("{p}-verify")).as_deref() {
             None | Some("full") => {}
             Some("lazy") => opts.lazy_verify = true,
@@ -411,6 +416,21 @@ pub const ZSTD_PARAMS: [Param; 7] = {
 };
 pub const BZIP2_PARAMS: [Param; 5] = common_params!("bzip2");
 
+pub const LZIP_PARAMS: [Param; 6] = {
+    let c = common_params!("lzip");
+    [
+        c[0],
+        c[1],
+        c[2],
+        c[3],
+        c[4],
+        Param {
+            name: "lzip-verify",
+            help: VERIFY_HELP,
+        },
+    ]
+};
+
 pub static XZ: FilterSpec = FilterSpec {
     name: "xz",
     summary: "serve an xz-compressed image uncompressed (read-only, random access)",
@@ -454,4 +474,16 @@ pub static BZIP2: FilterSpec = FilterSpec {
                   Example:\n  nbdkit-rs --filter=bzip2 file disk.img.bz2",
     params: &BZIP2_PARAMS,
     configure: |cfg| Ok(Box::new(CompressedLayer(settings(cfg, Format::Bzip2)?))),
+};
+
+pub static LZIP: FilterSpec = FilterSpec {
+    name: "lzip",
+    summary: "serve an lzip-compressed image uncompressed (read-only, random access)",
+    description: "The member trailers, read from the end of the file, index the members; reads\n\
+                  decode only the members they touch, in parallel.  A single-member file (plain\n\
+                  `lzip`) is decoded progressively into a sparse scratch file.  Compress with\n\
+                  `plzip` or `lzip -b 16MiB` for fast random access.\n\n\
+                  Example:\n  nbdkit-rs --filter=lzip file disk.img.lz",
+    params: &LZIP_PARAMS,
+    configure: |cfg| Ok(Box::new(CompressedLayer(settings(cfg, Format::Lzip)?))),
 };

@@ -64,6 +64,7 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &cache::SPEC,
         &compressed::BZIP2,
         &compressed::GZIP,
+        &compressed::LZIP,
         &cow::SPEC,
         &delay::SPEC,
         &error::SPEC,

@@ -46,6 +46,8 @@
 //!   decodes every block once to learn the sizes (bzip2 records none).
 //! * **zstd**: the seekable format's seek table, or else the frames found by
 //!   walking the headers.
+//! * **lzip**: the member trailers, read from the end, list the members;
+//!   `plzip` and `lzip -b` make many, plain `lzip` one.
 //!
 //! A block or frame too big to cache (e.g. the only block of a plain `xz`
 //! file) is decoded progressively once into a sparse scratch file; reads
@@ -58,6 +60,7 @@ pub mod bzip2;
 pub mod cache;
 mod engine;
 pub mod gzip;
+pub mod lzip;
 mod progressive;
 pub mod qcow2;
 mod spill;
@@ -67,6 +70,7 @@ pub mod zstd;
 pub use bzip2::Bzip2Reader;
 pub use cache::BlockCache;
 pub use gzip::GzipReader;
+pub use lzip::LzipReader;
 pub use xz::XzReader;
 pub use zstd::ZstdReader;
 
@@ -159,7 +163,7 @@ pub enum Error {
         reason: String,
     },
     /// The file is not in any format this crate knows.
-    #[error("{name}: not an xz, gzip, zstd or bzip2 file")]
+    #[error("{name}: not an xz, gzip, zstd, bzip2 or lzip file")]
     UnknownFormat { name: String },
     /// A read beyond the decompressed size.
     #[error("read of {len} bytes at offset {offset} is beyond the decompressed size {size}")]
@@ -284,8 +288,8 @@ impl Default for Options {
 /// Open a compressed image, choosing the reader by its magic bytes.
 ///
 /// xz (`FD 37 7A 58 5A 00`), zstd (`28 B5 2F FD`, or a skippable frame
-/// `5? 2A 4D 18` first), bzip2 (`BZh1`..`BZh9`) and gzip (`1F 8B`) are
-/// recognised.  See the crate
+/// `5? 2A 4D 18` first), bzip2 (`BZh1`..`BZh9`), gzip (`1F 8B`) and lzip
+/// (`LZIP`) are recognised.  See the crate
 /// documentation for an example.
 pub fn open(source: Arc<dyn Source>, opts: &Options) -> Result<Arc<dyn RandomAccess>> {
     let size = source.size().map_err(|e| Error::Io {
@@ -313,6 +317,8 @@ pub fn open(source: Arc<dyn Source>, opts: &Options) -> Result<Arc<dyn RandomAcc
         Ok(Arc::new(Bzip2Reader::open(source, opts)?))
     } else if magic.starts_with(&[0x1F, 0x8B]) {
         Ok(Arc::new(gzip::GzipReader::open(source, opts)?))
+    } else if magic.starts_with(&lzip::MAGIC) {
+        Ok(Arc::new(LzipReader::open(source, opts)?))
     } else {
         Err(Error::UnknownFormat {
             name: opts.name.clone(),
