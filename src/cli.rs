@@ -75,7 +75,7 @@ pub struct Cli {
     /// Add a filter (the first one is nearest the client).
     #[arg(long = "filter", value_name = "FILTER")]
     pub filters: Vec<String>,
-    /// Where messages go: stderr, syslog or null.
+    /// Where messages go: stderr, syslog, null, default or a file path.
     #[arg(long = "log", value_name = "DEST")]
     pub log: Option<String>,
     /// Set a plugin or filter debug flag: NAME.FLAG=N.
@@ -100,7 +100,7 @@ pub struct Cli {
     #[arg(long = "no-sr")]
     pub no_sr: bool,
     /// Do not offer metadata contexts (block status).
-    #[arg(long = "no-mc")]
+    #[arg(long = "no-mc", alias = "no-meta-contexts")]
     pub no_mc: bool,
     /// Print the NBD URI of the server on stdout.
     #[arg(long = "print-uri")]
@@ -172,11 +172,12 @@ Options:
       --run CMD            run CMD with $uri set; exit with its status
       --exit-with-parent   exit when the parent process exits
       --filter FILTER      add a filter (repeatable; first is nearest the client)
-      --log DEST           stderr, syslog or null
+      --log DEST           stderr, syslog, null, default, or /path/to/file (appended)
   -D, --debug NAME.FLAG=N  set a plugin/filter debug flag
       --mask-handshake M   handshake flags to offer (default 3)
       --no-sr              do not offer structured replies
-      --no-mc              do not offer metadata contexts
+      --no-mc, --no-meta-contexts
+                           do not offer metadata contexts
       --tls MODE           off (default), on (clients choose) or require
       --tls-certificates DIR
                            has ca-cert.pem, server-cert.pem, server-key.pem

@@ -19,10 +19,11 @@ use crate::cli::Cli;
 
 pub fn init(cli: &Cli) -> Result<()> {
     let foreground = cli.foreground || cli.single || cli.run.is_some() || cli.verbose;
+    // `default` (nbdkit 1.36) is what no --log means.
     let dest = match cli.log.as_deref() {
-        Some(d) => d,
-        None if foreground => "stderr",
-        None => "syslog",
+        Some(d) if d != "default" => d,
+        _ if foreground => "stderr",
+        _ => "syslog",
     };
     // rustls-platform-verifier (under the gcs and azure plugins) logs each
     // certificate it rejects as an ERROR, once per retry, before the
@@ -47,7 +48,19 @@ pub fn init(cli: &Cli) -> Result<()> {
             unsafe { libc::openlog(c"nbdkit-rs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
             builder.with_writer(Syslog).init()
         }
-        other => bail!("--log={other}: expected stderr, syslog or null"),
+        // A path (anything with a '/', as nbdkit 1.40 takes it): append to
+        // that file, opened now, before any fork, chdir or privilege drop.
+        path if path.contains('/') => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("--log={path}: {e}"))?;
+            builder.with_writer(std::sync::Mutex::new(file)).init()
+        }
+        other => {
+            bail!("--log={other}: expected stderr, syslog, null, default or a file path (with a /)")
+        }
     }
     Ok(())
 }

@@ -866,3 +866,46 @@ fn run_sets_nbd_to_the_uri() {
     assert_eq!(code, Some(0), "{err}");
     assert!(out.starts_with("nbd+unix:///x?socket=/"), "{out}");
 }
+
+/// nbdkit 1.36–1.40's log destinations: `--log=/path` appends nbdkit's
+/// lines to that file (opened before the server forks or changes
+/// directory), `--log=default` is the default, and
+/// `--no-meta-contexts` is `--no-mc`'s long name.
+#[test]
+fn log_to_a_file_default_log_and_no_meta_contexts() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    std::fs::write(&log, "earlier line\n").unwrap();
+    let out = Command::new(binary())
+        .args(["-U", "-", "-v"])
+        .arg(format!("--log={}", log.display()))
+        .args(["null", "--run", "true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.starts_with("earlier line\n"), "appended: {text}");
+    assert!(text.contains("nbdkit: debug: "), "{text}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("nbdkit: debug: "));
+
+    let out = Command::new(binary())
+        .args([
+            "-U",
+            "-",
+            "--log=default",
+            "--no-meta-contexts",
+            "null",
+            "--run",
+        ])
+        .arg("nbdinfo \"$uri\"")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("base:allocation"));
+    let out = Command::new(binary())
+        .args(["-U", "-", "--log=bogus", "null", "--run", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--log=bogus"));
+}
