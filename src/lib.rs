@@ -9,6 +9,7 @@
 mod chain;
 mod cli;
 mod daemon;
+mod generate;
 mod info;
 mod layer;
 mod logging;
