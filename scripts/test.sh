@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 
 packages=(qemu-utils libnbd-bin python3-libnbd nbdfuse nbdkit nbdkit-plugin-dev gcc libc6-dev binutils fio fuse3 fdisk e2fsprogs
           util-linux mount xz-utils gzip pigz tabix zstd bzip2 liblzma-dev pkg-config
-          openssl libvirt0 libcurl4-openssl-dev libext2fs-dev lzip plzip xorriso dosfstools mtools openssh-server nbdkit-plugin-python nbdkit-plugin-perl nbdkit-plugin-lua nbdkit-plugin-tcl python3-venv libssl-dev gnutls-bin strace nodejs systemd)
+          openssl libvirt0 libcurl4-openssl-dev libext2fs-dev python3-venv libssl-dev gnutls-bin strace nodejs systemd
+          lzip plzip xorriso dosfstools mtools openssh-server
+          nbdkit-plugin-python nbdkit-plugin-perl nbdkit-plugin-lua nbdkit-plugin-tcl
+          man-db groff-base dpkg-dev zsh fish)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

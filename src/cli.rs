@@ -150,6 +150,11 @@ pub struct Cli {
     /// List the long options, one a line (as nbdkit, for tools).
     #[arg(long = "long-options", hide = true)]
     pub long_options: bool,
+    /// Write the manual pages (man) or a shell's completions (bash, zsh,
+    /// fish) into the directory given as the first argument, then exit
+    /// (scripts/install.sh and the Debian package use it).
+    #[arg(long = "generate", value_name = "man|bash|zsh|fish", hide = true)]
+    pub generate: Option<String>,
     /// The plugin name, then its key=value parameters.
     #[arg(value_name = "PLUGIN [key=value]...")]
     pub args: Vec<String>,
@@ -200,7 +205,14 @@ Options:
 /// `--short-options`/`--long-options`, which list nbdkit's interface as
 /// the release `--version` names (nbdkit's tests check each listed
 /// option against its manual).  `--help` lists them.
-const NOT_IN_NBDKIT_1_32: &[&str] = &["max-connections", "no-mc", "print-uri", "timeout"];
+/// `--generate` is nbdkit-rs's own (for installing), and hidden.
+const NOT_IN_NBDKIT_1_32: &[&str] = &[
+    "generate",
+    "max-connections",
+    "no-mc",
+    "print-uri",
+    "timeout",
+];
 const SHORT_NOT_IN_NBDKIT_1_32: &[char] = &['h'];
 
 /// `--short-options`: every short option, `-X` one a line, as nbdkit

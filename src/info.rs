@@ -23,6 +23,14 @@ pub fn version_line() -> String {
 /// Before the plugin is looked up: options that need no plugin, and the
 /// combinations nbdkit refuses outright.  `Some(code)` means exit now.
 pub fn early(cli: &Cli, registry: &Registry) -> Result<Option<ExitCode>> {
+    if let Some(what) = &cli.generate {
+        let Some(dir) = cli.args.first() else {
+            bail!("--generate={what} needs a directory: nbdkit-rs --generate={what} DIR [COMMAND-NAME]");
+        };
+        let name = cli.args.get(1).map(String::as_str);
+        crate::generate::run(what, std::path::Path::new(dir), name, registry)?;
+        return Ok(Some(ExitCode::SUCCESS));
+    }
     if cli.dump_config {
         print!("{}", registry.dump_config());
         return Ok(Some(ExitCode::SUCCESS));

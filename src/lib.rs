@@ -10,6 +10,7 @@ mod cc;
 mod chain;
 mod cli;
 mod daemon;
+mod generate;
 mod info;
 mod layer;
 mod logging;

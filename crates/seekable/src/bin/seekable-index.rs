@@ -1,11 +1,13 @@
 //! `seekable-index`: build or inspect the access index of a compressed
 //! image without serving it.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use indicatif::{HumanBytes, HumanDuration, ProgressBar, ProgressStyle};
 use seekable_compressed::gzip::{is_gzip_magic, GzipOptions, GzipReader};
 use seekable_compressed::{Options, Source};
 
@@ -60,6 +62,62 @@ fn format_of(file: &std::fs::File) -> std::io::Result<&'static str> {
     })
 }
 
+/// Until the index walk ends: a progress bar (compressed bytes done,
+/// rate, time left) when stderr is a terminal, otherwise a plain line
+/// every few seconds and one at the end, for logs.
+fn show_progress(r: &GzipReader, t0: Instant) {
+    let p = r.walk_progress();
+    if p.done {
+        return;
+    }
+    if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(p.compressed_total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "indexing {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {eta} left",
+            )
+            .expect("the template is valid"),
+        );
+        loop {
+            let p = r.walk_progress();
+            bar.set_position(p.compressed_done);
+            if p.done {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bar.finish_and_clear();
+        return;
+    }
+    const LINE_EVERY: Duration = Duration::from_secs(2);
+    let mut last = Instant::now();
+    loop {
+        let p = r.walk_progress();
+        if p.done || last.elapsed() >= LINE_EVERY {
+            last = Instant::now();
+            let secs = t0.elapsed().as_secs_f64();
+            let rate = p.compressed_done as f64 / secs.max(1e-3);
+            let left = if p.done || rate <= 0.0 {
+                String::new()
+            } else {
+                let s = (p.compressed_total - p.compressed_done) as f64 / rate;
+                format!(", {} left", HumanDuration(Duration::from_secs_f64(s)))
+            };
+            eprintln!(
+                "indexed {} of {} compressed ({}%), {}/s{left}",
+                HumanBytes(p.compressed_done),
+                HumanBytes(p.compressed_total),
+                p.compressed_done * 100 / p.compressed_total.max(1),
+                HumanBytes(rate as u64),
+            );
+        }
+        if p.done {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -84,6 +142,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             let t0 = Instant::now();
             let r = GzipReader::open_with(src, &opts, &gz)?;
+            show_progress(&r, t0);
             let size = r.wait_size()?;
             let saved = r.wait_saved();
             let secs = t0.elapsed().as_secs_f64();

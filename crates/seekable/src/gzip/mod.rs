@@ -33,6 +33,7 @@ mod bgzf;
 mod decode;
 mod header;
 mod index;
+mod progress;
 mod spec;
 mod walk;
 mod zstream;
@@ -49,6 +50,7 @@ pub use header::{is_gzip_magic, parse_header, Header, HeaderError};
 pub use index::{
     fnv1a64, Checkpoint, GzipIndex, Identity, Kind, Window, MAX_CHECKPOINTS, ZERO_CHUNK,
 };
+pub use progress::WalkProgress;
 
 use crate::{BlockCache, Error, Extent, Options, RandomAccess, Result, Source};
 use index::checkpoint_for;
@@ -763,6 +765,7 @@ impl GzipReader {
 
 /// Build the index on a background thread.
 fn start_walk(bg: Arc<Shared>) -> io::Result<()> {
+    let for_log = bg.clone();
     std::thread::Builder::new()
         .name("gzip-index".into())
         .spawn(move || {
@@ -803,7 +806,7 @@ fn start_walk(bg: Arc<Shared>) -> io::Result<()> {
                 }
             }
         })
-        .map(|_| ())
+        .map(|_| progress::log_while_walking(&for_log))
 }
 
 /// A loaded index turned out not to match the file: forget it and build
