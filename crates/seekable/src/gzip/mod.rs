@@ -645,7 +645,7 @@ impl GzipReader {
         // at open rather than at the first read.
         let first = {
             let mut input = header::Input::new(&*sh.source, comp_size, 0, 4096);
-            walk::read_header(&sh, &mut input).map_err(|f| sh.error(&f))?
+            header::read_header(&sh, &mut input).map_err(|f| sh.error(&f))?
         };
         if loaded.is_none() && first.bgzf_bsize.is_some() {
             let src = sh.source.clone();

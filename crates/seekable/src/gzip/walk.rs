@@ -6,11 +6,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 
-use super::decode::resume;
-use super::header::{is_gzip_magic, parse_header, Header, HeaderError, Input, MAX_HEADER};
+use super::header::{is_gzip_magic, parse_header, read_header, HeaderError, Input};
 use super::index::{zero_parts, Emitter, ZeroTracker};
 use super::spec::{self, Decoded, Refused, Segment};
-use super::zstream::{Inflater, Status, WINDOW};
+use super::zstream::{resume, Inflater, Status, WINDOW};
 use super::{Fail, Shared};
 
 const READ_CHUNK: usize = 256 * 1024;
@@ -89,26 +88,6 @@ fn check_trailing(sh: &Shared, input: &mut Input<'_>) -> Result<(), Fail> {
         }
         let n = avail.len();
         input.consume(n);
-    }
-}
-
-/// Parse (and consume) the member header at the input position.
-pub(super) fn read_header(sh: &Shared, input: &mut Input<'_>) -> Result<Header, Fail> {
-    let off = input.offset();
-    let mut want = 512;
-    loop {
-        let full = input.ensure(want).map_err(|e| sh.fail_io(off, e))?;
-        match parse_header(input.buffered()) {
-            Ok(h) => {
-                input.consume(h.len);
-                return Ok(h);
-            }
-            Err(HeaderError::Short) if full && want < MAX_HEADER => want *= 4,
-            Err(HeaderError::Short) => {
-                return Err(sh.fail_corrupt(off, "truncated gzip member header".into()))
-            }
-            Err(HeaderError::Bad(i, reason)) => return Err(sh.fail_corrupt(off + i as u64, reason)),
-        }
     }
 }
 
