@@ -15,11 +15,12 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 
 use lru::LruCache;
 
+use crate::flight::Flight;
+use crate::pool::Pool;
 use crate::progressive::{
     get_bit, push_run, read_full, set_bit, Progressive, StreamDecoder, CHUNK,
 };
@@ -195,71 +196,6 @@ struct Inner<C: Codec> {
     /// segment buffer (and, for xz, a dictionary) until it completes, and
     /// with many client requests missing at once they would add up.
     permits: Permits,
-}
-
-/// A decode in progress that other readers can wait for.
-#[derive(Default)]
-struct Flight {
-    result: Mutex<Option<Result<Arc<[u8]>>>>,
-    cv: Condvar,
-}
-
-impl Flight {
-    fn wait(&self) -> Result<Arc<[u8]>> {
-        let mut r = self.result.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            match &*r {
-                Some(Ok(b)) => return Ok(b.clone()),
-                Some(Err(e)) => return Err(clone_error(e)),
-                None => r = self.cv.wait(r).unwrap_or_else(|e| e.into_inner()),
-            }
-        }
-    }
-    fn complete(&self, res: &Result<Arc<[u8]>>) {
-        let mut r = self.result.lock().unwrap_or_else(|e| e.into_inner());
-        *r = Some(match res {
-            Ok(b) => Ok(b.clone()),
-            Err(e) => Err(clone_error(e)),
-        });
-        self.cv.notify_all();
-    }
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// A fixed set of worker threads fed through a bounded queue.  Jobs that do
-/// not fit are dropped (they are only hints), so neither threads nor queued
-/// work grow without bound.  Jobs hold a `Weak` to the reader, and dropping
-/// the pool closes the queue, so workers exit when the reader goes away.
-struct Pool {
-    tx: SyncSender<Job>,
-}
-
-impl Pool {
-    fn new(threads: usize, name: &str) -> Pool {
-        let (tx, rx) = sync_channel::<Job>(threads * 2);
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..threads {
-            let rx: Arc<Mutex<Receiver<Job>>> = rx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("decode-{i}"))
-                .spawn(move || loop {
-                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => break,
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::warn!("{name}: cannot start decode thread: {e}");
-            }
-        }
-        Pool { tx }
-    }
-
-    fn submit(&self, job: Job) {
-        let _ = self.tx.try_send(job);
-    }
 }
 
 impl<C: Codec> Engine<C> {
