@@ -25,6 +25,7 @@ use crate::progressive::{
     get_bit, push_run, read_full, set_bit, Progressive, StreamDecoder, CHUNK,
 };
 use crate::spill::{default_scratch_bound, Budget, Permits, Spill};
+use crate::sync::{CondvarExt, LockExt, RwLockExt};
 use crate::{clone_error, is_zero, BlockCache, Error, Extent, Options, Result};
 
 /// One independently decodable piece of the compressed file.
@@ -115,10 +116,6 @@ impl Partial {
             }),
             cv: Condvar::new(),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, PartialState> {
-        self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -380,22 +377,12 @@ impl<C: Codec> Engine<C> {
         {
             return;
         }
-        if inner
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&i)
-        {
+        if inner.inflight.lock_unpoisoned().contains_key(&i) {
             return;
         }
-        if let Some(p) = inner
-            .partials
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .peek(&i)
-        {
+        if let Some(p) = inner.partials.lock_unpoisoned().peek(&i) {
             // Someone is decoding it now: the work will get done.
-            if p.lock().busy {
+            if p.st.lock_unpoisoned().busy {
                 return;
             }
         }
@@ -476,12 +463,7 @@ impl<C: Codec> Engine<C> {
             let lo = offset.max(seg.uoffset) - seg.uoffset;
             let hi = end.min(seg.uoffset + seg.usize) - seg.uoffset;
             if hi > lo {
-                let known = inner
-                    .progressive
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&i)
-                    .cloned();
+                let known = inner.progressive.lock_unpoisoned().get(&i).cloned();
                 if let Some(p) = known {
                     for (l, z) in p.extents(lo, hi - lo) {
                         push_run(&mut runs, l, z);
@@ -514,20 +496,11 @@ impl<C: Codec> Inner<C> {
     }
 
     fn is_progressive(&self, i: usize) -> bool {
-        self.segs[i].usize > self.threshold
-            || self
-                .progressive
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&i)
+        self.segs[i].usize > self.threshold || self.progressive.lock_unpoisoned().contains_key(&i)
     }
 
     fn zero_bits(&self, i: usize) -> Option<Arc<Vec<u64>>> {
-        self.zeros
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&i)
-            .cloned()
+        self.zeros.read_unpoisoned().get(&i).cloned()
     }
 
     fn known_all_zero(&self, i: usize) -> bool {
@@ -538,7 +511,7 @@ impl<C: Codec> Inner<C> {
 
     /// The progressive decoder of segment `i`, created on first use.
     fn progressive(&self, i: usize) -> Result<Arc<Progressive>> {
-        let mut map = self.progressive.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.progressive.lock_unpoisoned();
         if let Some(p) = map.get(&i) {
             return Ok(p.clone());
         }
@@ -576,7 +549,7 @@ impl<C: Codec> Inner<C> {
         if self.spill.as_ref().is_some_and(|s| s.evict_one()) {
             return true;
         }
-        let mut map = self.progressive.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.progressive.lock_unpoisoned();
         let victim = map
             .iter()
             .filter(|(&k, p)| k != keep && p.written() > 0)
@@ -614,10 +587,7 @@ impl<C: Codec> Inner<C> {
                     }
                     // This segment alone needs more than the bound: drop
                     // it (freeing what it wrote) and say so.
-                    self.progressive
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&i);
+                    self.progressive.lock_unpoisoned().remove(&i);
                     tracing::error!("{e}");
                     return Err(e);
                 }
@@ -670,7 +640,7 @@ impl<C: Codec> Inner<C> {
     /// The partial segment `i`, made if needed (or the cached data, if it
     /// completed meanwhile).
     fn partial_for(&self, i: usize) -> Found {
-        let mut map = self.partials.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.partials.lock_unpoisoned();
         if let Some(p) = map.get(&i) {
             return Found::Partial(p.clone());
         }
@@ -690,7 +660,7 @@ impl<C: Codec> Inner<C> {
     /// Serve a read from segment `i`, decoding it only as far as needed.
     /// Returns whether the segment is still incomplete afterwards.
     fn read_partial(&self, i: usize, dst: &mut [u8], rel: u64) -> Result<bool> {
-        if let Some(e) = self.bad.lock().unwrap_or_else(|e| e.into_inner()).get(&i) {
+        if let Some(e) = self.bad.lock_unpoisoned().get(&i) {
             return Err(clone_error(e));
         }
         let p = match self.partial_for(i) {
@@ -737,7 +707,7 @@ impl<C: Codec> Inner<C> {
         let seg = self.segs[i];
         let len = seg.usize as usize;
         let end = end.min(len);
-        let mut st = p.lock();
+        let mut st = p.st.lock_unpoisoned();
         loop {
             if let Some(e) = &st.failed {
                 return Err(clone_error(e));
@@ -746,7 +716,7 @@ impl<C: Codec> Inner<C> {
                 return Ok(st);
             }
             if st.busy {
-                st = p.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = p.cv.wait_unpoisoned(st);
                 continue;
             }
             let dec = match st.dec.take() {
@@ -785,7 +755,7 @@ impl<C: Codec> Inner<C> {
                 }
             });
 
-            st = p.lock();
+            st = p.st.lock_unpoisoned();
             st.busy = false;
             match res {
                 Ok(n) if n == len => {
@@ -799,7 +769,7 @@ impl<C: Codec> Inner<C> {
                     self.note_zeros(i, &buf);
                     self.cache_insert(i, buf);
                     self.drop_partial_by_ref(i, p);
-                    st = p.lock();
+                    st = p.st.lock_unpoisoned();
                 }
                 Ok(n) => {
                     st.pos = n;
@@ -816,10 +786,7 @@ impl<C: Codec> Inner<C> {
                              decoded and may have been served (lazy verification); every \
                              read of it fails from now on"
                         );
-                        self.bad
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(i, clone_error(&e));
+                        self.bad.lock_unpoisoned().insert(i, clone_error(&e));
                     }
                     st.failed = Some(clone_error(&e));
                     st.buf = Some(buf);
@@ -833,7 +800,7 @@ impl<C: Codec> Inner<C> {
     }
 
     fn drop_partial_by_ref(&self, i: usize, p: &Partial) {
-        let mut map = self.partials.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.partials.lock_unpoisoned();
         if map.peek(&i).is_some_and(|q| std::ptr::eq(&**q, p)) {
             map.pop(&i);
         }
@@ -847,10 +814,7 @@ impl<C: Codec> Inner<C> {
                 set_bit(&mut bits, c as u64);
             }
         }
-        self.zeros
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(i, Arc::new(bits));
+        self.zeros.write_unpoisoned().insert(i, Arc::new(bits));
     }
 
     /// A buffer of segment `i`'s size to decode into: recycled if one is
@@ -859,7 +823,7 @@ impl<C: Codec> Inner<C> {
     /// newly allocated.
     fn segment_buffer(&self, i: usize) -> Arc<[u8]> {
         let len = self.segs[i].usize as usize;
-        let mut free = self.recycled.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = self.recycled.lock_unpoisoned();
         if let Some(k) = free.iter().position(|b| b.len() == len) {
             return free.swap_remove(k);
         }
@@ -872,7 +836,7 @@ impl<C: Codec> Inner<C> {
         if Arc::strong_count(&buf) != 1 || Arc::weak_count(&buf) != 0 {
             return;
         }
-        let mut free = self.recycled.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = self.recycled.lock_unpoisoned();
         let held: u64 = free.iter().map(|b| b.len() as u64).sum();
         if held + buf.len() as u64 <= self.recycle_bytes {
             free.push(buf);
@@ -912,7 +876,7 @@ impl<C: Codec> Inner<C> {
             return st.buf.clone().ok_or_else(|| self.short_block(i));
         }
         let (flight, leader) = {
-            let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = self.inflight.lock_unpoisoned();
             if let Some(f) = map.get(&i) {
                 (f.clone(), false)
             } else {
@@ -938,10 +902,7 @@ impl<C: Codec> Inner<C> {
             // caching its bytes would only waste the cache.
             self.cache_insert(i, b.clone());
         }
-        self.inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&i);
+        self.inflight.lock_unpoisoned().remove(&i);
         flight.complete(&res);
         res
     }

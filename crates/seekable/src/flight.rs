@@ -2,6 +2,7 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 
+use crate::sync::{CondvarExt, LockExt};
 use crate::{clone_error, Result};
 
 /// A decode in progress that other readers can wait for.
@@ -13,17 +14,17 @@ pub(crate) struct Flight {
 
 impl Flight {
     pub(crate) fn wait(&self) -> Result<Arc<[u8]>> {
-        let mut r = self.result.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.result.lock_unpoisoned();
         loop {
             match &*r {
                 Some(Ok(b)) => return Ok(b.clone()),
                 Some(Err(e)) => return Err(clone_error(e)),
-                None => r = self.cv.wait(r).unwrap_or_else(|e| e.into_inner()),
+                None => r = self.cv.wait_unpoisoned(r),
             }
         }
     }
     pub(crate) fn complete(&self, res: &Result<Arc<[u8]>>) {
-        let mut r = self.result.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.result.lock_unpoisoned();
         *r = Some(match res {
             Ok(b) => Ok(b.clone()),
             Err(e) => Err(clone_error(e)),

@@ -62,6 +62,7 @@ pub mod gzip;
 mod pool;
 mod progressive;
 mod spill;
+mod sync;
 pub mod xz;
 pub mod zstd;
 

@@ -1,5 +1,6 @@
 //! The worker pool that decodes ahead of readers.
 
+use crate::sync::LockExt;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +23,7 @@ impl Pool {
             let spawned = std::thread::Builder::new()
                 .name(format!("decode-{i}"))
                 .spawn(move || loop {
-                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let job = rx.lock_unpoisoned().recv();
                     match job {
                         Ok(job) => job(),
                         Err(_) => break,

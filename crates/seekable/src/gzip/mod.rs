@@ -41,7 +41,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 pub use bgzf::{bgzf_size, bgzf_size_with, BGZF_MAX_ISIZE};
@@ -50,6 +50,7 @@ pub use index::{
     fnv1a64, Checkpoint, GzipIndex, Identity, Kind, Window, MAX_CHECKPOINTS, ZERO_CHUNK,
 };
 
+use crate::sync::{CondvarExt, LockExt};
 use crate::{BlockCache, Error, Extent, Options, RandomAccess, Result, Source};
 use index::checkpoint_for;
 
@@ -187,10 +188,6 @@ pub(crate) struct Shared {
     pieces: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Shared {
     fn fail_corrupt(&self, offset: u64, reason: String) -> Fail {
         Fail {
@@ -246,7 +243,7 @@ impl Shared {
         frontier: u64,
         done: bool,
     ) {
-        let mut st = lock(&self.state);
+        let mut st = self.state.lock_unpoisoned();
         st.cps.extend(cps);
         st.zero_runs.extend(zeros);
         st.open_zero = open;
@@ -262,7 +259,7 @@ impl Shared {
     /// Called by the walk after publishing a member's end (or a verified
     /// batch of BGZF members): output below `out` has passed its checks.
     fn member_verified(&self, out: u64) {
-        let mut st = lock(&self.state);
+        let mut st = self.state.lock_unpoisoned();
         st.verified = st.verified.max(out);
         st.past_first = true;
         drop(st);
@@ -270,7 +267,7 @@ impl Shared {
     }
 
     fn walk_failed(&self, f: Fail) {
-        let mut st = lock(&self.state);
+        let mut st = self.state.lock_unpoisoned();
         st.failed = Some(f);
         st.done = true;
         st.save_done = true;
@@ -285,7 +282,7 @@ impl Shared {
     /// file), and waiting for its end would mean decoding the whole image
     /// before the first read.
     fn wait_frontier(&self, end: u64) -> std::result::Result<Option<u64>, Fail> {
-        let mut st = lock(&self.state);
+        let mut st = self.state.lock_unpoisoned();
         loop {
             if let Some(f) = &st.failed {
                 return Err(f.clone());
@@ -301,7 +298,7 @@ impl Shared {
             if servable >= end {
                 return Ok(None);
             }
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.cv.wait_unpoisoned(st);
         }
     }
 
@@ -317,7 +314,7 @@ impl Shared {
             Some(t) => want.min(t),
             None => want,
         };
-        let st = lock(&self.state);
+        let st = self.state.lock_unpoisoned();
         let cp = checkpoint_for(&st.cps, start)
             .and_then(|i| st.cps.get(i))
             .cloned()
@@ -333,7 +330,7 @@ impl Shared {
             return Ok(b);
         }
         let (slot, leader) = {
-            let mut m = lock(&self.inflight);
+            let mut m = self.inflight.lock_unpoisoned();
             match m.get(&u) {
                 Some(s) => (s.clone(), false),
                 None => {
@@ -344,12 +341,12 @@ impl Shared {
             }
         };
         if !leader {
-            let mut r = lock(&slot.result);
+            let mut r = slot.result.lock_unpoisoned();
             loop {
                 if let Some(r) = r.as_ref() {
                     return r.clone();
                 }
-                r = slot.cv.wait(r).unwrap_or_else(|e| e.into_inner());
+                r = slot.cv.wait_unpoisoned(r);
             }
         }
         // Another leader may have finished between our cache miss and
@@ -370,14 +367,14 @@ impl Shared {
                 Ok(data)
             }),
         };
-        *lock(&slot.result) = Some(result.clone());
+        *slot.result.lock_unpoisoned() = Some(result.clone());
         slot.cv.notify_all();
-        lock(&self.inflight).remove(&u);
+        self.inflight.lock_unpoisoned().remove(&u);
         result
     }
 
     fn is_ready(&self, u: u64) -> bool {
-        let st = lock(&self.state);
+        let st = self.state.lock_unpoisoned();
         let start = u.saturating_mul(self.span);
         match st.total {
             Some(t) => start < t,
@@ -391,7 +388,7 @@ impl Shared {
         if self.threads == 0
             || !self.is_ready(u)
             || self.cache.get(u).is_some()
-            || lock(&self.inflight).contains_key(&u)
+            || self.inflight.lock_unpoisoned().contains_key(&u)
         {
             return;
         }
@@ -414,7 +411,7 @@ impl Shared {
     }
 
     fn snapshot(&self) -> Option<GzipIndex> {
-        let st = lock(&self.state);
+        let st = self.state.lock_unpoisoned();
         let total = st.total?;
         if st.failed.is_some() {
             return None;
@@ -474,7 +471,7 @@ impl Shared {
     /// (logged, index file removed); the caller restarts the walk.
     fn check_loaded(&self, end: u64) -> std::result::Result<bool, Fail> {
         let todo: Vec<(usize, u64, u64, u32)> = {
-            let st = lock(&self.state);
+            let st = self.state.lock_unpoisoned();
             let Some(crcs) = st.range_crcs.clone() else {
                 return Ok(true);
             };
@@ -520,10 +517,10 @@ impl Shared {
                 if let Some(p) = &self.index_path {
                     let _ = std::fs::remove_file(p);
                 }
-                lock(&self.state).stale = true;
+                self.state.lock_unpoisoned().stale = true;
                 return Ok(false);
             }
-            if let Some(ok) = lock(&self.state).range_ok.get_mut(k) {
+            if let Some(ok) = self.state.lock_unpoisoned().range_ok.get_mut(k) {
                 *ok = true;
             }
         }
@@ -654,11 +651,11 @@ impl GzipReader {
                 src.read_exact_at(buf, off)
             })?;
             tracing::debug!(name = %sh.name, ?size, secs = t0.elapsed().as_secs_f64(), "BGZF size from member trailers");
-            lock(&sh.state).size = size;
+            sh.state.lock_unpoisoned().size = size;
         }
         if let Some(idx) = loaded {
             {
-                let mut st = lock(&sh.state);
+                let mut st = sh.state.lock_unpoisoned();
                 st.cps = idx.checkpoints;
                 st.zero_runs = idx.zero_runs;
                 st.frontier = idx.total;
@@ -693,7 +690,7 @@ impl GzipReader {
     /// size reached before the failure.
     pub fn export_size(&self) -> Result<u64> {
         {
-            let st = lock(&self.sh.state);
+            let st = self.sh.state.lock_unpoisoned();
             if let Some(f) = &st.failed {
                 return Err(self.sh.error(f));
             }
@@ -706,12 +703,12 @@ impl GzipReader {
 
     /// The decompressed size if already known (saved index, or walk done).
     pub fn known_size(&self) -> Option<u64> {
-        lock(&self.sh.state).total
+        self.sh.state.lock_unpoisoned().total
     }
 
     /// Output bytes indexed so far: reads below this don't wait.
     pub fn indexed_frontier(&self) -> u64 {
-        lock(&self.sh.state).frontier
+        self.sh.state.lock_unpoisoned().frontier
     }
 
     /// True if a saved index was used (no walk was needed).
@@ -721,7 +718,7 @@ impl GzipReader {
 
     /// Checkpoints known so far.
     pub fn checkpoint_count(&self) -> usize {
-        lock(&self.sh.state).cps.len()
+        self.sh.state.lock_unpoisoned().cps.len()
     }
 
     pub fn span(&self) -> u64 {
@@ -737,9 +734,9 @@ impl GzipReader {
     /// or why it wasn't saved (None when persistence is off or the index
     /// was loaded).
     pub fn wait_saved(&self) -> Option<std::result::Result<PathBuf, String>> {
-        let mut st = lock(&self.sh.state);
+        let mut st = self.sh.state.lock_unpoisoned();
         while !st.save_done {
-            st = self.sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.sh.cv.wait_unpoisoned(st);
         }
         if let Some(f) = &st.failed {
             return Some(Err(self.sh.error(f).to_string()));
@@ -772,7 +769,7 @@ fn start_walk(bg: Arc<Shared>) -> io::Result<()> {
                 .unwrap_or_else(|_| Err(bg.fail_unsupported("index walk panicked".into())));
             // The walk inflated and checked every member; its total
             // must be the size the handshake already announced.
-            let result = result.and_then(|total| match lock(&bg.state).size {
+            let result = result.and_then(|total| match bg.state.lock_unpoisoned().size {
                 Some(s) if s != total => Err(bg.fail_corrupt(
                     0,
                     format!(
@@ -789,7 +786,7 @@ fn start_walk(bg: Arc<Shared>) -> io::Result<()> {
                     if let Some(Err(e)) = &saved {
                         tracing::warn!(name = %bg.name, "could not save gzip index: {e}");
                     }
-                    let mut st = lock(&bg.state);
+                    let mut st = bg.state.lock_unpoisoned();
                     st.saved = saved;
                     st.save_done = true;
                     drop(st);
@@ -810,7 +807,7 @@ fn start_walk(bg: Arc<Shared>) -> io::Result<()> {
 /// a new one (readers wait for the new walk like on a cold start).  The
 /// size announced stays what the new walk must find.
 fn restart_walk(sh: &Arc<Shared>) {
-    let mut st = lock(&sh.state);
+    let mut st = sh.state.lock_unpoisoned();
     if !st.stale {
         // Another reader restarted it already.
         return;
@@ -897,7 +894,7 @@ impl GzipReader {
         let end = offset
             .checked_add(len)
             .ok_or_else(|| oor(self.known_size().unwrap_or(0)))?;
-        if let Some(size) = lock(&sh.state).size {
+        if let Some(size) = sh.state.lock_unpoisoned().size {
             // Known already: a read past the end fails without waiting.
             if end > size {
                 return Err(oor(size));
@@ -974,11 +971,11 @@ impl GzipReader {
 
 impl RandomAccess for GzipReader {
     fn size(&self) -> u64 {
-        if let Some(s) = lock(&self.sh.state).size {
+        if let Some(s) = self.sh.state.lock_unpoisoned().size {
             return s;
         }
         let _ = self.sh.wait_frontier(u64::MAX);
-        let st = lock(&self.sh.state);
+        let st = self.sh.state.lock_unpoisoned();
         st.total.unwrap_or(st.frontier)
     }
 
@@ -987,11 +984,11 @@ impl RandomAccess for GzipReader {
         // read made again (the new walk's index needs no check, so this
         // happens at most once).
         loop {
-            let gen = lock(&self.sh.state).gen;
+            let gen = self.sh.state.lock_unpoisoned().gen;
             let r = self.read_once(buf, offset);
             if r.is_err() {
                 let (stale, now) = {
-                    let st = lock(&self.sh.state);
+                    let st = self.sh.state.lock_unpoisoned();
                     (st.stale, st.gen)
                 };
                 if stale {
@@ -1011,7 +1008,7 @@ impl RandomAccess for GzipReader {
         // checked against the file (a client skips reading holes).
         let checked = {
             let known = {
-                let st = lock(&self.sh.state);
+                let st = self.sh.state.lock_unpoisoned();
                 st.total.or(st.size)
             };
             let end = known.map_or(offset.saturating_add(len), |t| {
@@ -1019,7 +1016,7 @@ impl RandomAccess for GzipReader {
             });
             matches!(self.sh.check_loaded(end), Ok(true))
         };
-        let st = lock(&self.sh.state);
+        let st = self.sh.state.lock_unpoisoned();
         if !checked {
             let len = st
                 .total

@@ -11,6 +11,7 @@ use super::index::{zero_parts, Emitter, ZeroTracker};
 use super::spec::{self, Decoded, Refused, Segment};
 use super::zstream::{resume, Inflater, Status, WINDOW};
 use super::{Fail, Shared};
+use crate::sync::LockExt;
 
 const READ_CHUNK: usize = 256 * 1024;
 /// Publish progress at least this often (in output bytes) inside a member.
@@ -652,7 +653,7 @@ fn spawn_workers<'scope, J: Send + 'scope, R: Send + 'scope>(
     for _ in 0..n {
         let done = done.clone();
         s.spawn(move || loop {
-            let job = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
+            let job = jobs.lock_unpoisoned().recv();
             let Ok((seq, job)) = job else { break };
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&job)))
                 .unwrap_or_else(|_| panicked());
