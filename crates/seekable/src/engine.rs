@@ -19,14 +19,14 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 
 use lru::LruCache;
 
-use crate::flight::Flight;
+use crate::flight::Flights;
 use crate::pool::Pool;
 use crate::progressive::{
     get_bit, push_run, read_full, set_bit, Progressive, StreamDecoder, CHUNK,
 };
 use crate::spill::{default_scratch_bound, Budget, Permits, Spill};
 use crate::sync::{CondvarExt, LockExt, RwLockExt};
-use crate::{clone_error, is_zero, BlockCache, Error, Extent, Options, Result};
+use crate::{is_zero, BlockCache, Error, Extent, Options, Result};
 
 /// One independently decodable piece of the compressed file.
 #[derive(Debug, Clone, Copy)]
@@ -160,7 +160,7 @@ struct Inner<C: Codec> {
     /// The file has more than one non-empty segment: a progressive one is
     /// then decoded and verified whole before it is served (unless lazy).
     multi: bool,
-    inflight: Mutex<HashMap<usize, Arc<Flight>>>,
+    flights: Flights<usize, Result<Arc<[u8]>>>,
     /// Zero-chunk bitmaps of in-memory segments that were decoded; kept
     /// after the data is evicted (one bit per 64 KiB) so `extents()` stays
     /// accurate and all-zero ranges never need decoding again.
@@ -251,7 +251,7 @@ impl<C: Codec> Engine<C> {
             scratch_dir: opts.scratch_dir.clone(),
             lazy: opts.lazy_verify,
             multi,
-            inflight: Mutex::new(HashMap::new()),
+            flights: Flights::new(),
             zeros: RwLock::new(HashMap::new()),
             progressive: Mutex::new(pre),
             recent_ends: Default::default(),
@@ -377,7 +377,7 @@ impl<C: Codec> Engine<C> {
         {
             return;
         }
-        if inner.inflight.lock_unpoisoned().contains_key(&i) {
+        if inner.flights.contains(&i) {
             return;
         }
         if let Some(p) = inner.partials.lock_unpoisoned().peek(&i) {
@@ -661,7 +661,7 @@ impl<C: Codec> Inner<C> {
     /// Returns whether the segment is still incomplete afterwards.
     fn read_partial(&self, i: usize, dst: &mut [u8], rel: u64) -> Result<bool> {
         if let Some(e) = self.bad.lock_unpoisoned().get(&i) {
-            return Err(clone_error(e));
+            return Err(e.clone());
         }
         let p = match self.partial_for(i) {
             Found::Cached(b) => {
@@ -710,7 +710,7 @@ impl<C: Codec> Inner<C> {
         let mut st = p.st.lock_unpoisoned();
         loop {
             if let Some(e) = &st.failed {
-                return Err(clone_error(e));
+                return Err(e.clone());
             }
             if !st.busy && st.pos >= end {
                 return Ok(st);
@@ -727,7 +727,7 @@ impl<C: Codec> Inner<C> {
                 (Ok(d), Some(b)) => (d, b),
                 (Err(e), b) => {
                     st.buf = b;
-                    st.failed = Some(clone_error(&e));
+                    st.failed = Some(e.clone());
                     drop(st);
                     self.drop_partial_by_ref(i, p);
                     p.cv.notify_all();
@@ -786,9 +786,9 @@ impl<C: Codec> Inner<C> {
                              decoded and may have been served (lazy verification); every \
                              read of it fails from now on"
                         );
-                        self.bad.lock_unpoisoned().insert(i, clone_error(&e));
+                        self.bad.lock_unpoisoned().insert(i, e.clone());
                     }
-                    st.failed = Some(clone_error(&e));
+                    st.failed = Some(e.clone());
                     st.buf = Some(buf);
                     drop(st);
                     self.drop_partial_by_ref(i, p);
@@ -875,36 +875,22 @@ impl<C: Codec> Inner<C> {
             let st = self.advance_partial(i, &p, self.segs[i].usize as usize)?;
             return st.buf.clone().ok_or_else(|| self.short_block(i));
         }
-        let (flight, leader) = {
-            let mut map = self.inflight.lock_unpoisoned();
-            if let Some(f) = map.get(&i) {
-                (f.clone(), false)
-            } else {
-                // Re-check under the lock: a leader inserts into the cache
-                // before leaving the map, so this cannot miss both.
-                if let Some(b) = self.cache.get(key) {
-                    return Ok(b);
+        self.flights.run(
+            i,
+            || self.cache.get(key).map(Ok),
+            || {
+                let res = {
+                    let _permit = self.permits.acquire();
+                    self.decode_block(i)
+                };
+                if let Ok(b) = &res {
+                    // An all-zero block is served from its zero bitmap from
+                    // now on; caching its bytes would only waste the cache.
+                    self.cache_insert(i, b.clone());
                 }
-                let f = Arc::new(Flight::default());
-                map.insert(i, f.clone());
-                (f, true)
-            }
-        };
-        if !leader {
-            return flight.wait();
-        }
-        let res = {
-            let _permit = self.permits.acquire();
-            self.decode_block(i)
-        };
-        if let Ok(b) = &res {
-            // An all-zero block is served from its zero bitmap from now on;
-            // caching its bytes would only waste the cache.
-            self.cache_insert(i, b.clone());
-        }
-        self.inflight.lock_unpoisoned().remove(&i);
-        flight.complete(&res);
-        res
+                res
+            },
+        )
     }
 
     fn decode_block(&self, i: usize) -> Result<Arc<[u8]>> {

@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use crate::spill::Budget;
 use crate::sync::{CondvarExt, LockExt};
-use crate::{clone_error, is_zero, Error, Result};
+use crate::{is_zero, Error, Result};
 
 /// A decoder producing the decompressed bytes of one unit in order.
 pub(crate) trait StreamDecoder: Send {
@@ -187,7 +187,7 @@ impl Progressive {
         let mut st = self.state.lock_unpoisoned();
         loop {
             if let Some(e) = &st.failed {
-                return Err(clone_error(e));
+                return Err(e.clone());
             }
             if st.frontier >= target || st.done {
                 return Ok(());

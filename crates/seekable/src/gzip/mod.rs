@@ -37,7 +37,6 @@ mod spec;
 mod walk;
 mod zstream;
 
-use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -50,6 +49,7 @@ pub use index::{
     fnv1a64, Checkpoint, GzipIndex, Identity, Kind, Window, MAX_CHECKPOINTS, ZERO_CHUNK,
 };
 
+use crate::flight::Flights;
 use crate::sync::{CondvarExt, LockExt};
 use crate::{BlockCache, Error, Extent, Options, RandomAccess, Result, Source};
 use index::checkpoint_for;
@@ -161,12 +161,6 @@ struct State {
     gen: u64,
 }
 
-#[derive(Default)]
-struct Slot {
-    result: Mutex<Option<std::result::Result<Arc<[u8]>, Fail>>>,
-    cv: Condvar,
-}
-
 pub(crate) struct Shared {
     source: Arc<dyn Source>,
     comp_size: u64,
@@ -180,7 +174,7 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     cv: Condvar,
     stop: AtomicBool,
-    inflight: Mutex<HashMap<u64, Arc<Slot>>>,
+    flights: Flights<u64, std::result::Result<Arc<[u8]>, Fail>>,
     ahead_running: AtomicUsize,
     last_end: AtomicU64,
     decoded: AtomicU64,
@@ -329,31 +323,11 @@ impl Shared {
         if let Some(b) = self.cache.get(u) {
             return Ok(b);
         }
-        let (slot, leader) = {
-            let mut m = self.inflight.lock_unpoisoned();
-            match m.get(&u) {
-                Some(s) => (s.clone(), false),
-                None => {
-                    let s = Arc::new(Slot::default());
-                    m.insert(u, s.clone());
-                    (s, true)
-                }
-            }
-        };
-        if !leader {
-            let mut r = slot.result.lock_unpoisoned();
-            loop {
-                if let Some(r) = r.as_ref() {
-                    return r.clone();
-                }
-                r = slot.cv.wait_unpoisoned(r);
-            }
-        }
-        // Another leader may have finished between our cache miss and
-        // taking the in-flight slot.
-        let result = match self.cache.get(u) {
-            Some(b) => Ok(b),
-            None => self.unit_plan(u).and_then(|(cp, start, end)| {
+        self.flights.run(
+            u,
+            || self.cache.get(u).map(Ok),
+            || {
+                let (cp, start, end) = self.unit_plan(u)?;
                 // A loaded index is used only on bytes it was built from.
                 if !self.check_loaded(end)? {
                     return Err(self.fail_corrupt(
@@ -365,12 +339,8 @@ impl Shared {
                 let data: Arc<[u8]> = decode::decode(self, &cp, start, end)?.into();
                 self.cache.insert(u, data.clone());
                 Ok(data)
-            }),
-        };
-        *slot.result.lock_unpoisoned() = Some(result.clone());
-        slot.cv.notify_all();
-        self.inflight.lock_unpoisoned().remove(&u);
-        result
+            },
+        )
     }
 
     fn is_ready(&self, u: u64) -> bool {
@@ -388,7 +358,7 @@ impl Shared {
         if self.threads == 0
             || !self.is_ready(u)
             || self.cache.get(u).is_some()
-            || self.inflight.lock_unpoisoned().contains_key(&u)
+            || self.flights.contains(&u)
         {
             return;
         }
@@ -631,7 +601,7 @@ impl GzipReader {
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
-            inflight: Mutex::new(HashMap::new()),
+            flights: Flights::new(),
             ahead_running: AtomicUsize::new(0),
             last_end: AtomicU64::new(u64::MAX),
             decoded: AtomicU64::new(0),
