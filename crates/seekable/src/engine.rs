@@ -221,7 +221,7 @@ impl<C: Codec> Engine<C> {
         // More decode threads than this cannot help on any machine we know
         // of, and each may hold a block's worth of memory.
         let threads = opts.threads.min(64);
-        let pool = (threads > 0).then(|| Pool::new(threads, &opts.name));
+        let pool = (threads > 0).then(|| Pool::new(threads, threads * 2, "decode", &opts.name));
         let max_partial = (opts.cache_bytes / 4 / max_seg).clamp(2, MAX_PARTIAL as u64) as usize;
         let budget =
             Arc::new(Budget::new(opts.scratch_bytes.unwrap_or_else(|| {
@@ -362,7 +362,7 @@ impl<C: Codec> Engine<C> {
         let inner = &self.inner;
         if inner.is_progressive(i) {
             let weak: Weak<Inner<C>> = Arc::downgrade(&self.inner);
-            pool.submit(Box::new(move || {
+            pool.offer(Box::new(move || {
                 if let Some(inner) = weak.upgrade() {
                     if let Ok(p) = inner.progressive(i) {
                         let _ = p.advance_to(rel_end);
@@ -387,7 +387,7 @@ impl<C: Codec> Engine<C> {
             }
         }
         let weak: Weak<Inner<C>> = Arc::downgrade(&self.inner);
-        pool.submit(Box::new(move || {
+        pool.offer(Box::new(move || {
             if let Some(inner) = weak.upgrade() {
                 let _ = inner.get_block(i);
             }

@@ -39,7 +39,7 @@ mod zstream;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -50,6 +50,7 @@ pub use index::{
 };
 
 use crate::flight::Flights;
+use crate::pool::Pool;
 use crate::sync::{CondvarExt, LockExt};
 use crate::{BlockCache, Error, Extent, Options, RandomAccess, Result, Source};
 use index::checkpoint_for;
@@ -115,6 +116,9 @@ pub struct GzipStats {
 /// Random access to a gzip file.
 pub struct GzipReader {
     sh: Arc<Shared>,
+    /// Decodes spans ahead of a sequential reader, and the later spans of
+    /// a read that covers several (`None` without threads).
+    pool: Option<Pool>,
 }
 
 #[derive(Debug, Clone)]
@@ -175,7 +179,6 @@ pub(crate) struct Shared {
     cv: Condvar,
     stop: AtomicBool,
     flights: Flights<u64, std::result::Result<Arc<[u8]>, Fail>>,
-    ahead_running: AtomicUsize,
     last_end: AtomicU64,
     decoded: AtomicU64,
     ahead: AtomicU64,
@@ -349,34 +352,6 @@ impl Shared {
         match st.total {
             Some(t) => start < t,
             None => st.failed.is_none() && st.frontier >= start.saturating_add(self.span),
-        }
-    }
-
-    /// Decode span `u` on a background thread if it is indexed, not yet
-    /// cached or in flight, and fewer than `threads` such jobs run.
-    fn spawn_ahead(self: &Arc<Self>, u: u64) {
-        if self.threads == 0
-            || !self.is_ready(u)
-            || self.cache.get(u).is_some()
-            || self.flights.contains(&u)
-        {
-            return;
-        }
-        if self.ahead_running.fetch_add(1, Ordering::AcqRel) >= self.threads {
-            self.ahead_running.fetch_sub(1, Ordering::AcqRel);
-            return;
-        }
-        let sh = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("gzip-ahead".into())
-            .spawn(move || {
-                if sh.get_unit(u).is_ok() {
-                    sh.ahead.fetch_add(1, Ordering::Relaxed);
-                }
-                sh.ahead_running.fetch_sub(1, Ordering::AcqRel);
-            });
-        if spawned.is_err() {
-            self.ahead_running.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -602,7 +577,6 @@ impl GzipReader {
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
             flights: Flights::new(),
-            ahead_running: AtomicUsize::new(0),
             last_end: AtomicU64::new(u64::MAX),
             decoded: AtomicU64::new(0),
             ahead: AtomicU64::new(0),
@@ -635,14 +609,20 @@ impl GzipReader {
                 st.range_ok = vec![false; idx.range_crcs.len()];
                 st.range_crcs = Some(Arc::new(idx.range_crcs));
             }
-            return Ok(GzipReader { sh });
+            return Ok(GzipReader::new(sh));
         }
         start_walk(sh.clone()).map_err(|e| Error::Io {
             name: sh.name.clone(),
             offset: 0,
             source: e,
         })?;
-        Ok(GzipReader { sh })
+        Ok(GzipReader::new(sh))
+    }
+
+    fn new(sh: Arc<Shared>) -> GzipReader {
+        let threads = sh.threads;
+        let pool = (threads > 0).then(|| Pool::new(threads, threads * 2, "gzip-ahead", &sh.name));
+        GzipReader { sh, pool }
     }
 
     /// The decompressed size, waiting for the index walk if needed; the
@@ -854,6 +834,28 @@ impl Drop for GzipReader {
 }
 
 impl GzipReader {
+    /// Have the pool decode span `u` if it is indexed and neither cached
+    /// nor in flight.  `ahead`: a guess at what will be read next, counted
+    /// in the statistics.
+    fn offer(&self, u: u64, ahead: bool) {
+        let Some(pool) = &self.pool else { return };
+        let sh = &self.sh;
+        if !sh.is_ready(u) || sh.cache.contains(u) || sh.flights.contains(&u) {
+            return;
+        }
+        let weak = Arc::downgrade(sh);
+        pool.offer(Box::new(move || {
+            // Ready is checked again: a restarted walk may have reset the
+            // index meanwhile, and a hint must never wait for the walk.
+            let Some(sh) = weak.upgrade().filter(|sh| sh.is_ready(u)) else {
+                return;
+            };
+            if sh.get_unit(u).is_ok() && ahead {
+                sh.ahead.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+
     fn read_once(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let sh = &self.sh;
         if buf.is_empty() {
@@ -877,45 +879,15 @@ impl GzipReader {
         }
         let span = sh.span;
         let (u0, u1) = (offset / span, (end - 1) / span);
-        let units: Vec<u64> = (u0..=u1).collect();
-        let workers = (sh.threads + 1).min(units.len());
-        let blocks: Vec<std::result::Result<Arc<[u8]>, Fail>> = if workers > 1 {
-            // Several spans: decode them in parallel.
-            let mut slots: Vec<Option<std::result::Result<Arc<[u8]>, Fail>>> =
-                vec![None; units.len()];
-            std::thread::scope(|s| {
-                let hs: Vec<_> = (0..workers)
-                    .map(|w| {
-                        let units = &units;
-                        s.spawn(move || {
-                            (w..units.len())
-                                .step_by(workers)
-                                .map(|i| (i, sh.get_unit(units[i])))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                for h in hs {
-                    if let Ok(v) = h.join() {
-                        for (i, r) in v {
-                            slots[i] = Some(r);
-                        }
-                    }
-                }
-            });
-            slots
-                .into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| Err(sh.fail_unsupported("decoder thread panicked".into())))
-                })
-                .collect()
-        } else {
-            units.iter().map(|&u| sh.get_unit(u)).collect()
-        };
         let mut pos = offset;
         let mut filled = 0usize;
-        for (u, b) in units.iter().zip(blocks) {
-            let b = b.map_err(|f| sh.error(&f))?;
+        for u in u0..=u1 {
+            // Several spans: the pool decodes the next few while this
+            // thread decodes this one (single-flight shares the work).
+            for v in (u + 1..=u1).take(sh.threads) {
+                self.offer(v, false);
+            }
+            let b = sh.get_unit(u).map_err(|f| sh.error(&f))?;
             let ustart = u * span;
             let from = (pos - ustart) as usize;
             let n = (b.len().saturating_sub(from)).min(buf.len() - filled);
@@ -932,7 +904,7 @@ impl GzipReader {
         // Sequential reading: decode the next spans ahead.
         if sh.last_end.swap(end, Ordering::Relaxed) == offset {
             for k in 1..=sh.threads as u64 {
-                sh.spawn_ahead(u1 + k);
+                self.offer(u1 + k, true);
             }
         }
         Ok(())
@@ -1052,7 +1024,7 @@ impl RandomAccess for GzipReader {
         }
         let last = offset.saturating_add(len - 1) / span;
         for u in (offset / span..=last).take(self.sh.threads.max(1) * 2) {
-            self.sh.spawn_ahead(u);
+            self.offer(u, true);
         }
     }
 
