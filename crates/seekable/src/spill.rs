@@ -83,9 +83,11 @@ pub(crate) fn default_scratch_bound(dir: Option<&Path>) -> u64 {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
         return FALLBACK_SCRATCH_BOUND;
     };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a plain struct
-    // statvfs fills in.
+    // SAFETY: statvfs is a plain C struct of integers, for which all-zero
+    // is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a struct of the
+    // type statvfs fills in, alive for the call.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         tracing::warn!(
             "cannot find the free space of {} ({}); scratch disk bound {} GiB",
