@@ -620,7 +620,8 @@ impl GzipReader {
     }
 
     fn new(sh: Arc<Shared>) -> GzipReader {
-        let threads = sh.threads;
+        // As many as the engine's pools at most (see `Engine::new`).
+        let threads = sh.threads.min(64);
         let pool = (threads > 0).then(|| Pool::new(threads, threads * 2, "gzip-ahead", &sh.name));
         GzipReader { sh, pool }
     }
