@@ -13,8 +13,9 @@ use std::time::Instant;
 use seekable_compressed::{open, Options, RandomAccess, Source};
 
 fn peak_rss_mib() -> f64 {
-    // SAFETY: getrusage only writes into the struct we pass.
+    // SAFETY: rusage is a plain C struct, for which all-zero is valid.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes into the struct we pass.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     ru.ru_maxrss as f64 / 1024.0
 }

@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::sync::LockExt;
 use lru::LruCache;
 
 /// Decompressed blocks keyed by a reader-chosen `u64` (block number or the
@@ -33,7 +34,7 @@ impl BlockCache {
 
     /// Look a block up, marking it most recently used.
     pub fn get(&self, key: u64) -> Option<Arc<[u8]>> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.lock_unpoisoned();
         inner.map.get(&key).cloned()
     }
 
@@ -46,7 +47,7 @@ impl BlockCache {
     /// caller can keep them in a slower tier); they are returned rather
     /// than handled here so no I/O happens under the cache lock.
     pub fn insert_evicting(&self, key: u64, data: Arc<[u8]>) -> Vec<(u64, Arc<[u8]>)> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.lock_unpoisoned();
         let len = data.len() as u64;
         if let Some(old) = inner.map.put(key, data) {
             inner.bytes -= old.len() as u64;
@@ -68,13 +69,13 @@ impl BlockCache {
     /// Whether a block is cached, without touching its LRU position (used to
     /// skip scheduling decode-ahead of blocks already present).
     pub fn contains(&self, key: u64) -> bool {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = self.inner.lock_unpoisoned();
         inner.map.contains(&key)
     }
 
     /// Bytes of block data held now.
     pub fn bytes(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).bytes
+        self.inner.lock_unpoisoned().bytes
     }
 }
 

@@ -15,16 +15,18 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 
 use lru::LruCache;
 
+use crate::flight::Flights;
+use crate::pool::Pool;
 use crate::progressive::{
     get_bit, push_run, read_full, set_bit, Progressive, StreamDecoder, CHUNK,
 };
 use crate::spill::{default_scratch_bound, Budget, Permits, Spill};
-use crate::{clone_error, is_zero, BlockCache, Error, Extent, Options, Result};
+use crate::sync::{CondvarExt, LockExt, RwLockExt};
+use crate::{is_zero, BlockCache, Error, Extent, Options, Result};
 
 /// One independently decodable piece of the compressed file.
 #[derive(Debug, Clone, Copy)]
@@ -115,10 +117,6 @@ impl Partial {
             cv: Condvar::new(),
         }
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, PartialState> {
-        self.st.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// What `partial_for` found.
@@ -162,7 +160,7 @@ struct Inner<C: Codec> {
     /// The file has more than one non-empty segment: a progressive one is
     /// then decoded and verified whole before it is served (unless lazy).
     multi: bool,
-    inflight: Mutex<HashMap<usize, Arc<Flight>>>,
+    flights: Flights<usize, Result<Arc<[u8]>>>,
     /// Zero-chunk bitmaps of in-memory segments that were decoded; kept
     /// after the data is evicted (one bit per 64 KiB) so `extents()` stays
     /// accurate and all-zero ranges never need decoding again.
@@ -197,71 +195,6 @@ struct Inner<C: Codec> {
     permits: Permits,
 }
 
-/// A decode in progress that other readers can wait for.
-#[derive(Default)]
-struct Flight {
-    result: Mutex<Option<Result<Arc<[u8]>>>>,
-    cv: Condvar,
-}
-
-impl Flight {
-    fn wait(&self) -> Result<Arc<[u8]>> {
-        let mut r = self.result.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            match &*r {
-                Some(Ok(b)) => return Ok(b.clone()),
-                Some(Err(e)) => return Err(clone_error(e)),
-                None => r = self.cv.wait(r).unwrap_or_else(|e| e.into_inner()),
-            }
-        }
-    }
-    fn complete(&self, res: &Result<Arc<[u8]>>) {
-        let mut r = self.result.lock().unwrap_or_else(|e| e.into_inner());
-        *r = Some(match res {
-            Ok(b) => Ok(b.clone()),
-            Err(e) => Err(clone_error(e)),
-        });
-        self.cv.notify_all();
-    }
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// A fixed set of worker threads fed through a bounded queue.  Jobs that do
-/// not fit are dropped (they are only hints), so neither threads nor queued
-/// work grow without bound.  Jobs hold a `Weak` to the reader, and dropping
-/// the pool closes the queue, so workers exit when the reader goes away.
-struct Pool {
-    tx: SyncSender<Job>,
-}
-
-impl Pool {
-    fn new(threads: usize, name: &str) -> Pool {
-        let (tx, rx) = sync_channel::<Job>(threads * 2);
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..threads {
-            let rx: Arc<Mutex<Receiver<Job>>> = rx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("decode-{i}"))
-                .spawn(move || loop {
-                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => break,
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::warn!("{name}: cannot start decode thread: {e}");
-            }
-        }
-        Pool { tx }
-    }
-
-    fn submit(&self, job: Job) {
-        let _ = self.tx.try_send(job);
-    }
-}
-
 impl<C: Codec> Engine<C> {
     /// `segs` must be sorted, contiguous in decompressed space and start at
     /// 0; `pre` holds segments already opened progressively (e.g. zstd
@@ -288,7 +221,7 @@ impl<C: Codec> Engine<C> {
         // More decode threads than this cannot help on any machine we know
         // of, and each may hold a block's worth of memory.
         let threads = opts.threads.min(64);
-        let pool = (threads > 0).then(|| Pool::new(threads, &opts.name));
+        let pool = (threads > 0).then(|| Pool::new(threads, threads * 2, "decode", &opts.name));
         let max_partial = (opts.cache_bytes / 4 / max_seg).clamp(2, MAX_PARTIAL as u64) as usize;
         let budget =
             Arc::new(Budget::new(opts.scratch_bytes.unwrap_or_else(|| {
@@ -318,7 +251,7 @@ impl<C: Codec> Engine<C> {
             scratch_dir: opts.scratch_dir.clone(),
             lazy: opts.lazy_verify,
             multi,
-            inflight: Mutex::new(HashMap::new()),
+            flights: Flights::new(),
             zeros: RwLock::new(HashMap::new()),
             progressive: Mutex::new(pre),
             recent_ends: Default::default(),
@@ -429,7 +362,7 @@ impl<C: Codec> Engine<C> {
         let inner = &self.inner;
         if inner.is_progressive(i) {
             let weak: Weak<Inner<C>> = Arc::downgrade(&self.inner);
-            pool.submit(Box::new(move || {
+            pool.offer(Box::new(move || {
                 if let Some(inner) = weak.upgrade() {
                     if let Ok(p) = inner.progressive(i) {
                         let _ = p.advance_to(rel_end);
@@ -444,27 +377,17 @@ impl<C: Codec> Engine<C> {
         {
             return;
         }
-        if inner
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&i)
-        {
+        if inner.flights.contains(&i) {
             return;
         }
-        if let Some(p) = inner
-            .partials
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .peek(&i)
-        {
+        if let Some(p) = inner.partials.lock_unpoisoned().peek(&i) {
             // Someone is decoding it now: the work will get done.
-            if p.lock().busy {
+            if p.st.lock_unpoisoned().busy {
                 return;
             }
         }
         let weak: Weak<Inner<C>> = Arc::downgrade(&self.inner);
-        pool.submit(Box::new(move || {
+        pool.offer(Box::new(move || {
             if let Some(inner) = weak.upgrade() {
                 let _ = inner.get_block(i);
             }
@@ -540,12 +463,7 @@ impl<C: Codec> Engine<C> {
             let lo = offset.max(seg.uoffset) - seg.uoffset;
             let hi = end.min(seg.uoffset + seg.usize) - seg.uoffset;
             if hi > lo {
-                let known = inner
-                    .progressive
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&i)
-                    .cloned();
+                let known = inner.progressive.lock_unpoisoned().get(&i).cloned();
                 if let Some(p) = known {
                     for (l, z) in p.extents(lo, hi - lo) {
                         push_run(&mut runs, l, z);
@@ -578,20 +496,11 @@ impl<C: Codec> Inner<C> {
     }
 
     fn is_progressive(&self, i: usize) -> bool {
-        self.segs[i].usize > self.threshold
-            || self
-                .progressive
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&i)
+        self.segs[i].usize > self.threshold || self.progressive.lock_unpoisoned().contains_key(&i)
     }
 
     fn zero_bits(&self, i: usize) -> Option<Arc<Vec<u64>>> {
-        self.zeros
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&i)
-            .cloned()
+        self.zeros.read_unpoisoned().get(&i).cloned()
     }
 
     fn known_all_zero(&self, i: usize) -> bool {
@@ -602,7 +511,7 @@ impl<C: Codec> Inner<C> {
 
     /// The progressive decoder of segment `i`, created on first use.
     fn progressive(&self, i: usize) -> Result<Arc<Progressive>> {
-        let mut map = self.progressive.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.progressive.lock_unpoisoned();
         if let Some(p) = map.get(&i) {
             return Ok(p.clone());
         }
@@ -640,7 +549,7 @@ impl<C: Codec> Inner<C> {
         if self.spill.as_ref().is_some_and(|s| s.evict_one()) {
             return true;
         }
-        let mut map = self.progressive.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.progressive.lock_unpoisoned();
         let victim = map
             .iter()
             .filter(|(&k, p)| k != keep && p.written() > 0)
@@ -678,10 +587,7 @@ impl<C: Codec> Inner<C> {
                     }
                     // This segment alone needs more than the bound: drop
                     // it (freeing what it wrote) and say so.
-                    self.progressive
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&i);
+                    self.progressive.lock_unpoisoned().remove(&i);
                     tracing::error!("{e}");
                     return Err(e);
                 }
@@ -734,7 +640,7 @@ impl<C: Codec> Inner<C> {
     /// The partial segment `i`, made if needed (or the cached data, if it
     /// completed meanwhile).
     fn partial_for(&self, i: usize) -> Found {
-        let mut map = self.partials.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.partials.lock_unpoisoned();
         if let Some(p) = map.get(&i) {
             return Found::Partial(p.clone());
         }
@@ -754,8 +660,8 @@ impl<C: Codec> Inner<C> {
     /// Serve a read from segment `i`, decoding it only as far as needed.
     /// Returns whether the segment is still incomplete afterwards.
     fn read_partial(&self, i: usize, dst: &mut [u8], rel: u64) -> Result<bool> {
-        if let Some(e) = self.bad.lock().unwrap_or_else(|e| e.into_inner()).get(&i) {
-            return Err(clone_error(e));
+        if let Some(e) = self.bad.lock_unpoisoned().get(&i) {
+            return Err(e.clone());
         }
         let p = match self.partial_for(i) {
             Found::Cached(b) => {
@@ -801,16 +707,16 @@ impl<C: Codec> Inner<C> {
         let seg = self.segs[i];
         let len = seg.usize as usize;
         let end = end.min(len);
-        let mut st = p.lock();
+        let mut st = p.st.lock_unpoisoned();
         loop {
             if let Some(e) = &st.failed {
-                return Err(clone_error(e));
+                return Err(e.clone());
             }
             if !st.busy && st.pos >= end {
                 return Ok(st);
             }
             if st.busy {
-                st = p.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = p.cv.wait_unpoisoned(st);
                 continue;
             }
             let dec = match st.dec.take() {
@@ -821,7 +727,7 @@ impl<C: Codec> Inner<C> {
                 (Ok(d), Some(b)) => (d, b),
                 (Err(e), b) => {
                     st.buf = b;
-                    st.failed = Some(clone_error(&e));
+                    st.failed = Some(e.clone());
                     drop(st);
                     self.drop_partial_by_ref(i, p);
                     p.cv.notify_all();
@@ -849,7 +755,7 @@ impl<C: Codec> Inner<C> {
                 }
             });
 
-            st = p.lock();
+            st = p.st.lock_unpoisoned();
             st.busy = false;
             match res {
                 Ok(n) if n == len => {
@@ -863,7 +769,7 @@ impl<C: Codec> Inner<C> {
                     self.note_zeros(i, &buf);
                     self.cache_insert(i, buf);
                     self.drop_partial_by_ref(i, p);
-                    st = p.lock();
+                    st = p.st.lock_unpoisoned();
                 }
                 Ok(n) => {
                     st.pos = n;
@@ -880,12 +786,9 @@ impl<C: Codec> Inner<C> {
                              decoded and may have been served (lazy verification); every \
                              read of it fails from now on"
                         );
-                        self.bad
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(i, clone_error(&e));
+                        self.bad.lock_unpoisoned().insert(i, e.clone());
                     }
-                    st.failed = Some(clone_error(&e));
+                    st.failed = Some(e.clone());
                     st.buf = Some(buf);
                     drop(st);
                     self.drop_partial_by_ref(i, p);
@@ -897,7 +800,7 @@ impl<C: Codec> Inner<C> {
     }
 
     fn drop_partial_by_ref(&self, i: usize, p: &Partial) {
-        let mut map = self.partials.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.partials.lock_unpoisoned();
         if map.peek(&i).is_some_and(|q| std::ptr::eq(&**q, p)) {
             map.pop(&i);
         }
@@ -911,10 +814,7 @@ impl<C: Codec> Inner<C> {
                 set_bit(&mut bits, c as u64);
             }
         }
-        self.zeros
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(i, Arc::new(bits));
+        self.zeros.write_unpoisoned().insert(i, Arc::new(bits));
     }
 
     /// A buffer of segment `i`'s size to decode into: recycled if one is
@@ -923,7 +823,7 @@ impl<C: Codec> Inner<C> {
     /// newly allocated.
     fn segment_buffer(&self, i: usize) -> Arc<[u8]> {
         let len = self.segs[i].usize as usize;
-        let mut free = self.recycled.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = self.recycled.lock_unpoisoned();
         if let Some(k) = free.iter().position(|b| b.len() == len) {
             return free.swap_remove(k);
         }
@@ -936,7 +836,7 @@ impl<C: Codec> Inner<C> {
         if Arc::strong_count(&buf) != 1 || Arc::weak_count(&buf) != 0 {
             return;
         }
-        let mut free = self.recycled.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = self.recycled.lock_unpoisoned();
         let held: u64 = free.iter().map(|b| b.len() as u64).sum();
         if held + buf.len() as u64 <= self.recycle_bytes {
             free.push(buf);
@@ -975,39 +875,22 @@ impl<C: Codec> Inner<C> {
             let st = self.advance_partial(i, &p, self.segs[i].usize as usize)?;
             return st.buf.clone().ok_or_else(|| self.short_block(i));
         }
-        let (flight, leader) = {
-            let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(f) = map.get(&i) {
-                (f.clone(), false)
-            } else {
-                // Re-check under the lock: a leader inserts into the cache
-                // before leaving the map, so this cannot miss both.
-                if let Some(b) = self.cache.get(key) {
-                    return Ok(b);
+        self.flights.run(
+            i,
+            || self.cache.get(key).map(Ok),
+            || {
+                let res = {
+                    let _permit = self.permits.acquire();
+                    self.decode_block(i)
+                };
+                if let Ok(b) = &res {
+                    // An all-zero block is served from its zero bitmap from
+                    // now on; caching its bytes would only waste the cache.
+                    self.cache_insert(i, b.clone());
                 }
-                let f = Arc::new(Flight::default());
-                map.insert(i, f.clone());
-                (f, true)
-            }
-        };
-        if !leader {
-            return flight.wait();
-        }
-        let res = {
-            let _permit = self.permits.acquire();
-            self.decode_block(i)
-        };
-        if let Ok(b) = &res {
-            // An all-zero block is served from its zero bitmap from now on;
-            // caching its bytes would only waste the cache.
-            self.cache_insert(i, b.clone());
-        }
-        self.inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&i);
-        flight.complete(&res);
-        res
+                res
+            },
+        )
     }
 
     fn decode_block(&self, i: usize) -> Result<Arc<[u8]>> {

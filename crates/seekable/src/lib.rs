@@ -59,11 +59,14 @@ use std::sync::Arc;
 pub mod bzip2;
 pub mod cache;
 mod engine;
+mod flight;
 pub mod gzip;
 pub mod lzip;
+mod pool;
 mod progressive;
 pub mod qcow2;
 mod spill;
+mod sync;
 pub mod xz;
 pub mod zstd;
 
@@ -326,51 +329,54 @@ pub fn open(source: Arc<dyn Source>, opts: &Options) -> Result<Arc<dyn RandomAcc
     }
 }
 
-/// Errors are not `Clone` (they may hold an `io::Error`), but a failed
-/// decode must be reported to every reader that waited for it.
-pub(crate) fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::Io {
-            name,
-            offset,
-            source,
-        } => Error::Io {
-            name: name.clone(),
-            offset: *offset,
-            source: io::Error::new(source.kind(), source.to_string()),
-        },
-        Error::Corrupt {
-            name,
-            format,
-            offset,
-            reason,
-        } => Error::Corrupt {
-            name: name.clone(),
-            format,
-            offset: *offset,
-            reason: reason.clone(),
-        },
-        Error::Unsupported {
-            name,
-            format,
-            reason,
-        } => Error::Unsupported {
-            name: name.clone(),
-            format,
-            reason: reason.clone(),
-        },
-        Error::UnknownFormat { name } => Error::UnknownFormat { name: name.clone() },
-        Error::OutOfRange { offset, len, size } => Error::OutOfRange {
-            offset: *offset,
-            len: *len,
-            size: *size,
-        },
-        Error::Scratch(e) => Error::Scratch(io::Error::new(e.kind(), e.to_string())),
-        Error::ScratchFull { name, offset, max } => Error::ScratchFull {
-            name: name.clone(),
-            offset: *offset,
-            max: *max,
-        },
+/// A failed decode is reported to every reader that waited for it (see
+/// `flight.rs`), so errors are cloned; an `io::Error` inside is not
+/// `Clone` and is remade from its kind and message.
+impl Clone for Error {
+    fn clone(&self) -> Error {
+        match self {
+            Error::Io {
+                name,
+                offset,
+                source,
+            } => Error::Io {
+                name: name.clone(),
+                offset: *offset,
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Corrupt {
+                name,
+                format,
+                offset,
+                reason,
+            } => Error::Corrupt {
+                name: name.clone(),
+                format,
+                offset: *offset,
+                reason: reason.clone(),
+            },
+            Error::Unsupported {
+                name,
+                format,
+                reason,
+            } => Error::Unsupported {
+                name: name.clone(),
+                format,
+                reason: reason.clone(),
+            },
+            Error::UnknownFormat { name } => Error::UnknownFormat { name: name.clone() },
+            Error::OutOfRange { offset, len, size } => Error::OutOfRange {
+                offset: *offset,
+                len: *len,
+                size: *size,
+            },
+            Error::Scratch(e) => Error::Scratch(io::Error::new(e.kind(), e.to_string())),
+            Error::ScratchFull { name, offset, max } => Error::ScratchFull {
+                name: name.clone(),
+                offset: *offset,
+                max: *max,
+            },
+        }
     }
 }
 

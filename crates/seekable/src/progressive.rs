@@ -15,10 +15,11 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use crate::spill::Budget;
-use crate::{clone_error, is_zero, Error, Result};
+use crate::sync::{CondvarExt, LockExt};
+use crate::{is_zero, Error, Result};
 
 /// A decoder producing the decompressed bytes of one unit in order.
 pub(crate) trait StreamDecoder: Send {
@@ -164,10 +165,6 @@ impl Progressive {
         self.written.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn corrupt(&self, offset: u64, reason: String) -> Error {
         Error::Corrupt {
             name: self.name.clone(),
@@ -179,7 +176,7 @@ impl Progressive {
 
     /// Bytes decoded so far.
     pub(crate) fn frontier(&self) -> u64 {
-        self.lock().frontier
+        self.state.lock_unpoisoned().frontier
     }
 
     /// Decode until at least `target` bytes are behind the frontier or the
@@ -187,16 +184,16 @@ impl Progressive {
     /// and are woken after every step, so a reader whose range is already
     /// covered does not wait for the whole advance.
     pub(crate) fn advance_to(&self, target: u64) -> Result<()> {
-        let mut st = self.lock();
+        let mut st = self.state.lock_unpoisoned();
         loop {
             if let Some(e) = &st.failed {
-                return Err(clone_error(e));
+                return Err(e.clone());
             }
             if st.frontier >= target || st.done {
                 return Ok(());
             }
             if st.busy {
-                st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = self.cv.wait_unpoisoned(st);
                 continue;
             }
             // Room for a whole step first: past the bound nothing is
@@ -232,7 +229,7 @@ impl Progressive {
                 b.release((STEP as u64).saturating_sub(wrote));
             }
 
-            st = self.lock();
+            st = self.state.lock_unpoisoned();
             st.busy = false;
             st.decoder = Some(dec);
             match res {
@@ -322,7 +319,7 @@ impl Progressive {
         let end = offset + buf.len() as u64;
         self.advance_to(if self.verify_first { u64::MAX } else { end })?;
         let zero: Vec<bool> = {
-            let st = self.lock();
+            let st = self.state.lock_unpoisoned();
             if st.frontier < end {
                 return Err(self.corrupt(
                     self.coffset,
@@ -360,7 +357,7 @@ impl Progressive {
     /// Runs of (length, zero) for unit-relative `[offset, offset+len)`;
     /// anything not decoded yet is reported as data.
     pub(crate) fn extents(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
-        let st = self.lock();
+        let st = self.state.lock_unpoisoned();
         let end = offset + len;
         let mut out: Vec<(u64, bool)> = Vec::new();
         let mut pos = offset;

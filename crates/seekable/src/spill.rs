@@ -11,6 +11,7 @@ use std::sync::{Condvar, Mutex, OnceLock, RwLock};
 use lru::LruCache;
 
 use crate::progressive::{get_bit, CHUNK};
+use crate::sync::{CondvarExt, LockExt, RwLockExt};
 use crate::Result;
 
 /// The one bound on the scratch disk a reader uses: the progressive scratch
@@ -82,9 +83,11 @@ pub(crate) fn default_scratch_bound(dir: Option<&Path>) -> u64 {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
         return FALLBACK_SCRATCH_BOUND;
     };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a plain struct
-    // statvfs fills in.
+    // SAFETY: statvfs is a plain C struct of integers, for which all-zero
+    // is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a struct of the
+    // type statvfs fills in, alive for the call.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         tracing::warn!(
             "cannot find the free space of {} ({}); scratch disk bound {} GiB",
@@ -228,14 +231,11 @@ impl Spill {
     /// Read decompressed `[offset, offset+buf.len())` of segment `i` if it
     /// is spilled (`None` if not).
     pub(crate) fn try_read(&self, i: usize, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
-        let _shared = self.punch.read().unwrap_or_else(|e| e.into_inner());
+        let _shared = self.punch.read_unpoisoned();
         if !self.contains(i) {
             return None;
         }
-        self.lru
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .promote(&i);
+        self.lru.lock_unpoisoned().promote(&i);
         Some(match self.file() {
             Some(f) => f.read_exact_at(buf, offset).map_err(crate::Error::Scratch),
             None => Err(crate::Error::Scratch(std::io::Error::other(
@@ -247,10 +247,8 @@ impl Spill {
     /// Evict the least recently used spilled segment: punch its range
     /// and release its bytes.  False when nothing is spilled.
     pub(crate) fn evict_one(&self) -> bool {
-        let _excl = self.punch.write().unwrap_or_else(|e| e.into_inner());
-        let Some((i, (uoffset, len, bytes))) =
-            self.lru.lock().unwrap_or_else(|e| e.into_inner()).pop_lru()
-        else {
+        let _excl = self.punch.write_unpoisoned();
+        let Some((i, (uoffset, len, bytes))) = self.lru.lock_unpoisoned().pop_lru() else {
             return false;
         };
         if let Some(f) = self.file.get().and_then(|f| f.as_ref()) {
@@ -345,8 +343,7 @@ impl Spill {
         // marked spilled would let the mark stand over a punched range).
         state.store(SPILLED, Ordering::Release);
         self.lru
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_unpoisoned()
             .push(i, (uoffset, data.len() as u64, need));
     }
 }
@@ -368,9 +365,9 @@ impl Permits {
     }
 
     pub(crate) fn acquire(&self) -> Permit<'_> {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = self.free.lock_unpoisoned();
         while *free == 0 {
-            free = self.cv.wait(free).unwrap_or_else(|e| e.into_inner());
+            free = self.cv.wait_unpoisoned(free);
         }
         *free -= 1;
         Permit(self)
@@ -379,7 +376,7 @@ impl Permits {
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        let mut free = self.0.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = self.0.free.lock_unpoisoned();
         *free += 1;
         self.0.cv.notify_one();
     }

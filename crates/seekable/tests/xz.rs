@@ -280,6 +280,7 @@ fn set_backward(file: &mut [u8], backward_field: u32) {
 }
 
 fn crc32(b: &[u8]) -> u32 {
+    // SAFETY: the pointer and length describe `b`, which outlives the call.
     unsafe { lz::lzma_crc32(b.as_ptr(), b.len(), 0) }
 }
 

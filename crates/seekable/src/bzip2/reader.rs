@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use super::scan::{one_block_stream, Mark, Scanner};
 use crate::engine::{Codec, Engine, Segment};
 use crate::progressive::StreamDecoder;
+use crate::sync::LockExt;
 use crate::{Error, Options, Result, Source};
 
 /// A compressed bzip2 block holds at most 900 kB of BWT input; with
@@ -324,15 +325,14 @@ fn size_blocks(
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(c) = cands.get(i) else { break };
                 let r = count(source, name, c.start, c.end, c.level);
-                *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                *results[i].lock_unpoisoned() = Some(r);
             });
         }
     });
     let mut results: Vec<Result<u64>> = results
         .into_iter()
         .map(|m| {
-            m.into_inner()
-                .unwrap_or_else(|e| e.into_inner())
+            m.into_inner_unpoisoned()
                 .unwrap_or_else(|| Err(corrupt(name, 0, "block not decoded")))
         })
         .collect();

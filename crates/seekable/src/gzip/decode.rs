@@ -1,9 +1,8 @@
 //! Decoding one span from a checkpoint.
 
-use super::header::Input;
+use super::header::{read_header, Input};
 use super::index::{Checkpoint, Kind};
-use super::walk::read_header;
-use super::zstream::{Inflater, Status};
+use super::zstream::{resume, Inflater, Status};
 use super::{Fail, Shared};
 
 const READ_CHUNK: usize = 128 * 1024;
@@ -67,33 +66,4 @@ pub(super) fn decode(sh: &Shared, cp: &Checkpoint, start: u64, end: u64) -> Resu
         }
     }
     Ok(buf)
-}
-
-/// Position `inf` and `input` at a deflate block boundary: `inp` is the
-/// first whole byte after it, `bits` (0..=7) high bits of the byte before
-/// are still unread, and `window` is the history before it.
-pub(super) fn resume(
-    sh: &Shared,
-    inf: &mut Inflater,
-    input: &mut Input<'_>,
-    inp: u64,
-    bits: u8,
-    window: &[u8],
-) -> Result<(), Fail> {
-    inf.reset().map_err(|e| sh.fail_corrupt(inp, e))?;
-    let bits = bits as u32;
-    let at = inp - (bits > 0) as u64;
-    input.seek(at);
-    if bits > 0 {
-        let ok = input.ensure(1).map_err(|e| sh.fail_io(at, e))?;
-        let byte = match input.buffered().first() {
-            Some(b) if ok => *b as u32,
-            _ => return Err(sh.fail_corrupt(at, "checkpoint beyond end of file".into())),
-        };
-        input.consume(1);
-        inf.prime(bits, byte >> (8 - bits))
-            .map_err(|e| sh.fail_corrupt(at, e))?;
-    }
-    inf.set_dictionary(window)
-        .map_err(|e| sh.fail_corrupt(inp, e))
 }

@@ -1,5 +1,6 @@
 //! Gzip member header parsing (RFC 1952) and buffered positional input.
 
+use super::{Fail, Shared};
 use crate::Source;
 
 /// Refuse headers larger than this (FEXTRA is at most 64 KiB, but FNAME and
@@ -202,6 +203,26 @@ impl<'a> Input<'a> {
             self.src.read_exact_at(&mut self.buf[have..], end)?;
         }
         Ok(self.buf.len() >= n)
+    }
+}
+
+/// Parse (and consume) the member header at the input position.
+pub(super) fn read_header(sh: &Shared, input: &mut Input<'_>) -> Result<Header, Fail> {
+    let off = input.offset();
+    let mut want = 512;
+    loop {
+        let full = input.ensure(want).map_err(|e| sh.fail_io(off, e))?;
+        match parse_header(input.buffered()) {
+            Ok(h) => {
+                input.consume(h.len);
+                return Ok(h);
+            }
+            Err(HeaderError::Short) if full && want < MAX_HEADER => want *= 4,
+            Err(HeaderError::Short) => {
+                return Err(sh.fail_corrupt(off, "truncated gzip member header".into()))
+            }
+            Err(HeaderError::Bad(i, reason)) => return Err(sh.fail_corrupt(off + i as u64, reason)),
+        }
     }
 }
 

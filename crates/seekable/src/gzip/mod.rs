@@ -38,11 +38,10 @@ mod spec;
 mod walk;
 mod zstream;
 
-use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 pub use bgzf::{bgzf_size, bgzf_size_with, BGZF_MAX_ISIZE};
@@ -52,6 +51,9 @@ pub use index::{
 };
 pub use progress::WalkProgress;
 
+use crate::flight::Flights;
+use crate::pool::Pool;
+use crate::sync::{CondvarExt, LockExt};
 use crate::{BlockCache, Error, Extent, Options, RandomAccess, Result, Source};
 use index::checkpoint_for;
 
@@ -116,6 +118,9 @@ pub struct GzipStats {
 /// Random access to a gzip file.
 pub struct GzipReader {
     sh: Arc<Shared>,
+    /// Decodes spans ahead of a sequential reader, and the later spans of
+    /// a read that covers several (`None` without threads).
+    pool: Option<Pool>,
 }
 
 #[derive(Debug, Clone)]
@@ -162,12 +167,6 @@ struct State {
     gen: u64,
 }
 
-#[derive(Default)]
-struct Slot {
-    result: Mutex<Option<std::result::Result<Arc<[u8]>, Fail>>>,
-    cv: Condvar,
-}
-
 pub(crate) struct Shared {
     source: Arc<dyn Source>,
     comp_size: u64,
@@ -181,16 +180,11 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     cv: Condvar,
     stop: AtomicBool,
-    inflight: Mutex<HashMap<u64, Arc<Slot>>>,
-    ahead_running: AtomicUsize,
+    flights: Flights<u64, std::result::Result<Arc<[u8]>, Fail>>,
     last_end: AtomicU64,
     decoded: AtomicU64,
     ahead: AtomicU64,
     pieces: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
@@ -248,7 +242,7 @@ impl Shared {
         frontier: u64,
         done: bool,
     ) {
-        let mut st = lock(&self.state);
+        let mut st = self.state.lock_unpoisoned();
         st.cps.extend(cps);
         st.zero_runs.extend(zeros);
         st.open_zero = open;
@@ -264,7 +258,7 @@ impl Shared {
     /// Called by the walk after publishing a member's end (or a verified
     /// batch of BGZF members): output below `out` has passed its checks.
     fn member_verified(&self, out: u64) {
-        let mut st = lock(&self.state);
+        let mut st = self.state.lock_unpoisoned();
         st.verified = st.verified.max(out);
         st.past_first = true;
         drop(st);
@@ -272,7 +266,7 @@ impl Shared {
     }
 
     fn walk_failed(&self, f: Fail) {
-        let mut st = lock(&self.state);
+        let mut st = self.state.lock_unpoisoned();
         st.failed = Some(f);
         st.done = true;
         st.save_done = true;
@@ -287,7 +281,7 @@ impl Shared {
     /// file), and waiting for its end would mean decoding the whole image
     /// before the first read.
     fn wait_frontier(&self, end: u64) -> std::result::Result<Option<u64>, Fail> {
-        let mut st = lock(&self.state);
+        let mut st = self.state.lock_unpoisoned();
         loop {
             if let Some(f) = &st.failed {
                 return Err(f.clone());
@@ -303,7 +297,7 @@ impl Shared {
             if servable >= end {
                 return Ok(None);
             }
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.cv.wait_unpoisoned(st);
         }
     }
 
@@ -319,7 +313,7 @@ impl Shared {
             Some(t) => want.min(t),
             None => want,
         };
-        let st = lock(&self.state);
+        let st = self.state.lock_unpoisoned();
         let cp = checkpoint_for(&st.cps, start)
             .and_then(|i| st.cps.get(i))
             .cloned()
@@ -334,31 +328,11 @@ impl Shared {
         if let Some(b) = self.cache.get(u) {
             return Ok(b);
         }
-        let (slot, leader) = {
-            let mut m = lock(&self.inflight);
-            match m.get(&u) {
-                Some(s) => (s.clone(), false),
-                None => {
-                    let s = Arc::new(Slot::default());
-                    m.insert(u, s.clone());
-                    (s, true)
-                }
-            }
-        };
-        if !leader {
-            let mut r = lock(&slot.result);
-            loop {
-                if let Some(r) = r.as_ref() {
-                    return r.clone();
-                }
-                r = slot.cv.wait(r).unwrap_or_else(|e| e.into_inner());
-            }
-        }
-        // Another leader may have finished between our cache miss and
-        // taking the in-flight slot.
-        let result = match self.cache.get(u) {
-            Some(b) => Ok(b),
-            None => self.unit_plan(u).and_then(|(cp, start, end)| {
+        self.flights.run(
+            u,
+            || self.cache.get(u).map(Ok),
+            || {
+                let (cp, start, end) = self.unit_plan(u)?;
                 // A loaded index is used only on bytes it was built from.
                 if !self.check_loaded(end)? {
                     return Err(self.fail_corrupt(
@@ -370,16 +344,12 @@ impl Shared {
                 let data: Arc<[u8]> = decode::decode(self, &cp, start, end)?.into();
                 self.cache.insert(u, data.clone());
                 Ok(data)
-            }),
-        };
-        *lock(&slot.result) = Some(result.clone());
-        slot.cv.notify_all();
-        lock(&self.inflight).remove(&u);
-        result
+            },
+        )
     }
 
     fn is_ready(&self, u: u64) -> bool {
-        let st = lock(&self.state);
+        let st = self.state.lock_unpoisoned();
         let start = u.saturating_mul(self.span);
         match st.total {
             Some(t) => start < t,
@@ -387,36 +357,8 @@ impl Shared {
         }
     }
 
-    /// Decode span `u` on a background thread if it is indexed, not yet
-    /// cached or in flight, and fewer than `threads` such jobs run.
-    fn spawn_ahead(self: &Arc<Self>, u: u64) {
-        if self.threads == 0
-            || !self.is_ready(u)
-            || self.cache.get(u).is_some()
-            || lock(&self.inflight).contains_key(&u)
-        {
-            return;
-        }
-        if self.ahead_running.fetch_add(1, Ordering::AcqRel) >= self.threads {
-            self.ahead_running.fetch_sub(1, Ordering::AcqRel);
-            return;
-        }
-        let sh = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("gzip-ahead".into())
-            .spawn(move || {
-                if sh.get_unit(u).is_ok() {
-                    sh.ahead.fetch_add(1, Ordering::Relaxed);
-                }
-                sh.ahead_running.fetch_sub(1, Ordering::AcqRel);
-            });
-        if spawned.is_err() {
-            self.ahead_running.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
     fn snapshot(&self) -> Option<GzipIndex> {
-        let st = lock(&self.state);
+        let st = self.state.lock_unpoisoned();
         let total = st.total?;
         if st.failed.is_some() {
             return None;
@@ -476,7 +418,7 @@ impl Shared {
     /// (logged, index file removed); the caller restarts the walk.
     fn check_loaded(&self, end: u64) -> std::result::Result<bool, Fail> {
         let todo: Vec<(usize, u64, u64, u32)> = {
-            let st = lock(&self.state);
+            let st = self.state.lock_unpoisoned();
             let Some(crcs) = st.range_crcs.clone() else {
                 return Ok(true);
             };
@@ -522,10 +464,10 @@ impl Shared {
                 if let Some(p) = &self.index_path {
                     let _ = std::fs::remove_file(p);
                 }
-                lock(&self.state).stale = true;
+                self.state.lock_unpoisoned().stale = true;
                 return Ok(false);
             }
-            if let Some(ok) = lock(&self.state).range_ok.get_mut(k) {
+            if let Some(ok) = self.state.lock_unpoisoned().range_ok.get_mut(k) {
                 *ok = true;
             }
         }
@@ -636,8 +578,7 @@ impl GzipReader {
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
-            inflight: Mutex::new(HashMap::new()),
-            ahead_running: AtomicUsize::new(0),
+            flights: Flights::new(),
             last_end: AtomicU64::new(u64::MAX),
             decoded: AtomicU64::new(0),
             ahead: AtomicU64::new(0),
@@ -647,7 +588,7 @@ impl GzipReader {
         // at open rather than at the first read.
         let first = {
             let mut input = header::Input::new(&*sh.source, comp_size, 0, 4096);
-            walk::read_header(&sh, &mut input).map_err(|f| sh.error(&f))?
+            header::read_header(&sh, &mut input).map_err(|f| sh.error(&f))?
         };
         if loaded.is_none() && first.bgzf_bsize.is_some() {
             let src = sh.source.clone();
@@ -656,11 +597,11 @@ impl GzipReader {
                 src.read_exact_at(buf, off)
             })?;
             tracing::debug!(name = %sh.name, ?size, secs = t0.elapsed().as_secs_f64(), "BGZF size from member trailers");
-            lock(&sh.state).size = size;
+            sh.state.lock_unpoisoned().size = size;
         }
         if let Some(idx) = loaded {
             {
-                let mut st = lock(&sh.state);
+                let mut st = sh.state.lock_unpoisoned();
                 st.cps = idx.checkpoints;
                 st.zero_runs = idx.zero_runs;
                 st.frontier = idx.total;
@@ -670,14 +611,21 @@ impl GzipReader {
                 st.range_ok = vec![false; idx.range_crcs.len()];
                 st.range_crcs = Some(Arc::new(idx.range_crcs));
             }
-            return Ok(GzipReader { sh });
+            return Ok(GzipReader::new(sh));
         }
         start_walk(sh.clone()).map_err(|e| Error::Io {
             name: sh.name.clone(),
             offset: 0,
             source: e,
         })?;
-        Ok(GzipReader { sh })
+        Ok(GzipReader::new(sh))
+    }
+
+    fn new(sh: Arc<Shared>) -> GzipReader {
+        // As many as the engine's pools at most (see `Engine::new`).
+        let threads = sh.threads.min(64);
+        let pool = (threads > 0).then(|| Pool::new(threads, threads * 2, "gzip-ahead", &sh.name));
+        GzipReader { sh, pool }
     }
 
     /// The decompressed size, waiting for the index walk if needed; the
@@ -695,7 +643,7 @@ impl GzipReader {
     /// size reached before the failure.
     pub fn export_size(&self) -> Result<u64> {
         {
-            let st = lock(&self.sh.state);
+            let st = self.sh.state.lock_unpoisoned();
             if let Some(f) = &st.failed {
                 return Err(self.sh.error(f));
             }
@@ -708,12 +656,12 @@ impl GzipReader {
 
     /// The decompressed size if already known (saved index, or walk done).
     pub fn known_size(&self) -> Option<u64> {
-        lock(&self.sh.state).total
+        self.sh.state.lock_unpoisoned().total
     }
 
     /// Output bytes indexed so far: reads below this don't wait.
     pub fn indexed_frontier(&self) -> u64 {
-        lock(&self.sh.state).frontier
+        self.sh.state.lock_unpoisoned().frontier
     }
 
     /// True if a saved index was used (no walk was needed).
@@ -723,7 +671,7 @@ impl GzipReader {
 
     /// Checkpoints known so far.
     pub fn checkpoint_count(&self) -> usize {
-        lock(&self.sh.state).cps.len()
+        self.sh.state.lock_unpoisoned().cps.len()
     }
 
     pub fn span(&self) -> u64 {
@@ -739,9 +687,9 @@ impl GzipReader {
     /// or why it wasn't saved (None when persistence is off or the index
     /// was loaded).
     pub fn wait_saved(&self) -> Option<std::result::Result<PathBuf, String>> {
-        let mut st = lock(&self.sh.state);
+        let mut st = self.sh.state.lock_unpoisoned();
         while !st.save_done {
-            st = self.sh.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.sh.cv.wait_unpoisoned(st);
         }
         if let Some(f) = &st.failed {
             return Some(Err(self.sh.error(f).to_string()));
@@ -775,7 +723,7 @@ fn start_walk(bg: Arc<Shared>) -> io::Result<()> {
                 .unwrap_or_else(|_| Err(bg.fail_unsupported("index walk panicked".into())));
             // The walk inflated and checked every member; its total
             // must be the size the handshake already announced.
-            let result = result.and_then(|total| match lock(&bg.state).size {
+            let result = result.and_then(|total| match bg.state.lock_unpoisoned().size {
                 Some(s) if s != total => Err(bg.fail_corrupt(
                     0,
                     format!(
@@ -792,7 +740,7 @@ fn start_walk(bg: Arc<Shared>) -> io::Result<()> {
                     if let Some(Err(e)) = &saved {
                         tracing::warn!(name = %bg.name, "could not save gzip index: {e}");
                     }
-                    let mut st = lock(&bg.state);
+                    let mut st = bg.state.lock_unpoisoned();
                     st.saved = saved;
                     st.save_done = true;
                     drop(st);
@@ -813,7 +761,7 @@ fn start_walk(bg: Arc<Shared>) -> io::Result<()> {
 /// a new one (readers wait for the new walk like on a cold start).  The
 /// size announced stays what the new walk must find.
 fn restart_walk(sh: &Arc<Shared>) {
-    let mut st = lock(&sh.state);
+    let mut st = sh.state.lock_unpoisoned();
     if !st.stale {
         // Another reader restarted it already.
         return;
@@ -890,6 +838,28 @@ impl Drop for GzipReader {
 }
 
 impl GzipReader {
+    /// Have the pool decode span `u` if it is indexed and neither cached
+    /// nor in flight.  `ahead`: a guess at what will be read next, counted
+    /// in the statistics.
+    fn offer(&self, u: u64, ahead: bool) {
+        let Some(pool) = &self.pool else { return };
+        let sh = &self.sh;
+        if !sh.is_ready(u) || sh.cache.contains(u) || sh.flights.contains(&u) {
+            return;
+        }
+        let weak = Arc::downgrade(sh);
+        pool.offer(Box::new(move || {
+            // Ready is checked again: a restarted walk may have reset the
+            // index meanwhile, and a hint must never wait for the walk.
+            let Some(sh) = weak.upgrade().filter(|sh| sh.is_ready(u)) else {
+                return;
+            };
+            if sh.get_unit(u).is_ok() && ahead {
+                sh.ahead.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+
     fn read_once(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let sh = &self.sh;
         if buf.is_empty() {
@@ -900,7 +870,7 @@ impl GzipReader {
         let end = offset
             .checked_add(len)
             .ok_or_else(|| oor(self.known_size().unwrap_or(0)))?;
-        if let Some(size) = lock(&sh.state).size {
+        if let Some(size) = sh.state.lock_unpoisoned().size {
             // Known already: a read past the end fails without waiting.
             if end > size {
                 return Err(oor(size));
@@ -913,45 +883,15 @@ impl GzipReader {
         }
         let span = sh.span;
         let (u0, u1) = (offset / span, (end - 1) / span);
-        let units: Vec<u64> = (u0..=u1).collect();
-        let workers = (sh.threads + 1).min(units.len());
-        let blocks: Vec<std::result::Result<Arc<[u8]>, Fail>> = if workers > 1 {
-            // Several spans: decode them in parallel.
-            let mut slots: Vec<Option<std::result::Result<Arc<[u8]>, Fail>>> =
-                vec![None; units.len()];
-            std::thread::scope(|s| {
-                let hs: Vec<_> = (0..workers)
-                    .map(|w| {
-                        let units = &units;
-                        s.spawn(move || {
-                            (w..units.len())
-                                .step_by(workers)
-                                .map(|i| (i, sh.get_unit(units[i])))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                for h in hs {
-                    if let Ok(v) = h.join() {
-                        for (i, r) in v {
-                            slots[i] = Some(r);
-                        }
-                    }
-                }
-            });
-            slots
-                .into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| Err(sh.fail_unsupported("decoder thread panicked".into())))
-                })
-                .collect()
-        } else {
-            units.iter().map(|&u| sh.get_unit(u)).collect()
-        };
         let mut pos = offset;
         let mut filled = 0usize;
-        for (u, b) in units.iter().zip(blocks) {
-            let b = b.map_err(|f| sh.error(&f))?;
+        for u in u0..=u1 {
+            // Several spans: the pool decodes the next few while this
+            // thread decodes this one (single-flight shares the work).
+            for v in (u + 1..=u1).take(sh.threads) {
+                self.offer(v, false);
+            }
+            let b = sh.get_unit(u).map_err(|f| sh.error(&f))?;
             let ustart = u * span;
             let from = (pos - ustart) as usize;
             let n = (b.len().saturating_sub(from)).min(buf.len() - filled);
@@ -968,7 +908,7 @@ impl GzipReader {
         // Sequential reading: decode the next spans ahead.
         if sh.last_end.swap(end, Ordering::Relaxed) == offset {
             for k in 1..=sh.threads as u64 {
-                sh.spawn_ahead(u1 + k);
+                self.offer(u1 + k, true);
             }
         }
         Ok(())
@@ -977,11 +917,11 @@ impl GzipReader {
 
 impl RandomAccess for GzipReader {
     fn size(&self) -> u64 {
-        if let Some(s) = lock(&self.sh.state).size {
+        if let Some(s) = self.sh.state.lock_unpoisoned().size {
             return s;
         }
         let _ = self.sh.wait_frontier(u64::MAX);
-        let st = lock(&self.sh.state);
+        let st = self.sh.state.lock_unpoisoned();
         st.total.unwrap_or(st.frontier)
     }
 
@@ -990,11 +930,11 @@ impl RandomAccess for GzipReader {
         // read made again (the new walk's index needs no check, so this
         // happens at most once).
         loop {
-            let gen = lock(&self.sh.state).gen;
+            let gen = self.sh.state.lock_unpoisoned().gen;
             let r = self.read_once(buf, offset);
             if r.is_err() {
                 let (stale, now) = {
-                    let st = lock(&self.sh.state);
+                    let st = self.sh.state.lock_unpoisoned();
                     (st.stale, st.gen)
                 };
                 if stale {
@@ -1014,7 +954,7 @@ impl RandomAccess for GzipReader {
         // checked against the file (a client skips reading holes).
         let checked = {
             let known = {
-                let st = lock(&self.sh.state);
+                let st = self.sh.state.lock_unpoisoned();
                 st.total.or(st.size)
             };
             let end = known.map_or(offset.saturating_add(len), |t| {
@@ -1022,7 +962,7 @@ impl RandomAccess for GzipReader {
             });
             matches!(self.sh.check_loaded(end), Ok(true))
         };
-        let st = lock(&self.sh.state);
+        let st = self.sh.state.lock_unpoisoned();
         if !checked {
             let len = st
                 .total
@@ -1088,7 +1028,7 @@ impl RandomAccess for GzipReader {
         }
         let last = offset.saturating_add(len - 1) / span;
         for u in (offset / span..=last).take(self.sh.threads.max(1) * 2) {
-            self.sh.spawn_ahead(u);
+            self.offer(u, true);
         }
     }
 

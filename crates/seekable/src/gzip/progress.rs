@@ -8,7 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{lock, GzipReader, Shared};
+use super::{GzipReader, Shared};
+use crate::sync::{CondvarExt, LockExt};
 
 /// A walk shorter than this logs nothing; a longer one logs this often.
 const LOG_EVERY: Duration = Duration::from_secs(5);
@@ -30,7 +31,7 @@ pub struct WalkProgress {
 
 impl Shared {
     fn walk_progress(&self) -> WalkProgress {
-        let st = lock(&self.state);
+        let st = self.state.lock_unpoisoned();
         let finished = st.done && st.failed.is_none();
         WalkProgress {
             compressed_done: if finished {
@@ -65,13 +66,12 @@ pub(super) fn log_while_walking(sh: &Arc<Shared>) {
         .spawn(move || {
             let t0 = Instant::now();
             loop {
-                let st = lock(&sh.state);
+                let st = sh.state.lock_unpoisoned();
                 // Woken early only by the walk's end (or the reader's
                 // drop, which ends the walk).
-                let (st, _) = sh
+                let st = sh
                     .cv
-                    .wait_timeout_while(st, LOG_EVERY, |st| !st.done)
-                    .unwrap_or_else(|e| e.into_inner());
+                    .wait_timeout_while_unpoisoned(st, LOG_EVERY, |st| !st.done);
                 if st.done || sh.stop.load(Ordering::Relaxed) {
                     return;
                 }

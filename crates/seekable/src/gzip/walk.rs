@@ -4,14 +4,14 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc};
 
-use super::decode::resume;
-use super::header::{is_gzip_magic, parse_header, Header, HeaderError, Input, MAX_HEADER};
+use super::header::{is_gzip_magic, parse_header, read_header, HeaderError, Input};
 use super::index::{zero_parts, Emitter, ZeroTracker};
 use super::spec::{self, Decoded, Refused, Segment};
-use super::zstream::{Inflater, Status, WINDOW};
+use super::zstream::{resume, Inflater, Status, WINDOW};
 use super::{Fail, Shared};
+use crate::pool::Pool;
 
 const READ_CHUNK: usize = 256 * 1024;
 /// Publish progress at least this often (in output bytes) inside a member.
@@ -25,9 +25,10 @@ const BGZF_BATCH_BYTES: usize = 4 << 20;
 const BGZF_BATCH_MEMBERS: usize = 1024;
 
 /// Walk the whole file; returns the decompressed size.
-pub(super) fn walk(sh: &Shared) -> Result<u64, Fail> {
+pub(super) fn walk(sh: &Arc<Shared>) -> Result<u64, Fail> {
     let mut w = Walker {
         sh,
+        pool: None,
         em: Emitter::new(sh.span),
         zt: ZeroTracker::default(),
         out: 0,
@@ -92,28 +93,11 @@ fn check_trailing(sh: &Shared, input: &mut Input<'_>) -> Result<(), Fail> {
     }
 }
 
-/// Parse (and consume) the member header at the input position.
-pub(super) fn read_header(sh: &Shared, input: &mut Input<'_>) -> Result<Header, Fail> {
-    let off = input.offset();
-    let mut want = 512;
-    loop {
-        let full = input.ensure(want).map_err(|e| sh.fail_io(off, e))?;
-        match parse_header(input.buffered()) {
-            Ok(h) => {
-                input.consume(h.len);
-                return Ok(h);
-            }
-            Err(HeaderError::Short) if full && want < MAX_HEADER => want *= 4,
-            Err(HeaderError::Short) => {
-                return Err(sh.fail_corrupt(off, "truncated gzip member header".into()))
-            }
-            Err(HeaderError::Bad(i, reason)) => return Err(sh.fail_corrupt(off + i as u64, reason)),
-        }
-    }
-}
-
 struct Walker<'a> {
-    sh: &'a Shared,
+    sh: &'a Arc<Shared>,
+    /// Inflates independent pieces and BGZF batches in parallel; started
+    /// when first needed, joined when the walk ends.
+    pool: Option<Arc<Pool>>,
     em: Emitter,
     zt: ZeroTracker,
     out: u64,
@@ -179,6 +163,18 @@ fn join_window(prior: &[u8], tail: &[u8], dst: &mut Vec<u8>) {
 }
 
 impl<'a> Walker<'a> {
+    /// The walk's pool: this thread mostly waits for results and commits
+    /// them, so one worker more than `threads` keeps every core busy.
+    fn pool(&mut self) -> Arc<Pool> {
+        let sh = self.sh;
+        self.pool
+            .get_or_insert_with(|| {
+                let workers = sh.threads + 1;
+                Arc::new(Pool::new(workers, 2 * workers, "gzip-walk", &sh.name))
+            })
+            .clone()
+    }
+
     fn publish(&mut self, frontier: u64, done: bool) {
         self.last_pub = frontier;
         let cps = std::mem::take(&mut self.em.fresh);
@@ -354,134 +350,128 @@ impl<'a> Walker<'a> {
     /// in between are decoded serially.  Stops at the end of the stream.
     fn speculate(&mut self, m: &mut MemberState<'a>) -> Result<Stop, Fail> {
         let sh = self.sh;
-        // This thread mostly waits for results and commits them: one
-        // worker more than `threads` keeps every core busy.
+        let pool = self.pool();
         let workers = sh.threads + 1;
-        let quit = AtomicBool::new(false);
-        type Done = (u64, Segment, Result<Decoded, Refused>);
-        let (job_tx, job_rx) = mpsc::sync_channel::<(u64, Segment)>(2 * workers);
-        let job_rx = Mutex::new(job_rx);
-        let (res_tx, res_rx) = mpsc::channel::<Done>();
+        let quit = Arc::new(AtomicBool::new(false));
+        let (res_tx, res_rx) = mpsc::channel::<Done<Segment, Result<Decoded, Refused>>>();
         let mut scan = spec::Scanner::new(m.pos.inp);
-        let work = |seg: &Segment| spec::decode_segment(seg, sh.span, &quit);
-        // Speculation is only ever an optimisation: a panic means "decode
-        // it serially".
-        let panicked = || Err(Refused::Dependent);
-        std::thread::scope(|s| {
-            spawn_workers(s, workers, &job_rx, res_tx, &work, &panicked);
-            let mut queue: VecDeque<(u64, u64, u64)> = VecDeque::new();
-            let mut ready: BTreeMap<u64, (Segment, Result<Decoded, Refused>)> = BTreeMap::new();
-            let mut seq = 0u64;
-            let mut fails = 0u32;
-            // For the debug log: segments committed, refused as dependent,
-            // refused as too large, dropped as stale.
-            let mut tally = [0u32; 4];
-            let t0 = std::time::Instant::now();
-            let result = loop {
-                if sh.stop.load(Ordering::Relaxed) {
-                    break Err(sh.fail_unsupported("reader closed".into()));
-                }
-                let pos = m.pos.inp * 8 - m.pos.bits as u64;
-                if scan.active && scan.pos * 8 < pos {
-                    // The walk went past everything scanned (serial
-                    // stretches): look again from where it is.
-                    scan.restart(m.pos.inp);
-                }
-                let mut scan_err = None;
-                while scan.active && queue.len() < 2 * workers {
-                    match scan.next(sh) {
-                        Ok(Some(seg)) => {
-                            queue.push_back((seq, seg.start, seg.end()));
-                            if job_tx.send((seq, seg)).is_err() {
-                                scan.active = false;
-                            }
-                            seq += 1;
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            scan_err = Some(e);
+        let mut queue: VecDeque<(u64, u64, u64)> = VecDeque::new();
+        let mut ready: BTreeMap<u64, (Segment, Result<Decoded, Refused>)> = BTreeMap::new();
+        let mut seq = 0u64;
+        let mut fails = 0u32;
+        // For the debug log: segments committed, refused as dependent,
+        // refused as too large, dropped as stale.
+        let mut tally = [0u32; 4];
+        let t0 = std::time::Instant::now();
+        let result = loop {
+            if sh.stop.load(Ordering::Relaxed) {
+                break Err(sh.fail_unsupported("reader closed".into()));
+            }
+            let pos = m.pos.inp * 8 - m.pos.bits as u64;
+            if scan.active && scan.pos * 8 < pos {
+                // The walk went past everything scanned (serial
+                // stretches): look again from where it is.
+                scan.restart(m.pos.inp);
+            }
+            let mut scan_err = None;
+            while scan.active && queue.len() < 2 * workers {
+                match scan.next(sh) {
+                    Ok(Some(seg)) => {
+                        let (start, end) = (seg.start, seg.end());
+                        let (quit, span) = (quit.clone(), sh.span);
+                        let work = move |seg: &Segment| spec::decode_segment(seg, span, &quit);
+                        if !submit(&pool, seq, seg, &res_tx, work) {
+                            scan.active = false;
                             break;
                         }
+                        queue.push_back((seq, start, end));
+                        seq += 1;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        scan_err = Some(e);
+                        break;
                     }
                 }
-                if let Some(e) = scan_err {
-                    break Err(e);
+            }
+            if let Some(e) = scan_err {
+                break Err(e);
+            }
+            let Some(&(q, start, end)) = queue.front() else {
+                break self.serial(m, Until::End);
+            };
+            if start * 8 > pos {
+                match self.serial(m, Until::Land(start)) {
+                    Ok(Stop::Landed | Stop::Passed) => continue,
+                    other => break other,
                 }
-                let Some(&(q, start, end)) = queue.front() else {
-                    break self.serial(m, Until::End);
-                };
-                if start * 8 > pos {
-                    match self.serial(m, Until::Land(start)) {
-                        Ok(Stop::Landed | Stop::Passed) => continue,
+            }
+            queue.pop_front();
+            if start * 8 < pos {
+                // Stale: the walk is past its start.  Its result, when
+                // it comes, is dropped (below the queue's front).
+                ready.remove(&q);
+                tally[3] += 1;
+                continue;
+            }
+            let got = loop {
+                if let Some(r) = ready.remove(&q) {
+                    break Some(r);
+                }
+                match res_rx.recv() {
+                    Ok((n, seg, d)) if n >= q => {
+                        // Speculation is only ever an optimisation: a
+                        // panic means "decode it serially".
+                        ready.insert(n, (seg, d.unwrap_or(Err(Refused::Dependent))));
+                    }
+                    Ok(_) => {}
+                    Err(_) => break None,
+                }
+            };
+            let Some((seg, d)) = got else {
+                break Err(sh.fail_unsupported("gzip workers stopped".into()));
+            };
+            match d {
+                Ok(d) => {
+                    fails = 0;
+                    tally[0] += 1;
+                    let stream_end = d.stream_end.then_some(d.end);
+                    if let Err(e) = self.commit_segment(m, &seg, d) {
+                        break Err(e);
+                    }
+                    if let Some(off) = stream_end {
+                        break Ok(Stop::StreamEnd(off));
+                    }
+                }
+                Err(why) => {
+                    if why == Refused::Dependent {
+                        fails += 1;
+                        tally[1] += 1;
+                    } else {
+                        tally[2] += 1;
+                    }
+                    if fails >= spec::MAX_FAILS {
+                        scan.active = false;
+                    }
+                    match self.serial(m, Until::Land(end)) {
+                        Ok(Stop::Landed | Stop::Passed) => {}
                         other => break other,
                     }
                 }
-                queue.pop_front();
-                if start * 8 < pos {
-                    // Stale: the walk is past its start.  Its result, when
-                    // it comes, is dropped (below the queue's front).
-                    ready.remove(&q);
-                    tally[3] += 1;
-                    continue;
-                }
-                let got = loop {
-                    if let Some(r) = ready.remove(&q) {
-                        break Some(r);
-                    }
-                    match res_rx.recv() {
-                        Ok((n, seg, d)) if n >= q => {
-                            ready.insert(n, (seg, d));
-                        }
-                        Ok(_) => {}
-                        Err(_) => break None,
-                    }
-                };
-                let Some((seg, d)) = got else {
-                    break Err(sh.fail_unsupported("gzip workers stopped".into()));
-                };
-                match d {
-                    Ok(d) => {
-                        fails = 0;
-                        tally[0] += 1;
-                        let stream_end = d.stream_end.then_some(d.end);
-                        if let Err(e) = self.commit_segment(m, &seg, d) {
-                            break Err(e);
-                        }
-                        if let Some(off) = stream_end {
-                            break Ok(Stop::StreamEnd(off));
-                        }
-                    }
-                    Err(why) => {
-                        if why == Refused::Dependent {
-                            fails += 1;
-                            tally[1] += 1;
-                        } else {
-                            tally[2] += 1;
-                        }
-                        if fails >= spec::MAX_FAILS {
-                            scan.active = false;
-                        }
-                        match self.serial(m, Until::Land(end)) {
-                            Ok(Stop::Landed | Stop::Passed) => {}
-                            other => break other,
-                        }
-                    }
-                }
-            };
-            tracing::debug!(
-                name = %sh.name,
-                committed = tally[0],
-                dependent = tally[1],
-                too_large = tally[2],
-                stale = tally[3],
-                secs = t0.elapsed().as_secs_f64(),
-                "gzip member pieces inflated in parallel"
-            );
-            // Let the workers finish what they hold and exit.
-            quit.store(true, Ordering::Relaxed);
-            drop(job_tx);
-            result
-        })
+            }
+        };
+        tracing::debug!(
+            name = %sh.name,
+            committed = tally[0],
+            dependent = tally[1],
+            too_large = tally[2],
+            stale = tally[3],
+            secs = t0.elapsed().as_secs_f64(),
+            "gzip member pieces inflated in parallel"
+        );
+        // Pieces still queued or being inflated are of no use now.
+        quit.store(true, Ordering::Relaxed);
+        result
     }
 
     /// Record a segment a worker decoded independently, starting at the
@@ -554,7 +544,9 @@ impl<'a> Walker<'a> {
     fn bgzf(&mut self, off: u64) -> Result<(u64, u64), Fail> {
         let sh = self.sh;
         let (mut off, mut out) = (off, self.out);
-        if sh.threads == 0 {
+        // Without threads (or if none could be started), verify here.
+        let pool = (sh.threads > 0).then(|| self.pool());
+        let Some(pool) = pool.filter(|p| p.threads() > 0) else {
             loop {
                 let b = scan_batch(sh, off, out)?;
                 (off, out) = (b.end_off, b.end_out);
@@ -569,72 +561,61 @@ impl<'a> Walker<'a> {
                     return Ok((off, out));
                 }
             }
-        }
-        // This thread mostly waits for results and commits them: one
-        // worker more than `threads` keeps every core busy.
+        };
         let workers = sh.threads + 1;
         type Verdict = Result<Vec<(u64, bool)>, Fail>;
-        type Done = (u64, Batch, Verdict);
-        let (job_tx, job_rx) = mpsc::sync_channel::<(u64, Batch)>(workers);
-        let job_rx = Mutex::new(job_rx);
-        let (res_tx, res_rx) = mpsc::channel::<Done>();
-        let work = |b: &Batch| verify_batch(sh, b);
-        let panicked = || Err(sh.fail_unsupported("BGZF worker panicked".into()));
-        std::thread::scope(|s| {
-            spawn_workers(s, workers, &job_rx, res_tx, &work, &panicked);
-            let (mut sent, mut next) = (0u64, 0u64);
-            let mut ready: BTreeMap<u64, (Batch, Verdict)> = BTreeMap::new();
-            let mut scanning = true;
-            let result = loop {
-                let mut scan_err = None;
-                while scanning && sent - next < 2 * workers as u64 {
-                    let b = match scan_batch(sh, off, out) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            scan_err = Some(e);
-                            break;
-                        }
-                    };
-                    (off, out) = (b.end_off, b.end_out);
-                    scanning = b.full && !sh.stop.load(Ordering::Relaxed);
-                    if !b.members.is_empty() {
-                        if job_tx.send((sent, b)).is_err() {
-                            scanning = false;
-                            break;
-                        }
-                        sent += 1;
-                    }
-                }
-                if let Some(e) = scan_err {
-                    break Err(e);
-                }
-                if next == sent {
-                    break if sh.stop.load(Ordering::Relaxed) {
-                        Err(sh.fail_unsupported("reader closed".into()))
-                    } else {
-                        Ok((off, out))
-                    };
-                }
-                let Ok((seq, b, r)) = res_rx.recv() else {
-                    break Err(sh.fail_unsupported("BGZF workers stopped".into()));
-                };
-                ready.insert(seq, (b, r));
-                let mut failed = None;
-                while let Some((b, r)) = ready.remove(&next) {
-                    next += 1;
-                    if let Err(e) = r.and_then(|parts| self.commit(&b, parts)) {
-                        failed = Some(e);
+        let (res_tx, res_rx) = mpsc::channel::<Done<Batch, Verdict>>();
+        let (mut sent, mut next) = (0u64, 0u64);
+        let mut ready: BTreeMap<u64, (Batch, Verdict)> = BTreeMap::new();
+        let mut scanning = true;
+        loop {
+            let mut scan_err = None;
+            while scanning && sent - next < 2 * workers as u64 {
+                let b = match scan_batch(sh, off, out) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        scan_err = Some(e);
                         break;
                     }
+                };
+                (off, out) = (b.end_off, b.end_out);
+                scanning = b.full && !sh.stop.load(Ordering::Relaxed);
+                if !b.members.is_empty() {
+                    let sh = Arc::clone(sh);
+                    if !submit(&pool, sent, b, &res_tx, move |b| verify_batch(&sh, b)) {
+                        scanning = false;
+                        break;
+                    }
+                    sent += 1;
                 }
-                if let Some(e) = failed {
-                    break Err(e);
-                }
+            }
+            if let Some(e) = scan_err {
+                break Err(e);
+            }
+            if next == sent {
+                break if sh.stop.load(Ordering::Relaxed) {
+                    Err(sh.fail_unsupported("reader closed".into()))
+                } else {
+                    Ok((off, out))
+                };
+            }
+            let Ok((seq, b, r)) = res_rx.recv() else {
+                break Err(sh.fail_unsupported("BGZF workers stopped".into()));
             };
-            // Let the workers run dry and exit so the scope can end.
-            drop(job_tx);
-            result
-        })
+            let r = r.unwrap_or_else(|| Err(sh.fail_unsupported("BGZF worker panicked".into())));
+            ready.insert(seq, (b, r));
+            let mut failed = None;
+            while let Some((b, r)) = ready.remove(&next) {
+                next += 1;
+                if let Err(e) = r.and_then(|parts| self.commit(&b, parts)) {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if let Some(e) = failed {
+                break Err(e);
+            }
+        }
     }
 
     /// Record a verified batch: its member starts as resumable points, its
@@ -658,30 +639,24 @@ impl<'a> Walker<'a> {
     }
 }
 
-/// Start `n` threads in `s` that run `work` on each `(seq, job)` from
-/// `jobs` and send `(seq, job, result)` to `done`, until either channel
-/// closes.  A panic in `work` becomes `panicked()`: the walk waits for the
-/// answer to every sequence number it hands out.
-fn spawn_workers<'scope, J: Send + 'scope, R: Send + 'scope>(
-    s: &'scope std::thread::Scope<'scope, '_>,
-    n: usize,
-    jobs: &'scope Mutex<mpsc::Receiver<(u64, J)>>,
-    done: mpsc::Sender<(u64, J, R)>,
-    work: &'scope (dyn Fn(&J) -> R + Sync),
-    panicked: &'scope (dyn Fn() -> R + Sync),
-) {
-    for _ in 0..n {
-        let done = done.clone();
-        s.spawn(move || loop {
-            let job = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
-            let Ok((seq, job)) = job else { break };
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&job)))
-                .unwrap_or_else(|_| panicked());
-            if done.send((seq, job, r)).is_err() {
-                break;
-            }
-        });
-    }
+/// A job's number, the job, and its result (`None`: `work` panicked).
+type Done<J, R> = (u64, J, Option<R>);
+
+/// Queue `work(job)` on `pool`; `(seq, job, result)` is sent to `done`
+/// whatever happens, since the walk waits for the answer to every number
+/// it hands out.  False: the pool has no workers.
+fn submit<J: Send + 'static, R: Send + 'static>(
+    pool: &Pool,
+    seq: u64,
+    job: J,
+    done: &mpsc::Sender<Done<J, R>>,
+    work: impl FnOnce(&J) -> R + Send + 'static,
+) -> bool {
+    let done = done.clone();
+    pool.submit(Box::new(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&job))).ok();
+        let _ = done.send((seq, job, r));
+    }))
 }
 
 struct Member {

@@ -10,6 +10,9 @@ use std::os::raw::c_int;
 
 use libz_rs_sys as z;
 
+use super::header::Input;
+use super::{Fail, Shared};
+
 /// Size of the deflate history window.
 pub const WINDOW: usize = 32 * 1024;
 
@@ -228,4 +231,33 @@ pub fn decompress_window(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, Strin
         return Err(format!("stored window does not decompress ({ret})"));
     }
     Ok(out)
+}
+
+/// Position `inf` and `input` at a deflate block boundary: `inp` is the
+/// first whole byte after it, `bits` (0..=7) high bits of the byte before
+/// are still unread, and `window` is the history before it.
+pub(super) fn resume(
+    sh: &Shared,
+    inf: &mut Inflater,
+    input: &mut Input<'_>,
+    inp: u64,
+    bits: u8,
+    window: &[u8],
+) -> Result<(), Fail> {
+    inf.reset().map_err(|e| sh.fail_corrupt(inp, e))?;
+    let bits = bits as u32;
+    let at = inp - (bits > 0) as u64;
+    input.seek(at);
+    if bits > 0 {
+        let ok = input.ensure(1).map_err(|e| sh.fail_io(at, e))?;
+        let byte = match input.buffered().first() {
+            Some(b) if ok => *b as u32,
+            _ => return Err(sh.fail_corrupt(at, "checkpoint beyond end of file".into())),
+        };
+        input.consume(1);
+        inf.prime(bits, byte >> (8 - bits))
+            .map_err(|e| sh.fail_corrupt(at, e))?;
+    }
+    inf.set_dictionary(window)
+        .map_err(|e| sh.fail_corrupt(inp, e))
 }

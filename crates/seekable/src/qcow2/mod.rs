@@ -23,6 +23,7 @@ use lru::LruCache;
 
 pub use header::{Compression, Header, HeaderError, Snapshot};
 
+use crate::sync::LockExt;
 use crate::{Error, Extent, RandomAccess, Result, Source};
 
 const FORMAT: &str = "qcow2";
@@ -462,12 +463,7 @@ impl Qcow2Reader {
         if offset == 0 {
             return Ok(None);
         }
-        if let Some(t) = self
-            .l2_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&offset)
-        {
+        if let Some(t) = self.l2_cache.lock_unpoisoned().get(&offset) {
             return Ok(Some(t.clone()));
         }
         let cs = self.header.cluster_size();
@@ -494,10 +490,7 @@ impl Qcow2Reader {
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
             .collect();
-        self.l2_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(offset, table.clone());
+        self.l2_cache.lock_unpoisoned().put(offset, table.clone());
         Ok(Some(table))
     }
 
@@ -597,12 +590,7 @@ impl Qcow2Reader {
     }
 
     fn decompressed(&self, host: u64, len: u64, cluster: u64) -> Result<Arc<[u8]>> {
-        if let Some(c) = self
-            .cluster_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&host)
-        {
+        if let Some(c) = self.cluster_cache.lock_unpoisoned().get(&host) {
             return Ok(c.clone());
         }
         let mut input = vec![0u8; len as usize];
@@ -644,10 +632,7 @@ impl Qcow2Reader {
             }
         }
         let out: Arc<[u8]> = out.into();
-        self.cluster_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(host, out.clone());
+        self.cluster_cache.lock_unpoisoned().put(host, out.clone());
         Ok(out)
     }
 

@@ -218,6 +218,7 @@ impl BlockStream {
         // SAFETY: all-zero is the documented initial state of both structs
         // (LZMA_STREAM_INIT, and lzma_block's reserved fields must be 0).
         let mut strm: lz::lzma_stream = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, for lzma_block.
         let mut lblock: Box<lz::lzma_block> = Box::new(unsafe { std::mem::zeroed() });
         let mut filters = [lz::lzma_filter {
             id: lz::LZMA_VLI_UNKNOWN,

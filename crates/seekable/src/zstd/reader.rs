@@ -21,6 +21,7 @@ use super::seek_table::{
 use super::xxh64::Xxh64;
 use crate::engine::{Codec, Engine, ResumableDecoder, Segment};
 use crate::progressive::{Progressive, StreamDecoder};
+use crate::sync::LockExt;
 use crate::{Error, Options, Result, Source};
 
 /// Input read from the source per refill.
@@ -786,7 +787,7 @@ impl ResumableFrame {
             offset: frame.compressed_offset,
             source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
         };
-        let pooled = DCTX_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let pooled = DCTX_POOL.lock_unpoisoned().pop();
         let dctx = match pooled {
             Some(d) => d,
             None => {
@@ -895,7 +896,7 @@ impl Drop for ResumableFrame {
         if d.reset(zstd_safe::ResetDirective::SessionOnly).is_err() {
             return;
         }
-        let mut pool = DCTX_POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pool = DCTX_POOL.lock_unpoisoned();
         if pool.len() < DCTX_POOL_MAX {
             pool.push(d);
         }

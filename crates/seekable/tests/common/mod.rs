@@ -44,6 +44,9 @@ pub fn image_like(len: usize, seed: u64) -> Vec<u8> {
 /// Encode `data` as one xz stream with `check`, starting a new block every
 /// `block_size` bytes (`None`: one block, like plain `xz`).
 pub fn xz_encode(data: &[u8], check: u32, block_size: Option<usize>) -> Vec<u8> {
+    // SAFETY: all-zero is LZMA_STREAM_INIT; every pointer handed to
+    // lzma_code points into `piece` or `buf` with the length given beside
+    // it, both alive for the call; the stream is ended once, at the end.
     unsafe {
         let mut strm: lz::lzma_stream = std::mem::zeroed();
         assert_eq!(lz::lzma_easy_encoder(&mut strm, 1, check), lz::LZMA_OK);
