@@ -220,6 +220,9 @@ impl Handle for LayerHandle {
     fn source_name(&self) -> Option<String> {
         self.inner.source_name()
     }
+    fn source_version(&self) -> Option<String> {
+        self.inner.source_version()
+    }
     fn export_description(&self) -> Result<Option<String>> {
         self.control(format_args!("export_description"));
         self.inner.export_description()

@@ -128,6 +128,70 @@ fn compressed_images_over_http_are_served_uncompressed() {
     }
 }
 
+/// A saved gzip index belongs to one version of a remote object: an
+/// object rewritten in the middle, with the same size and the same first
+/// and last 64 KiB, has a new ETag, and its old index is not used (the
+/// size and head/tail checks alone would take it).
+#[test]
+fn a_changed_remote_object_does_not_reuse_its_gzip_index() {
+    if !have("nbdcopy") || !have("gzip") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Three members; random data is stored, so the two versions of the
+    // middle member compress to the same length.
+    let gz = |data: &[u8]| compress(data, dir.path(), "gzip", &["-c", "-n", "-1"]);
+    let a = pseudo_random(1 << 20, 1);
+    let (b_old, b_new) = (pseudo_random(1 << 20, 2), pseudo_random(1 << 20, 3));
+    let mut c = pseudo_random(256 << 10, 4);
+    c.extend(vec![0u8; 1 << 20]);
+    let (gz_a, gz_c) = (gz(&a), gz(&c));
+    let (gz_b_old, gz_b_new) = (gz(&b_old), gz(&b_new));
+    assert_eq!(gz_b_old.len(), gz_b_new.len());
+    assert!(gz_a.len() > 64 << 10 && gz_c.len() > 64 << 10);
+    let join =
+        |parts: &[&Vec<u8>]| -> Vec<u8> { parts.iter().flat_map(|p| p.iter().copied()).collect() };
+    let (old, new) = (join(&[&a, &b_old, &c]), join(&[&a, &b_new, &c]));
+
+    let http = HttpServer::start();
+    http.add_file("/disk.img.gz", join(&[&gz_a, &gz_b_old, &gz_c]));
+    let url = format!("url={}", http.url("/disk.img.gz"));
+    let index = dir.path().join("disk.gzi");
+    let idx_arg = format!("gzip-index={}", index.display());
+    let serve = |want: &[u8]| {
+        let s = Server::start(&[
+            "-v",
+            "--filter=gzip",
+            "curl",
+            &url,
+            &idx_arg,
+            "gzip-span=256K",
+        ]);
+        assert!(copy_out(&s, &[]) == want, "nbdcopy output differs");
+        let log = s.log();
+        assert!(s.stop().success());
+        log
+    };
+
+    let log = serve(&old);
+    assert!(log.contains("source version etag:\""), "{log}");
+    assert!(log.contains("gzip index built"), "{log}");
+    assert!(index.exists(), "the index was saved");
+
+    http.add_file("/disk.img.gz", join(&[&gz_a, &gz_b_new, &gz_c]));
+    let log = serve(&new);
+    assert!(
+        log.contains("is for a different or modified file; rebuilding"),
+        "{log}"
+    );
+    assert!(log.contains("gzip index built"), "{log}");
+
+    // Unchanged since: the rebuilt index is used as it is.
+    let log = serve(&new);
+    assert!(!log.contains("different or modified"), "{log}");
+    assert!(!log.contains("gzip index built"), "{log}");
+}
+
 #[test]
 fn a_server_without_range_support_is_refused_at_start_up() {
     let http = HttpServer::start();

@@ -6,8 +6,9 @@
 //! (Python's http.server has no Range support, hence this.)
 //! [`HttpServer::start_tls`] serves HTTPS (rustls) with a given certificate.
 //! Paths are looked up %-decoded (GCS's client escapes '/' and '.' in
-//! object names), and answers carry the ETag and Last-Modified headers
-//! object store clients insist on, so the server also stands in for a
+//! object names), and answers carry the ETag (a hash of the file's bytes,
+//! so replacing a file changes it) and Last-Modified headers object store
+//! clients insist on, so the server also stands in for a
 //! Google Cloud Storage endpoint (its XML API: `/BUCKET/OBJECT`).
 
 use std::collections::HashMap;
@@ -62,9 +63,12 @@ impl Request {
     }
 }
 
+/// A served file: its bytes and its ETag (with the quotes).
+type File = (Arc<Vec<u8>>, String);
+
 #[derive(Default)]
 struct State {
-    files: Mutex<HashMap<String, Arc<Vec<u8>>>>,
+    files: Mutex<HashMap<String, File>>,
     behaviour: Mutex<Behaviour>,
     requests: Mutex<Vec<Request>>,
     active: AtomicUsize,
@@ -137,12 +141,18 @@ impl HttpServer {
         format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
     }
 
+    /// Serve `data` at `path`, replacing what was there (and its ETag).
     pub fn add_file(&self, path: &str, data: Vec<u8>) {
+        // FNV-1a: any change of the bytes changes the tag.
+        let hash = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let etag = format!("\"{hash:016x}\"");
         self.state
             .files
             .lock()
             .unwrap()
-            .insert(path.to_string(), Arc::new(data));
+            .insert(path.to_string(), (Arc::new(data), etag));
     }
 
     pub fn set(&self, f: impl FnOnce(&mut Behaviour)) {
@@ -225,8 +235,10 @@ fn serve<S: Read + Write>(conn: S, st: &State) {
     }
 }
 
-/// The same for every file: nothing changes while a test runs.
-const VALIDATORS: &str = "ETag: \"1\"\r\nLast-Modified: Mon, 01 Jan 2024 00:00:00 GMT\r\n";
+/// The validators of a file with this ETag (the date never changes).
+fn validators(etag: &str) -> String {
+    format!("ETag: {etag}\r\nLast-Modified: Mon, 01 Jan 2024 00:00:00 GMT\r\n")
+}
 
 /// `%XX` escapes decoded (malformed ones kept as they are).
 fn percent_decode(path: &str) -> String {
@@ -292,7 +304,7 @@ fn respond(out: &mut impl Write, st: &State, req: &Request) -> bool {
             return out.write_all(body).is_ok();
         }
     }
-    let Some(data) = st
+    let Some((data, etag)) = st
         .files
         .lock()
         .unwrap()
@@ -309,6 +321,7 @@ fn respond(out: &mut impl Write, st: &State, req: &Request) -> bool {
         .and_then(|r| r.split_once('-'))
         .and_then(|(a, z)| Some((a.parse::<u64>().ok()?, z.parse::<u64>().ok()?)));
     let len = data.len() as u64;
+    let validators = validators(&etag);
     match range {
         Some((a, z)) if !b.no_range && !head => {
             if b.stall {
@@ -329,7 +342,7 @@ fn respond(out: &mut impl Write, st: &State, req: &Request) -> bool {
             if b.cut_next > 0 {
                 let _ = write!(
                     out,
-                    "HTTP/1.1 206 Partial Content\r\n{VALIDATORS}Content-Range: bytes {a}-{z}/{len}\r\nContent-Length: {}\r\n\r\n",
+                    "HTTP/1.1 206 Partial Content\r\n{validators}Content-Range: bytes {a}-{z}/{len}\r\nContent-Length: {}\r\n\r\n",
                     body.len()
                 );
                 let _ = out.write_all(&body[..body.len() / 2]);
@@ -346,7 +359,7 @@ fn respond(out: &mut impl Write, st: &State, req: &Request) -> bool {
             };
             let _ = write!(
                 out,
-                "HTTP/1.1 206 Partial Content\r\nAccept-Ranges: bytes\r\n{VALIDATORS}Content-Range: bytes {a}-{z}/{total}\r\nContent-Length: {}\r\n\r\n",
+                "HTTP/1.1 206 Partial Content\r\nAccept-Ranges: bytes\r\n{validators}Content-Range: bytes {a}-{z}/{total}\r\nContent-Length: {}\r\n\r\n",
                 body.len()
             );
             out.write_all(body).is_ok()
@@ -354,7 +367,7 @@ fn respond(out: &mut impl Write, st: &State, req: &Request) -> bool {
         _ => {
             let _ = write!(
                 out,
-                "HTTP/1.1 200 OK\r\n{VALIDATORS}Content-Length: {len}\r\n\r\n"
+                "HTTP/1.1 200 OK\r\n{validators}Content-Length: {len}\r\n\r\n"
             );
             if head {
                 return true;

@@ -277,6 +277,21 @@ pub trait Handle: Send + Sync {
         forward!(self.source_name(), None)
     }
 
+    /// An opaque version of the content behind `source_name`: an HTTP
+    /// ETag (or Last-Modified), an object store's version.  Two equal
+    /// values for the same source mean the same bytes, so something saved
+    /// about those bytes (the gzip filter's index) may be reused only while
+    /// the value is unchanged.  `None` (the default for plugins): no such
+    /// promise, and whoever saves state must rely on the bytes alone.
+    ///
+    /// Filters pass it on: their bytes are a fixed function of the next
+    /// handle's bytes and their own parameters.  A filter whose bytes can
+    /// change without the source changing (`cow`, with its overlay of
+    /// writes) returns `None`.
+    fn source_version(&self) -> Option<String> {
+        forward!(self.source_version(), None)
+    }
+
     /// Text for NBD_INFO_DESCRIPTION.
     fn export_description(&self) -> Result<Option<String>> {
         forward!(self.export_description(), Ok(None))

@@ -18,7 +18,7 @@ use seekable_compressed::gzip::{GzipOptions, GzipReader};
 use seekable_compressed::{
     Bzip2Reader, LzipReader, Options, RandomAccess, Source, XzReader, ZstdReader,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Format {
@@ -122,6 +122,15 @@ impl Compressed {
             }
         });
         let size = handle.size()?;
+        // A saved gzip index is trusted for a file with the same size and
+        // the same first and last 64 KiB; a remote object rewritten in the
+        // middle can keep those, but not its ETag: the source's version is
+        // part of the identity the index must match.
+        let mut gzip = self.settings.gzip.clone();
+        if let Some(v) = handle.source_version() {
+            debug!("{}: source version {v}", opts.name);
+            gzip.identity = Some(v.into_bytes());
+        }
         let source: Arc<dyn Source> = Arc::new(HandleSource { handle, size });
         let format = self.settings.format;
         let opened: seekable_compressed::Result<Arc<dyn RandomAccess>> = match format {
@@ -130,7 +139,7 @@ impl Compressed {
             // right: BGZF's (from the member trailers), or the walk's total.
             // A failed walk refuses the export with its error instead of
             // offering the size reached before it (as nbdkit does).
-            Format::Gzip => GzipReader::open_with(source, &opts, &self.settings.gzip)
+            Format::Gzip => GzipReader::open_with(source, &opts, &gzip)
                 .and_then(|r| r.export_size().map(|_| r))
                 .map(|r| {
                     let r = Arc::new(r);

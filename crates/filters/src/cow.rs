@@ -265,6 +265,11 @@ impl Handle for CowHandle {
     fn next(&self) -> Option<&dyn Handle> {
         Some(&*self.next)
     }
+    fn source_version(&self) -> Option<String> {
+        // Writes land in the overlay: the bytes change while the source
+        // below keeps its version.
+        None
+    }
     fn size(&self) -> Result<u64> {
         Ok(self.size)
     }

@@ -296,6 +296,8 @@ struct Shared {
     shown: String,
     path: Path,
     size: u64,
+    /// The object's ETag (or version, or modification time) at start-up.
+    version: String,
     build: Build,
     transport: Transport,
     engine: OnceLock<Engine>,
@@ -397,6 +399,9 @@ impl Handle for ObjectHandle {
     fn source_name(&self) -> Option<String> {
         Some(self.shared.shown.clone())
     }
+    fn source_version(&self) -> Option<String> {
+        Some(self.shared.version.clone())
+    }
     fn size(&self) -> Result<u64> {
         Ok(self.shared.size)
     }
@@ -456,13 +461,21 @@ pub(crate) fn serve(
     })
     .and_then(|r| r)
     .map_err(|e| ConfigError::new(format!("{label}: finding the size: {e}")))?;
-    debug!("{label}: size {}", meta.size);
+    // The ETag is what both stores change on every write; the modification
+    // time (always given) only when neither an ETag nor a version is.
+    let version = match (&meta.e_tag, &meta.version) {
+        (Some(e), _) => format!("etag:{e}"),
+        (None, Some(v)) => format!("version:{v}"),
+        (None, None) => format!("modified:{}", meta.last_modified.to_rfc3339()),
+    };
+    debug!("{label}: size {}, {version}", meta.size);
     Ok(Arc::new(ObjectPlugin {
         shared: Arc::new(Shared {
             who,
             shown,
             path,
             size: meta.size,
+            version,
             build,
             transport,
             engine: OnceLock::new(),

@@ -28,5 +28,9 @@ seed image_gzip/bgzf.gz bgzip -c "$tmp/mix"
 seed image_zstd/one-frame.zst zstd -q -c "$tmp/mix"
 seed image_zstd/piped.zst sh -c "cat '$tmp/mix' | zstd -q -c"
 seed image_zstd/frames.zst sh -c "zstd -q -c '$tmp/text'; zstd -q -c '$tmp/zero'; cat '$tmp/text' | zstd -q -c"
+# --long: a 128 MiB window (the most a decoder accepts by default).
+seed image_zstd/long.zst sh -c "cat '$tmp/mix' | zstd -q -c --long=27"
+# The seekable format: CLI frames plus a seek table (made by make-corpus.sh).
+seed image_zstd/seekable.zst cat zstd_seek_table/seekable-checksums.zst
 seed image_bzip2/blocks.bz2 bzip2 -1 -c "$tmp/mix"
 seed image_bzip2/streams.bz2 sh -c "bzip2 -c '$tmp/text'; bzip2 -1 -c '$tmp/zero'"

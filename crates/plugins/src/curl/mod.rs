@@ -379,6 +379,8 @@ struct RangeReply {
     status: u32,
     /// The `Content-Range` header of the final response, if any.
     content_range: Option<String>,
+    /// The final response's ETag or Last-Modified (see [`Validators`]).
+    version: Option<String>,
     /// Body bytes stored in the buffer.
     got: usize,
 }
@@ -395,13 +397,15 @@ fn ranged_get(
     let last = offset + buf.len() as u64 - 1;
     let status = Cell::new(0u32);
     let content_range: Cell<Option<String>> = Cell::new(None);
+    let mut validators = Validators::default();
     let mut got = 0usize;
     let r = (|| {
         easy.set_bool(sys::CURLOPT_HTTPGET, true)?;
         easy.set_str(sys::CURLOPT_RANGE, &format!("{offset}-{last}"))?;
         easy.perform(
-            &mut |line| {
-                let line = String::from_utf8_lossy(line);
+            &mut |raw| {
+                header_line(&mut validators, raw);
+                let line = String::from_utf8_lossy(raw);
                 let line = line.trim_end();
                 if let Some(rest) = line.strip_prefix("HTTP/") {
                     // A new response (after a redirect or a 100 Continue).
@@ -432,11 +436,56 @@ fn ranged_get(
     let reply = RangeReply {
         status: easy.response_code().max(status.get()),
         content_range: content_range.take(),
+        version: validators.version(),
         got,
     };
     match r {
         Ok(()) => Ok(reply),
         Err(e) => Err((e, reply)),
+    }
+}
+
+/// The headers that say which version of the resource answered: the
+/// ETag, else Last-Modified (HTTP's validators).  Reported as the handle's
+/// `source_version`, so an index saved for one version of a remote image
+/// is not reused for another of the same size.
+#[derive(Default)]
+struct Validators {
+    etag: Option<String>,
+    last_modified: Option<String>,
+}
+
+impl Validators {
+    fn header(&mut self, name: &str, value: &str) {
+        let name = name.trim();
+        let value = value.trim();
+        if value.is_empty() {
+            return;
+        }
+        if name.eq_ignore_ascii_case("etag") {
+            self.etag = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("last-modified") {
+            self.last_modified = Some(value.to_string());
+        }
+    }
+    /// Prefixed by kind, so an ETag never equals a date by accident.
+    fn version(&self) -> Option<String> {
+        match (&self.etag, &self.last_modified) {
+            (Some(e), _) => Some(format!("etag:{e}")),
+            (None, Some(m)) => Some(format!("last-modified:{m}")),
+            (None, None) => None,
+        }
+    }
+}
+
+/// Feed one raw header line to `v` (status lines and blank lines are not
+/// `Name: value` and are skipped).
+fn header_line(v: &mut Validators, line: &[u8]) {
+    let line = String::from_utf8_lossy(line);
+    if line.starts_with("HTTP/") {
+        *v = Validators::default();
+    } else if let Some((k, val)) = line.split_once(':') {
+        v.header(k, val);
     }
 }
 
@@ -487,6 +536,8 @@ fn describe(e: &CurlError, timeout: Option<Duration>) -> String {
 struct Remote {
     pool: Pool,
     size: u64,
+    /// What the start-up probe said about the resource's version.
+    version: Option<String>,
 }
 
 impl Remote {
@@ -594,8 +645,9 @@ fn with_retries<T>(
 }
 
 /// Find the size, and check that the server honours ranges: GET the first
-/// byte; fall back to HEAD when the answer gives no total.
-fn probe(settings: &Settings) -> std::result::Result<u64, String> {
+/// byte; fall back to HEAD when the answer gives no total.  Also returns
+/// the resource's version (ETag or Last-Modified) when the answer had one.
+fn probe(settings: &Settings) -> std::result::Result<(u64, Option<String>), String> {
     let mut easy = settings.easy()?;
     let label = settings.label();
     settings
@@ -606,11 +658,16 @@ fn probe(settings: &Settings) -> std::result::Result<u64, String> {
         // transfer.
         easy.set_bool(sys::CURLOPT_NOBODY, true)
             .map_err(|e| e.to_string())?;
-        easy.perform(&mut |_| {}, &mut |_| true)
-            .map_err(|e| format!("{label}: {}", describe(&e, settings.timeout)))?;
-        return easy
+        // libcurl makes up a Last-Modified header from the file's mtime.
+        let mut validators = Validators::default();
+        easy.perform(&mut |line| header_line(&mut validators, line), &mut |_| {
+            true
+        })
+        .map_err(|e| format!("{label}: {}", describe(&e, settings.timeout)))?;
+        let size = easy
             .content_length()
-            .ok_or_else(|| format!("{label}: libcurl did not report the file's size"));
+            .ok_or_else(|| format!("{label}: libcurl did not report the file's size"))?;
+        return Ok((size, validators.version()));
     }
     let total = with_retries(&settings.label(), "probing the size", || {
         let mut one = [0u8; 1];
@@ -623,11 +680,12 @@ fn probe(settings: &Settings) -> std::result::Result<u64, String> {
             Err((e, _)) => return Err(Failure::Final(describe(&e, settings.timeout))),
         };
         let cr = reply.content_range.as_deref().and_then(parse_content_range);
+        let version = reply.version;
         match reply.status {
-            206 => Ok(cr.and_then(|(_, total)| total)),
+            206 => Ok((cr.and_then(|(_, total)| total), version)),
             // Range not satisfiable: an empty file says "bytes */0".
             416 => match cr {
-                Some((None, Some(t))) => Ok(Some(t)),
+                Some((None, Some(t))) => Ok((Some(t), version)),
                 _ => Err(Failure::Final(
                     "HTTP status 416 (range not satisfiable) without the size".into(),
                 )),
@@ -639,8 +697,9 @@ fn probe(settings: &Settings) -> std::result::Result<u64, String> {
             s => Err(Failure::Final(format!("HTTP status {s}"))),
         }
     })?;
+    let (total, version) = total;
     if let Some(t) = total {
-        return Ok(t);
+        return Ok((t, version));
     }
     // The server did not give the total ("bytes 0-0/*"): ask HEAD.
     let mut head = settings.easy()?;
@@ -650,7 +709,10 @@ fn probe(settings: &Settings) -> std::result::Result<u64, String> {
     head.set_bool(sys::CURLOPT_NOBODY, true)
         .map_err(|e| e.to_string())?;
     with_retries(&settings.label(), "HEAD for the size", || {
-        if let Err(e) = head.perform(&mut |_| {}, &mut |_| true) {
+        let mut validators = Validators::default();
+        if let Err(e) = head.perform(&mut |line| header_line(&mut validators, line), &mut |_| {
+            true
+        }) {
             return Err(if e.is_transient() {
                 Failure::Transient(describe(&e, settings.timeout))
             } else {
@@ -665,7 +727,7 @@ fn probe(settings: &Settings) -> std::result::Result<u64, String> {
             s => return Err(Failure::Final(format!("HTTP status {s}"))),
         }
         match head.content_length() {
-            Some(n) => Ok(n),
+            Some(n) => Ok((n, version.clone().or_else(|| validators.version()))),
             None => Err(Failure::Final(
                 "the server gave neither a Content-Range total nor a Content-Length: the size is unknown".into(),
             )),
@@ -696,6 +758,9 @@ struct CurlHandle {
 impl Handle for CurlHandle {
     fn source_name(&self) -> Option<String> {
         Some(self.remote.pool.settings.shown.clone())
+    }
+    fn source_version(&self) -> Option<String> {
+        self.remote.version.clone()
     }
     fn size(&self) -> Result<u64> {
         Ok(self.remote.size)
@@ -922,8 +987,12 @@ pub(crate) fn serve(
     settings
         .easy()
         .map_err(|e| ConfigError::new(format!("{name}: {e}")))?;
-    let size = probe(&settings).map_err(ConfigError::new)?;
-    debug!("{name}: {}: size {size}", settings.shown);
+    let (size, version) = probe(&settings).map_err(ConfigError::new)?;
+    debug!(
+        "{name}: {}: size {size}, {}",
+        settings.shown,
+        version.as_deref().unwrap_or("no ETag or Last-Modified")
+    );
     Ok(Arc::new(CurlPlugin {
         name,
         remote: Arc::new(Remote {
@@ -937,6 +1006,7 @@ pub(crate) fn serve(
                 freed: Condvar::new(),
             },
             size,
+            version,
         }),
     }))
 }
@@ -1090,6 +1160,38 @@ mod tests {
         assert_eq!(parse_content_range("bytes 5-4/10"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);
         assert_eq!(parse_content_range("bytes x-1/2"), None);
+    }
+
+    #[test]
+    fn the_version_is_the_final_responses_etag_else_its_date() {
+        let version = |lines: &[&str]| {
+            let mut v = Validators::default();
+            for l in lines {
+                header_line(&mut v, format!("{l}\r\n").as_bytes());
+            }
+            v.version()
+        };
+        let date = "Last-Modified: Mon, 01 Jan 2024 00:00:00 GMT";
+        assert_eq!(
+            version(&["HTTP/1.1 206 Partial", date, "etag: \"abc\""]).as_deref(),
+            Some("etag:\"abc\"")
+        );
+        assert_eq!(
+            version(&["HTTP/1.1 206 Partial", date]).as_deref(),
+            Some("last-modified:Mon, 01 Jan 2024 00:00:00 GMT")
+        );
+        // A redirect's validators are not the resource's.
+        assert_eq!(
+            version(&[
+                "HTTP/1.1 302 Found",
+                "ETag: \"r\"",
+                "",
+                "HTTP/1.1 206 Partial",
+                ""
+            ]),
+            None
+        );
+        assert_eq!(version(&["HTTP/1.1 206 Partial", "ETag:  "]), None);
     }
 
     #[test]
