@@ -109,7 +109,14 @@ mod image_common;
 /// tools) open, and every planned read matches the reference decoder.
 #[test]
 fn whole_image_seeds_read_like_the_reference() {
-    for t in ["image_xz", "image_gzip", "image_zstd", "image_bzip2"] {
+    for t in [
+        "image_xz",
+        "image_gzip",
+        "image_zstd",
+        "image_bzip2",
+        "image_lzip",
+        "image_qcow2",
+    ] {
         let seeds = corpus(t);
         assert!(seeds.len() >= 2, "{t}: no seeds");
         for f in seeds {
