@@ -199,7 +199,7 @@ fn configure(cfg: &mut nbdkit_backend::Config) -> std::result::Result<Model, Con
     let max = time("max-seek-time", 20)?;
     let half = time("half-seek-time", 8)?;
     let min = time("min-seek-time", 1)?;
-    if !(min <= half && half <= max) {
+    if min > half || half > max {
         return Err(ConfigError::new(format!(
             "spinning filter: min-seek-time ({min:?}) <= half-seek-time ({half:?}) <= max-seek-time ({max:?}) must hold"
         )));
