@@ -465,6 +465,65 @@ pub static GZIP: FilterSpec = FilterSpec {
     configure: |cfg| Ok(Box::new(CompressedLayer(settings(cfg, Format::Gzip)?))),
 };
 
+pub const INDEXED_GZIP_PARAMS: [Param; 9] = [
+    Param {
+        name: "gzip-index-path",
+        help: "(required) index file: built and saved if missing or not usable, reused if it fits",
+    },
+    Param {
+        name: "gzip-index-span",
+        help: "decompressed bytes between index points (default 1M)",
+    },
+    GZIP_PARAMS[0],
+    GZIP_PARAMS[1],
+    GZIP_PARAMS[2],
+    GZIP_PARAMS[3],
+    GZIP_PARAMS[4],
+    GZIP_PARAMS[5],
+    GZIP_PARAMS[6],
+];
+
+/// nbdkit 1.46's `indexed-gzip` filter is the same idea as our gzip
+/// filter (a checkpoint index built once, kept in a file): its names are
+/// mapped onto it so that the same command line works.  The index file's
+/// format is ours, not nbdkit's: an index nbdkit wrote is not understood,
+/// so it is rebuilt and replaced.
+pub static INDEXED_GZIP: FilterSpec = FilterSpec {
+    name: "indexed-gzip",
+    summary: "serve a gzip-compressed image with a persisted index (nbdkit 1.46's name for the gzip filter)",
+    description: "The gzip filter under nbdkit's indexed-gzip parameter names: \n\
+                  gzip-index-path=PATH is gzip-index=PATH, gzip-index-span=SIZE is gzip-span=SIZE.\n\
+                  The index is built on first use (reads are served meanwhile) and saved to PATH;\n\
+                  the next start reuses it.  PATH holds nbdkit-rs's own index format: an index\n\
+                  written by nbdkit is rebuilt and replaced.\n\n\
+                  Example:\n  nbdkit-rs --filter=indexed-gzip file disk.img.gz gzip-index-path=disk.gzi",
+    params: &INDEXED_GZIP_PARAMS,
+    configure: |cfg| {
+        let path = cfg.require("gzip-index-path", "indexed-gzip filter")?;
+        if path.is_empty() {
+            return Err(ConfigError::new(
+                "indexed-gzip filter: gzip-index-path= needs a file name",
+            ));
+        }
+        let span = cfg
+            .take_size("gzip-index-span")
+            .map_err(|e| ConfigError::new(format!("indexed-gzip filter: {e}")))?;
+        use seekable_compressed::gzip::{MAX_SPAN, MIN_SPAN};
+        if let Some(span) = span.filter(|s| !(MIN_SPAN..=MAX_SPAN).contains(s)) {
+            return Err(ConfigError::new(format!(
+                "indexed-gzip filter: gzip-index-span={span}: the span must be from {MIN_SPAN} to {MAX_SPAN} bytes"
+            )));
+        }
+        let mut s = settings(cfg, Format::Gzip)?;
+        s.gzip.index_path = Some(PathBuf::from(path));
+        s.gzip.persist = true;
+        if let Some(span) = span {
+            s.gzip.span = span;
+        }
+        Ok(Box::new(CompressedLayer(s)))
+    },
+};
+
 pub static ZSTD: FilterSpec = FilterSpec {
     name: "zstd",
     summary: "serve a zstd-compressed image uncompressed (read-only, random access)",

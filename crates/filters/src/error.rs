@@ -45,13 +45,22 @@ fn parse_errno(v: &str) -> std::result::Result<(ErrorKind, &'static str), String
 }
 
 /// `10%`, `0.1` or `1` (always).
-fn parse_rate(v: &str) -> std::result::Result<f64, String> {
+pub(crate) fn parse_rate(v: &str) -> std::result::Result<f64, String> {
     let t = v.trim();
-    let r = match t.strip_suffix('%') {
-        Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
-        None => t.parse::<f64>(),
-    }
-    .map_err(|_| "expected a rate such as 10% or 0.1".to_string())?;
+    let bad = || "expected a probability such as 10%, 0.1, 1e-8 or 1:10".to_string();
+    let r = if let Some(p) = t.strip_suffix('%') {
+        p.trim().parse::<f64>().map_err(|_| bad())? / 100.0
+    } else if let Some((a, b)) = t.split_once(':').or_else(|| t.split_once('/')) {
+        // "1:10" and "1/10": one in ten.
+        let a: f64 = a.trim().parse().map_err(|_| bad())?;
+        let b: f64 = b.trim().parse().map_err(|_| bad())?;
+        if b == 0.0 {
+            return Err(bad());
+        }
+        a / b
+    } else {
+        t.parse::<f64>().map_err(|_| bad())?
+    };
     if !(0.0..=1.0).contains(&r) {
         return Err("the rate must be between 0 and 1 (0% and 100%)".into());
     }
@@ -326,6 +335,9 @@ mod tests {
         assert_eq!(parse_rate("10%"), Ok(0.1));
         assert_eq!(parse_rate("1"), Ok(1.0));
         assert!(parse_rate("150%").is_err());
+        assert_eq!(parse_rate("1:4"), Ok(0.25));
+        assert_eq!(parse_rate("1/10"), Ok(0.1));
+        assert!(parse_rate("1:0").is_err());
         assert!(parse_errno("EWHATEVER").is_err());
         let mut cfg = Config::new(vec![
             ("error".into(), "ENOSPC".into()),

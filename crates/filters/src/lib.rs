@@ -9,10 +9,12 @@ pub mod cache;
 pub mod cacheextents;
 pub mod checkwrite;
 pub mod compressed;
+pub mod count;
 pub mod cow;
 pub mod ddrescue;
 pub mod delay;
 pub mod error;
+pub mod evil;
 pub mod exitlast;
 pub mod exitwhen;
 pub mod exportname;
@@ -23,6 +25,7 @@ pub mod ip;
 pub mod limit;
 pub mod log;
 pub mod luks;
+pub mod map;
 pub mod multi_conn;
 pub mod nocache;
 pub mod noextents;
@@ -30,17 +33,23 @@ pub mod nofilter;
 pub mod noparallel;
 pub mod nozero;
 pub mod offset;
+pub mod openonce;
 pub mod partition;
+pub mod pause;
 pub mod protect;
 pub mod qcow2dec;
 pub mod rate;
 pub mod readahead;
+pub mod readonly;
 pub mod retry;
 pub mod retry_request;
+pub mod rotational;
 pub mod scan;
+pub mod spinning;
 pub mod stats;
 pub mod swab;
 pub mod tar;
+pub mod time_limit;
 pub mod tls_fallback;
 pub mod truncate;
 
@@ -65,9 +74,12 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &compressed::BZIP2,
         &compressed::GZIP,
         &compressed::LZIP,
+        &compressed::INDEXED_GZIP,
+        &count::SPEC,
         &cow::SPEC,
         &delay::SPEC,
         &error::SPEC,
+        &evil::SPEC,
         &exitlast::SPEC,
         &ext2::SPEC,
         &exitwhen::SPEC,
@@ -76,22 +88,29 @@ pub fn all() -> Vec<&'static FilterSpec> {
         &limit::SPEC,
         &log::SPEC,
         &luks::SPEC,
+        &map::SPEC,
         &multi_conn::SPEC,
         &nocache::SPEC,
         &noextents::SPEC,
         &noparallel::SPEC,
         &nozero::SPEC,
         &offset::SPEC,
+        &openonce::SPEC,
         &partition::SPEC,
+        &pause::SPEC,
         &protect::SPEC,
         &qcow2dec::SPEC,
         &qcow2dec::ALIAS,
         &rate::SPEC,
         &readahead::SPEC,
+        &readonly::SPEC,
         &retry::SPEC,
+        &rotational::SPEC,
+        &spinning::SPEC,
         &stats::SPEC,
         &swab::SPEC,
         &tar::SPEC,
+        &time_limit::SPEC,
         &truncate::SPEC,
         &compressed::XZ,
         &compressed::ZSTD,

@@ -47,7 +47,8 @@ use std::time::Instant;
 pub use bgzf::{bgzf_size, bgzf_size_with, BGZF_MAX_ISIZE};
 pub use header::{is_gzip_magic, parse_header, Header, HeaderError};
 pub use index::{
-    fnv1a64, Checkpoint, GzipIndex, Identity, Kind, Window, MAX_CHECKPOINTS, ZERO_CHUNK,
+    fnv1a64, Checkpoint, GzipIndex, Identity, Kind, Window, MAX_CHECKPOINTS, MAX_SPAN, MIN_SPAN,
+    ZERO_CHUNK,
 };
 pub use progress::WalkProgress;
 
