@@ -32,15 +32,15 @@ pub fn early(cli: &Cli, registry: &Registry) -> Result<Option<ExitCode>> {
         return Ok(Some(ExitCode::SUCCESS));
     }
     if cli.dump_config {
-        print!("{}", registry.dump_config());
+        say(&registry.dump_config());
         return Ok(Some(ExitCode::SUCCESS));
     }
     if cli.short_options {
-        print!("{}", crate::cli::short_options());
+        say(&crate::cli::short_options());
         return Ok(Some(ExitCode::SUCCESS));
     }
     if cli.long_options {
-        print!("{}", crate::cli::long_options());
+        say(&crate::cli::long_options());
         return Ok(Some(ExitCode::SUCCESS));
     }
     for (given, what) in [
@@ -63,11 +63,11 @@ pub fn early(cli: &Cli, registry: &Registry) -> Result<Option<ExitCode>> {
     }
     if cli.args.is_empty() {
         if cli.help {
-            print!("{}", registry.general_help());
+            say(&registry.general_help());
             return Ok(Some(ExitCode::SUCCESS));
         }
         if cli.version {
-            println!("{}", version_line());
+            say(&format!("{}\n", version_line()));
             return Ok(Some(ExitCode::SUCCESS));
         }
         if cli.dump_plugin {
@@ -94,9 +94,9 @@ pub fn with_plugin(
         if let Plugin::C(c) = plugin {
             c.load(&[])?;
         }
-        print!("{}", plugin.help_text());
+        say(&plugin.help_text());
         for f in filters {
-            print!("\n{}", f.help_text());
+            say(&format!("\n{}", f.help_text()));
         }
         return Ok(Some(ExitCode::SUCCESS));
     }
@@ -117,7 +117,7 @@ pub fn with_plugin(
                 None => out.push_str(&format!("{}\n", c.name())),
             },
         }
-        print!("{out}");
+        say(&out);
         return Ok(Some(ExitCode::SUCCESS));
     }
     if cli.dump_plugin {
@@ -147,4 +147,13 @@ pub fn with_plugin(
         return Ok(Some(ExitCode::SUCCESS));
     }
     Ok(None)
+}
+
+/// Write to stdout, ignoring a closed pipe (`nbdkit-rs --help | head`):
+/// `print!` would panic there.
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
 }

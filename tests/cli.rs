@@ -909,3 +909,24 @@ fn log_to_a_file_default_log_and_no_meta_contexts() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--log=bogus"));
 }
+
+/// `nbdkit-rs --help | head -1`: a reader that goes away is not a panic.
+#[test]
+fn help_into_a_closed_pipe_does_not_panic() {
+    for args in [
+        &["--help"][..],
+        &["file", "--help"][..],
+        &["--dump-config"][..],
+    ] {
+        let mut child = Command::new(binary())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
