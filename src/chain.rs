@@ -433,12 +433,19 @@ fn configure_filters(filters: &[&'static FilterSpec], cfg: &mut Config) -> Resul
 /// Wrap the plugin in the filters, the first one outermost.
 /// Each layer is wrapped as nbdkit's backend layer (see [`crate::layer`]).
 fn stack(layers: Layers, backend: Arc<dyn Backend>) -> Result<Arc<dyn Backend>> {
-    let mut backend = crate::layer::wrap(backend);
-    for (name, layer) in layers.into_iter().rev() {
+    // Each layer is called by the filter above it, the top one by the server.
+    let caller = |i: usize| match i.checked_sub(1) {
+        Some(above) => format!("{} filter", layers[above].0),
+        None => "the server".to_string(),
+    };
+    let mut backend = crate::layer::wrap(backend, &caller(layers.len()));
+    let callers: Vec<String> = (0..layers.len()).map(caller).collect();
+    for ((name, layer), caller) in layers.into_iter().zip(callers).rev() {
         backend = crate::layer::wrap(
             layer
                 .layer(backend)
                 .map_err(|e| anyhow!("{name} filter: {e}"))?,
+            &caller,
         );
     }
     Ok(backend)

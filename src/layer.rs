@@ -11,11 +11,22 @@
 //!   `NAME: CALL ARGS` (`memory: pread count=4096 offset=0`), control
 //!   calls (open, capabilities, ...) unless `-D nbdkit.backend.controlpath=0`
 //!   and data calls (pread, pwrite, ...) unless
-//!   `-D nbdkit.backend.datapath=0`.
+//!   `-D nbdkit.backend.datapath=0`;
+//! - in debug builds (so in every test run), each call into a layer is
+//!   checked against what that layer said about itself, as nbdkit's
+//!   backend layer asserts: the range is within its size, write-like calls
+//!   and their FUA/fast-zero flags only when it advertised them, extents
+//!   answers cover the start of the range, its size does not change.  The
+//!   server checks what clients send (`Export::validate`); these catch a
+//!   filter that sends its `next` what that layer never offered.  A broken
+//!   check logs `layer check failed: ...` and aborts the process: a panic
+//!   would be caught and turned into EIO, which a test might take for an
+//!   expected error.  Release builds compile the checks away.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     Backend, BlockSize, CacheMode, Client, DirectRead, ExportEntry, Extents, FuaMode, Handle,
     Result, ThreadModel, ZeroFlags, ZeroMode,
@@ -41,10 +52,12 @@ impl Trace {
 }
 
 /// Wrap one layer (a filter over its already wrapped `next`, or the
-/// plugin).
-pub fn wrap(inner: Arc<dyn Backend>) -> Arc<dyn Backend> {
+/// plugin).  `caller` names what calls into it (the filter above, or the
+/// server), for the debug-build checks' messages.
+pub fn wrap(inner: Arc<dyn Backend>, caller: &str) -> Arc<dyn Backend> {
     Arc::new(Layer {
         inner,
+        caller: caller.to_string(),
         trace: Trace::from_flags(),
         default_exports: Mutex::default(),
     })
@@ -52,6 +65,7 @@ pub fn wrap(inner: Arc<dyn Backend>) -> Arc<dyn Backend> {
 
 struct Layer {
     inner: Arc<dyn Backend>,
+    caller: String,
     trace: Trace,
     /// Each connection's answer to `default_export` (by client id), kept
     /// until it disconnects: nbdkit asks each layer once per connection.
@@ -88,10 +102,7 @@ impl Backend for Layer {
         let client = Client::current().map(|c| c.id());
         let cached = |m: &Mutex<HashMap<u64, String>>| {
             let id = client?;
-            m.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&id)
-                .cloned()
+            m.lock_unpoisoned().get(&id).cloned()
         };
         if let Some(name) = cached(&self.default_exports) {
             return Ok(name);
@@ -100,8 +111,7 @@ impl Backend for Layer {
         let name = self.inner.default_export(readonly)?;
         if let Some(id) = client {
             self.default_exports
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .lock_unpoisoned()
                 .insert(id, name.clone());
         }
         Ok(name)
@@ -111,10 +121,7 @@ impl Backend for Layer {
         self.inner.preconnect(client)
     }
     fn disconnected(&self, client: &Client) {
-        self.default_exports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&client.id());
+        self.default_exports.lock_unpoisoned().remove(&client.id());
         self.inner.disconnected(client)
     }
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
@@ -135,8 +142,10 @@ impl Backend for Layer {
         Ok(Box::new(LayerHandle {
             inner,
             name: self.inner.name().to_string(),
+            caller: self.caller.clone(),
             trace: self.trace,
             caps: Caps::default(),
+            size: OnceLock::new(),
         }))
     }
     fn dump_plugin(&self) -> Option<String> {
@@ -165,11 +174,80 @@ struct Caps {
 struct LayerHandle {
     inner: Box<dyn Handle>,
     name: String,
+    caller: String,
     trace: Trace,
     caps: Caps,
+    /// The first size this layer gave (debug-build checks only).
+    size: OnceLock<u64>,
+}
+
+/// Which capability a call needs, for [`LayerHandle::check`].
+#[derive(Clone, Copy)]
+enum Needs {
+    Nothing,
+    Write,
+    Flush,
+    Trim,
+    Zero,
+    Cache,
 }
 
 impl LayerHandle {
+    /// Fail loudly: the caller broke this layer's contract.  Unit tests
+    /// get a panic they can expect; the server aborts (see the file
+    /// comment for why not a panic).
+    #[cold]
+    fn broken(&self, what: std::fmt::Arguments<'_>) {
+        let msg = format!(
+            "layer check failed: {} called {}: {what}",
+            self.caller, self.name
+        );
+        if cfg!(test) {
+            panic!("{msg}");
+        }
+        tracing::error!("{msg}");
+        std::process::abort();
+    }
+
+    /// Check a data call before it goes in: a range within the size this
+    /// layer gave, and a capability (and FUA / fast zero) it advertised.
+    /// Answers nobody asked for yet are not asked here (that would add
+    /// calls a test or a log could see): a check needs the answer known.
+    fn check(&self, call: &str, offset: u64, count: u64, needs: Needs, fua: bool, fast: bool) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        if let Some(&size) = self.size.get() {
+            if offset.checked_add(count).is_none_or(|end| end > size) {
+                self.broken(format_args!(
+                    "{call} count={count} offset={offset} is beyond the size {size}"
+                ));
+            }
+        }
+        let c = &self.caps;
+        let offered = match needs {
+            Needs::Nothing => None,
+            Needs::Write => c.can_write.get().copied(),
+            Needs::Flush => c.can_flush.get().copied(),
+            Needs::Trim => c.can_trim.get().copied(),
+            Needs::Zero => c.can_zero.get().map(|z| *z != ZeroMode::None),
+            Needs::Cache => c.can_cache.get().map(|m| *m != CacheMode::None),
+        };
+        if offered == Some(false) {
+            self.broken(format_args!("{call}, which this layer did not advertise"));
+        }
+        if fua && c.can_fua.get() == Some(&FuaMode::None) {
+            self.broken(format_args!(
+                "{call} with FUA, which this layer did not advertise"
+            ));
+        }
+        if fast && c.can_fast_zero.get() == Some(&false) {
+            self.broken(format_args!(
+                "{call} with fast zero, which this layer did not advertise"
+            ));
+        }
+    }
+
     fn control(&self, what: std::fmt::Arguments<'_>) {
         if self.trace.control {
             debug!("{}: {what}", self.name);
@@ -208,7 +286,14 @@ impl Handle for LayerHandle {
     }
     fn size(&self) -> Result<u64> {
         self.control(format_args!("get_size"));
-        self.inner.size()
+        let size = self.inner.size()?;
+        if cfg!(debug_assertions) {
+            let first = *self.size.get_or_init(|| size);
+            if first != size {
+                self.broken(format_args!("its size changed from {first} to {size}"));
+            }
+        }
+        Ok(size)
     }
     fn block_size(&self) -> Result<Option<BlockSize>> {
         self.control(format_args!("block_size"));
@@ -266,10 +351,19 @@ impl Handle for LayerHandle {
         self.once(&self.caps.can_cache, "can_cache", || self.inner.can_cache())
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check(
+            "pread",
+            offset,
+            buf.len() as u64,
+            Needs::Nothing,
+            false,
+            false,
+        );
         self.data(format_args!("pread count={} offset={offset}", buf.len()));
         self.inner.pread(buf, offset)
     }
     fn pread_direct(&self, offset: u64, count: u64) -> Result<Option<DirectRead<'_>>> {
+        self.check("pread", offset, count, Needs::Nothing, false, false);
         // Logged only when it answers: otherwise the server falls back to
         // pread, which is logged then.
         let r = self.inner.pread_direct(offset, count);
@@ -279,6 +373,7 @@ impl Handle for LayerHandle {
         r
     }
     fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.check("pwrite", offset, buf.len() as u64, Needs::Write, fua, false);
         self.data(format_args!(
             "pwrite count={} offset={offset} fua={}",
             buf.len(),
@@ -287,10 +382,12 @@ impl Handle for LayerHandle {
         self.inner.pwrite(buf, offset, fua)
     }
     fn flush(&self) -> Result<()> {
+        self.check("flush", 0, 0, Needs::Flush, false, false);
         self.data(format_args!("flush"));
         self.inner.flush()
     }
     fn trim(&self, offset: u64, count: u64, fua: bool) -> Result<()> {
+        self.check("trim", offset, count, Needs::Trim, fua, false);
         self.data(format_args!(
             "trim count={count} offset={offset} fua={}",
             fua as u8
@@ -298,6 +395,7 @@ impl Handle for LayerHandle {
         self.inner.trim(offset, count, fua)
     }
     fn zero(&self, offset: u64, count: u64, flags: ZeroFlags) -> Result<()> {
+        self.check("zero", offset, count, Needs::Zero, flags.fua, flags.fast);
         self.data(format_args!("zero count={count} offset={offset} {flags:?}"));
         self.inner.zero(offset, count, flags)
     }
@@ -306,10 +404,116 @@ impl Handle for LayerHandle {
             "extents count={count} offset={offset} req_one={}",
             req_one as u8
         ));
-        self.inner.extents(offset, count, req_one, extents)
+        self.check("extents", offset, count, Needs::Nothing, false, false);
+        let before = extents.next_offset();
+        self.inner.extents(offset, count, req_one, extents)?;
+        // What the list already held is the caller's; this layer must
+        // add at least the extent that covers where the list goes on.
+        if cfg!(debug_assertions)
+            && count > 0
+            && before < extents.end()
+            && extents.next_offset() <= before
+        {
+            self.broken(format_args!(
+                "extents count={count} offset={offset} answered no extent at {before}"
+            ));
+        }
+        Ok(())
     }
     fn cache(&self, offset: u64, count: u64) -> Result<()> {
+        self.check("cache", offset, count, Needs::Cache, false, false);
         self.data(format_args!("cache count={count} offset={offset}"));
         self.inner.cache(offset, count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 1 MiB, read-only, FUA not offered; `extents` reports one extent
+    /// that ends before the range asked for (a broken answer).
+    struct Disk;
+    struct DiskHandle;
+    impl Backend for Disk {
+        fn name(&self) -> &str {
+            "disk"
+        }
+        fn open(&self, _: bool, _: &str) -> Result<Box<dyn Handle>> {
+            Ok(Box::new(DiskHandle))
+        }
+    }
+    impl Handle for DiskHandle {
+        fn size(&self) -> Result<u64> {
+            Ok(1 << 20)
+        }
+        fn can_fua(&self) -> Result<FuaMode> {
+            Ok(FuaMode::None)
+        }
+        fn pread(&self, buf: &mut [u8], _: u64) -> Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn extents(&self, offset: u64, count: u64, _: bool, e: &mut Extents) -> Result<()> {
+            // Broken below 1 MiB / 2: the extent ends where the range starts.
+            if offset < 1 << 19 {
+                e.add(0, offset, 0)
+            } else {
+                e.add(offset, count, 0)
+            }
+        }
+    }
+
+    fn open() -> Box<dyn Handle> {
+        let h = wrap(Arc::new(Disk), "the server").open(true, "x").unwrap();
+        assert_eq!(h.size().unwrap(), 1 << 20);
+        assert!(!h.can_write().unwrap());
+        h
+    }
+
+    #[test]
+    fn calls_the_layer_offered_pass() {
+        let h = open();
+        let mut buf = [1u8; 512];
+        h.pread(&mut buf, (1 << 20) - 512).unwrap();
+        assert_eq!(buf, [0; 512]);
+        // The size is known, so this is checked too, and is in range.
+        let mut e = Extents::new(1 << 19, 1 << 20);
+        h.extents(1 << 19, 1 << 19, false, &mut e).unwrap();
+        assert_eq!(e.list().len(), 1);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "layer check failed: the server called disk: pread count=512 offset=1048576 is beyond the size 1048576"
+    )]
+    fn a_read_past_the_end_fails_the_check() {
+        open().pread(&mut [0; 512], 1 << 20).unwrap();
+    }
+
+    #[test]
+    #[should_panic(expected = "pwrite, which this layer did not advertise")]
+    fn a_write_to_a_read_only_layer_fails_the_check() {
+        let _ = open().pwrite(&[0; 512], 0, false);
+    }
+
+    #[test]
+    #[should_panic(expected = "zero with FUA, which this layer did not advertise")]
+    fn fua_not_offered_fails_the_check() {
+        let h = open();
+        assert_eq!(h.can_fua().unwrap(), FuaMode::None);
+        let flags = ZeroFlags {
+            fua: true,
+            ..ZeroFlags::default()
+        };
+        let _ = h.zero(0, 512, flags);
+    }
+
+    #[test]
+    #[should_panic(expected = "extents count=4096 offset=8192 answered no extent at 8192")]
+    fn extents_that_miss_the_range_fail_the_check() {
+        let h = open();
+        let mut e = Extents::new(8192, 8192 + 4096);
+        let _ = h.extents(8192, 4096, false, &mut e);
     }
 }

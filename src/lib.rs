@@ -203,16 +203,7 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         }
         Some(t) => bail!("--timeout={t}: expected a number of seconds greater than 0"),
     };
-    let tls_on = tls.mode != TlsMode::Off;
-    if cli.ipv4 && cli.ipv6 {
-        bail!("-4 and -6 cannot be used together");
-    }
-    if cli.single && (cli.run.is_some() || cli.unix.is_some() || cli.port.is_some()) {
-        bail!("-s serves stdin/stdout and cannot be combined with --run, -U or -p");
-    }
-    if cli.unix.is_some() && (cli.port.is_some() || cli.ipaddr.is_some()) {
-        bail!("-U cannot be combined with -p or -i");
-    }
+    check_transports(&cli)?;
     let handshake_mask = match &cli.mask_handshake {
         None => 0xffff,
         Some(m) => parse_int(m).with_context(|| format!("--mask-handshake={m}"))? as u16,
@@ -233,88 +224,11 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     let backend = chain::build(&plugin, &filters, &cli.args[1..])?;
 
     // Bind before forking, so errors reach the user.
-    let activated = ListenerSet::from_activation()?;
-    if activated.is_some() {
-        // As nbdkit: an activated server must not silently ignore the
-        // socket it was handed (with -s it would speak NBD on stdout).
-        for (given, flag) in [
-            (cli.single, "-s"),
-            (cli.unix.is_some(), "-U"),
-            (cli.port.is_some(), "-p"),
-        ] {
-            if given {
-                bail!("cannot use socket activation with the {flag} flag");
-            }
-        }
-    }
-    let mut temp_socket = None;
-    let (listeners, endpoint) = if cli.single {
-        (None, None)
-    } else if let Some(l) = activated {
-        (Some(l), None)
-    } else {
-        let unix = match cli.unix.as_deref() {
-            Some("-") => {
-                let t = TempSocket::new().context("creating a temporary socket directory")?;
-                let p = t.path.clone();
-                temp_socket = Some(t);
-                Some(p)
-            }
-            Some(p) => Some(std::path::absolute(p).unwrap_or_else(|_| p.into())),
-            // Captive mode defaults to a private socket, like nbdkit.
-            None if cli.run.is_some() && cli.port.is_none() => {
-                let t = TempSocket::new().context("creating a temporary socket directory")?;
-                let p = t.path.clone();
-                temp_socket = Some(t);
-                Some(p)
-            }
-            None => None,
-        };
-        let (set, ep) = match unix {
-            Some(path) => (
-                ListenerSet::bind_unix(&path).context("cannot listen on the Unix socket")?,
-                Endpoint {
-                    unix: Some(path),
-                    port: None,
-                    host: String::new(),
-                    tls: tls_on,
-                },
-            ),
-            None => {
-                let family = if cli.ipv4 {
-                    Family::V4
-                } else if cli.ipv6 {
-                    Family::V6
-                } else {
-                    Family::Any
-                };
-                let port = cli.port.unwrap_or(DEFAULT_PORT);
-                let set = ListenerSet::bind_tcp(cli.ipaddr.as_deref(), port, family)
-                    .with_context(|| format!("cannot listen on TCP port {port} (is another server using it? choose one with -p)"))?;
-                let host = match cli.ipaddr.as_deref() {
-                    Some(a) if a.contains(':') => format!("[{a}]"),
-                    Some(a) => a.to_string(),
-                    None => "localhost".into(),
-                };
-                let port = set.tcp_port();
-                (
-                    set,
-                    Endpoint {
-                        unix: None,
-                        port,
-                        host,
-                        tls: tls_on,
-                    },
-                )
-            }
-        };
-        (Some(set), Some(ep))
-    };
-
-    let export_for_uri = cli.export_name.clone().unwrap_or_default();
+    let tls_on = tls.mode != TlsMode::Off;
+    let (listeners, net) = bind(&cli, tls_on)?;
     if cli.print_uri {
-        if let Some(ep) = &endpoint {
-            println!("{}", ep.uri(&export_for_uri));
+        if let Some(ep) = &net.endpoint {
+            println!("{}", ep.uri(&net.export));
         }
     }
 
@@ -322,7 +236,7 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         || cli.single
         || cli.run.is_some()
         || cli.exit_with_parent
-        || endpoint.is_none();
+        || net.endpoint.is_none();
     let mut ready = if foreground {
         daemon::Ready::none()
     } else {
@@ -365,60 +279,14 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         .thread_name("nbdkit-rs")
         .build()
         .context("starting the async runtime")?;
-    let code = rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        daemon::on_signals(shutdown.clone())?;
-        // nbdkit_shutdown for backends (exitlast, exitwhen, C plugins):
-        // the same graceful exit as SIGTERM.
-        nbdkit_backend::client::set_shutdown_hook({
-            let shutdown = shutdown.clone();
-            move || shutdown.cancel()
-        });
-        if let Some(pidfile) = &cli.pidfile {
-            daemon::write_pidfile(pidfile)?;
-        }
-        // After binding the sockets and writing the pid file (which may
-        // need root), before any client is served.
-        if let Some(ids) = &ids {
-            daemon::change_user(ids, temp_socket.as_ref().map(|t| t.dir.as_path()))?;
-        }
-        ready.signal();
-        if cli.single {
-            let stream = nbdkit_server::listen::stdio_stream()?;
-            server.serve_one(stream, shutdown).await;
-            return Ok::<ExitCode, anyhow::Error>(ExitCode::SUCCESS);
-        }
-        let listeners = listeners.expect("listeners exist unless -s");
-        let serving = tokio::spawn(server.clone().serve(listeners, shutdown.clone()));
-        let code = match &cli.run {
-            Some(cmd) => {
-                let ep = endpoint.as_ref().expect("--run has an endpoint");
-                let status = daemon::run_captive(
-                    cmd,
-                    &ep.uri(&export_for_uri),
-                    &export_for_uri,
-                    ep.unix.as_deref(),
-                    ep.port,
-                    tls.mode.as_number(),
-                )
-                .await;
-                shutdown.cancel();
-                status?
-            }
-            None => ExitCode::SUCCESS,
-        };
-        match serving.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!("server: {e}"),
-            Err(e) => error!("server task: {e}"),
-        }
-        Ok(code)
-    });
+    let code = rt.block_on(serve(
+        &cli, server, listeners, &net, ids, &mut ready, tls.mode,
+    ));
     debug!("shutting down");
     backend.shutdown();
-    if let Some(t) = temp_socket {
+    if let Some(t) = net.temp_socket {
         t.remove();
-    } else if let Some(Endpoint { unix: Some(p), .. }) = &endpoint {
+    } else if let Some(Endpoint { unix: Some(p), .. }) = &net.endpoint {
         let _ = std::fs::remove_file(p);
     }
     // The pid file stays, as nbdkit leaves it: scripts read it after the
@@ -426,6 +294,177 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     // Do not wait for blocking threads stuck in a slow backend call.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     code
+}
+
+/// Refuse transport options that contradict each other.
+fn check_transports(cli: &Cli) -> Result<()> {
+    if cli.ipv4 && cli.ipv6 {
+        bail!("-4 and -6 cannot be used together");
+    }
+    if cli.single && (cli.run.is_some() || cli.unix.is_some() || cli.port.is_some()) {
+        bail!("-s serves stdin/stdout and cannot be combined with --run, -U or -p");
+    }
+    if cli.unix.is_some() && (cli.port.is_some() || cli.ipaddr.is_some()) {
+        bail!("-U cannot be combined with -p or -i");
+    }
+    Ok(())
+}
+
+/// Where the server listens, beside the listeners themselves.
+struct Network {
+    /// None with -s and with socket activation.
+    endpoint: Option<Endpoint>,
+    /// `-U -` or `--run` without -p: a private directory, removed at exit.
+    temp_socket: Option<TempSocket>,
+    /// The export name `--run` and `--print-uri` put in the URI.
+    export: String,
+}
+
+/// Take the activated sockets, or bind the Unix or TCP ones the command
+/// line asks for (none with -s).
+fn bind(cli: &Cli, tls_on: bool) -> Result<(Option<ListenerSet>, Network)> {
+    let mut net = Network {
+        endpoint: None,
+        temp_socket: None,
+        export: cli.export_name.clone().unwrap_or_default(),
+    };
+    let activated = ListenerSet::from_activation()?;
+    if activated.is_some() {
+        // As nbdkit: an activated server must not silently ignore the
+        // socket it was handed (with -s it would speak NBD on stdout).
+        for (given, flag) in [
+            (cli.single, "-s"),
+            (cli.unix.is_some(), "-U"),
+            (cli.port.is_some(), "-p"),
+        ] {
+            if given {
+                bail!("cannot use socket activation with the {flag} flag");
+            }
+        }
+    }
+    if cli.single {
+        return Ok((None, net));
+    }
+    if let Some(l) = activated {
+        return Ok((Some(l), net));
+    }
+    let mut temp = || -> Result<std::path::PathBuf> {
+        let t = TempSocket::new().context("creating a temporary socket directory")?;
+        let p = t.path.clone();
+        net.temp_socket = Some(t);
+        Ok(p)
+    };
+    let unix = match cli.unix.as_deref() {
+        Some("-") => Some(temp()?),
+        Some(p) => Some(std::path::absolute(p).unwrap_or_else(|_| p.into())),
+        // Captive mode defaults to a private socket, like nbdkit.
+        None if cli.run.is_some() && cli.port.is_none() => Some(temp()?),
+        None => None,
+    };
+    let (set, ep) = match unix {
+        Some(path) => (
+            ListenerSet::bind_unix(&path).context("cannot listen on the Unix socket")?,
+            Endpoint {
+                unix: Some(path),
+                port: None,
+                host: String::new(),
+                tls: tls_on,
+            },
+        ),
+        None => bind_tcp(cli, tls_on)?,
+    };
+    net.endpoint = Some(ep);
+    Ok((Some(set), net))
+}
+
+/// -p, -i, -4 and -6.
+fn bind_tcp(cli: &Cli, tls_on: bool) -> Result<(ListenerSet, Endpoint)> {
+    let family = if cli.ipv4 {
+        Family::V4
+    } else if cli.ipv6 {
+        Family::V6
+    } else {
+        Family::Any
+    };
+    let port = cli.port.unwrap_or(DEFAULT_PORT);
+    let set = ListenerSet::bind_tcp(cli.ipaddr.as_deref(), port, family).with_context(|| {
+        format!("cannot listen on TCP port {port} (is another server using it? choose one with -p)")
+    })?;
+    let host = match cli.ipaddr.as_deref() {
+        Some(a) if a.contains(':') => format!("[{a}]"),
+        Some(a) => a.to_string(),
+        None => "localhost".into(),
+    };
+    let port = set.tcp_port();
+    Ok((
+        set,
+        Endpoint {
+            unix: None,
+            port,
+            host,
+            tls: tls_on,
+        },
+    ))
+}
+
+/// Serve until shut down (a signal, the backend's request, or the end of
+/// `--run`'s command, whose exit status becomes ours).
+async fn serve(
+    cli: &Cli,
+    server: std::sync::Arc<Server>,
+    listeners: Option<ListenerSet>,
+    net: &Network,
+    ids: Option<daemon::Ids>,
+    ready: &mut daemon::Ready,
+    tls_mode: TlsMode,
+) -> Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    daemon::on_signals(shutdown.clone())?;
+    // nbdkit_shutdown for backends (exitlast, exitwhen, C plugins):
+    // the same graceful exit as SIGTERM.
+    nbdkit_backend::client::set_shutdown_hook({
+        let shutdown = shutdown.clone();
+        move || shutdown.cancel()
+    });
+    if let Some(pidfile) = &cli.pidfile {
+        daemon::write_pidfile(pidfile)?;
+    }
+    // After binding the sockets and writing the pid file (which may
+    // need root), before any client is served.
+    if let Some(ids) = &ids {
+        daemon::change_user(ids, net.temp_socket.as_ref().map(|t| t.dir.as_path()))?;
+    }
+    ready.signal();
+    if cli.single {
+        let stream = nbdkit_server::listen::stdio_stream()?;
+        server.serve_one(stream, shutdown).await;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let listeners = listeners.expect("listeners exist unless -s");
+    let serving = tokio::spawn(server.clone().serve(listeners, shutdown.clone()));
+    let code = match &cli.run {
+        Some(cmd) => {
+            let ep = net.endpoint.as_ref().expect("--run has an endpoint");
+            let status = daemon::run_captive(
+                cmd,
+                &ep.uri(&net.export),
+                &net.export,
+                ep.unix.as_deref(),
+                ep.port,
+                tls_mode.as_number(),
+            )
+            .await;
+            shutdown.cancel();
+            status?
+        }
+        None => ExitCode::SUCCESS,
+    };
+    match serving.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!("server: {e}"),
+        Err(e) => error!("server task: {e}"),
+    }
+    Ok(code)
 }
 
 fn parse_int(s: &str) -> Result<u64> {

@@ -60,7 +60,7 @@ pub use error::{ConfigError, Error, ErrorKind, Result};
 pub use extents::{Extent, Extents, EXTENT_HOLE, EXTENT_ZERO};
 pub use registry::{FilterSpec, Layer, Param, PluginSpec};
 pub use secret::{read_secret, set_stdio_safe, stdio_safe, SecretError};
-pub use sync::{LockExt, RwLockExt};
+pub use sync::{CondvarExt, LockExt, RwLockExt};
 
 /// How much concurrency a backend tolerates.  Ordered from most to least
 /// restrictive; the server uses the most restrictive model in the chain.

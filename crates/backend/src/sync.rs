@@ -5,7 +5,7 @@
 //! crate takes its locks through these instead of repeating
 //! `.lock().unwrap_or_else(|e| e.into_inner())`.
 
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// [`Mutex::lock`] without poisoning.
 pub trait LockExt<T: ?Sized> {
@@ -30,6 +30,18 @@ impl<T: ?Sized> RwLockExt<T> for RwLock<T> {
     }
     fn write_unpoisoned(&self) -> RwLockWriteGuard<'_, T> {
         self.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// [`Condvar::wait`] without poisoning, for the waits on a lock taken with
+/// [`LockExt::lock_unpoisoned`].
+pub trait CondvarExt {
+    fn wait_unpoisoned<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T>;
+}
+
+impl CondvarExt for Condvar {
+    fn wait_unpoisoned<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+        self.wait(guard).unwrap_or_else(|e| e.into_inner())
     }
 }
 

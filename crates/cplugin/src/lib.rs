@@ -13,11 +13,11 @@
 //!   falls back to writing zeroes, …), takes the locks the plugin's thread
 //!   model asks for, and turns `nbdkit_error`/`nbdkit_set_error`/errno into
 //!   an [`Error`] whose message reaches the client.
-//! * The `nbdkit_*` functions plugins call live in `ffi.rs` (and the
+//! * The `nbdkit_*` functions plugins call live in `ffi/` (and the
 //!   variadic ones in `shim.c`); the executable must export them in its
 //!   dynamic symbol table (see the workspace's `build.rs`).
 //!
-//! All unsafe code is in `ffi.rs`.
+//! All unsafe code is in `ffi/`.
 #![deny(unsafe_code)]
 
 mod ffi;

@@ -8,6 +8,7 @@
 use std::sync::{Arc, RwLock};
 
 use crate::window::aligned_extents;
+use nbdkit_backend::RwLockExt;
 use nbdkit_backend::{
     Backend, BlockSize, ConfigError, Error, Extents, FilterSpec, Handle, Layer, Param, Result,
     ZeroFlags,
@@ -198,21 +199,21 @@ impl Handle for BlockSizeHandle {
         let (head_end, mid_end, end) = split(offset, buf.len() as u64, self.lim.min);
         let part = |from: u64, to: u64| &buf[(from - offset) as usize..(to - offset) as usize];
         if head_end > offset || end > mid_end {
-            let _g = self.rmw.write().unwrap_or_else(|e| e.into_inner());
+            let _g = self.rmw.write_unpoisoned();
             for (from, to) in [(offset, head_end), (mid_end, end)] {
                 if from < to {
                     self.rmw(from, to, Some(part(from, to)), fua)?;
                 }
             }
         }
-        let _g = self.rmw.read().unwrap_or_else(|e| e.into_inner());
+        let _g = self.rmw.read_unpoisoned();
         self.chunks(head_end, mid_end, self.lim.maxdata, |at, n| {
             self.next.pwrite(part(at, at + n), at, fua)
         })
     }
     fn trim(&self, offset: u64, count: u64, fua: bool) -> Result<()> {
         let (head_end, mid_end, _) = split(offset, count, self.lim.min);
-        let _g = self.rmw.read().unwrap_or_else(|e| e.into_inner());
+        let _g = self.rmw.read_unpoisoned();
         self.chunks(head_end, mid_end, self.lim.maxlen, |at, n| {
             self.next.trim(at, n, fua)
         })
@@ -225,14 +226,14 @@ impl Handle for BlockSizeHandle {
                     "blocksize filter: an unaligned zero needs read-modify-write, which is not fast",
                 ));
             }
-            let _g = self.rmw.write().unwrap_or_else(|e| e.into_inner());
+            let _g = self.rmw.write_unpoisoned();
             for (from, to) in [(offset, head_end), (mid_end, end)] {
                 if from < to {
                     self.rmw(from, to, None, flags.fua)?;
                 }
             }
         }
-        let _g = self.rmw.read().unwrap_or_else(|e| e.into_inner());
+        let _g = self.rmw.read_unpoisoned();
         self.chunks(head_end, mid_end, self.lim.maxlen, |at, n| {
             self.next.zero(at, n, flags)
         })

@@ -37,12 +37,13 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 
 use nbdkit_backend::{
     is_zero, write_zeroes, Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents,
     FilterSpec, FuaMode, Handle, Layer, Param, Result, ZeroFlags, ZeroMode,
 };
+use nbdkit_backend::{CondvarExt, LockExt};
 
 use crate::modes::take_mode;
 use crate::window::next_extents;
@@ -227,7 +228,7 @@ impl Backend for CacheBackend {
         let size = next.size()?;
         let sh = &self.shared;
         {
-            let mut owner = sh.owner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut owner = sh.owner.lock_unpoisoned();
             match &*owner {
                 None => {
                     sh.file
@@ -311,9 +312,6 @@ impl CacheHandle {
     }
     fn mode(&self) -> Mode {
         self.sh.s.mode
-    }
-    fn lock(&self) -> MutexGuard<'_, Map> {
-        self.sh.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn block_range(&self, b: u64) -> (u64, u64) {
@@ -488,7 +486,7 @@ impl CacheHandle {
     fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; (end - start) as usize];
         self.next.pread(&mut buf, start)?;
-        let mut map = self.lock();
+        let mut map = self.sh.map.lock_unpoisoned();
         for p in self.pieces(start, end - start) {
             if !map.cached(p.b) && !map.stale.contains(&p.b) {
                 let part = &buf[(p.start - start) as usize..(p.end - start) as usize];
@@ -509,12 +507,12 @@ impl CacheHandle {
         count: u64,
         out: Option<&mut [u8]>,
     ) -> Result<Vec<ClaimedRun<'_>>> {
-        let mut map = self.lock();
+        let mut map = self.sh.map.lock_unpoisoned();
         while self
             .pieces(offset, count)
             .any(|p| map.fetching.contains(&p.b))
         {
-            map = self.sh.fetched.wait(map).unwrap_or_else(|e| e.into_inner());
+            map = self.sh.fetched.wait_unpoisoned(map);
         }
         let missing = self.scan(&mut map, offset, count, out)?;
         let claimed = missing
@@ -584,7 +582,7 @@ struct Claim<'a> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        let mut map = self.h.lock();
+        let mut map = self.h.sh.map.lock_unpoisoned();
         for b in self.blocks.clone() {
             map.fetching.remove(&b);
             map.stale.remove(&b);
@@ -599,7 +597,7 @@ impl Drop for CacheHandle {
         if !self.writable || self.mode() == Mode::Writethrough {
             return;
         }
-        let mut map = self.lock();
+        let mut map = self.sh.map.lock_unpoisoned();
         if map.dirty.is_empty() {
             return;
         }
@@ -671,7 +669,7 @@ impl Handle for CacheHandle {
         let count = buf.len() as u64;
         if !self.sh.s.on_read.active() {
             let missing = {
-                let mut map = self.lock();
+                let mut map = self.sh.map.lock_unpoisoned();
                 self.scan(&mut map, offset, count, Some(buf))?
             };
             for (first, last) in missing {
@@ -715,7 +713,7 @@ impl Handle for CacheHandle {
             return Ok(());
         }
         let count = buf.len() as u64;
-        let mut map = self.lock();
+        let mut map = self.sh.map.lock_unpoisoned();
         for p in self.pieces(offset, count) {
             map.changing(p.b);
         }
@@ -749,7 +747,7 @@ impl Handle for CacheHandle {
         if count == 0 {
             return Ok(());
         }
-        let mut map = self.lock();
+        let mut map = self.sh.map.lock_unpoisoned();
         for p in self.pieces(offset, count) {
             map.changing(p.b);
         }
@@ -816,7 +814,7 @@ impl Handle for CacheHandle {
         if count == 0 {
             return Ok(());
         }
-        let mut map = self.lock();
+        let mut map = self.sh.map.lock_unpoisoned();
         for p in self.pieces(offset, count) {
             map.changing(p.b);
         }
@@ -844,7 +842,7 @@ impl Handle for CacheHandle {
             Mode::Unsafe => Ok(()),
             Mode::Writethrough => self.next.flush(),
             Mode::Writeback => {
-                let mut map = self.lock();
+                let mut map = self.sh.map.lock_unpoisoned();
                 self.write_back_all(&mut map)?;
                 if self.next_flush {
                     self.next.flush()?;
@@ -863,7 +861,7 @@ impl Handle for CacheHandle {
         let end = offset + count;
         let mut runs: Vec<(bool, u64, u64)> = Vec::new();
         {
-            let map = self.lock();
+            let map = self.sh.map.lock_unpoisoned();
             let (first, last) = (offset / self.block(), (end - 1) / self.block());
             let mut at = offset;
             for &b in map.dirty.range(first..=last) {

@@ -7,6 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     Backend, ConfigError, Extent, Extents, FilterSpec, Handle, Layer, Result, ZeroFlags,
 };
@@ -55,7 +56,7 @@ struct CacheExtentsHandle {
 
 impl CacheExtentsHandle {
     fn forget(&self) {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.cache.lock_unpoisoned().clear();
     }
 }
 
@@ -64,7 +65,7 @@ impl Handle for CacheExtentsHandle {
         Some(&*self.next)
     }
     fn extents(&self, offset: u64, count: u64, _req_one: bool, out: &mut Extents) -> Result<()> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.cache.lock_unpoisoned();
         let hit = match (cache.first(), cache.last()) {
             (Some(f), Some(l)) => offset >= f.offset && offset < l.offset + l.length,
             _ => false,

@@ -19,6 +19,7 @@ use nbdkit_backend::{
     Backend, CacheMode, ConfigError, Error, Extents, FilterSpec, FuaMode, Handle, Layer, Param,
     Result, ZeroFlags, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
 };
+use nbdkit_backend::{LockExt, RwLockExt};
 
 /// Where a block's current contents are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,11 +93,11 @@ impl Backend for CowBackend {
         let next = self.next.open(true, export)?;
         let size = next.size()?;
         let ov = &self.overlay;
-        let mut owner = ov.owner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut owner = ov.owner.lock_unpoisoned();
         match &*owner {
             None => {
                 let blocks = size.div_ceil(ov.block);
-                *ov.map.write().unwrap_or_else(|e| e.into_inner()) =
+                *ov.map.write_unpoisoned() =
                     vec![State::Base; blocks as usize];
                 ov.file
                     .set_len(size)
@@ -204,7 +205,7 @@ impl CowHandle {
     /// Copy every block of `[offset, offset+count)` still in the plugin
     /// into the overlay (cow-on-read, cow-on-cache).
     fn copy_up(&self, offset: u64, count: u64) -> Result<()> {
-        let mut map = self.ov.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.ov.map.write_unpoisoned();
         let first = offset / self.ov.block;
         let last = (offset + count - 1) / self.ov.block;
         let mut buf = vec![0u8; self.ov.block as usize];
@@ -222,7 +223,7 @@ impl CowHandle {
 
     /// Apply a write or a zero to `[offset, offset+count)`.
     fn change(&self, offset: u64, count: u64, what: Change<'_>) -> Result<()> {
-        let mut map = self.ov.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.ov.map.write_unpoisoned();
         let end = offset + count;
         let first = offset / self.ov.block;
         let last = (end - 1) / self.ov.block;
@@ -311,7 +312,7 @@ impl Handle for CowHandle {
         if self.on_read.active() {
             self.copy_up(offset, buf.len() as u64)?;
         }
-        let map = self.ov.map.read().unwrap_or_else(|e| e.into_inner());
+        let map = self.ov.map.read_unpoisoned();
         self.read_with(&map, buf, offset)
     }
     fn pwrite(&self, buf: &[u8], offset: u64, _fua: bool) -> Result<()> {
@@ -342,7 +343,7 @@ impl Handle for CowHandle {
         if self.on_cache {
             return self.copy_up(offset, count);
         }
-        let map = self.ov.map.read().unwrap_or_else(|e| e.into_inner());
+        let map = self.ov.map.read_unpoisoned();
         for (st, from, to) in self.runs(&map, offset, count) {
             if st == State::Base {
                 self.next.cache(from, to - from)?;
@@ -352,7 +353,7 @@ impl Handle for CowHandle {
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
         let base_extents = self.next.can_extents()?;
-        let map = self.ov.map.read().unwrap_or_else(|e| e.into_inner());
+        let map = self.ov.map.read_unpoisoned();
         for (st, from, to) in self.runs(&map, offset, count) {
             match st {
                 State::Data => extents.add(from, to - from, 0)?,

@@ -13,6 +13,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     request_shutdown, Backend, Client, ConfigError, Error, ErrorKind, FilterSpec, Handle, Layer,
     Param, Result,
@@ -121,7 +122,7 @@ impl Backend for ExitWhen {
         let state = self.state.clone();
         let poll = self.poll;
         {
-            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = state.lock_unpoisoned();
             if check(&events, &mut st) {
                 request_shutdown();
             }
@@ -130,7 +131,7 @@ impl Backend for ExitWhen {
             .name("exitwhen".into())
             .spawn(move || loop {
                 std::thread::sleep(poll);
-                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut st = state.lock_unpoisoned();
                 if st.connected == 0 {
                     if check(&events, &mut st) {
                         request_shutdown();
@@ -143,7 +144,7 @@ impl Backend for ExitWhen {
         self.next.after_fork()
     }
     fn preconnect(&self, client: &Client) -> Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock_unpoisoned();
         if check(&self.events, &mut st) {
             return Err(Error::new(
                 ErrorKind::PermissionDenied,
@@ -156,7 +157,7 @@ impl Backend for ExitWhen {
     }
     fn disconnected(&self, client: &Client) {
         self.next.disconnected(client);
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock_unpoisoned();
         st.connected = st.connected.saturating_sub(1);
         if check(&self.events, &mut st) && st.connected == 0 {
             debug!("exitwhen: the last client left after the event; exiting");

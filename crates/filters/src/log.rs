@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     Backend, CacheMode, Client, ConfigError, Error, ErrorKind, ExportEntry, Extents, FilterSpec,
     FuaMode, Handle, Layer, Param, Result, ThreadModel, ZeroFlags, ZeroMode, EXTENT_HOLE,
@@ -112,7 +113,7 @@ impl Sink {
                 line.push_str(" ...");
             }
             line.push('\n');
-            let mut out = file.lock().unwrap_or_else(|e| e.into_inner());
+            let mut out = file.lock_unpoisoned();
             // Logging is best effort: a full disk must not fail the
             // client's request.
             let _ = out.write_all(line.as_bytes());

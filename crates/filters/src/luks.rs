@@ -19,6 +19,7 @@ use aes::cipher::{
     KeyInit,
 };
 use aes::{Aes128, Aes192, Aes256};
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer,
     Param, Result, ZeroFlags, ZeroMode,
@@ -554,7 +555,7 @@ impl Backend for Luks {
         }
         let mut raw = [0u8; HEADER_LEN];
         next.pread(&mut raw, 0)?;
-        let mut cache = self.unlocked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.unlocked.lock_unpoisoned();
         let (cipher, payload_offset) = match cache.as_ref() {
             Some(u) if u.header == raw => (u.cipher.clone(), u.payload_offset),
             _ => {
@@ -649,7 +650,7 @@ impl Handle for LuksHandle {
     }
     fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         let (start, end) = self.span(offset, buf.len())?;
-        let _g = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.write_lock.lock_unpoisoned();
         let mut data = if start == offset && end == offset + buf.len() as u64 {
             buf.to_vec()
         } else {

@@ -12,6 +12,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     Backend, ConfigError, Error, ErrorKind, FilterSpec, FuaMode, Handle, Layer, Param, Result,
     ThreadModel, ZeroFlags,
@@ -149,7 +150,7 @@ impl Backend for MultiConn {
         });
         let name = if self.by_export { export } else { "" };
         let group = {
-            let mut groups = self.shared.groups.lock().unwrap_or_else(|e| e.into_inner());
+            let mut groups = self.shared.groups.lock_unpoisoned();
             match groups.iter().find(|g| g.name == name) {
                 Some(g) => g.clone(),
                 None => {
@@ -163,11 +164,7 @@ impl Backend for MultiConn {
                 }
             }
         };
-        group
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Arc::downgrade(&conn));
+        group.conns.lock_unpoisoned().push(Arc::downgrade(&conn));
         Ok(Box::new(MultiConnHandle {
             conn,
             group,
@@ -189,8 +186,8 @@ struct MultiConnHandle {
 
 impl Drop for MultiConnHandle {
     fn drop(&mut self) {
-        let mut groups = self.shared.groups.lock().unwrap_or_else(|e| e.into_inner());
-        let mut conns = self.group.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut groups = self.shared.groups.lock_unpoisoned();
+        let mut conns = self.group.conns.lock_unpoisoned();
         conns.retain(|w| w.upgrade().is_some_and(|c| !Arc::ptr_eq(&c, &self.conn)));
         if conns.is_empty() {
             groups.retain(|g| !Arc::ptr_eq(g, &self.group));
@@ -237,7 +234,7 @@ impl MultiConnHandle {
         if self.emulate() {
             // Every connection of the group that may need it: one that
             // wrote, or (after a write anywhere) one that read.
-            let conns = self.group.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let conns = self.group.conns.lock_unpoisoned();
             let group_dirty = self.group.dirty.load(Ordering::SeqCst);
             for c in conns.iter().filter_map(Weak::upgrade) {
                 let d = c.dirty.load(Ordering::SeqCst);
@@ -261,7 +258,7 @@ impl MultiConnHandle {
             TrackDirty::Connection => {
                 if self.conn.next.can_multi_conn()? {
                     // One flush covered every connection.
-                    let conns = self.group.conns.lock().unwrap_or_else(|e| e.into_inner());
+                    let conns = self.group.conns.lock_unpoisoned();
                     for c in conns.iter().filter_map(Weak::upgrade) {
                         c.dirty.store(0, Ordering::SeqCst);
                     }

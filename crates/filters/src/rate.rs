@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{parse_size, Backend, ConfigError, FilterSpec, Handle, Layer, Param, Result};
 
 /// A token bucket holding up to `capacity` bits, refilled at `rate` bits
@@ -88,7 +89,7 @@ impl Limiter {
     fn refresh(&self, now: f64) {
         let Some(file) = &self.file else { return };
         {
-            let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+            let mut checked = self.checked.lock_unpoisoned();
             if checked.is_some_and(|t| t.elapsed() < self.poll) {
                 return;
             }
@@ -99,7 +100,7 @@ impl Limiter {
         };
         match parse_size(text.trim()) {
             Ok(r) if r > 0 => {
-                let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+                let mut b = self.bucket.lock_unpoisoned();
                 match b.as_mut() {
                     Some(b) => b.set_rate(r as f64, self.burst),
                     None => *b = Some(Bucket::new(r as f64, self.burst, now)),
@@ -118,8 +119,7 @@ impl Limiter {
         self.refresh(now);
         let wait = self
             .bucket
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_unpoisoned()
             .as_mut()
             .map_or(0.0, |b| b.take(bytes as f64 * 8.0, now));
         if wait > 0.0 {

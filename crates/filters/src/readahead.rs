@@ -25,6 +25,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     Backend, CacheMode, ConfigError, FilterSpec, Handle, Layer, Result, ThreadModel, ZeroFlags,
 };
@@ -221,10 +222,6 @@ struct ReadaheadHandle {
 }
 
 impl ReadaheadHandle {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.st.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Run a request that changes the disk, then invalidate every buffer.
     fn changing<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let r = f();
@@ -237,7 +234,7 @@ impl ReadaheadHandle {
         let end = offset + buf.len() as u64;
         let generation = self.generation.load(Ordering::SeqCst);
         let window = {
-            let mut st = self.lock();
+            let mut st = self.st.lock_unpoisoned();
             let window = st.observe(offset, end);
             if let Some(b) = &st.buffer {
                 let b_end = b.offset + b.data.len() as u64;
@@ -258,7 +255,7 @@ impl ReadaheadHandle {
         let mut data = vec![0u8; want as usize];
         self.next.pread(&mut data, offset)?;
         buf.copy_from_slice(&data[..buf.len()]);
-        self.lock().buffer = Some(Buffer {
+        self.st.lock_unpoisoned().buffer = Some(Buffer {
             offset,
             data,
             generation,
@@ -280,7 +277,10 @@ impl Handle for ReadaheadHandle {
             return self.read_buffered(buf, offset);
         }
         let end = offset + buf.len() as u64;
-        let range = self.lock().cache_window(offset, end, self.size);
+        let range = self
+            .st
+            .lock_unpoisoned()
+            .cache_window(offset, end, self.size);
         // The prefetch is queued before the read, so the two overlap.
         if let Some((from, count)) = range {
             let queued = match &self.how {

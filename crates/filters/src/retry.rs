@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use nbdkit_backend::RwLockExt;
 use nbdkit_backend::{
     Backend, BlockSize, CacheMode, ConfigError, Error, ErrorKind, Extents, FilterSpec, FuaMode,
     Handle, Layer, Param, Result, ZeroFlags, ZeroMode,
@@ -115,7 +116,7 @@ impl RetryHandle {
     /// Call `f` on the current handle once, without retrying (capability
     /// queries: the server reads them once at open).
     fn once<T>(&self, f: impl FnOnce(&dyn Handle) -> Result<T>) -> Result<T> {
-        let g = self.cur.read().unwrap_or_else(|e| e.into_inner());
+        let g = self.cur.read_unpoisoned();
         match g.as_deref() {
             Some(h) => f(h),
             None => Err(Error::new(
@@ -138,7 +139,7 @@ impl RetryHandle {
     }
 
     fn reopen(&self) {
-        let mut g = self.cur.write().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.cur.write_unpoisoned();
         // Close the old handle before opening a new one, as a plugin with
         // a connection limit would need.
         *g = None;

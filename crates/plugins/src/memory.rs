@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
+use nbdkit_backend::RwLockExt;
 use nbdkit_backend::{
     is_zero, Backend, CacheMode, ConfigError, Error, Extents, FuaMode, Handle, Param, PluginSpec,
     Result, ZeroFlags, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
@@ -176,14 +177,14 @@ impl SparseMemory {
 
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         if let Some(flat) = &self.flat {
-            let map = flat.read().unwrap_or_else(|e| e.into_inner());
+            let map = flat.read_unpoisoned();
             buf.copy_from_slice(&map[offset as usize..offset as usize + buf.len()]);
             return Ok(());
         }
         let mut done = 0;
         for (page, within, n) in Self::pages(offset, buf.len() as u64) {
             let out = &mut buf[done..done + n];
-            let shard = self.shard(page).read().unwrap_or_else(|e| e.into_inner());
+            let shard = self.shard(page).read_unpoisoned();
             match shard.get(&page) {
                 Some(p) => out.copy_from_slice(&self.load(p)?[within..within + n]),
                 None => out.fill(0),
@@ -195,7 +196,7 @@ impl SparseMemory {
 
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         if let Some(flat) = &self.flat {
-            let mut map = flat.write().unwrap_or_else(|e| e.into_inner());
+            let mut map = flat.write_unpoisoned();
             map[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
             return Ok(());
         }
@@ -203,7 +204,7 @@ impl SparseMemory {
         for (page, within, n) in Self::pages(offset, buf.len() as u64) {
             let data = &buf[done..done + n];
             done += n;
-            let mut shard = self.shard(page).write().unwrap_or_else(|e| e.into_inner());
+            let mut shard = self.shard(page).write_unpoisoned();
             match shard.get_mut(&page) {
                 Some(p) if !self.compressed => p[within..within + n].copy_from_slice(data),
                 Some(p) => {
@@ -228,12 +229,12 @@ impl SparseMemory {
     /// Zero a range, freeing pages that end up all zero.
     pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
         if let Some(flat) = &self.flat {
-            let mut map = flat.write().unwrap_or_else(|e| e.into_inner());
+            let mut map = flat.write_unpoisoned();
             map[offset as usize..(offset + len) as usize].fill(0);
             return Ok(());
         }
         for (page, within, n) in Self::pages(offset, len) {
-            let mut shard = self.shard(page).write().unwrap_or_else(|e| e.into_inner());
+            let mut shard = self.shard(page).write_unpoisoned();
             let free = match shard.get_mut(&page) {
                 None => false,
                 Some(_) if n as u64 == PAGE => true,
@@ -256,7 +257,7 @@ impl SparseMemory {
     }
 
     fn index(&self) -> std::sync::RwLockWriteGuard<'_, BTreeSet<u64>> {
-        self.allocated.write().unwrap_or_else(|e| e.into_inner())
+        self.allocated.write_unpoisoned()
     }
 
     /// Fill `extents` for `[offset, end)`: allocated pages are data, the
@@ -269,7 +270,7 @@ impl SparseMemory {
         // The page list is copied out so no shard lock is taken under the
         // index lock (writers take them the other way round).
         let pages: Vec<u64> = {
-            let index = self.allocated.read().unwrap_or_else(|e| e.into_inner());
+            let index = self.allocated.read_unpoisoned();
             index
                 .range(offset / PAGE..end.div_ceil(PAGE))
                 .copied()
@@ -283,7 +284,7 @@ impl SparseMemory {
             }
             let stop = ((page + 1) * PAGE).min(end);
             let zero = {
-                let shard = self.shard(page).read().unwrap_or_else(|e| e.into_inner());
+                let shard = self.shard(page).read_unpoisoned();
                 match shard.get(&page) {
                     Some(p) => is_zero(&self.load(p)?),
                     None => true,
@@ -308,7 +309,7 @@ impl SparseMemory {
         }
         self.shards
             .iter()
-            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len() as u64 * PAGE)
+            .map(|s| s.read_unpoisoned().len() as u64 * PAGE)
             .sum()
     }
 }

@@ -31,6 +31,7 @@ use std::ops::Range;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{Backend, Config, ConfigError, Error, Handle, Result};
 use object_store::path::Path;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
@@ -314,7 +315,7 @@ impl Shared {
         if let Some(e) = self.engine.get() {
             return Ok(e);
         }
-        let _one = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = self.starting.lock_unpoisoned();
         if let Some(e) = self.engine.get() {
             return Ok(e);
         }

@@ -19,6 +19,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use nbdkit_backend::registry::ANY_KEY;
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     Backend, ConfigError, Error, ErrorKind, ExportEntry, Handle, Param, PluginSpec, Result,
 };
@@ -157,7 +158,7 @@ impl Backend for OnDemand {
         let name = file_name(export)?;
         let path = self.dir.join(name);
         if !path.exists() {
-            let _guard = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+            let _guard = self.creating.lock_unpoisoned();
             if !path.exists() {
                 self.make(&path)?;
             }

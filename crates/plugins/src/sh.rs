@@ -24,6 +24,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use nbdkit_backend::registry::ANY_KEY;
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     parse_size, Backend, BlockSize, CacheMode, Config, ConfigError, Error, ErrorKind, ExportEntry,
     Extents, FuaMode, Handle, Param, PluginSpec, Result, ThreadModel, ZeroFlags, ZeroMode,
@@ -394,7 +395,7 @@ impl Backend for ScriptBackend {
         if let Err(e) = self.script.run("unload", &[], None) {
             tracing::debug!("{}: unload: {e}", self.name);
         }
-        drop(self.tmpdir.lock().unwrap_or_else(|e| e.into_inner()).take());
+        drop(self.tmpdir.lock_unpoisoned().take());
     }
 }
 
@@ -411,7 +412,7 @@ impl ScriptHandle {
     /// A `can_*` method; when the script lacks it, `eval` answers whether
     /// `implied` was given and `sh` answers false.
     fn can(&self, method: &str, implied: &str) -> Result<bool> {
-        let answers = || self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        let answers = || self.answers.lock_unpoisoned();
         if let Some(&b) = answers().get(method) {
             return Ok(b);
         }

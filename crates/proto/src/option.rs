@@ -329,10 +329,167 @@ pub fn export_name_reply(size: u64, flags: u16, no_zeroes: bool) -> Vec<u8> {
     d
 }
 
+// --- What a client reads: the server's side of the handshake, parsed. ---
+
+/// The server's greeting, as a client reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Greeting {
+    /// Newstyle: the server's handshake flags (`FLAG_FIXED_NEWSTYLE`, ...).
+    Newstyle(u16),
+    /// The old handshake (`NBDMAGIC` then `0x00420281861253`), which sends
+    /// the export at once instead of options.
+    Oldstyle,
+}
+
+impl Greeting {
+    pub const LEN: usize = 18;
+    /// Parse the first 18 bytes a server sends.
+    pub fn parse(b: &[u8]) -> Result<Self, ProtoError> {
+        if b.len() < Self::LEN {
+            return Err(ProtoError::Short {
+                need: Self::LEN,
+                have: b.len(),
+            });
+        }
+        let magic = be64(b, 0);
+        if magic != NBDMAGIC {
+            return Err(ProtoError::BadMagic(magic));
+        }
+        if be64(b, 8) != IHAVEOPT {
+            return Ok(Greeting::Oldstyle);
+        }
+        Ok(Greeting::Newstyle(be16(b, 16)))
+    }
+}
+
+/// An `NBD_REP_INFO` payload (the reply to `NBD_OPT_INFO`/`GO`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InfoReply<'a> {
+    Export {
+        size: u64,
+        flags: u16,
+    },
+    /// `NBD_INFO_NAME`: raw bytes (the server's, not checked here).
+    Name(&'a [u8]),
+    Description(&'a [u8]),
+    BlockSize {
+        minimum: u32,
+        preferred: u32,
+        maximum: u32,
+    },
+    /// An information type this codec does not know, which a client may
+    /// ignore.
+    Unknown(u16),
+}
+
+impl<'a> InfoReply<'a> {
+    pub fn parse(b: &'a [u8]) -> Result<Self, ProtoError> {
+        let short = |need| ProtoError::Short {
+            need,
+            have: b.len(),
+        };
+        if b.len() < 2 {
+            return Err(short(2));
+        }
+        Ok(match be16(b, 0) {
+            INFO_EXPORT if b.len() < 12 => return Err(short(12)),
+            INFO_EXPORT => InfoReply::Export {
+                size: be64(b, 2),
+                flags: be16(b, 10),
+            },
+            INFO_NAME => InfoReply::Name(&b[2..]),
+            INFO_DESCRIPTION => InfoReply::Description(&b[2..]),
+            INFO_BLOCK_SIZE if b.len() < 14 => return Err(short(14)),
+            INFO_BLOCK_SIZE => InfoReply::BlockSize {
+                minimum: be32(b, 2),
+                preferred: be32(b, 6),
+                maximum: be32(b, 10),
+            },
+            other => InfoReply::Unknown(other),
+        })
+    }
+}
+
+/// An `NBD_REP_SERVER` payload ([`rep_server`]): the export's name and
+/// description, as raw bytes.
+pub fn parse_rep_server(b: &[u8]) -> Result<(&[u8], &[u8]), ProtoError> {
+    let mut r = Reader::new(b);
+    let n = r.u32()? as usize;
+    let name = r.take(n)?;
+    Ok((name, &b[4 + n..]))
+}
+
+/// An `NBD_REP_META_CONTEXT` payload ([`rep_meta_context`]): the
+/// context's id and name.
+pub fn parse_rep_meta_context(b: &[u8]) -> Result<(u32, &[u8]), ProtoError> {
+    let mut r = Reader::new(b);
+    let id = r.u32()?;
+    Ok((id, &b[4..]))
+}
+
+/// The reply to `NBD_OPT_EXPORT_NAME` ([`export_name_reply`]): size and
+/// transmission flags.  `b` holds 10 bytes, or 134 unless NO_ZEROES was
+/// agreed.
+pub fn parse_export_name_reply(b: &[u8]) -> Result<(u64, u16), ProtoError> {
+    if b.len() < 10 {
+        return Err(ProtoError::Short {
+            need: 10,
+            have: b.len(),
+        });
+    }
+    Ok((be64(b, 0), be16(b, 8)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn client_parsers_read_what_the_server_encodes(size: u64, flags: u16, min: u32, pref: u32, max: u32,
+                                                        name in ".{0,64}", desc in ".{0,64}", id: u32, nz: bool) {
+            let b = info_export(size, flags);
+            prop_assert_eq!(InfoReply::parse(&b).unwrap(), InfoReply::Export { size, flags });
+            let b = info_block_size(min, pref, max);
+            prop_assert_eq!(InfoReply::parse(&b).unwrap(),
+                            InfoReply::BlockSize { minimum: min, preferred: pref, maximum: max });
+            let b = info_string(INFO_NAME, &name);
+            prop_assert_eq!(InfoReply::parse(&b).unwrap(), InfoReply::Name(name.as_bytes()));
+            let b = info_string(INFO_DESCRIPTION, &desc);
+            prop_assert_eq!(InfoReply::parse(&b).unwrap(), InfoReply::Description(desc.as_bytes()));
+            let b = rep_server(&name, &desc);
+            prop_assert_eq!(parse_rep_server(&b).unwrap(), (name.as_bytes(), desc.as_bytes()));
+            let b = rep_meta_context(id, &name);
+            prop_assert_eq!(parse_rep_meta_context(&b).unwrap(), (id, name.as_bytes()));
+            let r = export_name_reply(size, flags, nz);
+            prop_assert_eq!(r.len(), if nz { 10 } else { 134 });
+            prop_assert_eq!(parse_export_name_reply(&r).unwrap(), (size, flags));
+            prop_assert_eq!(Greeting::parse(&greeting(flags)).unwrap(), Greeting::Newstyle(flags));
+        }
+
+        #[test]
+        fn client_parsers_never_panic(b in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let _ = Greeting::parse(&b);
+            let _ = InfoReply::parse(&b);
+            let _ = parse_rep_server(&b);
+            let _ = parse_rep_meta_context(&b);
+            let _ = parse_export_name_reply(&b);
+        }
+    }
+
+    #[test]
+    fn short_or_foreign_server_messages_are_refused() {
+        assert!(InfoReply::parse(&info_export(1, 2)[..11]).is_err());
+        assert!(InfoReply::parse(&info_block_size(1, 2, 3)[..13]).is_err());
+        assert_eq!(InfoReply::parse(&[0, 9, 1]).unwrap(), InfoReply::Unknown(9));
+        // A name length past the payload.
+        assert!(parse_rep_server(&[0, 0, 0, 5, b'a']).is_err());
+        let mut old = greeting(0);
+        old[8..16].copy_from_slice(&0x0000_4202_8186_1253_u64.to_be_bytes());
+        assert_eq!(Greeting::parse(&old).unwrap(), Greeting::Oldstyle);
+        assert!(Greeting::parse(&[0; 18]).is_err());
+    }
 
     fn arb_string() -> impl Strategy<Value = String> {
         "[a-zA-Z0-9:/._ -]{0,40}"

@@ -288,10 +288,190 @@ impl ReplyHeader {
     }
 }
 
+/// A structured reply chunk's payload, as a client parses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyChunk<'a> {
+    None,
+    /// Read data at `offset`.
+    OffsetData {
+        offset: u64,
+        data: &'a [u8],
+    },
+    /// `length` bytes at `offset` read as zeroes.
+    OffsetHole {
+        offset: u64,
+        length: u32,
+    },
+    /// Block status for one context: (length, status) descriptors, from
+    /// 32-bit (`BLOCK_STATUS`) or 64-bit (`BLOCK_STATUS_EXT`) ones.
+    BlockStatus {
+        context: u32,
+        descriptors: Vec<(u64, u64)>,
+    },
+    /// `ERROR` or `ERROR_OFFSET`: the NBD error value and the message
+    /// (raw bytes), with the offset the latter names.
+    Error {
+        error: u32,
+        message: &'a [u8],
+        offset: Option<u64>,
+    },
+    /// A type this codec does not know.  The protocol lets a client
+    /// ignore an unknown informational chunk, not an unknown error one
+    /// ([`ReplyChunk::is_error`]).
+    Unknown(u16),
+}
+
+impl<'a> ReplyChunk<'a> {
+    /// Parse the payload of a chunk of type `kind`.
+    pub fn parse(kind: u16, b: &'a [u8]) -> Result<Self, ProtoError> {
+        let bad = ProtoError::Malformed;
+        let short = |need| ProtoError::Short {
+            need,
+            have: b.len(),
+        };
+        Ok(match kind {
+            REPLY_TYPE_NONE if b.is_empty() => ReplyChunk::None,
+            REPLY_TYPE_NONE => return Err(bad("NONE chunk with a payload")),
+            REPLY_TYPE_OFFSET_DATA if b.len() < 8 => return Err(short(8)),
+            REPLY_TYPE_OFFSET_DATA => ReplyChunk::OffsetData {
+                offset: be64(b, 0),
+                data: &b[8..],
+            },
+            REPLY_TYPE_OFFSET_HOLE if b.len() != 12 => {
+                return Err(bad("OFFSET_HOLE chunk is not 12 bytes"))
+            }
+            REPLY_TYPE_OFFSET_HOLE => ReplyChunk::OffsetHole {
+                offset: be64(b, 0),
+                length: be32(b, 8),
+            },
+            REPLY_TYPE_BLOCK_STATUS => {
+                if b.len() < 4 || !(b.len() - 4).is_multiple_of(8) {
+                    return Err(bad("BLOCK_STATUS chunk is not 4 + 8n bytes"));
+                }
+                ReplyChunk::BlockStatus {
+                    context: be32(b, 0),
+                    descriptors: b[4..]
+                        .chunks(8)
+                        .map(|d| (be32(d, 0) as u64, be32(d, 4) as u64))
+                        .collect(),
+                }
+            }
+            REPLY_TYPE_BLOCK_STATUS_EXT => {
+                if b.len() < 8 || !(b.len() - 8).is_multiple_of(16) {
+                    return Err(bad("BLOCK_STATUS_EXT chunk is not 8 + 16n bytes"));
+                }
+                if be32(b, 4) as usize != (b.len() - 8) / 16 {
+                    return Err(bad("BLOCK_STATUS_EXT count does not match its length"));
+                }
+                ReplyChunk::BlockStatus {
+                    context: be32(b, 0),
+                    descriptors: b[8..]
+                        .chunks(16)
+                        .map(|d| (be64(d, 0), be64(d, 8)))
+                        .collect(),
+                }
+            }
+            REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
+                if b.len() < 6 {
+                    return Err(short(6));
+                }
+                let end = 6 + be16(b, 4) as usize;
+                let message = b.get(6..end).ok_or(short(end))?;
+                let offset = if kind == REPLY_TYPE_ERROR_OFFSET {
+                    if b.len() != end + 8 {
+                        return Err(bad("ERROR_OFFSET chunk has no offset"));
+                    }
+                    Some(be64(b, end))
+                } else {
+                    None
+                };
+                ReplyChunk::Error {
+                    error: be32(b, 0),
+                    message,
+                    offset,
+                }
+            }
+            other => ReplyChunk::Unknown(other),
+        })
+    }
+
+    /// Whether a chunk of type `kind` reports an error (the type's top
+    /// bit), known or not.
+    pub fn is_error(kind: u16) -> bool {
+        kind & (1 << 15) != 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The chunk after the header of an encoded reply.
+    fn chunk_of(bytes: &[u8]) -> (u16, &[u8]) {
+        let (h, n) = ReplyHeader::parse(bytes).unwrap();
+        let ReplyHeader::Chunk { kind, length, .. } = h else {
+            panic!("not a chunk")
+        };
+        assert_eq!(length as usize, bytes.len() - n);
+        (kind, &bytes[n..])
+    }
+
+    proptest! {
+        #[test]
+        fn chunks_parse_back(style in prop_oneof![Just(ReplyStyle::Structured), Just(ReplyStyle::Extended)],
+                             cookie: u64, offset: u64, len: u32, err in 1u32..200, msg in ".{0,100}",
+                             data in proptest::collection::vec(any::<u8>(), 0..64),
+                             ext in proptest::collection::vec((1u64..1<<31, 0u32..4), 1..20)) {
+            let b = error_reply(style, cookie, offset, err, &msg);
+            let (k, p) = chunk_of(&b);
+            prop_assert_eq!(ReplyChunk::parse(k, p).unwrap(),
+                            ReplyChunk::Error { error: err, message: msg.as_bytes(), offset: None });
+            let b = hole_chunk(style, cookie, offset, len, true);
+            let (k, p) = chunk_of(&b);
+            prop_assert_eq!(ReplyChunk::parse(k, p).unwrap(), ReplyChunk::OffsetHole { offset, length: len });
+            let mut r = read_data_header(style, cookie, offset, data.len() as u64, true);
+            r.extend_from_slice(&data);
+            let (k, p) = chunk_of(&r);
+            prop_assert_eq!(ReplyChunk::parse(k, p).unwrap(), ReplyChunk::OffsetData { offset, data: &data });
+            let b = block_status_chunk(style, cookie, offset, 3, &ext, true);
+            let (k, p) = chunk_of(&b);
+            let want: Vec<(u64, u64)> = ext.iter().map(|&(l, s)| (l, s as u64)).collect();
+            prop_assert_eq!(ReplyChunk::parse(k, p).unwrap(), ReplyChunk::BlockStatus { context: 3, descriptors: want });
+            let b = ok_reply(style, cookie, offset);
+            let (k, p) = chunk_of(&b);
+            prop_assert_eq!(ReplyChunk::parse(k, p).unwrap(), ReplyChunk::None);
+        }
+
+        #[test]
+        fn chunk_parse_never_panics(kind: u16, b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = ReplyChunk::parse(kind, &b);
+        }
+    }
+
+    #[test]
+    fn malformed_chunks_are_refused() {
+        assert!(ReplyChunk::parse(REPLY_TYPE_OFFSET_HOLE, &[0; 11]).is_err());
+        assert!(ReplyChunk::parse(REPLY_TYPE_BLOCK_STATUS, &[0; 7]).is_err());
+        // A message length past the payload.
+        assert!(ReplyChunk::parse(REPLY_TYPE_ERROR, &[0, 0, 0, 5, 0, 9, b'x']).is_err());
+        let mut e = vec![0, 0, 0, 5, 0, 1, b'x'];
+        assert!(ReplyChunk::parse(REPLY_TYPE_ERROR_OFFSET, &e).is_err());
+        e.extend_from_slice(&7u64.to_be_bytes());
+        assert_eq!(
+            ReplyChunk::parse(REPLY_TYPE_ERROR_OFFSET, &e).unwrap(),
+            ReplyChunk::Error {
+                error: 5,
+                message: b"x",
+                offset: Some(7)
+            }
+        );
+        assert_eq!(
+            ReplyChunk::parse(1 << 15 | 9, &[]).unwrap(),
+            ReplyChunk::Unknown(1 << 15 | 9)
+        );
+        assert!(ReplyChunk::is_error(1 << 15 | 9) && !ReplyChunk::is_error(REPLY_TYPE_NONE));
+    }
 
     fn arb_style() -> impl Strategy<Value = ReplyStyle> {
         prop_oneof![

@@ -41,6 +41,7 @@ struct State {
     meta: bool,
     fixed: bool,
     no_zeroes: bool,
+    encrypted: bool,
 }
 
 impl State {
@@ -53,6 +54,31 @@ impl State {
             ReplyStyle::Simple
         }
     }
+
+    fn negotiated(&self, export: Export) -> Negotiated {
+        Negotiated {
+            export: Arc::new(export),
+            style: self.style(),
+            meta: self.meta,
+        }
+    }
+}
+
+/// What reading the next option gave.
+enum Next {
+    /// The client closed the connection between options.
+    Eof,
+    /// Refused before parsing (too large, TLS required, malformed) and
+    /// answered already.
+    Answered,
+    Option(u32, OptionRequest),
+}
+
+/// One connection's negotiation: who it is for, and what is agreed so far.
+struct Negotiation<'a> {
+    server: &'a Arc<Server>,
+    client: &'a Arc<Client>,
+    st: State,
 }
 
 /// Run the handshake.  `Ok(None)` means the client ended it politely
@@ -65,8 +91,49 @@ pub async fn negotiate(
     stream: &mut Box<dyn Stream>,
     client: &Arc<Client>,
 ) -> Result<Option<Negotiated>, ConnectionError> {
-    let conn = client.id();
-    let s: &mut dyn Stream = &mut **stream;
+    let st = greet(server, &mut **stream).await?;
+    let mut n = Negotiation { server, client, st };
+    // The option count is not reset by STARTTLS, so the limit holds for
+    // the whole connection.
+    for _ in 0..MAX_OPTIONS {
+        // Borrowed anew each time round: STARTTLS replaces the stream.
+        let (option, request) = match n.read_option(&mut **stream).await? {
+            Next::Eof => return Ok(None),
+            Next::Answered => continue,
+            Next::Option(o, r) => (o, r),
+        };
+        let s: &mut dyn Stream = &mut **stream;
+        match request {
+            OptionRequest::ExportName(name) => return n.export_name(s, &name).await.map(Some),
+            OptionRequest::Abort => {
+                // The client may already have closed; a failed ACK is fine.
+                let _ = reply(s, option, REP_ACK, b"").await;
+                return Ok(None);
+            }
+            OptionRequest::List => n.list(s).await?,
+            OptionRequest::StartTls => n.start_tls(stream).await?,
+            OptionRequest::StructuredReply => n.structured_reply(s).await?,
+            OptionRequest::ExtendedHeaders => n.extended_headers(s).await?,
+            OptionRequest::MetaContext { set, queries, .. } => {
+                n.meta_context(s, set, &queries).await?
+            }
+            OptionRequest::Info { go, name, requests } => {
+                if let Some(done) = n.info(s, go, &name, &requests).await? {
+                    return Ok(Some(done));
+                }
+            }
+            OptionRequest::Unknown(o) => {
+                reply(s, o, REP_ERR_UNSUP, b"option not supported").await?;
+            }
+        }
+    }
+    Err(ConnectionError::Protocol(format!(
+        "client sent more than {MAX_OPTIONS} options"
+    )))
+}
+
+/// Send the greeting and read the client's flags.
+async fn greet(server: &Server, s: &mut dyn Stream) -> Result<State, ConnectionError> {
     let hs_flags = (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES) & server.opts.handshake_mask;
     s.write_all(&opt::greeting(hs_flags)).await?;
     s.flush().await?;
@@ -77,31 +144,32 @@ pub async fn negotiate(
             "client sent unknown or unoffered flags 0x{client_flags:x}"
         )));
     }
-    let mut st = State {
+    Ok(State {
         structured: false,
         extended: false,
         meta: false,
         fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
-    };
-    let tls_mode = server.opts.tls.mode;
-    let mut encrypted = false;
+        encrypted: false,
+    })
+}
 
-    // The option count is not reset by STARTTLS, so the limit holds for
-    // the whole connection.
-    for _ in 0..MAX_OPTIONS {
-        // Borrowed anew each time round: STARTTLS replaces the stream.
-        let s: &mut dyn Stream = &mut **stream;
+impl Negotiation<'_> {
+    /// Read one option: its header, its payload (bounded), and refuse
+    /// what cannot go further (too large, before a required STARTTLS,
+    /// malformed).
+    async fn read_option(&self, s: &mut dyn Stream) -> Result<Next, ConnectionError> {
+        let st = &self.st;
         let mut hb = [0u8; OPTION_HEADER_LEN];
         match s.read_exact(&mut hb).await {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Next::Eof),
             Err(e) => return Err(e.into()),
         }
         let h = OptionHeader::parse(&hb)
             .map_err(|e| ConnectionError::Protocol(format!("option header: {e}")))?;
         debug!(
-            conn,
+            conn = self.client.id(),
             option = option_name(h.option),
             len = h.length,
             "option"
@@ -116,7 +184,7 @@ pub async fn negotiate(
             }
             skip(s, h.length as u64).await?;
             reply(s, h.option, REP_ERR_TOO_BIG, b"option payload too large").await?;
-            continue;
+            return Ok(Next::Answered);
         }
         let mut payload = vec![0u8; h.length as usize];
         s.read_exact(&mut payload).await?;
@@ -128,8 +196,8 @@ pub async fn negotiate(
                 option_name(h.option)
             )));
         }
-        if tls_mode == TlsMode::Require
-            && !encrypted
+        if self.server.opts.tls.mode == TlsMode::Require
+            && !st.encrypted
             && !matches!(h.option, OPT_STARTTLS | OPT_ABORT)
         {
             if h.option == OPT_EXPORT_NAME {
@@ -145,12 +213,12 @@ pub async fn negotiate(
                 b"TLS is required on this server",
             )
             .await?;
-            continue;
+            return Ok(Next::Answered);
         }
-        let request = match OptionRequest::parse(h.option, &payload) {
-            Ok(r) => r,
+        match OptionRequest::parse(h.option, &payload) {
+            Ok(r) => Ok(Next::Option(h.option, r)),
             Err(e) if h.option == OPT_EXPORT_NAME => {
-                return Err(ConnectionError::Protocol(format!("bad export name: {e}")))
+                Err(ConnectionError::Protocol(format!("bad export name: {e}")))
             }
             Err(e) => {
                 let code = match e {
@@ -158,243 +226,236 @@ pub async fn negotiate(
                     _ => REP_ERR_INVALID,
                 };
                 reply(s, h.option, code, e.to_string().as_bytes()).await?;
-                continue;
-            }
-        };
-        match request {
-            OptionRequest::ExportName(name) => {
-                let export = open_export(server, client, &name).await.map_err(|e| {
-                    ConnectionError::Protocol(format!("export '{name}' cannot be opened: {e}"))
-                })?;
-                let flags = export.transmission_flags(st.structured);
-                s.write_all(&opt::export_name_reply(
-                    export.caps.size,
-                    flags,
-                    st.no_zeroes,
-                ))
-                .await?;
-                return Ok(Some(Negotiated {
-                    export: Arc::new(export),
-                    style: st.style(),
-                    meta: st.meta,
-                }));
-            }
-            OptionRequest::Abort => {
-                // The client may already have closed; a failed ACK is fine.
-                let _ = reply(s, h.option, REP_ACK, b"").await;
-                return Ok(None);
-            }
-            OptionRequest::List => {
-                let exports = server
-                    .blocking_backend(client, |b, ro| b.list_exports(ro))
-                    .await;
-                // As nbdkit, a name or description over 4096 bytes (the
-                // protocol's limit) fails the whole listing.
-                let exports = exports.and_then(|list| {
-                    match list.iter().find(|e| {
-                        e.name.len() > MAX_STRING
-                            || e.description.as_ref().is_some_and(|d| d.len() > MAX_STRING)
-                    }) {
-                        Some(_) => Err(nbdkit_backend::Error::invalid(
-                            "an export name or description is longer than 4096 bytes",
-                        )),
-                        None => Ok(list),
-                    }
-                });
-                match exports {
-                    Ok(list) => {
-                        let default = server.default_export(client).await;
-                        for e in list {
-                            // "" is listed under the name it stands for;
-                            // when the backend has no default export, not
-                            // at all (as nbdkit).
-                            let name = match (e.name.is_empty(), &default) {
-                                (false, _) => e.name,
-                                (true, Some(d)) => d.clone(),
-                                (true, None) => continue,
-                            };
-                            let desc = e.description.unwrap_or_default();
-                            reply(s, h.option, REP_SERVER, &opt::rep_server(&name, &desc)).await?;
-                        }
-                        reply(s, h.option, REP_ACK, b"").await?;
-                    }
-                    Err(e) => {
-                        reply(s, h.option, REP_ERR_PLATFORM, e.to_string().as_bytes()).await?
-                    }
-                }
-            }
-            OptionRequest::StartTls => {
-                let Some(acceptor) = server.opts.tls.acceptor() else {
-                    reply(
-                        s,
-                        h.option,
-                        REP_ERR_UNSUP,
-                        b"TLS is not configured on this server",
-                    )
-                    .await?;
-                    continue;
-                };
-                if encrypted {
-                    reply(s, h.option, REP_ERR_INVALID, b"TLS is already negotiated").await?;
-                    continue;
-                }
-                reply(s, h.option, REP_ACK, b"").await?;
-                // The spec has no way back from a failed TLS handshake: the
-                // connection ends with it (the error says why).
-                let plain = std::mem::replace(stream, Box::new(Broken(None)));
-                *stream = acceptor
-                    .accept(plain)
-                    .await
-                    .map_err(|e| ConnectionError::Protocol(format!("TLS handshake failed: {e}")))?;
-                encrypted = true;
-                client.set_tls();
-                debug!(conn, "TLS established");
-                // Per the spec, what was negotiated in plaintext does not
-                // carry over into the encrypted session.
-                st.structured = false;
-                st.extended = false;
-                st.meta = false;
-            }
-            OptionRequest::StructuredReply => {
-                if server.opts.no_structured_replies {
-                    reply(
-                        s,
-                        h.option,
-                        REP_ERR_UNSUP,
-                        b"structured replies are disabled",
-                    )
-                    .await?;
-                } else if st.structured && !st.extended {
-                    reply(
-                        s,
-                        h.option,
-                        REP_ERR_INVALID,
-                        b"structured replies already negotiated",
-                    )
-                    .await?;
-                } else {
-                    st.structured = true;
-                    reply(s, h.option, REP_ACK, b"").await?;
-                }
-            }
-            OptionRequest::ExtendedHeaders => {
-                if server.opts.no_structured_replies {
-                    reply(s, h.option, REP_ERR_UNSUP, b"extended headers are disabled").await?;
-                } else if st.extended {
-                    reply(
-                        s,
-                        h.option,
-                        REP_ERR_INVALID,
-                        b"extended headers already negotiated",
-                    )
-                    .await?;
-                } else {
-                    st.extended = true;
-                    st.structured = true;
-                    reply(s, h.option, REP_ACK, b"").await?;
-                }
-            }
-            OptionRequest::MetaContext { set, queries, .. } => {
-                if server.opts.no_meta_contexts {
-                    reply(
-                        s,
-                        h.option,
-                        REP_ERR_UNSUP,
-                        b"metadata contexts are disabled",
-                    )
-                    .await?;
-                } else if !st.structured {
-                    reply(
-                        s,
-                        h.option,
-                        REP_ERR_INVALID,
-                        b"structured replies must be negotiated first",
-                    )
-                    .await?;
-                } else if queries.len() > MAX_QUERIES {
-                    reply(s, h.option, REP_ERR_TOO_BIG, b"too many queries").await?;
-                } else {
-                    let matches = if queries.is_empty() {
-                        !set // LIST with no query lists everything; SET selects nothing.
-                    } else {
-                        queries.iter().any(|q| {
-                            q == META_CONTEXT_BASE_ALLOCATION
-                                || (!set && (q == "base:" || q == "base"))
-                        })
-                    };
-                    if matches {
-                        let id = if set { BASE_ALLOCATION_ID } else { 0 };
-                        reply(
-                            s,
-                            h.option,
-                            REP_META_CONTEXT,
-                            &opt::rep_meta_context(id, META_CONTEXT_BASE_ALLOCATION),
-                        )
-                        .await?;
-                    }
-                    if set {
-                        st.meta = matches;
-                    }
-                    reply(s, h.option, REP_ACK, b"").await?;
-                }
-            }
-            OptionRequest::Info { go, name, requests } => {
-                let export = match open_export(server, client, &name).await {
-                    Ok(e) => e,
-                    Err(e) => {
-                        // The client gets the reason too, but libnbd-based
-                        // clients often do not show it: log it here.
-                        warn!(conn, export = %name, "cannot open export: {e}");
-                        reply(s, h.option, REP_ERR_UNKNOWN, e.to_string().as_bytes()).await?;
-                        continue;
-                    }
-                };
-                let flags = export.transmission_flags(st.structured);
-                reply(
-                    s,
-                    h.option,
-                    REP_INFO,
-                    &opt::info_export(export.caps.size, flags),
-                )
-                .await?;
-                if requests.contains(&INFO_NAME) {
-                    let shown = if name.is_empty() {
-                        export.name.clone()
-                    } else {
-                        name.clone()
-                    };
-                    reply(s, h.option, REP_INFO, &opt::info_string(INFO_NAME, &shown)).await?;
-                }
-                if requests.contains(&INFO_DESCRIPTION) {
-                    if let Some(d) = &export.description {
-                        reply(
-                            s,
-                            h.option,
-                            REP_INFO,
-                            &opt::info_string(INFO_DESCRIPTION, d),
-                        )
-                        .await?;
-                    }
-                }
-                let (min, pref, max) = export.advertised_block_size();
-                reply(s, h.option, REP_INFO, &opt::info_block_size(min, pref, max)).await?;
-                reply(s, h.option, REP_ACK, b"").await?;
-                if go {
-                    return Ok(Some(Negotiated {
-                        export: Arc::new(export),
-                        style: st.style(),
-                        meta: st.meta,
-                    }));
-                }
-            }
-            OptionRequest::Unknown(o) => {
-                reply(s, o, REP_ERR_UNSUP, b"option not supported").await?;
+                Ok(Next::Answered)
             }
         }
     }
-    Err(ConnectionError::Protocol(format!(
-        "client sent more than {MAX_OPTIONS} options"
-    )))
+
+    /// NBD_OPT_EXPORT_NAME: open the export or hang up (it has no error
+    /// reply).
+    async fn export_name(
+        &self,
+        s: &mut dyn Stream,
+        name: &str,
+    ) -> Result<Negotiated, ConnectionError> {
+        let export = open_export(self.server, self.client, name)
+            .await
+            .map_err(|e| {
+                ConnectionError::Protocol(format!("export '{name}' cannot be opened: {e}"))
+            })?;
+        let flags = export.transmission_flags(self.st.structured);
+        s.write_all(&opt::export_name_reply(
+            export.caps.size,
+            flags,
+            self.st.no_zeroes,
+        ))
+        .await?;
+        Ok(self.st.negotiated(export))
+    }
+
+    /// NBD_OPT_LIST.
+    async fn list(&self, s: &mut dyn Stream) -> Result<(), ConnectionError> {
+        let (server, client) = (self.server, self.client);
+        let exports = server
+            .blocking_backend(client, |b, ro| b.list_exports(ro))
+            .await;
+        // As nbdkit, a name or description over 4096 bytes (the
+        // protocol's limit) fails the whole listing.
+        let exports = exports.and_then(|list| {
+            match list.iter().find(|e| {
+                e.name.len() > MAX_STRING
+                    || e.description.as_ref().is_some_and(|d| d.len() > MAX_STRING)
+            }) {
+                Some(_) => Err(nbdkit_backend::Error::invalid(
+                    "an export name or description is longer than 4096 bytes",
+                )),
+                None => Ok(list),
+            }
+        });
+        let list = match exports {
+            Ok(list) => list,
+            Err(e) => {
+                reply(s, OPT_LIST, REP_ERR_PLATFORM, e.to_string().as_bytes()).await?;
+                return Ok(());
+            }
+        };
+        let default = server.default_export(client).await;
+        for e in list {
+            // "" is listed under the name it stands for; when the
+            // backend has no default export, not at all (as nbdkit).
+            let name = match (e.name.is_empty(), &default) {
+                (false, _) => e.name,
+                (true, Some(d)) => d.clone(),
+                (true, None) => continue,
+            };
+            let desc = e.description.unwrap_or_default();
+            reply(s, OPT_LIST, REP_SERVER, &opt::rep_server(&name, &desc)).await?;
+        }
+        reply(s, OPT_LIST, REP_ACK, b"").await?;
+        Ok(())
+    }
+
+    /// NBD_OPT_STARTTLS: replace the stream with TLS over it.
+    async fn start_tls(&mut self, stream: &mut Box<dyn Stream>) -> Result<(), ConnectionError> {
+        let s: &mut dyn Stream = &mut **stream;
+        let Some(acceptor) = self.server.opts.tls.acceptor() else {
+            reply(
+                s,
+                OPT_STARTTLS,
+                REP_ERR_UNSUP,
+                b"TLS is not configured on this server",
+            )
+            .await?;
+            return Ok(());
+        };
+        if self.st.encrypted {
+            reply(
+                s,
+                OPT_STARTTLS,
+                REP_ERR_INVALID,
+                b"TLS is already negotiated",
+            )
+            .await?;
+            return Ok(());
+        }
+        reply(s, OPT_STARTTLS, REP_ACK, b"").await?;
+        // The spec has no way back from a failed TLS handshake: the
+        // connection ends with it (the error says why).
+        let plain = std::mem::replace(stream, Box::new(Broken(None)));
+        *stream = acceptor
+            .accept(plain)
+            .await
+            .map_err(|e| ConnectionError::Protocol(format!("TLS handshake failed: {e}")))?;
+        self.client.set_tls();
+        debug!(conn = self.client.id(), "TLS established");
+        // Per the spec, what was negotiated in plaintext does not carry
+        // over into the encrypted session.
+        let st = &mut self.st;
+        st.encrypted = true;
+        st.structured = false;
+        st.extended = false;
+        st.meta = false;
+        Ok(())
+    }
+
+    /// NBD_OPT_STRUCTURED_REPLY.
+    async fn structured_reply(&mut self, s: &mut dyn Stream) -> Result<(), ConnectionError> {
+        let o = OPT_STRUCTURED_REPLY;
+        if self.server.opts.no_structured_replies {
+            reply(s, o, REP_ERR_UNSUP, b"structured replies are disabled").await?;
+        } else if self.st.structured && !self.st.extended {
+            let why = b"structured replies already negotiated";
+            reply(s, o, REP_ERR_INVALID, why).await?;
+        } else {
+            self.st.structured = true;
+            reply(s, o, REP_ACK, b"").await?;
+        }
+        Ok(())
+    }
+
+    /// NBD_OPT_EXTENDED_HEADERS (which imply structured replies).
+    async fn extended_headers(&mut self, s: &mut dyn Stream) -> Result<(), ConnectionError> {
+        let o = OPT_EXTENDED_HEADERS;
+        if self.server.opts.no_structured_replies {
+            reply(s, o, REP_ERR_UNSUP, b"extended headers are disabled").await?;
+        } else if self.st.extended {
+            reply(
+                s,
+                o,
+                REP_ERR_INVALID,
+                b"extended headers already negotiated",
+            )
+            .await?;
+        } else {
+            self.st.extended = true;
+            self.st.structured = true;
+            reply(s, o, REP_ACK, b"").await?;
+        }
+        Ok(())
+    }
+
+    /// NBD_OPT_LIST_META_CONTEXT (`set == false`) or SET_META_CONTEXT:
+    /// `base:allocation` is the one context.
+    async fn meta_context(
+        &mut self,
+        s: &mut dyn Stream,
+        set: bool,
+        queries: &[String],
+    ) -> Result<(), ConnectionError> {
+        let o = if set {
+            OPT_SET_META_CONTEXT
+        } else {
+            OPT_LIST_META_CONTEXT
+        };
+        if self.server.opts.no_meta_contexts {
+            reply(s, o, REP_ERR_UNSUP, b"metadata contexts are disabled").await?;
+            return Ok(());
+        }
+        if !self.st.structured {
+            let why = b"structured replies must be negotiated first";
+            reply(s, o, REP_ERR_INVALID, why).await?;
+            return Ok(());
+        }
+        if queries.len() > MAX_QUERIES {
+            reply(s, o, REP_ERR_TOO_BIG, b"too many queries").await?;
+            return Ok(());
+        }
+        let matches = if queries.is_empty() {
+            !set // LIST with no query lists everything; SET selects nothing.
+        } else {
+            queries.iter().any(|q| {
+                q == META_CONTEXT_BASE_ALLOCATION || (!set && (q == "base:" || q == "base"))
+            })
+        };
+        if matches {
+            let id = if set { BASE_ALLOCATION_ID } else { 0 };
+            let context = opt::rep_meta_context(id, META_CONTEXT_BASE_ALLOCATION);
+            reply(s, o, REP_META_CONTEXT, &context).await?;
+        }
+        if set {
+            self.st.meta = matches;
+        }
+        reply(s, o, REP_ACK, b"").await?;
+        Ok(())
+    }
+
+    /// NBD_OPT_INFO, or NBD_OPT_GO (which ends the negotiation when the
+    /// export opens).
+    async fn info(
+        &self,
+        s: &mut dyn Stream,
+        go: bool,
+        name: &str,
+        requests: &[u16],
+    ) -> Result<Option<Negotiated>, ConnectionError> {
+        let o = if go { OPT_GO } else { OPT_INFO };
+        let export = match open_export(self.server, self.client, name).await {
+            Ok(e) => e,
+            Err(e) => {
+                // The client gets the reason too, but libnbd-based
+                // clients often do not show it: log it here.
+                warn!(conn = self.client.id(), export = %name, "cannot open export: {e}");
+                reply(s, o, REP_ERR_UNKNOWN, e.to_string().as_bytes()).await?;
+                return Ok(None);
+            }
+        };
+        let flags = export.transmission_flags(self.st.structured);
+        let size = export.caps.size;
+        reply(s, o, REP_INFO, &opt::info_export(size, flags)).await?;
+        if requests.contains(&INFO_NAME) {
+            let shown = if name.is_empty() { &export.name } else { name };
+            reply(s, o, REP_INFO, &opt::info_string(INFO_NAME, shown)).await?;
+        }
+        if requests.contains(&INFO_DESCRIPTION) {
+            if let Some(d) = &export.description {
+                reply(s, o, REP_INFO, &opt::info_string(INFO_DESCRIPTION, d)).await?;
+            }
+        }
+        let (min, pref, max) = export.advertised_block_size();
+        reply(s, o, REP_INFO, &opt::info_block_size(min, pref, max)).await?;
+        reply(s, o, REP_ACK, b"").await?;
+        Ok(go.then(|| self.st.negotiated(export)))
+    }
 }
 
 async fn open_export(

@@ -24,6 +24,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use nbdkit_backend::LockExt;
 use nbdkit_tls::{certs, invalid, private_key, CredentialError};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
@@ -155,7 +156,7 @@ impl Acceptor {
     /// The credentials to use now: read again if a file changed since.
     fn engine(&self) -> Engine {
         let r = &self.0;
-        let mut cur = r.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cur = r.current.lock_unpoisoned();
         let stamps = r.source.stamps();
         if stamps != cur.0 {
             match r.source.load() {

@@ -19,6 +19,7 @@
 //! answers are not.  Every failure reaches the client as EIO and the log
 //! with the URL and offset.  The export is read-only (no PUT).
 
+use nbdkit_backend::CondvarExt;
 use nbdkit_backend::LockExt;
 use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex};
@@ -136,7 +137,7 @@ impl Scripts {
     /// The script headers and cookie to send now, running a script the
     /// first time and again once its renew time has passed.
     fn current(&self) -> std::result::Result<(Option<Vec<String>>, Option<String>), String> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock_unpoisoned();
         let now = std::time::Instant::now();
         let stale = |at: std::time::Instant, renew: Option<Duration>| {
             renew.is_some_and(|r| now.duration_since(at) >= r)
@@ -350,7 +351,7 @@ impl Pool {
                     }
                 };
             }
-            st = self.freed.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.freed.wait_unpoisoned(st);
         }
     }
 }

@@ -18,57 +18,19 @@
 use nbdkit_backend::LockExt;
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use nbdkit_proto::consts::*;
+use nbdkit_proto::option::{
+    parse_export_name_reply, parse_rep_meta_context, parse_rep_server, Greeting, InfoReply,
+    OptionReplyHeader, OptionRequest,
+};
+use nbdkit_proto::{ReplyChunk, ReplyHeader, RequestHeader, EXTENDED_HEADER_LEN};
 
+use super::socket::Stream;
 use super::tls::{Engine, TlsClient, TlsMode, TlsStream};
-
-/// A connected socket of either family.
-pub enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Stream {
-    pub(crate) fn try_clone(&self) -> std::io::Result<Stream> {
-        Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-        })
-    }
-    pub(crate) fn shutdown(&self) {
-        let _ = match self {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
-        };
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Plaintext is encrypted and sent in pieces of this size, so a 32 MiB
 /// write neither holds the TLS session's lock throughout (the reader needs
@@ -243,38 +205,24 @@ fn read_exact(s: &mut impl Read, n: usize, what: &str) -> R<Vec<u8>> {
     Ok(b)
 }
 
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-}
-
-fn send_option(s: &mut impl Write, opt: u32, data: &[u8]) -> R<()> {
-    let mut m = Vec::with_capacity(16 + data.len());
-    m.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    m.extend_from_slice(&opt.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    s.write_all(&m).map_err(ioerr("sending an option"))
+fn send_option(s: &mut impl Write, opt: &OptionRequest) -> R<()> {
+    s.write_all(&opt.encode())
+        .map_err(ioerr("sending an option"))
 }
 
 /// One option reply: (type, payload).  Payloads are bounded.
 fn option_reply(s: &mut impl Read, opt: u32) -> R<(u32, Vec<u8>)> {
-    let h = read_exact(s, 20, "reading an option reply")?;
-    if be64(&h[0..8]) != OPTION_REPLY_MAGIC || be32(&h[8..12]) != opt {
-        return Err(NbdError::io("the server sent a malformed option reply"));
-    }
-    let len = be32(&h[16..20]) as usize;
-    if len > 1 << 20 {
+    let h = read_exact(s, OptionReplyHeader::LEN, "reading an option reply")?;
+    let h = match OptionReplyHeader::parse(&h) {
+        Ok(h) if h.option == opt => h,
+        _ => return Err(NbdError::io("the server sent a malformed option reply")),
+    };
+    if h.length > 1 << 20 {
         return Err(NbdError::io("the server sent an oversized option reply"));
     }
     Ok((
-        be32(&h[12..16]),
-        read_exact(s, len, "reading an option reply")?,
+        h.reply,
+        read_exact(s, h.length as usize, "reading an option reply")?,
     ))
 }
 
@@ -295,9 +243,13 @@ fn option_error(what: &str, kind: u32, payload: &[u8]) -> NbdError {
     ))
 }
 
-fn name_bytes(export: &str, out: &mut Vec<u8>) {
-    out.extend_from_slice(&(export.len() as u32).to_be_bytes());
-    out.extend_from_slice(export.as_bytes());
+/// NBD_OPT_INFO (or GO) for `export`, asking for one kind of information.
+fn info(go: bool, export: &str, request: u16) -> OptionRequest {
+    OptionRequest::Info {
+        go,
+        name: export.to_string(),
+        requests: vec![request],
+    }
 }
 
 /// The stream the options travel on: the socket, or TLS over it after
@@ -358,16 +310,16 @@ impl TlsUse<'_> {
 /// Returns the session and whether the server omits the 124 zero bytes
 /// after EXPORT_NAME.
 fn begin(mut s: Stream, tls: TlsUse<'_>) -> R<(Session, bool)> {
-    let g = read_exact(&mut s, 18, "reading the greeting")?;
-    if be64(&g[0..8]) != NBDMAGIC {
-        return Err(NbdError::io("not an NBD server"));
-    }
-    if be64(&g[8..16]) != IHAVEOPT {
-        return Err(NbdError::io(
-            "the server speaks only the old NBD handshake, which is not supported",
-        ));
-    }
-    let sflags = be16(&g[16..18]);
+    let g = read_exact(&mut s, Greeting::LEN, "reading the greeting")?;
+    let sflags = match Greeting::parse(&g) {
+        Ok(Greeting::Newstyle(flags)) => flags,
+        Ok(Greeting::Oldstyle) => {
+            return Err(NbdError::io(
+                "the server speaks only the old NBD handshake, which is not supported",
+            ))
+        }
+        Err(_) => return Err(NbdError::io("not an NBD server")),
+    };
     if sflags & FLAG_FIXED_NEWSTYLE == 0 {
         return Err(NbdError::io("the server does not support fixed newstyle"));
     }
@@ -385,7 +337,7 @@ fn begin(mut s: Stream, tls: TlsUse<'_>) -> R<(Session, bool)> {
     };
     // NBD has no way to offer TLS: the client asks, and a server without
     // it refuses the option (ERR_UNSUP from most, ERR_POLICY from some).
-    send_option(&mut s, OPT_STARTTLS, &[])?;
+    send_option(&mut s, &OptionRequest::StartTls)?;
     let (kind, p) = option_reply(&mut s, OPT_STARTTLS)?;
     match kind {
         REP_ACK => {
@@ -415,23 +367,25 @@ fn negotiate(s: &mut Session, export: &str, no_zeroes: bool) -> R<ExportInfo> {
         return Err(NbdError::io("the export name is too long"));
     }
     let tls = matches!(s, Session::Tls(_));
-    send_option(s, OPT_STRUCTURED_REPLY, &[])?;
+    send_option(s, &OptionRequest::StructuredReply)?;
     let structured = option_reply(s, OPT_STRUCTURED_REPLY)?.0 == REP_ACK;
 
     let mut meta_context = None;
     if structured {
-        let mut d = Vec::new();
-        name_bytes(export, &mut d);
-        d.extend_from_slice(&1u32.to_be_bytes());
-        d.extend_from_slice(&(META_CONTEXT_BASE_ALLOCATION.len() as u32).to_be_bytes());
-        d.extend_from_slice(META_CONTEXT_BASE_ALLOCATION.as_bytes());
-        send_option(s, OPT_SET_META_CONTEXT, &d)?;
+        let set = OptionRequest::MetaContext {
+            set: true,
+            export: export.to_string(),
+            queries: vec![META_CONTEXT_BASE_ALLOCATION.to_string()],
+        };
+        send_option(s, &set)?;
         loop {
             let (kind, p) = option_reply(s, OPT_SET_META_CONTEXT)?;
             match kind {
                 REP_META_CONTEXT if p.len() >= 4 => {
-                    if &p[4..] == META_CONTEXT_BASE_ALLOCATION.as_bytes() {
-                        meta_context = Some(be32(&p[0..4]));
+                    let (id, name) = parse_rep_meta_context(&p)
+                        .map_err(|_| NbdError::io("unexpected reply to SET_META_CONTEXT"))?;
+                    if name == META_CONTEXT_BASE_ALLOCATION.as_bytes() {
+                        meta_context = Some(id);
                     }
                 }
                 REP_ACK => break,
@@ -442,35 +396,35 @@ fn negotiate(s: &mut Session, export: &str, no_zeroes: bool) -> R<ExportInfo> {
         }
     }
 
-    let mut d = Vec::new();
-    name_bytes(export, &mut d);
-    d.extend_from_slice(&1u16.to_be_bytes());
-    d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-    send_option(s, OPT_GO, &d)?;
+    send_option(s, &info(true, export, INFO_BLOCK_SIZE))?;
     let mut size_flags = None;
     let mut block_size = None;
     loop {
         let (kind, p) = option_reply(s, OPT_GO)?;
         match kind {
-            REP_INFO if p.len() >= 2 => match be16(&p[0..2]) {
-                INFO_EXPORT if p.len() >= 12 => {
-                    size_flags = Some((be64(&p[2..10]), be16(&p[10..12])))
-                }
-                INFO_BLOCK_SIZE if p.len() >= 14 => {
-                    block_size = Some((be32(&p[2..6]), be32(&p[6..10]), be32(&p[10..14])))
-                }
+            // Information this client cannot read is skipped, as unknown
+            // information is.
+            REP_INFO => match InfoReply::parse(&p) {
+                Ok(InfoReply::Export { size, flags }) => size_flags = Some((size, flags)),
+                Ok(InfoReply::BlockSize {
+                    minimum,
+                    preferred,
+                    maximum,
+                }) => block_size = Some((minimum, preferred, maximum)),
                 _ => {}
             },
             REP_ACK => break,
             REP_ERR_UNSUP => {
                 // An older server: NBD_OPT_EXPORT_NAME ends the haggling.
-                send_option(s, OPT_EXPORT_NAME, export.as_bytes())?;
+                send_option(s, &OptionRequest::ExportName(export.to_string()))?;
                 let n = if no_zeroes { 10 } else { 134 };
                 let r = read_exact(s, n, "reading the export")?;
+                let (size, flags) = parse_export_name_reply(&r)
+                    .map_err(|e| NbdError::io(format!("reading the export: {e}")))?;
                 return Ok(ExportInfo {
                     tls,
-                    size: be64(&r[0..8]),
-                    flags: be16(&r[8..10]),
+                    size,
+                    flags,
                     block_size: None,
                     structured,
                     meta_context,
@@ -501,18 +455,14 @@ const MAX_LISTED: usize = 10_000;
 /// NBD_OPT_LIST: the server's exports as (name, description), then ABORT.
 pub fn list_exports(stream: Stream, tls: TlsUse<'_>) -> R<Vec<(String, String)>> {
     let (mut s, _) = begin(stream, tls)?;
-    send_option(&mut s, OPT_LIST, &[])?;
+    send_option(&mut s, &OptionRequest::List)?;
     let mut out = Vec::new();
     loop {
         let (kind, p) = option_reply(&mut s, OPT_LIST)?;
         match kind {
             REP_SERVER => {
-                let bad = || NbdError::io("the server sent a malformed export list");
-                let n = p.get(0..4).map(be32).ok_or_else(bad)? as usize;
-                let name = p
-                    .get(4..4usize.checked_add(n).ok_or_else(bad)?)
-                    .ok_or_else(bad)?;
-                let desc = &p[4 + n..];
+                let (name, desc) = parse_rep_server(&p)
+                    .map_err(|_| NbdError::io("the server sent a malformed export list"))?;
                 if out.len() == MAX_LISTED {
                     return Err(NbdError::io("the server lists too many exports"));
                 }
@@ -527,7 +477,7 @@ pub fn list_exports(stream: Stream, tls: TlsUse<'_>) -> R<Vec<(String, String)>>
         }
     }
     // The reply to ABORT is optional: do not wait for it.
-    let _ = send_option(&mut s, OPT_ABORT, &[]);
+    let _ = send_option(&mut s, &OptionRequest::Abort);
     Ok(out)
 }
 
@@ -539,17 +489,15 @@ pub fn canonical_name(stream: Stream, tls: TlsUse<'_>, export: &str) -> R<String
         return Err(NbdError::io("the export name is too long"));
     }
     let (mut s, _) = begin(stream, tls)?;
-    let mut d = Vec::new();
-    name_bytes(export, &mut d);
-    d.extend_from_slice(&1u16.to_be_bytes());
-    d.extend_from_slice(&INFO_NAME.to_be_bytes());
-    send_option(&mut s, OPT_INFO, &d)?;
+    send_option(&mut s, &info(false, export, INFO_NAME))?;
     let mut name = export.to_string();
     loop {
         let (kind, p) = option_reply(&mut s, OPT_INFO)?;
         match kind {
-            REP_INFO if p.len() >= 2 && be16(&p[0..2]) == INFO_NAME => {
-                name = String::from_utf8_lossy(&p[2..]).into_owned();
+            REP_INFO => {
+                if let Ok(InfoReply::Name(n)) = InfoReply::parse(&p) {
+                    name = String::from_utf8_lossy(n).into_owned();
+                }
             }
             REP_ACK => break,
             k if k & (1 << 31) != 0 => {
@@ -562,7 +510,7 @@ pub fn canonical_name(stream: Stream, tls: TlsUse<'_>, export: &str) -> R<String
             _ => {}
         }
     }
-    let _ = send_option(&mut s, OPT_ABORT, &[]);
+    let _ = send_option(&mut s, &OptionRequest::Abort);
     Ok(name)
 }
 
@@ -653,13 +601,14 @@ impl Connection {
                 tx,
             },
         );
-        let mut h = Vec::with_capacity(28 + payload.map_or(0, |p| p.len()));
-        h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        h.extend_from_slice(&flags.to_be_bytes());
-        h.extend_from_slice(&cmd.to_be_bytes());
-        h.extend_from_slice(&cookie.to_be_bytes());
-        h.extend_from_slice(&offset.to_be_bytes());
-        h.extend_from_slice(&len.to_be_bytes());
+        let h = RequestHeader {
+            flags,
+            command: cmd,
+            cookie,
+            offset,
+            length: len as u64,
+        }
+        .encode(false);
         let sent = self
             .writer
             .lock_unpoisoned()
@@ -677,11 +626,14 @@ impl Connection {
 
     /// Say goodbye and stop the reader.
     pub fn close(&self) {
-        let mut h = Vec::with_capacity(28);
-        h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        h.extend_from_slice(&0u16.to_be_bytes());
-        h.extend_from_slice(&CMD_DISC.to_be_bytes());
-        h.extend_from_slice(&[0u8; 20]);
+        let h = RequestHeader {
+            flags: 0,
+            command: CMD_DISC,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        }
+        .encode(false);
         {
             let mut w = self.writer.lock_unpoisoned();
             let _ = w.send(&[&h]);
@@ -724,12 +676,29 @@ fn finish(pending: &Mutex<HashMap<u64, Pending>>, cookie: u64) {
     }
 }
 
+/// The next reply header: simple, or a structured chunk's (extended
+/// headers are never asked for, so never accepted).
+fn read_header(s: &mut Reader) -> R<ReplyHeader> {
+    let mut h = read_exact(s, 4, "reading a reply")?;
+    let bad_magic = |h: &[u8]| {
+        NbdError::io(format!(
+            "bad reply magic {:#x}",
+            u32::from_be_bytes([h[0], h[1], h[2], h[3]])
+        ))
+    };
+    let need = match ReplyHeader::parse(&h) {
+        Err(nbdkit_proto::ProtoError::Short { need, .. }) if need != EXTENDED_HEADER_LEN => need,
+        _ => return Err(bad_magic(&h)),
+    };
+    h.extend_from_slice(&read_exact(s, need - 4, "reading a reply")?);
+    ReplyHeader::parse(&h)
+        .map(|(h, _)| h)
+        .map_err(|_| bad_magic(&h))
+}
+
 fn read_one(s: &mut Reader, pending: &Mutex<HashMap<u64, Pending>>) -> R<()> {
-    let magic = be32(&read_exact(s, 4, "reading a reply")?);
-    match magic {
-        SIMPLE_REPLY_MAGIC => {
-            let h = read_exact(s, 12, "reading a reply")?;
-            let (error, cookie) = (be32(&h[0..4]), be64(&h[4..12]));
+    match read_header(s)? {
+        ReplyHeader::Simple { error, cookie } => {
             let read_len = {
                 let mut map = pending.lock_unpoisoned();
                 let p = map
@@ -752,18 +721,17 @@ fn read_one(s: &mut Reader, pending: &Mutex<HashMap<u64, Pending>>) -> R<()> {
             finish(pending, cookie);
             Ok(())
         }
-        STRUCTURED_REPLY_MAGIC => {
-            let h = read_exact(s, 16, "reading a reply")?;
-            let (flags, kind, cookie, len) = (
-                be16(&h[0..2]),
-                be16(&h[2..4]),
-                be64(&h[4..12]),
-                be32(&h[12..16]),
-            );
-            if len > (64 << 20) {
+        ReplyHeader::Chunk {
+            flags,
+            kind,
+            cookie,
+            length,
+            ..
+        } => {
+            if length > (64 << 20) {
                 return Err(NbdError::io("the server sent an oversized reply chunk"));
             }
-            let payload = read_exact(s, len as usize, "reading a reply chunk")?;
+            let payload = read_exact(s, length as usize, "reading a reply chunk")?;
             {
                 let mut map = pending.lock_unpoisoned();
                 let p = map
@@ -776,67 +744,62 @@ fn read_one(s: &mut Reader, pending: &Mutex<HashMap<u64, Pending>>) -> R<()> {
             }
             Ok(())
         }
-        m => Err(NbdError::io(format!("bad reply magic {m:#x}"))),
     }
 }
 
 /// Apply one structured reply chunk to its request.
 fn chunk(p: &mut Pending, kind: u16, b: &[u8]) -> R<()> {
     let bad = || NbdError::io("the server sent a malformed reply chunk");
-    match kind {
-        REPLY_TYPE_NONE => {}
-        REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
-            if p.cmd != CMD_READ || b.len() < 8 {
-                return Err(bad());
-            }
-            let off = be64(&b[0..8]);
-            let (n, data) = if kind == REPLY_TYPE_OFFSET_DATA {
-                (b.len() as u64 - 8, Some(&b[8..]))
-            } else {
-                if b.len() != 12 {
-                    return Err(bad());
-                }
-                (be32(&b[8..12]) as u64, None)
-            };
-            let start = off.checked_sub(p.offset).ok_or_else(bad)?;
-            let end = start.checked_add(n).ok_or_else(bad)?;
-            if end > p.reply.data.len() as u64 {
-                return Err(bad());
-            }
-            let out = &mut p.reply.data[start as usize..end as usize];
-            match data {
-                Some(d) => out.copy_from_slice(d),
-                None => out.fill(0),
-            }
+    match ReplyChunk::parse(kind, b).map_err(|_| bad())? {
+        ReplyChunk::None => {}
+        ReplyChunk::OffsetData { offset, data } if p.cmd == CMD_READ => {
+            place(p, offset, data.len() as u64, Some(data)).ok_or_else(bad)?
         }
-        REPLY_TYPE_BLOCK_STATUS => {
-            if p.cmd != CMD_BLOCK_STATUS || b.len() < 4 || !(b.len() - 4).is_multiple_of(8) {
-                return Err(bad());
-            }
-            for d in b[4..].chunks(8) {
-                p.reply.extents.push((be32(&d[0..4]), be32(&d[4..8])));
-            }
+        ReplyChunk::OffsetHole { offset, length } if p.cmd == CMD_READ => {
+            place(p, offset, length as u64, None).ok_or_else(bad)?
         }
-        REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
-            if b.len() < 6 {
-                return Err(bad());
-            }
-            let errno = be32(&b[0..4]);
-            let mlen = be16(&b[4..6]) as usize;
-            let msg = b.get(6..6 + mlen).ok_or_else(bad)?;
+        ReplyChunk::OffsetData { .. } | ReplyChunk::OffsetHole { .. } => return Err(bad()),
+        // 64-bit descriptors come only with extended headers, which this
+        // client does not ask for.
+        ReplyChunk::BlockStatus { .. } if kind == REPLY_TYPE_BLOCK_STATUS_EXT => {}
+        ReplyChunk::BlockStatus { descriptors, .. } if p.cmd == CMD_BLOCK_STATUS => {
+            p.reply.extents.extend(
+                descriptors
+                    .iter()
+                    .map(|&(len, flags)| (len as u32, flags as u32)),
+            )
+        }
+        ReplyChunk::BlockStatus { .. } => return Err(bad()),
+        ReplyChunk::Error { error, message, .. } => {
             if p.error.is_none() {
                 p.error = Some(NbdError {
-                    errno: if errno == 0 { EIO } else { errno },
-                    message: String::from_utf8_lossy(msg).into_owned(),
+                    errno: if error == 0 { EIO } else { error },
+                    message: String::from_utf8_lossy(message).into_owned(),
                 });
             }
         }
         // Unknown informational chunks may be ignored; unknown errors not.
-        k if k & (1 << 15) != 0 => {
+        ReplyChunk::Unknown(k) if ReplyChunk::is_error(k) => {
             p.error
                 .get_or_insert(NbdError::io(format!("unknown error chunk type {k}")));
         }
-        _ => {}
+        ReplyChunk::Unknown(_) => {}
     }
     Ok(())
+}
+
+/// Copy read data (or zeroes for a hole) for `[offset, offset+n)` into
+/// the request's buffer; None when the range is not within the request.
+fn place(p: &mut Pending, offset: u64, n: u64, data: Option<&[u8]>) -> Option<()> {
+    let start = offset.checked_sub(p.offset)?;
+    let end = start.checked_add(n)?;
+    let out = p
+        .reply
+        .data
+        .get_mut(start as usize..usize::try_from(end).ok()?)?;
+    match data {
+        Some(d) => out.copy_from_slice(d),
+        None => out.fill(0),
+    }
+    Some(())
 }

@@ -17,10 +17,11 @@
 
 pub mod client;
 pub mod command;
+pub mod socket;
 pub mod tls;
 
 use nbdkit_backend::LockExt;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,8 +32,9 @@ use nbdkit_backend::{
 };
 use nbdkit_proto::consts::*;
 
-use client::{Connection, NbdError, Stream, TlsUse};
+use client::{Connection, NbdError, TlsUse};
 use command::Spawned;
+use socket::Stream;
 use tls::{TlsClient, TlsMode, TlsSettings};
 
 #[derive(Debug, Clone)]
@@ -83,42 +85,26 @@ impl Drop for Upstream {
     }
 }
 
+/// The kind of an error the server answered with (an NBD error value).
+fn kind_of(nbd_error: u32) -> ErrorKind {
+    match nbd_error {
+        EPERM => ErrorKind::PermissionDenied,
+        ENOMEM => ErrorKind::OutOfMemory,
+        EINVAL => ErrorKind::InvalidInput,
+        ENOSPC => ErrorKind::NoSpace,
+        EOVERFLOW => ErrorKind::Overflow,
+        ENOTSUP => ErrorKind::NotSupported,
+        ESHUTDOWN => ErrorKind::Shutdown,
+        _ => ErrorKind::Io,
+    }
+}
+
 fn to_error(what: &str, e: NbdError) -> Error {
-    let kind = ErrorKind::from_errno(e.errno as i32);
+    let kind = kind_of(e.errno);
     if e.message.is_empty() {
         Error::new(kind, format!("nbd: {what} failed upstream"))
     } else {
         Error::new(kind, format!("nbd: {what}: {}", e.message))
-    }
-}
-
-/// A connected socket from a descriptor: Unix or TCP, by its family.
-fn stream_from_fd(fd: OwnedFd) -> std::io::Result<Stream> {
-    // SAFETY: sockaddr_storage is plain data; getsockname writes at most
-    // `len` bytes into it.
-    let family = unsafe {
-        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        if libc::getsockname(
-            fd.as_raw_fd(),
-            &mut ss as *mut _ as *mut libc::sockaddr,
-            &mut len,
-        ) == -1
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        ss.ss_family as libc::c_int
-    };
-    match family {
-        libc::AF_UNIX => Ok(Stream::Unix(fd.into())),
-        libc::AF_INET | libc::AF_INET6 => {
-            let s = std::net::TcpStream::from(fd);
-            let _ = s.set_nodelay(true);
-            Ok(Stream::Tcp(s))
-        }
-        f => Err(std::io::Error::other(format!(
-            "the socket's address family {f} is neither Unix nor TCP"
-        ))),
     }
 }
 
@@ -155,7 +141,7 @@ impl Nbd {
                     .lock_unpoisoned()
                     .take()
                     .ok_or_else(|| Error::io("nbd: socket-fd= has been used already"))?;
-                stream_from_fd(fd).map_err(|e| Error::from_io("nbd: socket-fd=", e))?
+                Stream::from_fd(fd).map_err(|e| Error::from_io("nbd: socket-fd=", e))?
             }
         };
         let tls = TlsUse {
@@ -904,6 +890,7 @@ pub static SPEC: PluginSpec = PluginSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn uris() {

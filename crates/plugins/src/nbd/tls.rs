@@ -25,7 +25,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore};
 
-use super::client::Stream;
+use super::socket::Stream;
 
 /// `tls=`: whether to use STARTTLS with the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
