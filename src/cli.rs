@@ -132,7 +132,8 @@ pub struct Cli {
     /// Disconnect clients that have not finished negotiating after SECONDS.
     #[arg(long = "timeout", value_name = "SECONDS")]
     pub timeout: Option<f64>,
-    /// Connections open at once; later clients are disconnected at once.
+    /// Connections open at once; later clients are disconnected at once
+    /// (0: no limit; default: what RLIMIT_NOFILE allows).
     #[arg(long = "max-connections", value_name = "N")]
     pub max_connections: Option<usize>,
     /// nbdkit's SELinux socket label (not supported: refused by name).
@@ -192,7 +193,8 @@ Options:
   -u, --user USER          run as USER once the sockets are open
   -g, --group GROUP        run as GROUP once the sockets are open
       --timeout SECONDS    disconnect clients still negotiating after SECONDS
-      --max-connections N  connections open at once (0 = no limit, the default)
+      --max-connections N  connections open at once (0 = no limit; default:
+                           (ulimit -n - 64) / 3, e.g. 320 at 1024)
       --print-uri          print the server's NBD URI on stdout
       --dump-config        print build configuration
       --dump-plugin        print plugin information

@@ -260,7 +260,12 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         handshake_mask,
         tls: tls.clone(),
         handshake_timeout,
-        max_connections: cli.max_connections.filter(|&n| n > 0),
+        // 0 means no limit; by default, what the descriptor limit allows.
+        max_connections: match cli.max_connections {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => nbdkit_server::default_connection_limit(),
+        },
     };
     let server = Server::new(backend.clone(), opts);
 

@@ -47,3 +47,56 @@ fn max_connections_closes_extra_clients() {
     let (size, _) = c.go(true, false, false);
     assert_eq!(size, 1 << 20);
 }
+
+/// Without `--max-connections`, the limit is what the descriptor limit
+/// allows: (RLIMIT_NOFILE - 64) / 3, so 2 connections at 70 descriptors;
+/// `--max-connections=0` lifts it.
+#[test]
+fn default_connection_limit_follows_the_descriptor_limit() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    for (extra, third_served) in [(None, false), (Some("--max-connections=0"), true)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("nbd.sock");
+        let mut cmd = std::process::Command::new(binary());
+        cmd.args(["-f", "--print-uri", "-U"]).arg(&sock);
+        cmd.args(extra).args(["memory", "size=1M"]);
+        cmd.stdout(std::process::Stdio::piped());
+        // SAFETY: setrlimit is async-signal-safe and touches only the
+        // child about to exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 70,
+                    rlim_max: 70,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("start nbdkit-rs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("uri");
+        assert!(!line.is_empty(), "the server did not start");
+        let mut a = RawClient::start(&sock);
+        a.go(false, false, false);
+        let mut b = RawClient::start(&sock);
+        b.go(false, false, false);
+        let mut c = UnixStream::connect(&sock).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut buf = [0u8; 18];
+        let n = c.read(&mut buf).expect("read");
+        let _ = child.kill();
+        let _ = child.wait();
+        if third_served {
+            assert_eq!(&buf[..n], b"NBDMAGICIHAVEOPT\0\x03", "{extra:?}");
+        } else {
+            assert_eq!(n, 0, "a third client got a greeting");
+        }
+    }
+}

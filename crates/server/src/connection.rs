@@ -156,7 +156,11 @@ impl Server {
                             Err(_) => {
                                 // Closed before the greeting, as nbdkit's
                                 // limit filter rejects extra clients.
-                                warn!(%peer, "too many connections (--max-connections): closing");
+                                warn!(
+                                    %peer,
+                                    "too many connections (--max-connections={}): closing",
+                                    self.opts.max_connections.unwrap_or_default()
+                                );
                                 drop(stream);
                                 continue;
                             }

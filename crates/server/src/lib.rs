@@ -4,8 +4,9 @@
 //! Listening, TLS and the handshake are asynchronous (tokio).  The
 //! transmission phase then takes one of two paths (see [`transmission`]):
 //! plain TCP and Unix sockets are switched to blocking mode and served by
-//! `-t` worker threads per connection, each reading a request, calling the
-//! backend and writing the reply itself; TLS and stdin/stdout stay on an
+//! up to `-t` worker threads per connection, started as requests arrive
+//! and retired when the connection goes quiet, each reading a request,
+//! calling the backend and writing the reply itself; TLS and stdin/stdout stay on an
 //! async reader that hands requests to tokio's blocking thread pool.  Both
 //! frame requests with the same [`transmission::read_request`].  Backend
 //! calls are synchronous either way, so plugins are plain code with plain
@@ -27,5 +28,5 @@ pub mod tls;
 pub mod transmission;
 
 pub use listen::{Listener, ListenerSet};
-pub use server::{Server, ServerOptions};
+pub use server::{default_connection_limit, Server, ServerOptions};
 pub use stream::{ConnectionError, Stream, Transport};

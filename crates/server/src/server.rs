@@ -34,7 +34,8 @@ pub struct ServerOptions {
     pub handshake_timeout: Option<std::time::Duration>,
     /// `--max-connections`: connections open at once, counted from accept
     /// (so clients still negotiating count); later ones are closed at once.
-    /// None: no limit.
+    /// None: no limit.  The command line's default is
+    /// [`default_connection_limit`].
     pub max_connections: Option<usize>,
 }
 
@@ -52,6 +53,38 @@ impl Default for ServerOptions {
             max_connections: None,
         }
     }
+}
+
+/// Descriptors kept for the server itself and what its backends open once
+/// (log, plugin files shared by every connection, pipes, libraries).
+const RESERVED_FDS: u64 = 64;
+
+/// Descriptors one connection may hold: its socket, the copy that
+/// `nanosleep` watches for a hang-up, and one the plugin opens for it (the
+/// `file` plugin opens its file per connection).
+const FDS_PER_CONNECTION: u64 = 3;
+
+/// The connection limit when `--max-connections` is not given: as many
+/// connections as the process's descriptor limit (RLIMIT_NOFILE, soft)
+/// can hold, [`FDS_PER_CONNECTION`] each after [`RESERVED_FDS`]: 320 at the
+/// usual 1024.  An idle connection holds no thread, so descriptors are
+/// what connections use up first; past this a client is closed before the
+/// greeting (and told why in the log) instead of the server running out of
+/// descriptors mid-request, or `accept` failing with EMFILE while clients
+/// wait in the backlog.  None when the limit is infinite.
+pub fn default_connection_limit() -> Option<usize> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`, which is ours.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    let n = lim.rlim_cur.saturating_sub(RESERVED_FDS) / FDS_PER_CONNECTION;
+    Some(usize::try_from(n.max(1)).unwrap_or(usize::MAX))
 }
 
 /// One server: a backend chain plus the policy for serving it.

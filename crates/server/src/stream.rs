@@ -126,19 +126,15 @@ pub enum ConnectionError {
 /// net.core.wmem_max).
 const REPLY_BUFFER: usize = 4 << 20;
 
-/// A connected plain socket, switched to blocking mode.
+/// A connected plain socket, switched to blocking mode.  Reads and writes
+/// go through `&BlockingSocket`, so one descriptor serves every worker of
+/// a connection (the workers' locks say who may read and who may write).
 pub enum BlockingSocket {
     Tcp(std::net::TcpStream),
     Unix(std::os::unix::net::UnixStream),
 }
 
 impl BlockingSocket {
-    pub(crate) fn try_clone(&self) -> std::io::Result<Self> {
-        Ok(match self {
-            BlockingSocket::Tcp(s) => BlockingSocket::Tcp(s.try_clone()?),
-            BlockingSocket::Unix(s) => BlockingSocket::Unix(s.try_clone()?),
-        })
-    }
     pub(crate) fn set_blocking(&self) -> std::io::Result<()> {
         match self {
             BlockingSocket::Tcp(s) => s.set_nonblocking(false),
@@ -161,13 +157,13 @@ impl BlockingSocket {
     }
     /// Write all of `buf`, telling TCP more is coming (MSG_MORE), so a
     /// reply header and the data sent after it leave in full segments.
-    pub(crate) fn write_more(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+    pub(crate) fn write_more(&self, mut buf: &[u8]) -> std::io::Result<()> {
         use std::io::Write;
         let BlockingSocket::Tcp(s) = self else {
-            return self.write_all(buf);
+            return (&mut &*self).write_all(buf);
         };
         while !buf.is_empty() {
-            match socket2::SockRef::from(&*s).send_with_flags(buf, libc::MSG_MORE) {
+            match socket2::SockRef::from(s).send_with_flags(buf, libc::MSG_MORE) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => buf = &buf[n..],
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -176,7 +172,8 @@ impl BlockingSocket {
         }
         Ok(())
     }
-    /// Wake up a worker blocked reading: new reads return end-of-file.
+    /// Wake up a worker blocked reading (`Read`): new reads return
+    /// end-of-file; or tell the client no more replies come (`Write`).
     pub(crate) fn shutdown(&self, how: std::net::Shutdown) {
         let _ = match self {
             BlockingSocket::Tcp(s) => s.shutdown(how),
@@ -185,20 +182,20 @@ impl BlockingSocket {
     }
 }
 
-impl std::io::Read for BlockingSocket {
+impl std::io::Read for &BlockingSocket {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            BlockingSocket::Tcp(s) => s.read(buf),
-            BlockingSocket::Unix(s) => s.read(buf),
+        match *self {
+            BlockingSocket::Tcp(s) => (&mut &*s).read(buf),
+            BlockingSocket::Unix(s) => (&mut &*s).read(buf),
         }
     }
 }
 
-impl std::io::Write for BlockingSocket {
+impl std::io::Write for &BlockingSocket {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            BlockingSocket::Tcp(s) => s.write(buf),
-            BlockingSocket::Unix(s) => s.write(buf),
+        match *self {
+            BlockingSocket::Tcp(s) => (&mut &*s).write(buf),
+            BlockingSocket::Unix(s) => (&mut &*s).write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
