@@ -27,20 +27,6 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    /// The value sent on the wire (NBD's own numbering).
-    pub fn nbd_error(self) -> u32 {
-        match self {
-            ErrorKind::PermissionDenied | ErrorKind::ReadOnly => 1,
-            ErrorKind::Io => 5,
-            ErrorKind::OutOfMemory => 12,
-            ErrorKind::InvalidInput => 22,
-            ErrorKind::NoSpace => 28,
-            ErrorKind::Overflow => 75,
-            ErrorKind::NotSupported => 95,
-            ErrorKind::Shutdown => 108,
-        }
-    }
-
     /// Classify a host errno.
     pub fn from_errno(errno: i32) -> Self {
         match errno {
@@ -177,15 +163,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn os_errors_map_to_nbd_values() {
+    fn os_errors_map_to_kinds() {
         let e = Error::from_io("x", std::io::Error::from_raw_os_error(libc::ENOSPC));
-        assert_eq!(e.kind().nbd_error(), 28);
+        assert_eq!(e.kind(), ErrorKind::NoSpace);
         let e = Error::from_io("x", std::io::Error::from_raw_os_error(libc::EROFS));
-        assert_eq!(e.kind().nbd_error(), 1);
+        assert_eq!(e.kind(), ErrorKind::ReadOnly);
         let e = Error::from_io("x", std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         assert_eq!(e.kind(), ErrorKind::NotSupported);
         let e = Error::from_io("x", std::io::Error::from_raw_os_error(libc::EBADF));
-        assert_eq!(e.kind().nbd_error(), 5);
+        assert_eq!(e.kind(), ErrorKind::Io);
         assert!(e.to_string().starts_with("x: "));
     }
 }

@@ -23,8 +23,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use nbdkit_backend::{
-    Backend, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer, LockExt, Param,
-    Result, ZeroFlags,
+    Backend, CondvarExt, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer,
+    LockExt, Param, Result, ZeroFlags,
 };
 
 #[derive(Default)]
@@ -80,7 +80,7 @@ impl Gate {
         let mut st = self.state.lock_unpoisoned();
         st.paused = true;
         while st.running > 0 {
-            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.changed.wait_unpoisoned(st);
         }
     }
 

@@ -559,6 +559,28 @@ pub static SPEC: PluginSpec = PluginSpec {
     create,
 };
 
+/// A read-only disk with one partition (1 MiB aligned) holding the file
+/// at `path`: in a GPT (Linux filesystem type) for linuxdisk, or an MBR
+/// with partition type `mbr_id` for floppy.  The file may be unlinked once
+/// this returns (it is held open).
+pub(crate) fn single_partition_disk(
+    path: &Path,
+    mbr_id: Option<u8>,
+) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+    let spec = FileSpec {
+        path: path.to_string_lossy().into_owned(),
+        alignment: DEFAULT_ALIGNMENT,
+        mbr_id: mbr_id.unwrap_or(DEFAULT_MBR_ID),
+        type_guid: parse_guid(DEFAULT_TYPE_GUID).map_err(ConfigError::new)?,
+    };
+    let kind = if mbr_id.is_some() { "mbr" } else { "gpt" };
+    let mut layout = build(vec![spec], Some(kind))?;
+    layout.writable = false;
+    Ok(Arc::new(Partitioning {
+        layout: Arc::new(layout),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -599,26 +621,4 @@ mod tests {
             assert_eq!(ex.list().iter().map(|e| e.length).sum::<u64>(), size);
         }
     }
-}
-
-/// A read-only disk with one partition (1 MiB aligned) holding the file
-/// at `path`: in a GPT (Linux filesystem type) for linuxdisk, or an MBR
-/// with partition type `mbr_id` for floppy.  The file may be unlinked once
-/// this returns (it is held open).
-pub(crate) fn single_partition_disk(
-    path: &Path,
-    mbr_id: Option<u8>,
-) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-    let spec = FileSpec {
-        path: path.to_string_lossy().into_owned(),
-        alignment: DEFAULT_ALIGNMENT,
-        mbr_id: mbr_id.unwrap_or(DEFAULT_MBR_ID),
-        type_guid: parse_guid(DEFAULT_TYPE_GUID).map_err(ConfigError::new)?,
-    };
-    let kind = if mbr_id.is_some() { "mbr" } else { "gpt" };
-    let mut layout = build(vec![spec], Some(kind))?;
-    layout.writable = false;
-    Ok(Arc::new(Partitioning {
-        layout: Arc::new(layout),
-    }))
 }

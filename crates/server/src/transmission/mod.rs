@@ -115,7 +115,23 @@ fn failure(style: ReplyStyle, cookie: u64, op: Op, e: Error) -> Vec<u8> {
 
 /// The error reply for a request that failed or was refused.
 fn refusal(style: ReplyStyle, cookie: u64, offset: u64, e: &Error) -> Vec<u8> {
-    error_reply(style, cookie, offset, e.kind().nbd_error(), &e.to_string())
+    error_reply(style, cookie, offset, nbd_error(e.kind()), &e.to_string())
+}
+
+/// A backend error kind as NBD's error number (the protocol's numbering,
+/// from crates/proto; the backend knows only kinds).  NBD has no EROFS:
+/// a read-only export's refusal is EPERM.
+pub(crate) fn nbd_error(kind: ErrorKind) -> u32 {
+    match kind {
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnly => EPERM,
+        ErrorKind::Io => EIO,
+        ErrorKind::OutOfMemory => ENOMEM,
+        ErrorKind::InvalidInput => EINVAL,
+        ErrorKind::NoSpace => ENOSPC,
+        ErrorKind::Overflow => EOVERFLOW,
+        ErrorKind::NotSupported => ENOTSUP,
+        ErrorKind::Shutdown => ESHUTDOWN,
+    }
 }
 
 /// A read's reply: in the caller's buffer (its first `n` bytes), or a
@@ -246,5 +262,19 @@ fn now<F: std::future::Future>(f: F) -> F::Output {
     match f.as_mut().poll(&mut cx) {
         std::task::Poll::Ready(v) => v,
         std::task::Poll::Pending => unreachable!("blocking reads never return Pending"),
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn kinds_map_to_nbd_error_numbers() {
+        assert_eq!(nbd_error(ErrorKind::ReadOnly), EPERM);
+        assert_eq!(nbd_error(ErrorKind::NoSpace), 28);
+        assert_eq!(nbd_error(ErrorKind::Io), 5);
+        assert_eq!(nbd_error(ErrorKind::NotSupported), 95);
+        assert_eq!(nbd_error(ErrorKind::Shutdown), 108);
     }
 }
