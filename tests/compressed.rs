@@ -648,3 +648,44 @@ fn scratch_bound_refuses_a_block_bigger_than_it() {
     );
     s.stop();
 }
+
+/// A long gzip index walk logs its progress at -v (every 5 s by default;
+/// `-D gzip.progress_ms=N` makes it N ms, so a test walk is long enough).
+#[test]
+fn gzip_index_walk_logs_progress_at_verbose() {
+    if !have("gzip") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let gz = dir.path().join("lines.gz");
+    run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("seq 1 6000000 | gzip -1 > '{}'", gz.display())),
+    );
+    let run = |flags: &[&str]| -> String {
+        let out = Command::new(binary())
+            .args(["-U", "-", "-v"])
+            .args(flags)
+            .args(["--filter=gzip", "file"])
+            .arg(&gz)
+            .args(["gzip-save-index=false", "--run", "nbdinfo --size \"$uri\""])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let log = run(&["-D", "gzip.progress_ms=10"]);
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("building the gzip index:"))
+        .collect();
+    assert!(!lines.is_empty(), "no progress lines: {log}");
+    assert!(
+        lines[0].contains("compressed bytes") && lines[0].contains("MiB/s"),
+        "{}",
+        lines[0]
+    );
+    // The default interval (5 s) is longer than this walk: nothing.
+    assert!(!run(&[]).contains("building the gzip index:"));
+}

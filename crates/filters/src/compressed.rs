@@ -323,6 +323,11 @@ fn settings(cfg: &mut Config, format: Format) -> std::result::Result<Settings, C
         }
     }
     if format == Format::Gzip {
+        // -D gzip.progress_ms=N: log a running index walk's progress (at
+        // -v) every N ms instead of every 5 s.
+        if let Some(ms) = nbdkit_backend::debug_flag("gzip", "progress_ms").filter(|&ms| ms > 0) {
+            gzip.progress_every = std::time::Duration::from_millis(ms as u64);
+        }
         gzip.index_path = cfg.take("gzip-index").map(PathBuf::from);
         gzip.index_dir = cfg.take("gzip-index-dir").map(PathBuf::from);
         if let Some(span) = cfg.take_size("gzip-span")? {

@@ -81,6 +81,9 @@ pub struct GzipOptions {
     pub identity: Option<Vec<u8>>,
     /// Load and save index files (default true).
     pub persist: bool,
+    /// How often a running index walk logs its progress at debug level
+    /// (default 5 s; a shorter walk logs nothing).
+    pub progress_every: std::time::Duration,
 }
 
 impl Default for GzipOptions {
@@ -91,6 +94,7 @@ impl Default for GzipOptions {
             index_dir: None,
             identity: None,
             persist: true,
+            progress_every: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -186,6 +190,7 @@ pub(crate) struct Shared {
     decoded: AtomicU64,
     ahead: AtomicU64,
     pieces: AtomicU64,
+    progress_every: std::time::Duration,
 }
 
 impl Shared {
@@ -584,6 +589,7 @@ impl GzipReader {
             decoded: AtomicU64::new(0),
             ahead: AtomicU64::new(0),
             pieces: AtomicU64::new(0),
+            progress_every: gz.progress_every,
         });
         // Check the first header now so that a plainly broken file fails
         // at open rather than at the first read.

@@ -6,13 +6,10 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::{GzipReader, Shared};
 use crate::sync::{CondvarExt, LockExt};
-
-/// A walk shorter than this logs nothing; a longer one logs this often.
-const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// A snapshot of the index walk.  The compressed side is what a progress
 /// bar can use: its total is known from the start, the output's is not.
@@ -54,7 +51,8 @@ impl GzipReader {
 }
 
 /// While the walk runs, log its progress at debug level every
-/// [`LOG_EVERY`].  Nothing is started unless debug logging is on.
+/// `GzipOptions::progress_every` (a shorter walk logs nothing).  Nothing is
+/// started unless debug logging is on.
 pub(super) fn log_while_walking(sh: &Arc<Shared>) {
     if !tracing::enabled!(tracing::Level::DEBUG) {
         return;
@@ -71,7 +69,7 @@ pub(super) fn log_while_walking(sh: &Arc<Shared>) {
                 // drop, which ends the walk).
                 let st = sh
                     .cv
-                    .wait_timeout_while_unpoisoned(st, LOG_EVERY, |st| !st.done);
+                    .wait_timeout_while_unpoisoned(st, sh.progress_every, |st| !st.done);
                 if st.done || sh.stop.load(Ordering::Relaxed) {
                     return;
                 }
