@@ -209,6 +209,7 @@ Options:
 /// option against its manual).  `--help` lists them.
 /// `--generate` is nbdkit-rs's own (for installing), and hidden.
 const NOT_IN_NBDKIT_1_32: &[&str] = &[
+    "no-meta-contexts",
     "generate",
     "max-connections",
     "no-mc",
