@@ -41,6 +41,11 @@ fi
 logs=$(mktemp -d "${TMPDIR:-/tmp}/nbdkit-rs-fuzz-logs.XXXXXX")
 trap 'rm -rf "$logs" ${scratch:+"$scratch"}' EXIT
 
+# One target directory for both crates: they share most dependencies
+# (libFuzzer itself, zstd, liblzma, zlib-rs, the seekable crate), which
+# are then built once.
+target_dir="$PWD/target/fuzz"
+
 status=0
 start=$SECONDS
 for dir in fuzz crates/seekable/fuzz; do
@@ -59,7 +64,7 @@ for dir in fuzz crates/seekable/fuzz; do
     done
     [ ${#wanted[@]} -gt 0 ] || continue
     echo "== $dir: building ${#wanted[@]} target(s)"
-    if ! (cd "$dir" && cargo fuzz build -O) >"$logs/build.log" 2>&1; then
+    if ! (cd "$dir" && cargo fuzz build -O --target-dir "$target_dir") >"$logs/build.log" 2>&1; then
         tail -n 40 "$logs/build.log"
         echo "!! $dir: the fuzz targets did not build"
         status=1
@@ -77,7 +82,7 @@ for dir in fuzz crates/seekable/fuzz; do
         fi
         log="$logs/$t.log"
         t0=$SECONDS
-        if (cd "$dir" && cargo fuzz run -O "$t" "${corpora[@]}" -- \
+        if (cd "$dir" && cargo fuzz run -O --target-dir "$target_dir" "$t" "${corpora[@]}" -- \
             -max_total_time="$secs" -rss_limit_mb=2048 -timeout=60) >"$log" 2>&1; then
             echo "ok $dir: $t ($((SECONDS - t0))s): $(grep -E '^(#[0-9]+|Done)' "$log" | tail -n 1)"
         else
