@@ -40,6 +40,24 @@ impl Plugin {
     }
 }
 
+/// nbdkit plugins that are not native here, and why: each needs a
+/// proprietary or absent service or library.  nbdkit's `.so` for one of
+/// them, when installed, is hosted like any C plugin.
+fn not_native(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "vddk" => "it needs VMware's proprietary VDDK library",
+        "blkio" => "it needs libblkio and a virtio-blk/vhost device",
+        "cdi" => {
+            "it pulls container images through the Kubernetes Containerized Data Importer tooling"
+        }
+        "torrent" => "it needs libtorrent-rasterbar and a BitTorrent swarm",
+        "nfs" => "it needs libnfs and an NFS server",
+        "guestfs" => "it needs libguestfs and its appliance",
+        "vram" => "it needs OpenCL and a GPU",
+        _ => return None,
+    })
+}
+
 /// The plugins and filters this binary knows.
 pub struct Registry {
     pub plugins: Vec<&'static PluginSpec>,
@@ -80,6 +98,11 @@ impl Registry {
         }
         if let Some(path) = nbdkit_cplugin::find(short) {
             return Ok(Plugin::C(CPlugin::open(&path)?));
+        }
+        if let Some(why) = not_native(short) {
+            bail!(
+                "the {short} plugin is not built into nbdkit-rs ({why}); install nbdkit's nbdkit-{short}-plugin.so and nbdkit-rs will host it"
+            );
         }
         let names: Vec<&str> = self.plugins.iter().map(|p| p.name).collect();
         let dirs: Vec<String> = nbdkit_cplugin::plugin_dirs()

@@ -930,3 +930,24 @@ fn help_into_a_closed_pipe_does_not_panic() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// nbdkit plugins that are out of scope natively say why (and how to get
+/// them) instead of "unknown plugin".
+#[test]
+fn out_of_scope_plugins_say_why() {
+    for (name, why) in [
+        ("vddk", "VDDK"),
+        ("nfs", "libnfs"),
+        ("guestfs", "libguestfs"),
+    ] {
+        if std::path::Path::new(&format!(
+            "/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-{name}-plugin.so"
+        ))
+        .exists()
+        {
+            continue;
+        }
+        let err = fails(&[name]);
+        assert!(err.contains(why) && err.contains(".so"), "{name}: {err}");
+    }
+}
