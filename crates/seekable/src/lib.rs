@@ -62,6 +62,7 @@ mod engine;
 mod flight;
 pub mod gzip;
 pub mod lzip;
+mod lzma_unit;
 mod pool;
 mod progressive;
 pub mod qcow2;

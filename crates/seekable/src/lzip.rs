@@ -15,6 +15,7 @@ use std::sync::Arc;
 use liblzma_sys as lz;
 
 use crate::engine::{Codec, Engine, Segment};
+use crate::lzma_unit::LzmaUnit;
 use crate::progressive::StreamDecoder;
 use crate::{Error, Options, Result, Source};
 
@@ -23,8 +24,6 @@ const HEADER: u64 = 6;
 const TRAILER: u64 = 20;
 /// lzip's own largest dictionary.
 const MAX_DICT: u64 = 512 << 20;
-/// Input read from the source per refill.
-const INPUT_STEP: u64 = 64 << 10;
 
 const FORMAT: &str = "lzip";
 
@@ -222,29 +221,9 @@ impl Codec for LzipCodec {
 
 /// Streaming decoder of one member, reading its bytes on demand.
 struct MemberStream {
-    source: Arc<dyn Source>,
-    name: String,
     number: usize,
     member: LzipMember,
-    strm: lz::lzma_stream,
-    input: Vec<u8>,
-    in_at: usize,
-    next: u64,
-    end: u64,
-    done: bool,
-}
-
-// SAFETY: `lzma_stream` holds raw pointers into liblzma's private state and
-// into our buffers only during `lzma_code`; it has no thread affinity, and
-// a MemberStream is used by one thread at a time (`&mut self`).
-unsafe impl Send for MemberStream {}
-
-impl Drop for MemberStream {
-    fn drop(&mut self) {
-        // SAFETY: the stream is zeroed or initialised by lzma_lzip_decoder;
-        // lzma_end handles both.
-        unsafe { lz::lzma_end(&mut self.strm) };
-    }
+    unit: LzmaUnit,
 }
 
 impl MemberStream {
@@ -256,115 +235,42 @@ impl MemberStream {
         // memory limit admits lzip's largest dictionary.
         // SAFETY: strm is freshly zeroed.
         let ret = unsafe { lz::lzma_lzip_decoder(&mut strm, MAX_DICT + (64 << 20), 0) };
+        let start = member.compressed_offset;
+        // Owned from here, so lzma_end runs on every path.
+        let unit = LzmaUnit::new(
+            source,
+            name,
+            FORMAT,
+            format!("member {number}"),
+            strm,
+            start..start + member.compressed_size,
+            // At the member's last byte, LZMA_FINISH lets the decoder say
+            // whether the member is complete.
+            true,
+        );
         if ret != lz::LZMA_OK {
-            // SAFETY: as in Drop.
-            unsafe { lz::lzma_end(&mut strm) };
             return Err(Error::Io {
                 name: name.to_string(),
-                offset: member.compressed_offset,
+                offset: start,
                 source: std::io::Error::other(format!("cannot start the lzip decoder ({ret})")),
             });
         }
         Ok(MemberStream {
-            source,
-            name: name.to_string(),
             number,
             member,
-            strm,
-            input: Vec::new(),
-            in_at: 0,
-            next: member.compressed_offset,
-            end: member.compressed_offset + member.compressed_size,
-            done: false,
+            unit,
         })
-    }
-
-    fn corrupt(&self, offset: u64, reason: String) -> Error {
-        Error::Corrupt {
-            name: self.name.clone(),
-            format: FORMAT,
-            offset,
-            reason,
-        }
     }
 }
 
 impl StreamDecoder for MemberStream {
     fn read(&mut self, out: &mut [u8]) -> Result<usize> {
-        if self.done || out.is_empty() {
-            return Ok(0);
-        }
-        loop {
-            if self.in_at == self.input.len() && self.next < self.end {
-                let n = (self.end - self.next).min(INPUT_STEP) as usize;
-                self.input.resize(n, 0);
-                self.source
-                    .read_exact_at(&mut self.input, self.next)
-                    .map_err(|e| Error::Io {
-                        name: self.name.clone(),
-                        offset: self.next,
-                        source: e,
-                    })?;
-                self.next += n as u64;
-                self.in_at = 0;
-            }
-            let avail_in = self.input.len() - self.in_at;
-            self.strm.next_in = self.input[self.in_at..].as_ptr();
-            self.strm.avail_in = avail_in;
-            self.strm.next_out = out.as_mut_ptr();
-            self.strm.avail_out = out.len();
-            // At the member's last byte, LZMA_FINISH lets the decoder say
-            // whether the member is complete.
-            let action = if self.next == self.end {
-                lz::LZMA_FINISH
-            } else {
-                lz::LZMA_RUN
-            };
-            // SAFETY: next_in/next_out point into live buffers of the sizes
-            // given; they are cleared right after the call.
-            let ret = unsafe { lz::lzma_code(&mut self.strm, action) };
-            let used = avail_in - self.strm.avail_in;
-            let produced = out.len() - self.strm.avail_out;
-            self.in_at += used;
-            self.strm.next_in = std::ptr::null();
-            self.strm.next_out = std::ptr::null_mut();
-            let at = self.next - (self.input.len() - self.in_at) as u64;
-            match ret {
-                lz::LZMA_OK => {}
-                lz::LZMA_STREAM_END => {
-                    if self.in_at != self.input.len() || self.next != self.end {
-                        return Err(self.corrupt(
-                            at,
-                            format!("member {} ends before its recorded size", self.number),
-                        ));
-                    }
-                    self.done = true;
-                    return Ok(produced);
-                }
-                lz::LZMA_MEM_ERROR => {
-                    return Err(Error::Io {
-                        name: self.name.clone(),
-                        offset: at,
-                        source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-                    })
-                }
-                r => {
-                    return Err(self.corrupt(
-                        at,
-                        format!(
-                            "member {} (starting at {}): corrupt data, wrong size or CRC32 mismatch (liblzma {r})",
-                            self.number, self.member.compressed_offset
-                        ),
-                    ))
-                }
-            }
-            if produced > 0 {
-                return Ok(produced);
-            }
-            if used == 0 && self.in_at == self.input.len() && self.next == self.end {
-                return Err(self.corrupt(self.end, format!("member {} is truncated", self.number)));
-            }
-        }
+        let (number, start) = (self.number, self.member.compressed_offset);
+        self.unit.read(out, |r| {
+            format!(
+                "member {number} (starting at {start}): corrupt data, wrong size or CRC32 mismatch (liblzma {r})"
+            )
+        })
     }
 }
 

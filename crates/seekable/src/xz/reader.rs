@@ -15,6 +15,7 @@ use liblzma_sys as lz;
 
 use super::index::{XzBlock, XzCheck, XzIndex};
 use crate::engine::{Codec, Engine, Segment};
+use crate::lzma_unit::LzmaUnit;
 use crate::progressive::StreamDecoder;
 use crate::{Error, Options, Result, Source};
 
@@ -22,9 +23,6 @@ use crate::{Error, Options, Result, Source};
 /// whole dictionary up front, so a hostile header could otherwise ask for
 /// gigabytes.  `xz -9` and `--extreme` use 64 MiB.
 const MAX_DICT: u32 = 512 << 20;
-
-/// Input read from the source per refill.
-const INPUT_STEP: u64 = 64 << 10;
 
 /// A random-access reader over an xz file.
 pub struct XzReader {
@@ -136,47 +134,24 @@ impl Codec for XzCodec {
 
 /// Streaming decoder of one block, reading its compressed bytes on demand.
 struct BlockStream {
-    source: Arc<dyn Source>,
-    name: String,
     number: usize,
     block: XzBlock,
-    strm: lz::lzma_stream,
+    /// Declared before `_lblock`, so the decoder ends before the struct it
+    /// points to is freed.
+    unit: LzmaUnit,
     /// liblzma's block decoder keeps a pointer to this struct and reads the
     /// check type from it (and writes the final sizes to it) while
     /// decoding, so it lives on the heap at a stable address for as long
-    /// as `strm`.
+    /// as the decoder.
     _lblock: Box<lz::lzma_block>,
-    input: Vec<u8>,
-    in_at: usize,
-    /// Next compressed offset to read, and where the block ends.
-    next: u64,
-    end: u64,
-    done: bool,
 }
 
-// SAFETY: `lzma_stream` holds raw pointers into liblzma's private state and
-// into our own buffers only during `lzma_code`; it has no thread affinity,
-// and a BlockStream is used by one thread at a time (`&mut self`).
+// SAFETY: `lzma_block` holds raw pointers (its filter chain, cleared after
+// setup) only for liblzma, which reads it during `lzma_code` on the thread
+// that owns this BlockStream (`&mut self`); nothing else shares it.
 unsafe impl Send for BlockStream {}
 
-impl Drop for BlockStream {
-    fn drop(&mut self) {
-        // SAFETY: the stream was zero-initialised (LZMA_STREAM_INIT) and
-        // possibly initialised by lzma_block_decoder; lzma_end handles both.
-        unsafe { lz::lzma_end(&mut self.strm) };
-    }
-}
-
 impl BlockStream {
-    fn corrupt(&self, offset: u64, reason: String) -> Error {
-        Error::Corrupt {
-            name: self.name.clone(),
-            format: "xz",
-            offset,
-            reason,
-        }
-    }
-
     fn new(source: Arc<dyn Source>, name: &str, number: usize, block: XzBlock) -> Result<Self> {
         let start = block.compressed_offset;
         let io_err = |offset, e| Error::Io {
@@ -308,96 +283,34 @@ impl BlockStream {
             return Err(e);
         }
         Ok(BlockStream {
-            source,
-            name: name.to_string(),
             number,
             block,
-            strm,
+            unit: LzmaUnit::new(
+                source,
+                name,
+                "xz",
+                format!("block {number}"),
+                strm,
+                start + u64::from(header_size)..start + block.total_size(),
+                false,
+            ),
             _lblock: lblock,
-            input: Vec::new(),
-            in_at: 0,
-            next: start + u64::from(header_size),
-            end: start + block.total_size(),
-            done: false,
         })
     }
 }
 
 impl StreamDecoder for BlockStream {
     fn read(&mut self, out: &mut [u8]) -> Result<usize> {
-        if self.done || out.is_empty() {
-            return Ok(0);
-        }
-        loop {
-            if self.in_at == self.input.len() && self.next < self.end {
-                let n = (self.end - self.next).min(INPUT_STEP) as usize;
-                self.input.resize(n, 0);
-                self.source
-                    .read_exact_at(&mut self.input, self.next)
-                    .map_err(|e| Error::Io {
-                        name: self.name.clone(),
-                        offset: self.next,
-                        source: e,
-                    })?;
-                self.next += n as u64;
-                self.in_at = 0;
+        let (number, block) = (self.number, self.block);
+        self.unit.read(out, |r| {
+            if r == lz::LZMA_DATA_ERROR {
+                format!(
+                    "block {number} (starting at {}): corrupt data, wrong size or {:?} check mismatch",
+                    block.compressed_offset, block.check
+                )
+            } else {
+                format!("block {number}: decoder error {r}")
             }
-            let avail_in = self.input.len() - self.in_at;
-            self.strm.next_in = self.input[self.in_at..].as_ptr();
-            self.strm.avail_in = avail_in;
-            self.strm.next_out = out.as_mut_ptr();
-            self.strm.avail_out = out.len();
-            // SAFETY: next_in/next_out point into live buffers of the sizes
-            // given; the pointers are not used after this call returns.
-            let ret = unsafe { lz::lzma_code(&mut self.strm, lz::LZMA_RUN) };
-            let used = avail_in - self.strm.avail_in;
-            let produced = out.len() - self.strm.avail_out;
-            self.in_at += used;
-            self.strm.next_in = std::ptr::null();
-            self.strm.next_out = std::ptr::null_mut();
-            // Offset of the input being decoded, for messages.
-            let at = self.next - (self.input.len() - self.in_at) as u64;
-            match ret {
-                lz::LZMA_OK => {}
-                lz::LZMA_STREAM_END => {
-                    if self.in_at != self.input.len() || self.next != self.end {
-                        return Err(self.corrupt(
-                            at,
-                            format!("block {} ends before its recorded size", self.number),
-                        ));
-                    }
-                    self.done = true;
-                    return Ok(produced);
-                }
-                lz::LZMA_DATA_ERROR => {
-                    return Err(self.corrupt(
-                        at,
-                        format!(
-                            "block {} (starting at {}): corrupt data, wrong size or {:?} check mismatch",
-                            self.number, self.block.compressed_offset, self.block.check
-                        ),
-                    ))
-                }
-                lz::LZMA_MEM_ERROR => {
-                    return Err(Error::Io {
-                        name: self.name.clone(),
-                        offset: at,
-                        source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-                    })
-                }
-                r => {
-                    return Err(self.corrupt(
-                        at,
-                        format!("block {}: decoder error {r}", self.number),
-                    ))
-                }
-            }
-            if produced > 0 {
-                return Ok(produced);
-            }
-            if used == 0 && self.in_at == self.input.len() && self.next == self.end {
-                return Err(self.corrupt(self.end, format!("block {} is truncated", self.number)));
-            }
-        }
+        })
     }
 }

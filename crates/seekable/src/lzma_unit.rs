@@ -1,0 +1,154 @@
+//! One liblzma decoder fed with exactly one unit's compressed bytes (an
+//! xz block, an lzip member), read from the source on demand: the input
+//! refill, the `lzma_code` call and the end-of-unit checks that the xz
+//! and lzip readers share.  Each reader sets up its own decoder and
+//! words its own errors.
+
+use std::sync::Arc;
+
+use liblzma_sys as lz;
+
+use crate::{Error, Result, Source};
+
+/// Input read from the source per refill.
+const INPUT_STEP: u64 = 64 << 10;
+
+pub(crate) struct LzmaUnit {
+    source: Arc<dyn Source>,
+    name: String,
+    format: &'static str,
+    /// What the unit is called in messages ("block 3", "member 0").
+    label: String,
+    strm: lz::lzma_stream,
+    input: Vec<u8>,
+    in_at: usize,
+    /// Next compressed offset to read, and where the unit ends.
+    next: u64,
+    end: u64,
+    /// Tell liblzma when the last input byte has been given, so that the
+    /// decoder (lzip's) can say whether the unit is complete.
+    finish_at_end: bool,
+    done: bool,
+}
+
+// SAFETY: `lzma_stream` holds raw pointers into liblzma's private state and
+// into our own buffers only during `lzma_code`; it has no thread affinity,
+// and an LzmaUnit is used by one thread at a time (`&mut self`).
+unsafe impl Send for LzmaUnit {}
+
+impl Drop for LzmaUnit {
+    fn drop(&mut self) {
+        // SAFETY: the stream was initialised by the caller's decoder setup
+        // (or is still zeroed); lzma_end handles both.
+        unsafe { lz::lzma_end(&mut self.strm) };
+    }
+}
+
+impl LzmaUnit {
+    /// Take over `strm` (a decoder already set up) for the compressed
+    /// bytes `range` of `source`.
+    pub(crate) fn new(
+        source: Arc<dyn Source>,
+        name: &str,
+        format: &'static str,
+        label: String,
+        strm: lz::lzma_stream,
+        range: std::ops::Range<u64>,
+        finish_at_end: bool,
+    ) -> Self {
+        LzmaUnit {
+            source,
+            name: name.to_string(),
+            format,
+            label,
+            strm,
+            input: Vec::new(),
+            in_at: 0,
+            next: range.start,
+            end: range.end,
+            finish_at_end,
+            done: false,
+        }
+    }
+
+    fn corrupt(&self, offset: u64, reason: String) -> Error {
+        Error::Corrupt {
+            name: self.name.clone(),
+            format: self.format,
+            offset,
+            reason,
+        }
+    }
+
+    /// Decode into `out`; `Ok(0)` once the unit has ended and liblzma's
+    /// checks passed.  `failed` words a decoder error (`lzma_ret`).
+    pub(crate) fn read(
+        &mut self,
+        out: &mut [u8],
+        failed: impl Fn(lz::lzma_ret) -> String,
+    ) -> Result<usize> {
+        if self.done || out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.in_at == self.input.len() && self.next < self.end {
+                let n = (self.end - self.next).min(INPUT_STEP) as usize;
+                self.input.resize(n, 0);
+                self.source
+                    .read_exact_at(&mut self.input, self.next)
+                    .map_err(|e| Error::Io {
+                        name: self.name.clone(),
+                        offset: self.next,
+                        source: e,
+                    })?;
+                self.next += n as u64;
+                self.in_at = 0;
+            }
+            let avail_in = self.input.len() - self.in_at;
+            self.strm.next_in = self.input[self.in_at..].as_ptr();
+            self.strm.avail_in = avail_in;
+            self.strm.next_out = out.as_mut_ptr();
+            self.strm.avail_out = out.len();
+            let action = if self.finish_at_end && self.next == self.end {
+                lz::LZMA_FINISH
+            } else {
+                lz::LZMA_RUN
+            };
+            // SAFETY: next_in/next_out point into live buffers of the sizes
+            // given; the pointers are cleared right after the call.
+            let ret = unsafe { lz::lzma_code(&mut self.strm, action) };
+            let used = avail_in - self.strm.avail_in;
+            let produced = out.len() - self.strm.avail_out;
+            self.in_at += used;
+            self.strm.next_in = std::ptr::null();
+            self.strm.next_out = std::ptr::null_mut();
+            // Offset of the input being decoded, for messages.
+            let at = self.next - (self.input.len() - self.in_at) as u64;
+            match ret {
+                lz::LZMA_OK => {}
+                lz::LZMA_STREAM_END => {
+                    if self.in_at != self.input.len() || self.next != self.end {
+                        return Err(self
+                            .corrupt(at, format!("{} ends before its recorded size", self.label)));
+                    }
+                    self.done = true;
+                    return Ok(produced);
+                }
+                lz::LZMA_MEM_ERROR => {
+                    return Err(Error::Io {
+                        name: self.name.clone(),
+                        offset: at,
+                        source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+                    })
+                }
+                r => return Err(self.corrupt(at, failed(r))),
+            }
+            if produced > 0 {
+                return Ok(produced);
+            }
+            if used == 0 && self.in_at == self.input.len() && self.next == self.end {
+                return Err(self.corrupt(self.end, format!("{} is truncated", self.label)));
+            }
+        }
+    }
+}
