@@ -92,13 +92,7 @@ fn tool(args: &[&std::ffi::OsStr]) -> Result<(), String> {
         .args(&args[1..])
         // The image is a plain file, not a drive mtools must check.
         .env("MTOOLS_SKIP_CHECK", "1")
-        .env(
-            "PATH",
-            format!(
-                "{}:/usr/sbin:/sbin",
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
+        .env("PATH", crate::host::search_path())
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| {
@@ -173,12 +167,6 @@ fn make_fat32(dir: &Path, label: &str, fs_size: u64, out: &Path) -> Result<(), S
     Ok(())
 }
 
-fn tmpdir() -> PathBuf {
-    std::env::var_os("TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
-}
-
 fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
     let cerr = |m: String| ConfigError::new(format!("floppy: {m}"));
     let dir = cfg.require("dir", "floppy")?;
@@ -211,10 +199,11 @@ fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError
         // FATs, directories and slack on top of the data.
         None => ((need + need / 8 + (4 << 20)).max(MIN_FS)).next_multiple_of(1 << 20),
     };
+    let scratch = crate::host::scratch_dir();
     let tmp = tempfile::Builder::new()
         .prefix("floppy")
-        .tempdir_in(tmpdir())
-        .map_err(|e| cerr(format!("{}: {e} (set TMPDIR)", tmpdir().display())))?;
+        .tempdir_in(&scratch)
+        .map_err(|e| cerr(format!("{}: {e} (set TMPDIR)", scratch.display())))?;
     let fs = tmp.path().join("fat32");
     make_fat32(&dir, &label, fs_size, &fs).map_err(|e| {
         cerr(match size {

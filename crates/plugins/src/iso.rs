@@ -8,7 +8,7 @@
 //! file.  `params=` is handed to the program through the shell, as with
 //! nbdkit, so it may hold quoted words.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -23,18 +23,12 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("mkisofs", "mkisofs"),
 ];
 
-fn in_path(prog: &str) -> bool {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/bin", "/bin", "/usr/sbin"])
-        .any(|d| !d.is_empty() && Path::new(d).join(prog).is_file());
-    found
-}
-
 /// The first mkisofs-like program installed, as (name, command).
 pub fn default_program() -> Option<(&'static str, &'static str)> {
-    PROGRAMS.iter().copied().find(|(p, _)| in_path(p))
+    PROGRAMS
+        .iter()
+        .copied()
+        .find(|(p, _)| crate::host::installed(p))
 }
 
 /// Single-quote `s` for /bin/sh.
@@ -96,9 +90,7 @@ fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError
             })?,
     };
     let params = cfg.take("params").unwrap_or_default();
-    let dir = std::env::var_os("TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let dir = crate::host::scratch_dir();
     let tmp = tempfile::Builder::new()
         .prefix("iso")
         .tempdir_in(&dir)

@@ -9,6 +9,7 @@ pub mod data;
 pub mod file;
 pub mod floppy;
 pub mod gcs;
+mod host;
 pub mod info;
 pub mod iso;
 pub mod libvirt;

@@ -10,7 +10,7 @@
 //! and remade if mke2fs finds it too small.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -81,7 +81,7 @@ impl Mkfs<'_> {
         if let Some(l) = self.label {
             c.args(["-L", l]);
         }
-        c.arg(self.out).env("PATH", path_with_sbin());
+        c.arg(self.out).env("PATH", crate::host::search_path());
         let out = c
             .output()
             .map_err(|e| format!("running mke2fs (from e2fsprogs): {e}"))?;
@@ -91,17 +91,6 @@ impl Mkfs<'_> {
             Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
         }
     }
-}
-
-fn path_with_sbin() -> String {
-    let p = std::env::var("PATH").unwrap_or_default();
-    format!("{p}:/usr/sbin:/sbin")
-}
-
-fn tmpdir() -> PathBuf {
-    std::env::var_os("TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
 }
 
 fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
@@ -126,10 +115,11 @@ fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError
         return Err(cerr(format!("dir={}: not a directory", dir.display())));
     }
     let (bytes, inodes) = usage(&dir).map_err(|e| cerr(format!("{}: {e}", dir.display())))?;
+    let scratch = crate::host::scratch_dir();
     let tmp = tempfile::Builder::new()
         .prefix("linuxdisk")
-        .tempdir_in(tmpdir())
-        .map_err(|e| cerr(format!("{}: {e} (set TMPDIR)", tmpdir().display())))?;
+        .tempdir_in(&scratch)
+        .map_err(|e| cerr(format!("{}: {e} (set TMPDIR)", scratch.display())))?;
     let fs = tmp.path().join("fs");
     let mkfs = Mkfs {
         dir: &dir,

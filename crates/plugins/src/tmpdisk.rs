@@ -9,7 +9,7 @@
 //! even if the server is killed.  Reads and writes are the file plugin's.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -100,13 +100,7 @@ impl Handle for TmpHandle {
 
 /// Is `mkfs.TYPE` installed (in PATH or the sbin directories)?
 pub(crate) fn have_mkfs(fs: &str) -> bool {
-    let name = format!("mkfs.{fs}");
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/sbin", "/usr/sbin", "/usr/local/sbin"])
-        .any(|d| !d.is_empty() && Path::new(d).join(&name).is_file());
-    found
+    crate::host::installed(&format!("mkfs.{fs}"))
 }
 
 pub static SPEC: PluginSpec = PluginSpec {
@@ -175,9 +169,7 @@ pub static SPEC: PluginSpec = PluginSpec {
         vars.insert("size".into(), size.to_string());
         vars.insert("type".into(), fs);
         vars.insert("label".into(), label.unwrap_or_default());
-        let dir = std::env::var_os("TMPDIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+        let dir = crate::host::scratch_dir();
         if !dir.is_dir() {
             return Err(ConfigError::new(format!(
                 "tmpdisk: {}: not a directory (set TMPDIR)",
