@@ -648,11 +648,35 @@ impl Qcow2Reader {
                 source: io::Error::new(io::ErrorKind::UnexpectedEof, "read past the virtual size"),
             });
         }
+        // Data clusters that lie one after another in the file (the usual
+        // case for an image written sequentially) are read with one call:
+        // `pending` is such a run not yet read, as (buffer start, host
+        // offset, length).
+        let mut pending: Option<(usize, u64, usize)> = None;
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
             let (place, run) = self.place(at)?;
             let n = run.min((buf.len() - done) as u64) as usize;
+            if let Place::Data(host) = place {
+                match &mut pending {
+                    Some((from, start, len)) if *start + *len as u64 == host => {
+                        debug_assert_eq!(*from + *len, done);
+                        *len += n;
+                    }
+                    _ => {
+                        if let Some(p) = pending.take() {
+                            self.read_data(buf, p)?;
+                        }
+                        pending = Some((done, host, n));
+                    }
+                }
+                done += n;
+                continue;
+            }
+            if let Some(p) = pending.take() {
+                self.read_data(buf, p)?;
+            }
             let part = &mut buf[done..done + n];
             match place {
                 Place::Zero => part.fill(0),
@@ -660,29 +684,37 @@ impl Qcow2Reader {
                     Some(b) => b.read_at(part, at)?,
                     None => part.fill(0),
                 },
-                Place::Data(host) => {
-                    // Past the end of the file reads as zeroes, as qemu's
-                    // file driver does for an image cut short.
-                    let have = self.source_size.saturating_sub(host).min(n as u64) as usize;
-                    let (inside, beyond) = part.split_at_mut(have);
-                    beyond.fill(0);
-                    if !inside.is_empty() {
-                        self.source
-                            .read_exact_at(inside, host)
-                            .map_err(|e| Error::Io {
-                                name: self.name.clone(),
-                                offset: host,
-                                source: e,
-                            })?;
-                    }
-                }
                 Place::Compressed { host, len, cluster } => {
                     let data = self.decompressed(host, len, cluster)?;
                     let from = (at - cluster) as usize;
                     part.copy_from_slice(&data[from..from + n]);
                 }
+                Place::Data(_) => unreachable!("handled above"),
             }
             done += n;
+        }
+        if let Some(p) = pending {
+            self.read_data(buf, p)?;
+        }
+        Ok(())
+    }
+
+    /// Read a run of data clusters, `(buffer start, host offset, length)`.
+    /// Past the end of the file reads as zeroes, as qemu's file driver
+    /// does for an image cut short.
+    fn read_data(&self, buf: &mut [u8], (from, host, len): (usize, u64, usize)) -> Result<()> {
+        let part = &mut buf[from..from + len];
+        let have = self.source_size.saturating_sub(host).min(len as u64) as usize;
+        let (inside, beyond) = part.split_at_mut(have);
+        beyond.fill(0);
+        if !inside.is_empty() {
+            self.source
+                .read_exact_at(inside, host)
+                .map_err(|e| Error::Io {
+                    name: self.name.clone(),
+                    offset: host,
+                    source: e,
+                })?;
         }
         Ok(())
     }
