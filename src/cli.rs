@@ -99,7 +99,8 @@ pub struct Cli {
     /// Do not offer structured replies (nor extended headers).
     #[arg(long = "no-sr")]
     pub no_sr: bool,
-    /// Do not offer metadata contexts (block status).
+    /// Do not offer metadata contexts (block status: base:allocation and
+    /// qemu:allocation-depth).
     #[arg(long = "no-mc", alias = "no-meta-contexts")]
     pub no_mc: bool,
     /// Print the NBD URI of the server on stdout.

@@ -248,6 +248,17 @@ impl LayerHandle {
         }
     }
 
+    /// Check an `extents` or `allocation_depth` answer: what the list
+    /// already held (up to `before`) is the caller's; this layer must add
+    /// at least the extent that covers where the list goes on.
+    fn check_answered(&self, call: &str, offset: u64, count: u64, before: u64, ex: &Extents) {
+        if cfg!(debug_assertions) && count > 0 && before < ex.end() && ex.next_offset() <= before {
+            self.broken(format_args!(
+                "{call} count={count} offset={offset} answered no extent at {before}"
+            ));
+        }
+    }
+
     fn control(&self, what: std::fmt::Arguments<'_>) {
         if self.trace.control {
             debug!("{}: {what}", self.name);
@@ -407,17 +418,32 @@ impl Handle for LayerHandle {
         self.check("extents", offset, count, Needs::Nothing, false, false);
         let before = extents.next_offset();
         self.inner.extents(offset, count, req_one, extents)?;
-        // What the list already held is the caller's; this layer must
-        // add at least the extent that covers where the list goes on.
-        if cfg!(debug_assertions)
-            && count > 0
-            && before < extents.end()
-            && extents.next_offset() <= before
-        {
-            self.broken(format_args!(
-                "extents count={count} offset={offset} answered no extent at {before}"
-            ));
-        }
+        self.check_answered("extents", offset, count, before, extents);
+        Ok(())
+    }
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        extents: &mut Extents,
+    ) -> Result<()> {
+        self.data(format_args!(
+            "allocation_depth count={count} offset={offset} req_one={}",
+            req_one as u8
+        ));
+        self.check(
+            "allocation_depth",
+            offset,
+            count,
+            Needs::Nothing,
+            false,
+            false,
+        );
+        let before = extents.next_offset();
+        self.inner
+            .allocation_depth(offset, count, req_one, extents)?;
+        self.check_answered("allocation_depth", offset, count, before, extents);
         Ok(())
     }
     fn cache(&self, offset: u64, count: u64) -> Result<()> {

@@ -159,7 +159,10 @@ fn nbdinfo_json_flags_and_block_sizes() {
         assert_eq!(j[flag], "true", "{flag}: {j:?}");
     }
     assert_eq!(j["is_read_only"], "false");
-    assert_eq!(j["contexts"], "[\"base:allocation\"]");
+    assert_eq!(
+        j["contexts"],
+        "[\"base:allocation\", \"qemu:allocation-depth\"]"
+    );
     assert_eq!(j["block_size_minimum"], "1");
     assert_eq!(j["block_size_preferred"], "4096");
     assert_eq!(j["block_size_maximum"], (64 * M).to_string());

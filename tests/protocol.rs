@@ -77,10 +77,12 @@ fn list_and_meta_context_queries() {
     assert_eq!(r, REP_ACK);
     assert_eq!(all.iter().filter(|(t, _)| *t == REP_SERVER).count(), 1);
     assert_eq!(c.simple_option(OptionRequest::StructuredReply), REP_ACK);
+    let both: &[&str] = &["base:allocation", "qemu:allocation-depth"];
     for (queries, expect) in [
-        (vec![], 1),
-        (vec!["base:".to_string()], 1),
-        (vec!["qemu:dirty-bitmap:x".to_string()], 0),
+        (vec![], both),
+        (vec!["base:".to_string()], &both[..1]),
+        (vec!["qemu:".to_string()], &both[1..]),
+        (vec!["qemu:dirty-bitmap:x".to_string()], &[][..]),
     ] {
         c.option(&OptionRequest::MetaContext {
             set: false,
@@ -89,11 +91,16 @@ fn list_and_meta_context_queries() {
         });
         let (r, all) = c.read_until_final();
         assert_eq!(r, REP_ACK);
-        let contexts: Vec<_> = all.iter().filter(|(t, _)| *t == REP_META_CONTEXT).collect();
-        assert_eq!(contexts.len(), expect);
-        for (_, d) in contexts {
-            assert_eq!(&d[4..], b"base:allocation");
-        }
+        let contexts: Vec<_> = all
+            .iter()
+            .filter(|(t, _)| *t == REP_META_CONTEXT)
+            .map(|(_, d)| {
+                // LIST replies carry context id 0.
+                assert_eq!(d[..4], [0; 4]);
+                std::str::from_utf8(&d[4..]).unwrap()
+            })
+            .collect();
+        assert_eq!(contexts, expect);
     }
 }
 

@@ -1,6 +1,8 @@
-//! The list a backend fills in for a block status request.
+//! The list a backend fills in for a block status request, for either of
+//! the two answers a handle gives: allocation (`base:allocation`) and
+//! allocation depth (`qemu:allocation-depth`).
 
-use crate::{Error, Result};
+use crate::{Error, Handle, Result};
 
 /// The range is not allocated (reads may still return data; see ZERO).
 pub const EXTENT_HOLE: u32 = 1;
@@ -11,8 +13,38 @@ pub const EXTENT_ZERO: u32 = 2;
 pub struct Extent {
     pub offset: u64,
     pub length: u64,
-    /// `EXTENT_HOLE | EXTENT_ZERO` bits (the `base:allocation` flags).
+    /// `EXTENT_HOLE | EXTENT_ZERO` bits (the `base:allocation` flags), or
+    /// for [`Handle::allocation_depth`] the depth.
     pub flags: u32,
+}
+
+/// Which block status answer is asked of a handle.  Filters that move
+/// offsets (`offset`, `partition`, `map`, ...) move both answers alike, so
+/// they take one of these instead of writing the same remapping twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusKind {
+    /// [`Handle::extents`]: hole and zero flags.
+    Allocation,
+    /// [`Handle::allocation_depth`]: 0 (allocated nowhere), 1 (this
+    /// image), 2 and up (a backing image).
+    Depth,
+}
+
+impl StatusKind {
+    /// Ask `h` for this answer about `[offset, offset+count)`.
+    pub fn query<H: Handle + ?Sized>(
+        self,
+        h: &H,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        out: &mut Extents,
+    ) -> Result<()> {
+        match self {
+            StatusKind::Allocation => h.extents(offset, count, req_one, out),
+            StatusKind::Depth => h.allocation_depth(offset, count, req_one, out),
+        }
+    }
 }
 
 /// Extents collected for the range `[start, end)`.

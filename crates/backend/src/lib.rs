@@ -6,7 +6,7 @@
 //! * [`Backend`] — one per server: thread model, export list, and `open`,
 //!   which is called once per client connection and returns a
 //! * [`Handle`] — one per connection: size, capabilities and the data
-//!   calls (`pread`, `pwrite`, `zero`, `extents`, …).
+//!   calls (`pread`, `pwrite`, `zero`, `extents`, `allocation_depth`, …).
 //!
 //! Filters return their `next` backend/handle from [`Backend::next`] and
 //! [`Handle::next`]; every method they do not override is then forwarded
@@ -57,7 +57,7 @@ pub use client::{nanosleep, request_shutdown, Client, Peer};
 pub use config::{parse_bool, parse_size, Config};
 pub use direct::{DirectPiece, DirectRead};
 pub use error::{ConfigError, Error, ErrorKind, Result};
-pub use extents::{Extent, Extents, EXTENT_HOLE, EXTENT_ZERO};
+pub use extents::{Extent, Extents, StatusKind, EXTENT_HOLE, EXTENT_ZERO};
 pub use registry::{FilterSpec, Layer, Param, PluginSpec};
 pub use secret::{read_secret, set_stdio_safe, stdio_safe, SecretError};
 pub use sync::{CondvarExt, LockExt, RwLockExt};
@@ -409,6 +409,34 @@ pub trait Handle: Send + Sync {
         })
     }
 
+    /// Describe how deep in a chain of images `[offset, offset+count)` is
+    /// allocated, the answer to the `qemu:allocation-depth` metadata
+    /// context: each extent's `flags` is a depth, 0 for a range allocated
+    /// nowhere (it reads as zeroes, or as whatever a client puts under the
+    /// image), 1 for this image, 2 and up for its backing images.  Added
+    /// as [`Handle::extents`] adds (contiguous, from the start of the
+    /// range; `req_one` may stop at the first).
+    ///
+    /// Plugin default: 1 everywhere, holes included: a plugin is one image
+    /// with nothing under it, and qemu-nbd says the same of a raw file.
+    /// Filters forward it, which is right only where they keep offsets and
+    /// allocation as they are: one that moves offsets shifts the answer
+    /// (see [`StatusKind`]), one that makes its own bytes (a decompressor)
+    /// answers 1 itself, and one that is a layer of its own (`cow`) adds
+    /// one to what is below.
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        extents: &mut Extents,
+    ) -> Result<()> {
+        forward!(self.allocation_depth(offset, count, req_one, extents), {
+            let _ = req_one;
+            extents.add(offset, count, 1)
+        })
+    }
+
     /// Prefetch.  Plugin default: read and discard.
     fn cache(&self, offset: u64, count: u64) -> Result<()> {
         forward!(
@@ -569,6 +597,38 @@ mod tests {
                 flags: 0
             }]
         );
+    }
+
+    #[test]
+    fn a_plugin_is_depth_one_everywhere_and_filters_forward_it() {
+        // A disk whose every byte is zero is still one local image, as
+        // qemu-nbd -A reports a raw file with holes.
+        let r = Ram(Mutex::new(vec![0u8; 64]));
+        let mut e = Extents::new(8, 64);
+        StatusKind::Depth.query(&r, 8, 56, false, &mut e).unwrap();
+        assert_eq!(
+            e.list(),
+            &[Extent {
+                offset: 8,
+                length: 56,
+                flags: 1
+            }]
+        );
+        struct Deep;
+        impl Handle for Deep {
+            fn size(&self) -> Result<u64> {
+                Ok(64)
+            }
+            fn allocation_depth(&self, o: u64, c: u64, _: bool, e: &mut Extents) -> Result<()> {
+                e.add(o, c / 2, 0)?;
+                e.add(o + c / 2, c - c / 2, 3)
+            }
+        }
+        let f = Invert(Box::new(Deep));
+        let mut e = Extents::new(0, 64);
+        f.allocation_depth(0, 64, false, &mut e).unwrap();
+        let depths: Vec<_> = e.list().iter().map(|x| (x.length, x.flags)).collect();
+        assert_eq!(depths, [(32, 0), (32, 3)]);
     }
 
     #[test]

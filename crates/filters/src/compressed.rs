@@ -263,6 +263,17 @@ impl Handle for CompressedHandle {
         }
         Ok(())
     }
+    /// The bytes are made here, from a file that is not an image of the
+    /// disk: one image of depth 1, as qemu-nbd -A says of a raw file.
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        count: u64,
+        _req_one: bool,
+        extents: &mut Extents,
+    ) -> Result<()> {
+        extents.add(offset, count, 1)
+    }
     fn cache(&self, offset: u64, count: u64) -> Result<()> {
         self.reader.prefetch(offset, count);
         Ok(())

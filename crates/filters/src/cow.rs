@@ -372,6 +372,44 @@ impl Handle for CowHandle {
         }
         Ok(())
     }
+    /// The overlay is an image of its own over the plugin, as qemu-nbd -s
+    /// puts a temporary qcow2 over its image (and reports through -A):
+    /// blocks written or zeroed here are depth 1, and the plugin's are one
+    /// deeper than it says, except that allocated nowhere stays 0.
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        extents: &mut Extents,
+    ) -> Result<()> {
+        let map = self.ov.map.read_unpoisoned();
+        for (st, from, to) in self.runs(&map, offset, count) {
+            if st != State::Base {
+                extents.add(from, to - from, 1)?;
+            } else {
+                let mut below = Extents::new(from, to);
+                self.next
+                    .allocation_depth(from, to - from, req_one, &mut below)?;
+                for e in below.list() {
+                    let depth = if e.flags == 0 {
+                        0
+                    } else {
+                        e.flags.saturating_add(1)
+                    };
+                    extents.add(e.offset, e.length, depth)?;
+                }
+                // A partial answer ends ours; the client asks again.
+                if !below.is_full() {
+                    return Ok(());
+                }
+            }
+            if req_one {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// cow-on-read: whether reads copy the data they read into the overlay.
@@ -600,6 +638,24 @@ mod tests {
         assert_eq!(ex.list()[0].length, 4096);
         assert!(!written.load(Ordering::SeqCst));
         assert!(h.can_write().unwrap());
+    }
+
+    /// As qemu-nbd -s -A: what the overlay holds is depth 1, the rest is
+    /// the plugin's depth (1 for a plugin) plus one.
+    #[test]
+    fn the_overlay_is_a_layer_of_its_own_for_allocation_depth() {
+        let (h, _) = cow(vec![9; 4 * 4096], &[("cow-block-size", "4K")]);
+        h.pwrite(&[1], 4096 + 10, false).unwrap();
+        h.zero(2 * 4096, 4096, ZeroFlags::default()).unwrap();
+        let mut ex = Extents::new(0, 4 * 4096);
+        h.allocation_depth(0, 4 * 4096, false, &mut ex).unwrap();
+        let got: Vec<_> = ex.list().iter().map(|e| (e.length, e.flags)).collect();
+        assert_eq!(got, [(4096, 2), (2 * 4096, 1), (4096, 2)]);
+        let mut one = Extents::new(100, 4 * 4096);
+        h.allocation_depth(100, 4 * 4096 - 100, true, &mut one)
+            .unwrap();
+        assert_eq!(one.list()[0].flags, 2);
+        assert_eq!(one.list()[0].offset + one.list()[0].length, 4096);
     }
 
     #[test]

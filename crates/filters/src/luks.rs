@@ -677,6 +677,17 @@ impl Handle for LuksHandle {
     ) -> Result<()> {
         extents.add(offset, count, 0)
     }
+    /// The plaintext is made here: one image of depth 1 (as qemu's own
+    /// luks driver reports), whatever the ciphertext's layout below.
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        count: u64,
+        _req_one: bool,
+        extents: &mut Extents,
+    ) -> Result<()> {
+        extents.add(offset, count, 1)
+    }
     fn cache(&self, offset: u64, count: u64) -> Result<()> {
         nbdkit_backend::read_and_discard(self, offset, count)
     }

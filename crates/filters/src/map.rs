@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use nbdkit_backend::{
     parse_size, Backend, ConfigError, Error, Extents, FilterSpec, Handle, Layer, Param, Result,
-    ZeroFlags,
+    StatusKind, ZeroFlags,
 };
 
 /// `[start, end)` of the export goes to `dest..` of the plugin.
@@ -213,9 +213,32 @@ impl Handle for MapHandle {
         Ok(())
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, out: &mut Extents) -> Result<()> {
+        self.status(StatusKind::Allocation, offset, count, req_one, out)
+    }
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        out: &mut Extents,
+    ) -> Result<()> {
+        self.status(StatusKind::Depth, offset, count, req_one, out)
+    }
+}
+
+impl MapHandle {
+    /// Either block status answer, run by run: both move with the bytes.
+    fn status(
+        &self,
+        kind: StatusKind,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        out: &mut Extents,
+    ) -> Result<()> {
         for (from, to, len) in self.runs(offset, count)? {
             let mut inner = Extents::new(to, to + len);
-            self.next.extents(to, len, req_one, &mut inner)?;
+            kind.query(&*self.next, to, len, req_one, &mut inner)?;
             for e in inner.list() {
                 out.add(e.offset - to + from, e.length, e.flags)?;
             }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use nbdkit_backend::{Backend, ConfigError, FilterSpec, Handle, Layer, Result};
+use nbdkit_backend::{Backend, ConfigError, Extents, FilterSpec, Handle, Layer, Result};
 
 struct NoExtentsLayer;
 
@@ -45,6 +45,17 @@ impl Handle for NoExtentsHandle {
     // The server then answers block status with "all data" itself.
     fn can_extents(&self) -> Result<bool> {
         Ok(false)
+    }
+    /// Hidden too: one image of depth 1, what a plugin with no
+    /// allocation information says.
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        count: u64,
+        _req_one: bool,
+        extents: &mut Extents,
+    ) -> Result<()> {
+        extents.add(offset, count, 1)
     }
 }
 

@@ -309,6 +309,25 @@ impl Handle for RetryHandle {
         }
         Ok(())
     }
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        extents: &mut Extents,
+    ) -> Result<()> {
+        // As `extents`: only a successful attempt's answer is kept.
+        let got = self.with("allocation_depth", false, |h| {
+            in_range(h, offset, count, false)?;
+            let mut e = Extents::new(extents.start(), extents.end());
+            h.allocation_depth(offset, count, req_one, &mut e)?;
+            Ok(e)
+        })?;
+        for e in got.list() {
+            extents.add(e.offset, e.length, e.flags)?;
+        }
+        Ok(())
+    }
     fn cache(&self, offset: u64, count: u64) -> Result<()> {
         self.with("cache", false, |h| {
             in_range(h, offset, count, false)?;

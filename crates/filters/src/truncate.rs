@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use crate::window::next_extents;
+use crate::window::shifted_status;
 use nbdkit_backend::{
     is_zero, Backend, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer, Param,
-    Result, ZeroFlags, EXTENT_HOLE, EXTENT_ZERO,
+    Result, StatusKind, ZeroFlags, EXTENT_HOLE, EXTENT_ZERO,
 };
 
 /// The size the filter serves, from the plugin's: `truncate=` replaces it,
@@ -147,16 +147,46 @@ impl Handle for TruncateHandle {
         }
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
+        self.status(StatusKind::Allocation, offset, count, req_one, extents)
+    }
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        extents: &mut Extents,
+    ) -> Result<()> {
+        self.status(StatusKind::Depth, offset, count, req_one, extents)
+    }
+}
+
+impl TruncateHandle {
+    /// Either block status answer: the plugin's for its part, and for the
+    /// zeroes added past its end a hole (allocation) or depth 1: they are
+    /// this export's own bytes, as a raw image's holes are to qemu-nbd -A,
+    /// not something a backing image could show through.
+    fn status(
+        &self,
+        kind: StatusKind,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        extents: &mut Extents,
+    ) -> Result<()> {
         let n = self.inside(offset, count);
         if n > 0 {
             // The plugin may answer for less than asked; then the client
             // asks again for the rest.
-            if !next_extents(&*self.next, offset, offset + n, req_one, extents)? {
+            if !shifted_status(kind, &*self.next, 0, offset, n, req_one, extents)? {
                 return Ok(());
             }
         }
         if n < count {
-            extents.add(offset + n, count - n, EXTENT_HOLE | EXTENT_ZERO)?;
+            let added = match kind {
+                StatusKind::Allocation => EXTENT_HOLE | EXTENT_ZERO,
+                StatusKind::Depth => 1,
+            };
+            extents.add(offset + n, count - n, added)?;
         }
         Ok(())
     }

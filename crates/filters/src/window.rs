@@ -2,7 +2,7 @@
 //! handle as a whole disk.  Shared by `offset` and `partition`, which differ
 //! only in how they find the range.
 
-use nbdkit_backend::{DirectRead, Error, Extent, Extents, Handle, Result, ZeroFlags};
+use nbdkit_backend::{DirectRead, Error, Extent, Extents, Handle, Result, StatusKind, ZeroFlags};
 
 pub(crate) struct Window {
     pub next: Box<dyn Handle>,
@@ -39,8 +39,30 @@ pub(crate) fn shifted_extents(
     req_one: bool,
     out: &mut Extents,
 ) -> Result<bool> {
+    shifted_status(
+        StatusKind::Allocation,
+        next,
+        shift,
+        offset,
+        count,
+        req_one,
+        out,
+    )
+}
+
+/// [`shifted_extents`] for either block status answer (`kind`): the
+/// allocation depth moves with the bytes just as their allocation does.
+pub(crate) fn shifted_status(
+    kind: StatusKind,
+    next: &dyn Handle,
+    shift: u64,
+    offset: u64,
+    count: u64,
+    req_one: bool,
+    out: &mut Extents,
+) -> Result<bool> {
     let mut inner = Extents::new(offset + shift, offset + shift + count);
-    next.extents(offset + shift, count, req_one, &mut inner)?;
+    kind.query(next, offset + shift, count, req_one, &mut inner)?;
     // `inner` is clipped to the range asked for, so no extent starts
     // below `shift`.
     for e in inner.list() {
@@ -149,5 +171,25 @@ impl Handle for Window {
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
         self.map(offset, count)?;
         shifted_extents(&*self.next, self.start, offset, count, req_one, extents).map(drop)
+    }
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        extents: &mut Extents,
+    ) -> Result<()> {
+        self.map(offset, count)?;
+        let depth = StatusKind::Depth;
+        shifted_status(
+            depth,
+            &*self.next,
+            self.start,
+            offset,
+            count,
+            req_one,
+            extents,
+        )
+        .map(drop)
     }
 }

@@ -113,6 +113,10 @@ pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 
 pub const META_CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
+/// qemu's context (docs/interop/nbd.rst in qemu): each descriptor's status
+/// is how deep in the backing chain the range is allocated (0 nowhere, 1
+/// the top image, 2 and up its backing images).
+pub const META_CONTEXT_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 /// Largest string the protocol allows (export names, descriptions, queries).
 pub const MAX_STRING: usize = 4096;

@@ -5,7 +5,7 @@
 
 use nbdkit_backend::{
     read_and_discard, write_zeroes, BlockSize, CacheMode, DirectRead, Error, ErrorKind, Extents,
-    FuaMode, Handle, Result, ThreadModel, ZeroFlags, ZeroMode,
+    FuaMode, Handle, Result, StatusKind, ThreadModel, ZeroFlags, ZeroMode,
 };
 use nbdkit_proto::*;
 
@@ -155,7 +155,7 @@ impl Export {
     }
 
     /// Check a request against the spec and this export's capabilities.
-    /// `meta` says whether base:allocation was negotiated.
+    /// `meta` says whether any metadata context was selected.
     pub fn validate(
         &self,
         h: &RequestHeader,
@@ -338,11 +338,13 @@ impl Export {
         }
     }
 
-    /// Block status for `[offset, offset+count)`, as base:allocation
-    /// descriptors `(length, flags)`.  Lengths fit in 32 bits unless
+    /// Block status for `[offset, offset+count)` as descriptors `(length,
+    /// status)`: base:allocation flags for [`StatusKind::Allocation`],
+    /// depths for [`StatusKind::Depth`].  Lengths fit in 32 bits unless
     /// `wide` (extended headers).
     pub fn block_status(
         &self,
+        kind: StatusKind,
         offset: u64,
         count: u64,
         req_one: bool,
@@ -362,10 +364,12 @@ impl Export {
             self.caps.size.min(offset.saturating_add(limit))
         };
         let mut ex = Extents::new(offset, end);
-        if self.caps.extents {
-            self.handle.extents(offset, count, req_one, &mut ex)?;
-        } else {
-            ex.add(offset, count, 0)?;
+        match kind {
+            // A backend without extents is all data (as nbdkit).
+            StatusKind::Allocation if !self.caps.extents => ex.add(offset, count, 0)?,
+            // Depth has no capability: every handle answers it (a plugin
+            // with 1).
+            _ => kind.query(&*self.handle, offset, count, req_one, &mut ex)?,
         }
         let list = ex.list();
         if list.is_empty() {
@@ -376,9 +380,14 @@ impl Export {
         } else {
             list.len().min(MAX_EXTENTS)
         };
+        // A depth is the whole status; allocation has two defined bits.
+        let mask = match kind {
+            StatusKind::Allocation => STATE_HOLE | STATE_ZERO,
+            StatusKind::Depth => u32::MAX,
+        };
         Ok(list[..keep]
             .iter()
-            .map(|e| (e.length, e.flags & (STATE_HOLE | STATE_ZERO)))
+            .map(|e| (e.length, e.flags & mask))
             .collect())
     }
 }

@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 
 use crate::export::Export;
+use crate::meta_context::{self, Selected};
 use crate::server::Server;
 use crate::stream::{Broken, ConnectionError, Stream};
 use crate::tls::TlsMode;
@@ -24,21 +25,18 @@ pub const MAX_OPTIONS: usize = 1024;
 /// Meta-context queries accepted in one option.
 const MAX_QUERIES: usize = 128;
 
-/// Context id we give `base:allocation`.
-pub const BASE_ALLOCATION_ID: u32 = 1;
-
 /// The outcome of a successful negotiation.
 pub struct Negotiated {
     pub export: Arc<Export>,
     pub style: ReplyStyle,
-    /// base:allocation was selected with SET_META_CONTEXT.
-    pub meta: bool,
+    /// The contexts the last SET_META_CONTEXT selected.
+    pub contexts: Selected,
 }
 
 struct State {
     structured: bool,
     extended: bool,
-    meta: bool,
+    contexts: Selected,
     fixed: bool,
     no_zeroes: bool,
     encrypted: bool,
@@ -59,7 +57,7 @@ impl State {
         Negotiated {
             export: Arc::new(export),
             style: self.style(),
-            meta: self.meta,
+            contexts: self.contexts,
         }
     }
 }
@@ -147,7 +145,7 @@ async fn greet(server: &Server, s: &mut dyn Stream) -> Result<State, ConnectionE
     Ok(State {
         structured: false,
         extended: false,
-        meta: false,
+        contexts: Selected::default(),
         fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         encrypted: false,
@@ -334,7 +332,7 @@ impl Negotiation<'_> {
         st.encrypted = true;
         st.structured = false;
         st.extended = false;
-        st.meta = false;
+        st.contexts = Selected::default();
         Ok(())
     }
 
@@ -374,8 +372,10 @@ impl Negotiation<'_> {
         Ok(())
     }
 
-    /// NBD_OPT_LIST_META_CONTEXT (`set == false`) or SET_META_CONTEXT:
-    /// `base:allocation` is the one context.
+    /// NBD_OPT_LIST_META_CONTEXT (`set == false`) or SET_META_CONTEXT
+    /// (see [`meta_context`] for the contexts and the queries that name
+    /// them).  The export name is not looked at: every export has the same
+    /// contexts.
     async fn meta_context(
         &mut self,
         s: &mut dyn Stream,
@@ -400,20 +400,15 @@ impl Negotiation<'_> {
             reply(s, o, REP_ERR_TOO_BIG, b"too many queries").await?;
             return Ok(());
         }
-        let matches = if queries.is_empty() {
-            !set // LIST with no query lists everything; SET selects nothing.
-        } else {
-            queries.iter().any(|q| {
-                q == META_CONTEXT_BASE_ALLOCATION || (!set && (q == "base:" || q == "base"))
-            })
-        };
-        if matches {
-            let id = if set { BASE_ALLOCATION_ID } else { 0 };
-            let context = opt::rep_meta_context(id, META_CONTEXT_BASE_ALLOCATION);
+        let contexts = meta_context::answer(queries, set);
+        for c in &contexts {
+            // LIST replies carry id 0, as the spec asks.
+            let id = if set { c.id() } else { 0 };
+            let context = opt::rep_meta_context(id, c.name());
             reply(s, o, REP_META_CONTEXT, &context).await?;
         }
         if set {
-            self.st.meta = matches;
+            self.st.contexts = Selected::of(&contexts);
         }
         reply(s, o, REP_ACK, b"").await?;
         Ok(())

@@ -15,13 +15,14 @@
 //!
 //! Files depend on each other in one direction: `stream` (the byte
 //! streams) ← `listen`, `tls` ← `server` (the [`Server`] and its locks) ←
-//! `export`, `handshake` ← `transmission` ← `connection` (a connection's
-//! whole life).  This file only declares them.
+//! `export`, `meta_context`, `handshake` ← `transmission` ← `connection`
+//! (a connection's whole life).  This file only declares them.
 
 mod connection;
 pub mod export;
 pub mod handshake;
 pub mod listen;
+pub mod meta_context;
 mod server;
 pub mod stream;
 pub mod tls;

@@ -61,10 +61,12 @@ pub async fn serve(
             Err(e) => break Err(e),
         };
 
-        let op = match neg
-            .export
-            .validate(&h, neg.style.is_structured(), extended, neg.meta)
-        {
+        let op = match neg.export.validate(
+            &h,
+            neg.style.is_structured(),
+            extended,
+            !neg.contexts.is_empty(),
+        ) {
             Ok(op) => op,
             Err(e) => {
                 debug!(conn, cookie = h.cookie, "refused: {e}");
@@ -84,12 +86,15 @@ pub async fn serve(
         let wr = wr.clone();
         let server2 = server.clone();
         let style = neg.style;
+        let contexts = neg.contexts;
         let cookie = h.cookie;
         let client2 = client.clone();
         let stop2 = stop.clone();
         tasks.spawn(async move {
             let reply = match server2
-                .blocking(&client2, move || run(&export, op, payload, style, cookie))
+                .blocking(&client2, move || {
+                    run(&export, op, payload, style, cookie, contexts)
+                })
                 .await
             {
                 Ok(reply) => reply,

@@ -33,18 +33,20 @@ use tokio::io::AsyncReadExt;
 use tracing::{debug, warn};
 
 use crate::export::{Export, Op, MAX_PAYLOAD};
-use crate::handshake::BASE_ALLOCATION_ID;
+use crate::meta_context::Selected;
 use crate::stream::{BlockingSocket, ConnectionError};
 
 /// Run one validated request and build its whole reply.  An error comes
 /// back only when the backend asked to drop the connection
 /// ([`Error::disconnects`]); every other error becomes an error reply.
+/// `contexts` are the metadata contexts a block status reports.
 fn run(
     export: &Export,
     op: Op,
     payload: Vec<u8>,
     style: ReplyStyle,
     cookie: u64,
+    contexts: Selected,
 ) -> nbdkit_backend::Result<Vec<u8>> {
     let fua = op.flags & CMD_FLAG_FUA != 0;
     let result = match op.command {
@@ -73,22 +75,11 @@ fn run(
         ),
         CMD_CACHE => export.cache(op.offset, op.length),
         CMD_BLOCK_STATUS => {
-            let req_one = op.flags & CMD_FLAG_REQ_ONE != 0;
-            let wide = style == ReplyStyle::Extended;
-            return Ok(
-                match export.block_status(op.offset, op.length, req_one, wide) {
-                    Ok(list) => block_status_chunk(
-                        style,
-                        cookie,
-                        op.offset,
-                        BASE_ALLOCATION_ID,
-                        &list,
-                        true,
-                    ),
-                    Err(e) if e.disconnects() => return Err(e),
-                    Err(e) => failure(style, cookie, op, e),
-                },
-            );
+            return match block_status(export, op, style, cookie, contexts) {
+                Ok(reply) => Ok(reply),
+                Err(e) if e.disconnects() => Err(e),
+                Err(e) => Ok(failure(style, cookie, op, e)),
+            }
         }
         other => Err(Error::invalid(format!("unknown command {other}"))),
     };
@@ -97,6 +88,35 @@ fn run(
         Err(e) if e.disconnects() => return Err(e),
         Err(e) => failure(style, cookie, op, e),
     })
+}
+
+/// A block status reply: one chunk per selected context, the last with
+/// DONE.  Every context is asked before anything is sent, so a failure of
+/// any one becomes a plain error reply.
+fn block_status(
+    export: &Export,
+    op: Op,
+    style: ReplyStyle,
+    cookie: u64,
+    contexts: Selected,
+) -> nbdkit_backend::Result<Vec<u8>> {
+    let req_one = op.flags & CMD_FLAG_REQ_ONE != 0;
+    let wide = style == ReplyStyle::Extended;
+    let n = contexts.iter().count();
+    let mut reply = Vec::new();
+    for (i, c) in contexts.iter().enumerate() {
+        let list = export.block_status(c.status(), op.offset, op.length, req_one, wide)?;
+        let last = i + 1 == n;
+        reply.extend(block_status_chunk(
+            style,
+            cookie,
+            op.offset,
+            c.id(),
+            &list,
+            last,
+        ));
+    }
+    Ok(reply)
 }
 
 fn failure(style: ReplyStyle, cookie: u64, op: Op, e: Error) -> Vec<u8> {

@@ -434,9 +434,12 @@ impl Connection {
     fn serve(&self, h: RequestHeader, payload: Vec<u8>, scratch: &mut Vec<u8>) -> Served {
         let (server, neg, id) = (&self.server, &self.neg, self.client.id());
         let extended = neg.style == ReplyStyle::Extended;
-        let valid = neg
-            .export
-            .validate(&h, neg.style.is_structured(), extended, neg.meta);
+        let valid = neg.export.validate(
+            &h,
+            neg.style.is_structured(),
+            extended,
+            !neg.contexts.is_empty(),
+        );
         if let Ok(op) = &valid {
             if op.command == CMD_READ && op.length >= DIRECT_MIN {
                 match read_direct(server, neg, h.cookie, op, &self.sock, &self.writing) {
@@ -456,7 +459,7 @@ impl Connection {
                 server.locked(|| read_into(&neg.export, op, neg.style, h.cookie, scratch))
             }
             Ok(op) => server
-                .locked(|| run(&neg.export, op, payload, neg.style, h.cookie))
+                .locked(|| run(&neg.export, op, payload, neg.style, h.cookie, neg.contexts))
                 .map(Reply::Owned),
             Err(e) => {
                 debug!(id, cookie = h.cookie, "refused: {e}");
