@@ -201,6 +201,23 @@ impl Handle for Qcow2Handle {
         }
         Ok(())
     }
+    /// From the L1/L2 tables of the whole chain: 1 for this image's
+    /// clusters (data or zero), 2 and up for a backing image's, 0 for
+    /// clusters allocated nowhere, as `qemu-nbd -A` reports.
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        count: u64,
+        _req_one: bool,
+        extents: &mut Extents,
+    ) -> Result<()> {
+        let mut pos = offset;
+        for (length, depth) in self.reader.allocation_depth(offset, count).map_err(error)? {
+            extents.add(pos, length, depth)?;
+            pos += length;
+        }
+        Ok(())
+    }
 }
 
 const DESCRIPTION: &str =

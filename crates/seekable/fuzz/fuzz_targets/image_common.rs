@@ -3,6 +3,8 @@
 //! seekable crate with a small cache and scratch bound, the planned reads
 //! are made, and every read that succeeds must return what a reference
 //! decoder (the codec's own streaming decoder, over the whole file) gives.
+//! qcow2 has no reference decoder; its allocation depth over each planned
+//! range is checked against its cluster map instead.
 //!
 //! Input layout: `n` (1 byte, reads = n % 8 + 1), then per read an offset
 //! (u32 LE, taken modulo the size) and a length (u16 LE, at least 1), then
@@ -12,7 +14,7 @@ use std::io::Read;
 use std::sync::Arc;
 
 use seekable_compressed::gzip::{GzipOptions, GzipReader};
-use seekable_compressed::qcow2::{Backing, Qcow2Options, Qcow2Reader};
+use seekable_compressed::qcow2::{Backing, MapKind, Qcow2Options, Qcow2Reader};
 use seekable_compressed::{
     Bzip2Reader, LzipReader, Options, RandomAccess, Source, XzReader, ZstdReader,
 };
@@ -88,7 +90,10 @@ pub fn run(data: &[u8]) -> bool {
                 ..Qcow2Options::default()
             };
             match Qcow2Reader::open(source, &q) {
-                Ok(r) => Arc::new(r),
+                Ok(r) => {
+                    depth_agrees_with_map(&r, &plan);
+                    Arc::new(r)
+                }
                 Err(_) => return false,
             }
         }
@@ -125,6 +130,36 @@ pub fn run(data: &[u8]) -> bool {
     }
     // qcow2 has no reference here: success is every read succeeding.
     all && (reference.is_some() || image.starts_with(b"QFI\xfb"))
+}
+
+/// With no backing file, a qcow2 image's allocation depth (1 where it has
+/// the cluster, 0 where not) is its `map` seen another way: for each
+/// planned range where both succeed, they must say the same.
+fn depth_agrees_with_map(r: &Qcow2Reader, plan: &[(u64, usize)]) {
+    let size = r.size();
+    if size == 0 {
+        return;
+    }
+    for &(off, len) in plan {
+        let off = off % size;
+        let (Ok(depth), Ok(map)) = (r.allocation_depth(off, len as u64), r.map(off, len as u64))
+        else {
+            continue;
+        };
+        let mut want: Vec<(u64, u32)> = Vec::new();
+        for m in map {
+            let d = match m.kind {
+                MapKind::Data { depth: 0 } | MapKind::Zero { depth: 0 } => 1,
+                MapKind::Unallocated => 0,
+                other => panic!("{other:?} in an image without a backing file"),
+            };
+            match want.last_mut() {
+                Some(last) if last.1 == d => last.0 += m.length,
+                _ => want.push((m.length, d)),
+            }
+        }
+        assert_eq!(depth, want, "allocation depth at {off} for {len}");
+    }
 }
 
 /// The whole file decoded by the codec's own decoder; `None` when it

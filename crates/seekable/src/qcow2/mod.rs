@@ -12,6 +12,7 @@
 //! source (the format is a two-level table of cluster offsets; the codecs
 //! come from flate2 and zstd).
 
+mod depth;
 pub mod header;
 
 use std::io::{self, Read};
