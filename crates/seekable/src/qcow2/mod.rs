@@ -209,10 +209,29 @@ impl Qcow2Reader {
             source: e,
         };
         let source_size = source.size().map_err(|e| io_err(0, e))?;
-        let mut first = vec![0u8; source_size.min(2 << 20) as usize];
+        // The header and its extensions fill (at most) the first cluster,
+        // whose size the header says: read a sector to learn it, then the
+        // rest of the cluster, rather than the largest cluster size (2 MiB
+        // over HTTP for a 64 KiB-cluster image).
+        let mut first = vec![0u8; source_size.min(512) as usize];
         source
             .read_exact_at(&mut first, 0)
             .map_err(|e| io_err(0, e))?;
+        let cluster = match first.get(20..24) {
+            Some(b) => match u32::from_be_bytes(b.try_into().expect("4 bytes")) {
+                bits @ 9..=21 => 1u64 << bits,
+                // Out of range: the header parser says so.
+                _ => 512,
+            },
+            None => 512,
+        };
+        if cluster.min(source_size) > first.len() as u64 {
+            let have = first.len();
+            first.resize(cluster.min(source_size) as usize, 0);
+            source
+                .read_exact_at(&mut first[have..], have as u64)
+                .map_err(|e| io_err(have as u64, e))?;
+        }
         let header = header::parse(&first).map_err(|e| match e {
             HeaderError::Corrupt { offset, reason } => Self::corrupt(&name, offset, reason),
             HeaderError::Unsupported(reason) => Error::Unsupported {
