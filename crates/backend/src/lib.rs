@@ -54,7 +54,7 @@ pub mod secret;
 pub mod sync;
 
 pub use client::{nanosleep, request_shutdown, Client, Peer};
-pub use config::{parse_bool, parse_size, Config};
+pub use config::{parse_bool, parse_delay, parse_size, Config};
 pub use direct::{DirectPiece, DirectRead};
 pub use error::{ConfigError, Error, ErrorKind, Result};
 pub use extents::{Extent, Extents, EXTENT_HOLE, EXTENT_ZERO};

@@ -25,6 +25,7 @@ pub mod listen;
 mod server;
 pub mod stream;
 pub mod tls;
+pub mod tls_priority;
 pub mod transmission;
 
 pub use listen::{Listener, ListenerSet};
