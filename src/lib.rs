@@ -31,9 +31,9 @@ use cli::Cli;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The nbdkit release whose command line, plugin interface and protocol
-/// behaviour nbdkit-rs implements: `--version` and `--dump-config` report
-/// it, because tools parse them to decide what the server can do.
-pub const NBDKIT_VERSION: &str = "1.32.5";
+/// behaviour nbdkit-rs implements (defined in `nbdkit-backend`, so that
+/// plugins can report it too: info's `mode=version`).
+pub use nbdkit_backend::NBDKIT_VERSION;
 const DEFAULT_PORT: u16 = 10809;
 
 /// Run the server with the built-in plugins and filters.

@@ -53,6 +53,11 @@ pub mod registry;
 pub mod secret;
 pub mod sync;
 
+/// The nbdkit release whose command line, plugin interface and protocol
+/// behaviour nbdkit-rs implements: `--version` and `--dump-config` report
+/// it, because tools parse them to decide what the server can do.
+pub const NBDKIT_VERSION: &str = "1.32.5";
+
 pub use client::{nanosleep, request_shutdown, Client, Peer};
 pub use config::{parse_bool, parse_delay, parse_size, Config};
 pub use direct::{DirectPiece, DirectRead};
