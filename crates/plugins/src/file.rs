@@ -407,6 +407,30 @@ impl Handle for FileHandle {
     fn can_trim(&self) -> Result<bool> {
         Ok(self.writable && !self.is_block)
     }
+    /// A regular file grows with ftruncate; a block device has the size
+    /// it has.
+    fn can_extend(&self) -> Result<bool> {
+        Ok(self.writable && !self.is_block)
+    }
+    fn extend(&self, new_size: u64) -> Result<()> {
+        if !self.writable || self.is_block {
+            return Err(Error::not_supported(format!(
+                "{}: cannot grow a {}",
+                self.path.display(),
+                if self.is_block {
+                    "block device"
+                } else {
+                    "read-only file"
+                }
+            )));
+        }
+        if new_size > self.size()? {
+            self.file
+                .set_len(new_size)
+                .map_err(|e| self.err("ftruncate", e))?;
+        }
+        Ok(())
+    }
     fn can_zero(&self) -> Result<ZeroMode> {
         Ok(if self.writable {
             ZeroMode::Native
@@ -837,6 +861,25 @@ mod tests {
             .any(|e| e.flags == EXTENT_HOLE | EXTENT_ZERO && e.offset == 1 << 20));
         h.pread(&mut buf[..4], 0).unwrap();
         assert_eq!(&buf[..4], &[0xaa; 4]);
+    }
+
+    #[test]
+    fn a_writable_file_grows_and_never_shrinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk");
+        std::fs::write(&p, b"hello").unwrap();
+        let h = handle(&p);
+        assert!(h.can_extend().unwrap());
+        h.extend(8192).unwrap();
+        assert_eq!(h.size().unwrap(), 8192);
+        h.extend(100).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 8192);
+        let mut b = [1u8; 8];
+        h.pread(&mut b, 8184).unwrap();
+        assert_eq!(b, [0; 8]);
+        let ro = FileHandle::open(&p, true, CachePolicy::Default).unwrap();
+        assert!(!ro.can_extend().unwrap());
+        assert!(ro.extend(1 << 20).is_err());
     }
 
     #[test]
