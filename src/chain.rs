@@ -109,11 +109,13 @@ impl Registry {
             .iter()
             .map(|d| d.display().to_string())
             .collect();
+        // "cannot open plugin 'NAME'" is nbdkit's wording, which scripts
+        // probing for a plugin may look for.
         bail!(
-            "unknown plugin '{name}'{}; built-in plugins: {}; nbdkit C plugins are looked for as nbdkit-{short}-plugin.so in {}",
+            "cannot open plugin '{name}': it is not built in{} and there is no nbdkit-{short}-plugin.so in {}; built-in plugins: {}",
             suggest(name, &names),
-            names.join(", "),
-            dirs.join(", ")
+            dirs.join(", "),
+            names.join(", ")
         )
     }
 
@@ -128,8 +130,9 @@ impl Registry {
             .find(|f| f.name == short)
             .ok_or_else(|| {
                 let names: Vec<&str> = self.filters.iter().map(|f| f.name).collect();
+                // nbdkit's wording, as for plugins.
                 anyhow!(
-                    "unknown filter '{name}'{}; available filters: {}",
+                    "cannot open filter '{name}': there is no such filter{}; filters: {}",
                     suggest(name, &names),
                     names.join(", ")
                 )

@@ -130,9 +130,21 @@ pub struct Cli {
     /// Run as GROUP (name or gid) once the sockets are open.
     #[arg(short = 'g', long = "group", value_name = "GROUP")]
     pub group: Option<String>,
-    /// Disconnect clients that have not finished negotiating after SECONDS.
-    #[arg(long = "timeout", value_name = "SECONDS")]
-    pub timeout: Option<f64>,
+    /// Disconnect clients that have not finished negotiating after TIMEOUT
+    /// (nbdkit's delay syntax: 30, 1.5, 30s, 500ms, 250us, 1000ns).
+    #[arg(long = "timeout", value_name = "TIMEOUT")]
+    pub timeout: Option<String>,
+    /// TCP keepalive (SO_KEEPALIVE) on every accepted TCP connection.
+    #[arg(long = "keepalive")]
+    pub keepalive: bool,
+    /// The name messages start with instead of "nbdkit" (and the syslog
+    /// identifier), to tell several servers' logs apart.
+    #[arg(long = "name", value_name = "NAME")]
+    pub name: Option<String>,
+    /// A GnuTLS priority string, mapped onto rustls (X.509) or OpenSSL
+    /// (PSK); what they cannot do is refused.
+    #[arg(long = "tls-priority", value_name = "PRIORITY")]
+    pub tls_priority: Option<String>,
     /// Connections open at once; later clients are disconnected at once
     /// (0: no limit; default: what RLIMIT_NOFILE allows).
     #[arg(long = "max-connections", value_name = "N")]
@@ -191,9 +203,16 @@ Options:
                            (default $HOME/.pki/nbdkit; /etc/pki/nbdkit as root)
       --tls-verify-peer    require a client certificate signed by ca-cert.pem
       --tls-psk PSKFILE    TLS with pre-shared keys (psktool's username:hexkey file)
+      --tls-priority PRIORITY
+                           GnuTLS priority string (NORMAL, SECURE256,
+                           NORMAL:-VERS-ALL:+VERS-TLS1.3, %SERVER_PRECEDENCE...);
+                           what rustls/OpenSSL cannot do is refused
   -u, --user USER          run as USER once the sockets are open
   -g, --group GROUP        run as GROUP once the sockets are open
-      --timeout SECONDS    disconnect clients still negotiating after SECONDS
+      --timeout TIMEOUT    disconnect clients still negotiating after TIMEOUT
+                           (30, 1.5, 30s, 500ms, 250us, 1000ns)
+      --keepalive          TCP keepalive on accepted TCP connections
+      --name NAME          start log messages with NAME instead of nbdkit
       --max-connections N  connections open at once (0 = no limit; default:
                            (ulimit -n - 64) / 3, e.g. 320 at 1024)
       --print-uri          print the server's NBD URI on stdout
@@ -204,7 +223,8 @@ Options:
 ";
 
 /// Options nbdkit-rs has that nbdkit 1.32.5 does not (`--print-uri`,
-/// `--no-mc` and `--timeout` came in later nbdkit releases): left out of
+/// `--no-mc`, `--timeout`, `--keepalive`, `--name` and `--tls-priority`
+/// came in later nbdkit releases): left out of
 /// `--short-options`/`--long-options`, which list nbdkit's interface as
 /// the release `--version` names (nbdkit's tests check each listed
 /// option against its manual).  `--help` lists them.
@@ -212,10 +232,13 @@ Options:
 const NOT_IN_NBDKIT_1_32: &[&str] = &[
     "no-meta-contexts",
     "generate",
+    "keepalive",
     "max-connections",
+    "name",
     "no-mc",
     "print-uri",
     "timeout",
+    "tls-priority",
 ];
 const SHORT_NOT_IN_NBDKIT_1_32: &[char] = &['h'];
 

@@ -137,35 +137,17 @@ pub fn on_signals(shutdown: CancellationToken) -> Result<()> {
     Ok(())
 }
 
-/// Run the --run command with the connection variables set, and return
-/// its exit status as ours.
-pub async fn run_captive(
-    cmd: &str,
-    uri: &str,
-    export: &str,
-    unix: Option<&Path>,
-    port: Option<u16>,
-    tls: u8,
-) -> Result<ExitCode> {
+/// Run the --run command with the connection variables set (`None`:
+/// removed from its environment), and return its exit status as ours.
+pub async fn run_captive(cmd: &str, vars: &[(&str, Option<String>)]) -> Result<ExitCode> {
     let mut c = tokio::process::Command::new("/bin/sh");
-    c.arg("-c")
-        .arg(cmd)
-        .env("uri", uri)
-        // As nbdkit since 1.24: $nbd is a synonym for $uri.
-        .env("nbd", uri)
-        .env("exportname", export);
-    match unix {
-        Some(p) => {
-            c.env("unixsocket", p);
-            c.env_remove("port");
-        }
-        None => {
-            let port = port.unwrap_or(10809);
-            c.env("port", port.to_string());
-            c.env_remove("unixsocket");
-        }
+    c.arg("-c").arg(cmd);
+    for (name, value) in vars {
+        match value {
+            Some(v) => c.env(name, v),
+            None => c.env_remove(name),
+        };
     }
-    c.env("tls", tls.to_string());
     debug!("running: {cmd}");
     let status = c
         .status()

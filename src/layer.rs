@@ -16,7 +16,8 @@
 //!   checked against what that layer said about itself, as nbdkit's
 //!   backend layer asserts: the range is within its size, write-like calls
 //!   and their FUA/fast-zero flags only when it advertised them, extents
-//!   answers cover the start of the range, its size does not change.  The
+//!   answers cover the start of the range, its size does not change
+//!   (except to grow by an `extend` the layer offered and performed).  The
 //!   server checks what clients send (`Export::validate`); these catch a
 //!   filter that sends its `next` what that layer never offered.  A broken
 //!   check logs `layer check failed: ...` and aborts the process: a panic
@@ -145,7 +146,7 @@ impl Backend for Layer {
             caller: self.caller.clone(),
             trace: self.trace,
             caps: Caps::default(),
-            size: OnceLock::new(),
+            size: Mutex::new(None),
         }))
     }
     fn dump_plugin(&self) -> Option<String> {
@@ -169,6 +170,7 @@ struct Caps {
     can_fua: OnceLock<FuaMode>,
     can_multi_conn: OnceLock<bool>,
     can_cache: OnceLock<CacheMode>,
+    can_extend: OnceLock<bool>,
 }
 
 struct LayerHandle {
@@ -177,8 +179,9 @@ struct LayerHandle {
     caller: String,
     trace: Trace,
     caps: Caps,
-    /// The first size this layer gave (debug-build checks only).
-    size: OnceLock<u64>,
+    /// The first size this layer gave, or the size it last grew to with
+    /// `extend` (debug-build checks only).
+    size: Mutex<Option<u64>>,
 }
 
 /// Which capability a call needs, for [`LayerHandle::check`].
@@ -190,6 +193,7 @@ enum Needs {
     Trim,
     Zero,
     Cache,
+    Extend,
 }
 
 impl LayerHandle {
@@ -217,7 +221,8 @@ impl LayerHandle {
         if !cfg!(debug_assertions) {
             return;
         }
-        if let Some(&size) = self.size.get() {
+        let known = *self.size.lock_unpoisoned();
+        if let Some(size) = known {
             if offset.checked_add(count).is_none_or(|end| end > size) {
                 self.broken(format_args!(
                     "{call} count={count} offset={offset} is beyond the size {size}"
@@ -232,6 +237,7 @@ impl LayerHandle {
             Needs::Trim => c.can_trim.get().copied(),
             Needs::Zero => c.can_zero.get().map(|z| *z != ZeroMode::None),
             Needs::Cache => c.can_cache.get().map(|m| *m != CacheMode::None),
+            Needs::Extend => c.can_extend.get().copied(),
         };
         if offered == Some(false) {
             self.broken(format_args!("{call}, which this layer did not advertise"));
@@ -299,7 +305,7 @@ impl Handle for LayerHandle {
         self.control(format_args!("get_size"));
         let size = self.inner.size()?;
         if cfg!(debug_assertions) {
-            let first = *self.size.get_or_init(|| size);
+            let first = *self.size.lock_unpoisoned().get_or_insert(size);
             if first != size {
                 self.broken(format_args!("its size changed from {first} to {size}"));
             }
@@ -360,6 +366,25 @@ impl Handle for LayerHandle {
     }
     fn can_cache(&self) -> Result<CacheMode> {
         self.once(&self.caps.can_cache, "can_cache", || self.inner.can_cache())
+    }
+    fn can_extend(&self) -> Result<bool> {
+        self.once(&self.caps.can_extend, "can_extend", || {
+            self.inner.can_extend()
+        })
+    }
+    fn extend(&self, new_size: u64) -> Result<()> {
+        self.check("extend", 0, 0, Needs::Extend, false, false);
+        self.data(format_args!("extend size={new_size}"));
+        self.inner.extend(new_size)?;
+        // The size it grew to is the size from now on: calls up to it
+        // are in range, and `size` must answer it.
+        if cfg!(debug_assertions) {
+            let mut size = self.size.lock_unpoisoned();
+            if let Some(s) = size.as_mut() {
+                *s = (*s).max(new_size);
+            }
+        }
+        Ok(())
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(
@@ -533,6 +558,60 @@ mod tests {
             ..ZeroFlags::default()
         };
         let _ = h.zero(0, 512, flags);
+    }
+
+    /// A disk that grows with `extend`.
+    struct Growing(Arc<Mutex<u64>>);
+    struct GrowingHandle(Arc<Mutex<u64>>);
+    impl Backend for Growing {
+        fn name(&self) -> &str {
+            "growing"
+        }
+        fn open(&self, _: bool, _: &str) -> Result<Box<dyn Handle>> {
+            Ok(Box::new(GrowingHandle(self.0.clone())))
+        }
+    }
+    impl Handle for GrowingHandle {
+        fn size(&self) -> Result<u64> {
+            Ok(*self.0.lock().unwrap())
+        }
+        fn can_write(&self) -> Result<bool> {
+            Ok(true)
+        }
+        fn can_extend(&self) -> Result<bool> {
+            Ok(true)
+        }
+        fn extend(&self, new_size: u64) -> Result<()> {
+            let mut s = self.0.lock().unwrap();
+            *s = (*s).max(new_size);
+            Ok(())
+        }
+        fn pread(&self, buf: &mut [u8], _: u64) -> Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn pwrite(&self, _: &[u8], _: u64, _: bool) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn growth_by_extend_is_legal() {
+        let disk = Growing(Arc::new(Mutex::new(4096)));
+        let h = wrap(Arc::new(disk), "qcow2dec").open(false, "x").unwrap();
+        assert_eq!(h.size().unwrap(), 4096);
+        assert!(h.can_write().unwrap() && h.can_extend().unwrap());
+        h.extend(8192).unwrap();
+        assert_eq!(h.size().unwrap(), 8192);
+        h.pwrite(&[1; 512], 8192 - 512, false).unwrap();
+    }
+
+    #[test]
+    #[should_panic(expected = "extend, which this layer did not advertise")]
+    fn extend_not_offered_fails_the_check() {
+        let h = open();
+        assert!(!h.can_extend().unwrap());
+        let _ = h.extend(2 << 20);
     }
 
     #[test]

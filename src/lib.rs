@@ -31,9 +31,9 @@ use cli::Cli;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The nbdkit release whose command line, plugin interface and protocol
-/// behaviour nbdkit-rs implements: `--version` and `--dump-config` report
-/// it, because tools parse them to decide what the server can do.
-pub const NBDKIT_VERSION: &str = "1.32.5";
+/// behaviour nbdkit-rs implements (defined in `nbdkit-backend`, so that
+/// plugins can report it too: info's `mode=version`).
+pub use nbdkit_backend::NBDKIT_VERSION;
 const DEFAULT_PORT: u16 = 10809;
 
 /// Run the server with the built-in plugins and filters.
@@ -93,6 +93,7 @@ impl Endpoint {
 /// then it works or the server does not start.  `--tls-certificates`,
 /// `--tls-psk` or `--tls-verify-peer` alone mean `--tls=on`, as in nbdkit.
 fn tls_from_cli(cli: &Cli) -> Result<Tls> {
+    use nbdkit_server::tls_priority::{self, Engine, Priority};
     if cli.tls_psk.is_some() && cli.tls_certificates.is_some() {
         bail!("--tls-psk and --tls-certificates cannot be used together: choose pre-shared keys or X.509 certificates");
     }
@@ -117,6 +118,9 @@ fn tls_from_cli(cli: &Cli) -> Result<Tls> {
         },
     };
     if mode == TlsMode::Off {
+        if cli.tls_priority.is_some() {
+            bail!("--tls-priority needs TLS: add --tls=on or --tls=require");
+        }
         if cli.tls_verify_peer {
             bail!("--tls-verify-peer needs TLS: remove --tls=off");
         }
@@ -125,15 +129,33 @@ fn tls_from_cli(cli: &Cli) -> Result<Tls> {
         }
         return Ok(Tls::off());
     }
+    // Read for the library that will apply it: rustls for certificates,
+    // OpenSSL for pre-shared keys.
+    let engine = if cli.tls_psk.is_some() {
+        Engine::Psk
+    } else {
+        Engine::Rustls
+    };
+    let priority = match &cli.tls_priority {
+        Some(p) => {
+            tls_priority::parse(p, engine).map_err(|e| anyhow!("--tls-priority={p}: {e}"))?
+        }
+        None => Priority::all(engine),
+    };
     if let Some(file) = &cli.tls_psk {
-        return Tls::load_psk(mode, file).map_err(|e| anyhow!("--tls-psk: {e}"));
+        return Tls::load_psk(mode, file, &priority).map_err(|e| anyhow!("--tls-psk: {e}"));
     }
-    let dir = cli
-        .tls_certificates
-        .clone()
-        .unwrap_or_else(nbdkit_server::tls::default_certificates_dir);
-    Tls::load(mode, &dir, cli.tls_verify_peer)
+    let dir = certificates_dir(cli);
+    Tls::load(mode, &dir, cli.tls_verify_peer, &priority)
         .map_err(|e| anyhow!("TLS certificates in {}: {e}", dir.display()))
+}
+
+/// The X.509 directory `--tls` uses: `--tls-certificates`, else nbdkit's
+/// default.
+fn certificates_dir(cli: &Cli) -> std::path::PathBuf {
+    cli.tls_certificates
+        .clone()
+        .unwrap_or_else(nbdkit_server::tls::default_certificates_dir)
 }
 
 /// glibc raises its mmap threshold each time a large block is freed, after
@@ -196,12 +218,14 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     // Names are looked up now, so an unknown user stops the server before
     // it listens.
     let ids = daemon::Ids::resolve(cli.user.as_deref(), cli.group.as_deref())?;
-    let handshake_timeout = match cli.timeout {
+    // nbdkit's delay syntax (nbdkit_parse_delay), as the delay filters.
+    let handshake_timeout = match cli.timeout.as_deref() {
         None => None,
-        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => {
-            Some(std::time::Duration::from_secs_f64(t))
-        }
-        Some(t) => bail!("--timeout={t}: expected a number of seconds greater than 0"),
+        Some(t) => match nbdkit_backend::parse_delay(t) {
+            Ok(d) if !d.is_zero() && d.as_secs() < 1_000_000_000 => Some(d),
+            Ok(_) => bail!("--timeout={t}: expected a time greater than 0 (and under 30 years)"),
+            Err(e) => bail!("--timeout={t}: {e}"),
+        },
     };
     check_transports(&cli)?;
     let handshake_mask = match &cli.mask_handshake {
@@ -210,6 +234,7 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     };
     let plugin_debug_flags = chain::set_debug_flags(&cli.debug_flags, &plugin, &filters)?;
 
+    logging::set_plugin_name(plugin.name());
     logging::init(&cli)?;
 
     // With -s, stdin and stdout carry NBD: no plugin (native or C) may
@@ -260,6 +285,7 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         handshake_mask,
         tls: tls.clone(),
         handshake_timeout,
+        keepalive: cli.keepalive,
         // 0 means no limit; by default, what the descriptor limit allows.
         max_connections: match cli.max_connections {
             Some(0) => None,
@@ -450,15 +476,8 @@ async fn serve(
     let code = match &cli.run {
         Some(cmd) => {
             let ep = net.endpoint.as_ref().expect("--run has an endpoint");
-            let status = daemon::run_captive(
-                cmd,
-                &ep.uri(&net.export),
-                &net.export,
-                ep.unix.as_deref(),
-                ep.port,
-                tls_mode.as_number(),
-            )
-            .await;
+            let status =
+                daemon::run_captive(cmd, &captive_vars(cli, ep, &net.export, tls_mode)).await;
             shutdown.cancel();
             status?
         }
@@ -470,6 +489,61 @@ async fn serve(
         Err(e) => error!("server task: {e}"),
     }
     Ok(code)
+}
+
+/// The shell variables of `--run`: set (`Some`) or removed from the
+/// environment (`None`), so that a variable of the same name inherited
+/// from our caller cannot pass for ours.
+fn captive_vars(
+    cli: &Cli,
+    ep: &Endpoint,
+    export: &str,
+    tls: TlsMode,
+) -> Vec<(&'static str, Option<String>)> {
+    let uri = ep.uri(export);
+    let path = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let on = tls != TlsMode::Off;
+    vec![
+        ("uri", Some(uri.clone())),
+        // As nbdkit since 1.24: $nbd is a synonym for $uri.
+        ("nbd", Some(uri)),
+        ("exportname", Some(export.to_string())),
+        // As nbdkit: the one not in use is set, to "".
+        (
+            "port",
+            Some(match &ep.unix {
+                Some(_) => String::new(),
+                None => ep.port.unwrap_or(DEFAULT_PORT).to_string(),
+            }),
+        ),
+        (
+            "unixsocket",
+            Some(
+                ep.unix
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ),
+        ),
+        // As nbdkit: 1 for --tls=on, 2 for require, unset when off.
+        ("tls", on.then(|| tls.as_number().to_string())),
+        // Where a client finds the credentials the server uses (the
+        // certificate directory has the CA that signed the server's
+        // certificate), e.g. for the URI's ?tls-certificates= or
+        // ?tls-psk-file=.
+        (
+            "tls_certificates",
+            (on && cli.tls_psk.is_none())
+                .then(|| path(&certificates_dir(cli)).display().to_string()),
+        ),
+        (
+            "tls_psk",
+            cli.tls_psk
+                .as_deref()
+                .filter(|_| on)
+                .map(|f| path(f).display().to_string()),
+        ),
+    ]
 }
 
 fn parse_int(s: &str) -> Result<u64> {

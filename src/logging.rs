@@ -8,6 +8,7 @@
 //! it goes to stderr with `eprintln!`, which panics when that fails too.
 
 use std::io::Write;
+use std::sync::OnceLock;
 
 use anyhow::{bail, Result};
 use tracing::{Event, Level, Subscriber};
@@ -17,7 +18,34 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::cli::Cli;
 
+/// The name messages start with: `--name`, else `nbdkit` (scripts and
+/// nbdkit's tests match `^nbdkit:`).
+static PROGRAM: OnceLock<String> = OnceLock::new();
+
+/// The plugin's name, for the `PLUGIN[N]: ` that marks a connection's
+/// messages (nbdkit names a connection's threads after the plugin).
+static PLUGIN: OnceLock<String> = OnceLock::new();
+
+/// Record the plugin's name for the messages of each connection.
+pub fn set_plugin_name(name: &str) {
+    let _ = PLUGIN.set(name.to_string());
+}
+
+/// `--name`: a word printed at the start of every message, so one that
+/// would garble the line (a newline, a control character) or be lost
+/// (nothing at all) is refused.
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.chars().any(char::is_control) {
+        bail!("--name={name:?}: expected a non-empty name without control characters");
+    }
+    Ok(())
+}
+
 pub fn init(cli: &Cli) -> Result<()> {
+    if let Some(name) = &cli.name {
+        check_name(name)?;
+    }
+    let program = PROGRAM.get_or_init(|| cli.name.clone().unwrap_or_else(|| "nbdkit".into()));
     let foreground = cli.foreground || cli.single || cli.run.is_some() || cli.verbose;
     // `default` (nbdkit 1.36) is what no --log means.
     let dest = match cli.log.as_deref() {
@@ -39,13 +67,21 @@ pub fn init(cli: &Cli) -> Result<()> {
         .with_env_filter(filter)
         .with_ansi(false)
         .log_internal_errors(false)
-        .event_format(NbdkitFormat);
+        .event_format(NbdkitFormat {
+            program: program.as_str(),
+        });
     match dest {
         "stderr" => builder.with_writer(|| LossyStderr).init(),
         "null" => builder.with_writer(std::io::sink).init(),
         "syslog" => {
-            // SAFETY: openlog keeps the pointer; it is a static string.
-            unsafe { libc::openlog(c"nbdkit-rs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+            // The identifier is --name's when given.  openlog keeps the
+            // pointer, so the string lives as long as the process.
+            let ident: &'static std::ffi::CStr = match &cli.name {
+                Some(n) => Box::leak(std::ffi::CString::new(n.as_str())?.into_boxed_c_str()),
+                None => c"nbdkit-rs",
+            };
+            // SAFETY: `ident` is a NUL-terminated string that is never freed.
+            unsafe { libc::openlog(ident.as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
             builder.with_writer(Syslog).init()
         }
         // A path (anything with a '/', as nbdkit 1.40 takes it): append to
@@ -87,9 +123,28 @@ impl Write for LossyStderr {
 }
 
 /// Messages as nbdkit prints them, `nbdkit: LEVEL: MESSAGE`
-/// (`nbdkit: debug: memory: open ...`): scripts and nbdkit's tests match
-/// on that.
-struct NbdkitFormat;
+/// (`nbdkit: debug: memory: open ...`), and for a connection's messages
+/// `nbdkit: PLUGIN[N]: LEVEL: MESSAGE` with N the connection's number
+/// (`nbdkit: memory[2]: debug: memory: pread ...`): scripts and nbdkit's
+/// tests match on that, and the number tells interleaved clients apart.
+/// `--name` replaces the leading `nbdkit`.
+struct NbdkitFormat {
+    program: &'static str,
+}
+
+/// The `conn` field of the server's own connection events (emitted from
+/// async tasks, where no [`nbdkit_backend::Client`] is current).
+#[derive(Default)]
+struct ConnField(Option<u64>);
+
+impl tracing::field::Visit for ConnField {
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        if field.name() == "conn" {
+            self.0 = Some(value);
+        }
+    }
+    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+}
 
 impl<S, N> FormatEvent<S, N> for NbdkitFormat
 where
@@ -108,7 +163,18 @@ where
             Level::INFO => "info",
             _ => "debug",
         };
-        write!(writer, "nbdkit: {level}: ")?;
+        write!(writer, "{}: ", self.program)?;
+        if let Some(plugin) = PLUGIN.get() {
+            let conn = nbdkit_backend::Client::current_id().or_else(|| {
+                let mut f = ConnField::default();
+                event.record(&mut f);
+                f.0
+            });
+            if let Some(n) = conn {
+                write!(writer, "{plugin}[{n}]: ")?;
+            }
+        }
+        write!(writer, "{level}: ")?;
         ctx.field_format().format_fields(writer.by_ref(), event)?;
         writeln!(writer)
     }

@@ -132,8 +132,12 @@ fn clear_errors() {
         "{e}"
     );
 
+    // nbdkit's wording: "cannot open plugin 'NAME'" / "cannot open filter".
+    assert!(e.contains("cannot open plugin 'fiel'"), "{e}");
     let e = fails(&["-U", "-", "--filter=nosuchfilter", "memory", "1M"]);
-    assert!(e.contains("unknown filter 'nosuchfilter'"), "{e}");
+    assert!(e.contains("cannot open filter 'nosuchfilter'"), "{e}");
+    let e = fails(&["-U", "-", "--filter=partiton", "memory", "1M"]);
+    assert!(e.contains("did you mean 'partition'"), "{e}");
 
     let e = fails(&["-U", "-", "memory", "1M", "sise=2M"]);
     assert!(
@@ -950,4 +954,43 @@ fn out_of_scope_plugins_say_why() {
         let err = fails(&[name]);
         assert!(err.contains(why) && err.contains(".so"), "{name}: {err}");
     }
+}
+
+/// With -v a connection's lines carry nbdkit's prefix, `nbdkit:
+/// PLUGIN[N]: debug: ...` with N the connection's number, and `--name`
+/// (nbdkit 1.46) replaces the leading `nbdkit`.
+#[test]
+fn debug_lines_name_the_connection_and_name_replaces_nbdkit() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let s = Server::start(&["-v", "--filter=noextents", "memory", "1M"]);
+    run_ok(Command::new("nbdinfo").arg(&s.uri));
+    run_ok(Command::new("nbdinfo").arg(&s.uri));
+    let log = s.log();
+    for n in [1, 2] {
+        for layer in ["noextents", "memory"] {
+            let want = format!("nbdkit: memory[{n}]: debug: {layer}: open");
+            assert!(log.lines().any(|l| l.starts_with(&want)), "{want}: {log}");
+        }
+    }
+    // Lines outside any connection keep the plain form.
+    assert!(
+        log.lines().any(|l| l.starts_with("nbdkit: debug: ")),
+        "{log}"
+    );
+
+    let s = Server::start(&["-v", "--name=frontend", "memory", "1M"]);
+    run_ok(Command::new("nbdinfo").arg(&s.uri));
+    let log = s.log();
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("frontend: memory[1]: debug: memory: open")),
+        "{log}"
+    );
+    assert!(!log.lines().any(|l| l.starts_with("nbdkit:")), "{log}");
+
+    // A name that would garble every line is refused.
+    let e = fails(&["-U", "-", "--name=", "null"]);
+    assert!(e.contains("--name"), "{e}");
 }

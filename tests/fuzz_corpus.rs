@@ -101,7 +101,7 @@ fn request_header_corpus_round_trips() {
 
 #[test]
 fn partition_table_corpus_stays_inside_the_disk() {
-    use nbdkit_filters::partition::{find_partition, ImageBytes};
+    use nbdkit_filters::partition::{find_partition, find_partition_sized, ImageBytes, SectorSize};
     let inputs = corpus("partition_table");
     assert!(inputs.len() > 10, "corpus missing");
     for path in &inputs {
@@ -111,7 +111,9 @@ fn partition_table_corpus_stays_inside_the_disk() {
             size: 1 << 40,
         };
         for n in 1..=8 {
-            if let Ok(p) = find_partition(&disk, n) {
+            let probed = find_partition(&disk, n);
+            let given = find_partition_sized(&disk, n, SectorSize::Given(4096));
+            for p in [probed, given].into_iter().flatten() {
                 assert!(
                     p.offset
                         .checked_add(p.length)

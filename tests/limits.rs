@@ -1,5 +1,6 @@
 //! Access limits: `--timeout` for clients that never finish negotiating,
-//! `--max-connections` for how many may be connected at once.
+//! `--max-connections` for how many may be connected at once, and
+//! `--keepalive` for clients that vanish without closing.
 
 mod common;
 
@@ -98,5 +99,90 @@ fn default_connection_limit_follows_the_descriptor_limit() {
         } else {
             assert_eq!(n, 0, "a third client got a greeting");
         }
+    }
+}
+
+/// `--timeout` takes nbdkit's delay syntax (`30`, `1.5`, `500ms`, `250us`).
+#[test]
+fn timeout_takes_nbdkit_time_units() {
+    let s = Server::start(&["--timeout=1500ms", "memory", "size=1M"]);
+    // A client that negotiates is served...
+    if have("nbdinfo") {
+        let size = stdout_of(
+            std::process::Command::new("nbdinfo")
+                .arg("--size")
+                .arg(&s.uri),
+        );
+        assert_eq!(size.trim(), (1 << 20).to_string());
+    }
+    // ...one that says nothing is dropped, after 1.5 s.
+    let (mut b, _) = RawClient::connect(&s.socket);
+    assert!(b.closed_by_server(), "not closed by the server");
+    let log = s.log();
+    assert!(log.contains("within 1.5 s"), "{log}");
+
+    for (bad, says) in [
+        ("2m", "expected a delay such as"),
+        ("0", "greater than 0"),
+        ("-1s", "zero or more"),
+    ] {
+        let out = std::process::Command::new(binary())
+            .args([
+                "-U",
+                "-",
+                &format!("--timeout={bad}"),
+                "null",
+                "--run",
+                "exit 0",
+            ])
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "--timeout={bad} accepted");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            e.contains(&format!("--timeout={bad}")) && e.contains(says),
+            "{e}"
+        );
+    }
+}
+
+/// `--keepalive`: SO_KEEPALIVE on each accepted TCP connection, which
+/// `ss -o` shows as a keepalive timer on the server's end of it.
+#[test]
+fn keepalive_turns_on_tcp_keepalive() {
+    if !have("ss") || !have_python_nbd() {
+        return;
+    }
+    // Connect, then wait (a bounded number of 50 ms polls) until nothing
+    // is in flight on the server's socket, whose retransmission timer
+    // would otherwise be the one shown.
+    let script = r#"
+import nbd, subprocess, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+line = ""
+for _ in range(200):
+    out = subprocess.run(["ss", "-tno", "state", "established",
+                          "( sport = :%s )" % sys.argv[2]],
+                         capture_output=True, text=True).stdout
+    lines = [l for l in out.splitlines() if ":" + sys.argv[2] in l]
+    line = " ".join(lines)
+    if lines and "timer:(on" not in line:
+        break
+    time.sleep(0.05)
+print(line)
+print("OK")
+"#;
+    for (extra, want) in [(Some("--keepalive"), true), (None, false)] {
+        let mut args: Vec<&str> = extra.into_iter().collect();
+        args.extend(["memory", "size=1M"]);
+        let s = Server::start_tcp(&args);
+        let port = s.uri.rsplit(':').next().expect("port").to_string();
+        let out = python(script, &[&s.uri, &port]);
+        assert!(
+            out.contains(&format!(":{port}")),
+            "no connection seen: {out}"
+        );
+        assert_eq!(out.contains("timer:(keepalive"), want, "{extra:?}: {out}");
     }
 }

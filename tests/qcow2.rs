@@ -306,6 +306,162 @@ fn a_qcow2_inside_xz_reads_without_unpacking() {
     assert!(read_all(&s.uri) == want);
 }
 
+/// A zlib-compressed qcow2 of the guest disk and what qemu reads from it.
+fn compressed_image(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let raw = guest(dir);
+    let img = dir.join("disk.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let want = qemu_raw(&img);
+    (img, want)
+}
+
+#[test]
+fn qcow2dec_reads_over_curl_and_the_nbd_plugin() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, want) = compressed_image(dir.path());
+    let bytes = std::fs::read(&img).unwrap();
+
+    let http = common::http::HttpServer::start();
+    http.add_file("/disk.qcow2", bytes.clone());
+    let s = Server::start(&["--filter=qcow2dec", "curl", &http.url("/disk.qcow2")]);
+    assert!(read_all(&s.uri) == want, "over curl");
+    drop(s);
+    // A single sector costs the metadata and one cluster, not the file.
+    let s = Server::start(&["--filter=qcow2dec", "curl", &http.url("/disk.qcow2")]);
+    let before: u64 = ranged_bytes(&http);
+    run_ok(Command::new(PYTHON).arg("-c").arg(
+        "import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\nassert len(h.pread(4096, 12 << 20)) == 4096\n",
+    ).arg(&s.uri));
+    let fetched = ranged_bytes(&http) - before;
+    assert!(
+        fetched < bytes.len() as u64 / 4,
+        "one sector fetched {fetched} of {} bytes",
+        bytes.len()
+    );
+    drop(s);
+
+    // The qcow2 file served raw by another server, read through nbd.
+    let inner = Server::start(&["file", img.to_str().unwrap()]);
+    let s = Server::start(&["--filter=qcow2dec", "nbd", &format!("uri={}", inner.uri)]);
+    assert!(read_all(&s.uri) == want, "over nbd");
+}
+
+/// Bytes the HTTP server has sent in answer to ranged GETs so far.
+fn ranged_bytes(http: &common::http::HttpServer) -> u64 {
+    http.requests()
+        .iter()
+        .filter_map(|r| {
+            let range = r.header("range")?.strip_prefix("bytes=")?;
+            let (a, b) = range.split_once('-')?;
+            Some(b.parse::<u64>().ok()? - a.parse::<u64>().ok()? + 1)
+        })
+        .sum()
+}
+
+#[test]
+fn qcow2dec_under_cow_cache_and_readahead() {
+    if !have_tools() || !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, want) = compressed_image(dir.path());
+    let path = img.to_str().unwrap();
+    for top in ["--filter=cache", "--filter=readahead", "--filter=cow"] {
+        let s = Server::start(&[top, "--filter=qcow2dec", "file", path]);
+        assert!(read_all(&s.uri) == want, "{top}: contents differ");
+    }
+    // cow makes the read-only qcow2 view writable in its overlay: writes
+    // read back, and the image file is not touched.
+    let before = std::fs::read(&img).unwrap();
+    let s = Server::start(&["--filter=cow", "--filter=qcow2dec", "file", path]);
+    python(
+        "import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
+         assert not h.is_read_only()\nh.pwrite(b'\\xab' * 65536, 5 << 20)\nh.flush()\n\
+         assert h.pread(65536, 5 << 20) == b'\\xab' * 65536\n\
+         h.zero(4096, 0)\nassert h.pread(4096, 0) == bytes(4096)\nprint('OK')\n",
+        &[&s.uri],
+    );
+    drop(s);
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "cow wrote to the image"
+    );
+}
+
+/// Sum of the `count=` of the reads in a log filter's file.
+fn logged_read_bytes(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" Read id="))
+        .filter_map(|l| {
+            let hex = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("count=0x"))?;
+            u64::from_str_radix(hex, 16).ok()
+        })
+        .sum()
+}
+
+#[test]
+fn qcow2dec_over_xz_gzip_and_zstd_reads_only_what_it_needs() {
+    if !have_tools() || !have_python_nbd() || !have("xz") || !have("zstd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, want) = compressed_image(dir.path());
+    let path = img.to_str().unwrap();
+    let size = std::fs::metadata(&img).unwrap().len();
+    run_ok(Command::new("xz").args(["-k", "-T2", "--block-size=256KiB", path]));
+    run_ok(Command::new("gzip").args(["-k", path]));
+    run_ok(Command::new("zstd").args(["-q", "-k", path]));
+    for (filter, suffix) in [("xz", "xz"), ("gzip", "gz"), ("zstd", "zst")] {
+        let packed = format!("{path}.{suffix}");
+        let s = Server::start(&[
+            "--filter=qcow2dec",
+            &format!("--filter={filter}"),
+            "file",
+            &packed,
+        ]);
+        assert!(read_all(&s.uri) == want, "{filter}: contents differ");
+        drop(s);
+        // The log filter between the two records what qcow2dec asks the
+        // decompressing layer for: one sector needs the header, its
+        // tables and one cluster.
+        let log = dir.path().join(format!("{filter}.log"));
+        let s = Server::start(&[
+            "--filter=qcow2dec",
+            "--filter=log",
+            &format!("--filter={filter}"),
+            "file",
+            &packed,
+            &format!("logfile={}", log.display()),
+        ]);
+        python(
+            "import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
+             assert len(h.pread(4096, 12 << 20)) == 4096\nprint('OK')\n",
+            &[&s.uri],
+        );
+        drop(s);
+        let read = logged_read_bytes(&log);
+        assert!(read > 0, "{filter}: the log filter saw no reads");
+        assert!(
+            read < size / 4,
+            "{filter}: one sector read {read} bytes of a {size}-byte qcow2"
+        );
+    }
+}
+
 /// Set bits in the big-endian u64 at `at` of `img`.
 fn or_u64(img: &Path, at: usize, bits: u64) {
     let mut b = std::fs::read(img).unwrap();

@@ -643,6 +643,60 @@ print(k["AccessKeyId"], k["SecretAccessKey"])
     moto
 }
 
+/// A qcow2 object on S3 is read through the qcow2dec filter: the whole
+/// disk as `qemu-img convert` reads the file itself.
+#[test]
+fn a_qcow2_object_on_s3_reads_through_qcow2dec() {
+    let Some(venv) = moto_venv() else { return };
+    if !have("nbdcopy") || !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, image()).unwrap();
+    let q = dir.path().join("disk.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-c", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&q),
+    );
+    let want = dir.path().join("want.raw");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&q)
+            .arg(&want),
+    );
+    let moto = start_moto(
+        &venv,
+        dir.path(),
+        &[("disks/disk.qcow2", &std::fs::read(&q).unwrap())],
+    );
+    let endpoint = format!("endpoint-url={}", moto.endpoint);
+    let no_files = dir.path().join("none");
+    let no_files = no_files.to_str().unwrap();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", moto.access.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", moto.secret.as_str()),
+        ("AWS_SHARED_CREDENTIALS_FILE", no_files),
+        ("AWS_CONFIG_FILE", no_files),
+    ];
+    let s = Server::start_with(
+        &[
+            "--filter=qcow2dec",
+            "s3",
+            "s3://images/disks/disk.qcow2",
+            &endpoint,
+        ],
+        &env,
+    );
+    assert!(
+        copy_out(&s, &[]) == std::fs::read(&want).unwrap(),
+        "qcow2 on s3 differs"
+    );
+}
+
 #[test]
 fn s3_objects_are_served_with_signed_requests_from_a_local_s3_server() {
     let Some(venv) = moto_venv() else { return };

@@ -201,19 +201,51 @@ fn nbdinfo(uri: &str) -> std::process::Output {
 
 /// A rustls client that trusts the test CA (and presents no certificate).
 fn rustls_client(pki: &Pki) -> Arc<rustls::ClientConfig> {
+    client_with(pki, rustls::DEFAULT_VERSIONS, None)
+}
+
+/// [`rustls_client`] speaking only `versions`, and with `cipher` only
+/// the suites whose name contains it (`"CHACHA20"`).
+fn client_with(
+    pki: &Pki,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    cipher: Option<&str>,
+) -> Arc<rustls::ClientConfig> {
     let pem = std::fs::read(pki.server.join("ca-cert.pem")).expect("ca");
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut &pem[..]) {
         roots.add(c.expect("cert")).expect("add CA");
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(c) = cipher {
+        provider
+            .cipher_suites
+            .retain(|s| format!("{:?}", s.suite()).contains(c));
+    }
     Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)
             .expect("versions")
             .with_root_certificates(roots)
             .with_no_client_auth(),
     )
+}
+
+/// STARTTLS, then a TLS handshake with `config`: the version negotiated,
+/// or why the handshake failed.
+fn handshake(
+    s: &Server,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<rustls::ProtocolVersion, String> {
+    let mut c = RawClient::start(&s.socket);
+    assert_eq!(c.simple_option(OptionRequest::StartTls), REP_ACK);
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut conn = rustls::ClientConnection::new(config, name).expect("TLS client");
+    let mut sock = c.s.try_clone().expect("clone socket");
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
+    }
+    Ok(conn.protocol_version().expect("version"))
 }
 
 #[test]
@@ -429,7 +461,8 @@ fn run_exports_tls_and_an_nbds_uri() {
     let Some(pki) = pki() else { return };
     let certs = format!("--tls-certificates={}", pki.server.display());
     for (mode, n, scheme) in [
-        ("off", "0", "nbd+unix"),
+        // As nbdkit: $tls is not set when TLS is off.
+        ("off", "", "nbd+unix"),
         ("on", "1", "nbds+unix"),
         ("require", "2", "nbds+unix"),
     ] {
@@ -1248,4 +1281,194 @@ fn psk_keys_are_rotated_without_a_restart() {
     let log = s.log();
     assert!(log.contains("keeping the previous ones"), "{log}");
     assert!(!log.contains("$6$hash"), "{log}");
+}
+
+/// `--tls-priority` (nbdkit 1.46): a GnuTLS priority string, applied to
+/// rustls.  What it takes away, clients cannot get.
+#[test]
+fn tls_priority_limits_versions_and_ciphers() {
+    let Some(pki) = pki() else { return };
+    let only13 = start(
+        &pki,
+        &[
+            "--tls=require",
+            "--tls-priority=NORMAL:-VERS-ALL:+VERS-TLS1.3",
+        ],
+        &["memory", "size=1M"],
+    );
+    let v13 = client_with(&pki, &[&rustls::version::TLS13], None);
+    let v12 = client_with(&pki, &[&rustls::version::TLS12], None);
+    assert_eq!(
+        handshake(&only13, v13),
+        Ok(rustls::ProtocolVersion::TLSv1_3)
+    );
+    assert!(handshake(&only13, v12.clone()).is_err(), "TLS 1.2 accepted");
+    // Without the option, the same client gets in.
+    let plain = start(&pki, &["--tls=require"], &["memory", "size=1M"]);
+    assert_eq!(handshake(&plain, v12), Ok(rustls::ProtocolVersion::TLSv1_2));
+
+    let no_chacha = start(
+        &pki,
+        &["--tls=require", "--tls-priority=NORMAL:-CHACHA20-POLY1305"],
+        &["memory", "size=1M"],
+    );
+    let chacha = client_with(&pki, rustls::DEFAULT_VERSIONS, Some("CHACHA20"));
+    let aes = client_with(&pki, rustls::DEFAULT_VERSIONS, Some("AES_256_GCM"));
+    assert!(
+        handshake(&no_chacha, chacha.clone()).is_err(),
+        "ChaCha20 accepted"
+    );
+    assert!(handshake(&no_chacha, aes).is_ok());
+    assert!(handshake(&plain, chacha).is_ok());
+
+    // GnuTLS (libnbd) negotiates with the restricted server.
+    if have("nbdinfo") {
+        let out = nbdinfo(&tls_uri(&only13, &pki.client));
+        assert!(out.status.success(), "nbdinfo: {out:?}");
+    }
+}
+
+#[test]
+fn tls_priority_refuses_what_cannot_be_done() {
+    let Some(pki) = pki() else { return };
+    let certs = format!("--tls-certificates={}", pki.server.display());
+    let run = |args: &[&str]| {
+        let out = Command::new(binary())
+            .args(["-f", "-U", "-"])
+            .args(args)
+            .args(["memory", "size=1M", "--run", "exit 0"])
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{args:?} started");
+        let e = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(e.lines().count(), 1, "one line: {e}");
+        e
+    };
+    for (priority, says) in [
+        (
+            "NORMAL:+VERS-TLS1.1",
+            "+VERS-TLS1.1: not supported by rustls",
+        ),
+        ("NORMAL:+ARCFOUR-128", "+ARCFOUR-128"),
+        ("NORMAL:-AEAD", "cannot be turned off"),
+        ("NORMAL:+NOSUCHTHING", "unknown priority element"),
+        ("SUITEB128", "Suite B"),
+        ("NORMAL:%COMPAT", "%COMPAT"),
+        ("NONE:+VERS-TLS1.3", "no cipher"),
+    ] {
+        let e = run(&[
+            &certs,
+            "--tls=require",
+            &format!("--tls-priority={priority}"),
+        ]);
+        assert!(
+            e.contains("--tls-priority") && e.contains(says),
+            "{priority}: {e}"
+        );
+    }
+    // Without TLS it would do nothing, which is not what was asked.
+    let e = run(&["--tls-priority=NORMAL"]);
+    assert!(e.contains("needs TLS"), "{e}");
+}
+
+/// `--run` tells the command where the server's credentials are:
+/// `$tls_certificates` (whose ca-cert.pem verifies the server) and
+/// `$tls_psk`, set only while TLS is on; `$tls` is unset when TLS is off,
+/// as in nbdkit.
+#[test]
+fn run_tells_where_the_credentials_are() {
+    let Some(pki) = pki() else { return };
+    let certs = format!("--tls-certificates={}", pki.server.display());
+    let out = stdout_of(Command::new(binary()).args([
+        "-U",
+        "-",
+        "--tls=require",
+        &certs,
+        "memory",
+        "size=1M",
+        "--run",
+        "echo \"$tls|$tls_certificates|${tls_psk-unset}\"",
+    ]));
+    assert_eq!(
+        out.trim(),
+        format!(
+            "2|{}|unset",
+            std::path::absolute(&pki.server).unwrap().display()
+        )
+    );
+    // A client finds the CA there.
+    if have("nbdinfo") {
+        let out = stdout_of(Command::new(binary()).args([
+            "-U",
+            "-",
+            "--tls=require",
+            &certs,
+            "memory",
+            "size=3M",
+            "--run",
+            "nbdinfo --size \"$uri&tls-certificates=$tls_certificates\"",
+        ]));
+        assert_eq!(out.trim(), (3 << 20).to_string());
+    }
+    // TLS off: none of them, even if our caller had them set.
+    let out = stdout_of(
+        Command::new(binary())
+            .args(["-U", "-", "memory", "size=1M", "--run"])
+            .arg("echo \"${tls-unset}|${tls_certificates-unset}|${tls_psk-unset}|${port-unset}\"")
+            .env("tls", "1")
+            .env("tls_certificates", "/nowhere"),
+    );
+    // $port is set but empty on a Unix socket, as nbdkit sets it.
+    assert_eq!(out.trim(), "unset|unset|unset|");
+}
+
+#[cfg(feature = "tls-psk")]
+#[test]
+fn tls_priority_with_pre_shared_keys() {
+    let Some(psk) = psk() else { return };
+    let keys = format!("--tls-psk={}", psk.file.display());
+    // TLS 1.2 only, with libnbd (GnuTLS) as the client.
+    if have("nbdinfo") {
+        let s = Server::start(&[
+            "--tls=require",
+            &keys,
+            "--tls-priority=NORMAL:-VERS-TLS1.3:%SERVER_PRECEDENCE",
+            "memory",
+            "size=4M",
+        ]);
+        let out = nbdinfo(&psk_uri(&s, "alice", &psk.file));
+        assert!(
+            out.status.success(),
+            "nbdinfo with PSK over TLS 1.2: {out:?}"
+        );
+    }
+    // $tls_psk is the keys file.
+    let out = stdout_of(Command::new(binary()).args([
+        "-U",
+        "-",
+        "--tls=require",
+        &keys,
+        "memory",
+        "size=1M",
+        "--run",
+        "echo \"$tls_psk|${tls_certificates-unset}\"",
+    ]));
+    assert_eq!(
+        out.trim(),
+        format!(
+            "{}|unset",
+            std::path::absolute(&psk.file).unwrap().display()
+        )
+    );
+    // TLS 1.3 pre-shared key suites are SHA-256 ones: AES-256-GCM alone
+    // leaves nothing.
+    let out = Command::new(binary())
+        .args(["-f", "-U", "-", "--tls=require", &keys])
+        .arg("--tls-priority=NORMAL:-VERS-TLS1.2:-CIPHER-ALL:+AES-256-GCM")
+        .args(["memory", "size=1M", "--run", "exit 0"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("no pre-shared key suite"), "{e}");
 }

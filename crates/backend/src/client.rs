@@ -144,6 +144,16 @@ impl Client {
         CURRENT.with(|c| c.borrow().clone())
     }
 
+    /// The number of this thread's [`Client::current`], for log lines.
+    /// Safe to call anywhere a message may be logged, even while the
+    /// thread's locals are being destroyed (then: None).
+    pub fn current_id() -> Option<u64> {
+        CURRENT
+            .try_with(|c| c.try_borrow().ok().and_then(|c| c.as_ref().map(|c| c.id)))
+            .ok()
+            .flatten()
+    }
+
     /// Make `self` this thread's [`Client::current`] until the guard drops
     /// (then the previous one is restored).  For servers, and for backends
     /// that hand work for a connection to threads of their own.

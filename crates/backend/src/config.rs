@@ -160,6 +160,28 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| "size is too large".to_string())
 }
 
+/// Parse a delay or duration in nbdkit_parse_delay's forms: a number of
+/// seconds (`2`, `1.5`, `2s`), milliseconds (`100ms`), microseconds
+/// (`250us` or `250μs`) or nanoseconds (`1000ns`).  Filters' delays and the
+/// server's `--timeout` read the same syntax, as in nbdkit.
+pub fn parse_delay(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    // The longer suffixes first: "ms" also ends in "s".
+    let (num, scale) = [("ms", 1e-3), ("us", 1e-6), ("\u{3bc}s", 1e-6), ("ns", 1e-9)]
+        .iter()
+        .find_map(|(suffix, scale)| t.strip_suffix(suffix).map(|n| (n, *scale)))
+        .unwrap_or_else(|| (t.strip_suffix('s').unwrap_or(t), 1.0));
+    let x: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| "expected a delay such as 2, 2s, 0.5, 100ms, 250us or 1000ns".to_string())?;
+    if !x.is_finite() || x < 0.0 {
+        return Err("expected a delay of zero or more".to_string());
+    }
+    std::time::Duration::try_from_secs_f64(x * scale)
+        .map_err(|_| "expected a delay of zero or more".to_string())
+}
+
 /// Parse a boolean the way nbdkit does.
 pub fn parse_bool(s: &str) -> Result<bool, String> {
     match s.trim().to_ascii_lowercase().as_str() {
@@ -184,6 +206,22 @@ mod tests {
         assert!(parse_size("").is_err());
         assert!(parse_size("16E").is_err());
         assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn delays_in_nbdkit_parse_delay_forms() {
+        use std::time::Duration;
+        assert_eq!(parse_delay("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_delay("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_delay("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_delay("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_delay("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_delay("250\u{3bc}s"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_delay("1000ns"), Ok(Duration::from_micros(1)));
+        assert_eq!(parse_delay(" 0 "), Ok(Duration::ZERO));
+        for bad in ["", "s", "-1", "2m", "1h", "soon", "inf", "nan", "1.5 min"] {
+            assert!(parse_delay(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -53,8 +53,13 @@ pub mod registry;
 pub mod secret;
 pub mod sync;
 
+/// The nbdkit release whose command line, plugin interface and protocol
+/// behaviour nbdkit-rs implements: `--version` and `--dump-config` report
+/// it, because tools parse them to decide what the server can do.
+pub const NBDKIT_VERSION: &str = "1.32.5";
+
 pub use client::{nanosleep, request_shutdown, Client, Peer};
-pub use config::{parse_bool, parse_size, Config};
+pub use config::{parse_bool, parse_delay, parse_size, Config};
 pub use direct::{DirectPiece, DirectRead};
 pub use error::{ConfigError, Error, ErrorKind, Result};
 pub use extents::{Extent, Extents, StatusKind, EXTENT_HOLE, EXTENT_ZERO};
@@ -350,6 +355,24 @@ pub trait Handle: Send + Sync {
     }
     fn can_cache(&self) -> Result<CacheMode> {
         forward!(self.can_cache(), Ok(CacheMode::None))
+    }
+
+    /// Whether [`Handle::extend`] can grow this handle.  False by default
+    /// for plugins and filters alike, and deliberately *not* forwarded: a
+    /// filter that changes offsets or sizes (partition, truncate, cow)
+    /// would let its user grow the wrong thing.  A filter whose offsets
+    /// map 1:1 onto `next`'s may opt in by forwarding both methods.
+    fn can_extend(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Grow to `new_size` bytes (never shrinks; a size not above the
+    /// current one does nothing), the new bytes reading as zeroes.  For
+    /// formats that append to their file (qcow2 allocates clusters past
+    /// the end).  Not forwarded, like [`Handle::can_extend`].
+    fn extend(&self, new_size: u64) -> Result<()> {
+        let _ = new_size;
+        Err(Error::not_supported("this layer cannot grow"))
     }
 
     /// Read `buf.len()` bytes at `offset`.  Plugins must implement this.
@@ -660,6 +683,36 @@ mod tests {
         // The inverting filter changes data: a direct read would bypass it.
         let f = Invert(Box::new(plugin));
         assert!(f.pread_direct(4, 8).unwrap().is_none());
+    }
+
+    #[test]
+    fn extend_is_not_forwarded_through_filters() {
+        struct Growing(Mutex<Vec<u8>>);
+        impl Handle for Growing {
+            fn size(&self) -> Result<u64> {
+                Ok(self.0.lock().unwrap().len() as u64)
+            }
+            fn can_extend(&self) -> Result<bool> {
+                Ok(true)
+            }
+            fn extend(&self, new_size: u64) -> Result<()> {
+                let mut v = self.0.lock().unwrap();
+                if new_size as usize > v.len() {
+                    v.resize(new_size as usize, 0);
+                }
+                Ok(())
+            }
+        }
+        let plugin = Growing(Mutex::new(vec![1; 16]));
+        plugin.extend(32).unwrap();
+        assert_eq!(plugin.size().unwrap(), 32);
+        // A filter that says nothing about growth cannot grow what is
+        // below it: it might map offsets (a partition) and grow the wrong
+        // thing.
+        let f = Invert(Box::new(plugin));
+        assert!(!f.can_extend().unwrap());
+        assert_eq!(f.extend(64).unwrap_err().kind(), ErrorKind::NotSupported);
+        assert_eq!(f.size().unwrap(), 32);
     }
 
     #[test]

@@ -76,18 +76,28 @@ struct Compressed {
 
 /// The next backend as the compressed file: a handle opened once and kept
 /// for the reader's lifetime, with its size read once (a compressed image
-/// does not change size under a reader).
+/// does not change size under a reader; a qcow2 image grows only through
+/// its own writer, which moves `size` on when it extends the file).
 pub(crate) struct HandleSource {
     pub(crate) handle: Box<dyn Handle>,
-    pub(crate) size: u64,
+    pub(crate) size: std::sync::atomic::AtomicU64,
+}
+
+impl HandleSource {
+    pub(crate) fn new(handle: Box<dyn Handle>, size: u64) -> Self {
+        HandleSource {
+            handle,
+            size: size.into(),
+        }
+    }
 }
 
 impl Source for HandleSource {
     fn size(&self) -> std::io::Result<u64> {
-        Ok(self.size)
+        Ok(self.size.load(std::sync::atomic::Ordering::Acquire))
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let size = self.size;
+        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
         if offset
             .checked_add(buf.len() as u64)
             .is_none_or(|end| end > size)
@@ -101,8 +111,14 @@ impl Source for HandleSource {
     }
 }
 
-fn to_io(e: Error) -> std::io::Error {
-    std::io::Error::other(e.to_string())
+/// A backend error as an `io::Error` for the seekable crate, keeping
+/// "no space" recognisable (a qcow2 writer's ENOSPC goes back out as one).
+pub(crate) fn to_io(e: Error) -> std::io::Error {
+    let kind = match e.kind() {
+        ErrorKind::NoSpace => std::io::ErrorKind::StorageFull,
+        _ => std::io::ErrorKind::Other,
+    };
+    std::io::Error::new(kind, e.to_string())
 }
 
 impl Compressed {
@@ -132,7 +148,7 @@ impl Compressed {
             debug!("{}: source version {v}", opts.name);
             gzip.identity = Some(v.into_bytes());
         }
-        let source: Arc<dyn Source> = Arc::new(HandleSource { handle, size });
+        let source: Arc<dyn Source> = Arc::new(HandleSource::new(handle, size));
         let format = self.settings.format;
         let opened: seekable_compressed::Result<Arc<dyn RandomAccess>> = match format {
             Format::Xz => XzReader::open(source, &opts).map(|r| Arc::new(r) as _),

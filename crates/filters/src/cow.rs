@@ -1,6 +1,7 @@
 //! `cow`: copy-on-write.  The plugin is opened read-only and never
-//! written; writes go to an overlay in a sparse temporary file, shared by
-//! all connections and deleted on exit.  A bitmap says, for each block of
+//! written; writes go to an overlay in a sparse temporary file, one per
+//! export (as nbdkit >= 1.44), shared by all connections to that export
+//! and deleted on exit.  A bitmap says, for each block of
 //! `cow-block-size` bytes, whether it is still the plugin's, held in the
 //! overlay, or zeroed (trimmed or zeroed whole: reads as zeroes, nothing
 //! stored).  A write that covers part of a block first copies the rest of
@@ -9,6 +10,7 @@
 //! Flush and FUA succeed without doing anything: the overlay is temporary,
 //! so there is nothing to make durable.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -33,13 +35,13 @@ enum State {
     Zero = 2,
 }
 
-/// The overlay shared by every connection.
+/// The overlay of one export, shared by every connection to it.
 struct Overlay {
     file: File,
     block: u64,
-    /// Which export and size the overlay belongs to (set by the first
-    /// connection; the bitmap only makes sense for that disk).
-    owner: Mutex<Option<(String, u64)>>,
+    /// The export's size when the overlay was made (the bitmap only makes
+    /// sense for that disk: the plugin must not resize it).
+    size: u64,
     /// One `State` per block.  Writers hold it exclusively for the whole
     /// request, so two partial writes to one block cannot both copy the
     /// old block and lose each other's bytes.
@@ -57,28 +59,58 @@ impl Layer for CowLayer {
         self: Box<Self>,
         next: Arc<dyn Backend>,
     ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        // An unnamed temporary file: nothing to clean up, whatever happens.
-        let file = tempfile::tempfile()
+        // Fail at start-up, not at the first client, where temporary
+        // files cannot be made.
+        tempfile::tempfile()
             .map_err(|e| ConfigError::new(format!("cow filter: creating the overlay: {e}")))?;
         Ok(Arc::new(CowBackend {
             next,
+            block: self.block,
             on_read: self.on_read,
             on_cache: self.on_cache,
-            overlay: Arc::new(Overlay {
-                file,
-                block: self.block,
-                owner: Mutex::new(None),
-                map: RwLock::new(Vec::new()),
-            }),
+            overlays: Mutex::new(HashMap::new()),
         }))
     }
 }
 
 struct CowBackend {
     next: Arc<dyn Backend>,
+    block: u64,
     on_read: OnRead,
     on_cache: bool,
-    overlay: Arc<Overlay>,
+    /// By export name (the default export under the name it stands for),
+    /// made by the first connection to each and kept until exit.
+    overlays: Mutex<HashMap<String, Arc<Overlay>>>,
+}
+
+impl CowBackend {
+    /// The overlay of `export`, made for a disk of `size` bytes if it has
+    /// none yet.
+    fn overlay(&self, export: &str, size: u64) -> Result<Arc<Overlay>> {
+        let mut overlays = self.overlays.lock_unpoisoned();
+        if let Some(ov) = overlays.get(export) {
+            if ov.size != size {
+                return Err(Error::invalid(format!(
+                    "cow filter: export \"{export}\" changed size ({} bytes, now {size}): the overlay cannot follow",
+                    ov.size
+                )));
+            }
+            return Ok(ov.clone());
+        }
+        // An unnamed temporary file: nothing to clean up, whatever happens.
+        let file = tempfile::tempfile()
+            .map_err(|e| Error::from_io("cow filter: creating the overlay", e))?;
+        file.set_len(size)
+            .map_err(|e| Error::from_io("cow filter: sizing the overlay", e))?;
+        let ov = Arc::new(Overlay {
+            file,
+            block: self.block,
+            size,
+            map: RwLock::new(vec![State::Base; size.div_ceil(self.block) as usize]),
+        });
+        overlays.insert(export.to_string(), ov.clone());
+        Ok(ov)
+    }
 }
 
 impl Backend for CowBackend {
@@ -92,31 +124,13 @@ impl Backend for CowBackend {
         // The plugin is only ever read, whatever the client may do.
         let next = self.next.open(true, export)?;
         let size = next.size()?;
-        let ov = &self.overlay;
-        let mut owner = ov.owner.lock_unpoisoned();
-        match &*owner {
-            None => {
-                let blocks = size.div_ceil(ov.block);
-                *ov.map.write_unpoisoned() =
-                    vec![State::Base; blocks as usize];
-                ov.file
-                    .set_len(size)
-                    .map_err(|e| Error::from_io("cow filter: sizing the overlay", e))?;
-                *owner = Some((export.to_string(), size));
-            }
-            Some((name, s)) if name == export && *s == size => {}
-            Some((name, s)) => {
-                return Err(Error::invalid(format!(
-                    "cow filter: the overlay holds export \"{name}\" ({s} bytes); it cannot also serve \"{export}\" ({size} bytes)"
-                )))
-            }
-        }
+        let ov = self.overlay(export, size)?;
         Ok(Box::new(CowHandle {
             next,
             size,
             on_read: self.on_read.clone(),
             on_cache: self.on_cache,
-            ov: self.overlay.clone(),
+            ov,
         }))
     }
 }
@@ -297,8 +311,8 @@ impl Handle for CowHandle {
         Ok(true)
     }
     fn can_multi_conn(&self) -> Result<bool> {
-        // One overlay for all connections, read and written through the
-        // same file, and flush has nothing to do.
+        // One overlay for all connections to an export, read and written
+        // through the same file, and flush has nothing to do.
         Ok(true)
     }
     fn can_cache(&self) -> Result<CacheMode> {
@@ -437,8 +451,9 @@ pub static SPEC: FilterSpec = FilterSpec {
     summary:
         "copy-on-write: make a read-only plugin writable, keeping writes in a temporary overlay",
     description: "The plugin is opened read-only and never changed; writes, trims and zeroes\n\
-go to a sparse temporary overlay shared by all connections.  Flush does\n\
-nothing: the overlay is lost when the server exits.\n\n\
+go to a sparse temporary overlay, one per export, shared by all connections\n\
+to that export.  Flush does nothing: the overlays are lost when the server\n\
+exits.\n\n\
 Example:\n  nbdkit-rs --filter=cow file base.img cow-block-size=4K",
     params: &[
         Param {
@@ -619,6 +634,57 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A base whose contents are the export name, repeated.
+    struct Named;
+    struct NamedHandle(Vec<u8>);
+    impl Backend for Named {
+        fn name(&self) -> &str {
+            "named"
+        }
+        fn open(&self, _readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
+            let size = if export == "big" { 3 * 4096 } else { 2 * 4096 };
+            let pattern = export.as_bytes();
+            Ok(Box::new(NamedHandle(
+                (0..size).map(|i| pattern[i % pattern.len()]).collect(),
+            )))
+        }
+    }
+    impl Handle for NamedHandle {
+        fn size(&self) -> Result<u64> {
+            Ok(self.0.len() as u64)
+        }
+        fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn each_export_has_its_own_overlay() {
+        let mut cfg = Config::new(vec![("cow-block-size".into(), "4K".into())]);
+        let b = (SPEC.configure)(&mut cfg)
+            .unwrap()
+            .layer(Arc::new(Named))
+            .unwrap();
+        let a1 = b.open(false, "a").unwrap();
+        let big = b.open(false, "big").unwrap();
+        a1.pwrite(b"XYZ", 10, false).unwrap();
+        big.pwrite(b"QQ", 4096, false).unwrap();
+        // A second connection to "a" sees the first one's write...
+        let a2 = b.open(false, "a").unwrap();
+        let mut buf = [0u8; 5];
+        a2.pread(&mut buf, 9).unwrap();
+        assert_eq!(&buf, b"aXYZa");
+        // ... and "big", a different size, has its own overlay.
+        assert_eq!(big.size().unwrap(), 3 * 4096);
+        big.pread(&mut buf, 9).unwrap();
+        assert_eq!(&buf, b"bigbi");
+        big.pread(&mut buf[..3], 4095).unwrap();
+        assert_eq!(&buf[..3], b"bQQ");
+        a2.pread(&mut buf[..3], 4095).unwrap();
+        assert_eq!(&buf[..3], b"aaa");
     }
 
     #[test]

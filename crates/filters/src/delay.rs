@@ -14,23 +14,9 @@ const OPS: [&str; 9] = [
     "read", "write", "zero", "trim", "extents", "cache", "flush", "open", "close",
 ];
 
-/// `2`, `0.5`, `2s`, `100ms` (plain numbers are seconds).
-pub(crate) fn parse_delay(v: &str) -> std::result::Result<Duration, String> {
-    let t = v.trim();
-    let (num, scale) = if let Some(ms) = t.strip_suffix("ms") {
-        (ms, 1e-3)
-    } else if let Some(s) = t.strip_suffix('s') {
-        (s, 1.0)
-    } else {
-        (t, 1.0)
-    };
-    let x: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| "expected a delay such as 2, 2s, 0.5 or 100ms".to_string())?;
-    Duration::try_from_secs_f64(x * scale)
-        .map_err(|_| "expected a delay of zero or more".to_string())
-}
+/// The delay syntax (nbdkit_parse_delay's), shared with the server's
+/// `--timeout`.
+pub(crate) use nbdkit_backend::parse_delay;
 
 fn delays(cfg: &mut Config) -> std::result::Result<[Duration; 9], ConfigError> {
     let mut d = [Duration::ZERO; 9];

@@ -1,10 +1,13 @@
 //! `fua`: change how Forced Unit Access is advertised and handled, to test
-//! clients and plugins (or, with `discard`, to trade safety for speed).
+//! clients and plugins (or, with `discard`, to trade safety for speed);
+//! and, with `flush-on-close=true`, flush when a client disconnects, so a
+//! client that never flushes still leaves its writes durable.
 
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, ConfigError, Error, FilterSpec, FuaMode, Handle, Layer, Param, Result, ZeroFlags,
+    Backend, Config, ConfigError, Error, FilterSpec, FuaMode, Handle, Layer, Param, Result,
+    ZeroFlags,
 };
 
 use crate::modes::take_mode;
@@ -25,20 +28,28 @@ enum Mode {
     Discard,
 }
 
-struct FuaLayer(Mode);
+struct FuaLayer {
+    mode: Mode,
+    flush_on_close: bool,
+}
 
 impl Layer for FuaLayer {
     fn layer(
         self: Box<Self>,
         next: Arc<dyn Backend>,
     ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(Fua { next, mode: self.0 }))
+        Ok(Arc::new(Fua {
+            next,
+            mode: self.mode,
+            flush_on_close: self.flush_on_close,
+        }))
     }
 }
 
 struct Fua {
     next: Arc<dyn Backend>,
     mode: Mode,
+    flush_on_close: bool,
 }
 
 impl Backend for Fua {
@@ -67,10 +78,13 @@ impl Backend for Fua {
                 }
             )));
         }
+        // Only a connection that can write has anything to flush.
+        let flush_on_close = self.flush_on_close && flush && next.can_write()?;
         Ok(Box::new(FuaHandle {
             next,
             mode: self.mode,
             next_fua,
+            flush_on_close,
         }))
     }
 }
@@ -79,6 +93,20 @@ struct FuaHandle {
     next: Box<dyn Handle>,
     mode: Mode,
     next_fua: FuaMode,
+    flush_on_close: bool,
+}
+
+impl Drop for FuaHandle {
+    fn drop(&mut self) {
+        // Straight to the plugin: even fua-mode=discard, which drops the
+        // client's flushes, flushes here.  The client is gone, so a
+        // failure can only be logged.
+        if self.flush_on_close {
+            if let Err(e) = self.next.flush() {
+                tracing::warn!("fua filter: flush-on-close: {e}");
+            }
+        }
+    }
 }
 
 impl FuaHandle {
@@ -142,17 +170,44 @@ impl Handle for FuaHandle {
 
 pub static SPEC: FilterSpec = FilterSpec {
     name: "fua",
-    summary: "change Forced Unit Access support (fuamode=none|emulate|native|force|pass|discard)",
-    description: "Example:\n  nbdkit-rs --filter=fua file disk.img fuamode=force",
-    params: &[Param {
-        name: "fuamode",
-        help: "none (default): FUA not advertised; emulate: flush after FUA writes; native: flag passed down; force: every write durable; pass: as the plugin; discard: flag and flushes dropped (unsafe)",
-    }],
+    summary: "change Forced Unit Access support (fua-mode=none|emulate|native|force|pass|discard)",
+    description: "Example:\n  nbdkit-rs --filter=fua file disk.img fua-mode=force\n  \
+                  nbdkit-rs --filter=fua file disk.img fua-mode=discard flush-on-close=true",
+    params: &[
+        Param {
+            name: "fua-mode",
+            help: "none (default): FUA not advertised; emulate: flush after FUA writes; native: flag passed down; force: every write durable; pass: as the plugin; discard: flag and flushes dropped (unsafe)",
+        },
+        Param {
+            name: "fuamode",
+            help: "the older name of fua-mode",
+        },
+        Param {
+            name: "flush-on-close",
+            help: "true: flush the plugin when a client that could write disconnects (default false)",
+        },
+    ],
     configure: |cfg| {
+        // nbdkit 1.46 names it fua-mode; fuamode stays for old command
+        // lines.  Giving both is ambiguous, so refused.
+        let (key, value) = match (cfg.take("fua-mode"), cfg.take("fuamode")) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "fua filter: fua-mode= and fuamode= are the same parameter: give one",
+                ))
+            }
+            (None, Some(v)) => ("fuamode", Some(v)),
+            (v, None) => ("fua-mode", v),
+        };
+        let mut given = Config::new(value.map(|v| vec![(key.to_string(), v)]).unwrap_or_default());
+        let flush_on_close = cfg
+            .take_bool("flush-on-close")
+            .map_err(|e| ConfigError::new(format!("fua filter: {e}")))?
+            .unwrap_or(false);
         let mode = take_mode(
-            cfg,
+            &mut given,
             "fua",
-            "fuamode",
+            key,
             &[
                 ("none", Mode::None),
                 ("emulate", Mode::Emulate),
@@ -164,14 +219,16 @@ pub static SPEC: FilterSpec = FilterSpec {
             // nbdkit's default: FUA is not advertised.
             Mode::None,
         )?;
-        Ok(Box::new(FuaLayer(mode)))
+        Ok(Box::new(FuaLayer {
+            mode,
+            flush_on_close,
+        }))
     },
 };
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nbdkit_backend::Config;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
@@ -245,6 +302,43 @@ mod tests {
         assert_eq!(run("force", Native), (Native, vec![true, true], 0));
         assert_eq!(run("force", Emulate), (Native, vec![false, false], 2));
         assert_eq!(run("discard", Native), (Native, vec![false, false], 0));
+    }
+
+    #[test]
+    fn flush_on_close_and_the_new_name() {
+        let open = |params: &[(&str, &str)]| {
+            let probe = Arc::new(Probe::default());
+            let mut cfg = Config::new(
+                params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+            let layer = (SPEC.configure)(&mut cfg)?;
+            let b = layer
+                .layer(Arc::new(ProbeBackend(probe.clone(), FuaMode::Native)))
+                .unwrap();
+            let h = b.open(false, "").unwrap();
+            h.pwrite(b"x", 0, true).unwrap();
+            h.flush().unwrap();
+            let before = probe.flushes.load(Ordering::SeqCst);
+            drop(h);
+            let fua = probe.fua.lock().unwrap().clone();
+            Ok::<_, ConfigError>((before, probe.flushes.load(Ordering::SeqCst), fua))
+        };
+        // discard drops the client's flush, flush-on-close flushes anyway.
+        let r = open(&[("fua-mode", "discard"), ("flush-on-close", "true")]).unwrap();
+        assert_eq!(r, (0, 1, vec![false]));
+        let r = open(&[("fua-mode", "discard")]).unwrap();
+        assert_eq!(r, (0, 0, vec![false]));
+        let r = open(&[("fuamode", "native"), ("flush-on-close", "yes")]).unwrap();
+        assert_eq!(r, (1, 2, vec![true]));
+        let e = open(&[("fua-mode", "native"), ("fuamode", "none")]).unwrap_err();
+        assert!(e.to_string().contains("fua-mode= and fuamode="), "{e}");
+        let e = open(&[("flush-on-close", "maybe")]).unwrap_err();
+        assert!(e.to_string().contains("flush-on-close"), "{e}");
+        let e = open(&[("fua-mode", "sometimes")]).unwrap_err();
+        assert!(e.to_string().contains("fua-mode=sometimes"), "{e}");
     }
 
     #[test]

@@ -1,8 +1,15 @@
-//! `qcow2dec` (alias `qcow2`): serve the virtual disk inside a qcow2 image,
-//! read-only, over any plugin or filter (a local file, a URL, an xz
-//! file).  The format is read by `seekable_compressed::qcow2`: versions 2
-//! and 3, zlib/zstd compressed clusters, zero clusters, subclusters,
-//! backing chains and internal snapshots.
+//! `qcow2dec` (alias `qcow2`): serve the virtual disk inside a qcow2 image
+//! over any plugin or filter (a local file, a URL, an xz file).  The
+//! format is read by `seekable_compressed::qcow2`: versions 2 and 3,
+//! zlib/zstd compressed clusters, zero clusters, subclusters, backing
+//! chains and internal snapshots.
+//!
+//! Writable when the layer below can write, flush and grow (the `file`
+//! plugin on a regular file, `memory`) and `-r` is not given: the writer
+//! (`qcow2::write`) appends clusters and keeps refcounts exact, writing
+//! metadata back in a crash-safe order on flush, FUA and close.  Images it
+//! cannot keep consistent (corrupt or dirty headers, internal snapshots,
+//! extended L2) are served read-only with a log line saying why.
 //!
 //! Backing files named by the image are opened from the local filesystem,
 //! relative to the image's own file when the layer below names one (the
@@ -10,17 +17,19 @@
 //! user can also override (`backing=`) or turn off (`backing=none`).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use nbdkit_backend::{
-    Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer,
-    LockExt, Param, Result, EXTENT_HOLE, EXTENT_ZERO,
+    Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents, FilterSpec, FuaMode,
+    Handle, Layer, LockExt, Param, Result, ZeroFlags, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
 };
+use seekable_compressed::qcow2::write::{Qcow2Writer, Sink};
 use seekable_compressed::qcow2::{Backing, MapKind, Qcow2Options, Qcow2Reader};
 use seekable_compressed::Source;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::compressed::HandleSource;
+use crate::compressed::{to_io, HandleSource};
 
 fn configure(c: &mut Config) -> std::result::Result<Box<dyn Layer>, ConfigError> {
     let backing = match c.take("backing") {
@@ -71,36 +80,82 @@ impl Layer for Qcow2Layer {
         Ok(Arc::new(Qcow2Dec {
             next,
             opts: self.0,
-            readers: Mutex::new(HashMap::new()),
+            images: Mutex::new(HashMap::new()),
         }))
     }
+}
+
+/// One export's image: the reader, and the writer when the image is
+/// served writable.
+#[derive(Clone)]
+struct Image {
+    reader: Arc<Qcow2Reader>,
+    writer: Option<Arc<Qcow2Writer>>,
 }
 
 struct Qcow2Dec {
     next: Arc<dyn Backend>,
     opts: Qcow2Options,
-    /// One reader per export name, shared by its connections (and with it
-    /// the L2 and cluster caches).
-    readers: Mutex<HashMap<String, Arc<Qcow2Reader>>>,
+    /// One image per export name, shared by its connections (and with it
+    /// the caches and the writer's metadata: a write on one connection is
+    /// seen by all, and a flush on any writes everything back).
+    images: Mutex<HashMap<String, Image>>,
 }
 
 fn error(e: seekable_compressed::Error) -> Error {
     let kind = match &e {
         seekable_compressed::Error::OutOfRange { .. } => ErrorKind::InvalidInput,
         seekable_compressed::Error::Unsupported { .. } => ErrorKind::NotSupported,
+        seekable_compressed::Error::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::StorageFull =>
+        {
+            ErrorKind::NoSpace
+        }
         _ => ErrorKind::Io,
     };
     Error::new(kind, format!("qcow2dec: {e}"))
 }
 
+/// The file below as the writer's sink: writes, flushes and growth go to
+/// the image's own handle.
+impl Sink for HandleSource {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.handle.pwrite(buf, offset, false).map_err(to_io)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.handle.flush().map_err(to_io)
+    }
+    fn extend(&self, new_size: u64) -> std::io::Result<()> {
+        self.handle.extend(new_size).map_err(to_io)?;
+        self.size.fetch_max(new_size, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+/// Why the handle below cannot carry a writable image, if it cannot.
+fn below_refuses(h: &dyn Handle) -> Result<Option<&'static str>> {
+    Ok(if !h.can_write()? {
+        Some("the layer below is read-only")
+    } else if !h.can_flush()? {
+        Some("the layer below cannot flush, so metadata could not be ordered for crash safety")
+    } else if !h.can_extend()? {
+        Some("the layer below cannot grow (a block device, or a filter that does not pass growth on)")
+    } else {
+        None
+    })
+}
+
 impl Qcow2Dec {
-    fn reader(&self, export: &str) -> Result<Arc<Qcow2Reader>> {
-        // Held while opening, so two first connections open one reader.
-        let mut readers = self.readers.lock_unpoisoned();
-        if let Some(r) = readers.get(export) {
-            return Ok(r.clone());
+    fn image(&self, readonly: bool, export: &str) -> Result<Image> {
+        // Held while opening, so two first connections open one image.
+        let mut images = self.images.lock_unpoisoned();
+        if let Some(i) = images.get(export) {
+            if !readonly && i.writer.is_none() {
+                debug!("qcow2dec: export {export:?} was opened read-only first; it stays so");
+            }
+            return Ok(i.clone());
         }
-        let handle = self.next.open(true, export)?;
+        let handle = self.next.open(readonly, export)?;
         let mut opts = self.opts.clone();
         opts.name = handle.source_name().unwrap_or_else(|| {
             if export.is_empty() {
@@ -109,9 +164,14 @@ impl Qcow2Dec {
                 export.to_string()
             }
         });
+        let refusal = if readonly {
+            None
+        } else {
+            below_refuses(&*handle)?
+        };
         let size = handle.size()?;
-        let source: Arc<dyn Source> = Arc::new(HandleSource { handle, size });
-        let reader = Qcow2Reader::open(source, &opts).map_err(error)?;
+        let file = Arc::new(HandleSource::new(handle, size));
+        let reader = Arc::new(Qcow2Reader::open(file.clone(), &opts).map_err(error)?);
         let h = reader.header();
         info!(
             "{}: qcow2 v{}, {} byte clusters, virtual size {}{}{}",
@@ -124,15 +184,36 @@ impl Qcow2Dec {
                 .map_or(String::new(), |b| format!(", backing file {b}")),
             if h.dirty { ", dirty" } else { "" }
         );
-        if h.corrupt {
+        let writer = match (readonly, refusal) {
+            (true, _) => None,
+            (false, Some(why)) => {
+                warn!("{}: served read-only: {why}", opts.name);
+                None
+            }
+            (false, None) if opts.snapshot.is_some() => {
+                info!(
+                    "{}: served read-only: snapshot= serves a snapshot",
+                    opts.name
+                );
+                None
+            }
+            (false, None) => match Qcow2Writer::new(reader.clone(), file, opts.cache_bytes) {
+                Ok(w) => Some(Arc::new(w)),
+                Err(e) => {
+                    warn!("{e}; served read-only");
+                    None
+                }
+            },
+        };
+        if h.corrupt && writer.is_none() {
             warn!(
                 "{}: the image is marked corrupt; serving it read-only",
                 opts.name
             );
         }
-        let reader = Arc::new(reader);
-        readers.insert(export.to_string(), reader.clone());
-        Ok(reader)
+        let image = Image { reader, writer };
+        images.insert(export.to_string(), image.clone());
+        Ok(image)
     }
 }
 
@@ -143,45 +224,133 @@ impl Backend for Qcow2Dec {
     fn next(&self) -> Option<&dyn Backend> {
         Some(&*self.next)
     }
-    fn open(&self, _readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
-        let reader = self.reader(export)?;
-        // Nothing is written to the image: the connection's own handle
-        // below is opened read-only.
+    fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
+        let image = self.image(readonly, export)?;
+        // Every write goes through the image's own handle; the
+        // connection's handle below is only held open, read-only.
         let next = self.next.open(true, export)?;
         Ok(Box::new(Qcow2Handle {
             _next: next,
-            reader,
+            reader: image.reader,
+            writer: if readonly { None } else { image.writer },
         }))
+    }
+    fn shutdown(&self) {
+        for (name, image) in self.images.lock_unpoisoned().iter() {
+            if let Some(w) = &image.writer {
+                if let Err(e) = w.flush() {
+                    warn!("qcow2dec: export {name:?}: writing back metadata at exit: {e}");
+                }
+            }
+        }
+        self.next.shutdown()
     }
 }
 
-/// A connection's view.  No `next()`: it answers as a read-only plugin
-/// would, so no write can reach the image below.
+/// A connection's view.  No `next()`: it answers as a plugin would, so
+/// nothing reaches the image below except through the writer.
 struct Qcow2Handle {
     _next: Box<dyn Handle>,
     reader: Arc<Qcow2Reader>,
+    writer: Option<Arc<Qcow2Writer>>,
+}
+
+impl Qcow2Handle {
+    fn writer(&self) -> Result<&Qcow2Writer> {
+        self.writer
+            .as_deref()
+            .ok_or_else(|| Error::read_only("qcow2dec: this image is served read-only"))
+    }
+    fn fail(e: seekable_compressed::Error) -> Error {
+        let e = error(e);
+        warn!("{}", e.message());
+        e
+    }
+}
+
+impl Drop for Qcow2Handle {
+    /// A closing connection writes the metadata back, so a client that
+    /// disconnects leaves an image `qemu-img check` finds clean.
+    fn drop(&mut self) {
+        if let Some(w) = &self.writer {
+            if let Err(e) = w.flush() {
+                warn!("qcow2dec: writing back metadata at close: {e}");
+            }
+        }
+    }
 }
 
 impl Handle for Qcow2Handle {
     fn size(&self) -> Result<u64> {
         Ok(self.reader.size())
     }
+    fn can_write(&self) -> Result<bool> {
+        Ok(self.writer.is_some())
+    }
+    fn can_flush(&self) -> Result<bool> {
+        Ok(self.writer.is_some())
+    }
+    fn can_fua(&self) -> Result<FuaMode> {
+        Ok(if self.writer.is_some() {
+            FuaMode::Native
+        } else {
+            FuaMode::None
+        })
+    }
+    fn can_trim(&self) -> Result<bool> {
+        Ok(self.writer.is_some())
+    }
+    fn can_zero(&self) -> Result<ZeroMode> {
+        Ok(if self.writer.is_some() {
+            ZeroMode::Native
+        } else {
+            ZeroMode::None
+        })
+    }
     fn can_extents(&self) -> Result<bool> {
         Ok(true)
     }
     fn can_multi_conn(&self) -> Result<bool> {
-        // Read-only, one shared reader.
+        // One shared image per export: every connection sees every write,
+        // and a flush on any writes back all metadata and flushes below.
         Ok(true)
     }
     fn can_cache(&self) -> Result<CacheMode> {
         Ok(CacheMode::Emulate)
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.reader.read_at(buf, offset).map_err(|e| {
-            let e = error(e);
-            warn!("{}", e.message());
-            e
-        })
+        self.reader.read_at(buf, offset).map_err(Self::fail)
+    }
+    fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        let w = self.writer()?;
+        w.write_at(buf, offset).map_err(Self::fail)?;
+        if fua {
+            w.flush().map_err(Self::fail)?;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        self.writer()?.flush().map_err(Self::fail)
+    }
+    fn trim(&self, offset: u64, count: u64, fua: bool) -> Result<()> {
+        let w = self.writer()?;
+        w.discard(offset, count).map_err(Self::fail)?;
+        if fua {
+            w.flush().map_err(Self::fail)?;
+        }
+        Ok(())
+    }
+    fn zero(&self, offset: u64, count: u64, flags: ZeroFlags) -> Result<()> {
+        if flags.fast {
+            // Not advertised (a partial cluster is written), so not sent.
+            return Err(Error::not_supported("qcow2dec: fast zero"));
+        }
+        let w = self.writer()?;
+        w.write_zeroes(offset, count).map_err(Self::fail)?;
+        if flags.fua {
+            w.flush().map_err(Self::fail)?;
+        }
+        Ok(())
     }
     fn extents(
         &self,
@@ -221,10 +390,15 @@ impl Handle for Qcow2Handle {
 }
 
 const DESCRIPTION: &str =
-    "Read-only.  Versions 2 and 3, any cluster size, zlib and zstd compressed\n\
-clusters, zero clusters, subclusters (extended L2), backing chains (raw or\n\
-qcow2, found relative to the image's file) and internal snapshots.\n\
-Encrypted images and external data files are refused.\n\n\
+    "Versions 2 and 3, any cluster size, zlib and zstd compressed clusters, zero\n\
+clusters, subclusters (extended L2), backing chains (raw or qcow2, found\n\
+relative to the image's file) and internal snapshots.\n\n\
+Writable when the layer below can write, flush and grow (the file plugin on a\n\
+regular file, memory) and -r is not given: new clusters are appended, refcounts\n\
+kept exact, and metadata written back in a crash-safe order on flush, FUA and\n\
+disconnect.  Served read-only instead (with a log line saying why): corrupt or\n\
+dirty images, internal snapshots, extended L2, snapshot=.  Encrypted images and\n\
+external data files are refused.\n\n\
 Examples:\n  nbdkit-rs --filter=qcow2dec file disk.qcow2\n  \
 nbdkit-rs --filter=qcow2dec --filter=xz curl url=https://example.com/cloud.qcow2.xz\n  \
 nbdkit-rs --filter=qcow2dec file disk.qcow2 snapshot=before-upgrade";
@@ -246,7 +420,7 @@ const PARAMS: &[Param] = &[
 
 pub static SPEC: FilterSpec = FilterSpec {
     name: "qcow2dec",
-    summary: "serve the virtual disk of a qcow2 image, read-only",
+    summary: "serve the virtual disk of a qcow2 image, writable in place",
     description: DESCRIPTION,
     params: PARAMS,
     configure,

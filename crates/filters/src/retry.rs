@@ -1,6 +1,7 @@
 //! `retry`: when a request fails, close the layers below, open them again
 //! and retry, a few times with growing delays — for plugins whose
-//! connection to a remote source can drop (curl, ssh, nbd).  The client
+//! connection to a remote source can drop (curl, ssh, nbd).  A failed
+//! open is retried the same way.  The client
 //! sees the error only when every attempt has failed.  "Not supported"
 //! errors are answers, not failures, and are never retried.
 
@@ -48,11 +49,36 @@ impl Backend for RetryBackend {
         Some(&*self.next)
     }
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
-        let h = self.next.open(readonly, export)?;
+        // A failed open is retried like a failed request (as nbdkit's
+        // filter does): a remote source may be down for a moment just
+        // when the client connects.
+        let mut delay = self.p.delay;
+        let mut attempt = 0;
+        let h = loop {
+            // After a failure, retry-readonly opens read-only.
+            let ro = readonly || (attempt > 0 && self.p.readonly_after_failure);
+            match self.next.open(ro, export) {
+                Ok(h) => break h,
+                Err(e) if attempt >= self.p.retries => return Err(e),
+                Err(e) => {
+                    attempt += 1;
+                    tracing::debug!(
+                        "retry filter: open failed ({e}); retry {attempt} of {} in {delay:?}",
+                        self.p.retries
+                    );
+                    if !delay.is_zero() {
+                        std::thread::sleep(delay);
+                    }
+                    if self.p.exponential {
+                        delay = delay.saturating_mul(2);
+                    }
+                }
+            }
+        };
         Ok(Box::new(RetryHandle {
             backend: self.next.clone(),
             readonly,
-            reopens: AtomicU32::new(0),
+            reopens: AtomicU32::new(attempt),
             export: export.to_string(),
             p: self.p,
             cur: RwLock::new(Some(h)),
@@ -496,6 +522,66 @@ mod tests {
         };
         let e = h.zero(0, 1, fast).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotSupported);
+    }
+
+    /// Refuses the first `fails` opens, then opens working handles.
+    struct SlowToOpen {
+        fails: AtomicU32,
+        modes: Arc<std::sync::Mutex<Vec<bool>>>,
+    }
+    impl Backend for SlowToOpen {
+        fn name(&self) -> &str {
+            "slow"
+        }
+        fn open(&self, readonly: bool, _: &str) -> Result<Box<dyn Handle>> {
+            self.modes.lock().unwrap().push(readonly);
+            if self.fails.load(Ordering::SeqCst) > 0 {
+                self.fails.fetch_sub(1, Ordering::SeqCst);
+                return Err(Error::io("server not up yet"));
+            }
+            Ok(Box::new(FlakyHandle {
+                broken: false,
+                reads: Arc::default(),
+            }))
+        }
+    }
+
+    #[test]
+    fn a_failed_open_is_retried() {
+        let open = |fails: u32, params: &[(&str, &str)]| {
+            let modes = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let mut cfg = Config::new(
+                params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+            let b = (SPEC.configure)(&mut cfg)
+                .unwrap()
+                .layer(Arc::new(SlowToOpen {
+                    fails: AtomicU32::new(fails),
+                    modes: modes.clone(),
+                }))
+                .unwrap();
+            let r = b.open(false, "");
+            let modes = modes.lock().unwrap().clone();
+            (r, modes)
+        };
+        let quick = [("retry-delay", "0"), ("retries", "3")];
+        let (h, modes) = open(3, &quick);
+        let mut buf = [0u8; 4];
+        h.unwrap().pread(&mut buf, 0).unwrap();
+        assert_eq!(buf, [7; 4]);
+        assert_eq!(modes, [false; 4]);
+        let (h, modes) = open(4, &quick);
+        assert_eq!(h.err().unwrap().message(), "server not up yet");
+        assert_eq!(modes.len(), 4);
+        // retry-readonly: the retries open read-only, and writes are then
+        // refused.
+        let (h, modes) = open(1, &[("retry-delay", "0"), ("retry-readonly", "yes")]);
+        assert_eq!(modes, [false, true]);
+        let e = h.unwrap().pwrite(&[1], 0, false).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ReadOnly);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! `file`: serve a local file or block device (`file=`), or every file in a
-//! directory as a separate export (`dir=`).
+//! directory as a separate export (`dir=`); or the same, already open on a
+//! descriptor inherited from the parent process (`fd=`, `dirfd=`), for
+//! sandboxed servers that cannot open the path themselves.
 //!
 //! Reads and writes use pread/pwrite at the client's offsets; trim and zero
 //! punch holes (fallocate); block status comes from SEEK_DATA/SEEK_HOLE;
 //! FUA and flush use fdatasync, so an acknowledged write is on disk.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +38,13 @@ enum Fadvise {
 enum Source {
     File(PathBuf),
     Dir(PathBuf),
+    /// `fd=`: a file or block device the parent process opened; each
+    /// connection gets its own duplicate.
+    Fd(OwnedFd),
+    /// `dirfd=`: a directory the parent process opened, served as `dir=`
+    /// is; exports are opened relative to it (openat), so the server
+    /// needs no path to it (it may run where it has none).
+    DirFd(OwnedFd),
 }
 
 struct FilePlugin {
@@ -51,7 +60,14 @@ impl Backend for FilePlugin {
 
     fn list_exports(&self, _readonly: bool) -> Result<Vec<ExportEntry>> {
         match &self.source {
-            Source::File(_) => Ok(vec![ExportEntry::default()]),
+            Source::File(_) | Source::Fd(_) => Ok(vec![ExportEntry::default()]),
+            Source::DirFd(fd) => Ok(list_dirfd(fd)?
+                .into_iter()
+                .map(|name| ExportEntry {
+                    name,
+                    description: None,
+                })
+                .collect()),
             Source::Dir(d) => {
                 let mut names = Vec::new();
                 let rd = std::fs::read_dir(d).map_err(|e| Error::from_io(d.display(), e))?;
@@ -82,24 +98,123 @@ impl Backend for FilePlugin {
     }
 
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
-        let path = match &self.source {
-            Source::File(p) => p.clone(),
+        let handle = match &self.source {
+            Source::File(p) => FileHandle::open(p, readonly, self.cache)?,
             Source::Dir(d) => {
-                if export.is_empty() {
-                    return Err(Error::invalid(
-                        "this server serves a directory: choose an export name (list them with nbdinfo --list)",
-                    ));
-                }
-                if export.contains('/') || export == "." || export == ".." {
-                    return Err(Error::invalid(format!("invalid export name '{export}'")));
-                }
-                d.join(export)
+                check_export_name(export)?;
+                FileHandle::open(&d.join(export), readonly, self.cache)?
             }
+            Source::DirFd(fd) => {
+                check_export_name(export)?;
+                let name = std::ffi::CString::new(export)
+                    .map_err(|_| Error::invalid("invalid export name (it contains a NUL byte)"))?;
+                FileHandle::open_with(PathBuf::from(export), readonly, self.cache, |write| {
+                    open_at(fd, &name, write)
+                })?
+            }
+            Source::Fd(fd) => FileHandle::from_fd(fd, readonly, self.cache)?,
         };
-        let handle = FileHandle::open(&path, readonly, self.cache)?;
+        if matches!(self.source, Source::Dir(_) | Source::DirFd(_)) && !handle.is_servable()? {
+            // As listed: a subdirectory, pipe or socket is not an export
+            // (opened read-only, a directory would otherwise be served).
+            return Err(Error::invalid(format!(
+                "'{export}' is not a regular file or block device"
+            )));
+        }
         handle.advise(self.fadvise);
         Ok(Box::new(handle))
     }
+}
+
+/// An export name in directory mode names a file directly in it.
+fn check_export_name(export: &str) -> Result<()> {
+    if export.is_empty() {
+        return Err(Error::invalid(
+            "this server serves a directory: choose an export name (list them with nbdinfo --list)",
+        ));
+    }
+    if export.contains('/') || export == "." || export == ".." {
+        return Err(Error::invalid(format!("invalid export name '{export}'")));
+    }
+    Ok(())
+}
+
+/// Open `name` in the directory `dir` (close-on-exec), read-write when
+/// `write`.
+fn open_at(dir: &OwnedFd, name: &std::ffi::CStr, write: bool) -> std::io::Result<File> {
+    let mode = if write { libc::O_RDWR } else { libc::O_RDONLY };
+    // SAFETY: `dir` is an open descriptor we own and `name` a NUL-terminated
+    // string that outlives the call.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            mode | libc::O_CLOEXEC | libc::O_NOCTTY,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openat just returned this descriptor and nothing else owns it.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// The regular files and block devices directly in the directory `dir`
+/// (symbolic links followed), in readdir order as `dir=` lists them.
+fn list_dirfd(dir: &OwnedFd) -> Result<Vec<String>> {
+    // A fresh open file description of the same directory, so that its
+    // read position is our own: concurrent listings do not interleave.
+    let fresh = open_at(dir, c".", false)
+        .map_err(|e| Error::from_io("dirfd: reopening the directory", e))?;
+    let raw = OwnedFd::from(fresh).into_raw_fd();
+    // SAFETY: `raw` is an open directory descriptor we own; on success
+    // fdopendir takes it over (closedir below closes it).
+    let stream = unsafe { libc::fdopendir(raw) };
+    if stream.is_null() {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so `raw` is still ours to close.
+        drop(unsafe { OwnedFd::from_raw_fd(raw) });
+        return Err(Error::from_io("dirfd: reading the directory", e));
+    }
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: `stream` is a valid DIR* until closedir; the entry it
+        // returns is valid until the next readdir on it, and is copied
+        // out before that.
+        let entry = unsafe { libc::readdir(stream) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: as above; d_name is NUL-terminated.
+        let (name, kind) = unsafe {
+            (
+                std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()).to_owned(),
+                (*entry).d_type,
+            )
+        };
+        let wanted = match kind {
+            libc::DT_REG | libc::DT_BLK => true,
+            // Follow links (and ask when the file system did not say).
+            libc::DT_LNK | libc::DT_UNKNOWN => stat_at(dir, &name)
+                .is_some_and(|m| matches!(m & libc::S_IFMT, libc::S_IFREG | libc::S_IFBLK)),
+            _ => false,
+        };
+        if wanted {
+            names.push(name.to_string_lossy().into_owned());
+        }
+    }
+    // SAFETY: `stream` came from fdopendir and is closed once.
+    unsafe { libc::closedir(stream) };
+    Ok(names)
+}
+
+/// The file type bits of `name` in `dir`, following symbolic links.
+fn stat_at(dir: &OwnedFd, name: &std::ffi::CStr) -> Option<libc::mode_t> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstatat fills `st` on success; both pointers are valid.
+    let r = unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), st.as_mut_ptr(), 0) };
+    // SAFETY: initialised by the successful call.
+    (r == 0).then(|| unsafe { st.assume_init() }.st_mode)
 }
 
 pub(crate) struct FileHandle {
@@ -115,10 +230,23 @@ pub(crate) struct FileHandle {
 
 impl FileHandle {
     pub(crate) fn open(path: &Path, readonly: bool, cache: CachePolicy) -> Result<Self> {
+        Self::open_with(path.to_path_buf(), readonly, cache, |write| {
+            OpenOptions::new().read(true).write(write).open(path)
+        })
+    }
+
+    /// Open with `open(write)`, falling back to read-only where writing is
+    /// not allowed.  `path` names the file in messages.
+    fn open_with(
+        path: PathBuf,
+        readonly: bool,
+        cache: CachePolicy,
+        open: impl Fn(bool) -> std::io::Result<File>,
+    ) -> Result<Self> {
         let (file, writable) = if readonly {
-            (File::open(path), false)
+            (open(false), false)
         } else {
-            match OpenOptions::new().read(true).write(true).open(path) {
+            match open(true) {
                 // A read-only file or file system is served read-only.
                 Err(e)
                     if matches!(
@@ -127,18 +255,33 @@ impl FileHandle {
                     ) =>
                 {
                     debug!("{}: opening read-only: {e}", path.display());
-                    (File::open(path), false)
+                    (open(false), false)
                 }
                 r => (r, true),
             }
         };
         let file = file.map_err(|e| Error::from_io(path.display(), e))?;
+        Self::from_file(file, path, writable, cache)
+    }
+
+    /// `fd=`: a duplicate of the inherited descriptor, writable when it
+    /// was opened for writing and the client may write.
+    fn from_fd(fd: &OwnedFd, readonly: bool, cache: CachePolicy) -> Result<Self> {
+        let label = PathBuf::from(format!("fd={}", fd.as_raw_fd()));
+        let dup = fd
+            .try_clone()
+            .map_err(|e| Error::from_io(format_args!("duplicating {}", label.display()), e))?;
+        let writable = !readonly && fd_access_mode(fd) != Some(libc::O_RDONLY);
+        Self::from_file(File::from(dup), label, writable, cache)
+    }
+
+    fn from_file(file: File, path: PathBuf, writable: bool, cache: CachePolicy) -> Result<Self> {
         let meta = file
             .metadata()
             .map_err(|e| Error::from_io(path.display(), e))?;
         Ok(FileHandle {
             file,
-            path: path.to_path_buf(),
+            path,
             writable,
             is_block: meta.file_type().is_block_device(),
             cache,
@@ -149,6 +292,12 @@ impl FileHandle {
 
     fn fd(&self) -> i32 {
         self.file.as_raw_fd()
+    }
+
+    /// A regular file or a block device (what directory modes serve).
+    fn is_servable(&self) -> Result<bool> {
+        let meta = self.file.metadata().map_err(|e| self.err("stat", e))?;
+        Ok(meta.is_file() || self.is_block)
     }
 
     fn err(&self, what: &str, e: std::io::Error) -> Error {
@@ -257,6 +406,30 @@ impl Handle for FileHandle {
     }
     fn can_trim(&self) -> Result<bool> {
         Ok(self.writable && !self.is_block)
+    }
+    /// A regular file grows with ftruncate; a block device has the size
+    /// it has.
+    fn can_extend(&self) -> Result<bool> {
+        Ok(self.writable && !self.is_block)
+    }
+    fn extend(&self, new_size: u64) -> Result<()> {
+        if !self.writable || self.is_block {
+            return Err(Error::not_supported(format!(
+                "{}: cannot grow a {}",
+                self.path.display(),
+                if self.is_block {
+                    "block device"
+                } else {
+                    "read-only file"
+                }
+            )));
+        }
+        if new_size > self.size()? {
+            self.file
+                .set_len(new_size)
+                .map_err(|e| self.err("ftruncate", e))?;
+        }
+        Ok(())
     }
     fn can_zero(&self) -> Result<ZeroMode> {
         Ok(if self.writable {
@@ -492,11 +665,41 @@ fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError
             "file: {k}= is not a file parameter: add --filter=delay on the command line"
         )));
     }
+    let fd = cfg.take("fd");
+    let dirfd = cfg.take("dirfd");
+    let given: Vec<&str> = [
+        ("file", file.is_some()),
+        ("dir", dir.is_some()),
+        ("fd", fd.is_some()),
+        ("dirfd", dirfd.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, on)| on.then_some(k))
+    .collect();
+    if given.len() > 1 {
+        return Err(ConfigError::new(format!(
+            "file: give only one of file=, dir=, fd= or dirfd= (got {}=)",
+            given.join("=, ")
+        )));
+    }
     let source = match (file, dir) {
-        (Some(_), Some(_)) => return Err(ConfigError::new("file: give either file= or dir=, not both")),
+        _ if fd.is_some() || dirfd.is_some() => {
+            let (key, v, want_dir) = match (&fd, &dirfd) {
+                (Some(v), _) => ("fd", v, false),
+                (_, Some(v)) => ("dirfd", v, true),
+                _ => unreachable!("one of fd= or dirfd= was given"),
+            };
+            let owned = inherited_fd(key, v, want_dir)?;
+            if want_dir {
+                Source::DirFd(owned)
+            } else {
+                Source::Fd(owned)
+            }
+        }
+        (Some(_), Some(_)) => unreachable!("checked above"),
         (None, None) => {
             return Err(ConfigError::new(
-                "file: the 'file' parameter is required (or dir=DIRECTORY), e.g. nbdkit-rs file disk.img",
+                "file: the 'file' parameter is required (or dir=DIRECTORY, fd=N or dirfd=N), e.g. nbdkit-rs file disk.img",
             ))
         }
         (Some(f), None) => {
@@ -542,6 +745,59 @@ fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError
     }))
 }
 
+/// `fd=N` / `dirfd=N`: take over descriptor N, inherited from the parent
+/// process, after checking that it is open and is what the key needs (a
+/// file or block device, or a directory).
+fn inherited_fd(key: &str, v: &str, want_dir: bool) -> std::result::Result<OwnedFd, ConfigError> {
+    let bad = |why: String| ConfigError::new(format!("file: {key}={v}: {why}"));
+    let n: i32 = v
+        .trim()
+        .parse()
+        .map_err(|_| bad("expected a file descriptor number".into()))?;
+    if n <= 2 {
+        return Err(bad(
+            "must be greater than 2 (0, 1 and 2 are stdin, stdout and stderr)".into(),
+        ));
+    }
+    // SAFETY: F_GETFD only reads the flags of descriptor n, if it is open.
+    if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+        return Err(bad(format!(
+            "not an open file descriptor ({}): was it inherited from the parent process?",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: n is open (checked above) and the command line hands it to
+    // this plugin; nothing else in the server uses a descriptor it did not
+    // open itself.
+    let fd = unsafe { OwnedFd::from_raw_fd(n) };
+    // Keep it out of --run commands and scripts the server starts.
+    // SAFETY: sets the close-on-exec flag of a descriptor we own.
+    unsafe { libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let ft = File::from(fd.try_clone().map_err(|e| bad(e.to_string()))?)
+        .metadata()
+        .map_err(|e| bad(e.to_string()))?
+        .file_type();
+    let servable = ft.is_file() || ft.is_block_device();
+    if want_dir && !ft.is_dir() {
+        return Err(bad("not a directory".into()));
+    }
+    if !want_dir && !servable {
+        return Err(bad(if ft.is_dir() {
+            "is a directory (use dirfd= to serve the files in it)".into()
+        } else {
+            "not a regular file or block device".into()
+        }));
+    }
+    Ok(fd)
+}
+
+/// The O_ACCMODE part of a descriptor's status flags.
+fn fd_access_mode(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: F_GETFL only reads the flags of an open descriptor we own.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    (r >= 0).then_some(r & libc::O_ACCMODE)
+}
+
 /// The server may change directory when it forks to the background, so
 /// paths are made absolute at configuration time.
 fn absolute(p: PathBuf) -> PathBuf {
@@ -553,12 +809,14 @@ pub static SPEC: PluginSpec = PluginSpec {
     summary: "serve a local file or block device, or each file of a directory",
     description: "Reads and writes go straight to the file; trim and zero punch holes; block\n\
                   status comes from SEEK_DATA/SEEK_HOLE; FUA and flush call fdatasync.\n\n\
-                  Examples:\n  nbdkit-rs file disk.img\n  nbdkit-rs -r file file=/dev/sdb\n  nbdkit-rs file dir=/var/images     (one export per file)",
+                  Examples:\n  nbdkit-rs file disk.img\n  nbdkit-rs -r file file=/dev/sdb\n  nbdkit-rs file dir=/var/images     (one export per file)\n  nbdkit-rs file fd=3 3<>disk.img    (an inherited descriptor)",
     magic_config_key: Some("file"),
     params: &[
         Param { name: "file", help: "the file or block device to serve" },
         Param { name: "dir", help: "serve every file in this directory as its own export" },
         Param { name: "directory", help: "the same as dir=" },
+        Param { name: "fd", help: "serve the file or block device open on this inherited descriptor (> 2)" },
+        Param { name: "dirfd", help: "as dir=, for a directory open on this inherited descriptor (> 2)" },
         Param { name: "rdelay", help: "not a file parameter: use --filter=delay" },
         Param { name: "wdelay", help: "not a file parameter: use --filter=delay" },
         Param { name: "cache", help: "default, or none to keep the page cache small (evicts after each request)" },
@@ -603,6 +861,25 @@ mod tests {
             .any(|e| e.flags == EXTENT_HOLE | EXTENT_ZERO && e.offset == 1 << 20));
         h.pread(&mut buf[..4], 0).unwrap();
         assert_eq!(&buf[..4], &[0xaa; 4]);
+    }
+
+    #[test]
+    fn a_writable_file_grows_and_never_shrinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk");
+        std::fs::write(&p, b"hello").unwrap();
+        let h = handle(&p);
+        assert!(h.can_extend().unwrap());
+        h.extend(8192).unwrap();
+        assert_eq!(h.size().unwrap(), 8192);
+        h.extend(100).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 8192);
+        let mut b = [1u8; 8];
+        h.pread(&mut b, 8184).unwrap();
+        assert_eq!(b, [0; 8]);
+        let ro = FileHandle::open(&p, true, CachePolicy::Default).unwrap();
+        assert!(!ro.can_extend().unwrap());
+        assert!(ro.extend(1 << 20).is_err());
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! bootable disk in a URI), its address as the server sees it
 //! (`mode=address`), or the server's clock, uptime or time since the
 //! connection opened (`mode=time|uptime|conntime`, 8-byte big-endian
-//! seconds then 4-byte microseconds).  Same modes and formats as nbdkit's
-//! info plugin.  Read-only.
+//! seconds then 4-byte microseconds), or the server's version
+//! (`mode=version`).  Same modes and formats as nbdkit's info plugin.
+//! Read-only.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,6 +26,7 @@ enum Mode {
     Time,
     Uptime,
     ConnTime,
+    Version,
 }
 
 struct Info {
@@ -63,6 +65,10 @@ impl Backend for Info {
             Mode::Time => Content::Clock(Clock::Wall),
             Mode::Uptime => Content::Clock(Clock::Since(self.started)),
             Mode::ConnTime => Content::Clock(Clock::Since(Instant::now())),
+            // The nbdkit version this server stands in for, as
+            // `--version` and `--dump-config`'s version= report it, so a
+            // client sees one version whichever way it asks.
+            Mode::Version => Content::Fixed(nbdkit_backend::NBDKIT_VERSION.as_bytes().to_vec()),
         };
         Ok(Box::new(InfoHandle { content }))
     }
@@ -132,13 +138,14 @@ pub static SPEC: PluginSpec = PluginSpec {
                   base64exportname: that name base64-decoded.  address: the client's \
                   address and port (\"unix\" for Unix sockets).  time, uptime, conntime: \
                   12 bytes, seconds (8, big-endian) and microseconds (4) of the wall clock, \
-                  the server's uptime or the connection's age.\n\n\
+                  the server's uptime or the connection's age.  version: the nbdkit \
+                  version this server implements, as text (e.g. 1.32.5).\n\n\
                   Example:\n  nbdkit-rs info mode=address\n  \
                   nbdsh -u nbd://localhost -c 'print(h.pread(h.get_size(), 0))'",
     magic_config_key: Some("mode"),
     params: &[Param {
         name: "mode",
-        help: "exportname, base64exportname, address, time, uptime or conntime (the magic key)",
+        help: "exportname, base64exportname, address, time, uptime, conntime or version (the magic key)",
     }],
     create: |cfg| {
         let mode = match cfg.take("mode").as_deref() {
@@ -148,9 +155,10 @@ pub static SPEC: PluginSpec = PluginSpec {
             Some("time") => Mode::Time,
             Some("uptime") => Mode::Uptime,
             Some("conntime") => Mode::ConnTime,
+            Some("version") => Mode::Version,
             Some(m) => {
                 return Err(ConfigError::new(format!(
-                    "info: mode={m}: expected exportname, base64exportname, address, time, uptime or conntime"
+                    "info: mode={m}: expected exportname, base64exportname, address, time, uptime, conntime or version"
                 )))
             }
         };
@@ -186,5 +194,9 @@ mod tests {
         assert!(secs > 1_600_000_000);
         assert!(u32::from_be_bytes(t[8..].try_into().unwrap()) < 1_000_000);
         assert!(!h.can_write().unwrap());
+        let h = info(Mode::Version).open(true, "").unwrap();
+        let mut v = vec![0u8; h.size().unwrap() as usize];
+        h.pread(&mut v, 0).unwrap();
+        assert_eq!(v, nbdkit_backend::NBDKIT_VERSION.as_bytes());
     }
 }

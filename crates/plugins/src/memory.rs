@@ -3,6 +3,7 @@
 //! reports unallocated pages as holes.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use nbdkit_backend::RwLockExt;
@@ -21,7 +22,8 @@ const SHARDS: usize = 64;
 /// The pages of one disk, shared by every connection (so multi-conn is
 /// safe: all clients see one memory).
 pub struct SparseMemory {
-    size: u64,
+    /// Grows with `extend` (sparse and zstd allocators only).
+    size: AtomicU64,
     shards: Vec<RwLock<HashMap<u64, Box<[u8]>>>>,
     /// Which pages exist, in order, so block status can skip over holes
     /// of any size.  Only touched when a page is created or freed.
@@ -87,7 +89,7 @@ const ZSTD_LEVEL: i32 = 1;
 impl SparseMemory {
     pub fn new(size: u64) -> Self {
         SparseMemory {
-            size,
+            size: AtomicU64::new(size),
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             allocated: RwLock::new(BTreeSet::new()),
             compressed: false,
@@ -305,7 +307,7 @@ impl SparseMemory {
     /// Bytes of page memory in use.
     pub fn allocated_bytes(&self) -> u64 {
         if self.flat.is_some() {
-            return self.size;
+            return self.size.load(Ordering::Relaxed);
         }
         self.shards
             .iter()
@@ -341,7 +343,21 @@ pub(crate) fn handle(mem: Arc<SparseMemory>) -> Box<dyn Handle> {
 
 impl Handle for MemoryHandle {
     fn size(&self) -> Result<u64> {
-        Ok(self.mem.size)
+        Ok(self.mem.size.load(Ordering::Relaxed))
+    }
+    /// Pages are allocated on demand, so growing is only a new size;
+    /// malloc's flat mapping has a fixed length.
+    fn can_extend(&self) -> Result<bool> {
+        Ok(self.mem.flat.is_none())
+    }
+    fn extend(&self, new_size: u64) -> Result<()> {
+        if self.mem.flat.is_some() {
+            return Err(nbdkit_backend::Error::not_supported(
+                "memory: allocator=malloc cannot grow",
+            ));
+        }
+        self.mem.size.fetch_max(new_size, Ordering::Relaxed);
+        Ok(())
     }
     fn can_write(&self) -> Result<bool> {
         Ok(true)
@@ -522,6 +538,21 @@ mod tests {
         let mut back = vec![0u8; 100_010];
         m.read(&mut back, 0).unwrap();
         assert!(back[..5].iter().all(|&b| b == 0) && back[5..100_005].iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn sparse_memory_grows_and_malloc_does_not() {
+        let h = handle(Arc::new(SparseMemory::new(4096)));
+        assert!(h.can_extend().unwrap());
+        h.extend(1 << 20).unwrap();
+        assert_eq!(h.size().unwrap(), 1 << 20);
+        h.pwrite(&[7; 512], (1 << 20) - 512, false).unwrap();
+        h.extend(100).unwrap();
+        assert_eq!(h.size().unwrap(), 1 << 20);
+        let flat = SparseMemory::with_allocator("t", 4096, Allocator::Malloc { mlock: false });
+        let h = handle(Arc::new(flat.unwrap()));
+        assert!(!h.can_extend().unwrap());
+        assert!(h.extend(8192).is_err());
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! (or made by the user's `command=`) when it does not exist yet.  A file
 //! is locked while a client uses it (an OFD lock: exclusive for writers,
 //! shared for `-r`), so two clients never write one filesystem; a second
-//! client is refused, or with `wait=true` waits its turn.  Listing the
-//! exports lists the files.  Reads and writes are the file plugin's.
+//! client is refused, or with `wait=true` waits its turn; `share=true`
+//! (nbdkit >= 1.42) takes no lock, for clients that coordinate themselves
+//! (a cluster filesystem, or readers only).  Listing the exports lists the
+//! files.  Reads and writes are the file plugin's.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -38,6 +40,8 @@ struct OnDemand {
     command: String,
     /// wait=true: a client wanting a locked filesystem waits for it.
     wait: bool,
+    /// share=true: no lock, any number of clients use one filesystem.
+    share: bool,
     /// Held while a filesystem is being made, so two clients asking for a
     /// new name at once do not both run mkfs on it.
     creating: Mutex<()>,
@@ -172,17 +176,24 @@ impl Backend for OnDemand {
                 .open(&path)
         }
         .map_err(|e| Error::from_io(format_args!("ondemand: {}", path.display()), e))?;
-        self.lock(&lock, readonly, name)?;
+        if !self.share {
+            self.lock(&lock, readonly, name)?;
+        }
         let file = FileHandle::open(&path, readonly, CachePolicy::Default)?;
-        Ok(Box::new(OnDemandHandle { file, _lock: lock }))
+        Ok(Box::new(OnDemandHandle {
+            file,
+            _lock: lock,
+            shared: self.share,
+        }))
     }
 }
 
 /// The file plugin's handle on the export's file, holding its lock until
-/// the client goes.  One client per filesystem, so multi-conn is off.
+/// the client goes.
 struct OnDemandHandle {
     file: FileHandle,
     _lock: File,
+    shared: bool,
 }
 
 impl Handle for OnDemandHandle {
@@ -190,7 +201,14 @@ impl Handle for OnDemandHandle {
         Some(&self.file)
     }
     fn can_multi_conn(&self) -> Result<bool> {
-        Ok(false)
+        // Locked: one client per filesystem, so multi-conn is off.
+        // Shared: the connections share the file (and its page cache), as
+        // the file plugin's do.
+        if self.shared {
+            self.file.can_multi_conn()
+        } else {
+            Ok(false)
+        }
     }
 }
 
@@ -202,7 +220,7 @@ pub static SPEC: PluginSpec = PluginSpec {
                   when first asked for with mkfs -t TYPE, or by command= (a /bin/sh fragment \
                   given $disk, $size and every parameter as a variable).  A filesystem is \
                   locked while a client uses it: a second client is refused (wait=true: it \
-                  waits).  Names are at most 255 bytes, without '.', '/' or ':'.\n\n\
+                  waits; share=true: no lock, clients share it).  Names are at most 255 bytes, without '.', '/' or ':'.\n\n\
                   Example:\n  nbdkit-rs ondemand dir=/var/tmp/exports 1G",
     magic_config_key: Some("size"),
     params: &[
@@ -231,6 +249,10 @@ pub static SPEC: PluginSpec = PluginSpec {
             help: "true: a client wanting a filesystem in use waits for it (default: refused)",
         },
         Param {
+            name: "share",
+            help: "true: no lock, any number of clients may use one filesystem at once (default false)",
+        },
+        Param {
             name: ANY_KEY,
             help: "any other parameter becomes a shell variable for command=",
         },
@@ -244,6 +266,10 @@ pub static SPEC: PluginSpec = PluginSpec {
             .ok_or_else(|| ConfigError::new("ondemand: the 'size' parameter is required"))?;
         let wait = cfg
             .take_bool("wait")
+            .map_err(|e| ConfigError::new(format!("ondemand: {e}")))?
+            .unwrap_or(false);
+        let share = cfg
+            .take_bool("share")
             .map_err(|e| ConfigError::new(format!("ondemand: {e}")))?
             .unwrap_or(false);
         let command = cfg.take("command");
@@ -287,6 +313,7 @@ pub static SPEC: PluginSpec = PluginSpec {
             vars,
             command: command.unwrap_or_else(|| MKFS.to_string()),
             wait,
+            share,
             creating: Mutex::new(()),
         }))
     },

@@ -5,9 +5,11 @@
 //! one-off disks written as `eval` snippets on the command line.  These
 //! two plugins run them unchanged: for each plugin method the script is
 //! run as `SCRIPT METHOD ARGS...`, with data on stdin (pwrite) or stdout
-//! (pread), and its exit status says what happened: 0 done, 1 (and 4–127)
+//! (pread), and its exit status says what happened: 0 done, 1 (and 9–255)
 //! error with an optional errno name first on stderr, 2 method missing
-//! (use the default), 3 false (for `can_*` methods).
+//! (use the default), 3 false (for `can_*` methods), and since nbdkit
+//! 1.34: 4/5 shut the server down (then as 0/1), 6 drop the client at
+//! once, 7/8 drop it after this reply (then as 0/1).
 //!
 //! `sh` runs one executable (a shell script or any program; `-` reads a
 //! script from stdin); `eval` takes one `/bin/sh` snippet per method as
@@ -120,11 +122,42 @@ impl Script {
             Some(0) => Ok(Outcome::Done(out.stdout)),
             Some(2) => Ok(Outcome::Missing),
             Some(3) => Ok(Outcome::False),
-            Some(code) => Err(script_error(method, code, &out.stderr)),
+            Some(code @ 4..=8) => Self::request(method, code, out.stdout, &out.stderr),
+            Some(code) => Err(script_error(method, code, &out.stderr, ErrorKind::Io)),
             None => Err(Error::io(format!(
                 "{method}: the script was killed ({})",
                 out.status
             ))),
+        }
+    }
+
+    /// Exit statuses 4 to 8 (nbdkit 1.34): the script asks the server to
+    /// shut down (4 success, 5 error) or to drop this client, at once (6)
+    /// or after this reply (7 success, 8 error).  The errors default to
+    /// ESHUTDOWN instead of EIO.
+    fn request(method: &str, code: i32, stdout: Vec<u8>, stderr: &[u8]) -> Result<Outcome> {
+        let client = nbdkit_backend::Client::current();
+        match code {
+            4 | 5 => {
+                tracing::debug!("{method}: the script asked the server to shut down");
+                nbdkit_backend::request_shutdown();
+            }
+            6 => {
+                return Err(Error::disconnect(format!(
+                    "{method}: the script asked to drop this client"
+                )))
+            }
+            _ => match &client {
+                Some(c) => c.request_disconnect(),
+                // Outside a connection (load, config, get_ready...) there
+                // is no client to drop: as nbdkit, nothing happens.
+                None => tracing::debug!("{method}: disconnect asked for outside a connection"),
+            },
+        }
+        if code == 4 || code == 7 {
+            Ok(Outcome::Done(stdout))
+        } else {
+            Err(script_error(method, code, stderr, ErrorKind::Shutdown))
         }
     }
 
@@ -187,8 +220,8 @@ const ERRNO_NAMES: &[(&str, i32)] = &[
 ];
 
 /// The error a failed call reports: a leading errno name on stderr sets
-/// the kind (else EIO), the rest is the message.
-fn script_error(method: &str, code: i32, stderr: &[u8]) -> Error {
+/// the kind (else `default`), the rest is the message.
+fn script_error(method: &str, code: i32, stderr: &[u8], default: ErrorKind) -> Error {
     let text = String::from_utf8_lossy(stderr);
     let text = text.trim();
     let first = text.split_whitespace().next().unwrap_or("");
@@ -201,9 +234,12 @@ fn script_error(method: &str, code: i32, stderr: &[u8]) -> Error {
         return Error::new(ErrorKind::from_errno(errno), format!("{method}: {msg}"));
     }
     if text.is_empty() {
-        Error::io(format!("{method}: the script failed (exit status {code})"))
+        Error::new(
+            default,
+            format!("{method}: the script failed (exit status {code})"),
+        )
     } else {
-        Error::io(format!("{method}: {text}"))
+        Error::new(default, format!("{method}: {text}"))
     }
 }
 
@@ -335,13 +371,14 @@ impl Backend for ScriptBackend {
         self.script.run("after_fork", &[], None).map(|_| ())
     }
     fn dump_plugin(&self) -> Option<String> {
+        // How scripts probe for the exit statuses above (nbdkit >= 1.34):
+        // 8 is the highest with a meaning.
+        let mut lines = String::from("max_known_status=8\n");
         match self.script.run("dump_plugin", &[], None) {
-            Ok(out) => out.map(|o| String::from_utf8_lossy(&o).into_owned()),
-            Err(e) => {
-                tracing::warn!("{}: {e}", self.name);
-                None
-            }
+            Ok(out) => lines.extend(out.map(|o| String::from_utf8_lossy(&o).into_owned())),
+            Err(e) => tracing::warn!("{}: {e}", self.name),
         }
+        Some(lines)
     }
     fn preconnect(&self, client: &nbdkit_backend::Client) -> Result<()> {
         // An error (exit 1) refuses the client before the handshake.
@@ -1034,6 +1071,35 @@ mod tests {
         assert!(e.message().contains("oops"));
         assert!(s.call("f", &[], None).is_err());
         assert!(s.run("c", &[], None).is_err());
+    }
+
+    #[test]
+    fn disconnect_exit_codes() {
+        let s = eval(&[
+            ("hard", "exit 6"),
+            ("soft", "echo out; exit 7"),
+            ("softerr", "exit 8"),
+            ("softerrno", "echo ENOSPC full >&2; exit 8"),
+            ("reserved", "exit 12"),
+        ]);
+        let client = nbdkit_backend::Client::new(1, nbdkit_backend::Peer::Stdio);
+        let _current = client.enter();
+        let e = s.call("hard", &[], None).unwrap_err();
+        assert!(e.disconnects());
+        assert!(!client.disconnect_requested());
+        assert_eq!(
+            s.call("soft", &[], None).unwrap(),
+            Outcome::Done(b"out\n".to_vec())
+        );
+        assert!(client.disconnect_requested());
+        let e = s.call("softerr", &[], None).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Shutdown);
+        assert!(!e.disconnects());
+        let e = s.call("softerrno", &[], None).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoSpace);
+        // 9-15 are reserved and behave as 1.
+        let e = s.call("reserved", &[], None).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io);
     }
 
     #[test]

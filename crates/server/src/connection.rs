@@ -144,7 +144,7 @@ impl Server {
     async fn accept_loop(self: Arc<Self>, l: listen::TokioListener, shutdown: CancellationToken) {
         loop {
             let accepted = tokio::select! {
-                r = l.accept() => r,
+                r = l.accept(self.opts.keepalive) => r,
                 _ = shutdown.cancelled() => return,
             };
             match accepted {

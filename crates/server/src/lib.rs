@@ -26,6 +26,7 @@ pub mod meta_context;
 mod server;
 pub mod stream;
 pub mod tls;
+pub mod tls_priority;
 pub mod transmission;
 
 pub use listen::{Listener, ListenerSet};

@@ -163,11 +163,23 @@ pub(crate) enum TokioListener {
 }
 
 impl TokioListener {
-    pub(crate) async fn accept(&self) -> io::Result<(Box<dyn Stream>, Peer)> {
+    /// The next client.  `keepalive` (`--keepalive`) turns on TCP
+    /// keepalive probes for it (Unix sockets have none: their peer cannot
+    /// vanish without the kernel knowing).
+    pub(crate) async fn accept(&self, keepalive: bool) -> io::Result<(Box<dyn Stream>, Peer)> {
         match self {
             TokioListener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
+                if keepalive {
+                    // The kernel's keepalive timings apply
+                    // (net.ipv4.tcp_keepalive_time and friends).  A
+                    // failure costs only the probes, so the client is
+                    // still served.
+                    if let Err(e) = socket2::SockRef::from(&s).set_keepalive(true) {
+                        tracing::warn!("--keepalive: SO_KEEPALIVE: {e}");
+                    }
+                }
                 // IPv4 clients of a dual-stack socket show up as
                 // ::ffff:a.b.c.d; access rules are written in IPv4.
                 let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());

@@ -37,6 +37,11 @@ pub struct ServerOptions {
     /// None: no limit.  The command line's default is
     /// [`default_connection_limit`].
     pub max_connections: Option<usize>,
+    /// `--keepalive`: SO_KEEPALIVE on accepted TCP connections, so that a
+    /// client whose machine vanished without closing (power loss, a
+    /// dropped network) is noticed by the kernel and its connection,
+    /// threads and backend handle freed, instead of being held forever.
+    pub keepalive: bool,
 }
 
 impl Default for ServerOptions {
@@ -51,6 +56,7 @@ impl Default for ServerOptions {
             tls: tls::Tls::off(),
             handshake_timeout: None,
             max_connections: None,
+            keepalive: false,
         }
     }
 }

@@ -31,6 +31,7 @@ use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
 use crate::stream::{Stream, Transport};
+use crate::tls_priority::{Cipher, Group, Priority, Version};
 
 /// `--tls`: whether clients may, or must, use STARTTLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,9 +79,10 @@ enum Source {
     X509 {
         dir: PathBuf,
         verify_peer: bool,
+        priority: Priority,
     },
     #[cfg(feature = "tls-psk")]
-    Psk(PathBuf),
+    Psk(PathBuf, Priority),
 }
 
 #[derive(Clone)]
@@ -115,7 +117,9 @@ impl Stamp {
 impl Source {
     fn files(&self) -> Vec<PathBuf> {
         match self {
-            Source::X509 { dir, verify_peer } => {
+            Source::X509 {
+                dir, verify_peer, ..
+            } => {
                 let mut f = vec![dir.join("server-cert.pem"), dir.join("server-key.pem")];
                 if *verify_peer {
                     f.push(dir.join("ca-cert.pem"));
@@ -123,7 +127,7 @@ impl Source {
                 f
             }
             #[cfg(feature = "tls-psk")]
-            Source::Psk(file) => vec![file.clone()],
+            Source::Psk(file, _) => vec![file.clone()],
         }
     }
 
@@ -133,11 +137,17 @@ impl Source {
 
     fn load(&self) -> Result<Engine, TlsError> {
         match self {
-            Source::X509 { dir, verify_peer } => Ok(Engine::X509(TlsAcceptor::from(Arc::new(
-                server_config(dir, *verify_peer)?,
-            )))),
+            Source::X509 {
+                dir,
+                verify_peer,
+                priority,
+            } => Ok(Engine::X509(TlsAcceptor::from(Arc::new(server_config(
+                dir,
+                *verify_peer,
+                priority,
+            )?)))),
             #[cfg(feature = "tls-psk")]
-            Source::Psk(file) => Ok(Engine::Psk(psk::PskAcceptor::load(file)?)),
+            Source::Psk(file, priority) => Ok(Engine::Psk(psk::PskAcceptor::load(file, priority)?)),
         }
     }
 }
@@ -199,11 +209,18 @@ impl Tls {
 
     /// Load the certificates in `dir` for `mode` (which must not be `Off`).
     /// With `verify_peer`, clients must present a certificate signed by
-    /// `ca-cert.pem`.
-    pub fn load(mode: TlsMode, dir: &Path, verify_peer: bool) -> Result<Tls, TlsError> {
+    /// `ca-cert.pem`.  `priority` (`--tls-priority`, read for
+    /// [`crate::tls_priority::Engine::Rustls`]) limits what is negotiated.
+    pub fn load(
+        mode: TlsMode,
+        dir: &Path,
+        verify_peer: bool,
+        priority: &Priority,
+    ) -> Result<Tls, TlsError> {
         let acceptor = Acceptor::load(Source::X509 {
             dir: absolute(dir),
             verify_peer,
+            priority: priority.clone(),
         })?;
         Ok(Tls {
             mode,
@@ -212,10 +229,11 @@ impl Tls {
     }
 
     /// Load the pre-shared keys in `file` (psktool's `username:hexkey`
-    /// lines) for `mode` (which must not be `Off`).
+    /// lines) for `mode` (which must not be `Off`), limited by `priority`
+    /// (read for [`crate::tls_priority::Engine::Psk`]).
     #[cfg(feature = "tls-psk")]
-    pub fn load_psk(mode: TlsMode, file: &Path) -> Result<Tls, TlsError> {
-        let acceptor = Acceptor::load(Source::Psk(absolute(file)))?;
+    pub fn load_psk(mode: TlsMode, file: &Path, priority: &Priority) -> Result<Tls, TlsError> {
+        let acceptor = Acceptor::load(Source::Psk(absolute(file), priority.clone()))?;
         Ok(Tls {
             mode,
             acceptor: (mode != TlsMode::Off).then_some(acceptor),
@@ -224,7 +242,7 @@ impl Tls {
 
     /// Without the `tls-psk` feature there are no pre-shared keys.
     #[cfg(not(feature = "tls-psk"))]
-    pub fn load_psk(_mode: TlsMode, _file: &Path) -> Result<Tls, TlsError> {
+    pub fn load_psk(_mode: TlsMode, _file: &Path, _priority: &Priority) -> Result<Tls, TlsError> {
         Err(TlsError::Config(
             "this nbdkit-rs was built without PSK support (cargo feature tls-psk); \
              use X.509 certificates with --tls-certificates"
@@ -260,13 +278,68 @@ pub enum TlsError {
     Config(String),
 }
 
-fn server_config(dir: &Path, verify_peer: bool) -> Result<ServerConfig, TlsError> {
+/// The cipher of a rustls suite.  rustls names every suite after its
+/// cipher (`TLS13_AES_128_GCM_SHA256`,
+/// `TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256`); a suite that matches
+/// none of these is one `--tls-priority` has no name for, and is dropped.
+fn rustls_cipher(suite: rustls::SupportedCipherSuite) -> Option<Cipher> {
+    let name = format!("{:?}", suite.suite());
+    [
+        ("AES_128_GCM", Cipher::Aes128Gcm),
+        ("AES_256_GCM", Cipher::Aes256Gcm),
+        ("CHACHA20_POLY1305", Cipher::Chacha20Poly1305),
+    ]
+    .into_iter()
+    .find_map(|(n, c)| name.contains(n).then_some(c))
+}
+
+/// The group of a rustls key exchange (`X25519`, `secp256r1`, ...).
+fn rustls_group(g: &dyn rustls::crypto::SupportedKxGroup) -> Option<Group> {
+    match format!("{:?}", g.name()).as_str() {
+        "X25519" => Some(Group::X25519),
+        "secp256r1" => Some(Group::Secp256r1),
+        "secp384r1" => Some(Group::Secp384r1),
+        _ => None,
+    }
+}
+
+/// ring's provider cut down to what `priority` allows.
+fn provider_for(priority: &Priority) -> Result<rustls::crypto::CryptoProvider, TlsError> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .retain(|s| rustls_cipher(*s).is_some_and(|c| priority.ciphers.contains(&c)));
+    provider
+        .kx_groups
+        .retain(|g| rustls_group(*g).is_some_and(|g| priority.groups.contains(&g)));
+    if provider.kx_groups.is_empty() {
+        return Err(TlsError::Config(
+            "--tls-priority leaves no key exchange group rustls implements".into(),
+        ));
+    }
+    Ok(provider)
+}
+
+fn server_config(
+    dir: &Path,
+    verify_peer: bool,
+    priority: &Priority,
+) -> Result<ServerConfig, TlsError> {
     // The process-wide default provider is left alone: an embedding
     // program may have chosen another.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(provider_for(priority)?);
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> = priority
+        .versions
+        .iter()
+        .map(|v| match v {
+            Version::Tls12 => &rustls::version::TLS12,
+            Version::Tls13 => &rustls::version::TLS13,
+        })
+        .collect();
+    // Fails when no suite is left for the versions allowed.
     let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .with_protocol_versions(&versions)
+        .map_err(|e| TlsError::Config(format!("--tls-priority: {e}")))?;
     let cert_path = dir.join("server-cert.pem");
     let key_path = dir.join("server-key.pem");
     let chain = certs(&cert_path)?;
@@ -287,9 +360,14 @@ fn server_config(dir: &Path, verify_peer: bool) -> Result<ServerConfig, TlsError
         builder.with_no_client_auth()
     };
     // Checks that the key matches the certificate.
-    builder
+    let mut config = builder
         .with_single_cert(chain, key)
-        .map_err(|e| invalid(&key_path, format!("does not match server-cert.pem: {e}")).into())
+        .map_err(|e| invalid(&key_path, format!("does not match server-cert.pem: {e}")))?;
+    config.ignore_client_order = priority.server_precedence;
+    if priority.no_tickets {
+        config.send_tls13_tickets = 0;
+    }
+    Ok(config)
 }
 
 /// The default certificate directory, as nbdkit: `/etc/pki/nbdkit` for
@@ -336,6 +414,33 @@ mod psk {
 
     use super::TlsError;
     use crate::stream::{Stream, Transport};
+    use crate::tls_priority::{Cipher, Group, Priority, Version};
+
+    /// The cipher of an OpenSSL suite name (`TLS_AES_128_GCM_SHA256`,
+    /// `ECDHE-PSK-AES256-CBC-SHA384`).
+    fn cipher_of(name: &str) -> Option<Cipher> {
+        let n = name.replace('_', "-");
+        [
+            ("AES-128-GCM", Cipher::Aes128Gcm),
+            ("AES128-GCM", Cipher::Aes128Gcm),
+            ("AES-256-GCM", Cipher::Aes256Gcm),
+            ("AES256-GCM", Cipher::Aes256Gcm),
+            ("CHACHA20", Cipher::Chacha20Poly1305),
+            ("AES128-CBC", Cipher::Aes128Cbc),
+            ("AES256-CBC", Cipher::Aes256Cbc),
+        ]
+        .into_iter()
+        .find_map(|(k, c)| n.contains(k).then_some(c))
+    }
+
+    /// `list` (OpenSSL's `:`-separated suites) without the suites whose
+    /// cipher `priority` excludes.
+    fn allowed(list: &str, priority: &Priority) -> String {
+        list.split(':')
+            .filter(|s| cipher_of(s).is_some_and(|c| priority.ciphers.contains(&c)))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
 
     #[derive(Clone)]
     pub(crate) struct PskAcceptor {
@@ -343,19 +448,55 @@ mod psk {
     }
 
     impl PskAcceptor {
-        pub(crate) fn load(path: &Path) -> Result<Self, TlsError> {
+        pub(crate) fn load(path: &Path, priority: &Priority) -> Result<Self, TlsError> {
             // The same file format, parsed by the same code, as the nbd
             // plugin's tls-psk= (crates/tls).
             let keys = Arc::new(nbdkit_tls::load_psk_keys(path)?);
             let cfg = |e: openssl::error::ErrorStack| TlsError::Config(format!("OpenSSL: {e}"));
             let mut b = SslContext::builder(SslMethod::tls_server()).map_err(cfg)?;
-            b.set_min_proto_version(Some(SslVersion::TLS1_2))
-                .map_err(cfg)?;
             // TLS 1.3 with a PSK from this callback uses a SHA-256 suite.
-            b.set_ciphersuites(nbdkit_tls::PSK_TLS13_SUITES)
-                .map_err(cfg)?;
-            b.set_cipher_list(nbdkit_tls::PSK_TLS12_CIPHERS)
-                .map_err(cfg)?;
+            let tls13 = allowed(nbdkit_tls::PSK_TLS13_SUITES, priority);
+            let tls12 = allowed(nbdkit_tls::PSK_TLS12_CIPHERS, priority);
+            let v13 = priority.versions.contains(&Version::Tls13) && !tls13.is_empty();
+            let v12 = priority.versions.contains(&Version::Tls12) && !tls12.is_empty();
+            if !v12 && !v13 {
+                return Err(TlsError::Config(
+                    "--tls-priority leaves no pre-shared key suite for the TLS versions it allows \
+                     (TLS 1.3 has AES-128-GCM and CHACHA20-POLY1305 with a PSK)"
+                        .into(),
+                ));
+            }
+            let lowest = if v12 {
+                SslVersion::TLS1_2
+            } else {
+                SslVersion::TLS1_3
+            };
+            let highest = if v13 {
+                SslVersion::TLS1_3
+            } else {
+                SslVersion::TLS1_2
+            };
+            b.set_min_proto_version(Some(lowest)).map_err(cfg)?;
+            b.set_max_proto_version(Some(highest)).map_err(cfg)?;
+            if v13 {
+                b.set_ciphersuites(&tls13).map_err(cfg)?;
+            }
+            if v12 {
+                b.set_cipher_list(&tls12).map_err(cfg)?;
+            }
+            let groups: Vec<&str> = priority
+                .groups
+                .iter()
+                .map(|g| match g {
+                    Group::X25519 => "X25519",
+                    Group::Secp256r1 => "P-256",
+                    Group::Secp384r1 => "P-384",
+                })
+                .collect();
+            b.set_groups_list(&groups.join(":")).map_err(cfg)?;
+            if priority.server_precedence {
+                b.set_options(SslOptions::CIPHER_SERVER_PREFERENCE);
+            }
             // One handshake per connection: no session tickets to resume,
             // and no server-side session cache either (with tickets off,
             // OpenSSL keeps every session in that cache instead, up to

@@ -1,9 +1,12 @@
 //! MBR (DOS) partition tables: four primary entries in sector 0, and
 //! logical partitions (5, 6, …) in a chain of extended boot records inside
-//! one extended partition.  Sectors are always 512 bytes here.
+//! one extended partition.  The LBAs in the entries count sectors of the
+//! disk's sector size (512, or 4096 on 4K-native disks); each boot record
+//! is the first 512 bytes of its sector.
 
 use super::{DiskRead, Partition};
 
+/// The size of a boot record, and the usual sector size.
 pub const SECTOR: u64 = 512;
 
 /// Partition types that mark an extended partition (CHS, LBA, Linux).
@@ -53,27 +56,28 @@ fn range(base: u64, e: &Entry) -> (u64, u64) {
     (first, first + e.sectors as u64)
 }
 
-/// Check `[first, end)` (sectors) lies on a disk of `size` bytes, after
-/// sector 0, and return it in bytes.
-fn to_partition(n: u32, first: u64, end: u64, size: u64) -> Result<Partition, String> {
+/// Check `[first, end)` (sectors of `ss` bytes) lies on a disk of `size`
+/// bytes, after sector 0, and return it in bytes.
+fn to_partition(n: u32, first: u64, end: u64, size: u64, ss: u64) -> Result<Partition, String> {
     if first == 0 {
         return Err(format!(
             "partition {n} starts at sector 0, on top of the partition table"
         ));
     }
-    if end * SECTOR > size {
+    if end * ss > size {
         return Err(format!(
-            "partition {n} (sectors {first}..{end}) extends beyond the end of the disk ({size} bytes)"
+            "partition {n} (sectors {first}..{end} of {ss} bytes) extends beyond the end of the disk ({size} bytes)"
         ));
     }
     Ok(Partition {
-        offset: first * SECTOR,
-        length: (end - first) * SECTOR,
+        offset: first * ss,
+        length: (end - first) * ss,
     })
 }
 
-/// Find partition `n` (1-based) given sector 0.
-pub fn find(disk: &dyn DiskRead, mbr: &[u8; 512], n: u32) -> Result<Partition, String> {
+/// Find partition `n` (1-based) given sector 0, on a disk of `ss`-byte
+/// sectors.
+pub fn find(disk: &dyn DiskRead, mbr: &[u8; 512], n: u32, ss: u64) -> Result<Partition, String> {
     if !has_signature(mbr) {
         return Err("sector 0 has no MBR signature (0x55 0xAA)".into());
     }
@@ -101,13 +105,18 @@ pub fn find(disk: &dyn DiskRead, mbr: &[u8; 512], n: u32) -> Result<Partition, S
                     return Err(format!("partition {n} overlaps partition {}", i + 1));
                 }
             }
-            to_partition(n, first, end, size)
+            to_partition(n, first, end, size, ss)
         }
-        _ => find_logical(disk, &primary, n),
+        _ => find_logical(disk, &primary, n, ss),
     }
 }
 
-fn find_logical(disk: &dyn DiskRead, primary: &[Entry; 4], n: u32) -> Result<Partition, String> {
+fn find_logical(
+    disk: &dyn DiskRead,
+    primary: &[Entry; 4],
+    n: u32,
+    ss: u64,
+) -> Result<Partition, String> {
     let ext = primary
         .iter()
         .find(|e| !e.is_empty() && e.is_extended())
@@ -131,8 +140,13 @@ fn find_logical(disk: &dyn DiskRead, primary: &[Entry; 4], n: u32) -> Result<Par
                 "extended boot record at sector {ebr} is outside the extended partition"
             ));
         }
+        if (ebr + 1) * ss > disk.size() {
+            return Err(format!(
+                "extended boot record at sector {ebr} is beyond the end of the disk"
+            ));
+        }
         let mut sector = [0u8; 512];
-        disk.read_at(&mut sector, ebr * SECTOR)?;
+        disk.read_at(&mut sector, ebr * ss)?;
         if !has_signature(&sector) {
             return Err(format!(
                 "extended boot record at sector {ebr} has no signature"
@@ -147,7 +161,7 @@ fn find_logical(disk: &dyn DiskRead, primary: &[Entry; 4], n: u32) -> Result<Par
                         "logical partition {n} (sectors {first}..{end}) is not inside its part of the extended partition (sectors {ebr}..{ext_end})"
                     ));
                 }
-                return to_partition(n, first, end, disk.size());
+                return to_partition(n, first, end, disk.size(), ss);
             }
             number += 1;
         }

@@ -1,5 +1,5 @@
 //! `partition`: serve one partition of a disk image as the whole export.
-//! The table (MBR with logical partitions, or GPT with 512- or 4096-byte
+//! The table (MBR with logical partitions, or GPT, with 512- or 4096-byte
 //! sectors) is read when each client connects; requests are then shifted
 //! into the partition and clipped to it.
 //!
@@ -56,8 +56,30 @@ pub struct Partition {
     pub length: u64,
 }
 
-/// Find partition `n` (1-based) of the MBR or GPT table on `disk`.
+/// The sector size the partition table's LBAs count in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SectorSize {
+    /// Not given: MBR LBAs count sectors of `mbr` bytes (512, or 4096
+    /// when the plugin's minimum block size says the disk is 4K-native),
+    /// and a GPT header is looked for at LBA 1 of both sizes (its CRC
+    /// rules out a chance match).
+    Probe { mbr: u64 },
+    /// `partition-sectorsize=`: this size only, for GPT and MBR alike.
+    Given(u64),
+}
+
+/// Find partition `n` (1-based) of the MBR or GPT table on `disk`, with
+/// the sector size probed (see [`SectorSize::Probe`], 512 for MBR).
 pub fn find_partition(disk: &dyn DiskRead, n: u32) -> std::result::Result<Partition, String> {
+    find_partition_sized(disk, n, SectorSize::Probe { mbr: mbr::SECTOR })
+}
+
+/// Find partition `n` (1-based) of the MBR or GPT table on `disk`.
+pub fn find_partition_sized(
+    disk: &dyn DiskRead,
+    n: u32,
+    sector: SectorSize,
+) -> std::result::Result<Partition, String> {
     let size = disk.size();
     if size < mbr::SECTOR {
         return Err(format!(
@@ -66,9 +88,12 @@ pub fn find_partition(disk: &dyn DiskRead, n: u32) -> std::result::Result<Partit
     }
     let mut sector0 = [0u8; 512];
     disk.read_at(&mut sector0, 0)?;
-    // The GPT header is at LBA 1 whatever the sector size, so look at
-    // both places; its CRC then rules out a chance match.
-    for ss in [512u64, 4096] {
+    let (gpt_sizes, mbr_ss): (&[u64], u64) = match sector {
+        SectorSize::Probe { mbr } => (&[512, 4096], mbr),
+        SectorSize::Given(512) => (&[512], 512),
+        SectorSize::Given(_) => (&[4096], 4096),
+    };
+    for &ss in gpt_sizes {
         if size >= 3 * ss {
             let mut sig = [0u8; 8];
             disk.read_at(&mut sig, ss)?;
@@ -83,7 +108,7 @@ pub fn find_partition(disk: &dyn DiskRead, n: u32) -> std::result::Result<Partit
     if !mbr::has_signature(&sector0) {
         return Err("no partition table found (no MBR signature, no GPT header)".into());
     }
-    mbr::find(disk, &sector0, n)
+    mbr::find(disk, &sector0, n, mbr_ss)
 }
 
 /// The next handle seen as a [`DiskRead`].
@@ -105,6 +130,7 @@ impl DiskRead for HandleDisk<'_> {
 
 struct PartitionLayer {
     number: u32,
+    sector_size: Option<u64>,
 }
 
 impl Layer for PartitionLayer {
@@ -115,6 +141,7 @@ impl Layer for PartitionLayer {
         Ok(Arc::new(PartitionBackend {
             next,
             number: self.number,
+            sector_size: self.sector_size,
         }))
     }
 }
@@ -122,6 +149,8 @@ impl Layer for PartitionLayer {
 struct PartitionBackend {
     next: Arc<dyn Backend>,
     number: u32,
+    /// `partition-sectorsize=`, if given.
+    sector_size: Option<u64>,
 }
 
 impl Backend for PartitionBackend {
@@ -139,7 +168,18 @@ impl Backend for PartitionBackend {
             h: &*next,
             size: next.size()?,
         };
-        let p = find_partition(&disk, self.number)
+        let sector = match self.sector_size {
+            Some(ss) => SectorSize::Given(ss),
+            // As nbdkit: a plugin whose minimum block size is 4096 is a
+            // 4K-native disk; anything else counts in 512-byte sectors.
+            None => SectorSize::Probe {
+                mbr: match next.block_size()? {
+                    Some(b) if b.minimum == 4096 => 4096,
+                    _ => mbr::SECTOR,
+                },
+            },
+        };
+        let p = find_partition_sized(&disk, self.number, sector)
             .map_err(|e| Error::invalid(format!("partition filter: {e}")))?;
         tracing::debug!(
             "partition {}: offset {} length {}",
@@ -163,10 +203,17 @@ extended partition, or GPT with 512- or 4096-byte sectors) when a client\n\
 connects and serves partition N as the whole export.  Corrupt tables (bad\n\
 GPT CRC, overlapping or out-of-range entries) are refused.\n\n\
 Example:\n  nbdkit-rs --filter=partition file disk.img partition=1",
-    params: &[Param {
-        name: "partition",
-        help: "partition number, from 1 (required)",
-    }],
+    params: &[
+        Param {
+            name: "partition",
+            help: "partition number, from 1 (required)",
+        },
+        Param {
+            name: "partition-sectorsize",
+            help: "512 or 4096: the sector size the table's LBAs count in (default: 4096 if \
+                   the plugin's minimum block size is 4096, else 512; GPT is found at either)",
+        },
+    ],
     configure: |cfg| {
         let v = cfg.require("partition", "partition filter")?;
         let number = v.parse::<u32>().ok().filter(|&n| n >= 1).ok_or_else(|| {
@@ -174,7 +221,21 @@ Example:\n  nbdkit-rs --filter=partition file disk.img partition=1",
                 "partition filter: partition={v}: expected a partition number from 1"
             ))
         })?;
-        Ok(Box::new(PartitionLayer { number }))
+        let sector_size = match cfg.take("partition-sectorsize") {
+            None => None,
+            Some(v) => match nbdkit_backend::parse_size(&v) {
+                Ok(ss @ (512 | 4096)) => Some(ss),
+                _ => {
+                    return Err(ConfigError::new(format!(
+                        "partition filter: partition-sectorsize={v}: expected 512 or 4096"
+                    )))
+                }
+            },
+        };
+        Ok(Box::new(PartitionLayer {
+            number,
+            sector_size,
+        }))
     },
 };
 
@@ -294,6 +355,61 @@ mod tests {
         // An EBR chain that loops back on itself.
         mbr_entry(&mut img[ebr2..], 1, 0x05, 0, 2048);
         assert!(find(&img, 99).unwrap_err().contains("loop"));
+    }
+
+    #[test]
+    fn mbr_with_4096_byte_sectors() {
+        // p1 at LBA 256 for 256 sectors: 1 MiB in, 1 MiB long with 4K
+        // sectors (but 128 KiB in, 128 KiB long if read as 512).
+        let mut img = vec![0u8; 4 << 20];
+        mbr_entry(&mut img, 0, 0x83, 256, 256);
+        let disk = ImageBytes {
+            data: &img,
+            size: img.len() as u64,
+        };
+        let want = |ss: u64| {
+            Ok(Partition {
+                offset: 256 * ss,
+                length: 256 * ss,
+            })
+        };
+        assert_eq!(
+            find_partition_sized(&disk, 1, SectorSize::Given(4096)),
+            want(4096)
+        );
+        assert_eq!(
+            find_partition_sized(&disk, 1, SectorSize::Probe { mbr: 4096 }),
+            want(4096)
+        );
+        assert_eq!(
+            find_partition_sized(&disk, 1, SectorSize::Given(512)),
+            want(512)
+        );
+        assert_eq!(find_partition(&disk, 1), want(512));
+        // Beyond the end only when counted in 4K sectors.
+        mbr_entry(&mut img, 0, 0x83, 256, 1000);
+        let disk = ImageBytes {
+            data: &img,
+            size: img.len() as u64,
+        };
+        assert!(find_partition_sized(&disk, 1, SectorSize::Given(4096))
+            .unwrap_err()
+            .contains("beyond the end"));
+    }
+
+    #[test]
+    fn given_sector_size_finds_only_that_gpt() {
+        let img = gpt(4096, 2048, &[(256, 511)]);
+        let disk = ImageBytes {
+            data: &img,
+            size: img.len() as u64,
+        };
+        assert!(find_partition_sized(&disk, 1, SectorSize::Given(4096)).is_ok());
+        // With 512-byte sectors LBA 1 holds no GPT header: sector 0 is
+        // then read as the protective MBR it is.
+        assert!(find_partition_sized(&disk, 1, SectorSize::Given(512))
+            .unwrap_err()
+            .contains("protective"));
     }
 
     #[test]

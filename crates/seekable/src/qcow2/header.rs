@@ -45,6 +45,16 @@ pub struct Header {
     pub corrupt: bool,
     pub extended_l2: bool,
     pub compression: Compression,
+    /// Where the refcount table is, and its length in clusters (for
+    /// writing; reading needs no refcounts).
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    /// Refcounts are `1 << refcount_order` bits wide (4, i.e. 16 bits, in
+    /// version 2).
+    pub refcount_order: u32,
+    /// Autoclear feature bits (version 3): a writer that does not keep
+    /// what they stand for (bitmaps, a raw external data file) clears them.
+    pub autoclear_features: u64,
 }
 
 impl Header {
@@ -120,7 +130,7 @@ pub fn parse(first: &[u8]) -> Result<Header, HeaderError> {
     let nb_snapshots = be32(first, 60);
     let snapshots_offset = be64(first, 64);
 
-    let (incompat, header_length, compression_byte) = if version == 3 {
+    let (incompat, header_length, compression_byte, refcount_order, autoclear) = if version == 3 {
         if first.len() < 104 {
             return Err(corrupt(0, "shorter than a version 3 header"));
         }
@@ -133,9 +143,15 @@ pub fn parse(first: &[u8]) -> Result<Header, HeaderError> {
             return Err(corrupt(96, format!("refcount_order {refcount_order}")));
         }
         let compression = if header_length >= 105 { first[104] } else { 0 };
-        (be64(first, 72), header_length as usize, compression)
+        (
+            be64(first, 72),
+            header_length as usize,
+            compression,
+            refcount_order,
+            be64(first, 88),
+        )
     } else {
-        (0, 72, 0)
+        (0, 72, 0, 4, 0)
     };
     let known = INCOMPAT_DIRTY
         | INCOMPAT_CORRUPT
@@ -279,6 +295,10 @@ pub fn parse(first: &[u8]) -> Result<Header, HeaderError> {
         corrupt: incompat & INCOMPAT_CORRUPT != 0,
         extended_l2,
         compression,
+        refcount_table_offset: be64(first, 48),
+        refcount_table_clusters: be32(first, 56),
+        refcount_order,
+        autoclear_features: autoclear,
     };
     check_l1_covers(&header, l1_size, size, 36)?;
     if nb_snapshots > MAX_SNAPSHOTS {

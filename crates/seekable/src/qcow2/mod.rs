@@ -6,7 +6,9 @@
 //! Memory is bounded whatever the header claims: the L1 table is at most
 //! 32 MiB (qemu's own limit), L2 tables and decompressed clusters are kept
 //! in LRU caches of a fixed byte budget, and a backing chain is at most
-//! [`MAX_CHAIN`] deep.  Reading only: nothing is written to the image.
+//! [`MAX_CHAIN`] deep.  The reader writes nothing; [`write`] adds a
+//! writer over the same reader (allocating clusters, keeping refcounts
+//! exact, in an order that survives a crash).
 //!
 //! Written here because no crate reads qcow2 over an arbitrary positional
 //! source (the format is a two-level table of cluster offsets; the codecs
@@ -14,17 +16,20 @@
 
 mod depth;
 pub mod header;
+pub mod write;
 
+use std::collections::HashMap;
 use std::io::{self, Read};
 use std::num::NonZeroUsize;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use lru::LruCache;
 
 pub use header::{Compression, Header, HeaderError, Snapshot};
 
-use crate::sync::LockExt;
+use crate::sync::{LockExt, RwLockExt};
 use crate::{Error, Extent, RandomAccess, Result, Source};
 
 const FORMAT: &str = "qcow2";
@@ -168,13 +173,22 @@ pub enum MapKind {
 pub struct Qcow2Reader {
     name: String,
     source: Arc<dyn Source>,
-    source_size: u64,
+    /// The file's size: it grows when a writer appends clusters.
+    source_size: AtomicU64,
     header: Header,
     /// The virtual size served (the snapshot's, when one is chosen).
     size: u64,
-    l1: Vec<u64>,
+    /// Changed in place by a writer (new L2 tables).
+    l1: RwLock<Vec<u64>>,
     backing: Option<BackingImage>,
     l2_cache: Mutex<LruCache<u64, Arc<[u64]>>>,
+    /// L2 tables a writer changed and has not written yet, by offset:
+    /// reads look here before the cache and the file, and nothing here is
+    /// ever evicted.  A reader holds this lock (read) from its look here
+    /// to its insert into `l2_cache`, so a table read from the file just
+    /// before a writer pins a newer one cannot land in the cache after
+    /// the writer has put the newer one there (see `write.rs`).
+    pinned_l2: RwLock<HashMap<u64, Arc<[u64]>>>,
     cluster_cache: Mutex<LruCache<u64, Arc<[u8]>>>,
 }
 
@@ -210,10 +224,29 @@ impl Qcow2Reader {
             source: e,
         };
         let source_size = source.size().map_err(|e| io_err(0, e))?;
-        let mut first = vec![0u8; source_size.min(2 << 20) as usize];
+        // The header and its extensions fill (at most) the first cluster,
+        // whose size the header says: read a sector to learn it, then the
+        // rest of the cluster, rather than the largest cluster size (2 MiB
+        // over HTTP for a 64 KiB-cluster image).
+        let mut first = vec![0u8; source_size.min(512) as usize];
         source
             .read_exact_at(&mut first, 0)
             .map_err(|e| io_err(0, e))?;
+        let cluster = match first.get(20..24) {
+            Some(b) => match u32::from_be_bytes(b.try_into().expect("4 bytes")) {
+                bits @ 9..=21 => 1u64 << bits,
+                // Out of range: the header parser says so.
+                _ => 512,
+            },
+            None => 512,
+        };
+        if cluster.min(source_size) > first.len() as u64 {
+            let have = first.len();
+            first.resize(cluster.min(source_size) as usize, 0);
+            source
+                .read_exact_at(&mut first[have..], have as u64)
+                .map_err(|e| io_err(have as u64, e))?;
+        }
         let header = header::parse(&first).map_err(|e| match e {
             HeaderError::Corrupt { offset, reason } => Self::corrupt(&name, offset, reason),
             HeaderError::Unsupported(reason) => Error::Unsupported {
@@ -278,11 +311,12 @@ impl Qcow2Reader {
         Ok(Qcow2Reader {
             name,
             source,
-            source_size,
+            source_size: AtomicU64::new(source_size),
             size,
-            l1,
+            l1: RwLock::new(l1),
             backing,
             l2_cache: Mutex::new(LruCache::new(slots(opts.cache_bytes))),
+            pinned_l2: RwLock::new(HashMap::new()),
             cluster_cache: Mutex::new(LruCache::new(slots(opts.cache_bytes))),
             header,
         })
@@ -453,25 +487,45 @@ impl Qcow2Reader {
         self.size
     }
 
+    fn source_size(&self) -> u64 {
+        self.source_size.load(Ordering::Acquire)
+    }
+
+    /// L1 entry `index`, or 0 past the table's end.
+    fn l1_entry(&self, index: u64) -> u64 {
+        self.l1
+            .read_unpoisoned()
+            .get(index as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// The L2 table holding guest cluster `cluster`, or None when its L1
     /// entry is unallocated.
     fn l2_table(&self, cluster: u64) -> Result<Option<Arc<[u64]>>> {
         let l1_index = cluster / self.header.l2_entries();
-        let Some(&entry) = self.l1.get(l1_index as usize) else {
-            return Ok(None);
-        };
-        let offset = entry & OFFSET_MASK;
+        let offset = self.l1_entry(l1_index) & OFFSET_MASK;
         if offset == 0 {
             return Ok(None);
         }
+        self.l2_at(offset, l1_index).map(Some)
+    }
+
+    /// The L2 table at file offset `offset` (named by L1 entry
+    /// `l1_index`, for messages).
+    fn l2_at(&self, offset: u64, l1_index: u64) -> Result<Arc<[u64]>> {
+        let pinned = self.pinned_l2.read_unpoisoned();
+        if let Some(t) = pinned.get(&offset) {
+            return Ok(t.clone());
+        }
         if let Some(t) = self.l2_cache.lock_unpoisoned().get(&offset) {
-            return Ok(Some(t.clone()));
+            return Ok(t.clone());
         }
         let cs = self.header.cluster_size();
         if offset % cs != 0
             || offset
                 .checked_add(cs)
-                .is_none_or(|end| end > self.source_size)
+                .is_none_or(|end| end > self.source_size())
         {
             return Err(Self::corrupt(
                 &self.name,
@@ -492,7 +546,8 @@ impl Qcow2Reader {
             .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
             .collect();
         self.l2_cache.lock_unpoisoned().put(offset, table.clone());
-        Ok(Some(table))
+        drop(pinned);
+        Ok(table)
     }
 
     /// Where guest `offset` is, and for how many bytes from there the
@@ -509,7 +564,7 @@ impl Qcow2Reader {
         let width = if self.header.extended_l2 { 2 } else { 1 };
         let entry = table[index * width];
         let where_ = || {
-            let l2 = self.l1[(cluster / self.header.l2_entries()) as usize] & OFFSET_MASK;
+            let l2 = self.l1_entry(cluster / self.header.l2_entries()) & OFFSET_MASK;
             l2 + (index * width * 8) as u64
         };
         if entry & L2_COMPRESSED != 0 {
@@ -517,7 +572,7 @@ impl Qcow2Reader {
             let host = entry & ((1u64 << x) - 1);
             let sectors = (entry >> x) & ((1u64 << (self.header.cluster_bits - 8)) - 1);
             let len = (sectors + 1) * 512 - (host & 511);
-            if host >= self.source_size {
+            if host >= self.source_size() {
                 return Err(Self::corrupt(
                     &self.name,
                     where_(),
@@ -527,7 +582,7 @@ impl Qcow2Reader {
             return Ok((
                 Place::Compressed {
                     host,
-                    len: len.min(self.source_size - host),
+                    len: len.min(self.source_size() - host),
                     cluster: cluster * cs,
                 },
                 to_cluster_end,
@@ -544,7 +599,8 @@ impl Qcow2Reader {
         // A cluster that starts past the end of the file is corrupt; one
         // cut short by the end reads its missing tail as zeroes (as qemu's
         // file driver reads past the end).
-        let outside = |host: u64| host != 0 && host >= self.source_size;
+        let source_size = self.source_size();
+        let outside = |host: u64| host != 0 && host >= source_size;
         if !self.header.extended_l2 {
             if entry & L2_ZERO != 0 && self.header.version >= 3 {
                 return Ok((Place::Zero, to_cluster_end));
@@ -705,7 +761,7 @@ impl Qcow2Reader {
     /// does for an image cut short.
     fn read_data(&self, buf: &mut [u8], (from, host, len): (usize, u64, usize)) -> Result<()> {
         let part = &mut buf[from..from + len];
-        let have = self.source_size.saturating_sub(host).min(len as u64) as usize;
+        let have = self.source_size().saturating_sub(host).min(len as u64) as usize;
         let (inside, beyond) = part.split_at_mut(have);
         beyond.fill(0);
         if !inside.is_empty() {
