@@ -566,3 +566,34 @@ fn one_chunk_per_context_in_compact_and_extended_replies() {
         assert_eq!(seen[&ids["qemu:allocation-depth"]], [(16 * M, 1)]);
     }
 }
+
+/// A write through the (writable) qcow2dec filter is depth 1 at once,
+/// and after the server has written its metadata back and exited,
+/// qemu-nbd -A reads the same depths from the file.
+#[test]
+fn a_write_through_qcow2dec_is_this_image_at_once() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    create(&d("base.qcow2"), None, &[], Some("4M"));
+    qemu_io(&d("base.qcow2"), &["write -P 1 0 64k"]);
+    let img = d("over.qcow2");
+    create(&img, Some(("base.qcow2", "qcow2")), &[], None);
+    let s = ours(&img, &[]);
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 9 1536k 64k", &s.uri]));
+    let got = depth_runs(&s.uri);
+    assert_eq!(
+        got,
+        [
+            (0, 64 * K, 2),
+            (64 * K, 1536 * K - 64 * K, 0),
+            (1536 * K, 64 * K, 1),
+            (1600 * K, 4 * M - 1600 * K, 0)
+        ]
+    );
+    assert!(s.stop().success());
+    let q = QemuNbd::start("qcow2", &img);
+    assert_eq!(depth_runs(&q.uri), got);
+}
