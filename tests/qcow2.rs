@@ -398,6 +398,72 @@ fn qcow2dec_under_cow_cache_and_readahead() {
     );
 }
 
+/// Reads that fall on data clusters and unallocated ones are sent from
+/// the file as they are (the server's direct path: data chunks for the
+/// clusters, a hole chunk for the unallocated run); a compressed image's
+/// reads are decoded and come as one data chunk.  Same bytes either way.
+#[test]
+fn reads_of_plain_clusters_go_straight_from_the_file() {
+    if !have_tools() || !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Data, a 1 MiB run of zeroes (unallocated in the qcow2), data: random
+    // for the plain image, text for the compressed one (qemu-img stores a
+    // cluster that does not compress uncompressed).
+    let sparse = |name: &str, part: &dyn Fn(u64) -> Vec<u8>| {
+        let raw = dir.path().join(name);
+        let mut whole = part(8);
+        whole.extend(vec![0u8; 1 << 20]);
+        whole.extend(part(9));
+        std::fs::write(&raw, &whole).unwrap();
+        raw
+    };
+    let random = sparse("random.raw", &|seed| pseudo_random(512 << 10, seed));
+    let text = sparse("text.raw", &|seed| {
+        format!("sector {seed} of a compressible disk\n")
+            .repeat(20000)
+            .into_bytes()[..512 << 10]
+            .to_vec()
+    });
+    let script = r#"
+import nbd, sys
+whole = open(sys.argv[2], "rb").read()
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+chunks = []
+def chunk(buf, off, status, err):
+    chunks.append((off, len(buf), status))
+    return 0
+assert h.pread_structured(2 << 20, 0, chunk) == whole
+if sys.argv[3] == "direct":
+    assert chunks == [(0, 512 << 10, nbd.READ_DATA),
+                      (512 << 10, 1 << 20, nbd.READ_HOLE),
+                      (1536 << 10, 512 << 10, nbd.READ_DATA)], chunks
+else:
+    assert chunks == [(0, 2 << 20, nbd.READ_DATA)], chunks
+assert h.pread(700000, 400000) == whole[400000:1100000]
+print("OK")
+"#;
+    for (raw, compress, how) in [(&random, false, "direct"), (&text, true, "decoded")] {
+        let img = dir.path().join(format!("{how}.qcow2"));
+        let mut args = vec!["convert", "-O", "qcow2"];
+        if compress {
+            args.push("-c");
+        }
+        args.extend([raw.to_str().unwrap(), img.to_str().unwrap()]);
+        qemu_img(&args);
+        for ro in [true, false] {
+            let mut a = vec!["--filter=qcow2dec", "file", img.to_str().unwrap()];
+            if ro {
+                a.insert(0, "-r");
+            }
+            let s = Server::start(&a);
+            python(script, &[&s.uri, raw.to_str().unwrap(), how]);
+        }
+    }
+}
+
 /// Sum of the `count=` of the reads in a log filter's file.
 fn logged_read_bytes(log: &Path) -> u64 {
     std::fs::read_to_string(log)

@@ -17,15 +17,17 @@
 //! user can also override (`backing=`) or turn off (`backing=none`).
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use nbdkit_backend::{
-    Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents, FilterSpec, FuaMode,
-    Handle, Layer, LockExt, Param, Result, ZeroFlags, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
+    Backend, CacheMode, Config, ConfigError, DirectPiece, DirectRead, Error, ErrorKind, Extents,
+    FilterSpec, FuaMode, Handle, Layer, LockExt, Param, Result, ZeroFlags, ZeroMode, EXTENT_HOLE,
+    EXTENT_ZERO,
 };
 use seekable_compressed::qcow2::write::{Qcow2Writer, Sink};
-use seekable_compressed::qcow2::{Backing, MapKind, Qcow2Options, Qcow2Reader};
+use seekable_compressed::qcow2::{Backing, FilePiece, MapKind, Qcow2Options, Qcow2Reader};
 use seekable_compressed::Source;
 use tracing::{debug, info, warn};
 
@@ -230,7 +232,7 @@ impl Backend for Qcow2Dec {
         // connection's handle below is only held open, read-only.
         let next = self.next.open(true, export)?;
         Ok(Box::new(Qcow2Handle {
-            _next: next,
+            next,
             reader: image.reader,
             writer: if readonly { None } else { image.writer },
         }))
@@ -250,7 +252,9 @@ impl Backend for Qcow2Dec {
 /// A connection's view.  No `next()`: it answers as a plugin would, so
 /// nothing reaches the image below except through the writer.
 struct Qcow2Handle {
-    _next: Box<dyn Handle>,
+    /// The connection's own handle below, read-only: what direct reads
+    /// are sent from (the image's shared handle does the writing).
+    next: Box<dyn Handle>,
     reader: Arc<Qcow2Reader>,
     writer: Option<Arc<Qcow2Writer>>,
 }
@@ -320,6 +324,38 @@ impl Handle for Qcow2Handle {
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.reader.read_at(buf, offset).map_err(Self::fail)
+    }
+    /// Data clusters hold the guest's bytes unchanged, so a read that
+    /// falls only on data clusters and zeroes is sent from the file below
+    /// as it is (sendfile when the plugin is `file`), the pieces moved to
+    /// where the clusters are.  Compressed clusters and backing-file data
+    /// go through `pread`.  Writes change the file in place or put new
+    /// clusters elsewhere (never reusing freed ones), so a read racing
+    /// with a write sees the old or the new bytes, as with `pread`.
+    fn pread_direct(&self, offset: u64, count: u64) -> Result<Option<DirectRead<'_>>> {
+        let Some(pieces) = self.reader.file_pieces(offset, count).map_err(Self::fail)? else {
+            return Ok(None);
+        };
+        let mut fd = None;
+        let mut out = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            match p {
+                FilePiece::Zero { len } => out.push(DirectPiece::Zero { len }),
+                FilePiece::Data { host, len } => {
+                    let Some(d) = self.next.pread_direct(host, len)? else {
+                        return Ok(None);
+                    };
+                    // One descriptor for the whole read (always so for
+                    // one handle; anything else is not sent directly).
+                    if fd.get_or_insert(d.fd).as_raw_fd() != d.fd.as_raw_fd() {
+                        return Ok(None);
+                    }
+                    out.extend(d.pieces);
+                }
+            }
+        }
+        // All zeroes: no descriptor to send from, and `pread` is as quick.
+        Ok(fd.map(|fd| DirectRead { fd, pieces: out }))
     }
     fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         let w = self.writer()?;

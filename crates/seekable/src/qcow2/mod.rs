@@ -151,6 +151,15 @@ enum Place {
     Compressed { host: u64, len: u64, cluster: u64 },
 }
 
+/// One piece of [`Qcow2Reader::file_pieces`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilePiece {
+    /// `len` bytes of the image file at `host`.
+    Data { host: u64, len: u64 },
+    /// `len` bytes that read as zeroes.
+    Zero { len: u64 },
+}
+
 /// Where `[offset, offset+length)` of the virtual disk is, and how deep in
 /// the backing chain (0 = this image).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -691,6 +700,40 @@ impl Qcow2Reader {
         let out: Arc<[u8]> = out.into();
         self.cluster_cache.lock_unpoisoned().put(host, out.clone());
         Ok(out)
+    }
+
+    /// Where the bytes of `[offset, offset+len)` sit in the image file,
+    /// if all of them can be sent from it unchanged: data clusters of this
+    /// image, and zeroes (zero clusters, and unallocated ones when there is
+    /// no backing image).  `None` when any part is compressed or comes
+    /// from a backing image: those must be read through [`Self::read_at`].
+    /// Adjacent pieces are merged (clusters that follow each other in the
+    /// file become one piece).
+    pub fn file_pieces(&self, offset: u64, len: u64) -> Result<Option<Vec<FilePiece>>> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut pieces: Vec<FilePiece> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let (place, n) = self.place(pos)?;
+            let n = n.min(end - pos);
+            let piece = match place {
+                Place::Data(host) => FilePiece::Data { host, len: n },
+                Place::Zero => FilePiece::Zero { len: n },
+                Place::Unallocated if self.backing.is_none() => FilePiece::Zero { len: n },
+                Place::Unallocated | Place::Compressed { .. } => return Ok(None),
+            };
+            match (pieces.last_mut(), piece) {
+                (Some(FilePiece::Data { host: h, len: l }), FilePiece::Data { host, len })
+                    if *h + *l == host =>
+                {
+                    *l += len
+                }
+                (Some(FilePiece::Zero { len: l }), FilePiece::Zero { len }) => *l += len,
+                (_, p) => pieces.push(p),
+            }
+            pos += n;
+        }
+        Ok(Some(pieces))
     }
 
     /// Fill `buf` with the virtual disk's bytes at `offset`.
