@@ -494,12 +494,14 @@ pub fn set_debug_flags(
             Some((n.to_string(), fl.to_string(), v))
         });
         let Some((name, flag, value)) = parsed else {
-            bail!("-D {f}: expected NAME.FLAG=N, e.g. -D file.zero=1");
+            bail!("-D {f}: the flag must have the format NAME.FLAG=N, e.g. -D file.zero=1");
         };
         if name == plugin.name() {
             own.push((flag.clone(), value));
         } else if name != "nbdkit" && !filters.iter().any(|x| x.name == name) {
-            tracing::warn!("-D {f}: '{name}' is not the plugin or one of the filters; ignored");
+            tracing::warn!(
+                "-D {f} was not used: '{name}' is neither the plugin nor one of the filters"
+            );
         }
         map.insert((name, flag), value);
     }

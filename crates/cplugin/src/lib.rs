@@ -253,9 +253,11 @@ impl CPlugin {
         }
         for (flag, value) in debug_flags {
             let symbol = format!("{}_debug_{}", self.name(), flag.replace(['.', '-'], "_"));
-            self.lib
-                .set_debug_flag(&symbol, *value)
-                .map_err(|e| ConfigError::new(format!("-D {}.{flag}: {e}", self.name())))?;
+            // As nbdkit: a flag the plugin does not have is a warning, and
+            // the server carries on.
+            if let Err(e) = self.lib.set_debug_flag(&symbol, *value) {
+                tracing::warn!("-D {}.{flag}: {e}", self.name());
+            }
         }
         self.lib.load();
         Ok(())

@@ -272,7 +272,9 @@ impl Library {
         // SAFETY: RTLD_DEFAULT search for a data symbol by name.
         let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
         if sym.is_null() {
-            return Err(format!("the plugin has no debug flag variable {symbol}"));
+            return Err(format!(
+                "the plugin does not contain a global variable called {symbol}"
+            ));
         }
         // SAFETY: nbdkit-plugin(3): debug flags are `int` globals named
         // NAME_debug_FLAG; the symbol was found in the loaded plugin.
