@@ -490,6 +490,9 @@ pub fn set_debug_flags(
     for f in flags {
         let parsed = f.split_once('=').and_then(|(nf, v)| {
             let (n, fl) = nf.split_once('.')?;
+            if n.is_empty() || fl.is_empty() {
+                return None;
+            }
             let v = crate::parse_int(v).ok()? as i64;
             Some((n.to_string(), fl.to_string(), v))
         });

@@ -232,10 +232,11 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         None => 0xffff,
         Some(m) => parse_int(m).with_context(|| format!("--mask-handshake={m}"))? as u16,
     };
-    let plugin_debug_flags = chain::set_debug_flags(&cli.debug_flags, &plugin, &filters)?;
-
     logging::set_plugin_name(plugin.name());
     logging::init(&cli)?;
+    // After the logger, so that its warnings (a flag that is not used) are
+    // seen.
+    let plugin_debug_flags = chain::set_debug_flags(&cli.debug_flags, &plugin, &filters)?;
 
     // With -s, stdin and stdout carry NBD: no plugin (native or C) may
     // read a secret from them.

@@ -994,3 +994,35 @@ fn debug_lines_name_the_connection_and_name_replaces_nbdkit() {
     let e = fails(&["-U", "-", "--name=", "null"]);
     assert!(e.contains("--name"), "{e}");
 }
+
+/// `-D` as nbdkit checks it: NAME, FLAG and N all present, or the server
+/// does not start; a flag for neither the plugin nor a filter is a
+/// warning ("was not used") and the server runs.
+#[test]
+fn debug_flags_are_checked_as_nbdkit_does() {
+    for bad in ["=", ".", ".=", ".extra=1", "memory.=1", "memory.extra="] {
+        let out = Command::new(binary())
+            .args(["-U", "-", "-D", bad, "memory", "1M", "--run", "true"])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "-D {bad} was accepted");
+        assert!(e.contains("must have the format"), "-D {bad}: {e}");
+    }
+    let out = Command::new(binary())
+        .args([
+            "-U",
+            "-",
+            "-D",
+            "example1.foo=1",
+            "memory",
+            "1M",
+            "--run",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{e}");
+    assert!(e.contains("warning") && e.contains("was not used"), "{e}");
+}
