@@ -25,6 +25,39 @@ struct Policy {
     readonly_after_failure: bool,
 }
 
+impl Policy {
+    /// Run `f` (given the number of the try, 0 first) until it succeeds,
+    /// fails with ENOTSUP, or the retries are used up, waiting the delay
+    /// (doubled each time with retry-exponential) between tries: the one
+    /// loop for both opens and requests.  An outer `Err` from `f` is not
+    /// retried (e.g. a write refused after a read-only reopen).
+    fn run<T>(&self, what: &str, mut f: impl FnMut(u32) -> Result<Result<T>>) -> Result<T> {
+        let mut delay = self.delay;
+        let mut attempt = 0;
+        loop {
+            match f(attempt)? {
+                Ok(v) => return Ok(v),
+                Err(e) if e.kind() == ErrorKind::NotSupported || attempt >= self.retries => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    attempt += 1;
+                    tracing::debug!(
+                        "retry filter: {what} failed ({e}); retry {attempt} of {} in {delay:?}",
+                        self.retries
+                    );
+                    if !delay.is_zero() {
+                        std::thread::sleep(delay);
+                    }
+                    if self.exponential {
+                        delay = delay.saturating_mul(2);
+                    }
+                }
+            }
+        }
+    }
+}
+
 struct RetryLayer(Policy);
 
 impl Layer for RetryLayer {
@@ -52,33 +85,17 @@ impl Backend for RetryBackend {
         // A failed open is retried like a failed request (as nbdkit's
         // filter does): a remote source may be down for a moment just
         // when the client connects.
-        let mut delay = self.p.delay;
-        let mut attempt = 0;
-        let h = loop {
+        let mut attempts = 0;
+        let h = self.p.run("open", |attempt| {
+            attempts = attempt;
             // After a failure, retry-readonly opens read-only.
             let ro = readonly || (attempt > 0 && self.p.readonly_after_failure);
-            match self.next.open(ro, export) {
-                Ok(h) => break h,
-                Err(e) if attempt >= self.p.retries => return Err(e),
-                Err(e) => {
-                    attempt += 1;
-                    tracing::debug!(
-                        "retry filter: open failed ({e}); retry {attempt} of {} in {delay:?}",
-                        self.p.retries
-                    );
-                    if !delay.is_zero() {
-                        std::thread::sleep(delay);
-                    }
-                    if self.p.exponential {
-                        delay = delay.saturating_mul(2);
-                    }
-                }
-            }
-        };
+            Ok(self.next.open(ro, export))
+        })?;
         Ok(Box::new(RetryHandle {
             backend: self.next.clone(),
             readonly,
-            reopens: AtomicU32::new(attempt),
+            reopens: AtomicU32::new(attempts),
             export: export.to_string(),
             p: self.p,
             cur: RwLock::new(Some(h)),
@@ -183,34 +200,15 @@ impl RetryHandle {
         write: bool,
         mut f: impl FnMut(&dyn Handle) -> Result<T>,
     ) -> Result<T> {
-        let mut delay = self.p.delay;
-        let mut attempt = 0;
-        loop {
+        self.p.run(what, |attempt| {
+            if attempt > 0 {
+                self.reopen();
+            }
             if write {
                 self.writable()?;
             }
-            let r = self.once(&mut f);
-            match r {
-                Ok(v) => return Ok(v),
-                Err(e) if e.kind() == ErrorKind::NotSupported || attempt >= self.p.retries => {
-                    return Err(e)
-                }
-                Err(e) => {
-                    attempt += 1;
-                    tracing::debug!(
-                        "retry filter: {what} failed ({e}); retry {attempt} of {} in {delay:?}",
-                        self.p.retries
-                    );
-                    if !delay.is_zero() {
-                        std::thread::sleep(delay);
-                    }
-                    if self.p.exponential {
-                        delay = delay.saturating_mul(2);
-                    }
-                    self.reopen();
-                }
-            }
-        }
+            Ok(self.once(&mut f))
+        })
     }
 }
 
