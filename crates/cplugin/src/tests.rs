@@ -66,13 +66,19 @@ fn struct_layout_matches_nbdkit_plugin_h() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn debian_plugin(name: &str) -> Option<PathBuf> {
+/// dlopen of one path gives one copy of the library, so tests that load the
+/// same plugin share its globals (memory's `size`: a failed `size=lots` in one
+/// test left -1 there for another running beside it). The guard serialises
+/// them.
+fn debian_plugin(name: &str) -> Option<(PathBuf, std::sync::MutexGuard<'static, ()>)> {
+    static LOADED: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let p = find(name);
     if have(
         &format!("nbdkit-{name}-plugin.so (Debian's nbdkit)"),
         p.is_some(),
     ) {
-        p
+        let guard = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+        p.map(|p| (p, guard))
     } else {
         None
     }
@@ -80,7 +86,7 @@ fn debian_plugin(name: &str) -> Option<PathBuf> {
 
 #[test]
 fn memory_plugin_in_process() {
-    let Some(path) = debian_plugin("memory") else {
+    let Some((path, _loaded)) = debian_plugin("memory") else {
         return;
     };
     let p = CPlugin::open(&path).unwrap();
@@ -110,7 +116,7 @@ fn memory_plugin_in_process() {
 
 #[test]
 fn config_errors_carry_the_plugins_message() {
-    let Some(path) = debian_plugin("memory") else {
+    let Some((path, _loaded)) = debian_plugin("memory") else {
         return;
     };
     let p = CPlugin::open(&path).unwrap();
