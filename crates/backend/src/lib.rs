@@ -241,6 +241,54 @@ macro_rules! forward {
     };
 }
 
+/// Capability methods of a [`Handle`] whose answer is fixed, written as
+/// `name: value` pairs instead of one three-line method each:
+///
+/// ```
+/// use nbdkit_backend::{capabilities, CacheMode, FuaMode, Handle, ZeroMode};
+/// struct Ram;
+/// impl Handle for Ram {
+///     capabilities! {
+///         can_write: true, can_flush: true, can_zero: ZeroMode::Native,
+///         can_fua: FuaMode::Native, can_cache: CacheMode::Native,
+///     }
+/// }
+/// assert!(Ram.can_write().unwrap());
+/// assert_eq!(Ram.can_zero().unwrap(), ZeroMode::Native);
+/// assert_eq!(Ram.can_cache().unwrap(), CacheMode::Native);
+/// assert!(!Ram.can_trim().unwrap()); // not listed: the trait's default
+/// ```
+///
+/// Each pair becomes the same trait method a hand-written one would be, so
+/// callers see no difference.  An answer that depends on `self` stays a
+/// method (macro hygiene keeps `self` out of the value).
+#[macro_export]
+macro_rules! capabilities {
+    (@one can_zero $v:expr) => {
+        fn can_zero(&self) -> $crate::Result<$crate::ZeroMode> {
+            Ok($v)
+        }
+    };
+    (@one can_fua $v:expr) => {
+        fn can_fua(&self) -> $crate::Result<$crate::FuaMode> {
+            Ok($v)
+        }
+    };
+    (@one can_cache $v:expr) => {
+        fn can_cache(&self) -> $crate::Result<$crate::CacheMode> {
+            Ok($v)
+        }
+    };
+    (@one $name:ident $v:expr) => {
+        fn $name(&self) -> $crate::Result<bool> {
+            Ok($v)
+        }
+    };
+    ($($name:ident : $v:expr),* $(,)?) => {
+        $($crate::capabilities!(@one $name $v);)*
+    };
+}
+
 /// One client connection's view of a backend.  Dropping it closes it.
 ///
 /// Every method may be called from several threads at once when the thread

@@ -354,8 +354,8 @@ mod tests {
         fn size(&self) -> Result<u64> {
             Ok(self.data.lock().unwrap().len() as u64)
         }
-        fn can_write(&self) -> Result<bool> {
-            Ok(true)
+        nbdkit_backend::capabilities! {
+            can_write: true, can_trim: true,
         }
         fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
             let r = self.check(offset, buf.len() as u64, self.lim.maxdata)?;
@@ -371,9 +371,6 @@ mod tests {
             let r = self.check(offset, n, self.lim.maxlen)?;
             self.data.lock().unwrap()[r].fill(0);
             Ok(())
-        }
-        fn can_trim(&self) -> Result<bool> {
-            Ok(true)
         }
         fn trim(&self, offset: u64, n: u64, _: bool) -> Result<()> {
             self.check(offset, n, self.lim.maxlen).map(|_| ())

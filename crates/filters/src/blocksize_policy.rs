@@ -489,11 +489,8 @@ mod tests {
         fn size(&self) -> Result<u64> {
             Ok(self.0.lock().unwrap().len() as u64)
         }
-        fn can_write(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_cache(&self) -> Result<CacheMode> {
-            Ok(CacheMode::Emulate)
+        nbdkit_backend::capabilities! {
+            can_write: true, can_cache: CacheMode::Emulate,
         }
         fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
             let d = self.0.lock().unwrap();

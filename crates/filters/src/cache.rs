@@ -649,8 +649,8 @@ impl Handle for CacheHandle {
             Mode::Writethrough => self.next_fast_zero,
         })
     }
-    fn can_cache(&self) -> Result<CacheMode> {
-        Ok(CacheMode::Native)
+    nbdkit_backend::capabilities! {
+        can_cache: CacheMode::Native,
     }
     /// As nbdkit: the cache is one for all connections and a flush on any
     /// of them writes back every dirty block, so writeback and unsafe
@@ -1052,17 +1052,8 @@ mod tests {
         fn size(&self) -> Result<u64> {
             Ok(self.0.data.lock().unwrap().len() as u64)
         }
-        fn can_write(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_flush(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_trim(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_extents(&self) -> Result<bool> {
-            Ok(true)
+        nbdkit_backend::capabilities! {
+            can_write: true, can_flush: true, can_trim: true, can_extents: true,
         }
         fn can_zero(&self) -> Result<ZeroMode> {
             Ok(if self.0.native_zero.load(Ordering::SeqCst) {

@@ -98,27 +98,11 @@ impl Handle for CheckWriteHandle {
     fn next(&self) -> Option<&dyn Handle> {
         Some(&*self.next)
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fua(&self) -> Result<FuaMode> {
-        Ok(FuaMode::Native)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_zero(&self) -> Result<ZeroMode> {
-        Ok(ZeroMode::Native)
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        Ok(true)
-    }
-    // Nothing ever changes, so every connection sees the same data.
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true)
+    nbdkit_backend::capabilities! {
+        can_write: true, can_flush: true, can_fua: FuaMode::Native, can_trim: true,
+        can_zero: ZeroMode::Native, can_fast_zero: true,
+        // Nothing ever changes, so every connection sees the same data.
+        can_multi_conn: true,
     }
     fn pwrite(&self, buf: &[u8], offset: u64, _fua: bool) -> Result<()> {
         let mut have = vec![0u8; buf.len()];

@@ -228,30 +228,12 @@ impl Handle for CompressedHandle {
     fn size(&self) -> Result<u64> {
         Ok(self.reader.size())
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_zero(&self) -> Result<ZeroMode> {
-        Ok(ZeroMode::None)
-    }
-    fn can_fua(&self) -> Result<FuaMode> {
-        Ok(FuaMode::None)
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
+    nbdkit_backend::capabilities! {
+        can_write: false, can_flush: false, can_trim: false, can_zero: ZeroMode::None,
+        can_fua: FuaMode::None, can_extents: true,
         // Read-only, and every connection shares one reader.
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<CacheMode> {
-        Ok(CacheMode::Native)
+        can_multi_conn: true,
+        can_cache: CacheMode::Native,
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.reader.read_at(buf, offset).map_err(read_error)

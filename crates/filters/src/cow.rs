@@ -288,35 +288,16 @@ impl Handle for CowHandle {
     fn size(&self) -> Result<u64> {
         Ok(self.size)
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_zero(&self) -> Result<ZeroMode> {
-        Ok(ZeroMode::Native)
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fua(&self) -> Result<FuaMode> {
+    nbdkit_backend::capabilities! {
+        can_write: true, can_flush: true, can_trim: true, can_zero: ZeroMode::Native,
+        can_fast_zero: true,
         // Nothing to persist: FUA is honoured by doing nothing.
-        Ok(FuaMode::Native)
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
+        can_fua: FuaMode::Native,
+        can_extents: true,
         // One overlay for all connections to an export, read and written
         // through the same file, and flush has nothing to do.
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<CacheMode> {
-        Ok(CacheMode::Native)
+        can_multi_conn: true,
+        can_cache: CacheMode::Native,
     }
 
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {

@@ -110,11 +110,8 @@ impl Handle for DdrescueHandle {
     fn next(&self) -> Option<&dyn Handle> {
         Some(&*self.next)
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_cache(&self) -> Result<CacheMode> {
-        Ok(CacheMode::None)
+    nbdkit_backend::capabilities! {
+        can_write: false, can_cache: CacheMode::None,
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset.saturating_add(buf.len() as u64);

@@ -629,17 +629,8 @@ impl Handle for LuksHandle {
             ZeroMode::None
         })
     }
-    fn can_fast_zero(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_cache(&self) -> Result<CacheMode> {
-        Ok(CacheMode::Emulate)
+    nbdkit_backend::capabilities! {
+        can_fast_zero: false, can_trim: false, can_extents: false, can_cache: CacheMode::Emulate,
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let (start, end) = self.span(offset, buf.len())?;

@@ -410,11 +410,8 @@ mod tests {
         fn size(&self) -> Result<u64> {
             Ok(1 << 20)
         }
-        fn can_write(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_flush(&self) -> Result<bool> {
-            Ok(true)
+        nbdkit_backend::capabilities! {
+            can_write: true, can_flush: true,
         }
         fn pread(&self, buf: &mut [u8], _: u64) -> Result<()> {
             buf.fill(0);

@@ -311,16 +311,12 @@ impl Handle for Qcow2Handle {
             ZeroMode::None
         })
     }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
+    nbdkit_backend::capabilities! {
+        can_extents: true,
         // One shared image per export: every connection sees every write,
         // and a flush on any writes back all metadata and flushes below.
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<CacheMode> {
-        Ok(CacheMode::Emulate)
+        can_multi_conn: true,
+        can_cache: CacheMode::Emulate,
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.reader.read_at(buf, offset).map_err(Self::fail)

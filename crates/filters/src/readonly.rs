@@ -74,17 +74,11 @@ impl Handle for AlwaysReadonly {
     fn next(&self) -> Option<&dyn Handle> {
         Some(&*self.next)
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(false)
+    nbdkit_backend::capabilities! {
+        can_write: false, can_trim: false, can_fast_zero: false,
     }
     fn can_zero(&self) -> Result<nbdkit_backend::ZeroMode> {
         Ok(nbdkit_backend::ZeroMode::None)
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        Ok(false)
     }
     fn can_fua(&self) -> Result<nbdkit_backend::FuaMode> {
         Ok(nbdkit_backend::FuaMode::None)

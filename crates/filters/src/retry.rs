@@ -455,14 +455,8 @@ mod tests {
             buf.fill(7);
             Ok(())
         }
-        fn can_write(&self) -> Result<bool> {
-            Ok(true)
-        }
-        fn can_zero(&self) -> Result<ZeroMode> {
-            Ok(ZeroMode::Native)
-        }
-        fn can_fast_zero(&self) -> Result<bool> {
-            Ok(false)
+        nbdkit_backend::capabilities! {
+            can_write: true, can_zero: ZeroMode::Native, can_fast_zero: false,
         }
         fn zero(&self, _: u64, _: u64, _: ZeroFlags) -> Result<()> {
             Err(Error::not_supported("zeroing is not supported here"))

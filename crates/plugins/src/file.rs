@@ -398,11 +398,15 @@ impl Handle for FileHandle {
     fn can_write(&self) -> Result<bool> {
         Ok(self.writable)
     }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fua(&self) -> Result<FuaMode> {
-        Ok(FuaMode::Native)
+    nbdkit_backend::capabilities! {
+        can_flush: true, can_fua: FuaMode::Native,
+        // Zeroing is fast when the kernel does it; when it cannot, zero()
+        // says NotSupported for fast requests instead of writing.
+        can_fast_zero: true,
+        // All connections share the kernel's page cache for this file, and
+        // fdatasync on any descriptor persists everyone's writes.
+        can_multi_conn: true,
+        can_cache: CacheMode::Native, is_rotational: false,
     }
     fn can_trim(&self) -> Result<bool> {
         Ok(self.writable && !self.is_block)
@@ -438,24 +442,8 @@ impl Handle for FileHandle {
             ZeroMode::None
         })
     }
-    fn can_fast_zero(&self) -> Result<bool> {
-        // Zeroing is fast when the kernel does it; when it cannot, zero()
-        // says NotSupported for fast requests instead of writing.
-        Ok(true)
-    }
     fn can_extents(&self) -> Result<bool> {
         Ok(!self.is_block)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        // All connections share the kernel's page cache for this file, and
-        // fdatasync on any descriptor persists everyone's writes.
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<CacheMode> {
-        Ok(CacheMode::Native)
-    }
-    fn is_rotational(&self) -> Result<bool> {
-        Ok(false)
     }
 
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {

@@ -361,12 +361,10 @@ impl Handle for LibvirtHandle {
     fn source_name(&self) -> Option<String> {
         Some(self.r.name.clone())
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(false)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
+    nbdkit_backend::capabilities! {
+        can_write: false,
         // Read-only: every connection sees the same bytes.
-        Ok(true)
+        can_multi_conn: true,
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match &self.r.access {

@@ -359,33 +359,12 @@ impl Handle for MemoryHandle {
         self.mem.size.fetch_max(new_size, Ordering::Relaxed);
         Ok(())
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_zero(&self) -> Result<ZeroMode> {
-        Ok(ZeroMode::Native)
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fua(&self) -> Result<FuaMode> {
+    nbdkit_backend::capabilities! {
+        can_write: true, can_flush: true, can_trim: true, can_zero: ZeroMode::Native,
+        can_fast_zero: true,
         // RAM has nothing to persist.
-        Ok(FuaMode::Native)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<CacheMode> {
-        Ok(CacheMode::Native)
+        can_fua: FuaMode::Native,
+        can_multi_conn: true, can_extents: true, can_cache: CacheMode::Native,
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.mem.read(buf, offset)

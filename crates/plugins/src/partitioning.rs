@@ -379,14 +379,8 @@ impl Handle for PartHandle {
             FuaMode::None
         })
     }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<CacheMode> {
-        Ok(CacheMode::Emulate)
+    nbdkit_backend::capabilities! {
+        can_extents: true, can_multi_conn: true, can_cache: CacheMode::Emulate,
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         for (k, at, i, n) in self.l.spans(offset, buf.len() as u64) {

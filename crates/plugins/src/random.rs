@@ -109,32 +109,10 @@ impl<C: Content> Handle for CheckedHandle<C> {
     fn size(&self) -> Result<u64> {
         Ok(self.size)
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fua(&self) -> Result<FuaMode> {
-        Ok(FuaMode::Native)
-    }
-    fn can_zero(&self) -> Result<ZeroMode> {
-        Ok(ZeroMode::Native)
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_trim(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<CacheMode> {
-        Ok(CacheMode::Native)
+    nbdkit_backend::capabilities! {
+        can_write: true, can_flush: true, can_fua: FuaMode::Native, can_zero: ZeroMode::Native,
+        can_fast_zero: true, can_trim: true, can_extents: true, can_multi_conn: true,
+        can_cache: CacheMode::Native,
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.content.read(buf, offset);

@@ -51,8 +51,9 @@ impl Handle for SimpleHandle {
     fn can_write(&self) -> Result<bool> {
         Ok(self.kind != Kind::Pattern)
     }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true)
+    nbdkit_backend::capabilities! {
+        can_flush: true, can_fast_zero: true, can_fua: FuaMode::Native, can_multi_conn: true,
+        can_cache: CacheMode::Native, can_extents: true,
     }
     fn can_trim(&self) -> Result<bool> {
         Ok(self.kind != Kind::Pattern)
@@ -63,21 +64,6 @@ impl Handle for SimpleHandle {
         } else {
             ZeroMode::Native
         })
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_fua(&self) -> Result<FuaMode> {
-        Ok(FuaMode::Native)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<CacheMode> {
-        Ok(CacheMode::Native)
-    }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
     }
 
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {

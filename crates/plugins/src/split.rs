@@ -99,16 +99,12 @@ impl Handle for SplitHandle {
             FuaMode::None
         })
     }
-    fn can_extents(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
+    nbdkit_backend::capabilities! {
+        can_extents: true,
         // Every connection uses the same files (one page cache) and a
         // flush syncs all of them.
-        Ok(true)
-    }
-    fn can_cache(&self) -> Result<CacheMode> {
-        Ok(CacheMode::Emulate)
+        can_multi_conn: true,
+        can_cache: CacheMode::Emulate,
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         for (p, at, i, n) in self.spans(offset, buf.len() as u64) {
