@@ -77,7 +77,7 @@ fn debian_plugin(name: &str) -> Option<(PathBuf, std::sync::MutexGuard<'static, 
         &format!("nbdkit-{name}-plugin.so (Debian's nbdkit)"),
         p.is_some(),
     ) {
-        let guard = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = LOADED.lock_unpoisoned();
         p.map(|p| (p, guard))
     } else {
         None
