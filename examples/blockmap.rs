@@ -40,14 +40,12 @@ impl Handle for BlockMapHandle {
     fn size(&self) -> Result<u64> {
         Ok(self.size)
     }
-    fn can_write(&self) -> Result<bool> {
-        Ok(true)
-    }
-    fn can_flush(&self) -> Result<bool> {
-        Ok(true) // Nothing to persist, but this lets clients use FUA.
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        Ok(true) // One map for every connection.
+    nbdkit_backend::capabilities! {
+        can_write: true,
+        // Nothing to persist, but this lets clients use FUA.
+        can_flush: true,
+        // One map for every connection.
+        can_multi_conn: true,
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let blocks = self.blocks.lock().unwrap();
