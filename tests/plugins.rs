@@ -399,8 +399,8 @@ fn data_raw_hello_world_and_variables() {
     assert!(err.contains("data:") && err.contains("300"), "{err}");
 }
 
-/// nbdkit >= 1.46: `base64:` inside the language, and a size suffix on a
-/// decimal `@OFFSET`.
+/// nbdkit >= 1.46: `base64:` inside the language; and (newer nbdkit, the
+/// page gives no version) a size suffix on a decimal `@OFFSET`.
 #[test]
 fn data_base64_expressions_and_offset_suffixes() {
     if !have("nbdcopy") {

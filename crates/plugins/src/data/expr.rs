@@ -537,7 +537,8 @@ fn parse_number(w: &str) -> Result<u64, String> {
 
 /// `@OFFSET`: a number as [`parse_number`] reads it, or a decimal one
 /// with a size suffix (`@1M`, `@4k`: powers of 1024, as every size
-/// parameter), which nbdkit >= 1.46 documents for absolute offsets only.
+/// parameter), which newer nbdkit documents (the page gives no version)
+/// for absolute offsets only.
 fn parse_offset(w: &str) -> Result<u64, String> {
     parse_number(w).or_else(|e| {
         let digits = w.bytes().take_while(u8::is_ascii_digit).count();
@@ -903,8 +904,8 @@ mod tests {
         assert_eq!(eval("(1 2 3 4 5)[1:3] ( 9 )[:1]").unwrap(), vec![2, 3, 9]);
         assert_eq!(eval("1 # a comment\n 2").unwrap(), vec![1, 2]);
         assert_eq!(eval("@4 @+2 @-1 7").unwrap(), vec![0, 0, 0, 0, 0, 7]);
-        // nbdkit >= 1.46: base64 inside the language, and size suffixes
-        // on decimal absolute offsets.
+        // nbdkit >= 1.46: base64 inside the language; newer nbdkit: size
+        // suffixes on decimal absolute offsets.
         assert_eq!(eval("base64:MTIz 0x34").unwrap(), b"1234".to_vec());
         assert_eq!(eval("(base64:aGk=)*2 base64:").unwrap(), b"hihi".to_vec());
         assert_eq!(eval("base64:AAEC[1:]").unwrap(), vec![1, 2]);
