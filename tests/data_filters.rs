@@ -588,6 +588,59 @@ print("OK")
     );
 }
 
+/// nbdkit >= 1.44: `strict-error` is `error` without the exception for a
+/// short request that ends at an unaligned end of the export.
+#[test]
+fn blocksize_policy_strict_error_refuses_the_unaligned_tail() {
+    if !have_python_nbd() {
+        return;
+    }
+    // 1M + 100 bytes: the last 100 are a partial 512-byte block.
+    let size = (M + 100).to_string();
+    let script = r#"
+import nbd, sys, errno
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+policy = sys.argv[2]
+tail = 1024 * 1024
+assert h.get_size() == tail + 100
+assert h.get_block_size(nbd.SIZE_MINIMUM) == 512
+h.pwrite(b"w" * 512, tail - 512)
+# libnbd would refuse the short requests itself.
+h.set_strict_mode(0)
+def attempt(f, *args):
+    try:
+        f(*args)
+        return 0
+    except nbd.Error as e:
+        return e.errnum
+want = errno.EINVAL if policy == "strict-error" else 0
+for what, f, args in [("tail read", h.pread, (100, tail)),
+                      ("tail write", h.pwrite, (b"t" * 100, tail)),
+                      ("tail zero", h.zero, (100, tail)),
+                      ("tail trim", h.trim, (100, tail))]:
+    r = attempt(f, *args)
+    assert r == want, (what, r)
+# Under both: a short request that stops before the end, or an unaligned
+# offset, is refused; whole blocks before the tail are served.
+assert attempt(h.pread, 50, tail) == errno.EINVAL
+assert attempt(h.pread, 99, tail + 1) == errno.EINVAL
+assert h.pread(512, tail - 512) == b"w" * 512
+print("OK")
+"#;
+    for policy in ["error", "strict-error"] {
+        let p = format!("blocksize-error-policy={policy}");
+        let s = Server::start(&[
+            "--filter=blocksize-policy",
+            "memory",
+            &size,
+            "blocksize-minimum=512",
+            &p,
+        ]);
+        python(script, &[&s.uri, policy]);
+    }
+}
+
 #[test]
 fn blocksize_policy_write_disconnect_drops_the_connection() {
     if !have_python_nbd() {

@@ -399,6 +399,47 @@ fn data_raw_hello_world_and_variables() {
     assert!(err.contains("data:") && err.contains("300"), "{err}");
 }
 
+/// nbdkit >= 1.46: `base64:` inside the language; and (newer nbdkit, the
+/// page gives no version) a size suffix on a decimal `@OFFSET`.
+#[test]
+fn data_base64_expressions_and_offset_suffixes() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let out = run_ok(Command::new(binary()).args([
+        "-U",
+        "-",
+        "data",
+        "base64:SGVsbG8s 0x20 ( base64:d29ybGQh )*2 @1K base64:AAEC[1:]",
+        "--run",
+        "nbdcopy \"$uri\" -",
+    ]));
+    let mut want = b"Hello, world!world!".to_vec();
+    want.resize(1024, 0);
+    want.extend_from_slice(&[1, 2]);
+    assert_eq!(out.stdout, want);
+    // @1M: the disk reaches exactly 1 MiB + 2, with the bytes at the end.
+    let out = run_ok(Command::new(binary()).args([
+        "-U",
+        "-",
+        "data",
+        "@1M le16:0xaa55",
+        "--run",
+        "nbdcopy \"$uri\" -",
+    ]));
+    assert_eq!(out.stdout.len(), (1 << 20) + 2);
+    assert_eq!(&out.stdout[1 << 20..], &[0x55, 0xaa]);
+    assert!(out.stdout[..1 << 20].iter().all(|&b| b == 0));
+    // Bad base64 is one clear error at start-up.
+    let out = Command::new(binary())
+        .args(["-U", "-", "data", "base64:MTI", "--run", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("data:") && err.contains("base64"), "{err}");
+}
+
 // ---------------------------------------------------------------- random, sparse-random
 
 #[test]

@@ -58,7 +58,12 @@ fn issue(dir: &Path, ca: &str, name: &str, cn: &str, serial: &str, ext: &str) {
             "-out",
             &csr,
             "-subj",
-            &format!("/CN={cn}"),
+            // A whole subject (`/C=US/O=BigCo/CN=...`), or just a CN.
+            &if cn.starts_with('/') {
+                cn.to_string()
+            } else {
+                format!("/CN={cn}")
+            },
         ],
     );
     openssl(
@@ -313,6 +318,149 @@ fn verify_peer_needs_a_certificate_from_the_ca() {
     let s = start(&pki, &["--tls=require"], &["memory", "size=1M"]);
     let out = nbdinfo(&tls_uri(&s, &pki.anonymous));
     assert!(out.status.success(), "anonymous client: {out:?}");
+}
+
+/// For the DN rules: the server's CA also trusts a second CA, "CN=BigCo",
+/// which issued `bigco`'s certificate, with the subject of
+/// nbdkit_peer_tls_dn(3)'s example; `alice` is from the first CA.
+struct DnPki {
+    _dir: tempfile::TempDir,
+    server: PathBuf,
+    bigco: PathBuf,
+    alice: PathBuf,
+}
+
+fn dn_pki() -> Option<DnPki> {
+    if !have("openssl") {
+        return None;
+    }
+    let d = tempfile::tempdir().expect("tempdir");
+    let w = d.path();
+    make_ca(w, "ca", "nbdkit-rs test CA");
+    make_ca(w, "bigca", "BigCo");
+    issue(
+        w,
+        "ca",
+        "server",
+        "localhost",
+        "20",
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    );
+    let client_ext =
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n";
+    issue(w, "ca", "alice", "alice", "21", client_ext);
+    issue(
+        w,
+        "bigca",
+        "bigco",
+        "/C=US/ST=New York/L=New York/O=BigCo/CN=client.example.com",
+        "22",
+        client_ext,
+    );
+    let dir = |sub: &str, files: &[(&str, &str)]| {
+        let p = w.join(sub);
+        std::fs::create_dir(&p).expect("mkdir");
+        for (from, to) in files {
+            std::fs::copy(w.join(from), p.join(to)).expect("copy");
+        }
+        p
+    };
+    let server = dir(
+        "server",
+        &[
+            ("server-cert.pem", "server-cert.pem"),
+            ("server-key.pem", "server-key.pem"),
+        ],
+    );
+    // Both CAs verify clients.
+    let mut cas = std::fs::read(w.join("ca-cert.pem")).expect("ca");
+    cas.extend(std::fs::read(w.join("bigca-cert.pem")).expect("bigca"));
+    std::fs::write(server.join("ca-cert.pem"), cas).expect("cas");
+    let client = |name: &str| {
+        dir(
+            name,
+            &[
+                ("ca-cert.pem", "ca-cert.pem"),
+                (&format!("{name}-cert.pem"), "client-cert.pem"),
+                (&format!("{name}-key.pem"), "client-key.pem"),
+            ],
+        )
+    };
+    Some(DnPki {
+        server,
+        bigco: client("bigco"),
+        alice: client("alice"),
+        _dir: d,
+    })
+}
+
+/// nbdkit >= 1.40: the ip filter's `dn:`/`issuer-dn:` rules, matched
+/// against the verified client certificate's names in RFC 4514 form, and
+/// checked when the client opens or lists exports.
+#[test]
+fn ip_filter_admits_clients_by_certificate_dn() {
+    let Some(pki) = dn_pki() else { return };
+    if !have("nbdinfo") {
+        return;
+    }
+    let certs = format!("--tls-certificates={}", pki.server.display());
+    let serve = |tls: &[&str], rules: &[&str]| {
+        let mut args = vec![certs.as_str()];
+        args.extend_from_slice(tls);
+        args.extend_from_slice(&["--filter=ip", "memory", "size=1M"]);
+        args.extend_from_slice(rules);
+        Server::start(&args)
+    };
+    let verify = ["--tls=require", "--tls-verify-peer"];
+    let admitted = |s: &Server, who: &Path| nbdinfo(&tls_uri(s, who)).status.success();
+    let bigco_dn = "CN=client.example.com,O=BigCo,L=New York,ST=New York,C=US";
+
+    // The exact DN (one parameter, commas and all), and a wildcard.
+    let exact = format!("allow=dn:{bigco_dn}");
+    for allow in [exact.as_str(), "allow=dn:*,O=BigCo,*"] {
+        let s = serve(&verify, &[allow, "deny=all"]);
+        assert!(
+            admitted(&s, &pki.bigco),
+            "{allow}: bigco refused: {}",
+            s.log()
+        );
+        assert!(!admitted(&s, &pki.alice), "{allow}: alice admitted");
+        // Listing exports is refused too.
+        let list = Command::new("nbdinfo")
+            .args(["--list", &tls_uri(&s, &pki.alice)])
+            .output()
+            .expect("nbdinfo --list");
+        assert!(!list.status.success(), "{allow}: alice listed exports");
+        let log = s.log();
+        assert!(
+            log.contains("denied by the allow/deny rules") && log.contains("CN=alice"),
+            "{log}"
+        );
+    }
+    // By issuer: allowed, and (everyone else admitted) denied.
+    let s = serve(&verify, &["allow=issuer-dn:CN=BigCo", "deny=all"]);
+    assert!(admitted(&s, &pki.bigco));
+    assert!(!admitted(&s, &pki.alice));
+    let s = serve(&verify, &["deny=issuer-dn:CN=BigCo"]);
+    assert!(!admitted(&s, &pki.bigco));
+    assert!(admitted(&s, &pki.alice));
+    // A DN rule next to ordinary ones: the rules are one list.
+    let s = serve(
+        &verify,
+        &["allow=dn:CN=nobody", "allow=anyunix", "deny=all"],
+    );
+    assert!(admitted(&s, &pki.alice));
+
+    // Without --tls-verify-peer no certificate is asked for: no DN, and
+    // even dn:* does not match.  Nor does a plaintext client's.
+    let s = serve(&["--tls=on"], &["allow=dn:*", "deny=all"]);
+    assert!(!admitted(&s, &pki.bigco));
+    assert!(!nbdinfo(&s.uri_for("")).status.success());
+    let log = s.log();
+    assert!(
+        log.contains("without a verified client certificate"),
+        "{log}"
+    );
 }
 
 #[test]

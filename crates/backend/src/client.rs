@@ -16,7 +16,7 @@ use std::io::{PipeReader, PipeWriter, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -55,6 +55,8 @@ pub struct Client {
     id: u64,
     peer: Peer,
     tls: AtomicBool,
+    /// The verified client certificate's subject and issuer DNs.
+    tls_names: OnceLock<(String, String)>,
     readonly: AtomicBool,
     export: Mutex<Option<String>>,
     disconnect: AtomicBool,
@@ -70,6 +72,7 @@ impl Client {
             id,
             peer,
             tls: AtomicBool::new(false),
+            tls_names: OnceLock::new(),
             readonly: AtomicBool::new(false),
             export: Mutex::new(None),
             disconnect: AtomicBool::new(false),
@@ -94,6 +97,27 @@ impl Client {
     /// Set by the server when STARTTLS completes.
     pub fn set_tls(&self) {
         self.tls.store(true, Ordering::Relaxed)
+    }
+
+    /// The Distinguished Name of the client's certificate, in RFC 4514
+    /// form (`CN=client.example.com,O=BigCo,C=US`): known only when the
+    /// client connected over TLS with X.509 and presented a certificate
+    /// that the server verified (`--tls-verify-peer`), as nbdkit's
+    /// `nbdkit_peer_tls_dn`.
+    pub fn tls_dn(&self) -> Option<&str> {
+        self.tls_names.get().map(|n| n.0.as_str())
+    }
+
+    /// The Distinguished Name of the CA that issued the client's
+    /// certificate, under the same conditions as [`Client::tls_dn`].
+    pub fn tls_issuer_dn(&self) -> Option<&str> {
+        self.tls_names.get().map(|n| n.1.as_str())
+    }
+
+    /// Set by the server when a TLS handshake verified a client
+    /// certificate (once: a connection is encrypted at most once).
+    pub fn set_tls_names(&self, dn: String, issuer_dn: String) {
+        let _ = self.tls_names.set((dn, issuer_dn));
     }
 
     /// True when the server was started read-only (`-r`): nothing this
@@ -336,9 +360,13 @@ mod tests {
         let c = Client::new(3, Peer::Stdio);
         assert_eq!(c.export_name(), None);
         assert!(!c.is_tls());
+        assert_eq!((c.tls_dn(), c.tls_issuer_dn()), (None, None));
         c.set_export_name("disk");
         c.set_tls();
+        c.set_tls_names("CN=a,O=B".into(), "CN=B".into());
         assert_eq!(c.export_name().as_deref(), Some("disk"));
         assert!(c.is_tls());
+        assert_eq!(c.tls_dn(), Some("CN=a,O=B"));
+        assert_eq!(c.tls_issuer_dn(), Some("CN=B"));
     }
 }

@@ -2,7 +2,10 @@
 //! clients (minimum, preferred, maximum) for plugins that give none or
 //! the wrong ones, and choose what happens to requests that break them:
 //! `allow` passes them down (the plugin, or a `blocksize` filter below,
-//! copes), `error` refuses them with EINVAL before the plugin sees them.
+//! copes), `error` refuses them with EINVAL before the plugin sees them,
+//! and `strict-error` also refuses the one exception `error` makes: a
+//! short request that ends exactly at the end of an export whose size is
+//! not a multiple of the minimum (nbdkit >= 1.44).
 //! `blocksize-write-disconnect` drops the connection on a write larger
 //! than a size, as qemu-nbd does for writes over 32M, for testing clients
 //! against that behaviour.
@@ -22,6 +25,8 @@ use nbdkit_backend::{
 enum Policy {
     Allow,
     Error,
+    /// As `Error`, and the unaligned tail of the export is out of reach.
+    StrictError,
 }
 
 /// The parameters; `None` means "whatever the next backend says".
@@ -149,19 +154,25 @@ struct PolicyHandle {
 
 impl PolicyHandle {
     /// Apply the error policy to a request.  `data` requests (read and
-    /// write) are also held to the maximum.  The last, partial block of an
-    /// export whose size is not a multiple of the minimum may be accessed
-    /// in full, as the server allows.
+    /// write) are also held to the maximum.  Under `error` the last,
+    /// partial block of an export whose size is not a multiple of the
+    /// minimum may be accessed in full, as the server allows; under
+    /// `strict-error` every length must be a multiple of the minimum, so
+    /// that tail cannot be reached at all.
     fn check(&self, what: &str, data: bool, offset: u64, count: u64) -> Result<()> {
-        let Some(b) = self.bs.filter(|_| self.s.policy == Policy::Error) else {
+        let Some(b) = self.bs.filter(|_| self.s.policy != Policy::Allow) else {
             return Ok(());
         };
+        // A short request that ends exactly at an unaligned end of the
+        // export: the one `error` lets through.
+        let short_tail =
+            self.s.policy == Policy::Error && offset.saturating_add(count) == self.size;
         let min = b.minimum as u64;
         let why = if data && count > b.maximum as u64 {
             format!("larger than the maximum block size {}", b.maximum)
         } else if !offset.is_multiple_of(min) {
             format!("offset not aligned to the minimum block size {min}")
-        } else if !count.is_multiple_of(min) && offset.saturating_add(count) != self.size {
+        } else if !count.is_multiple_of(min) && !short_tail {
             format!("length not a multiple of the minimum block size {min}")
         } else {
             return Ok(());
@@ -268,7 +279,9 @@ pub static SPEC: FilterSpec = FilterSpec {
     description: "Advertises blocksize-minimum/preferred/maximum (each defaults to what the\n\
 plugin says, or 1 / 4K / no limit).  With blocksize-error-policy=allow (the\n\
 default) requests that break them are passed to the plugin; with error they\n\
-fail with EINVAL (block status is answered at any alignment).  A write larger\n\
+fail with EINVAL (block status is answered at any alignment), except a short\n\
+request ending at the end of an export whose size is not a multiple of the\n\
+minimum; strict-error refuses that too.  A write larger\n\
 than blocksize-write-disconnect closes the connection without a reply.\n\
 Stacked above --filter=blocksize (allow policy), badly behaved clients get\n\
 read-modify-write while the plugin sees only aligned requests.\n\n\
@@ -289,7 +302,8 @@ blocksize-preferred=64K blocksize-error-policy=error",
         },
         Param {
             name: "blocksize-error-policy",
-            help: "allow (default): pass requests that break the sizes down; error: fail them with EINVAL",
+            help: "allow (default): pass requests that break the sizes down; error: fail them with EINVAL; \
+                   strict-error: also refuse short requests at an unaligned end of the export",
         },
         Param {
             name: "blocksize-write-disconnect",
@@ -301,9 +315,10 @@ blocksize-preferred=64K blocksize-error-policy=error",
         let policy = match cfg.take("blocksize-error-policy").as_deref() {
             None | Some("allow") => Policy::Allow,
             Some("error") => Policy::Error,
+            Some("strict-error") => Policy::StrictError,
             Some(v) => {
                 return Err(err(format!(
-                    "blocksize-error-policy={v}: expected allow or error"
+                    "blocksize-error-policy={v}: expected allow, error or strict-error"
                 )))
             }
         };
@@ -378,8 +393,12 @@ mod tests {
     }
 
     fn open(p: &[(&str, &str)]) -> Result<Box<dyn Handle>> {
+        open_sized(p, "1M")
+    }
+
+    fn open_sized(p: &[(&str, &str)], size: &str) -> Result<Box<dyn Handle>> {
         let layer = configure(p).unwrap();
-        let mut pcfg = Config::new(vec![("size".into(), "1M".into())]);
+        let mut pcfg = Config::new(vec![("size".into(), size.into())]);
         let plugin = (nbdkit_plugins::memory::SPEC.create)(&mut pcfg).unwrap();
         layer.layer(plugin).unwrap().open(false, "")
     }
@@ -480,6 +499,43 @@ mod tests {
         let h = open(&p).unwrap();
         h.pread(&mut b[..3], 1).unwrap();
         h.pread(&mut big, 0).unwrap();
+    }
+
+    #[test]
+    fn strict_error_refuses_the_unaligned_tail_that_error_allows() {
+        // 1M + 100: the last 100 bytes are a partial 512-byte block.
+        let size = (1u64 << 20) + 100;
+        let tail = 1u64 << 20;
+        let min = ("blocksize-minimum", "512");
+        let error = open_sized(
+            &[min, ("blocksize-error-policy", "error")],
+            &size.to_string(),
+        )
+        .unwrap();
+        let strict = open_sized(
+            &[min, ("blocksize-error-policy", "strict-error")],
+            &size.to_string(),
+        )
+        .unwrap();
+        let mut b = vec![0u8; 100];
+        error.pread(&mut b, tail).unwrap();
+        error.zero(tail, 100, ZeroFlags::default()).unwrap();
+        for e in [
+            strict.pread(&mut b, tail).unwrap_err(),
+            strict.pwrite(&b, tail, false).unwrap_err(),
+            strict.zero(tail, 100, ZeroFlags::default()).unwrap_err(),
+            strict.trim(tail, 100, false).unwrap_err(),
+        ] {
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        }
+        // Both still refuse a short request that does not reach the end,
+        // and an unaligned offset, and allow whole blocks before the tail.
+        for h in [&error, &strict] {
+            assert!(h.pread(&mut b[..50], tail).is_err());
+            assert!(h.pread(&mut b[..99], tail + 1).is_err());
+            let mut blk = vec![0u8; 512];
+            h.pread(&mut blk, tail - 512).unwrap();
+        }
     }
 
     /// A RAM disk that can only read and write: the server would emulate

@@ -1,17 +1,24 @@
 //! `ip`: admit or refuse clients by where they connect from: IP address or
-//! network for TCP, process/user/group ID for Unix sockets.  For servers
-//! that must stay reachable on a network without a firewall in front.
+//! network for TCP, process/user/group ID for Unix sockets, and (since
+//! nbdkit 1.40) the Distinguished Name of a TLS client certificate or of
+//! its issuer.  For servers that must stay reachable on a network without
+//! a firewall in front.
 //!
 //! The rules follow nbdkit's: a client matching any `allow=` rule is
 //! admitted; otherwise one matching any `deny=` rule is refused; otherwise
-//! it is admitted.  Refused clients are closed before the handshake.
+//! it is admitted.  Refused clients are closed before the handshake —
+//! unless a rule names a DN: the certificate is only known once TLS is
+//! negotiated, so then every rule is checked when the client opens an
+//! export or lists them, and a refused client gets an error reply there.
 
+use std::ffi::CString;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
 use nbdkit_backend::{
-    Backend, Client, ConfigError, Error, ErrorKind, FilterSpec, Handle, Layer, Param, Peer, Result,
+    Backend, Client, ConfigError, Error, ErrorKind, ExportEntry, FilterSpec, Handle, Layer, Param,
+    Peer, Result,
 };
 
 /// One entry of an allow or deny list.
@@ -30,6 +37,42 @@ enum Rule {
     Pid(i32),
     Uid(u32),
     Gid(u32),
+    /// `dn:WILDCARD`: the client certificate's subject DN.
+    Dn(String),
+    /// `issuer-dn:WILDCARD`: the DN of the CA that issued it.
+    IssuerDn(String),
+}
+
+/// What the rules look at: the socket's peer, and the client
+/// certificate's names when TLS verified one.
+struct Who<'a> {
+    peer: &'a Peer,
+    dn: Option<&'a str>,
+    issuer_dn: Option<&'a str>,
+}
+
+impl<'a> Who<'a> {
+    fn of(client: &'a Client) -> Who<'a> {
+        Who {
+            peer: client.peer(),
+            dn: client.tls_dn(),
+            issuer_dn: client.tls_issuer_dn(),
+        }
+    }
+}
+
+/// Shell wildcard matching as fnmatch(3) with no flags (`*` and `?` match
+/// any character, commas and `/` included; `[...]` sets), the matching
+/// nbdkit's `dn:` rules document; the C library's own, so that a pattern
+/// means the same to both servers.
+fn wildcard_matches(pattern: &str, text: &str) -> bool {
+    let (Ok(p), Ok(t)) = (CString::new(pattern), CString::new(text)) else {
+        // Neither a command-line argument nor a rendered DN holds a NUL.
+        return false;
+    };
+    // SAFETY: both are NUL-terminated strings alive for the call, which
+    // only reads them.
+    unsafe { libc::fnmatch(p.as_ptr(), t.as_ptr(), 0) == 0 }
 }
 
 impl Rule {
@@ -56,10 +99,13 @@ impl Rule {
                     Rule::VsockCid(number(v, "a vsock CID")?)
                 } else if let Some(v) = s.strip_prefix("vsock-port:") {
                     Rule::VsockPort(number(v, "a vsock port")?)
-                } else if s.starts_with("security:") || s.starts_with("dn:") {
+                } else if let Some(v) = s.strip_prefix("dn:") {
+                    Rule::Dn(v.to_string())
+                } else if let Some(v) = s.strip_prefix("issuer-dn:") {
+                    Rule::IssuerDn(v.to_string())
+                } else if s.starts_with("security:") {
                     return Err(format!(
-                        "{s:?}: SELinux labels and TLS certificate names are not supported \
-                         by this ip filter"
+                        "{s:?}: SELinux labels are not supported by this ip filter"
                     ));
                 } else if s.contains('/') {
                     // `trunc` so 192.168.2.1/24 means the network, as
@@ -82,8 +128,21 @@ impl Rule {
         })
     }
 
-    fn matches(&self, peer: &Peer) -> bool {
-        match (self, peer) {
+    /// Whether the rule can only be judged after the TLS handshake.
+    fn needs_certificate(&self) -> bool {
+        matches!(self, Rule::Dn(_) | Rule::IssuerDn(_))
+    }
+
+    fn matches(&self, who: &Who) -> bool {
+        match self {
+            // No verified client certificate (plaintext, PSK, or no
+            // --tls-verify-peer): there is no DN, and a DN rule does not
+            // match, not even `dn:*`.
+            Rule::Dn(p) => return who.dn.is_some_and(|dn| wildcard_matches(p, dn)),
+            Rule::IssuerDn(p) => return who.issuer_dn.is_some_and(|dn| wildcard_matches(p, dn)),
+            _ => {}
+        }
+        match (self, who.peer) {
             (Rule::Any, _) => true,
             (Rule::AnyIpv4, Peer::Tcp(a)) => a.is_ipv4(),
             (Rule::AnyIpv6, Peer::Tcp(a)) => a.is_ipv6(),
@@ -100,7 +159,17 @@ impl Rule {
 fn parse_list(key: &str, values: Vec<String>) -> std::result::Result<Vec<Rule>, ConfigError> {
     let mut rules = Vec::new();
     for v in values {
-        for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        // A DN is full of commas: a parameter that starts with a DN rule
+        // is that one rule, as nbdkit does (give each DN its own allow=).
+        let items: Vec<&str> = if v.starts_with("dn:") || v.starts_with("issuer-dn:") {
+            vec![v.as_str()]
+        } else {
+            v.split(',')
+                .map(str::trim)
+                .filter(|i| !i.is_empty())
+                .collect()
+        };
+        for item in items {
             rules.push(
                 Rule::parse(item)
                     .map_err(|e| ConfigError::new(format!("ip filter: {key}=: {e}")))?,
@@ -120,10 +189,16 @@ impl Layer for IpLayer {
         self: Box<Self>,
         next: Arc<dyn Backend>,
     ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+        let late = self
+            .allow
+            .iter()
+            .chain(&self.deny)
+            .any(Rule::needs_certificate);
         Ok(Arc::new(Ip {
             next,
             allow: self.allow,
             deny: self.deny,
+            late,
         }))
     }
 }
@@ -132,11 +207,56 @@ struct Ip {
     next: Arc<dyn Backend>,
     allow: Vec<Rule>,
     deny: Vec<Rule>,
+    /// Some rule names a DN: check in open/list_exports, after TLS.
+    late: bool,
 }
 
 impl Ip {
-    fn admits(&self, peer: &Peer) -> bool {
-        self.allow.iter().any(|r| r.matches(peer)) || !self.deny.iter().any(|r| r.matches(peer))
+    fn admits(&self, who: &Who) -> bool {
+        self.allow.iter().any(|r| r.matches(who)) || !self.deny.iter().any(|r| r.matches(who))
+    }
+
+    /// Refuse `client` unless the rules admit it.
+    fn check(&self, client: &Client) -> Result<()> {
+        let who = Who::of(client);
+        if self.admits(&who) {
+            return Ok(());
+        }
+        let mut desc = match who.peer {
+            Peer::Unix { pid, uid, gid } => format!(
+                "unix socket peer (pid {}, uid {}, gid {})",
+                opt(pid),
+                opt(uid),
+                opt(gid)
+            ),
+            other => other.to_string(),
+        };
+        if self.late {
+            match who.dn {
+                Some(dn) => desc += &format!(" with certificate DN {dn:?}"),
+                None => desc += " without a verified client certificate",
+            }
+        }
+        Err(Error::new(
+            ErrorKind::PermissionDenied,
+            format!("ip filter: client {desc} denied by the allow/deny rules"),
+        ))
+    }
+
+    /// The late check, for the connection being served on this thread.
+    fn check_current(&self) -> Result<()> {
+        if !self.late {
+            return Ok(());
+        }
+        match Client::current() {
+            Some(c) => self.check(&c),
+            // The server names the client on every call it makes for one;
+            // with no client there is no certificate to admit.
+            None => Err(Error::new(
+                ErrorKind::PermissionDenied,
+                "ip filter: no client connection to check the DN rules against",
+            )),
+        }
     }
 }
 
@@ -148,25 +268,17 @@ impl Backend for Ip {
         Some(&*self.next)
     }
     fn preconnect(&self, client: &Client) -> Result<()> {
-        let peer = client.peer();
-        if !self.admits(peer) {
-            let who = match peer {
-                Peer::Unix { pid, uid, gid } => format!(
-                    "unix socket peer (pid {}, uid {}, gid {})",
-                    opt(pid),
-                    opt(uid),
-                    opt(gid)
-                ),
-                other => other.to_string(),
-            };
-            return Err(Error::new(
-                ErrorKind::PermissionDenied,
-                format!("ip filter: client {who} denied by the allow/deny rules"),
-            ));
+        if !self.late {
+            self.check(client)?;
         }
         self.next.preconnect(client)
     }
+    fn list_exports(&self, readonly: bool) -> Result<Vec<ExportEntry>> {
+        self.check_current()?;
+        self.next.list_exports(readonly)
+    }
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
+        self.check_current()?;
         self.next.open(readonly, export)
     }
 }
@@ -178,13 +290,20 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
 
 pub static SPEC: FilterSpec = FilterSpec {
     name: "ip",
-    summary: "admit or refuse clients by IP address, network, or Unix peer pid/uid/gid",
+    summary: "admit or refuse clients by IP address, network, Unix peer pid/uid/gid or TLS certificate DN",
     description: "A client matching any allow= rule is admitted; else one matching any\n\
 deny= rule is closed before the handshake; else it is admitted.  Rules are\n\
 comma-separated: all/any, anyipv4, anyipv6, anyunix, an address\n\
-(127.0.0.1, ::1), a network (10.0.0.0/8, fd00::/8), pid:PID, uid:UID, gid:GID.\n\n\
+(127.0.0.1, ::1), a network (10.0.0.0/8, fd00::/8), pid:PID, uid:UID, gid:GID,\n\
+dn:WILDCARD and issuer-dn:WILDCARD (the verified client certificate's DN or its\n\
+issuer's, e.g. CN=client.example.com,O=BigCo,C=US, matched as fnmatch(3);\n\
+no certificate never matches).  A parameter starting dn: or issuer-dn: is one\n\
+rule, not split at commas.  With DN rules every rule is checked after TLS,\n\
+when the client opens or lists exports, instead of before the handshake.\n\n\
 Examples:\n  nbdkit-rs --filter=ip file disk.img allow=127.0.0.1,::1 deny=all\n  \
-nbdkit-rs -U /run/nbd.sock --filter=ip memory 1G allow=uid:1000 deny=all",
+nbdkit-rs -U /run/nbd.sock --filter=ip memory 1G allow=uid:1000 deny=all\n  \
+nbdkit-rs --tls=require --tls-verify-peer --filter=ip memory 1G \\\n      \
+allow='dn:*,O=BigCo,*' deny=all",
     params: &[
         Param {
             name: "allow",
@@ -208,11 +327,31 @@ mod tests {
 
     fn ip(allow: &str, deny: &str) -> Ip {
         let rules = |s: &str| parse_list("x", vec![s.to_string()]).unwrap();
+        let (allow, deny) = (rules(allow), rules(deny));
+        let late = allow.iter().chain(&deny).any(Rule::needs_certificate);
         Ip {
             next: Arc::new(NoBackend),
-            allow: rules(allow),
-            deny: rules(deny),
+            allow,
+            deny,
+            late,
         }
+    }
+
+    fn peer_admitted(f: &Ip, peer: &Peer) -> bool {
+        f.admits(&Who {
+            peer,
+            dn: None,
+            issuer_dn: None,
+        })
+    }
+
+    /// A TCP client with a verified certificate of subject `dn`.
+    fn cert_admitted(f: &Ip, dn: &str, issuer: &str) -> bool {
+        f.admits(&Who {
+            peer: &tcp("127.0.0.1:1"),
+            dn: Some(dn),
+            issuer_dn: Some(issuer),
+        })
     }
 
     struct NoBackend;
@@ -239,57 +378,126 @@ mod tests {
     #[test]
     fn allow_list_first_then_deny_then_admit() {
         let f = ip("127.0.0.1,::1", "all");
-        assert!(f.admits(&tcp("127.0.0.1:5000")));
-        assert!(f.admits(&tcp("[::1]:5000")));
-        assert!(!f.admits(&tcp("10.1.2.3:5000")));
-        assert!(!f.admits(&unix(1, 0, 0)));
-        assert!(!f.admits(&Peer::Stdio));
+        assert!(peer_admitted(&f, &tcp("127.0.0.1:5000")));
+        assert!(peer_admitted(&f, &tcp("[::1]:5000")));
+        assert!(!peer_admitted(&f, &tcp("10.1.2.3:5000")));
+        assert!(!peer_admitted(&f, &unix(1, 0, 0)));
+        assert!(!peer_admitted(&f, &Peer::Stdio));
 
         let f = ip("", "8.0.0.0/8");
-        assert!(!f.admits(&tcp("8.8.8.8:53")));
-        assert!(f.admits(&tcp("9.8.8.8:53")));
-        assert!(f.admits(&unix(1, 0, 0)));
+        assert!(!peer_admitted(&f, &tcp("8.8.8.8:53")));
+        assert!(peer_admitted(&f, &tcp("9.8.8.8:53")));
+        assert!(peer_admitted(&f, &unix(1, 0, 0)));
 
         // Nothing given: the filter admits everyone.
         let f = ip("", "");
-        assert!(f.admits(&tcp("8.8.8.8:53")));
+        assert!(peer_admitted(&f, &tcp("8.8.8.8:53")));
     }
 
     #[test]
     fn networks_and_families() {
         let f = ip("192.168.2.77/24,fd00::/8", "all");
-        assert!(f.admits(&tcp("192.168.2.1:1")));
-        assert!(!f.admits(&tcp("192.168.3.1:1")));
-        assert!(f.admits(&tcp("[fd12::1]:1")));
-        assert!(!f.admits(&tcp("[fe80::1]:1")));
+        assert!(peer_admitted(&f, &tcp("192.168.2.1:1")));
+        assert!(!peer_admitted(&f, &tcp("192.168.3.1:1")));
+        assert!(peer_admitted(&f, &tcp("[fd12::1]:1")));
+        assert!(!peer_admitted(&f, &tcp("[fe80::1]:1")));
 
         let f = ip("anyipv6", "all");
-        assert!(f.admits(&tcp("[2001:db8::1]:1")));
-        assert!(!f.admits(&tcp("1.2.3.4:1")));
+        assert!(peer_admitted(&f, &tcp("[2001:db8::1]:1")));
+        assert!(!peer_admitted(&f, &tcp("1.2.3.4:1")));
         let f = ip("", "anyipv4");
-        assert!(!f.admits(&tcp("1.2.3.4:1")));
-        assert!(f.admits(&tcp("[2001:db8::1]:1")));
+        assert!(!peer_admitted(&f, &tcp("1.2.3.4:1")));
+        assert!(peer_admitted(&f, &tcp("[2001:db8::1]:1")));
     }
 
     #[test]
     fn unix_credentials() {
         let f = ip("uid:1000", "all");
-        assert!(f.admits(&unix(5, 1000, 1000)));
-        assert!(!f.admits(&unix(5, 1001, 1000)));
-        assert!(!f.admits(&tcp("127.0.0.1:1")));
+        assert!(peer_admitted(&f, &unix(5, 1000, 1000)));
+        assert!(!peer_admitted(&f, &unix(5, 1001, 1000)));
+        assert!(!peer_admitted(&f, &tcp("127.0.0.1:1")));
         let f = ip("gid:44,pid:77", "anyunix");
-        assert!(f.admits(&unix(5, 1, 44)));
-        assert!(f.admits(&unix(77, 1, 1)));
-        assert!(!f.admits(&unix(5, 1, 1)));
+        assert!(peer_admitted(&f, &unix(5, 1, 44)));
+        assert!(peer_admitted(&f, &unix(77, 1, 1)));
+        assert!(!peer_admitted(&f, &unix(5, 1, 1)));
         // Credentials the kernel did not give never match.
-        assert!(!f.admits(&Peer::Unix {
-            pid: None,
-            uid: None,
-            gid: None
-        }));
+        assert!(!peer_admitted(
+            &f,
+            &Peer::Unix {
+                pid: None,
+                uid: None,
+                gid: None
+            }
+        ));
         // vsock rules parse and never match here.
         let f = ip("vsock-cid:3,anyvsock", "all");
-        assert!(!f.admits(&unix(5, 1, 1)));
+        assert!(!peer_admitted(&f, &unix(5, 1, 1)));
+    }
+
+    const BIGCO: &str = "CN=client.example.com,O=BigCo,L=New York,ST=New York,C=US";
+
+    #[test]
+    fn dn_rules_match_certificate_names_as_wildcards() {
+        let mut f = ip("", "all");
+        f.allow = parse_list("allow", vec!["dn:*,O=BigCo,*".into()]).unwrap();
+        f.late = true;
+        assert!(cert_admitted(&f, BIGCO, "CN=BigCo"));
+        assert!(!cert_admitted(&f, "CN=x,O=SmallCo,C=US", "CN=BigCo"));
+        // Without a certificate even dn:* does not match.
+        f.allow = parse_list("allow", vec!["dn:*".into()]).unwrap();
+        assert!(cert_admitted(&f, "CN=anyone", "CN=any CA"));
+        assert!(!peer_admitted(&f, &tcp("127.0.0.1:1")));
+        // Exact DNs, and the issuer; ? and [] as fnmatch.
+        let exact = vec![format!("dn:{BIGCO}"), "issuer-dn:CN=Big?o".into()];
+        f.allow = parse_list("allow", exact).unwrap();
+        assert_eq!(f.allow.len(), 2, "a DN parameter is not split at commas");
+        assert!(cert_admitted(&f, BIGCO, "CN=Other"));
+        assert!(cert_admitted(&f, "CN=bob", "CN=BigCo"));
+        assert!(!cert_admitted(&f, "CN=bob", "CN=Other"));
+        f.allow = parse_list("allow", vec!["dn:CN=[ab]*".into()]).unwrap();
+        assert!(cert_admitted(&f, "CN=alice", "CN=x"));
+        assert!(!cert_admitted(&f, "CN=carol", "CN=x"));
+        // A deny rule by issuer, everything else allowed.
+        let f = ip("", "127.0.0.2");
+        assert!(!f.late);
+        let mut f = f;
+        f.deny = parse_list("deny", vec!["issuer-dn:CN=Evil CA".into()]).unwrap();
+        assert!(!cert_admitted(&f, "CN=m", "CN=Evil CA"));
+        assert!(cert_admitted(&f, "CN=m", "CN=Good CA"));
+        // Other parameters still split at commas.
+        let r = parse_list("allow", vec!["127.0.0.1, anyunix".into()]).unwrap();
+        assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn late_checking_only_with_dn_rules() {
+        let early = ip("127.0.0.1", "all");
+        assert!(!early.late);
+        let c = Client::new(1, tcp("10.0.0.1:5"));
+        assert!(early.preconnect(&c).is_err());
+        // The late check needs the current client; only DN rules ask.
+        assert!(early.check_current().is_ok());
+
+        let mut late = ip("", "all");
+        late.allow = parse_list("allow", vec!["dn:CN=alice".into()]).unwrap();
+        late.late = true;
+        // Admitted before the handshake, judged at open.
+        assert!(late.preconnect(&c).is_ok());
+        {
+            let _g = c.enter();
+            let e = late.check_current().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+            assert!(
+                e.to_string()
+                    .contains("without a verified client certificate"),
+                "{e}"
+            );
+        }
+        let alice = Client::new(2, tcp("10.0.0.1:6"));
+        alice.set_tls();
+        alice.set_tls_names("CN=alice".into(), "CN=CA".into());
+        let _g = alice.enter();
+        assert!(late.check_current().is_ok());
     }
 
     #[test]

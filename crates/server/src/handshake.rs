@@ -320,11 +320,16 @@ impl Negotiation<'_> {
         // The spec has no way back from a failed TLS handshake: the
         // connection ends with it (the error says why).
         let plain = std::mem::replace(stream, Box::new(Broken(None)));
-        *stream = acceptor
+        let (tls, names) = acceptor
             .accept(plain)
             .await
             .map_err(|e| ConnectionError::Protocol(format!("TLS handshake failed: {e}")))?;
+        *stream = tls;
         self.client.set_tls();
+        if let Some(n) = names {
+            debug!(conn = self.client.id(), dn = %n.subject, issuer = %n.issuer, "client certificate");
+            self.client.set_tls_names(n.subject, n.issuer);
+        }
         debug!(conn = self.client.id(), "TLS established");
         // Per the spec, what was negotiated in plaintext does not carry
         // over into the encrypted session.

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use nbdkit_backend::LockExt;
+use nbdkit_tls::dn::{cert_names, CertNames};
 use nbdkit_tls::{certs, invalid, private_key, CredentialError};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
@@ -185,12 +186,34 @@ impl Acceptor {
         cur.1.clone()
     }
 
-    /// Run the TLS handshake over `plain` and return the encrypted stream.
-    pub(crate) async fn accept(&self, plain: Box<dyn Stream>) -> std::io::Result<Box<dyn Stream>> {
+    /// Run the TLS handshake over `plain` and return the encrypted stream,
+    /// with the names in the client's certificate when it presented one
+    /// (only asked for, and verified, under `--tls-verify-peer`).
+    pub(crate) async fn accept(
+        &self,
+        plain: Box<dyn Stream>,
+    ) -> std::io::Result<(Box<dyn Stream>, Option<CertNames>)> {
         match self.engine() {
-            Engine::X509(a) => Ok(Box::new(a.accept(plain).await?)),
+            Engine::X509(a) => {
+                let s = a.accept(plain).await?;
+                let names = s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(|cert| match cert_names(cert) {
+                        Ok(n) => Some(n),
+                        Err(e) => {
+                            // As nbdkit: no DN is not an error, the
+                            // connection goes on without one.
+                            tracing::warn!("client certificate: {e}; its DN is not known");
+                            None
+                        }
+                    });
+                Ok((Box::new(s), names))
+            }
             #[cfg(feature = "tls-psk")]
-            Engine::Psk(a) => a.accept(plain).await,
+            Engine::Psk(a) => Ok((a.accept(plain).await?, None)),
         }
     }
 }

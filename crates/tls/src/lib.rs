@@ -5,10 +5,13 @@
 //! keys file given to `--tls-psk` and to the nbd plugin's `tls-psk=` is one
 //! format and must be read one way, with the same errors; likewise PEM
 //! certificates and keys.  Nothing here does TLS, so the crate pulls in
-//! neither rustls nor OpenSSL — only PEM parsing.
+//! neither rustls nor OpenSSL — only PEM parsing, and (`dn`) reading the
+//! names in a client certificate.
 //!
 //! Every error names the file (and for key files the line), because these
 //! are read at start-up and the message is all the user gets.
+
+pub mod dn;
 
 use std::collections::HashMap;
 use std::fmt;

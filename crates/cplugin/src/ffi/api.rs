@@ -48,6 +48,33 @@ pub extern "C" fn nbdkit_is_tls() -> c_int {
     }
 }
 
+/// nbdkit_peer_tls_dn / nbdkit_peer_tls_issuer_dn (nbdkit >= 1.40): the
+/// verified client certificate's DN, malloc'd for the plugin to free; ""
+/// when there is none (not TLS, no certificate, no --tls-verify-peer),
+/// which is not an error; NULL only outside a connection.
+fn tls_name(what: &str, pick: fn(&Client) -> Option<&str>) -> *mut c_char {
+    match current_client(what) {
+        Some(c) => {
+            let p = malloc_string(pick(&c).unwrap_or(""));
+            if p.is_null() {
+                fail(libc::ENOMEM, format!("{what}: out of memory"));
+            }
+            p
+        }
+        None => std::ptr::null_mut(),
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn nbdkit_peer_tls_dn() -> *mut c_char {
+    tls_name("nbdkit_peer_tls_dn", Client::tls_dn)
+}
+
+#[no_mangle]
+pub extern "C" fn nbdkit_peer_tls_issuer_dn() -> *mut c_char {
+    tls_name("nbdkit_peer_tls_issuer_dn", Client::tls_issuer_dn)
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn nbdkit_absolute_path(path: *const c_char) -> *mut c_char {
     let Some(p) = arg(path).filter(|p| !p.is_empty()) else {

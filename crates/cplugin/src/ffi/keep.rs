@@ -32,6 +32,8 @@ pub fn exported_functions() -> Vec<(&'static str, usize)> {
         nbdkit_set_error,
         nbdkit_export_name,
         nbdkit_is_tls,
+        nbdkit_peer_tls_dn,
+        nbdkit_peer_tls_issuer_dn,
         nbdkit_absolute_path,
         nbdkit_realpath,
         nbdkit_parse_size,

@@ -132,8 +132,33 @@ mod tests {
         }
         assert!(nbdkit_export_name().is_null());
         assert_eq!(nbdkit_is_tls(), -1);
+        assert!(nbdkit_peer_tls_dn().is_null());
         assert_eq!(nbdkit_peer_uid(), -1);
         assert_eq!(nbdkit_nanosleep(0, 1000), 0);
+    }
+
+    #[test]
+    fn peer_tls_dn_inside_a_connection() {
+        // SAFETY: (whole test) the results are malloc'd C strings, read
+        // and then freed once.
+        let read = |p: *mut c_char| unsafe {
+            assert!(!p.is_null());
+            let s = CStr::from_ptr(p).to_str().unwrap().to_string();
+            libc::free(p as *mut c_void);
+            s
+        };
+        let plain = Client::new(1, Peer::Stdio);
+        {
+            let _g = plain.enter();
+            assert_eq!(read(nbdkit_peer_tls_dn()), "");
+            assert_eq!(read(nbdkit_peer_tls_issuer_dn()), "");
+        }
+        let verified = Client::new(2, Peer::Stdio);
+        verified.set_tls();
+        verified.set_tls_names("CN=client.example.com,O=BigCo".into(), "CN=BigCo".into());
+        let _g = verified.enter();
+        assert_eq!(read(nbdkit_peer_tls_dn()), "CN=client.example.com,O=BigCo");
+        assert_eq!(read(nbdkit_peer_tls_issuer_dn()), "CN=BigCo");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The data plugin's expression language, as documented for nbdkit's data
-//! plugin: bytes (`0 1 0x55 0377`), words (`le32:0x7ff`), strings
-//! (`"Hello\n"`), offsets (`@0x1fe`, `@+N`, `@-N`, `@^ALIGN`), files
+//! plugin: bytes (`0 1 0x55 0377`), words (`le32:0x7ff`), base64
+//! (`base64:MTIz`), strings (`"Hello\n"`), offsets (`@0x1fe`, `@1M`,
+//! `@+N`, `@-N`, `@^ALIGN`), files
 //! (`<FILE`), scripts (`<(SCRIPT)`), groups (`( ... )`), repeats
 //! (`expr*N`), slices (`expr[N:M]`), names (`expr -> \NAME`, `\NAME`),
 //! variables (`$VAR`) and comments (`# ...`).
@@ -244,7 +245,10 @@ impl<'a> Parser<'a> {
                             }
                             Item::Align(a)
                         }
-                        _ => Item::Abs(self.number()?),
+                        _ => {
+                            let w = self.word();
+                            Item::Abs(parse_offset(w).or_else(|e| self.err(e))?)
+                        }
                     };
                     items.push(item);
                 }
@@ -396,6 +400,10 @@ impl<'a> Parser<'a> {
                     let v = self.number()?;
                     return word_bytes(kind, v).or_else(|e| self.err(e));
                 }
+                if w == "base64" && self.peek() == Some(b':') {
+                    self.pos += 1;
+                    return self.base64();
+                }
                 let v = parse_number(w).or_else(|e| self.err(e))?;
                 match u8::try_from(v) {
                     Ok(b) => Ok(Expr::Bytes(vec![b])),
@@ -404,6 +412,25 @@ impl<'a> Parser<'a> {
             }
             Some(c) => self.err(format!("unexpected '{}'", c as char)),
             None => self.err("unexpected end"),
+        }
+    }
+
+    /// After `base64:`: the encoded text, which has no whitespace, up to
+    /// whitespace or a postfix operator or `)` (none of which base64
+    /// uses), decoded with the standard alphabet and padding, as the
+    /// plugin's `base64=` parameter.
+    fn base64(&mut self) -> PResult<Expr> {
+        use base64::Engine;
+        let start = self.pos;
+        while self
+            .peek()
+            .is_some_and(|c| !c.is_ascii_whitespace() && !b"[*)".contains(&c))
+        {
+            self.pos += 1;
+        }
+        match base64::engine::general_purpose::STANDARD.decode(&self.s[start..self.pos]) {
+            Ok(bytes) => Ok(Expr::Bytes(bytes)),
+            Err(e) => self.err(format!("base64: {e}")),
         }
     }
 
@@ -504,6 +531,23 @@ fn parse_number(w: &str) -> Result<u64, String> {
             "expected a number".to_string()
         } else {
             format!("'{w}' is not a number (decimal, 0octal or 0xhex)")
+        }
+    })
+}
+
+/// `@OFFSET`: a number as [`parse_number`] reads it, or a decimal one
+/// with a size suffix (`@1M`, `@4k`: powers of 1024, as every size
+/// parameter), which newer nbdkit documents (the page gives no version)
+/// for absolute offsets only.
+fn parse_offset(w: &str) -> Result<u64, String> {
+    parse_number(w).or_else(|e| {
+        let digits = w.bytes().take_while(u8::is_ascii_digit).count();
+        // Octal and hex take no suffix: in `0x1fe` the letters are digits.
+        let decimal = digits == 1 || (digits > 1 && !w.starts_with('0'));
+        if decimal && digits < w.len() {
+            nbdkit_backend::parse_size(w).map_err(|se| format!("offset '{w}': {se}"))
+        } else {
+            Err(e)
         }
     })
 }
@@ -860,6 +904,16 @@ mod tests {
         assert_eq!(eval("(1 2 3 4 5)[1:3] ( 9 )[:1]").unwrap(), vec![2, 3, 9]);
         assert_eq!(eval("1 # a comment\n 2").unwrap(), vec![1, 2]);
         assert_eq!(eval("@4 @+2 @-1 7").unwrap(), vec![0, 0, 0, 0, 0, 7]);
+        // nbdkit >= 1.46: base64 inside the language; newer nbdkit: size
+        // suffixes on decimal absolute offsets.
+        assert_eq!(eval("base64:MTIz 0x34").unwrap(), b"1234".to_vec());
+        assert_eq!(eval("(base64:aGk=)*2 base64:").unwrap(), b"hihi".to_vec());
+        assert_eq!(eval("base64:AAEC[1:]").unwrap(), vec![1, 2]);
+        let k = eval("@1k 7").unwrap();
+        assert_eq!((k.len(), k[1024]), (1025, 7));
+        assert_eq!(eval("@1M").unwrap().len(), 1 << 20);
+        assert_eq!(eval("@2K @-1 9").unwrap().len(), 2048);
+        assert_eq!(eval("@0k 5").unwrap(), vec![5]);
         // Later bytes overwrite earlier ones; a group covers its extent.
         assert_eq!(eval("1 1 1 1 @1 2").unwrap(), vec![1, 2, 1, 1]);
         assert_eq!(eval("1 1 1 1 @0 (@2 5)").unwrap(), vec![0, 0, 5, 1]);
@@ -921,6 +975,16 @@ mod tests {
             "@0x7fffffffffffffff 1 1",
             "@18446744073709551615",
             "08",
+            "base64:MTI",
+            "base64:M!Iz",
+            "base64 :MTIz",
+            "base64",
+            "@1q",
+            "@0x10k",
+            "@010k",
+            "@16E",
+            "@+1k",
+            "@^1k",
         ] {
             assert!(eval(bad).is_err(), "{bad:?} should fail");
         }
@@ -990,6 +1054,10 @@ mod tests {
     enum Tok {
         Byte(u8),
         At(u16),
+        /// `@Nk`.
+        AtK(u8),
+        /// `base64:` of these bytes.
+        B64(Vec<u8>),
         Rel(i8),
         Group(Vec<u8>, u8),
     }
@@ -1000,6 +1068,14 @@ mod tests {
             match t {
                 Tok::Byte(b) => s += &format!(" {b:#x}"),
                 Tok::At(o) => s += &format!(" @{o}"),
+                Tok::AtK(k) => s += &format!(" @{k}k"),
+                Tok::B64(b) => {
+                    use base64::Engine;
+                    s += &format!(
+                        " base64:{}",
+                        base64::engine::general_purpose::STANDARD.encode(b)
+                    );
+                }
                 Tok::Rel(d) if *d < 0 => s += &format!(" @-{}", -(*d as i16)),
                 Tok::Rel(d) => s += &format!(" @+{d}"),
                 Tok::Group(b, n) => {
@@ -1032,6 +1108,13 @@ mod tests {
                     off += 1;
                 }
                 Tok::At(o) => off = *o as i64,
+                Tok::AtK(k) => off = *k as i64 * 1024,
+                Tok::B64(b) => {
+                    for x in b {
+                        put(&mut v, off as usize, *x);
+                        off += 1;
+                    }
+                }
                 Tok::Rel(d) => {
                     off += *d as i64;
                     if off < 0 {
@@ -1057,6 +1140,8 @@ mod tests {
         prop_oneof![
             4 => any::<u8>().prop_map(Tok::Byte),
             1 => (0u16..2000).prop_map(Tok::At),
+            1 => (0u8..3).prop_map(Tok::AtK),
+            1 => proptest::collection::vec(any::<u8>(), 0..7).prop_map(Tok::B64),
             1 => any::<i8>().prop_map(Tok::Rel),
             1 => (proptest::collection::vec(any::<u8>(), 0..5), 0u8..10).prop_map(|(b, n)| Tok::Group(b, n)),
         ]

@@ -117,7 +117,8 @@ pub static SPEC: PluginSpec = PluginSpec {
     name: "data",
     summary: "a small disk written on the command line (data=, raw=, base64=)",
     description: "The data= language: bytes (0 1 0x55 0377), words (le16: be32: le64: ...), \
-                  strings (\"Hello\"), @OFFSET @+N @-N @^ALIGN, <FILE, <(SCRIPT), ( ... ), \
+                  base64:TEXT, strings (\"Hello\"), @OFFSET (@1M: decimal with a size suffix) \
+                  @+N @-N @^ALIGN, <FILE, <(SCRIPT), ( ... ), \
                   EXPR*N, EXPR[N:M], EXPR -> \\NAME, \\NAME, $VAR (another parameter or an \
                   environment variable), # comments.  Writable unless -r; writes are kept in \
                   memory until exit.\n\n\
