@@ -225,6 +225,84 @@ fn writes_over_a_backing_chain_copy_the_backing_data() {
     }
 }
 
+/// Writes that each cover a partial cluster, whole clusters and a
+/// partial cluster, over every kind of cluster and across kinds: the
+/// writer splits them into runs to allocate and runs to overwrite in
+/// place, and copies the old bytes into the partial ends.
+#[test]
+fn multi_cluster_writes_over_every_kind_of_cluster_match_qemu() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    std::fs::write(d("base.raw"), pseudo_random(8 << 20, 9)).unwrap();
+    // What the images hold before: [4M, 5M) compressed clusters, [6M,
+    // 6.5M) zero clusters, [6.5M, 6.75M) data; the rest unallocated
+    // (the backing file's bytes in `backed`, zeroes in `alone`).
+    let setup = [
+        "write -c -P 0x21 4M 1M",
+        "write -z 6M 512k",
+        "write -P 0x31 6656k 256k",
+    ];
+    let writes = [
+        // Unallocated: 1000 bytes into cluster 0, three whole, a part.
+        "write -P 0x41 64536 200k",
+        // Compressed: a part, whole clusters, a part.
+        "write -P 0x42 4195304 300k",
+        // From compressed clusters into unallocated ones.
+        "write -P 0x43 5212345 100k",
+        // Zero clusters, then data (in place), then unallocated.
+        "write -P 0x44 6303737 500k",
+        // Into clusters written just above, and past them.
+        "write -P 0x45 100000 300k",
+    ];
+    for (name, backing) in [("backed", true), ("alone", false)] {
+        let img = d(&format!("{name}.qcow2"));
+        let twin = d(&format!("{name}-twin.qcow2"));
+        let mut create = vec!["create", "-q", "-f", "qcow2"];
+        if backing {
+            create.extend_from_slice(&["-b", "base.raw", "-F", "raw"]);
+        }
+        create.extend_from_slice(&[p(&img), "8M"]);
+        qemu_img(&create);
+        write_directly(&img, &setup);
+        std::fs::copy(&img, &twin).unwrap();
+        write_through_server(&img, &writes);
+        write_directly(&twin, &writes);
+        assert_clean(&img);
+        assert_identical(&img, &twin);
+        // Spot checks of the partial ends' old bytes.
+        let got = qemu_raw(&img);
+        let base = std::fs::read(d("base.raw")).unwrap();
+        let under = |at: usize, n: usize| -> Vec<u8> {
+            if backing {
+                base[at..at + n].to_vec()
+            } else {
+                vec![0; n]
+            }
+        };
+        assert_eq!(&got[..64536], &under(0, 64536)[..], "{name}");
+        assert_eq!(&got[64536..100000], &[0x41; 100000 - 64536][..], "{name}");
+        assert_eq!(&got[4 << 20..4195304], &[0x21; 1000][..], "{name}");
+        let after = 4195304 + (300 << 10);
+        assert_eq!(
+            &got[after..5212345],
+            &vec![0x21; 5212345 - after][..],
+            "{name}"
+        );
+        let end: usize = 5212345 + (100 << 10);
+        assert!(end > 5 << 20);
+        let cluster_end = end.next_multiple_of(64 << 10);
+        assert_eq!(
+            &got[end..cluster_end],
+            &under(end, cluster_end - end)[..],
+            "{name}"
+        );
+        assert!(got[6 << 20..6303737].iter().all(|&b| b == 0), "{name}");
+    }
+}
+
 /// The Python client for the crash test: `S ...` before each request,
 /// `A` after its reply, so the test knows what was acknowledged.
 const WORKLOAD: &str = r#"
