@@ -174,6 +174,29 @@ fn a_qcow2_chain_reports_the_depths_qemu_nbd_does() {
         .any(|r| r.0 <= 136 * K && 136 * K < r.0 + r.1 && r.2));
 }
 
+/// The nbd plugin in front of qemu-nbd -A passes the upstream's depths
+/// through (negotiating the context with it); in front of a server that
+/// does not offer the context, it is one image: depth 1 everywhere.
+#[test]
+fn the_nbd_plugin_passes_the_upstream_depths_through() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain(dir.path());
+    let q = QemuNbd::start("qcow2", &top);
+    let s = Server::start(&["nbd", &format!("uri={}", q.uri)]);
+    let want = depth_runs(&q.uri);
+    assert!(want.iter().any(|r| r.2 == 3) && want.iter().any(|r| r.2 == 0));
+    assert_eq!(depth_runs(&s.uri), want);
+    // base:allocation is still the upstream's, beside it.
+    assert_eq!(map_of(&s.uri), map_of(&q.uri));
+    // An upstream without metadata contexts.
+    let plain = Server::start(&["--no-mc", "--filter=qcow2dec", "file", p(&top)]);
+    let s = Server::start(&["nbd", &format!("uri={}", plain.uri)]);
+    assert_eq!(depth_runs(&s.uri), [(0, 4 * M, 1)]);
+}
+
 /// Past the end of a backing image shorter than the image above it, qemu
 /// counts the zeroes as the short image's (its depth), not as allocated
 /// nowhere; and a raw backing file has every byte.
