@@ -9,6 +9,13 @@
 # default cache mode (writeback) and --aio=threads; nbdkit-rs with its
 # defaults.  Each image is checked with `qemu-img check` after its server
 # exits.  Prints a Markdown table with ratios against qemu-nbd.
+# NBDKIT_RS_BASE=PATH adds another nbdkit-rs build (e.g. main's) as a
+# "base" column, measured in the same run, with a ratio against it.  The
+# sequential copy is the best of ROUNDS (3) runs per server, the servers
+# taking turns, so a burst of load elsewhere hits them alike; with it, the
+# server's CPU time for the fill (user + system, least of the rounds).
+# FILL_DIR=DIR puts the filled image there (/dev/shm: no disk writeback in
+# the timing, which then measures the servers rather than the disk).
 source "$(dirname "$0")/common.sh"
 disk_mib=${1:-512}
 secs=${2:-8}
@@ -37,17 +44,23 @@ j = json.loads(text[text.index("{"):])["jobs"][0]["write"]
 p = j["clat_ns"]["percentile"]
 print("%d %.0f %.0f" % (j["iops"], p["50.000000"] / 1000, p["99.000000"] / 1000))'
 }
+servers="nbdkit-rs qemu-nbd"
+[ -z "${NBDKIT_RS_BASE:-}" ] || servers="nbdkit-rs base qemu-nbd"
+rounds=${ROUNDS:-3}
 start() {  # SERVER IMAGE
     case $1 in
         nbdkit-rs) start_server "$1" "$sock" "$NBDKIT_RS" -f -U "$sock" --filter=qcow2dec file "$2" ;;
+        base)      start_server "$1" "$sock" "$NBDKIT_RS_BASE" -f -U "$sock" --filter=qcow2dec file "$2" ;;
         qemu-nbd)  start_server "$1" "$sock" qemu-nbd -f qcow2 -t -k "$sock" --cache=writeback --aio=threads -e 16 "$2" ;;
     esac
 }
 check() {
     if qemu-img check -q "$1" >/dev/null 2>&1; then echo clean; else echo "check failed ($?)"; fi
 }
-declare -A qd1 qd16 again seq state
-for s in nbdkit-rs qemu-nbd; do
+declare -A qd1 qd16 again seq cpu state fills
+fill_dir=${FILL_DIR:-$out}
+tck=$(getconf CLK_TCK)
+for s in $servers; do
     img=$out/qw-$s.qcow2
     cp "$src" "$img"
     start $s "$img"
@@ -57,28 +70,61 @@ for s in nbdkit-rs qemu-nbd; do
     again[$s]=$(fio_randwrite "$uri" 4k 16 "$secs" 2)
     stop_server
     state[$s]=$(check "$img")
-    empty=$out/qw-$s-empty.qcow2
-    rm -f "$empty"; qemu-img create -q -f qcow2 "$empty" "${disk_mib}M"
-    start $s "$empty"
-    seq[$s]=$(awk -v m="$disk_mib" -v t="$(seconds nbdcopy "$raw" "$uri")" 'BEGIN {printf "%.0f", m * 1.048576 / t}')
-    stop_server
-    state[$s]="${state[$s]}, $(check "$empty")"
-    rm -f "$img" "$empty"
+    rm -f "$img"
+    seq[$s]=0
+    cpu[$s]=999999
 done
-echo "Disk: ${disk_mib} MiB GPT + ext4 with real files as qcow2 (64 KiB clusters); fio ${secs}s per row; $(nproc) cores."
+for _ in $(seq 1 "$rounds"); do
+    for s in $servers; do
+        empty=$fill_dir/qw-$s-empty.qcow2
+        rm -f "$empty"; qemu-img create -q -f qcow2 "$empty" "${disk_mib}M"
+        start $s "$empty"
+        r=$(awk -v m="$disk_mib" -v t="$(seconds nbdcopy "$raw" "$uri")" 'BEGIN {printf "%.0f", m * 1.048576 / t}')
+        c=$(awk -v k="$tck" '{printf "%.2f", ($14 + $15) / k}' "/proc/$SERVER_PID/stat")
+        stop_server
+        cpu[$s]=$(awk -v a="$c" -v b="${cpu[$s]}" 'BEGIN {print (a < b ? a : b)}')
+        [ "$r" -gt "${seq[$s]}" ] && seq[$s]=$r
+        c=$(check "$empty")
+        [ "$c" = clean ] || fills[$s]="${fills[$s]:-} fill: $c"
+        rm -f "$empty"
+    done
+done
+for s in $servers; do state[$s]="${state[$s]},${fills[$s]:- $rounds fills clean}"; done
+echo "Disk: ${disk_mib} MiB GPT + ext4 with real files as qcow2 (64 KiB clusters); fio ${secs}s per row; sequential copy best of $rounds into $fill_dir; $(nproc) cores; load $(cut -d' ' -f1-3 /proc/loadavg) at the end."
 echo
-echo "| measurement | nbdkit-rs | qemu-nbd | nbdkit-rs / qemu-nbd |"
-echo "|---|---|---|---|"
-row() {  # NAME ARRAY FIELD (1: IOPS, 2: p50, 3: p99; latency ratios inverted)
-    local name=$1 f=$3
-    local -n a=$2
-    local r=$(echo "${a[nbdkit-rs]}" | cut -d' ' -f$f) q=$(echo "${a[qemu-nbd]}" | cut -d' ' -f$f)
-    if [ "$f" = 1 ]; then echo "| $name | $r | $q | $(ratio "$r" "$q") |"; else echo "| $name | $r | $q | $(ratio "$q" "$r") |"; fi
+if [ -n "${NBDKIT_RS_BASE:-}" ]; then
+    echo "| measurement | nbdkit-rs | base | qemu-nbd | nbdkit-rs / qemu-nbd | nbdkit-rs / base |"
+    echo "|---|---|---|---|---|---|"
+else
+    echo "| measurement | nbdkit-rs | qemu-nbd | nbdkit-rs / qemu-nbd |"
+    echo "|---|---|---|---|"
+fi
+# cell ARRAY SERVER FIELD: one server's value (FIELD of a fio triple, or
+# the whole value).
+cell() { local -n c=$1; echo "${c[$2]}" | cut -d' ' -f"$3"; }
+row() {  # NAME ARRAY FIELD (1: IOPS or MB/s, 2: p50, 3: p99; latency ratios inverted)
+    local name=$1 arr=$2 f=$3
+    local r q b line
+    r=$(cell "$arr" nbdkit-rs "$f"); q=$(cell "$arr" qemu-nbd "$f")
+    inv() { if [ "$f" = 1 ]; then ratio "$1" "$2"; else ratio "$2" "$1"; fi; }
+    if [ -n "${NBDKIT_RS_BASE:-}" ]; then
+        b=$(cell "$arr" base "$f")
+        echo "| $name | $r | $b | $q | $(inv "$r" "$q") | $(inv "$r" "$b") |"
+    else
+        echo "| $name | $r | $q | $(inv "$r" "$q") |"
+    fi
 }
 row "random 4K write qd1, fresh copy (IOPS)" qd1 1
 row "random 4K write qd1 p99 (us)" qd1 3
 row "random 4K write qd16, fresh copy (IOPS)" qd16 1
 row "random 4K write qd16 p99 (us)" qd16 3
 row "random 4K write qd16, written clusters (IOPS)" again 1
-echo "| sequential copy into an empty qcow2, nbdcopy (MB/s) | ${seq[nbdkit-rs]} | ${seq[qemu-nbd]} | $(ratio "${seq[nbdkit-rs]}" "${seq[qemu-nbd]}") |"
-echo "| qemu-img check afterwards | ${state[nbdkit-rs]} | ${state[qemu-nbd]} | |"
+row "sequential copy into an empty qcow2, nbdcopy (MB/s)" seq 1
+# One value (cut passes a line without spaces whole); lower is better, as
+# a latency, so field 2.
+row "server CPU seconds for that copy (least)" cpu 2
+if [ -n "${NBDKIT_RS_BASE:-}" ]; then
+    echo "| qemu-img check afterwards | ${state[nbdkit-rs]} | ${state[base]} | ${state[qemu-nbd]} | | |"
+else
+    echo "| qemu-img check afterwards | ${state[nbdkit-rs]} | ${state[qemu-nbd]} | |"
+fi

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::client::RawClient;
+use common::qemu::*;
 use common::*;
 use nbdkit_proto::*;
 
@@ -20,71 +21,6 @@ const K: u64 = 1 << 10;
 
 fn have_tools() -> bool {
     have("qemu-img") && have("qemu-io") && have("qemu-nbd") && have("nbdinfo")
-}
-
-fn qemu_img(args: &[&str]) {
-    run_ok(Command::new("qemu-img").args(args));
-}
-
-fn qemu_io(img: &Path, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "qcow2"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    run_ok(c.arg(img));
-}
-
-/// `qemu-img create -f qcow2 [-b BACKING -F FMT] [OPTS] PATH [SIZE]`.
-fn create(path: &Path, backing: Option<(&str, &str)>, opts: &[&str], size: Option<&str>) {
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if let Some((b, f)) = backing {
-        args.extend(["-b", b, "-F", f]);
-    }
-    args.extend_from_slice(opts);
-    args.push(path.to_str().unwrap());
-    args.extend(size);
-    qemu_img(&args);
-}
-
-/// `qemu-nbd -A` serving `img` read-only on a Unix socket; stopped when
-/// dropped.  `--fork` returns once the socket listens, so nothing polls.
-struct QemuNbd {
-    pid: i32,
-    _dir: tempfile::TempDir,
-    uri: String,
-    socket: PathBuf,
-}
-
-impl QemuNbd {
-    fn start(format: &str, img: &Path) -> QemuNbd {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("q.sock");
-        let pid_file = dir.path().join("q.pid");
-        run_ok(
-            Command::new("qemu-nbd")
-                .args(["-A", "-r", "-t", "--fork", "-f", format, "-k"])
-                .arg(&socket)
-                .arg("--pid-file")
-                .arg(&pid_file)
-                .arg(img),
-        );
-        let pid = std::fs::read_to_string(&pid_file).unwrap();
-        QemuNbd {
-            pid: pid.trim().parse().unwrap(),
-            uri: format!("nbd+unix:///?socket={}", socket.display()),
-            socket,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        // SAFETY: a signal to the qemu-nbd this test started; no memory
-        // is involved.
-        unsafe { libc::kill(self.pid, libc::SIGTERM) };
-    }
 }
 
 /// `nbdinfo --map=qemu:allocation-depth` as merged (offset, length, depth)
@@ -161,12 +97,12 @@ fn qemu_map_of_context(socket: &Path) -> String {
 /// at every level, subclusters in the top, so each depth 0..=3 occurs.
 fn chain(dir: &Path) -> PathBuf {
     let d = |n: &str| dir.join(n);
-    create(&d("base.qcow2"), None, &[], Some("4M"));
+    create_qcow2(&d("base.qcow2"), None, &[], Some("4M"));
     qemu_io(
         &d("base.qcow2"),
         &["write -P 1 0 64k", "write -P 2 1M 64k", "write -z 3M 64k"],
     );
-    create(&d("mid.qcow2"), Some(("base.qcow2", "qcow2")), &[], None);
+    create_qcow2(&d("mid.qcow2"), Some(("base.qcow2", "qcow2")), &[], None);
     qemu_io(
         &d("mid.qcow2"),
         &[
@@ -177,7 +113,7 @@ fn chain(dir: &Path) -> PathBuf {
         ],
     );
     let top = d("top.qcow2");
-    create(
+    create_qcow2(
         &top,
         Some(("mid.qcow2", "qcow2")),
         &["-o", "extended_l2=on,cluster_size=64k"],
@@ -191,9 +127,7 @@ fn chain(dir: &Path) -> PathBuf {
 }
 
 fn ours(img: &Path, filters: &[&str]) -> Server {
-    let mut args: Vec<&str> = filters.to_vec();
-    args.extend(["--filter=qcow2dec", "file", img.to_str().unwrap()]);
-    Server::start(&args)
+    serve_qcow2(filters, img, &[])
 }
 
 #[test]
@@ -240,6 +174,29 @@ fn a_qcow2_chain_reports_the_depths_qemu_nbd_does() {
         .any(|r| r.0 <= 136 * K && 136 * K < r.0 + r.1 && r.2));
 }
 
+/// The nbd plugin in front of qemu-nbd -A passes the upstream's depths
+/// through (negotiating the context with it); in front of a server that
+/// does not offer the context, it is one image: depth 1 everywhere.
+#[test]
+fn the_nbd_plugin_passes_the_upstream_depths_through() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain(dir.path());
+    let q = QemuNbd::start("qcow2", &top);
+    let s = Server::start(&["nbd", &format!("uri={}", q.uri)]);
+    let want = depth_runs(&q.uri);
+    assert!(want.iter().any(|r| r.2 == 3) && want.iter().any(|r| r.2 == 0));
+    assert_eq!(depth_runs(&s.uri), want);
+    // base:allocation is still the upstream's, beside it.
+    assert_eq!(map_of(&s.uri), map_of(&q.uri));
+    // An upstream without metadata contexts.
+    let plain = Server::start(&["--no-mc", "--filter=qcow2dec", "file", p(&top)]);
+    let s = Server::start(&["nbd", &format!("uri={}", plain.uri)]);
+    assert_eq!(depth_runs(&s.uri), [(0, 4 * M, 1)]);
+}
+
 /// Past the end of a backing image shorter than the image above it, qemu
 /// counts the zeroes as the short image's (its depth), not as allocated
 /// nowhere; and a raw backing file has every byte.
@@ -250,15 +207,15 @@ fn short_and_raw_backing_images_count_as_qemu_nbd_counts_them() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n);
-    create(&d("short.qcow2"), None, &[], Some("1M"));
+    create_qcow2(&d("short.qcow2"), None, &[], Some("1M"));
     qemu_io(&d("short.qcow2"), &["write -P 1 0 64k"]);
-    create(
+    create_qcow2(
         &d("grown.qcow2"),
         Some(("short.qcow2", "qcow2")),
         &[],
         Some("4M"),
     );
-    create(
+    create_qcow2(
         &d("over.qcow2"),
         Some(("grown.qcow2", "qcow2")),
         &[],
@@ -268,7 +225,7 @@ fn short_and_raw_backing_images_count_as_qemu_nbd_counts_them() {
     // A sparse raw base, 2M, under a 4M qcow2.
     let raw = d("base.raw");
     std::fs::File::create(&raw).unwrap().set_len(2 * M).unwrap();
-    create(
+    create_qcow2(
         &d("onraw.qcow2"),
         Some(("base.raw", "raw")),
         &[],
@@ -577,10 +534,10 @@ fn a_write_through_qcow2dec_is_this_image_at_once() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n);
-    create(&d("base.qcow2"), None, &[], Some("4M"));
+    create_qcow2(&d("base.qcow2"), None, &[], Some("4M"));
     qemu_io(&d("base.qcow2"), &["write -P 1 0 64k"]);
     let img = d("over.qcow2");
-    create(&img, Some(("base.qcow2", "qcow2")), &[], None);
+    create_qcow2(&img, Some(("base.qcow2", "qcow2")), &[], None);
     let s = ours(&img, &[]);
     run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 9 1536k 64k", &s.uri]));
     let got = depth_runs(&s.uri);

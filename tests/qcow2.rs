@@ -8,55 +8,16 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::qemu::*;
 use common::*;
 
 fn have_tools() -> bool {
     have("qemu-img") && have("qemu-io") && have("nbdcopy") && have("nbdinfo")
 }
 
-/// A guest disk: random data, a zero run, text, and unwritten space.
-fn guest(dir: &Path) -> PathBuf {
-    let p = dir.join("guest.raw");
-    let mut data = pseudo_random(5_000_000, 3);
-    data.extend(vec![0u8; 3 << 20]);
-    data.extend(include_bytes!("../README.md"));
-    data.resize(16 << 20, 0);
-    std::fs::write(&p, data).unwrap();
-    p
-}
-
-fn qemu_img(args: &[&str]) {
-    run_ok(Command::new("qemu-img").args(args));
-}
-
-fn qemu_io(img: &Path, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "qcow2"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    run_ok(c.arg(img));
-}
-
-/// What qemu reads from `img` (its whole chain).
-fn qemu_raw(img: &Path) -> Vec<u8> {
-    let out = img.with_extension("want");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        img.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
-    std::fs::read(out).unwrap()
-}
-
 /// What nbdkit-rs serves for `img` with `extra` filter parameters.
 fn served(img: &Path, extra: &[&str]) -> Vec<u8> {
-    let mut args = vec!["--filter=qcow2dec", "file", img.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let s = Server::start(&args);
-    read_all(&s.uri)
+    read_all(&serve_qcow2(&[], img, extra).uri)
 }
 
 fn assert_same(img: &Path, extra: &[&str]) {
@@ -82,7 +43,7 @@ fn every_layout_qemu_img_writes_reads_back_byte_exact() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let raw = guest(dir.path());
+    let raw = guest_disk(dir.path());
     let raw = raw.to_str().unwrap();
     let cases: &[(&str, &[&str])] = &[
         ("v3-64k", &[]),
@@ -122,35 +83,18 @@ fn backing_chains_read_through_to_the_base() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    guest(dir.path());
+    guest_disk(dir.path());
     let d = |n: &str| dir.path().join(n);
     // raw base <- qcow2 middle <- qcow2 top (extended L2, so half-written
     // clusters read their other subclusters from below), names relative.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "guest.raw",
-        "-F",
-        "raw",
-        d("mid.qcow2").to_str().unwrap(),
-    ]);
+    create_qcow2(&d("mid.qcow2"), Some(("guest.raw", "raw")), &[], None);
     qemu_io(&d("mid.qcow2"), &["write -P 0x11 0 64k", "write -z 2M 1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on,cluster_size=64k",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        d("top.qcow2").to_str().unwrap(),
-    ]);
+    create_qcow2(
+        &d("top.qcow2"),
+        Some(("mid.qcow2", "qcow2")),
+        &["-o", "extended_l2=on,cluster_size=64k"],
+        None,
+    );
     qemu_io(
         &d("top.qcow2"),
         &[
@@ -171,18 +115,12 @@ fn backing_chains_read_through_to_the_base() {
         "1M",
     ]);
     std::fs::write(d("small.raw"), pseudo_random(1 << 20, 9)).unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "small.raw",
-        "-F",
-        "raw",
-        d("grown.qcow2").to_str().unwrap(),
-        "4M",
-    ]);
+    create_qcow2(
+        &d("grown.qcow2"),
+        Some(("small.raw", "raw")),
+        &[],
+        Some("4M"),
+    );
     assert_same(&d("grown.qcow2"), &[]);
 
     // backing=none: unallocated clusters are zeroes; backing=PATH: another
@@ -206,14 +144,7 @@ fn backing_chains_read_through_to_the_base() {
     assert!(got == want, "backing=PATH");
 
     // Block status: data here, zeroes, and what is allocated nowhere.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        d("sparse.qcow2").to_str().unwrap(),
-        "8M",
-    ]);
+    create_qcow2(&d("sparse.qcow2"), None, &[], Some("8M"));
     qemu_io(
         &d("sparse.qcow2"),
         &["write -P 1 1M 64k", "write -z 3M 64k"],
@@ -246,7 +177,7 @@ fn internal_snapshots_serve_their_own_state() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let raw = guest(dir.path());
+    let raw = guest_disk(dir.path());
     let img = dir.path().join("snap.qcow2");
     qemu_img(&[
         "convert",
@@ -280,7 +211,7 @@ fn a_qcow2_inside_xz_reads_without_unpacking() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let raw = guest(dir.path());
+    let raw = guest_disk(dir.path());
     let img = dir.path().join("disk.qcow2");
     qemu_img(&[
         "convert",
@@ -308,7 +239,7 @@ fn a_qcow2_inside_xz_reads_without_unpacking() {
 
 /// A zlib-compressed qcow2 of the guest disk and what qemu reads from it.
 fn compressed_image(dir: &Path) -> (PathBuf, Vec<u8>) {
-    let raw = guest(dir);
+    let raw = guest_disk(dir);
     let img = dir.join("disk.qcow2");
     qemu_img(&[
         "convert",
@@ -528,14 +459,6 @@ fn qcow2dec_over_xz_gzip_and_zstd_reads_only_what_it_needs() {
     }
 }
 
-/// Set bits in the big-endian u64 at `at` of `img`.
-fn or_u64(img: &Path, at: usize, bits: u64) {
-    let mut b = std::fs::read(img).unwrap();
-    let v = u64::from_be_bytes(b[at..at + 8].try_into().unwrap()) | bits;
-    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
-    std::fs::write(img, b).unwrap();
-}
-
 #[test]
 fn refused_and_hostile_images_get_clear_errors() {
     if !have_tools() {
@@ -578,18 +501,8 @@ fn refused_and_hostile_images_get_clear_errors() {
         "external data file",
     );
     // A backing loop: a -> b -> a.
-    qemu_img(&["create", "-q", "-f", "qcow2", &p("a.qcow2"), "1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "a.qcow2",
-        "-F",
-        "qcow2",
-        &p("b.qcow2"),
-    ]);
+    create_qcow2(&d("a.qcow2"), None, &[], Some("1M"));
+    create_qcow2(&d("b.qcow2"), Some(("a.qcow2", "qcow2")), &[], None);
     qemu_img(&[
         "rebase",
         "-u",
@@ -624,10 +537,10 @@ fn refused_and_hostile_images_get_clear_errors() {
         "gone.raw",
     );
     // An L1 table outside the file, and an absurd size its L1 cannot map.
-    qemu_img(&["create", "-q", "-f", "qcow2", &p("l1.qcow2"), "1M"]);
+    create_qcow2(&d("l1.qcow2"), None, &[], Some("1M"));
     or_u64(&d("l1.qcow2"), 40, 1 << 40);
     open_fails(&["--filter=qcow2dec", "file", &p("l1.qcow2")], "L1 table");
-    qemu_img(&["create", "-q", "-f", "qcow2", &p("huge.qcow2"), "1M"]);
+    create_qcow2(&d("huge.qcow2"), None, &[], Some("1M"));
     or_u64(&d("huge.qcow2"), 24, 1 << 60);
     open_fails(
         &["--filter=qcow2dec", "file", &p("huge.qcow2")],
@@ -635,7 +548,7 @@ fn refused_and_hostile_images_get_clear_errors() {
     );
     // An L2 entry pointing past the end of the file: the read fails with
     // the offset named, and the connection lives on.
-    qemu_img(&["create", "-q", "-f", "qcow2", &p("l2.qcow2"), "1M"]);
+    create_qcow2(&d("l2.qcow2"), None, &[], Some("1M"));
     qemu_io(&d("l2.qcow2"), &["write -P 1 0 64k"]);
     let mut b = std::fs::read(d("l2.qcow2")).unwrap();
     let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap()) as usize;
@@ -643,7 +556,7 @@ fn refused_and_hostile_images_get_clear_errors() {
         (u64::from_be_bytes(b[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
     b[l2..l2 + 8].copy_from_slice(&((1u64 << 63) | (1 << 44)).to_be_bytes());
     std::fs::write(d("l2.qcow2"), b).unwrap();
-    let s = Server::start(&["--filter=qcow2dec", "file", &p("l2.qcow2")]);
+    let s = serve_qcow2(&[], &d("l2.qcow2"), &[]);
     let out = python(
         "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
          try:\n    h.pread(4096, 0)\n    print('READ')\nexcept nbd.Error as e:\n    print('EIO' if e.errno==5 or '(EIO)' in str(e) else e)\n\
@@ -657,10 +570,10 @@ fn refused_and_hostile_images_get_clear_errors() {
     assert!(s.log().contains("l2.qcow2"), "{}", s.log());
 
     // Dirty and corrupt bits: still readable.
-    qemu_img(&["create", "-q", "-f", "qcow2", &p("dirty.qcow2"), "1M"]);
+    create_qcow2(&d("dirty.qcow2"), None, &[], Some("1M"));
     qemu_io(&d("dirty.qcow2"), &["write -P 3 0 4k"]);
     or_u64(&d("dirty.qcow2"), 72, 0b11);
-    let s = Server::start(&["--filter=qcow2dec", "file", &p("dirty.qcow2")]);
+    let s = serve_qcow2(&[], &d("dirty.qcow2"), &[]);
     assert_eq!(&read_all(&s.uri)[..4096], &[3u8; 4096][..]);
     assert!(s.log().contains("corrupt"), "{}", s.log());
 

@@ -8,67 +8,20 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
+use common::qemu::*;
 use common::*;
 
 fn have_tools() -> bool {
     have("qemu-img") && have("qemu-io") && have_python_nbd()
 }
 
-fn qemu_img(args: &[&str]) {
-    run_ok(Command::new("qemu-img").args(args));
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// `qemu-img check`'s exit status: 0 clean, 2 corrupt, 3 leaks only.
-fn check_status(img: &Path) -> (i32, String) {
-    let out = Command::new("qemu-img")
-        .args(["check", p(img)])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
-}
-
-fn assert_clean(img: &Path) {
-    let (code, text) = check_status(img);
-    assert_eq!(code, 0, "{}: qemu-img check: {text}", img.display());
-}
-
-fn assert_identical(a: &Path, b: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["compare", p(a), p(b)])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img compare {} {}: {}{}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// What qemu reads from `img`.
-fn qemu_raw(img: &Path) -> Vec<u8> {
-    let out = img.with_extension("raw-view");
-    qemu_img(&["convert", "-O", "raw", p(img), p(&out)]);
-    let data = std::fs::read(&out).unwrap();
-    std::fs::remove_file(out).unwrap();
-    data
-}
-
 /// Serve `img` writable, run `qemu-io` with `cmds` against it over NBD,
 /// stop the server (which writes the metadata back) and return its log.
 fn write_through_server(img: &Path, cmds: &[&str]) -> String {
-    let s = Server::start(&["--filter=qcow2dec", "file", p(img)]);
+    let s = serve_qcow2(&[], img, &[]);
     let mut c = Command::new("qemu-io");
     // Discards are ignored unless asked for.
     c.args(["-f", "raw", "--discard=unmap"]);
@@ -81,28 +34,6 @@ fn write_through_server(img: &Path, cmds: &[&str]) -> String {
     let log = s.log();
     assert!(s.stop().success());
     log
-}
-
-fn write_directly(img: &Path, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "qcow2", "--discard=unmap"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = run_ok(c.arg(img));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!text.contains("failed"), "qemu-io: {text}");
-}
-
-/// A 16 MiB guest: random data, a zero run, text, unwritten space.
-fn guest(dir: &Path) -> PathBuf {
-    let path = dir.join("guest.raw");
-    let mut data = pseudo_random(5_000_000, 3);
-    data.extend(vec![0u8; 3 << 20]);
-    data.extend(include_bytes!("../README.md"));
-    data.resize(16 << 20, 0);
-    std::fs::write(&path, data).unwrap();
-    path
 }
 
 /// Writes of every kind: partial and whole clusters, across clusters,
@@ -130,7 +61,7 @@ fn writes_through_the_server_match_qemu_io_on_a_copy() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let raw = guest(dir.path());
+    let raw = guest_disk(dir.path());
     let cases: &[(&str, &[&str])] = &[
         ("v3-64k", &[]),
         ("v2", &["-o", "compat=0.10"]),
@@ -154,7 +85,7 @@ fn writes_through_the_server_match_qemu_io_on_a_copy() {
         std::fs::copy(&img, &twin).unwrap();
         let log = write_through_server(&img, WRITES);
         assert!(!log.contains("read-only"), "{name}: {log}");
-        write_directly(&twin, WRITES);
+        qemu_io(&twin, WRITES);
         assert_clean(&img);
         assert_identical(&img, &twin);
         // And the bytes are the writes: spot checks against the guest.
@@ -172,37 +103,15 @@ fn writes_over_a_backing_chain_copy_the_backing_data() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    guest(dir.path());
+    guest_disk(dir.path());
     let d = |n: &str| dir.path().join(n);
     // raw base <- qcow2 mid <- qcow2 top (version 3 and version 2 tops).
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "guest.raw",
-        "-F",
-        "raw",
-        p(&d("mid.qcow2")),
-    ]);
-    write_directly(&d("mid.qcow2"), &["write -P 0x99 0 64k", "write -z 2M 1M"]);
+    create_qcow2(&d("mid.qcow2"), Some(("guest.raw", "raw")), &[], None);
+    qemu_io(&d("mid.qcow2"), &["write -P 0x99 0 64k", "write -z 2M 1M"]);
     for (name, opts) in [("top", "compat=1.1"), ("top2", "compat=0.10")] {
         let top = d(&format!("{name}.qcow2"));
         let twin = d(&format!("{name}-twin.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            p(&top),
-        ]);
+        create_qcow2(&top, Some(("mid.qcow2", "qcow2")), &["-o", opts], None);
         std::fs::copy(&top, &twin).unwrap();
         // v2 has no zero clusters: its discard must not let the backing
         // show through, so leave discard out there (qemu refuses it too).
@@ -212,7 +121,7 @@ fn writes_over_a_backing_chain_copy_the_backing_data() {
             .filter(|c| opts == "compat=1.1" || !c.starts_with("discard"))
             .collect();
         write_through_server(&top, &cmds);
-        write_directly(&twin, &cmds);
+        qemu_io(&twin, &cmds);
         assert_clean(&top);
         assert_identical(&top, &twin);
         // The partial writes kept the backing file's bytes around them.
@@ -222,6 +131,80 @@ fn writes_over_a_backing_chain_copy_the_backing_data() {
         assert_eq!(&got[400 << 10..1 << 20], &base[400 << 10..1 << 20]);
         // mid and the base are untouched.
         assert_clean(&d("mid.qcow2"));
+    }
+}
+
+/// Writes that each cover a partial cluster, whole clusters and a
+/// partial cluster, over every kind of cluster and across kinds: the
+/// writer splits them into runs to allocate and runs to overwrite in
+/// place, and copies the old bytes into the partial ends.
+#[test]
+fn multi_cluster_writes_over_every_kind_of_cluster_match_qemu() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    std::fs::write(d("base.raw"), pseudo_random(8 << 20, 9)).unwrap();
+    // What the images hold before: [4M, 5M) compressed clusters, [6M,
+    // 6.5M) zero clusters, [6.5M, 6.75M) data; the rest unallocated
+    // (the backing file's bytes in `backed`, zeroes in `alone`).
+    let setup = [
+        "write -c -P 0x21 4M 1M",
+        "write -z 6M 512k",
+        "write -P 0x31 6656k 256k",
+    ];
+    let writes = [
+        // Unallocated: 1000 bytes into cluster 0, three whole, a part.
+        "write -P 0x41 64536 200k",
+        // Compressed: a part, whole clusters, a part.
+        "write -P 0x42 4195304 300k",
+        // From compressed clusters into unallocated ones.
+        "write -P 0x43 5212345 100k",
+        // Zero clusters, then data (in place), then unallocated.
+        "write -P 0x44 6303737 500k",
+        // Into clusters written just above, and past them.
+        "write -P 0x45 100000 300k",
+    ];
+    for (name, backing) in [("backed", true), ("alone", false)] {
+        let img = d(&format!("{name}.qcow2"));
+        let twin = d(&format!("{name}-twin.qcow2"));
+        let under = backing.then_some(("base.raw", "raw"));
+        create_qcow2(&img, under, &[], Some("8M"));
+        qemu_io(&img, &setup);
+        std::fs::copy(&img, &twin).unwrap();
+        write_through_server(&img, &writes);
+        qemu_io(&twin, &writes);
+        assert_clean(&img);
+        assert_identical(&img, &twin);
+        // Spot checks of the partial ends' old bytes.
+        let got = qemu_raw(&img);
+        let base = std::fs::read(d("base.raw")).unwrap();
+        let under = |at: usize, n: usize| -> Vec<u8> {
+            if backing {
+                base[at..at + n].to_vec()
+            } else {
+                vec![0; n]
+            }
+        };
+        assert_eq!(&got[..64536], &under(0, 64536)[..], "{name}");
+        assert_eq!(&got[64536..100000], &[0x41; 100000 - 64536][..], "{name}");
+        assert_eq!(&got[4 << 20..4195304], &[0x21; 1000][..], "{name}");
+        let after = 4195304 + (300 << 10);
+        assert_eq!(
+            &got[after..5212345],
+            &vec![0x21; 5212345 - after][..],
+            "{name}"
+        );
+        let end: usize = 5212345 + (100 << 10);
+        assert!(end > 5 << 20);
+        let cluster_end = end.next_multiple_of(64 << 10);
+        assert_eq!(
+            &got[end..cluster_end],
+            &under(end, cluster_end - end)[..],
+            "{name}"
+        );
+        assert!(got[6 << 20..6303737].iter().all(|&b| b == 0), "{name}");
     }
 }
 
@@ -275,12 +258,12 @@ fn a_server_killed_mid_workload_leaves_a_consistent_image_with_flushed_writes() 
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("crash.qcow2");
     let blocks = 2048u64; // 8 MiB of 4 KiB blocks
-    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "8M"]);
+    create_qcow2(&img, None, &[], Some("8M"));
     let mut state = vec![BlockState::default(); blocks as usize];
     let mut rng = 0x5eed_u64;
     let mut leaked_once = false;
     for iteration in 0..20u64 {
-        let s = Server::start(&["--filter=qcow2dec", "file", p(&img)]);
+        let s = serve_qcow2(&[], &img, &[]);
         let mut py = Command::new(PYTHON)
             .arg("-c")
             .arg(WORKLOAD)
@@ -444,8 +427,8 @@ fn parallel_connections_allocate_distinct_clusters() {
     for (name, opts) in [("c64k", "cluster_size=64k"), ("c4k", "cluster_size=4k")] {
         let img = dir.path().join(format!("{name}.qcow2"));
         let model = dir.path().join(format!("{name}.model"));
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p(&img), "9M"]);
-        let s = Server::start(&["--filter=qcow2dec", "file", p(&img)]);
+        create_qcow2(&img, None, &["-o", opts], Some("9M"));
+        let s = serve_qcow2(&[], &img, &[]);
         python(PARALLEL, &[&s.uri, &(9u64 << 20).to_string(), p(&model)]);
         assert!(s.stop().success());
         assert_clean(&img);
@@ -480,14 +463,6 @@ print("OK")
     assert!(log.contains(why), "{args:?}: log lacks {why:?}: {log}");
 }
 
-/// Set `bits` in the big-endian u64 at `at` of `img`.
-fn or_u64(img: &Path, at: usize, bits: u64) {
-    let mut f = std::fs::read(img).unwrap();
-    let v = u64::from_be_bytes(f[at..at + 8].try_into().unwrap()) | bits;
-    f[at..at + 8].copy_from_slice(&v.to_be_bytes());
-    std::fs::write(img, f).unwrap();
-}
-
 #[test]
 fn images_it_cannot_keep_consistent_are_served_read_only_with_the_reason() {
     if !have_tools() {
@@ -497,7 +472,7 @@ fn images_it_cannot_keep_consistent_are_served_read_only_with_the_reason() {
     let d = |n: &str| dir.path().join(n);
     let make = |name: &str, opts: &str| {
         let img = d(name);
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p(&img), "4M"]);
+        create_qcow2(&img, None, &["-o", opts], Some("4M"));
         img
     };
     let corrupt = make("corrupt.qcow2", "compat=1.1");
@@ -555,7 +530,7 @@ fn an_image_in_memory_grows_as_clusters_are_appended() {
     // grow on demand: 3 MiB of new clusters go past its end.
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("m.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "4M"]);
+    create_qcow2(&img, None, &[], Some("4M"));
     let before = std::fs::metadata(&img).unwrap().len();
     assert!(before < 1 << 20);
     let s = Server::start(&["--filter=qcow2dec", "data", &format!("data=<{}", p(&img))]);
@@ -605,7 +580,7 @@ fn nbdcopy_fills_a_small_cluster_image_past_its_refcount_table() {
         p(&img),
         "16M",
     ]);
-    let s = Server::start(&["--filter=qcow2dec", "file", p(&img)]);
+    let s = serve_qcow2(&[], &img, &[]);
     run_ok(Command::new("nbdcopy").arg(&raw).arg(&s.uri));
     assert!(s.stop().success());
     assert_clean(&img);

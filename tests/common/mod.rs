@@ -6,6 +6,7 @@ pub mod client;
 pub mod disk;
 pub mod http;
 pub mod nbdinfo;
+pub mod qemu;
 
 #[allow(unused_imports)]
 pub use nbdinfo::{map_of, nbdinfo_json};

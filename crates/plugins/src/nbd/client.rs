@@ -146,6 +146,9 @@ pub struct ExportInfo {
     pub structured: bool,
     /// The id of `base:allocation`, when the server agreed to it.
     pub meta_context: Option<u32>,
+    /// The id of `qemu:allocation-depth` (qemu-nbd -A, nbdkit-rs), when
+    /// the server agreed to it.
+    pub depth_context: Option<u32>,
 }
 
 /// A failed request or connection: the NBD error value and a message.
@@ -175,8 +178,9 @@ fn ioerr(what: &str) -> impl Fn(std::io::Error) -> NbdError + '_ {
 pub struct Reply {
     /// Read data (for reads), zero-filled where the server sent holes.
     pub data: Vec<u8>,
-    /// Block status descriptors (length, flags).
-    pub extents: Vec<(u32, u32)>,
+    /// Block status descriptors (context id, length, flags), in the
+    /// order the chunks came.
+    pub extents: Vec<(u32, u32, u32)>,
 }
 
 struct Pending {
@@ -361,7 +365,8 @@ fn begin(mut s: Stream, tls: TlsUse<'_>) -> R<(Session, bool)> {
     }
 }
 
-/// Structured replies, `base:allocation`, then GO (or EXPORT_NAME).
+/// Structured replies, `base:allocation` and `qemu:allocation-depth`,
+/// then GO (or EXPORT_NAME).
 fn negotiate(s: &mut Session, export: &str, no_zeroes: bool) -> R<ExportInfo> {
     if export.len() > MAX_STRING {
         return Err(NbdError::io("the export name is too long"));
@@ -371,11 +376,17 @@ fn negotiate(s: &mut Session, export: &str, no_zeroes: bool) -> R<ExportInfo> {
     let structured = option_reply(s, OPT_STRUCTURED_REPLY)?.0 == REP_ACK;
 
     let mut meta_context = None;
+    let mut depth_context = None;
     if structured {
+        // A server without the depth context just leaves it out of its
+        // replies (the spec lets it skip what it does not know).
         let set = OptionRequest::MetaContext {
             set: true,
             export: export.to_string(),
-            queries: vec![META_CONTEXT_BASE_ALLOCATION.to_string()],
+            queries: vec![
+                META_CONTEXT_BASE_ALLOCATION.to_string(),
+                META_CONTEXT_ALLOCATION_DEPTH.to_string(),
+            ],
         };
         send_option(s, &set)?;
         loop {
@@ -386,6 +397,8 @@ fn negotiate(s: &mut Session, export: &str, no_zeroes: bool) -> R<ExportInfo> {
                         .map_err(|_| NbdError::io("unexpected reply to SET_META_CONTEXT"))?;
                     if name == META_CONTEXT_BASE_ALLOCATION.as_bytes() {
                         meta_context = Some(id);
+                    } else if name == META_CONTEXT_ALLOCATION_DEPTH.as_bytes() {
+                        depth_context = Some(id);
                     }
                 }
                 REP_ACK => break,
@@ -428,6 +441,7 @@ fn negotiate(s: &mut Session, export: &str, no_zeroes: bool) -> R<ExportInfo> {
                     block_size: None,
                     structured,
                     meta_context,
+                    depth_context,
                 });
             }
             k if k & (1 << 31) != 0 => {
@@ -445,6 +459,7 @@ fn negotiate(s: &mut Session, export: &str, no_zeroes: bool) -> R<ExportInfo> {
         block_size,
         structured,
         meta_context,
+        depth_context,
     })
 }
 
@@ -762,13 +777,14 @@ fn chunk(p: &mut Pending, kind: u16, b: &[u8]) -> R<()> {
         // 64-bit descriptors come only with extended headers, which this
         // client does not ask for.
         ReplyChunk::BlockStatus { .. } if kind == REPLY_TYPE_BLOCK_STATUS_EXT => {}
-        ReplyChunk::BlockStatus { descriptors, .. } if p.cmd == CMD_BLOCK_STATUS => {
-            p.reply.extents.extend(
-                descriptors
-                    .iter()
-                    .map(|&(len, flags)| (len as u32, flags as u32)),
-            )
-        }
+        ReplyChunk::BlockStatus {
+            context,
+            descriptors,
+        } if p.cmd == CMD_BLOCK_STATUS => p.reply.extents.extend(
+            descriptors
+                .iter()
+                .map(|&(len, flags)| (context, len as u32, flags as u32)),
+        ),
         ReplyChunk::BlockStatus { .. } => return Err(bad()),
         ReplyChunk::Error { error, message, .. } => {
             if p.error.is_none() {

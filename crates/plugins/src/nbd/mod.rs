@@ -427,6 +427,43 @@ impl Handle for NbdHandle {
         self.simple("cache", CMD_CACHE, 0, offset, count)
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
+        let Some(id) = self.up.conn.info.meta_context else {
+            return Err(Error::not_supported(
+                "nbd: the server has no base:allocation",
+            ));
+        };
+        self.block_status(id, offset, count, req_one, extents, STATE_HOLE | STATE_ZERO)
+    }
+    /// The server's own `qemu:allocation-depth` when it offers it (qemu-nbd
+    /// -A, nbdkit-rs): a qcow2 chain behind it keeps its depths.  Without
+    /// it, the plugin default (depth 1: one image, nothing under it).
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        extents: &mut Extents,
+    ) -> Result<()> {
+        match self.up.conn.info.depth_context {
+            Some(id) => self.block_status(id, offset, count, req_one, extents, u32::MAX),
+            None => extents.add(offset, count, 1),
+        }
+    }
+}
+
+impl NbdHandle {
+    /// One BLOCK_STATUS request; the descriptors of context `id` (the
+    /// server sends every negotiated context's) go into `extents`, their
+    /// flags masked with `mask`.
+    fn block_status(
+        &self,
+        id: u32,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        extents: &mut Extents,
+        mask: u32,
+    ) -> Result<()> {
         let n = count.min(MAX_RANGE);
         let flags = if req_one { CMD_FLAG_REQ_ONE } else { 0 };
         let r = self
@@ -434,13 +471,13 @@ impl Handle for NbdHandle {
             .conn
             .request(CMD_BLOCK_STATUS, flags, offset, n as u32, None)
             .map_err(|e| to_error("block status", e))?;
-        if r.extents.is_empty() {
-            return Err(Error::io("nbd: the server's block status reply was empty"));
-        }
         let mut pos = offset;
-        for (len, fl) in r.extents {
-            extents.add(pos, len as u64, fl & (STATE_HOLE | STATE_ZERO))?;
+        for (_, len, fl) in r.extents.into_iter().filter(|e| e.0 == id) {
+            extents.add(pos, len as u64, fl & mask)?;
             pos += len as u64;
+        }
+        if pos == offset {
+            return Err(Error::io("nbd: the server's block status reply was empty"));
         }
         Ok(())
     }

@@ -1,13 +1,21 @@
 //! Writing a qcow2 image in place: what qemu-nbd does and nbdkit refuses.
 //!
 //! Overwrites of clusters the image alone owns (a standard L2 entry with
-//! the COPIED flag) go straight to their host cluster.  Anything else
+//! the COPIED flag) go straight to their host clusters, one write for
+//! clusters that follow each other in the file.  Anything else
 //! (unallocated, a zero cluster, a compressed one, one whose bytes come
-//! from the backing file) gets a new cluster appended past the end of
-//! the file: the old content is copied in (compressed clusters come back
-//! uncompressed), the new bytes laid over it, and the whole cluster
-//! written at once.  Refcounts are kept exact (no lazy refcounts, the
-//! header's dirty bit is never set).
+//! from the backing file) gets new clusters appended past the end of the
+//! file, a write's whole run of such clusters together: a partial cluster
+//! at either end of the run has its old content copied in (compressed
+//! clusters come back uncompressed), and the run is written at once,
+//! without the metadata lock (`write_new` says how the clusters are
+//! reserved before and published after).  Refcounts are kept exact (no
+//! lazy refcounts, the header's dirty bit is never set).
+//!
+//! Allocating and writing one cluster at a time under the lock made
+//! concurrent writers take turns for every cluster; by runs, a 2 GiB
+//! sequential fill into memory is 1.07x-1.28x faster for 7-13% less CPU
+//! (docs/benchmarks.md, session 8).
 //!
 //! Crash safety is the order metadata reaches the file, qemu's own: the
 //! L2/L1 changes and refcount increments are kept in memory (reads see
@@ -40,13 +48,13 @@
 //! (subcluster bitmaps).  Encryption and external data files are refused
 //! already by the reader.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::{Qcow2Reader, FORMAT, L2_COMPRESSED, L2_ZERO, OFFSET_MASK};
-use crate::sync::{LockExt, RwLockExt};
+use crate::sync::{CondvarExt, LockExt, RwLockExt};
 use crate::{Error, Result};
 
 /// Where a writer's bytes go: the image file, which can grow.
@@ -99,6 +107,39 @@ struct Meta {
     next_free: u64,
     /// The file's size as last grown.
     file_size: u64,
+    /// Guest clusters whose new clusters are reserved and being written
+    /// (`write_new`): their L2 entries are set once the data is in.
+    in_flight: HashSet<u64>,
+}
+
+/// A run of guest clusters marked in flight; unmarked (and waiters woken)
+/// when the run is published, or when the write fails before that.
+struct InFlight<'a> {
+    writer: &'a Qcow2Writer,
+    clusters: &'a [u64],
+    ended: bool,
+}
+
+impl InFlight<'_> {
+    fn end(mut self, m: &mut Meta) {
+        self.unmark(m);
+    }
+    fn unmark(&mut self, m: &mut Meta) {
+        for gc in self.clusters {
+            m.in_flight.remove(gc);
+        }
+        self.ended = true;
+        self.writer.published.notify_all();
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            let mut m = self.writer.meta.lock_unpoisoned();
+            self.unmark(&mut m);
+        }
+    }
 }
 
 /// A writer over an opened image.  Reads go through the same
@@ -107,6 +148,8 @@ pub struct Qcow2Writer {
     image: Arc<Qcow2Reader>,
     sink: Arc<dyn Sink>,
     meta: Mutex<Meta>,
+    /// Signalled when clusters leave `Meta::in_flight`.
+    published: Condvar,
     /// Set once the autoclear bits are cleared (before the first change).
     touched: AtomicBool,
     /// Bytes of pinned metadata after which a write writes it back.
@@ -234,7 +277,9 @@ impl Qcow2Writer {
                 frees: Vec::new(),
                 next_free: file_size.next_multiple_of(cs),
                 file_size,
+                in_flight: HashSet::new(),
             }),
+            published: Condvar::new(),
             touched: AtomicBool::new(false),
             budget,
             image,
@@ -297,17 +342,21 @@ impl Qcow2Writer {
         Ok(())
     }
 
-    /// Write `buf` at guest `offset`.
+    /// Write `buf` at guest `offset`: runs of clusters that can be
+    /// overwritten in place, and runs that need new clusters, each with
+    /// one write to the file where the run lies together there.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.out_of_range(offset, buf.len() as u64)?;
         self.touch()?;
-        let cs = self.image.header.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
-            let n = ((cs - at % cs) as usize).min(buf.len() - done);
-            self.write_cluster(&buf[done..done + n], at)?;
-            done += n;
+            done += match self.write_in_place(&buf[done..], at)? {
+                // 0 again from `write_new` means the cluster became
+                // ours meanwhile (another write allocated it): retry.
+                0 => self.write_new(&buf[done..], at)?,
+                n => n,
+            };
         }
         Ok(())
     }
@@ -328,55 +377,137 @@ impl Qcow2Writer {
         Ok((e & (L2_COMPRESSED | L2_ZERO) == 0 && e & COPIED != 0 && host != 0).then_some(host))
     }
 
-    /// `data` at guest `at`, all within one cluster.
-    fn write_cluster(&self, data: &[u8], at: u64) -> Result<()> {
+    /// Write the start of `data` (at guest `at`) over clusters the image
+    /// owns, as far as they follow each other in the file; returns the
+    /// bytes written, 0 when the first cluster is not such a one.
+    fn write_in_place(&self, data: &[u8], at: u64) -> Result<usize> {
         let cs = self.image.header.cluster_size();
-        let gc = at / cs;
-        let within = at % cs;
-        // No lock: the cluster is ours and stays where it is (freed
+        // No lock: these clusters are ours and stay where they are (freed
         // clusters are never handed out again, so a trim racing with this
         // write cannot make it land in someone else's data).
-        if let Some(host) = self.in_place(gc)? {
-            return self.put(data, host + within);
+        let Some(host) = self.in_place(at / cs)? else {
+            return Ok(0);
+        };
+        let start = host + at % cs;
+        let mut n = ((cs - at % cs) as usize).min(data.len());
+        while n < data.len() {
+            match self.in_place((at + n as u64) / cs)? {
+                Some(h) if h == start + n as u64 => n += (cs as usize).min(data.len() - n),
+                _ => break,
+            }
         }
-        let mut m = self.meta.lock_unpoisoned();
-        // Another writer may have allocated it while we waited.
-        if let Some(host) = self.in_place(gc)? {
-            drop(m);
-            return self.put(data, host + within);
-        }
-        let base = gc * cs;
-        let mut cluster = vec![0u8; cs as usize];
-        if data.len() as u64 != cs {
-            // Copy on write: what the guest sees there now (zeroes, the
-            // backing file's, a compressed cluster's).
-            let valid = cs.min(self.image.size - base) as usize;
-            self.image.read_at(&mut cluster[..valid], base)?;
-        }
-        cluster[within as usize..within as usize + data.len()].copy_from_slice(data);
-        self.replace(&mut m, gc, |w, m| {
-            let host = w.alloc(m)?;
-            // The data goes to the file before any metadata names it.
-            w.put(&cluster, host)?;
-            Ok(host | COPIED)
-        })?;
-        self.maybe_write_back(&mut m)
+        self.put(&data[..n], start)?;
+        Ok(n)
     }
 
-    /// Set guest cluster `gc`'s L2 entry to what `make` returns (which
-    /// may allocate), creating its L2 table if need be, and queue the
-    /// old entry's clusters for release.
-    fn replace(
-        &self,
-        m: &mut Meta,
-        gc: u64,
-        make: impl FnOnce(&Self, &mut Meta) -> Result<u64>,
-    ) -> Result<()> {
+    /// Write the start of `data` (at guest `at`) into new clusters: the
+    /// run of clusters from `at` that the image does not own and no other
+    /// write is allocating.  Returns the bytes written (0 when the first
+    /// cluster turned out to be owned after all).
+    ///
+    /// Under the metadata lock the run's clusters are reserved (L2 tables
+    /// first, then data clusters together at the end of the file, their
+    /// refcounts set in memory) and marked in flight; the data is written
+    /// without the lock, in one write where the clusters lie together;
+    /// then, under the lock again, the L2 entries are set.  So a reader
+    /// never finds an entry whose data is not in the file, and a
+    /// write-back meanwhile puts the reserved refcounts on disk but no
+    /// entry naming them (a crash then leaks them, nothing worse).  A
+    /// cluster in flight is waited for by any other write or zeroing of
+    /// it: a second write that copied the old content would otherwise
+    /// undo the first when it set its own entry.
+    fn write_new(&self, data: &[u8], at: u64) -> Result<usize> {
+        let cs = self.image.header.cluster_size();
+        let size = self.image.size;
+        let first = at / cs;
+        let end = at + data.len() as u64;
+        let mut m = self.meta.lock_unpoisoned();
+        while m.in_flight.contains(&first) {
+            m = self.published.wait_unpoisoned(m);
+        }
+        if self.in_place(first)?.is_some() {
+            return Ok(0);
+        }
+        let mut clusters = vec![first];
+        for gc in first + 1..end.div_ceil(cs) {
+            if m.in_flight.contains(&gc) || self.in_place(gc)?.is_some() {
+                break;
+            }
+            clusters.push(gc);
+        }
+        let l2e = self.image.header.l2_entries();
+        for &gc in &clusters {
+            if gc == first || gc % l2e == 0 {
+                self.l2_table_for(&mut m, gc)?;
+            }
+        }
+        let mut hosts = Vec::with_capacity(clusters.len());
+        for _ in &clusters {
+            hosts.push(self.alloc(&mut m)?);
+        }
+        m.in_flight.extend(&clusters);
+        let flight = InFlight {
+            writer: self,
+            clusters: &clusters,
+            ended: false,
+        };
+        drop(m);
+
+        let k = clusters.len() as u64;
+        let run_start = first * cs;
+        let run_end = run_start + k * cs;
+        let n = (end.min(run_end) - at) as usize;
+        // Whole clusters go from the caller's buffer; a partial one at
+        // either end is completed with what the guest sees there now
+        // (zeroes, the backing file's bytes, a compressed cluster's):
+        // copy on write, the whole run in one buffer.
+        let owned;
+        let bytes: &[u8] = if at == run_start && n as u64 == k * cs {
+            &data[..n]
+        } else {
+            let mut run = vec![0u8; (k * cs) as usize];
+            let head = (at - run_start) as usize;
+            if head > 0 {
+                self.image.read_at(&mut run[..head], run_start)?;
+            }
+            let tail_to = run_end.min(size);
+            if tail_to > at + n as u64 {
+                let from = head + n;
+                let to = (tail_to - run_start) as usize;
+                self.image.read_at(&mut run[from..to], at + n as u64)?;
+            }
+            run[head..head + n].copy_from_slice(&data[..n]);
+            owned = run;
+            &owned
+        };
+        let mut i = 0;
+        while i < hosts.len() {
+            let mut j = i + 1;
+            while j < hosts.len() && hosts[j] == hosts[i] + (j - i) as u64 * cs {
+                j += 1;
+            }
+            self.put(&bytes[i * cs as usize..j * cs as usize], hosts[i])?;
+            i = j;
+        }
+
+        let mut m = self.meta.lock_unpoisoned();
+        let published = clusters
+            .iter()
+            .zip(&hosts)
+            .try_for_each(|(&gc, &host)| self.replace(&mut m, gc, host | COPIED));
+        flight.end(&mut m);
+        published?;
+        self.maybe_write_back(&mut m)?;
+        Ok(n)
+    }
+
+    /// The file offset of the L2 table for guest cluster `gc`, creating
+    /// an empty one if its L1 entry has none.
+    fn l2_table_for(&self, m: &mut Meta, gc: u64) -> Result<u64> {
         let l2e = self.image.header.l2_entries();
         let l1_index = gc / l2e;
-        let index = (gc % l2e) as usize;
         let l1 = self.image.l1_entry(l1_index);
-        let table_at = if l1 & OFFSET_MASK == 0 {
+        if l1 & OFFSET_MASK == 0 {
             let at = self.alloc(m)?;
             let empty: Arc<[u64]> = vec![0u64; l2e as usize].into();
             // Pinned before the L1 entry names it, so a reader that sees
@@ -385,20 +516,28 @@ impl Qcow2Writer {
             m.l2_dirty.insert(at);
             self.image.l1.write_unpoisoned()[l1_index as usize] = at | COPIED;
             m.l1_dirty.insert(l1_index as usize);
-            at
+            Ok(at)
         } else if l1 & COPIED == 0 {
-            return Err(Error::Unsupported {
+            Err(Error::Unsupported {
                 name: self.image.name.clone(),
                 format: FORMAT,
                 reason: format!(
                     "writing: the L2 table of L1 entry {l1_index} is shared (no COPIED flag)"
                 ),
-            });
+            })
         } else {
-            l1 & OFFSET_MASK
-        };
+            Ok(l1 & OFFSET_MASK)
+        }
+    }
+
+    /// Set guest cluster `gc`'s L2 entry to `new`, creating its L2 table
+    /// if need be, and queue the old entry's clusters for release.
+    fn replace(&self, m: &mut Meta, gc: u64, new: u64) -> Result<()> {
+        let l2e = self.image.header.l2_entries();
+        let l1_index = gc / l2e;
+        let index = (gc % l2e) as usize;
+        let table_at = self.l2_table_for(m, gc)?;
         let old = self.image.l2_at(table_at, l1_index)?[index];
-        let new = make(self, m)?;
         self.set_l2(m, table_at, l1_index, index, new)?;
         self.release(m, old);
         Ok(())
@@ -652,6 +791,11 @@ impl Qcow2Writer {
         let l2e = h.l2_entries();
         let mut m = self.meta.lock_unpoisoned();
         for gc in first..last {
+            // A write allocating this cluster sets its entry when its data
+            // is in: let it, then zero (or discard) over it.
+            while m.in_flight.contains(&gc) {
+                m = self.published.wait_unpoisoned(m);
+            }
             let l1 = self.image.l1_entry(gc / l2e);
             if l1 & OFFSET_MASK == 0 && !backed {
                 // No table: already reads as zeroes.
@@ -664,7 +808,7 @@ impl Qcow2Writer {
                     continue;
                 }
             }
-            self.replace(&mut m, gc, |_, _| Ok(target))?;
+            self.replace(&mut m, gc, target)?;
             self.maybe_write_back(&mut m)?;
         }
         Ok(())
@@ -810,6 +954,11 @@ mod tests {
     struct MemFile {
         data: Mutex<Vec<u8>>,
         durable: Mutex<Vec<u8>>,
+        /// Every write as (offset, length), in order.
+        writes: Mutex<Vec<(u64, usize)>>,
+        /// Each write takes this long, outside the file's lock: widens
+        /// the window in which other writes run alongside it.
+        write_time: Option<std::time::Duration>,
     }
     impl Source for MemFile {
         fn size(&self) -> io::Result<u64> {
@@ -827,10 +976,14 @@ mod tests {
     }
     impl Sink for MemFile {
         fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            if let Some(t) = self.write_time {
+                std::thread::sleep(t);
+            }
             let mut d = self.data.lock_unpoisoned();
             let end = offset as usize + buf.len();
             assert!(end <= d.len(), "write past the end of the file");
             d[offset as usize..end].copy_from_slice(buf);
+            self.writes.lock_unpoisoned().push((offset, buf.len()));
             Ok(())
         }
         fn flush(&self) -> io::Result<()> {
@@ -1025,6 +1178,108 @@ mod tests {
         let mut got = vec![0u8; data.len()];
         r.read_at(&mut got, 0).unwrap();
         assert!(got == data);
+    }
+
+    #[test]
+    fn a_run_of_new_clusters_is_one_write_and_keeps_the_old_bytes_around_it() {
+        // 4 KiB clusters: 1000 bytes into cluster 2, five whole clusters,
+        // 300 bytes into cluster 8; cluster 8 already holds data from an
+        // earlier write (it goes in place after the run), cluster 2 not.
+        let cs = 4096usize;
+        let file = mem(12, 1 << 20);
+        let w = open(file.clone());
+        let mut model = vec![0u8; 1 << 20];
+        let old = pseudo(3 * cs);
+        w.write_at(&old, 8 * cs as u64).unwrap();
+        model[8 * cs..11 * cs].copy_from_slice(&old);
+        file.writes.lock_unpoisoned().clear();
+        let at = 2 * cs + 3096;
+        let data = vec![0x5a; (cs - 3096) + 5 * cs + 300];
+        w.write_at(&data, at as u64).unwrap();
+        model[at..at + data.len()].copy_from_slice(&data);
+        let writes = file.writes.lock_unpoisoned().clone();
+        // Clusters 2..=7 are new: one write of six whole clusters, the
+        // partial head's old bytes (zeroes) included; cluster 8 in place.
+        assert_eq!(writes.len(), 2, "{writes:?}");
+        assert_eq!(writes[0].1, 6 * cs, "{writes:?}");
+        assert_eq!(writes[1].1, 300, "{writes:?}");
+        let mut got = vec![0u8; 1 << 20];
+        w.reader().read_at(&mut got, 0).unwrap();
+        assert!(got == model);
+        // Overwriting the lot again: the six new clusters lie together in
+        // the file, so in place that is one write for them, and the
+        // three old ones one more.
+        file.writes.lock_unpoisoned().clear();
+        let all = pseudo(9 * cs);
+        w.write_at(&all, 2 * cs as u64).unwrap();
+        model[2 * cs..11 * cs].copy_from_slice(&all);
+        let writes = file.writes.lock_unpoisoned().clone();
+        assert_eq!(writes.len(), 2, "{writes:?}");
+        assert_eq!(writes[0].1, 6 * cs);
+        w.flush().unwrap();
+        assert_eq!(check(&file.data.lock_unpoisoned()).1, 0);
+        let r = Qcow2Reader::open(file.clone(), &Qcow2Options::default()).unwrap();
+        r.read_at(&mut got, 0).unwrap();
+        assert!(got == model);
+    }
+
+    #[test]
+    fn concurrent_writes_into_the_same_new_clusters_all_land() {
+        // Four threads each write their own sectors of the same clusters
+        // (the first 512 KiB, every sector once, in a shuffled order),
+        // with runs of several clusters in their own 128 KiB among them.
+        // Each new cluster is allocated by one write while the others
+        // wait for it; one that copied the old content instead would
+        // wipe the other's sector when it set its entry.  Sectors are
+        // written once, so no later write can hide a lost one.
+        let file = Arc::new(MemFile {
+            write_time: Some(std::time::Duration::from_micros(300)),
+            ..MemFile::default()
+        });
+        *file.data.lock_unpoisoned() = blank(12, 1 << 20);
+        let w = Arc::new(open(file.clone()));
+        let threads = 4u64;
+        let shared = 512u64 << 10;
+        let model = Arc::new(Mutex::new(vec![0u8; 1 << 20]));
+        std::thread::scope(|scope| {
+            for t in 0..threads {
+                let w = w.clone();
+                let model = model.clone();
+                scope.spawn(move || {
+                    let mut x = t + 1;
+                    let mut next = || {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        x >> 33
+                    };
+                    let mut order: Vec<u64> = (0..shared / 512 / threads).collect();
+                    for i in (1..order.len()).rev() {
+                        order.swap(i, next() as usize % (i + 1));
+                    }
+                    for (i, k) in order.into_iter().enumerate() {
+                        let v = (t * 60 + i as u64 % 60 + 1) as u8;
+                        let s = k * threads + t;
+                        w.write_at(&[v; 512], s * 512).unwrap();
+                        model.lock_unpoisoned()[s as usize * 512..][..512].fill(v);
+                        if i % 8 == 0 {
+                            let at = shared + t * (128 << 10) + next() % (100 << 10);
+                            let run = vec![v; 20000];
+                            w.write_at(&run, at).unwrap();
+                            model.lock_unpoisoned()[at as usize..][..run.len()]
+                                .copy_from_slice(&run);
+                        }
+                    }
+                });
+            }
+        });
+        let model = model.lock_unpoisoned().clone();
+        let mut got = vec![0u8; 1 << 20];
+        w.reader().read_at(&mut got, 0).unwrap();
+        let lost = (0..got.len() / 512)
+            .filter(|&s| got[s * 512..][..512] != model[s * 512..][..512])
+            .count();
+        assert_eq!(lost, 0, "sectors lost");
+        w.flush().unwrap();
+        assert_eq!(check(&file.data.lock_unpoisoned()).1, 0);
     }
 
     fn pseudo(n: usize) -> Vec<u8> {
