@@ -58,8 +58,9 @@ pub fn daemonize(keep_stderr: bool) -> Result<Ready> {
                 unsafe { libc::waitpid(child, &mut status, 0) };
                 // The child's own error message went to /dev/null.
                 crate::logging::stderr_line(format_args!(
-                    "nbdkit-rs: error: the server failed while starting in the background \
-                     (run with -f or -v to see why)"
+                    "{}: error: the server failed while starting in the background \
+                     (run with -f or -v to see why)",
+                    crate::logging::program()
                 ));
                 if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) != 0 {
                     libc::WEXITSTATUS(status)

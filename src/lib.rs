@@ -49,7 +49,7 @@ pub fn main_with(plugins: &[&'static PluginSpec], filters: &[&'static FilterSpec
     match run(std::env::args().collect(), &registry) {
         Ok(code) => code,
         Err(e) => {
-            logging::stderr_line(format_args!("nbdkit-rs: error: {e:#}"));
+            logging::fatal(&e);
             ExitCode::FAILURE
         }
     }

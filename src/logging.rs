@@ -18,9 +18,29 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::cli::Cli;
 
-/// The name messages start with: `--name`, else `nbdkit` (scripts and
-/// nbdkit's tests match `^nbdkit:`).
+/// The name messages on stderr start with: `nbdkit`, or `nbdkit[NAME]`
+/// with `--name` (nbdkit 1.46's form; scripts and nbdkit's tests match
+/// `^nbdkit`).
 static PROGRAM: OnceLock<String> = OnceLock::new();
+
+/// Set once the logger is installed: a fatal error then goes through it
+/// (to syslog with `--log=syslog`, as nbdkit sends it), not to stderr.
+static LOGGER: OnceLock<()> = OnceLock::new();
+
+/// Report the error that ends the server: through the logger once it runs,
+/// else on stderr as `nbdkit: error: …`.
+pub fn fatal(e: &anyhow::Error) {
+    if LOGGER.get().is_some() {
+        tracing::error!("{e:#}");
+    } else {
+        stderr_line(format_args!("{}: error: {e:#}", program()));
+    }
+}
+
+/// `nbdkit`, or `nbdkit[NAME]` with `--name`.
+pub fn program() -> &'static str {
+    PROGRAM.get().map_or("nbdkit", String::as_str)
+}
 
 /// The plugin's name, for the `PLUGIN[N]: ` that marks a connection's
 /// messages (nbdkit names a connection's threads after the plugin).
@@ -45,7 +65,10 @@ pub fn init(cli: &Cli) -> Result<()> {
     if let Some(name) = &cli.name {
         check_name(name)?;
     }
-    let program = PROGRAM.get_or_init(|| cli.name.clone().unwrap_or_else(|| "nbdkit".into()));
+    let program = PROGRAM.get_or_init(|| match &cli.name {
+        Some(n) => format!("nbdkit[{n}]"),
+        None => "nbdkit".into(),
+    });
     let foreground = cli.foreground || cli.single || cli.run.is_some() || cli.verbose;
     // `default` (nbdkit 1.36) is what no --log means.
     let dest = match cli.log.as_deref() {
@@ -69,16 +92,18 @@ pub fn init(cli: &Cli) -> Result<()> {
         .log_internal_errors(false)
         .event_format(NbdkitFormat {
             program: program.as_str(),
+            syslog: dest == "syslog",
         });
     match dest {
         "stderr" => builder.with_writer(|| LossyStderr).init(),
         "null" => builder.with_writer(std::io::sink).init(),
         "syslog" => {
-            // The identifier is --name's when given.  openlog keeps the
-            // pointer, so the string lives as long as the process.
+            // The identifier is --name's when given, else nbdkit's.
+            // openlog keeps the pointer, so the string lives as long as
+            // the process.
             let ident: &'static std::ffi::CStr = match &cli.name {
                 Some(n) => Box::leak(std::ffi::CString::new(n.as_str())?.into_boxed_c_str()),
-                None => c"nbdkit-rs",
+                None => c"nbdkit",
             };
             // SAFETY: `ident` is a NUL-terminated string that is never freed.
             unsafe { libc::openlog(ident.as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
@@ -97,6 +122,13 @@ pub fn init(cli: &Cli) -> Result<()> {
         other => {
             bail!("--log={other}: expected stderr, syslog, null, default or a file path (with a /)")
         }
+    }
+    // A background server logs to syslog by default, but what stops it
+    // from starting is still said on stderr (as nbdkit does before it
+    // forks); a destination the user chose gets it.
+    let implicit_syslog = dest == "syslog" && matches!(cli.log.as_deref(), None | Some("default"));
+    if !implicit_syslog {
+        let _ = LOGGER.set(());
     }
     Ok(())
 }
@@ -127,9 +159,12 @@ impl Write for LossyStderr {
 /// `nbdkit: PLUGIN[N]: LEVEL: MESSAGE` with N the connection's number
 /// (`nbdkit: memory[2]: debug: memory: pread ...`): scripts and nbdkit's
 /// tests match on that, and the number tells interleaved clients apart.
-/// `--name` replaces the leading `nbdkit`.
+/// `--name` makes the leading `nbdkit` `nbdkit[NAME]`.  To syslog, whose
+/// records carry the program (openlog's identifier) and the priority, the
+/// message goes without those two: `memory[2]: MESSAGE`.
 struct NbdkitFormat {
     program: &'static str,
+    syslog: bool,
 }
 
 /// The `conn` field of the server's own connection events (emitted from
@@ -163,7 +198,9 @@ where
             Level::INFO => "info",
             _ => "debug",
         };
-        write!(writer, "{}: ", self.program)?;
+        if !self.syslog {
+            write!(writer, "{}: ", self.program)?;
+        }
         if let Some(plugin) = PLUGIN.get() {
             let conn = nbdkit_backend::Client::current_id().or_else(|| {
                 let mut f = ConnField::default();
@@ -174,7 +211,9 @@ where
                 write!(writer, "{plugin}[{n}]: ")?;
             }
         }
-        write!(writer, "{level}: ")?;
+        if !self.syslog {
+            write!(writer, "{level}: ")?;
+        }
         ctx.field_format().format_fields(writer.by_ref(), event)?;
         writeln!(writer)
     }
@@ -187,11 +226,21 @@ struct Syslog;
 impl<'a> MakeWriter<'a> for Syslog {
     type Writer = SyslogLine;
     fn make_writer(&'a self) -> Self::Writer {
-        SyslogLine(Vec::new())
+        SyslogLine(Vec::new(), libc::LOG_ERR)
+    }
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        let priority = match *meta.level() {
+            Level::ERROR => libc::LOG_ERR,
+            Level::WARN => libc::LOG_WARNING,
+            Level::INFO => libc::LOG_INFO,
+            _ => libc::LOG_DEBUG,
+        };
+        SyslogLine(Vec::new(), priority)
     }
 }
 
-struct SyslogLine(Vec<u8>);
+/// One record: the formatted text and its syslog priority.
+struct SyslogLine(Vec<u8>, libc::c_int);
 
 impl Write for SyslogLine {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -213,7 +262,7 @@ impl Drop for SyslogLine {
             .collect();
         if let Ok(c) = std::ffi::CString::new(text) {
             // SAFETY: "%s" with a valid C string.
-            unsafe { libc::syslog(libc::LOG_ERR, c"%s".as_ptr(), c.as_ptr()) };
+            unsafe { libc::syslog(self.1, c"%s".as_ptr(), c.as_ptr()) };
         }
     }
 }

@@ -40,7 +40,7 @@ fn fails(args: &[&str]) -> String {
     assert_eq!(stdout, "", "{args:?}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "one clear line for {args:?}: {stderr}");
-    assert!(lines[0].starts_with("nbdkit-rs: error: "), "{stderr}");
+    assert!(lines[0].starts_with("nbdkit: error: "), "{stderr}");
     lines[0].to_string()
 }
 
@@ -958,9 +958,10 @@ fn out_of_scope_plugins_say_why() {
 
 /// With -v a connection's lines carry nbdkit's prefix, `nbdkit:
 /// PLUGIN[N]: debug: ...` with N the connection's number, and `--name`
-/// (nbdkit 1.46) replaces the leading `nbdkit`.
+/// (nbdkit 1.46) makes the leading `nbdkit` `nbdkit[NAME]`, as nbdkit
+/// 1.48.1 prints it.
 #[test]
-fn debug_lines_name_the_connection_and_name_replaces_nbdkit() {
+fn debug_lines_name_the_connection_and_name_tags_nbdkit() {
     if !have("nbdinfo") {
         return;
     }
@@ -985,14 +986,72 @@ fn debug_lines_name_the_connection_and_name_replaces_nbdkit() {
     let log = s.log();
     assert!(
         log.lines()
-            .any(|l| l.starts_with("frontend: memory[1]: debug: memory: open")),
+            .any(|l| l.starts_with("nbdkit[frontend]: memory[1]: debug: memory: open")),
         "{log}"
     );
     assert!(!log.lines().any(|l| l.starts_with("nbdkit:")), "{log}");
+    // So is an error that stops the server from starting.
+    let (code, _, err) = run(&["--name=frontend", "null", "size=lots", "--run", "exit 0"]);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.starts_with("nbdkit[frontend]: error: size=lots"),
+        "{err}"
+    );
 
     // A name that would garble every line is refused.
     let e = fails(&["-U", "-", "--name=", "null"]);
     assert!(e.contains("--name"), "{e}");
+}
+
+/// `--log=syslog` as nbdkit 1.48.1 writes it (checked against that
+/// binary): the identifier is `--name`'s or `nbdkit`, with the pid; the
+/// record holds the message without the `nbdkit: error:` that stderr
+/// shows, at the message's priority (LOG_DAEMON|LOG_ERR = 27); and an
+/// error that stops the server goes there too, not to stderr.  Needs to
+/// stand in for syslogd at /dev/log, so only where none runs and we may.
+#[test]
+fn syslog_records_as_nbdkit_writes_them() {
+    use std::os::unix::net::UnixDatagram;
+    let path = Path::new("/dev/log");
+    if path.exists() {
+        eprintln!("skipped: a syslog daemon owns /dev/log");
+        return;
+    }
+    let Ok(sock) = UnixDatagram::bind(path) else {
+        eprintln!("skipped: cannot create /dev/log");
+        return;
+    };
+    struct Unlink<'a>(&'a Path);
+    impl Drop for Unlink<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _unlink = Unlink(path);
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let (code, _, err) = run(&[
+        "--log=syslog",
+        "--name=s8test",
+        "null",
+        "size=lots",
+        "--run",
+        "exit 0",
+    ]);
+    assert_ne!(code, Some(0));
+    assert_eq!(err, "", "the error went to syslog, not stderr");
+    // Other tests' background servers may log here too: keep ours.
+    let mut buf = [0u8; 4096];
+    let record = loop {
+        let n = sock.recv(&mut buf).expect("a syslog record");
+        let r = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if r.contains(" s8test[") {
+            break r;
+        }
+    };
+    assert!(record.starts_with("<27>"), "{record}");
+    let msg = record.split_once("]: ").unwrap().1;
+    assert!(msg.starts_with("size=lots: "), "{record}");
 }
 
 /// `-D` as nbdkit checks it: NAME, FLAG and N all present, or the server
