@@ -92,7 +92,9 @@ impl Endpoint {
 /// an error rather than a warning: TLS is used only when asked for, and
 /// then it works or the server does not start.  `--tls-certificates`,
 /// `--tls-psk` or `--tls-verify-peer` alone mean `--tls=on`, as in nbdkit.
-fn tls_from_cli(cli: &Cli) -> Result<Tls> {
+/// TLS as the command line asks, and a warning to log once the logger runs
+/// (TLS turned off for want of certificates).
+fn tls_from_cli(cli: &Cli) -> Result<(Tls, Option<String>)> {
     use nbdkit_server::tls_priority::{self, Engine, Priority};
     if cli.tls_psk.is_some() && cli.tls_certificates.is_some() {
         bail!("--tls-psk and --tls-certificates cannot be used together: choose pre-shared keys or X.509 certificates");
@@ -127,7 +129,7 @@ fn tls_from_cli(cli: &Cli) -> Result<Tls> {
         if cli.tls_psk.is_some() {
             bail!("--tls-psk needs TLS: remove --tls=off");
         }
-        return Ok(Tls::off());
+        return Ok((Tls::off(), None));
     }
     // Read for the library that will apply it: rustls for certificates,
     // OpenSSL for pre-shared keys.
@@ -143,10 +145,26 @@ fn tls_from_cli(cli: &Cli) -> Result<Tls> {
         None => Priority::all(engine),
     };
     if let Some(file) = &cli.tls_psk {
-        return Tls::load_psk(mode, file, &priority).map_err(|e| anyhow!("--tls-psk: {e}"));
+        return Tls::load_psk(mode, file, &priority)
+            .map(|t| (t, None))
+            .map_err(|e| anyhow!("--tls-psk: {e}"));
     }
     let dir = certificates_dir(cli);
+    // As nbdkit: `--tls=on` where the server's certificate and key are
+    // missing serves without TLS, with a warning (`--tls=require` stops).
+    // Files that are there but unusable are still an error.
+    let have = |f: &str| dir.join(f).is_file();
+    if mode == TlsMode::On && !(have("server-cert.pem") && have("server-key.pem")) {
+        let warning = format!(
+            "--tls=on but there is no server-cert.pem and server-key.pem in {}: TLS is \
+             disabled, and clients that ask for it are refused (give the directory with \
+             --tls-certificates=DIR)",
+            dir.display()
+        );
+        return Ok((Tls::off(), Some(warning)));
+    }
     Tls::load(mode, &dir, cli.tls_verify_peer, &priority)
+        .map(|t| (t, None))
         .map_err(|e| anyhow!("TLS certificates in {}: {e}", dir.display()))
 }
 
@@ -214,7 +232,7 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
             "the oldstyle protocol is not supported (it was dropped from the NBD spec); remove -o"
         );
     }
-    let tls = tls_from_cli(&cli)?;
+    let (tls, tls_warning) = tls_from_cli(&cli)?;
     // Names are looked up now, so an unknown user stops the server before
     // it listens.
     let ids = daemon::Ids::resolve(cli.user.as_deref(), cli.group.as_deref())?;
@@ -234,6 +252,9 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     };
     logging::set_plugin_name(plugin.name());
     logging::init(&cli)?;
+    if let Some(w) = tls_warning {
+        tracing::warn!("{w}");
+    }
     // After the logger, so that its warnings (a flag that is not used) are
     // seen.
     let plugin_debug_flags = chain::set_debug_flags(&cli.debug_flags, &plugin, &filters)?;
@@ -502,7 +523,6 @@ fn captive_vars(
     tls: TlsMode,
 ) -> Vec<(&'static str, Option<String>)> {
     let uri = ep.uri(export);
-    let path = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let on = tls != TlsMode::Off;
     vec![
         ("uri", Some(uri.clone())),
@@ -528,21 +548,23 @@ fn captive_vars(
         ),
         // As nbdkit: 1 for --tls=on, 2 for require, unset when off.
         ("tls", on.then(|| tls.as_number().to_string())),
-        // Where a client finds the credentials the server uses (the
-        // certificate directory has the CA that signed the server's
-        // certificate), e.g. for the URI's ?tls-certificates= or
-        // ?tls-psk-file=.
+        // As nbdkit: the options' values as given (relative or not), and
+        // set but empty when not given, whether or not TLS is on.
         (
             "tls_certificates",
-            (on && cli.tls_psk.is_none())
-                .then(|| path(&certificates_dir(cli)).display().to_string()),
+            Some(
+                cli.tls_certificates
+                    .as_deref()
+                    .map_or(String::new(), |p| p.display().to_string()),
+            ),
         ),
         (
             "tls_psk",
-            cli.tls_psk
-                .as_deref()
-                .filter(|_| on)
-                .map(|f| path(f).display().to_string()),
+            Some(
+                cli.tls_psk
+                    .as_deref()
+                    .map_or(String::new(), |p| p.display().to_string()),
+            ),
         ),
     ]
 }
