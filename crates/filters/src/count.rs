@@ -63,7 +63,7 @@ impl Backend for CountBackend {
     }
     fn shutdown(&self) {
         self.next.shutdown();
-        tracing::debug!("count: {}", self.totals.line());
+        tracing::debug!("{}", self.totals.line());
     }
 }
 
