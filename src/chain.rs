@@ -367,7 +367,12 @@ fn parse_params(plugin: &Plugin, args: &[String]) -> Result<Vec<(String, String)
             }
             _ => match plugin.magic_config_key() {
                 Some(k) => Ok((k.to_string(), a.clone())),
-                None if i == 0 => Ok(("script".to_string(), a.clone())),
+                None if i == 0 && matches!(plugin, Plugin::C(_)) => {
+                    Ok(("script".to_string(), a.clone()))
+                }
+                None if matches!(plugin, Plugin::Builtin(p) if p.params.is_empty()) => {
+                    bail!("{}: this plugin does not need command line configuration", plugin.name())
+                }
                 None => bail!("{}: parameter '{a}' must be written key=value (this plugin has no default key)", plugin.name()),
             },
         })
@@ -399,6 +404,13 @@ pub fn build(
         .any(|p| p.name == nbdkit_backend::registry::ANY_KEY);
     for (k, _) in &params {
         if !any_key && !known.contains(&k.as_str()) {
+            // nbdkit's words for a plugin that takes nothing.
+            if plugin.params.is_empty() && filters.is_empty() {
+                bail!(
+                    "{}: this plugin does not need command line configuration",
+                    plugin.name
+                );
+            }
             bail!(
                 "unknown parameter '{k}'{} for plugin '{}'{}; known parameters: {}",
                 suggest(k, &known),

@@ -107,6 +107,11 @@ impl Handle for InfoHandle {
         // Every connection reads its own, unchanging view.
         Ok(matches!(self.content, Content::Fixed(_)))
     }
+    // As nbdkit's: the bytes are in memory already, so caching is a no-op.
+    nbdkit_backend::capabilities! { can_cache: nbdkit_backend::CacheMode::Native }
+    fn cache(&self, _offset: u64, _count: u64) -> Result<()> {
+        Ok(())
+    }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let clock;
         let data: &[u8] = match &self.content {

@@ -56,6 +56,9 @@ fn take_seed(cfg: &mut Config) -> std::result::Result<u64, ConfigError> {
 
 /// What a disk reads at a position.
 trait Content: Send + Sync + 'static {
+    /// Whether flush and FUA are offered (nothing to persist either way):
+    /// nbdkit's sparse-random offers them and its random does not.
+    const FLUSH: bool;
     fn read(&self, buf: &mut [u8], offset: u64);
     /// Allocation of `[offset, offset+count)`.
     fn extents(&self, offset: u64, count: u64, extents: &mut Extents) -> Result<()>;
@@ -109,10 +112,12 @@ impl<C: Content> Handle for CheckedHandle<C> {
     fn size(&self) -> Result<u64> {
         Ok(self.size)
     }
+    // As nbdkit's: zeroing checks the range, so it is not offered as fast.
     nbdkit_backend::capabilities! {
-        can_write: true, can_flush: true, can_fua: FuaMode::Native, can_zero: ZeroMode::Native,
-        can_fast_zero: true, can_trim: true, can_extents: true, can_multi_conn: true,
-        can_cache: CacheMode::Native,
+        can_write: true, can_zero: ZeroMode::Native, can_fast_zero: false, can_trim: true,
+        can_extents: true, can_multi_conn: true, can_cache: CacheMode::Native,
+        can_flush: C::FLUSH,
+        can_fua: if C::FLUSH { FuaMode::Native } else { FuaMode::None },
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.content.read(buf, offset);
@@ -161,6 +166,7 @@ struct Random {
 }
 
 impl Content for Random {
+    const FLUSH: bool = false;
     fn read(&self, buf: &mut [u8], offset: u64) {
         fill_random(self.seed, buf, offset);
     }
@@ -257,6 +263,7 @@ impl SparseRandom {
 }
 
 impl Content for SparseRandom {
+    const FLUSH: bool = true;
     fn read(&self, buf: &mut [u8], offset: u64) {
         buf.fill(0);
         let end = offset + buf.len() as u64;

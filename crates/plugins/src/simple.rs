@@ -19,6 +19,8 @@ enum Kind {
     Pattern,
     /// Reads a constant byte, discards writes.
     Ones(u8),
+    /// nbdkit's `zero`: no bytes at all, read-only.
+    Empty,
 }
 
 struct Simple {
@@ -49,17 +51,28 @@ impl Handle for SimpleHandle {
         Ok(self.size)
     }
     fn can_write(&self) -> Result<bool> {
-        Ok(self.kind != Kind::Pattern)
+        Ok(!matches!(self.kind, Kind::Pattern | Kind::Empty))
     }
     nbdkit_backend::capabilities! {
-        can_flush: true, can_fast_zero: true, can_fua: FuaMode::Native, can_multi_conn: true,
-        can_cache: CacheMode::Native, can_extents: true,
+        can_fast_zero: true, can_multi_conn: true, can_cache: CacheMode::Native, can_extents: true,
+    }
+    /// As nbdkit's: null and ones take flush and FUA (nothing to persist);
+    /// full and pattern offer neither.
+    fn can_flush(&self) -> Result<bool> {
+        Ok(matches!(self.kind, Kind::Null | Kind::Ones(_)))
+    }
+    fn can_fua(&self) -> Result<FuaMode> {
+        Ok(if self.can_flush()? {
+            FuaMode::Native
+        } else {
+            FuaMode::None
+        })
     }
     fn can_trim(&self) -> Result<bool> {
-        Ok(self.kind != Kind::Pattern)
+        self.can_write()
     }
     fn can_zero(&self) -> Result<ZeroMode> {
-        Ok(if self.kind == Kind::Pattern {
+        Ok(if !self.can_write()? {
             ZeroMode::None
         } else {
             ZeroMode::Native
@@ -68,7 +81,7 @@ impl Handle for SimpleHandle {
 
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match self.kind {
-            Kind::Null | Kind::Full => buf.fill(0),
+            Kind::Null | Kind::Full | Kind::Empty => buf.fill(0),
             Kind::Ones(b) => buf.fill(b),
             Kind::Pattern => fill_pattern(buf, offset),
         }
@@ -154,11 +167,17 @@ pub static NULL: PluginSpec = PluginSpec {
 
 pub static ZERO: PluginSpec = PluginSpec {
     name: "zero",
-    summary: "same as null (kept for old command lines)",
-    description: "Example:\n  nbdkit-rs zero size=1G",
-    magic_config_key: Some("size"),
-    params: &[SIZE_PARAM],
-    create: |c| create(c, "zero", Kind::Null),
+    summary: "a disk of zero bytes, read-only (for testing corner cases)",
+    description: "Takes no parameters, as nbdkit's zero plugin.\n\nExample:\n  nbdkit-rs zero",
+    magic_config_key: None,
+    params: &[],
+    create: |_| {
+        Ok(Arc::new(Simple {
+            name: "zero",
+            kind: Kind::Empty,
+            size: 0,
+        }))
+    },
 };
 
 pub static FULL: PluginSpec = PluginSpec {
