@@ -505,6 +505,39 @@ fn capabilities_match_nbdkit() {
     ] {
         assert_eq!(caps(&binary(), args), caps(nbdkit, args), "{args:?}");
     }
+    // Filters over memory, with no parameters beyond what they need
+    // (rate with no limit passes everything, as nbdkit's).
+    for filter in [
+        "blocksize",
+        "cache",
+        "cacheextents",
+        "checkwrite",
+        "delay",
+        "error",
+        "exitlast",
+        "exportname",
+        "fua",
+        "ip",
+        "limit",
+        "multi-conn",
+        "nocache",
+        "noextents",
+        "nofilter",
+        "noparallel",
+        "nozero",
+        "offset",
+        "protect",
+        "rate",
+        "readahead",
+        "retry",
+        "retry-request",
+        "swab",
+        "truncate",
+    ] {
+        let f = format!("--filter={filter}");
+        let args = [f.as_str(), "memory", "1M"];
+        assert_eq!(caps(&binary(), &args), caps(nbdkit, &args), "{args:?}");
+    }
     // nbdkit's zero plugin takes nothing, in nbdkit's words.
     let (ok, _, err) = run(&["-U", "-", "zero", "1M", "--run", "exit 0"]);
     assert!(

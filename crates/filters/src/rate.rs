@@ -257,15 +257,8 @@ pub static SPEC: FilterSpec = FilterSpec {
         }
         let rate_file = cfg.take("rate-file").map(PathBuf::from);
         let connection_rate_file = cfg.take("connection-rate-file").map(PathBuf::from);
-        if rate.is_none()
-            && connection_rate.is_none()
-            && rate_file.is_none()
-            && connection_rate_file.is_none()
-        {
-            return Err(ConfigError::new(
-                "rate filter: give rate=, connection-rate=, rate-file= or connection-rate-file=",
-            ));
-        }
+        // No limit at all is accepted, as nbdkit does: the filter then
+        // passes everything through unchanged.
         Ok(Box::new(RateLayer(Config {
             rate,
             connection_rate,
