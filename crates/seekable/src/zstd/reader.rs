@@ -24,6 +24,44 @@ use crate::progressive::{Progressive, StreamDecoder};
 use crate::sync::LockExt;
 use crate::{Error, Options, Result, Source};
 
+/// The seek table has no checksum of its own, and a frame's place in the
+/// disk is the sum of the sizes before it, so one wrong size would move
+/// every later frame and change the exported size.  Frames that record
+/// their size in their header (zstd records it whenever the writer knew
+/// it) are checked against the table here, one header read each, and a
+/// table that disagrees is refused before anything is exported.  A frame
+/// without a recorded size is checked when it is decoded (its output must
+/// fill its entry exactly).
+fn check_recorded_sizes(source: &dyn Source, name: &str, table: &SeekTable) -> Result<()> {
+    let mut head = [0u8; MAX_FRAME_HEADER];
+    for f in &table.frames {
+        let n = (MAX_FRAME_HEADER as u64).min(f.compressed_size) as usize;
+        source
+            .read_exact_at(&mut head[..n], f.compressed_offset)
+            .map_err(|e| Error::Io {
+                name: name.to_string(),
+                offset: f.compressed_offset,
+                source: e,
+            })?;
+        let fh =
+            parse_frame_header(&head[..n], f.compressed_offset).map_err(|e| rename(e, name))?;
+        if let Some(recorded) = fh.content_size {
+            if recorded != f.decompressed_size {
+                return Err(Error::Corrupt {
+                    name: name.to_string(),
+                    format: "zstd",
+                    offset: f.compressed_offset,
+                    reason: format!(
+                        "the frame records {recorded} bytes but the seek table says {}",
+                        f.decompressed_size
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Input read from the source per refill.
 const INPUT_STEP: u64 = 128 << 10;
 
@@ -132,7 +170,9 @@ impl ZstdReader {
                 source
                     .read_exact_at(&mut tail, file_size - tsize)
                     .map_err(io(file_size - tsize))?;
-                table = Some(SeekTable::parse(&tail, file_size).map_err(|e| rename(e, name))?);
+                let t = SeekTable::parse(&tail, file_size).map_err(|e| rename(e, name))?;
+                check_recorded_sizes(&*source, name, &t)?;
+                table = Some(t);
             }
         }
 
