@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 #[derive(Parser, Debug, Default)]
 #[command(
@@ -271,4 +271,72 @@ pub fn long_options() -> String {
         .collect();
     longs.sort();
     longs.iter().map(|l| format!("--{l}\n")).collect()
+}
+
+/// The name the server was started as (`nbdkit` when installed as nbdkit),
+/// for messages that tell the user what to type.
+pub fn command_name(argv: &[String]) -> &str {
+    argv.first()
+        .and_then(|a| std::path::Path::new(a).file_name()?.to_str())
+        .unwrap_or("nbdkit-rs")
+}
+
+/// A command line that does not parse, reported as nbdkit reports it
+/// (getopt's line naming the option as typed, then the synopsis on stdout),
+/// so that scripts and users see the same thing with either server.
+/// Values that do not parse (`-t x`) are errors like any other.
+pub fn usage_error(argv: &[String], e: &clap::Error) -> std::process::ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let prog = argv.first().map_or("nbdkit-rs", String::as_str);
+    let context = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => s.as_str(),
+        _ => "",
+    };
+    // clap names the option without what followed it (`--foo` for
+    // `--foo=3`); getopt names the word as typed.
+    let typed = |name: &str| {
+        argv.iter()
+            .skip(1)
+            .find(|a| *a == name || a.starts_with(&format!("{name}=")))
+            .map_or(name.to_string(), String::clone)
+    };
+    let option = context(ContextKind::InvalidArg);
+    let line = match e.kind() {
+        ErrorKind::UnknownArgument if option.starts_with("--") => {
+            format!("{prog}: unrecognized option '{}'", typed(option))
+        }
+        ErrorKind::UnknownArgument if option.starts_with('-') => {
+            format!("{prog}: invalid option -- '{}'", &option[1..])
+        }
+        // clap's "a value is required": say it with the option's name as
+        // typed (`-p` or `--port`; clap names both `--port <PORT>`).
+        ErrorKind::InvalidValue if context(ContextKind::InvalidValue).is_empty() => {
+            let long = option.split(' ').next().unwrap_or(option);
+            let short = Cli::command()
+                .get_arguments()
+                .find(|a| a.get_long().is_some_and(|l| long == format!("--{l}")))
+                .and_then(|a| a.get_short());
+            match short {
+                Some(c) if argv.iter().skip(1).any(|a| *a == format!("-{c}")) => {
+                    format!("{prog}: option requires an argument -- '{c}'")
+                }
+                _ => format!("{prog}: option '{long}' requires an argument"),
+            }
+        }
+        _ => {
+            // clap's first line, after its own "error: ".
+            let full = e.to_string();
+            let message = full.lines().next().unwrap_or_default();
+            let message = message.trim_start_matches("error: ");
+            eprintln!("{}: error: {message}", crate::logging::program());
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    eprintln!("{line}");
+    println!(
+        "{}\nPlease read the nbdkit(1) manual page, or '{} --help', for full usage.",
+        Cli::command().render_usage(),
+        command_name(argv)
+    );
+    std::process::ExitCode::FAILURE
 }

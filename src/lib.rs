@@ -194,11 +194,7 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
     tune_malloc();
     let mut cli = match Cli::try_parse_from(&argv) {
         Ok(c) => c,
-        Err(e) => {
-            // clap's message names the bad option and suggests a fix.
-            let _ = e.print();
-            return Ok(ExitCode::FAILURE);
-        }
+        Err(e) => return Ok(cli::usage_error(&argv, &e)),
     };
 
     // The daemon changes directory to /: a relative pid file means the
@@ -210,7 +206,14 @@ fn run(argv: Vec<String>, registry: &Registry) -> Result<ExitCode> {
         return Ok(code);
     }
     let Some(plugin_name) = cli.args.first() else {
-        bail!("no plugin given\nusage: nbdkit-rs [OPTIONS] [--filter=FILTER]... PLUGIN [key=value]...\n       (nbdkit-rs --help lists the plugins)");
+        // nbdkit's words, without its "error:" (it is a usage slip).
+        eprintln!(
+            "{}: no plugins given on the command line.\n\
+             Use '{} --help' or read the nbdkit(1) manual page for documentation.",
+            logging::program(),
+            cli::command_name(&argv)
+        );
+        return Ok(ExitCode::FAILURE);
     };
     let mut plugin = registry.plugin(plugin_name)?;
     // The cc plugin becomes the plugin it compiles.

@@ -1085,3 +1085,49 @@ fn debug_flags_are_checked_as_nbdkit_does() {
     assert!(out.status.success(), "{e}");
     assert!(e.contains("warning") && e.contains("was not used"), "{e}");
 }
+
+/// A command line that does not parse gets the line getopt gives nbdkit
+/// (the option as typed, after the program as started), the synopsis on
+/// stdout and exit status 1; compared with Debian's nbdkit where it is
+/// installed.
+#[test]
+fn usage_errors_read_as_nbdkit_prints_them() {
+    let ours = binary();
+    let ours = ours.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--foo=3"], "PROG: unrecognized option '--foo=3'"),
+        (
+            &["memory", "1M", "--bogus"],
+            "PROG: unrecognized option '--bogus'",
+        ),
+        (&["-z"], "PROG: invalid option -- 'z'"),
+        (&["-r", "-p"], "PROG: option requires an argument -- 'p'"),
+        (&["--port"], "PROG: option '--port' requires an argument"),
+        (
+            &["--filter"],
+            "PROG: option '--filter' requires an argument",
+        ),
+        (&[], "nbdkit: no plugins given on the command line."),
+    ];
+    let nbdkit = Path::new("/usr/bin/nbdkit");
+    for (args, want) in cases {
+        let (code, stdout, stderr) = run(args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        let first = stderr.lines().next().unwrap_or_default();
+        assert_eq!(first, want.replace("PROG", ours), "{args:?}");
+        assert_eq!(stdout.is_empty(), args.is_empty(), "{args:?}: {stdout}");
+        if nbdkit.exists() {
+            let theirs = Command::new(nbdkit).args(*args).output().unwrap();
+            let theirs = String::from_utf8_lossy(&theirs.stderr);
+            let line = theirs.lines().next().unwrap_or_default();
+            assert_eq!(line, want.replace("PROG", "/usr/bin/nbdkit"), "{args:?}");
+        }
+    }
+    // A value that does not parse is an error like any other.
+    let (code, _, stderr) = run(&["-t", "x", "memory", "1M"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.starts_with("nbdkit: error: invalid value 'x'"),
+        "{stderr}"
+    );
+}
