@@ -423,11 +423,7 @@ mod tests {
     #[test]
     fn bad_parameters() {
         let conf = |p: &[(&str, &str)]| {
-            let mut cfg = Config::new(
-                p.iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            );
+            let mut cfg = Config::from_pairs(p);
             (SPEC.configure)(&mut cfg).err().unwrap().to_string()
         };
         assert!(conf(&[("minblock", "1000")]).contains("power of two"));

@@ -384,11 +384,7 @@ mod tests {
     use nbdkit_backend::{Config, ErrorKind};
 
     fn configure(p: &[(&str, &str)]) -> std::result::Result<Box<dyn Layer>, ConfigError> {
-        let mut cfg = Config::new(
-            p.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(p);
         (SPEC.configure)(&mut cfg)
     }
 

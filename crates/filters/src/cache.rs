@@ -1135,12 +1135,7 @@ mod tests {
     }
 
     fn backend(d: &Arc<Disk>, params: &[(&str, &str)]) -> CacheBackend {
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         let s = configure(&mut cfg).unwrap();
         assert!(cfg.untaken().is_empty());
         CacheBackend::new(s, Arc::new(Ram(d.clone()))).unwrap()
@@ -1353,15 +1348,17 @@ mod tests {
         let d = disk(vec![0u8; 256 << 10]);
         let h = backend(&d, &[]).open(false, "").unwrap();
         h.pwrite(&[1; 10], 65536 + 5, false).unwrap();
-        let mut ex = Extents::new(0, 256 << 10);
-        h.extents(0, 256 << 10, false, &mut ex).unwrap();
-        let l: Vec<(u64, u64, bool)> = ex
-            .list()
-            .iter()
-            .map(|e| (e.offset, e.length, e.flags == 0))
-            .collect();
+        // (offset, length, is data) of the whole disk.
+        let status = |h: &dyn Handle| {
+            let mut ex = Extents::new(0, 256 << 10);
+            h.extents(0, 256 << 10, false, &mut ex).unwrap();
+            ex.list()
+                .iter()
+                .map(|e| (e.offset, e.length, e.flags == 0))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
-            l,
+            status(&*h),
             [
                 (0, 65536, false),
                 (65536, 65536, true),
@@ -1370,15 +1367,8 @@ mod tests {
         );
         // Once written back, the plugin's own (finer) answer is used.
         h.flush().unwrap();
-        let mut ex = Extents::new(0, 256 << 10);
-        h.extents(0, 256 << 10, false, &mut ex).unwrap();
-        let l: Vec<(u64, u64, bool)> = ex
-            .list()
-            .iter()
-            .map(|e| (e.offset, e.length, e.flags == 0))
-            .collect();
         assert_eq!(
-            l,
+            status(&*h),
             [
                 (0, 65536, false),
                 (65536, 4096, true),

@@ -528,12 +528,7 @@ mod tests {
 
     fn cow(data: Vec<u8>, params: &[(&str, &str)]) -> (Box<dyn Handle>, Arc<AtomicBool>) {
         let written = Arc::new(AtomicBool::new(false));
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         let layer = (SPEC.configure)(&mut cfg).unwrap();
         let b = layer
             .layer(Arc::new(Base {

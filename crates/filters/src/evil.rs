@@ -264,12 +264,7 @@ mod tests {
     use nbdkit_backend::Config;
 
     fn evil(params: &[(&str, &str)]) -> Evil {
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         configure(&mut cfg).unwrap()
     }
 

@@ -308,12 +308,7 @@ mod tests {
     fn flush_on_close_and_the_new_name() {
         let open = |params: &[(&str, &str)]| {
             let probe = Arc::new(Probe::default());
-            let mut cfg = Config::new(
-                params
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            );
+            let mut cfg = Config::from_pairs(params);
             let layer = (SPEC.configure)(&mut cfg)?;
             let b = layer
                 .layer(Arc::new(ProbeBackend(probe.clone(), FuaMode::Native)))

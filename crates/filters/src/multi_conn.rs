@@ -432,12 +432,7 @@ mod tests {
             flushes: flushes.clone(),
             next_id: AtomicUsize::new(0),
         });
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         let b = (SPEC.configure)(&mut cfg).unwrap().layer(plugin).unwrap();
         (b, flushes)
     }

@@ -109,12 +109,7 @@ mod tests {
     use nbdkit_backend::{Config, Extents, ZeroFlags};
 
     fn open(params: &[(&str, &str)], size: &str) -> Result<Box<dyn Handle>> {
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         let layer = (SPEC.configure)(&mut cfg).unwrap();
         let mut pcfg = Config::new(vec![("size".into(), size.into())]);
         let plugin = (nbdkit_plugins::memory::SPEC.create)(&mut pcfg).unwrap();

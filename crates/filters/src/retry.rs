@@ -542,12 +542,7 @@ mod tests {
     fn a_failed_open_is_retried() {
         let open = |fails: u32, params: &[(&str, &str)]| {
             let modes = Arc::new(std::sync::Mutex::new(Vec::new()));
-            let mut cfg = Config::new(
-                params
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            );
+            let mut cfg = Config::from_pairs(params);
             let b = (SPEC.configure)(&mut cfg)
                 .unwrap()
                 .layer(Arc::new(SlowToOpen {

@@ -251,12 +251,7 @@ mod tests {
     use nbdkit_backend::Config;
 
     fn model(params: &[(&str, &str)]) -> Model {
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         configure(&mut cfg).unwrap()
     }
 

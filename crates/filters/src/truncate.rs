@@ -248,12 +248,7 @@ mod tests {
     use nbdkit_backend::Config;
 
     fn open(params: &[(&str, &str)], size: &str) -> Box<dyn Handle> {
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         let layer = (SPEC.configure)(&mut cfg).unwrap();
         let mut pcfg = Config::new(vec![("size".into(), size.into())]);
         let plugin = (nbdkit_plugins::memory::SPEC.create)(&mut pcfg).unwrap();
@@ -297,11 +292,7 @@ mod tests {
     #[test]
     fn bad_parameters() {
         let conf = |p: &[(&str, &str)]| {
-            let mut cfg = Config::new(
-                p.iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            );
+            let mut cfg = Config::from_pairs(p);
             (SPEC.configure)(&mut cfg).err().unwrap().to_string()
         };
         assert!(conf(&[("round-up", "1000")]).contains("power of two"));
