@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use ffi::Ext2File;
 use nbdkit_backend::{
-    Backend, CacheMode, Config, ConfigError, Error, ExportEntry, FilterSpec, FuaMode, Handle,
-    Layer, LockExt, Param, Result, ThreadModel,
+    Backend, CacheMode, Config, ConfigError, Error, ExportEntry, FilterSpec, Handle, Layer,
+    LockExt, Param, Result, ThreadModel,
 };
 
 #[derive(Debug, Clone)]
@@ -137,13 +137,6 @@ impl Handle for Ext2Handle {
     }
     fn can_flush(&self) -> Result<bool> {
         Ok(self.writable)
-    }
-    fn can_fua(&self) -> Result<FuaMode> {
-        Ok(if self.writable {
-            FuaMode::Emulate
-        } else {
-            FuaMode::None
-        })
     }
     fn can_cache(&self) -> Result<CacheMode> {
         Ok(CacheMode::Emulate)
