@@ -212,18 +212,7 @@ impl Handle for MapHandle {
         }
         Ok(())
     }
-    fn extents(&self, offset: u64, count: u64, req_one: bool, out: &mut Extents) -> Result<()> {
-        self.status(StatusKind::Allocation, offset, count, req_one, out)
-    }
-    fn allocation_depth(
-        &self,
-        offset: u64,
-        count: u64,
-        req_one: bool,
-        out: &mut Extents,
-    ) -> Result<()> {
-        self.status(StatusKind::Depth, offset, count, req_one, out)
-    }
+    status_by_kind!();
 }
 
 impl MapHandle {

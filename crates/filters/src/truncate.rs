@@ -146,18 +146,7 @@ impl Handle for TruncateHandle {
             n => self.next.cache(offset, n),
         }
     }
-    fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
-        self.status(StatusKind::Allocation, offset, count, req_one, extents)
-    }
-    fn allocation_depth(
-        &self,
-        offset: u64,
-        count: u64,
-        req_one: bool,
-        extents: &mut Extents,
-    ) -> Result<()> {
-        self.status(StatusKind::Depth, offset, count, req_one, extents)
-    }
+    status_by_kind!();
 }
 
 impl TruncateHandle {
