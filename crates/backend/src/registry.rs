@@ -63,6 +63,24 @@ pub trait Layer: Send {
     fn layer(self: Box<Self>, next: Arc<dyn Backend>) -> Result<Arc<dyn Backend>, ConfigError>;
 }
 
+/// A layer that is a function of the backend it wraps, as tower's
+/// `layer_fn`: `layer_fn(|next| Ok(Arc::new(MyFilter { next })))`.
+pub fn layer_fn<F>(f: F) -> Box<dyn Layer>
+where
+    F: FnOnce(Arc<dyn Backend>) -> Result<Arc<dyn Backend>, ConfigError> + Send + 'static,
+{
+    struct LayerFn<F>(F);
+    impl<F> Layer for LayerFn<F>
+    where
+        F: FnOnce(Arc<dyn Backend>) -> Result<Arc<dyn Backend>, ConfigError> + Send,
+    {
+        fn layer(self: Box<Self>, next: Arc<dyn Backend>) -> Result<Arc<dyn Backend>, ConfigError> {
+            (self.0)(next)
+        }
+    }
+    Box::new(LayerFn(f))
+}
+
 impl PluginSpec {
     /// `--help` text for this plugin.
     pub fn help_text(&self) -> String {
