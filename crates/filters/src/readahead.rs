@@ -301,10 +301,14 @@ prefetched with NBD_CMD_CACHE; otherwise reads are stretched into a buffer that\
 the next reads come from.  No parameters.\n\n\
 Example:\n  nbdkit-rs --filter=readahead --filter=cache --filter=xz file disk.img.xz cache-on-read=true",
     params: &[],
-    configure: |_cfg| Ok(layer_fn(|next| Ok(Arc::new(ReadaheadBackend {
-    next,
-    generation: Arc::new(AtomicU64::new(0)),
-})))),
+    configure: |_cfg| {
+        Ok(layer_fn(|next| {
+            Ok(Arc::new(ReadaheadBackend {
+                next,
+                generation: Arc::new(AtomicU64::new(0)),
+            }))
+        }))
+    },
 };
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::window::shifted_status;
 use nbdkit_backend::{
-    is_zero, Backend, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer, Param,
+    is_zero, layer_fn, Backend, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Param,
     Result, StatusKind, ZeroFlags, EXTENT_HOLE, EXTENT_ZERO,
 };
 
@@ -36,22 +36,6 @@ impl NewSize {
             size &= !(n - 1);
         }
         Ok(size)
-    }
-}
-
-struct TruncateLayer {
-    new: NewSize,
-}
-
-impl Layer for TruncateLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(TruncateBackend {
-            next,
-            new: self.new,
-        }))
     }
 }
 
@@ -227,7 +211,9 @@ Example:\n  nbdkit-rs --filter=truncate file odd-sized.iso round-up=512",
             up,
             down,
         };
-        Ok(Box::new(TruncateLayer { new }))
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(TruncateBackend { next, new }))
+        }))
     },
 };
 

@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use ffi::Ext2File;
 use nbdkit_backend::{
-    Backend, CacheMode, Config, ConfigError, Error, ExportEntry, FilterSpec, Handle, Layer,
-    LockExt, Param, Result, ThreadModel,
+    layer_fn, Backend, CacheMode, Config, ConfigError, Error, ExportEntry, FilterSpec, Handle,
+    Layer, LockExt, Param, Result, ThreadModel,
 };
 
 #[derive(Debug, Clone)]
@@ -46,21 +46,7 @@ fn configure(c: &mut Config) -> std::result::Result<Box<dyn Layer>, ConfigError>
             "ext2file={v}: the path must be absolute (start with /), or 'exportname'"
         )));
     };
-    Ok(Box::new(Ext2Layer(target)))
-}
-
-struct Ext2Layer(Target);
-
-impl Layer for Ext2Layer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(Ext2 {
-            next,
-            target: self.0,
-        }))
-    }
+    Ok(layer_fn(move |next| Ok(Arc::new(Ext2 { next, target }))))
 }
 
 struct Ext2 {
