@@ -40,8 +40,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 
 use nbdkit_backend::{
-    is_zero, write_zeroes, Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents,
-    FilterSpec, FuaMode, Handle, Layer, Param, Result, ZeroFlags, ZeroMode,
+    is_zero, layer_fn, write_zeroes, Backend, CacheMode, Config, ConfigError, Error, ErrorKind,
+    Extents, FilterSpec, FuaMode, Handle, Param, Result, ZeroFlags, ZeroMode,
 };
 use nbdkit_backend::{CondvarExt, LockExt};
 
@@ -169,23 +169,12 @@ struct Shared {
     fetched: Condvar,
 }
 
-struct CacheLayer(Settings);
-
 /// `$TMPDIR`, or `/var/tmp` (big disk images do not belong in a tmpfs).
 fn cache_dir() -> PathBuf {
     std::env::var_os("TMPDIR")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp"))
-}
-
-impl Layer for CacheLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(CacheBackend::new(self.0, next)?))
-    }
 }
 
 struct CacheBackend {
@@ -1013,7 +1002,10 @@ Example:\n  nbdkit-rs --filter=cache --filter=xz file disk.img.xz cache-on-read=
             help: "percent of cache-max-size that reclaim goes down to (default 80)",
         },
     ],
-    configure: |cfg| Ok(Box::new(CacheLayer(configure(cfg)?))),
+    configure: |cfg| {
+        let settings = configure(cfg)?;
+        Ok(layer_fn(move |next| Ok(Arc::new(CacheBackend::new(settings, next)?))))
+    },
 };
 
 #[cfg(test)]

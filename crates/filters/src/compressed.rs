@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use nbdkit_backend::LockExt;
 use nbdkit_backend::{
-    concat_params, Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents, FilterSpec,
-    FuaMode, Handle, Layer, Param, Result, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
+    concat_params, layer_fn, Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents,
+    FilterSpec, FuaMode, Handle, Layer, Param, Result, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
 };
 use seekable_compressed::gzip::{GzipOptions, GzipReader};
 use seekable_compressed::{
@@ -49,20 +49,16 @@ struct Settings {
     gzip: GzipOptions,
 }
 
-struct CompressedLayer(Settings);
-
-impl Layer for CompressedLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+/// The layer every format's `configure` returns.
+fn layer(settings: Settings) -> Box<dyn Layer> {
+    layer_fn(move |next| {
         Ok(Arc::new(Compressed {
             next,
-            settings: self.0,
+            settings,
             readers: Mutex::new(HashMap::new()),
             gzip_readers: Mutex::new(Vec::new()),
         }))
-    }
+    })
 }
 
 struct Compressed {
@@ -437,7 +433,7 @@ pub static XZ: FilterSpec = FilterSpec {
                   Recompress with `xz --block-size=16MiB` (or -T0) for fast random access.\n\n\
                   Examples:\n  nbdkit-rs --filter=xz file disk.img.xz\n  nbdkit-rs xz file=disk.img.xz        (nbdkit's old plugin form)",
     params: &XZ_PARAMS,
-    configure: |cfg| Ok(Box::new(CompressedLayer(settings(cfg, Format::Xz)?))),
+    configure: |cfg| Ok(layer(settings(cfg, Format::Xz)?)),
 };
 
 pub static GZIP: FilterSpec = FilterSpec {
@@ -450,7 +446,7 @@ pub static GZIP: FilterSpec = FilterSpec {
                   `seekable-index build FILE`.\n\n\
                   Example:\n  nbdkit-rs --filter=gzip file disk.img.gz",
     params: &GZIP_PARAMS,
-    configure: |cfg| Ok(Box::new(CompressedLayer(settings(cfg, Format::Gzip)?))),
+    configure: |cfg| Ok(layer(settings(cfg, Format::Gzip)?)),
 };
 
 pub const INDEXED_GZIP_PARAMS: [Param; 9] = concat_params(
@@ -505,7 +501,7 @@ pub static INDEXED_GZIP: FilterSpec = FilterSpec {
         if let Some(span) = span {
             s.gzip.span = span;
         }
-        Ok(Box::new(CompressedLayer(s)))
+        Ok(layer(s))
     },
 };
 
@@ -517,7 +513,7 @@ pub static ZSTD: FilterSpec = FilterSpec {
                   multi-frame files; a single-frame file is decoded progressively.\n\n\
                   Example:\n  nbdkit-rs --filter=zstd file disk.img.zst",
     params: &ZSTD_PARAMS,
-    configure: |cfg| Ok(Box::new(CompressedLayer(settings(cfg, Format::Zstd)?))),
+    configure: |cfg| Ok(layer(settings(cfg, Format::Zstd)?)),
 };
 
 pub static BZIP2: FilterSpec = FilterSpec {
@@ -526,7 +522,7 @@ pub static BZIP2: FilterSpec = FilterSpec {
     description: "bzip2 blocks are found by their bit-aligned magic and decoded independently.\n\n\
                   Example:\n  nbdkit-rs --filter=bzip2 file disk.img.bz2",
     params: &BZIP2_PARAMS,
-    configure: |cfg| Ok(Box::new(CompressedLayer(settings(cfg, Format::Bzip2)?))),
+    configure: |cfg| Ok(layer(settings(cfg, Format::Bzip2)?)),
 };
 
 pub static LZIP: FilterSpec = FilterSpec {
@@ -538,5 +534,5 @@ pub static LZIP: FilterSpec = FilterSpec {
                   `plzip` or `lzip -b 16MiB` for fast random access.\n\n\
                   Example:\n  nbdkit-rs --filter=lzip file disk.img.lz",
     params: &LZIP_PARAMS,
-    configure: |cfg| Ok(Box::new(CompressedLayer(settings(cfg, Format::Lzip)?))),
+    configure: |cfg| Ok(layer(settings(cfg, Format::Lzip)?)),
 };

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use nbdkit_backend::RwLockExt;
 use nbdkit_backend::{
-    Backend, BlockSize, CacheMode, ConfigError, Error, ErrorKind, Extents, FilterSpec, FuaMode,
-    Handle, Layer, Param, Result, StatusKind, ZeroFlags, ZeroMode,
+    layer_fn, Backend, BlockSize, CacheMode, ConfigError, Error, ErrorKind, Extents, FilterSpec,
+    FuaMode, Handle, Param, Result, StatusKind, ZeroFlags, ZeroMode,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -55,17 +55,6 @@ impl Policy {
                 }
             }
         }
-    }
-}
-
-struct RetryLayer(Policy);
-
-impl Layer for RetryLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(RetryBackend { next, p: self.0 }))
     }
 }
 
@@ -398,12 +387,13 @@ pub static SPEC: FilterSpec = FilterSpec {
             .take_bool("retry-readonly")
             .map_err(err)?
             .unwrap_or(false);
-        Ok(Box::new(RetryLayer(Policy {
+        let p = Policy {
             retries,
             delay,
             exponential,
             readonly_after_failure,
-        })))
+        };
+        Ok(layer_fn(move |next| Ok(Arc::new(RetryBackend { next, p }))))
     },
 };
 
