@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use nbdkit_backend::{Backend, Config, FilterSpec, Param, PluginSpec, ThreadModel};
+use nbdkit_backend::{concat_params, Backend, Config, FilterSpec, Param, PluginSpec, ThreadModel};
 use nbdkit_cplugin::CPlugin;
 
 /// The plugin named on the command line: one of ours, or one of nbdkit's
@@ -277,25 +277,21 @@ macro_rules! file_plus_filter {
     };
 }
 
-/// `file=` followed by the filter's own parameters (`M` = `N` + 1).
-const fn with_file<const N: usize, const M: usize>(rest: [Param; N]) -> [Param; M] {
-    let mut out = [Param {
-        name: "file",
-        help: "the compressed file (the magic key)",
-    }; M];
-    let mut i = 0;
-    while i < N {
-        out[i + 1] = rest[i];
-        i += 1;
-    }
-    out
-}
+/// `file=`, to go before the filter's own parameters.
+const FILE_PARAM: [Param; 1] = [Param {
+    name: "file",
+    help: "the compressed file (the magic key)",
+}];
 
 use nbdkit_filters::compressed as cz;
-const XZ_PLUGIN_PARAMS: [Param; cz::XZ_PARAMS.len() + 1] = with_file(cz::XZ_PARAMS);
-const GZIP_PLUGIN_PARAMS: [Param; cz::GZIP_PARAMS.len() + 1] = with_file(cz::GZIP_PARAMS);
-const ZSTD_PLUGIN_PARAMS: [Param; cz::ZSTD_PARAMS.len() + 1] = with_file(cz::ZSTD_PARAMS);
-const BZIP2_PLUGIN_PARAMS: [Param; cz::BZIP2_PARAMS.len() + 1] = with_file(cz::BZIP2_PARAMS);
+const XZ_PLUGIN_PARAMS: [Param; cz::XZ_PARAMS.len() + 1] =
+    concat_params(&FILE_PARAM, &cz::XZ_PARAMS);
+const GZIP_PLUGIN_PARAMS: [Param; cz::GZIP_PARAMS.len() + 1] =
+    concat_params(&FILE_PARAM, &cz::GZIP_PARAMS);
+const ZSTD_PLUGIN_PARAMS: [Param; cz::ZSTD_PARAMS.len() + 1] =
+    concat_params(&FILE_PARAM, &cz::ZSTD_PARAMS);
+const BZIP2_PLUGIN_PARAMS: [Param; cz::BZIP2_PARAMS.len() + 1] =
+    concat_params(&FILE_PARAM, &cz::BZIP2_PARAMS);
 file_plus_filter!(XZ_PLUGIN, cz::XZ, "xz", &XZ_PLUGIN_PARAMS);
 file_plus_filter!(GZIP_PLUGIN, cz::GZIP, "gzip", &GZIP_PLUGIN_PARAMS);
 file_plus_filter!(ZSTD_PLUGIN, cz::ZSTD, "zstd", &ZSTD_PLUGIN_PARAMS);

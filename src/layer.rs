@@ -157,6 +157,16 @@ impl Backend for Layer {
     }
 }
 
+/// `LayerHandle`'s capability methods: each asks `inner` once (see
+/// `LayerHandle::once`) and keeps the answer in the `Caps` field of its name.
+macro_rules! asked_once {
+    ($($name:ident: $t:ty),* $(,)?) => {
+        $(fn $name(&self) -> Result<$t> {
+            self.once(&self.caps.$name, stringify!($name), || self.inner.$name())
+        })*
+    };
+}
+
 /// Capability answers kept for the life of one handle.
 #[derive(Default)]
 struct Caps {
@@ -329,48 +339,10 @@ impl Handle for LayerHandle {
         self.control(format_args!("export_description"));
         self.inner.export_description()
     }
-    fn can_write(&self) -> Result<bool> {
-        self.once(&self.caps.can_write, "can_write", || self.inner.can_write())
-    }
-    fn can_flush(&self) -> Result<bool> {
-        self.once(&self.caps.can_flush, "can_flush", || self.inner.can_flush())
-    }
-    fn is_rotational(&self) -> Result<bool> {
-        self.once(&self.caps.is_rotational, "is_rotational", || {
-            self.inner.is_rotational()
-        })
-    }
-    fn can_trim(&self) -> Result<bool> {
-        self.once(&self.caps.can_trim, "can_trim", || self.inner.can_trim())
-    }
-    fn can_zero(&self) -> Result<ZeroMode> {
-        self.once(&self.caps.can_zero, "can_zero", || self.inner.can_zero())
-    }
-    fn can_fast_zero(&self) -> Result<bool> {
-        self.once(&self.caps.can_fast_zero, "can_fast_zero", || {
-            self.inner.can_fast_zero()
-        })
-    }
-    fn can_extents(&self) -> Result<bool> {
-        self.once(&self.caps.can_extents, "can_extents", || {
-            self.inner.can_extents()
-        })
-    }
-    fn can_fua(&self) -> Result<FuaMode> {
-        self.once(&self.caps.can_fua, "can_fua", || self.inner.can_fua())
-    }
-    fn can_multi_conn(&self) -> Result<bool> {
-        self.once(&self.caps.can_multi_conn, "can_multi_conn", || {
-            self.inner.can_multi_conn()
-        })
-    }
-    fn can_cache(&self) -> Result<CacheMode> {
-        self.once(&self.caps.can_cache, "can_cache", || self.inner.can_cache())
-    }
-    fn can_extend(&self) -> Result<bool> {
-        self.once(&self.caps.can_extend, "can_extend", || {
-            self.inner.can_extend()
-        })
+    asked_once! {
+        can_write: bool, can_flush: bool, is_rotational: bool, can_trim: bool,
+        can_zero: ZeroMode, can_fast_zero: bool, can_extents: bool, can_fua: FuaMode,
+        can_multi_conn: bool, can_cache: CacheMode, can_extend: bool,
     }
     fn extend(&self, new_size: u64) -> Result<()> {
         self.check("extend", 0, 0, Needs::Extend, false, false);

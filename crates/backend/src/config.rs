@@ -25,6 +25,16 @@ impl Config {
         }
     }
 
+    /// From `key=value` pairs given as string slices (tests, embedders).
+    pub fn from_pairs(params: &[(&str, &str)]) -> Self {
+        Config::new(
+            params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
     /// Hide the keys taken so far from everyone after: a filter's key is
     /// its own, so the filter `cache=writeback` is not also seen by a
     /// plugin with a `cache` parameter of its own (as in nbdkit, where a

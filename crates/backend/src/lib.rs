@@ -63,7 +63,7 @@ pub use config::{parse_bool, parse_delay, parse_size, Config};
 pub use direct::{DirectPiece, DirectRead};
 pub use error::{ConfigError, Error, ErrorKind, Result};
 pub use extents::{Extent, Extents, StatusKind, EXTENT_HOLE, EXTENT_ZERO};
-pub use registry::{FilterSpec, Layer, Param, PluginSpec};
+pub use registry::{concat_params, layer_fn, FilterSpec, Layer, Param, PluginSpec};
 pub use secret::{read_secret, set_stdio_safe, stdio_safe, SecretError};
 pub use sync::{CondvarExt, LockExt, RwLockExt};
 

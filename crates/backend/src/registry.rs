@@ -17,6 +17,20 @@ pub struct Param {
     pub help: &'static str,
 }
 
+/// `a` followed by `b`: one parameter list made of a run that several
+/// plugins or filters share and their own (`M` = both lengths, checked
+/// at compile time).
+pub const fn concat_params<const M: usize>(a: &[Param], b: &[Param]) -> [Param; M] {
+    assert!(a.len() + b.len() == M, "concat_params: M is not the sum");
+    let mut out = [Param { name: "", help: "" }; M];
+    let mut i = 0;
+    while i < M {
+        out[i] = if i < a.len() { a[i] } else { b[i - a.len()] };
+        i += 1;
+    }
+    out
+}
+
 /// A plugin the command line can name.
 pub struct PluginSpec {
     pub name: &'static str,
@@ -47,6 +61,24 @@ pub struct FilterSpec {
 /// `Layer` wraps a `Service`).
 pub trait Layer: Send {
     fn layer(self: Box<Self>, next: Arc<dyn Backend>) -> Result<Arc<dyn Backend>, ConfigError>;
+}
+
+/// A layer that is a function of the backend it wraps, as tower's
+/// `layer_fn`: `layer_fn(|next| Ok(Arc::new(MyFilter { next })))`.
+pub fn layer_fn<F>(f: F) -> Box<dyn Layer>
+where
+    F: FnOnce(Arc<dyn Backend>) -> Result<Arc<dyn Backend>, ConfigError> + Send + 'static,
+{
+    struct LayerFn<F>(F);
+    impl<F> Layer for LayerFn<F>
+    where
+        F: FnOnce(Arc<dyn Backend>) -> Result<Arc<dyn Backend>, ConfigError> + Send,
+    {
+        fn layer(self: Box<Self>, next: Arc<dyn Backend>) -> Result<Arc<dyn Backend>, ConfigError> {
+            (self.0)(next)
+        }
+    }
+    Box::new(LayerFn(f))
 }
 
 impl PluginSpec {

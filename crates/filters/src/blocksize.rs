@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use crate::window::aligned_extents;
 use nbdkit_backend::RwLockExt;
 use nbdkit_backend::{
-    Backend, BlockSize, ConfigError, Error, Extents, FilterSpec, Handle, Layer, Param, Result,
+    layer_fn, Backend, BlockSize, ConfigError, Error, Extents, FilterSpec, Handle, Param, Result,
     ZeroFlags,
 };
 
@@ -57,21 +57,6 @@ impl Params {
             maxdata,
             maxlen,
         }
-    }
-}
-
-struct BlockSizeLayer(Params);
-
-impl Layer for BlockSizeLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(BlockSizeBackend {
-            next,
-            params: self.0,
-            rmw: Arc::new(RwLock::new(())),
-        }))
     }
 }
 
@@ -303,11 +288,18 @@ pub static SPEC: FilterSpec = FilterSpec {
                 )));
             }
         }
-        Ok(Box::new(BlockSizeLayer(Params {
+        let params = Params {
             minblock: min,
             maxdata,
             maxlen,
-        })))
+        };
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(BlockSizeBackend {
+                next,
+                params,
+                rmw: Arc::new(RwLock::new(())),
+            }))
+        }))
     },
 };
 
@@ -423,11 +415,7 @@ mod tests {
     #[test]
     fn bad_parameters() {
         let conf = |p: &[(&str, &str)]| {
-            let mut cfg = Config::new(
-                p.iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            );
+            let mut cfg = Config::from_pairs(p);
             (SPEC.configure)(&mut cfg).err().unwrap().to_string()
         };
         assert!(conf(&[("minblock", "1000")]).contains("power of two"));

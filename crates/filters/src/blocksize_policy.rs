@@ -17,8 +17,8 @@
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    read_and_discard, write_zeroes, Backend, BlockSize, CacheMode, ConfigError, Error, ErrorKind,
-    Extents, FilterSpec, Handle, Layer, Param, Result, ZeroFlags, ZeroMode,
+    layer_fn, read_and_discard, write_zeroes, Backend, BlockSize, CacheMode, ConfigError, Error,
+    ErrorKind, Extents, FilterSpec, Handle, Param, Result, ZeroFlags, ZeroMode,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,17 +93,6 @@ impl Settings {
             ));
         }
         Ok(Some(b))
-    }
-}
-
-struct PolicyLayer(Settings);
-
-impl Layer for PolicyLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(PolicyBackend { next, s: self.0 }))
     }
 }
 
@@ -368,13 +357,14 @@ blocksize-preferred=64K blocksize-error-policy=error",
                 )));
             }
         }
-        Ok(Box::new(PolicyLayer(Settings {
+        let s = Settings {
             minimum,
             preferred,
             maximum,
             disconnect,
             policy,
-        })))
+        };
+        Ok(layer_fn(move |next| Ok(Arc::new(PolicyBackend { next, s }))))
     },
 };
 
@@ -383,12 +373,10 @@ mod tests {
     use super::*;
     use nbdkit_backend::{Config, ErrorKind};
 
-    fn configure(p: &[(&str, &str)]) -> std::result::Result<Box<dyn Layer>, ConfigError> {
-        let mut cfg = Config::new(
-            p.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+    fn configure(
+        p: &[(&str, &str)],
+    ) -> std::result::Result<Box<dyn nbdkit_backend::Layer>, ConfigError> {
+        let mut cfg = Config::from_pairs(p);
         (SPEC.configure)(&mut cfg)
     }
 

@@ -40,8 +40,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 
 use nbdkit_backend::{
-    is_zero, write_zeroes, Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents,
-    FilterSpec, FuaMode, Handle, Layer, Param, Result, ZeroFlags, ZeroMode,
+    is_zero, layer_fn, write_zeroes, Backend, CacheMode, Config, ConfigError, Error, ErrorKind,
+    Extents, FilterSpec, FuaMode, Handle, Param, Result, ZeroFlags, ZeroMode,
 };
 use nbdkit_backend::{CondvarExt, LockExt};
 
@@ -169,23 +169,12 @@ struct Shared {
     fetched: Condvar,
 }
 
-struct CacheLayer(Settings);
-
 /// `$TMPDIR`, or `/var/tmp` (big disk images do not belong in a tmpfs).
 fn cache_dir() -> PathBuf {
     std::env::var_os("TMPDIR")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp"))
-}
-
-impl Layer for CacheLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(CacheBackend::new(self.0, next)?))
-    }
 }
 
 struct CacheBackend {
@@ -1013,7 +1002,10 @@ Example:\n  nbdkit-rs --filter=cache --filter=xz file disk.img.xz cache-on-read=
             help: "percent of cache-max-size that reclaim goes down to (default 80)",
         },
     ],
-    configure: |cfg| Ok(Box::new(CacheLayer(configure(cfg)?))),
+    configure: |cfg| {
+        let settings = configure(cfg)?;
+        Ok(layer_fn(move |next| Ok(Arc::new(CacheBackend::new(settings, next)?))))
+    },
 };
 
 #[cfg(test)]
@@ -1135,12 +1127,7 @@ mod tests {
     }
 
     fn backend(d: &Arc<Disk>, params: &[(&str, &str)]) -> CacheBackend {
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         let s = configure(&mut cfg).unwrap();
         assert!(cfg.untaken().is_empty());
         CacheBackend::new(s, Arc::new(Ram(d.clone()))).unwrap()
@@ -1353,15 +1340,17 @@ mod tests {
         let d = disk(vec![0u8; 256 << 10]);
         let h = backend(&d, &[]).open(false, "").unwrap();
         h.pwrite(&[1; 10], 65536 + 5, false).unwrap();
-        let mut ex = Extents::new(0, 256 << 10);
-        h.extents(0, 256 << 10, false, &mut ex).unwrap();
-        let l: Vec<(u64, u64, bool)> = ex
-            .list()
-            .iter()
-            .map(|e| (e.offset, e.length, e.flags == 0))
-            .collect();
+        // (offset, length, is data) of the whole disk.
+        let status = |h: &dyn Handle| {
+            let mut ex = Extents::new(0, 256 << 10);
+            h.extents(0, 256 << 10, false, &mut ex).unwrap();
+            ex.list()
+                .iter()
+                .map(|e| (e.offset, e.length, e.flags == 0))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
-            l,
+            status(&*h),
             [
                 (0, 65536, false),
                 (65536, 65536, true),
@@ -1370,15 +1359,8 @@ mod tests {
         );
         // Once written back, the plugin's own (finer) answer is used.
         h.flush().unwrap();
-        let mut ex = Extents::new(0, 256 << 10);
-        h.extents(0, 256 << 10, false, &mut ex).unwrap();
-        let l: Vec<(u64, u64, bool)> = ex
-            .list()
-            .iter()
-            .map(|e| (e.offset, e.length, e.flags == 0))
-            .collect();
         assert_eq!(
-            l,
+            status(&*h),
             [
                 (0, 65536, false),
                 (65536, 4096, true),

@@ -8,23 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use nbdkit_backend::LockExt;
-use nbdkit_backend::{
-    Backend, ConfigError, Extent, Extents, FilterSpec, Handle, Layer, Result, ZeroFlags,
-};
-
-struct CacheExtentsLayer;
-
-impl Layer for CacheExtentsLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(CacheExtents {
-            next,
-            cache: Arc::new(Mutex::new(Vec::new())),
-        }))
-    }
-}
+use nbdkit_backend::{layer_fn, Backend, Extent, Extents, FilterSpec, Handle, Result, ZeroFlags};
 
 /// The last answer, contiguous and ascending; empty when there is none.
 type Cache = Arc<Mutex<Vec<Extent>>>;
@@ -110,5 +94,12 @@ pub static SPEC: FilterSpec = FilterSpec {
 memory; writes, trims and zeroes forget it.\n\n\
 Example:\n  nbdkit-rs -U - --filter=cacheextents --run 'qemu-img map $nbd' vddk ...",
     params: &[],
-    configure: |_| Ok(Box::new(CacheExtentsLayer)),
+    configure: |_| {
+        Ok(layer_fn(|next| {
+            Ok(Arc::new(CacheExtents {
+                next,
+                cache: Arc::new(Mutex::new(Vec::new())),
+            }))
+        }))
+    },
 };

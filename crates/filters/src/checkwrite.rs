@@ -7,23 +7,12 @@
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, ConfigError, Error, Extents, FilterSpec, FuaMode, Handle, Layer, Result, ZeroFlags,
-    ZeroMode, EXTENT_ZERO,
+    layer_fn, Backend, Error, Extents, FilterSpec, FuaMode, Handle, Result, ZeroFlags, ZeroMode,
+    EXTENT_ZERO,
 };
 
 /// Largest buffer read at once while checking.
 const CHUNK: u64 = 1 << 20;
-
-struct CheckWriteLayer;
-
-impl Layer for CheckWriteLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(CheckWrite { next }))
-    }
-}
 
 struct CheckWrite {
     next: Arc<dyn Backend>,
@@ -132,5 +121,5 @@ and zero check that the range reads as zeroes.  Use it to test copying\n\
 tools by copying an export onto itself.\n\n\
 Example:\n  nbdkit-rs -U - --filter=checkwrite data \"@32768 1\" --run 'nbdcopy \"$uri\" \"$uri\"'",
     params: &[],
-    configure: |_| Ok(Box::new(CheckWriteLayer)),
+    configure: |_| Ok(layer_fn(|next| Ok(Arc::new(CheckWrite { next })))),
 };

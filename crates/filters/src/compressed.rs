@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use nbdkit_backend::LockExt;
 use nbdkit_backend::{
-    Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents, FilterSpec, FuaMode,
-    Handle, Layer, Param, Result, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
+    concat_params, layer_fn, Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents,
+    FilterSpec, FuaMode, Handle, Layer, Param, Result, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
 };
 use seekable_compressed::gzip::{GzipOptions, GzipReader};
 use seekable_compressed::{
@@ -49,20 +49,16 @@ struct Settings {
     gzip: GzipOptions,
 }
 
-struct CompressedLayer(Settings);
-
-impl Layer for CompressedLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+/// The layer every format's `configure` returns.
+fn layer(settings: Settings) -> Box<dyn Layer> {
+    layer_fn(move |next| {
         Ok(Arc::new(Compressed {
             next,
-            settings: self.0,
+            settings,
             readers: Mutex::new(HashMap::new()),
             gzip_readers: Mutex::new(Vec::new()),
         }))
-    }
+    })
 }
 
 struct Compressed {
@@ -364,14 +360,9 @@ macro_rules! common_params {
 const VERIFY_HELP: &str = "full (default): a block/frame is served only once all of it has decoded and \
      passed its check; lazy: serve its start before (a failed check later makes every read of it EIO)";
 
-pub const XZ_PARAMS: [Param; 8] = {
-    let c = common_params!("xz");
-    [
-        c[0],
-        c[1],
-        c[2],
-        c[3],
-        c[4],
+pub const XZ_PARAMS: [Param; 8] = concat_params(
+    &common_params!("xz"),
+    &[
         Param {
             name: "xz-verify",
             help: VERIFY_HELP,
@@ -384,15 +375,13 @@ pub const XZ_PARAMS: [Param; 8] = {
             name: "xz-max-depth",
             help: "nbdkit compatibility: cache at least this many 16 MiB blocks",
         },
-    ]
-};
+    ],
+);
 
-pub const GZIP_PARAMS: [Param; 7] = {
-    let c = common_params!("gzip");
-    [
-        c[0],
-        c[1],
-        c[2],
+pub const GZIP_PARAMS: [Param; 7] = concat_params(
+    // Not the scratch cache or its size: gzip has no such tier (`settings`).
+    common_params!("gzip").split_at(3).0,
+    &[
         Param {
             name: "gzip-index",
             help: "index file to load/save (default: $XDG_CACHE_HOME/nbdkit-rs/gzip-index/ID.gzi)",
@@ -409,17 +398,12 @@ pub const GZIP_PARAMS: [Param; 7] = {
             name: "gzip-save-index",
             help: "false to never read or write index files",
         },
-    ]
-};
+    ],
+);
 
-pub const ZSTD_PARAMS: [Param; 7] = {
-    let c = common_params!("zstd");
-    [
-        c[0],
-        c[1],
-        c[2],
-        c[3],
-        c[4],
+pub const ZSTD_PARAMS: [Param; 7] = concat_params(
+    &common_params!("zstd"),
+    &[
         Param {
             name: "zstd-verify",
             help: VERIFY_HELP,
@@ -428,24 +412,17 @@ pub const ZSTD_PARAMS: [Param; 7] = {
             name: "zstd-open-timeout",
             help: "seconds opening may spend decoding frames that do not record their size (default 120; 0: no limit)",
         },
-    ]
-};
+    ],
+);
 pub const BZIP2_PARAMS: [Param; 5] = common_params!("bzip2");
 
-pub const LZIP_PARAMS: [Param; 6] = {
-    let c = common_params!("lzip");
-    [
-        c[0],
-        c[1],
-        c[2],
-        c[3],
-        c[4],
-        Param {
-            name: "lzip-verify",
-            help: VERIFY_HELP,
-        },
-    ]
-};
+pub const LZIP_PARAMS: [Param; 6] = concat_params(
+    &common_params!("lzip"),
+    &[Param {
+        name: "lzip-verify",
+        help: VERIFY_HELP,
+    }],
+);
 
 pub static XZ: FilterSpec = FilterSpec {
     name: "xz",
@@ -456,7 +433,7 @@ pub static XZ: FilterSpec = FilterSpec {
                   Recompress with `xz --block-size=16MiB` (or -T0) for fast random access.\n\n\
                   Examples:\n  nbdkit-rs --filter=xz file disk.img.xz\n  nbdkit-rs xz file=disk.img.xz        (nbdkit's old plugin form)",
     params: &XZ_PARAMS,
-    configure: |cfg| Ok(Box::new(CompressedLayer(settings(cfg, Format::Xz)?))),
+    configure: |cfg| Ok(layer(settings(cfg, Format::Xz)?)),
 };
 
 pub static GZIP: FilterSpec = FilterSpec {
@@ -469,26 +446,23 @@ pub static GZIP: FilterSpec = FilterSpec {
                   `seekable-index build FILE`.\n\n\
                   Example:\n  nbdkit-rs --filter=gzip file disk.img.gz",
     params: &GZIP_PARAMS,
-    configure: |cfg| Ok(Box::new(CompressedLayer(settings(cfg, Format::Gzip)?))),
+    configure: |cfg| Ok(layer(settings(cfg, Format::Gzip)?)),
 };
 
-pub const INDEXED_GZIP_PARAMS: [Param; 9] = [
-    Param {
-        name: "gzip-index-path",
-        help: "(required) index file: built and saved if missing or not usable, reused if it fits",
-    },
-    Param {
-        name: "gzip-index-span",
-        help: "decompressed bytes between index points (default 1M)",
-    },
-    GZIP_PARAMS[0],
-    GZIP_PARAMS[1],
-    GZIP_PARAMS[2],
-    GZIP_PARAMS[3],
-    GZIP_PARAMS[4],
-    GZIP_PARAMS[5],
-    GZIP_PARAMS[6],
-];
+pub const INDEXED_GZIP_PARAMS: [Param; 9] = concat_params(
+    &[
+        Param {
+            name: "gzip-index-path",
+            help:
+                "(required) index file: built and saved if missing or not usable, reused if it fits",
+        },
+        Param {
+            name: "gzip-index-span",
+            help: "decompressed bytes between index points (default 1M)",
+        },
+    ],
+    &GZIP_PARAMS,
+);
 
 /// nbdkit 1.46's `indexed-gzip` filter is the same idea as our gzip
 /// filter (a checkpoint index built once, kept in a file): its names are
@@ -527,7 +501,7 @@ pub static INDEXED_GZIP: FilterSpec = FilterSpec {
         if let Some(span) = span {
             s.gzip.span = span;
         }
-        Ok(Box::new(CompressedLayer(s)))
+        Ok(layer(s))
     },
 };
 
@@ -539,7 +513,7 @@ pub static ZSTD: FilterSpec = FilterSpec {
                   multi-frame files; a single-frame file is decoded progressively.\n\n\
                   Example:\n  nbdkit-rs --filter=zstd file disk.img.zst",
     params: &ZSTD_PARAMS,
-    configure: |cfg| Ok(Box::new(CompressedLayer(settings(cfg, Format::Zstd)?))),
+    configure: |cfg| Ok(layer(settings(cfg, Format::Zstd)?)),
 };
 
 pub static BZIP2: FilterSpec = FilterSpec {
@@ -548,7 +522,7 @@ pub static BZIP2: FilterSpec = FilterSpec {
     description: "bzip2 blocks are found by their bit-aligned magic and decoded independently.\n\n\
                   Example:\n  nbdkit-rs --filter=bzip2 file disk.img.bz2",
     params: &BZIP2_PARAMS,
-    configure: |cfg| Ok(Box::new(CompressedLayer(settings(cfg, Format::Bzip2)?))),
+    configure: |cfg| Ok(layer(settings(cfg, Format::Bzip2)?)),
 };
 
 pub static LZIP: FilterSpec = FilterSpec {
@@ -560,5 +534,5 @@ pub static LZIP: FilterSpec = FilterSpec {
                   `plzip` or `lzip -b 16MiB` for fast random access.\n\n\
                   Example:\n  nbdkit-rs --filter=lzip file disk.img.lz",
     params: &LZIP_PARAMS,
-    configure: |cfg| Ok(Box::new(CompressedLayer(settings(cfg, Format::Lzip)?))),
+    configure: |cfg| Ok(layer(settings(cfg, Format::Lzip)?)),
 };

@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use nbdkit_backend::{Backend, ConfigError, FilterSpec, Handle, Layer, Result, ZeroFlags};
+use nbdkit_backend::{layer_fn, Backend, FilterSpec, Handle, Result, ZeroFlags};
 
 #[derive(Default)]
 struct Totals {
@@ -26,20 +26,6 @@ impl Totals {
             self.zeroed.load(Ordering::Relaxed),
             self.trimmed.load(Ordering::Relaxed)
         )
-    }
-}
-
-struct CountLayer;
-
-impl Layer for CountLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(CountBackend {
-            next,
-            totals: Arc::default(),
-        }))
     }
 }
 
@@ -115,7 +101,14 @@ pub static SPEC: FilterSpec = FilterSpec {
 (run with -v to see it):\n  count bytes: read N, written N, zeroed N, trimmed N\n\n\
 Example:\n  nbdkit-rs -v -U - --filter=count memory 1G --run 'nbdcopy disk.img \"$uri\"'",
     params: &[],
-    configure: |_| Ok(Box::new(CountLayer)),
+    configure: |_| {
+        Ok(layer_fn(|next| {
+            Ok(Arc::new(CountBackend {
+                next,
+                totals: Arc::default(),
+            }))
+        }))
+    },
 };
 
 #[cfg(test)]

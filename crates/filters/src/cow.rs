@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::window::next_extents;
 use nbdkit_backend::{
-    Backend, CacheMode, ConfigError, Error, Extents, FilterSpec, FuaMode, Handle, Layer, Param,
+    layer_fn, Backend, CacheMode, ConfigError, Error, Extents, FilterSpec, FuaMode, Handle, Param,
     Result, ZeroFlags, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
 };
 use nbdkit_backend::{LockExt, RwLockExt};
@@ -46,31 +46,6 @@ struct Overlay {
     /// request, so two partial writes to one block cannot both copy the
     /// old block and lose each other's bytes.
     map: RwLock<Vec<State>>,
-}
-
-struct CowLayer {
-    block: u64,
-    on_read: OnRead,
-    on_cache: bool,
-}
-
-impl Layer for CowLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        // Fail at start-up, not at the first client, where temporary
-        // files cannot be made.
-        tempfile::tempfile()
-            .map_err(|e| ConfigError::new(format!("cow filter: creating the overlay: {e}")))?;
-        Ok(Arc::new(CowBackend {
-            next,
-            block: self.block,
-            on_read: self.on_read,
-            on_cache: self.on_cache,
-            overlays: Mutex::new(HashMap::new()),
-        }))
-    }
 }
 
 struct CowBackend {
@@ -475,10 +450,18 @@ Example:\n  nbdkit-rs --filter=cow file base.img cow-block-size=4K",
             },
         };
         let on_cache = cfg.take_bool("cow-on-cache").map_err(err)?.unwrap_or(false);
-        Ok(Box::new(CowLayer {
-            block,
-            on_read,
-            on_cache,
+        Ok(layer_fn(move |next| {
+            // Fail at start-up, not at the first client, where temporary
+            // files cannot be made.
+            tempfile::tempfile()
+                .map_err(|e| ConfigError::new(format!("cow filter: creating the overlay: {e}")))?;
+            Ok(Arc::new(CowBackend {
+                next,
+                block,
+                on_read,
+                on_cache,
+                overlays: Mutex::new(HashMap::new()),
+            }))
         }))
     },
 };
@@ -528,12 +511,7 @@ mod tests {
 
     fn cow(data: Vec<u8>, params: &[(&str, &str)]) -> (Box<dyn Handle>, Arc<AtomicBool>) {
         let written = Arc::new(AtomicBool::new(false));
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         let layer = (SPEC.configure)(&mut cfg).unwrap();
         let b = layer
             .layer(Arc::new(Base {

@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, CacheMode, Config, ConfigError, Error, FilterSpec, Handle, Layer, Param, Result,
+    layer_fn, Backend, CacheMode, Config, ConfigError, Error, FilterSpec, Handle, Layer, Param,
+    Result,
 };
 
 /// Parse a number as C's `%i`: `0x` hex, leading-`0` octal, or decimal.
@@ -64,21 +65,10 @@ fn configure(c: &mut Config) -> std::result::Result<Box<dyn Layer>, ConfigError>
     let text = std::fs::read_to_string(&file)
         .map_err(|e| ConfigError::new(format!("ddrescue-mapfile={file}: {e}")))?;
     let ranges = parse_mapfile(&text, &file).map_err(ConfigError::new)?;
-    Ok(Box::new(DdrescueLayer(Arc::new(ranges))))
-}
-
-struct DdrescueLayer(Arc<Vec<(u64, u64)>>);
-
-impl Layer for DdrescueLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(Ddrescue {
-            next,
-            ranges: self.0,
-        }))
-    }
+    let ranges = Arc::new(ranges);
+    Ok(layer_fn(move |next| {
+        Ok(Arc::new(Ddrescue { next, ranges }))
+    }))
 }
 
 struct Ddrescue {

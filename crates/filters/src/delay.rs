@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nbdkit_backend::{
-    Backend, Config, ConfigError, Error, Extents, FilterSpec, Handle, Layer, Param, Result,
+    layer_fn, Backend, Config, ConfigError, Error, Extents, FilterSpec, Handle, Param, Result,
     ZeroFlags,
 };
 
@@ -38,29 +38,11 @@ fn delays(cfg: &mut Config) -> std::result::Result<[Duration; 9], ConfigError> {
     Ok(d)
 }
 
-struct DelayLayer {
-    d: [Duration; 9],
-    /// delay-fast-zero=false: fast zero requests fail at once with ENOTSUP
-    /// instead of waiting (so a client falls back without the delay).
-    fast_zero_fails: bool,
-}
-
-impl Layer for DelayLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(DelayBackend {
-            next,
-            d: self.d,
-            fast_zero_fails: self.fast_zero_fails,
-        }))
-    }
-}
-
 struct DelayBackend {
     next: Arc<dyn Backend>,
     d: [Duration; 9],
+    /// delay-fast-zero=false: fast zero requests fail at once with ENOTSUP
+    /// instead of waiting (so a client falls back without the delay).
     fast_zero_fails: bool,
 }
 
@@ -215,7 +197,13 @@ Example:\n  nbdkit-rs --filter=delay memory 1G delay-read=100ms delay-write=0.5"
             .take_bool("delay-fast-zero")
             .map_err(|e| ConfigError::new(format!("delay filter: {e}")))?
             .unwrap_or(true);
-        Ok(Box::new(DelayLayer { d, fast_zero_fails }))
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(DelayBackend {
+                next,
+                d,
+                fast_zero_fails,
+            }))
+        }))
     },
 };
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, Config, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer, Param,
+    layer_fn, Backend, Config, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Param,
     Result, ZeroFlags,
 };
 
@@ -103,25 +103,6 @@ fn rules(cfg: &mut Config) -> std::result::Result<Vec<Rule>, ConfigError> {
         out.push(r);
     }
     Ok(out)
-}
-
-struct ErrorLayer(Arc<Vec<Rule>>);
-
-impl Layer for ErrorLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-            | 1;
-        Ok(Arc::new(ErrorBackend {
-            next,
-            rules: self.0,
-            rng: Arc::new(AtomicU64::new(seed)),
-        }))
-    }
 }
 
 struct ErrorBackend {
@@ -323,7 +304,20 @@ Example:\n  nbdkit-rs --filter=error memory 1G error=ENOSPC error-pwrite-rate=10
             help: "trigger file for flush requests",
         },
     ],
-    configure: |cfg| Ok(Box::new(ErrorLayer(Arc::new(rules(cfg)?)))),
+    configure: |cfg| {
+        let rules = Arc::new(rules(cfg)?);
+        Ok(layer_fn(move |next| {
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                | 1;
+            Ok(Arc::new(ErrorBackend {
+                next,
+                rules,
+                rng: Arc::new(AtomicU64::new(seed)),
+            }))
+        }))
+    },
 };
 
 #[cfg(test)]

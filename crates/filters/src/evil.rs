@@ -24,7 +24,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use nbdkit_backend::{Backend, ConfigError, FilterSpec, Handle, Layer, Param, Result};
+use nbdkit_backend::{layer_fn, Backend, ConfigError, FilterSpec, Handle, Param, Result};
 
 const BLOCK_BYTES: u64 = 64 * 1024;
 const BLOCK_BITS: u64 = BLOCK_BYTES * 8;
@@ -139,17 +139,6 @@ impl Evil {
     }
 }
 
-struct EvilLayer(Arc<Evil>);
-
-impl Layer for EvilLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(EvilBackend { next, evil: self.0 }))
-    }
-}
-
 struct EvilBackend {
     next: Arc<dyn Backend>,
     evil: Arc<Evil>,
@@ -255,7 +244,12 @@ Example:\n  nbdkit-rs --filter=evil file disk.img evil=cosmic-rays evil-probabil
             help: "seed for the corruption, to repeat a run (default: from the clock)",
         },
     ],
-    configure: |cfg| Ok(Box::new(EvilLayer(Arc::new(configure(cfg)?)))),
+    configure: |cfg| {
+        let evil = Arc::new(configure(cfg)?);
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(EvilBackend { next, evil }))
+        }))
+    },
 };
 
 #[cfg(test)]
@@ -264,12 +258,7 @@ mod tests {
     use nbdkit_backend::Config;
 
     fn evil(params: &[(&str, &str)]) -> Evil {
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         configure(&mut cfg).unwrap()
     }
 

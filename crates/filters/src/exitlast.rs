@@ -5,24 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use nbdkit_backend::{
-    request_shutdown, Backend, Client, ConfigError, FilterSpec, Handle, Layer, Result,
-};
+use nbdkit_backend::{layer_fn, request_shutdown, Backend, Client, FilterSpec, Handle, Result};
 use tracing::debug;
-
-struct ExitLastLayer;
-
-impl Layer for ExitLastLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(ExitLast {
-            next,
-            connected: AtomicU64::new(0),
-        }))
-    }
-}
 
 struct ExitLast {
     next: Arc<dyn Backend>,
@@ -60,5 +44,12 @@ pub static SPEC: FilterSpec = FilterSpec {
 once no client is connected.  No parameters.\n\n\
 Example:\n  nbdkit-rs --filter=exitlast -U /tmp/sock file disk.img",
     params: &[],
-    configure: |_| Ok(Box::new(ExitLastLayer)),
+    configure: |_| {
+        Ok(layer_fn(|next| {
+            Ok(Arc::new(ExitLast {
+                next,
+                connected: AtomicU64::new(0),
+            }))
+        }))
+    },
 };

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use nbdkit_backend::LockExt;
 use nbdkit_backend::{
-    request_shutdown, Backend, Client, ConfigError, Error, ErrorKind, FilterSpec, Handle, Layer,
+    layer_fn, request_shutdown, Backend, Client, ConfigError, Error, ErrorKind, FilterSpec, Handle,
     Param, Result,
 };
 use tracing::{debug, error};
@@ -169,25 +169,6 @@ impl Backend for ExitWhen {
     }
 }
 
-struct ExitWhenLayer {
-    events: Vec<Event>,
-    poll: Duration,
-}
-
-impl Layer for ExitWhenLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(ExitWhen {
-            next,
-            events: self.events,
-            poll: self.poll,
-            state: Arc::default(),
-        }))
-    }
-}
-
 fn number(key: &str, v: &str) -> std::result::Result<i32, ConfigError> {
     v.parse::<i32>()
         .ok()
@@ -270,7 +251,14 @@ Example:\n  nbdkit-rs --filter=exitwhen memory 1G exit-when-file-created=/tmp/st
                 }
             },
         };
-        Ok(Box::new(ExitWhenLayer { events, poll }))
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(ExitWhen {
+                next,
+                events,
+                poll,
+                state: Arc::default(),
+            }))
+        }))
     },
 };
 

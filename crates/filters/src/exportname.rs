@@ -6,8 +6,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, Config, ConfigError, Error, ErrorKind, ExportEntry, FilterSpec, Handle, Layer, Param,
-    Result,
+    layer_fn, Backend, Config, ConfigError, Error, ErrorKind, ExportEntry, FilterSpec, Handle,
+    Layer, Param, Result,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,24 +70,14 @@ fn configure(c: &mut Config) -> std::result::Result<Box<dyn Layer>, ConfigError>
             }
         },
     };
-    Ok(Box::new(ExportNameLayer(Arc::new(Settings {
+    let s = Arc::new(Settings {
         default_export,
         list,
         strict,
         exports,
         desc,
-    }))))
-}
-
-struct ExportNameLayer(Arc<Settings>);
-
-impl Layer for ExportNameLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(ExportName { next, s: self.0 }))
-    }
+    });
+    Ok(layer_fn(move |next| Ok(Arc::new(ExportName { next, s }))))
 }
 
 struct ExportName {

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    parse_size, Backend, Config, ConfigError, Extents, FilterSpec, Handle, Layer, Param, Result,
-    EXTENT_HOLE, EXTENT_ZERO,
+    layer_fn, parse_size, Backend, Config, ConfigError, Extents, FilterSpec, Handle, Layer, Param,
+    Result, EXTENT_HOLE, EXTENT_ZERO,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,18 +84,10 @@ fn configure(c: &mut Config) -> std::result::Result<Box<dyn Layer>, ConfigError>
     let text = std::fs::read_to_string(&file)
         .map_err(|e| ConfigError::new(format!("extentlist={file}: {e}")))?;
     let list = parse_list(&text, &file).map_err(ConfigError::new)?;
-    Ok(Box::new(ExtentListLayer(Arc::new(list))))
-}
-
-struct ExtentListLayer(Arc<Vec<Ext>>);
-
-impl Layer for ExtentListLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(ExtentList { next, list: self.0 }))
-    }
+    let list = Arc::new(list);
+    Ok(layer_fn(move |next| {
+        Ok(Arc::new(ExtentList { next, list }))
+    }))
 }
 
 struct ExtentList {

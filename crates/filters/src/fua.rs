@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, Config, ConfigError, Error, FilterSpec, FuaMode, Handle, Layer, Param, Result,
+    layer_fn, Backend, Config, ConfigError, Error, FilterSpec, FuaMode, Handle, Param, Result,
     ZeroFlags,
 };
 
@@ -26,24 +26,6 @@ enum Mode {
     Pass,
     /// Advertised; the flag is dropped and flush does nothing (unsafe).
     Discard,
-}
-
-struct FuaLayer {
-    mode: Mode,
-    flush_on_close: bool,
-}
-
-impl Layer for FuaLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(Fua {
-            next,
-            mode: self.mode,
-            flush_on_close: self.flush_on_close,
-        }))
-    }
 }
 
 struct Fua {
@@ -219,9 +201,12 @@ pub static SPEC: FilterSpec = FilterSpec {
             // nbdkit's default: FUA is not advertised.
             Mode::None,
         )?;
-        Ok(Box::new(FuaLayer {
-            mode,
-            flush_on_close,
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(Fua {
+                next,
+                mode,
+                flush_on_close,
+            }))
         }))
     },
 };
@@ -308,12 +293,7 @@ mod tests {
     fn flush_on_close_and_the_new_name() {
         let open = |params: &[(&str, &str)]| {
             let probe = Arc::new(Probe::default());
-            let mut cfg = Config::new(
-                params
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            );
+            let mut cfg = Config::from_pairs(params);
             let layer = (SPEC.configure)(&mut cfg)?;
             let b = layer
                 .layer(Arc::new(ProbeBackend(probe.clone(), FuaMode::Native)))

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use nbdkit_backend::{
-    Backend, Client, ConfigError, Error, ErrorKind, ExportEntry, FilterSpec, Handle, Layer, Param,
-    Peer, Result,
+    layer_fn, Backend, Client, ConfigError, Error, ErrorKind, ExportEntry, FilterSpec, Handle,
+    Param, Peer, Result,
 };
 
 /// One entry of an allow or deny list.
@@ -179,30 +179,6 @@ fn parse_list(key: &str, values: Vec<String>) -> std::result::Result<Vec<Rule>, 
     Ok(rules)
 }
 
-struct IpLayer {
-    allow: Vec<Rule>,
-    deny: Vec<Rule>,
-}
-
-impl Layer for IpLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        let late = self
-            .allow
-            .iter()
-            .chain(&self.deny)
-            .any(Rule::needs_certificate);
-        Ok(Arc::new(Ip {
-            next,
-            allow: self.allow,
-            deny: self.deny,
-            late,
-        }))
-    }
-}
-
 struct Ip {
     next: Arc<dyn Backend>,
     allow: Vec<Rule>,
@@ -317,7 +293,15 @@ allow='dn:*,O=BigCo,*' deny=all",
     configure: |cfg| {
         let allow = parse_list("allow", cfg.take_all("allow"))?;
         let deny = parse_list("deny", cfg.take_all("deny"))?;
-        Ok(Box::new(IpLayer { allow, deny }))
+        Ok(layer_fn(move |next| {
+            let late = allow.iter().chain(&deny).any(Rule::needs_certificate);
+            Ok(Arc::new(Ip {
+                next,
+                allow,
+                deny,
+                late,
+            }))
+        }))
     },
 };
 

@@ -3,6 +3,27 @@
 
 use nbdkit_backend::FilterSpec;
 
+/// `extents` and `allocation_depth` of a handle that answers both block
+/// status questions with one `self.status(kind, offset, count, req_one,
+/// out)`.  (The caller imports `Extents`, `Result` and `StatusKind`, as
+/// its `status` needs them.)
+macro_rules! status_by_kind {
+    () => {
+        fn extents(&self, offset: u64, count: u64, req_one: bool, out: &mut Extents) -> Result<()> {
+            self.status(StatusKind::Allocation, offset, count, req_one, out)
+        }
+        fn allocation_depth(
+            &self,
+            offset: u64,
+            count: u64,
+            req_one: bool,
+            out: &mut Extents,
+        ) -> Result<()> {
+            self.status(StatusKind::Depth, offset, count, req_one, out)
+        }
+    };
+}
+
 pub mod blocksize;
 pub mod blocksize_policy;
 pub mod cache;

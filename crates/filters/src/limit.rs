@@ -7,23 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, Client, ConfigError, Error, ErrorKind, FilterSpec, Handle, Layer, Param, Result,
+    layer_fn, Backend, Client, ConfigError, Error, ErrorKind, FilterSpec, Handle, Param, Result,
 };
-
-struct LimitLayer(u64);
-
-impl Layer for LimitLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(Limit {
-            next,
-            limit: self.0,
-            connected: AtomicU64::new(0),
-        }))
-    }
-}
 
 struct Limit {
     next: Arc<dyn Backend>,
@@ -93,11 +78,14 @@ pub static SPEC: FilterSpec = FilterSpec {
             .take_parse::<u64>("limit")
             .map_err(|e| ConfigError::new(format!("limit filter: {e}")))?
             .unwrap_or(1);
-        Ok(Box::new(LimitLayer(if limit == 0 {
-            u64::MAX
-        } else {
-            limit
-        })))
+        let limit = if limit == 0 { u64::MAX } else { limit };
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(Limit {
+                next,
+                limit,
+                connected: AtomicU64::new(0),
+            }))
+        }))
     },
 };
 

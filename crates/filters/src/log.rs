@@ -30,8 +30,8 @@ use std::time::SystemTime;
 
 use nbdkit_backend::LockExt;
 use nbdkit_backend::{
-    Backend, CacheMode, Client, ConfigError, Error, ErrorKind, ExportEntry, Extents, FilterSpec,
-    FuaMode, Handle, Layer, Param, Result, ThreadModel, ZeroFlags, ZeroMode, EXTENT_HOLE,
+    layer_fn, Backend, CacheMode, Client, ConfigError, Error, ErrorKind, ExportEntry, Extents,
+    FilterSpec, FuaMode, Handle, Param, Result, ThreadModel, ZeroFlags, ZeroMode, EXTENT_HOLE,
     EXTENT_ZERO,
 };
 
@@ -189,22 +189,6 @@ fn thread_model_number(m: ThreadModel) -> u8 {
         ThreadModel::SerializeAllRequests => 1,
         ThreadModel::SerializeRequests => 2,
         ThreadModel::Parallel => 3,
-    }
-}
-
-struct LogLayer {
-    sink: Arc<Sink>,
-}
-
-impl Layer for LogLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(LogBackend {
-            next,
-            sink: self.sink,
-        }))
     }
 }
 
@@ -479,15 +463,16 @@ nbdkit-rs --filter=log memory 1G logscript='[ $act = Write ] && echo write at $o
                 Some(Mutex::new(f))
             }
         };
-        Ok(Box::new(LogLayer {
-            sink: Arc::new(Sink {
-                file,
-                script,
-                connections: AtomicU64::new(0),
-                list_id: AtomicU64::new(0),
-                preconnect_id: AtomicU64::new(0),
-                pid: std::process::id(),
-            }),
+        let sink = Arc::new(Sink {
+            file,
+            script,
+            connections: AtomicU64::new(0),
+            list_id: AtomicU64::new(0),
+            preconnect_id: AtomicU64::new(0),
+            pid: std::process::id(),
+        });
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(LogBackend { next, sink }))
         }))
     },
 };

@@ -21,8 +21,8 @@ use aes::cipher::{
 use aes::{Aes128, Aes192, Aes256};
 use nbdkit_backend::LockExt;
 use nbdkit_backend::{
-    Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer,
-    Param, Result, ZeroFlags, ZeroMode,
+    layer_fn, Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents, FilterSpec,
+    Handle, Layer, Param, Result, ZeroFlags, ZeroMode,
 };
 use sha2::Digest;
 use xts_mode::Xts128;
@@ -504,23 +504,14 @@ fn atty_stdin() -> bool {
 fn configure(c: &mut Config) -> std::result::Result<Box<dyn Layer>, ConfigError> {
     let v = c.require("passphrase", "luks filter")?;
     let passphrase = read_passphrase(&v)?;
-    Ok(Box::new(LuksLayer(passphrase)))
-}
-
-struct LuksLayer(Vec<u8>);
-
-impl Layer for LuksLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+    Ok(layer_fn(move |next| {
         Ok(Arc::new(Luks {
             next,
-            passphrase: self.0,
+            passphrase,
             unlocked: Mutex::new(None),
             write_lock: Arc::new(Mutex::new(())),
         }))
-    }
+    }))
 }
 
 /// The key recovered from one header, kept for the next connection.

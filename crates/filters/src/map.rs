@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    parse_size, Backend, ConfigError, Error, Extents, FilterSpec, Handle, Layer, Param, Result,
+    layer_fn, parse_size, Backend, ConfigError, Error, Extents, FilterSpec, Handle, Param, Result,
     StatusKind, ZeroFlags,
 };
 
@@ -105,24 +105,6 @@ fn parse_mapping(v: &str) -> std::result::Result<(u64, u64, u64), String> {
     Ok((start, end + 1, dest))
 }
 
-struct MapLayer {
-    map: Arc<Map>,
-    size: Option<u64>,
-}
-
-impl Layer for MapLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(MapBackend {
-            next,
-            map: self.map,
-            size: self.size,
-        }))
-    }
-}
-
 struct MapBackend {
     next: Arc<dyn Backend>,
     map: Arc<Map>,
@@ -212,18 +194,7 @@ impl Handle for MapHandle {
         }
         Ok(())
     }
-    fn extents(&self, offset: u64, count: u64, req_one: bool, out: &mut Extents) -> Result<()> {
-        self.status(StatusKind::Allocation, offset, count, req_one, out)
-    }
-    fn allocation_depth(
-        &self,
-        offset: u64,
-        count: u64,
-        req_one: bool,
-        out: &mut Extents,
-    ) -> Result<()> {
-        self.status(StatusKind::Depth, offset, count, req_one, out)
-    }
+    status_by_kind!();
 }
 
 impl MapHandle {
@@ -282,9 +253,9 @@ nbdkit-rs --filter=map file disk.img map=0-511:512 map=512-1023:0",
         let size = cfg
             .take_size("map-size")
             .map_err(|e| ConfigError::new(format!("map filter: {e}")))?;
-        Ok(Box::new(MapLayer {
-            map: Arc::new(map),
-            size,
+        let map = Arc::new(map);
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(MapBackend { next, map, size }))
         }))
     },
 };

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use nbdkit_backend::LockExt;
 use nbdkit_backend::{
-    Backend, ConfigError, Error, ErrorKind, FilterSpec, FuaMode, Handle, Layer, Param, Result,
+    layer_fn, Backend, ConfigError, Error, ErrorKind, FilterSpec, FuaMode, Handle, Param, Result,
     ThreadModel, ZeroFlags,
 };
 
@@ -73,27 +73,6 @@ struct Group {
 #[derive(Default)]
 struct Shared {
     groups: Mutex<Vec<Arc<Group>>>,
-}
-
-struct MultiConnLayer {
-    mode: Mode,
-    track: TrackDirty,
-    by_export: bool,
-}
-
-impl Layer for MultiConnLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(MultiConn {
-            next,
-            mode: self.mode,
-            track: self.track,
-            by_export: self.by_export,
-            shared: Arc::default(),
-        }))
-    }
 }
 
 struct MultiConn {
@@ -372,10 +351,14 @@ pub static SPEC: FilterSpec = FilterSpec {
             .take_bool("multi-conn-exportname")
             .map_err(|e| ConfigError::new(format!("multi-conn filter: {e}")))?
             .unwrap_or(false);
-        Ok(Box::new(MultiConnLayer {
-            mode,
-            track,
-            by_export,
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(MultiConn {
+                next,
+                mode,
+                track,
+                by_export,
+                shared: Arc::default(),
+            }))
         }))
     },
 };
@@ -432,12 +415,7 @@ mod tests {
             flushes: flushes.clone(),
             next_id: AtomicUsize::new(0),
         });
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         let b = (SPEC.configure)(&mut cfg).unwrap().layer(plugin).unwrap();
         (b, flushes)
     }

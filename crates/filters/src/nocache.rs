@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use nbdkit_backend::{Backend, CacheMode, ConfigError, FilterSpec, Handle, Layer, Param, Result};
+use nbdkit_backend::{layer_fn, Backend, CacheMode, FilterSpec, Handle, Param, Result};
 
 use crate::modes::take_mode;
 
@@ -15,17 +15,6 @@ enum Mode {
     Emulate,
     /// Advertised; requests succeed and do nothing.
     Nop,
-}
-
-struct NoCacheLayer(Mode);
-
-impl Layer for NoCacheLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(NoCache { next, mode: self.0 }))
-    }
 }
 
 struct NoCache {
@@ -91,6 +80,6 @@ pub static SPEC: FilterSpec = FilterSpec {
             ],
             Mode::None,
         )?;
-        Ok(Box::new(NoCacheLayer(mode)))
+        Ok(layer_fn(move |next| Ok(Arc::new(NoCache { next, mode }))))
     },
 };

@@ -3,18 +3,7 @@
 
 use std::sync::Arc;
 
-use nbdkit_backend::{Backend, ConfigError, Extents, FilterSpec, Handle, Layer, Result};
-
-struct NoExtentsLayer;
-
-impl Layer for NoExtentsLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(NoExtents { next }))
-    }
-}
+use nbdkit_backend::{layer_fn, Backend, Extents, FilterSpec, Handle, Result};
 
 struct NoExtents {
     next: Arc<dyn Backend>,
@@ -64,5 +53,5 @@ pub static SPEC: FilterSpec = FilterSpec {
     summary: "hide block status: every range reports as allocated data",
     description: "Example:\n  nbdkit-rs --filter=noextents file sparse.img",
     params: &[],
-    configure: |_| Ok(Box::new(NoExtentsLayer)),
+    configure: |_| Ok(layer_fn(|next| Ok(Arc::new(NoExtents { next })))),
 };

@@ -3,18 +3,7 @@
 
 use std::sync::Arc;
 
-use nbdkit_backend::{Backend, ConfigError, FilterSpec, Layer};
-
-struct NoFilterLayer;
-
-impl Layer for NoFilterLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(NoFilter { next }))
-    }
-}
+use nbdkit_backend::{layer_fn, Backend, FilterSpec};
 
 /// Overrides nothing: every method (including `open`, which must be
 /// written, and which returns the handle below untouched) goes to `next`.
@@ -43,5 +32,5 @@ pub static SPEC: FilterSpec = FilterSpec {
     summary: "pass every request through unchanged (for testing)",
     description: "Example:\n  nbdkit-rs --filter=nofilter memory 1M",
     params: &[],
-    configure: |_| Ok(Box::new(NoFilterLayer)),
+    configure: |_| Ok(layer_fn(|next| Ok(Arc::new(NoFilter { next })))),
 };

@@ -3,23 +3,9 @@
 
 use std::sync::Arc;
 
-use nbdkit_backend::{Backend, ConfigError, FilterSpec, Handle, Layer, Param, Result, ThreadModel};
+use nbdkit_backend::{layer_fn, Backend, FilterSpec, Handle, Param, Result, ThreadModel};
 
 use crate::modes::take_mode;
-
-struct NoParallelLayer(ThreadModel);
-
-impl Layer for NoParallelLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(NoParallel {
-            next,
-            model: self.0,
-        }))
-    }
-}
 
 struct NoParallel {
     next: Arc<dyn Backend>,
@@ -63,6 +49,11 @@ pub static SPEC: FilterSpec = FilterSpec {
             ],
             ThreadModel::SerializeRequests,
         )?;
-        Ok(Box::new(NoParallelLayer(model)))
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(NoParallel {
+                next,
+                model,
+            }))
+        }))
     },
 };

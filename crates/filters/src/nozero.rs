@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, ConfigError, Error, FilterSpec, Handle, Layer, Param, Result, ZeroFlags, ZeroMode,
+    layer_fn, Backend, ConfigError, Error, FilterSpec, Handle, Param, Result, ZeroFlags, ZeroMode,
 };
 
 use crate::modes::take_mode;
@@ -37,21 +37,6 @@ struct NoZero {
     next: Arc<dyn Backend>,
     mode: Mode,
     fast: Fast,
-}
-
-struct NoZeroLayer(Mode, Fast);
-
-impl Layer for NoZeroLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(NoZero {
-            next,
-            mode: self.0,
-            fast: self.1,
-        }))
-    }
 }
 
 impl Backend for NoZero {
@@ -169,6 +154,12 @@ pub static SPEC: FilterSpec = FilterSpec {
                 "nozero filter: fastzeromode needs zero support: zeromode=none disables zeroing entirely",
             ));
         }
-        Ok(Box::new(NoZeroLayer(mode, fast)))
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(NoZero {
+                next,
+                mode,
+                fast,
+            }))
+        }))
     },
 };

@@ -4,27 +4,9 @@
 
 use std::sync::Arc;
 
-use nbdkit_backend::{Backend, ConfigError, Error, FilterSpec, Handle, Layer, Param, Result};
+use nbdkit_backend::{layer_fn, Backend, ConfigError, Error, FilterSpec, Handle, Param, Result};
 
 use crate::window::Window;
-
-struct OffsetLayer {
-    offset: u64,
-    range: Option<u64>,
-}
-
-impl Layer for OffsetLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(OffsetBackend {
-            next,
-            offset: self.offset,
-            range: self.range,
-        }))
-    }
-}
 
 struct OffsetBackend {
     next: Arc<dyn Backend>,
@@ -99,7 +81,13 @@ Example:\n  nbdkit-rs --filter=offset file disk.img offset=1M range=512M",
                 )));
             }
         }
-        Ok(Box::new(OffsetLayer { offset, range }))
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(OffsetBackend {
+                next,
+                offset,
+                range,
+            }))
+        }))
     },
 };
 
@@ -109,12 +97,7 @@ mod tests {
     use nbdkit_backend::{Config, Extents, ZeroFlags};
 
     fn open(params: &[(&str, &str)], size: &str) -> Result<Box<dyn Handle>> {
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         let layer = (SPEC.configure)(&mut cfg).unwrap();
         let mut pcfg = Config::new(vec![("size".into(), size.into())]);
         let plugin = (nbdkit_plugins::memory::SPEC.create)(&mut pcfg).unwrap();

@@ -12,23 +12,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use nbdkit_backend::{
-    Backend, ConfigError, FilterSpec, Handle, Layer, LockExt, Result, ThreadModel,
-};
-
-struct OpenOnceLayer;
-
-impl Layer for OpenOnceLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(OpenOnce {
-            next,
-            handles: Mutex::new(HashMap::new()),
-        }))
-    }
-}
+use nbdkit_backend::{layer_fn, Backend, FilterSpec, Handle, LockExt, Result, ThreadModel};
 
 struct OpenOnce {
     next: Arc<dyn Backend>,
@@ -89,5 +73,12 @@ pub static SPEC: FilterSpec = FilterSpec {
 server exits; clients share it, so multi-conn brings nothing.\n\n\
 Example:\n  nbdkit-rs --filter=openonce nbd socket=/tmp/remote.sock",
     params: &[],
-    configure: |_| Ok(Box::new(OpenOnceLayer)),
+    configure: |_| {
+        Ok(layer_fn(|next| {
+            Ok(Arc::new(OpenOnce {
+                next,
+                handles: Mutex::new(HashMap::new()),
+            }))
+        }))
+    },
 };

@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use nbdkit_backend::{
-    Backend, CondvarExt, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer,
+    layer_fn, Backend, CondvarExt, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle,
     LockExt, Param, Result, ZeroFlags,
 };
 
@@ -108,25 +108,6 @@ fn control(gate: &Gate, mut conn: UnixStream) {
         if conn.write_all(&[reply]).is_err() {
             break;
         }
-    }
-}
-
-struct PauseLayer {
-    path: PathBuf,
-    listener: UnixListener,
-}
-
-impl Layer for PauseLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(PauseBackend {
-            next,
-            gate: Arc::new(Gate::default()),
-            path: self.path,
-            listener: Mutex::new(Some(self.listener)),
-        }))
     }
 }
 
@@ -250,6 +231,13 @@ printf r | nc -U /tmp/pause.sock",
         // ready.
         let listener = UnixListener::bind(&path)
             .map_err(|e| ConfigError::new(format!("pause filter: pause-control={v}: {e}")))?;
-        Ok(Box::new(PauseLayer { path, listener }))
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(PauseBackend {
+                next,
+                gate: Arc::new(Gate::default()),
+                path,
+                listener: Mutex::new(Some(listener)),
+            }))
+        }))
     },
 };

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    is_zero, Backend, ConfigError, Error, ErrorKind, FilterSpec, Handle, Layer, Param, Result,
+    is_zero, layer_fn, Backend, ConfigError, Error, ErrorKind, FilterSpec, Handle, Param, Result,
     ZeroFlags,
 };
 
@@ -79,20 +79,6 @@ fn merge(mut r: Ranges) -> Ranges {
         }
     }
     out
-}
-
-struct ProtectLayer(Arc<Ranges>);
-
-impl Layer for ProtectLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(Protect {
-            next,
-            ranges: self.0,
-        }))
-    }
 }
 
 struct Protect {
@@ -196,7 +182,13 @@ pub static SPEC: FilterSpec = FilterSpec {
                     .map_err(|e| ConfigError::new(format!("protect filter: protect={v}: {e}")))?,
             );
         }
-        Ok(Box::new(ProtectLayer(Arc::new(merge(ranges)))))
+        let ranges = Arc::new(merge(ranges));
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(Protect {
+                next,
+                ranges,
+            }))
+        }))
     },
 };
 

@@ -22,9 +22,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use nbdkit_backend::{
-    Backend, CacheMode, Config, ConfigError, DirectPiece, DirectRead, Error, ErrorKind, Extents,
-    FilterSpec, FuaMode, Handle, Layer, LockExt, Param, Result, ZeroFlags, ZeroMode, EXTENT_HOLE,
-    EXTENT_ZERO,
+    layer_fn, Backend, CacheMode, Config, ConfigError, DirectPiece, DirectRead, Error, ErrorKind,
+    Extents, FilterSpec, FuaMode, Handle, Layer, LockExt, Param, Result, ZeroFlags, ZeroMode,
+    EXTENT_HOLE, EXTENT_ZERO,
 };
 use seekable_compressed::qcow2::write::{Qcow2Writer, Sink};
 use seekable_compressed::qcow2::{Backing, FilePiece, MapKind, Qcow2Options, Qcow2Reader};
@@ -69,22 +69,13 @@ fn configure(c: &mut Config) -> std::result::Result<Box<dyn Layer>, ConfigError>
         })),
         ..Qcow2Options::default()
     };
-    Ok(Box::new(Qcow2Layer(opts)))
-}
-
-struct Qcow2Layer(Qcow2Options);
-
-impl Layer for Qcow2Layer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+    Ok(layer_fn(move |next| {
         Ok(Arc::new(Qcow2Dec {
             next,
-            opts: self.0,
+            opts,
             images: Mutex::new(HashMap::new()),
         }))
-    }
+    }))
 }
 
 /// One export's image: the reader, and the writer when the image is

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nbdkit_backend::LockExt;
-use nbdkit_backend::{parse_size, Backend, ConfigError, FilterSpec, Handle, Layer, Param, Result};
+use nbdkit_backend::{
+    layer_fn, parse_size, Backend, ConfigError, FilterSpec, Handle, Param, Result,
+};
 
 /// A token bucket holding up to `capacity` bits, refilled at `rate` bits
 /// per second.  Pure arithmetic over a caller-given clock, so it can be
@@ -137,24 +139,6 @@ struct Config {
     burst: f64,
 }
 
-struct RateLayer(Config);
-
-impl Layer for RateLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        let c = self.0;
-        let global = (c.rate.is_some() || c.rate_file.is_some())
-            .then(|| Arc::new(Limiter::new(c.rate, c.burst, c.rate_file.clone())));
-        Ok(Arc::new(RateBackend {
-            next,
-            cfg: c,
-            global,
-        }))
-    }
-}
-
 struct RateBackend {
     next: Arc<dyn Backend>,
     cfg: Config,
@@ -259,13 +243,22 @@ pub static SPEC: FilterSpec = FilterSpec {
         let connection_rate_file = cfg.take("connection-rate-file").map(PathBuf::from);
         // No limit at all is accepted, as nbdkit does: the filter then
         // passes everything through unchanged.
-        Ok(Box::new(RateLayer(Config {
+        let c = Config {
             rate,
             connection_rate,
             rate_file,
             connection_rate_file,
             burst,
-        })))
+        };
+        Ok(layer_fn(move |next| {
+            let global = (c.rate.is_some() || c.rate_file.is_some())
+                .then(|| Arc::new(Limiter::new(c.rate, c.burst, c.rate_file.clone())));
+            Ok(Arc::new(RateBackend {
+                next,
+                cfg: c,
+                global,
+            }))
+        }))
     },
 };
 

@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 
 use nbdkit_backend::LockExt;
 use nbdkit_backend::{
-    Backend, CacheMode, ConfigError, FilterSpec, Handle, Layer, Result, ThreadModel, ZeroFlags,
+    layer_fn, Backend, CacheMode, FilterSpec, Handle, Result, ThreadModel, ZeroFlags,
 };
 
 /// The first window after a sequential read.
@@ -36,20 +36,6 @@ const MIN_WINDOW: u64 = 64 << 10;
 const CACHE_MIN_WINDOW: u64 = 32 << 10;
 /// The window doubles up to this.
 const MAX_WINDOW: u64 = 4 << 20;
-
-struct ReadaheadLayer;
-
-impl Layer for ReadaheadLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(ReadaheadBackend {
-            next,
-            generation: Arc::new(AtomicU64::new(0)),
-        }))
-    }
-}
 
 struct ReadaheadBackend {
     next: Arc<dyn Backend>,
@@ -315,7 +301,14 @@ prefetched with NBD_CMD_CACHE; otherwise reads are stretched into a buffer that\
 the next reads come from.  No parameters.\n\n\
 Example:\n  nbdkit-rs --filter=readahead --filter=cache --filter=xz file disk.img.xz cache-on-read=true",
     params: &[],
-    configure: |_cfg| Ok(Box::new(ReadaheadLayer)),
+    configure: |_cfg| {
+        Ok(layer_fn(|next| {
+            Ok(Arc::new(ReadaheadBackend {
+                next,
+                generation: Arc::new(AtomicU64::new(0)),
+            }))
+        }))
+    },
 };
 
 #[cfg(test)]

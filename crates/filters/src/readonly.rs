@@ -13,24 +13,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, ConfigError, Error, FilterSpec, Handle, Layer, Param, Result, ZeroFlags,
+    layer_fn, Backend, ConfigError, Error, FilterSpec, Handle, Param, Result, ZeroFlags,
 };
-
-struct ReadonlyLayer {
-    file: Option<PathBuf>,
-}
-
-impl Layer for ReadonlyLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(ReadonlyBackend {
-            next,
-            file: self.file.map(Arc::new),
-        }))
-    }
-}
 
 struct ReadonlyBackend {
     next: Arc<dyn Backend>,
@@ -158,6 +142,11 @@ nbdkit-rs --filter=readonly file disk.img readonly-file=/tmp/ro\n  touch /tmp/ro
         // Relative to where the server was started, also once it has
         // moved to / in the background.
         let file = file.map(|f| std::path::absolute(&f).unwrap_or_else(|_| PathBuf::from(f)));
-        Ok(Box::new(ReadonlyLayer { file }))
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(ReadonlyBackend {
+                next,
+                file: file.map(Arc::new),
+            }))
+        }))
     },
 };

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use nbdkit_backend::RwLockExt;
 use nbdkit_backend::{
-    Backend, BlockSize, CacheMode, ConfigError, Error, ErrorKind, Extents, FilterSpec, FuaMode,
-    Handle, Layer, Param, Result, ZeroFlags, ZeroMode,
+    layer_fn, Backend, BlockSize, CacheMode, ConfigError, Error, ErrorKind, Extents, FilterSpec,
+    FuaMode, Handle, Param, Result, StatusKind, ZeroFlags, ZeroMode,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -55,17 +55,6 @@ impl Policy {
                 }
             }
         }
-    }
-}
-
-struct RetryLayer(Policy);
-
-impl Layer for RetryLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(RetryBackend { next, p: self.0 }))
     }
 }
 
@@ -210,6 +199,38 @@ impl RetryHandle {
             Ok(self.once(&mut f))
         })
     }
+
+    /// Either block status answer.  A failed attempt may have added some
+    /// extents: collect each attempt separately and keep only a successful
+    /// one.
+    fn status(
+        &self,
+        kind: StatusKind,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        extents: &mut Extents,
+    ) -> Result<()> {
+        let what = match kind {
+            StatusKind::Allocation => "extents",
+            StatusKind::Depth => "allocation_depth",
+        };
+        let got = self.with(what, false, |h| {
+            in_range(h, offset, count, false)?;
+            if kind == StatusKind::Allocation && !h.can_extents()? {
+                return Err(Error::io(
+                    "retry filter: the reopened plugin does not support extents",
+                ));
+            }
+            let mut e = Extents::new(extents.start(), extents.end());
+            kind.query(h, offset, count, req_one, &mut e)?;
+            Ok(e)
+        })?;
+        for e in got.list() {
+            extents.add(e.offset, e.length, e.flags)?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for RetryHandle {
@@ -314,44 +335,7 @@ impl Handle for RetryHandle {
             h.zero(offset, count, flags)
         })
     }
-    fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
-        // A failed attempt may have added some extents: collect each
-        // attempt separately and keep only a successful one.
-        let got = self.with("extents", false, |h| {
-            in_range(h, offset, count, false)?;
-            if !h.can_extents()? {
-                return Err(Error::io(
-                    "retry filter: the reopened plugin does not support extents",
-                ));
-            }
-            let mut e = Extents::new(extents.start(), extents.end());
-            h.extents(offset, count, req_one, &mut e)?;
-            Ok(e)
-        })?;
-        for e in got.list() {
-            extents.add(e.offset, e.length, e.flags)?;
-        }
-        Ok(())
-    }
-    fn allocation_depth(
-        &self,
-        offset: u64,
-        count: u64,
-        req_one: bool,
-        extents: &mut Extents,
-    ) -> Result<()> {
-        // As `extents`: only a successful attempt's answer is kept.
-        let got = self.with("allocation_depth", false, |h| {
-            in_range(h, offset, count, false)?;
-            let mut e = Extents::new(extents.start(), extents.end());
-            h.allocation_depth(offset, count, req_one, &mut e)?;
-            Ok(e)
-        })?;
-        for e in got.list() {
-            extents.add(e.offset, e.length, e.flags)?;
-        }
-        Ok(())
-    }
+    status_by_kind!();
     fn cache(&self, offset: u64, count: u64) -> Result<()> {
         self.with("cache", false, |h| {
             in_range(h, offset, count, false)?;
@@ -403,12 +387,13 @@ pub static SPEC: FilterSpec = FilterSpec {
             .take_bool("retry-readonly")
             .map_err(err)?
             .unwrap_or(false);
-        Ok(Box::new(RetryLayer(Policy {
+        let p = Policy {
             retries,
             delay,
             exponential,
             readonly_after_failure,
-        })))
+        };
+        Ok(layer_fn(move |next| Ok(Arc::new(RetryBackend { next, p }))))
     },
 };
 
@@ -542,12 +527,7 @@ mod tests {
     fn a_failed_open_is_retried() {
         let open = |fails: u32, params: &[(&str, &str)]| {
             let modes = Arc::new(std::sync::Mutex::new(Vec::new()));
-            let mut cfg = Config::new(
-                params
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            );
+            let mut cfg = Config::from_pairs(params);
             let b = (SPEC.configure)(&mut cfg)
                 .unwrap()
                 .layer(Arc::new(SlowToOpen {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nbdkit_backend::{
-    Backend, Config, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer, Param,
-    Result, ZeroFlags,
+    layer_fn, Backend, Config, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer,
+    Param, Result, ZeroFlags,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -56,22 +56,12 @@ fn configure(c: &mut Config) -> std::result::Result<Box<dyn Layer>, ConfigError>
         return Err(ConfigError::new("retry-request-delay cannot be 0"));
     }
     let retry_open = c.take_bool("retry-request-open")?.unwrap_or(true);
-    Ok(Box::new(RetryRequestLayer(Policy {
+    let p = Policy {
         retries,
         delay: Duration::from_secs(delay),
         retry_open,
-    })))
-}
-
-struct RetryRequestLayer(Policy);
-
-impl Layer for RetryRequestLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(RetryRequest { next, p: self.0 }))
-    }
+    };
+    Ok(layer_fn(move |next| Ok(Arc::new(RetryRequest { next, p }))))
 }
 
 struct RetryRequest {

@@ -4,23 +4,7 @@
 
 use std::sync::Arc;
 
-use nbdkit_backend::{Backend, ConfigError, FilterSpec, Handle, Layer, Param, Result};
-
-struct RotationalLayer {
-    rotational: bool,
-}
-
-impl Layer for RotationalLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(RotationalBackend {
-            next,
-            rotational: self.rotational,
-        }))
-    }
-}
+use nbdkit_backend::{layer_fn, Backend, ConfigError, FilterSpec, Handle, Param, Result};
 
 struct RotationalBackend {
     next: Arc<dyn Backend>,
@@ -70,6 +54,8 @@ Example:\n  nbdkit-rs --filter=rotational file disk.img rotational=false",
             .take_bool("rotational")
             .map_err(|e| ConfigError::new(format!("rotational filter: {e}")))?
             .unwrap_or(true);
-        Ok(Box::new(RotationalLayer { rotational }))
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(RotationalBackend { next, rotational }))
+        }))
     },
 };

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use nbdkit_backend::{
-    Backend, CacheMode, Client, Config, ConfigError, FilterSpec, Handle, Layer, Param, Result,
-    ThreadModel,
+    layer_fn, Backend, CacheMode, Client, Config, ConfigError, FilterSpec, Handle, Layer, Param,
+    Result, ThreadModel,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -34,22 +34,13 @@ fn configure(c: &mut Config) -> std::result::Result<Box<dyn Layer>, ConfigError>
         forever: c.take_bool("scan-forever")?.unwrap_or(false),
         size,
     };
-    Ok(Box::new(ScanLayer(s)))
-}
-
-struct ScanLayer(Settings);
-
-impl Layer for ScanLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+    Ok(layer_fn(move |next| {
         Ok(Arc::new(Scan {
             next,
-            s: self.0,
+            s,
             clock: Arc::new(AtomicU64::new(0)),
         }))
-    }
+    }))
 }
 
 struct Scan {

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nbdkit_backend::{
-    Backend, ConfigError, Error, ErrorKind, FilterSpec, Handle, Layer, LockExt, Param, Result,
+    layer_fn, Backend, ConfigError, Error, ErrorKind, FilterSpec, Handle, LockExt, Param, Result,
     ZeroFlags,
 };
 
@@ -101,20 +101,6 @@ impl Spinning {
         let after = (end.saturating_sub(head as u64 * section)) as f64 / section as f64;
         *pos = after.min(1.0);
         r
-    }
-}
-
-struct SpinningLayer(Model);
-
-impl Layer for SpinningLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(SpinningBackend {
-            next,
-            disk: Arc::new(Spinning::new(self.0)),
-        }))
     }
 }
 
@@ -242,7 +228,15 @@ Example:\n  nbdkit-rs --filter=spinning memory 1G heads=4 max-seek-time=15ms",
             help: "shortest seek to a nearby place (default 1ms)",
         },
     ],
-    configure: |cfg| Ok(Box::new(SpinningLayer(configure(cfg)?))),
+    configure: |cfg| {
+        let model = configure(cfg)?;
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(SpinningBackend {
+                next,
+                disk: Arc::new(Spinning::new(model)),
+            }))
+        }))
+    },
 };
 
 #[cfg(test)]
@@ -251,12 +245,7 @@ mod tests {
     use nbdkit_backend::Config;
 
     fn model(params: &[(&str, &str)]) -> Model {
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         configure(&mut cfg).unwrap()
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nbdkit_backend::{
-    Backend, ConfigError, Extents, FilterSpec, Handle, Layer, Param, Result, ZeroFlags,
+    layer_fn, Backend, ConfigError, Extents, FilterSpec, Handle, Param, Result, ZeroFlags,
 };
 
 const OPS: [&str; 7] = ["read", "write", "trim", "zero", "extents", "cache", "flush"];
@@ -56,20 +56,6 @@ impl Stats {
             ));
         }
         s
-    }
-}
-
-struct StatsLayer(Arc<Stats>);
-
-impl Layer for StatsLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(StatsBackend {
-            next,
-            stats: self.0,
-        }))
     }
 }
 
@@ -192,12 +178,15 @@ pub static SPEC: FilterSpec = FilterSpec {
             .append(true)
             .open(&path)
             .map_err(|e| ConfigError::new(format!("stats filter: statsfile={path}: {e}")))?;
-        Ok(Box::new(StatsLayer(Arc::new(Stats {
+        let stats = Arc::new(Stats {
             path,
             append,
             started: Instant::now(),
             connections: AtomicU64::new(0),
             ops: Default::default(),
-        }))))
+        });
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(StatsBackend { next, stats }))
+        }))
     },
 };

@@ -17,41 +17,13 @@
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, BlockSize, ConfigError, Error, Extents, FilterSpec, Handle, Layer, Param, Result,
+    layer_fn, Backend, BlockSize, ConfigError, Error, Extents, FilterSpec, Handle, Param, Result,
     ZeroFlags,
 };
 
-struct SwabLayer {
-    /// Word size in bytes: 2, 4 or 8 (8-bit words need no filter).
-    word: u64,
-}
-
-impl Layer for SwabLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(SwabBackend {
-            next,
-            word: self.word,
-        }))
-    }
-}
-
-/// `swab-bits=8` swaps nothing: the filter is not put in the chain at all.
-struct NoSwab;
-
-impl Layer for NoSwab {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(next)
-    }
-}
-
 struct SwabBackend {
     next: Arc<dyn Backend>,
+    /// Word size in bytes: 2, 4 or 8 (8-bit words need no filter).
     word: u64,
 }
 
@@ -195,10 +167,14 @@ Example:\n  nbdkit-rs --filter=swab file falcon-disk.img swab-bits=16",
                 }
             },
         };
+        // swab-bits=8 swaps nothing: the filter is not put in the chain at all.
         if bits == 8 {
-            return Ok(Box::new(NoSwab));
+            return Ok(layer_fn(Ok));
         }
-        Ok(Box::new(SwabLayer { word: bits / 8 }))
+        let word = bits / 8;
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(SwabBackend { next, word }))
+        }))
     },
 };
 

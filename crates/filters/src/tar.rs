@@ -16,7 +16,7 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 
-use nbdkit_backend::{Backend, ConfigError, Error, FilterSpec, Handle, Layer, Param, Result};
+use nbdkit_backend::{layer_fn, Backend, ConfigError, Error, FilterSpec, Handle, Param, Result};
 
 use crate::window::Window;
 
@@ -251,24 +251,6 @@ impl Seek for ArchiveReader<'_> {
     }
 }
 
-struct TarLayer {
-    entry: String,
-    limit: Option<u64>,
-}
-
-impl Layer for TarLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(TarBackend {
-            next,
-            entry: self.entry,
-            limit: self.limit,
-        }))
-    }
-}
-
 struct TarBackend {
     next: Arc<dyn Backend>,
     entry: String,
@@ -414,7 +396,13 @@ nbdkit-rs --filter=tar --filter=xz file disk.tar.xz tar-entry=disk.img",
         if let Some(program) = cfg.take("tar") {
             tracing::debug!("tar filter: tar={program} ignored: headers are parsed in-process");
         }
-        Ok(Box::new(TarLayer { entry, limit }))
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(TarBackend {
+                next,
+                entry,
+                limit,
+            }))
+        }))
     },
 };
 

@@ -8,25 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nbdkit_backend::{
-    Backend, Client, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer, Param,
+    layer_fn, Backend, Client, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Param,
     Result, ZeroFlags,
 };
-
-struct TimeLimitLayer {
-    limit: Duration,
-}
-
-impl Layer for TimeLimitLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(TimeLimitBackend {
-            next,
-            limit: self.limit,
-        }))
-    }
-}
 
 struct TimeLimitBackend {
     next: Arc<dyn Backend>,
@@ -127,7 +111,9 @@ Example:\n  nbdkit-rs --filter=time-limit file disk.img time-limit=5m",
             Some(v) => parse_limit(&v)
                 .map_err(|e| ConfigError::new(format!("time-limit filter: time-limit={v}: {e}")))?,
         };
-        Ok(Box::new(TimeLimitLayer { limit }))
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(TimeLimitBackend { next, limit }))
+        }))
     },
 };
 

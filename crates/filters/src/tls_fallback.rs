@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, BlockSize, CacheMode, Client, Config, ConfigError, ExportEntry, FilterSpec, Handle,
-    Layer, Param, Result, ThreadModel,
+    layer_fn, Backend, BlockSize, CacheMode, Client, Config, ConfigError, ExportEntry, FilterSpec,
+    Handle, Layer, Param, Result, ThreadModel,
 };
 
 const SIZE: usize = 512;
@@ -23,27 +23,16 @@ fn configure(c: &mut Config) -> std::result::Result<Box<dyn Layer>, ConfigError>
         tracing::warn!("tlsreadme: the message is longer than {SIZE} bytes; it is cut there");
     }
     data.resize(SIZE, 0);
-    Ok(Box::new(TlsFallbackLayer(Arc::new(data))))
-}
-
-struct TlsFallbackLayer(Arc<Vec<u8>>);
-
-impl Layer for TlsFallbackLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
+    let message = Arc::new(data);
+    Ok(layer_fn(move |next| {
         if next.thread_model() == ThreadModel::SerializeConnections {
             return Err(ConfigError::new(
                 "the tls-fallback filter requires parallel connection support \
                  (the plugin's thread model is serialize_connections)",
             ));
         }
-        Ok(Arc::new(TlsFallback {
-            next,
-            message: self.0,
-        }))
-    }
+        Ok(Arc::new(TlsFallback { next, message }))
+    }))
 }
 
 struct TlsFallback {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::window::shifted_status;
 use nbdkit_backend::{
-    is_zero, Backend, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Layer, Param,
+    is_zero, layer_fn, Backend, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Param,
     Result, StatusKind, ZeroFlags, EXTENT_HOLE, EXTENT_ZERO,
 };
 
@@ -36,22 +36,6 @@ impl NewSize {
             size &= !(n - 1);
         }
         Ok(size)
-    }
-}
-
-struct TruncateLayer {
-    new: NewSize,
-}
-
-impl Layer for TruncateLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(TruncateBackend {
-            next,
-            new: self.new,
-        }))
     }
 }
 
@@ -146,18 +130,7 @@ impl Handle for TruncateHandle {
             n => self.next.cache(offset, n),
         }
     }
-    fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
-        self.status(StatusKind::Allocation, offset, count, req_one, extents)
-    }
-    fn allocation_depth(
-        &self,
-        offset: u64,
-        count: u64,
-        req_one: bool,
-        extents: &mut Extents,
-    ) -> Result<()> {
-        self.status(StatusKind::Depth, offset, count, req_one, extents)
-    }
+    status_by_kind!();
 }
 
 impl TruncateHandle {
@@ -238,7 +211,9 @@ Example:\n  nbdkit-rs --filter=truncate file odd-sized.iso round-up=512",
             up,
             down,
         };
-        Ok(Box::new(TruncateLayer { new }))
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(TruncateBackend { next, new }))
+        }))
     },
 };
 
@@ -248,12 +223,7 @@ mod tests {
     use nbdkit_backend::Config;
 
     fn open(params: &[(&str, &str)], size: &str) -> Box<dyn Handle> {
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         let layer = (SPEC.configure)(&mut cfg).unwrap();
         let mut pcfg = Config::new(vec![("size".into(), size.into())]);
         let plugin = (nbdkit_plugins::memory::SPEC.create)(&mut pcfg).unwrap();
@@ -297,11 +267,7 @@ mod tests {
     #[test]
     fn bad_parameters() {
         let conf = |p: &[(&str, &str)]| {
-            let mut cfg = Config::new(
-                p.iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            );
+            let mut cfg = Config::from_pairs(p);
             (SPEC.configure)(&mut cfg).err().unwrap().to_string()
         };
         assert!(conf(&[("round-up", "1000")]).contains("power of two"));

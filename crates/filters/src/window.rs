@@ -24,34 +24,28 @@ impl Window {
             ))),
         }
     }
+
+    /// Either block status answer: `next`'s, moved down by the window's start.
+    fn status(
+        &self,
+        kind: StatusKind,
+        offset: u64,
+        count: u64,
+        req_one: bool,
+        out: &mut Extents,
+    ) -> Result<()> {
+        self.map(offset, count)?;
+        shifted_status(kind, &*self.next, self.start, offset, count, req_one, out).map(drop)
+    }
 }
 
-/// Ask `next` for extents at `offset + shift` and report them shifted back
-/// down by `shift` into `out` (whose range is `[offset, offset+count)`).
-/// Returns whether `next` answered for the whole range: a backend may
-/// answer for less, and then the client asks again for the rest, so a
-/// caller filling `out` piece by piece must stop there.
-pub(crate) fn shifted_extents(
-    next: &dyn Handle,
-    shift: u64,
-    offset: u64,
-    count: u64,
-    req_one: bool,
-    out: &mut Extents,
-) -> Result<bool> {
-    shifted_status(
-        StatusKind::Allocation,
-        next,
-        shift,
-        offset,
-        count,
-        req_one,
-        out,
-    )
-}
-
-/// [`shifted_extents`] for either block status answer (`kind`): the
-/// allocation depth moves with the bytes just as their allocation does.
+/// Ask `next` for either block status answer (`kind`) at `offset + shift`
+/// and report it shifted back down by `shift` into `out` (whose range is
+/// `[offset, offset+count)`): the allocation depth moves with the bytes
+/// just as their allocation does.  Returns whether `next` answered for the
+/// whole range: a backend may answer for less, and then the client asks
+/// again for the rest, so a caller filling `out` piece by piece must stop
+/// there.
 pub(crate) fn shifted_status(
     kind: StatusKind,
     next: &dyn Handle,
@@ -71,8 +65,8 @@ pub(crate) fn shifted_status(
     Ok(inner.is_full())
 }
 
-/// [`shifted_extents`] without a shift: `next`'s extents of `[from, to)`
-/// appended to `out`; true if `next` answered for all of it.
+/// [`shifted_status`] of the allocation without a shift: `next`'s extents
+/// of `[from, to)` appended to `out`; true if `next` answered for all of it.
 pub(crate) fn next_extents(
     next: &dyn Handle,
     from: u64,
@@ -80,7 +74,15 @@ pub(crate) fn next_extents(
     req_one: bool,
     out: &mut Extents,
 ) -> Result<bool> {
-    shifted_extents(next, 0, from, to - from, req_one, out)
+    shifted_status(
+        StatusKind::Allocation,
+        next,
+        0,
+        from,
+        to - from,
+        req_one,
+        out,
+    )
 }
 
 /// The extents of `[offset, offset+count)` (both multiples of `align`)
@@ -168,28 +170,5 @@ impl Handle for Window {
         let at = self.map(offset, count)?;
         self.next.cache(at, count)
     }
-    fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
-        self.map(offset, count)?;
-        shifted_extents(&*self.next, self.start, offset, count, req_one, extents).map(drop)
-    }
-    fn allocation_depth(
-        &self,
-        offset: u64,
-        count: u64,
-        req_one: bool,
-        extents: &mut Extents,
-    ) -> Result<()> {
-        self.map(offset, count)?;
-        let depth = StatusKind::Depth;
-        shifted_status(
-            depth,
-            &*self.next,
-            self.start,
-            offset,
-            count,
-            req_one,
-            extents,
-        )
-        .map(drop)
-    }
+    status_by_kind!();
 }

@@ -486,12 +486,7 @@ mod tests {
     }
 
     fn fails(params: &[(&str, &str)]) -> String {
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         create(&mut cfg).err().expect("must fail").0
     }
 

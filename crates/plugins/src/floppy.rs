@@ -199,11 +199,7 @@ fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError
         // FATs, directories and slack on top of the data.
         None => ((need + need / 8 + (4 << 20)).max(MIN_FS)).next_multiple_of(1 << 20),
     };
-    let scratch = crate::host::scratch_dir();
-    let tmp = tempfile::Builder::new()
-        .prefix("floppy")
-        .tempdir_in(&scratch)
-        .map_err(|e| cerr(format!("{}: {e} (set TMPDIR)", scratch.display())))?;
+    let tmp = crate::host::scratch_tempdir("floppy")?;
     let fs = tmp.path().join("fat32");
     make_fat32(&dir, &label, fs_size, &fs).map_err(|e| {
         cerr(match size {

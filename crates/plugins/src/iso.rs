@@ -90,11 +90,7 @@ fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError
             })?,
     };
     let params = cfg.take("params").unwrap_or_default();
-    let dir = crate::host::scratch_dir();
-    let tmp = tempfile::Builder::new()
-        .prefix("iso")
-        .tempdir_in(&dir)
-        .map_err(|e| cerr(format!("{}: {e} (set TMPDIR)", dir.display())))?;
+    let tmp = crate::host::scratch_tempdir("iso")?;
     let image = tmp.path().join("image.iso");
     let command = format!(
         "{program} -quiet {params} -o {} {}",

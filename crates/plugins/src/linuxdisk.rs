@@ -115,11 +115,7 @@ fn create(cfg: &mut Config) -> std::result::Result<Arc<dyn Backend>, ConfigError
         return Err(cerr(format!("dir={}: not a directory", dir.display())));
     }
     let (bytes, inodes) = usage(&dir).map_err(|e| cerr(format!("{}: {e}", dir.display())))?;
-    let scratch = crate::host::scratch_dir();
-    let tmp = tempfile::Builder::new()
-        .prefix("linuxdisk")
-        .tempdir_in(&scratch)
-        .map_err(|e| cerr(format!("{}: {e} (set TMPDIR)", scratch.display())))?;
+    let tmp = crate::host::scratch_tempdir("linuxdisk")?;
     let fs = tmp.path().join("fs");
     let mkfs = Mkfs {
         dir: &dir,

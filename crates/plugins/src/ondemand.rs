@@ -27,7 +27,7 @@ use nbdkit_backend::{
 };
 
 use crate::file::{CachePolicy, FileHandle};
-use crate::tmpdisk::{have_mkfs, MKFS};
+use crate::tmpdisk::{mkfs_recipe, MKFS};
 
 /// The longest export name (a file name: NAME_MAX).
 const NAME_MAX: usize = 255;
@@ -272,30 +272,12 @@ pub static SPEC: PluginSpec = PluginSpec {
             .take_bool("share")
             .map_err(|e| ConfigError::new(format!("ondemand: {e}")))?
             .unwrap_or(false);
-        let command = cfg.take("command");
-        let fs = cfg.take("type").unwrap_or_else(|| "ext4".into());
-        let label = cfg.take("label");
-        let mut vars = BTreeMap::new();
-        for (k, v) in cfg.take_rest() {
-            if k == "disk" {
-                return Err(ConfigError::new(
-                    "ondemand: 'disk' cannot be set on the command line (it is the disk's path)",
-                ));
-            }
-            vars.insert(k, v);
-        }
-        if command.is_none() {
-            if let Some(k) = vars.keys().next() {
-                return Err(ConfigError::new(format!(
-                    "ondemand: unknown parameter '{k}' (extra parameters are variables for command=)"
-                )));
-            }
-            if !have_mkfs(&fs) {
-                return Err(ConfigError::new(format!(
-                    "ondemand: type={fs}: mkfs.{fs} is not installed"
-                )));
-            }
-        }
+        let (command, vars) = mkfs_recipe(
+            cfg,
+            "ondemand",
+            size,
+            "'disk' cannot be set on the command line (it is the disk's path)",
+        )?;
         let path = PathBuf::from(&dir);
         if !path.is_dir() {
             return Err(ConfigError::new(format!(
@@ -305,9 +287,6 @@ pub static SPEC: PluginSpec = PluginSpec {
         // The server may change directory when it forks to the background.
         let path = std::fs::canonicalize(&path)
             .map_err(|e| ConfigError::new(format!("ondemand: dir={dir}: {e}")))?;
-        vars.insert("size".into(), size.to_string());
-        vars.insert("type".into(), fs);
-        vars.insert("label".into(), label.unwrap_or_default());
         Ok(Arc::new(OnDemand {
             dir: path,
             vars,

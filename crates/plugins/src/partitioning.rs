@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    parse_size, Backend, CacheMode, Config, ConfigError, Error, Extents, FuaMode, Handle, Param,
-    PluginSpec, Result, EXTENT_HOLE, EXTENT_ZERO,
+    parse_size, Backend, CacheMode, Config, ConfigError, Error, Extents, Handle, Param, PluginSpec,
+    Result, EXTENT_HOLE, EXTENT_ZERO,
 };
 
 const SECTOR: u64 = 512;
@@ -371,13 +371,6 @@ impl Handle for PartHandle {
     }
     fn can_flush(&self) -> Result<bool> {
         Ok(self.l.writable)
-    }
-    fn can_fua(&self) -> Result<FuaMode> {
-        Ok(if self.l.writable {
-            FuaMode::Emulate
-        } else {
-            FuaMode::None
-        })
     }
     nbdkit_backend::capabilities! {
         can_extents: true, can_multi_conn: true, can_cache: CacheMode::Emulate,

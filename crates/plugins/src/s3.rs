@@ -313,12 +313,7 @@ mod tests {
             vec![("url", "s3://b/k"), ("endpoint", "ftp://x")],
             vec![("url", "s3://b/k"), ("access-key", "A")],
         ] {
-            let mut cfg = Config::new(
-                params
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            );
+            let mut cfg = Config::from_pairs(&params);
             let e = create(&mut cfg).err().expect("must fail");
             assert!(e.0.starts_with("s3: "), "{params:?}: {e}");
         }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use nbdkit_backend::{
-    Backend, CacheMode, ConfigError, Error, Extents, FuaMode, Handle, Param, PluginSpec, Result,
+    Backend, CacheMode, ConfigError, Error, Extents, Handle, Param, PluginSpec, Result,
 };
 
 struct Piece {
@@ -91,13 +91,6 @@ impl Handle for SplitHandle {
     }
     fn can_flush(&self) -> Result<bool> {
         Ok(self.writable)
-    }
-    fn can_fua(&self) -> Result<FuaMode> {
-        Ok(if self.writable {
-            FuaMode::Emulate
-        } else {
-            FuaMode::None
-        })
     }
     nbdkit_backend::capabilities! {
         can_extents: true,

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use nbdkit_backend::{
-    parse_size, Backend, Config, ConfigError, Error, ErrorKind, FuaMode, Handle, LockExt, Param,
-    PluginSpec, Result,
+    parse_size, Backend, Config, ConfigError, Error, ErrorKind, Handle, LockExt, Param, PluginSpec,
+    Result,
 };
 use ssh2::{CheckResult, KnownHostFileKind, OpenFlags, OpenType, Session};
 
@@ -294,13 +294,6 @@ impl Handle for SshHandle {
     }
     fn can_flush(&self) -> Result<bool> {
         Ok(self.writable)
-    }
-    fn can_fua(&self) -> Result<FuaMode> {
-        Ok(if self.writable {
-            FuaMode::Emulate
-        } else {
-            FuaMode::None
-        })
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut r = self.inner.lock_unpoisoned();

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use nbdkit_backend::registry::ANY_KEY;
-use nbdkit_backend::{Backend, ConfigError, Error, Handle, Param, PluginSpec, Result};
+use nbdkit_backend::{Backend, Config, ConfigError, Error, Handle, Param, PluginSpec, Result};
 
 use crate::file::{CachePolicy, FileHandle};
 
@@ -99,8 +99,46 @@ impl Handle for TmpHandle {
 }
 
 /// Is `mkfs.TYPE` installed (in PATH or the sbin directories)?
-pub(crate) fn have_mkfs(fs: &str) -> bool {
+fn have_mkfs(fs: &str) -> bool {
     crate::host::installed(&format!("mkfs.{fs}"))
+}
+
+/// The parameters tmpdisk and ondemand share: `command=` (`None`: run
+/// [`MKFS`]), and the shell variables for it: every other parameter, then
+/// `size`, `type` (default ext4) and `label`.  `disk` is refused with
+/// `disk_taken`, as it is the disk's path.
+pub(crate) fn mkfs_recipe(
+    cfg: &mut Config,
+    who: &str,
+    size: u64,
+    disk_taken: &str,
+) -> std::result::Result<(Option<String>, BTreeMap<String, String>), ConfigError> {
+    let command = cfg.take("command");
+    let fs = cfg.take("type").unwrap_or_else(|| "ext4".into());
+    let label = cfg.take("label");
+    let mut vars = BTreeMap::new();
+    for (k, v) in cfg.take_rest() {
+        if k == "disk" {
+            return Err(ConfigError::new(format!("{who}: {disk_taken}")));
+        }
+        vars.insert(k, v);
+    }
+    if command.is_none() {
+        if let Some(k) = vars.keys().next() {
+            return Err(ConfigError::new(format!(
+                "{who}: unknown parameter '{k}' (extra parameters are variables for command=)"
+            )));
+        }
+        if !have_mkfs(&fs) {
+            return Err(ConfigError::new(format!(
+                "{who}: type={fs}: mkfs.{fs} is not installed"
+            )));
+        }
+    }
+    vars.insert("size".into(), size.to_string());
+    vars.insert("type".into(), fs);
+    vars.insert("label".into(), label.unwrap_or_default());
+    Ok((command, vars))
 }
 
 pub static SPEC: PluginSpec = PluginSpec {
@@ -138,37 +176,15 @@ pub static SPEC: PluginSpec = PluginSpec {
         let size = cfg
             .take_size("size")?
             .ok_or_else(|| ConfigError::new("tmpdisk: the 'size' parameter is required"))?;
-        let command = cfg.take("command");
-        let fs = cfg.take("type").unwrap_or_else(|| "ext4".into());
-        let label = cfg.take("label");
-        let mut vars = BTreeMap::new();
-        for (k, v) in cfg.take_rest() {
-            if k == "disk" {
-                return Err(ConfigError::new(
-                    "tmpdisk: 'disk' is reserved for the disk's path",
-                ));
-            }
-            vars.insert(k, v);
+        let (command, vars) = mkfs_recipe(
+            cfg,
+            "tmpdisk",
+            size,
+            "'disk' is reserved for the disk's path",
+        )?;
+        if command.is_none() && size == 0 {
+            return Err(ConfigError::new("tmpdisk: size=0: mkfs needs a size"));
         }
-        if command.is_none() {
-            if !vars.is_empty() {
-                let k = vars.keys().next().cloned().unwrap_or_default();
-                return Err(ConfigError::new(format!(
-                    "tmpdisk: unknown parameter '{k}' (extra parameters are variables for command=)"
-                )));
-            }
-            if !have_mkfs(&fs) {
-                return Err(ConfigError::new(format!(
-                    "tmpdisk: type={fs}: mkfs.{fs} is not installed"
-                )));
-            }
-            if size == 0 {
-                return Err(ConfigError::new("tmpdisk: size=0: mkfs needs a size"));
-            }
-        }
-        vars.insert("size".into(), size.to_string());
-        vars.insert("type".into(), fs);
-        vars.insert("label".into(), label.unwrap_or_default());
         let dir = crate::host::scratch_dir();
         if !dir.is_dir() {
             return Err(ConfigError::new(format!(

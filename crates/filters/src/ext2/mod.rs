@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use ffi::Ext2File;
 use nbdkit_backend::{
-    Backend, CacheMode, Config, ConfigError, Error, ExportEntry, FilterSpec, FuaMode, Handle,
+    layer_fn, Backend, CacheMode, Config, ConfigError, Error, ExportEntry, FilterSpec, Handle,
     Layer, LockExt, Param, Result, ThreadModel,
 };
 
@@ -46,21 +46,7 @@ fn configure(c: &mut Config) -> std::result::Result<Box<dyn Layer>, ConfigError>
             "ext2file={v}: the path must be absolute (start with /), or 'exportname'"
         )));
     };
-    Ok(Box::new(Ext2Layer(target)))
-}
-
-struct Ext2Layer(Target);
-
-impl Layer for Ext2Layer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(Ext2 {
-            next,
-            target: self.0,
-        }))
-    }
+    Ok(layer_fn(move |next| Ok(Arc::new(Ext2 { next, target }))))
 }
 
 struct Ext2 {
@@ -137,13 +123,6 @@ impl Handle for Ext2Handle {
     }
     fn can_flush(&self) -> Result<bool> {
         Ok(self.writable)
-    }
-    fn can_fua(&self) -> Result<FuaMode> {
-        Ok(if self.writable {
-            FuaMode::Emulate
-        } else {
-            FuaMode::None
-        })
     }
     fn can_cache(&self) -> Result<CacheMode> {
         Ok(CacheMode::Emulate)

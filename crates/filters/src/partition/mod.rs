@@ -11,7 +11,7 @@ pub mod mbr;
 
 use std::sync::Arc;
 
-use nbdkit_backend::{Backend, ConfigError, Error, FilterSpec, Handle, Layer, Param, Result};
+use nbdkit_backend::{layer_fn, Backend, ConfigError, Error, FilterSpec, Handle, Param, Result};
 
 use crate::window::Window;
 
@@ -128,24 +128,6 @@ impl DiskRead for HandleDisk<'_> {
     }
 }
 
-struct PartitionLayer {
-    number: u32,
-    sector_size: Option<u64>,
-}
-
-impl Layer for PartitionLayer {
-    fn layer(
-        self: Box<Self>,
-        next: Arc<dyn Backend>,
-    ) -> std::result::Result<Arc<dyn Backend>, ConfigError> {
-        Ok(Arc::new(PartitionBackend {
-            next,
-            number: self.number,
-            sector_size: self.sector_size,
-        }))
-    }
-}
-
 struct PartitionBackend {
     next: Arc<dyn Backend>,
     number: u32,
@@ -232,9 +214,12 @@ Example:\n  nbdkit-rs --filter=partition file disk.img partition=1",
                 }
             },
         };
-        Ok(Box::new(PartitionLayer {
-            number,
-            sector_size,
+        Ok(layer_fn(move |next| {
+            Ok(Arc::new(PartitionBackend {
+                next,
+                number,
+                sector_size,
+            }))
         }))
     },
 };

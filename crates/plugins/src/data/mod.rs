@@ -158,12 +158,7 @@ mod tests {
     use super::*;
 
     fn disk(params: &[(&str, &str)]) -> std::result::Result<Vec<u8>, String> {
-        let mut cfg = Config::new(
-            params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut cfg = Config::from_pairs(params);
         let b = create(&mut cfg).map_err(|e| e.to_string())?;
         let h = b.open(false, "").unwrap();
         let mut buf = vec![0u8; h.size().unwrap() as usize];

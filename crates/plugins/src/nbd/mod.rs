@@ -980,11 +980,7 @@ mod tests {
     }
 
     fn config(kv: &[(&str, &str)]) -> std::result::Result<Arc<dyn Backend>, String> {
-        let mut c = Config::new(
-            kv.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
+        let mut c = Config::from_pairs(kv);
         create(&mut c).map_err(|e| e.to_string())
     }
 
