@@ -627,12 +627,7 @@ impl<C: Codec> Inner<C> {
         };
         let src = block
             .get(rel as usize..rel as usize + dst.len())
-            .ok_or_else(|| Error::Corrupt {
-                name: self.name.clone(),
-                format: self.codec.format(),
-                offset: self.segs[i].coffset,
-                reason: "decoded block is shorter than recorded".into(),
-            })?;
+            .ok_or_else(|| self.short_block(i))?;
         dst.copy_from_slice(src);
         Ok(false)
     }
@@ -685,12 +680,12 @@ impl<C: Codec> Inner<C> {
     }
 
     fn short_block(&self, i: usize) -> Error {
-        Error::Corrupt {
-            name: self.name.clone(),
-            format: self.codec.format(),
-            offset: self.segs[i].coffset,
-            reason: "decoded block is shorter than recorded".into(),
-        }
+        Error::corrupt(
+            &self.name,
+            self.codec.format(),
+            self.segs[i].coffset,
+            "decoded block is shorter than recorded",
+        )
     }
 
     /// Decode partial segment `i` until `buf[..end]` is available and return
@@ -895,14 +890,16 @@ impl<C: Codec> Inner<C> {
 
     fn decode_block(&self, i: usize) -> Result<Arc<[u8]>> {
         let seg = self.segs[i];
-        let size_error = || Error::Corrupt {
-            name: self.name.clone(),
-            format: self.codec.format(),
-            offset: seg.coffset,
-            reason: format!(
-                "segment {i} does not decode to the recorded size {}",
-                seg.usize
-            ),
+        let size_error = || {
+            Error::corrupt(
+                &self.name,
+                self.codec.format(),
+                seg.coffset,
+                format!(
+                    "segment {i} does not decode to the recorded size {}",
+                    seg.usize
+                ),
+            )
         };
         // The size comes from the index but is bounded by the threshold, so
         // this allocation is bounded whatever the file says.  Collecting

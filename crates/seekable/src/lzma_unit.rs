@@ -72,12 +72,7 @@ impl LzmaUnit {
     }
 
     fn corrupt(&self, offset: u64, reason: String) -> Error {
-        Error::Corrupt {
-            name: self.name.clone(),
-            format: self.format,
-            offset,
-            reason,
-        }
+        Error::corrupt(&self.name, self.format, offset, reason)
     }
 
     /// Decode into `out`; `Ok(0)` once the unit has ended and liblzma's
@@ -96,11 +91,7 @@ impl LzmaUnit {
                 self.input.resize(n, 0);
                 self.source
                     .read_exact_at(&mut self.input, self.next)
-                    .map_err(|e| Error::Io {
-                        name: self.name.clone(),
-                        offset: self.next,
-                        source: e,
-                    })?;
+                    .map_err(Error::io(&self.name, self.next))?;
                 self.next += n as u64;
                 self.in_at = 0;
             }
@@ -134,13 +125,7 @@ impl LzmaUnit {
                     self.done = true;
                     return Ok(produced);
                 }
-                lz::LZMA_MEM_ERROR => {
-                    return Err(Error::Io {
-                        name: self.name.clone(),
-                        offset: at,
-                        source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-                    })
-                }
+                lz::LZMA_MEM_ERROR => return Err(Error::oom(&self.name, at)),
                 r => return Err(self.corrupt(at, failed(r))),
             }
             if produced > 0 {

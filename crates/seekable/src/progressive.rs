@@ -166,12 +166,7 @@ impl Progressive {
     }
 
     fn corrupt(&self, offset: u64, reason: String) -> Error {
-        Error::Corrupt {
-            name: self.name.clone(),
-            format: self.format,
-            offset,
-            reason,
-        }
+        Error::corrupt(&self.name, self.format, offset, reason)
     }
 
     /// Bytes decoded so far.

@@ -55,7 +55,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use super::{Qcow2Reader, FORMAT, L2_COMPRESSED, L2_ZERO, OFFSET_MASK};
 use crate::sync::{CondvarExt, LockExt, RwLockExt};
-use crate::{Error, Result};
+use crate::{read_exact, Error, Result};
 
 /// Where a writer's bytes go: the image file, which can grow.
 pub trait Sink: Send + Sync {
@@ -254,14 +254,12 @@ impl Qcow2Writer {
             ));
         }
         let mut raw = vec![0u8; table_bytes as usize];
-        image
-            .source
-            .read_exact_at(&mut raw, h.refcount_table_offset)
-            .map_err(|e| Error::Io {
-                name: image.name.clone(),
-                offset: h.refcount_table_offset,
-                source: e,
-            })?;
+        read_exact(
+            &image.source,
+            &image.name,
+            &mut raw,
+            h.refcount_table_offset,
+        )?;
         let table = raw.chunks_exact(8).map(be64).collect();
         let budget = cache_bytes.max(16 * cs);
         Ok(Qcow2Writer {
@@ -291,22 +289,14 @@ impl Qcow2Writer {
         &self.image
     }
 
-    fn io(&self, offset: u64, e: io::Error) -> Error {
-        Error::Io {
-            name: self.image.name.clone(),
-            offset,
-            source: e,
-        }
-    }
-
     fn put(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.sink
             .write_all_at(buf, offset)
-            .map_err(|e| self.io(offset, e))
+            .map_err(Error::io(&self.image.name, offset))
     }
 
     fn sync_file(&self) -> Result<()> {
-        self.sink.flush().map_err(|e| self.io(0, e))
+        self.sink.flush().map_err(Error::io(&self.image.name, 0))
     }
 
     fn out_of_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -614,7 +604,7 @@ impl Qcow2Writer {
             self.image
                 .source
                 .read_exact_at(&mut data, at)
-                .map_err(|e| self.io(at, e))?;
+                .map_err(Error::io(&self.image.name, at))?;
             m.blocks.insert(at, RefBlock { data, dirty: false });
         }
         Ok(m.blocks.get_mut(&at))
@@ -673,17 +663,13 @@ impl Qcow2Writer {
         let want = need.max(m.table.len() * 2) + 2;
         let k = (want as u64 * 8).div_ceil(cs);
         if k * cs > MAX_REFTABLE_BYTES {
-            return Err(Error::Io {
-                name: self.image.name.clone(),
-                offset: m.next_free,
-                source: io::Error::new(
-                    io::ErrorKind::StorageFull,
-                    format!(
-                        "the refcount table would need more than {} MiB",
-                        MAX_REFTABLE_BYTES >> 20
-                    ),
+            return Err(Error::io(&self.image.name, m.next_free)(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "the refcount table would need more than {} MiB",
+                    MAX_REFTABLE_BYTES >> 20
                 ),
-            });
+            )));
         }
         let old = (m.table_offset, m.table_clusters);
         m.table.resize((k * cs / 8) as usize, 0);
@@ -734,7 +720,9 @@ impl Qcow2Writer {
         }
         let step = self.image.header.cluster_size().max(1 << 20);
         let new = end.next_multiple_of(step);
-        self.sink.extend(new).map_err(|e| self.io(new, e))?;
+        self.sink
+            .extend(new)
+            .map_err(Error::io(&self.image.name, new))?;
         m.file_size = new;
         self.image.source_size.fetch_max(new, Ordering::AcqRel);
         Ok(())

@@ -17,7 +17,7 @@ use super::index::{XzBlock, XzCheck, XzIndex};
 use crate::engine::{Codec, Engine, Segment};
 use crate::lzma_unit::LzmaUnit;
 use crate::progressive::StreamDecoder;
-use crate::{Error, Options, Result, Source};
+use crate::{read_exact, Error, Options, Result, Source};
 
 /// Dictionaries larger than this are refused: the decoder allocates the
 /// whole dictionary up front, so a hostile header could otherwise ask for
@@ -50,11 +50,7 @@ impl XzReader {
         opts: &Options,
         threshold: u64,
     ) -> Result<XzReader> {
-        let file_size = source.size().map_err(|e| Error::Io {
-            name: opts.name.clone(),
-            offset: 0,
-            source: e,
-        })?;
+        let file_size = source.size().map_err(Error::io(&opts.name, 0))?;
         let src = source.clone();
         let index = XzIndex::parse_with(&opts.name, file_size, &mut |off, buf| {
             src.read_exact_at(buf, off)
@@ -117,12 +113,11 @@ impl Codec for XzCodec {
     }
 
     fn open_segment(&self, index: usize, _seg: &Segment) -> Result<Box<dyn StreamDecoder>> {
-        let block = *self.index.blocks.get(index).ok_or_else(|| Error::Corrupt {
-            name: self.name.clone(),
-            format: "xz",
-            offset: 0,
-            reason: format!("no block {index}"),
-        })?;
+        let block = *self
+            .index
+            .blocks
+            .get(index)
+            .ok_or_else(|| Error::corrupt(&self.name, "xz", 0, format!("no block {index}")))?;
         Ok(Box::new(BlockStream::new(
             self.source.clone(),
             &self.name,
@@ -154,17 +149,8 @@ unsafe impl Send for BlockStream {}
 impl BlockStream {
     fn new(source: Arc<dyn Source>, name: &str, number: usize, block: XzBlock) -> Result<Self> {
         let start = block.compressed_offset;
-        let io_err = |offset, e| Error::Io {
-            name: name.to_string(),
-            offset,
-            source: e,
-        };
-        let corrupt = |reason: String| Error::Corrupt {
-            name: name.to_string(),
-            format: "xz",
-            offset: start,
-            reason: format!("block {number}: {reason}"),
-        };
+        let corrupt =
+            |reason: String| Error::corrupt(name, "xz", start, format!("block {number}: {reason}"));
         if let XzCheck::Reserved(id) = block.check {
             return Err(Error::Unsupported {
                 name: name.to_string(),
@@ -173,9 +159,7 @@ impl BlockStream {
             });
         }
         let mut first = [0u8; 1];
-        source
-            .read_exact_at(&mut first, start)
-            .map_err(|e| io_err(start, e))?;
+        read_exact(&source, name, &mut first, start)?;
         if first[0] == 0 {
             return Err(corrupt(
                 "index indicator where a block header should be".into(),
@@ -186,9 +170,7 @@ impl BlockStream {
             return Err(corrupt("block header larger than the block".into()));
         }
         let mut header = vec![0u8; header_size as usize];
-        source
-            .read_exact_at(&mut header, start)
-            .map_err(|e| io_err(start, e))?;
+        read_exact(&source, name, &mut header, start)?;
 
         // SAFETY: all-zero is the documented initial state of both structs
         // (LZMA_STREAM_INIT, and lzma_block's reserved fields must be 0).
@@ -256,11 +238,7 @@ impl BlockStream {
             // SAFETY: lblock and its filter chain are valid; strm is fresh.
             match unsafe { lz::lzma_block_decoder(&mut strm, &mut *lblock) } {
                 lz::LZMA_OK => Ok(()),
-                lz::LZMA_MEM_ERROR => Err(Error::Io {
-                    name: name.to_string(),
-                    offset: start,
-                    source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-                }),
+                lz::LZMA_MEM_ERROR => Err(Error::oom(name, start)),
                 lz::LZMA_OPTIONS_ERROR => Err(Error::Unsupported {
                     name: name.to_string(),
                     format: "xz",
