@@ -37,15 +37,7 @@ proptest! {
         }
         let r = Bzip2Reader::open_with_threshold(source(file), &opts(), threshold).unwrap();
         prop_assert_eq!(r.size(), data.len() as u64);
-        for (off, n) in reads {
-            if data.is_empty() {
-                break;
-            }
-            let off = off % data.len() as u64;
-            let n = n.min(data.len() - off as usize);
-            check_range(&r, &data, off, n);
-        }
-        check_extents(&r, &data);
+        check_reads(&r, &data, &reads);
     }
 }
 
