@@ -75,6 +75,19 @@ pub(crate) trait ResumableDecoder: Send {
     fn advance(&mut self, buf: &mut [u8], pos: usize, target: usize) -> Result<usize>;
 }
 
+/// A codec's own record of segment `index`: the engine asks only for
+/// segments it was given, so a miss is reported as corrupt, not a panic.
+pub(crate) fn record<T: Copy>(
+    records: &[T],
+    index: usize,
+    name: &str,
+    format: &'static str,
+    what: &str,
+) -> Result<T> {
+    let miss = || Error::corrupt(name, format, 0, format!("no {what} {index}"));
+    records.get(index).copied().ok_or_else(miss)
+}
+
 /// Largest step a partial decode takes with its lock released: readers of
 /// the prefix wait at most this long (one zstd block is 128 KiB).
 const PARTIAL_STEP: usize = 128 << 10;
@@ -197,16 +210,17 @@ struct Inner<C: Codec> {
 
 impl<C: Codec> Engine<C> {
     /// `segs` must be sorted, contiguous in decompressed space and start at
-    /// 0; `pre` holds segments already opened progressively (e.g. zstd
-    /// frames whose size had to be learnt by decoding them).
+    /// 0 (so the last one's end is the decompressed size); `pre` holds
+    /// segments already opened progressively (e.g. zstd frames whose size
+    /// had to be learnt by decoding them).
     pub(crate) fn new(
         codec: C,
         segs: Vec<Segment>,
-        size: u64,
         opts: &Options,
         threshold: u64,
         pre: HashMap<usize, Arc<Progressive>>,
     ) -> Self {
+        let size = segs.last().map_or(0, |s| s.uoffset + s.usize);
         let max_seg = segs
             .iter()
             .map(|s| s.usize)

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use liblzma_sys as lz;
 
-use crate::engine::{Codec, Engine, Segment};
+use crate::engine::{record, Codec, Engine, Segment};
 use crate::lzma_unit::LzmaUnit;
 use crate::progressive::StreamDecoder;
 use crate::{Error, Options, Result, Source};
@@ -152,29 +152,20 @@ impl LzipReader {
                 coffset: m.compressed_offset,
             })
             .collect();
-        let size = members
-            .last()
-            .map_or(0, |m| m.uncompressed_offset + m.uncompressed_size);
-        tracing::debug!(
-            "{}: lzip, {} members, {size} bytes decompressed",
-            opts.name,
-            members.len()
-        );
         let codec = LzipCodec {
             source,
             name: opts.name.clone(),
             members,
         };
-        Ok(LzipReader {
-            engine: Engine::new(
-                codec,
-                segs,
-                size,
-                opts,
-                opts.default_progressive_threshold(),
-                HashMap::new(),
-            ),
-        })
+        let threshold = opts.default_progressive_threshold();
+        let engine = Engine::new(codec, segs, opts, threshold, HashMap::new());
+        tracing::debug!(
+            "{}: lzip, {} members, {} bytes decompressed",
+            opts.name,
+            engine.codec().members.len(),
+            engine.size()
+        );
+        Ok(LzipReader { engine })
     }
 
     /// The members, in file order.
@@ -190,10 +181,7 @@ impl Codec for LzipCodec {
         FORMAT
     }
     fn open_segment(&self, index: usize, _seg: &Segment) -> Result<Box<dyn StreamDecoder>> {
-        let m = *self
-            .members
-            .get(index)
-            .ok_or_else(|| Error::corrupt(&self.name, FORMAT, 0, format!("no member {index}")))?;
+        let m = record(&self.members, index, &self.name, FORMAT, "member")?;
         Ok(Box::new(MemberStream::new(
             self.source.clone(),
             &self.name,

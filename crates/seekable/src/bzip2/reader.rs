@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::scan::{one_block_stream, Mark, Scanner};
-use crate::engine::{Codec, Engine, Segment};
+use crate::engine::{record, Codec, Engine, Segment};
 use crate::progressive::StreamDecoder;
 use crate::sync::LockExt;
 use crate::{read_exact, Error, Options, Result, Source};
@@ -97,22 +97,18 @@ impl Bzip2Reader {
                 coffset: b.start_bit / 8,
             })
             .collect();
-        let total = blocks
-            .last()
-            .map(|b| b.uncompressed_offset + b.uncompressed_size)
-            .unwrap_or(0);
-        tracing::debug!(
-            "{name}: bzip2, {} blocks, {total} bytes decompressed",
-            blocks.len()
-        );
         let codec = BzCodec {
             source,
             name: name.to_string(),
             blocks,
         };
-        Ok(Bzip2Reader {
-            engine: Engine::new(codec, segs, total, opts, threshold, HashMap::new()),
-        })
+        let engine = Engine::new(codec, segs, opts, threshold, HashMap::new());
+        tracing::debug!(
+            "{name}: bzip2, {} blocks, {} bytes decompressed",
+            engine.codec().blocks.len(),
+            engine.size()
+        );
+        Ok(Bzip2Reader { engine })
     }
 
     /// The blocks (random-access points) found.
@@ -374,10 +370,7 @@ impl Codec for BzCodec {
     }
 
     fn open_segment(&self, index: usize, _seg: &Segment) -> Result<Box<dyn StreamDecoder>> {
-        let b = *self
-            .blocks
-            .get(index)
-            .ok_or_else(|| corrupt(&self.name, 0, format!("no block {index}")))?;
+        let b = record(&self.blocks, index, &self.name, "bzip2", "block")?;
         Ok(Box::new(BlockStream::new(
             &self.source,
             &self.name,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use liblzma_sys as lz;
 
 use super::index::{XzBlock, XzCheck, XzIndex};
-use crate::engine::{Codec, Engine, Segment};
+use crate::engine::{record, Codec, Engine, Segment};
 use crate::lzma_unit::LzmaUnit;
 use crate::progressive::StreamDecoder;
 use crate::{read_exact, Error, Options, Result, Source};
@@ -64,13 +64,12 @@ impl XzReader {
                 coffset: b.compressed_offset,
             })
             .collect();
-        let size = index.uncompressed_size;
         tracing::debug!(
             "{}: xz, {} streams, {} blocks, {} bytes decompressed",
             opts.name,
             index.streams.len(),
             index.blocks.len(),
-            size
+            index.uncompressed_size
         );
         let codec = XzCodec {
             source,
@@ -78,7 +77,7 @@ impl XzReader {
             index,
         };
         Ok(XzReader {
-            engine: Engine::new(codec, segs, size, opts, threshold, HashMap::new()),
+            engine: Engine::new(codec, segs, opts, threshold, HashMap::new()),
         })
     }
 
@@ -113,11 +112,7 @@ impl Codec for XzCodec {
     }
 
     fn open_segment(&self, index: usize, _seg: &Segment) -> Result<Box<dyn StreamDecoder>> {
-        let block = *self
-            .index
-            .blocks
-            .get(index)
-            .ok_or_else(|| Error::corrupt(&self.name, "xz", 0, format!("no block {index}")))?;
+        let block = record(&self.index.blocks, index, &self.name, "xz", "block")?;
         Ok(Box::new(BlockStream::new(
             self.source.clone(),
             &self.name,

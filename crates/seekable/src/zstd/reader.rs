@@ -19,8 +19,8 @@ use super::seek_table::{
     parse_frame_header, SeekTable, FRAME_MAGIC, MAX_FRAME_HEADER, SKIPPABLE_BASE, SKIPPABLE_MASK,
 };
 use super::xxh64::Xxh64;
-use crate::engine::{Codec, Engine, ResumableDecoder, Segment};
-use crate::progressive::{Progressive, StreamDecoder};
+use crate::engine::{record, Codec, Engine, ResumableDecoder, Segment};
+use crate::progressive::{Input, Progressive, StreamDecoder};
 use crate::sync::LockExt;
 use crate::{read_exact, Error, Options, Result, Source};
 
@@ -177,10 +177,6 @@ impl ZstdReader {
                 ZstdLayout::Frames,
             ),
         };
-        let size = frames
-            .last()
-            .map(|f| f.decompressed_offset + f.decompressed_size)
-            .unwrap_or(0);
         let segs = frames
             .iter()
             .map(|f| Segment {
@@ -189,20 +185,19 @@ impl ZstdReader {
                 coffset: f.compressed_offset,
             })
             .collect();
-        tracing::debug!(
-            "{name}: zstd ({layout:?}), {} frames, {size} bytes decompressed",
-            frames.len()
-        );
         let codec = ZstdCodec {
             source,
             name: name.to_string(),
             frames,
             checksums,
         };
-        Ok(ZstdReader {
-            engine: Engine::new(codec, segs, size, opts, threshold, pre),
-            layout,
-        })
+        let engine = Engine::new(codec, segs, opts, threshold, pre);
+        tracing::debug!(
+            "{name}: zstd ({layout:?}), {} frames, {} bytes decompressed",
+            engine.codec().frames.len(),
+            engine.size()
+        );
+        Ok(ZstdReader { engine, layout })
     }
 
     /// The frames (random-access points) of the file.
@@ -521,10 +516,7 @@ impl Codec for ZstdCodec {
     }
 
     fn open_resumable(&self, index: usize, _seg: &Segment) -> Result<Box<dyn ResumableDecoder>> {
-        let f = *self
-            .frames
-            .get(index)
-            .ok_or_else(|| Error::corrupt(&self.name, "zstd", 0, format!("no frame {index}")))?;
+        let f = record(&self.frames, index, &self.name, "zstd", "frame")?;
         Ok(Box::new(ResumableFrame::new(
             self.source.clone(),
             &self.name,
@@ -534,10 +526,7 @@ impl Codec for ZstdCodec {
     }
 
     fn open_segment(&self, index: usize, _seg: &Segment) -> Result<Box<dyn StreamDecoder>> {
-        let f = *self
-            .frames
-            .get(index)
-            .ok_or_else(|| Error::corrupt(&self.name, "zstd", 0, format!("no frame {index}")))?;
+        let f = record(&self.frames, index, &self.name, "zstd", "frame")?;
         Ok(Box::new(
             FrameStream::new(
                 self.source.clone(),
@@ -604,14 +593,10 @@ impl ZstdCodec {
 
 /// Streaming decoder of exactly one frame.
 struct FrameStream {
-    source: Arc<dyn Source>,
     name: String,
     start: u64,
     dctx: DCtx<'static>,
-    input: Vec<u8>,
-    in_at: usize,
-    next: u64,
-    end: u64,
+    input: Input,
     done: bool,
     /// Checksum from the seek table, verified over the decoded bytes.
     expect_xxh: Option<u32>,
@@ -627,14 +612,10 @@ impl FrameStream {
     fn new(source: Arc<dyn Source>, name: &str, start: u64, csize: u64) -> Result<Self> {
         let dctx = DCtx::try_create().ok_or_else(|| Error::oom(name, start))?;
         Ok(FrameStream {
-            source,
             name: name.to_string(),
             start,
             dctx,
-            input: Vec::new(),
-            in_at: 0,
-            next: start,
-            end: start + csize,
+            input: Input::new(source, name, start..start + csize, INPUT_STEP),
             done: false,
             expect_xxh: None,
             xxh: Xxh64::default(),
@@ -652,23 +633,16 @@ impl StreamDecoder for FrameStream {
             return Ok(0);
         }
         loop {
-            if self.in_at == self.input.len() && self.next < self.end {
-                let n = (self.end - self.next).min(INPUT_STEP) as usize;
-                self.input.resize(n, 0);
-                read_exact(&self.source, &self.name, &mut self.input, self.next)?;
-                self.next += n as u64;
-                self.in_at = 0;
-            }
-            let mut inb = InBuffer::around(&self.input[self.in_at..]);
+            let mut inb = InBuffer::around(self.input.fill()?);
             let mut outb = OutBuffer::around(&mut *out);
             let res = self.dctx.decompress_stream(&mut outb, &mut inb);
             let used = inb.pos();
             let produced = outb.pos();
-            self.in_at += used;
+            self.input.consume(used);
             if self.expect_xxh.is_some() {
                 self.xxh.update(&out[..produced]);
             }
-            let at = self.next - (self.input.len() - self.in_at) as u64;
+            let at = self.input.offset();
             match res {
                 Err(code) => {
                     return Err(self.corrupt(
@@ -682,7 +656,7 @@ impl StreamDecoder for FrameStream {
                 }
                 Ok(0) => {
                     // Frame complete, checksum (if any) verified.
-                    if self.in_at != self.input.len() || self.next != self.end {
+                    if !self.input.is_done() {
                         return Err(self.corrupt(
                             at,
                             format!(
@@ -712,9 +686,9 @@ impl StreamDecoder for FrameStream {
             if produced > 0 {
                 return Ok(produced);
             }
-            if used == 0 && self.in_at == self.input.len() && self.next == self.end {
+            if used == 0 && self.input.is_done() {
                 return Err(self.corrupt(
-                    self.end,
+                    self.input.end(),
                     format!("frame at offset {} is truncated", self.start),
                 ));
             }
