@@ -939,9 +939,29 @@ impl<C: Codec> Inner<C> {
 }
 
 /// Each reader is an engine plus format-specific accessors (its index, its
-/// frames): what it offers as a `RandomAccess` is exactly the engine's.
+/// frames): what it offers as a `RandomAccess`, and its cache statistics,
+/// are exactly the engine's.
 macro_rules! random_access_via_engine {
     ($reader:ty) => {
+        impl $reader {
+            /// Decoded bytes currently held in the block cache.
+            pub fn cached_bytes(&self) -> u64 {
+                self.engine.cached_bytes()
+            }
+
+            /// Decoded bytes written to the scratch-file cache tier so far.
+            pub fn scratch_cached_bytes(&self) -> u64 {
+                self.engine.scratch_cached_bytes()
+            }
+
+            /// Non-zero bytes of all this reader's scratch files (progressive
+            /// blocks/frames and the scratch-cache tier), which the scratch bound
+            /// ([`Options::scratch_bytes`](crate::Options::scratch_bytes)) caps.
+            pub fn scratch_bytes(&self) -> u64 {
+                self.engine.scratch_bytes()
+            }
+        }
+
         impl $crate::RandomAccess for $reader {
             fn size(&self) -> u64 {
                 self.engine.size()

@@ -85,23 +85,6 @@ impl XzReader {
     pub fn index(&self) -> &XzIndex {
         &self.engine.codec().index
     }
-
-    /// Decoded bytes currently held in the block cache.
-    pub fn cached_bytes(&self) -> u64 {
-        self.engine.cached_bytes()
-    }
-
-    /// Decoded bytes written to the scratch-file cache tier so far.
-    pub fn scratch_cached_bytes(&self) -> u64 {
-        self.engine.scratch_cached_bytes()
-    }
-
-    /// Non-zero bytes of all this reader's scratch files (progressive
-    /// blocks/frames and the scratch-cache tier), which the scratch bound
-    /// ([`Options::scratch_bytes`](crate::Options::scratch_bytes)) caps.
-    pub fn scratch_bytes(&self) -> u64 {
-        self.engine.scratch_bytes()
-    }
 }
 
 crate::engine::random_access_via_engine!(XzReader);
