@@ -56,11 +56,11 @@ pub(crate) trait Codec: Send + Sync + 'static {
         false
     }
     fn open_resumable(&self, index: usize, _seg: &Segment) -> Result<Box<dyn ResumableDecoder>> {
-        Err(Error::Unsupported {
-            name: String::new(),
-            format: self.format(),
-            reason: format!("segment {index} cannot be decoded partially"),
-        })
+        Err(Error::unsupported(
+            "",
+            self.format(),
+            format!("segment {index} cannot be decoded partially"),
+        ))
     }
 }
 

@@ -202,6 +202,19 @@ impl Error {
         Error::io(name, offset)(io::ErrorKind::OutOfMemory.into())
     }
 
+    /// Something in `name` this crate does not handle.
+    pub(crate) fn unsupported(
+        name: &str,
+        format: &'static str,
+        reason: impl Into<String>,
+    ) -> Error {
+        Error::Unsupported {
+            name: name.to_string(),
+            format,
+            reason: reason.into(),
+        }
+    }
+
     /// Malformed `format` data in `name` at compressed `offset`.
     pub(crate) fn corrupt(
         name: &str,

@@ -91,11 +91,11 @@ pub fn index(
             ));
         }
         if h[4] != 1 {
-            return Err(Error::Unsupported {
-                name: name.to_string(),
-                format: FORMAT,
-                reason: format!("member at {start}: version {}", h[4]),
-            });
+            return Err(Error::unsupported(
+                name,
+                FORMAT,
+                format!("member at {start}: version {}", h[4]),
+            ));
         }
         match dict_size(h[5]) {
             Some(d) if d <= MAX_DICT => {}

@@ -221,11 +221,7 @@ impl Shared {
         match &f.kind {
             FailKind::Corrupt => Error::corrupt(&name, FORMAT, f.offset, f.reason.clone()),
             FailKind::Io(k) => Error::io(&name, f.offset)(io::Error::new(*k, f.reason.clone())),
-            FailKind::Unsupported => Error::Unsupported {
-                name,
-                format: FORMAT,
-                reason: f.reason.clone(),
-            },
+            FailKind::Unsupported => Error::unsupported(&name, FORMAT, f.reason.clone()),
         }
     }
 
@@ -516,16 +512,16 @@ impl GzipReader {
     ) -> Result<GzipReader> {
         let name = opts.name.clone();
         if !(index::MIN_SPAN..=index::MAX_SPAN).contains(&gz.span) {
-            return Err(Error::Unsupported {
-                name,
-                format: FORMAT,
-                reason: format!(
+            return Err(Error::unsupported(
+                &name,
+                FORMAT,
+                format!(
                     "span {} outside {}..={}",
                     gz.span,
                     index::MIN_SPAN,
                     index::MAX_SPAN
                 ),
-            });
+            ));
         }
         let comp_size = source.size().map_err(Error::io(&opts.name, 0))?;
         let mut magic = [0u8; 2];

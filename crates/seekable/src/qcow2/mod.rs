@@ -240,11 +240,7 @@ impl Qcow2Reader {
         }
         let header = header::parse(&first).map_err(|e| match e {
             HeaderError::Corrupt { offset, reason } => Self::corrupt(&name, offset, reason),
-            HeaderError::Unsupported(reason) => Error::Unsupported {
-                name: name.clone(),
-                format: FORMAT,
-                reason,
-            },
+            HeaderError::Unsupported(reason) => Error::unsupported(&name, FORMAT, reason),
         })?;
         drop(first);
 
@@ -319,11 +315,11 @@ impl Qcow2Reader {
         want: &str,
     ) -> Result<Snapshot> {
         if header.nb_snapshots == 0 {
-            return Err(Error::Unsupported {
-                name: name.into(),
-                format: FORMAT,
-                reason: format!("snapshot {want}: the image has no snapshots"),
-            });
+            return Err(Error::unsupported(
+                name,
+                FORMAT,
+                format!("snapshot {want}: the image has no snapshots"),
+            ));
         }
         // Each entry is at most 40 + 64 KiB of extra data and names; read
         // the table a piece at a time would be kinder, but qemu itself
@@ -342,11 +338,7 @@ impl Qcow2Reader {
         let snaps =
             header::parse_snapshots(&table, header.nb_snapshots, at).map_err(|e| match e {
                 HeaderError::Corrupt { offset, reason } => Self::corrupt(name, offset, reason),
-                HeaderError::Unsupported(reason) => Error::Unsupported {
-                    name: name.into(),
-                    format: FORMAT,
-                    reason,
-                },
+                HeaderError::Unsupported(reason) => Error::unsupported(name, FORMAT, reason),
             })?;
         // As qemu: an ID first, then a name.
         snaps
@@ -359,11 +351,11 @@ impl Qcow2Reader {
                     .iter()
                     .map(|s| format!("{} ({})", s.id, s.name))
                     .collect();
-                Error::Unsupported {
-                    name: name.into(),
-                    format: FORMAT,
-                    reason: format!("no snapshot {want}; the image has {}", have.join(", ")),
-                }
+                Error::unsupported(
+                    name,
+                    FORMAT,
+                    format!("no snapshot {want}; the image has {}", have.join(", ")),
+                )
             })
     }
 
@@ -378,31 +370,33 @@ impl Qcow2Reader {
             (Backing::FromHeader, None) => return Ok(None),
             (Backing::FromHeader, Some(b)) => {
                 if b.contains("://") || b.starts_with("json:") {
-                    return Err(Error::Unsupported {
-                        name: opts.name.clone(),
-                        format: FORMAT,
-                        reason: format!(
+                    return Err(Error::unsupported(
+                        &opts.name,
+                        FORMAT,
+                        format!(
                             "backing file {b:?} is not a local file: give backing=PATH or backing=none"
                         ),
-                    });
+                    ));
                 }
                 let dir = Path::new(&opts.name).parent().unwrap_or(Path::new(""));
                 dir.join(b).to_string_lossy().into_owned()
             }
         };
         if depth + 1 >= MAX_CHAIN {
-            return Err(Error::Unsupported {
-                name: opts.name.clone(),
-                format: FORMAT,
-                reason: format!("backing chain deeper than {MAX_CHAIN} (a loop?) at {path}"),
-            });
+            return Err(Error::unsupported(
+                &opts.name,
+                FORMAT,
+                format!("backing chain deeper than {MAX_CHAIN} (a loop?) at {path}"),
+            ));
         }
-        let open = opts.open.as_ref().ok_or_else(|| Error::Unsupported {
-            name: opts.name.clone(),
-            format: FORMAT,
-            reason: format!(
-                "the image has a backing file ({path}) that cannot be opened from here: give backing=PATH or backing=none"
-            ),
+        let open = opts.open.as_ref().ok_or_else(|| {
+            Error::unsupported(
+                &opts.name,
+                FORMAT,
+                format!(
+                    "the image has a backing file ({path}) that cannot be opened from here: give backing=PATH or backing=none"
+                ),
+            )
         })?;
         let source = open(&path).map_err(|e| {
             let e = io::Error::new(
@@ -449,11 +443,11 @@ impl Qcow2Reader {
                     depth + 1,
                 )?))))
             }
-            other => Err(Error::Unsupported {
-                name: opts.name.clone(),
-                format: FORMAT,
-                reason: format!("backing file format {other:?} (raw and qcow2 are supported)"),
-            }),
+            other => Err(Error::unsupported(
+                &opts.name,
+                FORMAT,
+                format!("backing file format {other:?} (raw and qcow2 are supported)"),
+            )),
         }
     }
 

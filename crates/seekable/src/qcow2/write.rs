@@ -208,11 +208,8 @@ impl Qcow2Writer {
     /// with [`Error::Unsupported`] saying why.
     pub fn new(image: Arc<Qcow2Reader>, sink: Arc<dyn Sink>, cache_bytes: u64) -> Result<Self> {
         let h = &image.header;
-        let refuse = |reason: &str| Error::Unsupported {
-            name: image.name.clone(),
-            format: FORMAT,
-            reason: format!("writing {reason}"),
-        };
+        let refuse =
+            |reason: &str| Error::unsupported(&image.name, FORMAT, format!("writing {reason}"));
         if h.corrupt {
             return Err(refuse(
                 "an image marked corrupt: repair it first with qemu-img check -r all",
@@ -508,13 +505,11 @@ impl Qcow2Writer {
             m.l1_dirty.insert(l1_index as usize);
             Ok(at)
         } else if l1 & COPIED == 0 {
-            Err(Error::Unsupported {
-                name: self.image.name.clone(),
-                format: FORMAT,
-                reason: format!(
-                    "writing: the L2 table of L1 entry {l1_index} is shared (no COPIED flag)"
-                ),
-            })
+            Err(Error::unsupported(
+                &self.image.name,
+                FORMAT,
+                format!("writing: the L2 table of L1 entry {l1_index} is shared (no COPIED flag)"),
+            ))
         } else {
             Ok(l1 & OFFSET_MASK)
         }

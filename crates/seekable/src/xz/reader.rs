@@ -130,11 +130,11 @@ impl BlockStream {
         let corrupt =
             |reason: String| Error::corrupt(name, "xz", start, format!("block {number}: {reason}"));
         if let XzCheck::Reserved(id) = block.check {
-            return Err(Error::Unsupported {
-                name: name.to_string(),
-                format: "xz",
-                reason: format!("integrity check type {id}"),
-            });
+            return Err(Error::unsupported(
+                name,
+                "xz",
+                format!("integrity check type {id}"),
+            ));
         }
         let mut first = [0u8; 1];
         read_exact(&source, name, &mut first, start)?;
@@ -174,11 +174,11 @@ impl BlockStream {
             match ret {
                 lz::LZMA_OK => {}
                 lz::LZMA_OPTIONS_ERROR => {
-                    return Err(Error::Unsupported {
-                        name: name.to_string(),
-                        format: "xz",
-                        reason: format!("block {number} at offset {start}: filter chain"),
-                    })
+                    return Err(Error::unsupported(
+                        name,
+                        "xz",
+                        format!("block {number} at offset {start}: filter chain"),
+                    ))
                 }
                 _ => return Err(corrupt("invalid block header (CRC32 or fields)".into())),
             }
@@ -189,14 +189,14 @@ impl BlockStream {
                     // SAFETY: for LZMA1/2 liblzma allocates lzma_options_lzma.
                     let dict = unsafe { (*(f.options as *const lz::lzma_options_lzma)).dict_size };
                     if dict > MAX_DICT {
-                        return Err(Error::Unsupported {
-                            name: name.to_string(),
-                            format: "xz",
-                            reason: format!(
+                        return Err(Error::unsupported(
+                            name,
+                            "xz",
+                            format!(
                                 "block {number} at offset {start}: dictionary of {} MiB",
                                 dict >> 20
                             ),
-                        });
+                        ));
                     }
                 }
             }
@@ -217,11 +217,11 @@ impl BlockStream {
             match unsafe { lz::lzma_block_decoder(&mut strm, &mut *lblock) } {
                 lz::LZMA_OK => Ok(()),
                 lz::LZMA_MEM_ERROR => Err(Error::oom(name, start)),
-                lz::LZMA_OPTIONS_ERROR => Err(Error::Unsupported {
-                    name: name.to_string(),
-                    format: "xz",
-                    reason: format!("block {number} at offset {start}: filter options"),
-                }),
+                lz::LZMA_OPTIONS_ERROR => Err(Error::unsupported(
+                    name,
+                    "xz",
+                    format!("block {number} at offset {start}: filter options"),
+                )),
                 r => Err(corrupt(format!("cannot start block decoder ({r})"))),
             }
         })();

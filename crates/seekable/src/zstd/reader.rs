@@ -270,17 +270,17 @@ fn walk_frames(
     let mut out = Vec::new();
     let started = std::time::Instant::now();
     let check_deadline = |pos: u64| match opts.open_timeout {
-        Some(t) if started.elapsed() >= t => Err(Error::Unsupported {
-            name: name.to_string(),
-            format: "zstd",
-            reason: format!(
+        Some(t) if started.elapsed() >= t => Err(Error::unsupported(
+            name,
+            "zstd",
+            format!(
                 "learning the size of frames that do not record it took over {} s \
                  (reached offset {pos} of {file_size}); recompress with content sizes \
                  (seekable zstd, or `zstd` on a file rather than a pipe), or raise \
                  zstd-open-timeout",
                 t.as_secs()
             ),
-        }),
+        )),
         _ => Ok(()),
     };
     while pos < file_size {
