@@ -26,13 +26,8 @@ proptest! {
         reads in proptest::collection::vec((any::<u64>(), 1usize..70_000), 1..8),
     ) {
         let data = image_like(len, seed);
-        let per = data.len().div_ceil(streams).max(1);
         let mut file = Vec::new();
-        let mut pieces: Vec<&[u8]> = data.chunks(per).collect();
-        if pieces.is_empty() {
-            pieces.push(&[]);
-        }
-        for p in pieces {
+        for p in stream_pieces(&data, streams) {
             file.extend(bz(p, 1));
         }
         let r = Bzip2Reader::open_with_threshold(source(file), &opts(), threshold).unwrap();

@@ -26,13 +26,8 @@ fn multi_stream(
     block: Option<usize>,
     padding: usize,
 ) -> Vec<u8> {
-    let per = data.len().div_ceil(streams.max(1)).max(1);
     let mut out = Vec::new();
-    let mut pieces: Vec<&[u8]> = data.chunks(per).collect();
-    if pieces.is_empty() {
-        pieces.push(&[]);
-    }
-    for p in pieces {
+    for p in stream_pieces(data, streams) {
         out.extend(xz_encode(p, check, block));
         out.extend(std::iter::repeat_n(0u8, padding));
     }

@@ -176,6 +176,17 @@ pub fn xorshift_bytes(len: usize, seed: u64) -> Vec<u8> {
     (0..len).map(|_| xorshift(&mut x) as u8).collect()
 }
 
+/// `data` cut into `streams` pieces, one per stream of a multi-stream
+/// file; no data is one empty stream.
+pub fn stream_pieces(data: &[u8], streams: usize) -> Vec<&[u8]> {
+    let per = data.len().div_ceil(streams.max(1)).max(1);
+    let mut pieces: Vec<&[u8]> = data.chunks(per).collect();
+    if pieces.is_empty() {
+        pieces.push(&[]);
+    }
+    pieces
+}
+
 /// A property test's reads, at offsets wrapped into `data`, each compared
 /// with the original, then the extents; an empty image refuses any read.
 pub fn check_reads(r: &dyn RandomAccess, data: &[u8], reads: &[(u64, usize)]) {
