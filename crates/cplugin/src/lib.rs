@@ -23,6 +23,18 @@
 mod ffi;
 mod parse;
 
+/// Whether the plugin has callback `$cb`, or `$cb_v1` when it was built
+/// for API version 1 (`$v2` false).
+macro_rules! has_callback {
+    ($raw:expr, $v2:expr, $cb:ident / $cb_v1:ident) => {
+        if $v2 {
+            $raw.$cb.is_some()
+        } else {
+            $raw.$cb_v1.is_some()
+        }
+    };
+}
+
 use nbdkit_backend::LockExt;
 use std::ffi::c_int;
 use std::path::{Path, PathBuf};
@@ -178,11 +190,7 @@ impl CPlugin {
         if strings.name.is_empty() {
             return Err(err("the plugin has no name".into()));
         }
-        let has_pread = if api == 1 {
-            raw.pread_v1.is_some()
-        } else {
-            raw.pread.is_some()
-        };
+        let has_pread = has_callback!(raw, api != 1, pread / pread_v1);
         for (has, cb) in [
             (raw.open.is_some(), "open"),
             (raw.get_size.is_some(), "get_size"),
@@ -611,12 +619,7 @@ impl CHandle {
     }
 
     fn has_flush(&self) -> bool {
-        let p = self.lib().raw();
-        if self.inner.v2() {
-            p.flush.is_some()
-        } else {
-            p.flush_v1.is_some()
-        }
+        has_callback!(self.lib().raw(), self.inner.v2(), flush / flush_v1)
     }
 
     /// Run `f` over `[offset, offset+count)` in pieces the C API can take
@@ -726,12 +729,7 @@ impl Handle for CHandle {
     }
 
     fn can_write(&self) -> Result<bool> {
-        let p = self.lib().raw();
-        let has = if self.inner.v2() {
-            p.pwrite.is_some()
-        } else {
-            p.pwrite_v1.is_some()
-        };
+        let has = has_callback!(self.lib().raw(), self.inner.v2(), pwrite / pwrite_v1);
         self.flag(Query::CanWrite, "can_write", || has)
     }
 
@@ -745,12 +743,7 @@ impl Handle for CHandle {
     }
 
     fn can_trim(&self) -> Result<bool> {
-        let p = self.lib().raw();
-        let has = if self.inner.v2() {
-            p.trim.is_some()
-        } else {
-            p.trim_v1.is_some()
-        };
+        let has = has_callback!(self.lib().raw(), self.inner.v2(), trim / trim_v1);
         self.flag(Query::CanTrim, "can_trim", || has)
     }
 
@@ -758,12 +751,7 @@ impl Handle for CHandle {
         if !self.can_write()? {
             return Ok(ZeroMode::None);
         }
-        let p = self.lib().raw();
-        let has = if self.inner.v2() {
-            p.zero.is_some()
-        } else {
-            p.zero_v1.is_some()
-        };
+        let has = has_callback!(self.lib().raw(), self.inner.v2(), zero / zero_v1);
         // A plugin's can_zero only says whether to call its zero; without
         // one (or with false), zeroes are written with pwrite.
         let native = has && self.flag(Query::CanZero, "can_zero", || true)?;

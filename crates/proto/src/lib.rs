@@ -35,6 +35,22 @@ pub enum ProtoError {
     StringTooLong(usize),
 }
 
+/// `Short` unless `b` holds at least `need` bytes.
+fn at_least(b: &[u8], need: usize) -> Result<(), ProtoError> {
+    match b.len() {
+        have if have < need => Err(ProtoError::Short { need, have }),
+        _ => Ok(()),
+    }
+}
+
+/// `BadMagic` unless `b` starts with the 64-bit `magic`.
+fn magic64(b: &[u8], magic: u64) -> Result<(), ProtoError> {
+    match be64(b, 0) {
+        m if m != magic => Err(ProtoError::BadMagic(m)),
+        _ => Ok(()),
+    }
+}
+
 /// Read a big-endian u16 at `at` (caller has checked the length).
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])

@@ -2,7 +2,7 @@
 //! replies to them.
 
 use crate::consts::*;
-use crate::{be16, be32, be64, ProtoError};
+use crate::{at_least, be16, be32, be64, magic64, ProtoError};
 
 /// Length of an option header on the wire.
 pub const OPTION_HEADER_LEN: usize = 16;
@@ -16,16 +16,8 @@ pub struct OptionHeader {
 
 impl OptionHeader {
     pub fn parse(b: &[u8]) -> Result<Self, ProtoError> {
-        if b.len() < OPTION_HEADER_LEN {
-            return Err(ProtoError::Short {
-                need: OPTION_HEADER_LEN,
-                have: b.len(),
-            });
-        }
-        let magic = be64(b, 0);
-        if magic != IHAVEOPT {
-            return Err(ProtoError::BadMagic(magic));
-        }
+        at_least(b, OPTION_HEADER_LEN)?;
+        magic64(b, IHAVEOPT)?;
         Ok(OptionHeader {
             option: be32(b, 8),
             length: be32(b, 12),
@@ -255,16 +247,8 @@ pub struct OptionReplyHeader {
 impl OptionReplyHeader {
     pub const LEN: usize = 20;
     pub fn parse(b: &[u8]) -> Result<Self, ProtoError> {
-        if b.len() < Self::LEN {
-            return Err(ProtoError::Short {
-                need: Self::LEN,
-                have: b.len(),
-            });
-        }
-        let magic = be64(b, 0);
-        if magic != OPTION_REPLY_MAGIC {
-            return Err(ProtoError::BadMagic(magic));
-        }
+        at_least(b, Self::LEN)?;
+        magic64(b, OPTION_REPLY_MAGIC)?;
         Ok(OptionReplyHeader {
             option: be32(b, 8),
             reply: be32(b, 12),
@@ -345,16 +329,8 @@ impl Greeting {
     pub const LEN: usize = 18;
     /// Parse the first 18 bytes a server sends.
     pub fn parse(b: &[u8]) -> Result<Self, ProtoError> {
-        if b.len() < Self::LEN {
-            return Err(ProtoError::Short {
-                need: Self::LEN,
-                have: b.len(),
-            });
-        }
-        let magic = be64(b, 0);
-        if magic != NBDMAGIC {
-            return Err(ProtoError::BadMagic(magic));
-        }
+        at_least(b, Self::LEN)?;
+        magic64(b, NBDMAGIC)?;
         if be64(b, 8) != IHAVEOPT {
             return Ok(Greeting::Oldstyle);
         }
@@ -431,12 +407,7 @@ pub fn parse_rep_meta_context(b: &[u8]) -> Result<(u32, &[u8]), ProtoError> {
 /// transmission flags.  `b` holds 10 bytes, or 134 unless NO_ZEROES was
 /// agreed.
 pub fn parse_export_name_reply(b: &[u8]) -> Result<(u64, u16), ProtoError> {
-    if b.len() < 10 {
-        return Err(ProtoError::Short {
-            need: 10,
-            have: b.len(),
-        });
-    }
+    at_least(b, 10)?;
     Ok((be64(b, 0), be16(b, 8)))
 }
 

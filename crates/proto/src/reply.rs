@@ -2,7 +2,7 @@
 //! extended-header reply chunks.
 
 use crate::consts::*;
-use crate::{be16, be32, be64, ProtoError};
+use crate::{at_least, be16, be32, be64, ProtoError};
 
 /// Which reply format the client negotiated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,12 +245,7 @@ impl ReplyHeader {
     /// Parse from `b`, which holds at least 4 bytes; returns the header and
     /// its length, or `Short` if more bytes are needed.
     pub fn parse(b: &[u8]) -> Result<(Self, usize), ProtoError> {
-        if b.len() < 4 {
-            return Err(ProtoError::Short {
-                need: 4,
-                have: b.len(),
-            });
-        }
+        at_least(b, 4)?;
         let magic = be32(b, 0);
         let need = match magic {
             SIMPLE_REPLY_MAGIC => SIMPLE_REPLY_LEN,
@@ -258,12 +253,7 @@ impl ReplyHeader {
             EXTENDED_REPLY_MAGIC => EXTENDED_HEADER_LEN,
             m => return Err(ProtoError::BadMagic(m as u64)),
         };
-        if b.len() < need {
-            return Err(ProtoError::Short {
-                need,
-                have: b.len(),
-            });
-        }
+        at_least(b, need)?;
         let h = match magic {
             SIMPLE_REPLY_MAGIC => ReplyHeader::Simple {
                 error: be32(b, 4),

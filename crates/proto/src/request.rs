@@ -2,7 +2,7 @@
 //! extended header (64-bit lengths).
 
 use crate::consts::*;
-use crate::{be16, be32, be64, ProtoError};
+use crate::{at_least, be16, be32, be64, ProtoError};
 
 pub const REQUEST_LEN: usize = 28;
 pub const EXTENDED_REQUEST_LEN: usize = 32;
@@ -69,12 +69,7 @@ impl RequestHeader {
     /// bytes.  The magic must match the negotiated style.
     pub fn parse(b: &[u8], extended: bool) -> Result<Self, ProtoError> {
         let need = Self::wire_len(extended);
-        if b.len() < need {
-            return Err(ProtoError::Short {
-                need,
-                have: b.len(),
-            });
-        }
+        at_least(b, need)?;
         let magic = be32(b, 0);
         let want = if extended {
             EXTENDED_REQUEST_MAGIC

@@ -56,11 +56,11 @@ pub(crate) trait Codec: Send + Sync + 'static {
         false
     }
     fn open_resumable(&self, index: usize, _seg: &Segment) -> Result<Box<dyn ResumableDecoder>> {
-        Err(Error::Unsupported {
-            name: String::new(),
-            format: self.format(),
-            reason: format!("segment {index} cannot be decoded partially"),
-        })
+        Err(Error::unsupported(
+            "",
+            self.format(),
+            format!("segment {index} cannot be decoded partially"),
+        ))
     }
 }
 
@@ -73,6 +73,19 @@ pub(crate) trait ResumableDecoder: Send {
     /// done and return the new position.  Returning `buf.len()` means the
     /// segment is complete and every check (size, checksums) has passed.
     fn advance(&mut self, buf: &mut [u8], pos: usize, target: usize) -> Result<usize>;
+}
+
+/// A codec's own record of segment `index`: the engine asks only for
+/// segments it was given, so a miss is reported as corrupt, not a panic.
+pub(crate) fn record<T: Copy>(
+    records: &[T],
+    index: usize,
+    name: &str,
+    format: &'static str,
+    what: &str,
+) -> Result<T> {
+    let miss = || Error::corrupt(name, format, 0, format!("no {what} {index}"));
+    records.get(index).copied().ok_or_else(miss)
 }
 
 /// Largest step a partial decode takes with its lock released: readers of
@@ -197,16 +210,17 @@ struct Inner<C: Codec> {
 
 impl<C: Codec> Engine<C> {
     /// `segs` must be sorted, contiguous in decompressed space and start at
-    /// 0; `pre` holds segments already opened progressively (e.g. zstd
-    /// frames whose size had to be learnt by decoding them).
+    /// 0 (so the last one's end is the decompressed size); `pre` holds
+    /// segments already opened progressively (e.g. zstd frames whose size
+    /// had to be learnt by decoding them).
     pub(crate) fn new(
         codec: C,
         segs: Vec<Segment>,
-        size: u64,
         opts: &Options,
         threshold: u64,
         pre: HashMap<usize, Arc<Progressive>>,
     ) -> Self {
+        let size = segs.last().map_or(0, |s| s.uoffset + s.usize);
         let max_seg = segs
             .iter()
             .map(|s| s.usize)
@@ -627,12 +641,7 @@ impl<C: Codec> Inner<C> {
         };
         let src = block
             .get(rel as usize..rel as usize + dst.len())
-            .ok_or_else(|| Error::Corrupt {
-                name: self.name.clone(),
-                format: self.codec.format(),
-                offset: self.segs[i].coffset,
-                reason: "decoded block is shorter than recorded".into(),
-            })?;
+            .ok_or_else(|| self.short_block(i))?;
         dst.copy_from_slice(src);
         Ok(false)
     }
@@ -685,12 +694,12 @@ impl<C: Codec> Inner<C> {
     }
 
     fn short_block(&self, i: usize) -> Error {
-        Error::Corrupt {
-            name: self.name.clone(),
-            format: self.codec.format(),
-            offset: self.segs[i].coffset,
-            reason: "decoded block is shorter than recorded".into(),
-        }
+        Error::corrupt(
+            &self.name,
+            self.codec.format(),
+            self.segs[i].coffset,
+            "decoded block is shorter than recorded",
+        )
     }
 
     /// Decode partial segment `i` until `buf[..end]` is available and return
@@ -895,14 +904,16 @@ impl<C: Codec> Inner<C> {
 
     fn decode_block(&self, i: usize) -> Result<Arc<[u8]>> {
         let seg = self.segs[i];
-        let size_error = || Error::Corrupt {
-            name: self.name.clone(),
-            format: self.codec.format(),
-            offset: seg.coffset,
-            reason: format!(
-                "segment {i} does not decode to the recorded size {}",
-                seg.usize
-            ),
+        let size_error = || {
+            Error::corrupt(
+                &self.name,
+                self.codec.format(),
+                seg.coffset,
+                format!(
+                    "segment {i} does not decode to the recorded size {}",
+                    seg.usize
+                ),
+            )
         };
         // The size comes from the index but is bounded by the threshold, so
         // this allocation is bounded whatever the file says.  Collecting
@@ -928,9 +939,29 @@ impl<C: Codec> Inner<C> {
 }
 
 /// Each reader is an engine plus format-specific accessors (its index, its
-/// frames): what it offers as a `RandomAccess` is exactly the engine's.
+/// frames): what it offers as a `RandomAccess`, and its cache statistics,
+/// are exactly the engine's.
 macro_rules! random_access_via_engine {
     ($reader:ty) => {
+        impl $reader {
+            /// Decoded bytes currently held in the block cache.
+            pub fn cached_bytes(&self) -> u64 {
+                self.engine.cached_bytes()
+            }
+
+            /// Decoded bytes written to the scratch-file cache tier so far.
+            pub fn scratch_cached_bytes(&self) -> u64 {
+                self.engine.scratch_cached_bytes()
+            }
+
+            /// Non-zero bytes of all this reader's scratch files (progressive
+            /// blocks/frames and the scratch-cache tier), which the scratch bound
+            /// ([`Options::scratch_bytes`](crate::Options::scratch_bytes)) caps.
+            pub fn scratch_bytes(&self) -> u64 {
+                self.engine.scratch_bytes()
+            }
+        }
+
         impl $crate::RandomAccess for $reader {
             fn size(&self) -> u64 {
                 self.engine.size()

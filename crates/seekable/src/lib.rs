@@ -187,6 +187,62 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl Error {
+    /// For `map_err`: a failed read of `name` at `offset`.
+    pub(crate) fn io(name: &str, offset: u64) -> impl FnOnce(io::Error) -> Error + '_ {
+        move |source| Error::Io {
+            name: name.to_string(),
+            offset,
+            source,
+        }
+    }
+
+    /// Out of memory setting up a decoder for `name` at `offset`.
+    pub(crate) fn oom(name: &str, offset: u64) -> Error {
+        Error::io(name, offset)(io::ErrorKind::OutOfMemory.into())
+    }
+
+    /// Something in `name` this crate does not handle.
+    pub(crate) fn unsupported(
+        name: &str,
+        format: &'static str,
+        reason: impl Into<String>,
+    ) -> Error {
+        Error::Unsupported {
+            name: name.to_string(),
+            format,
+            reason: reason.into(),
+        }
+    }
+
+    /// Malformed `format` data in `name` at compressed `offset`.
+    pub(crate) fn corrupt(
+        name: &str,
+        format: &'static str,
+        offset: u64,
+        reason: impl Into<String>,
+    ) -> Error {
+        Error::Corrupt {
+            name: name.to_string(),
+            format,
+            offset,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Fill `buf` from `source` at `offset`; a failure names the file and offset.
+pub(crate) fn read_exact(
+    source: &dyn Source,
+    name: &str,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<()> {
+    source
+        .read_exact_at(buf, offset)
+        .map_err(Error::io(name, offset))
+}
+
 /// One run of the decompressed data for block status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -296,20 +352,10 @@ impl Default for Options {
 /// (`LZIP`) are recognised.  See the crate
 /// documentation for an example.
 pub fn open(source: Arc<dyn Source>, opts: &Options) -> Result<Arc<dyn RandomAccess>> {
-    let size = source.size().map_err(|e| Error::Io {
-        name: opts.name.clone(),
-        offset: 0,
-        source: e,
-    })?;
+    let size = source.size().map_err(Error::io(&opts.name, 0))?;
     let mut magic = [0u8; 6];
     let n = size.min(6) as usize;
-    source
-        .read_exact_at(&mut magic[..n], 0)
-        .map_err(|e| Error::Io {
-            name: opts.name.clone(),
-            offset: 0,
-            source: e,
-        })?;
+    read_exact(&source, &opts.name, &mut magic[..n], 0)?;
     let magic = &magic[..n];
     if magic.starts_with(&xz::index::HEADER_MAGIC) {
         Ok(Arc::new(XzReader::open(source, opts)?))

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use liblzma_sys as lz;
 
-use crate::engine::{Codec, Engine, Segment};
+use crate::engine::{record, Codec, Engine, Segment};
 use crate::lzma_unit::LzmaUnit;
 use crate::progressive::StreamDecoder;
 use crate::{Error, Options, Result, Source};
@@ -53,17 +53,7 @@ pub fn index(
     file_size: u64,
     read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
 ) -> Result<Vec<LzipMember>> {
-    let corrupt = |offset: u64, reason: String| Error::Corrupt {
-        name: name.to_string(),
-        format: FORMAT,
-        offset,
-        reason,
-    };
-    let io = |offset: u64, e: std::io::Error| Error::Io {
-        name: name.to_string(),
-        offset,
-        source: e,
-    };
+    let corrupt = |offset: u64, reason: String| Error::corrupt(name, FORMAT, offset, reason);
     if file_size < HEADER + TRAILER {
         return Err(corrupt(0, "too short for an lzip member".into()));
     }
@@ -77,7 +67,7 @@ pub fn index(
             ));
         }
         let mut t = [0u8; TRAILER as usize];
-        read(end - TRAILER, &mut t).map_err(|e| io(end - TRAILER, e))?;
+        read(end - TRAILER, &mut t).map_err(Error::io(name, end - TRAILER))?;
         let data_size = u64::from_le_bytes(t[4..12].try_into().expect("8 bytes"));
         let member_size = u64::from_le_bytes(t[12..20].try_into().expect("8 bytes"));
         if member_size < HEADER + TRAILER || member_size > end {
@@ -90,7 +80,7 @@ pub fn index(
         }
         let start = end - member_size;
         let mut h = [0u8; HEADER as usize];
-        read(start, &mut h).map_err(|e| io(start, e))?;
+        read(start, &mut h).map_err(Error::io(name, start))?;
         if h[..4] != MAGIC {
             return Err(corrupt(
                 start,
@@ -101,11 +91,11 @@ pub fn index(
             ));
         }
         if h[4] != 1 {
-            return Err(Error::Unsupported {
-                name: name.to_string(),
-                format: FORMAT,
-                reason: format!("member at {start}: version {}", h[4]),
-            });
+            return Err(Error::unsupported(
+                name,
+                FORMAT,
+                format!("member at {start}: version {}", h[4]),
+            ));
         }
         match dict_size(h[5]) {
             Some(d) if d <= MAX_DICT => {}
@@ -149,11 +139,7 @@ struct LzipCodec {
 impl LzipReader {
     /// Index the file from its trailers and prepare to serve reads.
     pub fn open(source: Arc<dyn Source>, opts: &Options) -> Result<LzipReader> {
-        let file_size = source.size().map_err(|e| Error::Io {
-            name: opts.name.clone(),
-            offset: 0,
-            source: e,
-        })?;
+        let file_size = source.size().map_err(Error::io(&opts.name, 0))?;
         let src = source.clone();
         let members = index(&opts.name, file_size, &mut |off, buf| {
             src.read_exact_at(buf, off)
@@ -166,29 +152,20 @@ impl LzipReader {
                 coffset: m.compressed_offset,
             })
             .collect();
-        let size = members
-            .last()
-            .map_or(0, |m| m.uncompressed_offset + m.uncompressed_size);
-        tracing::debug!(
-            "{}: lzip, {} members, {size} bytes decompressed",
-            opts.name,
-            members.len()
-        );
         let codec = LzipCodec {
             source,
             name: opts.name.clone(),
             members,
         };
-        Ok(LzipReader {
-            engine: Engine::new(
-                codec,
-                segs,
-                size,
-                opts,
-                opts.default_progressive_threshold(),
-                HashMap::new(),
-            ),
-        })
+        let threshold = opts.default_progressive_threshold();
+        let engine = Engine::new(codec, segs, opts, threshold, HashMap::new());
+        tracing::debug!(
+            "{}: lzip, {} members, {} bytes decompressed",
+            opts.name,
+            engine.codec().members.len(),
+            engine.size()
+        );
+        Ok(LzipReader { engine })
     }
 
     /// The members, in file order.
@@ -204,12 +181,7 @@ impl Codec for LzipCodec {
         FORMAT
     }
     fn open_segment(&self, index: usize, _seg: &Segment) -> Result<Box<dyn StreamDecoder>> {
-        let m = *self.members.get(index).ok_or_else(|| Error::Corrupt {
-            name: self.name.clone(),
-            format: FORMAT,
-            offset: 0,
-            reason: format!("no member {index}"),
-        })?;
+        let m = record(&self.members, index, &self.name, FORMAT, "member")?;
         Ok(Box::new(MemberStream::new(
             self.source.clone(),
             &self.name,
@@ -249,11 +221,8 @@ impl MemberStream {
             true,
         );
         if ret != lz::LZMA_OK {
-            return Err(Error::Io {
-                name: name.to_string(),
-                offset: start,
-                source: std::io::Error::other(format!("cannot start the lzip decoder ({ret})")),
-            });
+            let e = std::io::Error::other(format!("cannot start the lzip decoder ({ret})"));
+            return Err(Error::io(name, start)(e));
         }
         Ok(MemberStream {
             number,

@@ -8,23 +8,19 @@ use std::sync::Arc;
 
 use liblzma_sys as lz;
 
+use crate::progressive::Input;
 use crate::{Error, Result, Source};
 
 /// Input read from the source per refill.
 const INPUT_STEP: u64 = 64 << 10;
 
 pub(crate) struct LzmaUnit {
-    source: Arc<dyn Source>,
     name: String,
     format: &'static str,
     /// What the unit is called in messages ("block 3", "member 0").
     label: String,
     strm: lz::lzma_stream,
-    input: Vec<u8>,
-    in_at: usize,
-    /// Next compressed offset to read, and where the unit ends.
-    next: u64,
-    end: u64,
+    input: Input,
     /// Tell liblzma when the last input byte has been given, so that the
     /// decoder (lzip's) can say whether the unit is complete.
     finish_at_end: bool,
@@ -57,27 +53,18 @@ impl LzmaUnit {
         finish_at_end: bool,
     ) -> Self {
         LzmaUnit {
-            source,
             name: name.to_string(),
             format,
             label,
             strm,
-            input: Vec::new(),
-            in_at: 0,
-            next: range.start,
-            end: range.end,
+            input: Input::new(source, name, range, INPUT_STEP),
             finish_at_end,
             done: false,
         }
     }
 
     fn corrupt(&self, offset: u64, reason: String) -> Error {
-        Error::Corrupt {
-            name: self.name.clone(),
-            format: self.format,
-            offset,
-            reason,
-        }
+        Error::corrupt(&self.name, self.format, offset, reason)
     }
 
     /// Decode into `out`; `Ok(0)` once the unit has ended and liblzma's
@@ -91,25 +78,13 @@ impl LzmaUnit {
             return Ok(0);
         }
         loop {
-            if self.in_at == self.input.len() && self.next < self.end {
-                let n = (self.end - self.next).min(INPUT_STEP) as usize;
-                self.input.resize(n, 0);
-                self.source
-                    .read_exact_at(&mut self.input, self.next)
-                    .map_err(|e| Error::Io {
-                        name: self.name.clone(),
-                        offset: self.next,
-                        source: e,
-                    })?;
-                self.next += n as u64;
-                self.in_at = 0;
-            }
-            let avail_in = self.input.len() - self.in_at;
-            self.strm.next_in = self.input[self.in_at..].as_ptr();
+            let input = self.input.fill()?;
+            let avail_in = input.len();
+            self.strm.next_in = input.as_ptr();
             self.strm.avail_in = avail_in;
             self.strm.next_out = out.as_mut_ptr();
             self.strm.avail_out = out.len();
-            let action = if self.finish_at_end && self.next == self.end {
+            let action = if self.finish_at_end && self.input.all_read() {
                 lz::LZMA_FINISH
             } else {
                 lz::LZMA_RUN
@@ -119,35 +94,30 @@ impl LzmaUnit {
             let ret = unsafe { lz::lzma_code(&mut self.strm, action) };
             let used = avail_in - self.strm.avail_in;
             let produced = out.len() - self.strm.avail_out;
-            self.in_at += used;
+            self.input.consume(used);
             self.strm.next_in = std::ptr::null();
             self.strm.next_out = std::ptr::null_mut();
             // Offset of the input being decoded, for messages.
-            let at = self.next - (self.input.len() - self.in_at) as u64;
+            let at = self.input.offset();
             match ret {
                 lz::LZMA_OK => {}
                 lz::LZMA_STREAM_END => {
-                    if self.in_at != self.input.len() || self.next != self.end {
+                    if !self.input.is_done() {
                         return Err(self
                             .corrupt(at, format!("{} ends before its recorded size", self.label)));
                     }
                     self.done = true;
                     return Ok(produced);
                 }
-                lz::LZMA_MEM_ERROR => {
-                    return Err(Error::Io {
-                        name: self.name.clone(),
-                        offset: at,
-                        source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-                    })
-                }
+                lz::LZMA_MEM_ERROR => return Err(Error::oom(&self.name, at)),
                 r => return Err(self.corrupt(at, failed(r))),
             }
             if produced > 0 {
                 return Ok(produced);
             }
-            if used == 0 && self.in_at == self.input.len() && self.next == self.end {
-                return Err(self.corrupt(self.end, format!("{} is truncated", self.label)));
+            if used == 0 && self.input.is_done() {
+                let end = self.input.end();
+                return Err(self.corrupt(end, format!("{} is truncated", self.label)));
             }
         }
     }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use crate::spill::Budget;
 use crate::sync::{CondvarExt, LockExt};
-use crate::{is_zero, Error, Result};
+use crate::{is_zero, read_exact, Error, Result};
 
 /// A decoder producing the decompressed bytes of one unit in order.
 pub(crate) trait StreamDecoder: Send {
@@ -27,6 +27,75 @@ pub(crate) trait StreamDecoder: Send {
     /// empty or the unit has ended) and return how many.  `Ok(0)` means
     /// the unit is complete and its integrity check (if any) has passed.
     fn read(&mut self, out: &mut [u8]) -> Result<usize>;
+}
+
+/// The compressed bytes of one unit (xz block, lzip member, zstd frame) as
+/// a streaming decoder consumes them: read from the source `step` bytes at
+/// a time, when the previous read is used up.
+pub(crate) struct Input {
+    source: Arc<dyn crate::Source>,
+    name: String,
+    step: u64,
+    buf: Vec<u8>,
+    at: usize,
+    /// Next compressed offset to read, and where the unit ends.
+    next: u64,
+    end: u64,
+}
+
+impl Input {
+    pub(crate) fn new(
+        source: Arc<dyn crate::Source>,
+        name: &str,
+        range: std::ops::Range<u64>,
+        step: u64,
+    ) -> Self {
+        Input {
+            source,
+            name: name.to_string(),
+            step,
+            buf: Vec::new(),
+            at: 0,
+            next: range.start,
+            end: range.end,
+        }
+    }
+
+    /// The bytes read and not consumed yet; more are read when none are.
+    pub(crate) fn fill(&mut self) -> Result<&[u8]> {
+        if self.at == self.buf.len() && self.next < self.end {
+            let n = (self.end - self.next).min(self.step) as usize;
+            self.buf.resize(n, 0);
+            read_exact(&*self.source, &self.name, &mut self.buf, self.next)?;
+            self.next += n as u64;
+            self.at = 0;
+        }
+        Ok(&self.buf[self.at..])
+    }
+
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.at += n;
+    }
+
+    /// Compressed offset of the next byte to consume, for messages.
+    pub(crate) fn offset(&self) -> u64 {
+        self.next - (self.buf.len() - self.at) as u64
+    }
+
+    /// Where the unit ends.
+    pub(crate) fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Whether the last of the unit's bytes has been read from the source.
+    pub(crate) fn all_read(&self) -> bool {
+        self.next == self.end
+    }
+
+    /// Whether every byte of the unit has been consumed.
+    pub(crate) fn is_done(&self) -> bool {
+        self.at == self.buf.len() && self.all_read()
+    }
 }
 
 /// Granularity of zero tracking, both here and for in-memory blocks.  64
@@ -166,12 +235,7 @@ impl Progressive {
     }
 
     fn corrupt(&self, offset: u64, reason: String) -> Error {
-        Error::Corrupt {
-            name: self.name.clone(),
-            format: self.format,
-            offset,
-            reason,
-        }
+        Error::corrupt(&self.name, self.format, offset, reason)
     }
 
     /// Bytes decoded so far.

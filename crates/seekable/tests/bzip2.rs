@@ -26,26 +26,13 @@ proptest! {
         reads in proptest::collection::vec((any::<u64>(), 1usize..70_000), 1..8),
     ) {
         let data = image_like(len, seed);
-        let per = data.len().div_ceil(streams).max(1);
         let mut file = Vec::new();
-        let mut pieces: Vec<&[u8]> = data.chunks(per).collect();
-        if pieces.is_empty() {
-            pieces.push(&[]);
-        }
-        for p in pieces {
+        for p in stream_pieces(&data, streams) {
             file.extend(bz(p, 1));
         }
         let r = Bzip2Reader::open_with_threshold(source(file), &opts(), threshold).unwrap();
         prop_assert_eq!(r.size(), data.len() as u64);
-        for (off, n) in reads {
-            if data.is_empty() {
-                break;
-            }
-            let off = off % data.len() as u64;
-            let n = n.min(data.len() - off as usize);
-            check_range(&r, &data, off, n);
-        }
-        check_extents(&r, &data);
+        check_reads(&r, &data, &reads);
     }
 }
 

@@ -42,6 +42,17 @@ fn decode_all(r: &dyn RandomAccess) -> Vec<u8> {
     buf
 }
 
+/// `r` reads as what `TOOL -dc FILE` writes.
+fn decodes_like_the_tool(r: &dyn RandomAccess, tool: &str, f: &Path) {
+    let want = std::process::Command::new(tool)
+        .args(["-dc"])
+        .arg(f)
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(decode_all(r), want, "{}", f.display());
+}
+
 #[test]
 fn xz_seeds_parse_and_decode() {
     for f in files("xz_index") {
@@ -49,13 +60,7 @@ fn xz_seeds_parse_and_decode() {
         let idx = XzIndex::parse(&bytes).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         let r = open(source(bytes.clone()), &opts()).unwrap();
         assert_eq!(r.size(), idx.uncompressed_size);
-        let want = std::process::Command::new("xz")
-            .args(["-dc"])
-            .arg(&f)
-            .output()
-            .unwrap()
-            .stdout;
-        assert_eq!(decode_all(&*r), want, "{}", f.display());
+        decodes_like_the_tool(&*r, "xz", &f);
     }
 }
 
@@ -75,13 +80,7 @@ fn zstd_seeds_parse_and_decode() {
             f.display()
         );
         let r = open(source(bytes.clone()), &opts()).unwrap();
-        let want = std::process::Command::new("zstd")
-            .args(["-dc"])
-            .arg(&f)
-            .output()
-            .unwrap()
-            .stdout;
-        assert_eq!(decode_all(&*r), want, "{}", f.display());
+        decodes_like_the_tool(&*r, "zstd", &f);
     }
 }
 

@@ -1,10 +1,12 @@
 //! Damaged and hostile gzip input: clear errors naming offsets, no panics.
 
+mod common;
 #[path = "gzip_util.rs"]
 mod util;
 
 use std::sync::Arc;
 
+use common::xorshift_bytes;
 use proptest::prelude::*;
 use seekable_compressed::gzip::GzipReader;
 use seekable_compressed::{Error, RandomAccess, Source};
@@ -180,17 +182,7 @@ proptest! {
 #[test]
 fn later_member_is_served_only_after_its_crc() {
     let first = mixed(21, 100_000);
-    let second: Vec<u8> = {
-        let mut x = 0x9E37_79B9u64;
-        (0..8_000_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
+    let second = xorshift_bytes(8_000_000, 0x9E37_79B9);
     let mut data = tool(&["gzip", "-c"], &first);
     let mut tail = tool(&["gzip", "-1", "-c"], &second);
     let n = tail.len();

@@ -1,11 +1,13 @@
 //! Saved index files: reuse, and rejection of stale or damaged ones.
 
+mod common;
 #[path = "gzip_util.rs"]
 mod util;
 
 use std::path::Path;
 use std::sync::Arc;
 
+use common::xorshift_bytes;
 use seekable_compressed::gzip::{GzipIndex, GzipOptions, GzipReader};
 use seekable_compressed::{RandomAccess, Source};
 use util::*;
@@ -172,18 +174,7 @@ fn index_of_a_member_rewritten_in_place_is_discarded() {
     let index = dir.path().join("x.gzi");
     // Incompressible first and last members: the identity hashes 64 KiB
     // at each end, and these keep the middle member out of them.
-    let noise = |seed: u64| -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..150_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
-    let (a, c) = (noise(1), noise(2));
+    let (a, c) = (xorshift_bytes(150_000, 1), xorshift_bytes(150_000, 2));
     let text: Vec<u8> = (0..60_000u32)
         .flat_map(|i| format!("line {i}\n").into_bytes())
         .collect();

@@ -26,13 +26,8 @@ fn multi_stream(
     block: Option<usize>,
     padding: usize,
 ) -> Vec<u8> {
-    let per = data.len().div_ceil(streams.max(1)).max(1);
     let mut out = Vec::new();
-    let mut pieces: Vec<&[u8]> = data.chunks(per).collect();
-    if pieces.is_empty() {
-        pieces.push(&[]);
-    }
-    for p in pieces {
+    for p in stream_pieces(data, streams) {
         out.extend(xz_encode(p, check, block));
         out.extend(std::iter::repeat_n(0u8, padding));
     }
@@ -61,18 +56,7 @@ proptest! {
         let r = XzReader::open_with_threshold(source(file), &o, threshold).unwrap();
         prop_assert_eq!(r.size(), data.len() as u64);
         prop_assert_eq!(r.format(), "xz");
-        for (off, n) in reads {
-            if data.is_empty() {
-                let mut b = [0u8; 1];
-                let oor = matches!(r.read_at(&mut b, 0), Err(Error::OutOfRange { .. }));
-                prop_assert!(oor);
-                break;
-            }
-            let off = off % data.len() as u64;
-            let n = n.min(data.len() - off as usize);
-            check_range(&r, &data, off, n);
-        }
-        check_extents(&r, &data);
+        check_reads(&r, &data, &reads);
     }
 }
 
@@ -329,28 +313,8 @@ fn concurrent_random_reads() {
         // small.
         let mut o = opts();
         o.cache_bytes = 512 << 10;
-        let r: Arc<dyn RandomAccess> =
-            Arc::new(XzReader::open_with_threshold(source(file), &o, threshold).unwrap());
-        let handles: Vec<_> = (0..8u64)
-            .map(|t| {
-                let r = r.clone();
-                let data = data.clone();
-                std::thread::spawn(move || {
-                    let mut x = t + 1;
-                    for _ in 0..200 {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        let off = x % data.len() as u64;
-                        let len = ((x >> 32) as usize % 100_000).min(data.len() - off as usize);
-                        check_range(&*r, &data, off, len);
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
+        let r = XzReader::open_with_threshold(source(file), &o, threshold).unwrap();
+        check_concurrent_reads(&r, &data, |t| t + 1);
     }
 }
 

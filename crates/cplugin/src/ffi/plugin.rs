@@ -293,6 +293,12 @@ impl Library {
         self.call(conn, capture, f, |&r| r == -1)
     }
 
+    /// A connection's data call whose status is all it returns (pread,
+    /// pwrite, flush, trim, zero, cache in both API versions).
+    fn handle_call(&self, conn: &Arc<Conn>, f: impl FnOnce() -> c_int) -> Option<CallResult<()>> {
+        Some(self.status(Some(conn), false, f).map(drop))
+    }
+
     /// Run one plugin call with a fresh error state, and work out the
     /// errno of a failure the way nbdkit does: `nbdkit_set_error`'s value,
     /// else errno when the plugin says it preserves errno, else EIO.
@@ -562,19 +568,11 @@ impl Library {
         if v2 {
             let f = self.p.pread?;
             // SAFETY: the plugin writes at most `count` bytes into `buf`.
-            Some(
-                self.status(Some(conn), false, || unsafe {
-                    f(h.0, ptr, count, offset, 0)
-                })
-                .map(drop),
-            )
+            self.handle_call(conn, || unsafe { f(h.0, ptr, count, offset, 0) })
         } else {
             let f = self.p.pread_v1?;
             // SAFETY: as above, API v1 signature.
-            Some(
-                self.status(Some(conn), false, || unsafe { f(h.0, ptr, count, offset) })
-                    .map(drop),
-            )
+            self.handle_call(conn, || unsafe { f(h.0, ptr, count, offset) })
         }
     }
 
@@ -592,19 +590,11 @@ impl Library {
         if v2 {
             let f = self.p.pwrite?;
             // SAFETY: the plugin reads `count` bytes from `buf`.
-            Some(
-                self.status(Some(conn), false, || unsafe {
-                    f(h.0, ptr, count, offset, flags)
-                })
-                .map(drop),
-            )
+            self.handle_call(conn, || unsafe { f(h.0, ptr, count, offset, flags) })
         } else {
             let f = self.p.pwrite_v1?;
             // SAFETY: as above, API v1 signature.
-            Some(
-                self.status(Some(conn), false, || unsafe { f(h.0, ptr, count, offset) })
-                    .map(drop),
-            )
+            self.handle_call(conn, || unsafe { f(h.0, ptr, count, offset) })
         }
     }
 
@@ -612,17 +602,11 @@ impl Library {
         if v2 {
             let f = self.p.flush?;
             // SAFETY: `int flush (void *handle, uint32_t flags)`.
-            Some(
-                self.status(Some(conn), false, || unsafe { f(h.0, 0) })
-                    .map(drop),
-            )
+            self.handle_call(conn, || unsafe { f(h.0, 0) })
         } else {
             let f = self.p.flush_v1?;
             // SAFETY: `int flush (void *handle)` (API v1).
-            Some(
-                self.status(Some(conn), false, || unsafe { f(h.0) })
-                    .map(drop),
-            )
+            self.handle_call(conn, || unsafe { f(h.0) })
         }
     }
 
@@ -638,19 +622,11 @@ impl Library {
         if v2 {
             let f = self.p.trim?;
             // SAFETY: `int trim (void *, uint32_t count, uint64_t offset, uint32_t flags)`.
-            Some(
-                self.status(Some(conn), false, || unsafe {
-                    f(h.0, count, offset, flags)
-                })
-                .map(drop),
-            )
+            self.handle_call(conn, || unsafe { f(h.0, count, offset, flags) })
         } else {
             let f = self.p.trim_v1?;
             // SAFETY: `int trim (void *, uint32_t count, uint64_t offset)` (v1).
-            Some(
-                self.status(Some(conn), false, || unsafe { f(h.0, count, offset) })
-                    .map(drop),
-            )
+            self.handle_call(conn, || unsafe { f(h.0, count, offset) })
         }
     }
 
@@ -666,22 +642,12 @@ impl Library {
         if v2 {
             let f = self.p.zero?;
             // SAFETY: `int zero (void *, uint32_t count, uint64_t offset, uint32_t flags)`.
-            Some(
-                self.status(Some(conn), false, || unsafe {
-                    f(h.0, count, offset, flags)
-                })
-                .map(drop),
-            )
+            self.handle_call(conn, || unsafe { f(h.0, count, offset, flags) })
         } else {
             let f = self.p.zero_v1?;
             let may_trim = (flags & crate::FLAG_MAY_TRIM != 0) as c_int;
             // SAFETY: `int zero (void *, uint32_t, uint64_t, int may_trim)` (v1).
-            Some(
-                self.status(Some(conn), false, || unsafe {
-                    f(h.0, count, offset, may_trim)
-                })
-                .map(drop),
-            )
+            self.handle_call(conn, || unsafe { f(h.0, count, offset, may_trim) })
         }
     }
 
@@ -715,10 +681,7 @@ impl Library {
     ) -> Option<CallResult<()>> {
         let f = self.p.cache?;
         // SAFETY: `int cache (void *, uint32_t, uint64_t, uint32_t flags)`.
-        Some(
-            self.status(Some(conn), false, || unsafe { f(h.0, count, offset, 0) })
-                .map(drop),
-        )
+        self.handle_call(conn, || unsafe { f(h.0, count, offset, 0) })
     }
 }
 

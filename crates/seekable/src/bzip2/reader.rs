@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::scan::{one_block_stream, Mark, Scanner};
-use crate::engine::{Codec, Engine, Segment};
+use crate::engine::{record, Codec, Engine, Segment};
 use crate::progressive::StreamDecoder;
 use crate::sync::LockExt;
-use crate::{Error, Options, Result, Source};
+use crate::{read_exact, Error, Options, Result, Source};
 
 /// A compressed bzip2 block holds at most 900 kB of BWT input; with
 /// Huffman tables and worst-case expansion it stays far below this.  Any
@@ -61,20 +61,7 @@ struct Candidate {
 }
 
 fn corrupt(name: &str, offset: u64, reason: impl Into<String>) -> Error {
-    Error::Corrupt {
-        name: name.to_string(),
-        format: "bzip2",
-        offset,
-        reason: reason.into(),
-    }
-}
-
-fn io_err(name: &str, offset: u64, e: std::io::Error) -> Error {
-    Error::Io {
-        name: name.to_string(),
-        offset,
-        source: e,
-    }
+    Error::corrupt(name, "bzip2", offset, reason)
 }
 
 fn level_of(header: &[u8]) -> Option<u8> {
@@ -98,7 +85,7 @@ impl Bzip2Reader {
         threshold: u64,
     ) -> Result<Bzip2Reader> {
         let name = opts.name.as_str();
-        let size = source.size().map_err(|e| io_err(name, 0, e))?;
+        let size = source.size().map_err(Error::io(name, 0))?;
         let (cands, stream_crcs) = find_candidates(&*source, name, size)?;
         let blocks = size_blocks(&source, name, &cands, opts.threads)?;
         check_stream_crcs(&*source, name, &blocks, &stream_crcs)?;
@@ -110,22 +97,18 @@ impl Bzip2Reader {
                 coffset: b.start_bit / 8,
             })
             .collect();
-        let total = blocks
-            .last()
-            .map(|b| b.uncompressed_offset + b.uncompressed_size)
-            .unwrap_or(0);
-        tracing::debug!(
-            "{name}: bzip2, {} blocks, {total} bytes decompressed",
-            blocks.len()
-        );
         let codec = BzCodec {
             source,
             name: name.to_string(),
             blocks,
         };
-        Ok(Bzip2Reader {
-            engine: Engine::new(codec, segs, total, opts, threshold, HashMap::new()),
-        })
+        let engine = Engine::new(codec, segs, opts, threshold, HashMap::new());
+        tracing::debug!(
+            "{name}: bzip2, {} blocks, {} bytes decompressed",
+            engine.codec().blocks.len(),
+            engine.size()
+        );
+        Ok(Bzip2Reader { engine })
     }
 
     /// The blocks (random-access points) found.
@@ -145,9 +128,7 @@ fn read_u32_at_bit(source: &dyn Source, name: &str, bit: u64) -> Result<u32> {
     let k = bit % 8;
     let n = (k + 32).div_ceil(8) as usize;
     let mut b = [0u8; 5];
-    source
-        .read_exact_at(&mut b[..n], byte)
-        .map_err(|e| io_err(name, byte, e))?;
+    read_exact(source, name, &mut b[..n], byte)?;
     let v = b.iter().fold(0u64, |a, &x| (a << 8) | u64::from(x));
     Ok((v >> (8 - k)) as u32)
 }
@@ -197,9 +178,7 @@ fn find_candidates(
     if size < 4 {
         return Err(corrupt(name, 0, "too short for a bzip2 header"));
     }
-    source
-        .read_exact_at(&mut header, 0)
-        .map_err(|e| io_err(name, 0, e))?;
+    read_exact(source, name, &mut header, 0)?;
     let mut level = level_of(&header).ok_or_else(|| corrupt(name, 0, "bad bzip2 stream header"))?;
 
     let mut scanner = Scanner::default();
@@ -208,9 +187,7 @@ fn find_candidates(
     let mut pos = 0u64;
     while pos < size {
         let n = (size - pos).min(buf.len() as u64) as usize;
-        source
-            .read_exact_at(&mut buf[..n], pos)
-            .map_err(|e| io_err(name, pos, e))?;
+        read_exact(source, name, &mut buf[..n], pos)?;
         scanner.feed(&buf[..n], &mut marks);
         pos += n as u64;
     }
@@ -258,9 +235,7 @@ fn find_candidates(
                 let end_byte = (b + 80).div_ceil(8);
                 let next_level = if end_byte + 4 <= size {
                     let mut h = [0u8; 4];
-                    source
-                        .read_exact_at(&mut h, end_byte)
-                        .map_err(|e| io_err(name, end_byte, e))?;
+                    read_exact(source, name, &mut h, end_byte)?;
                     level_of(&h)
                 } else {
                     None
@@ -395,10 +370,7 @@ impl Codec for BzCodec {
     }
 
     fn open_segment(&self, index: usize, _seg: &Segment) -> Result<Box<dyn StreamDecoder>> {
-        let b = *self
-            .blocks
-            .get(index)
-            .ok_or_else(|| corrupt(&self.name, 0, format!("no block {index}")))?;
+        let b = record(&self.blocks, index, &self.name, "bzip2", "block")?;
         Ok(Box::new(BlockStream::new(
             &self.source,
             &self.name,
@@ -427,9 +399,7 @@ impl BlockStream {
         }
         let last = end.div_ceil(8);
         let mut bytes = vec![0u8; (last - offset) as usize];
-        source
-            .read_exact_at(&mut bytes, offset)
-            .map_err(|e| io_err(name, offset, e))?;
+        read_exact(source, name, &mut bytes, offset)?;
         let input = one_block_stream(&bytes, offset, start, end, level)
             .ok_or_else(|| corrupt(name, offset, "block too short"))?;
         Ok(BlockStream {

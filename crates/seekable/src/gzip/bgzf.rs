@@ -28,12 +28,7 @@ const HEAD: usize = 512;
 const MAX_RATIO: u64 = 1032;
 
 fn corrupt(name: &str, offset: u64, reason: String) -> Error {
-    Error::Corrupt {
-        name: name.to_string(),
-        format: "gzip",
-        offset,
-        reason,
-    }
+    Error::corrupt(name, "gzip", offset, reason)
 }
 
 /// The decompressed size of a file whose members are all BGZF, computed
@@ -48,17 +43,12 @@ pub fn bgzf_size_with(
     file_size: u64,
     read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
 ) -> Result<Option<u64>> {
-    let io = |offset: u64, e: std::io::Error| Error::Io {
-        name: name.to_string(),
-        offset,
-        source: e,
-    };
     let mut off = 0u64;
     let mut total = 0u64;
     let mut head = vec![0u8; HEAD];
     while off < file_size {
         let n = (file_size - off).min(HEAD as u64) as usize;
-        read(off, &mut head[..n]).map_err(|e| io(off, e))?;
+        read(off, &mut head[..n]).map_err(Error::io(name, off))?;
         let h = match parse_header(&head[..n]) {
             Ok(h) => h,
             Err(_) if head[0] == 0 => {
@@ -102,7 +92,7 @@ pub fn bgzf_size_with(
             ));
         }
         let mut isize = [0u8; 4];
-        read(end - 4, &mut isize).map_err(|e| io(end - 4, e))?;
+        read(end - 4, &mut isize).map_err(Error::io(name, end - 4))?;
         let isize = u32::from_le_bytes(isize);
         let payload = len - h.len as u64 - 8;
         if isize > BGZF_MAX_ISIZE || u64::from(isize) > payload.max(1) * MAX_RATIO {
@@ -138,11 +128,7 @@ fn zero_tail(
     let mut buf = vec![0u8; 64 << 10];
     while off < file_size {
         let n = (file_size - off).min(buf.len() as u64) as usize;
-        read(off, &mut buf[..n]).map_err(|e| Error::Io {
-            name: name.to_string(),
-            offset: off,
-            source: e,
-        })?;
+        read(off, &mut buf[..n]).map_err(Error::io(name, off))?;
         if !crate::is_zero(&buf[..n]) {
             return Ok(false);
         }

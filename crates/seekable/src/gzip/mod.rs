@@ -55,7 +55,7 @@ pub use progress::WalkProgress;
 use crate::flight::Flights;
 use crate::pool::Pool;
 use crate::sync::{CondvarExt, LockExt};
-use crate::{BlockCache, Error, Extent, Options, RandomAccess, Result, Source};
+use crate::{read_exact, BlockCache, Error, Extent, Options, RandomAccess, Result, Source};
 use index::checkpoint_for;
 
 const FORMAT: &str = "gzip";
@@ -219,22 +219,9 @@ impl Shared {
     fn error(&self, f: &Fail) -> Error {
         let name = self.name.clone();
         match &f.kind {
-            FailKind::Corrupt => Error::Corrupt {
-                name,
-                format: FORMAT,
-                offset: f.offset,
-                reason: f.reason.clone(),
-            },
-            FailKind::Io(k) => Error::Io {
-                name,
-                offset: f.offset,
-                source: io::Error::new(*k, f.reason.clone()),
-            },
-            FailKind::Unsupported => Error::Unsupported {
-                name,
-                format: FORMAT,
-                reason: f.reason.clone(),
-            },
+            FailKind::Corrupt => Error::corrupt(&name, FORMAT, f.offset, f.reason.clone()),
+            FailKind::Io(k) => Error::io(&name, f.offset)(io::Error::new(*k, f.reason.clone())),
+            FailKind::Unsupported => Error::unsupported(&name, FORMAT, f.reason.clone()),
         }
     }
 
@@ -525,23 +512,18 @@ impl GzipReader {
     ) -> Result<GzipReader> {
         let name = opts.name.clone();
         if !(index::MIN_SPAN..=index::MAX_SPAN).contains(&gz.span) {
-            return Err(Error::Unsupported {
-                name,
-                format: FORMAT,
-                reason: format!(
+            return Err(Error::unsupported(
+                &name,
+                FORMAT,
+                format!(
                     "span {} outside {}..={}",
                     gz.span,
                     index::MIN_SPAN,
                     index::MAX_SPAN
                 ),
-            });
+            ));
         }
-        let io_err = |offset, source| Error::Io {
-            name: opts.name.clone(),
-            offset,
-            source,
-        };
-        let comp_size = source.size().map_err(|e| io_err(0, e))?;
+        let comp_size = source.size().map_err(Error::io(&opts.name, 0))?;
         let mut magic = [0u8; 2];
         if comp_size < 2 || source.read_exact_at(&mut magic, 0).is_err() || !is_gzip_magic(&magic) {
             return Err(Error::UnknownFormat { name });
@@ -549,9 +531,7 @@ impl GzipReader {
         let hash_at = |off: u64| -> Result<u64> {
             let n = ID_BYTES.min(comp_size - off) as usize;
             let mut b = vec![0u8; n];
-            source
-                .read_exact_at(&mut b, off)
-                .map_err(|e| io_err(off, e))?;
+            read_exact(&source, &opts.name, &mut b, off)?;
             Ok(fnv1a64(&b))
         };
         let identity = Identity {
@@ -620,11 +600,7 @@ impl GzipReader {
             }
             return Ok(GzipReader::new(sh));
         }
-        start_walk(sh.clone()).map_err(|e| Error::Io {
-            name: sh.name.clone(),
-            offset: 0,
-            source: e,
-        })?;
+        start_walk(sh.clone()).map_err(Error::io(&sh.name, 0))?;
         Ok(GzipReader::new(sh))
     }
 

@@ -30,7 +30,7 @@ use lru::LruCache;
 pub use header::{Compression, Header, HeaderError, Snapshot};
 
 use crate::sync::{LockExt, RwLockExt};
-use crate::{Error, Extent, RandomAccess, Result, Source};
+use crate::{read_exact, Error, Extent, RandomAccess, Result, Source};
 
 const FORMAT: &str = "qcow2";
 
@@ -125,13 +125,9 @@ impl BackingImage {
             return Ok(());
         }
         match self {
-            BackingImage::Raw { source, name, .. } => {
-                source.read_exact_at(inside, offset).map_err(|e| Error::Io {
-                    name: name.clone(),
-                    offset,
-                    source: e,
-                })
-            }
+            BackingImage::Raw { source, name, .. } => source
+                .read_exact_at(inside, offset)
+                .map_err(Error::io(name, offset)),
             BackingImage::Qcow2(q) => q.read_at(inside, offset),
         }
     }
@@ -217,30 +213,18 @@ impl Qcow2Reader {
     }
 
     fn corrupt(name: &str, offset: u64, reason: impl Into<String>) -> Error {
-        Error::Corrupt {
-            name: name.to_string(),
-            format: FORMAT,
-            offset,
-            reason: reason.into(),
-        }
+        Error::corrupt(name, FORMAT, offset, reason)
     }
 
     fn open_at_depth(source: Arc<dyn Source>, opts: &Qcow2Options, depth: usize) -> Result<Self> {
         let name = opts.name.clone();
-        let io_err = |offset: u64, e: io::Error| Error::Io {
-            name: name.clone(),
-            offset,
-            source: e,
-        };
-        let source_size = source.size().map_err(|e| io_err(0, e))?;
+        let source_size = source.size().map_err(Error::io(&name, 0))?;
         // The header and its extensions fill (at most) the first cluster,
         // whose size the header says: read a sector to learn it, then the
         // rest of the cluster, rather than the largest cluster size (2 MiB
         // over HTTP for a 64 KiB-cluster image).
         let mut first = vec![0u8; source_size.min(512) as usize];
-        source
-            .read_exact_at(&mut first, 0)
-            .map_err(|e| io_err(0, e))?;
+        read_exact(&source, &name, &mut first, 0)?;
         let cluster = match first.get(20..24) {
             Some(b) => match u32::from_be_bytes(b.try_into().expect("4 bytes")) {
                 bits @ 9..=21 => 1u64 << bits,
@@ -252,17 +236,11 @@ impl Qcow2Reader {
         if cluster.min(source_size) > first.len() as u64 {
             let have = first.len();
             first.resize(cluster.min(source_size) as usize, 0);
-            source
-                .read_exact_at(&mut first[have..], have as u64)
-                .map_err(|e| io_err(have as u64, e))?;
+            read_exact(&source, &name, &mut first[have..], have as u64)?;
         }
         let header = header::parse(&first).map_err(|e| match e {
             HeaderError::Corrupt { offset, reason } => Self::corrupt(&name, offset, reason),
-            HeaderError::Unsupported(reason) => Error::Unsupported {
-                name: name.clone(),
-                format: FORMAT,
-                reason,
-            },
+            HeaderError::Unsupported(reason) => Error::unsupported(&name, FORMAT, reason),
         })?;
         drop(first);
 
@@ -304,9 +282,7 @@ impl Qcow2Reader {
             ));
         }
         let mut raw = vec![0u8; l1_bytes as usize];
-        source
-            .read_exact_at(&mut raw, l1_offset)
-            .map_err(|e| io_err(l1_offset, e))?;
+        read_exact(&source, &name, &mut raw, l1_offset)?;
         let l1: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
@@ -339,11 +315,11 @@ impl Qcow2Reader {
         want: &str,
     ) -> Result<Snapshot> {
         if header.nb_snapshots == 0 {
-            return Err(Error::Unsupported {
-                name: name.into(),
-                format: FORMAT,
-                reason: format!("snapshot {want}: the image has no snapshots"),
-            });
+            return Err(Error::unsupported(
+                name,
+                FORMAT,
+                format!("snapshot {want}: the image has no snapshots"),
+            ));
         }
         // Each entry is at most 40 + 64 KiB of extra data and names; read
         // the table a piece at a time would be kinder, but qemu itself
@@ -358,21 +334,11 @@ impl Qcow2Reader {
             ));
         }
         let mut table = vec![0u8; len as usize];
-        source
-            .read_exact_at(&mut table, at)
-            .map_err(|e| Error::Io {
-                name: name.into(),
-                offset: at,
-                source: e,
-            })?;
+        read_exact(source, name, &mut table, at)?;
         let snaps =
             header::parse_snapshots(&table, header.nb_snapshots, at).map_err(|e| match e {
                 HeaderError::Corrupt { offset, reason } => Self::corrupt(name, offset, reason),
-                HeaderError::Unsupported(reason) => Error::Unsupported {
-                    name: name.into(),
-                    format: FORMAT,
-                    reason,
-                },
+                HeaderError::Unsupported(reason) => Error::unsupported(name, FORMAT, reason),
             })?;
         // As qemu: an ID first, then a name.
         snaps
@@ -385,11 +351,11 @@ impl Qcow2Reader {
                     .iter()
                     .map(|s| format!("{} ({})", s.id, s.name))
                     .collect();
-                Error::Unsupported {
-                    name: name.into(),
-                    format: FORMAT,
-                    reason: format!("no snapshot {want}; the image has {}", have.join(", ")),
-                }
+                Error::unsupported(
+                    name,
+                    FORMAT,
+                    format!("no snapshot {want}; the image has {}", have.join(", ")),
+                )
             })
     }
 
@@ -404,39 +370,40 @@ impl Qcow2Reader {
             (Backing::FromHeader, None) => return Ok(None),
             (Backing::FromHeader, Some(b)) => {
                 if b.contains("://") || b.starts_with("json:") {
-                    return Err(Error::Unsupported {
-                        name: opts.name.clone(),
-                        format: FORMAT,
-                        reason: format!(
+                    return Err(Error::unsupported(
+                        &opts.name,
+                        FORMAT,
+                        format!(
                             "backing file {b:?} is not a local file: give backing=PATH or backing=none"
                         ),
-                    });
+                    ));
                 }
                 let dir = Path::new(&opts.name).parent().unwrap_or(Path::new(""));
                 dir.join(b).to_string_lossy().into_owned()
             }
         };
         if depth + 1 >= MAX_CHAIN {
-            return Err(Error::Unsupported {
-                name: opts.name.clone(),
-                format: FORMAT,
-                reason: format!("backing chain deeper than {MAX_CHAIN} (a loop?) at {path}"),
-            });
+            return Err(Error::unsupported(
+                &opts.name,
+                FORMAT,
+                format!("backing chain deeper than {MAX_CHAIN} (a loop?) at {path}"),
+            ));
         }
-        let open = opts.open.as_ref().ok_or_else(|| Error::Unsupported {
-            name: opts.name.clone(),
-            format: FORMAT,
-            reason: format!(
-                "the image has a backing file ({path}) that cannot be opened from here: give backing=PATH or backing=none"
-            ),
+        let open = opts.open.as_ref().ok_or_else(|| {
+            Error::unsupported(
+                &opts.name,
+                FORMAT,
+                format!(
+                    "the image has a backing file ({path}) that cannot be opened from here: give backing=PATH or backing=none"
+                ),
+            )
         })?;
-        let source = open(&path).map_err(|e| Error::Io {
-            name: path.clone(),
-            offset: 0,
-            source: io::Error::new(
+        let source = open(&path).map_err(|e| {
+            let e = io::Error::new(
                 e.kind(),
                 format!("opening the backing file of {}: {e}", opts.name),
-            ),
+            );
+            Error::io(&path, 0)(e)
         })?;
         let format = match opts
             .backing_format
@@ -455,11 +422,7 @@ impl Qcow2Reader {
         };
         match format.as_str() {
             "raw" => {
-                let size = source.size().map_err(|e| Error::Io {
-                    name: path.clone(),
-                    offset: 0,
-                    source: e,
-                })?;
+                let size = source.size().map_err(Error::io(&path, 0))?;
                 Ok(Some(BackingImage::Raw {
                     source,
                     size,
@@ -480,11 +443,11 @@ impl Qcow2Reader {
                     depth + 1,
                 )?))))
             }
-            other => Err(Error::Unsupported {
-                name: opts.name.clone(),
-                format: FORMAT,
-                reason: format!("backing file format {other:?} (raw and qcow2 are supported)"),
-            }),
+            other => Err(Error::unsupported(
+                &opts.name,
+                FORMAT,
+                format!("backing file format {other:?} (raw and qcow2 are supported)"),
+            )),
         }
     }
 
@@ -543,13 +506,7 @@ impl Qcow2Reader {
             ));
         }
         let mut raw = vec![0u8; cs as usize];
-        self.source
-            .read_exact_at(&mut raw, offset)
-            .map_err(|e| Error::Io {
-                name: self.name.clone(),
-                offset,
-                source: e,
-            })?;
+        read_exact(&self.source, &self.name, &mut raw, offset)?;
         let table: Arc<[u64]> = raw
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
@@ -660,13 +617,7 @@ impl Qcow2Reader {
             return Ok(c.clone());
         }
         let mut input = vec![0u8; len as usize];
-        self.source
-            .read_exact_at(&mut input, host)
-            .map_err(|e| Error::Io {
-                name: self.name.clone(),
-                offset: host,
-                source: e,
-            })?;
+        read_exact(&self.source, &self.name, &mut input, host)?;
         let cs = self.header.cluster_size() as usize;
         let mut out = vec![0u8; cs];
         let bad = |why: String| {
@@ -742,11 +693,8 @@ impl Qcow2Reader {
             .checked_add(buf.len() as u64)
             .is_none_or(|end| end > self.size)
         {
-            return Err(Error::Io {
-                name: self.name.clone(),
-                offset,
-                source: io::Error::new(io::ErrorKind::UnexpectedEof, "read past the virtual size"),
-            });
+            let e = io::Error::new(io::ErrorKind::UnexpectedEof, "read past the virtual size");
+            return Err(Error::io(&self.name, offset)(e));
         }
         // Data clusters that lie one after another in the file (the usual
         // case for an image written sequentially) are read with one call:
@@ -808,13 +756,7 @@ impl Qcow2Reader {
         let (inside, beyond) = part.split_at_mut(have);
         beyond.fill(0);
         if !inside.is_empty() {
-            self.source
-                .read_exact_at(inside, host)
-                .map_err(|e| Error::Io {
-                    name: self.name.clone(),
-                    offset: host,
-                    source: e,
-                })?;
+            read_exact(&self.source, &self.name, inside, host)?;
         }
         Ok(())
     }

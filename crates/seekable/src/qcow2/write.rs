@@ -55,7 +55,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use super::{Qcow2Reader, FORMAT, L2_COMPRESSED, L2_ZERO, OFFSET_MASK};
 use crate::sync::{CondvarExt, LockExt, RwLockExt};
-use crate::{Error, Result};
+use crate::{read_exact, Error, Result};
 
 /// Where a writer's bytes go: the image file, which can grow.
 pub trait Sink: Send + Sync {
@@ -208,11 +208,8 @@ impl Qcow2Writer {
     /// with [`Error::Unsupported`] saying why.
     pub fn new(image: Arc<Qcow2Reader>, sink: Arc<dyn Sink>, cache_bytes: u64) -> Result<Self> {
         let h = &image.header;
-        let refuse = |reason: &str| Error::Unsupported {
-            name: image.name.clone(),
-            format: FORMAT,
-            reason: format!("writing {reason}"),
-        };
+        let refuse =
+            |reason: &str| Error::unsupported(&image.name, FORMAT, format!("writing {reason}"));
         if h.corrupt {
             return Err(refuse(
                 "an image marked corrupt: repair it first with qemu-img check -r all",
@@ -254,14 +251,12 @@ impl Qcow2Writer {
             ));
         }
         let mut raw = vec![0u8; table_bytes as usize];
-        image
-            .source
-            .read_exact_at(&mut raw, h.refcount_table_offset)
-            .map_err(|e| Error::Io {
-                name: image.name.clone(),
-                offset: h.refcount_table_offset,
-                source: e,
-            })?;
+        read_exact(
+            &image.source,
+            &image.name,
+            &mut raw,
+            h.refcount_table_offset,
+        )?;
         let table = raw.chunks_exact(8).map(be64).collect();
         let budget = cache_bytes.max(16 * cs);
         Ok(Qcow2Writer {
@@ -291,22 +286,14 @@ impl Qcow2Writer {
         &self.image
     }
 
-    fn io(&self, offset: u64, e: io::Error) -> Error {
-        Error::Io {
-            name: self.image.name.clone(),
-            offset,
-            source: e,
-        }
-    }
-
     fn put(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.sink
             .write_all_at(buf, offset)
-            .map_err(|e| self.io(offset, e))
+            .map_err(Error::io(&self.image.name, offset))
     }
 
     fn sync_file(&self) -> Result<()> {
-        self.sink.flush().map_err(|e| self.io(0, e))
+        self.sink.flush().map_err(Error::io(&self.image.name, 0))
     }
 
     fn out_of_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -518,13 +505,11 @@ impl Qcow2Writer {
             m.l1_dirty.insert(l1_index as usize);
             Ok(at)
         } else if l1 & COPIED == 0 {
-            Err(Error::Unsupported {
-                name: self.image.name.clone(),
-                format: FORMAT,
-                reason: format!(
-                    "writing: the L2 table of L1 entry {l1_index} is shared (no COPIED flag)"
-                ),
-            })
+            Err(Error::unsupported(
+                &self.image.name,
+                FORMAT,
+                format!("writing: the L2 table of L1 entry {l1_index} is shared (no COPIED flag)"),
+            ))
         } else {
             Ok(l1 & OFFSET_MASK)
         }
@@ -614,7 +599,7 @@ impl Qcow2Writer {
             self.image
                 .source
                 .read_exact_at(&mut data, at)
-                .map_err(|e| self.io(at, e))?;
+                .map_err(Error::io(&self.image.name, at))?;
             m.blocks.insert(at, RefBlock { data, dirty: false });
         }
         Ok(m.blocks.get_mut(&at))
@@ -673,17 +658,13 @@ impl Qcow2Writer {
         let want = need.max(m.table.len() * 2) + 2;
         let k = (want as u64 * 8).div_ceil(cs);
         if k * cs > MAX_REFTABLE_BYTES {
-            return Err(Error::Io {
-                name: self.image.name.clone(),
-                offset: m.next_free,
-                source: io::Error::new(
-                    io::ErrorKind::StorageFull,
-                    format!(
-                        "the refcount table would need more than {} MiB",
-                        MAX_REFTABLE_BYTES >> 20
-                    ),
+            return Err(Error::io(&self.image.name, m.next_free)(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "the refcount table would need more than {} MiB",
+                    MAX_REFTABLE_BYTES >> 20
                 ),
-            });
+            )));
         }
         let old = (m.table_offset, m.table_clusters);
         m.table.resize((k * cs / 8) as usize, 0);
@@ -734,7 +715,9 @@ impl Qcow2Writer {
         }
         let step = self.image.header.cluster_size().max(1 << 20);
         let new = end.next_multiple_of(step);
-        self.sink.extend(new).map_err(|e| self.io(new, e))?;
+        self.sink
+            .extend(new)
+            .map_err(Error::io(&self.image.name, new))?;
         m.file_size = new;
         self.image.source_size.fetch_max(new, Ordering::AcqRel);
         Ok(())

@@ -188,20 +188,11 @@ struct RawStream {
 
 impl Parser<'_> {
     fn corrupt(&self, offset: u64, reason: impl Into<String>) -> Error {
-        Error::Corrupt {
-            name: self.name.to_string(),
-            format: "xz",
-            offset,
-            reason: reason.into(),
-        }
+        Error::corrupt(self.name, "xz", offset, reason)
     }
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        (self.read)(offset, buf).map_err(|e| Error::Io {
-            name: self.name.to_string(),
-            offset,
-            source: e,
-        })
+        (self.read)(offset, buf).map_err(Error::io(self.name, offset))
     }
 
     fn parse(&mut self, file_size: u64) -> Result<XzIndex> {

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use liblzma_sys as lz;
 
 use super::index::{XzBlock, XzCheck, XzIndex};
-use crate::engine::{Codec, Engine, Segment};
+use crate::engine::{record, Codec, Engine, Segment};
 use crate::lzma_unit::LzmaUnit;
 use crate::progressive::StreamDecoder;
-use crate::{Error, Options, Result, Source};
+use crate::{read_exact, Error, Options, Result, Source};
 
 /// Dictionaries larger than this are refused: the decoder allocates the
 /// whole dictionary up front, so a hostile header could otherwise ask for
@@ -50,11 +50,7 @@ impl XzReader {
         opts: &Options,
         threshold: u64,
     ) -> Result<XzReader> {
-        let file_size = source.size().map_err(|e| Error::Io {
-            name: opts.name.clone(),
-            offset: 0,
-            source: e,
-        })?;
+        let file_size = source.size().map_err(Error::io(&opts.name, 0))?;
         let src = source.clone();
         let index = XzIndex::parse_with(&opts.name, file_size, &mut |off, buf| {
             src.read_exact_at(buf, off)
@@ -68,13 +64,12 @@ impl XzReader {
                 coffset: b.compressed_offset,
             })
             .collect();
-        let size = index.uncompressed_size;
         tracing::debug!(
             "{}: xz, {} streams, {} blocks, {} bytes decompressed",
             opts.name,
             index.streams.len(),
             index.blocks.len(),
-            size
+            index.uncompressed_size
         );
         let codec = XzCodec {
             source,
@@ -82,30 +77,13 @@ impl XzReader {
             index,
         };
         Ok(XzReader {
-            engine: Engine::new(codec, segs, size, opts, threshold, HashMap::new()),
+            engine: Engine::new(codec, segs, opts, threshold, HashMap::new()),
         })
     }
 
     /// The parsed index: streams, blocks and their boundaries.
     pub fn index(&self) -> &XzIndex {
         &self.engine.codec().index
-    }
-
-    /// Decoded bytes currently held in the block cache.
-    pub fn cached_bytes(&self) -> u64 {
-        self.engine.cached_bytes()
-    }
-
-    /// Decoded bytes written to the scratch-file cache tier so far.
-    pub fn scratch_cached_bytes(&self) -> u64 {
-        self.engine.scratch_cached_bytes()
-    }
-
-    /// Non-zero bytes of all this reader's scratch files (progressive
-    /// blocks/frames and the scratch-cache tier), which the scratch bound
-    /// ([`Options::scratch_bytes`](crate::Options::scratch_bytes)) caps.
-    pub fn scratch_bytes(&self) -> u64 {
-        self.engine.scratch_bytes()
     }
 }
 
@@ -117,12 +95,7 @@ impl Codec for XzCodec {
     }
 
     fn open_segment(&self, index: usize, _seg: &Segment) -> Result<Box<dyn StreamDecoder>> {
-        let block = *self.index.blocks.get(index).ok_or_else(|| Error::Corrupt {
-            name: self.name.clone(),
-            format: "xz",
-            offset: 0,
-            reason: format!("no block {index}"),
-        })?;
+        let block = record(&self.index.blocks, index, &self.name, "xz", "block")?;
         Ok(Box::new(BlockStream::new(
             self.source.clone(),
             &self.name,
@@ -154,28 +127,17 @@ unsafe impl Send for BlockStream {}
 impl BlockStream {
     fn new(source: Arc<dyn Source>, name: &str, number: usize, block: XzBlock) -> Result<Self> {
         let start = block.compressed_offset;
-        let io_err = |offset, e| Error::Io {
-            name: name.to_string(),
-            offset,
-            source: e,
-        };
-        let corrupt = |reason: String| Error::Corrupt {
-            name: name.to_string(),
-            format: "xz",
-            offset: start,
-            reason: format!("block {number}: {reason}"),
-        };
+        let corrupt =
+            |reason: String| Error::corrupt(name, "xz", start, format!("block {number}: {reason}"));
         if let XzCheck::Reserved(id) = block.check {
-            return Err(Error::Unsupported {
-                name: name.to_string(),
-                format: "xz",
-                reason: format!("integrity check type {id}"),
-            });
+            return Err(Error::unsupported(
+                name,
+                "xz",
+                format!("integrity check type {id}"),
+            ));
         }
         let mut first = [0u8; 1];
-        source
-            .read_exact_at(&mut first, start)
-            .map_err(|e| io_err(start, e))?;
+        read_exact(&source, name, &mut first, start)?;
         if first[0] == 0 {
             return Err(corrupt(
                 "index indicator where a block header should be".into(),
@@ -186,9 +148,7 @@ impl BlockStream {
             return Err(corrupt("block header larger than the block".into()));
         }
         let mut header = vec![0u8; header_size as usize];
-        source
-            .read_exact_at(&mut header, start)
-            .map_err(|e| io_err(start, e))?;
+        read_exact(&source, name, &mut header, start)?;
 
         // SAFETY: all-zero is the documented initial state of both structs
         // (LZMA_STREAM_INIT, and lzma_block's reserved fields must be 0).
@@ -214,11 +174,11 @@ impl BlockStream {
             match ret {
                 lz::LZMA_OK => {}
                 lz::LZMA_OPTIONS_ERROR => {
-                    return Err(Error::Unsupported {
-                        name: name.to_string(),
-                        format: "xz",
-                        reason: format!("block {number} at offset {start}: filter chain"),
-                    })
+                    return Err(Error::unsupported(
+                        name,
+                        "xz",
+                        format!("block {number} at offset {start}: filter chain"),
+                    ))
                 }
                 _ => return Err(corrupt("invalid block header (CRC32 or fields)".into())),
             }
@@ -229,14 +189,14 @@ impl BlockStream {
                     // SAFETY: for LZMA1/2 liblzma allocates lzma_options_lzma.
                     let dict = unsafe { (*(f.options as *const lz::lzma_options_lzma)).dict_size };
                     if dict > MAX_DICT {
-                        return Err(Error::Unsupported {
-                            name: name.to_string(),
-                            format: "xz",
-                            reason: format!(
+                        return Err(Error::unsupported(
+                            name,
+                            "xz",
+                            format!(
                                 "block {number} at offset {start}: dictionary of {} MiB",
                                 dict >> 20
                             ),
-                        });
+                        ));
                     }
                 }
             }
@@ -256,16 +216,12 @@ impl BlockStream {
             // SAFETY: lblock and its filter chain are valid; strm is fresh.
             match unsafe { lz::lzma_block_decoder(&mut strm, &mut *lblock) } {
                 lz::LZMA_OK => Ok(()),
-                lz::LZMA_MEM_ERROR => Err(Error::Io {
-                    name: name.to_string(),
-                    offset: start,
-                    source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-                }),
-                lz::LZMA_OPTIONS_ERROR => Err(Error::Unsupported {
-                    name: name.to_string(),
-                    format: "xz",
-                    reason: format!("block {number} at offset {start}: filter options"),
-                }),
+                lz::LZMA_MEM_ERROR => Err(Error::oom(name, start)),
+                lz::LZMA_OPTIONS_ERROR => Err(Error::unsupported(
+                    name,
+                    "xz",
+                    format!("block {number} at offset {start}: filter options"),
+                )),
                 r => Err(corrupt(format!("cannot start block decoder ({r})"))),
             }
         })();

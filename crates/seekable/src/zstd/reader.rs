@@ -19,10 +19,10 @@ use super::seek_table::{
     parse_frame_header, SeekTable, FRAME_MAGIC, MAX_FRAME_HEADER, SKIPPABLE_BASE, SKIPPABLE_MASK,
 };
 use super::xxh64::Xxh64;
-use crate::engine::{Codec, Engine, ResumableDecoder, Segment};
-use crate::progressive::{Progressive, StreamDecoder};
+use crate::engine::{record, Codec, Engine, ResumableDecoder, Segment};
+use crate::progressive::{Input, Progressive, StreamDecoder};
 use crate::sync::LockExt;
-use crate::{Error, Options, Result, Source};
+use crate::{read_exact, Error, Options, Result, Source};
 
 /// The seek table has no checksum of its own, and a frame's place in the
 /// disk is the sum of the sizes before it, so one wrong size would move
@@ -36,26 +36,20 @@ fn check_recorded_sizes(source: &dyn Source, name: &str, table: &SeekTable) -> R
     let mut head = [0u8; MAX_FRAME_HEADER];
     for f in &table.frames {
         let n = (MAX_FRAME_HEADER as u64).min(f.compressed_size) as usize;
-        source
-            .read_exact_at(&mut head[..n], f.compressed_offset)
-            .map_err(|e| Error::Io {
-                name: name.to_string(),
-                offset: f.compressed_offset,
-                source: e,
-            })?;
+        read_exact(source, name, &mut head[..n], f.compressed_offset)?;
         let fh =
             parse_frame_header(&head[..n], f.compressed_offset).map_err(|e| rename(e, name))?;
         if let Some(recorded) = fh.content_size {
             if recorded != f.decompressed_size {
-                return Err(Error::Corrupt {
-                    name: name.to_string(),
-                    format: "zstd",
-                    offset: f.compressed_offset,
-                    reason: format!(
+                return Err(Error::corrupt(
+                    name,
+                    "zstd",
+                    f.compressed_offset,
+                    format!(
                         "the frame records {recorded} bytes but the seek table says {}",
                         f.decompressed_size
                     ),
-                });
+                ));
             }
         }
     }
@@ -107,12 +101,7 @@ fn rename(e: Error, name: &str) -> Error {
             offset,
             reason,
             ..
-        } => Error::Corrupt {
-            name: name.to_string(),
-            format,
-            offset,
-            reason,
-        },
+        } => Error::corrupt(name, format, offset, reason),
         other => other,
     }
 }
@@ -131,45 +120,34 @@ impl ZstdReader {
         threshold: u64,
     ) -> Result<ZstdReader> {
         let name = opts.name.as_str();
-        let io = |offset: u64| {
-            move |e| Error::Io {
-                name: name.to_string(),
-                offset,
-                source: e,
-            }
-        };
-        let file_size = source.size().map_err(io(0))?;
+        let file_size = source.size().map_err(Error::io(name, 0))?;
         if file_size == 0 {
             // `zstd -d` rejects it too: a zstd file has at least one frame.
-            return Err(Error::Corrupt {
-                name: name.to_string(),
-                format: "zstd",
-                offset: 0,
-                reason: "empty file (a zstd file holds at least one frame)".into(),
-            });
+            return Err(Error::corrupt(
+                name,
+                "zstd",
+                0,
+                "empty file (a zstd file holds at least one frame)",
+            ));
         }
 
         // The seek table, if the file ends with one.
         let mut table = None;
         if file_size >= 9 {
             let mut footer = [0u8; 9];
-            source
-                .read_exact_at(&mut footer, file_size - 9)
-                .map_err(io(file_size - 9))?;
+            read_exact(&source, name, &mut footer, file_size - 9)?;
             if let Some(tsize) = SeekTable::table_size_from_footer(&footer) {
                 let tsize = tsize.map_err(|e| rename(e, name))?;
                 if tsize > file_size {
-                    return Err(Error::Corrupt {
-                        name: name.to_string(),
-                        format: "zstd",
-                        offset: file_size - 9,
-                        reason: format!("seek table of {tsize} bytes is larger than the file"),
-                    });
+                    return Err(Error::corrupt(
+                        name,
+                        "zstd",
+                        file_size - 9,
+                        format!("seek table of {tsize} bytes is larger than the file"),
+                    ));
                 }
                 let mut tail = vec![0u8; tsize as usize];
-                source
-                    .read_exact_at(&mut tail, file_size - tsize)
-                    .map_err(io(file_size - tsize))?;
+                read_exact(&source, name, &mut tail, file_size - tsize)?;
                 let t = SeekTable::parse(&tail, file_size).map_err(|e| rename(e, name))?;
                 check_recorded_sizes(&*source, name, &t)?;
                 table = Some(t);
@@ -199,10 +177,6 @@ impl ZstdReader {
                 ZstdLayout::Frames,
             ),
         };
-        let size = frames
-            .last()
-            .map(|f| f.decompressed_offset + f.decompressed_size)
-            .unwrap_or(0);
         let segs = frames
             .iter()
             .map(|f| Segment {
@@ -211,20 +185,19 @@ impl ZstdReader {
                 coffset: f.compressed_offset,
             })
             .collect();
-        tracing::debug!(
-            "{name}: zstd ({layout:?}), {} frames, {size} bytes decompressed",
-            frames.len()
-        );
         let codec = ZstdCodec {
             source,
             name: name.to_string(),
             frames,
             checksums,
         };
-        Ok(ZstdReader {
-            engine: Engine::new(codec, segs, size, opts, threshold, pre),
-            layout,
-        })
+        let engine = Engine::new(codec, segs, opts, threshold, pre);
+        tracing::debug!(
+            "{name}: zstd ({layout:?}), {} frames, {} bytes decompressed",
+            engine.codec().frames.len(),
+            engine.size()
+        );
+        Ok(ZstdReader { engine, layout })
     }
 
     /// The frames (random-access points) of the file.
@@ -235,23 +208,6 @@ impl ZstdReader {
     /// Whether the frames came from a seek table or a header walk.
     pub fn layout(&self) -> ZstdLayout {
         self.layout
-    }
-
-    /// Decoded bytes currently held in the block cache.
-    pub fn cached_bytes(&self) -> u64 {
-        self.engine.cached_bytes()
-    }
-
-    /// Decoded bytes written to the scratch-file cache tier so far.
-    pub fn scratch_cached_bytes(&self) -> u64 {
-        self.engine.scratch_cached_bytes()
-    }
-
-    /// Non-zero bytes of all this reader's scratch files (progressive
-    /// blocks/frames and the scratch-cache tier), which the scratch bound
-    /// ([`Options::scratch_bytes`](crate::Options::scratch_bytes)) caps.
-    pub fn scratch_bytes(&self) -> u64 {
-        self.engine.scratch_bytes()
     }
 }
 
@@ -276,13 +232,7 @@ impl Walker<'_> {
         if off < self.buf_off || end > self.buf_off + self.buf.len() as u64 {
             let n = (self.file_size - off).min(64 << 10).max(end - off) as usize;
             self.buf.resize(n, 0);
-            self.source
-                .read_exact_at(&mut self.buf, off)
-                .map_err(|e| Error::Io {
-                    name: self.name.to_string(),
-                    offset: off,
-                    source: e,
-                })?;
+            read_exact(self.source, self.name, &mut self.buf, off)?;
             self.buf_off = off;
         }
         let s = (off - self.buf_off) as usize;
@@ -290,12 +240,7 @@ impl Walker<'_> {
     }
 
     fn corrupt(&self, offset: u64, reason: impl Into<String>) -> Error {
-        Error::Corrupt {
-            name: self.name.to_string(),
-            format: "zstd",
-            offset,
-            reason: reason.into(),
-        }
+        Error::corrupt(self.name, "zstd", offset, reason)
     }
 }
 
@@ -325,17 +270,17 @@ fn walk_frames(
     let mut out = Vec::new();
     let started = std::time::Instant::now();
     let check_deadline = |pos: u64| match opts.open_timeout {
-        Some(t) if started.elapsed() >= t => Err(Error::Unsupported {
-            name: name.to_string(),
-            format: "zstd",
-            reason: format!(
+        Some(t) if started.elapsed() >= t => Err(Error::unsupported(
+            name,
+            "zstd",
+            format!(
                 "learning the size of frames that do not record it took over {} s \
                  (reached offset {pos} of {file_size}); recompress with content sizes \
                  (seekable zstd, or `zstd` on a file rather than a pipe), or raise \
                  zstd-open-timeout",
                 t.as_secs()
             ),
-        }),
+        )),
         _ => Ok(()),
     };
     while pos < file_size {
@@ -473,20 +418,13 @@ fn count_frame(
     dctx: &mut Option<DCtx<'static>>,
     out: &mut Vec<u8>,
 ) -> Result<Option<u64>> {
-    let corrupt = |at: u64, reason: String| Error::Corrupt {
-        name: name.to_string(),
-        format: "zstd",
-        offset: at,
-        reason: format!("frame at offset {pos}: {reason}"),
+    let corrupt = |at: u64, reason: String| {
+        Error::corrupt(name, "zstd", at, format!("frame at offset {pos}: {reason}"))
     };
     if dctx.is_none() {
         *dctx = DCtx::try_create();
     }
-    let d = dctx.as_mut().ok_or_else(|| Error::Io {
-        name: name.to_string(),
-        offset: pos,
-        source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-    })?;
+    let d = dctx.as_mut().ok_or_else(|| Error::oom(name, pos))?;
     d.reset(zstd_safe::ResetDirective::SessionOnly)
         .map_err(|c| corrupt(pos, zstd_safe::get_error_name(c).to_string()))?;
     out.resize(MAX_BLOCK as usize, 0);
@@ -498,13 +436,7 @@ fn count_frame(
     while next < end {
         let n = (end - next).min(INPUT_STEP) as usize;
         input.resize(n, 0);
-        source
-            .read_exact_at(&mut input, next)
-            .map_err(|e| Error::Io {
-                name: name.to_string(),
-                offset: next,
-                source: e,
-            })?;
+        read_exact(source, name, &mut input, next)?;
         let mut inb = InBuffer::around(&input);
         while inb.pos() < n || ret != 0 {
             let before = inb.pos();
@@ -567,12 +499,7 @@ impl Codec for ZstdCodec {
     }
 
     fn open_resumable(&self, index: usize, _seg: &Segment) -> Result<Box<dyn ResumableDecoder>> {
-        let f = *self.frames.get(index).ok_or_else(|| Error::Corrupt {
-            name: self.name.clone(),
-            format: "zstd",
-            offset: 0,
-            reason: format!("no frame {index}"),
-        })?;
+        let f = record(&self.frames, index, &self.name, "zstd", "frame")?;
         Ok(Box::new(ResumableFrame::new(
             self.source.clone(),
             &self.name,
@@ -582,12 +509,7 @@ impl Codec for ZstdCodec {
     }
 
     fn open_segment(&self, index: usize, _seg: &Segment) -> Result<Box<dyn StreamDecoder>> {
-        let f = *self.frames.get(index).ok_or_else(|| Error::Corrupt {
-            name: self.name.clone(),
-            format: "zstd",
-            offset: 0,
-            reason: format!("no frame {index}"),
-        })?;
+        let f = record(&self.frames, index, &self.name, "zstd", "frame")?;
         Ok(Box::new(
             FrameStream::new(
                 self.source.clone(),
@@ -602,20 +524,16 @@ impl Codec for ZstdCodec {
 
 impl ZstdCodec {
     fn decode_frame_into(&self, index: usize, f: ZstdFrame, out: &mut [u8]) -> Result<()> {
-        let corrupt = |reason: String| Error::Corrupt {
-            name: self.name.clone(),
-            format: "zstd",
-            offset: f.compressed_offset,
-            reason: format!("frame at offset {}: {reason}", f.compressed_offset),
+        let corrupt = |reason: String| {
+            Error::corrupt(
+                &self.name,
+                "zstd",
+                f.compressed_offset,
+                format!("frame at offset {}: {reason}", f.compressed_offset),
+            )
         };
         let mut input = vec![0u8; f.compressed_size as usize];
-        self.source
-            .read_exact_at(&mut input, f.compressed_offset)
-            .map_err(|e| Error::Io {
-                name: self.name.clone(),
-                offset: f.compressed_offset,
-                source: e,
-            })?;
+        read_exact(&self.source, &self.name, &mut input, f.compressed_offset)?;
         // Exactly one frame: a second one hidden in the range would make
         // the table lie about the layout.
         match zstd_safe::find_frame_compressed_size(&input) {
@@ -658,14 +576,10 @@ impl ZstdCodec {
 
 /// Streaming decoder of exactly one frame.
 struct FrameStream {
-    source: Arc<dyn Source>,
     name: String,
     start: u64,
     dctx: DCtx<'static>,
-    input: Vec<u8>,
-    in_at: usize,
-    next: u64,
-    end: u64,
+    input: Input,
     done: bool,
     /// Checksum from the seek table, verified over the decoded bytes.
     expect_xxh: Option<u32>,
@@ -679,20 +593,12 @@ impl FrameStream {
     }
 
     fn new(source: Arc<dyn Source>, name: &str, start: u64, csize: u64) -> Result<Self> {
-        let dctx = DCtx::try_create().ok_or_else(|| Error::Io {
-            name: name.to_string(),
-            offset: start,
-            source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-        })?;
+        let dctx = DCtx::try_create().ok_or_else(|| Error::oom(name, start))?;
         Ok(FrameStream {
-            source,
             name: name.to_string(),
             start,
             dctx,
-            input: Vec::new(),
-            in_at: 0,
-            next: start,
-            end: start + csize,
+            input: Input::new(source, name, start..start + csize, INPUT_STEP),
             done: false,
             expect_xxh: None,
             xxh: Xxh64::default(),
@@ -700,12 +606,7 @@ impl FrameStream {
     }
 
     fn corrupt(&self, offset: u64, reason: String) -> Error {
-        Error::Corrupt {
-            name: self.name.clone(),
-            format: "zstd",
-            offset,
-            reason,
-        }
+        Error::corrupt(&self.name, "zstd", offset, reason)
     }
 }
 
@@ -715,29 +616,16 @@ impl StreamDecoder for FrameStream {
             return Ok(0);
         }
         loop {
-            if self.in_at == self.input.len() && self.next < self.end {
-                let n = (self.end - self.next).min(INPUT_STEP) as usize;
-                self.input.resize(n, 0);
-                self.source
-                    .read_exact_at(&mut self.input, self.next)
-                    .map_err(|e| Error::Io {
-                        name: self.name.clone(),
-                        offset: self.next,
-                        source: e,
-                    })?;
-                self.next += n as u64;
-                self.in_at = 0;
-            }
-            let mut inb = InBuffer::around(&self.input[self.in_at..]);
+            let mut inb = InBuffer::around(self.input.fill()?);
             let mut outb = OutBuffer::around(&mut *out);
             let res = self.dctx.decompress_stream(&mut outb, &mut inb);
             let used = inb.pos();
             let produced = outb.pos();
-            self.in_at += used;
+            self.input.consume(used);
             if self.expect_xxh.is_some() {
                 self.xxh.update(&out[..produced]);
             }
-            let at = self.next - (self.input.len() - self.in_at) as u64;
+            let at = self.input.offset();
             match res {
                 Err(code) => {
                     return Err(self.corrupt(
@@ -751,7 +639,7 @@ impl StreamDecoder for FrameStream {
                 }
                 Ok(0) => {
                     // Frame complete, checksum (if any) verified.
-                    if self.in_at != self.input.len() || self.next != self.end {
+                    if !self.input.is_done() {
                         return Err(self.corrupt(
                             at,
                             format!(
@@ -781,9 +669,9 @@ impl StreamDecoder for FrameStream {
             if produced > 0 {
                 return Ok(produced);
             }
-            if used == 0 && self.in_at == self.input.len() && self.next == self.end {
+            if used == 0 && self.input.is_done() {
                 return Err(self.corrupt(
-                    self.end,
+                    self.input.end(),
                     format!("frame at offset {} is truncated", self.start),
                 ));
             }
@@ -822,11 +710,7 @@ impl ResumableFrame {
         frame: ZstdFrame,
         expect_xxh: Option<u32>,
     ) -> Result<Self> {
-        let oom = || Error::Io {
-            name: name.to_string(),
-            offset: frame.compressed_offset,
-            source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-        };
+        let oom = || Error::oom(name, frame.compressed_offset);
         let pooled = DCTX_POOL.lock_unpoisoned().pop();
         let dctx = match pooled {
             Some(d) => d,
@@ -850,12 +734,12 @@ impl ResumableFrame {
     }
 
     fn corrupt(&self, at: usize, reason: String) -> Error {
-        Error::Corrupt {
-            name: self.name.clone(),
-            format: "zstd",
-            offset: self.frame.compressed_offset + at as u64,
-            reason: format!("frame at offset {}: {reason}", self.frame.compressed_offset),
-        }
+        Error::corrupt(
+            &self.name,
+            "zstd",
+            self.frame.compressed_offset + at as u64,
+            format!("frame at offset {}: {reason}", self.frame.compressed_offset),
+        )
     }
 
     /// Have at least `upto` compressed bytes (within the frame) in `input`.
@@ -871,15 +755,8 @@ impl ResumableFrame {
         let want = upto.max(have + INPUT_STEP as usize).min(csize);
         self.input.resize(want, 0);
         let off = self.frame.compressed_offset + have as u64;
-        if let Err(e) = self.source.read_exact_at(&mut self.input[have..], off) {
-            self.input.truncate(have);
-            return Err(Error::Io {
-                name: self.name.clone(),
-                offset: off,
-                source: e,
-            });
-        }
-        Ok(())
+        read_exact(&self.source, &self.name, &mut self.input[have..], off)
+            .inspect_err(|_| self.input.truncate(have))
     }
 
     /// The end (in `input`) of the next unit to feed: the frame header and

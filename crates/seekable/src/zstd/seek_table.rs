@@ -52,12 +52,7 @@ pub struct SeekTable {
 }
 
 fn corrupt(offset: u64, reason: impl Into<String>) -> Error {
-    Error::Corrupt {
-        name: "<buffer>".into(),
-        format: "zstd",
-        offset,
-        reason: reason.into(),
-    }
+    Error::corrupt("<buffer>", "zstd", offset, reason)
 }
 
 fn le32(b: &[u8]) -> u32 {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use liblzma_sys as lz;
-use seekable_compressed::{Options, RandomAccess, Source};
+use seekable_compressed::{Error, Options, RandomAccess, Source};
 
 /// Test data with the features disk images have: long zero runs, random
 /// (incompressible) stretches and repetitive text.
@@ -15,12 +15,7 @@ pub fn image_like(len: usize, seed: u64) -> Vec<u8> {
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407)
         | 1;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = || xorshift(&mut x);
     while out.len() < len {
         let run = (next() % 200_000) as usize + 1;
         let run = run.min(len - out.len());
@@ -163,14 +158,68 @@ pub fn check_extents(r: &dyn RandomAccess, data: &[u8]) {
 /// Pseudo-random (incompressible, never zero) bytes.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x as u8) | 1
-        })
-        .collect()
+    (0..len).map(|_| (xorshift(&mut x) as u8) | 1).collect()
+}
+
+/// One step of the xorshift64 generator all the test data comes from.
+pub fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// Pseudo-random bytes (zero included): the low byte of each xorshift
+/// step from `seed | 1`.
+pub fn xorshift_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len).map(|_| xorshift(&mut x) as u8).collect()
+}
+
+/// `data` cut into `streams` pieces, one per stream of a multi-stream
+/// file; no data is one empty stream.
+pub fn stream_pieces(data: &[u8], streams: usize) -> Vec<&[u8]> {
+    let per = data.len().div_ceil(streams.max(1)).max(1);
+    let mut pieces: Vec<&[u8]> = data.chunks(per).collect();
+    if pieces.is_empty() {
+        pieces.push(&[]);
+    }
+    pieces
+}
+
+/// A property test's reads, at offsets wrapped into `data`, each compared
+/// with the original, then the extents; an empty image refuses any read.
+pub fn check_reads(r: &dyn RandomAccess, data: &[u8], reads: &[(u64, usize)]) {
+    if data.is_empty() {
+        let mut b = [0u8; 1];
+        let oor = matches!(r.read_at(&mut b, 0), Err(Error::OutOfRange { .. }));
+        assert!(oor);
+    } else {
+        for &(off, n) in reads {
+            let off = off % data.len() as u64;
+            let n = n.min(data.len() - off as usize);
+            check_range(r, data, off, n);
+        }
+    }
+    check_extents(r, data);
+}
+
+/// Eight threads at once, each checking 200 reads of up to 100 000 bytes
+/// at offsets drawn with xorshift from `seed(thread)`.
+pub fn check_concurrent_reads(r: &dyn RandomAccess, data: &[u8], seed: fn(u64) -> u64) {
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            s.spawn(move || {
+                let mut x = seed(t);
+                for _ in 0..200 {
+                    let x = xorshift(&mut x);
+                    let off = x % data.len() as u64;
+                    let len = ((x >> 32) as usize % 100_000).min(data.len() - off as usize);
+                    check_range(r, data, off, len);
+                }
+            });
+        }
+    });
 }
 
 /// Bytes on disk (allocated blocks) of this process's open files under
