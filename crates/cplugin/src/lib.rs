@@ -35,11 +35,11 @@ macro_rules! has_callback {
     };
 }
 
-use nbdkit_backend::LockExt;
+use parking_lot::{Mutex, MutexGuard};
 use std::ffi::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use nbdkit_backend::{
     Backend, BlockSize, CacheMode, Client, ConfigError, Error, ErrorKind, ExportEntry, Extents,
@@ -418,12 +418,11 @@ impl Inner {
     }
 
     fn guard<'a>(&'a self, handle_lock: Option<&'a Mutex<()>>) -> Guards<'a> {
-        let global =
-            (self.model <= ThreadModel::SerializeAllRequests).then(|| self.lock.lock_unpoisoned());
+        let global = (self.model <= ThreadModel::SerializeAllRequests).then(|| self.lock.lock());
         let handle = (self.model == ThreadModel::SerializeRequests)
             .then_some(handle_lock)
             .flatten()
-            .map(|l| l.lock_unpoisoned());
+            .map(|l| l.lock());
         Guards {
             _global: global,
             _handle: handle,

@@ -5,9 +5,10 @@
 //! Any write, trim or zero forgets the cache.  The cache is shared by all
 //! connections, as the data is.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use nbdkit_backend::LockExt;
+use parking_lot::Mutex;
+
 use nbdkit_backend::{layer_fn, Backend, Extent, Extents, FilterSpec, Handle, Result, ZeroFlags};
 
 /// The last answer, contiguous and ascending; empty when there is none.
@@ -40,7 +41,7 @@ struct CacheExtentsHandle {
 
 impl CacheExtentsHandle {
     fn forget(&self) {
-        self.cache.lock_unpoisoned().clear();
+        self.cache.lock().clear();
     }
 }
 
@@ -49,7 +50,7 @@ impl Handle for CacheExtentsHandle {
         Some(&*self.next)
     }
     fn extents(&self, offset: u64, count: u64, _req_one: bool, out: &mut Extents) -> Result<()> {
-        let mut cache = self.cache.lock_unpoisoned();
+        let mut cache = self.cache.lock();
         let hit = match (cache.first(), cache.last()) {
             (Some(f), Some(l)) => offset >= f.offset && offset < l.offset + l.length,
             _ => false,

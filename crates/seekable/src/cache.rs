@@ -1,9 +1,10 @@
 //! A byte-bounded LRU cache of decompressed blocks, shared by all readers
 //! (all NBD connections) of one image.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use crate::sync::LockExt;
+use parking_lot::Mutex;
+
 use lru::LruCache;
 
 /// Decompressed blocks keyed by a reader-chosen `u64` (block number or the
@@ -34,7 +35,7 @@ impl BlockCache {
 
     /// Look a block up, marking it most recently used.
     pub fn get(&self, key: u64) -> Option<Arc<[u8]>> {
-        let mut inner = self.inner.lock_unpoisoned();
+        let mut inner = self.inner.lock();
         inner.map.get(&key).cloned()
     }
 
@@ -47,7 +48,7 @@ impl BlockCache {
     /// caller can keep them in a slower tier); they are returned rather
     /// than handled here so no I/O happens under the cache lock.
     pub fn insert_evicting(&self, key: u64, data: Arc<[u8]>) -> Vec<(u64, Arc<[u8]>)> {
-        let mut inner = self.inner.lock_unpoisoned();
+        let mut inner = self.inner.lock();
         let len = data.len() as u64;
         if let Some(old) = inner.map.put(key, data) {
             inner.bytes -= old.len() as u64;
@@ -69,13 +70,13 @@ impl BlockCache {
     /// Whether a block is cached, without touching its LRU position (used to
     /// skip scheduling decode-ahead of blocks already present).
     pub fn contains(&self, key: u64) -> bool {
-        let inner = self.inner.lock_unpoisoned();
+        let inner = self.inner.lock();
         inner.map.contains(&key)
     }
 
     /// Bytes of block data held now.
     pub fn bytes(&self) -> u64 {
-        self.inner.lock_unpoisoned().bytes
+        self.inner.lock().bytes
     }
 }
 

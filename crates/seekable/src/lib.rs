@@ -67,7 +67,6 @@ mod pool;
 mod progressive;
 pub mod qcow2;
 mod spill;
-mod sync;
 pub mod xz;
 pub mod zstd;
 

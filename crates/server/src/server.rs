@@ -1,7 +1,6 @@
 //! One server: the backend chain, the command line's policy for serving
 //! it, and the thread model's locks around backend calls.
 
-use nbdkit_backend::LockExt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -99,7 +98,7 @@ pub struct Server {
     pub(crate) opts: ServerOptions,
     pub(crate) model: ThreadModel,
     /// Held around every backend call under `serialize_all_requests`.
-    pub(crate) all_requests: Arc<std::sync::Mutex<()>>,
+    pub(crate) all_requests: Arc<parking_lot::Mutex<()>>,
     /// One permit: held for a whole connection under
     /// `serialize_connections`.
     pub(crate) connections: Arc<Semaphore>,
@@ -119,7 +118,7 @@ impl Server {
             opts,
             open_slots,
             model,
-            all_requests: Arc::new(std::sync::Mutex::new(())),
+            all_requests: Arc::new(parking_lot::Mutex::new(())),
             connections: Arc::new(Semaphore::new(1)),
             next_conn: AtomicU64::new(1),
             tracker: TaskTracker::new(),
@@ -161,7 +160,7 @@ impl Server {
         let client = client.clone();
         tokio::task::spawn_blocking(move || {
             let _c = client.enter();
-            let _g = lock.as_ref().map(|l| l.lock_unpoisoned());
+            let _g = lock.as_ref().map(|l| l.lock());
             f()
         })
         .await
@@ -171,8 +170,8 @@ impl Server {
     /// Run a backend call on this thread under the thread model's global
     /// lock, if it has one.
     pub(crate) fn locked<T>(&self, f: impl FnOnce() -> T) -> T {
-        let _g = (self.model == ThreadModel::SerializeAllRequests)
-            .then(|| self.all_requests.lock_unpoisoned());
+        let _g =
+            (self.model == ThreadModel::SerializeAllRequests).then(|| self.all_requests.lock());
         f()
     }
 

@@ -19,10 +19,9 @@
 //! answers are not.  Every failure reaches the client as EIO and the log
 //! with the URL and offset.  The export is read-only (no PUT).
 
-use nbdkit_backend::CondvarExt;
-use nbdkit_backend::LockExt;
+use parking_lot::{Condvar, Mutex};
 use std::cell::Cell;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nbdkit_backend::{Backend, Config, ConfigError, Error, Handle, Param, PluginSpec, Result};
@@ -137,7 +136,7 @@ impl Scripts {
     /// The script headers and cookie to send now, running a script the
     /// first time and again once its renew time has passed.
     fn current(&self) -> std::result::Result<(Option<Vec<String>>, Option<String>), String> {
-        let mut st = self.state.lock_unpoisoned();
+        let mut st = self.state.lock();
         let now = std::time::Instant::now();
         let stale = |at: std::time::Instant, renew: Option<Duration>| {
             renew.is_some_and(|r| now.duration_since(at) >= r)
@@ -327,7 +326,7 @@ struct Pooled<'a> {
 
 impl Pool {
     fn get(&self) -> Result<Pooled<'_>> {
-        let mut st = self.state.lock_unpoisoned();
+        let mut st = self.state.lock();
         loop {
             if let Some(e) = st.idle.pop() {
                 return Ok(Pooled {
@@ -344,14 +343,14 @@ impl Pool {
                         easy: Some(e),
                     }),
                     Err(msg) => {
-                        let mut st = self.state.lock_unpoisoned();
+                        let mut st = self.state.lock();
                         st.total -= 1;
                         self.freed.notify_one();
                         Err(Error::io(format!("{}: {msg}", self.settings.label())))
                     }
                 };
             }
-            st = self.freed.wait_unpoisoned(st);
+            self.freed.wait(&mut st);
         }
     }
 }
@@ -359,7 +358,7 @@ impl Pool {
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         if let Some(e) = self.easy.take() {
-            let mut st = self.pool.state.lock_unpoisoned();
+            let mut st = self.pool.state.lock();
             st.idle.push(e);
             self.pool.freed.notify_one();
         }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{GzipReader, Shared};
-use crate::sync::{CondvarExt, LockExt};
 
 /// A snapshot of the index walk.  The compressed side is what a progress
 /// bar can use: its total is known from the start, the output's is not.
@@ -28,7 +27,7 @@ pub struct WalkProgress {
 
 impl Shared {
     fn walk_progress(&self) -> WalkProgress {
-        let st = self.state.lock_unpoisoned();
+        let st = self.state.lock();
         let finished = st.done && st.failed.is_none();
         WalkProgress {
             compressed_done: if finished {
@@ -64,12 +63,11 @@ pub(super) fn log_while_walking(sh: &Arc<Shared>) {
         .spawn(move || {
             let t0 = Instant::now();
             loop {
-                let st = sh.state.lock_unpoisoned();
+                let mut st = sh.state.lock();
                 // Woken early only by the walk's end (or the reader's
                 // drop, which ends the walk).
-                let st = sh
-                    .cv
-                    .wait_timeout_while_unpoisoned(st, sh.progress_every, |st| !st.done);
+                sh.cv
+                    .wait_while_for(&mut st, |st| !st.done, sh.progress_every);
                 if st.done || sh.stop.load(Ordering::Relaxed) {
                     return;
                 }
