@@ -9,22 +9,12 @@ use std::process::Command;
 
 const M: u64 = 1024 * 1024;
 
-fn require(what: &str, ok: bool) -> bool {
-    if !ok {
-        if std::env::var("NBDKIT_RS_REQUIRE_TOOLS").as_deref() == Ok("1") {
-            panic!("{what} is required but missing (scripts/test.sh installs it)");
-        }
-        eprintln!("SKIP: {what} is missing");
-    }
-    ok
-}
-
 /// A plugin from Debian's nbdkit package, by its short name.
 fn debian(name: &str) -> Option<String> {
     let p = nbdkit_cplugin::find(name);
-    require(
-        &format!("nbdkit-{name}-plugin.so (Debian's nbdkit package)"),
+    available(
         p.is_some(),
+        &format!("nbdkit-{name}-plugin.so (Debian's nbdkit package)"),
     )
     .then(|| p.unwrap().display().to_string())
 }
@@ -33,8 +23,8 @@ fn debian(name: &str) -> Option<String> {
 fn compile(name: &str, dir: &Path) -> Option<String> {
     let have_header = Path::new("/usr/include/nbdkit-plugin.h").exists();
     let have_cc = Command::new("cc").arg("--version").output().is_ok();
-    if !require("nbdkit-plugin.h (nbdkit-plugin-dev)", have_header)
-        || !require("a C compiler (cc)", have_cc)
+    if !available(have_header, "nbdkit-plugin.h (nbdkit-plugin-dev)")
+        || !available(have_cc, "a C compiler (cc)")
     {
         return None;
     }
@@ -72,14 +62,7 @@ fn qemu_io_ok(uri: &str, cmds: &[&str]) -> String {
 
 /// nbdkit-rs ARGS... that must fail; returns stderr.
 fn fails(args: &[&str]) -> String {
-    let out = Command::new(binary())
-        .args(["-U", "-"])
-        .args(args)
-        .args(["--run", "true"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{args:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    fails_stderr(&[&["-U", "-"], args, &["--run", "true"]].concat())
 }
 
 /// The memory tests every memory plugin must pass: ours (`memory`) and
@@ -543,11 +526,7 @@ fn api_v2_plugin_errors_reach_the_client() {
     let map = map_of(&s.uri);
     assert_eq!(map, vec![(0, 65536, false), (65536, 2 * M - 65536, true)]);
     // An export the plugin refuses.
-    let out = Command::new("nbdinfo")
-        .arg(s.uri_for("zzz"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    assert!(!nbdinfo_ok(&[&s.uri_for("zzz")]));
 
     // FUA passed natively; the -D flag reached the plugin's variable.
     qemu_io_ok(&s.uri, &["write -f 0 4k", "write -z -u 0 4k"]);
@@ -591,11 +570,7 @@ fn api_v2_plugin_errors_reach_the_client() {
     assert!(s.log().contains("the plugin called nbdkit_disconnect(1)"));
 
     // nbdkit_shutdown: the server exits gracefully.
-    let out = Command::new("nbdinfo")
-        .arg(s.uri_for("shutdown"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    assert!(!nbdinfo_ok(&[&s.uri_for("shutdown")]));
     let mut s = s;
     let status = s.child.wait().unwrap();
     assert!(status.success(), "{status}");
