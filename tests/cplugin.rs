@@ -40,26 +40,6 @@ fn compile(name: &str, dir: &Path) -> Option<String> {
     Some(out.display().to_string())
 }
 
-fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    c.arg(uri).output().expect("qemu-io")
-}
-
-fn qemu_io_ok(uri: &str, cmds: &[&str]) -> String {
-    let out = qemu_io(uri, cmds);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && !text.contains("failed") && !text.contains("Pattern verification"),
-        "qemu-io {cmds:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
 /// nbdkit-rs ARGS... that must fail; returns stderr.
 fn fails(args: &[&str]) -> String {
     fails_stderr(&[&["-U", "-"], args, &["--run", "true"]].concat())
@@ -241,7 +221,7 @@ fn debian_data_pattern_null_full_random_info() {
     // full: every write fails with ENOSPC, reads are zero.
     if let Some(so) = debian("full") {
         let s = Server::start(&[&so, "1M"]);
-        let out = qemu_io(&s.uri, &["write -P 1 0 512"]);
+        let out = qemu_io_raw(&s.uri, &["write -P 1 0 512"]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("No space left on device"), "{text}");
         qemu_io_ok(&s.uri, &["read -P 0 0 4k"]);
@@ -434,7 +414,7 @@ fn api_v1_plugin_reads_writes_flushes() {
         ],
     );
     // The last sector fails with the plugin's errno (EIO).
-    let out = qemu_io(&s.uri, &["read 1048064 512"]);
+    let out = qemu_io_raw(&s.uri, &["read 1048064 512"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("Input/output error"),
         "{out:?}"

@@ -34,19 +34,15 @@ fn sh_file_disk_reads_and_writes_through_the_script() {
     // Reads through `dd` match the file.
     assert_eq!(read_all(&s.uri), std::fs::read(&img).unwrap());
     // Writes (with FUA), zeroes and a flush reach the file.
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x5a -f 4096 8192",
-        "-c",
-        "write -z 65536 4096",
-        "-c",
-        "flush",
-        "-c",
-        "read -P 0x5a 4096 8192",
+    qemu_io_ok(
         &s.uri,
-    ]));
+        &[
+            "write -P 0x5a -f 4096 8192",
+            "write -z 65536 4096",
+            "flush",
+            "read -P 0x5a 4096 8192",
+        ],
+    );
     let now = std::fs::read(&img).unwrap();
     assert!(now[4096..12288].iter().all(|&b| b == 0x5a));
     assert!(now[65536..69632].iter().all(|&b| b == 0));
@@ -310,21 +306,16 @@ fn data_is_writable_and_read_only_with_r() {
         return;
     }
     let s = Server::start(&["data", "( 0x55 0xAA )*2048"]);
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "read -P 0x55 0 1",
-        "-c",
-        "read -P 0xaa 4095 1",
-        "-c",
-        "write -P 0x11 1024 512",
-        "-c",
-        "read -P 0x11 1024 512",
-        "-c",
-        "read -P 0xaa 1537 1",
+    qemu_io_ok(
         &s.uri,
-    ]));
+        &[
+            "read -P 0x55 0 1",
+            "read -P 0xaa 4095 1",
+            "write -P 0x11 1024 512",
+            "read -P 0x11 1024 512",
+            "read -P 0xaa 1537 1",
+        ],
+    );
     drop(s);
     let s = Server::start(&["-r", "data", "base64=MTIz", "size=1M"]);
     let info = nbdinfo_json(&[], &s.uri);
@@ -790,25 +781,18 @@ fn nbd_proxies_nbdkit_rs_with_every_capability() {
     let px = Server::start(&["nbd", &format!("socket={}", up.socket.display())]);
     // What the upstream advertises comes through unchanged.
     assert_same_offer(&up.uri, &px.uri);
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x3c 1M 2M",
-        "-c",
-        "write -f -P 0x4d 8M 64k",
-        "-c",
-        "write -z 1536k 512k",
-        "-c",
-        "discard 8M 32k",
-        "-c",
-        "flush",
-        "-c",
-        "read -P 0x3c 1M 512k",
-        "-c",
-        "read -P 0 1536k 512k",
+    qemu_io_ok(
         &px.uri,
-    ]));
+        &[
+            "write -P 0x3c 1M 2M",
+            "write -f -P 0x4d 8M 64k",
+            "write -z 1536k 512k",
+            "discard 8M 32k",
+            "flush",
+            "read -P 0x3c 1M 512k",
+            "read -P 0 1536k 512k",
+        ],
+    );
     // Block status passes through: what was written is data, the rest holes.
     assert_eq!(map_of(&px.uri), map_of(&up.uri));
     assert!(read_all(&px.uri) == read_all(&up.uri));
@@ -885,15 +869,7 @@ fn nbd_proxies_qemu_nbd() {
     assert_eq!(info["is_read_only"], "false");
     assert!(info["contexts"].contains("base:allocation"), "{info:?}");
     assert!(read_all(&px.uri) == std::fs::read(&img).unwrap());
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x21 512k 128k",
-        "-c",
-        "flush",
-        &px.uri,
-    ]));
+    qemu_io_ok(&px.uri, &["write -P 0x21 512k 128k", "flush"]);
     assert!(std::fs::read(&img).unwrap()[512 << 10..640 << 10]
         .iter()
         .all(|&b| b == 0x21));
@@ -1002,15 +978,7 @@ fn nbd_command_runs_qemu_nbd_with_socket_activation() {
     assert!(read_all(&px.uri) == std::fs::read(&img).unwrap());
     // One qemu-nbd (shared: one server, one connection).
     assert_eq!(processes_with(&img.display().to_string()).len(), 1);
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x5a 1M 64k",
-        "-c",
-        "flush",
-        &px.uri,
-    ]));
+    qemu_io_ok(&px.uri, &["write -P 0x5a 1M 64k", "flush"]);
     // A second client, the same connection to the same qemu-nbd (which,
     // without -t, would exit after its first client).
     assert!(read_all(&px.uri)[1 << 20..(1 << 20) + (64 << 10)]

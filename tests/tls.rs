@@ -993,27 +993,19 @@ fn nbd_plugin_proxies_our_tls_server_with_every_capability() {
     run_ok(Command::new("nbdcopy").arg(&px.uri).arg(&back));
     assert!(std::fs::read(&src).expect("in") == std::fs::read(&back).expect("out"));
     // Writes, FUA, zeroes, trim, flush; read back through the proxy.
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x3c 1M 2M",
-        "-c",
-        "write -f -P 0x4d 8M 64k",
-        "-c",
-        "write -z 1536k 512k",
-        "-c",
-        "discard 8M 32k",
-        "-c",
-        "flush",
-        "-c",
-        "read -P 0x3c 1M 512k",
-        "-c",
-        "read -P 0 1536k 512k",
-        "-c",
-        "read -P 0x4d 8224k 32k",
+    qemu_io_ok(
         &px.uri,
-    ]));
+        &[
+            "write -P 0x3c 1M 2M",
+            "write -f -P 0x4d 8M 64k",
+            "write -z 1536k 512k",
+            "discard 8M 32k",
+            "flush",
+            "read -P 0x3c 1M 512k",
+            "read -P 0 1536k 512k",
+            "read -P 0x4d 8224k 32k",
+        ],
+    );
     // Block status through TLS: what the upstream says, the proxy says.
     assert_eq!(
         map_of(&px.uri),
@@ -1176,19 +1168,15 @@ fn nbd_plugin_over_tls_to_qemu_nbd() {
     let certs = format!("tls-certificates={}", pki.client.display());
     let px = tls_proxy(&sock, &["tls=require", &certs]);
     assert!(read_all(&px.uri) == std::fs::read(&img).expect("img"));
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x21 512k 128k",
-        "-c",
-        "write -f -z 1M 64k",
-        "-c",
-        "flush",
-        "-c",
-        "read -P 0x21 512k 128k",
+    qemu_io_ok(
         &px.uri,
-    ]));
+        &[
+            "write -P 0x21 512k 128k",
+            "write -f -z 1M 64k",
+            "flush",
+            "read -P 0x21 512k 128k",
+        ],
+    );
     let now = std::fs::read(&img).expect("img");
     assert!(now[512 << 10..640 << 10].iter().all(|&b| b == 0x21));
     assert!(now[1 << 20..(1 << 20) + (64 << 10)].iter().all(|&b| b == 0));

@@ -454,6 +454,29 @@ pub fn assert_same_raw(file: &Path, uri: &str) {
     );
 }
 
+/// `qemu-io -f raw -c CMD... URI`, run to completion.
+pub fn qemu_io_raw(uri: &str, cmds: &[&str]) -> Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    c.arg(uri).output().expect("qemu-io")
+}
+
+/// [`qemu_io_raw`], where every command must succeed (qemu-io exits 0
+/// even when a read's pattern does not match); returns its output.
+pub fn qemu_io_ok(uri: &str, cmds: &[&str]) -> String {
+    let out = qemu_io_raw(uri, cmds);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("Pattern verification"),
+        "qemu-io {cmds:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// The whole export, read with nbdcopy.
 pub fn read_all(uri: &str) -> Vec<u8> {
     run_ok(Command::new("nbdcopy").arg(uri).arg("-")).stdout
