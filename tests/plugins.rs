@@ -781,18 +781,7 @@ fn nbd_proxies_nbdkit_rs_with_every_capability() {
     let px = Server::start(&["nbd", &format!("socket={}", up.socket.display())]);
     // What the upstream advertises comes through unchanged.
     assert_same_offer(&up.uri, &px.uri);
-    qemu_io_ok(
-        &px.uri,
-        &[
-            "write -P 0x3c 1M 2M",
-            "write -f -P 0x4d 8M 64k",
-            "write -z 1536k 512k",
-            "discard 8M 32k",
-            "flush",
-            "read -P 0x3c 1M 512k",
-            "read -P 0 1536k 512k",
-        ],
-    );
+    qemu_io_ok(&px.uri, PROXY_IO);
     // Block status passes through: what was written is data, the rest holes.
     assert_eq!(map_of(&px.uri), map_of(&up.uri));
     assert!(read_all(&px.uri) == read_all(&up.uri));

@@ -464,6 +464,19 @@ pub fn qemu_io_raw(uri: &str, cmds: &[&str]) -> Output {
     c.arg(uri).output().expect("qemu-io")
 }
 
+/// qemu-io commands for a proxy to pass through (an nbd plugin in front
+/// of a 16 MiB or larger memory disk): writes with and without FUA, a
+/// zero, a trim, a flush, and reads checking what was written.
+pub const PROXY_IO: &[&str] = &[
+    "write -P 0x3c 1M 2M",
+    "write -f -P 0x4d 8M 64k",
+    "write -z 1536k 512k",
+    "discard 8M 32k",
+    "flush",
+    "read -P 0x3c 1M 512k",
+    "read -P 0 1536k 512k",
+];
+
 /// [`qemu_io_raw`], where every command must succeed (qemu-io exits 0
 /// even when a read's pattern does not match); returns its output.
 pub fn qemu_io_ok(uri: &str, cmds: &[&str]) -> String {
