@@ -309,23 +309,17 @@ fn cow_makes_a_read_only_file_writable_without_touching_it() {
     let j = nbdinfo_json(&[], &s.uri);
     assert_eq!(j["is_read_only"], "false", "{j:?}");
     assert_eq!(j["can_zero"], "true", "{j:?}");
-    let out = stdout_of(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x11 1000 10000",
-        "-c",
-        "write -z 64k 128k",
-        "-c",
-        "discard 1M 64k",
-        "-c",
-        "read -P 0x11 1000 10000",
-        "-c",
-        "read -P 0 64k 128k",
-        "-c",
-        "read -P 0 1M 64k",
+    let out = qemu_io_ok(
         &s.uri,
-    ]));
+        &[
+            "write -P 0x11 1000 10000",
+            "write -z 64k 128k",
+            "discard 1M 64k",
+            "read -P 0x11 1000 10000",
+            "read -P 0 64k 128k",
+            "read -P 0 1M 64k",
+        ],
+    );
     assert!(!out.contains("Pattern verification failed"), "{out}");
     assert_eq!(out.matches("read ").count(), 3, "{out}");
 
@@ -749,15 +743,7 @@ fn delay_keeps_data_correct() {
         "delay-close=1ms",
         &sarg,
     ]);
-    let out = stdout_of(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x42 0 64k",
-        "-c",
-        "read -P 0x42 0 64k",
-        &s.uri,
-    ]));
+    let out = qemu_io_ok(&s.uri, &["write -P 0x42 0 64k", "read -P 0x42 0 64k"]);
     assert!(!out.contains("Pattern verification failed"), "{out}");
     assert!(s.stop().success());
     let st = stats_of(&stats);

@@ -220,15 +220,7 @@ fn cacheextents_answers_repeat_block_status_from_its_cache() {
         img.to_str().unwrap(),
         &format!("logfile={}", log.display()),
     ]);
-    let qemu_io = |cmds: &[&str]| {
-        let mut c = Command::new("qemu-io");
-        c.args(["-f", "raw"]);
-        for x in cmds {
-            c.args(["-c", x]);
-        }
-        c.arg(&s.uri);
-        run_ok(&mut c);
-    };
+    let qemu_io = |cmds: &[&str]| qemu_io_ok(&s.uri, cmds);
     qemu_io(&["map", "map", "map"]);
     let first = log_count(&log, "Extents");
     assert!(first >= 1, "no block status reached the plugin");
