@@ -224,7 +224,7 @@ fn short_and_raw_backing_images_count_as_qemu_nbd_counts_them() {
     qemu_io(&d("over.qcow2"), &["write -P 2 2M 64k"]);
     // A sparse raw base, 2M, under a 4M qcow2.
     let raw = d("base.raw");
-    std::fs::File::create(&raw).unwrap().set_len(2 * M).unwrap();
+    sparse_file(&raw, 2 * M);
     create_qcow2(
         &d("onraw.qcow2"),
         Some(("base.raw", "raw")),
@@ -266,10 +266,7 @@ fn a_raw_file_with_holes_is_depth_one_everywhere() {
     }
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("holes.raw");
-    let f = std::fs::File::create(&raw).unwrap();
-    f.set_len(4 * M).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 65536], M).unwrap();
-    drop(f);
+    sparse_file_with(&raw, 4 * M, M, &[7u8; 65536]);
     let q = QemuNbd::start("raw", &raw);
     let s = Server::start(&["-r", "file", raw.to_str().unwrap()]);
     let want = depth_runs(&q.uri);

@@ -11,20 +11,6 @@ fn nbdkit() -> Command {
     Command::new(binary())
 }
 
-/// Run the binary to completion; (exit code, stdout, stderr).
-fn run(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = nbdkit()
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run nbdkit-rs");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// A command line that must fail before serving.  `--run 'exit 0'` is
 /// appended so that a server which wrongly starts exits at once (with 0,
 /// failing the test) instead of serving forever.  Returns the one error
@@ -32,7 +18,7 @@ fn run(args: &[&str]) -> (Option<i32>, String, String) {
 fn fails(args: &[&str]) -> String {
     let mut all = args.to_vec();
     all.extend(["--run", "exit 0"]);
-    let (code, stdout, stderr) = run(&all);
+    let (code, stdout, stderr) = run_binary(&all);
     assert!(
         code.is_some_and(|c| c != 0),
         "{args:?} should fail: {code:?} {stderr}"
@@ -46,7 +32,7 @@ fn fails(args: &[&str]) -> String {
 
 #[test]
 fn help_version_and_dumps() {
-    let (code, out, _) = run(&["--help"]);
+    let (code, out, _) = run_binary(&["--help"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("Usage: nbdkit-rs"), "{out}");
     for name in [
@@ -58,15 +44,15 @@ fn help_version_and_dumps() {
         );
     }
 
-    let (code, out, _) = run(&["memory", "--help"]);
+    let (code, out, _) = run_binary(&["memory", "--help"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("memory"), "{out}");
     assert!(out.contains("size="), "{out}");
-    let (code, out, _) = run(&["file", "--help"]);
+    let (code, out, _) = run_binary(&["file", "--help"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("file=") && out.contains("dir="), "{out}");
     // The object store plugins: URL forms, credentials, emulator settings.
-    let (code, out, _) = run(&["gcs", "--help"]);
+    let (code, out, _) = run_binary(&["gcs", "--help"]);
     assert_eq!(code, Some(0));
     assert!(
         out.contains("gs://BUCKET/OBJECT")
@@ -74,7 +60,7 @@ fn help_version_and_dumps() {
             && out.contains("endpoint-url="),
         "{out}"
     );
-    let (code, out, _) = run(&["azure", "--dump-plugin"]);
+    let (code, out, _) = run_binary(&["azure", "--dump-plugin"]);
     assert_eq!(code, Some(0));
     assert!(out.lines().any(|l| l == "magic_config_key=url"), "{out}");
     for key in [
@@ -90,17 +76,17 @@ fn help_version_and_dumps() {
             "{key}: {out}"
         );
     }
-    let (code, out, _) = run(&["--filter=log", "null", "--help"]);
+    let (code, out, _) = run_binary(&["--filter=log", "null", "--help"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("logfile="), "filter parameters too: {out}");
 
-    let (code, out, _) = run(&["file", "--dump-plugin"]);
+    let (code, out, _) = run_binary(&["file", "--dump-plugin"]);
     assert_eq!(code, Some(0));
     assert!(out.lines().any(|l| l == "name=file"), "{out}");
     assert!(out.lines().any(|l| l == "magic_config_key=file"), "{out}");
     assert!(out.lines().any(|l| l == "config_key=dir"), "{out}");
 
-    let (code, out, _) = run(&["--dump-config"]);
+    let (code, out, _) = run_binary(&["--dump-config"]);
     assert_eq!(code, Some(0));
     let plugins = out
         .lines()
@@ -119,7 +105,7 @@ fn help_version_and_dumps() {
     }
     assert!(out.lines().any(|l| l.starts_with("bindir=")), "{out}");
 
-    let (code, out, _) = run(&["--version"]);
+    let (code, out, _) = run_binary(&["--version"]);
     assert_eq!(code, Some(0));
     assert_eq!(out.trim(), format!("nbdkit 1.32.5 (nbdkit-rs {version})"));
 }
@@ -163,9 +149,7 @@ fn magic_key_names_the_file() {
     if !have("nbdinfo") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    make_file(&disk, 123 * 1024, 9);
+    let (_dir, disk, _) = temp_file("disk.img", 123 * 1024, 9);
     let size = |s: &Server| stdout_of(Command::new("nbdinfo").arg("--size").arg(&s.uri));
     let magic = Server::start(&["-r", "file", disk.to_str().unwrap()]);
     assert_eq!(size(&magic).trim(), (123 * 1024).to_string());
@@ -177,11 +161,11 @@ fn magic_key_names_the_file() {
 
 #[test]
 fn run_exit_status_and_variables() {
-    let (code, out, err) = run(&["-U", "-", "memory", "1M", "--run", "exit 3"]);
+    let (code, out, err) = run_binary(&["-U", "-", "memory", "1M", "--run", "exit 3"]);
     assert_eq!(code, Some(3), "{err}");
     assert_eq!(out, "");
 
-    let (code, out, err) = run(&[
+    let (code, out, err) = run_binary(&[
         "-U",
         "-",
         "-e",
@@ -200,7 +184,7 @@ fn run_exit_status_and_variables() {
     assert!(!Path::new(f[2]).exists(), "{} still exists", f[2]);
 
     if have("nbdinfo") {
-        let (code, out, err) = run(&[
+        let (code, out, err) = run_binary(&[
             "-U",
             "-",
             "memory",
@@ -213,7 +197,7 @@ fn run_exit_status_and_variables() {
     }
     if have("nbdcopy") {
         // Captive mode: the copy's status is ours.
-        let (code, _, err) = run(&[
+        let (code, _, err) = run_binary(&[
             "-U",
             "-",
             "memory",
@@ -222,7 +206,7 @@ fn run_exit_status_and_variables() {
             r#"nbdcopy "$uri" null:"#,
         ]);
         assert_eq!(code, Some(0), "{err}");
-        let (code, _, _) = run(&[
+        let (code, _, _) = run_binary(&[
             "-U",
             "-",
             "full",
@@ -547,7 +531,7 @@ fn user_and_group_drop_privileges_after_binding() {
 #[test]
 fn version_lists_the_layers_and_probes_plugins_and_filters() {
     let version = env!("CARGO_PKG_VERSION");
-    let (code, out, err) = run(&["--filter", "offset", "--filter=cow", "file", "--version"]);
+    let (code, out, err) = run_binary(&["--filter", "offset", "--filter=cow", "file", "--version"]);
     assert_eq!(code, Some(0), "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(
@@ -560,14 +544,14 @@ fn version_lists_the_layers_and_probes_plugins_and_filters() {
         ],
         "{out}"
     );
-    let (code, out, _) = run(&["--filter=readahead", "null", "--version"]);
+    let (code, out, _) = run_binary(&["--filter=readahead", "null", "--version"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("readahead 1."), "{out}");
 
-    let (code, out, err) = run(&["--filter=notsuchfilter", "null", "--version"]);
+    let (code, out, err) = run_binary(&["--filter=notsuchfilter", "null", "--version"]);
     assert_ne!(code, Some(0), "an unknown filter is not there: {out}");
     assert!(err.contains("notsuchfilter"), "{err}");
-    let (code, _, err) = run(&["nosuchplugin", "--version"]);
+    let (code, _, err) = run_binary(&["nosuchplugin", "--version"]);
     assert_ne!(code, Some(0));
     assert!(err.contains("nosuchplugin"), "{err}");
 }
@@ -576,13 +560,13 @@ fn version_lists_the_layers_and_probes_plugins_and_filters() {
 /// and each listed long option is one the parser takes.
 #[test]
 fn short_and_long_options_are_listed() {
-    let (code, out, _) = run(&["--short-options"]);
+    let (code, out, _) = run_binary(&["--short-options"]);
     assert_eq!(code, Some(0));
     for o in ["-v", "-V", "-f", "-r", "-s", "-U", "-D", "-e"] {
         assert!(out.lines().any(|l| l == o), "{o}: {out}");
     }
     assert!(out.lines().all(|l| l.len() == 2 && l.starts_with('-')));
-    let (code, out, _) = run(&["--long-options"]);
+    let (code, out, _) = run_binary(&["--long-options"]);
     assert_eq!(code, Some(0));
     for o in [
         "--help",
@@ -615,7 +599,7 @@ fn short_and_long_options_are_listed() {
 /// from stdin (`sh -`) are refused before anything runs.
 #[test]
 fn single_mode_refuses_dump_plugin_and_a_script_on_stdin() {
-    let (code, out, err) = run(&["--dump-plugin", "-s", "null"]);
+    let (code, out, err) = run_binary(&["--dump-plugin", "-s", "null"]);
     assert_ne!(code, Some(0));
     assert_eq!(out, "", "nothing on stdout");
     assert!(err.contains("-s") && err.contains("--dump-plugin"), "{err}");
@@ -643,14 +627,14 @@ fn single_mode_refuses_dump_plugin_and_a_script_on_stdin() {
 /// configured chain, filters included.
 #[test]
 fn dump_plugin_reports_the_thread_model() {
-    let (code, out, _) = run(&["null", "--dump-plugin"]);
+    let (code, out, _) = run_binary(&["null", "--dump-plugin"]);
     assert_eq!(code, Some(0));
     assert!(
         out.lines().any(|l| l == "max_thread_model=parallel"),
         "{out}"
     );
     assert!(out.lines().any(|l| l == "thread_model=parallel"), "{out}");
-    let (code, out, err) = run(&[
+    let (code, out, err) = run_binary(&[
         "--dump-plugin",
         "--filter=noparallel",
         "null",
@@ -804,13 +788,10 @@ sys.stdin.read()
     dying.kill().unwrap();
     dying.wait().unwrap();
     // The next one is served.
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 assert h.get_size() == 1024 * 1024
 h.shutdown()
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -854,7 +835,7 @@ except nbd.Error:
 /// (nbdkit's tests run `nbdinfo $nbd`).
 #[test]
 fn run_sets_nbd_to_the_uri() {
-    let (code, _, err) = run(&[
+    let (code, _, err) = run_binary(&[
         "-U",
         "-",
         "null",
@@ -863,10 +844,10 @@ fn run_sets_nbd_to_the_uri() {
     ]);
     assert_eq!(code, Some(0), "{err}");
     // nbdkit's form of the URI: no "/" for the default export.
-    let (code, out, err) = run(&["-U", "-", "null", "--run", "echo $uri"]);
+    let (code, out, err) = run_binary(&["-U", "-", "null", "--run", "echo $uri"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.starts_with("nbd+unix://?socket=/"), "{out}");
-    let (code, out, err) = run(&["-U", "-", "-e", "x", "null", "--run", "echo $uri"]);
+    let (code, out, err) = run_binary(&["-U", "-", "-e", "x", "null", "--run", "echo $uri"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.starts_with("nbd+unix:///x?socket=/"), "{out}");
 }
@@ -906,12 +887,9 @@ fn log_to_a_file_default_log_and_no_meta_contexts() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("base:allocation"));
-    let out = Command::new(binary())
-        .args(["-U", "-", "--log=bogus", "null", "--run", "true"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--log=bogus"));
+    assert!(
+        fails_stderr(&["-U", "-", "--log=bogus", "null", "--run", "true"]).contains("--log=bogus")
+    );
 }
 
 /// `nbdkit-rs --help | head -1`: a reader that goes away is not a panic.
@@ -991,7 +969,7 @@ fn debug_lines_name_the_connection_and_name_tags_nbdkit() {
     );
     assert!(!log.lines().any(|l| l.starts_with("nbdkit:")), "{log}");
     // So is an error that stops the server from starting.
-    let (code, _, err) = run(&["--name=frontend", "null", "size=lots", "--run", "exit 0"]);
+    let (code, _, err) = run_binary(&["--name=frontend", "null", "size=lots", "--run", "exit 0"]);
     assert_ne!(code, Some(0));
     assert!(
         err.starts_with("nbdkit[frontend]: error: size=lots"),
@@ -1030,7 +1008,7 @@ fn syslog_records_as_nbdkit_writes_them() {
     let _unlink = Unlink(path);
     sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
         .unwrap();
-    let (code, _, err) = run(&[
+    let (code, _, err) = run_binary(&[
         "--log=syslog",
         "--name=s8test",
         "null",
@@ -1060,12 +1038,7 @@ fn syslog_records_as_nbdkit_writes_them() {
 #[test]
 fn debug_flags_are_checked_as_nbdkit_does() {
     for bad in ["=", ".", ".=", ".extra=1", "memory.=1", "memory.extra="] {
-        let out = Command::new(binary())
-            .args(["-U", "-", "-D", bad, "memory", "1M", "--run", "true"])
-            .output()
-            .unwrap();
-        let e = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "-D {bad} was accepted");
+        let e = fails_stderr(&["-U", "-", "-D", bad, "memory", "1M", "--run", "true"]);
         assert!(e.contains("must have the format"), "-D {bad}: {e}");
     }
     let out = Command::new(binary())

@@ -18,9 +18,7 @@ fn qemu_img_info_convert_compare() {
     if !have("qemu-img") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let orig = dir.path().join("orig.img");
-    make_file(&orig, 3 * M as usize + 512, 1);
+    let (dir, orig, _) = temp_file("orig.img", 3 * M as usize + 512, 1);
     let s = Server::start(&["-r", "file", orig.to_str().unwrap()]);
 
     let info = stdout_of(Command::new("qemu-img").args(["info", "--output=json", &s.uri]));
@@ -207,8 +205,7 @@ fn nbdinfo_map_on_sparse_file() {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("sparse.img");
-    let f = std::fs::File::create(&p).unwrap();
-    f.set_len(8 * M).unwrap();
+    let f = sparse_file(&p, 8 * M);
     f.write_all_at(&pseudo_random(64 * K as usize, 2), M)
         .unwrap();
     f.write_all_at(&pseudo_random(4 * K as usize, 3), 5 * M)
@@ -342,12 +339,8 @@ fn python_commands_and_block_status() {
         return;
     }
     let s = Server::start(&["memory", "size=4M"]);
-    python(
+    nbd_script_allocation(
         r#"
-import nbd, sys, errno
-h = nbd.NBD()
-h.add_meta_context("base:allocation")
-h.connect_uri(sys.argv[1])
 assert h.get_size() == 4 << 20
 assert h.can_meta_context("base:allocation")
 assert h.get_structured_replies_negotiated()
@@ -397,7 +390,6 @@ except nbd.Error as e:
     assert e.errnum == errno.ENOSPC, e
 assert h.pread(3, 3 << 20) == b"xyz"
 h.shutdown()
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -432,11 +424,9 @@ fn many_reads_in_flight_reply_out_of_order() {
     // Pattern: every 8-byte word holds its own offset, so each reply
     // proves it belongs to its request.
     let s = Server::start(&["pattern", "size=256M"]);
-    let out = python(
+    let out = nbd_script(
         r#"
-import nbd, sys, struct
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
+import struct
 def expect(off, n):
     start = off & ~7
     words = b"".join(struct.pack(">Q", w) for w in range(start, off + n + 8, 8))
@@ -460,7 +450,6 @@ while h.aio_in_flight() > 0:
 assert len(order) == 64
 print("in_flight", max_in_flight)
 print("out_of_order", order != sorted(order))
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -474,11 +463,8 @@ fn read_only_refuses_writes_with_eperm() {
         return;
     }
     let s = Server::start(&["-r", "memory", "size=1M"]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys, errno
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 assert h.is_read_only()
 assert not h.can_trim() and not h.can_zero()
 h.set_strict_mode(0)      # send the requests anyway: the server must refuse
@@ -493,7 +479,6 @@ for what, call in [("write", lambda: h.pwrite(b"x" * 512, 0)),
 # The connection lives on.
 assert h.pread(512, 0) == bytes(512)
 h.flush()
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -506,11 +491,8 @@ fn full_plugin_fails_writes_with_enospc() {
         return;
     }
     let s = Server::start(&["full", "size=1M"]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys, errno
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 for what, call in [("write", lambda: h.pwrite(b"x" * 4096, 8192)),
                    ("zero", lambda: h.zero(4096, 0)),
                    ("trim", lambda: h.trim(4096, 0))]:
@@ -520,7 +502,6 @@ for what, call in [("write", lambda: h.pwrite(b"x" * 4096, 8192)),
     except nbd.Error as e:
         assert e.errnum == errno.ENOSPC, (what, e)
 assert h.pread(4096, 0) == bytes(4096)
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -551,14 +532,11 @@ fn pattern_plugin_returns_offsets() {
         assert_eq!(u64::from_be_bytes(w.try_into().unwrap()), i as u64 * 8);
     }
     if have_python_nbd() {
-        python(
+        nbd_script(
             r#"
-import nbd, sys, struct
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
+import struct
 assert h.pread(8, 0x123458) == struct.pack(">Q", 0x123458)
 assert h.pread(5, 0x10003) == struct.pack(">Q", 0x10000)[3:]
-print("OK")
 "#,
             &[&s.uri],
         );
@@ -570,9 +548,7 @@ fn log_filter_one_line_per_request() {
     if !have("nbdcopy") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src.img");
-    make_file(&src, 4 * M as usize, 7);
+    let (dir, src, _) = temp_file("src.img", 4 * M as usize, 7);
     let log = dir.path().join("access.log");
     let logarg = format!("logfile={}", log.display());
     let s = Server::start(&["--filter=log", "memory", "size=4M", &logarg]);
@@ -744,12 +720,7 @@ print("OK")
     ] {
         python(script, &[&s.uri, want_s]);
         if have("qemu-img") {
-            run_ok(
-                Command::new("qemu-img")
-                    .args(["compare", "-f", "raw", "-F", "raw"])
-                    .arg(&want)
-                    .arg(&s.uri),
-            );
+            assert_same_raw(&want, &s.uri);
         }
         assert!(s.stop().success());
     }
@@ -784,16 +755,13 @@ print("OK")
     let mut shrunk = head[..256 * K as usize].to_vec();
     shrunk.resize(2 * M as usize, 0);
     std::fs::write(&want, &shrunk).unwrap();
-    python(
+    nbd_script(
         r#"
-import nbd, os, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
+import os
 assert h.get_size() == 2 << 20
 os.truncate(sys.argv[3], 256 << 10)
 assert h.pread(2 << 20, 0) == open(sys.argv[2], "rb").read()
 h.shutdown()
-print("OK")
 "#,
         &[&s.uri, want_s, img.to_str().unwrap()],
     );

@@ -251,19 +251,14 @@ fn truncate_parameters_combine_and_may_be_absent() {
         size(&["truncate=9000", "round-up=4096", "round-down=8192"]),
         8192
     );
-    let out = Command::new(binary())
-        .args([
-            "--filter=truncate",
-            "memory",
-            "1M",
-            "round-up=0",
-            "--run",
-            "true",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let e = String::from_utf8_lossy(&out.stderr);
+    let e = fails_stderr(&[
+        "--filter=truncate",
+        "memory",
+        "1M",
+        "round-up=0",
+        "--run",
+        "true",
+    ]);
     assert!(
         e.contains("round-up") && e.contains("greater than 0"),
         "{e}"
@@ -319,10 +314,9 @@ fn error_file_is_found_after_the_server_changes_directory() {
     assert!(st.success());
     let uri = format!("nbd+unix://?socket={}", sock.display());
     let r = std::panic::catch_unwind(|| {
-        python(
+        nbd_script(
             r#"
-import nbd, sys, os
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
+import os
 h.pread(512, 0)
 open(sys.argv[2], "a").close()
 try:
@@ -332,7 +326,6 @@ except nbd.Error as e:
     assert e.errno == "ENOSPC", e
 os.unlink(sys.argv[2])
 h.pread(512, 0)
-print("OK")
 "#,
             &[&uri, trigger.to_str().unwrap()],
         )
@@ -436,13 +429,10 @@ esac
     );
     std::fs::write(dir.path().join("opens"), "0\n").unwrap();
     let s = Server::start(&["sh", &plugin, "--filter=retry", "retry-delay=10ms"]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 assert h.pread(512, 0) == bytearray(512)
 h.cache(512, 512)
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -482,10 +472,8 @@ esac
     std::fs::write(dir.path().join("opens"), "0\n").unwrap();
     std::fs::write(dir.path().join("zeroes"), "0\n").unwrap();
     let s = Server::start(&["sh", &plugin, "--filter=retry", "retry-delay=10ms"]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 h.zero(512, 0)
 try:
     h.zero(512, 0, nbd.CMD_FLAG_FUA | nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO)
@@ -493,7 +481,6 @@ try:
 except nbd.Error as ex:
     assert ex.errno == "ENOTSUP", ex
 h.zero(512, 0, nbd.CMD_FLAG_FUA)
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -538,12 +525,9 @@ esac
     assert_eq!(e["block_size_maximum"], "4294967295", "{e:?}");
     // Only the reads below count (nbdinfo may probe the first sector).
     let _ = std::fs::remove_file(dir.path().join("reads"));
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 assert h.pread(1024 * 1024 + 1, 1) == b"\0" * (1024 * 1024 + 1)
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -596,12 +580,8 @@ esac
         "minblock=4k",
         "maxlen=32k",
     ]);
-    python(
+    nbd_script_allocation(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-h.connect_uri(sys.argv[1])
 size = h.get_size()
 offs = 0
 entries = []
@@ -629,7 +609,6 @@ entries = []
 while offs < 4097:
     h.block_status(4097 - offs, offs, f, nbd.CMD_FLAG_REQ_ONE)
 assert entries == [(1, 0), (1, 3)], entries
-print("OK")
 "#,
         &[&s.uri],
     );

@@ -115,12 +115,7 @@ fn every_format_copies_back_byte_exact_with_nbdcopy_and_qemu_img() {
             "{}: nbdcopy output differs",
             c.name
         );
-        run_ok(
-            Command::new("qemu-img")
-                .args(["compare", "-f", "raw", "-F", "raw"])
-                .arg(&img)
-                .arg(&s.uri),
-        );
+        assert_same_raw(&img, &s.uri);
         // Read-only: the export says so.
         let json = stdout_of(Command::new("nbdinfo").arg("--json").arg(&s.uri));
         assert!(
@@ -299,12 +294,10 @@ fn prepared_gzip_index_from_the_tool_is_used() {
         .parent()
         .unwrap()
         .join("seekable-index");
-    if !tool.exists() {
-        assert!(
-            std::env::var("NBDKIT_RS_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "seekable-index was not built (cargo test --workspace builds it)"
-        );
-        eprintln!("SKIP: seekable-index not built (cargo test --workspace builds it)");
+    if !available(
+        tool.exists(),
+        "seekable-index (built by cargo test --workspace)",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -469,9 +462,7 @@ fn failed_gzip_walk_refuses_the_export() {
     if !have("nbdinfo") || !have("bgzip") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, pseudo_random(3 << 20, 21)).unwrap();
+    let (dir, img, _) = temp_file("disk.img", 3 << 20, 21);
     let gz = dir.path().join("plain.gz");
     compress(&img, &gz, "gzip", &["-c"]);
     let bgz = dir.path().join("disk.bgzf.gz");
@@ -561,9 +552,7 @@ fn damaged_zstd_frame_is_eio_from_the_first_read() {
     if !have_python_nbd() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, pseudo_random(3 << 20, 31)).unwrap();
+    let (dir, img, _) = temp_file("disk.img", 3 << 20, 31);
     let z = dir.path().join("flipped.zst");
     // From a file, so the frame records its size (one frame, in memory).
     let st = Command::new("zstd")
@@ -623,9 +612,7 @@ fn scratch_bound_refuses_a_block_bigger_than_it() {
     if !have_python_nbd() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, pseudo_random(3 << 20, 32)).unwrap();
+    let (dir, img, _) = temp_file("disk.img", 3 << 20, 32);
     let z = dir.path().join("one.xz");
     compress(&img, &z, "xz", &["-T1", "-0", "-c"]);
     let scratch = dir.path().join("scratch");

@@ -9,22 +9,12 @@ use std::process::Command;
 
 const M: u64 = 1024 * 1024;
 
-fn require(what: &str, ok: bool) -> bool {
-    if !ok {
-        if std::env::var("NBDKIT_RS_REQUIRE_TOOLS").as_deref() == Ok("1") {
-            panic!("{what} is required but missing (scripts/test.sh installs it)");
-        }
-        eprintln!("SKIP: {what} is missing");
-    }
-    ok
-}
-
 /// A plugin from Debian's nbdkit package, by its short name.
 fn debian(name: &str) -> Option<String> {
     let p = nbdkit_cplugin::find(name);
-    require(
-        &format!("nbdkit-{name}-plugin.so (Debian's nbdkit package)"),
+    available(
         p.is_some(),
+        &format!("nbdkit-{name}-plugin.so (Debian's nbdkit package)"),
     )
     .then(|| p.unwrap().display().to_string())
 }
@@ -33,8 +23,8 @@ fn debian(name: &str) -> Option<String> {
 fn compile(name: &str, dir: &Path) -> Option<String> {
     let have_header = Path::new("/usr/include/nbdkit-plugin.h").exists();
     let have_cc = Command::new("cc").arg("--version").output().is_ok();
-    if !require("nbdkit-plugin.h (nbdkit-plugin-dev)", have_header)
-        || !require("a C compiler (cc)", have_cc)
+    if !available(have_header, "nbdkit-plugin.h (nbdkit-plugin-dev)")
+        || !available(have_cc, "a C compiler (cc)")
     {
         return None;
     }
@@ -50,36 +40,9 @@ fn compile(name: &str, dir: &Path) -> Option<String> {
     Some(out.display().to_string())
 }
 
-fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    c.arg(uri).output().expect("qemu-io")
-}
-
-fn qemu_io_ok(uri: &str, cmds: &[&str]) -> String {
-    let out = qemu_io(uri, cmds);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && !text.contains("failed") && !text.contains("Pattern verification"),
-        "qemu-io {cmds:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
 /// nbdkit-rs ARGS... that must fail; returns stderr.
 fn fails(args: &[&str]) -> String {
-    let out = Command::new(binary())
-        .args(["-U", "-"])
-        .args(args)
-        .args(["--run", "true"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{args:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    fails_stderr(&[&["-U", "-"], args, &["--run", "true"]].concat())
 }
 
 /// The memory tests every memory plugin must pass: ours (`memory`) and
@@ -149,11 +112,8 @@ fn memory_suite(plugin: &str) {
     qemu_io_ok(&s.uri, &["read -P 0 1M 1M", "read -P 0 4M 1M"]);
 
     // nbdsh (libnbd): FUA write, flush, cache, fast zero.
-    python(
-        "import nbd,sys\n\
-         h=nbd.NBD()\n\
-         h.connect_uri(sys.argv[1])\n\
-         assert h.can_fua() and h.can_flush() and h.can_cache() and h.can_fast_zero()\n\
+    nbd_script(
+        "assert h.can_fua() and h.can_flush() and h.can_cache() and h.can_fast_zero()\n\
          h.pwrite(b'\\xab'*4096, 8192, nbd.CMD_FLAG_FUA)\n\
          h.flush()\n\
          h.cache(65536, 0)\n\
@@ -161,8 +121,7 @@ fn memory_suite(plugin: &str) {
          h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO)\n\
          assert h.pread(4096, 0) == b'\\0'*4096\n\
          assert h.pread(4096, 8192) == b'\\xab'*4096\n\
-         h.shutdown()\n\
-         print('OK')",
+         h.shutdown()",
         &[&s.uri],
     );
     assert!(s.stop().success());
@@ -262,7 +221,7 @@ fn debian_data_pattern_null_full_random_info() {
     // full: every write fails with ENOSPC, reads are zero.
     if let Some(so) = debian("full") {
         let s = Server::start(&[&so, "1M"]);
-        let out = qemu_io(&s.uri, &["write -P 1 0 512"]);
+        let out = qemu_io_raw(&s.uri, &["write -P 1 0 512"]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("No space left on device"), "{text}");
         qemu_io_ok(&s.uri, &["read -P 0 0 4k"]);
@@ -455,7 +414,7 @@ fn api_v1_plugin_reads_writes_flushes() {
         ],
     );
     // The last sector fails with the plugin's errno (EIO).
-    let out = qemu_io(&s.uri, &["read 1048064 512"]);
+    let out = qemu_io_raw(&s.uri, &["read 1048064 512"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("Input/output error"),
         "{out:?}"
@@ -543,11 +502,7 @@ fn api_v2_plugin_errors_reach_the_client() {
     let map = map_of(&s.uri);
     assert_eq!(map, vec![(0, 65536, false), (65536, 2 * M - 65536, true)]);
     // An export the plugin refuses.
-    let out = Command::new("nbdinfo")
-        .arg(s.uri_for("zzz"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    assert!(!nbdinfo_ok(&[&s.uri_for("zzz")]));
 
     // FUA passed natively; the -D flag reached the plugin's variable.
     qemu_io_ok(&s.uri, &["write -f 0 4k", "write -z -u 0 4k"]);
@@ -591,11 +546,7 @@ fn api_v2_plugin_errors_reach_the_client() {
     assert!(s.log().contains("the plugin called nbdkit_disconnect(1)"));
 
     // nbdkit_shutdown: the server exits gracefully.
-    let out = Command::new("nbdinfo")
-        .arg(s.uri_for("shutdown"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    assert!(!nbdinfo_ok(&[&s.uri_for("shutdown")]));
     let mut s = s;
     let status = s.child.wait().unwrap();
     assert!(status.success(), "{status}");

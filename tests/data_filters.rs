@@ -10,33 +10,6 @@ use std::process::Command;
 const K: u64 = 1024;
 const M: u64 = 1024 * 1024;
 
-/// Starting fails with exactly one line on stderr containing `why`.
-fn start_fails(args: &[&str], why: &str) {
-    let out = Command::new(binary())
-        .arg("-f")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{args:?} started");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(why), "{args:?}: expected {why:?} in {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-}
-
-/// Connecting fails, and the server's log or the client's debug output
-/// mentions `why`.
-fn open_fails(args: &[&str], why: &str) {
-    let out = Command::new(binary())
-        .args(["-U", "-", "--run", "LIBNBD_DEBUG=1 nbdinfo \"$uri\""])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{args:?} connected");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(why), "{args:?}: expected {why:?} in {err}");
-    assert!(!err.contains("panicked"), "{err}");
-}
-
 /// `data` with the bytes of every `w`-byte word reversed.
 fn swapped(data: &[u8], w: usize) -> Vec<u8> {
     data.chunks(w)
@@ -52,8 +25,7 @@ fn swab_matches_a_reference_swap_for_each_width() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     // Not a multiple of 8: the export is rounded down to a whole word.
-    make_file(&img, (M + 13) as usize, 21);
-    let orig = std::fs::read(&img).unwrap();
+    let orig = make_file(&img, (M + 13) as usize, 21);
     let p = img.to_str().unwrap();
     for (bits, w) in [("8", 1usize), ("16", 2), ("32", 4), ("64", 8)] {
         let arg = format!("swab-bits={bits}");
@@ -73,7 +45,7 @@ fn swab_matches_a_reference_swap_for_each_width() {
     let s = Server::start(&["-r", "--filter=swab", "file", p]);
     assert!(read_all(&s.uri) == swapped(&orig[..orig.len() - 1], 2));
     drop(s);
-    start_fails(
+    start_fails_one_line(
         &["--filter=swab", "file", p, "swab-bits=24"],
         "swab-bits=24",
     );
@@ -84,17 +56,11 @@ fn swab_writes_swap_on_the_way_down_and_refuses_unaligned_requests() {
     if !have_python_nbd() || !have("nbdinfo") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    make_file(&img, M as usize, 5);
-    let orig = std::fs::read(&img).unwrap();
+    let (_dir, img, orig) = temp_file("disk.img", M as usize, 5);
     let p = img.to_str().unwrap();
     let s = Server::start(&["--filter=swab", "file", p, "swab-bits=32"]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys, errno
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 data = bytes(range(256)) * 16
 h.pwrite(data, 8192)
 assert h.pread(4096, 8192) == data
@@ -114,7 +80,6 @@ except nbd.Error as e:
     assert e.errnum == errno.EINVAL, e
 # The connection is still usable.
 assert h.pread(4096, 8192) == data
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -135,10 +100,7 @@ fn swab_passes_block_status_and_stacks_under_blocksize_for_byte_access() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sparse = dir.path().join("sparse.img");
-    let f = std::fs::File::create(&sparse).unwrap();
-    f.set_len(4 * M).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(64 * K as usize, 9), M).unwrap();
-    drop(f);
+    sparse_file_with(&sparse, 4 * M, M, &pseudo_random(64 * K as usize, 9));
     let p = sparse.to_str().unwrap();
     let s = Server::start(&["-r", "--filter=swab", "file", p, "swab-bits=64"]);
     assert_eq!(
@@ -162,14 +124,10 @@ fn swab_passes_block_status_and_stacks_under_blocksize_for_byte_access() {
     ]);
     let j = nbdinfo_json(&[], &s.uri);
     assert_eq!(j["block_size_minimum"], "1", "{j:?}");
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 h.pwrite(b"ABC", 7)
 assert h.pread(5, 6) == b"\0ABC\0"
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -297,25 +255,24 @@ fn tar_reports_missing_entries_corrupt_headers_and_limits() {
     let t = dir.path().join("x.tar");
     let tp = t.to_str().unwrap();
     gnu_tar(&root, &["-cf", tp, "a.txt", &long, "disk.img", "sub"]);
-    open_fails(
-        &["-r", "--filter=tar", "file", tp, "tar-entry=nope.img"],
+    // Serving `archive` read-only with `params` fails, naming `why`.
+    let tar_fails = |archive: &str, params: &[&str], why: &str| {
+        open_fails(
+            &[&["-r", "--filter=tar", "file", archive], params].concat(),
+            why,
+        )
+    };
+    tar_fails(
+        tp,
+        &["tar-entry=nope.img"],
         &format!("no entry 'nope.img' in archive {tp} (entries: a.txt, "),
     );
-    open_fails(
-        &["-r", "--filter=tar", "file", tp, "tar-entry=sub/"],
-        "'sub/' is a directory",
-    );
+    tar_fails(tp, &["tar-entry=sub/"], "'sub/' is a directory");
     // disk.img's header comes after a.txt (1 K) and the long name's
     // entries: with a 2 K limit the search stops first.
-    open_fails(
-        &[
-            "-r",
-            "--filter=tar",
-            "file",
-            tp,
-            "tar-entry=disk.img",
-            "tar-limit=2K",
-        ],
+    tar_fails(
+        tp,
+        &["tar-entry=disk.img", "tar-limit=2K"],
         "entry 'disk.img' was not found in the first 2048 bytes",
     );
     let s = Server::start(&[
@@ -338,49 +295,31 @@ fn tar_reports_missing_entries_corrupt_headers_and_limits() {
     bytes[1024] ^= 0x20;
     let bad = dir.path().join("bad.tar");
     std::fs::write(&bad, &bytes).unwrap();
-    open_fails(
-        &[
-            "-r",
-            "--filter=tar",
-            "file",
-            bad.to_str().unwrap(),
-            "tar-entry=disk.img",
-        ],
+    tar_fails(
+        bad.to_str().unwrap(),
+        &["tar-entry=disk.img"],
         "is not a valid tar archive (looking for 'disk.img', at offset 1024)",
     );
     // A truncated archive: the entry's data runs past the end.
     let cut = dir.path().join("cut.tar");
     std::fs::write(&cut, &std::fs::read(&t).unwrap()[..2 * M as usize]).unwrap();
-    open_fails(
-        &[
-            "-r",
-            "--filter=tar",
-            "file",
-            cut.to_str().unwrap(),
-            "tar-entry=disk.img",
-        ],
+    tar_fails(
+        cut.to_str().unwrap(),
+        &["tar-entry=disk.img"],
         "the archive is truncated",
     );
     // Random bytes are no archive; nothing panics.
     let junk = dir.path().join("junk.tar");
     make_file(&junk, 100_000, 77);
-    open_fails(
-        &[
-            "-r",
-            "--filter=tar",
-            "file",
-            junk.to_str().unwrap(),
-            "tar-entry=disk.img",
-        ],
+    tar_fails(
+        junk.to_str().unwrap(),
+        &["tar-entry=disk.img"],
         "is not a valid tar archive",
     );
 
     // GNU sparse entries, old GNU and pax formats.
     let sparse = root.join("sparse.img");
-    let f = std::fs::File::create(&sparse).unwrap();
-    f.set_len(4 * M).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, b"data", 2 * M).unwrap();
-    drop(f);
+    sparse_file_with(&sparse, 4 * M, 2 * M, b"data");
     for format in ["gnu", "pax"] {
         let st = dir.path().join(format!("sparse-{format}.tar"));
         let fmt = format!("--format={format}");
@@ -399,11 +338,11 @@ fn tar_reports_missing_entries_corrupt_headers_and_limits() {
             "sparse file",
         );
     }
-    start_fails(
+    start_fails_one_line(
         &["--filter=tar", "file", tp],
         "'tar-entry' parameter is required",
     );
-    start_fails(
+    start_fails_one_line(
         &["--filter=tar", "file", tp, "tar-entry=a", "tar-limit=lots"],
         "tar filter: tar-limit=lots",
     );
@@ -438,17 +377,13 @@ fn tar_writes_change_only_the_entry_and_block_status_shows_holes() {
         "the zero run is a hole: {map:?}"
     );
     let last = disk.len() - 1;
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 size = h.get_size()
 h.pwrite(b"\xee" * 1000, 0)
 h.pwrite(b"\x77", size - 1)
 h.zero(4096, 8192)
 assert h.pread(1000, 0) == b"\xee" * 1000
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -536,10 +471,7 @@ print("OK")
 
     // Block status is answered through it.
     let sparse = dir.path().join("sparse.img");
-    let f = std::fs::File::create(&sparse).unwrap();
-    f.set_len(2 * M).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(64 * K as usize, 2), M).unwrap();
-    drop(f);
+    sparse_file_with(&sparse, 2 * M, M, &pseudo_random(64 * K as usize, 2));
     let s = Server::start(&[
         "-r",
         "--filter=blocksize-policy",
@@ -558,7 +490,7 @@ print("OK")
     );
     drop(s);
 
-    start_fails(
+    start_fails_one_line(
         &[
             "--filter=blocksize-policy",
             "memory",
@@ -567,7 +499,7 @@ print("OK")
         ],
         "blocksize-minimum=3",
     );
-    start_fails(
+    start_fails_one_line(
         &[
             "--filter=blocksize-policy",
             "memory",
@@ -577,7 +509,7 @@ print("OK")
         ],
         "blocksize-maximum=6144 is not a multiple of blocksize-minimum=4096",
     );
-    start_fails(
+    start_fails_one_line(
         &[
             "--filter=blocksize-policy",
             "memory",
@@ -678,13 +610,9 @@ print("OK")
     python(script, &[&s.uri]);
     assert!(s.log().contains("closing the connection"), "{}", s.log());
     // The server goes on serving other clients.
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 assert h.pread(4, 0) == b"aaaa"
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -716,17 +644,13 @@ fn blocksize_policy_over_blocksize_gives_rmw_to_bad_clients() {
     ]);
     let j = nbdinfo_json(&[], &s.uri);
     assert_eq!(j["block_size_minimum"], "65536", "{j:?}");
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 h.set_strict_mode(0)
 h.pwrite(b"xyz", 70000)
 assert h.pread(5, 69999) == b"\0xyz\0"
 h.pwrite(b"q" * 65536, 65536)
 assert h.pread(65536, 65536) == b"q" * 65536
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -759,11 +683,8 @@ fn blocksize_policy_emulates_zero_below_its_maximum_check() {
         "blocksize-maximum=64K",
         "blocksize-error-policy=error",
     ]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys, errno
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 assert h.get_block_size(nbd.SIZE_MAXIMUM) == 65536
 h.pwrite(b"z" * 65536, 0)
 h.pwrite(b"z" * 65536, 3 * 1024 * 1024)
@@ -776,7 +697,6 @@ try:
     raise SystemExit("oversized write succeeded")
 except nbd.Error as e:
     assert e.errnum == errno.EINVAL, e
-print("OK")
 "#,
         &[&s.uri],
     );

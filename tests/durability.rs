@@ -16,7 +16,7 @@ use nbdkit_proto::*;
 
 fn disk(dir: &Path) -> std::path::PathBuf {
     let p = dir.join("disk.img");
-    std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
+    sparse_file(&p, 8 << 20);
     p
 }
 

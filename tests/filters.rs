@@ -51,32 +51,6 @@ fn check_partition(img: &Path, n: u32, want: &[u8]) {
     assert!(got == want, "partition {n} contents differ");
 }
 
-/// Connecting fails, and the error the server sends (which libnbd shows
-/// in its debug output) mentions `why`.
-fn open_fails(args: &[&str], why: &str) {
-    let out = Command::new(binary())
-        .args(["-U", "-", "--run", "LIBNBD_DEBUG=1 nbdinfo \"$uri\""])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{args:?} connected");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(why), "{args:?}: expected {why:?} in {err}");
-}
-
-/// Starting fails with exactly one line on stderr containing `why`.
-fn start_fails(args: &[&str], why: &str) {
-    let out = Command::new(binary())
-        .arg("-f")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{args:?} started");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(why), "{args:?}: expected {why:?} in {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-}
-
 fn slice(v: &[u8], offset: u64, len: u64) -> &[u8] {
     &v[offset as usize..(offset + len) as usize]
 }
@@ -108,11 +82,11 @@ fn partition_mbr_primary_and_logical() {
         &["-r", "--filter=partition", "file", p, "partition=7"],
         "the disk has 2 logical partitions",
     );
-    start_fails(
+    start_fails_one_line(
         &["--filter=partition", "file", p, "partition=0"],
         "partition=0: expected a partition number from 1",
     );
-    start_fails(
+    start_fails_one_line(
         &["--filter=partition", "file", p],
         "'partition' parameter is required",
     );
@@ -179,11 +153,8 @@ fn partition_writes_stay_inside_the_partition() {
         img.to_str().unwrap(),
         "partition=1",
     ]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys, errno
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 assert h.get_size() == 1024 * 1024
 h.pwrite(b"\xaa" * 4096, 0)
 h.pwrite(b"\xbb" * 4096, 1024 * 1024 - 4096)
@@ -193,7 +164,6 @@ try:
     raise SystemExit("write past the partition succeeded")
 except nbd.Error as e:
     assert e.errnum == errno.ENOSPC, e
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -211,18 +181,12 @@ fn offset_shifts_reads_writes_and_block_status() {
     if !have("nbdcopy") || !have("nbdinfo") || !have_python_nbd() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("f.img");
-    make_file(&img, 2 * M as usize, 3);
-    let orig = std::fs::read(&img).unwrap();
+    let (dir, img, orig) = temp_file("f.img", 2 * M as usize, 3);
     let p = img.to_str().unwrap();
     let s = Server::start(&["--filter=offset", "file", p, "offset=64K", "range=1M"]);
     assert_eq!(read_all(&s.uri), slice(&orig, 64 * K, M));
-    python(
+    nbd_script(
         r#"
-import nbd, sys, errno
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 assert h.get_size() == 1024 * 1024
 h.pwrite(b"\x5a" * 512, 0)
 h.set_strict_mode(0)
@@ -231,7 +195,6 @@ try:
     raise SystemExit("read past the range succeeded")
 except nbd.Error as e:
     assert e.errnum == errno.EINVAL, e
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -243,10 +206,7 @@ print("OK")
 
     // Block status is shifted too: a sparse file with data at 1M..1M+64K.
     let sparse = dir.path().join("sparse.img");
-    let f = std::fs::File::create(&sparse).unwrap();
-    f.set_len(4 * M).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &pseudo_random(64 * K as usize, 4), M).unwrap();
-    drop(f);
+    sparse_file_with(&sparse, 4 * M, M, &pseudo_random(64 * K as usize, 4));
     let sp = sparse.to_str().unwrap();
     let s = Server::start(&[
         "-r",
@@ -269,7 +229,7 @@ print("OK")
         &["-r", "--filter=offset", "file", sp, "offset=3M", "range=2M"],
         "is beyond the end of the plugin",
     );
-    start_fails(
+    start_fails_one_line(
         &["--filter=offset", "file", sp, "offset=lots"],
         "offset filter: offset=lots",
     );
@@ -280,17 +240,11 @@ fn truncate_grows_with_zeroes_and_rounds() {
     if !have("nbdinfo") || !have_python_nbd() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("odd.img");
-    make_file(&img, M as usize + 100, 5);
-    let orig = std::fs::read(&img).unwrap();
+    let (_dir, img, orig) = temp_file("odd.img", M as usize + 100, 5);
     let p = img.to_str().unwrap();
     let s = Server::start(&["--filter=truncate", "file", p, "truncate=2M"]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys, errno
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 real = 1024 * 1024 + 100
 assert h.get_size() == 2 * 1024 * 1024
 assert h.pread(real + 1000, 0)[real:] == bytes(1000)
@@ -303,7 +257,6 @@ except nbd.Error as e:
 # libnbd takes (count, offset): both cross the plugin's end.
 h.zero(real + 1000 - 65536, 65536)
 h.trim(2 * 1024 * 1024 - 4096, 4096)
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -319,13 +272,13 @@ print("OK")
         let s = Server::start(&["-r", "--filter=truncate", "file", p, arg]);
         assert_eq!(nbdinfo_json(&[], &s.uri)["export-size"], size, "{arg}");
     }
-    start_fails(
+    start_fails_one_line(
         &["--filter=truncate", "file", p, "round-up=1000"],
         "round-up=1000: must be a power of two",
     );
     // truncate= with round-down= combine (nbdkit's order): see
     // tests/compat_filters.rs.
-    start_fails(
+    start_fails_one_line(
         &["--filter=truncate", "file", p, "round-down=0"],
         "round-down=0",
     );
@@ -340,9 +293,7 @@ fn cow_makes_a_read_only_file_writable_without_touching_it() {
     if !have("qemu-io") || !have("nbdinfo") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("base.img");
-    make_file(&img, 4 * M as usize, 11);
+    let (_dir, img, _) = temp_file("base.img", 4 * M as usize, 11);
     let mut perms = std::fs::metadata(&img).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
     std::fs::set_permissions(&img, perms).unwrap();
@@ -358,23 +309,17 @@ fn cow_makes_a_read_only_file_writable_without_touching_it() {
     let j = nbdinfo_json(&[], &s.uri);
     assert_eq!(j["is_read_only"], "false", "{j:?}");
     assert_eq!(j["can_zero"], "true", "{j:?}");
-    let out = stdout_of(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x11 1000 10000",
-        "-c",
-        "write -z 64k 128k",
-        "-c",
-        "discard 1M 64k",
-        "-c",
-        "read -P 0x11 1000 10000",
-        "-c",
-        "read -P 0 64k 128k",
-        "-c",
-        "read -P 0 1M 64k",
+    let out = qemu_io_ok(
         &s.uri,
-    ]));
+        &[
+            "write -P 0x11 1000 10000",
+            "write -z 64k 128k",
+            "discard 1M 64k",
+            "read -P 0x11 1000 10000",
+            "read -P 0 64k 128k",
+            "read -P 0 1M 64k",
+        ],
+    );
     assert!(!out.contains("Pattern verification failed"), "{out}");
     assert_eq!(out.matches("read ").count(), 3, "{out}");
 
@@ -415,7 +360,7 @@ print("OK")
 "#,
         &[&s.uri],
     );
-    start_fails(
+    start_fails_one_line(
         &["--filter=cow", "pattern", "size=1M", "cow-block-size=1000"],
         "cow-block-size=1000: must be a power of two",
     );
@@ -438,16 +383,14 @@ fn cow_over_partition_stack() {
         "partition=1",
     ]);
     let part = slice(&disk, 2048 * 512, 4096 * 512);
-    let out = python(
+    let out = nbd_script(
         r#"
-import nbd, sys, hashlib
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
+import hashlib
 assert h.get_size() == 4096 * 512
 h.pwrite(b"\x77" * 70000, 5000)
 h.zero(65536, 1024 * 1024)   # (count, offset)
 data = h.pread(h.get_size(), 0)
 print(hashlib.sha256(data).hexdigest())
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -542,7 +485,7 @@ fn nozero_modes() {
         log.contains("Zero offset=0x0 count=0x10000 trim=0"),
         "{log}"
     );
-    start_fails(
+    start_fails_one_line(
         &["--filter=nozero", "memory", "1M", "zeromode=sometimes"],
         "zeromode=sometimes: expected one of none, emulate, notrim, plugin",
     );
@@ -555,10 +498,7 @@ fn noextents_reports_all_data() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sparse = dir.path().join("sparse.img");
-    std::fs::File::create(&sparse)
-        .unwrap()
-        .set_len(4 * M)
-        .unwrap();
+    sparse_file(&sparse, 4 * M);
     let p = sparse.to_str().unwrap();
     let s = Server::start(&["-r", "file", p]);
     assert_eq!(map_of(&s.uri), vec![(0, 4 * M, true)]);
@@ -618,7 +558,7 @@ fn fua_modes() {
     );
     assert!(log.contains("fua=0"), "{log}");
     assert!(!log.contains("Flush"), "{log}");
-    start_fails(
+    start_fails_one_line(
         &["--filter=fua", "memory", "1M", "fuamode=always"],
         "fuamode=always: expected one of",
     );
@@ -629,10 +569,7 @@ fn protect_refuses_changes_to_protected_bytes() {
     if !have_python_nbd() || !have("nbdinfo") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    make_file(&img, M as usize, 9);
-    let orig = std::fs::read(&img).unwrap();
+    let (_dir, img, orig) = temp_file("disk.img", M as usize, 9);
     let p = img.to_str().unwrap();
     let s = Server::start(&[
         "--filter=protect",
@@ -642,10 +579,8 @@ fn protect_refuses_changes_to_protected_bytes() {
         "protect=64K-",
     ]);
     assert_eq!(nbdinfo_json(&[], &s.uri)["can_trim"], "true");
-    python(
+    nbd_script(
         r#"
-import nbd, sys, errno
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 def refused(what, call):
     try:
         call()
@@ -659,7 +594,6 @@ refused("zero", lambda: h.zero(512, 100))
 # Rewriting what is there is not a change.
 h.pwrite(h.pread(1024, 0), 0)
 h.pwrite(b"y" * 4096, 4096)
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -668,7 +602,7 @@ print("OK")
     assert_eq!(after[..4096], orig[..4096]);
     assert!(after[4096..8192].iter().all(|&b| b == b'y'));
     assert_eq!(after[8192..], orig[8192..]);
-    start_fails(
+    start_fails_one_line(
         &["--filter=protect", "file", p, "protect=10-5"],
         "protect=10-5: start 10 is after end 5",
     );
@@ -684,18 +618,16 @@ fn noparallel_sets_the_thread_model() {
         ("serialize=all-requests", "serialize_all_requests"),
         ("serialize=requests", "serialize_requests"),
     ] {
-        let out = Command::new(binary())
-            .args(["-v", "-U", "-", "--run", "nbdinfo \"$uri\" >/dev/null"])
-            .args(["--filter=noparallel", "memory", "1M", mode])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains(&format!("thread model: {model}")),
-            "{mode}: {err}"
-        );
+        let got = thread_model_of(&["--filter=noparallel", "memory", "1M", mode]);
+        assert_eq!(got, model, "{mode}");
     }
+}
+
+/// `dir/stats.txt` and the `statsfile=` parameter naming it.
+fn stats_file(dir: &Path) -> (std::path::PathBuf, String) {
+    let stats = dir.join("stats.txt");
+    let arg = format!("statsfile={}", stats.display());
+    (stats, arg)
 }
 
 /// Parse a stats file into op -> (ops, errors, bytes).
@@ -725,20 +657,16 @@ fn stats_counts_requests_and_bytes() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let stats = dir.path().join("stats.txt");
-    let arg = format!("statsfile={}", stats.display());
+    let (stats, arg) = stats_file(dir.path());
     let s = Server::start(&["--filter=stats", "memory", "size=1M", &arg]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 for i in range(3):
     h.pwrite(b"x" * 4096, i * 4096)
 assert h.pread(512, 0) == b"x" * 512
 assert h.pread(512, 4096) == b"x" * 512
 h.flush()
 h.zero(8192, 65536)
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -770,10 +698,9 @@ fn error_injection_follows_the_trigger_file() {
         &farg,
         &sarg,
     ]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys, os, errno
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
+import os
 trigger = sys.argv[2]
 h.pwrite(b"a" * 512, 0)
 open(trigger, "w").close()
@@ -786,14 +713,13 @@ assert h.pread(512, 0) == b"a" * 512     # reads are not affected
 os.unlink(trigger)
 h.pwrite(b"c" * 512, 0)
 assert h.pread(512, 0) == b"c" * 512
-print("OK")
 "#,
         &[&s.uri, trigger.to_str().unwrap()],
     );
     assert!(s.stop().success());
     // The failed write never reached the layer below.
     assert_eq!(stats_of(&stats)["write"], (2, 0, 1024));
-    start_fails(
+    start_fails_one_line(
         &["--filter=error", "memory", "1M", "error-rate=200%"],
         "error-rate=200%: the rate must be between 0 and 1",
     );
@@ -805,8 +731,7 @@ fn delay_keeps_data_correct() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let stats = dir.path().join("stats.txt");
-    let sarg = format!("statsfile={}", stats.display());
+    let (stats, sarg) = stats_file(dir.path());
     let s = Server::start(&[
         "--filter=delay",
         "--filter=stats",
@@ -818,21 +743,13 @@ fn delay_keeps_data_correct() {
         "delay-close=1ms",
         &sarg,
     ]);
-    let out = stdout_of(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x42 0 64k",
-        "-c",
-        "read -P 0x42 0 64k",
-        &s.uri,
-    ]));
+    let out = qemu_io_ok(&s.uri, &["write -P 0x42 0 64k", "read -P 0x42 0 64k"]);
     assert!(!out.contains("Pattern verification failed"), "{out}");
     assert!(s.stop().success());
     let st = stats_of(&stats);
     assert_eq!(st["write"].2, 64 * K, "{st:?}");
     assert!(st["read"].2 >= 64 * K, "{st:?}");
-    start_fails(
+    start_fails_one_line(
         &["--filter=delay", "memory", "1M", "delay-read=soon"],
         "delay-read=soon: expected a delay",
     );
@@ -859,10 +776,8 @@ fn blocksize_plugin_sees_only_aligned_bounded_requests() {
     let s = Server::start(&args);
     let j = nbdinfo_json(&[], &s.uri);
     assert_eq!(j["block_size_minimum"], "1", "{j:?}");
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 model = bytearray(1024 * 1024)
 for i, (off, n) in enumerate([(1, 1), (4095, 2), (100, 30000), (65536 - 7, 65536 + 14)]):
     data = bytes([(i * 31 + j) % 251 + 1 for j in range(n)])
@@ -874,7 +789,6 @@ h.trim(10000, 5000)
 for off, n in [(0, 70000), (3, 5), (65536 - 100, 200)]:
     assert h.pread(n, off) == bytes(model[off:off + n]), (off, n)
 assert h.pread(1024 * 1024, 0) == bytes(model[:])
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -902,11 +816,8 @@ fn rate_passes_data_unchanged() {
     if !have("nbdcopy") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("src.img");
-    make_file(&img, 2 * M as usize, 21);
-    let stats = dir.path().join("stats.txt");
-    let sarg = format!("statsfile={}", stats.display());
+    let (dir, img, _) = temp_file("src.img", 2 * M as usize, 21);
+    let (stats, sarg) = stats_file(dir.path());
     // 1 Gbit/s with a small burst: the limiter really waits during the
     // copy, and the data must come through intact.
     let s = Server::start(&[
@@ -923,7 +834,7 @@ fn rate_passes_data_unchanged() {
     assert!(read_all(&s.uri) == std::fs::read(&img).unwrap());
     assert!(s.stop().success());
     assert_eq!(stats_of(&stats)["read"].2, 2 * M);
-    start_fails(
+    start_fails_one_line(
         &["--filter=rate", "memory", "1M", "rate=0"],
         "rate=0: a rate must be more than zero",
     );
@@ -935,8 +846,7 @@ fn retry_reopens_and_retries_before_failing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let stats = dir.path().join("stats.txt");
-    let sarg = format!("statsfile={}", stats.display());
+    let (stats, sarg) = stats_file(dir.path());
     let s = Server::start(&[
         "--filter=retry",
         "--filter=stats",
@@ -948,17 +858,14 @@ fn retry_reopens_and_retries_before_failing() {
         "retry-delay=0",
         &sarg,
     ]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys, errno
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 h.pwrite(b"w" * 512, 0)
 try:
     h.pread(512, 0)
     raise SystemExit("read succeeded")
 except nbd.Error as e:
     assert e.errnum == errno.EIO, e
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -969,7 +876,7 @@ print("OK")
     assert_eq!(st["read"], (4, 4, 0), "{text}");
     assert_eq!(st["write"], (1, 0, 512), "{text}");
     assert!(text.contains("connections: 4"), "{text}");
-    start_fails(
+    start_fails_one_line(
         &["--filter=retry", "memory", "1M", "retries=many"],
         "retries=many",
     );
@@ -1001,7 +908,7 @@ fn multi_conn_modes_and_emulated_flush() {
         flags_through(&f, &["multi-conn-mode=unsafe"])["can_multi_conn"],
         "true"
     );
-    start_fails(
+    start_fails_one_line(
         &[
             "--filter=multi-conn",
             "memory",
@@ -1193,12 +1100,7 @@ fn ip_filters_tcp_clients_by_address_and_network() {
 
 #[test]
 fn ip_rejects_bad_rules_at_startup() {
-    let out = Command::new(binary())
-        .args(["--filter=ip", "memory", "1M", "allow=127.0.0.256"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails_stderr(&["--filter=ip", "memory", "1M", "allow=127.0.0.256"]);
     assert!(
         err.contains("allow=") && err.contains("127.0.0.256"),
         "{err}"
@@ -1315,14 +1217,11 @@ fn log_script_runs_for_real_client_requests() {
         out.display()
     );
     let s = Server::start(&["--filter=log", "memory", "1M", &script]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 h.pwrite(b"q" * 4096, 8192)
 assert h.pread(4096, 8192) == b"q" * 4096
 h.shutdown()
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -1358,12 +1257,8 @@ fn cache_reads_a_slow_source_once() {
     if !have("nbdcopy") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("src.img");
-    make_file(&img, 4 * M as usize, 31);
-    let want = std::fs::read(&img).unwrap();
-    let stats = dir.path().join("stats.txt");
-    let sarg = format!("statsfile={}", stats.display());
+    let (dir, img, want) = temp_file("src.img", 4 * M as usize, 31);
+    let (stats, sarg) = stats_file(dir.path());
     // cache → stats → delay → file: stats counts what gets past the cache.
     let s = Server::start(&[
         "--filter=cache",
@@ -1406,12 +1301,8 @@ fn cache_over_retry_over_a_flaky_source() {
     if !have("nbdcopy") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("src.img");
-    make_file(&img, 8 * M as usize, 32);
-    let want = std::fs::read(&img).unwrap();
-    let stats = dir.path().join("stats.txt");
-    let sarg = format!("statsfile={}", stats.display());
+    let (dir, img, want) = temp_file("src.img", 8 * M as usize, 32);
+    let (stats, sarg) = stats_file(dir.path());
     // Half the reads below fail; retry hides that from the cache, and the
     // cache reads each block below once.
     let s = Server::start(&[
@@ -1442,10 +1333,7 @@ fn cache_over_xz_decompresses_once() {
     if !have("nbdcopy") || !have("xz") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    make_file(&img, 3 * M as usize, 33);
-    let want = std::fs::read(&img).unwrap();
+    let (dir, img, want) = temp_file("disk.img", 3 * M as usize, 33);
     let z = dir.path().join("disk.img.xz");
     let st = Command::new("xz")
         .args(["-k", "--block-size=1MiB", "-0"])
@@ -1453,8 +1341,7 @@ fn cache_over_xz_decompresses_once() {
         .status()
         .unwrap();
     assert!(st.success());
-    let stats = dir.path().join("stats.txt");
-    let sarg = format!("statsfile={}", stats.display());
+    let (stats, sarg) = stats_file(dir.path());
     let s = Server::start(&[
         "--filter=cache",
         "--filter=stats",
@@ -1525,15 +1412,11 @@ fn cache_capabilities_thread_model_and_block_status() {
     // blocks written but not yet flushed are data.
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("sparse.img");
-    std::fs::File::create(&img).unwrap().set_len(4 * M).unwrap();
+    sparse_file(&img, 4 * M);
     let s = Server::start(&["--filter=cache", "file", img.to_str().unwrap()]);
     assert_eq!(map_of(&s.uri), vec![(0, 4 * M, true)]);
-    python(
+    nbd_script_allocation(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-h.connect_uri(sys.argv[1])
 def holes():
     out = []
     def cb(meta, off, ents, err):
@@ -1551,7 +1434,6 @@ assert (1 << 20, 65536, 0) in seen, seen
 assert seen[0] == (0, 1 << 20, 1), seen
 h.flush()
 assert open(sys.argv[2], "rb").read()[(1 << 20) + 10:(1 << 20) + 110] == b"x" * 100
-print("OK")
 "#,
         &[&s.uri, img.to_str().unwrap()],
     );
@@ -1589,8 +1471,7 @@ print("OK")
     let dir = tempfile::tempdir().unwrap();
     for mode in ["writeback", "writethrough", "unsafe"] {
         let img = dir.path().join(format!("{mode}.img"));
-        make_file(&img, M as usize, 34);
-        let mut want = std::fs::read(&img).unwrap();
+        let mut want = make_file(&img, M as usize, 34);
         let marg = format!("cache={mode}");
         let s = Server::start(&["--filter=cache", "file", img.to_str().unwrap(), &marg]);
         python(script, &[mode, img.to_str().unwrap(), &s.uri]);
@@ -1603,11 +1484,11 @@ print("OK")
         want[131072..196608].fill(0);
         assert!(std::fs::read(&img).unwrap() == want, "{mode}");
     }
-    start_fails(
+    start_fails_one_line(
         &["--filter=cache", "memory", "1M", "cache=sometimes"],
         "cache=sometimes: expected one of writeback, writethrough, unsafe",
     );
-    start_fails(
+    start_fails_one_line(
         &[
             "--filter=cache",
             "memory",
@@ -1623,12 +1504,8 @@ fn cache_reclaim_writes_dirty_blocks_before_dropping_them() {
     if !have_python_nbd() || !have("nbdcopy") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    make_file(&img, 4 * M as usize, 35);
-    let mut want = std::fs::read(&img).unwrap();
-    let stats = dir.path().join("stats.txt");
-    let sarg = format!("statsfile={}", stats.display());
+    let (dir, img, mut want) = temp_file("disk.img", 4 * M as usize, 35);
+    let (stats, sarg) = stats_file(dir.path());
     let s = Server::start(&[
         "--filter=cache",
         "--filter=stats",
@@ -1638,10 +1515,8 @@ fn cache_reclaim_writes_dirty_blocks_before_dropping_them() {
         "cache-on-read=true",
         &sarg,
     ]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 for i in range(48):
     h.pwrite(bytes([i + 1]) * 65536, i * 65536)
 # No flush, but the cache holds at most 1M: the older blocks were written
@@ -1652,7 +1527,6 @@ for i in range(32):
     assert disk[i * 65536:(i + 1) * 65536] == bytes([i + 1]) * 65536, i
 for i in range(48):
     assert h.pread(65536, i * 65536) == bytes([i + 1]) * 65536, i
-print("OK")
 "#,
         &[&s.uri, img.to_str().unwrap()],
     );
@@ -1684,17 +1558,15 @@ fn cache_command_populates_the_cache() {
         "size=2M",
         &logarg,
     ]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys, struct
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
+import struct
 assert h.can_cache()
 h.cache(1 << 20, 0)
 print("cached")
 sys.stdout.flush()
 data = h.pread(1 << 20, 0)
 assert data[8 * 1000:8 * 1001] == struct.pack(">Q", 8000)
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -1750,13 +1622,10 @@ fn readahead_prefetches_the_window_after_each_read() {
         &logarg,
     ];
     let s = Server::start(&args);
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 for i in range(32):
     h.pread(65536, i * 65536)
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -1779,13 +1648,10 @@ print("OK")
     // Reads that jump ahead of the prefetched area double the window;
     // going back drops it to the minimum.
     let s = Server::start(&args);
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 for off in [0, 1, 2, 3, 0]:
     h.pread(4096, off << 20)
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -1809,9 +1675,7 @@ fn readahead_buffer_is_exact_with_writes_interleaved() {
     if !have_python_nbd() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    make_file(&img, 2 * M as usize, 41);
+    let (dir, img, _) = temp_file("disk.img", 2 * M as usize, 41);
     let log = dir.path().join("log");
     let logarg = format!("logfile={}", log.display());
     // nocache below hides the file plugin's cache: reads are stretched
@@ -1824,10 +1688,8 @@ fn readahead_buffer_is_exact_with_writes_interleaved() {
         img.to_str().unwrap(),
         &logarg,
     ]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 other = nbd.NBD(); other.connect_uri(sys.argv[1])
 model = bytearray(open(sys.argv[2], "rb").read())
 size = len(model)
@@ -1845,7 +1707,6 @@ for i in range(size // 4096):
     assert h.pread(4096, off) == bytes(model[off:off + 4096]), off
 assert h.pread(size, 0) == bytes(model)
 open(sys.argv[3], "wb").write(model)
-print("OK")
 "#,
         &[
             &s.uri,
@@ -1893,8 +1754,7 @@ fn readahead_keeps_capabilities_thread_model_and_block_status() {
     );
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("sparse.img");
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(4 * M).unwrap();
+    let f = sparse_file(&img, 4 * M);
     std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 65536], M).unwrap();
     let s = Server::start(&["-r", "--filter=readahead", "file", img.to_str().unwrap()]);
     let j = nbdinfo_json(&[], &s.uri);
@@ -1914,12 +1774,8 @@ fn readahead_over_cache_over_a_slow_source_reads_each_byte_once() {
     if !have("nbdcopy") || !have_python_nbd() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("src.img");
-    make_file(&img, 6 * M as usize, 42);
-    let want = std::fs::read(&img).unwrap();
-    let stats = dir.path().join("stats.txt");
-    let sarg = format!("statsfile={}", stats.display());
+    let (dir, img, want) = temp_file("src.img", 6 * M as usize, 42);
+    let (stats, sarg) = stats_file(dir.path());
     let s = Server::start(&[
         "-r",
         "--filter=readahead",
@@ -1935,14 +1791,11 @@ fn readahead_over_cache_over_a_slow_source_reads_each_byte_once() {
     // Small sequential reads: readahead fills the cache ahead of them
     // (in the background), and the cache makes sure a block being
     // prefetched is not read again by the reader.
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
 want = open(sys.argv[2], "rb").read()
 for off in range(0, 3 << 20, 16384):
     assert h.pread(16384, off) == want[off:off + 16384], off
-print("OK")
 "#,
         &[&s.uri, img.to_str().unwrap()],
     );
@@ -1964,10 +1817,7 @@ fn cache_with_qemu_io_unaligned_writes_zeroes_and_discards() {
     if !have("qemu-io") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    make_file(&img, 4 * M as usize, 43);
-    let mut want = std::fs::read(&img).unwrap();
+    let (_dir, img, mut want) = temp_file("disk.img", 4 * M as usize, 43);
     let s = Server::start(&[
         "--filter=cache",
         "file",
@@ -2018,12 +1868,8 @@ fn view_through(filters: &[&str]) -> String {
     args.extend(["memory", "size=1M"]);
     args.extend(params);
     let s = Server::start(&args);
-    python(
+    nbd_script_allocation(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-h.connect_uri(sys.argv[1])
 h.pwrite(b"z" * 65536, 131072)
 h.trim(65536, 262144)
 flags = [h.is_read_only(), h.can_flush(), h.can_fua(), h.can_trim(), h.can_zero(),
@@ -2033,7 +1879,6 @@ h.block_status(1 << 20, 0, lambda ctx, off, ents, err: runs.extend(ents) or 0)
 data = h.pread(65536, 131072) == b"z" * 65536
 print(flags, runs, data)
 h.shutdown()
-print("OK")
 "#,
         &[&s.uri],
     )
@@ -2077,9 +1922,7 @@ fn access_and_lifetime_filters_in_a_compressed_copy_on_write_stack() {
     if !have_python_nbd() || !have("xz") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("disk.img");
-    make_file(&raw, 4 << 20, 77);
+    let (dir, raw, _) = temp_file("disk.img", 4 << 20, 77);
     run_ok(
         Command::new("xz")
             .args(["-k", "-T1", "--block-size=1MiB"])

@@ -79,20 +79,6 @@ fn option_header(option: u32, length: u32) -> Vec<u8> {
     OptionHeader { option, length }.encode().to_vec()
 }
 
-/// Tiny deterministic generator for lengths and choices.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[test]
 fn garbage_before_the_client_flags() {
     let mut t = target(&[]);

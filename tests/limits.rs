@@ -126,19 +126,8 @@ fn timeout_takes_nbdkit_time_units() {
         ("0", "greater than 0"),
         ("-1s", "zero or more"),
     ] {
-        let out = std::process::Command::new(binary())
-            .args([
-                "-U",
-                "-",
-                &format!("--timeout={bad}"),
-                "null",
-                "--run",
-                "exit 0",
-            ])
-            .output()
-            .expect("run");
-        assert!(!out.status.success(), "--timeout={bad} accepted");
-        let e = String::from_utf8_lossy(&out.stderr);
+        let timeout = format!("--timeout={bad}");
+        let e = fails_stderr(&["-U", "-", &timeout, "null", "--run", "exit 0"]);
         assert!(
             e.contains(&format!("--timeout={bad}")) && e.contains(says),
             "{e}"

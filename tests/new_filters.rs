@@ -9,21 +9,6 @@ use std::process::Command;
 
 const M: u64 = 1024 * 1024;
 
-/// Starting the server with `args` fails, and its message names `what`.
-fn refused(args: &[&str], what: &str) {
-    let out = Command::new(binary())
-        .args(["-U", "-", "--run", "true"])
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} was accepted");
-    assert!(
-        err.contains(what),
-        "{args:?}: message does not name {what}: {err}"
-    );
-}
-
 /// `nbdinfo --list --json` as sorted (name, description) pairs.
 fn export_list(uri: &str) -> Vec<(String, Option<String>)> {
     let json = stdout_of(Command::new("nbdinfo").args(["--list", "--json", uri]));
@@ -124,11 +109,7 @@ fn exportname_changes_list_default_strictness_and_descriptions() {
     assert!(export_list(&s.uri).is_empty());
     drop(s);
     let s = Server::start(&["--filter=exportname", "file", &d, "exportname-list=error"]);
-    let out = Command::new("nbdinfo")
-        .args(["--list", &s.uri])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    assert!(!nbdinfo_ok(&["--list", &s.uri]));
     drop(s);
 
     let s = Server::start(&[
@@ -154,11 +135,7 @@ fn exportname_changes_list_default_strictness_and_descriptions() {
     ]);
     let info = nbdinfo_json(&["--no-content"], &s.uri_for("a"));
     assert_eq!(info["description"], "hi");
-    let out = Command::new("nbdinfo")
-        .arg(s.uri_for("c"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "strict let c through");
+    assert!(!nbdinfo_ok(&[&s.uri_for("c")]), "strict let c through");
     drop(s);
 
     refused(
@@ -233,8 +210,7 @@ fn cacheextents_answers_repeat_block_status_from_its_cache() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("sparse.img");
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(4 * M).unwrap();
+    sparse_file(&img, 4 * M);
     std::fs::write(dir.path().join("x"), b"").unwrap();
     let log = dir.path().join("log");
     let s = Server::start(&[
@@ -244,15 +220,7 @@ fn cacheextents_answers_repeat_block_status_from_its_cache() {
         img.to_str().unwrap(),
         &format!("logfile={}", log.display()),
     ]);
-    let qemu_io = |cmds: &[&str]| {
-        let mut c = Command::new("qemu-io");
-        c.args(["-f", "raw"]);
-        for x in cmds {
-            c.args(["-c", x]);
-        }
-        c.arg(&s.uri);
-        run_ok(&mut c);
-    };
+    let qemu_io = |cmds: &[&str]| qemu_io_ok(&s.uri, cmds);
     qemu_io(&["map", "map", "map"]);
     let first = log_count(&log, "Extents");
     assert!(first >= 1, "no block status reached the plugin");
@@ -537,8 +505,7 @@ fn luks_reads_and_writes_what_qemu_reads_and_writes() {
         "--filter=luks",
         "passphrase=wrong",
     ]);
-    let out = Command::new("nbdinfo").arg(&s.uri).output().unwrap();
-    assert!(!out.status.success());
+    assert!(!nbdinfo_ok(&[&s.uri]));
     assert!(s.log().contains("passphrase"), "{}", s.log());
     refused(&["--filter=luks", "memory", "1M"], "passphrase");
 }
@@ -550,8 +517,7 @@ fn ext_image(dir: &Path, kind: &str, data: &[u8]) -> std::path::PathBuf {
     std::fs::create_dir_all(root.join("dir")).unwrap();
     std::fs::write(root.join("dir/file"), data).unwrap();
     std::fs::write(root.join("small"), b"hello\n").unwrap();
-    let sparse = std::fs::File::create(root.join("sparse")).unwrap();
-    sparse.set_len(4 * M).unwrap();
+    sparse_file(&root.join("sparse"), 4 * M);
     let img = dir.join(format!("{kind}.img"));
     run_ok(
         Command::new("mke2fs")
@@ -672,13 +638,8 @@ fn ext2_reads_and_writes_a_file_in_ext2_ext3_and_ext4() {
     ]);
     assert_eq!(read_all(&s.uri_for("small")), b"hello\n");
     assert!(export_list(&s.uri).is_empty());
-    let out = Command::new("nbdinfo")
-        .arg(s.uri_for("missing"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let out = Command::new("nbdinfo").arg(&s.uri).output().unwrap();
-    assert!(!out.status.success(), "the default export is not a file");
+    assert!(!nbdinfo_ok(&[&s.uri_for("missing")]));
+    assert!(!nbdinfo_ok(&[&s.uri]), "the default export is not a file");
     let log = s.log();
     assert!(log.contains("/missing"), "{log}");
     assert!(log.contains("/: not a regular file"), "{log}");
@@ -697,8 +658,7 @@ fn ext2_reads_and_writes_a_file_in_ext2_ext3_and_ext4() {
         img.to_str().unwrap(),
         "ext2file=/small",
     ]);
-    let out = Command::new("nbdinfo").arg(&s.uri).output().unwrap();
-    assert!(!out.status.success());
+    assert!(!nbdinfo_ok(&[&s.uri]));
     assert!(s.log().contains("journal needs recovery"), "{}", s.log());
     drop(s);
     let s = Server::start(&[

@@ -50,19 +50,7 @@ fn copy_out(uri: &str, dir: &Path) -> Vec<u8> {
 /// Start nbdkit-rs expecting it to fail at start-up (within a bound);
 /// returns its stderr.
 fn start_fails(args: &[&str], env: &[(&str, &str)]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(binary());
-    cmd.arg("-f")
-        .arg("-U")
-        .arg(dir.path().join("s.sock"))
-        .args(args)
-        .stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    assert!(!out.status.success(), "{args:?} started");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let err = start_refused(args, env);
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     err
 }
@@ -101,33 +89,16 @@ fn wait_for_port(port: u16, what: &str) {
 fn tls_dir(dir: &Path) -> PathBuf {
     let d = dir.join("tls");
     std::fs::create_dir(&d).unwrap();
-    run_ok(Command::new("openssl").current_dir(&d).args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
+    self_signed(
+        &d,
+        RSA_2048,
         "server-key.pem",
-        "-out",
         "server-cert.pem",
-        "-days",
-        "2",
-        "-subj",
         "/CN=localhost",
-        "-addext",
-        "subjectAltName=DNS:localhost,IP:127.0.0.1",
-    ]));
+        &["subjectAltName=DNS:localhost,IP:127.0.0.1"],
+    );
     std::fs::copy(d.join("server-cert.pem"), d.join("ca-cert.pem")).unwrap();
     d
-}
-
-fn tls_uri(s: &Server, certs: &Path) -> String {
-    format!(
-        "nbds+unix:///?socket={}&tls-certificates={}",
-        s.socket.display(),
-        certs.display()
-    )
 }
 
 // ---------------------------------------------------------------- Azure
@@ -158,20 +129,10 @@ impl Azurite {
 }
 
 fn azurite_bin() -> Option<PathBuf> {
-    let dir = std::env::var("NBDKIT_RS_AZURITE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/nbdkit-rs/azurite")
-        });
+    let dir = tool_dir("NBDKIT_RS_AZURITE", "azurite");
     let bin = dir.join("node_modules/.bin/azurite-blob");
-    if bin.exists() && have("node") {
-        return Some(bin);
-    }
-    if std::env::var("NBDKIT_RS_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("azurite is required (scripts/test.sh installs it in {dir:?})");
-    }
-    eprintln!("SKIP: azurite is not installed in {dir:?}");
-    None
+    let found = bin.exists() && have("node");
+    available(found, &format!("azurite (in {dir:?})")).then_some(bin)
 }
 
 fn start_azurite(bin: &Path) -> Azurite {
@@ -286,12 +247,7 @@ fn azure_blobs_are_served_from_azurite_with_shared_key_and_sas() {
     );
     let img = dir.path().join("orig.img");
     std::fs::write(&img, &data).unwrap();
-    run_ok(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&img)
-            .arg(&s.uri),
-    );
+    assert_same_raw(&img, &s.uri);
     let json = stdout_of(Command::new("nbdinfo").arg("--json").arg(&s.uri));
     assert!(json.contains("\"is_read_only\": true"), "{json}");
     assert!(json.contains("\"can_multi_conn\": true"), "{json}");
@@ -454,7 +410,7 @@ fn azure_over_tls_runs_requests_from_the_async_path() {
         &url,
         &format!("access-key={AZ_KEY}"),
     ]);
-    let uri = tls_uri(&s, &certs);
+    let uri = s.tls_uri(&certs);
     assert!(copy_out(&uri, dir.path()) == data, "over TLS");
 }
 
@@ -726,18 +682,8 @@ fn a_stalled_or_failing_store_gives_eio_with_a_log_line_not_a_hang() {
 
     // Transient 503s are retried ...
     http.set(|b| b.fail_next = 1);
-    let mut c = client::RawClient::start(&s.socket);
-    c.go(true, false, false);
-    c.request(nbdkit_proto::CMD_READ, 0, 7, 8192, 65536, &[]);
-    let r = c.reply(65536);
-    assert_eq!(r.error, 0, "{}", r.error_message);
-    let chunk = r
-        .chunks
-        .iter()
-        .find(|(t, _)| *t == nbdkit_proto::REPLY_TYPE_OFFSET_DATA)
-        .expect("a data chunk");
     assert!(
-        chunk.1[8..] == data[8192..8192 + 65536],
+        client::read_chunk(&s.socket, 8192, 65536) == data[8192..8192 + 65536],
         "wrong data after a retry"
     );
     // ... a bounded number of times.
@@ -789,26 +735,18 @@ fn gcs_over_https_and_under_a_tls_nbd_connection() {
     }
     let dir = tempfile::tempdir().unwrap();
     // The store over HTTPS, trusted through cainfo=.
-    run_ok(Command::new("openssl").current_dir(dir.path()).args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
+    self_signed(
+        dir.path(),
+        RSA_2048,
         "key.pem",
-        "-out",
         "cert.pem",
-        "-days",
-        "2",
-        "-subj",
         "/CN=127.0.0.1",
-        "-addext",
-        "subjectAltName=IP:127.0.0.1",
-        // webpki (rustls) refuses a CA certificate as the server's own.
-        "-addext",
-        "basicConstraints=critical,CA:FALSE",
-    ]));
+        &[
+            "subjectAltName=IP:127.0.0.1",
+            // webpki (rustls) refuses a CA certificate as the server's own.
+            "basicConstraints=critical,CA:FALSE",
+        ],
+    );
     let cert = dir.path().join("cert.pem");
     let https = HttpServer::start_tls(&cert, &dir.path().join("key.pem"));
     let data = pseudo_random(700_000, 25);
@@ -839,8 +777,5 @@ fn gcs_over_https_and_under_a_tls_nbd_connection() {
     tls_args.extend(args.iter().map(|a| a.to_string()));
     let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
     let s = Server::start(&tls_args);
-    assert!(
-        copy_out(&tls_uri(&s, &certs), dir.path()) == data,
-        "over TLS"
-    );
+    assert!(copy_out(&s.tls_uri(&certs), dir.path()) == data, "over TLS");
 }

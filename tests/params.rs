@@ -10,23 +10,6 @@ use std::process::Command;
 
 use common::*;
 
-/// Start the server with `args` and return its stderr, expecting it to
-/// refuse them at start-up.
-fn start_fails(args: &[&str]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(binary())
-        .arg("-f")
-        .arg("-U")
-        .arg(dir.path().join("s"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{args:?} started");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!err.contains("panicked"), "{args:?}: {err}");
-    err
-}
-
 // ------------------------------------------------------ sh/eval exit codes
 
 /// 6 drops the client without a reply, 7 and 8 after the reply (8 with
@@ -219,16 +202,16 @@ print("OK")
 
 #[test]
 fn file_fd_and_dirfd_are_checked() {
-    let e = start_fails(&["file", "fd=1"]);
+    let e = start_refused(&["file", "fd=1"], &[]);
     assert!(e.contains("fd=1") && e.contains("greater than 2"), "{e}");
-    let e = start_fails(&["file", "fd=987"]);
+    let e = start_refused(&["file", "fd=987"], &[]);
     assert!(
         e.contains("fd=987") && e.contains("not an open file descriptor"),
         "{e}"
     );
-    let e = start_fails(&["file", "dirfd=x"]);
+    let e = start_refused(&["file", "dirfd=x"], &[]);
     assert!(e.contains("dirfd=x"), "{e}");
-    let e = start_fails(&["file", "fd=3", "dir=/tmp"]);
+    let e = start_refused(&["file", "fd=3", "dir=/tmp"], &[]);
     assert!(e.contains("only one of"), "{e}");
     // Descriptors of the wrong kind, inherited through the shell.
     let dir = tempfile::tempdir().unwrap();
@@ -325,13 +308,16 @@ fn partition_sectorsize_reads_4k_mbr() {
     let info = nbdinfo_json(&[], &s.uri);
     assert_eq!(info["export-size"], (512 * 512).to_string());
     assert!(s.stop().success());
-    let e = start_fails(&[
-        "--filter=partition",
-        "file",
-        img,
-        "partition=1",
-        "partition-sectorsize=1024",
-    ]);
+    let e = start_refused(
+        &[
+            "--filter=partition",
+            "file",
+            img,
+            "partition=1",
+            "partition-sectorsize=1024",
+        ],
+        &[],
+    );
     assert!(e.contains("partition-sectorsize=1024"), "{e}");
 }
 
@@ -464,7 +450,7 @@ fn info_mode_version_serves_the_version() {
     let s = Server::start(&["info", "version"]);
     assert_eq!(read_all(&s.uri), version.as_bytes());
     assert!(s.stop().success());
-    let e = start_fails(&["info", "mode=versions"]);
+    let e = start_refused(&["info", "mode=versions"], &[]);
     assert!(e.contains("mode=versions"), "{e}");
 }
 
@@ -513,9 +499,15 @@ print("OK")
     assert_eq!(flushes(&["fua-mode=discard", "flush-on-close=true"]), 1);
     // fuamode= is still the same parameter.
     assert_eq!(flushes(&["fuamode=pass", "flush-on-close=true"]), 2);
-    let e = start_fails(&["--filter=fua", "memory", "1M", "flush-on-close=often"]);
+    let e = start_refused(
+        &["--filter=fua", "memory", "1M", "flush-on-close=often"],
+        &[],
+    );
     assert!(e.contains("flush-on-close=often"), "{e}");
-    let e = start_fails(&["--filter=fua", "memory", "1M", "fua-mode=x", "fuamode=none"]);
+    let e = start_refused(
+        &["--filter=fua", "memory", "1M", "fua-mode=x", "fuamode=none"],
+        &[],
+    );
     assert!(e.contains("fua-mode") && e.contains("fuamode"), "{e}");
 }
 
@@ -555,6 +547,6 @@ print("OK")
     let s = Server::start(&["ondemand", &exports, "1M", command, "share=true"]);
     python(both, &[s.socket.to_str().unwrap()]);
     assert!(s.stop().success());
-    let e = start_fails(&["ondemand", &exports, "1M", command, "share=perhaps"]);
+    let e = start_refused(&["ondemand", &exports, "1M", command, "share=perhaps"], &[]);
     assert!(e.contains("share=perhaps"), "{e}");
 }

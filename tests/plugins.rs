@@ -18,9 +18,7 @@ fn sh_file_disk_reads_and_writes_through_the_script() {
     if !have("qemu-io") || !have("nbdcopy") || !have("nbdinfo") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    make_file(&img, 1 << 20, 7);
+    let (_dir, img, _) = temp_file("disk.img", 1 << 20, 7);
     let s = Server::start(&[
         "sh",
         &data_script("file-disk.sh"),
@@ -36,19 +34,15 @@ fn sh_file_disk_reads_and_writes_through_the_script() {
     // Reads through `dd` match the file.
     assert_eq!(read_all(&s.uri), std::fs::read(&img).unwrap());
     // Writes (with FUA), zeroes and a flush reach the file.
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x5a -f 4096 8192",
-        "-c",
-        "write -z 65536 4096",
-        "-c",
-        "flush",
-        "-c",
-        "read -P 0x5a 4096 8192",
+    qemu_io_ok(
         &s.uri,
-    ]));
+        &[
+            "write -P 0x5a -f 4096 8192",
+            "write -z 65536 4096",
+            "flush",
+            "read -P 0x5a 4096 8192",
+        ],
+    );
     let now = std::fs::read(&img).unwrap();
     assert!(now[4096..12288].iter().all(|&b| b == 0x5a));
     assert!(now[65536..69632].iter().all(|&b| b == 0));
@@ -59,27 +53,20 @@ fn sh_file_disk_reads_and_writes_through_the_script() {
 #[test]
 fn sh_script_errors_are_reported_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(binary())
-        .args([
-            "-f",
-            "-U",
-            dir.path().join("s").to_str().unwrap(),
-            "sh",
-            &data_script("file-disk.sh"),
-            "colour=blue",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails_stderr(&[
+        "-f",
+        "-U",
+        dir.path().join("s").to_str().unwrap(),
+        "sh",
+        &data_script("file-disk.sh"),
+        "colour=blue",
+    ]);
     assert!(err.contains("unknown parameter colour=blue"), "{err}");
     // A script that does not exist is named in the error.
-    let out = Command::new(binary())
-        .args(["-f", "-U", "x.sock", "sh", "/nonexistent/script.sh"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/script.sh"));
+    assert!(
+        fails_stderr(&["-f", "-U", "x.sock", "sh", "/nonexistent/script.sh"])
+            .contains("/nonexistent/script.sh")
+    );
 }
 
 #[test]
@@ -109,11 +96,8 @@ fn sh_missing_methods_fall_back_to_the_defaults() {
     assert_eq!(info["can_trim"], "false");
     assert_eq!(info["can_zero"], "false");
     assert_eq!(info["can_multi_conn"], "false");
-    python(
+    nbd_script(
         r#"
-import nbd, sys, errno
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 assert h.pread(100, 1000) == b"A" * 100
 assert h.is_read_only()
 h.set_strict_mode(0)
@@ -122,7 +106,6 @@ try:
     raise SystemExit("write to a script without can_write succeeded")
 except nbd.Error as e:
     assert e.errnum == errno.EPERM, e
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -142,11 +125,8 @@ fn eval_errno_from_stderr_reaches_the_client() {
         "pwrite=cat >/dev/null; echo 'ENOSPC the script is full' >&2; exit 1",
         "flush=echo EINVAL >&2; exit 1",
     ]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys, errno
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 assert not h.is_read_only()
 assert h.can_flush()
 try:
@@ -160,7 +140,6 @@ try:
 except nbd.Error as e:
     assert e.errnum == errno.EINVAL, e
 assert h.pread(512, 0) == bytes(512)
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -327,21 +306,16 @@ fn data_is_writable_and_read_only_with_r() {
         return;
     }
     let s = Server::start(&["data", "( 0x55 0xAA )*2048"]);
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "read -P 0x55 0 1",
-        "-c",
-        "read -P 0xaa 4095 1",
-        "-c",
-        "write -P 0x11 1024 512",
-        "-c",
-        "read -P 0x11 1024 512",
-        "-c",
-        "read -P 0xaa 1537 1",
+    qemu_io_ok(
         &s.uri,
-    ]));
+        &[
+            "read -P 0x55 0 1",
+            "read -P 0xaa 4095 1",
+            "write -P 0x11 1024 512",
+            "read -P 0x11 1024 512",
+            "read -P 0xaa 1537 1",
+        ],
+    );
     drop(s);
     let s = Server::start(&["-r", "data", "base64=MTIz", "size=1M"]);
     let info = nbdinfo_json(&[], &s.uri);
@@ -361,41 +335,29 @@ fn data_is_writable_and_read_only_with_r() {
     ]));
 }
 
+/// The disk `nbdkit-rs data PARAMS` serves (with `env`), read by nbdcopy
+/// under `--run`.
+fn data_disk(params: &[&str], env: &[(&str, &str)]) -> Vec<u8> {
+    let mut cmd = Command::new(binary());
+    cmd.args(["-U", "-", "data"]).args(params);
+    cmd.args(["--run", "nbdcopy \"$uri\" -"])
+        .envs(env.iter().copied());
+    run_ok(&mut cmd).stdout
+}
+
 #[test]
 fn data_raw_hello_world_and_variables() {
     if !have("nbdcopy") {
         return;
     }
-    let out = run_ok(Command::new(binary()).args([
-        "-U",
-        "-",
-        "data",
-        "raw=Hello, world!",
-        "--run",
-        "nbdcopy \"$uri\" -",
-    ]));
-    assert_eq!(out.stdout, b"Hello, world!");
-    let out = run_ok(
-        Command::new(binary())
-            .args([
-                "-U",
-                "-",
-                "data",
-                "$pattern*2 $sig",
-                "pattern=0x55 0xAA \"hi\"",
-                "--run",
-                "nbdcopy \"$uri\" -",
-            ])
-            .env("sig", "le16:0xaa55"),
+    assert_eq!(data_disk(&["raw=Hello, world!"], &[]), b"Hello, world!");
+    let out = data_disk(
+        &["$pattern*2 $sig", "pattern=0x55 0xAA \"hi\""],
+        &[("sig", "le16:0xaa55")],
     );
-    assert_eq!(out.stdout, b"\x55\xaahi\x55\xaahi\x55\xaa");
+    assert_eq!(out, b"\x55\xaahi\x55\xaahi\x55\xaa");
     // A bad expression is one clear error at start-up.
-    let out = Command::new(binary())
-        .args(["-U", "-", "data", "1 2 300", "--run", "true"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails_stderr(&["-U", "-", "data", "1 2 300", "--run", "true"]);
     assert!(err.contains("data:") && err.contains("300"), "{err}");
 }
 
@@ -406,37 +368,21 @@ fn data_base64_expressions_and_offset_suffixes() {
     if !have("nbdcopy") {
         return;
     }
-    let out = run_ok(Command::new(binary()).args([
-        "-U",
-        "-",
-        "data",
-        "base64:SGVsbG8s 0x20 ( base64:d29ybGQh )*2 @1K base64:AAEC[1:]",
-        "--run",
-        "nbdcopy \"$uri\" -",
-    ]));
+    let out = data_disk(
+        &["base64:SGVsbG8s 0x20 ( base64:d29ybGQh )*2 @1K base64:AAEC[1:]"],
+        &[],
+    );
     let mut want = b"Hello, world!world!".to_vec();
     want.resize(1024, 0);
     want.extend_from_slice(&[1, 2]);
-    assert_eq!(out.stdout, want);
+    assert_eq!(out, want);
     // @1M: the disk reaches exactly 1 MiB + 2, with the bytes at the end.
-    let out = run_ok(Command::new(binary()).args([
-        "-U",
-        "-",
-        "data",
-        "@1M le16:0xaa55",
-        "--run",
-        "nbdcopy \"$uri\" -",
-    ]));
-    assert_eq!(out.stdout.len(), (1 << 20) + 2);
-    assert_eq!(&out.stdout[1 << 20..], &[0x55, 0xaa]);
-    assert!(out.stdout[..1 << 20].iter().all(|&b| b == 0));
+    let out = data_disk(&["@1M le16:0xaa55"], &[]);
+    assert_eq!(out.len(), (1 << 20) + 2);
+    assert_eq!(&out[1 << 20..], &[0x55, 0xaa]);
+    assert!(out[..1 << 20].iter().all(|&b| b == 0));
     // Bad base64 is one clear error at start-up.
-    let out = Command::new(binary())
-        .args(["-U", "-", "data", "base64:MTI", "--run", "true"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails_stderr(&["-U", "-", "data", "base64:MTI", "--run", "true"]);
     assert!(err.contains("data:") && err.contains("base64"), "{err}");
 }
 
@@ -464,11 +410,8 @@ fn random_copies_onto_itself_and_rejects_other_data() {
     assert_eq!(a.len(), 1 << 20);
     assert_eq!(a, read_all(&t.uri), "same seed, same data");
     assert_ne!(a, read_all(&u.uri), "another seed, other data");
-    python(
+    nbd_script(
         r#"
-import nbd, sys, errno
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 good = h.pread(4096, 8192)
 h.pwrite(good, 8192)
 bad = bytes([good[0] ^ 1]) + good[1:]
@@ -477,7 +420,6 @@ try:
     raise SystemExit("a write of other data succeeded")
 except nbd.Error as e:
     assert e.errnum == errno.EIO, e
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -515,20 +457,16 @@ fn sparse_random_has_holes_and_verifies_copies() {
     // Copying onto itself (zeroes for holes included) succeeds.
     run_ok(Command::new("nbdcopy").arg(&s.uri).arg(&s.uri));
     assert!(s.stop().success());
-    let out = Command::new(binary())
-        .args([
-            "-U",
-            "-",
-            "sparse-random",
-            "size=1M",
-            "percent=101",
-            "--run",
-            "true",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("percent=101"));
+    assert!(fails_stderr(&[
+        "-U",
+        "-",
+        "sparse-random",
+        "size=1M",
+        "percent=101",
+        "--run",
+        "true",
+    ])
+    .contains("percent=101"));
 }
 
 // ---------------------------------------------------------------- split
@@ -546,7 +484,7 @@ fn split_concatenates_files_with_their_holes() {
     );
     make_file(&a, 1 << 20, 1);
     // b is a 2 MiB hole, c data again.
-    std::fs::File::create(&b).unwrap().set_len(2 << 20).unwrap();
+    sparse_file(&b, 2 << 20);
     make_file(&c, 512 << 10, 3);
     let s = Server::start(&[
         "split",
@@ -745,12 +683,10 @@ fn tmpdisk_gives_each_client_a_fresh_filesystem() {
     assert_eq!(d.len(), 1 << 20);
     assert_eq!(&d[..3], b"AB\0");
     drop(s);
-    let out = Command::new(binary())
-        .args(["-U", "-", "tmpdisk", "1M", "type=nosuchfs", "--run", "true"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("mkfs.nosuchfs"));
+    assert!(
+        fails_stderr(&["-U", "-", "tmpdisk", "1M", "type=nosuchfs", "--run", "true"])
+            .contains("mkfs.nosuchfs")
+    );
 }
 
 // ---------------------------------------------------------------- info
@@ -761,40 +697,28 @@ fn info_reflects_export_name_address_and_clocks() {
         return;
     }
     let s = Server::start(&["info"]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 assert h.get_size() == 5
 assert h.pread(5, 0) == b"hello"
 assert h.is_read_only()
-print("OK")
 "#,
         &[&s.uri_for("hello")],
     );
     drop(s);
     let s = Server::start(&["info", "mode=base64exportname"]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 assert h.pread(h.get_size(), 0) == b"hello nbdkit user"
-print("OK")
 "#,
         &[&s.uri_for("aGVsbG8gbmJka2l0IHVzZXI=")],
     );
     drop(s);
     // Unix sockets say "unix"; TCP gives the client's address and port.
     let s = Server::start(&["info", "address"]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 assert h.pread(h.get_size(), 0) == b"unix", h.pread(h.get_size(), 0)
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -820,17 +744,14 @@ print("OK")
     assert!(addr[10..].parse::<u16>().is_ok(), "{addr}");
     for mode in ["time", "uptime", "conntime"] {
         let s = Server::start(&["info", mode]);
-        let out = python(
+        let out = nbd_script(
             r#"
-import nbd, sys, time
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
+import time
 assert h.get_size() == 12
 b = h.pread(12, 0)
 secs, usecs = int.from_bytes(b[:8], "big"), int.from_bytes(b[8:], "big")
 assert usecs < 1000000
 print(secs)
-print("OK")
 "#,
             &[&s.uri],
         );
@@ -859,54 +780,15 @@ fn nbd_proxies_nbdkit_rs_with_every_capability() {
     let up = Server::start(&["memory", "size=64M"]);
     let px = Server::start(&["nbd", &format!("socket={}", up.socket.display())]);
     // What the upstream advertises comes through unchanged.
-    let a = nbdinfo_json(&[], &up.uri);
-    let b = nbdinfo_json(&[], &px.uri);
-    for k in [
-        "export-size",
-        "is_read_only",
-        "can_flush",
-        "can_fua",
-        "can_trim",
-        "can_zero",
-        "can_fast_zero",
-        "can_cache",
-        "can_multi_conn",
-        "contexts",
-        "block_size_minimum",
-        "block_size_preferred",
-        "block_size_maximum",
-    ] {
-        assert_eq!(a.get(k), b.get(k), "{k}");
-    }
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x3c 1M 2M",
-        "-c",
-        "write -f -P 0x4d 8M 64k",
-        "-c",
-        "write -z 1536k 512k",
-        "-c",
-        "discard 8M 32k",
-        "-c",
-        "flush",
-        "-c",
-        "read -P 0x3c 1M 512k",
-        "-c",
-        "read -P 0 1536k 512k",
-        &px.uri,
-    ]));
+    assert_same_offer(&up.uri, &px.uri);
+    qemu_io_ok(&px.uri, PROXY_IO);
     // Block status passes through: what was written is data, the rest holes.
     assert_eq!(map_of(&px.uri), map_of(&up.uri));
     assert!(read_all(&px.uri) == read_all(&up.uri));
     // Many requests in flight at once, answered out of order, and errors
     // with their errno.
-    python(
+    nbd_script(
         r#"
-import nbd, sys, errno
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 bufs = []
 for i in range(64):
     b = nbd.Buffer(65536)
@@ -923,7 +805,6 @@ try:
 except nbd.Error as e:
     assert e.errnum in (errno.EINVAL, errno.EIO), e
 h.zero(65536, 0, nbd.CMD_FLAG_FAST_ZERO)
-print("OK")
 "#,
         &[&px.uri],
     );
@@ -944,9 +825,7 @@ fn nbd_proxies_qemu_nbd() {
     if !have("qemu-nbd") || !have("qemu-io") || !have("nbdinfo") || !have("nbdcopy") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    make_file(&img, 4 << 20, 9);
+    let (dir, img, _) = temp_file("disk.img", 4 << 20, 9);
     let sock = dir.path().join("qemu.sock");
     /// Stops qemu-nbd even when an assertion fails.
     struct Killed(std::process::Child);
@@ -979,22 +858,13 @@ fn nbd_proxies_qemu_nbd() {
     assert_eq!(info["is_read_only"], "false");
     assert!(info["contexts"].contains("base:allocation"), "{info:?}");
     assert!(read_all(&px.uri) == std::fs::read(&img).unwrap());
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x21 512k 128k",
-        "-c",
-        "flush",
-        &px.uri,
-    ]));
+    qemu_io_ok(&px.uri, &["write -P 0x21 512k 128k", "flush"]);
     assert!(std::fs::read(&img).unwrap()[512 << 10..640 << 10]
         .iter()
         .all(|&b| b == 0x21));
     // A wrong export name is an error at open, not a hang.
     let bad = Server::start(&["nbd", &format!("socket={}", sock.display()), "export=nope"]);
-    let out = Command::new("nbdinfo").arg(&bad.uri).output().unwrap();
-    assert!(!out.status.success());
+    assert!(!nbdinfo_ok(&[&bad.uri]));
     drop(px);
     drop(bad);
     drop(qemu);
@@ -1048,12 +918,7 @@ fn nbd_proxies_over_tcp_with_hostname_and_port() {
         let mut args = vec!["-U", "-"];
         args.extend_from_slice(bad);
         args.extend(["--run", "true"]);
-        let out = Command::new(binary()).args(&args).output().unwrap();
-        assert!(!out.status.success(), "{bad:?}");
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("nbd:"),
-            "{bad:?}"
-        );
+        assert!(fails_stderr(&args).contains("nbd:"), "{bad:?}");
     }
 }
 
@@ -1090,9 +955,7 @@ fn nbd_command_runs_qemu_nbd_with_socket_activation() {
     if !have("qemu-nbd") || !have("qemu-io") || !have("nbdcopy") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    make_file(&img, 4 << 20, 13);
+    let (dir, img, _) = temp_file("disk.img", 4 << 20, 13);
     let img_arg = format!("arg={}", img.display());
     // The socket directories go in our own temporary directory (the proxy
     // killed below cannot remove its own).
@@ -1104,15 +967,7 @@ fn nbd_command_runs_qemu_nbd_with_socket_activation() {
     assert!(read_all(&px.uri) == std::fs::read(&img).unwrap());
     // One qemu-nbd (shared: one server, one connection).
     assert_eq!(processes_with(&img.display().to_string()).len(), 1);
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x5a 1M 64k",
-        "-c",
-        "flush",
-        &px.uri,
-    ]));
+    qemu_io_ok(&px.uri, &["write -P 0x5a 1M 64k", "flush"]);
     // A second client, the same connection to the same qemu-nbd (which,
     // without -t, would exit after its first client).
     assert!(read_all(&px.uri)[1 << 20..(1 << 20) + (64 << 10)]
@@ -1155,22 +1010,15 @@ fn nbd_command_runs_qemu_nbd_with_socket_activation() {
     );
 
     // A command that cannot run is a start-up error.
-    let out = Command::new(binary())
-        .args([
-            "-U",
-            "-",
-            "nbd",
-            "command=/nonexistent/nbd-server",
-            "--run",
-            "true",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/nbd-server"),
-        "{out:?}"
-    );
+    let err = fails_stderr(&[
+        "-U",
+        "-",
+        "nbd",
+        "command=/nonexistent/nbd-server",
+        "--run",
+        "true",
+    ]);
+    assert!(err.contains("/nonexistent/nbd-server"), "{err}");
 }
 
 #[test]
@@ -1234,12 +1082,7 @@ fn nbd_retry_waits_for_a_late_server() {
     let late = dir.path().join("late.sock");
     let sock = format!("socket={}", late.display());
     // No server yet, no retry: shared=true connects at start-up and fails.
-    let out = Command::new(binary())
-        .args(["-U", "-", "nbd", &sock, "shared=true", "--run", "true"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let e = String::from_utf8_lossy(&out.stderr);
+    let e = fails_stderr(&["-U", "-", "nbd", &sock, "shared=true", "--run", "true"]);
     assert!(
         e.contains("connecting to") && e.contains("late.sock"),
         "{e}"
@@ -1368,14 +1211,7 @@ fn nbd_socket_fd_uses_an_inherited_connection() {
         (&["socket-fd=0", "shared=false"][..], "shared=true"),
         (&["socket-fd=99"], "not an open socket"),
     ] {
-        let out = Command::new(binary())
-            .args(["-U", "-", "nbd"])
-            .args(args)
-            .args(["--run", "true"])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{args:?}");
-        let e = String::from_utf8_lossy(&out.stderr);
+        let e = fails_stderr(&[&["-U", "-", "nbd"], args, &["--run", "true"]].concat());
         assert!(e.contains(why), "{args:?}: {e}");
     }
 }
@@ -1407,11 +1243,7 @@ fn nbd_dynamic_export_passes_export_names_through() {
         list.contains("export=\"small\"") && list.contains("export=\"large\""),
         "{list}"
     );
-    let out = Command::new("nbdinfo")
-        .args(["--size", &px.uri_for("missing")])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    assert!(!nbdinfo_ok(&["--size", &px.uri_for("missing")]));
 }
 
 #[test]

@@ -491,18 +491,14 @@ fn a_64_mib_read_and_write_work_as_with_nbdkit() {
         return;
     }
     let s = Server::start(&["memory", "size=80M"]);
-    let out = python(
+    let out = nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 n = 64 * 1024 * 1024
 assert h.get_block_size(nbd.SIZE_MAXIMUM) == n, h.get_block_size(nbd.SIZE_MAXIMUM)
 h.pwrite(b"\x5a" * n, 4096)
 buf = h.pread(n, 4096)
 assert buf == b"\x5a" * n
 h.shutdown()
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -524,12 +520,8 @@ fn block_status_may_run_past_the_request_but_not_with_req_one() {
         "pread=exit 1",
         "extents=echo 0 8192 hole,zero; echo 8192 57344",
     ]);
-    let out = python(
+    let out = nbd_script_allocation(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.add_meta_context("base:allocation")
-h.connect_uri(sys.argv[1])
 got = []
 def f(ctx, offset, e, err):
     got.extend(zip(e[0::2], e[1::2]))
@@ -539,7 +531,6 @@ got.clear()
 h.block_status(512, 512, f, nbd.CMD_FLAG_REQ_ONE)
 assert got == [(512, 3)], got
 h.shutdown()
-print("OK")
 "#,
         &[&s.uri],
     );

@@ -31,8 +31,7 @@ fn assert_same(img: &Path, extra: &[&str]) {
 /// log line containing `what`.
 fn open_fails(args: &[&str], what: &str) {
     let s = Server::start(args);
-    let out = Command::new("nbdinfo").arg(&s.uri).output().unwrap();
-    assert!(!out.status.success(), "{args:?}: opened");
+    assert!(!nbdinfo_ok(&[&s.uri]), "{args:?}: opened");
     let log = s.log();
     assert!(log.contains(what), "{args:?}: log lacks {what:?}: {log}");
 }
@@ -59,10 +58,7 @@ fn every_layout_qemu_img_writes_reads_back_byte_exact() {
     ];
     for (name, opts) in cases {
         let img = dir.path().join(format!("{name}.qcow2"));
-        let mut args = vec!["convert", "-O", "qcow2"];
-        args.extend_from_slice(opts);
-        args.extend_from_slice(&[raw, img.to_str().unwrap()]);
-        qemu_img(&args);
+        convert_to_qcow2(Path::new(raw), &img, opts);
         // Zero clusters (plain and over allocated ones) and a write that
         // covers part of a cluster.
         qemu_io(
@@ -130,7 +126,7 @@ fn backing_chains_read_through_to_the_base() {
     want[..64 << 10].fill(0x11);
     assert!(got == want, "backing=none");
     let other = d("other.raw");
-    std::fs::write(&other, pseudo_random(16 << 20, 10)).unwrap();
+    make_file(&other, 16 << 20, 10);
     let got = served(
         &d("mid.qcow2"),
         &[
@@ -378,12 +374,7 @@ print("OK")
 "#;
     for (raw, compress, how) in [(&random, false, "direct"), (&text, true, "decoded")] {
         let img = dir.path().join(format!("{how}.qcow2"));
-        let mut args = vec!["convert", "-O", "qcow2"];
-        if compress {
-            args.push("-c");
-        }
-        args.extend([raw.to_str().unwrap(), img.to_str().unwrap()]);
-        qemu_img(&args);
+        convert_to_qcow2(raw, &img, if compress { &["-c"] } else { &[] });
         for ro in [true, false] {
             let mut a = vec!["--filter=qcow2dec", "file", img.to_str().unwrap()];
             if ro {

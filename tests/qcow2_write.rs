@@ -78,10 +78,7 @@ fn writes_through_the_server_match_qemu_io_on_a_copy() {
     for (name, opts) in cases {
         let img = dir.path().join(format!("{name}.qcow2"));
         let twin = dir.path().join(format!("{name}-twin.qcow2"));
-        let mut args = vec!["convert", "-O", "qcow2"];
-        args.extend_from_slice(opts);
-        args.extend_from_slice(&[p(&raw), p(&img)]);
-        qemu_img(&args);
+        convert_to_qcow2(&raw, &img, opts);
         std::fs::copy(&img, &twin).unwrap();
         let log = write_through_server(&img, WRITES);
         assert!(!log.contains("read-only"), "{name}: {log}");
@@ -443,18 +440,14 @@ fn parallel_connections_allocate_distinct_clusters() {
 /// with `why` in its log.
 fn served_read_only(args: &[&str], why: &str) {
     let s = Server::start(args);
-    let out = python(
+    let out = nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 assert h.is_read_only()
 try:
     h.pwrite(b"x" * 512, 0)
     print("written")
 except nbd.Error as e:
     print("refused", e)
-print("OK")
 "#,
         &[&s.uri],
     );
@@ -534,11 +527,8 @@ fn an_image_in_memory_grows_as_clusters_are_appended() {
     let before = std::fs::metadata(&img).unwrap().len();
     assert!(before < 1 << 20);
     let s = Server::start(&["--filter=qcow2dec", "data", &format!("data=<{}", p(&img))]);
-    python(
+    nbd_script(
         r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 assert not h.is_read_only()
 h.pwrite(b"\xab" * (3 << 20), 1 << 20)
 h.pwrite(b"\xcd" * 100, 12345)
@@ -548,7 +538,6 @@ h = nbd.NBD()
 h.connect_uri(sys.argv[1])
 assert h.pread(3 << 20, 1 << 20) == b"\xab" * (3 << 20)
 assert h.pread(200, 12300) == bytes(45) + b"\xcd" * 100 + bytes(55)
-print("OK")
 "#,
         &[&s.uri],
     );

@@ -40,21 +40,6 @@ fn copy_out(s: &Server, extra: &[&str]) -> Vec<u8> {
     std::fs::read(&out).unwrap()
 }
 
-/// Start nbdkit-rs expecting it to fail at start-up; returns its stderr.
-fn start_fails(args: &[&str]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(binary())
-        .arg("-f")
-        .arg("-U")
-        .arg(dir.path().join("s.sock"))
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{args:?} started");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 /// Read with our own client, expecting an error; returns (errno, message).
 fn read_error(s: &Server, offset: u64, len: u64) -> (u32, String) {
     let mut c = client::RawClient::start(&s.socket);
@@ -77,12 +62,7 @@ fn raw_image_over_http_is_served_byte_exact_and_read_only() {
     assert!(copy_out(&s, &[]) == data, "nbdcopy output differs");
     let img = s.dir.path().join("orig.img");
     std::fs::write(&img, &data).unwrap();
-    run_ok(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&img)
-            .arg(&s.uri),
-    );
+    assert_same_raw(&img, &s.uri);
     let json = stdout_of(Command::new("nbdinfo").arg("--json").arg(&s.uri));
     assert!(json.contains("\"is_read_only\": true"), "{json}");
     assert!(
@@ -197,11 +177,11 @@ fn a_server_without_range_support_is_refused_at_start_up() {
     let http = HttpServer::start();
     http.add_file("/disk.img", vec![1u8; 100_000]);
     http.set(|b| b.no_range = true);
-    let err = start_fails(&["curl", &http.url("/disk.img")]);
+    let err = start_refused(&["curl", &http.url("/disk.img")], &[]);
     assert!(err.contains("does not support range requests"), "{err}");
     assert!(err.contains(&http.url("/disk.img")), "{err}");
     // A missing file is refused too, with its status.
-    let err = start_fails(&["curl", &http.url("/missing.img")]);
+    let err = start_refused(&["curl", &http.url("/missing.img")], &[]);
     assert!(err.contains("404"), "{err}");
 }
 
@@ -244,18 +224,8 @@ fn transient_server_errors_are_retried() {
     assert_eq!(failed, 0, "only GETs were sent");
     // Connections cut in the middle of a body are retried too.
     http.set(|b| b.cut_next = 2);
-    let mut c = client::RawClient::start(&s.socket);
-    c.go(true, false, false);
-    c.request(nbdkit_proto::CMD_READ, 0, 7, 4096, 65536, &[]);
-    let r = c.reply(65536);
-    assert_eq!(r.error, 0, "{}", r.error_message);
-    let chunk = r
-        .chunks
-        .iter()
-        .find(|(t, _)| *t == nbdkit_proto::REPLY_TYPE_OFFSET_DATA)
-        .expect("a data chunk");
     assert!(
-        chunk.1[8..] == data[4096..4096 + 65536],
+        client::read_chunk(&s.socket, 4096, 65536) == data[4096..4096 + 65536],
         "wrong data after a retry"
     );
     assert_eq!(http.set_get(|b| b.cut_next), 0, "both cuts happened");
@@ -361,7 +331,10 @@ fn redirects_are_followed_unless_told_not_to() {
     let s = Server::start(&["curl", &http.url("/old.img")]);
     assert!(copy_out(&s, &[]) == data);
     drop(s);
-    let err = start_fails(&["curl", &http.url("/old.img"), "followlocation=false"]);
+    let err = start_refused(
+        &["curl", &http.url("/old.img"), "followlocation=false"],
+        &[],
+    );
     assert!(err.contains("302"), "{err}");
 }
 
@@ -390,11 +363,11 @@ fn bad_parameters_are_refused_naming_the_key() {
         ("protocols=nosuchproto", "protocols=nosuchproto"),
         ("password=+/nonexistent/pw", "password=+/nonexistent/pw"),
     ] {
-        let err = start_fails(&["curl", &url, kv]);
+        let err = start_refused(&["curl", &url, kv], &[]);
         assert!(err.contains(key), "{kv}: {err}");
     }
     // protocols= also stops a URL of another scheme.
-    let err = start_fails(&["curl", &url, "protocols=https"]);
+    let err = start_refused(&["curl", &url, "protocols=https"], &[]);
     assert!(err.to_lowercase().contains("protocol"), "{err}");
 }
 
@@ -405,23 +378,14 @@ fn https_verifies_the_server_with_cainfo_or_not_at_all_with_sslverify_false() {
     }
     let dir = tempfile::tempdir().unwrap();
     // A self-signed certificate for 127.0.0.1, its own CA.
-    run_ok(Command::new("openssl").current_dir(dir.path()).args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
+    self_signed(
+        dir.path(),
+        RSA_2048,
         "key.pem",
-        "-out",
         "cert.pem",
-        "-days",
-        "2",
-        "-subj",
         "/CN=127.0.0.1",
-        "-addext",
-        "subjectAltName=IP:127.0.0.1",
-    ]));
+        &["subjectAltName=IP:127.0.0.1"],
+    );
     let cert = dir.path().join("cert.pem");
     let https = HttpServer::start_tls(&cert, &dir.path().join("key.pem"));
     let data = pseudo_random(700_000, 12);
@@ -434,7 +398,7 @@ fn https_verifies_the_server_with_cainfo_or_not_at_all_with_sslverify_false() {
     assert!(copy_out(&s, &[]) == data);
     drop(s);
     // The system's CAs do not know it: refused at start-up.
-    let err = start_fails(&["curl", &url]);
+    let err = start_refused(&["curl", &url], &[]);
     assert!(err.contains("certificate"), "{err}");
     // sslverify=false: served without checking.
     let s = Server::start(&["curl", &url, "sslverify=false"]);
@@ -474,7 +438,7 @@ fn password_dash_reads_standard_input() {
         .iter()
         .all(|r| r.header("authorization") == Some("Basic Ym9iOmZyb20tc3RkaW4=")));
     // Empty standard input is an error naming the key, not an empty password.
-    let err = start_fails(&["curl", &http.url("/disk.img"), "password=-"]);
+    let err = start_refused(&["curl", &http.url("/disk.img"), "password=-"], &[]);
     assert!(err.contains("password=-"), "{err}");
 }
 
@@ -559,19 +523,9 @@ impl Drop for Moto {
 }
 
 fn moto_venv() -> Option<std::path::PathBuf> {
-    let venv = std::env::var("NBDKIT_RS_MOTO")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/nbdkit-rs/moto")
-        });
-    if venv.join("bin/moto_server").exists() {
-        return Some(venv);
-    }
-    if std::env::var("NBDKIT_RS_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("moto_server is required (scripts/test.sh installs it in {venv:?})");
-    }
-    eprintln!("SKIP: moto_server is not installed in {venv:?}");
-    None
+    let venv = tool_dir("NBDKIT_RS_MOTO", "moto");
+    let found = venv.join("bin/moto_server").exists();
+    available(found, &format!("moto_server (in {venv:?})")).then_some(venv)
 }
 
 /// Start moto, create a user with an access key, a bucket, and upload

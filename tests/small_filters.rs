@@ -5,21 +5,6 @@ mod common;
 use common::*;
 use std::process::Command;
 
-/// Starting the server with `args` fails, and its message names `what`.
-fn refused(args: &[&str], what: &str) {
-    let out = Command::new(binary())
-        .args(["-U", "-", "--run", "true"])
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} was accepted");
-    assert!(
-        err.contains(what),
-        "{args:?}: message does not name {what}: {err}"
-    );
-}
-
 /// `--help` for `--filter=NAME` lists each of `params` (and succeeds).
 fn help_lists(filter: &str, params: &[&str]) {
     let out = run_ok(
@@ -201,10 +186,7 @@ fn evil_corrupts_reads_consistently_but_never_the_data() {
             "evil-seed",
         ],
     );
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    let clean = pseudo_random(1 << 20, 3);
-    std::fs::write(&disk, &clean).unwrap();
+    let (_dir, disk, clean) = temp_file("disk.img", 1 << 20, 3);
     let file = disk.to_str().unwrap();
 
     // stuck-bits: the same corruption on every read and connection, at

@@ -25,19 +25,6 @@ const RECONNECT: usize = 25;
 /// Connect/negotiate/leave cycles of the churn thread per round.
 const CHURN: usize = 100;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn connect(s: &Server, rng: &mut Rng) -> RawClient {
     let mut c = RawClient::start(&s.socket);
     // Mix simple and structured replies.
@@ -261,9 +248,6 @@ fn soak_memory() {
 fn soak_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(SIZE as u64)
-        .unwrap();
+    sparse_file(&path, SIZE as u64);
     soak(&["file", &format!("file={}", path.display())]);
 }

@@ -151,8 +151,7 @@ fn serve(sshd: &Sshd, a: &[String]) -> Server {
 /// A client that must fail to open the export, with `what` in the log.
 fn refused(sshd: &Sshd, a: &[String], what: &str) {
     let s = serve(sshd, a);
-    let out = Command::new("nbdinfo").arg(&s.uri).output().unwrap();
-    assert!(!out.status.success(), "{a:?} opened");
+    assert!(!nbdinfo_ok(&[&s.uri]), "{a:?} opened");
     assert!(
         s.log().contains(what),
         "{a:?}: log lacks {what:?}: {}",
@@ -164,8 +163,7 @@ fn refused(sshd: &Sshd, a: &[String], what: &str) {
 fn ssh_reads_and_writes_a_remote_file_over_sftp() {
     let Some(sshd) = start_sshd() else { return };
     let file = sshd.path("disk.img");
-    let data = pseudo_random(1 << 20, 4);
-    std::fs::write(&file, &data).unwrap();
+    let data = make_file(&file, 1 << 20, 4);
 
     let s = serve(&sshd, &args(&sshd, &file, &[]));
     assert!(read_all(&s.uri) == data);

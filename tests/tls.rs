@@ -90,30 +90,34 @@ fn issue(dir: &Path, ca: &str, name: &str, cn: &str, serial: &str, ext: &str) {
 }
 
 fn make_ca(dir: &Path, name: &str, cn: &str) {
-    openssl(
+    self_signed(
         dir,
+        EC_P256,
+        &format!("{name}-key.pem"),
+        &format!("{name}-cert.pem"),
+        &format!("/CN={cn}"),
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}-key.pem"),
-            "-out",
-            &format!("{name}-cert.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={cn}"),
-            "-addext",
             "basicConstraints=critical,CA:TRUE",
-            "-addext",
             "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
+}
+
+/// The extensions of a server certificate (for localhost) and of a client
+/// certificate.
+const SERVER_EXT: &str = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n";
+const CLIENT_EXT: &str =
+    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n";
+
+/// The directory `w/sub` holding copies of `files` (from, to) from `w`:
+/// the layout one side of a connection expects.
+fn layout(w: &Path, sub: &str, files: &[(&str, &str)]) -> PathBuf {
+    let p = w.join(sub);
+    std::fs::create_dir(&p).expect("mkdir");
+    for (from, to) in files {
+        std::fs::copy(w.join(from), p.join(to)).expect("copy");
+    }
+    p
 }
 
 fn pki() -> Option<Pki> {
@@ -124,27 +128,11 @@ fn pki() -> Option<Pki> {
     let w = d.path();
     make_ca(w, "ca", "nbdkit-rs test CA");
     make_ca(w, "other", "some other CA");
-    issue(
-        w,
-        "ca",
-        "server",
-        "localhost",
-        "10",
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    );
-    let client_ext =
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n";
-    issue(w, "ca", "client", "alice", "11", client_ext);
-    issue(w, "other", "stranger", "mallory", "12", client_ext);
+    issue(w, "ca", "server", "localhost", "10", SERVER_EXT);
+    issue(w, "ca", "client", "alice", "11", CLIENT_EXT);
+    issue(w, "other", "stranger", "mallory", "12", CLIENT_EXT);
 
-    let layout = |sub: &str, files: &[(&str, &str)]| {
-        let p = w.join(sub);
-        std::fs::create_dir(&p).expect("mkdir");
-        for (from, to) in files {
-            std::fs::copy(w.join(from), p.join(to)).expect("copy");
-        }
-        p
-    };
+    let layout = |sub: &str, files: &[(&str, &str)]| layout(w, sub, files);
     let server = layout(
         "server",
         &[
@@ -179,14 +167,6 @@ fn pki() -> Option<Pki> {
         stranger,
         wrong_ca,
     })
-}
-
-fn tls_uri(s: &Server, certs: &Path) -> String {
-    format!(
-        "nbds+unix:///?socket={}&tls-certificates={}",
-        s.socket.display(),
-        certs.display()
-    )
 }
 
 fn start(pki: &Pki, extra: &[&str], plugin: &[&str]) -> Server {
@@ -260,7 +240,7 @@ fn nbdinfo_and_nbdcopy_over_tls() {
         return;
     }
     let s = start(&pki, &["--tls=require"], &["memory", "size=4M"]);
-    let uri = tls_uri(&s, &pki.client);
+    let uri = s.tls_uri(&pki.client);
     let out = nbdinfo(&uri);
     assert!(out.status.success(), "nbdinfo: {out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -289,7 +269,7 @@ fn plaintext_is_refused_under_require_and_allowed_under_on() {
     let s = start(&pki, &["--tls=on"], &["memory", "size=1M"]);
     let out = nbdinfo(&s.uri_for(""));
     assert!(out.status.success(), "plaintext under --tls=on: {out:?}");
-    let out = nbdinfo(&tls_uri(&s, &pki.client));
+    let out = nbdinfo(&s.tls_uri(&pki.client));
     assert!(out.status.success(), "TLS under --tls=on: {out:?}");
 }
 
@@ -305,10 +285,10 @@ fn verify_peer_needs_a_certificate_from_the_ca() {
         &["memory", "size=1M"],
     );
     for (who, dir) in [("anonymous", &pki.anonymous), ("stranger", &pki.stranger)] {
-        let out = nbdinfo(&tls_uri(&s, dir));
+        let out = nbdinfo(&s.tls_uri(dir));
         assert!(!out.status.success(), "{who} client accepted");
     }
-    let out = nbdinfo(&tls_uri(&s, &pki.client));
+    let out = nbdinfo(&s.tls_uri(&pki.client));
     assert!(
         out.status.success(),
         "client with a CA-signed cert: {out:?}"
@@ -316,7 +296,7 @@ fn verify_peer_needs_a_certificate_from_the_ca() {
 
     // Without --tls-verify-peer, a client without a certificate is fine.
     let s = start(&pki, &["--tls=require"], &["memory", "size=1M"]);
-    let out = nbdinfo(&tls_uri(&s, &pki.anonymous));
+    let out = nbdinfo(&s.tls_uri(&pki.anonymous));
     assert!(out.status.success(), "anonymous client: {out:?}");
 }
 
@@ -338,33 +318,17 @@ fn dn_pki() -> Option<DnPki> {
     let w = d.path();
     make_ca(w, "ca", "nbdkit-rs test CA");
     make_ca(w, "bigca", "BigCo");
-    issue(
-        w,
-        "ca",
-        "server",
-        "localhost",
-        "20",
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    );
-    let client_ext =
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n";
-    issue(w, "ca", "alice", "alice", "21", client_ext);
+    issue(w, "ca", "server", "localhost", "20", SERVER_EXT);
+    issue(w, "ca", "alice", "alice", "21", CLIENT_EXT);
     issue(
         w,
         "bigca",
         "bigco",
         "/C=US/ST=New York/L=New York/O=BigCo/CN=client.example.com",
         "22",
-        client_ext,
+        CLIENT_EXT,
     );
-    let dir = |sub: &str, files: &[(&str, &str)]| {
-        let p = w.join(sub);
-        std::fs::create_dir(&p).expect("mkdir");
-        for (from, to) in files {
-            std::fs::copy(w.join(from), p.join(to)).expect("copy");
-        }
-        p
-    };
+    let dir = |sub: &str, files: &[(&str, &str)]| layout(w, sub, files);
     let server = dir(
         "server",
         &[
@@ -412,7 +376,7 @@ fn ip_filter_admits_clients_by_certificate_dn() {
         Server::start(&args)
     };
     let verify = ["--tls=require", "--tls-verify-peer"];
-    let admitted = |s: &Server, who: &Path| nbdinfo(&tls_uri(s, who)).status.success();
+    let admitted = |s: &Server, who: &Path| nbdinfo(&s.tls_uri(who)).status.success();
     let bigco_dn = "CN=client.example.com,O=BigCo,L=New York,ST=New York,C=US";
 
     // The exact DN (one parameter, commas and all), and a wildcard.
@@ -427,7 +391,7 @@ fn ip_filter_admits_clients_by_certificate_dn() {
         assert!(!admitted(&s, &pki.alice), "{allow}: alice admitted");
         // Listing exports is refused too.
         let list = Command::new("nbdinfo")
-            .args(["--list", &tls_uri(&s, &pki.alice)])
+            .args(["--list", &s.tls_uri(&pki.alice)])
             .output()
             .expect("nbdinfo --list");
         assert!(!list.status.success(), "{allow}: alice listed exports");
@@ -544,21 +508,16 @@ fn starttls_resets_what_was_negotiated_in_plaintext() {
     assert_eq!(c.simple_option(OptionRequest::StructuredReply), REP_ACK);
 }
 
+/// `nbdkit-rs -f -U - ARGS memory size=1M` must fail; its stderr.
+fn refused_with_memory(args: &[&str]) -> String {
+    fails_stderr(&[&["-f", "-U", "-"], args, &["memory", "size=1M"]].concat())
+}
+
 #[test]
 fn certificate_problems_are_reported_at_start_up() {
     let Some(pki) = pki() else { return };
-    let run = |args: &[&str]| {
-        let out = Command::new(binary())
-            .args(["-f", "-U", "-"])
-            .args(args)
-            .args(["memory", "size=1M"])
-            .output()
-            .expect("run");
-        assert!(!out.status.success(), "{args:?} started");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
     let empty = tempfile::tempdir().expect("tempdir");
-    let e = run(&[
+    let e = refused_with_memory(&[
         "--tls=require",
         &format!("--tls-certificates={}", empty.path().display()),
     ]);
@@ -572,7 +531,7 @@ fn certificate_problems_are_reported_at_start_up() {
         std::fs::copy(pki.server.join(f), bad.path().join(f)).expect("copy");
     }
     std::fs::write(bad.path().join("server-cert.pem"), "not a certificate\n").expect("write");
-    let e = run(&[
+    let e = refused_with_memory(&[
         "--tls=on",
         &format!("--tls-certificates={}", bad.path().display()),
     ]);
@@ -592,15 +551,15 @@ fn certificate_problems_are_reported_at_start_up() {
         bad.path().join("server-key.pem"),
     )
     .expect("copy");
-    let e = run(&[
+    let e = refused_with_memory(&[
         "--tls=on",
         &format!("--tls-certificates={}", bad.path().display()),
     ]);
     assert!(e.contains("server-key.pem"), "{e}");
 
-    let e = run(&["--tls=maybe"]);
+    let e = refused_with_memory(&["--tls=maybe"]);
     assert!(e.contains("--tls=maybe"), "{e}");
-    let e = run(&["--tls-psk=/dev/null"]);
+    let e = refused_with_memory(&["--tls-psk=/dev/null"]);
     assert!(e.contains("--tls-psk"), "{e}");
 }
 
@@ -794,28 +753,18 @@ fn psk_refuses_wrong_keys_unknown_users_and_plaintext() {
 #[cfg(feature = "tls-psk")]
 #[test]
 fn psk_configuration_errors_are_reported_at_start_up() {
-    let run = |args: &[&str]| {
-        let out = Command::new(binary())
-            .args(["-f", "-U", "-"])
-            .args(args)
-            .args(["memory", "size=1M"])
-            .output()
-            .expect("run");
-        assert!(!out.status.success(), "{args:?} started");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
     let d = key_file("alice", "0011");
     let good = format!("--tls-psk={}", d.path().join("keys.psk").display());
-    let e = run(&[&good, "--tls-certificates=/nonexistent"]);
+    let e = refused_with_memory(&[&good, "--tls-certificates=/nonexistent"]);
     assert!(e.contains("cannot be used together"), "{e}");
-    let e = run(&[&good, "--tls-verify-peer"]);
+    let e = refused_with_memory(&[&good, "--tls-verify-peer"]);
     assert!(e.contains("--tls-verify-peer"), "{e}");
-    let e = run(&[&good, "--tls=off"]);
+    let e = refused_with_memory(&[&good, "--tls=off"]);
     assert!(e.contains("--tls-psk needs TLS"), "{e}");
-    let e = run(&["--tls-psk=/nonexistent/keys.psk"]);
+    let e = refused_with_memory(&["--tls-psk=/nonexistent/keys.psk"]);
     assert!(e.contains("/nonexistent/keys.psk"), "{e}");
     let bad = key_file("alice", "not-hex");
-    let e = run(&[&format!(
+    let e = refused_with_memory(&[&format!(
         "--tls-psk={}",
         bad.path().join("keys.psk").display()
     )]);
@@ -1034,25 +983,7 @@ fn nbd_plugin_proxies_our_tls_server_with_every_capability() {
     let certs = format!("tls-certificates={}", pki.client.display());
     let px = tls_proxy(&up.socket, &["tls=require", &certs]);
     // Capabilities come through TLS unchanged.
-    let a = nbdinfo_json(&[], &tls_uri(&up, &pki.client));
-    let b = nbdinfo_json(&[], &px.uri);
-    for k in [
-        "export-size",
-        "is_read_only",
-        "can_flush",
-        "can_fua",
-        "can_trim",
-        "can_zero",
-        "can_fast_zero",
-        "can_cache",
-        "can_multi_conn",
-        "contexts",
-        "block_size_minimum",
-        "block_size_preferred",
-        "block_size_maximum",
-    ] {
-        assert_eq!(a.get(k), b.get(k), "{k}");
-    }
+    assert_same_offer(&up.tls_uri(&pki.client), &px.uri);
     // nbdcopy in and out through the proxy, compared.
     let dir = tempfile::tempdir().expect("tempdir");
     let src = dir.path().join("in.bin");
@@ -1062,41 +993,18 @@ fn nbd_plugin_proxies_our_tls_server_with_every_capability() {
     run_ok(Command::new("nbdcopy").arg(&px.uri).arg(&back));
     assert!(std::fs::read(&src).expect("in") == std::fs::read(&back).expect("out"));
     // Writes, FUA, zeroes, trim, flush; read back through the proxy.
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x3c 1M 2M",
-        "-c",
-        "write -f -P 0x4d 8M 64k",
-        "-c",
-        "write -z 1536k 512k",
-        "-c",
-        "discard 8M 32k",
-        "-c",
-        "flush",
-        "-c",
-        "read -P 0x3c 1M 512k",
-        "-c",
-        "read -P 0 1536k 512k",
-        "-c",
-        "read -P 0x4d 8224k 32k",
-        &px.uri,
-    ]));
+    qemu_io_ok(&px.uri, &[PROXY_IO, &["read -P 0x4d 8224k 32k"]].concat());
     // Block status through TLS: what the upstream says, the proxy says.
     assert_eq!(
         map_of(&px.uri),
-        map_of(&tls_uri(&up, &pki.client)),
+        map_of(&up.tls_uri(&pki.client)),
         "block status"
     );
     // Big writes and many requests in flight over the one TLS session,
     // their replies out of order.
     if have_python_nbd() {
-        python(
+        nbd_script(
             r#"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
 big = bytes(range(256)) * (8 << 12)
 h.pwrite(big, 4 << 20, nbd.CMD_FLAG_FUA)
 bufs = []
@@ -1112,7 +1020,6 @@ for i, b in bufs:
     assert b.to_bytearray() == big[i * 131072:(i + 1) * 131072], i
 for i in range(16):
     assert h.pread(65536, (14 << 20) + i * 65536) == bytes([i]) * 65536
-print("OK")
 "#,
             &[&px.uri],
         );
@@ -1163,7 +1070,7 @@ fn nbd_plugin_tls_refusals_and_fallback() {
         ),
     ]);
     assert_open_fails(&px, "tls=require");
-    let px = Server::start(&["nbd", &tls_uri(&up, &pki.client)]);
+    let px = Server::start(&["nbd", &up.tls_uri(&pki.client)]);
     let out = stdout_of(Command::new("nbdinfo").args(["--size", &px.uri]));
     assert_eq!(out.trim(), "1048576");
 }
@@ -1249,19 +1156,15 @@ fn nbd_plugin_over_tls_to_qemu_nbd() {
     let certs = format!("tls-certificates={}", pki.client.display());
     let px = tls_proxy(&sock, &["tls=require", &certs]);
     assert!(read_all(&px.uri) == std::fs::read(&img).expect("img"));
-    run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x21 512k 128k",
-        "-c",
-        "write -f -z 1M 64k",
-        "-c",
-        "flush",
-        "-c",
-        "read -P 0x21 512k 128k",
+    qemu_io_ok(
         &px.uri,
-    ]));
+        &[
+            "write -P 0x21 512k 128k",
+            "write -f -z 1M 64k",
+            "flush",
+            "read -P 0x21 512k 128k",
+        ],
+    );
     let now = std::fs::read(&img).expect("img");
     assert!(now[512 << 10..640 << 10].iter().all(|&b| b == 0x21));
     assert!(now[1 << 20..(1 << 20) + (64 << 10)].iter().all(|&b| b == 0));
@@ -1471,7 +1374,7 @@ fn tls_priority_limits_versions_and_ciphers() {
 
     // GnuTLS (libnbd) negotiates with the restricted server.
     if have("nbdinfo") {
-        let out = nbdinfo(&tls_uri(&only13, &pki.client));
+        let out = nbdinfo(&only13.tls_uri(&pki.client));
         assert!(out.status.success(), "nbdinfo: {out:?}");
     }
 }
@@ -1481,14 +1384,8 @@ fn tls_priority_refuses_what_cannot_be_done() {
     let Some(pki) = pki() else { return };
     let certs = format!("--tls-certificates={}", pki.server.display());
     let run = |args: &[&str]| {
-        let out = Command::new(binary())
-            .args(["-f", "-U", "-"])
-            .args(args)
-            .args(["memory", "size=1M", "--run", "exit 0"])
-            .output()
-            .expect("run");
-        assert!(!out.status.success(), "{args:?} started");
-        let e = String::from_utf8_lossy(&out.stderr).into_owned();
+        let tail = ["memory", "size=1M", "--run", "exit 0"];
+        let e = fails_stderr(&[&["-f", "-U", "-"], args, &tail].concat());
         assert_eq!(e.lines().count(), 1, "one line: {e}");
         e
     };

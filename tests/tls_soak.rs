@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 
@@ -112,25 +111,14 @@ fn credentials(mode: &str, dir: &Path) -> Option<(String, std::path::PathBuf)> {
     let client = dir.join("client");
     std::fs::create_dir(&server).unwrap();
     std::fs::create_dir(&client).unwrap();
-    run_ok(Command::new("openssl").current_dir(&server).args([
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
+    self_signed(
+        &server,
+        EC_P256,
         "server-key.pem",
-        "-out",
         "server-cert.pem",
-        "-days",
-        "2",
-        "-subj",
         "/CN=localhost",
-        "-addext",
-        "subjectAltName=DNS:localhost",
-    ]));
+        &["subjectAltName=DNS:localhost"],
+    );
     // Self-signed: the certificate is its own CA.
     std::fs::copy(server.join("server-cert.pem"), client.join("ca-cert.pem")).unwrap();
     Some((format!("--tls-certificates={}", server.display()), client))
@@ -145,10 +133,7 @@ fn soak(mode: &str) {
         return;
     };
     let img = dir.path().join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(SIZE as u64)
-        .unwrap();
+    sparse_file(&img, SIZE as u64);
     let file_arg = format!("file={}", img.display());
     let model = dir.path().join("model.bin");
     let args = ["--tls=require", &tls_arg, "file", &file_arg];

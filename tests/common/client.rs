@@ -266,3 +266,19 @@ impl RawClient {
 }
 
 pub const OPT_HDR: usize = OPTION_HEADER_LEN;
+
+/// Read `len` bytes at `offset` over a new connection with structured
+/// replies; the read must succeed.  Returns the data chunk's bytes.
+pub fn read_chunk(socket: &Path, offset: u64, len: u32) -> Vec<u8> {
+    let mut c = RawClient::start(socket);
+    c.go(true, false, false);
+    c.request(CMD_READ, 0, 7, offset, len.into(), &[]);
+    let r = c.reply(len as usize);
+    assert_eq!(r.error, 0, "{}", r.error_message);
+    let (_, chunk) = r
+        .chunks
+        .into_iter()
+        .find(|(t, _)| *t == REPLY_TYPE_OFFSET_DATA)
+        .expect("a data chunk");
+    chunk[8..].to_vec()
+}

@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::run_ok;
+use super::{run_ok, sparse_file};
 
 const MIB: u64 = 1 << 20;
 
@@ -33,10 +33,7 @@ pub fn gpt_ext4(dir: &Path, fs_mib: u64, files: &[(&str, &[u8])]) -> GptDisk {
     std::fs::create_dir_all(&src).unwrap();
 
     let fs = dir.join("fs.img");
-    std::fs::File::create(&fs)
-        .unwrap()
-        .set_len(fs_mib * MIB)
-        .unwrap();
+    sparse_file(&fs, fs_mib * MIB);
     run_ok(
         Command::new("mkfs.ext4")
             .args(["-q", "-F", "-L", "nbdtest", "-d"])

@@ -27,6 +27,35 @@ pub fn nbdinfo_json(extra: &[&str], uri: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// Whether `nbdinfo ARGS` succeeds (its output is not wanted).
+pub fn nbdinfo_ok(args: &[&str]) -> bool {
+    let out = Command::new("nbdinfo").args(args).output();
+    out.expect("run nbdinfo").status.success()
+}
+
+/// nbdinfo shows the same export through `a` and `b` (size, flags,
+/// meta contexts, block sizes): a proxy passes all of it through.
+pub fn assert_same_offer(a: &str, b: &str) {
+    let (a, b) = (nbdinfo_json(&[], a), nbdinfo_json(&[], b));
+    for k in [
+        "export-size",
+        "is_read_only",
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_fast_zero",
+        "can_cache",
+        "can_multi_conn",
+        "contexts",
+        "block_size_minimum",
+        "block_size_preferred",
+        "block_size_maximum",
+    ] {
+        assert_eq!(a.get(k), b.get(k), "{k}");
+    }
+}
+
 /// `nbdinfo --map URI` as merged (offset, length, is_hole) runs.
 pub fn map_of(uri: &str) -> Vec<(u64, u64, bool)> {
     let out = stdout_of(Command::new("nbdinfo").arg("--map").arg(uri));

@@ -31,6 +31,14 @@ pub fn create_qcow2(path: &Path, backing: Option<(&str, &str)>, opts: &[&str], s
     qemu_img(&args);
 }
 
+/// `qemu-img convert -O qcow2 [OPTS] RAW IMG`.
+pub fn convert_to_qcow2(raw: &Path, img: &Path, opts: &[&str]) {
+    let mut args = vec!["convert", "-O", "qcow2"];
+    args.extend_from_slice(opts);
+    args.extend([p(raw), p(img)]);
+    qemu_img(&args);
+}
+
 /// Run `qemu-io` commands on the qcow2 file `img` directly (discards
 /// honoured); none of them may fail.
 pub fn qemu_io(img: &Path, cmds: &[&str]) {
