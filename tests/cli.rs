@@ -1084,7 +1084,7 @@ fn usage_errors_read_as_nbdkit_prints_them() {
     ];
     let nbdkit = Path::new("/usr/bin/nbdkit");
     for (args, want) in cases {
-        let (code, stdout, stderr) = run(args);
+        let (code, stdout, stderr) = run_binary(args);
         assert_eq!(code, Some(1), "{args:?}: {stderr}");
         let first = stderr.lines().next().unwrap_or_default();
         assert_eq!(first, want.replace("PROG", ours), "{args:?}");
@@ -1097,7 +1097,7 @@ fn usage_errors_read_as_nbdkit_prints_them() {
         }
     }
     // A value that does not parse is an error like any other.
-    let (code, _, stderr) = run(&["-t", "x", "memory", "1M"]);
+    let (code, _, stderr) = run_binary(&["-t", "x", "memory", "1M"]);
     assert_eq!(code, Some(1));
     assert!(
         stderr.starts_with("nbdkit: error: invalid value 'x'"),
