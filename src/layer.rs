@@ -24,10 +24,10 @@
 //!   would be caught and turned into EIO, which a test might take for an
 //!   expected error.  Release builds compile the checks away.
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     Backend, BlockSize, CacheMode, Client, DirectRead, ExportEntry, Extents, FuaMode, Handle,
     Result, ThreadModel, ZeroFlags, ZeroMode,
@@ -103,7 +103,7 @@ impl Backend for Layer {
         let client = Client::current().map(|c| c.id());
         let cached = |m: &Mutex<HashMap<u64, String>>| {
             let id = client?;
-            m.lock().get(&id).cloned()
+            m.lock_unpoisoned().get(&id).cloned()
         };
         if let Some(name) = cached(&self.default_exports) {
             return Ok(name);
@@ -111,7 +111,9 @@ impl Backend for Layer {
         self.control(format_args!("default_export readonly={}", readonly as u8));
         let name = self.inner.default_export(readonly)?;
         if let Some(id) = client {
-            self.default_exports.lock().insert(id, name.clone());
+            self.default_exports
+                .lock_unpoisoned()
+                .insert(id, name.clone());
         }
         Ok(name)
     }
@@ -120,7 +122,7 @@ impl Backend for Layer {
         self.inner.preconnect(client)
     }
     fn disconnected(&self, client: &Client) {
-        self.default_exports.lock().remove(&client.id());
+        self.default_exports.lock_unpoisoned().remove(&client.id());
         self.inner.disconnected(client)
     }
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
@@ -229,7 +231,7 @@ impl LayerHandle {
         if !cfg!(debug_assertions) {
             return;
         }
-        let known = *self.size.lock();
+        let known = *self.size.lock_unpoisoned();
         if let Some(size) = known {
             if offset.checked_add(count).is_none_or(|end| end > size) {
                 self.broken(format_args!(
@@ -313,7 +315,7 @@ impl Handle for LayerHandle {
         self.control(format_args!("get_size"));
         let size = self.inner.size()?;
         if cfg!(debug_assertions) {
-            let first = *self.size.lock().get_or_insert(size);
+            let first = *self.size.lock_unpoisoned().get_or_insert(size);
             if first != size {
                 self.broken(format_args!("its size changed from {first} to {size}"));
             }
@@ -349,7 +351,7 @@ impl Handle for LayerHandle {
         // The size it grew to is the size from now on: calls up to it
         // are in range, and `size` must answer it.
         if cfg!(debug_assertions) {
-            let mut size = self.size.lock();
+            let mut size = self.size.lock_unpoisoned();
             if let Some(s) = size.as_mut() {
                 *s = (*s).max(new_size);
             }
@@ -543,7 +545,7 @@ mod tests {
     }
     impl Handle for GrowingHandle {
         fn size(&self) -> Result<u64> {
-            Ok(*self.0.lock())
+            Ok(*self.0.lock().unwrap())
         }
         fn can_write(&self) -> Result<bool> {
             Ok(true)
@@ -552,7 +554,7 @@ mod tests {
             Ok(true)
         }
         fn extend(&self, new_size: u64) -> Result<()> {
-            let mut s = self.0.lock();
+            let mut s = self.0.lock().unwrap();
             *s = (*s).max(new_size);
             Ok(())
         }

@@ -10,17 +10,18 @@
 //! [`Client::current`] while it calls into the backend for that connection,
 //! the way nbdkit's connection-scoped functions work.
 
-use parking_lot::Mutex;
 use std::cell::RefCell;
 use std::fmt;
 use std::io::{PipeReader, PipeWriter, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::sync::LockExt;
 
 /// The peer's address, as the listening socket reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,12 +135,12 @@ impl Client {
     /// EXPORT_NAME), once it has; the default export is reported by the
     /// name it stands for.
     pub fn export_name(&self) -> Option<String> {
-        self.export.lock().clone()
+        self.export.lock_unpoisoned().clone()
     }
 
     /// Set by the server before it opens an export for this client.
     pub fn set_export_name(&self, name: &str) {
-        *self.export.lock() = Some(name.to_string());
+        *self.export.lock_unpoisoned() = Some(name.to_string());
     }
 
     /// Ask the server to close this connection after the request being
@@ -148,7 +149,7 @@ impl Client {
     /// connection (None: none any more), so that [`nanosleep`] wakes when
     /// the client hangs up.
     pub fn set_socket(&self, fd: Option<OwnedFd>) {
-        *self.socket.lock() = fd.map(Arc::new);
+        *self.socket.lock_unpoisoned() = fd.map(Arc::new);
     }
 
     pub fn request_disconnect(&self) {
@@ -218,7 +219,7 @@ pub fn request_shutdown() {
         // every sleeper (once, so the write can never block).
         let _ = (&*w).write(&[0]);
     }
-    if let Some(hook) = SHUTDOWN_HOOK.lock().as_ref() {
+    if let Some(hook) = SHUTDOWN_HOOK.lock_unpoisoned().as_ref() {
         hook()
     }
 }
@@ -235,7 +236,7 @@ fn quit_pipe() -> Option<&'static (PipeReader, PipeWriter)> {
 /// server from stopping nor a gone client's connection open.  True when
 /// the whole time was slept.
 pub fn nanosleep(d: Duration) -> bool {
-    let sock = Client::current().and_then(|c| c.socket.lock().clone());
+    let sock = Client::current().and_then(|c| c.socket.lock_unpoisoned().clone());
     sleep_watching(d, sock.as_deref())
 }
 
@@ -297,7 +298,7 @@ pub fn shutdown_requested() -> bool {
 /// and at once if one came before the hook was set (a backend may ask in
 /// `after_fork`, before the server listens).
 pub fn set_shutdown_hook(hook: impl Fn() + Send + Sync + 'static) {
-    let mut slot = SHUTDOWN_HOOK.lock();
+    let mut slot = SHUTDOWN_HOOK.lock_unpoisoned();
     if shutdown_requested() {
         hook();
     }

@@ -51,6 +51,7 @@ pub mod error;
 pub mod extents;
 pub mod registry;
 pub mod secret;
+pub mod sync;
 
 /// The nbdkit release whose command line, plugin interface and protocol
 /// behaviour nbdkit-rs implements: `--version` and `--dump-config` report
@@ -64,6 +65,7 @@ pub use error::{ConfigError, Error, ErrorKind, Result};
 pub use extents::{Extent, Extents, StatusKind, EXTENT_HOLE, EXTENT_ZERO};
 pub use registry::{concat_params, layer_fn, FilterSpec, Layer, Param, PluginSpec};
 pub use secret::{read_secret, set_stdio_safe, stdio_safe, SecretError};
+pub use sync::{CondvarExt, LockExt, RwLockExt};
 
 /// How much concurrency a backend tolerates.  Ordered from most to least
 /// restrictive; the server uses the most restrictive model in the chain.
@@ -587,23 +589,23 @@ pub fn is_zero(buf: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use parking_lot::Mutex;
+    use std::sync::Mutex;
 
     struct Ram(Mutex<Vec<u8>>);
     impl Handle for Ram {
         fn size(&self) -> Result<u64> {
-            Ok(self.0.lock().len() as u64)
+            Ok(self.0.lock().unwrap().len() as u64)
         }
         fn can_write(&self) -> Result<bool> {
             Ok(true)
         }
         fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-            let d = self.0.lock();
+            let d = self.0.lock().unwrap();
             buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
             Ok(())
         }
         fn pwrite(&self, buf: &[u8], offset: u64, _fua: bool) -> Result<()> {
-            let mut d = self.0.lock();
+            let mut d = self.0.lock().unwrap();
             d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
             Ok(())
         }
@@ -629,7 +631,7 @@ mod tests {
         assert!(r.can_fast_zero().unwrap());
         assert_eq!(r.can_fua().unwrap(), FuaMode::None);
         r.zero(5, (2 << 20) + 3, ZeroFlags::default()).unwrap();
-        let d = r.0.lock();
+        let d = r.0.lock().unwrap();
         assert_eq!(d[4], 7);
         assert!(is_zero(&d[5..5 + (2 << 20) + 3]));
         assert_eq!(d[5 + (2 << 20) + 3], 7);
@@ -736,13 +738,13 @@ mod tests {
         struct Growing(Mutex<Vec<u8>>);
         impl Handle for Growing {
             fn size(&self) -> Result<u64> {
-                Ok(self.0.lock().len() as u64)
+                Ok(self.0.lock().unwrap().len() as u64)
             }
             fn can_extend(&self) -> Result<bool> {
                 Ok(true)
             }
             fn extend(&self, new_size: u64) -> Result<()> {
-                let mut v = self.0.lock();
+                let mut v = self.0.lock().unwrap();
                 if new_size as usize > v.len() {
                     v.resize(new_size as usize, 0);
                 }

@@ -35,11 +35,11 @@ macro_rules! has_callback {
     };
 }
 
-use parking_lot::{Mutex, MutexGuard};
+use nbdkit_backend::LockExt;
 use std::ffi::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use nbdkit_backend::{
     Backend, BlockSize, CacheMode, Client, ConfigError, Error, ErrorKind, ExportEntry, Extents,
@@ -418,11 +418,12 @@ impl Inner {
     }
 
     fn guard<'a>(&'a self, handle_lock: Option<&'a Mutex<()>>) -> Guards<'a> {
-        let global = (self.model <= ThreadModel::SerializeAllRequests).then(|| self.lock.lock());
+        let global =
+            (self.model <= ThreadModel::SerializeAllRequests).then(|| self.lock.lock_unpoisoned());
         let handle = (self.model == ThreadModel::SerializeRequests)
             .then_some(handle_lock)
             .flatten()
-            .map(|l| l.lock());
+            .map(|l| l.lock_unpoisoned());
         Guards {
             _global: global,
             _handle: handle,

@@ -70,14 +70,14 @@ fn struct_layout_matches_nbdkit_plugin_h() {
 /// same plugin share its globals (memory's `size`: a failed `size=lots` in one
 /// test left -1 there for another running beside it). The guard serialises
 /// them.
-fn debian_plugin(name: &str) -> Option<(PathBuf, parking_lot::MutexGuard<'static, ()>)> {
-    static LOADED: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+fn debian_plugin(name: &str) -> Option<(PathBuf, std::sync::MutexGuard<'static, ()>)> {
+    static LOADED: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let p = find(name);
     if have(
         &format!("nbdkit-{name}-plugin.so (Debian's nbdkit)"),
         p.is_some(),
     ) {
-        let guard = LOADED.lock();
+        let guard = LOADED.lock_unpoisoned();
         p.map(|p| (p, guard))
     } else {
         None

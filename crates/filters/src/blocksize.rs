@@ -5,11 +5,10 @@
 //! blocks; unaligned parts of a trim are dropped (trim is advisory).  The
 //! size is rounded down to a multiple of `minblock`.
 
-use std::sync::Arc;
-
-use parking_lot::RwLock;
+use std::sync::{Arc, RwLock};
 
 use crate::window::aligned_extents;
+use nbdkit_backend::RwLockExt;
 use nbdkit_backend::{
     layer_fn, Backend, BlockSize, ConfigError, Error, Extents, FilterSpec, Handle, Param, Result,
     ZeroFlags,
@@ -185,21 +184,21 @@ impl Handle for BlockSizeHandle {
         let (head_end, mid_end, end) = split(offset, buf.len() as u64, self.lim.min);
         let part = |from: u64, to: u64| &buf[(from - offset) as usize..(to - offset) as usize];
         if head_end > offset || end > mid_end {
-            let _g = self.rmw.write();
+            let _g = self.rmw.write_unpoisoned();
             for (from, to) in [(offset, head_end), (mid_end, end)] {
                 if from < to {
                     self.rmw(from, to, Some(part(from, to)), fua)?;
                 }
             }
         }
-        let _g = self.rmw.read();
+        let _g = self.rmw.read_unpoisoned();
         self.chunks(head_end, mid_end, self.lim.maxdata, |at, n| {
             self.next.pwrite(part(at, at + n), at, fua)
         })
     }
     fn trim(&self, offset: u64, count: u64, fua: bool) -> Result<()> {
         let (head_end, mid_end, _) = split(offset, count, self.lim.min);
-        let _g = self.rmw.read();
+        let _g = self.rmw.read_unpoisoned();
         self.chunks(head_end, mid_end, self.lim.maxlen, |at, n| {
             self.next.trim(at, n, fua)
         })
@@ -212,14 +211,14 @@ impl Handle for BlockSizeHandle {
                     "blocksize filter: an unaligned zero needs read-modify-write, which is not fast",
                 ));
             }
-            let _g = self.rmw.write();
+            let _g = self.rmw.write_unpoisoned();
             for (from, to) in [(offset, head_end), (mid_end, end)] {
                 if from < to {
                     self.rmw(from, to, None, flags.fua)?;
                 }
             }
         }
-        let _g = self.rmw.read();
+        let _g = self.rmw.read_unpoisoned();
         self.chunks(head_end, mid_end, self.lim.maxlen, |at, n| {
             self.next.zero(at, n, flags)
         })
@@ -308,8 +307,8 @@ pub static SPEC: FilterSpec = FilterSpec {
 mod tests {
     use super::*;
     use nbdkit_backend::Config;
-    use parking_lot::Mutex;
     use proptest::prelude::*;
+    use std::sync::Mutex;
 
     /// A RAM disk that fails any request breaking the limits.
     struct Strict {
@@ -345,24 +344,24 @@ mod tests {
     }
     impl Handle for StrictHandle {
         fn size(&self) -> Result<u64> {
-            Ok(self.data.lock().len() as u64)
+            Ok(self.data.lock().unwrap().len() as u64)
         }
         nbdkit_backend::capabilities! {
             can_write: true, can_trim: true,
         }
         fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
             let r = self.check(offset, buf.len() as u64, self.lim.maxdata)?;
-            buf.copy_from_slice(&self.data.lock()[r]);
+            buf.copy_from_slice(&self.data.lock().unwrap()[r]);
             Ok(())
         }
         fn pwrite(&self, buf: &[u8], offset: u64, _: bool) -> Result<()> {
             let r = self.check(offset, buf.len() as u64, self.lim.maxdata)?;
-            self.data.lock()[r].copy_from_slice(buf);
+            self.data.lock().unwrap()[r].copy_from_slice(buf);
             Ok(())
         }
         fn zero(&self, offset: u64, n: u64, _: ZeroFlags) -> Result<()> {
             let r = self.check(offset, n, self.lim.maxlen)?;
-            self.data.lock()[r].fill(0);
+            self.data.lock().unwrap()[r].fill(0);
             Ok(())
         }
         fn trim(&self, offset: u64, n: u64, _: bool) -> Result<()> {
@@ -409,7 +408,7 @@ mod tests {
                     }
                 }
             }
-            prop_assert!(*data.lock() == model);
+            prop_assert!(*data.lock().unwrap() == model);
         }
     }
 

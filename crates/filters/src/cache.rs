@@ -31,19 +31,19 @@
 //! threshold; a dirty block is written to the next backend before it is
 //! dropped, never lost.
 
-use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use nbdkit_backend::{
     is_zero, layer_fn, write_zeroes, Backend, CacheMode, Config, ConfigError, Error, ErrorKind,
     Extents, FilterSpec, FuaMode, Handle, Param, Result, ZeroFlags, ZeroMode,
 };
+use nbdkit_backend::{CondvarExt, LockExt};
 
 use crate::modes::take_mode;
 use crate::window::next_extents;
@@ -217,7 +217,7 @@ impl Backend for CacheBackend {
         let size = next.size()?;
         let sh = &self.shared;
         {
-            let mut owner = sh.owner.lock();
+            let mut owner = sh.owner.lock_unpoisoned();
             match &*owner {
                 None => {
                     sh.file
@@ -475,7 +475,7 @@ impl CacheHandle {
     fn fetch(&self, start: u64, end: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; (end - start) as usize];
         self.next.pread(&mut buf, start)?;
-        let mut map = self.sh.map.lock();
+        let mut map = self.sh.map.lock_unpoisoned();
         for p in self.pieces(start, end - start) {
             if !map.cached(p.b) && !map.stale.contains(&p.b) {
                 let part = &buf[(p.start - start) as usize..(p.end - start) as usize];
@@ -496,12 +496,12 @@ impl CacheHandle {
         count: u64,
         out: Option<&mut [u8]>,
     ) -> Result<Vec<ClaimedRun<'_>>> {
-        let mut map = self.sh.map.lock();
+        let mut map = self.sh.map.lock_unpoisoned();
         while self
             .pieces(offset, count)
             .any(|p| map.fetching.contains(&p.b))
         {
-            self.sh.fetched.wait(&mut map);
+            map = self.sh.fetched.wait_unpoisoned(map);
         }
         let missing = self.scan(&mut map, offset, count, out)?;
         let claimed = missing
@@ -571,7 +571,7 @@ struct Claim<'a> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        let mut map = self.h.sh.map.lock();
+        let mut map = self.h.sh.map.lock_unpoisoned();
         for b in self.blocks.clone() {
             map.fetching.remove(&b);
             map.stale.remove(&b);
@@ -586,7 +586,7 @@ impl Drop for CacheHandle {
         if !self.writable || self.mode() == Mode::Writethrough {
             return;
         }
-        let mut map = self.sh.map.lock();
+        let mut map = self.sh.map.lock_unpoisoned();
         if map.dirty.is_empty() {
             return;
         }
@@ -658,7 +658,7 @@ impl Handle for CacheHandle {
         let count = buf.len() as u64;
         if !self.sh.s.on_read.active() {
             let missing = {
-                let mut map = self.sh.map.lock();
+                let mut map = self.sh.map.lock_unpoisoned();
                 self.scan(&mut map, offset, count, Some(buf))?
             };
             for (first, last) in missing {
@@ -702,7 +702,7 @@ impl Handle for CacheHandle {
             return Ok(());
         }
         let count = buf.len() as u64;
-        let mut map = self.sh.map.lock();
+        let mut map = self.sh.map.lock_unpoisoned();
         for p in self.pieces(offset, count) {
             map.changing(p.b);
         }
@@ -736,7 +736,7 @@ impl Handle for CacheHandle {
         if count == 0 {
             return Ok(());
         }
-        let mut map = self.sh.map.lock();
+        let mut map = self.sh.map.lock_unpoisoned();
         for p in self.pieces(offset, count) {
             map.changing(p.b);
         }
@@ -803,7 +803,7 @@ impl Handle for CacheHandle {
         if count == 0 {
             return Ok(());
         }
-        let mut map = self.sh.map.lock();
+        let mut map = self.sh.map.lock_unpoisoned();
         for p in self.pieces(offset, count) {
             map.changing(p.b);
         }
@@ -831,7 +831,7 @@ impl Handle for CacheHandle {
             Mode::Unsafe => Ok(()),
             Mode::Writethrough => self.next.flush(),
             Mode::Writeback => {
-                let mut map = self.sh.map.lock();
+                let mut map = self.sh.map.lock_unpoisoned();
                 self.write_back_all(&mut map)?;
                 if self.next_flush {
                     self.next.flush()?;
@@ -850,7 +850,7 @@ impl Handle for CacheHandle {
         let end = offset + count;
         let mut runs: Vec<(bool, u64, u64)> = Vec::new();
         {
-            let map = self.sh.map.lock();
+            let map = self.sh.map.lock_unpoisoned();
             let (first, last) = (offset / self.block(), (end - 1) / self.block());
             let mut at = offset;
             for &b in map.dirty.range(first..=last) {
@@ -1042,7 +1042,7 @@ mod tests {
     }
     impl Handle for RamHandle {
         fn size(&self) -> Result<u64> {
-            Ok(self.0.data.lock().len() as u64)
+            Ok(self.0.data.lock().unwrap().len() as u64)
         }
         nbdkit_backend::capabilities! {
             can_write: true, can_flush: true, can_trim: true, can_extents: true,
@@ -1059,7 +1059,7 @@ mod tests {
                 return write_zeroes(self, offset, count, flags);
             }
             self.0.zeroes.fetch_add(1, Ordering::SeqCst);
-            let mut d = self.0.data.lock();
+            let mut d = self.0.data.lock().unwrap();
             d[offset as usize..(offset + count) as usize].fill(0);
             Ok(())
         }
@@ -1068,7 +1068,7 @@ mod tests {
             self.0
                 .read_bytes
                 .fetch_add(buf.len() as u64, Ordering::SeqCst);
-            let d = self.0.data.lock();
+            let d = self.0.data.lock().unwrap();
             buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
             drop(d);
             // Slow to answer, after the data was read: a write can come in
@@ -1081,18 +1081,18 @@ mod tests {
         }
         fn pwrite(&self, buf: &[u8], offset: u64, _fua: bool) -> Result<()> {
             self.0.writes.fetch_add(1, Ordering::SeqCst);
-            let mut d = self.0.data.lock();
+            let mut d = self.0.data.lock().unwrap();
             d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
             Ok(())
         }
         fn trim(&self, offset: u64, count: u64, _fua: bool) -> Result<()> {
-            let mut d = self.0.data.lock();
+            let mut d = self.0.data.lock().unwrap();
             d[offset as usize..(offset + count) as usize].fill(0);
             Ok(())
         }
         fn flush(&self) -> Result<()> {
-            let d = self.0.data.lock().clone();
-            *self.0.persisted.lock() = d;
+            let d = self.0.data.lock().unwrap().clone();
+            *self.0.persisted.lock().unwrap() = d;
             Ok(())
         }
         fn cache(&self, _offset: u64, _count: u64) -> Result<()> {
@@ -1101,7 +1101,7 @@ mod tests {
         }
         /// 4K granules of zeroes are holes.
         fn extents(&self, offset: u64, count: u64, _: bool, ex: &mut Extents) -> Result<()> {
-            let d = self.0.data.lock();
+            let d = self.0.data.lock().unwrap();
             let mut at = offset;
             while at < offset + count {
                 let to = ((at / 4096 + 1) * 4096).min(offset + count);
@@ -1135,7 +1135,7 @@ mod tests {
 
     /// Bytes in the cache.
     fn used(b: &CacheBackend) -> u64 {
-        b.shared.map.lock().used
+        b.shared.map.lock().unwrap().used
     }
 
     /// Write as the server does: FUA goes down only where it is native,
@@ -1259,14 +1259,14 @@ mod tests {
             "around the one cached block"
         );
         {
-            let below = d.data.lock();
+            let below = d.data.lock().unwrap();
             assert!(is_zero(&below[..65536]) && is_zero(&below[131072..]));
         }
         // The cached block (written, then zeroed) is the only dirty one.
-        assert_eq!(b.shared.map.lock().dirty.len(), 1);
+        assert_eq!(b.shared.map.lock().unwrap().dirty.len(), 1);
         assert!(is_zero(&read(&*h, 0, 4 << 20)));
         h.flush().unwrap();
-        assert!(is_zero(&d.data.lock()));
+        assert!(is_zero(&d.data.lock().unwrap()));
     }
 
     #[test]
@@ -1308,7 +1308,7 @@ mod tests {
             let d = disk(orig.clone());
             let h = backend(&d, &[("cache", mode)]).open(false, "").unwrap();
             write(&*h, b"hello", 70_000, false);
-            let below = |d: &Disk| d.data.lock()[70_000..70_005] == *b"hello";
+            let below = |d: &Disk| d.data.lock().unwrap()[70_000..70_005] == *b"hello";
             assert_eq!(below(&d), at_write, "{mode}: after the write");
             assert_eq!(
                 read(&*h, 69_999, 7),
@@ -1317,21 +1317,21 @@ mod tests {
             h.flush().unwrap();
             assert_eq!(below(&d), at_flush, "{mode}: after flush");
             assert_eq!(
-                d.persisted.lock()[70_000..70_005] == *b"hello",
+                d.persisted.lock().unwrap()[70_000..70_005] == *b"hello",
                 at_flush,
                 "{mode}: persisted after flush"
             );
             // FUA: written and persisted at once except in unsafe mode.
             write(&*h, b"fua!", 200_000, true);
             assert_eq!(
-                d.persisted.lock()[200_000..200_004] == *b"fua!",
+                d.persisted.lock().unwrap()[200_000..200_004] == *b"fua!",
                 mode != "unsafe",
                 "{mode}: FUA"
             );
             // Disconnecting writes everything back in every mode.
             drop(h);
-            assert_eq!(&d.data.lock()[70_000..70_005], b"hello", "{mode}");
-            assert_eq!(&d.data.lock()[200_000..200_004], b"fua!", "{mode}");
+            assert_eq!(&d.data.lock().unwrap()[70_000..70_005], b"hello", "{mode}");
+            assert_eq!(&d.data.lock().unwrap()[200_000..200_004], b"fua!", "{mode}");
         }
     }
 
@@ -1388,7 +1388,7 @@ mod tests {
             v
         });
         // The dirty block was written down before it was dropped.
-        assert_eq!(&d.data.lock()[..4096], &[7; 4096][..]);
+        assert_eq!(&d.data.lock().unwrap()[..4096], &[7; 4096][..]);
         let used = used(&b);
         assert!(used <= 64 << 10, "{used}");
     }
@@ -1495,17 +1495,17 @@ mod tests {
                     Op::Flush => {
                         h.flush().unwrap();
                         if mode != "unsafe" {
-                            prop_assert!(*d.persisted.lock() == model);
+                            prop_assert!(*d.persisted.lock().unwrap() == model);
                         }
                     }
                     Op::Reopen => {
                         drop(h);
-                        prop_assert!(*d.data.lock() == model);
+                        prop_assert!(*d.data.lock().unwrap() == model);
                         h = b.open(false, "").unwrap();
                     }
                 }
                 if mode == "writethrough" {
-                    prop_assert!(*d.data.lock() == model);
+                    prop_assert!(*d.data.lock().unwrap() == model);
                 }
                 let used = used(&b);
                 if max == "8K" {
@@ -1526,7 +1526,7 @@ mod tests {
                 }
             }
             drop(h);
-            prop_assert!(*d.data.lock() == model);
+            prop_assert!(*d.data.lock().unwrap() == model);
         }
     }
 }

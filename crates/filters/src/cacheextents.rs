@@ -5,10 +5,9 @@
 //! Any write, trim or zero forgets the cache.  The cache is shared by all
 //! connections, as the data is.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use parking_lot::Mutex;
-
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{layer_fn, Backend, Extent, Extents, FilterSpec, Handle, Result, ZeroFlags};
 
 /// The last answer, contiguous and ascending; empty when there is none.
@@ -41,7 +40,7 @@ struct CacheExtentsHandle {
 
 impl CacheExtentsHandle {
     fn forget(&self) {
-        self.cache.lock().clear();
+        self.cache.lock_unpoisoned().clear();
     }
 }
 
@@ -50,7 +49,7 @@ impl Handle for CacheExtentsHandle {
         Some(&*self.next)
     }
     fn extents(&self, offset: u64, count: u64, _req_one: bool, out: &mut Extents) -> Result<()> {
-        let mut cache = self.cache.lock();
+        let mut cache = self.cache.lock_unpoisoned();
         let hit = match (cache.first(), cache.last()) {
             (Some(f), Some(l)) => offset >= f.offset && offset < l.offset + l.length,
             _ => false,

@@ -6,11 +6,11 @@
 //! crate; this filter adapts it to the backend interface.  One reader per
 //! export is shared by every connection, so its cache and index are too.
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     concat_params, layer_fn, Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents,
     FilterSpec, FuaMode, Handle, Layer, Param, Result, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
@@ -121,7 +121,7 @@ impl Compressed {
     fn reader(&self, export: &str) -> Result<Arc<dyn RandomAccess>> {
         // Held while opening, so two first connections do not build two
         // indexes of the same image.
-        let mut readers = self.readers.lock();
+        let mut readers = self.readers.lock_unpoisoned();
         if let Some(r) = readers.get(export) {
             return Ok(r.clone());
         }
@@ -156,7 +156,7 @@ impl Compressed {
                 .and_then(|r| r.export_size().map(|_| r))
                 .map(|r| {
                     let r = Arc::new(r);
-                    self.gzip_readers.lock().push(r.clone());
+                    self.gzip_readers.lock_unpoisoned().push(r.clone());
                     r as _
                 }),
             Format::Zstd => ZstdReader::open(source, &opts).map(|r| Arc::new(r) as _),
@@ -181,7 +181,7 @@ impl Backend for Compressed {
         // An index whose walk has finished is being saved in the background:
         // let that finish so the next start is instant.  A walk still in
         // progress is abandoned (nothing partial is ever saved).
-        for r in self.gzip_readers.lock().iter() {
+        for r in self.gzip_readers.lock_unpoisoned().iter() {
             if r.known_size().is_some() {
                 if let Some(Err(e)) = r.wait_saved() {
                     warn!("gzip index not saved: {e}");

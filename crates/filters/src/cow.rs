@@ -10,18 +10,18 @@
 //! Flush and FUA succeed without doing anything: the overlay is temporary,
 //! so there is nothing to make durable.
 
-use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::window::next_extents;
 use nbdkit_backend::{
     layer_fn, Backend, CacheMode, ConfigError, Error, Extents, FilterSpec, FuaMode, Handle, Param,
     Result, ZeroFlags, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
 };
+use nbdkit_backend::{LockExt, RwLockExt};
 
 /// Where a block's current contents are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +62,7 @@ impl CowBackend {
     /// The overlay of `export`, made for a disk of `size` bytes if it has
     /// none yet.
     fn overlay(&self, export: &str, size: u64) -> Result<Arc<Overlay>> {
-        let mut overlays = self.overlays.lock();
+        let mut overlays = self.overlays.lock_unpoisoned();
         if let Some(ov) = overlays.get(export) {
             if ov.size != size {
                 return Err(Error::invalid(format!(
@@ -194,7 +194,7 @@ impl CowHandle {
     /// Copy every block of `[offset, offset+count)` still in the plugin
     /// into the overlay (cow-on-read, cow-on-cache).
     fn copy_up(&self, offset: u64, count: u64) -> Result<()> {
-        let mut map = self.ov.map.write();
+        let mut map = self.ov.map.write_unpoisoned();
         let first = offset / self.ov.block;
         let last = (offset + count - 1) / self.ov.block;
         let mut buf = vec![0u8; self.ov.block as usize];
@@ -212,7 +212,7 @@ impl CowHandle {
 
     /// Apply a write or a zero to `[offset, offset+count)`.
     fn change(&self, offset: u64, count: u64, what: Change<'_>) -> Result<()> {
-        let mut map = self.ov.map.write();
+        let mut map = self.ov.map.write_unpoisoned();
         let end = offset + count;
         let first = offset / self.ov.block;
         let last = (end - 1) / self.ov.block;
@@ -282,7 +282,7 @@ impl Handle for CowHandle {
         if self.on_read.active() {
             self.copy_up(offset, buf.len() as u64)?;
         }
-        let map = self.ov.map.read();
+        let map = self.ov.map.read_unpoisoned();
         self.read_with(&map, buf, offset)
     }
     fn pwrite(&self, buf: &[u8], offset: u64, _fua: bool) -> Result<()> {
@@ -313,7 +313,7 @@ impl Handle for CowHandle {
         if self.on_cache {
             return self.copy_up(offset, count);
         }
-        let map = self.ov.map.read();
+        let map = self.ov.map.read_unpoisoned();
         for (st, from, to) in self.runs(&map, offset, count) {
             if st == State::Base {
                 self.next.cache(from, to - from)?;
@@ -323,7 +323,7 @@ impl Handle for CowHandle {
     }
     fn extents(&self, offset: u64, count: u64, req_one: bool, extents: &mut Extents) -> Result<()> {
         let base_extents = self.next.can_extents()?;
-        let map = self.ov.map.read();
+        let map = self.ov.map.read_unpoisoned();
         for (st, from, to) in self.runs(&map, offset, count) {
             match st {
                 State::Data => extents.add(from, to - from, 0)?,
@@ -353,7 +353,7 @@ impl Handle for CowHandle {
         req_one: bool,
         extents: &mut Extents,
     ) -> Result<()> {
-        let map = self.ov.map.read();
+        let map = self.ov.map.read_unpoisoned();
         for (st, from, to) in self.runs(&map, offset, count) {
             if st != State::Base {
                 extents.add(from, to - from, 1)?;

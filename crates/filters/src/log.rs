@@ -20,15 +20,15 @@
 //! bash array), assigned before the script's text and run, as nbdkit does,
 //! by bash invoked as `sh` (`/bin/sh` where there is no bash).
 
-use parking_lot::Mutex;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     layer_fn, Backend, CacheMode, Client, ConfigError, Error, ErrorKind, ExportEntry, Extents,
     FilterSpec, FuaMode, Handle, Param, Result, ThreadModel, ZeroFlags, ZeroMode, EXTENT_HOLE,
@@ -113,7 +113,7 @@ impl Sink {
                 line.push_str(" ...");
             }
             line.push('\n');
-            let mut out = file.lock();
+            let mut out = file.lock_unpoisoned();
             // Logging is best effort: a full disk must not fail the
             // client's request.
             let _ = out.write_all(line.as_bytes());

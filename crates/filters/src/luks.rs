@@ -10,9 +10,7 @@
 //! 512-byte sectors read, patch and rewrite the sectors they touch, under
 //! a lock shared by all connections.
 
-use std::sync::Arc;
-
-use parking_lot::Mutex;
+use std::sync::{Arc, Mutex};
 
 use aes::cipher::array::Array;
 use aes::cipher::consts::U16;
@@ -21,6 +19,7 @@ use aes::cipher::{
     KeyInit,
 };
 use aes::{Aes128, Aes192, Aes256};
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     layer_fn, Backend, CacheMode, Config, ConfigError, Error, ErrorKind, Extents, FilterSpec,
     Handle, Layer, Param, Result, ZeroFlags, ZeroMode,
@@ -547,7 +546,7 @@ impl Backend for Luks {
         }
         let mut raw = [0u8; HEADER_LEN];
         next.pread(&mut raw, 0)?;
-        let mut cache = self.unlocked.lock();
+        let mut cache = self.unlocked.lock_unpoisoned();
         let (cipher, payload_offset) = match cache.as_ref() {
             Some(u) if u.header == raw => (u.cipher.clone(), u.payload_offset),
             _ => {
@@ -633,7 +632,7 @@ impl Handle for LuksHandle {
     }
     fn pwrite(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         let (start, end) = self.span(offset, buf.len())?;
-        let _g = self.write_lock.lock();
+        let _g = self.write_lock.lock_unpoisoned();
         let mut data = if start == offset && end == offset + buf.len() as u64 {
             buf.to_vec()
         } else {

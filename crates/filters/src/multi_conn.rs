@@ -9,10 +9,10 @@
 //! write, every one that read); without emulation a flush is skipped only
 //! while nothing in the group was written since it was last made clean.
 
-use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     layer_fn, Backend, ConfigError, Error, ErrorKind, FilterSpec, FuaMode, Handle, Param, Result,
     ThreadModel, ZeroFlags,
@@ -129,7 +129,7 @@ impl Backend for MultiConn {
         });
         let name = if self.by_export { export } else { "" };
         let group = {
-            let mut groups = self.shared.groups.lock();
+            let mut groups = self.shared.groups.lock_unpoisoned();
             match groups.iter().find(|g| g.name == name) {
                 Some(g) => g.clone(),
                 None => {
@@ -143,7 +143,7 @@ impl Backend for MultiConn {
                 }
             }
         };
-        group.conns.lock().push(Arc::downgrade(&conn));
+        group.conns.lock_unpoisoned().push(Arc::downgrade(&conn));
         Ok(Box::new(MultiConnHandle {
             conn,
             group,
@@ -165,8 +165,8 @@ struct MultiConnHandle {
 
 impl Drop for MultiConnHandle {
     fn drop(&mut self) {
-        let mut groups = self.shared.groups.lock();
-        let mut conns = self.group.conns.lock();
+        let mut groups = self.shared.groups.lock_unpoisoned();
+        let mut conns = self.group.conns.lock_unpoisoned();
         conns.retain(|w| w.upgrade().is_some_and(|c| !Arc::ptr_eq(&c, &self.conn)));
         if conns.is_empty() {
             groups.retain(|g| !Arc::ptr_eq(g, &self.group));
@@ -213,7 +213,7 @@ impl MultiConnHandle {
         if self.emulate() {
             // Every connection of the group that may need it: one that
             // wrote, or (after a write anywhere) one that read.
-            let conns = self.group.conns.lock();
+            let conns = self.group.conns.lock_unpoisoned();
             let group_dirty = self.group.dirty.load(Ordering::SeqCst);
             for c in conns.iter().filter_map(Weak::upgrade) {
                 let d = c.dirty.load(Ordering::SeqCst);
@@ -237,7 +237,7 @@ impl MultiConnHandle {
             TrackDirty::Connection => {
                 if self.conn.next.can_multi_conn()? {
                     // One flush covered every connection.
-                    let conns = self.group.conns.lock();
+                    let conns = self.group.conns.lock_unpoisoned();
                     for c in conns.iter().filter_map(Weak::upgrade) {
                         c.dirty.store(0, Ordering::SeqCst);
                     }

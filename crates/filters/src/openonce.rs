@@ -9,11 +9,10 @@
 //! one handle, so the filter asks the server for one request at a time
 //! across all connections instead (`serialize_all_requests`).
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use nbdkit_backend::{layer_fn, Backend, FilterSpec, Handle, Result, ThreadModel};
+use nbdkit_backend::{layer_fn, Backend, FilterSpec, Handle, LockExt, Result, ThreadModel};
 
 struct OpenOnce {
     next: Arc<dyn Backend>,
@@ -37,7 +36,7 @@ impl Backend for OpenOnce {
     fn open(&self, readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
         // Held while opening, so that two clients arriving together still
         // open the plugin once.
-        let mut handles = self.handles.lock();
+        let mut handles = self.handles.lock_unpoisoned();
         let key = (export.to_string(), readonly);
         let shared = match handles.get(&key) {
             Some(h) => h.clone(),
@@ -52,7 +51,7 @@ impl Backend for OpenOnce {
     fn shutdown(&self) {
         // Close the plugin's handles (flushing whatever they buffer)
         // before the plugin itself shuts down.
-        self.handles.lock().clear();
+        self.handles.lock_unpoisoned().clear();
         self.next.shutdown();
     }
 }

@@ -15,17 +15,16 @@
 //! paused, the waiting requests fail with ESHUTDOWN (unacknowledged)
 //! instead of holding the exit up.
 
-use parking_lot::{Condvar, Mutex};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use nbdkit_backend::{
-    layer_fn, Backend, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle, Param, Result,
-    ZeroFlags,
+    layer_fn, Backend, CondvarExt, ConfigError, Error, ErrorKind, Extents, FilterSpec, Handle,
+    LockExt, Param, Result, ZeroFlags,
 };
 
 #[derive(Default)]
@@ -46,7 +45,7 @@ struct Pass<'a>(&'a Gate);
 
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
-        let mut st = self.0.state.lock();
+        let mut st = self.0.state.lock_unpoisoned();
         st.running -= 1;
         if st.running == 0 {
             self.0.changed.notify_all();
@@ -57,7 +56,7 @@ impl Drop for Pass<'_> {
 impl Gate {
     /// Wait while paused, then count the request as running.
     fn enter(&self) -> Result<Pass<'_>> {
-        let mut st = self.state.lock();
+        let mut st = self.state.lock_unpoisoned();
         while st.paused {
             if nbdkit_backend::client::shutdown_requested() {
                 return Err(Error::new(
@@ -66,7 +65,11 @@ impl Gate {
                 ));
             }
             // Woken by resume; the timeout is only to notice an exit.
-            self.changed.wait_for(&mut st, Duration::from_millis(200));
+            st = self
+                .changed
+                .wait_timeout(st, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
         st.running += 1;
         Ok(Pass(self))
@@ -74,15 +77,15 @@ impl Gate {
 
     /// Close the gate and wait until the requests inside have finished.
     fn pause(&self) {
-        let mut st = self.state.lock();
+        let mut st = self.state.lock_unpoisoned();
         st.paused = true;
         while st.running > 0 {
-            self.changed.wait(&mut st);
+            st = self.changed.wait_unpoisoned(st);
         }
     }
 
     fn resume(&self) {
-        self.state.lock().paused = false;
+        self.state.lock_unpoisoned().paused = false;
         self.changed.notify_all();
     }
 }
@@ -125,7 +128,7 @@ impl Backend for PauseBackend {
     }
     fn after_fork(&self) -> Result<()> {
         self.next.after_fork()?;
-        if let Some(listener) = self.listener.lock().take() {
+        if let Some(listener) = self.listener.lock_unpoisoned().take() {
             let gate = self.gate.clone();
             std::thread::Builder::new()
                 .name("pause-control".into())

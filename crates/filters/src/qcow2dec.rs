@@ -16,16 +16,15 @@
 //! `file` plugin does): a backing file is another data source, which the
 //! user can also override (`backing=`) or turn off (`backing=none`).
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nbdkit_backend::{
     layer_fn, Backend, CacheMode, Config, ConfigError, DirectPiece, DirectRead, Error, ErrorKind,
-    Extents, FilterSpec, FuaMode, Handle, Layer, Param, Result, ZeroFlags, ZeroMode, EXTENT_HOLE,
-    EXTENT_ZERO,
+    Extents, FilterSpec, FuaMode, Handle, Layer, LockExt, Param, Result, ZeroFlags, ZeroMode,
+    EXTENT_HOLE, EXTENT_ZERO,
 };
 use seekable_compressed::qcow2::write::{Qcow2Writer, Sink};
 use seekable_compressed::qcow2::{Backing, FilePiece, MapKind, Qcow2Options, Qcow2Reader};
@@ -142,7 +141,7 @@ fn below_refuses(h: &dyn Handle) -> Result<Option<&'static str>> {
 impl Qcow2Dec {
     fn image(&self, readonly: bool, export: &str) -> Result<Image> {
         // Held while opening, so two first connections open one image.
-        let mut images = self.images.lock();
+        let mut images = self.images.lock_unpoisoned();
         if let Some(i) = images.get(export) {
             if !readonly && i.writer.is_none() {
                 debug!("qcow2dec: export {export:?} was opened read-only first; it stays so");
@@ -230,7 +229,7 @@ impl Backend for Qcow2Dec {
         }))
     }
     fn shutdown(&self) {
-        for (name, image) in self.images.lock().iter() {
+        for (name, image) in self.images.lock_unpoisoned().iter() {
             if let Some(w) = &image.writer {
                 if let Err(e) = w.flush() {
                     warn!("qcow2dec: export {name:?}: writing back metadata at exit: {e}");

@@ -2,11 +2,11 @@
 //! for the whole server (`rate=`) and one per connection
 //! (`connection-rate=`).  Rates are in bits per second, as nbdkit's.
 
-use parking_lot::Mutex;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     layer_fn, parse_size, Backend, ConfigError, FilterSpec, Handle, Param, Result,
 };
@@ -91,7 +91,7 @@ impl Limiter {
     fn refresh(&self, now: f64) {
         let Some(file) = &self.file else { return };
         {
-            let mut checked = self.checked.lock();
+            let mut checked = self.checked.lock_unpoisoned();
             if checked.is_some_and(|t| t.elapsed() < self.poll) {
                 return;
             }
@@ -102,7 +102,7 @@ impl Limiter {
         };
         match parse_size(text.trim()) {
             Ok(r) if r > 0 => {
-                let mut b = self.bucket.lock();
+                let mut b = self.bucket.lock_unpoisoned();
                 match b.as_mut() {
                     Some(b) => b.set_rate(r as f64, self.burst),
                     None => *b = Some(Bucket::new(r as f64, self.burst, now)),
@@ -121,7 +121,7 @@ impl Limiter {
         self.refresh(now);
         let wait = self
             .bucket
-            .lock()
+            .lock_unpoisoned()
             .as_mut()
             .map_or(0.0, |b| b.take(bytes as f64 * 8.0, now));
         if wait > 0.0 {
@@ -293,7 +293,7 @@ mod tests {
         let file = dir.path().join("rate");
         let mut l = Limiter::new(None, 1.0, Some(file.clone()));
         l.poll = Duration::ZERO;
-        let rate = |l: &Limiter| l.bucket.lock().as_ref().map(|b| b.rate);
+        let rate = |l: &Limiter| l.bucket.lock().unwrap().as_ref().map(|b| b.rate);
         // No rate and no file: unlimited.
         l.refresh(0.0);
         assert_eq!(rate(&l), None);

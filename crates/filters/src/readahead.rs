@@ -20,12 +20,12 @@
 //!   extra bytes are kept in a buffer that the next reads are served from.
 //!   Any write, trim or zero, on any connection, invalidates every buffer.
 
-use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     layer_fn, Backend, CacheMode, FilterSpec, Handle, Result, ThreadModel, ZeroFlags,
 };
@@ -220,7 +220,7 @@ impl ReadaheadHandle {
         let end = offset + buf.len() as u64;
         let generation = self.generation.load(Ordering::SeqCst);
         let window = {
-            let mut st = self.st.lock();
+            let mut st = self.st.lock_unpoisoned();
             let window = st.observe(offset, end);
             if let Some(b) = &st.buffer {
                 let b_end = b.offset + b.data.len() as u64;
@@ -241,7 +241,7 @@ impl ReadaheadHandle {
         let mut data = vec![0u8; want as usize];
         self.next.pread(&mut data, offset)?;
         buf.copy_from_slice(&data[..buf.len()]);
-        self.st.lock().buffer = Some(Buffer {
+        self.st.lock_unpoisoned().buffer = Some(Buffer {
             offset,
             data,
             generation,
@@ -263,7 +263,10 @@ impl Handle for ReadaheadHandle {
             return self.read_buffered(buf, offset);
         }
         let end = offset + buf.len() as u64;
-        let range = self.st.lock().cache_window(offset, end, self.size);
+        let range = self
+            .st
+            .lock_unpoisoned()
+            .cache_window(offset, end, self.size);
         // The prefetch is queued before the read, so the two overlap.
         if let Some((from, count)) = range {
             let queued = match &self.how {
@@ -342,7 +345,7 @@ mod tests {
     }
     impl Handle for RamHandle {
         fn size(&self) -> Result<u64> {
-            Ok(self.data.lock().len() as u64)
+            Ok(self.data.lock().unwrap().len() as u64)
         }
         fn can_write(&self) -> Result<bool> {
             Ok(true)
@@ -355,18 +358,21 @@ mod tests {
             })
         }
         fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-            self.log.lock().push(('r', offset, buf.len() as u64));
-            let d = self.data.lock();
+            self.log
+                .lock()
+                .unwrap()
+                .push(('r', offset, buf.len() as u64));
+            let d = self.data.lock().unwrap();
             buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
             Ok(())
         }
         fn pwrite(&self, buf: &[u8], offset: u64, _: bool) -> Result<()> {
-            let mut d = self.data.lock();
+            let mut d = self.data.lock().unwrap();
             d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
             Ok(())
         }
         fn cache(&self, offset: u64, count: u64) -> Result<()> {
-            self.log.lock().push(('c', offset, count));
+            self.log.lock().unwrap().push(('c', offset, count));
             Ok(())
         }
     }
@@ -428,25 +434,29 @@ mod tests {
         let h2 = b.open(false, "").unwrap();
         for i in 0..256u64 {
             let got = read(&*h, i * 4096, 4096);
-            assert_eq!(got, data.lock()[(i * 4096) as usize..][..4096]);
+            assert_eq!(got, data.lock().unwrap()[(i * 4096) as usize..][..4096]);
             if i == 100 {
                 // Another connection writes just ahead of the reader.
                 h2.pwrite(&[0xee; 8192], 101 * 4096 + 5, false).unwrap();
             }
         }
-        let reads = log.lock().len();
+        let reads = log.lock().unwrap().len();
         assert!(reads < 40, "256 sequential reads became {reads} below");
-        assert!(log.lock().iter().any(|&(_, _, n)| n >= 1 << 20));
+        assert!(log.lock().unwrap().iter().any(|&(_, _, n)| n >= 1 << 20));
         // The written bytes were read fresh.
         assert_eq!(read(&*h, 101 * 4096 + 5, 8192), vec![0xee; 8192]);
         drop(h);
         // Random reads are passed through unchanged.
-        log.lock().clear();
+        log.lock().unwrap().clear();
         let h = b.open(false, "").unwrap();
         for off in [9u64 << 20, 1 << 20, 5 << 20, 3 << 20, 7 << 20] {
             read(&*h, off, 4096);
         }
-        assert!(log.lock().iter().all(|&(k, _, n)| k == 'r' && n == 4096));
+        assert!(log
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|&(k, _, n)| k == 'r' && n == 4096));
     }
 
     #[test]
@@ -458,7 +468,7 @@ mod tests {
                 read(&*h, i * 65536, 65536);
             }
             drop(h); // waits for the prefetch thread
-            let log = log.lock();
+            let log = log.lock().unwrap();
             let cached: Vec<_> = log.iter().filter(|e| e.0 == 'c').collect();
             // Every read is followed by a cache of the 32 KiB after it:
             // the reads never get past what was prefetched, so the window

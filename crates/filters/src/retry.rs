@@ -5,11 +5,11 @@
 //! sees the error only when every attempt has failed.  "Not supported"
 //! errors are answers, not failures, and are never retried.
 
-use parking_lot::RwLock;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use nbdkit_backend::RwLockExt;
 use nbdkit_backend::{
     layer_fn, Backend, BlockSize, CacheMode, ConfigError, Error, ErrorKind, Extents, FilterSpec,
     FuaMode, Handle, Param, Result, StatusKind, ZeroFlags, ZeroMode,
@@ -148,7 +148,7 @@ impl RetryHandle {
     /// Call `f` on the current handle once, without retrying (capability
     /// queries: the server reads them once at open).
     fn once<T>(&self, f: impl FnOnce(&dyn Handle) -> Result<T>) -> Result<T> {
-        let g = self.cur.read();
+        let g = self.cur.read_unpoisoned();
         match g.as_deref() {
             Some(h) => f(h),
             None => Err(Error::new(
@@ -171,7 +171,7 @@ impl RetryHandle {
     }
 
     fn reopen(&self) {
-        let mut g = self.cur.write();
+        let mut g = self.cur.write_unpoisoned();
         // Close the old handle before opening a new one, as a plugin with
         // a connection limit would need.
         *g = None;
@@ -409,7 +409,7 @@ mod tests {
         fail_opens: u32,
         opens: Arc<AtomicU32>,
         reads: Arc<AtomicU32>,
-        modes: Arc<parking_lot::Mutex<Vec<bool>>>,
+        modes: Arc<std::sync::Mutex<Vec<bool>>>,
     }
     struct FlakyHandle {
         broken: bool,
@@ -420,7 +420,7 @@ mod tests {
             "flaky"
         }
         fn open(&self, readonly: bool, _: &str) -> Result<Box<dyn Handle>> {
-            self.modes.lock().push(readonly);
+            self.modes.lock().unwrap().push(readonly);
             let n = self.opens.fetch_add(1, Ordering::SeqCst) + 1;
             Ok(Box::new(FlakyHandle {
                 broken: n <= self.fail_opens,
@@ -504,14 +504,14 @@ mod tests {
     /// Refuses the first `fails` opens, then opens working handles.
     struct SlowToOpen {
         fails: AtomicU32,
-        modes: Arc<parking_lot::Mutex<Vec<bool>>>,
+        modes: Arc<std::sync::Mutex<Vec<bool>>>,
     }
     impl Backend for SlowToOpen {
         fn name(&self) -> &str {
             "slow"
         }
         fn open(&self, readonly: bool, _: &str) -> Result<Box<dyn Handle>> {
-            self.modes.lock().push(readonly);
+            self.modes.lock().unwrap().push(readonly);
             if self.fails.load(Ordering::SeqCst) > 0 {
                 self.fails.fetch_sub(1, Ordering::SeqCst);
                 return Err(Error::io("server not up yet"));
@@ -526,7 +526,7 @@ mod tests {
     #[test]
     fn a_failed_open_is_retried() {
         let open = |fails: u32, params: &[(&str, &str)]| {
-            let modes = Arc::new(parking_lot::Mutex::new(Vec::new()));
+            let modes = Arc::new(std::sync::Mutex::new(Vec::new()));
             let mut cfg = Config::from_pairs(params);
             let b = (SPEC.configure)(&mut cfg)
                 .unwrap()
@@ -536,7 +536,7 @@ mod tests {
                 }))
                 .unwrap();
             let r = b.open(false, "");
-            let modes = modes.lock().clone();
+            let modes = modes.lock().unwrap().clone();
             (r, modes)
         };
         let quick = [("retry-delay", "0"), ("retries", "3")];
@@ -558,7 +558,7 @@ mod tests {
 
     #[test]
     fn retry_readonly_reopens_read_only_and_refuses_writes() {
-        let modes = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let modes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut cfg = Config::new(vec![
             ("retry-delay".into(), "0".into()),
             ("retry-readonly".into(), "yes".into()),
@@ -575,12 +575,12 @@ mod tests {
         let h = b.open(false, "").unwrap();
         let mut buf = [0u8; 4];
         h.pread(&mut buf, 0).unwrap();
-        assert_eq!(*modes.lock(), [false, true]);
+        assert_eq!(*modes.lock().unwrap(), [false, true]);
         let e = h.pwrite(&[1], 0, false).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ReadOnly);
         assert!(e.to_string().contains("retry-readonly"), "{e}");
         // A new connection opens in its own mode again.
         let _h2 = b.open(false, "").unwrap();
-        assert_eq!(*modes.lock(), [false, true, false]);
+        assert_eq!(*modes.lock().unwrap(), [false, true, false]);
     }
 }

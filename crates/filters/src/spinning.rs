@@ -18,13 +18,12 @@
 //! the head, to the end of the range they touched; trim, flush, block
 //! status and cache do not (a drive answers those from its tables).
 
-use std::sync::Arc;
-
-use parking_lot::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nbdkit_backend::{
-    layer_fn, Backend, ConfigError, Error, ErrorKind, FilterSpec, Handle, Param, Result, ZeroFlags,
+    layer_fn, Backend, ConfigError, Error, ErrorKind, FilterSpec, Handle, LockExt, Param, Result,
+    ZeroFlags,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -86,7 +85,7 @@ impl Spinning {
     ) -> Result<T> {
         let (head, start) = self.model.locate(offset, size);
         let arm = if self.model.separate { head } else { 0 };
-        let mut pos = self.arms[arm].lock();
+        let mut pos = self.arms[arm].lock_unpoisoned();
         let wait = self.model.seek_time((start - *pos).abs());
         if !wait.is_zero() && !nbdkit_backend::nanosleep(wait) {
             return Err(Error::new(
@@ -289,7 +288,7 @@ mod tests {
             .map(|&(off, n)| {
                 let (head, start) = s.model.locate(off, 1 << 20);
                 let arm = if s.model.separate { head } else { 0 };
-                let moved = (start - *s.arms[arm].lock()).abs() > 0.0;
+                let moved = (start - *s.arms[arm].lock_unpoisoned()).abs() > 0.0;
                 s.access(off, n, 1 << 20, || Ok(())).unwrap();
                 moved
             })

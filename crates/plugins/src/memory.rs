@@ -2,11 +2,11 @@
 //! trimming or zeroing whole pages frees them again, and block status
 //! reports unallocated pages as holes.
 
-use parking_lot::RwLock;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
+use nbdkit_backend::RwLockExt;
 use nbdkit_backend::{
     is_zero, Backend, CacheMode, ConfigError, Error, Extents, FuaMode, Handle, Param, PluginSpec,
     Result, ZeroFlags, ZeroMode, EXTENT_HOLE, EXTENT_ZERO,
@@ -179,14 +179,14 @@ impl SparseMemory {
 
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         if let Some(flat) = &self.flat {
-            let map = flat.read();
+            let map = flat.read_unpoisoned();
             buf.copy_from_slice(&map[offset as usize..offset as usize + buf.len()]);
             return Ok(());
         }
         let mut done = 0;
         for (page, within, n) in Self::pages(offset, buf.len() as u64) {
             let out = &mut buf[done..done + n];
-            let shard = self.shard(page).read();
+            let shard = self.shard(page).read_unpoisoned();
             match shard.get(&page) {
                 Some(p) => out.copy_from_slice(&self.load(p)?[within..within + n]),
                 None => out.fill(0),
@@ -198,7 +198,7 @@ impl SparseMemory {
 
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         if let Some(flat) = &self.flat {
-            let mut map = flat.write();
+            let mut map = flat.write_unpoisoned();
             map[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
             return Ok(());
         }
@@ -206,7 +206,7 @@ impl SparseMemory {
         for (page, within, n) in Self::pages(offset, buf.len() as u64) {
             let data = &buf[done..done + n];
             done += n;
-            let mut shard = self.shard(page).write();
+            let mut shard = self.shard(page).write_unpoisoned();
             match shard.get_mut(&page) {
                 Some(p) if !self.compressed => p[within..within + n].copy_from_slice(data),
                 Some(p) => {
@@ -231,12 +231,12 @@ impl SparseMemory {
     /// Zero a range, freeing pages that end up all zero.
     pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
         if let Some(flat) = &self.flat {
-            let mut map = flat.write();
+            let mut map = flat.write_unpoisoned();
             map[offset as usize..(offset + len) as usize].fill(0);
             return Ok(());
         }
         for (page, within, n) in Self::pages(offset, len) {
-            let mut shard = self.shard(page).write();
+            let mut shard = self.shard(page).write_unpoisoned();
             let free = match shard.get_mut(&page) {
                 None => false,
                 Some(_) if n as u64 == PAGE => true,
@@ -258,8 +258,8 @@ impl SparseMemory {
         Ok(())
     }
 
-    fn index(&self) -> parking_lot::RwLockWriteGuard<'_, BTreeSet<u64>> {
-        self.allocated.write()
+    fn index(&self) -> std::sync::RwLockWriteGuard<'_, BTreeSet<u64>> {
+        self.allocated.write_unpoisoned()
     }
 
     /// Fill `extents` for `[offset, end)`: allocated pages are data, the
@@ -272,7 +272,7 @@ impl SparseMemory {
         // The page list is copied out so no shard lock is taken under the
         // index lock (writers take them the other way round).
         let pages: Vec<u64> = {
-            let index = self.allocated.read();
+            let index = self.allocated.read_unpoisoned();
             index
                 .range(offset / PAGE..end.div_ceil(PAGE))
                 .copied()
@@ -286,7 +286,7 @@ impl SparseMemory {
             }
             let stop = ((page + 1) * PAGE).min(end);
             let zero = {
-                let shard = self.shard(page).read();
+                let shard = self.shard(page).read_unpoisoned();
                 match shard.get(&page) {
                     Some(p) => is_zero(&self.load(p)?),
                     None => true,
@@ -311,7 +311,7 @@ impl SparseMemory {
         }
         self.shards
             .iter()
-            .map(|s| s.read().len() as u64 * PAGE)
+            .map(|s| s.read_unpoisoned().len() as u64 * PAGE)
             .sum()
     }
 }
@@ -508,7 +508,7 @@ mod tests {
         let stored: usize = m
             .shards
             .iter()
-            .map(|s| s.read().values().map(|p| p.len()).sum::<usize>())
+            .map(|s| s.read().unwrap().values().map(|p| p.len()).sum::<usize>())
             .sum();
         assert!(
             stored < 10_000,

@@ -27,11 +27,11 @@
 //! first request.  The start-up HEAD runs on a throwaway runtime in a
 //! thread of its own, joined before `create` returns.
 
-use parking_lot::Mutex;
 use std::ops::Range;
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{Backend, Config, ConfigError, Error, Handle, Result};
 use object_store::path::Path;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
@@ -315,7 +315,7 @@ impl Shared {
         if let Some(e) = self.engine.get() {
             return Ok(e);
         }
-        let _one = self.starting.lock();
+        let _one = self.starting.lock_unpoisoned();
         if let Some(e) = self.engine.get() {
             return Ok(e);
         }

@@ -13,15 +13,15 @@
 //! (a cluster filesystem, or readers only).  Listing the exports lists the
 //! files.  Reads and writes are the file plugin's.
 
-use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nbdkit_backend::registry::ANY_KEY;
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     Backend, ConfigError, Error, ErrorKind, ExportEntry, Handle, Param, PluginSpec, Result,
 };
@@ -162,7 +162,7 @@ impl Backend for OnDemand {
         let name = file_name(export)?;
         let path = self.dir.join(name);
         if !path.exists() {
-            let _guard = self.creating.lock();
+            let _guard = self.creating.lock_unpoisoned();
             if !path.exists() {
                 self.make(&path)?;
             }

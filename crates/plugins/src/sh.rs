@@ -19,14 +19,14 @@
 //! `can_write` means read-only), while `eval` infers them from which
 //! methods were given (a `pwrite=` snippet means writable).
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nbdkit_backend::registry::ANY_KEY;
+use nbdkit_backend::LockExt;
 use nbdkit_backend::{
     parse_size, Backend, BlockSize, CacheMode, Config, ConfigError, Error, ErrorKind, ExportEntry,
     Extents, FuaMode, Handle, Param, PluginSpec, Result, ThreadModel, ZeroFlags, ZeroMode,
@@ -432,7 +432,7 @@ impl Backend for ScriptBackend {
         if let Err(e) = self.script.run("unload", &[], None) {
             tracing::debug!("{}: unload: {e}", self.name);
         }
-        drop(self.tmpdir.lock().take());
+        drop(self.tmpdir.lock_unpoisoned().take());
     }
 }
 
@@ -442,14 +442,14 @@ struct ScriptHandle {
     /// `can_*` answers: the script is asked each once per connection, as
     /// nbdkit does, also when one answer implies another (`can_zero`
     /// falls back on `can_write`).
-    answers: parking_lot::Mutex<std::collections::HashMap<String, bool>>,
+    answers: std::sync::Mutex<std::collections::HashMap<String, bool>>,
 }
 
 impl ScriptHandle {
     /// A `can_*` method; when the script lacks it, `eval` answers whether
     /// `implied` was given and `sh` answers false.
     fn can(&self, method: &str, implied: &str) -> Result<bool> {
-        let answers = || self.answers.lock();
+        let answers = || self.answers.lock_unpoisoned();
         if let Some(&b) = answers().get(method) {
             return Ok(b);
         }

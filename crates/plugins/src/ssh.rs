@@ -7,15 +7,15 @@
 //! authenticated with the ssh agent, then identity files, then a password.
 //! Flush uses OpenSSH's fsync@openssh.com extension.
 
-use parking_lot::Mutex;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use nbdkit_backend::{
-    parse_size, Backend, Config, ConfigError, Error, ErrorKind, Handle, Param, PluginSpec, Result,
+    parse_size, Backend, Config, ConfigError, Error, ErrorKind, Handle, LockExt, Param, PluginSpec,
+    Result,
 };
 use ssh2::{CheckResult, KnownHostFileKind, OpenFlags, OpenType, Session};
 
@@ -296,7 +296,7 @@ impl Handle for SshHandle {
         Ok(self.writable)
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut r = self.inner.lock();
+        let mut r = self.inner.lock_unpoisoned();
         r.file
             .seek(SeekFrom::Start(offset))
             .and_then(|_| r.file.read_exact(buf))
@@ -306,14 +306,14 @@ impl Handle for SshHandle {
         if !self.writable {
             return Err(Error::read_only("ssh: the file is open read-only"));
         }
-        let mut r = self.inner.lock();
+        let mut r = self.inner.lock_unpoisoned();
         r.file
             .seek(SeekFrom::Start(offset))
             .and_then(|_| r.file.write_all(buf))
             .map_err(|e| self.io("writing", e))
     }
     fn flush(&self) -> Result<()> {
-        let mut r = self.inner.lock();
+        let mut r = self.inner.lock_unpoisoned();
         r.file
             .fsync()
             .map_err(|e| Error::io(format!("ssh: fsync {}: {e}", self.name)))

@@ -1,10 +1,9 @@
 //! A byte-bounded LRU cache of decompressed blocks, shared by all readers
 //! (all NBD connections) of one image.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use parking_lot::Mutex;
-
+use crate::sync::LockExt;
 use lru::LruCache;
 
 /// Decompressed blocks keyed by a reader-chosen `u64` (block number or the
@@ -35,7 +34,7 @@ impl BlockCache {
 
     /// Look a block up, marking it most recently used.
     pub fn get(&self, key: u64) -> Option<Arc<[u8]>> {
-        let mut inner = self.inner.lock();
+        let mut inner = self.inner.lock_unpoisoned();
         inner.map.get(&key).cloned()
     }
 
@@ -48,7 +47,7 @@ impl BlockCache {
     /// caller can keep them in a slower tier); they are returned rather
     /// than handled here so no I/O happens under the cache lock.
     pub fn insert_evicting(&self, key: u64, data: Arc<[u8]>) -> Vec<(u64, Arc<[u8]>)> {
-        let mut inner = self.inner.lock();
+        let mut inner = self.inner.lock_unpoisoned();
         let len = data.len() as u64;
         if let Some(old) = inner.map.put(key, data) {
             inner.bytes -= old.len() as u64;
@@ -70,13 +69,13 @@ impl BlockCache {
     /// Whether a block is cached, without touching its LRU position (used to
     /// skip scheduling decode-ahead of blocks already present).
     pub fn contains(&self, key: u64) -> bool {
-        let inner = self.inner.lock();
+        let inner = self.inner.lock_unpoisoned();
         inner.map.contains(&key)
     }
 
     /// Bytes of block data held now.
     pub fn bytes(&self) -> u64 {
-        self.inner.lock().bytes
+        self.inner.lock_unpoisoned().bytes
     }
 }
 

@@ -12,11 +12,10 @@
 //! later read further in resumes, and the rest is finished in the
 //! background so the segment ends up cached and verified.
 
-use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 
 use lru::LruCache;
 
@@ -26,6 +25,7 @@ use crate::progressive::{
     get_bit, push_run, read_full, set_bit, Progressive, StreamDecoder, CHUNK,
 };
 use crate::spill::{default_scratch_bound, Budget, Permits, Spill};
+use crate::sync::{CondvarExt, LockExt, RwLockExt};
 use crate::{is_zero, BlockCache, Error, Extent, Options, Result};
 
 /// One independently decodable piece of the compressed file.
@@ -394,9 +394,9 @@ impl<C: Codec> Engine<C> {
         if inner.flights.contains(&i) {
             return;
         }
-        if let Some(p) = inner.partials.lock().peek(&i) {
+        if let Some(p) = inner.partials.lock_unpoisoned().peek(&i) {
             // Someone is decoding it now: the work will get done.
-            if p.st.lock().busy {
+            if p.st.lock_unpoisoned().busy {
                 return;
             }
         }
@@ -477,7 +477,7 @@ impl<C: Codec> Engine<C> {
             let lo = offset.max(seg.uoffset) - seg.uoffset;
             let hi = end.min(seg.uoffset + seg.usize) - seg.uoffset;
             if hi > lo {
-                let known = inner.progressive.lock().get(&i).cloned();
+                let known = inner.progressive.lock_unpoisoned().get(&i).cloned();
                 if let Some(p) = known {
                     for (l, z) in p.extents(lo, hi - lo) {
                         push_run(&mut runs, l, z);
@@ -510,11 +510,11 @@ impl<C: Codec> Inner<C> {
     }
 
     fn is_progressive(&self, i: usize) -> bool {
-        self.segs[i].usize > self.threshold || self.progressive.lock().contains_key(&i)
+        self.segs[i].usize > self.threshold || self.progressive.lock_unpoisoned().contains_key(&i)
     }
 
     fn zero_bits(&self, i: usize) -> Option<Arc<Vec<u64>>> {
-        self.zeros.read().get(&i).cloned()
+        self.zeros.read_unpoisoned().get(&i).cloned()
     }
 
     fn known_all_zero(&self, i: usize) -> bool {
@@ -525,7 +525,7 @@ impl<C: Codec> Inner<C> {
 
     /// The progressive decoder of segment `i`, created on first use.
     fn progressive(&self, i: usize) -> Result<Arc<Progressive>> {
-        let mut map = self.progressive.lock();
+        let mut map = self.progressive.lock_unpoisoned();
         if let Some(p) = map.get(&i) {
             return Ok(p.clone());
         }
@@ -563,7 +563,7 @@ impl<C: Codec> Inner<C> {
         if self.spill.as_ref().is_some_and(|s| s.evict_one()) {
             return true;
         }
-        let mut map = self.progressive.lock();
+        let mut map = self.progressive.lock_unpoisoned();
         let victim = map
             .iter()
             .filter(|(&k, p)| k != keep && p.written() > 0)
@@ -601,7 +601,7 @@ impl<C: Codec> Inner<C> {
                     }
                     // This segment alone needs more than the bound: drop
                     // it (freeing what it wrote) and say so.
-                    self.progressive.lock().remove(&i);
+                    self.progressive.lock_unpoisoned().remove(&i);
                     tracing::error!("{e}");
                     return Err(e);
                 }
@@ -649,7 +649,7 @@ impl<C: Codec> Inner<C> {
     /// The partial segment `i`, made if needed (or the cached data, if it
     /// completed meanwhile).
     fn partial_for(&self, i: usize) -> Found {
-        let mut map = self.partials.lock();
+        let mut map = self.partials.lock_unpoisoned();
         if let Some(p) = map.get(&i) {
             return Found::Partial(p.clone());
         }
@@ -669,7 +669,7 @@ impl<C: Codec> Inner<C> {
     /// Serve a read from segment `i`, decoding it only as far as needed.
     /// Returns whether the segment is still incomplete afterwards.
     fn read_partial(&self, i: usize, dst: &mut [u8], rel: u64) -> Result<bool> {
-        if let Some(e) = self.bad.lock().get(&i) {
+        if let Some(e) = self.bad.lock_unpoisoned().get(&i) {
             return Err(e.clone());
         }
         let p = match self.partial_for(i) {
@@ -712,11 +712,11 @@ impl<C: Codec> Inner<C> {
         i: usize,
         p: &'a Partial,
         end: usize,
-    ) -> Result<parking_lot::MutexGuard<'a, PartialState>> {
+    ) -> Result<std::sync::MutexGuard<'a, PartialState>> {
         let seg = self.segs[i];
         let len = seg.usize as usize;
         let end = end.min(len);
-        let mut st = p.st.lock();
+        let mut st = p.st.lock_unpoisoned();
         loop {
             if let Some(e) = &st.failed {
                 return Err(e.clone());
@@ -725,7 +725,7 @@ impl<C: Codec> Inner<C> {
                 return Ok(st);
             }
             if st.busy {
-                p.cv.wait(&mut st);
+                st = p.cv.wait_unpoisoned(st);
                 continue;
             }
             let dec = match st.dec.take() {
@@ -764,7 +764,7 @@ impl<C: Codec> Inner<C> {
                 }
             });
 
-            st = p.st.lock();
+            st = p.st.lock_unpoisoned();
             st.busy = false;
             match res {
                 Ok(n) if n == len => {
@@ -778,7 +778,7 @@ impl<C: Codec> Inner<C> {
                     self.note_zeros(i, &buf);
                     self.cache_insert(i, buf);
                     self.drop_partial_by_ref(i, p);
-                    st = p.st.lock();
+                    st = p.st.lock_unpoisoned();
                 }
                 Ok(n) => {
                     st.pos = n;
@@ -795,7 +795,7 @@ impl<C: Codec> Inner<C> {
                              decoded and may have been served (lazy verification); every \
                              read of it fails from now on"
                         );
-                        self.bad.lock().insert(i, e.clone());
+                        self.bad.lock_unpoisoned().insert(i, e.clone());
                     }
                     st.failed = Some(e.clone());
                     st.buf = Some(buf);
@@ -809,7 +809,7 @@ impl<C: Codec> Inner<C> {
     }
 
     fn drop_partial_by_ref(&self, i: usize, p: &Partial) {
-        let mut map = self.partials.lock();
+        let mut map = self.partials.lock_unpoisoned();
         if map.peek(&i).is_some_and(|q| std::ptr::eq(&**q, p)) {
             map.pop(&i);
         }
@@ -823,7 +823,7 @@ impl<C: Codec> Inner<C> {
                 set_bit(&mut bits, c as u64);
             }
         }
-        self.zeros.write().insert(i, Arc::new(bits));
+        self.zeros.write_unpoisoned().insert(i, Arc::new(bits));
     }
 
     /// A buffer of segment `i`'s size to decode into: recycled if one is
@@ -832,7 +832,7 @@ impl<C: Codec> Inner<C> {
     /// newly allocated.
     fn segment_buffer(&self, i: usize) -> Arc<[u8]> {
         let len = self.segs[i].usize as usize;
-        let mut free = self.recycled.lock();
+        let mut free = self.recycled.lock_unpoisoned();
         if let Some(k) = free.iter().position(|b| b.len() == len) {
             return free.swap_remove(k);
         }
@@ -845,7 +845,7 @@ impl<C: Codec> Inner<C> {
         if Arc::strong_count(&buf) != 1 || Arc::weak_count(&buf) != 0 {
             return;
         }
-        let mut free = self.recycled.lock();
+        let mut free = self.recycled.lock_unpoisoned();
         let held: u64 = free.iter().map(|b| b.len() as u64).sum();
         if held + buf.len() as u64 <= self.recycle_bytes {
             free.push(buf);

@@ -9,10 +9,11 @@
 //! (spans), with the caller's cache as the place a finished result is
 //! found afterwards.
 
-use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::sync::{CondvarExt, LockExt};
 
 /// The decodes in progress, by key.
 pub(crate) struct Flights<K, T> {
@@ -41,7 +42,7 @@ impl<K: Hash + Eq + Copy, T: Clone> Flights<K, T> {
     /// Whether a decode of `key` is in progress (for read-ahead, which
     /// then has nothing to do).
     pub(crate) fn contains(&self, key: &K) -> bool {
-        self.map.lock().contains_key(key)
+        self.map.lock_unpoisoned().contains_key(key)
     }
 
     /// The result for `key`: the one in flight if there is one, else what
@@ -57,7 +58,7 @@ impl<K: Hash + Eq + Copy, T: Clone> Flights<K, T> {
     ) -> T {
         loop {
             let flight = {
-                let mut map = self.map.lock();
+                let mut map = self.map.lock_unpoisoned();
                 match map.get(&key) {
                     Some(f) => f.clone(),
                     None => {
@@ -82,10 +83,10 @@ impl<K: Hash + Eq + Copy, T: Clone> Flights<K, T> {
                     }
                 }
             };
-            let mut st = flight.state.lock();
+            let mut st = flight.state.lock_unpoisoned();
             loop {
                 match &*st {
-                    State::Running => flight.cv.wait(&mut st),
+                    State::Running => st = flight.cv.wait_unpoisoned(st),
                     State::Done(v) => return v.clone(),
                     State::Abandoned => break,
                 }
@@ -107,8 +108,8 @@ impl<K: Hash + Eq, T> Drop for Lead<'_, K, T> {
     fn drop(&mut self) {
         // Out of the map first: a caller arriving from now on finds the
         // result through `cached` (or, after a failure, decodes afresh).
-        self.flights.map.lock().remove(&self.key);
-        let mut st = self.flight.state.lock();
+        self.flights.map.lock_unpoisoned().remove(&self.key);
+        let mut st = self.flight.state.lock_unpoisoned();
         *st = match self.result.take() {
             Some(v) => State::Done(v),
             None => State::Abandoned,
@@ -164,7 +165,7 @@ mod tests {
                 .collect();
             // Waiters block on the flight's condition variable; once the
             // leader is released they all get its result.
-            while Arc::strong_count(flights.map.lock().get(&7).unwrap()) < readers + 2 {
+            while Arc::strong_count(flights.map.lock_unpoisoned().get(&7).unwrap()) < readers + 2 {
                 std::thread::yield_now();
             }
             joined.wait();
@@ -198,7 +199,8 @@ mod tests {
                     || {
                         go.wait();
                         // Let the waiter join the flight before failing.
-                        while Arc::strong_count(flights.map.lock().get(&3).unwrap()) < 3 {
+                        while Arc::strong_count(flights.map.lock_unpoisoned().get(&3).unwrap()) < 3
+                        {
                             std::thread::yield_now();
                         }
                         panic!("decoder bug")

@@ -67,6 +67,7 @@ mod pool;
 mod progressive;
 pub mod qcow2;
 mod spill;
+mod sync;
 pub mod xz;
 pub mod zstd;
 

@@ -10,11 +10,12 @@
 //! queued, lets the running ones finish and joins the workers, so no
 //! thread outlives the reader that owned the pool.
 
-use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use crate::sync::LockExt;
 
 pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
@@ -79,7 +80,7 @@ impl Pool {
 
 fn work(rx: &Mutex<Receiver<Job>>, closed: &AtomicBool) {
     loop {
-        let job = rx.lock().recv();
+        let job = rx.lock_unpoisoned().recv();
         let Ok(job) = job else { break };
         if closed.load(Ordering::Acquire) {
             // The owner is gone: what is still queued has nobody to serve.

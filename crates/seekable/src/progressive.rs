@@ -12,13 +12,13 @@
 //! them.  Every byte is therefore decoded at most once per reader, and
 //! memory stays at one step buffer plus the codec's own window.
 
-use parking_lot::{Condvar, Mutex};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use crate::spill::Budget;
+use crate::sync::{CondvarExt, LockExt};
 use crate::{is_zero, read_exact, Error, Result};
 
 /// A decoder producing the decompressed bytes of one unit in order.
@@ -240,7 +240,7 @@ impl Progressive {
 
     /// Bytes decoded so far.
     pub(crate) fn frontier(&self) -> u64 {
-        self.state.lock().frontier
+        self.state.lock_unpoisoned().frontier
     }
 
     /// Decode until at least `target` bytes are behind the frontier or the
@@ -248,7 +248,7 @@ impl Progressive {
     /// and are woken after every step, so a reader whose range is already
     /// covered does not wait for the whole advance.
     pub(crate) fn advance_to(&self, target: u64) -> Result<()> {
-        let mut st = self.state.lock();
+        let mut st = self.state.lock_unpoisoned();
         loop {
             if let Some(e) = &st.failed {
                 return Err(e.clone());
@@ -257,7 +257,7 @@ impl Progressive {
                 return Ok(());
             }
             if st.busy {
-                self.cv.wait(&mut st);
+                st = self.cv.wait_unpoisoned(st);
                 continue;
             }
             // Room for a whole step first: past the bound nothing is
@@ -293,7 +293,7 @@ impl Progressive {
                 b.release((STEP as u64).saturating_sub(wrote));
             }
 
-            st = self.state.lock();
+            st = self.state.lock_unpoisoned();
             st.busy = false;
             st.decoder = Some(dec);
             match res {
@@ -383,7 +383,7 @@ impl Progressive {
         let end = offset + buf.len() as u64;
         self.advance_to(if self.verify_first { u64::MAX } else { end })?;
         let zero: Vec<bool> = {
-            let st = self.state.lock();
+            let st = self.state.lock_unpoisoned();
             if st.frontier < end {
                 return Err(self.corrupt(
                     self.coffset,
@@ -421,7 +421,7 @@ impl Progressive {
     /// Runs of (length, zero) for unit-relative `[offset, offset+len)`;
     /// anything not decoded yet is reported as data.
     pub(crate) fn extents(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
-        let st = self.state.lock();
+        let st = self.state.lock_unpoisoned();
         let end = offset + len;
         let mut out: Vec<(u64, bool)> = Vec::new();
         let mut pos = offset;

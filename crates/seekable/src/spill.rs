@@ -2,16 +2,16 @@
 //! tier behind the block cache, and a counting semaphore bounding decodes
 //! held in memory at once.
 
-use parking_lot::{Condvar, Mutex, RwLock};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Condvar, Mutex, OnceLock, RwLock};
 
 use lru::LruCache;
 
 use crate::progressive::{get_bit, CHUNK};
+use crate::sync::{CondvarExt, LockExt, RwLockExt};
 use crate::Result;
 
 /// The one bound on the scratch disk a reader uses: the progressive scratch
@@ -231,11 +231,11 @@ impl Spill {
     /// Read decompressed `[offset, offset+buf.len())` of segment `i` if it
     /// is spilled (`None` if not).
     pub(crate) fn try_read(&self, i: usize, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
-        let _shared = self.punch.read();
+        let _shared = self.punch.read_unpoisoned();
         if !self.contains(i) {
             return None;
         }
-        self.lru.lock().promote(&i);
+        self.lru.lock_unpoisoned().promote(&i);
         Some(match self.file() {
             Some(f) => f.read_exact_at(buf, offset).map_err(crate::Error::Scratch),
             None => Err(crate::Error::Scratch(std::io::Error::other(
@@ -247,8 +247,8 @@ impl Spill {
     /// Evict the least recently used spilled segment: punch its range
     /// and release its bytes.  False when nothing is spilled.
     pub(crate) fn evict_one(&self) -> bool {
-        let _excl = self.punch.write();
-        let Some((i, (uoffset, len, bytes))) = self.lru.lock().pop_lru() else {
+        let _excl = self.punch.write_unpoisoned();
+        let Some((i, (uoffset, len, bytes))) = self.lru.lock_unpoisoned().pop_lru() else {
             return false;
         };
         if let Some(f) = self.file.get().and_then(|f| f.as_ref()) {
@@ -342,7 +342,9 @@ impl Spill {
         // Readable first, then evictable (evicting it before it is
         // marked spilled would let the mark stand over a punched range).
         state.store(SPILLED, Ordering::Release);
-        self.lru.lock().push(i, (uoffset, data.len() as u64, need));
+        self.lru
+            .lock_unpoisoned()
+            .push(i, (uoffset, data.len() as u64, need));
     }
 }
 
@@ -363,9 +365,9 @@ impl Permits {
     }
 
     pub(crate) fn acquire(&self) -> Permit<'_> {
-        let mut free = self.free.lock();
+        let mut free = self.free.lock_unpoisoned();
         while *free == 0 {
-            self.cv.wait(&mut free);
+            free = self.cv.wait_unpoisoned(free);
         }
         *free -= 1;
         Permit(self)
@@ -374,7 +376,7 @@ impl Permits {
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        let mut free = self.0.free.lock();
+        let mut free = self.0.free.lock_unpoisoned();
         *free += 1;
         self.0.cv.notify_one();
     }

@@ -1,6 +1,7 @@
 //! One server: the backend chain, the command line's policy for serving
 //! it, and the thread model's locks around backend calls.
 
+use nbdkit_backend::LockExt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -98,7 +99,7 @@ pub struct Server {
     pub(crate) opts: ServerOptions,
     pub(crate) model: ThreadModel,
     /// Held around every backend call under `serialize_all_requests`.
-    pub(crate) all_requests: Arc<parking_lot::Mutex<()>>,
+    pub(crate) all_requests: Arc<std::sync::Mutex<()>>,
     /// One permit: held for a whole connection under
     /// `serialize_connections`.
     pub(crate) connections: Arc<Semaphore>,
@@ -118,7 +119,7 @@ impl Server {
             opts,
             open_slots,
             model,
-            all_requests: Arc::new(parking_lot::Mutex::new(())),
+            all_requests: Arc::new(std::sync::Mutex::new(())),
             connections: Arc::new(Semaphore::new(1)),
             next_conn: AtomicU64::new(1),
             tracker: TaskTracker::new(),
@@ -160,7 +161,7 @@ impl Server {
         let client = client.clone();
         tokio::task::spawn_blocking(move || {
             let _c = client.enter();
-            let _g = lock.as_ref().map(|l| l.lock());
+            let _g = lock.as_ref().map(|l| l.lock_unpoisoned());
             f()
         })
         .await
@@ -170,8 +171,8 @@ impl Server {
     /// Run a backend call on this thread under the thread model's global
     /// lock, if it has one.
     pub(crate) fn locked<T>(&self, f: impl FnOnce() -> T) -> T {
-        let _g =
-            (self.model == ThreadModel::SerializeAllRequests).then(|| self.all_requests.lock());
+        let _g = (self.model == ThreadModel::SerializeAllRequests)
+            .then(|| self.all_requests.lock_unpoisoned());
         f()
     }
 

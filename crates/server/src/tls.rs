@@ -19,12 +19,12 @@
 //! certificate, half a file) is logged and the previous credentials stay
 //! in use, so a careless copy cannot lock every client out.
 
-use parking_lot::Mutex;
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use nbdkit_backend::LockExt;
 use nbdkit_tls::dn::{cert_names, CertNames};
 use nbdkit_tls::{certs, invalid, private_key, CredentialError};
 use rustls::server::WebPkiClientVerifier;
@@ -167,7 +167,7 @@ impl Acceptor {
     /// The credentials to use now: read again if a file changed since.
     fn engine(&self) -> Engine {
         let r = &self.0;
-        let mut cur = r.current.lock();
+        let mut cur = r.current.lock_unpoisoned();
         let stamps = r.source.stamps();
         if stamps != cur.0 {
             match r.source.load() {

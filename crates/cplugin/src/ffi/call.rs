@@ -54,11 +54,11 @@ pub(super) static GLOBAL_POOL: Mutex<Vec<CString>> = Mutex::new(Vec::new());
 pub(super) static PLUGIN_NAME: RwLock<String> = RwLock::new(String::new());
 
 pub(crate) fn set_plugin_name(name: &str) {
-    *PLUGIN_NAME.write() = name.to_string();
+    *PLUGIN_NAME.write_unpoisoned() = name.to_string();
 }
 
 pub(super) fn plugin_name() -> String {
-    PLUGIN_NAME.read().clone()
+    PLUGIN_NAME.read_unpoisoned().clone()
 }
 
 pub(super) fn current_conn() -> Option<Arc<Conn>> {
@@ -118,8 +118,8 @@ pub(super) fn intern(s: CString) -> *const c_char {
     // The CString's heap buffer does not move when the CString is moved
     // into the pool, so `p` stays valid as long as the pool keeps it.
     match current_conn() {
-        Some(conn) => conn.pool.lock().push(s),
-        None => GLOBAL_POOL.lock().push(s),
+        Some(conn) => conn.pool.lock_unpoisoned().push(s),
+        None => GLOBAL_POOL.lock_unpoisoned().push(s),
     }
     p
 }

@@ -17,11 +17,11 @@
 // The exported functions are called by C with nbdkit-plugin(3)'s contract.
 #![allow(clippy::missing_safety_doc)]
 
-use parking_lot::{Mutex, RwLock};
+use nbdkit_backend::{LockExt, RwLockExt};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use nbdkit_backend::client::{Client, Peer};
 use nbdkit_backend::Extents;

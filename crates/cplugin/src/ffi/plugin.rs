@@ -400,7 +400,7 @@ impl Library {
         // until exit): keep the strings until exit too.
         let (k, v) = (key_c.as_ptr(), value_c.as_ptr());
         {
-            let mut pool = GLOBAL_POOL.lock();
+            let mut pool = GLOBAL_POOL.lock_unpoisoned();
             pool.push(key_c);
             pool.push(value_c);
         }

@@ -2,12 +2,11 @@
 //! libext2fs reaches the filter's next layer.  Every raw pointer stays in
 //! here; mod.rs sees a safe [`Ext2File`].
 
-use parking_lot::Mutex;
 use std::ffi::{c_char, c_int, c_long, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use nbdkit_backend::{Error, ErrorKind, Handle};
+use nbdkit_backend::{Error, ErrorKind, Handle, LockExt};
 
 /// `struct ext2shim_io` in shim.c.
 #[repr(C)]
@@ -60,7 +59,7 @@ impl Next {
             Ok(()) => 0,
             Err(e) => {
                 let errno = errno_of(e.kind());
-                *self.last_error.lock() = Some(e);
+                *self.last_error.lock_unpoisoned() = Some(e);
                 errno
             }
         }
@@ -170,7 +169,7 @@ impl Ext2File {
         if code != 0 {
             // SAFETY: see above: `why` holds a NUL-terminated string.
             let why = unsafe { CStr::from_ptr(why.as_ptr()) }.to_string_lossy();
-            let cause = next.last_error.lock().take();
+            let cause = next.last_error.lock_unpoisoned().take();
             return Err(error(code, cause, &why));
         }
         Ok(Ext2File {
@@ -182,7 +181,7 @@ impl Ext2File {
     }
 
     fn check(&mut self, code: c_long, what: &str) -> Result<(), Error> {
-        let cause = self.next.last_error.lock().take();
+        let cause = self.next.last_error.lock_unpoisoned().take();
         if code == 0 {
             return Ok(());
         }

@@ -19,14 +19,12 @@
 
 mod ffi;
 
-use std::sync::Arc;
-
-use parking_lot::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ffi::Ext2File;
 use nbdkit_backend::{
     layer_fn, Backend, CacheMode, Config, ConfigError, Error, ExportEntry, FilterSpec, Handle,
-    Layer, Param, Result, ThreadModel,
+    Layer, LockExt, Param, Result, ThreadModel,
 };
 
 #[derive(Debug, Clone)]
@@ -130,17 +128,17 @@ impl Handle for Ext2Handle {
         Ok(CacheMode::Emulate)
     }
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file.lock().pread(buf, offset)
+        self.file.lock_unpoisoned().pread(buf, offset)
     }
     fn pwrite(&self, buf: &[u8], offset: u64, _fua: bool) -> Result<()> {
         if !self.writable {
             return Err(Error::read_only("ext2: the file is open read-only"));
         }
         // FUA is emulated: the server flushes after the write.
-        self.file.lock().pwrite(buf, offset)
+        self.file.lock_unpoisoned().pwrite(buf, offset)
     }
     fn flush(&self) -> Result<()> {
-        self.file.lock().flush()
+        self.file.lock_unpoisoned().flush()
     }
 }
 

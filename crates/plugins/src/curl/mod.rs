@@ -19,9 +19,10 @@
 //! answers are not.  Every failure reaches the client as EIO and the log
 //! with the URL and offset.  The export is read-only (no PUT).
 
-use parking_lot::{Condvar, Mutex};
+use nbdkit_backend::CondvarExt;
+use nbdkit_backend::LockExt;
 use std::cell::Cell;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use nbdkit_backend::{Backend, Config, ConfigError, Error, Handle, Param, PluginSpec, Result};
@@ -136,7 +137,7 @@ impl Scripts {
     /// The script headers and cookie to send now, running a script the
     /// first time and again once its renew time has passed.
     fn current(&self) -> std::result::Result<(Option<Vec<String>>, Option<String>), String> {
-        let mut st = self.state.lock();
+        let mut st = self.state.lock_unpoisoned();
         let now = std::time::Instant::now();
         let stale = |at: std::time::Instant, renew: Option<Duration>| {
             renew.is_some_and(|r| now.duration_since(at) >= r)
@@ -326,7 +327,7 @@ struct Pooled<'a> {
 
 impl Pool {
     fn get(&self) -> Result<Pooled<'_>> {
-        let mut st = self.state.lock();
+        let mut st = self.state.lock_unpoisoned();
         loop {
             if let Some(e) = st.idle.pop() {
                 return Ok(Pooled {
@@ -343,14 +344,14 @@ impl Pool {
                         easy: Some(e),
                     }),
                     Err(msg) => {
-                        let mut st = self.state.lock();
+                        let mut st = self.state.lock_unpoisoned();
                         st.total -= 1;
                         self.freed.notify_one();
                         Err(Error::io(format!("{}: {msg}", self.settings.label())))
                     }
                 };
             }
-            self.freed.wait(&mut st);
+            st = self.freed.wait_unpoisoned(st);
         }
     }
 }
@@ -358,7 +359,7 @@ impl Pool {
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         if let Some(e) = self.easy.take() {
-            let mut st = self.pool.state.lock();
+            let mut st = self.pool.state.lock_unpoisoned();
             st.idle.push(e);
             self.pool.freed.notify_one();
         }

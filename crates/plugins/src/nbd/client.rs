@@ -15,12 +15,12 @@
 //! libnbd's synchronous calls on one handle run one at a time.  Every
 //! length and offset the server sends is checked before use.
 
-use parking_lot::Mutex;
+use nbdkit_backend::LockExt;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nbdkit_proto::consts::*;
 use nbdkit_proto::option::{
@@ -58,7 +58,7 @@ impl Writer {
                 let mut out = Vec::new();
                 for chunk in parts.iter().flat_map(|p| p.chunks(TLS_CHUNK)) {
                     {
-                        let mut e = engine.lock();
+                        let mut e = engine.lock_unpoisoned();
                         e.write_plain(chunk)?;
                         e.take_output(&mut out)?;
                     }
@@ -79,7 +79,7 @@ impl Writer {
     /// by itself since the last request.
     fn close_tls(&mut self) {
         if let Writer::Tls { engine, .. } = self {
-            engine.lock().close();
+            engine.lock_unpoisoned().close();
             let _ = self.send(&[]);
         }
     }
@@ -120,7 +120,7 @@ impl Read for Reader {
                     // the server's key update) wait for the next request:
                     // sending them from this thread could block it on a
                     // full socket while the server waits for us to read.
-                    let open = engine.lock().feed(&buf[..n], plain)?;
+                    let open = engine.lock_unpoisoned().feed(&buf[..n], plain)?;
                     if !open && plain.is_empty() {
                         return Ok(0);
                     }
@@ -581,7 +581,7 @@ impl Connection {
 
     /// Why the connection is unusable, once it is.
     pub fn failed(&self) -> Option<String> {
-        self.dead.lock().clone()
+        self.dead.lock_unpoisoned().clone()
     }
 
     /// Send one request and wait for its reply.
@@ -593,7 +593,7 @@ impl Connection {
         len: u32,
         payload: Option<&[u8]>,
     ) -> R<Reply> {
-        if let Some(why) = self.dead.lock().clone() {
+        if let Some(why) = self.dead.lock_unpoisoned().clone() {
             return Err(NbdError::io(format!("the NBD connection is closed: {why}")));
         }
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
@@ -603,7 +603,7 @@ impl Connection {
         } else {
             Vec::new()
         };
-        self.pending.lock().insert(
+        self.pending.lock_unpoisoned().insert(
             cookie,
             Pending {
                 cmd,
@@ -624,9 +624,12 @@ impl Connection {
             length: len as u64,
         }
         .encode(false);
-        let sent = self.writer.lock().send(&[&h, payload.unwrap_or_default()]);
+        let sent = self
+            .writer
+            .lock_unpoisoned()
+            .send(&[&h, payload.unwrap_or_default()]);
         if let Err(e) = sent {
-            self.pending.lock().remove(&cookie);
+            self.pending.lock_unpoisoned().remove(&cookie);
             self.control.shutdown();
             return Err(NbdError::io(format!("sending a request: {e}")));
         }
@@ -647,12 +650,12 @@ impl Connection {
         }
         .encode(false);
         {
-            let mut w = self.writer.lock();
+            let mut w = self.writer.lock_unpoisoned();
             let _ = w.send(&[&h]);
             w.close_tls();
         }
         self.control.shutdown();
-        if let Some(t) = self.reader.lock().take() {
+        if let Some(t) = self.reader.lock_unpoisoned().take() {
             let _ = t.join();
         }
     }
@@ -670,8 +673,8 @@ fn read_replies(
             break e.message;
         }
     };
-    *dead.lock() = Some(why.clone());
-    for (_, p) in pending.lock().drain() {
+    *dead.lock_unpoisoned() = Some(why.clone());
+    for (_, p) in pending.lock_unpoisoned().drain() {
         let _ = p.tx.send(Err(NbdError::io(format!(
             "the NBD connection failed: {why}"
         ))));
@@ -679,7 +682,7 @@ fn read_replies(
 }
 
 fn finish(pending: &Mutex<HashMap<u64, Pending>>, cookie: u64) {
-    if let Some(p) = pending.lock().remove(&cookie) {
+    if let Some(p) = pending.lock_unpoisoned().remove(&cookie) {
         let r = match p.error {
             Some(e) => Err(e),
             None => Ok(p.reply),
@@ -712,7 +715,7 @@ fn read_one(s: &mut Reader, pending: &Mutex<HashMap<u64, Pending>>) -> R<()> {
     match read_header(s)? {
         ReplyHeader::Simple { error, cookie } => {
             let read_len = {
-                let mut map = pending.lock();
+                let mut map = pending.lock_unpoisoned();
                 let p = map
                     .get_mut(&cookie)
                     .ok_or_else(|| NbdError::io(format!("reply to unknown cookie {cookie}")))?;
@@ -726,7 +729,7 @@ fn read_one(s: &mut Reader, pending: &Mutex<HashMap<u64, Pending>>) -> R<()> {
             };
             if let Some(n) = read_len {
                 let data = read_exact(s, n, "reading data")?;
-                if let Some(p) = pending.lock().get_mut(&cookie) {
+                if let Some(p) = pending.lock_unpoisoned().get_mut(&cookie) {
                     p.reply.data.copy_from_slice(&data);
                 }
             }
@@ -745,7 +748,7 @@ fn read_one(s: &mut Reader, pending: &Mutex<HashMap<u64, Pending>>) -> R<()> {
             }
             let payload = read_exact(s, length as usize, "reading a reply chunk")?;
             {
-                let mut map = pending.lock();
+                let mut map = pending.lock_unpoisoned();
                 let p = map
                     .get_mut(&cookie)
                     .ok_or_else(|| NbdError::io(format!("reply to unknown cookie {cookie}")))?;

@@ -20,10 +20,10 @@ pub mod command;
 pub mod socket;
 pub mod tls;
 
-use parking_lot::Mutex;
+use nbdkit_backend::LockExt;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nbdkit_backend::{
@@ -75,7 +75,7 @@ impl Upstream {
     fn close(&self) {
         self.conn.close();
         // Dropping it stops it (SIGTERM, then SIGKILL).
-        drop(self.server.lock().take());
+        drop(self.server.lock_unpoisoned().take());
     }
 }
 
@@ -138,7 +138,7 @@ impl Nbd {
             Target::Fd => {
                 let fd = self
                     .fd
-                    .lock()
+                    .lock_unpoisoned()
                     .take()
                     .ok_or_else(|| Error::io("nbd: socket-fd= has been used already"))?;
                 Stream::from_fd(fd).map_err(|e| Error::from_io("nbd: socket-fd=", e))?
@@ -211,7 +211,7 @@ impl Backend for Nbd {
     /// the fork to the background).
     fn after_fork(&self) -> Result<()> {
         if self.shared {
-            let mut up = self.upstream.lock();
+            let mut up = self.upstream.lock_unpoisoned();
             if up.is_none() {
                 // The server prefixes start-up errors with the plugin's
                 // name already.
@@ -260,7 +260,7 @@ impl Backend for Nbd {
 
     fn open(&self, _readonly: bool, export: &str) -> Result<Box<dyn Handle>> {
         let up = if self.shared {
-            let mut slot = self.upstream.lock();
+            let mut slot = self.upstream.lock_unpoisoned();
             let up = match &*slot {
                 Some(u) => u.clone(),
                 // after_fork was not called (an embedding program): connect now.
@@ -286,7 +286,7 @@ impl Backend for Nbd {
     }
 
     fn shutdown(&self) {
-        if let Some(up) = self.upstream.lock().take() {
+        if let Some(up) = self.upstream.lock_unpoisoned().take() {
             up.close();
         }
     }

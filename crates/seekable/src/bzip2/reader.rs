@@ -8,14 +8,14 @@
 //! decode single blocks through a synthesised one-block stream, which also
 //! verifies the block's CRC.
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::scan::{one_block_stream, Mark, Scanner};
 use crate::engine::{record, Codec, Engine, Segment};
 use crate::progressive::StreamDecoder;
+use crate::sync::LockExt;
 use crate::{read_exact, Error, Options, Result, Source};
 
 /// A compressed bzip2 block holds at most 900 kB of BWT input; with
@@ -300,14 +300,14 @@ fn size_blocks(
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(c) = cands.get(i) else { break };
                 let r = count(source, name, c.start, c.end, c.level);
-                *results[i].lock() = Some(r);
+                *results[i].lock_unpoisoned() = Some(r);
             });
         }
     });
     let mut results: Vec<Result<u64>> = results
         .into_iter()
         .map(|m| {
-            m.into_inner()
+            m.into_inner_unpoisoned()
                 .unwrap_or_else(|| Err(corrupt(name, 0, "block not decoded")))
         })
         .collect();

@@ -38,11 +38,10 @@ mod spec;
 mod walk;
 mod zstream;
 
-use parking_lot::{Condvar, Mutex};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 pub use bgzf::{bgzf_size, bgzf_size_with, BGZF_MAX_ISIZE};
@@ -55,6 +54,7 @@ pub use progress::WalkProgress;
 
 use crate::flight::Flights;
 use crate::pool::Pool;
+use crate::sync::{CondvarExt, LockExt};
 use crate::{read_exact, BlockCache, Error, Extent, Options, RandomAccess, Result, Source};
 use index::checkpoint_for;
 
@@ -235,7 +235,7 @@ impl Shared {
         frontier: u64,
         done: bool,
     ) {
-        let mut st = self.state.lock();
+        let mut st = self.state.lock_unpoisoned();
         st.cps.extend(cps);
         st.zero_runs.extend(zeros);
         st.open_zero = open;
@@ -251,7 +251,7 @@ impl Shared {
     /// Called by the walk after publishing a member's end (or a verified
     /// batch of BGZF members): output below `out` has passed its checks.
     fn member_verified(&self, out: u64) {
-        let mut st = self.state.lock();
+        let mut st = self.state.lock_unpoisoned();
         st.verified = st.verified.max(out);
         st.past_first = true;
         drop(st);
@@ -259,7 +259,7 @@ impl Shared {
     }
 
     fn walk_failed(&self, f: Fail) {
-        let mut st = self.state.lock();
+        let mut st = self.state.lock_unpoisoned();
         st.failed = Some(f);
         st.done = true;
         st.save_done = true;
@@ -274,7 +274,7 @@ impl Shared {
     /// file), and waiting for its end would mean decoding the whole image
     /// before the first read.
     fn wait_frontier(&self, end: u64) -> std::result::Result<Option<u64>, Fail> {
-        let mut st = self.state.lock();
+        let mut st = self.state.lock_unpoisoned();
         loop {
             if let Some(f) = &st.failed {
                 return Err(f.clone());
@@ -290,7 +290,7 @@ impl Shared {
             if servable >= end {
                 return Ok(None);
             }
-            self.cv.wait(&mut st);
+            st = self.cv.wait_unpoisoned(st);
         }
     }
 
@@ -306,7 +306,7 @@ impl Shared {
             Some(t) => want.min(t),
             None => want,
         };
-        let st = self.state.lock();
+        let st = self.state.lock_unpoisoned();
         let cp = checkpoint_for(&st.cps, start)
             .and_then(|i| st.cps.get(i))
             .cloned()
@@ -342,7 +342,7 @@ impl Shared {
     }
 
     fn is_ready(&self, u: u64) -> bool {
-        let st = self.state.lock();
+        let st = self.state.lock_unpoisoned();
         let start = u.saturating_mul(self.span);
         match st.total {
             Some(t) => start < t,
@@ -351,7 +351,7 @@ impl Shared {
     }
 
     fn snapshot(&self) -> Option<GzipIndex> {
-        let st = self.state.lock();
+        let st = self.state.lock_unpoisoned();
         let total = st.total?;
         if st.failed.is_some() {
             return None;
@@ -411,7 +411,7 @@ impl Shared {
     /// (logged, index file removed); the caller restarts the walk.
     fn check_loaded(&self, end: u64) -> std::result::Result<bool, Fail> {
         let todo: Vec<(usize, u64, u64, u32)> = {
-            let st = self.state.lock();
+            let st = self.state.lock_unpoisoned();
             let Some(crcs) = st.range_crcs.clone() else {
                 return Ok(true);
             };
@@ -457,10 +457,10 @@ impl Shared {
                 if let Some(p) = &self.index_path {
                     let _ = std::fs::remove_file(p);
                 }
-                self.state.lock().stale = true;
+                self.state.lock_unpoisoned().stale = true;
                 return Ok(false);
             }
-            if let Some(ok) = self.state.lock().range_ok.get_mut(k) {
+            if let Some(ok) = self.state.lock_unpoisoned().range_ok.get_mut(k) {
                 *ok = true;
             }
         }
@@ -584,11 +584,11 @@ impl GzipReader {
                 src.read_exact_at(buf, off)
             })?;
             tracing::debug!(name = %sh.name, ?size, secs = t0.elapsed().as_secs_f64(), "BGZF size from member trailers");
-            sh.state.lock().size = size;
+            sh.state.lock_unpoisoned().size = size;
         }
         if let Some(idx) = loaded {
             {
-                let mut st = sh.state.lock();
+                let mut st = sh.state.lock_unpoisoned();
                 st.cps = idx.checkpoints;
                 st.zero_runs = idx.zero_runs;
                 st.frontier = idx.total;
@@ -626,7 +626,7 @@ impl GzipReader {
     /// size reached before the failure.
     pub fn export_size(&self) -> Result<u64> {
         {
-            let st = self.sh.state.lock();
+            let st = self.sh.state.lock_unpoisoned();
             if let Some(f) = &st.failed {
                 return Err(self.sh.error(f));
             }
@@ -639,12 +639,12 @@ impl GzipReader {
 
     /// The decompressed size if already known (saved index, or walk done).
     pub fn known_size(&self) -> Option<u64> {
-        self.sh.state.lock().total
+        self.sh.state.lock_unpoisoned().total
     }
 
     /// Output bytes indexed so far: reads below this don't wait.
     pub fn indexed_frontier(&self) -> u64 {
-        self.sh.state.lock().frontier
+        self.sh.state.lock_unpoisoned().frontier
     }
 
     /// True if a saved index was used (no walk was needed).
@@ -654,7 +654,7 @@ impl GzipReader {
 
     /// Checkpoints known so far.
     pub fn checkpoint_count(&self) -> usize {
-        self.sh.state.lock().cps.len()
+        self.sh.state.lock_unpoisoned().cps.len()
     }
 
     pub fn span(&self) -> u64 {
@@ -670,9 +670,9 @@ impl GzipReader {
     /// or why it wasn't saved (None when persistence is off or the index
     /// was loaded).
     pub fn wait_saved(&self) -> Option<std::result::Result<PathBuf, String>> {
-        let mut st = self.sh.state.lock();
+        let mut st = self.sh.state.lock_unpoisoned();
         while !st.save_done {
-            self.sh.cv.wait(&mut st);
+            st = self.sh.cv.wait_unpoisoned(st);
         }
         if let Some(f) = &st.failed {
             return Some(Err(self.sh.error(f).to_string()));
@@ -706,7 +706,7 @@ fn start_walk(bg: Arc<Shared>) -> io::Result<()> {
                 .unwrap_or_else(|_| Err(bg.fail_unsupported("index walk panicked".into())));
             // The walk inflated and checked every member; its total
             // must be the size the handshake already announced.
-            let result = result.and_then(|total| match bg.state.lock().size {
+            let result = result.and_then(|total| match bg.state.lock_unpoisoned().size {
                 Some(s) if s != total => Err(bg.fail_corrupt(
                     0,
                     format!(
@@ -723,7 +723,7 @@ fn start_walk(bg: Arc<Shared>) -> io::Result<()> {
                     if let Some(Err(e)) = &saved {
                         tracing::warn!(name = %bg.name, "could not save gzip index: {e}");
                     }
-                    let mut st = bg.state.lock();
+                    let mut st = bg.state.lock_unpoisoned();
                     st.saved = saved;
                     st.save_done = true;
                     drop(st);
@@ -744,7 +744,7 @@ fn start_walk(bg: Arc<Shared>) -> io::Result<()> {
 /// a new one (readers wait for the new walk like on a cold start).  The
 /// size announced stays what the new walk must find.
 fn restart_walk(sh: &Arc<Shared>) {
-    let mut st = sh.state.lock();
+    let mut st = sh.state.lock_unpoisoned();
     if !st.stale {
         // Another reader restarted it already.
         return;
@@ -853,7 +853,7 @@ impl GzipReader {
         let end = offset
             .checked_add(len)
             .ok_or_else(|| oor(self.known_size().unwrap_or(0)))?;
-        if let Some(size) = sh.state.lock().size {
+        if let Some(size) = sh.state.lock_unpoisoned().size {
             // Known already: a read past the end fails without waiting.
             if end > size {
                 return Err(oor(size));
@@ -900,11 +900,11 @@ impl GzipReader {
 
 impl RandomAccess for GzipReader {
     fn size(&self) -> u64 {
-        if let Some(s) = self.sh.state.lock().size {
+        if let Some(s) = self.sh.state.lock_unpoisoned().size {
             return s;
         }
         let _ = self.sh.wait_frontier(u64::MAX);
-        let st = self.sh.state.lock();
+        let st = self.sh.state.lock_unpoisoned();
         st.total.unwrap_or(st.frontier)
     }
 
@@ -913,11 +913,11 @@ impl RandomAccess for GzipReader {
         // read made again (the new walk's index needs no check, so this
         // happens at most once).
         loop {
-            let gen = self.sh.state.lock().gen;
+            let gen = self.sh.state.lock_unpoisoned().gen;
             let r = self.read_once(buf, offset);
             if r.is_err() {
                 let (stale, now) = {
-                    let st = self.sh.state.lock();
+                    let st = self.sh.state.lock_unpoisoned();
                     (st.stale, st.gen)
                 };
                 if stale {
@@ -937,7 +937,7 @@ impl RandomAccess for GzipReader {
         // checked against the file (a client skips reading holes).
         let checked = {
             let known = {
-                let st = self.sh.state.lock();
+                let st = self.sh.state.lock_unpoisoned();
                 st.total.or(st.size)
             };
             let end = known.map_or(offset.saturating_add(len), |t| {
@@ -945,7 +945,7 @@ impl RandomAccess for GzipReader {
             });
             matches!(self.sh.check_loaded(end), Ok(true))
         };
-        let st = self.sh.state.lock();
+        let st = self.sh.state.lock_unpoisoned();
         if !checked {
             let len = st
                 .total

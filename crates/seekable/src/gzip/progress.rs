@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{GzipReader, Shared};
+use crate::sync::{CondvarExt, LockExt};
 
 /// A snapshot of the index walk.  The compressed side is what a progress
 /// bar can use: its total is known from the start, the output's is not.
@@ -27,7 +28,7 @@ pub struct WalkProgress {
 
 impl Shared {
     fn walk_progress(&self) -> WalkProgress {
-        let st = self.state.lock();
+        let st = self.state.lock_unpoisoned();
         let finished = st.done && st.failed.is_none();
         WalkProgress {
             compressed_done: if finished {
@@ -63,11 +64,12 @@ pub(super) fn log_while_walking(sh: &Arc<Shared>) {
         .spawn(move || {
             let t0 = Instant::now();
             loop {
-                let mut st = sh.state.lock();
+                let st = sh.state.lock_unpoisoned();
                 // Woken early only by the walk's end (or the reader's
                 // drop, which ends the walk).
-                sh.cv
-                    .wait_while_for(&mut st, |st| !st.done, sh.progress_every);
+                let st = sh
+                    .cv
+                    .wait_timeout_while_unpoisoned(st, sh.progress_every, |st| !st.done);
                 if st.done || sh.stop.load(Ordering::Relaxed) {
                     return;
                 }

@@ -18,18 +18,18 @@ mod depth;
 pub mod header;
 pub mod write;
 
-use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use lru::LruCache;
 
 pub use header::{Compression, Header, HeaderError, Snapshot};
 
+use crate::sync::{LockExt, RwLockExt};
 use crate::{read_exact, Error, Extent, RandomAccess, Result, Source};
 
 const FORMAT: &str = "qcow2";
@@ -465,7 +465,11 @@ impl Qcow2Reader {
 
     /// L1 entry `index`, or 0 past the table's end.
     fn l1_entry(&self, index: u64) -> u64 {
-        self.l1.read().get(index as usize).copied().unwrap_or(0)
+        self.l1
+            .read_unpoisoned()
+            .get(index as usize)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The L2 table holding guest cluster `cluster`, or None when its L1
@@ -482,11 +486,11 @@ impl Qcow2Reader {
     /// The L2 table at file offset `offset` (named by L1 entry
     /// `l1_index`, for messages).
     fn l2_at(&self, offset: u64, l1_index: u64) -> Result<Arc<[u64]>> {
-        let pinned = self.pinned_l2.read();
+        let pinned = self.pinned_l2.read_unpoisoned();
         if let Some(t) = pinned.get(&offset) {
             return Ok(t.clone());
         }
-        if let Some(t) = self.l2_cache.lock().get(&offset) {
+        if let Some(t) = self.l2_cache.lock_unpoisoned().get(&offset) {
             return Ok(t.clone());
         }
         let cs = self.header.cluster_size();
@@ -507,7 +511,7 @@ impl Qcow2Reader {
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
             .collect();
-        self.l2_cache.lock().put(offset, table.clone());
+        self.l2_cache.lock_unpoisoned().put(offset, table.clone());
         drop(pinned);
         Ok(table)
     }
@@ -609,7 +613,7 @@ impl Qcow2Reader {
     }
 
     fn decompressed(&self, host: u64, len: u64, cluster: u64) -> Result<Arc<[u8]>> {
-        if let Some(c) = self.cluster_cache.lock().get(&host) {
+        if let Some(c) = self.cluster_cache.lock_unpoisoned().get(&host) {
             return Ok(c.clone());
         }
         let mut input = vec![0u8; len as usize];
@@ -645,7 +649,7 @@ impl Qcow2Reader {
             }
         }
         let out: Arc<[u8]> = out.into();
-        self.cluster_cache.lock().put(host, out.clone());
+        self.cluster_cache.lock_unpoisoned().put(host, out.clone());
         Ok(out)
     }
 

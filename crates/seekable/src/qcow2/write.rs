@@ -48,13 +48,13 @@
 //! (subcluster bitmaps).  Encryption and external data files are refused
 //! already by the reader.
 
-use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::{Qcow2Reader, FORMAT, L2_COMPRESSED, L2_ZERO, OFFSET_MASK};
+use crate::sync::{CondvarExt, LockExt, RwLockExt};
 use crate::{read_exact, Error, Result};
 
 /// Where a writer's bytes go: the image file, which can grow.
@@ -136,7 +136,7 @@ impl InFlight<'_> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if !self.ended {
-            let mut m = self.writer.meta.lock();
+            let mut m = self.writer.meta.lock_unpoisoned();
             self.unmark(&mut m);
         }
     }
@@ -317,7 +317,7 @@ impl Qcow2Writer {
         if self.touched.load(Ordering::Acquire) {
             return Ok(());
         }
-        let _m = self.meta.lock();
+        let _m = self.meta.lock_unpoisoned();
         if self.touched.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -408,9 +408,9 @@ impl Qcow2Writer {
         let size = self.image.size;
         let first = at / cs;
         let end = at + data.len() as u64;
-        let mut m = self.meta.lock();
+        let mut m = self.meta.lock_unpoisoned();
         while m.in_flight.contains(&first) {
-            self.published.wait(&mut m);
+            m = self.published.wait_unpoisoned(m);
         }
         if self.in_place(first)?.is_some() {
             return Ok(0);
@@ -477,7 +477,7 @@ impl Qcow2Writer {
             i = j;
         }
 
-        let mut m = self.meta.lock();
+        let mut m = self.meta.lock_unpoisoned();
         let published = clusters
             .iter()
             .zip(&hosts)
@@ -499,9 +499,9 @@ impl Qcow2Writer {
             let empty: Arc<[u64]> = vec![0u64; l2e as usize].into();
             // Pinned before the L1 entry names it, so a reader that sees
             // the entry finds the table.
-            self.image.pinned_l2.write().insert(at, empty);
+            self.image.pinned_l2.write_unpoisoned().insert(at, empty);
             m.l2_dirty.insert(at);
-            self.image.l1.write()[l1_index as usize] = at | COPIED;
+            self.image.l1.write_unpoisoned()[l1_index as usize] = at | COPIED;
             m.l1_dirty.insert(l1_index as usize);
             Ok(at)
         } else if l1 & COPIED == 0 {
@@ -536,14 +536,14 @@ impl Qcow2Writer {
         index: usize,
         entry: u64,
     ) -> Result<()> {
-        let mut pinned = self.image.pinned_l2.write();
+        let mut pinned = self.image.pinned_l2.write_unpoisoned();
         if !pinned.contains_key(&table_at) {
             // Read (and so validate) it first, without the pin lock, which
             // `l2_at` takes for reading.  Only this writer pins, under the
             // metadata lock, so nothing is pinned meanwhile.
             drop(pinned);
             let current = self.image.l2_at(table_at, l1_index)?;
-            pinned = self.image.pinned_l2.write();
+            pinned = self.image.pinned_l2.write_unpoisoned();
             pinned.insert(table_at, current);
         }
         let t = pinned.get_mut(&table_at).expect("pinned above");
@@ -772,12 +772,12 @@ impl Qcow2Writer {
         }
         let target = if h.version >= 3 { L2_ZERO } else { 0 };
         let l2e = h.l2_entries();
-        let mut m = self.meta.lock();
+        let mut m = self.meta.lock_unpoisoned();
         for gc in first..last {
             // A write allocating this cluster sets its entry when its data
             // is in: let it, then zero (or discard) over it.
             while m.in_flight.contains(&gc) {
-                self.published.wait(&mut m);
+                m = self.published.wait_unpoisoned(m);
             }
             let l1 = self.image.l1_entry(gc / l2e);
             if l1 & OFFSET_MASK == 0 && !backed {
@@ -822,7 +822,7 @@ impl Qcow2Writer {
     /// comment) and flush the file: after this, every write made before
     /// it survives a crash.
     pub fn flush(&self) -> Result<()> {
-        let mut m = self.meta.lock();
+        let mut m = self.meta.lock_unpoisoned();
         self.write_back(&mut m)
     }
 
@@ -864,7 +864,7 @@ impl Qcow2Writer {
         }
         // 3: L2 tables, then the L1 entries of new ones.
         let pinned: Vec<(u64, Arc<[u64]>)> = {
-            let p = self.image.pinned_l2.read();
+            let p = self.image.pinned_l2.read_unpoisoned();
             m.l2_dirty
                 .iter()
                 .filter_map(|at| p.get(at).map(|t| (*at, t.clone())))
@@ -877,7 +877,7 @@ impl Qcow2Writer {
         if !m.l1_dirty.is_empty() {
             self.sync_file()?;
             let entries: Vec<(usize, u64)> = {
-                let l1 = self.image.l1.read();
+                let l1 = self.image.l1.read_unpoisoned();
                 m.l1_dirty.iter().map(|&i| (i, l1[i])).collect()
             };
             for (i, e) in entries {
@@ -889,8 +889,8 @@ impl Qcow2Writer {
         {
             // The tables are in the file: unpin them into the cache (under
             // the pin lock, so no reader caches an older version after).
-            let mut p = self.image.pinned_l2.write();
-            let mut cache = self.image.l2_cache.lock();
+            let mut p = self.image.pinned_l2.write_unpoisoned();
+            let mut cache = self.image.l2_cache.lock_unpoisoned();
             for (at, _) in &pinned {
                 if let Some(t) = p.remove(at) {
                     cache.put(*at, t);
@@ -945,10 +945,10 @@ mod tests {
     }
     impl Source for MemFile {
         fn size(&self) -> io::Result<u64> {
-            Ok(self.data.lock().len() as u64)
+            Ok(self.data.lock_unpoisoned().len() as u64)
         }
         fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-            let d = self.data.lock();
+            let d = self.data.lock_unpoisoned();
             let end = offset as usize + buf.len();
             if end > d.len() {
                 return Err(io::ErrorKind::UnexpectedEof.into());
@@ -962,19 +962,19 @@ mod tests {
             if let Some(t) = self.write_time {
                 std::thread::sleep(t);
             }
-            let mut d = self.data.lock();
+            let mut d = self.data.lock_unpoisoned();
             let end = offset as usize + buf.len();
             assert!(end <= d.len(), "write past the end of the file");
             d[offset as usize..end].copy_from_slice(buf);
-            self.writes.lock().push((offset, buf.len()));
+            self.writes.lock_unpoisoned().push((offset, buf.len()));
             Ok(())
         }
         fn flush(&self) -> io::Result<()> {
-            *self.durable.lock() = self.data.lock().clone();
+            *self.durable.lock_unpoisoned() = self.data.lock_unpoisoned().clone();
             Ok(())
         }
         fn extend(&self, new_size: u64) -> io::Result<()> {
-            let mut d = self.data.lock();
+            let mut d = self.data.lock_unpoisoned();
             if new_size as usize > d.len() {
                 d.resize(new_size as usize, 0);
             }
@@ -1016,7 +1016,7 @@ mod tests {
     /// A file holding `blank(cluster_bits, size)`, flushed.
     fn mem(cluster_bits: u32, size: u64) -> Arc<MemFile> {
         let file = Arc::new(MemFile::default());
-        *file.data.lock() = blank(cluster_bits, size);
+        *file.data.lock_unpoisoned() = blank(cluster_bits, size);
         file.flush().unwrap();
         file
     }
@@ -1122,7 +1122,7 @@ mod tests {
         w.write_at(&[0xbb; 3000], 3 << 20).unwrap();
         w.write_zeroes(4096, 8192).unwrap();
         // Crash: only what was flushed is in the file, consistent.
-        let crashed = file.durable.lock().clone();
+        let crashed = file.durable.lock_unpoisoned().clone();
         check(&crashed);
         let r = Qcow2Reader::open(Arc::new(crashed), &Qcow2Options::default()).unwrap();
         let mut got = vec![0u8; 10000];
@@ -1137,7 +1137,7 @@ mod tests {
         assert_eq!(&got[..8192], &[0u8; 8192][..]);
         // And a clean close writes everything, with no leak.
         w.flush().unwrap();
-        let (_, leaks) = check(&file.data.lock());
+        let (_, leaks) = check(&file.data.lock_unpoisoned());
         assert_eq!(leaks, 0);
     }
 
@@ -1150,10 +1150,10 @@ mod tests {
         for (i, chunk) in data.chunks(1 << 20).enumerate() {
             w.write_at(chunk, (i as u64) << 20).unwrap();
             // Consistent at every flush point on the way.
-            check(&file.durable.lock());
+            check(&file.durable.lock_unpoisoned());
         }
         w.flush().unwrap();
-        let f = file.data.lock().clone();
+        let f = file.data.lock_unpoisoned().clone();
         let h = super::super::header::parse(&f).unwrap();
         assert!(h.refcount_table_clusters > 1, "the table moved");
         assert_eq!(check(&f).1, 0, "no leaks: the old table was released");
@@ -1175,12 +1175,12 @@ mod tests {
         let old = pseudo(3 * cs);
         w.write_at(&old, 8 * cs as u64).unwrap();
         model[8 * cs..11 * cs].copy_from_slice(&old);
-        file.writes.lock().clear();
+        file.writes.lock_unpoisoned().clear();
         let at = 2 * cs + 3096;
         let data = vec![0x5a; (cs - 3096) + 5 * cs + 300];
         w.write_at(&data, at as u64).unwrap();
         model[at..at + data.len()].copy_from_slice(&data);
-        let writes = file.writes.lock().clone();
+        let writes = file.writes.lock_unpoisoned().clone();
         // Clusters 2..=7 are new: one write of six whole clusters, the
         // partial head's old bytes (zeroes) included; cluster 8 in place.
         assert_eq!(writes.len(), 2, "{writes:?}");
@@ -1192,15 +1192,15 @@ mod tests {
         // Overwriting the lot again: the six new clusters lie together in
         // the file, so in place that is one write for them, and the
         // three old ones one more.
-        file.writes.lock().clear();
+        file.writes.lock_unpoisoned().clear();
         let all = pseudo(9 * cs);
         w.write_at(&all, 2 * cs as u64).unwrap();
         model[2 * cs..11 * cs].copy_from_slice(&all);
-        let writes = file.writes.lock().clone();
+        let writes = file.writes.lock_unpoisoned().clone();
         assert_eq!(writes.len(), 2, "{writes:?}");
         assert_eq!(writes[0].1, 6 * cs);
         w.flush().unwrap();
-        assert_eq!(check(&file.data.lock()).1, 0);
+        assert_eq!(check(&file.data.lock_unpoisoned()).1, 0);
         let r = Qcow2Reader::open(file.clone(), &Qcow2Options::default()).unwrap();
         r.read_at(&mut got, 0).unwrap();
         assert!(got == model);
@@ -1219,7 +1219,7 @@ mod tests {
             write_time: Some(std::time::Duration::from_micros(300)),
             ..MemFile::default()
         });
-        *file.data.lock() = blank(12, 1 << 20);
+        *file.data.lock_unpoisoned() = blank(12, 1 << 20);
         let w = Arc::new(open(file.clone()));
         let threads = 4u64;
         let shared = 512u64 << 10;
@@ -1242,18 +1242,19 @@ mod tests {
                         let v = (t * 60 + i as u64 % 60 + 1) as u8;
                         let s = k * threads + t;
                         w.write_at(&[v; 512], s * 512).unwrap();
-                        model.lock()[s as usize * 512..][..512].fill(v);
+                        model.lock_unpoisoned()[s as usize * 512..][..512].fill(v);
                         if i % 8 == 0 {
                             let at = shared + t * (128 << 10) + next() % (100 << 10);
                             let run = vec![v; 20000];
                             w.write_at(&run, at).unwrap();
-                            model.lock()[at as usize..][..run.len()].copy_from_slice(&run);
+                            model.lock_unpoisoned()[at as usize..][..run.len()]
+                                .copy_from_slice(&run);
                         }
                     }
                 });
             }
         });
-        let model = model.lock().clone();
+        let model = model.lock_unpoisoned().clone();
         let mut got = vec![0u8; 1 << 20];
         w.reader().read_at(&mut got, 0).unwrap();
         let lost = (0..got.len() / 512)
@@ -1261,7 +1262,7 @@ mod tests {
             .count();
         assert_eq!(lost, 0, "sectors lost");
         w.flush().unwrap();
-        assert_eq!(check(&file.data.lock()).1, 0);
+        assert_eq!(check(&file.data.lock_unpoisoned()).1, 0);
     }
 
     fn pseudo(n: usize) -> Vec<u8> {
@@ -1332,7 +1333,7 @@ mod tests {
                     }
                     Op::Flush => {
                         w.flush().unwrap();
-                        let (_, leaks) = check(&file.data.lock());
+                        let (_, leaks) = check(&file.data.lock_unpoisoned());
                         proptest::prop_assert_eq!(leaks, 0);
                     }
                     Op::Reopen => {
@@ -1343,7 +1344,7 @@ mod tests {
                 let mut got = vec![0u8; size as usize];
                 w.reader().read_at(&mut got, 0).unwrap();
                 proptest::prop_assert!(got == model);
-                check(&file.durable.lock());
+                check(&file.durable.lock_unpoisoned());
             }
             w.flush().unwrap();
             let r = Qcow2Reader::open(file.clone(), &Qcow2Options::default()).unwrap();

@@ -21,6 +21,7 @@ use super::seek_table::{
 use super::xxh64::Xxh64;
 use crate::engine::{record, Codec, Engine, ResumableDecoder, Segment};
 use crate::progressive::{Input, Progressive, StreamDecoder};
+use crate::sync::LockExt;
 use crate::{read_exact, Error, Options, Result, Source};
 
 /// The seek table has no checksum of its own, and a frame's place in the
@@ -710,7 +711,7 @@ impl ResumableFrame {
         expect_xxh: Option<u32>,
     ) -> Result<Self> {
         let oom = || Error::oom(name, frame.compressed_offset);
-        let pooled = DCTX_POOL.lock().pop();
+        let pooled = DCTX_POOL.lock_unpoisoned().pop();
         let dctx = match pooled {
             Some(d) => d,
             None => {
@@ -797,7 +798,7 @@ impl ResumableFrame {
 /// Contexts of finished or dropped partial frames, for the next ones: a
 /// fresh context allocates its block buffers on first use, which costs a
 /// noticeable part of decoding a 1 MiB frame.
-static DCTX_POOL: parking_lot::Mutex<Vec<DCtx<'static>>> = parking_lot::Mutex::new(Vec::new());
+static DCTX_POOL: std::sync::Mutex<Vec<DCtx<'static>>> = std::sync::Mutex::new(Vec::new());
 
 /// Contexts kept in the pool at most (each is ~200 KiB once used).
 const DCTX_POOL_MAX: usize = 32;
@@ -812,7 +813,7 @@ impl Drop for ResumableFrame {
         if d.reset(zstd_safe::ResetDirective::SessionOnly).is_err() {
             return;
         }
-        let mut pool = DCTX_POOL.lock();
+        let mut pool = DCTX_POOL.lock_unpoisoned();
         if pool.len() < DCTX_POOL_MAX {
             pool.push(d);
         }

@@ -3,7 +3,7 @@
 //! reply goes from the page cache to the socket with `sendfile` (threaded
 //! path only: it needs the blocking socket).
 
-use nbdkit_backend::{DirectPiece, DirectRead};
+use nbdkit_backend::{DirectPiece, DirectRead, LockExt};
 use nbdkit_proto::*;
 
 use crate::export::Op;
@@ -30,11 +30,11 @@ pub(super) fn read_direct(
     cookie: u64,
     op: &Op,
     sock: &BlockingSocket,
-    writing: &parking_lot::Mutex<()>,
+    writing: &std::sync::Mutex<()>,
 ) -> Direct {
     let sent = server.locked(|| {
         let d = neg.export.read_direct(op.offset, op.length)?;
-        let _w = writing.lock();
+        let _w = writing.lock_unpoisoned();
         Some(send_direct(sock, neg.style, cookie, op.offset, &d))
     });
     match sent {

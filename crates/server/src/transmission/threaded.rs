@@ -17,13 +17,12 @@
 //! with plain system calls); the reactor only watches it for readability,
 //! and a non-blocking peek tells a real request from a stale wake-up.
 
-use parking_lot::Mutex;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nbdkit_backend::Client;
+use nbdkit_backend::{Client, LockExt};
 use nbdkit_proto::request::RequestHeader;
 use nbdkit_proto::*;
 use tokio::io::unix::AsyncFd;
@@ -124,7 +123,7 @@ pub async fn serve_threaded(
     let id = client.id();
     loop {
         {
-            let mut r = conn.reader.lock();
+            let mut r = conn.reader.lock_unpoisoned();
             if r.done {
                 break;
             }
@@ -143,7 +142,7 @@ pub async fn serve_threaded(
                 .map_err(|e| e.into_parts().1)?;
         tokio::select! {
             r = request_waiting(&watch) => if let Err(e) = r {
-                conn.reader.lock().error = Some(e.into());
+                conn.reader.lock_unpoisoned().error = Some(e.into());
                 break;
             },
             // Nothing is in flight: close at once.
@@ -197,7 +196,7 @@ async fn drain(conn: &Connection, pool: &Pool, id: u64) {
 /// client no more replies come.
 fn close(conn: Arc<Connection>, client: &Arc<Client>) -> Result<(), ConnectionError> {
     let _c = client.enter();
-    let error = conn.reader.lock().error.take();
+    let error = conn.reader.lock_unpoisoned().error.take();
     match Arc::try_unwrap(conn) {
         Ok(Connection { neg, sock, .. }) => {
             drop(neg);
@@ -266,7 +265,7 @@ fn readable_within(sock: &BlockingSocket, wait: Duration) -> bool {
 impl Pool {
     /// Start a worker for `conn` (a thread of its own).
     fn start(self: &Arc<Self>, conn: &Arc<Connection>) -> std::io::Result<()> {
-        self.state.lock().workers += 1;
+        self.state.lock_unpoisoned().workers += 1;
         let (c, p) = (conn.clone(), self.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{}", conn.client.id()))
@@ -280,7 +279,7 @@ impl Pool {
     }
 
     fn retire(&self) {
-        let mut s = self.state.lock();
+        let mut s = self.state.lock_unpoisoned();
         s.workers -= 1;
         if s.workers == 0 {
             self.retired.notify_one();
@@ -290,7 +289,7 @@ impl Pool {
     /// Resolves once no worker is left.
     async fn all_retired(&self) {
         loop {
-            if self.state.lock().workers == 0 {
+            if self.state.lock_unpoisoned().workers == 0 {
                 return;
             }
             self.retired.notified().await;
@@ -301,7 +300,7 @@ impl Pool {
     /// next one, start a worker that will (up to the connection's limit).
     fn after_taking(self: &Arc<Self>, conn: &Arc<Connection>) {
         let more = {
-            let s = self.state.lock();
+            let s = self.state.lock_unpoisoned();
             s.waiting == 0 && s.workers < conn.limit
         };
         if more {
@@ -351,11 +350,11 @@ fn serve_requests(conn: &Arc<Connection>, pool: &Arc<Pool>) {
             Reply::InBuffer(n) => &scratch[..*n],
             Reply::Owned(v) => &v[..],
         };
-        let w = conn.writing.lock();
+        let w = conn.writing.lock_unpoisoned();
         if let Err(e) = (&conn.sock).write_all(bytes) {
             debug!(id, "writing reply failed: {e}");
             drop(w);
-            conn.reader.lock().done = true;
+            conn.reader.lock_unpoisoned().done = true;
             return;
         }
         drop(w);
@@ -387,15 +386,15 @@ impl Connection {
     /// DISC or broke the protocol, or a backend asked to end it), or it has
     /// been quiet long enough for the worker to retire.
     fn next_request(&self, pool: &Pool) -> Option<(RequestHeader, Vec<u8>)> {
-        pool.state.lock().waiting += 1;
+        pool.state.lock_unpoisoned().waiting += 1;
         let req = self.take_request();
-        pool.state.lock().waiting -= 1;
+        pool.state.lock_unpoisoned().waiting -= 1;
         req
     }
 
     fn take_request(&self) -> Option<(RequestHeader, Vec<u8>)> {
         let id = self.client.id();
-        let mut r = self.reader.lock();
+        let mut r = self.reader.lock_unpoisoned();
         if r.done {
             return None;
         }
@@ -489,6 +488,6 @@ impl Connection {
     /// request.
     fn end(&self, how: std::net::Shutdown) {
         self.sock.shutdown(how);
-        self.reader.lock().done = true;
+        self.reader.lock_unpoisoned().done = true;
     }
 }
