@@ -37,11 +37,26 @@ impl<T: ?Sized> RwLockExt<T> for RwLock<T> {
 /// [`LockExt::lock_unpoisoned`].
 pub trait CondvarExt {
     fn wait_unpoisoned<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T>;
+    /// [`Condvar::wait_timeout`]: woken by a notification or after `timeout`.
+    fn wait_timeout_unpoisoned<'a, T>(
+        &self,
+        guard: MutexGuard<'a, T>,
+        timeout: std::time::Duration,
+    ) -> MutexGuard<'a, T>;
 }
 
 impl CondvarExt for Condvar {
     fn wait_unpoisoned<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
         self.wait(guard).unwrap_or_else(|e| e.into_inner())
+    }
+    fn wait_timeout_unpoisoned<'a, T>(
+        &self,
+        guard: MutexGuard<'a, T>,
+        timeout: std::time::Duration,
+    ) -> MutexGuard<'a, T> {
+        self.wait_timeout(guard, timeout)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
     }
 }
 

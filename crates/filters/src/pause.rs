@@ -67,9 +67,7 @@ impl Gate {
             // Woken by resume; the timeout is only to notice an exit.
             st = self
                 .changed
-                .wait_timeout(st, Duration::from_millis(200))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+                .wait_timeout_unpoisoned(st, Duration::from_millis(200));
         }
         st.running += 1;
         Ok(Pass(self))
